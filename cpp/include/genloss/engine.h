@@ -1,0 +1,142 @@
+// genloss/engine.h — the interface of the ONE CPU engine and the ONE CUDA engine.
+//
+// Every loss is built from these few primitives, each run for any functor of
+// ops/*.h.  The argument structs carry raw pointers (contiguous, row-major),
+// sizes and scalars; Python (python/genloss/native/_engine.py) fills them from
+// any DLPack array.  Reductions are deterministic: the work is cut into fixed
+// chunks whose partial sums are combined in a fixed pairwise order, so the
+// result is bitwise the same for any thread count (CPU) or grid (CUDA).
+#pragma once
+
+#include <cstdint>
+
+#include "genloss/common.h"
+#include "genloss/ops/gan.h"
+
+namespace genloss {
+
+// X-macro of every functor the engines instantiate: (enum id, type).
+#define GENLOSS_FUNCTORS(X)                         \
+  X(kSoftplusNeg, ops::SoftplusNeg)                 \
+  X(kSoftplus, ops::Softplus)                       \
+  X(kHalfSquare, ops::HalfSquare)                   \
+  X(kLinear, ops::Linear)                           \
+  X(kHingeRelu, ops::HingeRelu)                     \
+  X(kSquare, ops::Square)                           \
+  X(kGradPenaltyOfSqNorm, ops::GradPenaltyOfSqNorm) \
+  X(kAbsDiff, ops::AbsDiff)                         \
+  X(kSquaredDiff, ops::SquaredDiff)                 \
+  X(kSoftplusNegDiff, ops::SoftplusNegDiff)         \
+  X(kFganActivation, ops::FganActivation)           \
+  X(kFganConjugate, ops::FganConjugate)
+
+enum FunctorId : int {
+#define GENLOSS_ENUM(id, type) id,
+  GENLOSS_FUNCTORS(GENLOSS_ENUM)
+#undef GENLOSS_ENUM
+      kNumFunctors
+};
+
+// Elements per chunk of a reduction: fixed, so results do not depend on threads.
+constexpr int64_t kChunk = 4096;
+
+// map_reduce: for x viewed as (rows, cols),
+//   value_r = sum_j f(x[r, j] (, y[r, j]))
+//   total   = sum_r value_r                        (pairwise, fixed order)
+//   out_value[0] = (accumulate ? out_value[0] : 0) + value_scale * total
+//   out_rows[r]  = (accumulate ? out_rows[r] : 0) + value_scale * value_r
+//   grad0[r, j]  = grad_scale * df/dx + grad_offset  (if grad0; grad1 for y)
+//   totals[0] = total, totals[1] = sum of df/dx    (if totals; host doubles)
+struct MapReduceArgs {
+  int functor;
+  double pa, pb, pc;
+  int mode;
+  int dtype;
+  const void* x;
+  const void* y;  // binary functors only
+  void* grad0;    // may be null
+  void* grad1;    // may be null
+  int64_t rows, cols;
+  double value_scale;
+  void* out_value;  // one element of dtype, may be null
+  int accumulate;
+  void* out_rows;  // rows elements of dtype, may be null
+  double grad_scale, grad_offset;
+  double* totals;  // host, may be null (CUDA: synchronises the stream)
+};
+
+// out[r, j] = scale * coef[r] * x[r, j]   (coef may be null: out = scale * x)
+//           (+ out[r, j] if accumulate)
+struct RowScaleArgs {
+  int dtype;
+  const void* x;
+  const void* coef;
+  void* out;
+  int64_t rows, cols;
+  double scale;
+  int accumulate;
+};
+
+// out[j] = scale * sum_r x[r, j]   (fixed row order per column, double accumulator)
+struct ColSumArgs {
+  int dtype;
+  const void* x;
+  void* out;
+  int64_t rows, cols;
+  double scale;
+};
+
+// out[r, j] = scale * v[j]   (+ out[r, j] if accumulate)
+struct ColBroadcastArgs {
+  int dtype;
+  const void* v;
+  void* out;
+  int64_t rows, cols;
+  double scale;
+  int accumulate;
+};
+
+// Row-wise log-sum-exp losses over logits (rows, K):                  (GAN.15)
+//   mode 0: lse(l) - l[labels[r]]         (cross-entropy; labels required)
+//   mode 1: lse(l) - l[index]             (a fixed class)
+//   mode 2: lse(l) - lse(l[:K-1])         (-log(1 - p_last))
+// d/dl = softmax(l) - target, target = onehot(label), onehot(index) or
+// softmax over the first K-1 entries (0 for the last).
+struct RowLseArgs {
+  int dtype;
+  const void* logits;
+  const void* labels;  // mode 0
+  int label_type;
+  int mode;
+  int64_t index;
+  int64_t rows, K;
+  double value_scale;
+  void* out_value;
+  int accumulate;
+  void* out_rows;
+  double grad_scale;
+  void* grad;
+};
+
+namespace cpu {
+void map_reduce(const MapReduceArgs& a);
+void row_scale(const RowScaleArgs& a);
+void col_sum(const ColSumArgs& a);
+void col_broadcast(const ColBroadcastArgs& a);
+void row_lse(const RowLseArgs& a);
+const char* isa();  // the instruction set chosen at run time
+int max_threads();
+void set_threads(int n);
+}  // namespace cpu
+
+namespace cuda {
+bool built();  // false when compiled without nvcc
+void map_reduce(const MapReduceArgs& a, void* stream);
+void row_scale(const RowScaleArgs& a, void* stream);
+void col_sum(const ColSumArgs& a, void* stream);
+void col_broadcast(const ColBroadcastArgs& a, void* stream);
+void row_lse(const RowLseArgs& a, void* stream);
+void set_device(int device);
+}  // namespace cuda
+
+}  // namespace genloss

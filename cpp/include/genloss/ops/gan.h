@@ -1,0 +1,242 @@
+// genloss/ops/gan.h — per-element (value, derivative) functors of the GAN family.
+//
+// Each functor is a pure function of one element (two for binary ones) and the
+// call's Params; the CPU engine (cpp/src/cpu_kernels.cpp) and the CUDA engine
+// (cuda/engine.cu) run any of them. Tags (GAN.n) point to derivations/gan.md.
+//
+// Unary:  static void eval(T x, const Params<T>& p, T& value, T& dvalue_dx)
+// Binary: static void eval(T x, T y, const Params<T>& p, T& value, T& dx, T& dy)
+#pragma once
+
+#include "genloss/common.h"
+
+namespace genloss {
+namespace ops {
+
+// softplus(a - x) = -log sigmoid(x - a); d/dx = -sigmoid(a - x).  (GAN.2, GAN.4)
+// a = 0: the real term of the GAN discriminator loss and the non-saturating
+// generator loss; a = mean of the other population: the relativistic losses.
+struct SoftplusNeg {
+  static constexpr int arity = 1;
+  template <class T>
+  GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
+    T sig;
+    softplus_and_sigmoid(p.a - x, v, sig);
+    d = -sig;  // (GAN.4)
+  }
+};
+
+// softplus(x - a) = -log(1 - sigmoid(x - a)); d/dx = sigmoid(x - a). (GAN.2, GAN.4)
+// The fake term of the discriminator loss; with scale -1, the minimax generator.
+struct Softplus {
+  static constexpr int arity = 1;
+  template <class T>
+  GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
+    softplus_and_sigmoid(x - p.a, v, d);  // (GAN.4)
+  }
+};
+
+// 1/2 (x - a)^2; d/dx = x - a.                                        (GAN.8)
+struct HalfSquare {
+  static constexpr int arity = 1;
+  template <class T>
+  GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
+    const T r = x - p.a;
+    v = T(0.5) * r * r;
+    d = r;
+  }
+};
+
+// x; d/dx = 1. The WGAN critic and generator (sign through the scale). (GAN.9)
+struct Linear {
+  static constexpr int arity = 1;
+  template <class T>
+  GENLOSS_HD static void eval(T x, const Params<T>&, T& v, T& d) {
+    v = x;
+    d = T(1);
+  }
+};
+
+// relu(a + b x); d/dx = b [a + b x > 0] (0 at the kink).              (GAN.10)
+// Hinge: real term a = 1, b = -1; fake term a = 1, b = +1.
+struct HingeRelu {
+  static constexpr int arity = 1;
+  template <class T>
+  GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
+    const T z = p.a + p.b * x;
+    const bool on = z > T(0);
+    v = on ? z : T(0);
+    d = on ? p.b : T(0);
+  }
+};
+
+// x^2; d/dx = 2x. Squared norms of the gradient penalties.       (GAN.12, GAN.13)
+struct Square {
+  static constexpr int arity = 1;
+  template <class T>
+  GENLOSS_HD static void eval(T x, const Params<T>&, T& v, T& d) {
+    v = x * x;
+    d = T(2) * x;
+  }
+};
+
+// phi(s) = (sqrt(s) - c)^2 of a squared norm s (one-sided when mode = 1:
+// max(sqrt(s) - c, 0)^2); dphi/ds = (sqrt(s) - c) / sqrt(s), defined as 0 at
+// s = 0 (the cone point), so the gradient 2 dphi/ds g is 0 at g = 0. (GAN.12)
+struct GradPenaltyOfSqNorm {
+  static constexpr int arity = 1;
+  template <class T>
+  GENLOSS_HD static void eval(T s, const Params<T>& p, T& v, T& d) {
+    const T n = gl_sqrt(s);
+    T r = n - p.a;
+    if (p.mode == 1) r = gl_max(r, T(0));
+    v = r * r;
+    d = n > T(0) ? r / n : T(0);
+  }
+};
+
+// |x - y|; d/dx = sign(x - y) (0 at 0), d/dy = -d/dx.               (GAN.16)
+struct AbsDiff {
+  static constexpr int arity = 2;
+  template <class T>
+  GENLOSS_HD static void eval(T x, T y, const Params<T>&, T& v, T& dx, T& dy) {
+    const T r = x - y;
+    v = gl_abs(r);
+    dx = r > T(0) ? T(1) : (r < T(0) ? T(-1) : T(0));
+    dy = -dx;
+  }
+};
+
+// (x - y)^2; d/dx = 2(x - y), d/dy = -2(x - y). Feature matching.    (GAN.14)
+struct SquaredDiff {
+  static constexpr int arity = 2;
+  template <class T>
+  GENLOSS_HD static void eval(T x, T y, const Params<T>&, T& v, T& dx, T& dy) {
+    const T r = x - y;
+    v = r * r;
+    dx = T(2) * r;
+    dy = -dx;
+  }
+};
+
+// softplus(y - x) = -log sigmoid(x - y): the paired relativistic (RSGAN)
+// losses; d/dx = -sigmoid(y - x), d/dy = sigmoid(y - x).              (GAN.11)
+struct SoftplusNegDiff {
+  static constexpr int arity = 2;
+  template <class T>
+  GENLOSS_HD static void eval(T x, T y, const Params<T>&, T& v, T& dx, T& dy) {
+    T sig;
+    softplus_and_sigmoid(y - x, v, sig);
+    dx = -sig;
+    dy = sig;
+  }
+};
+
+// f-GAN divergences (mode): the order of python/genloss/_fgan.py.     (GAN.18)
+enum FganDivergence : int {
+  kKL = 0,
+  kReverseKL = 1,
+  kPearson = 2,
+  kSquaredHellinger = 3,
+  kJensenShannon = 4,
+  kGan = 5,
+  kTotalVariation = 6
+};
+
+// -g_f(v): the real-sample term of the f-GAN critic loss, and the non-saturating
+// generator loss. g_f is the output activation mapping v into dom f*. (GAN.18)
+struct FganActivation {
+  static constexpr int arity = 1;
+  template <class T>
+  GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
+    const T ln2 = T(0.6931471805599453);
+    switch (p.mode) {
+      case kKL:
+      case kPearson:  // g = v
+        v = -x;
+        d = T(-1);
+        break;
+      case kReverseKL: {  // g = -e^{-v}
+        const T e = gl_exp(-x);
+        v = e;
+        d = -e;
+        break;
+      }
+      case kSquaredHellinger: {  // g = 1 - e^{-v} = -expm1(-v)
+        v = gl_expm1(-x);
+        d = -gl_exp(-x);
+        break;
+      }
+      case kJensenShannon: {  // g = log 2 - softplus(-v)
+        T sp, sig;
+        softplus_and_sigmoid(-x, sp, sig);
+        v = sp - ln2;
+        d = -sig;
+        break;
+      }
+      case kGan: {  // g = -softplus(-v)
+        T sp, sig;
+        softplus_and_sigmoid(-x, sp, sig);
+        v = sp;
+        d = -sig;
+        break;
+      }
+      default: {  // total variation: g = tanh(v)/2
+        const T t = gl_tanh(x);
+        v = T(-0.5) * t;
+        d = T(-0.5) * (T(1) - t * t);
+        break;
+      }
+    }
+  }
+};
+
+// f*(g_f(v)): the generated-sample term of the f-GAN critic loss (minimax
+// generator with scale -1), composed in closed form so it stays stable. (GAN.18)
+struct FganConjugate {
+  static constexpr int arity = 1;
+  template <class T>
+  GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
+    const T ln2 = T(0.6931471805599453);
+    switch (p.mode) {
+      case kKL: {  // e^{v-1}
+        const T e = gl_exp(x - T(1));
+        v = e;
+        d = e;
+        break;
+      }
+      case kReverseKL:  // v - 1
+        v = x - T(1);
+        d = T(1);
+        break;
+      case kPearson:  // v^2/4 + v
+        v = T(0.25) * x * x + x;
+        d = T(0.5) * x + T(1);
+        break;
+      case kSquaredHellinger:  // e^v - 1
+        v = gl_expm1(x);
+        d = gl_exp(x);
+        break;
+      case kJensenShannon: {  // softplus(v) - log 2
+        T sp, sig;
+        softplus_and_sigmoid(x, sp, sig);
+        v = sp - ln2;
+        d = sig;
+        break;
+      }
+      case kGan: {  // softplus(v)
+        softplus_and_sigmoid(x, v, d);
+        break;
+      }
+      default: {  // total variation: tanh(v)/2
+        const T t = gl_tanh(x);
+        v = T(0.5) * t;
+        d = T(0.5) * (T(1) - t * t);
+        break;
+      }
+    }
+  }
+};
+
+}  // namespace ops
+}  // namespace genloss

@@ -1,0 +1,158 @@
+// bindings.cpp — the pybind11 module genloss._C. Thin by design: it turns
+// Python ints (pointers, sizes) into the engine's argument structs and calls the
+// CPU or CUDA engine with the GIL released. No math here; validation happens in
+// python/genloss/native/_engine.py, which owns the DLPack side.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+
+#include "dlpack.h"
+#include "genloss/engine.h"
+
+namespace py = pybind11;
+using namespace genloss;
+
+namespace {
+
+void* P(std::uintptr_t p) {
+  return reinterpret_cast<void*>(p);
+}
+
+// Device codes from Python: 0 = CPU, 1 = CUDA.
+template <class Args, class CpuFn, class CudaFn>
+void run(int device, int device_id, std::uintptr_t stream, const Args& a, CpuFn cpu_fn, CudaFn cuda_fn) {
+  py::gil_scoped_release nogil;
+  if (device == 0) {
+    cpu_fn(a);
+  } else {
+    cuda::set_device(device_id);
+    cuda_fn(a, P(stream));
+  }
+}
+
+py::object map_reduce(int device, int device_id, std::uintptr_t stream, int functor, double pa, double pb, double pc,
+                      int mode, int dtype, std::uintptr_t x, std::uintptr_t y, std::uintptr_t grad0,
+                      std::uintptr_t grad1, int64_t rows, int64_t cols, double value_scale, std::uintptr_t out_value,
+                      int accumulate, std::uintptr_t out_rows, double grad_scale, double grad_offset,
+                      bool want_totals) {
+  if (functor < 0 || functor >= kNumFunctors) throw py::value_error("functor id out of range");
+  double totals[2] = {0.0, 0.0};
+  MapReduceArgs a{functor,
+                  pa,
+                  pb,
+                  pc,
+                  mode,
+                  dtype,
+                  P(x),
+                  P(y),
+                  P(grad0),
+                  P(grad1),
+                  rows,
+                  cols,
+                  value_scale,
+                  P(out_value),
+                  accumulate,
+                  P(out_rows),
+                  grad_scale,
+                  grad_offset,
+                  want_totals ? totals : nullptr};
+  run(device, device_id, stream, a, cpu::map_reduce, cuda::map_reduce);
+  if (!want_totals) return py::none();
+  return py::make_tuple(totals[0], totals[1]);
+}
+
+void row_scale(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t x, std::uintptr_t coef,
+               std::uintptr_t out, int64_t rows, int64_t cols, double scale, int accumulate) {
+  RowScaleArgs a{dtype, P(x), P(coef), P(out), rows, cols, scale, accumulate};
+  run(device, device_id, stream, a, cpu::row_scale, cuda::row_scale);
+}
+
+void col_sum(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t x, std::uintptr_t out,
+             int64_t rows, int64_t cols, double scale) {
+  ColSumArgs a{dtype, P(x), P(out), rows, cols, scale};
+  run(device, device_id, stream, a, cpu::col_sum, cuda::col_sum);
+}
+
+void col_broadcast(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t v, std::uintptr_t out,
+                   int64_t rows, int64_t cols, double scale, int accumulate) {
+  ColBroadcastArgs a{dtype, P(v), P(out), rows, cols, scale, accumulate};
+  run(device, device_id, stream, a, cpu::col_broadcast, cuda::col_broadcast);
+}
+
+void row_lse(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t logits, std::uintptr_t labels,
+             int label_type, int mode, int64_t index, int64_t rows, int64_t K, double value_scale,
+             std::uintptr_t out_value, int accumulate, std::uintptr_t out_rows, double grad_scale,
+             std::uintptr_t grad) {
+  RowLseArgs a{dtype, P(logits),   P(labels),    label_type, mode,        index,      rows,
+               K,     value_scale, P(out_value), accumulate, P(out_rows), grad_scale, P(grad)};
+  run(device, device_id, stream, a, cpu::row_lse, cuda::row_lse);
+}
+
+// Reads a DLPack capsule without consuming it (its owner keeps the memory alive
+// as long as the capsule lives; Python holds it for the duration of the call).
+// Returns (data_ptr, dtype_code, bits, lanes, device_type, device_id, shape, strides).
+py::tuple dlpack_info(py::capsule cap) {
+  const char* name = cap.name();
+  if (name == nullptr) throw py::type_error("not a DLPack capsule");
+  const std::string n(name);
+  DLTensor* t = nullptr;
+  if (n == "dltensor") {
+    t = &static_cast<DLManagedTensor*>(cap.get_pointer())->dl_tensor;
+  } else if (n == "dltensor_versioned") {
+    t = &static_cast<DLManagedTensorVersioned*>(cap.get_pointer())->dl_tensor;
+  } else {
+    throw py::type_error("not an unconsumed DLPack capsule (name '" + n + "')");
+  }
+  py::list shape, strides;
+  for (int i = 0; i < t->ndim; ++i) shape.append(t->shape[i]);
+  if (t->strides)
+    for (int i = 0; i < t->ndim; ++i) strides.append(t->strides[i]);
+  const std::uintptr_t data = reinterpret_cast<std::uintptr_t>(t->data) + t->byte_offset;
+  return py::make_tuple(data, static_cast<int>(t->dtype.code), static_cast<int>(t->dtype.bits),
+                        static_cast<int>(t->dtype.lanes), static_cast<int>(t->device.device_type),
+                        static_cast<int>(t->device.device_id), py::tuple(shape),
+                        t->strides ? py::object(py::tuple(strides)) : py::object(py::none()));
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["cuda"] = cuda::built();
+  d["isa"] = std::string(cpu::isa());
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["omp_max_threads"] = cpu::max_threads();
+#ifdef GENLOSS_CUDA_ARCHS
+  d["cuda_archs"] = std::string(GENLOSS_CUDA_ARCHS);
+#else
+  d["cuda_archs"] = std::string();
+#endif
+  d["compiler"] = std::string(__VERSION__);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "genloss native engine (CPU, and CUDA when built with nvcc)";
+  // clang-format off
+  m.def("map_reduce",    &map_reduce);
+  m.def("row_scale",     &row_scale);
+  m.def("col_sum",       &col_sum);
+  m.def("col_broadcast", &col_broadcast);
+  m.def("row_lse",       &row_lse);
+  m.def("dlpack_info",   &dlpack_info);
+  m.def("build_info",    &build_info);
+  m.def("set_num_threads", &cpu::set_threads);
+  m.def("get_num_threads", &cpu::max_threads);
+  // clang-format on
+  py::dict ids;
+#define GENLOSS_ID(id, type) ids[#id + 1] = static_cast<int>(id);
+  GENLOSS_FUNCTORS(GENLOSS_ID)
+#undef GENLOSS_ID
+  m.attr("FUNCTORS") = ids;
+}

@@ -1,0 +1,345 @@
+// cpu_kernels.cpp — the ONE CPU engine. This file is compiled once per
+// instruction set (CMake: sse2 / avx2 / avx512, see CMakeLists.txt) into its own
+// namespace; cpu_dispatch.cpp picks the widest one the running CPU supports.
+//
+// Vector transcendental functions: with -fno-math-errno GCC may call glibc's
+// libmvec (exp, log1p, expm1, tanh: <= 4 ulp) for a vectorised loop once the
+// functions are declared SIMD-callable — glibc declares them only under
+// -ffast-math, which genloss must not use (it breaks inf/nan handling), so we
+// declare them here ourselves.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GLIBC__) && !defined(GENLOSS_NO_LIBMVEC)
+extern "C" {
+__attribute__((simd("notinbranch"))) double exp(double) noexcept;
+__attribute__((simd("notinbranch"))) float expf(float) noexcept;
+__attribute__((simd("notinbranch"))) double expm1(double) noexcept;
+__attribute__((simd("notinbranch"))) float expm1f(float) noexcept;
+__attribute__((simd("notinbranch"))) double log1p(double) noexcept;
+__attribute__((simd("notinbranch"))) float log1pf(float) noexcept;
+__attribute__((simd("notinbranch"))) double tanh(double) noexcept;
+__attribute__((simd("notinbranch"))) float tanhf(float) noexcept;
+}
+#endif
+
+#include "cpu_table.h"
+#include "genloss/engine.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef GENLOSS_ISA
+#error "GENLOSS_ISA must name the instruction set of this translation unit"
+#endif
+
+namespace genloss {
+namespace cpu {
+namespace GENLOSS_ISA {
+
+namespace {
+
+// Below this many elements a call runs on one thread: forking costs more.
+constexpr int64_t kParallelMin = 1 << 15;
+// Independent accumulators per chunk; the same on every ISA.
+constexpr int kLanes = 16;
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Pairwise sum in a fixed order: depends only on n, never on threads.
+double pairwise(const double* x, int64_t n) {
+  if (n <= 8) {
+    double s = 0.0;
+    for (int64_t i = 0; i < n; ++i) s += x[i];
+    return s;
+  }
+  const int64_t h = n / 2;
+  return pairwise(x, h) + pairwise(x + h, n - h);
+}
+
+template <class T>
+double lanes_sum(const T* acc) {
+  double d[kLanes];
+  for (int j = 0; j < kLanes; ++j) d[j] = static_cast<double>(acc[j]);
+  return pairwise(d, kLanes);
+}
+
+// One chunk of map_reduce: returns the sum of f over [0, n) and writes grads.
+template <class F, class T, bool WG>
+double chunk(const T* __restrict x, const T* __restrict y, T* __restrict g0, T* __restrict g1, int64_t n,
+             const Params<T>& p, T gs, T go, double* dsum) {
+  T accv[kLanes] = {};
+  T accd[kLanes] = {};
+  int64_t i = 0;
+  auto body = [&](int64_t k, int j) __attribute__((always_inline)) {
+    T v, d0, d1 = T(0);
+    if constexpr (F::arity == 1) {
+      F::eval(x[k], p, v, d0);
+    } else {
+      F::eval(x[k], y[k], p, v, d0, d1);
+    }
+    accv[j] += v;
+    if constexpr (WG) {
+      accd[j] += d0;
+      g0[k] = d0 * gs + go;
+      if constexpr (F::arity == 2) {
+        if (g1) g1[k] = d1 * gs + go;
+      }
+    }
+  };
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) body(i + j, j);
+  }
+  for (int j = 0; i < n; ++i, ++j) body(i, j);
+  if (WG && dsum) *dsum = lanes_sum(accd);
+  return lanes_sum(accv);
+}
+
+template <class T>
+T* ptr(void* p) {
+  return static_cast<T*>(p);
+}
+template <class T>
+const T* cptr(const void* p) {
+  return static_cast<const T*>(p);
+}
+
+// Scratch for chunk partials, reused across calls (a fresh large vector would
+// page-fault on every call).
+std::vector<double>& scratch(size_t n) {
+  thread_local std::vector<double> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf;
+}
+
+template <class F, class T, bool WG>
+void map_reduce_t(const MapReduceArgs& a) {
+  const Params<T> p{T(a.pa), T(a.pb), T(a.pc), a.mode};
+  const T* x = cptr<T>(a.x);
+  const T* y = cptr<T>(a.y);
+  T* g0 = ptr<T>(a.grad0);
+  T* g1 = ptr<T>(a.grad1);
+  const T gs = T(a.grad_scale), go = T(a.grad_offset);
+  // Without per-row output the whole tensor is one long row: fewer partials.
+  const bool per_row = a.out_rows != nullptr;
+  const int64_t rows = per_row ? a.rows : 1;
+  const int64_t cols = per_row ? a.cols : a.rows * a.cols;
+  const int64_t cpr = ceil_div(cols, kChunk);
+  const int64_t ntask = rows * cpr;
+  std::vector<double>& buf = scratch(static_cast<size_t>(2 * ntask + rows + 2));
+  double* part = buf.data();
+  double* dpart = part + ntask;
+  double* rowv = dpart + ntask;
+  const bool par = rows * cols >= kParallelMin && ntask > 1;
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t t = 0; t < ntask; ++t) {
+    const int64_t r = t / cpr, c = t % cpr;
+    const int64_t begin = r * cols + c * kChunk;
+    const int64_t len = std::min(kChunk, cols - c * kChunk);
+    double ds = 0.0;
+    part[t] = chunk<F, T, WG>(x + begin, y ? y + begin : nullptr, WG ? g0 + begin : nullptr,
+                              (WG && g1) ? g1 + begin : nullptr, len, p, gs, go, &ds);
+    dpart[t] = ds;
+  }
+  for (int64_t r = 0; r < rows; ++r) rowv[r] = pairwise(part + r * cpr, cpr);
+  const double total = pairwise(rowv, rows);
+  if (a.out_value) {
+    T* o = ptr<T>(a.out_value);
+    const double prev = a.accumulate ? static_cast<double>(o[0]) : 0.0;
+    o[0] = static_cast<T>(prev + a.value_scale * total);
+  }
+  if (per_row) {
+    T* o = ptr<T>(a.out_rows);
+    for (int64_t r = 0; r < rows; ++r)
+      o[r] = static_cast<T>((a.accumulate ? static_cast<double>(o[r]) : 0.0) + a.value_scale * rowv[r]);
+  }
+  if (a.totals) {
+    a.totals[0] = total;
+    a.totals[1] = WG ? pairwise(dpart, ntask) : 0.0;
+  }
+}
+
+template <class F, class T>
+void map_reduce_g(const MapReduceArgs& a) {
+  if (a.grad0)
+    map_reduce_t<F, T, true>(a);
+  else
+    map_reduce_t<F, T, false>(a);
+}
+
+void map_reduce(const MapReduceArgs& a) {
+  switch (a.functor) {
+#define GENLOSS_CASE(id, type)       \
+  case id:                           \
+    if (a.dtype == kFloat32)         \
+      map_reduce_g<type, float>(a);  \
+    else                             \
+      map_reduce_g<type, double>(a); \
+    return;
+    GENLOSS_FUNCTORS(GENLOSS_CASE)
+#undef GENLOSS_CASE
+    default:
+      return;
+  }
+}
+
+template <class T>
+void row_scale_t(const RowScaleArgs& a) {
+  const T* x = cptr<T>(a.x);
+  const T* coef = cptr<T>(a.coef);
+  T* out = ptr<T>(a.out);
+  const int64_t n = a.rows * a.cols;
+  const T s = T(a.scale);
+  const bool acc = a.accumulate != 0;
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const T c = coef ? s * coef[r] : s;
+    const T* xr = x + r * a.cols;
+    T* orow = out + r * a.cols;
+    if (acc) {
+#pragma omp simd
+      for (int64_t j = 0; j < a.cols; ++j) orow[j] += c * xr[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < a.cols; ++j) orow[j] = c * xr[j];
+    }
+  }
+}
+
+void row_scale(const RowScaleArgs& a) {
+  if (a.dtype == kFloat32)
+    row_scale_t<float>(a);
+  else
+    row_scale_t<double>(a);
+}
+
+template <class T>
+void col_sum_t(const ColSumArgs& a) {
+  const T* x = cptr<T>(a.x);
+  T* out = ptr<T>(a.out);
+  // Blocks of columns in parallel; each column sums its rows in order in double.
+  constexpr int64_t kColBlock = 64;
+  const int64_t nb = ceil_div(a.cols, kColBlock);
+#pragma omp parallel for schedule(static) if (a.rows * a.cols >= kParallelMin)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t j0 = b * kColBlock, j1 = std::min(a.cols, j0 + kColBlock);
+    double acc[kColBlock] = {};
+    for (int64_t r = 0; r < a.rows; ++r) {
+      const T* xr = x + r * a.cols;
+      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += static_cast<double>(xr[j]);
+    }
+    for (int64_t j = j0; j < j1; ++j) out[j] = static_cast<T>(a.scale * acc[j - j0]);
+  }
+}
+
+void col_sum(const ColSumArgs& a) {
+  if (a.dtype == kFloat32)
+    col_sum_t<float>(a);
+  else
+    col_sum_t<double>(a);
+}
+
+template <class T>
+void col_broadcast_t(const ColBroadcastArgs& a) {
+  const T* v = cptr<T>(a.v);
+  T* out = ptr<T>(a.out);
+  const T s = T(a.scale);
+  const bool acc = a.accumulate != 0;
+#pragma omp parallel for schedule(static) if (a.rows * a.cols >= kParallelMin)
+  for (int64_t r = 0; r < a.rows; ++r) {
+    T* orow = out + r * a.cols;
+    if (acc) {
+      for (int64_t j = 0; j < a.cols; ++j) orow[j] += s * v[j];
+    } else {
+      for (int64_t j = 0; j < a.cols; ++j) orow[j] = s * v[j];
+    }
+  }
+}
+
+void col_broadcast(const ColBroadcastArgs& a) {
+  if (a.dtype == kFloat32)
+    col_broadcast_t<float>(a);
+  else
+    col_broadcast_t<double>(a);
+}
+
+int64_t label_at(const RowLseArgs& a, int64_t r) {
+  return a.label_type == kInt32 ? static_cast<const int32_t*>(a.labels)[r] : static_cast<const int64_t*>(a.labels)[r];
+}
+
+// One row of the log-sum-exp losses, in double for the row statistics.  (GAN.15)
+template <class T>
+double row_lse_one(const RowLseArgs& a, int64_t r, T* grad) {
+  const int64_t K = a.K;
+  const T* l = cptr<T>(a.logits) + r * K;
+  double m = l[0], mr = l[0];
+  for (int64_t k = 1; k < K; ++k) {
+    m = std::max(m, static_cast<double>(l[k]));
+    if (k < K - 1) mr = std::max(mr, static_cast<double>(l[k]));
+  }
+  double s = 0.0, sr = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    s += ::exp(static_cast<double>(l[k]) - m);
+    if (k < K - 1) sr += ::exp(static_cast<double>(l[k]) - mr);
+  }
+  const double lse = m + ::log(s);
+  const double lse_r = mr + ::log(sr);
+  int64_t target = a.mode == 0 ? label_at(a, r) : a.index;
+  const double v = a.mode == 2 ? lse - lse_r : lse - static_cast<double>(l[target]);
+  if (grad) {
+    T* g = grad + r * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const double soft = ::exp(static_cast<double>(l[k]) - lse);
+      double tgt;
+      if (a.mode == 2)
+        tgt = k < K - 1 ? ::exp(static_cast<double>(l[k]) - lse_r) : 0.0;
+      else
+        tgt = k == target ? 1.0 : 0.0;
+      g[k] = static_cast<T>(a.grad_scale * (soft - tgt));
+    }
+  }
+  return v;
+}
+
+template <class T>
+void row_lse_t(const RowLseArgs& a) {
+  std::vector<double>& buf = scratch(static_cast<size_t>(a.rows));
+  double* rowv = buf.data();
+  T* grad = ptr<T>(a.grad);
+#pragma omp parallel for schedule(static) if (a.rows * a.K >= kParallelMin)
+  for (int64_t r = 0; r < a.rows; ++r) rowv[r] = row_lse_one<T>(a, r, grad);
+  const double total = pairwise(rowv, a.rows);
+  if (a.out_value) {
+    T* o = ptr<T>(a.out_value);
+    const double prev = a.accumulate ? static_cast<double>(o[0]) : 0.0;
+    o[0] = static_cast<T>(prev + a.value_scale * total);
+  }
+  if (a.out_rows) {
+    T* o = ptr<T>(a.out_rows);
+    for (int64_t r = 0; r < a.rows; ++r)
+      o[r] = static_cast<T>((a.accumulate ? static_cast<double>(o[r]) : 0.0) + a.value_scale * rowv[r]);
+  }
+}
+
+void row_lse(const RowLseArgs& a) {
+  if (a.dtype == kFloat32)
+    row_lse_t<float>(a);
+  else
+    row_lse_t<double>(a);
+}
+
+}  // namespace
+
+const CpuTable* table() {
+  static const CpuTable t{map_reduce, row_scale, col_sum, col_broadcast, row_lse};
+  return &t;
+}
+
+}  // namespace GENLOSS_ISA
+}  // namespace cpu
+}  // namespace genloss

@@ -1,0 +1,36 @@
+// stub.cpp — the CUDA entry points when genloss is built without nvcc: every
+// call raises a clear error (Python checks cuda::built() first).
+#include <stdexcept>
+
+#include "genloss/engine.h"
+
+namespace genloss {
+namespace cuda {
+namespace {
+[[noreturn]] void unavailable() {
+  throw std::runtime_error("genloss was built without CUDA (nvcc was not found at build time)");
+}
+}  // namespace
+bool built() {
+  return false;
+}
+void set_device(int) {
+  unavailable();
+}
+void map_reduce(const MapReduceArgs&, void*) {
+  unavailable();
+}
+void row_scale(const RowScaleArgs&, void*) {
+  unavailable();
+}
+void col_sum(const ColSumArgs&, void*) {
+  unavailable();
+}
+void col_broadcast(const ColBroadcastArgs&, void*) {
+  unavailable();
+}
+void row_lse(const RowLseArgs&, void*) {
+  unavailable();
+}
+}  // namespace cuda
+}  // namespace genloss

@@ -1,0 +1,374 @@
+// engine.cu — the ONE CUDA engine: the same primitives as the CPU engine
+// (cpp/include/genloss/engine.h) for any functor of ops/*.h, float32/float64
+// and float16/bfloat16 storage with float32 compute and accumulation.
+//
+// Determinism: a block reduces a fixed chunk of kChunk elements with a fixed
+// shared-memory tree, partials are combined per row by one block with the same
+// tree, and rows by one more block. No floating-point atomics anywhere, so the
+// result is bitwise the same on every run. Every launch goes on the caller's
+// stream (torch's current stream), never the default one.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "genloss/engine.h"
+
+namespace genloss {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+static_assert(kChunk % kThreads == 0, "a chunk is a whole number of thread strides");
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("genloss CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+
+template <class S>
+struct Acc {
+  using type = S;
+};
+template <>
+struct Acc<__half> {
+  using type = float;
+};
+template <>
+struct Acc<__nv_bfloat16> {
+  using type = float;
+};
+
+template <class S>
+__device__ __forceinline__ typename Acc<S>::type load(const S* p, int64_t i) {
+  return static_cast<typename Acc<S>::type>(p[i]);
+}
+template <>
+__device__ __forceinline__ float load(const __half* p, int64_t i) {
+  return __half2float(p[i]);
+}
+template <>
+__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+template <class S, class A>
+__device__ __forceinline__ void store(S* p, int64_t i, A v) {
+  p[i] = static_cast<S>(v);
+}
+template <>
+__device__ __forceinline__ void store(__half* p, int64_t i, float v) {
+  p[i] = __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) {
+  p[i] = __float2bfloat16_rn(v);
+}
+
+// Fixed-shape tree over kThreads values in shared memory (deterministic).
+__device__ double block_sum(double v, double* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Grid: one block per (row, chunk). Thread t handles elements t, t+256, ... of
+// its chunk, in order; the block tree then sums the 256 thread partials.
+template <class F, class S, bool WG>
+__global__ void map_reduce_chunks(MapReduceArgs a, int64_t rows, int64_t cols, int64_t cpr, double* part,
+                                  double* dpart) {
+  using A = typename Acc<S>::type;
+  __shared__ double sh[kThreads];
+  const int64_t t = blockIdx.x;
+  const int64_t r = t / cpr, c = t % cpr;
+  const int64_t begin = r * cols + c * kChunk;
+  const int64_t len = cols - c * kChunk < kChunk ? cols - c * kChunk : kChunk;
+  const Params<A> p{A(a.pa), A(a.pb), A(a.pc), a.mode};
+  const S* x = static_cast<const S*>(a.x);
+  const S* y = static_cast<const S*>(a.y);
+  S* g0 = static_cast<S*>(a.grad0);
+  S* g1 = static_cast<S*>(a.grad1);
+  const A gs = A(a.grad_scale), go = A(a.grad_offset);
+  A sv = A(0), sd = A(0);
+  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+    const int64_t k = begin + i;
+    A v, d0, d1 = A(0);
+    if constexpr (F::arity == 1) {
+      F::eval(load(x, k), p, v, d0);
+    } else {
+      F::eval(load(x, k), load(y, k), p, v, d0, d1);
+    }
+    sv += v;
+    if constexpr (WG) {
+      sd += d0;
+      store(g0, k, d0 * gs + go);
+      if constexpr (F::arity == 2) {
+        if (g1) store(g1, k, d1 * gs + go);
+      }
+    }
+  }
+  const double bs = block_sum(static_cast<double>(sv), sh);
+  double bd = 0.0;
+  if (WG) bd = block_sum(static_cast<double>(sd), sh);
+  if (threadIdx.x == 0) {
+    part[t] = bs;
+    if (WG) dpart[t] = bd;
+  }
+}
+
+// One block per row: sum that row's n partials (strided per thread, then tree).
+__global__ void sum_segments(const double* in, int64_t n, double* out) {
+  __shared__ double sh[kThreads];
+  const double* seg = in + static_cast<int64_t>(blockIdx.x) * n;
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) s += seg[i];
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+// One block: total over rows, scaled outputs, optional totals for the host.
+template <class S>
+__global__ void finalize(const double* rowv, int64_t rows, const double* dparts, int64_t ndp, double value_scale,
+                         S* out_value, int accumulate, S* out_rows, double* totals) {
+  using A = typename Acc<S>::type;
+  __shared__ double sh[kThreads];
+  double s = 0.0, d = 0.0;
+  for (int64_t i = threadIdx.x; i < rows; i += kThreads) s += rowv[i];
+  for (int64_t i = threadIdx.x; i < ndp; i += kThreads) d += dparts[i];
+  s = block_sum(s, sh);
+  d = block_sum(d, sh);
+  if (threadIdx.x == 0) {
+    if (out_value) {
+      const double prev = accumulate ? static_cast<double>(load(out_value, 0)) : 0.0;
+      store(out_value, 0, static_cast<A>(prev + value_scale * s));
+    }
+    if (totals) {
+      totals[0] = s;
+      totals[1] = d;
+    }
+  }
+  if (out_rows)
+    for (int64_t i = threadIdx.x; i < rows; i += kThreads) {
+      const double prev = accumulate ? static_cast<double>(load(out_rows, i)) : 0.0;
+      store(out_rows, i, static_cast<A>(prev + value_scale * rowv[i]));
+    }
+}
+
+template <class F, class S, bool WG>
+void map_reduce_t(const MapReduceArgs& a, cudaStream_t st) {
+  const bool per_row = a.out_rows != nullptr;
+  const int64_t rows = per_row ? a.rows : 1;
+  const int64_t cols = per_row ? a.cols : a.rows * a.cols;
+  const int64_t cpr = ceil_div(cols, kChunk);
+  const int64_t ntask = rows * cpr;
+  double* buf = nullptr;
+  check(cudaMallocAsync(reinterpret_cast<void**>(&buf), sizeof(double) * (2 * ntask + rows + 2), st), "alloc");
+  double* part = buf;
+  double* dpart = buf + ntask;
+  double* rowv = dpart + ntask;
+  double* dev_totals = rowv + rows;
+  map_reduce_chunks<F, S, WG><<<static_cast<unsigned>(ntask), kThreads, 0, st>>>(a, rows, cols, cpr, part, dpart);
+  check(cudaGetLastError(), "map_reduce launch");
+  sum_segments<<<static_cast<unsigned>(rows), kThreads, 0, st>>>(part, cpr, rowv);
+  finalize<S><<<1, kThreads, 0, st>>>(rowv, rows, dpart, WG ? ntask : 0, a.value_scale, static_cast<S*>(a.out_value),
+                                      a.accumulate, static_cast<S*>(a.out_rows), a.totals ? dev_totals : nullptr);
+  check(cudaGetLastError(), "finalize launch");
+  if (a.totals) {
+    check(cudaMemcpyAsync(a.totals, dev_totals, 2 * sizeof(double), cudaMemcpyDeviceToHost, st), "totals");
+    check(cudaStreamSynchronize(st), "sync");
+  }
+  check(cudaFreeAsync(buf, st), "free");
+}
+
+template <class F, class S>
+void map_reduce_g(const MapReduceArgs& a, cudaStream_t st) {
+  if (a.grad0)
+    map_reduce_t<F, S, true>(a, st);
+  else
+    map_reduce_t<F, S, false>(a, st);
+}
+
+// Calls fn.template operator()<S>() with S the storage type of the dtype code.
+template <class Fn>
+void dispatch_storage(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case kFloat32:
+      fn(float{});
+      return;
+    case kFloat64:
+      fn(double{});
+      return;
+    case kFloat16:
+      fn(__half{});
+      return;
+    case kBFloat16:
+      fn(__nv_bfloat16{});
+      return;
+    default:
+      throw std::invalid_argument("genloss CUDA: unsupported dtype");
+  }
+}
+
+template <class S>
+__global__ void row_scale_kernel(RowScaleArgs a) {
+  using A = typename Acc<S>::type;
+  const int64_t n = a.rows * a.cols;
+  const S* x = static_cast<const S*>(a.x);
+  const S* coef = static_cast<const S*>(a.coef);
+  S* out = static_cast<S*>(a.out);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    A c = A(a.scale);
+    if (coef) c *= load(coef, i / a.cols);
+    A v = c * load(x, i);
+    if (a.accumulate) v += load(out, i);
+    store(out, i, v);
+  }
+}
+
+template <class S>
+__global__ void col_sum_kernel(ColSumArgs a) {
+  const S* x = static_cast<const S*>(a.x);
+  S* out = static_cast<S*>(a.out);
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= a.cols) return;
+  double s = 0.0;  // rows in order: deterministic
+  for (int64_t r = 0; r < a.rows; ++r) s += static_cast<double>(load(x, r * a.cols + j));
+  store(out, j, static_cast<typename Acc<S>::type>(a.scale * s));
+}
+
+template <class S>
+__global__ void col_broadcast_kernel(ColBroadcastArgs a) {
+  using A = typename Acc<S>::type;
+  const int64_t n = a.rows * a.cols;
+  const S* v = static_cast<const S*>(a.v);
+  S* out = static_cast<S*>(a.out);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    A o = A(a.scale) * load(v, i % a.cols);
+    if (a.accumulate) o += load(out, i);
+    store(out, i, o);
+  }
+}
+
+// One thread per row (K is small for the (C+1)-class critic); double statistics.
+template <class S>
+__global__ void row_lse_kernel(RowLseArgs a, double* rowv) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (r >= a.rows) return;
+  const int64_t K = a.K;
+  const S* l = static_cast<const S*>(a.logits) + r * K;
+  double m = load(l, 0), mr = load(l, 0);
+  for (int64_t k = 1; k < K; ++k) {
+    const double lk = load(l, k);
+    m = lk > m ? lk : m;
+    if (k < K - 1) mr = lk > mr ? lk : mr;
+  }
+  double s = 0.0, sr = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double lk = load(l, k);
+    s += exp(lk - m);
+    if (k < K - 1) sr += exp(lk - mr);
+  }
+  const double lse = m + log(s), lse_r = mr + log(sr);
+  int64_t target = a.index;
+  if (a.mode == 0)
+    target =
+        a.label_type == kInt32 ? static_cast<const int32_t*>(a.labels)[r] : static_cast<const int64_t*>(a.labels)[r];
+  rowv[r] = a.mode == 2 ? lse - lse_r : lse - static_cast<double>(load(l, target));
+  if (a.grad) {
+    S* g = static_cast<S*>(a.grad) + r * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const double lk = load(l, k);
+      const double soft = exp(lk - lse);
+      const double tgt = a.mode == 2 ? (k < K - 1 ? exp(lk - lse_r) : 0.0) : (k == target ? 1.0 : 0.0);
+      store(g, k, static_cast<typename Acc<S>::type>(a.grad_scale * (soft - tgt)));
+    }
+  }
+}
+
+unsigned grid_for(int64_t n) {
+  const int64_t b = ceil_div(n, kThreads);
+  return static_cast<unsigned>(b < 65535 * 8 ? (b > 0 ? b : 1) : 65535 * 8);
+}
+
+}  // namespace
+
+bool built() {
+  return true;
+}
+
+void set_device(int device) {
+  check(cudaSetDevice(device), "set device");
+}
+
+void map_reduce(const MapReduceArgs& a, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  dispatch_storage(a.dtype, [&](auto s) {
+    using S = decltype(s);
+    switch (a.functor) {
+#define GENLOSS_CASE(id, type)    \
+  case id:                        \
+    map_reduce_g<type, S>(a, st); \
+    return;
+      GENLOSS_FUNCTORS(GENLOSS_CASE)
+#undef GENLOSS_CASE
+      default:
+        throw std::invalid_argument("genloss CUDA: unknown functor");
+    }
+  });
+}
+
+void row_scale(const RowScaleArgs& a, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  dispatch_storage(a.dtype, [&](auto s) {
+    using S = decltype(s);
+    row_scale_kernel<S><<<grid_for(a.rows * a.cols), kThreads, 0, st>>>(a);
+  });
+  check(cudaGetLastError(), "row_scale launch");
+}
+
+void col_sum(const ColSumArgs& a, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  dispatch_storage(a.dtype, [&](auto s) {
+    using S = decltype(s);
+    col_sum_kernel<S><<<static_cast<unsigned>(ceil_div(a.cols, kThreads)), kThreads, 0, st>>>(a);
+  });
+  check(cudaGetLastError(), "col_sum launch");
+}
+
+void col_broadcast(const ColBroadcastArgs& a, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  dispatch_storage(a.dtype, [&](auto s) {
+    using S = decltype(s);
+    col_broadcast_kernel<S><<<grid_for(a.rows * a.cols), kThreads, 0, st>>>(a);
+  });
+  check(cudaGetLastError(), "col_broadcast launch");
+}
+
+void row_lse(const RowLseArgs& a, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  double* rowv = nullptr;
+  check(cudaMallocAsync(reinterpret_cast<void**>(&rowv), sizeof(double) * a.rows, st), "alloc");
+  dispatch_storage(a.dtype, [&](auto s) {
+    using S = decltype(s);
+    row_lse_kernel<S><<<static_cast<unsigned>(ceil_div(a.rows, kThreads)), kThreads, 0, st>>>(a, rowv);
+    check(cudaGetLastError(), "row_lse launch");
+    finalize<S><<<1, kThreads, 0, st>>>(rowv, a.rows, nullptr, 0, a.value_scale, static_cast<S*>(a.out_value),
+                                        a.accumulate, static_cast<S*>(a.out_rows), nullptr);
+    check(cudaGetLastError(), "finalize launch");
+  });
+  check(cudaFreeAsync(rowv, st), "free");
+}
+
+}  // namespace cuda
+}  // namespace genloss
