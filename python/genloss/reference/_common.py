@@ -1,0 +1,181 @@
+r"""Shared pieces of the NumPy reference: conversion, stable primitives, reductions.
+
+Everything here is float64 and written out in full, so a reader can check each
+line against the derivations without knowing any library.
+
+Reduction convention (``notes/API.md``): the batch is dim 0; the per-sample
+value is the SUM over all non-batch dims (``reduce_sum``) -- or, for the L1
+family only, the MEAN over them (``reduce_mean``); then ``'mean'`` averages the
+per-sample values over the batch, ``'sum'`` adds them and ``'none'`` returns
+them, shape ``(B,)``.  ``grad_sum`` / ``grad_mean`` are the matching backward
+passes: they broadcast ``grad_output`` back to every element of the input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _checks
+
+__all__ = [
+    "as_float64",
+    "batch_array",
+    "batch_broadcast",
+    "grad_mean",
+    "grad_sum",
+    "labels_array",
+    "log_sigmoid",
+    "logsumexp",
+    "reduce_mean",
+    "reduce_sum",
+    "result",
+    "scalar_grad",
+    "sigmoid",
+    "softmax",
+    "softplus",
+]
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def as_float64(name: str, x: object) -> np.ndarray:
+    """``x`` as a float64 ndarray; complex, boolean or non-numeric input is a ``TypeError``."""
+    try:
+        a = np.asarray(x)
+    except ValueError as err:  # ragged nested sequences
+        raise TypeError(f"{name} must be a real numeric array ({err})") from None
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    return a.astype(np.float64, copy=False)
+
+
+def batch_array(name: str, x: object, reduction: str = "mean", min_ndim: int = 1) -> np.ndarray:
+    """``as_float64`` plus the batch checks of ``_checks.batched`` (batch first, not empty)."""
+    a = as_float64(name, x)
+    _checks.batched(name, a.shape, reduction, min_ndim)
+    return a
+
+
+def labels_array(name: str, x: object, batch: int, num_classes: int) -> np.ndarray:
+    """1-D integer class labels of length ``batch`` with values in ``[0, num_classes)``."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype (int64 or int32), got {a.dtype}")
+    _checks.ndim(name, a.shape, 1)
+    if a.shape[0] != batch:
+        raise ValueError(f"{name} must have length {batch} (the batch size), got shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{a.min()}, {a.max()}]")
+    return a.astype(np.int64, copy=False)
+
+
+def result(x: object) -> np.ndarray:
+    """Return values as float64 ndarrays (0-d for scalars): ufuncs turn 0-d arrays into scalars."""
+    return np.asarray(x, dtype=np.float64)
+
+
+def scalar_grad(name: str, grad: object) -> np.ndarray:
+    """A 0-d upstream gradient (for scalar-valued ops)."""
+    g = as_float64(name, grad)
+    if g.ndim != 0:
+        raise ValueError(f"{name} must be a scalar (the op returns a scalar), got shape {g.shape}")
+    return g
+
+
+# ----------------------------------------------------------------------------- stable primitives
+
+
+def softplus(x: np.ndarray) -> np.ndarray:
+    r"""softplus(x) = log(1 + e^x), computed as max(x, 0) + log1p(e^{-|x|}) (never overflows)."""
+    return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
+
+
+def log_sigmoid(x: np.ndarray) -> np.ndarray:
+    r"""log sigmoid(x) = -softplus(-x)  (GAN.2), never log of a rounded probability."""
+    return -softplus(-x)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    r"""sigmoid(x) = 1/(1+e^{-x}), sign-split so the exponent is never positive.
+
+    x >= 0: 1/(1+e^{-x});  x < 0: e^{x}/(1+e^{x}).  Both use e = e^{-|x|} <= 1.
+    """
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    r"""log sum_k e^{x_k} = m + log sum_k e^{x_k - m} with m = max_k x_k (every exponent <= 0).
+
+    A row that is all ``-inf`` gives ``-inf`` (the shift is then taken as 0).
+    """
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return np.squeeze(m, axis=axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    r"""softmax(x)_k = e^{x_k - logsumexp(x)}, the gradient of ``logsumexp``."""
+    return np.exp(x - np.expand_dims(logsumexp(x, axis=axis), axis))
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def batch_broadcast(per_sample: np.ndarray, ndim: int) -> np.ndarray:
+    """A per-sample vector (B,) reshaped to (B, 1, ..., 1) to broadcast against an ``ndim``-D input."""
+    return per_sample.reshape(per_sample.shape[:1] + (1,) * (ndim - 1))
+
+
+def _per_sample(x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[0], -1)
+
+
+def _batch_reduce(per_sample: np.ndarray, reduction: str) -> np.ndarray:
+    if reduction == "mean":
+        return result(per_sample.mean())
+    if reduction == "sum":
+        return result(per_sample.sum())
+    return result(per_sample)
+
+
+def reduce_sum(elementwise: np.ndarray, reduction: str) -> np.ndarray:
+    r"""Per-sample SUM over non-batch dims, then the batch reduction.
+
+    .. math::
+        L_b = \sum_{i} \ell_{b,i}, \qquad
+        L = \tfrac{1}{B}\sum_b L_b \;(\text{mean}),\quad \sum_b L_b \;(\text{sum}),\quad
+        (L_b)_b \;(\text{none})
+    """
+    return _batch_reduce(_per_sample(elementwise).sum(axis=1), reduction)
+
+
+def reduce_mean(elementwise: np.ndarray, reduction: str) -> np.ndarray:
+    r"""Per-sample MEAN over non-batch dims (the L1 family), then the batch reduction."""
+    return _batch_reduce(_per_sample(elementwise).mean(axis=1), reduction)
+
+
+def _sample_weights(grad_output: object, reduction: str, batch: int) -> np.ndarray:
+    """d(reduced)/d(per-sample value) times grad_output, shape (B,)."""
+    g = as_float64("grad_output", grad_output)
+    if reduction == "none":
+        if g.shape != (batch,):
+            raise ValueError(f"grad_output must have shape ({batch},) for reduction='none', got {g.shape}")
+        return g
+    if g.ndim != 0:
+        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}")
+    scale = 1.0 / batch if reduction == "mean" else 1.0
+    return np.full(batch, g * scale)
+
+
+def grad_sum(grad_output: object, reduction: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Backward of ``reduce_sum``: grad_output spread over an input of ``shape``."""
+    w = _sample_weights(grad_output, reduction, shape[0])
+    return np.broadcast_to(batch_broadcast(w, len(shape)), shape).astype(np.float64)
+
+
+def grad_mean(grad_output: object, reduction: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Backward of ``reduce_mean``: as ``grad_sum`` divided by the elements per sample."""
+    per_sample = int(np.prod(shape[1:], dtype=np.int64))
+    return grad_sum(grad_output, reduction, shape) / per_sample
