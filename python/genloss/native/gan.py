@@ -1,0 +1,397 @@
+r"""The GAN family on the native engine.
+
+Every function returns ``(value, grads)``: ``value`` an array of the inputs'
+kind and dtype (0-d for 'mean'/'sum', shape (B,) for 'none'), ``grads`` the
+gradients of ``sum(value)`` with respect to each differentiable input, in input
+order (empty when ``need_grad=False``). Value and gradient come from ONE pass
+over each input. The math is in cpp/include/genloss/ops/gan.h; this file only
+says which functor runs on which input with which scale (derivations/gan.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from .. import _checks as C
+from ._engine import Buf, as_input, col_broadcast, col_sum, empty, int_range, map_reduce, row_lse, row_scale, same_place
+
+FGAN_DIVERGENCES = (
+    "kl",
+    "reverse_kl",
+    "pearson",
+    "squared_hellinger",
+    "jensen_shannon",
+    "gan",
+    "total_variation",
+)  # order = enum FganDivergence in ops/gan.h
+GAN_G_MODES = ("nonsaturating", "minimax")
+
+
+class Term(NamedTuple):
+    """coef * sum over the population of functor(x; params)."""
+
+    functor: str
+    x: Buf
+    coef: float = 1.0
+    params: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    mode: int = 0
+    y: Buf | None = None  # second input of a binary functor
+    per_sample_mean: bool = False  # divide each sample's sum by its element count
+
+
+def _inputs(names: Sequence[str], arrays: Sequence[Any]) -> list[Buf]:
+    bufs = [as_input(a, n) for n, a in zip(names, arrays, strict=True)]
+    for n, b in zip(names[1:], bufs[1:], strict=True):
+        same_place(bufs[0], names[0], b, n)
+    return bufs
+
+
+def _batch_scale(reduction: str, b: int) -> float:
+    return 1.0 / b if reduction == "mean" else 1.0
+
+
+def _run_terms(terms: Sequence[Term], reduction: str, need_grad: bool, n_grads: int, grad_of: Sequence[int]):
+    """Sum of terms; ``grad_of[i]`` is the index in the outputs of term i's x gradient.
+
+    Terms whose gradients land in the same output accumulate (pix2pix's
+    adversarial and L1 terms do not share an input, so no term writes twice).
+    """
+    ref = terms[0].x
+    grads: list[Buf | None] = [None] * n_grads
+    if reduction == "none":
+        out = None
+        rows = empty(ref, (ref.shape[0],))
+    else:
+        out = empty(ref, ())
+        rows = None
+    for i, t in enumerate(terms):
+        b, n = t.x.rows_cols()
+        s = t.coef * _batch_scale(reduction, b) / (n if t.per_sample_mean else 1)
+        g0 = g1 = None
+        if need_grad:
+            g0 = empty(t.x, t.x.shape)
+            grads[grad_of[i]] = g0
+            if t.y is not None:
+                g1 = empty(t.y, t.y.shape)
+                grads[grad_of[i] + 1] = g1
+        map_reduce(
+            t.functor, t.x, y=t.y, params=t.params, mode=t.mode, value_scale=s, out=out, rows_out=rows,
+            accumulate=i > 0, grad0=g0, grad1=g1, grad_scale=s,
+        )  # fmt: skip
+    value = (rows if out is None else out).arr
+    return value, tuple(g.arr for g in grads) if need_grad else ()  # type: ignore[union-attr]
+
+
+def _two_population(names, arrays, reduction, functors, need_grad):
+    C.reduction(reduction, C.TWO_POPULATION)
+    bufs = _inputs(names, arrays)
+    for n, b in zip(names, bufs, strict=True):
+        C.batched(n, b.shape, reduction)
+    terms = [Term(f, b, coef, params, mode) for b, (f, coef, params, mode) in zip(bufs, functors, strict=True)]
+    return _run_terms(terms, reduction, need_grad, len(bufs), range(len(bufs)))
+
+
+def _one_population(name, array, reduction, functor, coef, params, mode, need_grad):
+    C.reduction(reduction)
+    (b,) = _inputs([name], [array])
+    C.batched(name, b.shape, reduction)
+    return _run_terms([Term(functor, b, coef, params, mode)], reduction, need_grad, 1, [0])
+
+
+# ---------------------------------------------------------------- (GAN.3, GAN.7)
+def gan_d_loss(real_logits, fake_logits, reduction="mean", *, need_grad=True):
+    """mean softplus(-l_r) + mean softplus(l_f).  (GAN.3)"""
+    return _two_population(
+        ("real_logits", "fake_logits"), (real_logits, fake_logits), reduction,
+        [("SoftplusNeg", 1.0, (0, 0, 0), 0), ("Softplus", 1.0, (0, 0, 0), 0)], need_grad,
+    )  # fmt: skip
+
+
+def gan_g_loss(fake_logits, mode="nonsaturating", reduction="mean", *, need_grad=True):
+    """NS: mean softplus(-l_f); minimax: -mean softplus(l_f).  (GAN.7)"""
+    C.choice("mode", mode, GAN_G_MODES)
+    if mode == "nonsaturating":
+        return _one_population("fake_logits", fake_logits, reduction, "SoftplusNeg", 1.0, (0, 0, 0), 0, need_grad)
+    return _one_population("fake_logits", fake_logits, reduction, "Softplus", -1.0, (0, 0, 0), 0, need_grad)
+
+
+# ---------------------------------------------------------------- (GAN.8)
+def lsgan_d_loss(real_out, fake_out, a=0.0, b=1.0, reduction="mean", *, need_grad=True):
+    """1/2 mean (D(x) - b)^2 + 1/2 mean (D(G(z)) - a)^2.  (GAN.8)"""
+    a, b = C.finite("a", a), C.finite("b", b)
+    return _two_population(
+        ("real_out", "fake_out"), (real_out, fake_out), reduction,
+        [("HalfSquare", 1.0, (b, 0, 0), 0), ("HalfSquare", 1.0, (a, 0, 0), 0)], need_grad,
+    )  # fmt: skip
+
+
+def lsgan_g_loss(fake_out, c=1.0, reduction="mean", *, need_grad=True):
+    """1/2 mean (D(G(z)) - c)^2.  (GAN.8)"""
+    c = C.finite("c", c)
+    return _one_population("fake_out", fake_out, reduction, "HalfSquare", 1.0, (c, 0, 0), 0, need_grad)
+
+
+# ---------------------------------------------------------------- (GAN.9, GAN.10)
+def wgan_critic_loss(real_scores, fake_scores, reduction="mean", *, need_grad=True):
+    """mean C(G(z)) - mean C(x).  (GAN.9)"""
+    return _two_population(
+        ("real_scores", "fake_scores"), (real_scores, fake_scores), reduction,
+        [("Linear", -1.0, (0, 0, 0), 0), ("Linear", 1.0, (0, 0, 0), 0)], need_grad,
+    )  # fmt: skip
+
+
+def wgan_g_loss(fake_scores, reduction="mean", *, need_grad=True):
+    """-mean C(G(z)).  (GAN.9)"""
+    return _one_population("fake_scores", fake_scores, reduction, "Linear", -1.0, (0, 0, 0), 0, need_grad)
+
+
+def hinge_d_loss(real_scores, fake_scores, reduction="mean", *, need_grad=True):
+    """mean relu(1 - D(x)) + mean relu(1 + D(G(z))).  (GAN.10)"""
+    return _two_population(
+        ("real_scores", "fake_scores"), (real_scores, fake_scores), reduction,
+        [("HingeRelu", 1.0, (1.0, -1.0, 0), 0), ("HingeRelu", 1.0, (1.0, 1.0, 0), 0)], need_grad,
+    )  # fmt: skip
+
+
+def hinge_g_loss(fake_scores, reduction="mean", *, need_grad=True):
+    """-mean D(G(z)).  (GAN.10)"""
+    return _one_population("fake_scores", fake_scores, reduction, "Linear", -1.0, (0, 0, 0), 0, need_grad)
+
+
+# ---------------------------------------------------------------- (GAN.11)
+def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad):
+    """s_p sum softplus(m_n - p) + s_n sum softplus(n - m_p), m = the population's mean.
+
+    D: pos = real, neg = fake.  G: pos = fake, neg = real. The means depend on
+    the other population, so each gradient gets a constant cross term
+    (GAN.11): d/dn_j of the first sum is -s_p * sum(dp) / numel(n).
+    """
+    C.reduction(reduction, C.TWO_POPULATION)
+    if not isinstance(average, bool):
+        raise TypeError(f"average must be a bool, got {type(average).__name__}")
+    p, n = _inputs([pos_name, neg_name], [pos, neg])
+    bp = C.batched(pos_name, p.shape, reduction)
+    bn = C.batched(neg_name, n.shape, reduction)
+    if not average:  # RSGAN: softplus(-(p - n)) per paired element
+        C.same_shape(pos_name, p.shape, neg_name, n.shape)
+        terms = [Term("SoftplusNegDiff", p, y=n)]
+        return _run_terms(terms, reduction, need_grad, 2, [0])
+    mp = map_reduce("Linear", p, totals=True)[0] / p.numel  # type: ignore[index]
+    mn = map_reduce("Linear", n, totals=True)[0] / n.numel  # type: ignore[index]
+    sp, sn = _batch_scale(reduction, bp), _batch_scale(reduction, bn)
+    out = empty(p, ())
+    gp = empty(p, p.shape) if need_grad else None
+    gn = empty(n, n.shape) if need_grad else None
+    tp = map_reduce("SoftplusNeg", p, params=(mn, 0, 0), value_scale=sp, out=out, grad0=gp, grad_scale=sp,
+                    totals=need_grad)  # fmt: skip
+    if not need_grad:
+        map_reduce("Softplus", n, params=(mp, 0, 0), value_scale=sn, out=out, accumulate=True)
+        return out.arr, ()
+    cross_n = -sp * tp[1] / n.numel  # type: ignore[index]
+    tn = map_reduce("Softplus", n, params=(mp, 0, 0), value_scale=sn, out=out, accumulate=True, grad0=gn,
+                    grad_scale=sn, grad_offset=cross_n, totals=True)  # fmt: skip
+    cross_p = -sn * tn[1] / p.numel  # type: ignore[index]
+    # Rewrite pos's gradient with its cross term (a second light pass; no value).
+    map_reduce("SoftplusNeg", p, params=(mn, 0, 0), grad0=gp, grad_scale=sp, grad_offset=cross_p)
+    return out.arr, (gp.arr, gn.arr)  # type: ignore[union-attr]
+
+
+def relativistic_d_loss(real_logits, fake_logits, average=True, reduction="mean", *, need_grad=True):
+    """RaGAN / RSGAN discriminator loss.  (GAN.11)"""
+    value, grads = _relativistic(real_logits, fake_logits, "real_logits", "fake_logits", average, reduction,
+                                 need_grad)  # fmt: skip
+    return value, grads
+
+
+def relativistic_g_loss(real_logits, fake_logits, average=True, reduction="mean", *, need_grad=True):
+    """RaGAN / RSGAN generator loss: the discriminator loss with the roles swapped.  (GAN.11)"""
+    value, grads = _relativistic(fake_logits, real_logits, "fake_logits", "real_logits", average, reduction,
+                                 need_grad)  # fmt: skip
+    return value, grads[::-1]
+
+
+# ---------------------------------------------------------------- (GAN.12, GAN.13)
+def gradient_penalty_from_grads(grads, lambda_=10.0, center=1.0, one_sided=False, reduction="mean", *,
+                                need_grad=True):  # fmt: skip
+    """lambda * mean_b (||g_b|| - center)^2; gradient 0 at g_b = 0.  (GAN.12)"""
+    C.reduction(reduction)
+    lam, c = C.finite("lambda_", lambda_), C.finite("center", center)
+    if not isinstance(one_sided, bool):
+        raise TypeError(f"one_sided must be a bool, got {type(one_sided).__name__}")
+    (g,) = _inputs(["grads"], [grads])
+    b = C.batched("grads", g.shape, reduction)
+    sq = empty(g, (b,))
+    map_reduce("Square", g, rows_out=sq)  # (GAN.12) s_b = ||g_b||^2
+    s = lam * _batch_scale(reduction, b)
+    out = empty(g, ()) if reduction != "none" else None
+    rows = empty(g, (b,)) if reduction == "none" else None
+    coef = empty(g, (b,)) if need_grad else None
+    map_reduce("GradPenaltyOfSqNorm", sq, params=(c, 0, 0), mode=int(one_sided), shape2d=(b, 1), value_scale=s,
+               out=out, rows_out=rows, grad0=coef, grad_scale=s)  # fmt: skip
+    value = (out or rows).arr  # type: ignore[union-attr]
+    if not need_grad:
+        return value, ()
+    gg = empty(g, g.shape)
+    row_scale(g, gg, coef=coef, scale=2.0)  # d s_b / d g = 2 g
+    return value, (gg.arr,)
+
+
+def r1_penalty_from_grads(grads, gamma=10.0, reduction="mean", *, need_grad=True):
+    """gamma/2 * mean_b ||g_b||^2.  (GAN.13)"""
+    gamma = C.finite("gamma", gamma)
+    return _one_population("grads", grads, reduction, "Square", gamma / 2.0, (0, 0, 0), 0, need_grad)
+
+
+# ---------------------------------------------------------------- (GAN.14)
+def feature_matching_loss(real_features, fake_features, *, need_grad=True):
+    """|| mean_b f_r - mean_b f_f ||^2.  (GAN.14)"""
+    r, f = _inputs(["real_features", "fake_features"], [real_features, fake_features])
+    br = C.batched("real_features", r.shape, "mean", min_ndim=2)
+    bf = C.batched("fake_features", f.shape, "mean", min_ndim=2)
+    if r.shape[1:] != f.shape[1:]:
+        raise ValueError(f"fake_features must have the feature shape of real_features {r.shape[1:]}, got {f.shape[1:]}")
+    nf = r.numel // br
+    mr, mf = empty(r, (nf,)), empty(r, (nf,))
+    col_sum(r, mr, scale=1.0 / br)
+    col_sum(f, mf, scale=1.0 / bf)
+    out = empty(r, ())
+    dr = empty(r, (nf,)) if need_grad else None
+    df = empty(r, (nf,)) if need_grad else None
+    map_reduce("SquaredDiff", mr, y=mf, shape2d=(1, nf), out=out, grad0=dr, grad1=df)
+    if not need_grad:
+        return out.arr, ()
+    gr, gf = empty(r, r.shape), empty(f, f.shape)
+    col_broadcast(dr, gr, scale=1.0 / br)  # type: ignore[arg-type]
+    col_broadcast(df, gf, scale=1.0 / bf)  # type: ignore[arg-type]
+    return out.arr, (gr.arr, gf.arr)
+
+
+# ---------------------------------------------------------------- (GAN.15)
+def _class_logits(names: Sequence[str], arrays: Sequence[Any], reduction: str) -> list[Buf]:
+    bufs = _inputs(names, arrays)
+    for n, b in zip(names, bufs, strict=True):
+        C.ndim(n, b.shape, 2)
+        C.batched(n, b.shape, reduction)
+        if b.shape[1] < 2:
+            raise ValueError(f"{n} must have at least 2 columns (C real classes + the fake class), got {b.shape}")
+        if b.shape[1] != bufs[0].shape[1]:
+            raise ValueError(f"{n} must have {bufs[0].shape[1]} columns like {names[0]}, got {b.shape[1]}")
+    return bufs
+
+
+def ssgan_critic_loss(labeled_logits, labels, unlabeled_logits, fake_logits, reduction="mean", *, need_grad=True):
+    """CE(labeled) + mean -log(1 - p_fake(x_u)) + mean -log p_fake(G(z)).  (GAN.15)"""
+    C.reduction(reduction, C.TWO_POPULATION)
+    lab, unl, fak = _class_logits(
+        ["labeled_logits", "unlabeled_logits", "fake_logits"], [labeled_logits, unlabeled_logits, fake_logits],
+        reduction,
+    )  # fmt: skip
+    y = as_input(labels, "labels", integer=True)
+    C.ndim("labels", y.shape, 1)
+    C.same_batch("labeled_logits", lab.shape, "labels", y.shape)
+    if (y.device, y.device_id) != (lab.device, lab.device_id):
+        raise ValueError("labels must be on the device of labeled_logits")
+    k = lab.shape[1]
+    lo, hi = int_range(y)
+    if lo < 0 or hi >= k - 1:
+        raise ValueError(f"labels must lie in [0, {k - 1}) (the last class is the fake one), got range [{lo}, {hi}]")
+    out = empty(lab, ())
+    grads = [empty(b, b.shape) if need_grad else None for b in (lab, unl, fak)]
+    for i, (b, mode) in enumerate(((lab, 0), (unl, 2), (fak, 1))):
+        s = _batch_scale(reduction, b.shape[0])
+        row_lse(b, mode=mode, labels=y if mode == 0 else None, index=k - 1, value_scale=s, out=out,
+                accumulate=i > 0, grad=grads[i], grad_scale=s)  # fmt: skip
+    return out.arr, tuple(g.arr for g in grads) if need_grad else ()  # type: ignore[union-attr]
+
+
+def ssgan_g_loss(fake_logits, reduction="mean", *, need_grad=True):
+    """mean log p_fake(G(z)) = mean (l_C - lse(l)).  (GAN.15)"""
+    C.reduction(reduction)
+    (f,) = _class_logits(["fake_logits"], [fake_logits], reduction)
+    s = -_batch_scale(reduction, f.shape[0])
+    out = empty(f, ()) if reduction != "none" else None
+    rows = empty(f, (f.shape[0],)) if reduction == "none" else None
+    g = empty(f, f.shape) if need_grad else None
+    row_lse(f, mode=1, index=f.shape[1] - 1, value_scale=s, out=out, rows_out=rows, grad=g, grad_scale=s)
+    return (out or rows).arr, (g.arr,) if need_grad else ()  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- (GAN.16)
+def _image_pair(names, arrays, reduction):
+    x, t = _inputs(names, arrays)
+    C.batched(names[0], x.shape, reduction)
+    C.same_shape(names[0], x.shape, names[1], t.shape)
+    return x, t
+
+
+def l1_loss(input, target, reduction="mean", *, need_grad=True):  # noqa: A002
+    """mean |input - target| (per-sample MEAN over non-batch dims, as torch.nn.L1Loss).  (GAN.16)"""
+    C.reduction(reduction)
+    x, t = _image_pair(("input", "target"), (input, target), reduction)
+    return _run_terms([Term("AbsDiff", x, y=t, per_sample_mean=True)], reduction, need_grad, 2, [0])
+
+
+def pix2pix_g_loss(fake_logits, generated, target, lambda_l1=100.0, reduction="mean", *, need_grad=True):
+    """NS adversarial + lambda_l1 * mean |G(x) - y|.  (GAN.7, GAN.16)"""
+    C.reduction(reduction)
+    lam = C.finite("lambda_l1", lambda_l1)
+    (lg,) = _inputs(["fake_logits"], [fake_logits])
+    C.batched("fake_logits", lg.shape, reduction)
+    x, t = _image_pair(("generated", "target"), (generated, target), reduction)
+    same_place(lg, "fake_logits", x, "generated")
+    C.same_batch("fake_logits", lg.shape, "generated", x.shape)
+    terms = [Term("SoftplusNeg", lg), Term("AbsDiff", x, coef=lam, y=t, per_sample_mean=True)]
+    return _run_terms(terms, reduction, need_grad, 3, [0, 1])
+
+
+def cycle_consistency_loss(real_a, rec_a, real_b, rec_b, lambda_cyc=10.0, reduction="mean", *, need_grad=True):
+    """lambda_cyc (mean |rec_a - real_a| + mean |rec_b - real_b|).  (GAN.16)"""
+    C.reduction(reduction, C.TWO_POPULATION)
+    lam = C.finite("lambda_cyc", lambda_cyc)
+    ra, pa = _image_pair(("real_a", "rec_a"), (real_a, rec_a), reduction)
+    rb, pb = _image_pair(("real_b", "rec_b"), (real_b, rec_b), reduction)
+    same_place(ra, "real_a", rb, "real_b")
+    terms = [
+        Term("AbsDiff", ra, coef=lam, y=pa, per_sample_mean=True),
+        Term("AbsDiff", rb, coef=lam, y=pb, per_sample_mean=True),
+    ]
+    return _run_terms(terms, reduction, need_grad, 4, [0, 2])
+
+
+# ---------------------------------------------------------------- (GAN.6, GAN.18)
+def _divergence(divergence: object) -> int:
+    return FGAN_DIVERGENCES.index(C.choice("divergence", divergence, FGAN_DIVERGENCES))
+
+
+def fgan_d_loss(real_v, fake_v, divergence, reduction="mean", *, need_grad=True):
+    """mean[-g_f(v_r)] + mean[f*(g_f(v_f))].  (GAN.18)"""
+    m = _divergence(divergence)
+    return _two_population(
+        ("real_v", "fake_v"), (real_v, fake_v), reduction,
+        [("FganActivation", 1.0, (0, 0, 0), m), ("FganConjugate", 1.0, (0, 0, 0), m)], need_grad,
+    )  # fmt: skip
+
+
+def fgan_g_loss(fake_v, divergence, mode="nonsaturating", reduction="mean", *, need_grad=True):
+    """minimax: -mean f*(g_f(v_f)); nonsaturating: -mean g_f(v_f).  (GAN.18)"""
+    m = _divergence(divergence)
+    C.choice("mode", mode, GAN_G_MODES)
+    if mode == "nonsaturating":
+        return _one_population("fake_v", fake_v, reduction, "FganActivation", 1.0, (0, 0, 0), m, need_grad)
+    return _one_population("fake_v", fake_v, reduction, "FganConjugate", -1.0, (0, 0, 0), m, need_grad)
+
+
+def jsd_estimate(real_logits, fake_logits, *, need_grad=True):
+    """(log 4 - gan_d_loss) / 2, the JSD at the optimal discriminator.  (GAN.6)"""
+    r, f = _inputs(["real_logits", "fake_logits"], [real_logits, fake_logits])
+    C.batched("real_logits", r.shape)
+    C.batched("fake_logits", f.shape)
+    out = empty(r, (), fill=math.log(4.0) / 2.0)
+    gr = empty(r, r.shape) if need_grad else None
+    gf = empty(f, f.shape) if need_grad else None
+    sr, sf = -0.5 / r.shape[0], -0.5 / f.shape[0]
+    map_reduce("SoftplusNeg", r, value_scale=sr, out=out, accumulate=True, grad0=gr, grad_scale=sr)
+    map_reduce("Softplus", f, value_scale=sf, out=out, accumulate=True, grad0=gf, grad_scale=sf)
+    return out.arr, (gr.arr, gf.arr) if need_grad else ()  # type: ignore[union-attr]

@@ -1,0 +1,11 @@
+"""genloss.torch: the genloss ops as ``torch.ops.genloss.*`` custom ops.
+
+Works in eager, under ``torch.compile(fullgraph=True)`` and passes
+``torch.library.opcheck``. Importing this module registers the ops.
+"""
+
+from . import gan
+from .gan import *  # noqa: F403
+from .gan import __all__ as _gan_all
+
+__all__ = ["gan", *_gan_all]
