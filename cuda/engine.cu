@@ -112,7 +112,7 @@ __global__ void map_reduce_chunks(MapReduceArgs a, int64_t rows, int64_t cols, i
     sv += v;
     if constexpr (WG) {
       sd += d0;
-      store(g0, k, d0 * gs + go);
+      if (g0) store(g0, k, d0 * gs + go);
       if constexpr (F::arity == 2) {
         if (g1) store(g1, k, d1 * gs + go);
       }
@@ -193,7 +193,7 @@ void map_reduce_t(const MapReduceArgs& a, cudaStream_t st) {
 
 template <class F, class S>
 void map_reduce_g(const MapReduceArgs& a, cudaStream_t st) {
-  if (a.grad0)
+  if (a.grad0 || a.grad1)  // either gradient may be skipped when not needed
     map_reduce_t<F, S, true>(a, st);
   else
     map_reduce_t<F, S, false>(a, st);

@@ -14,7 +14,9 @@ gl = pytest.importorskip("genloss.torch")
 def _critic(seed=0, shape=(3, 4, 5)):
     torch.manual_seed(seed)
     d = int(torch.tensor(shape).prod())
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(d, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    ).double()
 
 
 def _assert_same_param_grads(critic, ours, direct):
@@ -56,7 +58,9 @@ def test_gradient_penalty_with_grad_scaler_equals_unscaled():
     real = torch.randn(4, 3, 4, 5, dtype=torch.float64)
     fake = torch.randn(4, 3, 4, 5, dtype=torch.float64)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    a = gl.gradient_penalty(critic, real, fake, grad_scaler=scaler, generator=torch.Generator().manual_seed(3))
+    a = gl.gradient_penalty(
+        critic, real, fake, grad_scaler=scaler, generator=torch.Generator().manual_seed(3)
+    )
     b = gl.gradient_penalty(critic, real, fake, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     # Without unscaling the inner gradient would be 4096x larger: the test can fail.

@@ -85,7 +85,7 @@ double chunk(const T* __restrict x, const T* __restrict y, T* __restrict g0, T* 
     accv[j] += v;
     if constexpr (WG) {
       accd[j] += d0;
-      g0[k] = d0 * gs + go;
+      if (g0) g0[k] = d0 * gs + go;
       if constexpr (F::arity == 2) {
         if (g1) g1[k] = d1 * gs + go;
       }
@@ -142,8 +142,8 @@ void map_reduce_t(const MapReduceArgs& a) {
     const int64_t begin = r * cols + c * kChunk;
     const int64_t len = std::min(kChunk, cols - c * kChunk);
     double ds = 0.0;
-    part[t] = chunk<F, T, WG>(x + begin, y ? y + begin : nullptr, WG ? g0 + begin : nullptr,
-                              (WG && g1) ? g1 + begin : nullptr, len, p, gs, go, &ds);
+    part[t] = chunk<F, T, WG>(x + begin, y ? y + begin : nullptr, g0 ? g0 + begin : nullptr, g1 ? g1 + begin : nullptr,
+                              len, p, gs, go, &ds);
     dpart[t] = ds;
   }
   for (int64_t r = 0; r < rows; ++r) rowv[r] = pairwise(part + r * cpr, cpr);
@@ -166,7 +166,7 @@ void map_reduce_t(const MapReduceArgs& a) {
 
 template <class F, class T>
 void map_reduce_g(const MapReduceArgs& a) {
-  if (a.grad0)
+  if (a.grad0 || a.grad1)  // either gradient may be skipped when not needed
     map_reduce_t<F, T, true>(a);
   else
     map_reduce_t<F, T, false>(a);

@@ -45,8 +45,9 @@ constexpr int64_t kChunk = 4096;
 //   total   = sum_r value_r                        (pairwise, fixed order)
 //   out_value[0] = (accumulate ? out_value[0] : 0) + value_scale * total
 //   out_rows[r]  = (accumulate ? out_rows[r] : 0) + value_scale * value_r
-//   grad0[r, j]  = grad_scale * df/dx + grad_offset  (if grad0; grad1 for y)
-//   totals[0] = total, totals[1] = sum of df/dx    (if totals; host doubles)
+//   grad0[r, j]  = grad_scale * df/dx + grad_offset  (if grad0; grad1 for y; either may be null)
+//   totals[0] = total, totals[1] = sum of df/dx    (if totals; host doubles; the
+//   derivative sum only when a gradient is written)
 struct MapReduceArgs {
   int functor;
   double pa, pb, pc;

@@ -42,7 +42,9 @@ def _torch_mod() -> Any:
         if t is None:
             return None
         _torch = t
-        _TORCH_FLOAT.update({t.float32: FLOAT32, t.float64: FLOAT64, t.float16: FLOAT16, t.bfloat16: BFLOAT16})
+        _TORCH_FLOAT.update(
+            {t.float32: FLOAT32, t.float64: FLOAT64, t.float16: FLOAT16, t.bfloat16: BFLOAT16}
+        )
         _TORCH_INT.update({t.int64: INT64, t.int32: INT32})
     return _torch
 
@@ -50,7 +52,19 @@ def _torch_mod() -> Any:
 class Buf:
     """A contiguous array the engine can address (rows = batch, cols = the rest)."""
 
-    __slots__ = ("arr", "ptr", "shape", "dtype", "device", "device_id", "kind", "keep", "rows", "cols", "numel")
+    __slots__ = (
+        "arr",
+        "ptr",
+        "shape",
+        "dtype",
+        "device",
+        "device_id",
+        "kind",
+        "keep",
+        "rows",
+        "cols",
+        "numel",
+    )
 
     def __init__(
         self,
@@ -124,12 +138,16 @@ def as_input(x: Any, name: str, *, integer: bool = False) -> Buf:
     if isinstance(x, np.ndarray):
         return _from_numpy(x, name, integer)
     if not hasattr(x, "__dlpack__") or not hasattr(x, "__dlpack_device__"):
-        raise TypeError(f"{name} must be an array with __dlpack__ (NumPy, PyTorch, CuPy, JAX), got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be an array with __dlpack__ (NumPy, PyTorch, CuPy, JAX), got {type(x).__name__}"
+        )
     dev_type, dev_id = x.__dlpack_device__()
     if int(dev_type) == 1:  # kDLCPU: NumPy reads it without a copy
         return _from_numpy(np.from_dlpack(x), name, integer)
     if int(dev_type) != 2:
-        raise TypeError(f"{name} is on DLPack device type {int(dev_type)}; genloss.native supports CPU and CUDA")
+        raise TypeError(
+            f"{name} is on DLPack device type {int(dev_type)}; genloss.native supports CPU and CUDA"
+        )
     # CUDA, not torch: the producer orders its work before the legacy default
     # stream (stream=1 in the DLPack protocol), on which genloss then launches.
     cap = x.__dlpack__(stream=1)
@@ -168,11 +186,20 @@ _NP_OF = {FLOAT32: np.float32, FLOAT64: np.float64}
 
 def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None) -> Buf:
     """A new contiguous array of ``like``'s kind, device and dtype."""
-    if like.kind == "torch":  # inherits dtype and device from the input
-        a = like.arr.new_empty(shape) if fill is None else like.arr.new_full(shape, fill)
+    if like.kind == "torch":  # the input's dtype and device
+        if fill is not None:
+            a = like.arr.new_full(shape, fill)
+        elif like.device == CPU:
+            a = _torch.empty(shape, dtype=like.arr.dtype)  # cheaper than new_empty
+        else:
+            a = like.arr.new_empty(shape)
         return Buf(a, a.data_ptr(), shape, like.dtype, like.device, like.device_id, "torch")
     if like.device == CPU:
-        a = np.empty(shape, dtype=_NP_OF[like.dtype]) if fill is None else np.full(shape, fill, _NP_OF[like.dtype])
+        a = (
+            np.empty(shape, dtype=_NP_OF[like.dtype])
+            if fill is None
+            else np.full(shape, fill, _NP_OF[like.dtype])
+        )
         return Buf(a, a.__array_interface__["data"][0], tuple(shape), like.dtype, CPU, 0, "numpy")
     if like.kind == "cupy":
         import cupy
@@ -181,7 +208,11 @@ def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None) -> Bu
         if like.dtype not in names:
             raise TypeError("bfloat16 CuPy arrays are not supported; use torch tensors")
         with cupy.cuda.Device(like.device_id):
-            a = cupy.empty(shape, dtype=names[like.dtype]) if fill is None else cupy.full(shape, fill, names[like.dtype])
+            a = (
+                cupy.empty(shape, dtype=names[like.dtype])
+                if fill is None
+                else cupy.full(shape, fill, names[like.dtype])
+            )
         return Buf(a, a.data.ptr, tuple(shape), like.dtype, CUDA, like.device_id, "cupy")
     raise TypeError("genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
 
@@ -229,7 +260,9 @@ def map_reduce(
     )  # fmt: skip
 
 
-def row_scale(x: Buf, out: Buf, *, coef: Buf | None = None, scale: float = 1.0, accumulate: bool = False) -> None:
+def row_scale(
+    x: Buf, out: Buf, *, coef: Buf | None = None, scale: float = 1.0, accumulate: bool = False
+) -> None:
     rows, cols = x.rows_cols()
     _C.row_scale(x.device, x.device_id, stream_of(x), x.dtype, x.ptr, _p(coef), out.ptr, rows, cols, scale,
                  int(accumulate))  # fmt: skip

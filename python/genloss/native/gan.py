@@ -3,7 +3,9 @@ r"""The GAN family on the native engine.
 Every function returns ``(value, grads)``: ``value`` an array of the inputs'
 kind and dtype (0-d for 'mean'/'sum', shape (B,) for 'none'), ``grads`` the
 gradients of ``sum(value)`` with respect to each differentiable input, in input
-order (empty when ``need_grad=False``). Value and gradient come from ONE pass
+order (empty when ``need_grad=False``; ``need_grad`` may also be a sequence of
+bools, one per differentiable input, and unneeded gradients are then ``None``
+and never written). Value and gradient come from ONE pass
 over each input. The math is in cpp/include/genloss/ops/gan.h; this file only
 says which functor runs on which input with which scale (derivations/gan.md).
 """
@@ -15,7 +17,21 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .. import _checks as C
-from ._engine import Buf, as_input, col_broadcast, col_sum, empty, int_range, map_reduce, row_lse, row_scale, same_place
+from ._engine import (
+    _C,
+    Buf,
+    F,
+    as_input,
+    col_broadcast,
+    col_sum,
+    empty,
+    int_range,
+    map_reduce,
+    row_lse,
+    row_scale,
+    same_place,
+    stream_of,
+)
 
 FGAN_DIVERGENCES = (
     "kl",
@@ -52,36 +68,56 @@ def _batch_scale(reduction: str, b: int) -> float:
     return 1.0 / b if reduction == "mean" else 1.0
 
 
-def _run_terms(terms: Sequence[Term], reduction: str, need_grad: bool, n_grads: int, grad_of: Sequence[int]):
+def _needs(need_grad: bool | Sequence[bool], n: int) -> tuple[bool, ...]:
+    """One flag per differentiable input."""
+    if isinstance(need_grad, (bool, int)):
+        return (bool(need_grad),) * n
+    flags = tuple(bool(f) for f in need_grad)
+    if len(flags) != n:
+        raise ValueError(
+            f"need_grad must be a bool or {n} bools (one per differentiable input), got {len(flags)}"
+        )
+    return flags
+
+
+def _grads_out(grads: Sequence[Buf | None], needs: tuple[bool, ...]) -> tuple:
+    if not any(needs):
+        return ()
+    return tuple(None if g is None else g.arr for g in grads)
+
+
+def _run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, grad_of: Sequence[int]):
     """Sum of terms; ``grad_of[i]`` is the index in the outputs of term i's x gradient.
 
-    Terms whose gradients land in the same output accumulate (pix2pix's
-    adversarial and L1 terms do not share an input, so no term writes twice).
+    Each gradient output belongs to exactly one term (no loss here feeds one
+    input to two terms), so every gradient is written once, never accumulated.
     """
+    needs = _needs(need_grad, n_grads)
     ref = terms[0].x
     grads: list[Buf | None] = [None] * n_grads
-    if reduction == "none":
-        out = None
-        rows = empty(ref, (ref.shape[0],))
-    else:
-        out = empty(ref, ())
-        rows = None
+    per_sample = reduction == "none"
+    out = None if per_sample else empty(ref, ())
+    rows = empty(ref, (ref.rows,)) if per_sample else None
+    out_p = out.ptr if out is not None else 0
+    rows_p = rows.ptr if rows is not None else 0
+    stream = stream_of(ref)
     for i, t in enumerate(terms):
-        b, n = t.x.rows_cols()
-        s = t.coef * _batch_scale(reduction, b) / (n if t.per_sample_mean else 1)
-        g0 = g1 = None
-        if need_grad:
-            g0 = empty(t.x, t.x.shape)
-            grads[grad_of[i]] = g0
-            if t.y is not None:
-                g1 = empty(t.y, t.y.shape)
-                grads[grad_of[i] + 1] = g1
-        map_reduce(
-            t.functor, t.x, y=t.y, params=t.params, mode=t.mode, value_scale=s, out=out, rows_out=rows,
-            accumulate=i > 0, grad0=g0, grad1=g1, grad_scale=s,
+        x, y = t.x, t.y
+        s = t.coef / (x.rows if reduction == "mean" else 1) / (x.cols if t.per_sample_mean else 1)
+        j = grad_of[i]
+        g0 = empty(x, x.shape) if needs[j] else None
+        g1 = empty(y, y.shape) if y is not None and needs[j + 1] else None
+        grads[j] = g0
+        if y is not None:
+            grads[j + 1] = g1
+        # The engine call, positional (this path is hot for batch-256 losses).
+        _C.map_reduce(
+            x.device, x.device_id, stream, F[t.functor], t.params[0], t.params[1], t.params[2], t.mode, x.dtype,
+            x.ptr, 0 if y is None else y.ptr, 0 if g0 is None else g0.ptr, 0 if g1 is None else g1.ptr,
+            x.rows, x.cols, s, out_p, int(i > 0), rows_p, s, 0.0, False,
         )  # fmt: skip
     value = (rows if out is None else out).arr
-    return value, tuple(g.arr for g in grads) if need_grad else ()  # type: ignore[union-attr]
+    return value, _grads_out(grads, needs)
 
 
 def _two_population(names, arrays, reduction, functors, need_grad):
@@ -89,7 +125,9 @@ def _two_population(names, arrays, reduction, functors, need_grad):
     bufs = _inputs(names, arrays)
     for n, b in zip(names, bufs, strict=True):
         C.batched(n, b.shape, reduction)
-    terms = [Term(f, b, coef, params, mode) for b, (f, coef, params, mode) in zip(bufs, functors, strict=True)]
+    terms = [
+        Term(f, b, coef, params, mode) for b, (f, coef, params, mode) in zip(bufs, functors, strict=True)
+    ]
     return _run_terms(terms, reduction, need_grad, len(bufs), range(len(bufs)))
 
 
@@ -113,7 +151,9 @@ def gan_g_loss(fake_logits, mode="nonsaturating", reduction="mean", *, need_grad
     """NS: mean softplus(-l_f); minimax: -mean softplus(l_f).  (GAN.7)"""
     C.choice("mode", mode, GAN_G_MODES)
     if mode == "nonsaturating":
-        return _one_population("fake_logits", fake_logits, reduction, "SoftplusNeg", 1.0, (0, 0, 0), 0, need_grad)
+        return _one_population(
+            "fake_logits", fake_logits, reduction, "SoftplusNeg", 1.0, (0, 0, 0), 0, need_grad
+        )
     return _one_population("fake_logits", fake_logits, reduction, "Softplus", -1.0, (0, 0, 0), 0, need_grad)
 
 
@@ -169,8 +209,7 @@ def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad):
     (GAN.11): d/dn_j of the first sum is -s_p * sum(dp) / numel(n).
     """
     C.reduction(reduction, C.TWO_POPULATION)
-    if not isinstance(average, bool):
-        raise TypeError(f"average must be a bool, got {type(average).__name__}")
+    average = C.flag("average", average)
     p, n = _inputs([pos_name, neg_name], [pos, neg])
     bp = C.batched(pos_name, p.shape, reduction)
     bn = C.batched(neg_name, n.shape, reduction)
@@ -181,21 +220,26 @@ def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad):
     mp = map_reduce("Linear", p, totals=True)[0] / p.numel  # type: ignore[index]
     mn = map_reduce("Linear", n, totals=True)[0] / n.numel  # type: ignore[index]
     sp, sn = _batch_scale(reduction, bp), _batch_scale(reduction, bn)
+    need_p, need_n = _needs(need_grad, 2)
     out = empty(p, ())
-    gp = empty(p, p.shape) if need_grad else None
-    gn = empty(n, n.shape) if need_grad else None
-    tp = map_reduce("SoftplusNeg", p, params=(mn, 0, 0), value_scale=sp, out=out, grad0=gp, grad_scale=sp,
-                    totals=need_grad)  # fmt: skip
-    if not need_grad:
+    if not (need_p or need_n):
+        map_reduce("SoftplusNeg", p, params=(mn, 0, 0), value_scale=sp, out=out)
         map_reduce("Softplus", n, params=(mp, 0, 0), value_scale=sn, out=out, accumulate=True)
         return out.arr, ()
+    # Pass 1 and 2 write the value and the derivative sums; each population's
+    # gradient also gets the other term's cross term through its mean (GAN.11).
+    gp = empty(p, p.shape)  # written twice below; the first pass only yields the sum
+    gn = empty(n, n.shape) if need_n else None
+    tp = map_reduce("SoftplusNeg", p, params=(mn, 0, 0), value_scale=sp, out=out, grad0=gp, grad_scale=sp,
+                    totals=True)  # fmt: skip
     cross_n = -sp * tp[1] / n.numel  # type: ignore[index]
-    tn = map_reduce("Softplus", n, params=(mp, 0, 0), value_scale=sn, out=out, accumulate=True, grad0=gn,
+    scratch = gn if gn is not None else empty(n, n.shape)
+    tn = map_reduce("Softplus", n, params=(mp, 0, 0), value_scale=sn, out=out, accumulate=True, grad0=scratch,
                     grad_scale=sn, grad_offset=cross_n, totals=True)  # fmt: skip
     cross_p = -sn * tn[1] / p.numel  # type: ignore[index]
-    # Rewrite pos's gradient with its cross term (a second light pass; no value).
-    map_reduce("SoftplusNeg", p, params=(mn, 0, 0), grad0=gp, grad_scale=sp, grad_offset=cross_p)
-    return out.arr, (gp.arr, gn.arr)  # type: ignore[union-attr]
+    if need_p:  # rewrite pos's gradient with its cross term (no value this time)
+        map_reduce("SoftplusNeg", p, params=(mn, 0, 0), grad0=gp, grad_scale=sp, grad_offset=cross_p)
+    return out.arr, (gp.arr if need_p else None, None if gn is None else gn.arr)
 
 
 def relativistic_d_loss(real_logits, fake_logits, average=True, reduction="mean", *, need_grad=True):
@@ -207,9 +251,10 @@ def relativistic_d_loss(real_logits, fake_logits, average=True, reduction="mean"
 
 def relativistic_g_loss(real_logits, fake_logits, average=True, reduction="mean", *, need_grad=True):
     """RaGAN / RSGAN generator loss: the discriminator loss with the roles swapped.  (GAN.11)"""
+    flags = need_grad if isinstance(need_grad, (bool, int)) else tuple(need_grad)[::-1]
     value, grads = _relativistic(fake_logits, real_logits, "fake_logits", "real_logits", average, reduction,
-                                 need_grad)  # fmt: skip
-    return value, grads[::-1]
+                                 flags)  # fmt: skip
+    return value, grads[::-1] if grads else ()
 
 
 # ---------------------------------------------------------------- (GAN.12, GAN.13)
@@ -218,8 +263,7 @@ def gradient_penalty_from_grads(grads, lambda_=10.0, center=1.0, one_sided=False
     """lambda * mean_b (||g_b|| - center)^2; gradient 0 at g_b = 0.  (GAN.12)"""
     C.reduction(reduction)
     lam, c = C.finite("lambda_", lambda_), C.finite("center", center)
-    if not isinstance(one_sided, bool):
-        raise TypeError(f"one_sided must be a bool, got {type(one_sided).__name__}")
+    one_sided = C.flag("one_sided", one_sided)
     (g,) = _inputs(["grads"], [grads])
     b = C.batched("grads", g.shape, reduction)
     sq = empty(g, (b,))
@@ -227,11 +271,12 @@ def gradient_penalty_from_grads(grads, lambda_=10.0, center=1.0, one_sided=False
     s = lam * _batch_scale(reduction, b)
     out = empty(g, ()) if reduction != "none" else None
     rows = empty(g, (b,)) if reduction == "none" else None
-    coef = empty(g, (b,)) if need_grad else None
+    (need,) = _needs(need_grad, 1)
+    coef = empty(g, (b,)) if need else None
     map_reduce("GradPenaltyOfSqNorm", sq, params=(c, 0, 0), mode=int(one_sided), shape2d=(b, 1), value_scale=s,
                out=out, rows_out=rows, grad0=coef, grad_scale=s)  # fmt: skip
     value = (out or rows).arr  # type: ignore[union-attr]
-    if not need_grad:
+    if not need:
         return value, ()
     gg = empty(g, g.shape)
     row_scale(g, gg, coef=coef, scale=2.0)  # d s_b / d g = 2 g
@@ -251,21 +296,24 @@ def feature_matching_loss(real_features, fake_features, *, need_grad=True):
     br = C.batched("real_features", r.shape, "mean", min_ndim=2)
     bf = C.batched("fake_features", f.shape, "mean", min_ndim=2)
     if r.shape[1:] != f.shape[1:]:
-        raise ValueError(f"fake_features must have the feature shape of real_features {r.shape[1:]}, got {f.shape[1:]}")
+        raise ValueError(
+            f"fake_features must have the feature shape of real_features {r.shape[1:]}, got {f.shape[1:]}"
+        )
     nf = r.numel // br
     mr, mf = empty(r, (nf,)), empty(r, (nf,))
     col_sum(r, mr, scale=1.0 / br)
     col_sum(f, mf, scale=1.0 / bf)
     out = empty(r, ())
-    dr = empty(r, (nf,)) if need_grad else None
-    df = empty(r, (nf,)) if need_grad else None
+    need_r, need_f = _needs(need_grad, 2)
+    dr = empty(r, (nf,)) if need_r else None
+    df = empty(r, (nf,)) if need_f else None
     map_reduce("SquaredDiff", mr, y=mf, shape2d=(1, nf), out=out, grad0=dr, grad1=df)
-    if not need_grad:
-        return out.arr, ()
-    gr, gf = empty(r, r.shape), empty(f, f.shape)
-    col_broadcast(dr, gr, scale=1.0 / br)  # type: ignore[arg-type]
-    col_broadcast(df, gf, scale=1.0 / bf)  # type: ignore[arg-type]
-    return out.arr, (gr.arr, gf.arr)
+    gr = empty(r, r.shape) if need_r else None
+    gf = empty(f, f.shape) if need_f else None
+    for d, g, b in ((dr, gr, br), (df, gf, bf)):
+        if g is not None:
+            col_broadcast(d, g, scale=1.0 / b)  # type: ignore[arg-type]
+    return out.arr, _grads_out([gr, gf], (need_r, need_f))
 
 
 # ---------------------------------------------------------------- (GAN.15)
@@ -275,13 +323,17 @@ def _class_logits(names: Sequence[str], arrays: Sequence[Any], reduction: str) -
         C.ndim(n, b.shape, 2)
         C.batched(n, b.shape, reduction)
         if b.shape[1] < 2:
-            raise ValueError(f"{n} must have at least 2 columns (C real classes + the fake class), got {b.shape}")
+            raise ValueError(
+                f"{n} must have at least 2 columns (C real classes + the fake class), got {b.shape}"
+            )
         if b.shape[1] != bufs[0].shape[1]:
             raise ValueError(f"{n} must have {bufs[0].shape[1]} columns like {names[0]}, got {b.shape[1]}")
     return bufs
 
 
-def ssgan_critic_loss(labeled_logits, labels, unlabeled_logits, fake_logits, reduction="mean", *, need_grad=True):
+def ssgan_critic_loss(
+    labeled_logits, labels, unlabeled_logits, fake_logits, reduction="mean", *, need_grad=True
+):
     """CE(labeled) + mean -log(1 - p_fake(x_u)) + mean -log p_fake(G(z)).  (GAN.15)"""
     C.reduction(reduction, C.TWO_POPULATION)
     lab, unl, fak = _class_logits(
@@ -296,14 +348,17 @@ def ssgan_critic_loss(labeled_logits, labels, unlabeled_logits, fake_logits, red
     k = lab.shape[1]
     lo, hi = int_range(y)
     if lo < 0 or hi >= k - 1:
-        raise ValueError(f"labels must lie in [0, {k - 1}) (the last class is the fake one), got range [{lo}, {hi}]")
+        raise ValueError(
+            f"labels must lie in [0, {k - 1}) (the last class is the fake one), got range [{lo}, {hi}]"
+        )
     out = empty(lab, ())
-    grads = [empty(b, b.shape) if need_grad else None for b in (lab, unl, fak)]
+    needs = _needs(need_grad, 3)
+    grads = [empty(b, b.shape) if nd else None for b, nd in zip((lab, unl, fak), needs, strict=True)]
     for i, (b, mode) in enumerate(((lab, 0), (unl, 2), (fak, 1))):
         s = _batch_scale(reduction, b.shape[0])
         row_lse(b, mode=mode, labels=y if mode == 0 else None, index=k - 1, value_scale=s, out=out,
                 accumulate=i > 0, grad=grads[i], grad_scale=s)  # fmt: skip
-    return out.arr, tuple(g.arr for g in grads) if need_grad else ()  # type: ignore[union-attr]
+    return out.arr, _grads_out(grads, needs)
 
 
 def ssgan_g_loss(fake_logits, reduction="mean", *, need_grad=True):
@@ -313,9 +368,10 @@ def ssgan_g_loss(fake_logits, reduction="mean", *, need_grad=True):
     s = -_batch_scale(reduction, f.shape[0])
     out = empty(f, ()) if reduction != "none" else None
     rows = empty(f, (f.shape[0],)) if reduction == "none" else None
-    g = empty(f, f.shape) if need_grad else None
+    needs = _needs(need_grad, 1)
+    g = empty(f, f.shape) if needs[0] else None
     row_lse(f, mode=1, index=f.shape[1] - 1, value_scale=s, out=out, rows_out=rows, grad=g, grad_scale=s)
-    return (out or rows).arr, (g.arr,) if need_grad else ()  # type: ignore[union-attr]
+    return (out or rows).arr, _grads_out([g], needs)  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------- (GAN.16)
@@ -346,7 +402,9 @@ def pix2pix_g_loss(fake_logits, generated, target, lambda_l1=100.0, reduction="m
     return _run_terms(terms, reduction, need_grad, 3, [0, 1])
 
 
-def cycle_consistency_loss(real_a, rec_a, real_b, rec_b, lambda_cyc=10.0, reduction="mean", *, need_grad=True):
+def cycle_consistency_loss(
+    real_a, rec_a, real_b, rec_b, lambda_cyc=10.0, reduction="mean", *, need_grad=True
+):
     """lambda_cyc (mean |rec_a - real_a| + mean |rec_b - real_b|).  (GAN.16)"""
     C.reduction(reduction, C.TWO_POPULATION)
     lam = C.finite("lambda_cyc", lambda_cyc)
@@ -389,9 +447,10 @@ def jsd_estimate(real_logits, fake_logits, *, need_grad=True):
     C.batched("real_logits", r.shape)
     C.batched("fake_logits", f.shape)
     out = empty(r, (), fill=math.log(4.0) / 2.0)
-    gr = empty(r, r.shape) if need_grad else None
-    gf = empty(f, f.shape) if need_grad else None
+    needs = _needs(need_grad, 2)
+    gr = empty(r, r.shape) if needs[0] else None
+    gf = empty(f, f.shape) if needs[1] else None
     sr, sf = -0.5 / r.shape[0], -0.5 / f.shape[0]
     map_reduce("SoftplusNeg", r, value_scale=sr, out=out, accumulate=True, grad0=gr, grad_scale=sr)
     map_reduce("Softplus", f, value_scale=sf, out=out, accumulate=True, grad0=gf, grad_scale=sf)
-    return out.arr, (gr.arr, gf.arr) if need_grad else ()  # type: ignore[union-attr]
+    return out.arr, _grads_out([gr, gf], needs)

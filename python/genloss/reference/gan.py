@@ -891,8 +891,12 @@ def gradient_penalty_from_grads_backward(
     """
     g, norms, gap, lambda_, reduction = _gradient_penalty_inputs(grads, lambda_, center, one_sided, reduction)
     nonzero = norms > 0
-    # (GAN.12) d||g||/dg = g/||g||, and 0 where g = 0
-    coef = np.where(nonzero, 2.0 * lambda_ * gap / np.where(nonzero, norms, 1.0), 0.0)
+    # (GAN.12) d||g||/dg = g/||g||, and 0 where g = 0. gap/||g|| is written
+    # 1 - c/||g|| (clamped at 0 when one-sided): no inf/inf once ||g|| overflows.
+    ratio = 1.0 - center / np.where(nonzero, norms, 1.0)
+    if one_sided:
+        ratio = np.maximum(ratio, 0.0)
+    coef = np.where(nonzero, 2.0 * lambda_ * ratio, 0.0)
     return (grad_sum(grad_output, reduction, g.shape) * batch_broadcast(coef, g.ndim) * g,)
 
 

@@ -87,7 +87,7 @@ class LossOp:
         self.red_idx = self.names.index("reduction") if "reduction" in self.names else None
         self.native = native
         plain = ", ".join(f"{a[0]} {a[1]}" for a in self.args)  # no defaults: need_grad follows
-        lib.define(f"{name}_fwd({plain}, bool need_grad) -> (Tensor, Tensor[])")
+        lib.define(f"{name}_fwd({plain}, bool[] need_grad) -> (Tensor, Tensor?[])")
         lib.define(f"{name}({schema}) -> Tensor")
         lib.impl(f"{name}_fwd", self._kernel, "CPU")
         lib.impl(f"{name}_fwd", self._kernel, "CUDA")
@@ -98,19 +98,24 @@ class LossOp:
         self.__doc__ = doc
 
     # -- the primitive ----------------------------------------------------------
-    def _kernel(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _kernel(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         *args, need_grad = args  # type: ignore[assignment]
         args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in _LOW else a for a in args]
-        value, grads = self.native(*args, need_grad=need_grad)
+        value, grads = self.native(*args, need_grad=tuple(need_grad))
         return value, list(grads)
 
-    def _fake(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _fake(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         *args, need_grad = args  # type: ignore[assignment]
         first = args[self.tensor_idx[0]]
         dt = torch.float32 if first.dtype in _LOW else first.dtype
         per_sample = self.red_idx is not None and args[self.red_idx] == "none"
         value = first.new_empty((first.shape[0],) if per_sample else (), dtype=dt)
-        grads = [args[i].new_empty(args[i].shape, dtype=dt) for i in self.diff_idx] if need_grad else []
+        if not any(need_grad):
+            return value, []
+        grads = [
+            args[i].new_empty(args[i].shape, dtype=dt) if n else None
+            for i, n in zip(self.diff_idx, need_grad, strict=False)
+        ]
         return value, grads
 
     # -- autograd -----------------------------------------------------------------
@@ -120,12 +125,14 @@ class LossOp:
         class Fn(torch.autograd.Function):
             @staticmethod
             def forward(ctx: Any, *args: Any) -> torch.Tensor:
-                need = any(ctx.needs_input_grad[i] for i in op.diff_idx)
+                # Only the gradients some input needs are written (a target image
+                # that needs none costs no 64 MiB write).
+                need = [ctx.needs_input_grad[i] for i in op.diff_idx]
                 if op.plain_eager(args):  # skip the dispatcher hop: ~6 us per call
                     value, grads = op._kernel(*args, need)
                 else:  # compile, fake tensors, functionalization: through the op
                     value, grads = op.fwd(*args, need)
-                if need:
+                if any(need):
                     ctx.save_for_backward(*grads)
                     ctx.dtypes = [args[i].dtype for i in op.diff_idx]
                     ctx.per_sample = op.red_idx is not None and args[op.red_idx] == "none"
@@ -134,11 +141,27 @@ class LossOp:
             @staticmethod
             def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
                 out: list[torch.Tensor | None] = [None] * len(op.args)
+                # d loss/d grad_output = 1 exactly (loss.backward() on a CPU scalar):
+                # hand the saved gradient over instead of a multiply pass.
+                unit = (
+                    not ctx.per_sample
+                    and grad_output.device.type == "cpu"
+                    and not torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling()
+                    and grad_output.item() == 1.0
+                )
                 for i, saved, dt in zip(op.diff_idx, ctx.saved_tensors, ctx.dtypes, strict=True):
-                    if not ctx.needs_input_grad[i]:
+                    if saved is None or not ctx.needs_input_grad[i]:
                         continue
-                    g = grad_output.reshape((-1,) + (1,) * (saved.dim() - 1)) if ctx.per_sample else grad_output
-                    gi = saved * g
+                    if unit:
+                        gi = saved
+                    else:
+                        g = (
+                            grad_output.reshape((-1,) + (1,) * (saved.dim() - 1))
+                            if ctx.per_sample
+                            else grad_output
+                        )
+                        gi = saved * g
                     out[i] = gi if gi.dtype == dt else gi.to(dt)
                 if torch.is_grad_enabled() and not torch.compiler.is_compiling():
                     out = _no_double_backward(op.name, out)
@@ -158,7 +181,7 @@ class LossOp:
         if len(args) > len(self.args):
             raise TypeError(f"{self.name}() takes {len(self.args)} arguments, got {len(args)}")
         out = list(args)
-        for typ, name, default, has_default in self.args[len(args) :]:
+        for _typ, name, default, has_default in self.args[len(args) :]:
             if name in kwargs:
                 out.append(kwargs.pop(name))
             elif has_default:

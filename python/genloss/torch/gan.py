@@ -24,7 +24,10 @@ T2 = "Tensor real_logits, Tensor fake_logits"
 _OPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gan_d_loss": (f"{T2}, {R}", ("real_logits", "fake_logits")),
     "gan_g_loss": (f"Tensor fake_logits, str mode='nonsaturating', {R}", ("fake_logits",)),
-    "lsgan_d_loss": (f"Tensor real_out, Tensor fake_out, float a=0.0, float b=1.0, {R}", ("real_out", "fake_out")),
+    "lsgan_d_loss": (
+        f"Tensor real_out, Tensor fake_out, float a=0.0, float b=1.0, {R}",
+        ("real_out", "fake_out"),
+    ),
     "lsgan_g_loss": (f"Tensor fake_out, float c=1.0, {R}", ("fake_out",)),
     "wgan_critic_loss": (f"Tensor real_scores, Tensor fake_scores, {R}", ("real_scores", "fake_scores")),
     "wgan_g_loss": (f"Tensor fake_scores, {R}", ("fake_scores",)),
@@ -37,7 +40,10 @@ _OPS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("grads",),
     ),
     "r1_penalty_from_grads": (f"Tensor grads, float gamma=10.0, {R}", ("grads",)),
-    "feature_matching_loss": ("Tensor real_features, Tensor fake_features", ("real_features", "fake_features")),
+    "feature_matching_loss": (
+        "Tensor real_features, Tensor fake_features",
+        ("real_features", "fake_features"),
+    ),
     "ssgan_critic_loss": (
         f"Tensor labeled_logits, Tensor labels, Tensor unlabeled_logits, Tensor fake_logits, {R}",
         ("labeled_logits", "unlabeled_logits", "fake_logits"),
@@ -86,7 +92,9 @@ jsd_estimate = OPS["jsd_estimate"]
 
 
 # ---------------------------------------------------------------- (GAN.17)
-lib.define("spectral_norm_sigma(Tensor W, Tensor u, int n_iters=1, float eps=1e-12) -> (Tensor, Tensor, Tensor)")
+lib.define(
+    "spectral_norm_sigma(Tensor W, Tensor u, int n_iters=1, float eps=1e-12) -> (Tensor, Tensor, Tensor)"
+)
 
 
 def _spectral_norm_sigma(W: torch.Tensor, u: torch.Tensor, n_iters: int = 1, eps: float = 1e-12):

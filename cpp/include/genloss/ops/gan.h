@@ -81,17 +81,23 @@ struct Square {
 };
 
 // phi(s) = (sqrt(s) - c)^2 of a squared norm s (one-sided when mode = 1:
-// max(sqrt(s) - c, 0)^2); dphi/ds = (sqrt(s) - c) / sqrt(s), defined as 0 at
-// s = 0 (the cone point), so the gradient 2 dphi/ds g is 0 at g = 0. (GAN.12)
+// max(sqrt(s) - c, 0)^2); dphi/ds = (sqrt(s) - c) / sqrt(s) = 1 - c/sqrt(s)
+// (clamped at 0 when one-sided), defined as 0 at s = 0 (the cone point), so the
+// gradient 2 dphi/ds g is 0 at g = 0. The 1 - c/n form has no inf/inf when the
+// norm overflows.                                                   (GAN.12)
 struct GradPenaltyOfSqNorm {
   static constexpr int arity = 1;
   template <class T>
   GENLOSS_HD static void eval(T s, const Params<T>& p, T& v, T& d) {
     const T n = gl_sqrt(s);
     T r = n - p.a;
-    if (p.mode == 1) r = gl_max(r, T(0));
+    T q = T(1) - p.a / n;
+    if (p.mode == 1) {
+      r = gl_max(r, T(0));
+      q = gl_max(q, T(0));
+    }
     v = r * r;
-    d = n > T(0) ? r / n : T(0);
+    d = n > T(0) ? q : T(0);
   }
 };
 
@@ -131,6 +137,15 @@ struct SoftplusNegDiff {
     dy = sig;
   }
 };
+
+// d/dv tanh(v)/2 = sech(v)^2 / 2 = 2e / (1 + e)^2 with e = e^{-2|v|}: accurate
+// in the tails, where 1 - tanh(v)^2 would round to 0.                  (GAN.18)
+template <class T>
+GENLOSS_HD T half_sech2(T x) {
+  const T e = gl_exp(T(-2) * gl_abs(x));
+  const T q = T(1) + e;
+  return T(2) * e / (q * q);
+}
 
 // f-GAN divergences (mode): the order of python/genloss/_fgan.py.     (GAN.18)
 enum FganDivergence : int {
@@ -182,9 +197,8 @@ struct FganActivation {
         break;
       }
       default: {  // total variation: g = tanh(v)/2
-        const T t = gl_tanh(x);
-        v = T(-0.5) * t;
-        d = T(-0.5) * (T(1) - t * t);
+        v = T(-0.5) * gl_tanh(x);
+        d = -half_sech2(x);
         break;
       }
     }
@@ -229,9 +243,8 @@ struct FganConjugate {
         break;
       }
       default: {  // total variation: tanh(v)/2
-        const T t = gl_tanh(x);
-        v = T(0.5) * t;
-        d = T(0.5) * (T(1) - t * t);
+        v = T(0.5) * gl_tanh(x);
+        d = half_sech2(x);
         break;
       }
     }
