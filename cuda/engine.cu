@@ -95,27 +95,21 @@ __global__ void map_reduce_chunks(MapReduceArgs a, int64_t rows, int64_t cols, i
   const int64_t begin = r * cols + c * kChunk;
   const int64_t len = cols - c * kChunk < kChunk ? cols - c * kChunk : kChunk;
   const Params<A> p{A(a.pa), A(a.pb), A(a.pc), a.mode};
-  const S* x = static_cast<const S*>(a.x);
-  const S* y = static_cast<const S*>(a.y);
-  S* g0 = static_cast<S*>(a.grad0);
-  S* g1 = static_cast<S*>(a.grad1);
-  const A gs = A(a.grad_scale), go = A(a.grad_offset);
+  constexpr int N = F::arity;
+  S* ev = static_cast<S*>(a.out_elems);
+  const A vs = A(a.value_scale), gs = A(a.grad_scale), go = A(a.grad_offset);
   A sv = A(0), sd = A(0);
   for (int64_t i = threadIdx.x; i < len; i += kThreads) {
     const int64_t k = begin + i;
-    A v, d0, d1 = A(0);
-    if constexpr (F::arity == 1) {
-      F::eval(load(x, k), p, v, d0);
-    } else {
-      F::eval(load(x, k), load(y, k), p, v, d0, d1);
-    }
+    A xs[N], d[N], v;
+    for (int q = 0; q < N; ++q) xs[q] = load(static_cast<const S*>(a.in[q]), k);
+    eval_n<F>(xs, p, v, d);
     sv += v;
+    if (ev) store(ev, k, v * vs);
     if constexpr (WG) {
-      sd += d0;
-      if (g0) store(g0, k, d0 * gs + go);
-      if constexpr (F::arity == 2) {
-        if (g1) store(g1, k, d1 * gs + go);
-      }
+      sd += d[0];
+      for (int q = 0; q < N; ++q)
+        if (a.grad[q]) store(static_cast<S*>(a.grad[q]), k, d[q] * gs + go);
     }
   }
   const double bs = block_sum(static_cast<double>(sv), sh);
@@ -193,7 +187,9 @@ void map_reduce_t(const MapReduceArgs& a, cudaStream_t st) {
 
 template <class F, class S>
 void map_reduce_g(const MapReduceArgs& a, cudaStream_t st) {
-  if (a.grad0 || a.grad1)  // either gradient may be skipped when not needed
+  bool any = false;  // each gradient may be skipped when not needed
+  for (int q = 0; q < F::arity; ++q) any = any || a.grad[q] != nullptr;
+  if (any)
     map_reduce_t<F, S, true>(a, st);
   else
     map_reduce_t<F, S, false>(a, st);

@@ -32,32 +32,34 @@ void run(int device, int device_id, std::uintptr_t stream, const Args& a, CpuFn 
   }
 }
 
+// ins / grads: up to kMaxArity pointers (0 = absent); a functor reads its arity.
 py::object map_reduce(int device, int device_id, std::uintptr_t stream, int functor, double pa, double pb, double pc,
-                      int mode, int dtype, std::uintptr_t x, std::uintptr_t y, std::uintptr_t grad0,
-                      std::uintptr_t grad1, int64_t rows, int64_t cols, double value_scale, std::uintptr_t out_value,
-                      int accumulate, std::uintptr_t out_rows, double grad_scale, double grad_offset,
-                      bool want_totals) {
+                      int mode, int dtype, const std::vector<std::uintptr_t>& ins,
+                      const std::vector<std::uintptr_t>& grads, int64_t rows, int64_t cols, double value_scale,
+                      std::uintptr_t out_value, int accumulate, std::uintptr_t out_rows, std::uintptr_t out_elems,
+                      double grad_scale, double grad_offset, bool want_totals) {
   if (functor < 0 || functor >= kNumFunctors) throw py::value_error("functor id out of range");
+  if (ins.size() > kMaxArity || grads.size() > kMaxArity) throw py::value_error("too many inputs");
   double totals[2] = {0.0, 0.0};
-  MapReduceArgs a{functor,
-                  pa,
-                  pb,
-                  pc,
-                  mode,
-                  dtype,
-                  P(x),
-                  P(y),
-                  P(grad0),
-                  P(grad1),
-                  rows,
-                  cols,
-                  value_scale,
-                  P(out_value),
-                  accumulate,
-                  P(out_rows),
-                  grad_scale,
-                  grad_offset,
-                  want_totals ? totals : nullptr};
+  MapReduceArgs a{};
+  a.functor = functor;
+  a.pa = pa;
+  a.pb = pb;
+  a.pc = pc;
+  a.mode = mode;
+  a.dtype = dtype;
+  for (size_t q = 0; q < ins.size(); ++q) a.in[q] = P(ins[q]);
+  for (size_t q = 0; q < grads.size(); ++q) a.grad[q] = P(grads[q]);
+  a.rows = rows;
+  a.cols = cols;
+  a.value_scale = value_scale;
+  a.out_value = P(out_value);
+  a.accumulate = accumulate;
+  a.out_rows = P(out_rows);
+  a.out_elems = P(out_elems);
+  a.grad_scale = grad_scale;
+  a.grad_offset = grad_offset;
+  a.totals = want_totals ? totals : nullptr;
   run(device, device_id, stream, a, cpu::map_reduce, cuda::map_reduce);
   if (!want_totals) return py::none();
   return py::make_tuple(totals[0], totals[1]);

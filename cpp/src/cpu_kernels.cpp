@@ -68,27 +68,30 @@ double lanes_sum(const T* acc) {
   return pairwise(d, kLanes);
 }
 
-// One chunk of map_reduce: returns the sum of f over [0, n) and writes grads.
+// One chunk of map_reduce: returns the sum of f over [0, n) and writes the
+// gradients (and elementwise values) that are asked for.
 template <class F, class T, bool WG>
-double chunk(const T* __restrict x, const T* __restrict y, T* __restrict g0, T* __restrict g1, int64_t n,
-             const Params<T>& p, T gs, T go, double* dsum) {
+double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, double* dsum) {
+  constexpr int N = F::arity;
+  const T* __restrict x[N];
+  T* __restrict g[N];
+  for (int a = 0; a < N; ++a) {
+    x[a] = in[a];
+    g[a] = grad[a];
+  }
   T accv[kLanes] = {};
   T accd[kLanes] = {};
   int64_t i = 0;
   auto body = [&](int64_t k, int j) __attribute__((always_inline)) {
-    T v, d0, d1 = T(0);
-    if constexpr (F::arity == 1) {
-      F::eval(x[k], p, v, d0);
-    } else {
-      F::eval(x[k], y[k], p, v, d0, d1);
-    }
+    T xs[N], d[N], v;
+    for (int a = 0; a < N; ++a) xs[a] = x[a][k];
+    eval_n<F>(xs, p, v, d);
     accv[j] += v;
+    if (ev) ev[k] = v * vs;
     if constexpr (WG) {
-      accd[j] += d0;
-      if (g0) g0[k] = d0 * gs + go;
-      if constexpr (F::arity == 2) {
-        if (g1) g1[k] = d1 * gs + go;
-      }
+      accd[j] += d[0];
+      for (int a = 0; a < N; ++a)
+        if (g[a]) g[a][k] = d[a] * gs + go;
     }
   };
   for (; i + kLanes <= n; i += kLanes) {
@@ -120,11 +123,9 @@ std::vector<double>& scratch(size_t n) {
 template <class F, class T, bool WG>
 void map_reduce_t(const MapReduceArgs& a) {
   const Params<T> p{T(a.pa), T(a.pb), T(a.pc), a.mode};
-  const T* x = cptr<T>(a.x);
-  const T* y = cptr<T>(a.y);
-  T* g0 = ptr<T>(a.grad0);
-  T* g1 = ptr<T>(a.grad1);
-  const T gs = T(a.grad_scale), go = T(a.grad_offset);
+  constexpr int N = F::arity;
+  T* ev = ptr<T>(a.out_elems);
+  const T vs = T(a.value_scale), gs = T(a.grad_scale), go = T(a.grad_offset);
   // Without per-row output the whole tensor is one long row: fewer partials.
   const bool per_row = a.out_rows != nullptr;
   const int64_t rows = per_row ? a.rows : 1;
@@ -141,9 +142,14 @@ void map_reduce_t(const MapReduceArgs& a) {
     const int64_t r = t / cpr, c = t % cpr;
     const int64_t begin = r * cols + c * kChunk;
     const int64_t len = std::min(kChunk, cols - c * kChunk);
+    const T* xs[N];
+    T* gs_[N];
+    for (int q = 0; q < N; ++q) {
+      xs[q] = cptr<T>(a.in[q]) + begin;
+      gs_[q] = a.grad[q] ? ptr<T>(a.grad[q]) + begin : nullptr;
+    }
     double ds = 0.0;
-    part[t] = chunk<F, T, WG>(x + begin, y ? y + begin : nullptr, g0 ? g0 + begin : nullptr, g1 ? g1 + begin : nullptr,
-                              len, p, gs, go, &ds);
+    part[t] = chunk<F, T, WG>(xs, gs_, ev ? ev + begin : nullptr, len, p, vs, gs, go, &ds);
     dpart[t] = ds;
   }
   for (int64_t r = 0; r < rows; ++r) rowv[r] = pairwise(part + r * cpr, cpr);
@@ -166,7 +172,9 @@ void map_reduce_t(const MapReduceArgs& a) {
 
 template <class F, class T>
 void map_reduce_g(const MapReduceArgs& a) {
-  if (a.grad0 || a.grad1)  // either gradient may be skipped when not needed
+  bool any = false;  // each gradient may be skipped when not needed
+  for (int q = 0; q < F::arity; ++q) any = any || a.grad[q] != nullptr;
+  if (any)
     map_reduce_t<F, T, true>(a);
   else
     map_reduce_t<F, T, false>(a);

@@ -40,28 +40,45 @@ enum FunctorId : int {
 // Elements per chunk of a reduction: fixed, so results do not depend on threads.
 constexpr int64_t kChunk = 4096;
 
-// map_reduce: for x viewed as (rows, cols),
-//   value_r = sum_j f(x[r, j] (, y[r, j]))
+// Up to this many inputs per functor (x, y, z, w).
+constexpr int kMaxArity = 4;
+
+// Calls a functor of any arity on arrays of inputs and derivatives. Unary and
+// binary functors take scalars (the common case reads best); arity >= 3 take
+// arrays.
+template <class F, class T>
+GENLOSS_HD void eval_n(const T* x, const Params<T>& p, T& v, T* d) {
+  if constexpr (F::arity == 1) {
+    F::eval(x[0], p, v, d[0]);
+  } else if constexpr (F::arity == 2) {
+    F::eval(x[0], x[1], p, v, d[0], d[1]);
+  } else {
+    F::eval(x, p, v, d);
+  }
+}
+
+// map_reduce: for inputs in[0..arity) viewed as (rows, cols),
+//   value_r = sum_j f(in[.][r, j])
 //   total   = sum_r value_r                        (pairwise, fixed order)
 //   out_value[0] = (accumulate ? out_value[0] : 0) + value_scale * total
 //   out_rows[r]  = (accumulate ? out_rows[r] : 0) + value_scale * value_r
-//   grad0[r, j]  = grad_scale * df/dx + grad_offset  (if grad0; grad1 for y; either may be null)
-//   totals[0] = total, totals[1] = sum of df/dx    (if totals; host doubles; the
+//   out_elems[r, j] = value_scale * f(...)         (elementwise value, if set)
+//   grad[a][r, j] = grad_scale * df/din[a] + grad_offset  (each may be null)
+//   totals[0] = total, totals[1] = sum of df/din[0] (if totals; host doubles; the
 //   derivative sum only when a gradient is written)
 struct MapReduceArgs {
   int functor;
   double pa, pb, pc;
   int mode;
   int dtype;
-  const void* x;
-  const void* y;  // binary functors only
-  void* grad0;    // may be null
-  void* grad1;    // may be null
+  const void* in[kMaxArity];
+  void* grad[kMaxArity];
   int64_t rows, cols;
   double value_scale;
   void* out_value;  // one element of dtype, may be null
   int accumulate;
-  void* out_rows;  // rows elements of dtype, may be null
+  void* out_rows;   // rows elements of dtype, may be null
+  void* out_elems;  // rows * cols elements of dtype, may be null
   double grad_scale, grad_offset;
   double* totals;  // host, may be null (CUDA: synchronises the stream)
 };

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -126,7 +127,8 @@ def _from_numpy(x: np.ndarray, name: str, integer: bool) -> Buf:
     code = table.get(x.dtype)
     if code is None:
         raise _dtype_error(name, x.dtype, integer, CPU)
-    x = np.ascontiguousarray(x)
+    if not x.flags.c_contiguous:
+        x = np.array(x, order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
     return Buf(x, x.__array_interface__["data"][0], x.shape, code, CPU, 0, "numpy")
 
 
@@ -238,25 +240,30 @@ def map_reduce(
     x: Buf,
     *,
     y: Buf | None = None,
+    more: Sequence[Buf] = (),
     params: tuple[float, float, float] = (0.0, 0.0, 0.0),
     mode: int = 0,
     shape2d: tuple[int, int] | None = None,
     value_scale: float = 1.0,
     out: Buf | None = None,
     rows_out: Buf | None = None,
+    elems_out: Buf | None = None,
     accumulate: bool = False,
-    grad0: Buf | None = None,
-    grad1: Buf | None = None,
+    grads: Sequence[Buf | None] = (),
     grad_scale: float = 1.0,
     grad_offset: float = 0.0,
     totals: bool = False,
 ) -> tuple[float, float] | None:
-    """Run one functor over ``x`` (and ``y``) viewed as ``shape2d`` (rows, cols)."""
+    """Run one functor over ``x`` (, ``y``, ``*more``) viewed as ``shape2d`` (rows, cols).
+
+    ``grads[a]`` receives d f / d input a (None: not written).
+    """
     rows, cols = shape2d if shape2d is not None else (x.rows, x.cols)
+    ins = [x.ptr] + ([] if y is None else [y.ptr]) + [b.ptr for b in more]
     return _C.map_reduce(
         x.device, x.device_id, stream_of(x), F[functor], params[0], params[1], params[2], mode, x.dtype,
-        x.ptr, _p(y), _p(grad0), _p(grad1), rows, cols, value_scale, _p(out), int(accumulate),
-        _p(rows_out), grad_scale, grad_offset, totals,
+        ins, [_p(g) for g in grads], rows, cols, value_scale, _p(out), int(accumulate), _p(rows_out),
+        _p(elems_out), grad_scale, grad_offset, totals,
     )  # fmt: skip
 
 

@@ -113,8 +113,8 @@ def _run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, g
         # The engine call, positional (this path is hot for batch-256 losses).
         _C.map_reduce(
             x.device, x.device_id, stream, F[t.functor], t.params[0], t.params[1], t.params[2], t.mode, x.dtype,
-            x.ptr, 0 if y is None else y.ptr, 0 if g0 is None else g0.ptr, 0 if g1 is None else g1.ptr,
-            x.rows, x.cols, s, out_p, int(i > 0), rows_p, s, 0.0, False,
+            [x.ptr] if y is None else [x.ptr, y.ptr], [0 if g0 is None else g0.ptr, 0 if g1 is None else g1.ptr],
+            x.rows, x.cols, s, out_p, int(i > 0), rows_p, 0, s, 0.0, False,
         )  # fmt: skip
     value = (rows if out is None else out).arr
     return value, _grads_out(grads, needs)
@@ -230,15 +230,15 @@ def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad):
     # gradient also gets the other term's cross term through its mean (GAN.11).
     gp = empty(p, p.shape)  # written twice below; the first pass only yields the sum
     gn = empty(n, n.shape) if need_n else None
-    tp = map_reduce("SoftplusNeg", p, params=(mn, 0, 0), value_scale=sp, out=out, grad0=gp, grad_scale=sp,
+    tp = map_reduce("SoftplusNeg", p, params=(mn, 0, 0), value_scale=sp, out=out, grads=[gp], grad_scale=sp,
                     totals=True)  # fmt: skip
     cross_n = -sp * tp[1] / n.numel  # type: ignore[index]
     scratch = gn if gn is not None else empty(n, n.shape)
-    tn = map_reduce("Softplus", n, params=(mp, 0, 0), value_scale=sn, out=out, accumulate=True, grad0=scratch,
+    tn = map_reduce("Softplus", n, params=(mp, 0, 0), value_scale=sn, out=out, accumulate=True, grads=[scratch],
                     grad_scale=sn, grad_offset=cross_n, totals=True)  # fmt: skip
     cross_p = -sn * tn[1] / p.numel  # type: ignore[index]
     if need_p:  # rewrite pos's gradient with its cross term (no value this time)
-        map_reduce("SoftplusNeg", p, params=(mn, 0, 0), grad0=gp, grad_scale=sp, grad_offset=cross_p)
+        map_reduce("SoftplusNeg", p, params=(mn, 0, 0), grads=[gp], grad_scale=sp, grad_offset=cross_p)
     return out.arr, (gp.arr if need_p else None, None if gn is None else gn.arr)
 
 
@@ -274,7 +274,7 @@ def gradient_penalty_from_grads(grads, lambda_=10.0, center=1.0, one_sided=False
     (need,) = _needs(need_grad, 1)
     coef = empty(g, (b,)) if need else None
     map_reduce("GradPenaltyOfSqNorm", sq, params=(c, 0, 0), mode=int(one_sided), shape2d=(b, 1), value_scale=s,
-               out=out, rows_out=rows, grad0=coef, grad_scale=s)  # fmt: skip
+               out=out, rows_out=rows, grads=[coef], grad_scale=s)  # fmt: skip
     value = (out or rows).arr  # type: ignore[union-attr]
     if not need:
         return value, ()
@@ -307,7 +307,7 @@ def feature_matching_loss(real_features, fake_features, *, need_grad=True):
     need_r, need_f = _needs(need_grad, 2)
     dr = empty(r, (nf,)) if need_r else None
     df = empty(r, (nf,)) if need_f else None
-    map_reduce("SquaredDiff", mr, y=mf, shape2d=(1, nf), out=out, grad0=dr, grad1=df)
+    map_reduce("SquaredDiff", mr, y=mf, shape2d=(1, nf), out=out, grads=[dr, df])
     gr = empty(r, r.shape) if need_r else None
     gf = empty(f, f.shape) if need_f else None
     for d, g, b in ((dr, gr, br), (df, gf, bf)):
@@ -451,6 +451,6 @@ def jsd_estimate(real_logits, fake_logits, *, need_grad=True):
     gr = empty(r, r.shape) if needs[0] else None
     gf = empty(f, f.shape) if needs[1] else None
     sr, sf = -0.5 / r.shape[0], -0.5 / f.shape[0]
-    map_reduce("SoftplusNeg", r, value_scale=sr, out=out, accumulate=True, grad0=gr, grad_scale=sr)
-    map_reduce("Softplus", f, value_scale=sf, out=out, accumulate=True, grad0=gf, grad_scale=sf)
+    map_reduce("SoftplusNeg", r, value_scale=sr, out=out, accumulate=True, grads=[gr], grad_scale=sr)
+    map_reduce("Softplus", f, value_scale=sf, out=out, accumulate=True, grads=[gf], grad_scale=sf)
     return out.arr, _grads_out([gr, gf], needs)
