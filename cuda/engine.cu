@@ -280,14 +280,147 @@ __global__ void row_lse_kernel(RowLseArgs a, double* rowv) {
   if (a.mode == 0)
     target =
         a.label_type == kInt32 ? static_cast<const int32_t*>(a.labels)[r] : static_cast<const int64_t*>(a.labels)[r];
-  rowv[r] = a.mode == 2 ? lse - lse_r : lse - static_cast<double>(load(l, target));
+  if (a.mode == 2)
+    rowv[r] = lse - lse_r;
+  else if (a.mode == 3)
+    rowv[r] = lse - log(static_cast<double>(K));
+  else
+    rowv[r] = lse - static_cast<double>(load(l, target));
   if (a.grad) {
     S* g = static_cast<S*>(a.grad) + r * K;
     for (int64_t k = 0; k < K; ++k) {
       const double lk = load(l, k);
       const double soft = exp(lk - lse);
-      const double tgt = a.mode == 2 ? (k < K - 1 ? exp(lk - lse_r) : 0.0) : (k == target ? 1.0 : 0.0);
+      double tgt = k == target ? 1.0 : 0.0;
+      if (a.mode == 2) tgt = k < K - 1 ? exp(lk - lse_r) : 0.0;
+      if (a.mode == 3) tgt = 0.0;
       store(g, k, static_cast<typename Acc<S>::type>(a.grad_scale * (soft - tgt)));
+    }
+  }
+}
+
+// ---- Gaussian mixtures (VAE.11): three passes, no N x K x D intermediate ----------
+constexpr int64_t kGmmChunk = 1024;
+
+// One block: log pi, the per-component constant, mu and 1/variance in double.
+template <class S>
+__global__ void gmm_prep(GmmArgs a, double* mu, double* iv, double* cst, double* logpi) {
+  __shared__ double sh[kThreads];
+  const S* lg = static_cast<const S*>(a.logits);
+  double m = -INFINITY;
+  for (int64_t k = threadIdx.x; k < a.K; k += kThreads) m = fmax(m, static_cast<double>(load(lg, k)));
+  sh[threadIdx.x] = m;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] = fmax(sh[threadIdx.x], sh[threadIdx.x + s]);
+    __syncthreads();
+  }
+  m = sh[0];
+  __syncthreads();
+  double e = 0.0;
+  for (int64_t k = threadIdx.x; k < a.K; k += kThreads) e += exp(static_cast<double>(load(lg, k)) - m);
+  const double lse = m + log(block_sum(e, sh));
+  for (int64_t k = threadIdx.x; k < a.K; k += kThreads) {
+    logpi[k] = static_cast<double>(load(lg, k)) - lse;
+    double c = 0.0;
+    for (int64_t d = 0; d < a.D; ++d) {
+      const double lv = static_cast<double>(load(static_cast<const S*>(a.logvars), k * a.D + d));
+      mu[k * a.D + d] = static_cast<double>(load(static_cast<const S*>(a.means), k * a.D + d));
+      iv[k * a.D + d] = exp(-lv);
+      c += 1.8378770664093453 + lv;
+    }
+    cst[k] = logpi[k] - 0.5 * c;
+  }
+}
+
+// One thread per point: log-likelihood, responsibilities (into r), grad_x.
+template <class S>
+__global__ void gmm_points(GmmArgs a, const double* mu, const double* iv, const double* cst, double* rowv, double* r) {
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (n >= a.N) return;
+  const int64_t K = a.K, D = a.D;
+  const S* xn = static_cast<const S*>(a.x) + n * D;
+  double* rn = r + n * K;
+  double m = -INFINITY;
+  for (int64_t k = 0; k < K; ++k) {
+    double q = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double diff = static_cast<double>(load(xn, d)) - mu[k * D + d];
+      q += diff * diff * iv[k * D + d];
+    }
+    rn[k] = cst[k] - 0.5 * q;
+    m = fmax(m, rn[k]);
+  }
+  double s = 0.0;
+  for (int64_t k = 0; k < K; ++k) s += exp(rn[k] - m);
+  const double ll = m + log(s);
+  rowv[n] = ll;
+  for (int64_t k = 0; k < K; ++k) {
+    rn[k] = exp(rn[k] - ll);
+    if (a.resp) store(static_cast<S*>(a.resp) + n * K, k, static_cast<typename Acc<S>::type>(rn[k]));
+  }
+  if (a.grad_x) {
+    const double w =
+        a.grad_scale * (a.row_weights ? static_cast<double>(load(static_cast<const S*>(a.row_weights), n)) : 1.0);
+    for (int64_t d = 0; d < D; ++d) {
+      const double xd = static_cast<double>(load(xn, d));
+      double g = 0.0;
+      for (int64_t k = 0; k < K; ++k) g += rn[k] * (mu[k * D + d] - xd) * iv[k * D + d];
+      store(static_cast<S*>(a.grad_x) + n * D, d, static_cast<typename Acc<S>::type>(w * g));
+    }
+  }
+}
+
+// One block per chunk of points: partial sums S0[K], U[K*D], V[K*D], each
+// entry summed over the chunk's points in order (deterministic).
+template <class S>
+__global__ void gmm_params(GmmArgs a, const double* mu, const double* r, double* part) {
+  const int64_t K = a.K, D = a.D, stride = K + 2 * K * D;
+  const int64_t n0 = blockIdx.x * kGmmChunk;
+  const int64_t n1 = n0 + kGmmChunk < a.N ? n0 + kGmmChunk : a.N;
+  const S* x = static_cast<const S*>(a.x);
+  const S* rw = static_cast<const S*>(a.row_weights);
+  for (int64_t e = threadIdx.x; e < stride; e += blockDim.x) {
+    const int64_t kd = e < K ? 0 : (e - K) % (K * D);
+    const int64_t k = e < K ? e : kd / D, d = kd % D;
+    double acc = 0.0;
+    for (int64_t n = n0; n < n1; ++n) {
+      const double w = a.grad_scale * (rw ? static_cast<double>(load(rw, n)) : 1.0) * r[n * K + k];
+      if (e < K) {
+        acc += w;
+      } else {
+        const double diff = static_cast<double>(load(x, n * D + d)) - mu[kd];
+        acc += e < K + K * D ? w * diff : w * diff * diff;
+      }
+    }
+    part[blockIdx.x * stride + e] = acc;
+  }
+}
+
+// Combine chunk partials in chunk order and write the parameter gradients.
+template <class S>
+__global__ void gmm_finish(GmmArgs a, const double* part, int64_t nch, const double* iv, const double* logpi) {
+  using A = typename Acc<S>::type;
+  const int64_t K = a.K, D = a.D, stride = K + 2 * K * D;
+  double wsum = 0.0;  // sum_n w_n = sum_k S0_k (responsibilities sum to 1)
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < nch; ++c) wsum += part[c * stride + k];
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < K + K * D;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    if (e < K) {
+      double s0 = 0.0;
+      for (int64_t c = 0; c < nch; ++c) s0 += part[c * stride + e];
+      if (a.grad_logits) store(static_cast<S*>(a.grad_logits), e, static_cast<A>(s0 - wsum * exp(logpi[e])));
+    } else {
+      const int64_t kd = e - K;
+      double s0 = 0.0, u = 0.0, v = 0.0;
+      for (int64_t c = 0; c < nch; ++c) {
+        s0 += part[c * stride + kd / D];
+        u += part[c * stride + K + kd];
+        v += part[c * stride + K + K * D + kd];
+      }
+      if (a.grad_means) store(static_cast<S*>(a.grad_means), kd, static_cast<A>(u * iv[kd]));
+      if (a.grad_logvars) store(static_cast<S*>(a.grad_logvars), kd, static_cast<A>(0.5 * (v * iv[kd] - s0)));
     }
   }
 }
@@ -364,6 +497,36 @@ void row_lse(const RowLseArgs& a, void* stream) {
     check(cudaGetLastError(), "finalize launch");
   });
   check(cudaFreeAsync(rowv, st), "free");
+}
+
+void gmm(const GmmArgs& a, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int64_t K = a.K, D = a.D, N = a.N, stride = K + 2 * K * D;
+  const bool pgrad = a.grad_means || a.grad_logvars || a.grad_logits;
+  const int64_t nch = ceil_div(N, kGmmChunk);
+  const int64_t ndouble = 3 * K * D + 2 * K + N + N * K + (pgrad ? nch * stride : 0);
+  double* buf = nullptr;
+  check(cudaMallocAsync(reinterpret_cast<void**>(&buf), sizeof(double) * ndouble, st), "alloc");
+  double* mu = buf;
+  double* iv = mu + K * D;
+  double* cst = iv + K * D;
+  double* logpi = cst + K;
+  double* rowv = logpi + K;
+  double* r = rowv + N;
+  double* part = r + N * K;
+  dispatch_storage(a.dtype, [&](auto s) {
+    using S = decltype(s);
+    gmm_prep<S><<<1, kThreads, 0, st>>>(a, mu, iv, cst, logpi);
+    gmm_points<S><<<static_cast<unsigned>(ceil_div(N, 128)), 128, 0, st>>>(a, mu, iv, cst, rowv, r);
+    finalize<S><<<1, kThreads, 0, st>>>(rowv, N, nullptr, 0, a.value_scale, static_cast<S*>(a.out_value), 0,
+                                        static_cast<S*>(a.out_rows), nullptr);
+    if (pgrad) {
+      gmm_params<S><<<static_cast<unsigned>(nch), 128, 0, st>>>(a, mu, r, part);
+      gmm_finish<S><<<grid_for(K + K * D), kThreads, 0, st>>>(a, part, nch, iv, logpi);
+    }
+  });
+  check(cudaGetLastError(), "gmm launch");
+  check(cudaFreeAsync(buf, st), "free");
 }
 
 }  // namespace cuda

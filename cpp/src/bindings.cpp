@@ -92,6 +92,17 @@ void row_lse(int device, int device_id, std::uintptr_t stream, int dtype, std::u
   run(device, device_id, stream, a, cpu::row_lse, cuda::row_lse);
 }
 
+void gmm(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t x, std::uintptr_t logits,
+         std::uintptr_t means, std::uintptr_t logvars, int64_t N, int64_t K, int64_t D, double value_scale,
+         std::uintptr_t out_value, std::uintptr_t out_rows, std::uintptr_t resp, std::uintptr_t row_weights,
+         double grad_scale, std::uintptr_t grad_x, std::uintptr_t grad_logits, std::uintptr_t grad_means,
+         std::uintptr_t grad_logvars) {
+  GmmArgs a{dtype,         P(x),           P(logits),   P(means), P(logvars),     N,          K,         D,
+            value_scale,   P(out_value),   P(out_rows), P(resp),  P(row_weights), grad_scale, P(grad_x), P(grad_logits),
+            P(grad_means), P(grad_logvars)};
+  run(device, device_id, stream, a, cpu::gmm, cuda::gmm);
+}
+
 // Reads a DLPack capsule without consuming it (its owner keeps the memory alive
 // as long as the capsule lives; Python holds it for the duration of the call).
 // Returns (data_ptr, dtype_code, bits, lanes, device_type, device_id, shape, strides).
@@ -147,6 +158,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("col_sum",       &col_sum);
   m.def("col_broadcast", &col_broadcast);
   m.def("row_lse",       &row_lse);
+  m.def("gmm",           &gmm);
   m.def("dlpack_info",   &dlpack_info);
   m.def("build_info",    &build_info);
   m.def("set_num_threads", &cpu::set_threads);

@@ -59,6 +59,9 @@ void col_broadcast(const ColBroadcastArgs& a) {
 void row_lse(const RowLseArgs& a) {
   chosen().table->row_lse(a);
 }
+void gmm(const GmmArgs& a) {
+  chosen().table->gmm(a);
+}
 const char* isa() {
   return chosen().name;
 }

@@ -8,6 +8,7 @@
 // -ffast-math, which genloss must not use (it breaks inf/nan handling), so we
 // declare them here ourselves.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -298,7 +299,13 @@ double row_lse_one(const RowLseArgs& a, int64_t r, T* grad) {
   const double lse = m + ::log(s);
   const double lse_r = mr + ::log(sr);
   int64_t target = a.mode == 0 ? label_at(a, r) : a.index;
-  const double v = a.mode == 2 ? lse - lse_r : lse - static_cast<double>(l[target]);
+  double v;
+  if (a.mode == 2)
+    v = lse - lse_r;
+  else if (a.mode == 3)
+    v = lse - ::log(static_cast<double>(K));
+  else
+    v = lse - static_cast<double>(l[target]);
   if (grad) {
     T* g = grad + r * K;
     for (int64_t k = 0; k < K; ++k) {
@@ -306,6 +313,8 @@ double row_lse_one(const RowLseArgs& a, int64_t r, T* grad) {
       double tgt;
       if (a.mode == 2)
         tgt = k < K - 1 ? ::exp(static_cast<double>(l[k]) - lse_r) : 0.0;
+      else if (a.mode == 3)
+        tgt = 0.0;
       else
         tgt = k == target ? 1.0 : 0.0;
       g[k] = static_cast<T>(a.grad_scale * (soft - tgt));
@@ -341,10 +350,137 @@ void row_lse(const RowLseArgs& a) {
     row_lse_t<double>(a);
 }
 
+// ---- Gaussian mixtures (VAE.11) -------------------------------------------------
+constexpr int64_t kGmmChunk = 1024;  // points per chunk of the parameter sums
+
+template <class T>
+void gmm_t(const GmmArgs& a) {
+  const int64_t N = a.N, K = a.K, D = a.D;
+  const T* x = cptr<T>(a.x);
+  // Per-component constants in double: log pi_k, the normaliser, 1/variance.
+  std::vector<double> mu(K * D), iv(K * D), cst(K), logpi(K);
+  {
+    const T* lg = cptr<T>(a.logits);
+    double m = lg[0];
+    for (int64_t k = 1; k < K; ++k) m = std::max(m, static_cast<double>(lg[k]));
+    double s = 0.0;
+    for (int64_t k = 0; k < K; ++k) s += ::exp(static_cast<double>(lg[k]) - m);
+    const double lse = m + ::log(s);
+    const double log2pi = 1.8378770664093453;
+    for (int64_t k = 0; k < K; ++k) {
+      logpi[k] = static_cast<double>(lg[k]) - lse;
+      double c = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double lv = static_cast<double>(cptr<T>(a.logvars)[k * D + d]);
+        mu[k * D + d] = static_cast<double>(cptr<T>(a.means)[k * D + d]);
+        iv[k * D + d] = ::exp(-lv);
+        c += log2pi + lv;
+      }
+      cst[k] = logpi[k] - 0.5 * c;
+    }
+  }
+  const bool pgrad = a.grad_means || a.grad_logvars || a.grad_logits;
+  const int64_t nch = ceil_div(N, kGmmChunk);
+  const int64_t stride = K + 2 * K * D;  // per chunk: S0[K], U[K*D], V[K*D]
+  std::vector<double> part(pgrad ? nch * stride : 0);
+  std::vector<double>& rowv = scratch(static_cast<size_t>(N));
+  T* gx = ptr<T>(a.grad_x);
+  T* resp = ptr<T>(a.resp);
+  const T* rw = cptr<T>(a.row_weights);
+#pragma omp parallel for schedule(static) if (N * K * D >= kParallelMin)
+  for (int64_t c = 0; c < nch; ++c) {
+    std::vector<double> lp(K), gxd(D);
+    double* S0 = pgrad ? part.data() + c * stride : nullptr;
+    double* U = pgrad ? S0 + K : nullptr;
+    double* V = pgrad ? U + K * D : nullptr;
+    if (pgrad) std::fill(S0, S0 + stride, 0.0);
+    const int64_t n1 = std::min(N, (c + 1) * kGmmChunk);
+    for (int64_t n = c * kGmmChunk; n < n1; ++n) {
+      const T* xn = x + n * D;
+      double m = -INFINITY;
+      for (int64_t k = 0; k < K; ++k) {
+        const double* mk = mu.data() + k * D;
+        const double* ik = iv.data() + k * D;
+        double q = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const double diff = static_cast<double>(xn[d]) - mk[d];
+          q += diff * diff * ik[d];
+        }
+        lp[k] = cst[k] - 0.5 * q;
+        m = std::max(m, lp[k]);
+      }
+      double s = 0.0;
+      for (int64_t k = 0; k < K; ++k) s += ::exp(lp[k] - m);
+      const double ll = m + ::log(s);
+      rowv[n] = ll;
+      const double w = a.grad_scale * (rw ? static_cast<double>(rw[n]) : 1.0);
+      if (gx) std::fill(gxd.begin(), gxd.end(), 0.0);
+      for (int64_t k = 0; k < K; ++k) {
+        const double r = ::exp(lp[k] - ll);
+        if (resp) resp[n * K + k] = static_cast<T>(r);
+        if (!gx && !pgrad) continue;
+        const double wr = w * r;
+        const double* mk = mu.data() + k * D;
+        const double* ik = iv.data() + k * D;
+        if (pgrad) S0[k] += wr;
+        for (int64_t d = 0; d < D; ++d) {
+          const double diff = static_cast<double>(xn[d]) - mk[d];
+          const double t = diff * ik[d];
+          gxd[d] -= r * t;
+          if (pgrad) {
+            U[k * D + d] += wr * diff;
+            V[k * D + d] += wr * diff * diff;
+          }
+        }
+      }
+      if (gx)
+        for (int64_t d = 0; d < D; ++d) gx[n * D + d] = static_cast<T>(w * gxd[d]);
+    }
+  }
+  const double total = pairwise(rowv.data(), N);
+  if (a.out_value) ptr<T>(a.out_value)[0] = static_cast<T>(a.value_scale * total);
+  if (a.out_rows)
+    for (int64_t n = 0; n < N; ++n) ptr<T>(a.out_rows)[n] = static_cast<T>(a.value_scale * rowv[n]);
+  if (!pgrad) return;
+  // Chunk partials in chunk order: deterministic for any thread count.
+  double wsum = 0.0;  // sum_n w_n = sum_k S0_k (responsibilities sum to 1)
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < nch; ++c) wsum += part[c * stride + k];
+#pragma omp parallel for schedule(static) if (nch * stride >= kParallelMin)
+  for (int64_t e = 0; e < stride; ++e) {
+    double acc = 0.0;
+    for (int64_t c = 0; c < nch; ++c) acc += part[c * stride + e];
+    if (e < K) {
+      if (a.grad_logits) ptr<T>(a.grad_logits)[e] = static_cast<T>(acc - wsum * ::exp(logpi[e]));
+      // grad_logvars needs S0 too: handled with V below.
+    } else if (e < K + K * D) {
+      const int64_t kd = e - K;
+      if (a.grad_means) ptr<T>(a.grad_means)[kd] = static_cast<T>(acc * iv[kd]);
+    }
+  }
+  if (a.grad_logvars) {
+    for (int64_t kd = 0; kd < K * D; ++kd) {
+      double s0 = 0.0, v = 0.0;
+      for (int64_t c = 0; c < nch; ++c) {
+        s0 += part[c * stride + kd / D];
+        v += part[c * stride + K + K * D + kd];
+      }
+      ptr<T>(a.grad_logvars)[kd] = static_cast<T>(0.5 * (v * iv[kd] - s0));
+    }
+  }
+}
+
+void gmm(const GmmArgs& a) {
+  if (a.dtype == kFloat32)
+    gmm_t<float>(a);
+  else
+    gmm_t<double>(a);
+}
+
 }  // namespace
 
 const CpuTable* table() {
-  static const CpuTable t{map_reduce, row_scale, col_sum, col_broadcast, row_lse};
+  static const CpuTable t{map_reduce, row_scale, col_sum, col_broadcast, row_lse, gmm};
   return &t;
 }
 

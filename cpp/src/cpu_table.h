@@ -13,6 +13,7 @@ struct CpuTable {
   void (*col_sum)(const ColSumArgs&);
   void (*col_broadcast)(const ColBroadcastArgs&);
   void (*row_lse)(const RowLseArgs&);
+  void (*gmm)(const GmmArgs&);
 };
 
 #define GENLOSS_DECLARE_ISA(name) \

@@ -32,5 +32,8 @@ void col_broadcast(const ColBroadcastArgs&, void*) {
 void row_lse(const RowLseArgs&, void*) {
   unavailable();
 }
+void gmm(const GmmArgs&, void*) {
+  unavailable();
+}
 }  // namespace cuda
 }  // namespace genloss

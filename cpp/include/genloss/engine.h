@@ -12,6 +12,7 @@
 
 #include "genloss/common.h"
 #include "genloss/ops/gan.h"
+#include "genloss/ops/vae.h"
 
 namespace genloss {
 
@@ -28,7 +29,11 @@ namespace genloss {
   X(kSquaredDiff, ops::SquaredDiff)                 \
   X(kSoftplusNegDiff, ops::SoftplusNegDiff)         \
   X(kFganActivation, ops::FganActivation)           \
-  X(kFganConjugate, ops::FganConjugate)
+  X(kFganConjugate, ops::FganConjugate)             \
+  X(kGaussianKL, ops::GaussianKL)                   \
+  X(kBernoulliNLL, ops::BernoulliNLL)               \
+  X(kGaussianNLL, ops::GaussianNLL)                 \
+  X(kNormalKL, ops::NormalKL)
 
 enum FunctorId : int {
 #define GENLOSS_ENUM(id, type) id,
@@ -118,6 +123,7 @@ struct ColBroadcastArgs {
 //   mode 0: lse(l) - l[labels[r]]         (cross-entropy; labels required)
 //   mode 1: lse(l) - l[index]             (a fixed class)
 //   mode 2: lse(l) - lse(l[:K-1])         (-log(1 - p_last))
+//   mode 3: lse(l) - log K                (the IWAE bound; target 0)  (VAE.9)
 // d/dl = softmax(l) - target, target = onehot(label), onehot(index) or
 // softmax over the first K-1 entries (0 for the last).
 struct RowLseArgs {
@@ -136,12 +142,44 @@ struct RowLseArgs {
   void* grad;
 };
 
+// Diagonal Gaussian mixture, fused over N x K x D; no N x K x D intermediate.
+//                                                                    (VAE.11)
+//   lp[n, k] = log softmax(logits)_k - 1/2 sum_d (log 2 pi + lv[k, d]
+//              + (x[n, d] - mu[k, d])^2 e^{-lv[k, d]})
+//   ll[n]    = lse_k lp[n, k];  r[n, k] = exp(lp[n, k] - ll[n])
+//   out_value = value_scale * sum_n ll[n];  out_rows[n] = value_scale * ll[n]
+// and with weights w_n = grad_scale * (row_weights ? row_weights[n] : 1):
+//   grad_x[n, d]      = w_n sum_k r[n, k] (mu[k, d] - x[n, d]) e^{-lv[k, d]}
+//   grad_means[k, d]  = sum_n w_n r[n, k] (x[n, d] - mu[k, d]) e^{-lv[k, d]}
+//   grad_logvars[k,d] = sum_n w_n r[n, k] 1/2 ((x - mu)^2 e^{-lv} - 1)
+//   grad_logits[k]    = sum_n w_n (r[n, k] - softmax(logits)_k)
+// Sums over n use fixed chunks of points combined in chunk order.
+struct GmmArgs {
+  int dtype;
+  const void* x;
+  const void* logits;
+  const void* means;
+  const void* logvars;
+  int64_t N, K, D;
+  double value_scale;
+  void* out_value;
+  void* out_rows;
+  void* resp;               // (N, K) responsibilities, may be null
+  const void* row_weights;  // (N,), may be null
+  double grad_scale;
+  void* grad_x;
+  void* grad_logits;
+  void* grad_means;
+  void* grad_logvars;
+};
+
 namespace cpu {
 void map_reduce(const MapReduceArgs& a);
 void row_scale(const RowScaleArgs& a);
 void col_sum(const ColSumArgs& a);
 void col_broadcast(const ColBroadcastArgs& a);
 void row_lse(const RowLseArgs& a);
+void gmm(const GmmArgs& a);
 const char* isa();  // the instruction set chosen at run time
 int max_threads();
 void set_threads(int n);
@@ -154,6 +192,7 @@ void row_scale(const RowScaleArgs& a, void* stream);
 void col_sum(const ColSumArgs& a, void* stream);
 void col_broadcast(const ColBroadcastArgs& a, void* stream);
 void row_lse(const RowLseArgs& a, void* stream);
+void gmm(const GmmArgs& a, void* stream);
 void set_device(int device);
 }  // namespace cuda
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from .. import _checks as C
+from ._compose import Term, batch_scale, grads_out, inputs, needs, one_population, run_terms, two_population
 from ._engine import (
-    _C,
     Buf,
-    F,
     as_input,
     col_broadcast,
     col_sum,
@@ -30,7 +29,6 @@ from ._engine import (
     row_lse,
     row_scale,
     same_place,
-    stream_of,
 )
 
 FGAN_DIVERGENCES = (
@@ -45,103 +43,10 @@ FGAN_DIVERGENCES = (
 GAN_G_MODES = ("nonsaturating", "minimax")
 
 
-class Term(NamedTuple):
-    """coef * sum over the population of functor(x; params)."""
-
-    functor: str
-    x: Buf
-    coef: float = 1.0
-    params: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    mode: int = 0
-    y: Buf | None = None  # second input of a binary functor
-    per_sample_mean: bool = False  # divide each sample's sum by its element count
-
-
-def _inputs(names: Sequence[str], arrays: Sequence[Any]) -> list[Buf]:
-    bufs = [as_input(a, n) for n, a in zip(names, arrays, strict=True)]
-    for n, b in zip(names[1:], bufs[1:], strict=True):
-        same_place(bufs[0], names[0], b, n)
-    return bufs
-
-
-def _batch_scale(reduction: str, b: int) -> float:
-    return 1.0 / b if reduction == "mean" else 1.0
-
-
-def _needs(need_grad: bool | Sequence[bool], n: int) -> tuple[bool, ...]:
-    """One flag per differentiable input."""
-    if isinstance(need_grad, (bool, int)):
-        return (bool(need_grad),) * n
-    flags = tuple(bool(f) for f in need_grad)
-    if len(flags) != n:
-        raise ValueError(
-            f"need_grad must be a bool or {n} bools (one per differentiable input), got {len(flags)}"
-        )
-    return flags
-
-
-def _grads_out(grads: Sequence[Buf | None], needs: tuple[bool, ...]) -> tuple:
-    if not any(needs):
-        return ()
-    return tuple(None if g is None else g.arr for g in grads)
-
-
-def _run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, grad_of: Sequence[int]):
-    """Sum of terms; ``grad_of[i]`` is the index in the outputs of term i's x gradient.
-
-    Each gradient output belongs to exactly one term (no loss here feeds one
-    input to two terms), so every gradient is written once, never accumulated.
-    """
-    needs = _needs(need_grad, n_grads)
-    ref = terms[0].x
-    grads: list[Buf | None] = [None] * n_grads
-    per_sample = reduction == "none"
-    out = None if per_sample else empty(ref, ())
-    rows = empty(ref, (ref.rows,)) if per_sample else None
-    out_p = out.ptr if out is not None else 0
-    rows_p = rows.ptr if rows is not None else 0
-    stream = stream_of(ref)
-    for i, t in enumerate(terms):
-        x, y = t.x, t.y
-        s = t.coef / (x.rows if reduction == "mean" else 1) / (x.cols if t.per_sample_mean else 1)
-        j = grad_of[i]
-        g0 = empty(x, x.shape) if needs[j] else None
-        g1 = empty(y, y.shape) if y is not None and needs[j + 1] else None
-        grads[j] = g0
-        if y is not None:
-            grads[j + 1] = g1
-        # The engine call, positional (this path is hot for batch-256 losses).
-        _C.map_reduce(
-            x.device, x.device_id, stream, F[t.functor], t.params[0], t.params[1], t.params[2], t.mode, x.dtype,
-            [x.ptr] if y is None else [x.ptr, y.ptr], [0 if g0 is None else g0.ptr, 0 if g1 is None else g1.ptr],
-            x.rows, x.cols, s, out_p, int(i > 0), rows_p, 0, s, 0.0, False,
-        )  # fmt: skip
-    value = (rows if out is None else out).arr
-    return value, _grads_out(grads, needs)
-
-
-def _two_population(names, arrays, reduction, functors, need_grad):
-    C.reduction(reduction, C.TWO_POPULATION)
-    bufs = _inputs(names, arrays)
-    for n, b in zip(names, bufs, strict=True):
-        C.batched(n, b.shape, reduction)
-    terms = [
-        Term(f, b, coef, params, mode) for b, (f, coef, params, mode) in zip(bufs, functors, strict=True)
-    ]
-    return _run_terms(terms, reduction, need_grad, len(bufs), range(len(bufs)))
-
-
-def _one_population(name, array, reduction, functor, coef, params, mode, need_grad):
-    C.reduction(reduction)
-    (b,) = _inputs([name], [array])
-    C.batched(name, b.shape, reduction)
-    return _run_terms([Term(functor, b, coef, params, mode)], reduction, need_grad, 1, [0])
-
-
 # ---------------------------------------------------------------- (GAN.3, GAN.7)
 def gan_d_loss(real_logits, fake_logits, reduction="mean", *, need_grad=True):
     """mean softplus(-l_r) + mean softplus(l_f).  (GAN.3)"""
-    return _two_population(
+    return two_population(
         ("real_logits", "fake_logits"), (real_logits, fake_logits), reduction,
         [("SoftplusNeg", 1.0, (0, 0, 0), 0), ("Softplus", 1.0, (0, 0, 0), 0)], need_grad,
     )  # fmt: skip
@@ -151,17 +56,17 @@ def gan_g_loss(fake_logits, mode="nonsaturating", reduction="mean", *, need_grad
     """NS: mean softplus(-l_f); minimax: -mean softplus(l_f).  (GAN.7)"""
     C.choice("mode", mode, GAN_G_MODES)
     if mode == "nonsaturating":
-        return _one_population(
+        return one_population(
             "fake_logits", fake_logits, reduction, "SoftplusNeg", 1.0, (0, 0, 0), 0, need_grad
         )
-    return _one_population("fake_logits", fake_logits, reduction, "Softplus", -1.0, (0, 0, 0), 0, need_grad)
+    return one_population("fake_logits", fake_logits, reduction, "Softplus", -1.0, (0, 0, 0), 0, need_grad)
 
 
 # ---------------------------------------------------------------- (GAN.8)
 def lsgan_d_loss(real_out, fake_out, a=0.0, b=1.0, reduction="mean", *, need_grad=True):
     """1/2 mean (D(x) - b)^2 + 1/2 mean (D(G(z)) - a)^2.  (GAN.8)"""
     a, b = C.finite("a", a), C.finite("b", b)
-    return _two_population(
+    return two_population(
         ("real_out", "fake_out"), (real_out, fake_out), reduction,
         [("HalfSquare", 1.0, (b, 0, 0), 0), ("HalfSquare", 1.0, (a, 0, 0), 0)], need_grad,
     )  # fmt: skip
@@ -170,13 +75,13 @@ def lsgan_d_loss(real_out, fake_out, a=0.0, b=1.0, reduction="mean", *, need_gra
 def lsgan_g_loss(fake_out, c=1.0, reduction="mean", *, need_grad=True):
     """1/2 mean (D(G(z)) - c)^2.  (GAN.8)"""
     c = C.finite("c", c)
-    return _one_population("fake_out", fake_out, reduction, "HalfSquare", 1.0, (c, 0, 0), 0, need_grad)
+    return one_population("fake_out", fake_out, reduction, "HalfSquare", 1.0, (c, 0, 0), 0, need_grad)
 
 
 # ---------------------------------------------------------------- (GAN.9, GAN.10)
 def wgan_critic_loss(real_scores, fake_scores, reduction="mean", *, need_grad=True):
     """mean C(G(z)) - mean C(x).  (GAN.9)"""
-    return _two_population(
+    return two_population(
         ("real_scores", "fake_scores"), (real_scores, fake_scores), reduction,
         [("Linear", -1.0, (0, 0, 0), 0), ("Linear", 1.0, (0, 0, 0), 0)], need_grad,
     )  # fmt: skip
@@ -184,12 +89,12 @@ def wgan_critic_loss(real_scores, fake_scores, reduction="mean", *, need_grad=Tr
 
 def wgan_g_loss(fake_scores, reduction="mean", *, need_grad=True):
     """-mean C(G(z)).  (GAN.9)"""
-    return _one_population("fake_scores", fake_scores, reduction, "Linear", -1.0, (0, 0, 0), 0, need_grad)
+    return one_population("fake_scores", fake_scores, reduction, "Linear", -1.0, (0, 0, 0), 0, need_grad)
 
 
 def hinge_d_loss(real_scores, fake_scores, reduction="mean", *, need_grad=True):
     """mean relu(1 - D(x)) + mean relu(1 + D(G(z))).  (GAN.10)"""
-    return _two_population(
+    return two_population(
         ("real_scores", "fake_scores"), (real_scores, fake_scores), reduction,
         [("HingeRelu", 1.0, (1.0, -1.0, 0), 0), ("HingeRelu", 1.0, (1.0, 1.0, 0), 0)], need_grad,
     )  # fmt: skip
@@ -197,7 +102,7 @@ def hinge_d_loss(real_scores, fake_scores, reduction="mean", *, need_grad=True):
 
 def hinge_g_loss(fake_scores, reduction="mean", *, need_grad=True):
     """-mean D(G(z)).  (GAN.10)"""
-    return _one_population("fake_scores", fake_scores, reduction, "Linear", -1.0, (0, 0, 0), 0, need_grad)
+    return one_population("fake_scores", fake_scores, reduction, "Linear", -1.0, (0, 0, 0), 0, need_grad)
 
 
 # ---------------------------------------------------------------- (GAN.11)
@@ -210,17 +115,17 @@ def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad):
     """
     C.reduction(reduction, C.TWO_POPULATION)
     average = C.flag("average", average)
-    p, n = _inputs([pos_name, neg_name], [pos, neg])
+    p, n = inputs([pos_name, neg_name], [pos, neg])
     bp = C.batched(pos_name, p.shape, reduction)
     bn = C.batched(neg_name, n.shape, reduction)
     if not average:  # RSGAN: softplus(-(p - n)) per paired element
         C.same_shape(pos_name, p.shape, neg_name, n.shape)
         terms = [Term("SoftplusNegDiff", p, y=n)]
-        return _run_terms(terms, reduction, need_grad, 2, [0])
+        return run_terms(terms, reduction, need_grad, 2, [0])
     mp = map_reduce("Linear", p, totals=True)[0] / p.numel  # type: ignore[index]
     mn = map_reduce("Linear", n, totals=True)[0] / n.numel  # type: ignore[index]
-    sp, sn = _batch_scale(reduction, bp), _batch_scale(reduction, bn)
-    need_p, need_n = _needs(need_grad, 2)
+    sp, sn = batch_scale(reduction, bp), batch_scale(reduction, bn)
+    need_p, need_n = needs(need_grad, 2)
     out = empty(p, ())
     if not (need_p or need_n):
         map_reduce("SoftplusNeg", p, params=(mn, 0, 0), value_scale=sp, out=out)
@@ -264,14 +169,14 @@ def gradient_penalty_from_grads(grads, lambda_=10.0, center=1.0, one_sided=False
     C.reduction(reduction)
     lam, c = C.finite("lambda_", lambda_), C.finite("center", center)
     one_sided = C.flag("one_sided", one_sided)
-    (g,) = _inputs(["grads"], [grads])
+    (g,) = inputs(["grads"], [grads])
     b = C.batched("grads", g.shape, reduction)
     sq = empty(g, (b,))
     map_reduce("Square", g, rows_out=sq)  # (GAN.12) s_b = ||g_b||^2
-    s = lam * _batch_scale(reduction, b)
+    s = lam * batch_scale(reduction, b)
     out = empty(g, ()) if reduction != "none" else None
     rows = empty(g, (b,)) if reduction == "none" else None
-    (need,) = _needs(need_grad, 1)
+    (need,) = needs(need_grad, 1)
     coef = empty(g, (b,)) if need else None
     map_reduce("GradPenaltyOfSqNorm", sq, params=(c, 0, 0), mode=int(one_sided), shape2d=(b, 1), value_scale=s,
                out=out, rows_out=rows, grads=[coef], grad_scale=s)  # fmt: skip
@@ -286,13 +191,13 @@ def gradient_penalty_from_grads(grads, lambda_=10.0, center=1.0, one_sided=False
 def r1_penalty_from_grads(grads, gamma=10.0, reduction="mean", *, need_grad=True):
     """gamma/2 * mean_b ||g_b||^2.  (GAN.13)"""
     gamma = C.finite("gamma", gamma)
-    return _one_population("grads", grads, reduction, "Square", gamma / 2.0, (0, 0, 0), 0, need_grad)
+    return one_population("grads", grads, reduction, "Square", gamma / 2.0, (0, 0, 0), 0, need_grad)
 
 
 # ---------------------------------------------------------------- (GAN.14)
 def feature_matching_loss(real_features, fake_features, *, need_grad=True):
     """|| mean_b f_r - mean_b f_f ||^2.  (GAN.14)"""
-    r, f = _inputs(["real_features", "fake_features"], [real_features, fake_features])
+    r, f = inputs(["real_features", "fake_features"], [real_features, fake_features])
     br = C.batched("real_features", r.shape, "mean", min_ndim=2)
     bf = C.batched("fake_features", f.shape, "mean", min_ndim=2)
     if r.shape[1:] != f.shape[1:]:
@@ -304,7 +209,7 @@ def feature_matching_loss(real_features, fake_features, *, need_grad=True):
     col_sum(r, mr, scale=1.0 / br)
     col_sum(f, mf, scale=1.0 / bf)
     out = empty(r, ())
-    need_r, need_f = _needs(need_grad, 2)
+    need_r, need_f = needs(need_grad, 2)
     dr = empty(r, (nf,)) if need_r else None
     df = empty(r, (nf,)) if need_f else None
     map_reduce("SquaredDiff", mr, y=mf, shape2d=(1, nf), out=out, grads=[dr, df])
@@ -313,12 +218,12 @@ def feature_matching_loss(real_features, fake_features, *, need_grad=True):
     for d, g, b in ((dr, gr, br), (df, gf, bf)):
         if g is not None:
             col_broadcast(d, g, scale=1.0 / b)  # type: ignore[arg-type]
-    return out.arr, _grads_out([gr, gf], (need_r, need_f))
+    return out.arr, grads_out([gr, gf], (need_r, need_f))
 
 
 # ---------------------------------------------------------------- (GAN.15)
 def _class_logits(names: Sequence[str], arrays: Sequence[Any], reduction: str) -> list[Buf]:
-    bufs = _inputs(names, arrays)
+    bufs = inputs(names, arrays)
     for n, b in zip(names, bufs, strict=True):
         C.ndim(n, b.shape, 2)
         C.batched(n, b.shape, reduction)
@@ -352,31 +257,31 @@ def ssgan_critic_loss(
             f"labels must lie in [0, {k - 1}) (the last class is the fake one), got range [{lo}, {hi}]"
         )
     out = empty(lab, ())
-    needs = _needs(need_grad, 3)
-    grads = [empty(b, b.shape) if nd else None for b, nd in zip((lab, unl, fak), needs, strict=True)]
+    flags = needs(need_grad, 3)
+    grads = [empty(b, b.shape) if nd else None for b, nd in zip((lab, unl, fak), flags, strict=True)]
     for i, (b, mode) in enumerate(((lab, 0), (unl, 2), (fak, 1))):
-        s = _batch_scale(reduction, b.shape[0])
+        s = batch_scale(reduction, b.shape[0])
         row_lse(b, mode=mode, labels=y if mode == 0 else None, index=k - 1, value_scale=s, out=out,
                 accumulate=i > 0, grad=grads[i], grad_scale=s)  # fmt: skip
-    return out.arr, _grads_out(grads, needs)
+    return out.arr, grads_out(grads, flags)
 
 
 def ssgan_g_loss(fake_logits, reduction="mean", *, need_grad=True):
     """mean log p_fake(G(z)) = mean (l_C - lse(l)).  (GAN.15)"""
     C.reduction(reduction)
     (f,) = _class_logits(["fake_logits"], [fake_logits], reduction)
-    s = -_batch_scale(reduction, f.shape[0])
+    s = -batch_scale(reduction, f.shape[0])
     out = empty(f, ()) if reduction != "none" else None
     rows = empty(f, (f.shape[0],)) if reduction == "none" else None
-    needs = _needs(need_grad, 1)
-    g = empty(f, f.shape) if needs[0] else None
+    flags = needs(need_grad, 1)
+    g = empty(f, f.shape) if flags[0] else None
     row_lse(f, mode=1, index=f.shape[1] - 1, value_scale=s, out=out, rows_out=rows, grad=g, grad_scale=s)
-    return (out or rows).arr, _grads_out([g], needs)  # type: ignore[union-attr]
+    return (out or rows).arr, grads_out([g], flags)  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------- (GAN.16)
 def _image_pair(names, arrays, reduction):
-    x, t = _inputs(names, arrays)
+    x, t = inputs(names, arrays)
     C.batched(names[0], x.shape, reduction)
     C.same_shape(names[0], x.shape, names[1], t.shape)
     return x, t
@@ -386,20 +291,20 @@ def l1_loss(input, target, reduction="mean", *, need_grad=True):  # noqa: A002
     """mean |input - target| (per-sample MEAN over non-batch dims, as torch.nn.L1Loss).  (GAN.16)"""
     C.reduction(reduction)
     x, t = _image_pair(("input", "target"), (input, target), reduction)
-    return _run_terms([Term("AbsDiff", x, y=t, per_sample_mean=True)], reduction, need_grad, 2, [0])
+    return run_terms([Term("AbsDiff", x, y=t, per_sample_mean=True)], reduction, need_grad, 2, [0])
 
 
 def pix2pix_g_loss(fake_logits, generated, target, lambda_l1=100.0, reduction="mean", *, need_grad=True):
     """NS adversarial + lambda_l1 * mean |G(x) - y|.  (GAN.7, GAN.16)"""
     C.reduction(reduction)
     lam = C.finite("lambda_l1", lambda_l1)
-    (lg,) = _inputs(["fake_logits"], [fake_logits])
+    (lg,) = inputs(["fake_logits"], [fake_logits])
     C.batched("fake_logits", lg.shape, reduction)
     x, t = _image_pair(("generated", "target"), (generated, target), reduction)
     same_place(lg, "fake_logits", x, "generated")
     C.same_batch("fake_logits", lg.shape, "generated", x.shape)
     terms = [Term("SoftplusNeg", lg), Term("AbsDiff", x, coef=lam, y=t, per_sample_mean=True)]
-    return _run_terms(terms, reduction, need_grad, 3, [0, 1])
+    return run_terms(terms, reduction, need_grad, 3, [0, 1])
 
 
 def cycle_consistency_loss(
@@ -415,7 +320,7 @@ def cycle_consistency_loss(
         Term("AbsDiff", ra, coef=lam, y=pa, per_sample_mean=True),
         Term("AbsDiff", rb, coef=lam, y=pb, per_sample_mean=True),
     ]
-    return _run_terms(terms, reduction, need_grad, 4, [0, 2])
+    return run_terms(terms, reduction, need_grad, 4, [0, 2])
 
 
 # ---------------------------------------------------------------- (GAN.6, GAN.18)
@@ -426,7 +331,7 @@ def _divergence(divergence: object) -> int:
 def fgan_d_loss(real_v, fake_v, divergence, reduction="mean", *, need_grad=True):
     """mean[-g_f(v_r)] + mean[f*(g_f(v_f))].  (GAN.18)"""
     m = _divergence(divergence)
-    return _two_population(
+    return two_population(
         ("real_v", "fake_v"), (real_v, fake_v), reduction,
         [("FganActivation", 1.0, (0, 0, 0), m), ("FganConjugate", 1.0, (0, 0, 0), m)], need_grad,
     )  # fmt: skip
@@ -437,20 +342,20 @@ def fgan_g_loss(fake_v, divergence, mode="nonsaturating", reduction="mean", *, n
     m = _divergence(divergence)
     C.choice("mode", mode, GAN_G_MODES)
     if mode == "nonsaturating":
-        return _one_population("fake_v", fake_v, reduction, "FganActivation", 1.0, (0, 0, 0), m, need_grad)
-    return _one_population("fake_v", fake_v, reduction, "FganConjugate", -1.0, (0, 0, 0), m, need_grad)
+        return one_population("fake_v", fake_v, reduction, "FganActivation", 1.0, (0, 0, 0), m, need_grad)
+    return one_population("fake_v", fake_v, reduction, "FganConjugate", -1.0, (0, 0, 0), m, need_grad)
 
 
 def jsd_estimate(real_logits, fake_logits, *, need_grad=True):
     """(log 4 - gan_d_loss) / 2, the JSD at the optimal discriminator.  (GAN.6)"""
-    r, f = _inputs(["real_logits", "fake_logits"], [real_logits, fake_logits])
+    r, f = inputs(["real_logits", "fake_logits"], [real_logits, fake_logits])
     C.batched("real_logits", r.shape)
     C.batched("fake_logits", f.shape)
     out = empty(r, (), fill=math.log(4.0) / 2.0)
-    needs = _needs(need_grad, 2)
-    gr = empty(r, r.shape) if needs[0] else None
-    gf = empty(f, f.shape) if needs[1] else None
+    flags = needs(need_grad, 2)
+    gr = empty(r, r.shape) if flags[0] else None
+    gf = empty(f, f.shape) if flags[1] else None
     sr, sf = -0.5 / r.shape[0], -0.5 / f.shape[0]
     map_reduce("SoftplusNeg", r, value_scale=sr, out=out, accumulate=True, grads=[gr], grad_scale=sr)
     map_reduce("Softplus", f, value_scale=sf, out=out, accumulate=True, grads=[gf], grad_scale=sf)
-    return out.arr, _grads_out([gr, gf], needs)
+    return out.arr, grads_out([gr, gf], flags)
