@@ -33,6 +33,7 @@ namespace genloss {
   X(kGaussianKL, ops::GaussianKL)                   \
   X(kBernoulliNLL, ops::BernoulliNLL)               \
   X(kGaussianNLL, ops::GaussianNLL)                 \
+  X(kGaussianNLLUnit, ops::GaussianNLLUnit)         \
   X(kNormalKL, ops::NormalKL)
 
 enum FunctorId : int {
@@ -123,7 +124,7 @@ struct ColBroadcastArgs {
 //   mode 0: lse(l) - l[labels[r]]         (cross-entropy; labels required)
 //   mode 1: lse(l) - l[index]             (a fixed class)
 //   mode 2: lse(l) - lse(l[:K-1])         (-log(1 - p_last))
-//   mode 3: lse(l) - log K                (the IWAE bound; target 0)  (VAE.9)
+//   mode 3: lse(l) - log K                (the IWAE bound; target 0)  (VAE.10)
 // d/dl = softmax(l) - target, target = onehot(label), onehot(index) or
 // softmax over the first K-1 entries (0 for the last).
 struct RowLseArgs {

@@ -4,7 +4,7 @@
 ``(value, grads)``; see ``genloss.native.gan`` for the conventions.
 """
 
-from . import gan
+from . import gan, vae
 from .gan import (
     cycle_consistency_loss,
     feature_matching_loss,
@@ -28,9 +28,28 @@ from .gan import (
     wgan_critic_loss,
     wgan_g_loss,
 )
+from .vae import (
+    bernoulli_nll,
+    gaussian_kl,
+    gaussian_nll,
+    gmm_log_likelihood,
+    gmm_responsibilities,
+    iwae_bound,
+    negative_elbo,
+    normal_kl,
+)
 
 __all__ = [
     "gan",
+    "vae",
+    "bernoulli_nll",
+    "gaussian_kl",
+    "gaussian_nll",
+    "gmm_log_likelihood",
+    "gmm_responsibilities",
+    "iwae_bound",
+    "negative_elbo",
+    "normal_kl",
     "cycle_consistency_loss",
     "feature_matching_loss",
     "fgan_d_loss",

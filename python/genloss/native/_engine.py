@@ -219,6 +219,50 @@ def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None) -> Bu
     raise TypeError("genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
 
 
+def broadcast(b: Buf, shape: tuple[int, ...], name: str) -> Buf:
+    """``b`` materialised (contiguous) at a broadcast ``shape``; itself if it has it."""
+    if b.shape == tuple(shape):
+        return b
+    if b.kind == "torch":
+        a = b.arr.expand(shape).contiguous()
+    elif b.kind == "cupy":
+        import cupy
+
+        a = cupy.ascontiguousarray(cupy.broadcast_to(b.arr, shape))
+    else:
+        a = np.ascontiguousarray(np.broadcast_to(b.arr, shape))
+    return as_input(a, name)
+
+
+def sum_to(g: Any, shape: tuple[int, ...], kind: str) -> Any:
+    """Backward of broadcasting: ``g`` summed down to ``shape`` (NumPy rules)."""
+    shape = tuple(shape)
+    if tuple(g.shape) == shape:
+        return g
+    extra = len(g.shape) - len(shape)
+    lead = tuple(range(extra))
+    stretched = tuple(extra + i for i, n in enumerate(shape) if n == 1 and g.shape[extra + i] != 1)
+    if kind == "torch":
+        if stretched:
+            g = g.sum(dim=stretched, keepdim=True)
+        if lead:
+            g = g.sum(dim=lead)
+    else:
+        if stretched:
+            g = g.sum(axis=stretched, keepdims=True)
+        if lead:
+            g = g.sum(axis=lead)
+    return g.reshape(shape)
+
+
+def float_range(b: Buf) -> tuple[float, float]:
+    """(min, max) of a float array on its own device (CUDA: synchronises)."""
+    if b.kind == "torch":
+        lo, hi = b.arr.aminmax()
+        return float(lo), float(hi)
+    return float(b.arr.min()), float(b.arr.max())
+
+
 def stream_of(b: Buf) -> int:
     if b.device == CPU:
         return 0

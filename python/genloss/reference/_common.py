@@ -33,6 +33,7 @@ __all__ = [
     "sigmoid",
     "softmax",
     "softplus",
+    "sum_to_shape",
 ]
 
 
@@ -179,3 +180,20 @@ def grad_mean(grad_output: object, reduction: str, shape: tuple[int, ...]) -> np
     """Backward of ``reduce_mean``: as ``grad_sum`` divided by the elements per sample."""
     per_sample = int(np.prod(shape[1:], dtype=np.int64))
     return grad_sum(grad_output, reduction, shape) / per_sample
+
+
+def sum_to_shape(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    r"""Backward of NumPy broadcasting: ``grad`` summed down to an input of ``shape``.
+
+    An input of ``shape`` broadcast to ``grad.shape`` is read once per output element
+    it was copied to, so its gradient is the sum over those copies: over the leading
+    axes broadcasting added, and (keeping them) over the axes where ``shape`` has 1.
+    """
+    g = np.asarray(grad, dtype=np.float64)
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if stretched:
+        g = g.sum(axis=stretched, keepdims=True)
+    return g.reshape(shape)

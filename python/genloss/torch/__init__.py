@@ -4,8 +4,10 @@ Works in eager, under ``torch.compile(fullgraph=True)`` and passes
 ``torch.library.opcheck``. Importing this module registers the ops.
 """
 
-from . import gan
+from . import gan, vae
 from .gan import *  # noqa: F403
 from .gan import __all__ as _gan_all
+from .vae import *  # noqa: F403
+from .vae import __all__ as _vae_all
 
-__all__ = ["gan", *_gan_all]
+__all__ = ["gan", "vae", *_gan_all, *_vae_all]

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 lib = torch.library.Library("genloss", "DEF")
 
@@ -69,7 +70,15 @@ def _no_double_backward(name: str, grads: list) -> list:
 
 
 class LossOp:
-    """One loss: its schema, its native implementation, its differentiable args."""
+    """One loss: its schema, its native implementation, its differentiable args.
+
+    ``prepare`` (torch ops, differentiable) runs before the kernel, e.g. to
+    broadcast a log-variance so autograd sums its gradient back to its shape.
+    ``elementwise``: the value has the inputs' shape (no reduction).
+    ``shared_params``: some differentiable inputs are shared by all samples, so a
+    'none' reduction cannot scale saved gradients per sample; its backward
+    re-runs the kernel with per-sample weights (``<name>_wfwd``).
+    """
 
     def __init__(
         self,
@@ -78,45 +87,79 @@ class LossOp:
         native: Callable[..., tuple[Any, tuple]],
         differentiable: Sequence[str],
         doc: str = "",
+        prepare: Callable[[list], list] | None = None,
+        elementwise: bool = False,
+        shared_params: bool = False,
     ) -> None:
         self.name = name
         self.args = _parse(schema)
         self.names = [a[1] for a in self.args]
-        self.tensor_idx = [i for i, a in enumerate(self.args) if a[0] == "Tensor"]
+        self.tensor_idx = [i for i, a in enumerate(self.args) if a[0].startswith("Tensor")]
+        self.optional = {i for i, a in enumerate(self.args) if a[0] == "Tensor?"}
         self.diff_idx = [self.names.index(n) for n in differentiable]
         self.red_idx = self.names.index("reduction") if "reduction" in self.names else None
         self.native = native
+        self.prepare = prepare
+        self.elementwise = elementwise
+        self.shared_params = shared_params
         plain = ", ".join(f"{a[0]} {a[1]}" for a in self.args)  # no defaults: need_grad follows
         lib.define(f"{name}_fwd({plain}, bool[] need_grad) -> (Tensor, Tensor?[])")
         lib.define(f"{name}({schema}) -> Tensor")
         lib.impl(f"{name}_fwd", self._kernel, "CPU")
         lib.impl(f"{name}_fwd", self._kernel, "CUDA")
         torch.library.register_fake(f"genloss::{name}_fwd", self._fake, lib=lib)
+        if shared_params:
+            lib.define(f"{name}_wfwd({plain}, Tensor row_weights, bool[] need_grad) -> (Tensor, Tensor?[])")
+            lib.impl(f"{name}_wfwd", self._wkernel, "CPU")
+            lib.impl(f"{name}_wfwd", self._wkernel, "CUDA")
+            torch.library.register_fake(f"genloss::{name}_wfwd", self._wfake, lib=lib)
+            self.wfwd = getattr(torch.ops.genloss, f"{name}_wfwd").default
         lib.impl(name, self.__call__, "CompositeImplicitAutograd")
         self.fwd = getattr(torch.ops.genloss, f"{name}_fwd").default
         self.fn = self._function()
         self.__doc__ = doc
 
     # -- the primitive ----------------------------------------------------------
+    def _native(self, args: list, need_grad: Sequence[bool], **extra: Any) -> tuple[Any, list]:
+        args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in _LOW else a for a in args]
+        # Absent optional inputs have no gradient slot in the native call.
+        present = [n for i, n in zip(self.diff_idx, need_grad, strict=True) if args[i] is not None]
+        value, grads = self.native(*args, need_grad=tuple(present), **extra)
+        if not grads:
+            return value, []
+        it = iter(grads)
+        return value, [next(it) if args[i] is not None else None for i in self.diff_idx]
+
     def _kernel(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         *args, need_grad = args  # type: ignore[assignment]
-        args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in _LOW else a for a in args]
-        value, grads = self.native(*args, need_grad=tuple(need_grad))
-        return value, list(grads)
+        return self._native(args, need_grad)
+
+    def _wkernel(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        *args, row_weights, need_grad = args  # type: ignore[assignment]
+        return self._native(args, need_grad, row_weights=row_weights.to(args[self.tensor_idx[0]].dtype))
 
     def _fake(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         *args, need_grad = args  # type: ignore[assignment]
         first = args[self.tensor_idx[0]]
         dt = torch.float32 if first.dtype in _LOW else first.dtype
-        per_sample = self.red_idx is not None and args[self.red_idx] == "none"
-        value = first.new_empty((first.shape[0],) if per_sample else (), dtype=dt)
+        if self.elementwise:
+            shape: tuple = tuple(first.shape)
+        elif self.red_idx is not None and args[self.red_idx] == "none":
+            shape = (first.shape[0],)
+        else:
+            shape = ()
+        value = first.new_empty(shape, dtype=dt)
         if not any(need_grad):
             return value, []
         grads = [
-            args[i].new_empty(args[i].shape, dtype=dt) if n else None
-            for i, n in zip(self.diff_idx, need_grad, strict=False)
+            args[i].new_empty(args[i].shape, dtype=dt) if n and args[i] is not None else None
+            for i, n in zip(self.diff_idx, need_grad, strict=True)
         ]
         return value, grads
+
+    def _wfake(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        *args, _row_weights, need_grad = args  # type: ignore[assignment]
+        return self._fake(*args, need_grad)
 
     # -- autograd -----------------------------------------------------------------
     def _function(self) -> type[torch.autograd.Function]:
@@ -128,40 +171,59 @@ class LossOp:
                 # Only the gradients some input needs are written (a target image
                 # that needs none costs no 64 MiB write).
                 need = [ctx.needs_input_grad[i] for i in op.diff_idx]
+                ctx.per_sample = op.red_idx is not None and args[op.red_idx] == "none"
+                ctx.rerun = op.shared_params and ctx.per_sample and any(need)
+                if ctx.rerun:  # gradients need the per-sample weights: backward re-runs
+                    ctx.save_for_backward(*[args[i] for i in op.tensor_idx])
+                    ctx.others = args
+                    need_now = [False] * len(need)
+                else:
+                    need_now = need
                 if op.plain_eager(args):  # skip the dispatcher hop: ~6 us per call
-                    value, grads = op._kernel(*args, need)
+                    value, grads = op._kernel(*args, need_now)
                 else:  # compile, fake tensors, functionalization: through the op
-                    value, grads = op.fwd(*args, need)
-                if any(need):
+                    value, grads = op.fwd(*args, need_now)
+                if any(need_now):
                     ctx.save_for_backward(*grads)
-                    ctx.dtypes = [args[i].dtype for i in op.diff_idx]
-                    ctx.per_sample = op.red_idx is not None and args[op.red_idx] == "none"
+                ctx.dtypes = [None if args[i] is None else args[i].dtype for i in op.diff_idx]
                 return value
 
             @staticmethod
             def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
                 out: list[torch.Tensor | None] = [None] * len(op.args)
+                if ctx.rerun:
+                    args = list(ctx.others)
+                    for i, t in zip(op.tensor_idx, ctx.saved_tensors, strict=True):
+                        args[i] = t
+                    need = [ctx.needs_input_grad[i] for i in op.diff_idx]
+                    _, grads = op.wfwd(*args, grad_output, need)
+                    for i, g, dt in zip(op.diff_idx, grads, ctx.dtypes, strict=False):
+                        if g is not None and ctx.needs_input_grad[i]:
+                            out[i] = g if g.dtype == dt else g.to(dt)
+                    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                        out = _no_double_backward(op.name, out)
+                    return tuple(out)
                 # d loss/d grad_output = 1 exactly (loss.backward() on a CPU scalar):
                 # hand the saved gradient over instead of a multiply pass.
                 unit = (
                     not ctx.per_sample
+                    and not op.elementwise
+                    and type(grad_output) is torch.Tensor  # not a fake/functional/traced tensor
                     and grad_output.device.type == "cpu"
                     and not torch.is_grad_enabled()
                     and not torch.compiler.is_compiling()
+                    and _get_current_dispatch_mode() is None
                     and grad_output.item() == 1.0
                 )
-                for i, saved, dt in zip(op.diff_idx, ctx.saved_tensors, ctx.dtypes, strict=True):
+                for i, saved, dt in zip(op.diff_idx, ctx.saved_tensors, ctx.dtypes, strict=False):
                     if saved is None or not ctx.needs_input_grad[i]:
                         continue
                     if unit:
                         gi = saved
-                    else:
-                        g = (
-                            grad_output.reshape((-1,) + (1,) * (saved.dim() - 1))
-                            if ctx.per_sample
-                            else grad_output
-                        )
-                        gi = saved * g
+                    elif ctx.per_sample:
+                        gi = saved * grad_output.reshape((-1,) + (1,) * (saved.dim() - 1))
+                    else:  # scalar, or elementwise (same shape)
+                        gi = saved * grad_output
                     out[i] = gi if gi.dtype == dt else gi.to(dt)
                 if torch.is_grad_enabled() and not torch.compiler.is_compiling():
                     out = _no_double_backward(op.name, out)
@@ -172,9 +234,9 @@ class LossOp:
 
     def plain_eager(self, args: Sequence[Any]) -> bool:
         """Plain tensors outside any tracing: the kernel may be called directly."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
             return False
-        return all(type(args[i]) is torch.Tensor for i in self.tensor_idx)
+        return all(type(args[i]) is torch.Tensor for i in self.tensor_idx if args[i] is not None)
 
     # -- the public call ------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict) -> list:
@@ -191,9 +253,14 @@ class LossOp:
         if kwargs:
             raise TypeError(f"{self.name}() got unexpected keyword argument(s) {sorted(kwargs)}")
         for i in self.tensor_idx:
+            if out[i] is None and i in self.optional:
+                continue
             if not isinstance(out[i], torch.Tensor):
                 raise TypeError(f"{self.names[i]} must be a torch.Tensor, got {type(out[i]).__name__}")
         return out
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.fn.apply(*self.bind(args, kwargs))
+        bound = self.bind(args, kwargs)
+        if self.prepare is not None:
+            bound = self.prepare(bound)
+        return self.fn.apply(*bound)

@@ -10,7 +10,7 @@ namespace ops {
 
 // KL(N(mu, e^lv) || N(0, 1)) per element = 1/2 (mu^2 + e^lv - 1 - lv),
 // written 1/2 (mu^2 + expm1(lv) - lv) so lv ~ 0 loses no digits.
-// d/dmu = mu, d/dlv = 1/2 expm1(lv).                                  (VAE.5)
+// d/dmu = mu, d/dlv = 1/2 expm1(lv).                                  (VAE.4)
 struct GaussianKL {
   static constexpr int arity = 2;
   template <class T>
@@ -28,10 +28,15 @@ struct BernoulliNLL {
   static constexpr int arity = 2;
   template <class T>
   GENLOSS_HD static void eval(T l, T x, const Params<T>&, T& v, T& dl, T& dx) {
-    T sp, sig;
-    softplus_and_sigmoid(l, sp, sig);
-    v = sp - x * l;
-    dl = sig - x;
+    // max(l, 0) - x l + log1p(e^{-|l|}): for x in {0, 1} the first two terms
+    // cancel exactly where the answer is small. The gradient is written
+    // (1 - x) sigmoid(l) - x sigmoid(-l): no cancellation at x in {0, 1}.
+    const T e = gl_exp(-gl_abs(l));
+    const T r = T(1) / (T(1) + e);
+    const T sp = l >= T(0) ? r : e * r;  // sigmoid(l)
+    const T sn = l >= T(0) ? e * r : r;  // sigmoid(-l)
+    v = gl_max(l, T(0)) - x * l + gl_log1p(e);
+    dl = (T(1) - x) * sp - x * sn;
     dx = -l;
   }
 };
@@ -51,6 +56,20 @@ struct GaussianNLL {
     d[0] = -rw;
     d[1] = rw;
     d[2] = T(0.5) * (T(1) - r * rw);
+  }
+};
+
+// Gaussian NLL with unit variance (lv = 0): 1/2 (log 2 pi + (x - mean)^2);
+// inputs (mean, x); d/dmean = -(x - mean), d/dx = x - mean. "MSE" is this up to
+// the constant and the factor 1/2.                                    (VAE.7)
+struct GaussianNLLUnit {
+  static constexpr int arity = 2;
+  template <class T>
+  GENLOSS_HD static void eval(T mean, T x, const Params<T>&, T& v, T& dm, T& dx) {
+    const T r = x - mean;
+    v = T(0.5) * (T(1.8378770664093453) + r * r);
+    dm = -r;
+    dx = r;
   }
 };
 

@@ -1,0 +1,220 @@
+r"""The VAE family and Gaussian mixtures on the native engine.
+
+Same conventions as ``genloss.native.gan``: ``(value, grads)``, gradients of
+``sum(value)``, ``need_grad`` a bool or one bool per differentiable input. The
+math is in cpp/include/genloss/ops/vae.h and the fused mixture kernel
+(engine.h, ``GmmArgs``); derivations/vae.md derives each line.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import _checks as C
+from ._compose import Term, inputs, needs, run_terms
+from ._engine import _C, as_input, broadcast, empty, float_range, row_lse, same_place, stream_of, sum_to
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+def _pair(names, arrays, reduction):
+    a, b = inputs(names, arrays)
+    C.batched(names[0], a.shape, reduction)
+    C.same_shape(names[0], a.shape, names[1], b.shape)
+    return a, b
+
+
+def _unit_interval(b, name):
+    lo, hi = float_range(b)
+    if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
+        raise ValueError(f"{name} must lie in [0, 1] (Bernoulli targets), got values in [{lo}, {hi}]")
+
+
+def _broadcastable(name, b, target_name, shape):
+    try:
+        ok = tuple(__import__("numpy").broadcast_shapes(b.shape, shape)) == tuple(shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} must broadcast to the shape of {target_name} {tuple(shape)}, got shape {b.shape}"
+        )
+
+
+# ---------------------------------------------------------------- (VAE.4, VAE.5)
+def gaussian_kl(mu, logvar, reduction="mean", *, need_grad=True):
+    """KL(N(mu, e^logvar) || N(0, I)) per sample.  (VAE.4)"""
+    C.reduction(reduction)
+    m, lv = _pair(("mu", "logvar"), (mu, logvar), reduction)
+    return run_terms([Term("GaussianKL", m, y=lv)], reduction, need_grad, 2, [0])
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2, *, need_grad=True):
+    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), broadcasting.  (VAE.5)"""
+    names = ("mean1", "logvar1", "mean2", "logvar2")
+    bufs = inputs(names, (mean1, logvar1, mean2, logvar2))
+    try:
+        shape = tuple(__import__("numpy").broadcast_shapes(*(b.shape for b in bufs)))
+    except ValueError:
+        got = ", ".join(f"{n} {b.shape}" for n, b in zip(names, bufs, strict=True))
+        raise ValueError(f"mean1, logvar1, mean2, logvar2 must broadcast together, got {got}") from None
+    if math.prod(shape) == 0:
+        raise ValueError(f"the broadcast shape {shape} has no elements")
+    full = [broadcast(b, shape, n) for b, n in zip(bufs, names, strict=True)]
+    flags = needs(need_grad, 4)
+    out = empty(full[0], shape)
+    grads = [empty(f, shape) if fl else None for f, fl in zip(full, flags, strict=True)]
+    n = math.prod(shape)
+    _C.map_reduce(
+        out.device, out.device_id, stream_of(out), _C.FUNCTORS["NormalKL"], 0.0, 0.0, 0.0, 0, out.dtype,
+        [f.ptr for f in full], [0 if g is None else g.ptr for g in grads], 1, n, 1.0, 0, 0, 0, out.ptr,
+        1.0, 0.0, False,
+    )  # fmt: skip
+    if not any(flags):
+        return out.arr, ()
+    return out.arr, tuple(
+        None if g is None else sum_to(g.arr, b.shape, b.kind) for g, b in zip(grads, bufs, strict=True)
+    )
+
+
+# ---------------------------------------------------------------- (VAE.6, VAE.7)
+def bernoulli_nll(logits, x, reduction="mean", *, need_grad=True):
+    """sum softplus(l) - x l per sample; x in [0, 1].  (VAE.6)"""
+    C.reduction(reduction)
+    lg, xb = _pair(("logits", "x"), (logits, x), reduction)
+    _unit_interval(xb, "x")
+    return run_terms([Term("BernoulliNLL", lg, y=xb)], reduction, need_grad, 2, [0])
+
+
+def gaussian_nll(mean, x, logvar, reduction="mean", *, need_grad=True):
+    """sum 1/2 (log 2 pi + logvar + (x - mean)^2 e^-logvar) per sample; logvar broadcasts.  (VAE.7)"""
+    C.reduction(reduction)
+    m, xb = _pair(("mean", "x"), (mean, x), reduction)
+    lv = as_input(logvar, "logvar")
+    same_place(m, "mean", lv, "logvar")
+    _broadcastable("logvar", lv, "mean", m.shape)
+    full = broadcast(lv, m.shape, "logvar")
+    value, grads = run_terms([Term("GaussianNLL", m, y=xb, more=(full,))], reduction, need_grad, 3, [0])
+    if grads and grads[2] is not None:
+        grads = (grads[0], grads[1], sum_to(grads[2], lv.shape, lv.kind))
+    return value, grads
+
+
+def negative_elbo(
+    recon,
+    x,
+    mu,
+    logvar,
+    beta=1.0,
+    likelihood="bernoulli",
+    recon_logvar=None,
+    reduction="mean",
+    *,
+    need_grad=True,
+):
+    """Reconstruction NLL + beta * KL(q(z|x) || N(0, I)) per sample (the beta-VAE loss).  (VAE.8)
+
+    Differentiable inputs: recon, mu, logvar (and recon_logvar when given); x is data.
+    One pass over recon and x, one over mu and logvar, accumulating per sample.
+    """
+    beta = C.nonnegative("beta", beta)
+    C.choice("likelihood", likelihood, LIKELIHOODS)
+    C.reduction(reduction)
+    r, xb = _pair(("recon", "x"), (recon, x), reduction)
+    m, lv = _pair(("mu", "logvar"), (mu, logvar), reduction)
+    same_place(r, "recon", m, "mu")
+    C.same_batch("recon", r.shape, "mu", m.shape)
+    n_grads = 3
+    if likelihood == "bernoulli":
+        if recon_logvar is not None:
+            raise ValueError("recon_logvar is only used with likelihood='gaussian', got an array")
+        _unit_interval(xb, "x")
+        recon_term = Term("BernoulliNLL", r, y=xb, slots=(0, None))
+    elif recon_logvar is None:
+        recon_term = Term("GaussianNLLUnit", r, y=xb, slots=(0, None))
+    else:
+        rlv = as_input(recon_logvar, "recon_logvar")
+        same_place(r, "recon", rlv, "recon_logvar")
+        _broadcastable("recon_logvar", rlv, "recon", r.shape)
+        recon_term = Term(
+            "GaussianNLL", r, y=xb, more=(broadcast(rlv, r.shape, "recon_logvar"),), slots=(0, None, 3)
+        )
+        n_grads = 4
+    terms = [recon_term, Term("GaussianKL", m, coef=beta, y=lv, slots=(1, 2))]
+    value, grads = run_terms(terms, reduction, need_grad, n_grads, [0, 1])
+    if n_grads == 4 and grads and grads[3] is not None:
+        grads = (*grads[:3], sum_to(grads[3], rlv.shape, rlv.kind))
+    return value, grads
+
+
+# ---------------------------------------------------------------- (VAE.10)
+def iwae_bound(log_weights, reduction="mean", *, need_grad=True):
+    """logsumexp_k log w_k - log K per sample (the importance-weighted bound).  (VAE.10)"""
+    C.reduction(reduction)
+    (w,) = inputs(["log_weights"], [log_weights])
+    C.ndim("log_weights", w.shape, 2)
+    b = C.batched("log_weights", w.shape, reduction)
+    s = 1.0 / b if reduction == "mean" else 1.0
+    out = empty(w, ()) if reduction != "none" else None
+    rows = empty(w, (b,)) if reduction == "none" else None
+    (need,) = needs(need_grad, 1)
+    g = empty(w, w.shape) if need else None
+    row_lse(w, mode=3, value_scale=s, out=out, rows_out=rows, grad=g, grad_scale=s)
+    return (out or rows).arr, ((g.arr,) if need else ())  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- (VAE.11, VAE.12)
+def _gmm_inputs(x, logits, means, logvars, reduction):
+    xb, lg, mb, vb = inputs(["x", "logits", "means", "logvars"], [x, logits, means, logvars])
+    C.ndim("x", xb.shape, 2)
+    C.batched("x", xb.shape, reduction)
+    C.ndim("logits", lg.shape, 1)
+    k, d = lg.shape[0], xb.shape[1]
+    if k == 0:
+        raise ValueError("logits must have at least one component, got shape (0,)")
+    for name, b in (("means", mb), ("logvars", vb)):
+        if b.shape != (k, d):
+            raise ValueError(f"{name} must have shape ({k}, {d}) (components, dims of x), got {b.shape}")
+    return xb, lg, mb, vb
+
+
+def gmm_log_likelihood(x, logits, means, logvars, reduction="mean", *, need_grad=True, row_weights=None):
+    """log sum_k softmax(logits)_k N(x; means_k, diag e^logvars_k) per point, fused over N x K x D.  (VAE.11)
+
+    ``row_weights`` (N,) weights each point's gradient (the backward of a
+    'none' reduction), leaving the value unweighted.
+    """
+    C.reduction(reduction)
+    xb, lg, mb, vb = _gmm_inputs(x, logits, means, logvars, reduction)
+    n, k, d = xb.shape[0], lg.shape[0], xb.shape[1]
+    rw = None
+    if row_weights is not None:
+        rw = as_input(row_weights, "row_weights")
+        same_place(xb, "x", rw, "row_weights")
+        if rw.shape != (n,):
+            raise ValueError(f"row_weights must have shape ({n},), got {rw.shape}")
+    flags = needs(need_grad, 4)
+    s = 1.0 / n if reduction == "mean" else 1.0
+    out = empty(xb, ()) if reduction != "none" else None
+    rows = empty(xb, (n,)) if reduction == "none" else None
+    g = [empty(b, b.shape) if f else None for b, f in zip((xb, lg, mb, vb), flags, strict=True)]
+    p = [0 if t is None else t.ptr for t in g]
+    _C.gmm(
+        xb.device, xb.device_id, stream_of(xb), xb.dtype, xb.ptr, lg.ptr, mb.ptr, vb.ptr, n, k, d, s,
+        0 if out is None else out.ptr, 0 if rows is None else rows.ptr, 0, 0 if rw is None else rw.ptr,
+        s, p[0], p[1], p[2], p[3],
+    )  # fmt: skip
+    value = (out or rows).arr  # type: ignore[union-attr]
+    return value, (tuple(None if t is None else t.arr for t in g) if any(flags) else ())
+
+
+def gmm_responsibilities(x, logits, means, logvars):
+    """(N, K) posterior over components, the E-step.  (VAE.12)"""
+    xb, lg, mb, vb = _gmm_inputs(x, logits, means, logvars, "sum")
+    n, k, d = xb.shape[0], lg.shape[0], xb.shape[1]
+    resp = empty(xb, (n, k))
+    _C.gmm(
+        xb.device, xb.device_id, stream_of(xb), xb.dtype, xb.ptr, lg.ptr, mb.ptr, vb.ptr, n, k, d, 1.0,
+        0, 0, resp.ptr, 0, 1.0, 0, 0, 0, 0,
+    )  # fmt: skip
+    return resp.arr

@@ -1,0 +1,139 @@
+r"""The VAE family and Gaussian mixtures as torch custom ops (``torch.ops.genloss.<name>``).
+
+Signatures follow ``genloss.reference.vae``; the math runs in ``genloss.native.vae``.
+Broadcast log-variances are expanded with torch ops before the kernel, so
+autograd sums their gradients back to their own shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks as C
+from ..native import vae as native
+from ._op import LossOp, lib
+
+R = "str reduction='mean'"
+
+
+def _expand_logvar(args: list) -> list:
+    """gaussian_nll(mean, x, logvar, ...): logvar broadcast to mean's shape."""
+    mean, _, logvar = args[0], args[1], args[2]
+    if isinstance(logvar, torch.Tensor) and isinstance(mean, torch.Tensor):
+        try:
+            args[2] = logvar.expand(mean.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"logvar must broadcast to the shape of mean {tuple(mean.shape)}, got shape {tuple(logvar.shape)}"
+            ) from None
+    return args
+
+
+def _expand_recon_logvar(args: list) -> list:
+    """negative_elbo(recon, x, mu, logvar, beta, likelihood, recon_logvar, ...)."""
+    recon, rlv = args[0], args[6]
+    if isinstance(rlv, torch.Tensor) and isinstance(recon, torch.Tensor):
+        try:
+            args[6] = rlv.expand(recon.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"recon_logvar must broadcast to the shape of recon {tuple(recon.shape)}, got {tuple(rlv.shape)}"
+            ) from None
+    return args
+
+
+def _broadcast_four(args: list) -> list:
+    """normal_kl: the four parameters broadcast together (NumPy rules)."""
+    ts = args[:4]
+    if all(isinstance(t, torch.Tensor) for t in ts):
+        try:
+            args[:4] = torch.broadcast_tensors(*ts)
+        except RuntimeError:
+            got = ", ".join(
+                f"{n} {tuple(t.shape)}"
+                for n, t in zip(("mean1", "logvar1", "mean2", "logvar2"), ts, strict=True)
+            )
+            raise ValueError(f"mean1, logvar1, mean2, logvar2 must broadcast together, got {got}") from None
+    return args
+
+
+# name: (schema, differentiable args, options)
+_OPS: dict[str, tuple[str, tuple[str, ...], dict]] = {
+    "gaussian_kl": (f"Tensor mu, Tensor logvar, {R}", ("mu", "logvar"), {}),
+    "normal_kl": (
+        "Tensor mean1, Tensor logvar1, Tensor mean2, Tensor logvar2",
+        ("mean1", "logvar1", "mean2", "logvar2"),
+        {"prepare": _broadcast_four, "elementwise": True},
+    ),
+    "bernoulli_nll": (f"Tensor logits, Tensor x, {R}", ("logits", "x"), {}),
+    "gaussian_nll": (
+        f"Tensor mean, Tensor x, Tensor logvar, {R}",
+        ("mean", "x", "logvar"),
+        {"prepare": _expand_logvar},
+    ),
+    "negative_elbo": (
+        "Tensor recon, Tensor x, Tensor mu, Tensor logvar, float beta=1.0, str likelihood='bernoulli', "
+        f"Tensor? recon_logvar=None, {R}",
+        ("recon", "mu", "logvar", "recon_logvar"),
+        {"prepare": _expand_recon_logvar},
+    ),
+    "iwae_bound": (f"Tensor log_weights, {R}", ("log_weights",), {}),
+    "gmm_log_likelihood": (
+        f"Tensor x, Tensor logits, Tensor means, Tensor logvars, {R}",
+        ("x", "logits", "means", "logvars"),
+        {"shared_params": True},
+    ),
+}
+
+OPS: dict[str, LossOp] = {
+    name: LossOp(name, schema, getattr(native, name), diff, doc=getattr(native, name).__doc__ or "", **opts)
+    for name, (schema, diff, opts) in _OPS.items()
+}
+
+gaussian_kl = OPS["gaussian_kl"]
+normal_kl = OPS["normal_kl"]
+bernoulli_nll = OPS["bernoulli_nll"]
+gaussian_nll = OPS["gaussian_nll"]
+negative_elbo = OPS["negative_elbo"]
+iwae_bound = OPS["iwae_bound"]
+gmm_log_likelihood = OPS["gmm_log_likelihood"]
+
+
+# ---------------------------------------------------------------- (VAE.12)
+lib.define("gmm_responsibilities(Tensor x, Tensor logits, Tensor means, Tensor logvars) -> Tensor")
+
+
+def _responsibilities_kernel(x, logits, means, logvars):
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    args = [t.float() if low else t for t in (x, logits, means, logvars)]
+    r = native.gmm_responsibilities(*args)
+    return r
+
+
+@torch.library.register_fake("genloss::gmm_responsibilities", lib=lib)
+def _responsibilities_fake(x, logits, means, logvars):
+    dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return x.new_empty((x.shape[0], logits.shape[0]), dtype=dt)
+
+
+lib.impl("gmm_responsibilities", _responsibilities_kernel, "CPU")
+lib.impl("gmm_responsibilities", _responsibilities_kernel, "CUDA")
+torch.library.register_autograd(
+    "genloss::gmm_responsibilities",
+    lambda ctx, grad: (_ for _ in ()).throw(
+        RuntimeError("genloss.gmm_responsibilities is not differentiable (it is the E-step posterior)")
+    ),
+    lib=lib,
+)
+
+
+def gmm_responsibilities(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor):
+    r"""(N, K) posterior over components, :math:`r_{nk} = \operatorname{softmax}_k(\log\pi_k + \log\mathcal N(x_n))`.
+
+    The E-step; not differentiable (use ``gmm_log_likelihood`` to train). (VAE.12)
+    """
+    C.ndim("x", tuple(x.shape), 2)
+    return torch.ops.genloss.gmm_responsibilities(x, logits, means, logvars)
+
+
+__all__ = [*OPS, "gmm_responsibilities"]
