@@ -54,19 +54,30 @@ def _parse(schema: str) -> list[tuple[str, str, Any, bool]]:
     return out
 
 
-def _no_double_backward(name: str, grads: list) -> list:
-    """Outputs whose grad_fn raises if anyone differentiates them again."""
-    tensors = [g for g in grads if g is not None]
-    if not tensors:
-        return grads
-    err = torch._C._functions.DelayedError(
+def _no_double_backward(name: str, grads: list, inputs: Sequence[torch.Tensor | None]) -> list:
+    """Gradients whose grad_fn raises if anyone differentiates them again.
+
+    Each gradient goes through a DelayedError node together with the input it is
+    the gradient of, so the node has an edge back to that input: both
+    ``.backward()`` and ``torch.autograd.grad(..., inputs)`` reach it and raise
+    the message, instead of finding no path and returning zeros.
+    """
+    msg = (
         f"genloss.{name}: double backward is not supported (its backward reuses gradients computed "
-        f"by the fused forward kernel); compose the loss from torch ops if you need second derivatives".encode(),
-        len(tensors),
-    )
-    res = err(*[t.detach().requires_grad_(True) for t in tensors])
-    wrapped = iter(res if isinstance(res, tuple) else (res,))
-    return [next(wrapped) if g is not None else None for g in grads]
+        f"by the fused forward kernel); compose the loss from torch ops if you need second derivatives"
+    ).encode()
+    out = []
+    for g, x in zip(grads, inputs, strict=True):
+        if g is None:
+            out.append(None)
+            continue
+        leaf = g.detach().requires_grad_(True)
+        if x is not None and x.requires_grad:
+            g2, _ = torch._C._functions.DelayedError(msg, 2)(leaf, x)
+        else:
+            g2 = torch._C._functions.DelayedError(msg, 1)(leaf)
+        out.append(g2)
+    return out
 
 
 class LossOp:
@@ -183,8 +194,8 @@ class LossOp:
                     value, grads = op._kernel(*args, need_now)
                 else:  # compile, fake tensors, functionalization: through the op
                     value, grads = op.fwd(*args, need_now)
-                if any(need_now):
-                    ctx.save_for_backward(*grads)
+                if any(need_now):  # the gradients, and the inputs (edges for _no_double_backward)
+                    ctx.save_for_backward(*grads, *[args[i] for i in op.diff_idx])
                 ctx.dtypes = [None if args[i] is None else args[i].dtype for i in op.diff_idx]
                 return value
 
@@ -195,13 +206,16 @@ class LossOp:
                     args = list(ctx.others)
                     for i, t in zip(op.tensor_idx, ctx.saved_tensors, strict=True):
                         args[i] = t
+                    diff_inputs = [args[i] for i in op.diff_idx]
                     need = [ctx.needs_input_grad[i] for i in op.diff_idx]
                     _, grads = op.wfwd(*args, grad_output, need)
                     for i, g, dt in zip(op.diff_idx, grads, ctx.dtypes, strict=False):
                         if g is not None and ctx.needs_input_grad[i]:
                             out[i] = g if g.dtype == dt else g.to(dt)
                     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                        out = _no_double_backward(op.name, out)
+                        wrapped = _no_double_backward(op.name, [out[i] for i in op.diff_idx], diff_inputs)
+                        for i, g in zip(op.diff_idx, wrapped, strict=True):
+                            out[i] = g
                     return tuple(out)
                 # d loss/d grad_output = 1 exactly (loss.backward() on a CPU scalar):
                 # hand the saved gradient over instead of a multiply pass.
@@ -215,7 +229,10 @@ class LossOp:
                     and _get_current_dispatch_mode() is None
                     and grad_output.item() == 1.0
                 )
-                for i, saved, dt in zip(op.diff_idx, ctx.saved_tensors, ctx.dtypes, strict=False):
+                nd = len(op.diff_idx)
+                saved_all = ctx.saved_tensors
+                saved_grads, diff_inputs = saved_all[:nd], saved_all[nd:]
+                for i, saved, dt in zip(op.diff_idx, saved_grads, ctx.dtypes, strict=False):
                     if saved is None or not ctx.needs_input_grad[i]:
                         continue
                     if unit:
@@ -226,7 +243,9 @@ class LossOp:
                         gi = saved * grad_output
                     out[i] = gi if gi.dtype == dt else gi.to(dt)
                 if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                    out = _no_double_backward(op.name, out)
+                    wrapped = _no_double_backward(op.name, [out[i] for i in op.diff_idx], diff_inputs)
+                    for i, g in zip(op.diff_idx, wrapped, strict=True):
+                        out[i] = g
                 return tuple(out)
 
         Fn.__name__ = f"{self.name}_autograd"

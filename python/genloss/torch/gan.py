@@ -104,6 +104,8 @@ def _spectral_norm_sigma(W: torch.Tensor, u: torch.Tensor, n_iters: int = 1, eps
         raise ValueError(f"u must have shape ({W.shape[0]},) (the rows of W), got {tuple(u.shape)}")
     C.positive_int("n_iters", n_iters)
     C.positive("eps", eps)
+    if W.dtype in (torch.float16, torch.bfloat16):  # computed in float32, like every genloss op
+        W = W.float()
     with torch.no_grad():  # u, v are constants of the gradient, as in torch.nn.utils.spectral_norm
         w = W.detach()
         u = u.detach().to(w.dtype)
