@@ -1,0 +1,195 @@
+r"""``genloss verify``: the verification matrix on the user's own machine.
+
+For every op of the registry (``genloss.registry``) and every backend available
+here — the native engine on CPU, the torch op on CPU, and both on CUDA where
+torch sees a GPU — draw fresh random inputs from the op's input domains, compute
+the value and every gradient, and compare them with the float64 NumPy reference
+(value and ``<name>_backward``). Each cell reports the worst error relative to
+the tolerance of ``genloss.tolerances`` (``worst <= 1`` passes), so a wrong
+kernel shows as a failing cell and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import registry as R
+from .tolerances import metrics, to_numpy, tolerance, value_scale
+
+
+def _excess(
+    actual: Any, expected: Any, kind: str, dtype: str, scale: float | None = None
+) -> tuple[float, float]:
+    """(worst |a - e| / (atol*scale + rtol*|e|), worst relative error); inf on NaN/inf mismatch."""
+    rtol, atol = tolerance(kind, dtype)
+    a, e = to_numpy(actual), to_numpy(expected)
+    if a.shape != e.shape:
+        return float("inf"), float("inf")
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.any(np.isnan(a) != np.isnan(e)) or np.any(np.isinf(a) & (a != e)):
+            return float("inf"), float("inf")
+        fin = np.isfinite(a) & np.isfinite(e)
+        if not fin.any():
+            return 0.0, 0.0
+        s = scale if scale is not None else max(1.0, float(np.abs(e[fin]).max()))
+        bound = atol * s + rtol * np.abs(e[fin])
+        ratio = float((np.abs(a[fin] - e[fin]) / bound).max())
+    return ratio, metrics(a[fin], e[fin])["max_abs"] / s
+
+
+def _torch_call(record: R.OpRecord, inputs: tuple, kwargs: dict, dtype: str, device: str) -> tuple[Any, list]:
+    import torch
+
+    import genloss.torch as gl
+
+    ts = []
+    for a in inputs:
+        t = torch.as_tensor(np.asarray(a))
+        if t.dtype.is_floating_point:
+            t = t.to(getattr(torch, dtype))
+        t = t.to(device)
+        ts.append(t)
+    diff = [ts[record.arg_names.index(n)].requires_grad_(True) for n in record.differentiable]
+    fn = getattr(gl, record.torch_name or record.name)
+    out = fn(*ts, **kwargs)
+    value = out[record.value_index] if record.value_index is not None else out
+    grads = torch.autograd.grad(value.sum(), diff, allow_unused=True) if diff else ()
+    return value.detach(), [None if g is None else g.detach() for g in grads]
+
+
+def _native_call(
+    record: R.OpRecord, inputs: tuple, kwargs: dict, dtype: str, device: str
+) -> tuple[Any, list]:
+    if device == "cpu":
+        xs = [a.astype(dtype) if a.dtype.kind == "f" else a for a in inputs]
+    else:
+        import torch
+
+        xs = [
+            torch.as_tensor(a).to(getattr(torch, dtype) if a.dtype.kind == "f" else torch.int64).cuda()
+            for a in inputs
+        ]
+    value, grads = record.native(*xs, **kwargs)
+    return value, list(grads)
+
+
+def backends() -> list[tuple[str, str, Callable]]:
+    """(backend name, device, caller) for everything available on this machine."""
+    out: list[tuple[str, str, Callable]] = [("native-cpu", "cpu", _native_call)]
+    try:
+        import torch
+
+        import genloss.torch  # noqa: F401
+    except ImportError:
+        return out
+    out.append(("torch-cpu", "cpu", _torch_call))
+    import genloss
+
+    if genloss.build_info()["cuda"] and torch.cuda.is_available():
+        out += [("native-cuda", "cuda", _native_call), ("torch-cuda", "cuda", _torch_call)]
+    return out
+
+
+def check(
+    record: R.OpRecord, backend: tuple[str, str, Callable], rng: np.random.Generator, dtypes: Sequence[str]
+) -> dict:
+    """One cell: every variant and reduction, float64 and float32, worst over all."""
+    name, device, call = backend
+    worst_v = worst_g = 0.0
+    rel_v = rel_g = 0.0
+    error = None
+    for variant in record.variants:
+        for reduction in record.reductions or (None,):
+            for dtype in dtypes:
+                inputs = R.make_inputs(record, rng, np.dtype(dtype), None, variant)
+                kwargs = R.call_kwargs(record, variant, reduction)
+                x64 = tuple(a.astype(np.float64) if a.dtype.kind == "f" else a for a in inputs)
+                ref = record.reference(*x64, **kwargs)
+                ref_v = np.asarray(ref[record.value_index] if record.value_index is not None else ref)
+                ones = np.ones(ref_v.shape) if ref_v.ndim else 1.0
+                ref_g = record.reference_backward(*x64, ones, **kwargs) if record.differentiable else ()
+                kind = "native" if name.startswith("native") else "torch"
+                if device == "cuda":
+                    kind = "cuda"
+                try:
+                    value, grads = call(record, inputs, kwargs, dtype, device)
+                except Exception as err:  # a crash is a failing cell, reported by name
+                    error = f"{type(err).__name__}: {err}"
+                    continue
+                ev, rv = _excess(value, ref_v, kind, dtype, value_scale(inputs, reduction, ref_v))
+                worst_v, rel_v = max(worst_v, ev), max(rel_v, rv)
+                for g, rg in zip(grads, ref_g, strict=False):
+                    if g is None:
+                        continue
+                    eg, rg_ = _excess(g, rg, kind, dtype)
+                    worst_g, rel_g = max(worst_g, eg), max(rel_g, rg_)
+    ok = error is None and worst_v <= 1.0 and worst_g <= 1.0
+    return {
+        "op": record.name,
+        "backend": name,
+        "value_rel_err": rel_v,
+        "grad_rel_err": rel_g,
+        "value_vs_tol": worst_v,
+        "grad_vs_tol": worst_g,
+        "ok": ok,
+        "error": error,
+    }
+
+
+def run_verify(
+    seed: int | None = None, ops: Sequence[str] | None = None, progress: bool = True
+) -> list[dict]:
+    records = R.RECORDS
+    if ops:
+        known = {r.name for r in records}
+        unknown = sorted(set(ops) - known)
+        if unknown:
+            raise ValueError(f"unknown op(s) {unknown}; known: {sorted(known)}")
+        records = tuple(r for r in records if r.name in ops)
+    rng = np.random.default_rng(seed)
+    rows = []
+    todo = [
+        (r, b) for r in records for b in backends() if r.native is not None or not b[0].startswith("native")
+    ]
+    for i, (record, backend) in enumerate(todo):
+        if progress and sys.stderr.isatty():
+            print(
+                f"\r[{i + 1}/{len(todo)}] {record.name:32s} {backend[0]:12s}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        rows.append(check(record, backend, rng, ("float64", "float32")))
+    if progress and sys.stderr.isatty():
+        print(file=sys.stderr)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    names = sorted({r["backend"] for r in rows}, key=lambda b: ("cuda" in b, b))
+    by = {(r["op"], r["backend"]): r for r in rows}
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    head = f"{'op':32s} " + " ".join(f"{b:>24s}" for b in names)
+    lines = ["worst relative error of value / gradient vs the float64 reference (f32 and f64 inputs)", head]
+    for op in ops:
+        cells = []
+        for b in names:
+            r = by.get((op, b))
+            if r is None:
+                cells.append(f"{'-':>24s}")
+            elif r["error"]:
+                cells.append(f"{'ERROR':>24s}")
+            else:
+                mark = "ok " if r["ok"] else "FAIL"
+                cells.append(f"{r['value_rel_err']:9.1e} / {r['grad_rel_err']:7.1e} {mark}")
+        lines.append(f"{op:32s} " + " ".join(cells))
+    bad = [r for r in rows if not r["ok"]]
+    lines.append(f"{len(rows) - len(bad)} of {len(rows)} cells pass" + (":" if bad else "."))
+    for r in bad:
+        why = r["error"] or f"value {r['value_vs_tol']:.3g}x tol, gradient {r['grad_vs_tol']:.3g}x tol"
+        lines.append(f"  FAIL {r['op']} on {r['backend']}: {why}")
+    return "\n".join(lines)
