@@ -1,0 +1,184 @@
+r"""``genloss bench``: a quick side-by-side benchmark (under a minute on 2 cores).
+
+Per family, the genloss torch op against the same loss written in torch eager
+and under ``torch.compile``, forward+backward, with the ratio and the achieved
+GB/s against a copy-bandwidth probe measured in the same run. The full
+benchmarks (more sizes, forward-only, the NumPy reference, native calls) are in
+``bench/`` of the repository.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    make: Callable[[Any, str], tuple]  # (torch, device) -> tensors
+    ours: Callable[..., Any]
+    eager: Callable[..., Any]
+    nbytes: Callable[[tuple], int]  # minimal bytes: inputs read once + gradients written once
+
+
+def _timeit(torch: Any, fn: Callable[[], Any], device: str, reps: int) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(torch: Any, device: str, mib: int = 128, reps: int = 10) -> float:
+    """GB/s of dst.copy_(src) on preallocated tensors, counting read + write."""
+    n = mib * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = _timeit(torch, lambda: dst.copy_(src), device, reps)
+    return 2 * 4 * n / t / 1e9
+
+
+def _fwd_bwd(torch: Any, loss_fn: Callable[..., Any], tensors: tuple) -> Callable[[], None]:
+    leaves = [t for t in tensors if t.requires_grad]
+
+    def run() -> None:
+        for t in leaves:
+            t.grad = None
+        loss_fn(*tensors).backward()
+
+    return run
+
+
+def _cases(torch: Any) -> list[Case]:
+    import torch.nn.functional as F
+
+    import genloss.torch as gl
+
+    def logits(n):
+        return lambda t, d: (
+            t.randn(n, device=d, requires_grad=True),
+            t.randn(n, device=d, requires_grad=True),
+        )
+
+    def images(shape):
+        return lambda t, d: (t.randn(*shape, device=d, requires_grad=True), t.randn(*shape, device=d))
+
+    def elbo(b, dx, dz):
+        return lambda t, d: (
+            t.randn(b, dx, device=d, requires_grad=True),
+            t.rand(b, dx, device=d),
+            t.randn(b, dz, device=d, requires_grad=True),
+            t.randn(b, dz, device=d, requires_grad=True),
+        )
+
+    def eager_elbo(r, x, mu, lv):
+        rec = F.binary_cross_entropy_with_logits(r, x, reduction="sum") / r.shape[0]
+        kl = 0.5 * (mu.pow(2) + lv.exp() - 1 - lv).sum() / r.shape[0]
+        return rec + kl
+
+    def gmm_inputs(n, k, dd):
+        return lambda t, d: (
+            t.randn(n, dd, device=d),
+            t.randn(k, device=d, requires_grad=True),
+            t.randn(k, dd, device=d, requires_grad=True),
+            (0.1 * t.randn(k, dd, device=d)).requires_grad_(),
+        )
+
+    def eager_gmm(x, lg, m, lv):
+        comp = -0.5 * ((x[:, None, :] - m) ** 2 * torch.exp(-lv) + lv + 1.8378770664093453).sum(-1)
+        return torch.logsumexp(comp + torch.log_softmax(lg, 0), dim=1).mean()
+
+    def four(ts: tuple) -> int:  # inputs read once + gradients written once
+        read = sum(t.numel() * t.element_size() for t in ts)
+        return read + sum(t.numel() * t.element_size() for t in ts if t.requires_grad)
+
+    cases = [
+        Case("gan", "gan_d_loss B=65536", logits(65536), gl.gan_d_loss,
+             lambda r, f: F.softplus(-r).mean() + F.softplus(f).mean(), four),
+        Case("gan", "gan_d_loss B=256", logits(256), gl.gan_d_loss,
+             lambda r, f: F.softplus(-r).mean() + F.softplus(f).mean(), four),
+        Case("gan", "l1_loss 4M", images((4, 4, 512, 512)), gl.l1_loss, F.l1_loss, four),
+    ]  # fmt: skip
+    if hasattr(gl, "negative_elbo"):
+        cases += [
+            Case("vae", "negative_elbo B=256 D=784", elbo(256, 784, 64), gl.negative_elbo, eager_elbo, four),
+            Case("vae", "negative_elbo 4M", elbo(16, 262144, 64), gl.negative_elbo, eager_elbo, four),
+            Case("vae", "gmm_log_likelihood N=20000 K=16 D=8", gmm_inputs(20000, 16, 8), gl.gmm_log_likelihood,
+                 eager_gmm, four),
+        ]  # fmt: skip
+    return cases
+
+
+def run_bench(
+    device: str = "cpu",
+    compile: bool = True,
+    reps: int = 7,
+    families: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run every case; returns {'copy_gbps': ..., 'rows': [...]} (times in seconds)."""
+    import torch
+
+    import genloss
+
+    cases = _cases(torch)
+    if families:
+        known = sorted({c.family for c in cases})
+        unknown = sorted(set(families) - set(known))
+        if unknown:
+            raise ValueError(f"unknown family {unknown}; available: {known}")
+        cases = [c for c in cases if c.family in families]
+    bw = copy_bandwidth(torch, device)
+    rows = []
+    for i, c in enumerate(cases):
+        if progress:
+            print(f"[{i + 1}/{len(cases)}] {c.family}: {c.name}", file=sys.stderr, flush=True)
+        torch.manual_seed(0)
+        ts = c.make(torch, device)
+        t_ours = _timeit(torch, _fwd_bwd(torch, c.ours, ts), device, reps)
+        t_eager = _timeit(torch, _fwd_bwd(torch, c.eager, ts), device, reps)
+        t_comp = None
+        if compile:
+            compiled = torch.compile(c.eager)
+            t_comp = _timeit(torch, _fwd_bwd(torch, compiled, ts), device, reps)
+        nb = c.nbytes(ts)
+        rows.append(
+            {
+                "family": c.family,
+                "case": c.name,
+                "genloss_s": t_ours,
+                "eager_s": t_eager,
+                "compile_s": t_comp,
+                "bytes": nb,
+                "genloss_gbps": nb / t_ours / 1e9,
+                "vs_eager": t_eager / t_ours,
+                "vs_compile": None if t_comp is None else t_comp / t_ours,
+            }
+        )
+    return {"device": device, "copy_gbps": bw, "build": genloss.build_info(), "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    bw = result["copy_gbps"]
+    head = f"{'family':7s} {'case':38s} {'genloss':>10s} {'eager':>10s} {'compile':>10s} {'x eager':>8s} {'x compile':>9s} {'GB/s':>7s} {'% copy':>7s}"
+    lines = [f"device {result['device']}, same-run copy bandwidth {bw:.1f} GB/s (fwd+bwd, median)", head]
+    for r in result["rows"]:
+        comp = "-" if r["compile_s"] is None else f"{r['compile_s'] * 1e3:8.2f}ms"
+        vc = "-" if r["vs_compile"] is None else f"{r['vs_compile']:.2f}"
+        lines.append(
+            f"{r['family']:7s} {r['case']:38s} {r['genloss_s'] * 1e3:8.2f}ms {r['eager_s'] * 1e3:8.2f}ms {comp:>10s}"
+            f" {r['vs_eager']:8.2f} {vc:>9s} {r['genloss_gbps']:7.2f} {100 * r['genloss_gbps'] / bw:6.1f}%"
+        )
+    return "\n".join(lines)
