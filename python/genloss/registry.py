@@ -14,12 +14,33 @@ Each array argument has a tuple of symbols, resolved against a ``sizes`` dict:
 
 * an int symbol (``'B'``, ``'Br'``, ``'Bf'``, ``'K'``, ``'F'``, ...) is one dimension;
 * a symbol starting with ``'...'`` (``'...'``, ``'...2'``) is a tuple of trailing dims
-  (possibly empty), e.g. ``('B', '...')`` = batch first, any trailing dims.
+  (possibly empty), e.g. ``('B', '...')`` = batch first, any trailing dims;
+* a symbol made of digits (``'1'``) is a literal size (a broadcast dimension).
 
 Arguments that share a symbol get the same size.  Two-population ops use
 separate batch symbols (``'Br'``/``'Bf'``) and share their trailing dims; the
 symbols an op does NOT require to match (it would accept them different) are
 listed in ``loose``.
+
+Variants may change the arguments, not only the hyperparameters
+----------------------------------------------------------------
+A ``Variant`` may replace an argument (``args=``: another shape rule, e.g. a
+per-feature or 0-d log-variance) or bring in an OPTIONAL one (``Arg(optional=True)``
+is absent unless a variant supplies it: ``negative_elbo``'s ``recon_logvar``).
+``record.at(variant)`` is the record specialised to one variant: exactly the
+arguments of that call, the differentiable ones among them, and entry points that
+take every array positionally (arguments marked ``keyword=True`` are routed to
+their keyword).  ``cases()`` yields specialised records, so a test written for a
+fixed signature covers every variant; ``make_inputs`` specialises by itself.
+
+Outputs
+-------
+The value is a loss (0-d, or ``(B,)`` for ``'none'``), or, for ``elementwise``
+records, the broadcast shape of the inputs (``normal_kl``), or any array of a
+value-only record (``differentiable=()``, ``reference_backward=None``:
+``gmm_responsibilities``); tests take the expected shape from the reference.
+The native entry point of a value-only op is adapted to the ``(value, ())``
+form of the others.
 
 This module imports only NumPy and the reference: no pytest, no torch, no native
 module (those are looked up lazily, so ``genloss verify`` works without them).
@@ -27,6 +48,8 @@ module (those are looked up lazily, so ``genloss verify`` works without them).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -35,11 +58,13 @@ from typing import Any
 import numpy as np
 
 from .reference import gan as _gan
+from .reference import vae as _vae
 
 __all__ = [
     "DOMAINS",
     "EXTREME",
     "KINK_MARGIN",
+    "NOT_REGISTERED",
     "ODD_SIZES",
     "RECORDS",
     "Arg",
@@ -48,9 +73,12 @@ __all__ = [
     "Variant",
     "by_name",
     "call_kwargs",
+    "capped",
     "cases",
     "draw_sizes",
     "extreme_ok",
+    "extreme_value",
+    "grad_scale",
     "make_inputs",
     "resolve_shapes",
 ]
@@ -70,6 +98,9 @@ class Arg:
     domain: str
     shape: tuple[str, ...]
     kinks: tuple[float, ...] = ()  # elementwise non-differentiable points (hinge: 1, -1)
+    broadcast: bool = False  # a parameter that broadcasts (fewer dims or a 0-d array are valid)
+    optional: bool = False  # absent (None) unless a variant supplies it in ``Variant.args``
+    keyword: bool = False  # passed by keyword (it follows the hyperparameters in the signature)
 
 
 @dataclass(frozen=True)
@@ -79,6 +110,7 @@ class Hyper:
     name: str
     kind: str
     choices: tuple[str, ...] = ()
+    low: float | None = None  # 'real' with a lower bound (beta >= 0): a value below it is bad input
 
 
 @dataclass(frozen=True)
@@ -90,7 +122,9 @@ class Variant:
     backward is by design not the derivative of the forward (spectral norm with an
     unconverged power iteration).  ``same``: pairs (symbol, symbol it must equal),
     e.g. RSGAN pairs real and fake element by element.  ``loose``: None inherits the
-    record's; else the symbols this variant does not require to match.
+    record's; else the symbols this variant does not require to match.  ``args``:
+    arguments that replace the record's of the same name (another shape rule) or
+    supply an optional one.
     """
 
     params: tuple[tuple[str, Any], ...] = ()
@@ -98,6 +132,7 @@ class Variant:
     fd: bool = True
     same: tuple[tuple[str, str], ...] = ()
     loose: tuple[str, ...] | None = None
+    args: tuple[Arg, ...] = ()
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -105,11 +140,15 @@ class Variant:
 
     @property
     def id(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.params) or "default"
+        parts = [f"{k}={v}" for k, v in self.params]
+        parts += [f"{a.name}:{'x'.join(a.shape) or 'scalar'}" for a in self.args]
+        return ",".join(parts) or "default"
 
 
-def _v(extreme_finite: bool | None = None, fd: bool = True, same=(), loose=None, **params: Any) -> Variant:
-    return Variant(tuple(params.items()), extreme_finite, fd, tuple(same), loose)
+def _v(
+    extreme_finite: bool | None = None, fd: bool = True, same=(), loose=None, args=(), **params: Any
+) -> Variant:
+    return Variant(tuple(params.items()), extreme_finite, fd, tuple(same), loose, tuple(args))
 
 
 DEFAULT = Variant()
@@ -122,7 +161,7 @@ class OpRecord:
     name: str
     family: str
     reference: Callable[..., Any]
-    reference_backward: Callable[..., Any]
+    reference_backward: Callable[..., Any] | None  # None: a value-only op (no gradient)
     args: tuple[Arg, ...]
     differentiable: tuple[str, ...]
     reductions: tuple[str, ...]  # () = the op takes no ``reduction`` argument
@@ -136,15 +175,56 @@ class OpRecord:
     has_native: bool = True
     value_index: int | None = None  # forward returns a tuple; the loss-like value is this element
     torch_name: str = ""  # '' = name
+    elementwise: bool = False  # the value has the inputs' broadcast shape (no reduction, no batch mean)
+    caps: tuple[tuple[str, int], ...] = ()  # largest size of a symbol in the large-input tests (cost)
+    rejects: tuple[tuple[Variant, str], ...] = ()  # invalid combinations: (variant, argument the error names)
+    # (argument, symbol): each entry of d/d<argument> sums one term of magnitude <= 1 per index
+    # of the symbol (times the upstream gradient), terms that may cancel; see ``grad_scale``.
+    bounded_sums: tuple[tuple[str, str], ...] = ()
+    base: OpRecord | None = None  # the unspecialised record, for one made by ``at``
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        # Arrays passed by keyword: the entry points take every array positionally, in ``args`` order.
+        names = tuple(a.name for a in self.args)
+        keyword = frozenset(a.name for a in self.args if a.keyword)
+        object.__setattr__(self, "reference", _routed(self.reference, names, keyword))
+        if self.reference_backward is not None:
+            object.__setattr__(
+                self, "reference_backward", _routed(self.reference_backward, names, keyword, backward=True)
+            )
+
+    # -- one variant -------------------------------------------------------------
+    def at(self, variant: Variant) -> OpRecord:
+        """This record specialised to ``variant``: its arguments (replaced / optional ones supplied,
+        absent optional ones left out), the differentiable ones among them, that one variant."""
+        base = self.base or self
+        over = {a.name: a for a in variant.args}
+        args = tuple(over.get(a.name, a) for a in base.args if a.name in over or not a.optional)
+        names = {a.name for a in args}
+        return dataclasses.replace(
+            base,
+            args=args,
+            differentiable=tuple(n for n in base.differentiable if n in names),
+            variants=(variant,),
+            reference=_raw(base.reference),
+            reference_backward=None if base.reference_backward is None else _raw(base.reference_backward),
+            base=base,
+        )
 
     # -- entry points in the other layers (imported lazily) -------------------
     @property
     def native(self) -> Callable[..., Any] | None:
-        """``genloss.native.<name>`` or None (no native version; imports the compiled module)."""
+        """``genloss.native.<name>`` or None (no native version; imports the compiled module).
+
+        Arrays positionally (keyword ones routed); a value-only op is adapted to return
+        ``(value, ())`` and to accept (and ignore) ``need_grad``."""
         if not self.has_native:
             return None
-        return getattr(importlib.import_module("genloss.native"), self.name)
+        fn = getattr(importlib.import_module("genloss.native"), self.name)
+        if not self.base_differentiable:
+            fn = _value_only(fn)
+        return self._route(fn)
 
     @property
     def torch_op_name(self) -> str:
@@ -152,8 +232,20 @@ class OpRecord:
 
     @property
     def torch(self) -> Callable[..., Any]:
-        """``genloss.torch.<name>`` (imports torch)."""
-        return getattr(importlib.import_module("genloss.torch"), self.torch_op_name)
+        """``genloss.torch.<name>`` (imports torch), arrays positionally (keyword ones routed)."""
+        return self._route(getattr(importlib.import_module("genloss.torch"), self.torch_op_name))
+
+    def bind(self, arrays: tuple, kwargs: Mapping[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """(positional, keyword) arguments of a call with ``arrays`` in ``args`` order."""
+        return _bind(self.arg_names, frozenset(a.name for a in self.args if a.keyword), arrays, kwargs)
+
+    def _route(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return _routed(fn, self.arg_names, frozenset(a.name for a in self.args if a.keyword))
+
+    @property
+    def base_differentiable(self) -> tuple[str, ...]:
+        """The differentiable arguments of the op (any variant)."""
+        return (self.base or self).differentiable
 
     # -- derived facts ---------------------------------------------------------
     @property
@@ -182,8 +274,46 @@ class OpRecord:
 
 
 def extreme_ok(record: OpRecord, variant: Variant) -> bool:
-    """Whether inputs of magnitude 1e4 must give a finite value and finite gradients."""
+    """Whether extreme inputs (each domain's ``extreme_value``) must give a finite value and gradients."""
     return record.extreme_finite if variant.extreme_finite is None else variant.extreme_finite
+
+
+def _bind(names, keyword, arrays, kwargs):
+    pos = tuple(a for n, a in zip(names, arrays, strict=False) if n not in keyword)
+    kw = {n: a for n, a in zip(names, arrays, strict=False) if n in keyword}
+    return pos + tuple(arrays[len(names) :]), {**kw, **kwargs}
+
+
+def _raw(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return getattr(fn, "__genloss_raw__", fn)
+
+
+def _routed(fn: Callable[..., Any], names: tuple[str, ...], keyword: frozenset, backward: bool = False):
+    """``fn`` taking every array positionally in ``names`` order (then ``grad_output`` for a
+    backward); the arrays named in ``keyword`` are passed by keyword.  Absent optional arrays
+    are trailing, so fewer arrays than names is fine."""
+    fn = _raw(fn)
+    if not keyword:
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        arrays, rest = (args[:-1], args[-1:]) if backward else (args, ())
+        pos, kw = _bind(names, keyword, arrays, kwargs)
+        return fn(*pos, *rest, **kw)
+
+    call.__genloss_raw__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def _value_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A native function returning one array, in the ``(value, grads)`` form (grads always empty)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, need_grad: Any = True, **kwargs: Any) -> tuple[Any, tuple]:
+        return fn(*args, **kwargs), ()
+
+    return call
 
 
 # ============================================================================= input domains
@@ -194,7 +324,10 @@ class Domain:
     description: str
     kind: str  # 'float' | 'int'
     make: Callable[[np.random.Generator, tuple[int, ...], Mapping[str, Any], Mapping[str, Any]], np.ndarray]
-    extreme: bool = True  # whether ``extreme=True`` injects +-1e4 into this argument
+    extreme: bool = True  # whether ``extreme=True`` injects +-extreme_value into this argument
+    extreme_value: float = EXTREME  # 1e4 for logits; 30 for log-variances (e^30 ~ 1e13) and moderate data
+    bounds: tuple[float, float] | None = None  # a closed domain: finite differences go one-sided at its ends
+    invalid: tuple[float, ...] = ()  # values outside the domain the ops must refuse (bad-input tests)
 
 
 def _few(rng: np.random.Generator, n: int, frac: float) -> np.ndarray:
@@ -253,6 +386,30 @@ def _vector(rng, shape, sizes, hyper):
     return rng.standard_normal(shape)
 
 
+def _moderate(rng, shape, sizes, hyper):
+    return rng.uniform(-2.0, 2.0, size=shape)
+
+
+def _data(rng, shape, sizes, hyper):
+    return 1.5 * rng.standard_normal(shape)
+
+
+def _probabilities(rng, shape, sizes, hyper):
+    x = rng.uniform(0.0, 1.0, size=shape)
+    if x.size >= 2:  # binary data: exact 0 and 1 (the ends of the domain)
+        idx = _few(rng, x.size, 0.3)
+        x.flat[idx] = rng.integers(0, 2, size=idx.size).astype(np.float64)
+    return x
+
+
+def _log_weights(rng, shape, sizes, hyper):
+    x = -5.0 + 3.0 * rng.standard_normal(shape)
+    if x.size >= 4:  # a few weights far apart: a near one-hot softmax
+        idx = _few(rng, x.size, 0.1)
+        x.flat[idx] = rng.uniform(-60.0, 20.0, size=idx.size)
+    return x
+
+
 DOMAINS: dict[str, Domain] = {
     "logits": Domain("real line, 3*N(0,1) plus ~10% of magnitude 12..40", "float", _logits),
     "scores": Domain("real line, 2*N(0,1) (critic scores, f-GAN critic outputs)", "float", _scores),
@@ -264,7 +421,15 @@ DOMAINS: dict[str, Domain] = {
     "images": Domain("U(-1, 1) images", "float", _images),
     "weight": Domain("(out, in) matrix with singular values 3 > 1.5 >= s_i >= 0.1", "float", _weight, False),
     "vector": Domain("N(0,1) vector (power-iteration start)", "float", _vector, extreme=False),
-}
+    "mean": Domain("Gaussian means, U(-2, 2); extreme +-30", "float", _moderate, extreme_value=30.0),
+    "logvar": Domain("log-variances, U(-2, 2); extreme +-30 (e^30 ~ 1e13 is finite in float32)", "float",
+                     _moderate, extreme_value=30.0),
+    "data": Domain("real data, 1.5*N(0,1); extreme +-30", "float", _data, extreme_value=30.0),
+    "probabilities": Domain("Bernoulli targets in [0, 1], ~30% exactly 0 or 1", "float", _probabilities,
+                            extreme=False, bounds=(0.0, 1.0), invalid=(-0.25, 1.25, float("nan"))),
+    "log_weights": Domain("log importance weights, N(-5, 9) plus ~10% in U(-60, 20); extreme +-1e4", "float",
+                          _log_weights),
+}  # fmt: skip
 
 
 # ============================================================================= sizes and inputs
@@ -302,7 +467,10 @@ def resolve_shapes(
     for a in record.args:
         shape: list[int] = []
         for s in a.shape:
-            shape.extend(sizes[s] if s.startswith("...") else (sizes[s],))
+            if s.isdigit():
+                shape.append(int(s))
+            else:
+                shape.extend(sizes[s] if s.startswith("...") else (sizes[s],))
         shapes[a.name] = tuple(int(d) for d in shape)
     return shapes
 
@@ -333,14 +501,18 @@ def make_inputs(
     variant: Variant = DEFAULT,
     *,
     extreme: bool = False,
+    interior: bool = False,
 ) -> tuple[np.ndarray, ...]:
-    """Positional array inputs of ``record`` drawn from its domains, in argument order.
+    """The array inputs of ``record.at(variant)`` drawn from their domains, in argument order.
 
     Floating arguments are generated in float64, moved away from kinks by
     ``KINK_MARGIN`` (if the op has any), then cast to ``dtype``; integer
     arguments (labels) are int64.  ``extreme=True`` sets about a quarter of the
-    entries of every floating argument whose domain allows it to +-1e4.
+    entries of every floating argument whose domain allows it to +-``extreme_value``.
+    ``interior=True`` moves entries of a bounded domain ``KINK_MARGIN`` inside it
+    (for checks that step both ways, e.g. ``torch.autograd.gradcheck``).
     """
+    record = record.at(variant)
     if sizes is None:
         sizes = draw_sizes(rng)
     sizes = dict(sizes)
@@ -355,7 +527,9 @@ def make_inputs(
         if extreme and dom.extreme and dom.kind == "float" and x.size:
             idx = _few(rng, x.size, 0.25)
             x = x.copy()
-            x.flat[idx] = rng.choice([-EXTREME, EXTREME], size=idx.size)
+            x.flat[idx] = rng.choice([-dom.extreme_value, dom.extreme_value], size=idx.size)
+        if interior and dom.bounds is not None:
+            x = np.clip(x, dom.bounds[0] + KINK_MARGIN, dom.bounds[1] - KINK_MARGIN)
         for k in a.kinks:
             x = _push_from(x, k, KINK_MARGIN)
         arrays[a.name] = x
@@ -370,6 +544,43 @@ def make_inputs(
         x = arrays[a.name]
         out.append(x.astype(np.int64) if DOMAINS[a.domain].kind == "int" else np.asarray(x, dtype=dtype))
     return tuple(out)
+
+
+def extreme_value(record: OpRecord, name: str) -> float | None:
+    """The magnitude ``make_inputs(extreme=True)`` injects into argument ``name`` (None: none)."""
+    dom = DOMAINS[record.arg(name).domain]
+    return dom.extreme_value if dom.extreme and dom.kind == "float" else None
+
+
+def grad_scale(
+    record: OpRecord, name: str, inputs: tuple, reduction: str | None, expected: Any, upstream: Any = 1.0
+) -> float:
+    r"""The magnitude the rounding error of the gradient w.r.t. ``name`` is proportional to.
+
+    ``max(1, max |expected|)`` in general; for an argument listed in ``bounded_sums`` at
+    least :math:`S = n \max|w|` (:math:`\max|w|` for ``'mean'``), n the size of the symbol:
+    each entry sums n terms of magnitude :math:`\le |w|` that may cancel, so a correct
+    computation errs by ~eps * S however small the sum (the GMM's mixing-logit gradient
+    :math:`\sum_n (r_{nk} - \pi_k)` of a component with :math:`\pi_k \approx 1`).
+    """
+    e = np.asarray(expected, dtype=np.float64)
+    base = max(1.0, float(np.abs(e[np.isfinite(e)]).max(initial=0.0)))
+    for arg, sym in record.bounded_sums:
+        if arg != name:
+            continue
+        holder = next(i for i, a in enumerate(record.args) if sym in a.shape)
+        n = int(np.shape(inputs[holder])[record.args[holder].shape.index(sym)])
+        w = float(np.max(np.abs(np.asarray(upstream, dtype=np.float64)), initial=0.0))
+        base = max(base, w * (1 if reduction == "mean" else n))
+    return base
+
+
+def capped(record: OpRecord, sizes: Mapping[str, Any]) -> dict[str, Any]:
+    """``sizes`` with the record's ``caps`` applied (large-input tests of ops whose reference is costly)."""
+    out = dict(sizes)
+    for sym, cap in record.caps:
+        out[sym] = min(out[sym], cap)
+    return out
 
 
 def _defaults(record: OpRecord) -> dict[str, Any]:
@@ -390,11 +601,12 @@ def call_kwargs(record: OpRecord, variant: Variant = DEFAULT, reduction: str | N
 
 
 def cases(records: tuple[OpRecord, ...] | None = None) -> Iterator[tuple[OpRecord, Variant, str | None]]:
-    """Every (record, variant, reduction) triple; reduction None for ops without one."""
+    """Every (record specialised to the variant, variant, reduction); reduction None for ops without one."""
     for r in RECORDS if records is None else records:
         for v in r.variants:
+            spec = r.at(v)
             for red in r.reductions or (None,):
-                yield r, v, red
+                yield spec, v, red
 
 
 # ============================================================================= the GAN family
@@ -489,6 +701,79 @@ RECORDS: tuple[OpRecord, ...] = (
          loose=("...",)),
 )  # fmt: skip
 
+
+# ============================================================================= the VAE family
+
+
+def _vrec(name: str, args, diff, reductions, tag, **kw) -> OpRecord:
+    return OpRecord(
+        name=name,
+        family="vae",
+        reference=getattr(_vae, name),
+        reference_backward=getattr(_vae, name + "_backward", None),
+        args=tuple(args),
+        differentiable=tuple(diff),
+        reductions=tuple(reductions),
+        derivation=f"vae.md#VAE.{tag}",
+        **kw,
+    )
+
+
+def _lv(name: str, shape: tuple[str, ...], **kw) -> Arg:
+    """A log-variance argument that broadcasts: per element, per feature or 0-d."""
+    return Arg(name, "logvar", shape, broadcast=True, **kw)
+
+
+_GMM_ARGS = (
+    Arg("x", "data", ("B", "F")),
+    Arg("logits", "logits", ("K",)),
+    Arg("means", "mean", ("K", "F")),
+    Arg("logvars", "logvar", ("K", "F")),
+)
+# The reference forms the (N, K, D) array: the large-input tests keep K small.
+_GMM_CAPS = (("K", 5),)
+_RECON_LOGVAR = Arg("recon_logvar", "logvar", ("...",), broadcast=True, optional=True, keyword=True)
+
+VAE_RECORDS: tuple[OpRecord, ...] = (
+    _vrec("gaussian_kl", [Arg("mu", "mean", ("B", "...")), Arg("logvar", "logvar", ("B", "..."))],
+          ("mu", "logvar"), _ALL, 4),
+    _vrec("normal_kl", [Arg("mean1", "mean", ("B", "..."), broadcast=True), _lv("logvar1", ("B", "...")),
+                        Arg("mean2", "mean", ("B", "..."), broadcast=True), _lv("logvar2", ("B", "..."))],
+          ("mean1", "logvar1", "mean2", "logvar2"), (), 5, elementwise=True,
+          # NumPy broadcasting: (B, 1), (F,), (B, F) and 0-d give a (B, F) value
+          variants=(DEFAULT, _v(args=(Arg("mean1", "mean", ("B", "1"), broadcast=True), _lv("logvar1", ("F",)),
+                                      Arg("mean2", "mean", ("B", "F"), broadcast=True), _lv("logvar2", ()))))),
+    _vrec("bernoulli_nll", [Arg("logits", "logits", ("B", "...")), Arg("x", "probabilities", ("B", "..."))],
+          ("logits", "x"), _ALL, 6),
+    _vrec("gaussian_nll", [Arg("mean", "mean", ("B", "...")), Arg("x", "data", ("B", "...")),
+                           _lv("logvar", ("B", "..."))],
+          ("mean", "x", "logvar"), _ALL, 7,
+          # per element, one learned scalar, per feature (the last: the non-contiguous tests use it)
+          variants=(DEFAULT, _v(args=(_lv("logvar", ()),)), _v(args=(_lv("logvar", ("...",)),)))),
+    _vrec("negative_elbo", [Arg("recon", "logits", ("B", "...")), Arg("x", "probabilities", ("B", "...")),
+                            Arg("mu", "mean", ("B", "...2")), Arg("logvar", "logvar", ("B", "...2")), _RECON_LOGVAR],
+          ("recon", "mu", "logvar", "recon_logvar"), _ALL, 8,
+          hypers=(Hyper("beta", "real", low=0.0), Hyper("likelihood", "choice", ("bernoulli", "gaussian"))),
+          # recon_logvar None (unit variance), per element, per feature; beta 0 (no rate term) to 4
+          variants=(DEFAULT, _v(beta=0.25, likelihood="bernoulli"), _v(beta=4.0, likelihood="gaussian"),
+                    _v(beta=2.5, likelihood="gaussian",
+                       args=(dataclasses.replace(_RECON_LOGVAR, shape=("B", "...")),)),
+                    _v(beta=0.0, likelihood="gaussian", args=(_RECON_LOGVAR,))),
+          rejects=((_v(likelihood="bernoulli", args=(_RECON_LOGVAR,)), "recon_logvar"),)),
+    _vrec("iwae_bound", [Arg("log_weights", "log_weights", ("B", "K"))], ("log_weights",), _ALL, 10),
+    _vrec("gmm_log_likelihood", _GMM_ARGS, ("x", "logits", "means", "logvars"), _ALL, 11, caps=_GMM_CAPS,
+          bounded_sums=(("logits", "B"),)),  # sum_n w_n (r_nk - pi_k), |r - pi| <= 1
+    _vrec("gmm_responsibilities", _GMM_ARGS, (), (), 12, caps=_GMM_CAPS),
+)  # fmt: skip
+
+RECORDS = RECORDS + VAE_RECORDS
+
+# Reference functions with no record, and why (a test checks this list is complete).
+NOT_REGISTERED: dict[str, str] = {
+    "gmm_em_step": "reference only (no native or torch layer, no gradient); checked by "
+    "tests/test_vae_identities.py (the log-likelihood never decreases)",
+}
+
 _BY_NAME = {r.name: r for r in RECORDS}
 
 
@@ -504,9 +789,21 @@ def _check_registry() -> None:
             problems.append("differentiable names an unknown argument")
         if any(a.domain not in DOMAINS for a in r.args):
             problems.append("unknown domain")
-        for v in r.variants:
+        for v in (*r.variants, *(rv for rv, _ in r.rejects)):
             if not set(v.kwargs) <= {h.name for h in r.hypers}:
                 problems.append(f"variant {v.id} sets an undeclared hyperparameter")
+            if not {a.name for a in v.args} <= set(r.arg_names):
+                problems.append(f"variant {v.id} replaces an unknown argument")
+        for arg, sym in r.bounded_sums:
+            if arg not in r.differentiable or not any(sym in a.shape for a in r.args):
+                problems.append(f"bounded_sums ({arg}, {sym}): not a differentiable argument and a symbol")
+        if r.reference_backward is None and r.differentiable:
+            problems.append("differentiable arguments but no reference backward")
+        seen_optional = False
+        for a in r.args:  # absent optional arrays must be trailing (calls pass the others positionally)
+            if seen_optional and not a.optional:
+                problems.append(f"optional arguments must come last ({a.name})")
+            seen_optional = seen_optional or a.optional
         if problems:
             raise ValueError(f"registry record {r.name}: " + "; ".join(problems))
 

@@ -44,8 +44,6 @@ def _excess(
 def _torch_call(record: R.OpRecord, inputs: tuple, kwargs: dict, dtype: str, device: str) -> tuple[Any, list]:
     import torch
 
-    import genloss.torch as gl
-
     ts = []
     for a in inputs:
         t = torch.as_tensor(np.asarray(a))
@@ -54,8 +52,7 @@ def _torch_call(record: R.OpRecord, inputs: tuple, kwargs: dict, dtype: str, dev
         t = t.to(device)
         ts.append(t)
     diff = [ts[record.arg_names.index(n)].requires_grad_(True) for n in record.differentiable]
-    fn = getattr(gl, record.torch_name or record.name)
-    out = fn(*ts, **kwargs)
+    out = record.torch(*ts, **kwargs)  # arrays positionally; keyword ones (recon_logvar) routed
     value = out[record.value_index] if record.value_index is not None else out
     grads = torch.autograd.grad(value.sum(), diff, allow_unused=True) if diff else ()
     return value.detach(), [None if g is None else g.detach() for g in grads]
@@ -103,6 +100,7 @@ def check(
     rel_v = rel_g = 0.0
     error = None
     for variant in record.variants:
+        record = record.at(variant)  # the arguments of this variant's call
         for reduction in record.reductions or (None,):
             for dtype in dtypes:
                 inputs = R.make_inputs(record, rng, np.dtype(dtype), None, variant)
@@ -122,10 +120,10 @@ def check(
                     continue
                 ev, rv = _excess(value, ref_v, kind, dtype, value_scale(inputs, reduction, ref_v))
                 worst_v, rel_v = max(worst_v, ev), max(rel_v, rv)
-                for g, rg in zip(grads, ref_g, strict=False):
+                for n, g, rg in zip(record.differentiable, grads, ref_g, strict=False):
                     if g is None:
                         continue
-                    eg, rg_ = _excess(g, rg, kind, dtype)
+                    eg, rg_ = _excess(g, rg, kind, dtype, R.grad_scale(record, n, x64, reduction, rg))
                     worst_g, rel_g = max(worst_g, eg), max(rel_g, rg_)
     ok = error is None and worst_v <= 1.0 and worst_g <= 1.0
     return {

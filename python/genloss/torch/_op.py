@@ -147,14 +147,17 @@ class LossOp:
 
     def _wkernel(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         *args, row_weights, need_grad = args  # type: ignore[assignment]
-        return self._native(args, need_grad, row_weights=row_weights.to(args[self.tensor_idx[0]].dtype))
+        first = args[self.tensor_idx[0]]  # the kernel computes in float32 for float16/bfloat16 inputs
+        dt = torch.float32 if first.dtype in _LOW else first.dtype
+        return self._native(args, need_grad, row_weights=row_weights.to(dt))
 
     def _fake(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         *args, need_grad = args  # type: ignore[assignment]
         first = args[self.tensor_idx[0]]
         dt = torch.float32 if first.dtype in _LOW else first.dtype
-        if self.elementwise:
-            shape: tuple = tuple(first.shape)
+        if self.elementwise:  # the kernel broadcasts its inputs (NumPy rules)
+            shapes = [args[i].shape for i in self.tensor_idx if args[i] is not None]
+            shape: tuple = tuple(torch.broadcast_shapes(*shapes))
         elif self.red_idx is not None and args[self.red_idx] == "none":
             shape = (first.shape[0],)
         else:

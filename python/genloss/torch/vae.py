@@ -2,7 +2,12 @@ r"""The VAE family and Gaussian mixtures as torch custom ops (``torch.ops.genlos
 
 Signatures follow ``genloss.reference.vae``; the math runs in ``genloss.native.vae``.
 Broadcast log-variances are expanded with torch ops before the kernel, so
-autograd sums their gradients back to their own shape.
+autograd sums their gradients back to their own shape (a 'none' reduction weights
+each sample's share before the sum).  A float16/bfloat16 parameter that is
+broadcast is widened to float32 first (the kernel computes in float32 anyway):
+its gradient is then summed in float32 and rounded to the input dtype once, not
+rounded per element and summed in the low precision (which loses ~1% on a scalar
+log-variance, and turns +-inf per-element terms into NaN).
 """
 
 from __future__ import annotations
@@ -16,12 +21,20 @@ from ._op import LossOp, lib
 R = "str reduction='mean'"
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _widened(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` as float32 if it is low precision AND will be broadcast (its gradient is a sum)."""
+    return t.float() if t.dtype in _LOW and tuple(t.shape) != tuple(shape) else t
+
+
 def _expand_logvar(args: list) -> list:
     """gaussian_nll(mean, x, logvar, ...): logvar broadcast to mean's shape."""
     mean, _, logvar = args[0], args[1], args[2]
     if isinstance(logvar, torch.Tensor) and isinstance(mean, torch.Tensor):
         try:
-            args[2] = logvar.expand(mean.shape)
+            args[2] = _widened(logvar, mean.shape).expand(mean.shape)
         except RuntimeError:
             raise ValueError(
                 f"logvar must broadcast to the shape of mean {tuple(mean.shape)}, got shape {tuple(logvar.shape)}"
@@ -34,7 +47,7 @@ def _expand_recon_logvar(args: list) -> list:
     recon, rlv = args[0], args[6]
     if isinstance(rlv, torch.Tensor) and isinstance(recon, torch.Tensor):
         try:
-            args[6] = rlv.expand(recon.shape)
+            args[6] = _widened(rlv, recon.shape).expand(recon.shape)
         except RuntimeError:
             raise ValueError(
                 f"recon_logvar must broadcast to the shape of recon {tuple(recon.shape)}, got {tuple(rlv.shape)}"
@@ -47,7 +60,8 @@ def _broadcast_four(args: list) -> list:
     ts = args[:4]
     if all(isinstance(t, torch.Tensor) for t in ts):
         try:
-            args[:4] = torch.broadcast_tensors(*ts)
+            shape = torch.broadcast_shapes(*(t.shape for t in ts))
+            args[:4] = torch.broadcast_tensors(*(_widened(t, shape) for t in ts))
         except RuntimeError:
             got = ", ".join(
                 f"{n} {tuple(t.shape)}"
