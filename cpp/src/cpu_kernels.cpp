@@ -402,6 +402,9 @@ void gmm_t(const GmmArgs& a) {
         const double* mk = mu.data() + k * D;
         const double* ik = iv.data() + k * D;
         double q = 0.0;
+        // A vectorised sum over d: its order depends only on the ISA build, never
+        // on threads, so results stay deterministic run to run.
+#pragma omp simd reduction(+ : q)
         for (int64_t d = 0; d < D; ++d) {
           const double diff = static_cast<double>(xn[d]) - mk[d];
           q += diff * diff * ik[d];
@@ -422,15 +425,21 @@ void gmm_t(const GmmArgs& a) {
         const double wr = w * r;
         const double* mk = mu.data() + k * D;
         const double* ik = iv.data() + k * D;
-        if (pgrad) S0[k] += wr;
-        for (int64_t d = 0; d < D; ++d) {
-          const double diff = static_cast<double>(xn[d]) - mk[d];
-          const double t = diff * ik[d];
-          gxd[d] -= r * t;
-          if (pgrad) {
-            U[k * D + d] += wr * diff;
-            V[k * D + d] += wr * diff * diff;
+        double* gk = gxd.data();
+        if (pgrad) {
+          S0[k] += wr;
+          double* Uk = U + k * D;
+          double* Vk = V + k * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            const double diff = static_cast<double>(xn[d]) - mk[d];
+            gk[d] -= r * diff * ik[d];
+            Uk[d] += wr * diff;
+            Vk[d] += wr * diff * diff;
           }
+        } else {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) gk[d] -= r * (static_cast<double>(xn[d]) - mk[d]) * ik[d];
         }
       }
       if (gx)
