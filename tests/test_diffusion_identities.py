@@ -22,10 +22,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fd import check_fd as _check_fd
+from fd import grad_output as _grad_output
+from fd import weights as _weights
 from genloss.reference import diffusion as R
-from tolerances import assert_all_finite, assert_close
+from tolerances import assert_all_finite
 
-FD_STEP = 1e-6  # relative step, as tests/test_reference.py: h = FD_STEP * max(1, |x|)
 REDUCTIONS = ("none", "sum", "mean")
 Z_MC = 4.0
 # Closed forms vs the reference: a few hundred O(1) float64 operations; schedules built
@@ -82,42 +84,6 @@ def _gauss_kl(m1, v1, m2, v2):
 
 def _grid_levels(bits):
     return -1.0 + 2.0 * np.arange(2**bits) / (2**bits - 1)
-
-
-def _weights(rng, shape):
-    return rng.uniform(0.5, 1.5, size=shape) * rng.choice([-1.0, 1.0], size=shape)
-
-
-def _grad_output(rng, reduction, batch):
-    return _weights(rng, (batch,)) if reduction == "none" else float(_weights(rng, ()))
-
-
-def _finite_difference(f, arrays, which, weights):
-    arrays = [a.copy() for a in arrays]
-    x = arrays[which]
-    grad = np.empty_like(x)
-    for i in range(x.size):
-        x0 = x.flat[i]
-        h = FD_STEP * max(1.0, abs(x0))
-        x.flat[i] = x0 + h
-        xp, fp = x.flat[i], float(np.sum(weights * f(*arrays)))
-        x.flat[i] = x0 - h
-        xm, fm = x.flat[i], float(np.sum(weights * f(*arrays)))
-        x.flat[i] = x0
-        grad.flat[i] = (fp - fm) / (xp - xm)
-    return grad
-
-
-def _check_fd(name, f, backward, arrays, grad_output, differentiable):
-    """The analytic gradients (one per differentiable array, in order) against finite differences."""
-    weights = np.asarray(grad_output, dtype=np.float64)
-    analytic = backward(*arrays, grad_output)
-    assert isinstance(analytic, tuple) and len(analytic) == len(differentiable), name
-    for which, g in zip(differentiable, analytic, strict=True):
-        assert g.shape == arrays[which].shape, f"{name}: grad {which} shape {g.shape}"
-        assert g.dtype == np.float64
-        numeric = _finite_difference(f, arrays, which, weights)
-        assert_close(g, numeric, "fd", np.float64, f"{name} d/d(arg {which})")
 
 
 LINEAR = R.DiffusionSchedule(R.linear_betas(1000))

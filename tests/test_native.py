@@ -23,7 +23,6 @@ Records are specialised to each variant (``record.at(variant)``): the arguments 
 from __future__ import annotations
 
 import contextlib
-import zlib
 
 import numpy as np
 import pytest
@@ -31,6 +30,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from genloss import registry as R
+from strategies import seed_of as _seed
+from strategies import sizes as _sizes
 from tolerances import assert_all_finite, assert_close, value_scale
 
 torch = pytest.importorskip("torch")  # for the torch-tensor inputs; genloss.native itself never imports it
@@ -40,24 +41,6 @@ NATIVE_RECORDS = tuple(r for r in R.RECORDS if r.has_native)
 NATIVE_CASES = list(R.cases(NATIVE_RECORDS))
 CASE_IDS = [f"{r.name}-{v.id}-{red}" for r, v, red in NATIVE_CASES]
 DTYPES = [np.float32, np.float64]
-
-
-def _seed(*parts) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
-
-
-def _sizes(max_batch: int, max_dim: int, max_trailing: int = 3) -> st.SearchStrategy[dict]:
-    return st.fixed_dictionaries(
-        {
-            **{s: st.integers(1, max_batch) for s in R.BATCH_SYMBOLS},
-            **{s: st.integers(1, max_dim) for s in R.DIM_SYMBOLS},
-            "K": st.integers(2, max_dim + 1),
-            **{
-                g: st.lists(st.integers(1, max_dim), max_size=max_trailing).map(tuple)
-                for g in R.GROUP_SYMBOLS
-            },
-        }
-    )
 
 
 def _as64(inputs):

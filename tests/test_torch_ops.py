@@ -26,14 +26,14 @@ passed positionally to ``record.torch`` (which routes keyword arrays such as ``r
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from genloss import registry as R
+from strategies import seed_of as _seed
+from strategies import sizes as _sizes
 from tolerances import assert_all_finite, assert_close, value_scale
 
 torch = pytest.importorskip("torch")
@@ -42,24 +42,6 @@ gt = pytest.importorskip("genloss.torch")
 CASES = list(R.cases())
 CASE_IDS = [f"{r.name}-{v.id}-{red}" for r, v, red in CASES]
 TORCH_DTYPES = [torch.float64, torch.float32]
-
-
-def _seed(*parts) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
-
-
-def _sizes(max_batch: int, max_dim: int, max_trailing: int = 3) -> st.SearchStrategy[dict]:
-    return st.fixed_dictionaries(
-        {
-            **{s: st.integers(1, max_batch) for s in R.BATCH_SYMBOLS},
-            **{s: st.integers(1, max_dim) for s in R.DIM_SYMBOLS},
-            "K": st.integers(2, max_dim + 1),
-            **{
-                g: st.lists(st.integers(1, max_dim), max_size=max_trailing).map(tuple)
-                for g in R.GROUP_SYMBOLS
-            },
-        }
-    )
 
 
 def to_torch(record, arrays, dtype=None, requires_grad=True, device="cpu"):

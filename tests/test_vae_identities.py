@@ -21,11 +21,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fd import check_fd as _check_fd
+from fd import grad_output as _grad_output
+from fd import weights as _weights
 from genloss.reference import vae as R
-from tolerances import assert_all_finite, assert_close
+from tolerances import assert_all_finite
 
 LOG_2PI = math.log(2.0 * math.pi)
-FD_STEP = 1e-6  # relative step, as tests/test_reference.py: h = FD_STEP * max(1, |x|)
 REDUCTIONS = ("none", "sum", "mean")
 Z_MC = 4.0  # Monte-Carlo tolerance in standard errors
 
@@ -55,44 +57,6 @@ def _mvn_logpdf(x, mean, cov):
     assert sign > 0
     quad = np.einsum("...i,...i->...", d, np.linalg.solve(cov, d.T).T)
     return -0.5 * (x.shape[-1] * LOG_2PI + logdet + quad)
-
-
-def _weights(rng, shape):
-    """A random upstream gradient with entries of either sign, away from 0."""
-    return rng.uniform(0.5, 1.5, size=shape) * rng.choice([-1.0, 1.0], size=shape)
-
-
-def _grad_output(rng, reduction, batch):
-    return _weights(rng, (batch,)) if reduction == "none" else float(_weights(rng, ()))
-
-
-def _finite_difference(f, arrays, which, weights):
-    r"""d/dx sum(weights * f(arrays)) for ``arrays[which]``, entry by entry (central differences)."""
-    arrays = [a.copy() for a in arrays]
-    x = arrays[which]
-    grad = np.empty_like(x)
-    for i in range(x.size):
-        x0 = x.flat[i]
-        h = FD_STEP * max(1.0, abs(x0))
-        x.flat[i] = x0 + h
-        xp, fp = x.flat[i], float(np.sum(weights * f(*arrays)))
-        x.flat[i] = x0 - h
-        xm, fm = x.flat[i], float(np.sum(weights * f(*arrays)))
-        x.flat[i] = x0
-        grad.flat[i] = (fp - fm) / (xp - xm)
-    return grad
-
-
-def _check_fd(name, f, backward, arrays, grad_output, differentiable):
-    """The analytic gradients (one per differentiable array, in order) against finite differences."""
-    weights = np.asarray(grad_output, dtype=np.float64)
-    analytic = backward(*arrays, grad_output)
-    assert isinstance(analytic, tuple) and len(analytic) == len(differentiable), name
-    for which, g in zip(differentiable, analytic, strict=True):
-        assert g.shape == arrays[which].shape, f"{name}: grad {which} shape {g.shape}"
-        assert g.dtype == np.float64
-        numeric = _finite_difference(f, arrays, which, weights)
-        assert_close(g, numeric, "fd", np.float64, f"{name} d/d(arg {which})")
 
 
 # ============================================================================= finite differences, every op
