@@ -16,6 +16,31 @@
 
 namespace genloss {
 
+// Which engine calls each native op is composed of (python/genloss/native/):
+//   gan_d_loss, gan_g_loss, jsd_estimate     map_reduce SoftplusNeg / Softplus
+//   lsgan_d_loss, lsgan_g_loss               map_reduce HalfSquare
+//   wgan_critic_loss, wgan_g_loss,
+//   hinge_g_loss                             map_reduce Linear (sign in the scale)
+//   hinge_d_loss                             map_reduce HingeRelu
+//   relativistic_d_loss, relativistic_g_loss map_reduce Linear (means), SoftplusNeg /
+//                                            Softplus with the other mean; SoftplusNegDiff
+//   gradient_penalty_from_grads              map_reduce Square (rows), GradPenaltyOfSqNorm,
+//                                            row_scale
+//   r1_penalty_from_grads                    map_reduce Square
+//   feature_matching_loss                    col_sum, map_reduce SquaredDiff, col_broadcast
+//   ssgan_critic_loss, ssgan_g_loss          row_lse modes 0, 1, 2
+//   l1_loss, pix2pix_g_loss,
+//   cycle_consistency_loss                   map_reduce AbsDiff (+ SoftplusNeg for pix2pix)
+//   fgan_d_loss, fgan_g_loss                 map_reduce FganActivation / FganConjugate
+//   gaussian_kl                              map_reduce GaussianKL
+//   normal_kl                                map_reduce NormalKL (elementwise output)
+//   bernoulli_nll                            map_reduce BernoulliNLL
+//   gaussian_nll                             map_reduce GaussianNLL
+//   negative_elbo                            map_reduce BernoulliNLL / GaussianNLL(Unit)
+//                                            + GaussianKL, accumulated per sample
+//   iwae_bound                               row_lse mode 3
+//   gmm_log_likelihood, gmm_responsibilities gmm
+//
 // X-macro of every functor the engines instantiate: (enum id, type).
 #define GENLOSS_FUNCTORS(X)                         \
   X(kSoftplusNeg, ops::SoftplusNeg)                 \
