@@ -95,3 +95,30 @@ def test_gradient_penalty_bad_input():
         gl.gradient_penalty(critic, torch.randn(2, 3, 4, 5), torch.randn(3, 3, 4, 5))
     with pytest.raises(ValueError, match="lambda_"):
         gl.gradient_penalty_from_grads(torch.randn(2, 3), lambda_=float("nan"))
+
+
+def test_no_grad_computes_no_gradient(monkeypatch):
+    """Under no_grad / inference_mode the kernel is asked for the value only, even
+    when the inputs require grad (a forward-only call must not write gradients)."""
+    import genloss.native.gan as native_gan
+
+    seen = []
+    real = native_gan.l1_loss
+
+    def spy(*args, need_grad=True, **kwargs):
+        seen.append(need_grad)
+        return real(*args, need_grad=need_grad, **kwargs)
+
+    monkeypatch.setattr(gl.gan.OPS["l1_loss"], "native", spy)
+    x = torch.randn(4, 3, requires_grad=True)
+    y = torch.randn(4, 3)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        seen.clear()
+        with ctx():
+            v = gl.l1_loss(x, y)
+        assert not v.requires_grad
+        assert seen and not any(any(s) if isinstance(s, tuple) else s for s in seen)
+        torch.testing.assert_close(v, (x.detach() - y).abs().mean())
+    seen.clear()
+    gl.l1_loss(x, y).backward()
+    assert seen == [(True, False)]  # with grad mode on: only the input that needs it

@@ -285,4 +285,11 @@ class LossOp:
         bound = self.bind(args, kwargs)
         if self.prepare is not None:
             bound = self.prepare(bound)
+        if not torch.is_grad_enabled():
+            # no_grad / inference_mode: value only. (Inside Function.forward,
+            # ctx.needs_input_grad follows requires_grad, not grad mode, so this
+            # must be decided here.)
+            need = [False] * len(self.diff_idx)
+            value, _ = self._kernel(*bound, need) if self.plain_eager(bound) else self.fwd(*bound, need)
+            return value
         return self.fn.apply(*bound)
