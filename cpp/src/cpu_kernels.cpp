@@ -418,6 +418,7 @@ void gmm_t(const GmmArgs& a) {
       rowv[n] = ll;
       const double w = a.grad_scale * (rw ? static_cast<double>(rw[n]) : 1.0);
       if (gx) std::fill(gxd.begin(), gxd.end(), 0.0);
+      if (!gx && !pgrad && !resp) continue;  // value only: no responsibilities needed
       for (int64_t k = 0; k < K; ++k) {
         const double r = ::exp(lp[k] - ll);
         if (resp) resp[n * K + k] = static_cast<T>(r);
