@@ -566,6 +566,25 @@ def markdown(result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+def print_summary(result: dict, probes: list, copy: float, json_path: str | None) -> None:
+    """The closing lines of a run (bandwidth, goals, load) and the optional JSON file."""
+    print()
+    sessions = ", ".join(f"{pr['copy_GBps']:.1f}" for pr in probes)
+    print(f"copy bandwidth, run-wide median: {copy:.1f} GB/s (probe sessions: {sessions}); "
+          f"triad {result['probe']['triad_GBps']:.1f} GB/s")  # fmt: skip
+    print("goals (reported, not asserted):")
+    for g in result["goals"]:
+        note = f" [{g['note']}]" if g.get("note") else ""
+        print(
+            f"  [{'met' if g['met'] else 'NOT met':>7}] {g['goal']}: {g['case']} ({g['alloc']}) {g['measured']}{note}"
+        )
+    print(f"load average at end: {result['loadavg_end']}; total {result['duration_s']:.0f} s")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {json_path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -651,20 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["loadavg_end"] = list(os.getloadavg())
     result["duration_s"] = time.perf_counter() - t_start
 
-    print()
-    sessions = ", ".join(f"{pr['copy_GBps']:.1f}" for pr in probes)
-    print(f"copy bandwidth, run-wide median: {copy:.1f} GB/s (probe sessions: {sessions}); "
-          f"triad {result['probe']['triad_GBps']:.1f} GB/s")  # fmt: skip
-    print("goals (reported, not asserted):")
-    for g in result["goals"]:
-        print(
-            f"  [{'met' if g['met'] else 'NOT met':>7}] {g['goal']}: {g['case']} ({g['alloc']}) {g['measured']}"
-        )
-    print(f"load average at end: {result['loadavg_end']}; total {result['duration_s']:.0f} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    print_summary(result, probes, copy, args.json)
     return 0
 
 

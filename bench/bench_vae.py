@@ -700,21 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["loadavg_end"] = list(os.getloadavg())
     result["duration_s"] = time.perf_counter() - t_start
 
-    print()
-    sessions = ", ".join(f"{pr['copy_GBps']:.1f}" for pr in probes)
-    print(f"copy bandwidth, run-wide median: {copy:.1f} GB/s (probe sessions: {sessions}); "
-          f"triad {result['probe']['triad_GBps']:.1f} GB/s")  # fmt: skip
-    print("goals (reported, not asserted):")
-    for g in result["goals"]:
-        note = f" [{g['note']}]" if g["note"] else ""
-        print(
-            f"  [{'met' if g['met'] else 'NOT met':>7}] {g['goal']}: {g['case']} ({g['alloc']}) {g['measured']}{note}"
-        )
-    print(f"load average at end: {result['loadavg_end']}; total {result['duration_s']:.0f} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    bg.print_summary(result, probes, copy, args.json)
     return 0
 
 
