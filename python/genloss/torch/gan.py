@@ -175,6 +175,12 @@ def gradient_penalty(
     return gradient_penalty_from_grads(grads, lambda_, center, one_sided, reduction)
 
 
+def _squared_norm_penalty(critic, x, name, gamma, grad_scaler, reduction) -> torch.Tensor:
+    C.batched(name, tuple(x.shape), reduction)
+    x = x.detach().requires_grad_(True)
+    return r1_penalty_from_grads(_input_grads(critic, x, grad_scaler), gamma, reduction)
+
+
 def r1_penalty(
     critic: Callable[[torch.Tensor], torch.Tensor],
     real: torch.Tensor,
@@ -183,9 +189,7 @@ def r1_penalty(
     reduction: str = "mean",
 ) -> torch.Tensor:
     r"""R1: :math:`\frac{\gamma}{2}\mathbb{E}\lVert\nabla_x D(x)\rVert^2` on real samples. (GAN.13)"""
-    C.batched("real", tuple(real.shape), reduction)
-    x = real.detach().requires_grad_(True)
-    return r1_penalty_from_grads(_input_grads(critic, x, grad_scaler), gamma, reduction)
+    return _squared_norm_penalty(critic, real, "real", gamma, grad_scaler, reduction)
 
 
 def r2_penalty(
@@ -196,9 +200,7 @@ def r2_penalty(
     reduction: str = "mean",
 ) -> torch.Tensor:
     r"""R2: :math:`\frac{\gamma}{2}\mathbb{E}\lVert\nabla_x D(x)\rVert^2` on generated samples. (GAN.13)"""
-    C.batched("fake", tuple(fake.shape), reduction)
-    x = fake.detach().requires_grad_(True)
-    return r1_penalty_from_grads(_input_grads(critic, x, grad_scaler), gamma, reduction)
+    return _squared_norm_penalty(critic, fake, "fake", gamma, grad_scaler, reduction)
 
 
 __all__ = [*OPS, "spectral_norm_sigma", "gradient_penalty", "r1_penalty", "r2_penalty"]

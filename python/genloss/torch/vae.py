@@ -29,30 +29,27 @@ def _widened(t: torch.Tensor, shape) -> torch.Tensor:
     return t.float() if t.dtype in _LOW and tuple(t.shape) != tuple(shape) else t
 
 
-def _expand_logvar(args: list) -> list:
-    """gaussian_nll(mean, x, logvar, ...): logvar broadcast to mean's shape."""
-    mean, _, logvar = args[0], args[1], args[2]
-    if isinstance(logvar, torch.Tensor) and isinstance(mean, torch.Tensor):
-        try:
-            args[2] = _widened(logvar, mean.shape).expand(mean.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"logvar must broadcast to the shape of mean {tuple(mean.shape)}, got shape {tuple(logvar.shape)}"
-            ) from None
-    return args
+def _expand(target: int, target_name: str, index: int, name: str):
+    """A ``prepare`` hook: args[index] (a log-variance) broadcast to args[target]'s shape."""
+
+    def prepare(args: list) -> list:
+        ref, lv = args[target], args[index]
+        if isinstance(lv, torch.Tensor) and isinstance(ref, torch.Tensor):
+            try:
+                args[index] = _widened(lv, ref.shape).expand(ref.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"{name} must broadcast to the shape of {target_name} {tuple(ref.shape)}, "
+                    f"got shape {tuple(lv.shape)}"
+                ) from None
+        return args
+
+    return prepare
 
 
-def _expand_recon_logvar(args: list) -> list:
-    """negative_elbo(recon, x, mu, logvar, beta, likelihood, recon_logvar, ...)."""
-    recon, rlv = args[0], args[6]
-    if isinstance(rlv, torch.Tensor) and isinstance(recon, torch.Tensor):
-        try:
-            args[6] = _widened(rlv, recon.shape).expand(recon.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"recon_logvar must broadcast to the shape of recon {tuple(recon.shape)}, got {tuple(rlv.shape)}"
-            ) from None
-    return args
+# gaussian_nll(mean, x, logvar, ...); negative_elbo(recon, x, mu, logvar, beta, likelihood, recon_logvar, ...)
+_expand_logvar = _expand(0, "mean", 2, "logvar")
+_expand_recon_logvar = _expand(0, "recon", 6, "recon_logvar")
 
 
 def _broadcast_four(args: list) -> list:
