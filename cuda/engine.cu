@@ -83,22 +83,26 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Grid: one block per (row, chunk). Thread t handles elements t, t+256, ... of
-// its chunk, in order; the block tree then sums the 256 thread partials.
+// Row r's entry of the per-row table (null without one); compute type A.
+template <class A>
+__device__ __forceinline__ const A* table_row(const MapReduceArgs& a, int64_t r) {
+  if (!a.table) return nullptr;
+  int64_t i = r;
+  if (a.index)
+    i = a.index_type == kInt32 ? static_cast<const int32_t*>(a.index)[r] : static_cast<const int64_t*>(a.index)[r];
+  return static_cast<const A*>(a.table) + i * a.table_stride;
+}
+
+// Thread's share of one chunk for functor F: elements i, i+256, ... in order.
 template <class F, class S, bool WG>
-__global__ void map_reduce_chunks(MapReduceArgs a, int64_t rows, int64_t cols, int64_t cpr, double* part,
-                                  double* dpart) {
+__device__ __forceinline__ void chunk_body(const MapReduceArgs& a, const Params<typename Acc<S>::type>& p,
+                                           int64_t begin, int64_t len, typename Acc<S>::type vs,
+                                           typename Acc<S>::type gs, typename Acc<S>::type& sv,
+                                           typename Acc<S>::type& sd) {
   using A = typename Acc<S>::type;
-  __shared__ double sh[kThreads];
-  const int64_t t = blockIdx.x;
-  const int64_t r = t / cpr, c = t % cpr;
-  const int64_t begin = r * cols + c * kChunk;
-  const int64_t len = cols - c * kChunk < kChunk ? cols - c * kChunk : kChunk;
-  const Params<A> p{A(a.pa), A(a.pb), A(a.pc), a.mode};
   constexpr int N = F::arity;
   S* ev = static_cast<S*>(a.out_elems);
-  const A vs = A(a.value_scale), gs = A(a.grad_scale), go = A(a.grad_offset);
-  A sv = A(0), sd = A(0);
+  const A go = A(a.grad_offset);
   for (int64_t i = threadIdx.x; i < len; i += kThreads) {
     const int64_t k = begin + i;
     A xs[N], d[N], v;
@@ -112,12 +116,39 @@ __global__ void map_reduce_chunks(MapReduceArgs a, int64_t rows, int64_t cols, i
         if (a.grad[q]) store(static_cast<S*>(a.grad[q]), k, d[q] * gs + go);
     }
   }
+}
+
+// Grid: one block per (row, chunk). Thread t handles elements t, t+256, ... of
+// its chunk, in order; the block tree then sums the 256 thread partials. A row
+// weight scales the row's elementwise values and gradients here, its partials
+// in finalize.
+template <class F, class S, bool WG>
+__global__ void map_reduce_chunks(MapReduceArgs a, int64_t rows, int64_t cols, int64_t cpr, double* part,
+                                  double* dpart) {
+  using A = typename Acc<S>::type;
+  __shared__ double sh[kThreads];
+  const int64_t t = blockIdx.x;
+  const int64_t r = t / cpr, c = t % cpr;
+  const int64_t begin = r * cols + c * kChunk;
+  const int64_t len = cols - c * kChunk < kChunk ? cols - c * kChunk : kChunk;
+  const Params<A> p{A(a.pa), A(a.pb), A(a.pc), a.mode, table_row<A>(a, r)};
+  const A wr = a.row_weight ? load(static_cast<const S*>(a.row_weight), r) : A(1);
+  const A vs = A(a.value_scale) * wr, gs = A(a.grad_scale) * wr;
+  A sv = A(0), sd = A(0);
+  if constexpr (has_alt<F>::value) {
+    if (p.rp && p.rp[F::alt_flag] != A(0))
+      chunk_body<typename F::Alt, S, WG>(a, p, begin, len, vs, gs, sv, sd);
+    else
+      chunk_body<F, S, WG>(a, p, begin, len, vs, gs, sv, sd);
+  } else {
+    chunk_body<F, S, WG>(a, p, begin, len, vs, gs, sv, sd);
+  }
   const double bs = block_sum(static_cast<double>(sv), sh);
   double bd = 0.0;
   if (WG) bd = block_sum(static_cast<double>(sd), sh);
   if (threadIdx.x == 0) {
     part[t] = bs;
-    if (WG) dpart[t] = bd;
+    if (WG) dpart[t] = bd * static_cast<double>(wr);
   }
 }
 
@@ -132,13 +163,19 @@ __global__ void sum_segments(const double* in, int64_t n, double* out) {
 }
 
 // One block: total over rows, scaled outputs, optional totals for the host.
+// Row weights (if any) scale each row sum here; out_rows_raw gets it unweighted.
 template <class S>
-__global__ void finalize(const double* rowv, int64_t rows, const double* dparts, int64_t ndp, double value_scale,
-                         S* out_value, int accumulate, S* out_rows, double* totals) {
+__global__ void finalize(double* rowv, int64_t rows, const double* dparts, int64_t ndp, double value_scale,
+                         S* out_value, int accumulate, S* out_rows, double* totals, const S* row_weight = nullptr,
+                         S* out_rows_raw = nullptr) {
   using A = typename Acc<S>::type;
   __shared__ double sh[kThreads];
   double s = 0.0, d = 0.0;
-  for (int64_t i = threadIdx.x; i < rows; i += kThreads) s += rowv[i];
+  for (int64_t i = threadIdx.x; i < rows; i += kThreads) {
+    if (out_rows_raw) store(out_rows_raw, i, static_cast<A>(value_scale * rowv[i]));
+    if (row_weight) rowv[i] *= static_cast<double>(load(row_weight, i));
+    s += rowv[i];
+  }
   for (int64_t i = threadIdx.x; i < ndp; i += kThreads) d += dparts[i];
   s = block_sum(s, sh);
   d = block_sum(d, sh);
@@ -161,7 +198,7 @@ __global__ void finalize(const double* rowv, int64_t rows, const double* dparts,
 
 template <class F, class S, bool WG>
 void map_reduce_t(const MapReduceArgs& a, cudaStream_t st) {
-  const bool per_row = a.out_rows != nullptr;
+  const bool per_row = a.out_rows || a.out_rows_raw || a.table || a.row_weight;
   const int64_t rows = per_row ? a.rows : 1;
   const int64_t cols = per_row ? a.cols : a.rows * a.cols;
   const int64_t cpr = ceil_div(cols, kChunk);
@@ -176,7 +213,8 @@ void map_reduce_t(const MapReduceArgs& a, cudaStream_t st) {
   check(cudaGetLastError(), "map_reduce launch");
   sum_segments<<<static_cast<unsigned>(rows), kThreads, 0, st>>>(part, cpr, rowv);
   finalize<S><<<1, kThreads, 0, st>>>(rowv, rows, dpart, WG ? ntask : 0, a.value_scale, static_cast<S*>(a.out_value),
-                                      a.accumulate, static_cast<S*>(a.out_rows), a.totals ? dev_totals : nullptr);
+                                      a.accumulate, static_cast<S*>(a.out_rows), a.totals ? dev_totals : nullptr,
+                                      static_cast<const S*>(a.row_weight), static_cast<S*>(a.out_rows_raw));
   check(cudaGetLastError(), "finalize launch");
   if (a.totals) {
     check(cudaMemcpyAsync(a.totals, dev_totals, 2 * sizeof(double), cudaMemcpyDeviceToHost, st), "totals");

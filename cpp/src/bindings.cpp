@@ -37,7 +37,9 @@ py::object map_reduce(int device, int device_id, std::uintptr_t stream, int func
                       int mode, int dtype, const std::vector<std::uintptr_t>& ins,
                       const std::vector<std::uintptr_t>& grads, int64_t rows, int64_t cols, double value_scale,
                       std::uintptr_t out_value, int accumulate, std::uintptr_t out_rows, std::uintptr_t out_elems,
-                      double grad_scale, double grad_offset, bool want_totals) {
+                      double grad_scale, double grad_offset, bool want_totals, std::uintptr_t table, int64_t table_rows,
+                      int table_stride, std::uintptr_t index, int index_type, std::uintptr_t row_weight,
+                      std::uintptr_t out_rows_raw) {
   if (functor < 0 || functor >= kNumFunctors) throw py::value_error("functor id out of range");
   if (ins.size() > kMaxArity || grads.size() > kMaxArity) throw py::value_error("too many inputs");
   double totals[2] = {0.0, 0.0};
@@ -60,6 +62,13 @@ py::object map_reduce(int device, int device_id, std::uintptr_t stream, int func
   a.grad_scale = grad_scale;
   a.grad_offset = grad_offset;
   a.totals = want_totals ? totals : nullptr;
+  a.table = P(table);
+  a.table_rows = table_rows;
+  a.table_stride = table_stride;
+  a.index = P(index);
+  a.index_type = index_type;
+  a.row_weight = P(row_weight);
+  a.out_rows_raw = P(out_rows_raw);
   run(device, device_id, stream, a, cpu::map_reduce, cuda::map_reduce);
   if (!want_totals) return py::none();
   return py::make_tuple(totals[0], totals[1]);
@@ -153,7 +162,13 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "genloss native engine (CPU, and CUDA when built with nvcc)";
   // clang-format off
-  m.def("map_reduce",    &map_reduce);
+  m.def("map_reduce",    &map_reduce,  // the per-row extensions are optional keywords
+        py::arg("device"), py::arg("device_id"), py::arg("stream"), py::arg("functor"), py::arg("pa"),
+        py::arg("pb"), py::arg("pc"), py::arg("mode"), py::arg("dtype"), py::arg("ins"), py::arg("grads"),
+        py::arg("rows"), py::arg("cols"), py::arg("value_scale"), py::arg("out_value"), py::arg("accumulate"),
+        py::arg("out_rows"), py::arg("out_elems"), py::arg("grad_scale"), py::arg("grad_offset"),
+        py::arg("want_totals"), py::arg("table") = 0, py::arg("table_rows") = 0, py::arg("table_stride") = 0,
+        py::arg("index") = 0, py::arg("index_type") = 0, py::arg("row_weight") = 0, py::arg("out_rows_raw") = 0);
   m.def("row_scale",     &row_scale);
   m.def("col_sum",       &col_sum);
   m.def("col_broadcast", &col_broadcast);

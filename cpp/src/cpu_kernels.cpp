@@ -121,14 +121,34 @@ std::vector<double>& scratch(size_t n) {
   return buf;
 }
 
+// Row r's entry of the per-row table (null without one).
+template <class T>
+const T* table_row(const MapReduceArgs& a, int64_t r) {
+  if (!a.table) return nullptr;
+  int64_t i = r;
+  if (a.index) i = a.index_type == kInt32 ? cptr<int32_t>(a.index)[r] : cptr<int64_t>(a.index)[r];
+  return cptr<T>(a.table) + i * a.table_stride;
+}
+
+// One chunk with the functor the row asks for (F, or F::Alt where flagged).
+template <class F, class T, bool WG>
+double row_chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go,
+                 double* dsum) {
+  if constexpr (has_alt<F>::value) {
+    if (p.rp && p.rp[F::alt_flag] != T(0)) return chunk<typename F::Alt, T, WG>(in, grad, ev, n, p, vs, gs, go, dsum);
+  }
+  return chunk<F, T, WG>(in, grad, ev, n, p, vs, gs, go, dsum);
+}
+
 template <class F, class T, bool WG>
 void map_reduce_t(const MapReduceArgs& a) {
-  const Params<T> p{T(a.pa), T(a.pb), T(a.pc), a.mode};
+  const Params<T> p0{T(a.pa), T(a.pb), T(a.pc), a.mode, nullptr};
   constexpr int N = F::arity;
   T* ev = ptr<T>(a.out_elems);
   const T vs = T(a.value_scale), gs = T(a.grad_scale), go = T(a.grad_offset);
-  // Without per-row output the whole tensor is one long row: fewer partials.
-  const bool per_row = a.out_rows != nullptr;
+  const T* w = cptr<T>(a.row_weight);
+  // Without per-row output or per-row inputs the whole tensor is one long row: fewer partials.
+  const bool per_row = a.out_rows || a.out_rows_raw || a.table || w;
   const int64_t rows = per_row ? a.rows : 1;
   const int64_t cols = per_row ? a.cols : a.rows * a.cols;
   const int64_t cpr = ceil_div(cols, kChunk);
@@ -149,18 +169,27 @@ void map_reduce_t(const MapReduceArgs& a) {
       xs[q] = cptr<T>(a.in[q]) + begin;
       gs_[q] = a.grad[q] ? ptr<T>(a.grad[q]) + begin : nullptr;
     }
+    Params<T> p = p0;
+    p.rp = table_row<T>(a, r);
+    const T wr = w ? w[r] : T(1);
     double ds = 0.0;
-    part[t] = chunk<F, T, WG>(xs, gs_, ev ? ev + begin : nullptr, len, p, vs, gs, go, &ds);
-    dpart[t] = ds;
+    part[t] = row_chunk<F, T, WG>(xs, gs_, ev ? ev + begin : nullptr, len, p, vs * wr, gs * wr, go, &ds);
+    dpart[t] = ds * static_cast<double>(wr);
   }
   for (int64_t r = 0; r < rows; ++r) rowv[r] = pairwise(part + r * cpr, cpr);
+  if (a.out_rows_raw) {
+    T* o = ptr<T>(a.out_rows_raw);
+    for (int64_t r = 0; r < rows; ++r) o[r] = static_cast<T>(a.value_scale * rowv[r]);
+  }
+  if (w)
+    for (int64_t r = 0; r < rows; ++r) rowv[r] *= static_cast<double>(w[r]);
   const double total = pairwise(rowv, rows);
   if (a.out_value) {
     T* o = ptr<T>(a.out_value);
     const double prev = a.accumulate ? static_cast<double>(o[0]) : 0.0;
     o[0] = static_cast<T>(prev + a.value_scale * total);
   }
-  if (per_row) {
+  if (a.out_rows) {
     T* o = ptr<T>(a.out_rows);
     for (int64_t r = 0; r < rows; ++r)
       o[r] = static_cast<T>((a.accumulate ? static_cast<double>(o[r]) : 0.0) + a.value_scale * rowv[r]);

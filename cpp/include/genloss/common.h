@@ -21,11 +21,14 @@
 namespace genloss {
 
 // Hyperparameters of one functor call. Held in the compute type T so the
-// inner loop does no conversions.
+// inner loop does no conversions. ``rp`` points at the current row's entry of a
+// per-row parameter table (MapReduceArgs::table: the diffusion schedule gathered
+// at each sample's timestep), or is null when the call has no table.
 template <class T>
 struct Params {
   T a, b, c;
   int mode;
+  const T* rp;
 };
 
 // ---- elementary math, overloaded for float and double ----------------------

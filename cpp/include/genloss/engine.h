@@ -9,8 +9,10 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "genloss/common.h"
+#include "genloss/ops/diffusion.h"
 #include "genloss/ops/gan.h"
 #include "genloss/ops/vae.h"
 
@@ -40,26 +42,41 @@ namespace genloss {
 //                                            + GaussianKL, accumulated per sample
 //   iwae_bound                               row_lse mode 3
 //   gmm_log_likelihood, gmm_responsibilities gmm
+//   q_sample, v_target, predict_x0_from_eps,
+//   posterior_mean_from_eps, q_posterior     map_reduce RowAffine (schedule table, elementwise)
+//   eps_mse_loss, vdm_continuous_loss,
+//   vdm_discrete_loss                        map_reduce SquaredDiff with row weights
+//   diffusion_mse_loss                       map_reduce DiffusionMSE (schedule table, row weights)
+//   discretized_gaussian_log_likelihood      map_reduce DiscretizedGaussianLL (elementwise)
+//   vlb_term                                 map_reduce VlbKL / VlbKLLearned, rows with t = 0
+//                                            their Alt, VlbDecoder
+//   prior_kl                                 map_reduce PriorKL
 //
 // X-macro of every functor the engines instantiate: (enum id, type).
-#define GENLOSS_FUNCTORS(X)                         \
-  X(kSoftplusNeg, ops::SoftplusNeg)                 \
-  X(kSoftplus, ops::Softplus)                       \
-  X(kHalfSquare, ops::HalfSquare)                   \
-  X(kLinear, ops::Linear)                           \
-  X(kHingeRelu, ops::HingeRelu)                     \
-  X(kSquare, ops::Square)                           \
-  X(kGradPenaltyOfSqNorm, ops::GradPenaltyOfSqNorm) \
-  X(kAbsDiff, ops::AbsDiff)                         \
-  X(kSquaredDiff, ops::SquaredDiff)                 \
-  X(kSoftplusNegDiff, ops::SoftplusNegDiff)         \
-  X(kFganActivation, ops::FganActivation)           \
-  X(kFganConjugate, ops::FganConjugate)             \
-  X(kGaussianKL, ops::GaussianKL)                   \
-  X(kBernoulliNLL, ops::BernoulliNLL)               \
-  X(kGaussianNLL, ops::GaussianNLL)                 \
-  X(kGaussianNLLUnit, ops::GaussianNLLUnit)         \
-  X(kNormalKL, ops::NormalKL)
+#define GENLOSS_FUNCTORS(X)                             \
+  X(kSoftplusNeg, ops::SoftplusNeg)                     \
+  X(kSoftplus, ops::Softplus)                           \
+  X(kHalfSquare, ops::HalfSquare)                       \
+  X(kLinear, ops::Linear)                               \
+  X(kHingeRelu, ops::HingeRelu)                         \
+  X(kSquare, ops::Square)                               \
+  X(kGradPenaltyOfSqNorm, ops::GradPenaltyOfSqNorm)     \
+  X(kAbsDiff, ops::AbsDiff)                             \
+  X(kSquaredDiff, ops::SquaredDiff)                     \
+  X(kSoftplusNegDiff, ops::SoftplusNegDiff)             \
+  X(kFganActivation, ops::FganActivation)               \
+  X(kFganConjugate, ops::FganConjugate)                 \
+  X(kGaussianKL, ops::GaussianKL)                       \
+  X(kBernoulliNLL, ops::BernoulliNLL)                   \
+  X(kGaussianNLL, ops::GaussianNLL)                     \
+  X(kGaussianNLLUnit, ops::GaussianNLLUnit)             \
+  X(kNormalKL, ops::NormalKL)                           \
+  X(kRowAffine, ops::RowAffine)                         \
+  X(kDiffusionMSE, ops::DiffusionMSE)                   \
+  X(kDiscretizedGaussianLL, ops::DiscretizedGaussianLL) \
+  X(kVlbKL, ops::VlbKL)                                 \
+  X(kVlbKLLearned, ops::VlbKLLearned)                   \
+  X(kPriorKL, ops::PriorKL)
 
 enum FunctorId : int {
 #define GENLOSS_ENUM(id, type) id,
@@ -88,6 +105,19 @@ GENLOSS_HD void eval_n(const T* x, const Params<T>& p, T& v, T* d) {
   }
 }
 
+// A functor may name an alternative functor (``using Alt = ...``, same arity)
+// and the index of a flag in its per-row parameters (``alt_flag``): rows whose
+// flag is nonzero run Alt instead (vlb_term's decoder term at t = 0). The
+// choice is per row, so a chunk never evaluates both.
+template <class F, class = void>
+struct has_alt {
+  static constexpr bool value = false;
+};
+template <class F>
+struct has_alt<F, std::void_t<typename F::Alt>> {
+  static constexpr bool value = true;
+};
+
 // map_reduce: for inputs in[0..arity) viewed as (rows, cols),
 //   value_r = sum_j f(in[.][r, j])
 //   total   = sum_r value_r                        (pairwise, fixed order)
@@ -97,6 +127,14 @@ GENLOSS_HD void eval_n(const T* x, const Params<T>& p, T& v, T* d) {
 //   grad[a][r, j] = grad_scale * df/din[a] + grad_offset  (each may be null)
 //   totals[0] = total, totals[1] = sum of df/din[0] (if totals; host doubles; the
 //   derivative sum only when a gradient is written)
+// Per-row extensions (each optional; any of them makes the work row-major):
+//   table:  (table_rows, table_stride) parameters in the COMPUTE type (float for
+//           float32/16/bf16 storage, double for float64); row r's functor sees
+//           p.rp = table + stride * (index ? index[r] : r)  (index int64/int32,
+//           validated by the caller)
+//   row_weight: rows values of the storage dtype; w_r multiplies row r's value,
+//           elementwise values and gradients (value_r above becomes w_r value_r)
+//   out_rows_raw[r] = value_scale * sum_j f(...)   (without w_r)
 struct MapReduceArgs {
   int functor;
   double pa, pb, pc;
@@ -112,6 +150,13 @@ struct MapReduceArgs {
   void* out_elems;  // rows * cols elements of dtype, may be null
   double grad_scale, grad_offset;
   double* totals;  // host, may be null (CUDA: synchronises the stream)
+  const void* table;
+  int64_t table_rows;
+  int table_stride;
+  const void* index;
+  int index_type;
+  const void* row_weight;
+  void* out_rows_raw;
 };
 
 // out[r, j] = scale * coef[r] * x[r, j]   (coef may be null: out = scale * x)

@@ -4,7 +4,21 @@
 ``(value, grads)``; see ``genloss.native.gan`` for the conventions.
 """
 
-from . import gan, vae
+from . import diffusion, gan, vae
+from .diffusion import (
+    diffusion_mse_loss,
+    discretized_gaussian_log_likelihood,
+    eps_mse_loss,
+    posterior_mean_from_eps,
+    predict_x0_from_eps,
+    prior_kl,
+    q_posterior,
+    q_sample,
+    v_target,
+    vdm_continuous_loss,
+    vdm_discrete_loss,
+    vlb_term,
+)
 from .gan import (
     cycle_consistency_loss,
     feature_matching_loss,
@@ -40,6 +54,19 @@ from .vae import (
 )
 
 __all__ = [
+    "diffusion",
+    "diffusion_mse_loss",
+    "discretized_gaussian_log_likelihood",
+    "eps_mse_loss",
+    "posterior_mean_from_eps",
+    "predict_x0_from_eps",
+    "prior_kl",
+    "q_posterior",
+    "q_sample",
+    "v_target",
+    "vdm_continuous_loss",
+    "vdm_discrete_loss",
+    "vlb_term",
     "gan",
     "vae",
     "bernoulli_nll",

@@ -4,10 +4,12 @@ Works in eager, under ``torch.compile(fullgraph=True)`` and passes
 ``torch.library.opcheck``. Importing this module registers the ops.
 """
 
-from . import gan, vae
+from . import diffusion, gan, vae
+from .diffusion import *  # noqa: F403
+from .diffusion import __all__ as _diffusion_all
 from .gan import *  # noqa: F403
 from .gan import __all__ as _gan_all
 from .vae import *  # noqa: F403
 from .vae import __all__ as _vae_all
 
-__all__ = ["gan", "vae", *_gan_all, *_vae_all]
+__all__ = ["diffusion", "gan", "vae", *_gan_all, *_vae_all, *_diffusion_all]

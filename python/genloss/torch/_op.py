@@ -89,6 +89,8 @@ class LossOp:
     ``shared_params``: some differentiable inputs are shared by all samples, so a
     'none' reduction cannot scale saved gradients per sample; its backward
     re-runs the kernel with per-sample weights (``<name>_wfwd``).
+    ``value_like``: the value has the shape of this argument (an elementwise map
+    whose other inputs, e.g. a per-step table, do not broadcast with it).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class LossOp:
         prepare: Callable[[list], list] | None = None,
         elementwise: bool = False,
         shared_params: bool = False,
+        value_like: str | None = None,
     ) -> None:
         self.name = name
         self.args = _parse(schema)
@@ -111,7 +114,8 @@ class LossOp:
         self.red_idx = self.names.index("reduction") if "reduction" in self.names else None
         self.native = native
         self.prepare = prepare
-        self.elementwise = elementwise
+        self.elementwise = elementwise or value_like is not None
+        self.value_like = None if value_like is None else self.names.index(value_like)
         self.shared_params = shared_params
         plain = ", ".join(f"{a[0]} {a[1]}" for a in self.args)  # no defaults: need_grad follows
         lib.define(f"{name}_fwd({plain}, bool[] need_grad) -> (Tensor, Tensor?[])")
@@ -155,9 +159,11 @@ class LossOp:
         *args, need_grad = args  # type: ignore[assignment]
         first = args[self.tensor_idx[0]]
         dt = torch.float32 if first.dtype in _LOW else first.dtype
-        if self.elementwise:  # the kernel broadcasts its inputs (NumPy rules)
+        if self.value_like is not None:
+            shape: tuple = tuple(args[self.value_like].shape)
+        elif self.elementwise:  # the kernel broadcasts its inputs (NumPy rules)
             shapes = [args[i].shape for i in self.tensor_idx if args[i] is not None]
-            shape: tuple = tuple(torch.broadcast_shapes(*shapes))
+            shape = tuple(torch.broadcast_shapes(*shapes))
         elif self.red_idx is not None and args[self.red_idx] == "none":
             shape = (first.shape[0],)
         else:

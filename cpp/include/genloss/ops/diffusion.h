@@ -1,0 +1,252 @@
+// genloss/ops/diffusion.h — per-element (value, derivative) functors of the
+// diffusion family. Tags (DIF.n) point to derivations/diffusion.md.
+//
+// The schedule enters through the per-row parameter table (Params::rp, see
+// MapReduceArgs in engine.h): Python gathers nothing per element; the engine
+// hands each row (sample) the schedule's entries at that sample's timestep, in
+// the compute type (float32 for float32/16/bf16 inputs, never rounded to the
+// input's low precision).
+#pragma once
+
+#include "genloss/common.h"
+
+namespace genloss {
+namespace ops {
+
+// ---- the normal CDF in log space, in double (DIF.10) --------------------------
+// float32's erfc underflows near z = -13, long before the asymptotic series is
+// accurate, so these always run in double; they are only used by the decoder
+// term (one row in T of vlb_term) and by discretized_gaussian_log_likelihood.
+GENLOSS_HD double gl_erfc(double x) {
+  return ::erfc(x);
+}
+
+constexpr double kLogSqrt2Pi = 0.91893853320467274178;
+constexpr double kSqrtHalf = 0.70710678118654752440;
+constexpr double kAsymptoticBelow = -20.0;
+
+GENLOSS_HD double log_normal_pdf(double z) {
+  return -0.5 * z * z - kLogSqrt2Pi;
+}
+
+// S(z) = sum_{n<=12} (-1)^n (2n-1)!! / z^{2n}: Phi(z) = phi(z) S(z) / (-z) as z -> -inf.
+GENLOSS_HD double mills_series(double z) {
+  const double w = 1.0 / (z * z);
+  double s = 1.0;
+  for (int n = 12; n > 0; --n) s = 1.0 - (2 * n - 1) * w * s;
+  return s;
+}
+
+// log Phi(z), a few ulp everywhere: log1p above 0, erfc in the middle, the
+// asymptotic series below -20 (before erfc underflows).               (DIF.10)
+GENLOSS_HD double log_ndtr(double z) {
+  if (z > 0.0) return ::log1p(-0.5 * gl_erfc(z * kSqrtHalf));
+  if (z >= kAsymptoticBelow) return ::log(0.5 * gl_erfc(-z * kSqrtHalf));
+  return log_normal_pdf(z) - ::log(-z) + ::log(mills_series(z));
+}
+
+// d/dz log Phi(z) = phi(z) / Phi(z), the inverse Mills ratio.        (DIF.10)
+GENLOSS_HD double log_ndtr_grad(double z) {
+  if (z < kAsymptoticBelow) return -z / mills_series(z);
+  return ::exp(log_normal_pdf(z) - log_ndtr(z));
+}
+
+// log(Phi(b) - Phi(a)) for finite a < b, moved to the lower side first so the
+// subtraction is of the smaller CDFs.                                 (DIF.10)
+GENLOSS_HD double log_diff_ndtr(double a, double b) {
+  double lo = a, hi = b;
+  if (a + b > 0.0) {
+    lo = -b;
+    hi = -a;
+  }
+  const double log_hi = log_ndtr(hi);
+  return log_hi + ::log1p(-::exp(log_ndtr(lo) - log_hi));
+}
+
+// improved-diffusion's tanh approximation of Phi and its derivative.  (DIF.11)
+constexpr double kTanhC = 0.79788456080286535588;  // sqrt(2/pi)
+constexpr double kTanhK = 0.044715;
+constexpr double kTanhClamp = 1e-12;
+
+GENLOSS_HD double tanh_cdf(double z) {
+  return 0.5 * (1.0 + ::tanh(kTanhC * (z + kTanhK * z * z * z)));
+}
+GENLOSS_HD double tanh_cdf_grad(double z) {
+  const double u = ::tanh(kTanhC * (z + kTanhK * z * z * z));
+  return 0.5 * (1.0 - u * u) * kTanhC * (1.0 + 3.0 * kTanhK * z * z);
+}
+
+// log P(bin of x) under N(mean, e^{2 log_scale}), edge bins open, and its
+// derivatives w.r.t. mean and log_scale.  h is half the bin width; tanh selects
+// the approximation (clamped at 1e-12, zero slope where clamped).  (DIF.9-DIF.11)
+GENLOSS_HD void discretized_ll(double x, double mean, double log_scale, double h, bool tanh, double& logp,
+                               double& dmean, double& dlog_scale) {
+  const bool lowest = x < -1.0 + h;
+  const bool highest = x > 1.0 - h;
+  const double inv_s = ::exp(-log_scale);
+  const double zlo = lowest ? 0.0 : (x - mean - h) * inv_s;  // (DIF.9) an open end reads 0
+  const double zhi = highest ? 0.0 : (x - mean + h) * inv_s;
+  double d_lo = 0.0, d_hi = 0.0;
+  if (tanh) {
+    const double cdf_hi = highest ? 1.0 : tanh_cdf(zhi);
+    const double cdf_lo = lowest ? 0.0 : tanh_cdf(zlo);
+    const double prob = cdf_hi - cdf_lo;
+    const bool live = prob > kTanhClamp;
+    logp = ::log(live ? prob : kTanhClamp);  // (DIF.11) the clamp
+    const double inv = live ? 1.0 / prob : 0.0;
+    if (!highest) d_hi = tanh_cdf_grad(zhi) * inv;
+    if (!lowest) d_lo = -tanh_cdf_grad(zlo) * inv;
+  } else if (lowest && highest) {  // one bin covers the line (cannot happen for bits >= 1)
+    logp = 0.0;
+  } else if (lowest) {  // log Phi(hi): slope the inverse Mills ratio
+    logp = log_ndtr(zhi);
+    d_hi = log_ndtr_grad(zhi);
+  } else if (highest) {  // log Phi(-lo)
+    logp = log_ndtr(-zlo);
+    d_lo = -log_ndtr_grad(-zlo);
+  } else {  // (DIF.10) d/dhi = phi(hi)/P, d/dlo = -phi(lo)/P, as exponentials of logs
+    logp = log_diff_ndtr(zlo, zhi);
+    d_hi = ::exp(log_normal_pdf(zhi) - logp);
+    d_lo = -::exp(log_normal_pdf(zlo) - logp);
+  }
+  dmean = -inv_s * (d_hi + d_lo);           // dz/dmean = -e^{-s}
+  dlog_scale = -(d_hi * zhi + d_lo * zlo);  // dz/ds = -z
+}
+
+// Elementwise log-probability of the data bin; inputs (x, mean, log_scale),
+// p.a = h = 1/(2^bits - 1), p.mode 0 exact / 1 tanh. d/dx is 0 (data).
+struct DiscretizedGaussianLL {
+  static constexpr int arity = 3;
+  template <class T>
+  GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
+    double lp, dm, ds;
+    discretized_ll(double(in[0]), double(in[1]), double(in[2]), double(p.a), p.mode == 1, lp, dm, ds);
+    v = T(lp);
+    d[0] = T(0);
+    d[1] = T(dm);
+    d[2] = T(ds);
+  }
+};
+
+// a x + b y with (a, b) = (rp[0], rp[1]) per row: q_sample, v_target,
+// predict_x0_from_eps, posterior_mean_from_eps and the posterior mean.
+//                                                       (DIF.2, DIF.3, DIF.7, DIF.14)
+struct RowAffine {
+  static constexpr int arity = 2;
+  template <class T>
+  GENLOSS_HD static void eval(T x, T y, const Params<T>& p, T& v, T& dx, T& dy) {
+    v = p.rp[0] * x + p.rp[1] * y;
+    dx = p.rp[0];
+    dy = p.rp[1];
+  }
+};
+
+// (pred - target)^2 with the target a x0 + b noise built in place, (a, b) =
+// (rp[0], rp[1]): eps (0, 1), x0 (1, 0), v (-sqrt(1-abar), sqrt(abar)).
+// Inputs (pred, x0, noise).                                     (DIF.12, DIF.14)
+struct DiffusionMSE {
+  static constexpr int arity = 3;
+  template <class T>
+  GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
+    const T r = in[0] - (p.rp[0] * in[1] + p.rp[1] * in[2]);
+    v = r * r;
+    d[0] = T(2) * r;
+    d[1] = -d[0] * p.rp[0];
+    d[2] = -d[0] * p.rp[1];
+  }
+};
+
+// L_T per element: a + b x0^2 with a = 1/2 (-abar - log(1 - abar)) and
+// b = abar/2 (scalars, precomputed in float64).                       (DIF.5)
+struct PriorKL {
+  static constexpr int arity = 1;
+  template <class T>
+  GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& dx) {
+    v = p.a + p.b * x * x;
+    dx = T(2) * p.b * x;
+  }
+};
+
+// Per-row table of vlb_term (python/genloss/native/diffusion.py builds it).
+enum VlbRow : int {
+  kVlbC1 = 0,        // posterior mean coefficient of x0
+  kVlbC2 = 1,        // ... of x_t
+  kVlbK1 = 2,        // model mean: k1 x_t - k2 eps, k1 = 1/sqrt(alpha_t)
+  kVlbK2 = 3,        // k2 = beta_t / (sqrt(1 - abar_t) sqrt(alpha_t))
+  kVlbLogTilde = 4,  // log beta~_t (clipped at t = 0)
+  kVlbLogBeta = 5,   // log beta_t
+  kVlbFixedLv = 6,   // the fixed model log-variance (fixedlarge)
+  kVlbFirst = 7,     // 1 at t = 0: the decoder term
+  kVlbFixedW = 8,    // e^{-fixed lv}
+  kVlbFixedC = 9,    // 1/2 (expm1(delta) - delta), delta = log beta~ - fixed lv
+  kVlbStride = 10
+};
+
+// The model's mean and log-variance of p(x_{t-1} | x_t) from (x_t, eps, v);
+// learned range: lv = log beta~ + (v + 1)/2 (log beta - log beta~).  (DIF.7, DIF.8)
+template <bool kLearned, class T>
+GENLOSS_HD void vlb_model(const T* in, const Params<T>& p, T& mean, T& lv) {
+  mean = p.rp[kVlbK1] * in[1] - p.rp[kVlbK2] * in[2];
+  if constexpr (kLearned)
+    lv = p.rp[kVlbLogTilde] + T(0.5) * (in[3] + T(1)) * (p.rp[kVlbLogBeta] - p.rp[kVlbLogTilde]);
+  else
+    lv = p.rp[kVlbFixedLv];
+}
+
+// t = 0: the decoder NLL -log p(x0 | x1) with mean mu_theta and log-scale lv/2;
+// inputs and outputs as VlbKL.                                  (DIF.4, DIF.9)
+template <bool kLearned>
+struct VlbDecoder {
+  static constexpr int arity = 4;
+  template <class T>
+  GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
+    T mean, lv;
+    vlb_model<kLearned>(in, p, mean, lv);
+    double lp, dm, ds;
+    discretized_ll(double(in[0]), double(mean), 0.5 * double(lv), double(p.a), false, lp, dm, ds);
+    v = T(-lp);
+    const T dmean = T(-dm), dlv = T(-0.5 * ds);
+    d[0] = T(0);
+    d[1] = T(0);
+    d[2] = -p.rp[kVlbK2] * dmean;                                                      // (DIF.7)
+    d[3] = kLearned ? T(0.5) * (p.rp[kVlbLogBeta] - p.rp[kVlbLogTilde]) * dlv : T(0);  // (DIF.8)
+  }
+};
+
+// t > 0: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) per element, the expm1
+// form of normal_kl (VAE.5); inputs (x0, x_t, eps_pred, v); gradients w.r.t.
+// eps_pred and v (x0, x_t: 0). The fixed variance needs no transcendental per
+// element: e^{-lv} and the variance part come from the table.  (DIF.4, DIF.6)
+template <bool kLearned>
+struct VlbKLT {
+  static constexpr int arity = 4;
+  using Alt = VlbDecoder<kLearned>;
+  static constexpr int alt_flag = kVlbFirst;
+  template <class T>
+  GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
+    T mean, lv;
+    vlb_model<kLearned>(in, p, mean, lv);
+    const T dm = p.rp[kVlbC1] * in[0] + p.rp[kVlbC2] * in[1] - mean;  // posterior mean - model mean
+    d[0] = T(0);
+    d[1] = T(0);
+    if constexpr (kLearned) {
+      const T delta = p.rp[kVlbLogTilde] - lv;
+      const T em1 = gl_expm1(delta);
+      const T w = gl_exp(-lv);
+      const T q = dm * dm * w;
+      v = T(0.5) * (em1 - delta + q);
+      d[2] = p.rp[kVlbK2] * dm * w;  // dKL/dmean = -dm w, dmean/deps = -k2
+      d[3] = T(0.5) * (p.rp[kVlbLogBeta] - p.rp[kVlbLogTilde]) * (T(-0.5) * (em1 + q));
+    } else {
+      const T w = p.rp[kVlbFixedW];
+      v = p.rp[kVlbFixedC] + T(0.5) * dm * dm * w;
+      d[2] = p.rp[kVlbK2] * dm * w;
+      d[3] = T(0);
+    }
+  }
+};
+using VlbKL = VlbKLT<false>;
+using VlbKLLearned = VlbKLT<true>;
+
+}  // namespace ops
+}  // namespace genloss

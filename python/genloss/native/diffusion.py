@@ -1,0 +1,629 @@
+r"""The diffusion family on the native engine.
+
+Same conventions as ``genloss.native.gan``: each function returns ``(value, grads)``
+with the gradients of ``sum(value)`` w.r.t. the differentiable inputs (``need_grad``
+a bool or one bool per differentiable input; ``()`` when none is asked).  Signatures
+follow ``genloss.reference.diffusion``; ``schedule`` is a
+``genloss.reference.DiffusionSchedule`` (or anything with a ``reference`` attribute
+holding one, such as ``genloss.torch.DiffusionSchedule``).
+
+The schedule reaches the kernels as a small per-step table in the compute type
+(float32 for float32/float16/bfloat16 inputs, float64 for float64), built once per
+schedule, dtype and device from the float64 arrays; each sample's row is gathered
+inside the kernel at its timestep (engine.h, ``MapReduceArgs::table``).  The math of
+each functor is in cpp/include/genloss/ops/diffusion.h; derivations/diffusion.md
+derives each line.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import _checks as C
+from ..reference import diffusion as R
+from ._compose import inputs, needs
+from ._engine import (
+    _C,
+    CPU,
+    FLOAT32,
+    FLOAT64,
+    Buf,
+    F,
+    as_input,
+    broadcast,
+    empty,
+    float_range,
+    int_range,
+    same_place,
+    stream_of,
+    sum_to,
+)
+
+PREDICTIONS = R.PREDICTIONS
+_ALL = C.REDUCTIONS
+
+# ============================================================================= plumbing
+
+
+def _schedule(schedule: Any) -> R.DiffusionSchedule:
+    ref = getattr(schedule, "reference", schedule)
+    if not isinstance(ref, R.DiffusionSchedule):
+        raise TypeError(f"schedule must be a DiffusionSchedule, got {type(schedule).__name__}")
+    return ref
+
+
+def _to_place(like: Buf, host: np.ndarray) -> Buf:
+    """A host array copied to ``like``'s device (itself on the CPU)."""
+    host = np.ascontiguousarray(host)
+    if like.device == CPU:
+        return as_input(host, "table")
+    if like.kind == "torch":
+        import torch
+
+        return as_input(torch.from_numpy(host).to(like.arr.device), "table")
+    if like.kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device_id):
+            return as_input(cupy.asarray(host), "table")
+    raise TypeError("genloss.native needs torch or CuPy for CUDA diffusion inputs")
+
+
+def _table(schedule: R.DiffusionSchedule, name: str, like: Buf, build) -> Buf:
+    """The per-step table ``name`` of ``schedule`` in ``like``'s compute type and place (cached:
+    a schedule is immutable)."""
+    cache = schedule.__dict__.setdefault("_genloss_tables", {})
+    key = (name, like.dtype == FLOAT64, like.device, like.device_id, like.kind)
+    buf = cache.get(key)
+    if buf is None:
+        host = np.asarray(build(schedule), dtype=np.float64 if like.dtype == FLOAT64 else np.float32)
+        buf = cache[key] = _to_place(like, host)
+    return buf
+
+
+def _timesteps(t: Any, ref: Buf, ref_name: str, num_timesteps: int) -> Buf:
+    tb = as_input(t, "t", integer=True)
+    if len(tb.shape) != 1 or tb.shape[0] != ref.rows:
+        raise ValueError(
+            f"t must have shape ({ref.rows},) (one timestep per sample of {ref_name}), got {tb.shape}"
+        )
+    if (tb.device, tb.device_id) != (ref.device, ref.device_id):
+        raise ValueError(f"t must be on the device of {ref_name}")
+    lo, hi = int_range(tb)
+    if lo < 0 or hi >= num_timesteps:
+        raise ValueError(f"t must lie in [0, {num_timesteps}), got range [{lo}, {hi}]")
+    return tb
+
+
+def _host(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    if hasattr(a, "get"):
+        return a.get()
+    return np.asarray(a)
+
+
+def _require_signal(schedule: R.DiffusionSchedule, tb: Buf, attr: str, what: str) -> None:
+    """As the reference: refuse steps where the eps parameterisation divides by zero."""
+    if np.any(getattr(schedule, attr) == 0.0):  # only schedules with zero terminal SNR pay the copy
+        R._require_signal(schedule, _host(tb.arr), attr, what)
+
+
+def _batched(names, arrays, reduction="none"):
+    bufs = inputs(names, arrays)
+    for n, b in zip(names, bufs, strict=True):
+        C.batched(n, b.shape, reduction)
+        C.same_shape(names[0], bufs[0].shape, n, b.shape)
+    return bufs
+
+
+def _xp(b: Buf):
+    if b.kind == "torch":
+        import torch
+
+        return torch
+    if b.kind == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _row_vector(name: str, value: Any, like: Buf, like_name: str, *, nonnegative: bool = False) -> Buf:
+    """A finite per-sample vector (B,) in ``like``'s dtype and place."""
+    b = as_input(value, name)
+    if b.shape != (like.rows,):
+        raise ValueError(f"{name} must have shape ({like.rows},) (one value per sample), got {b.shape}")
+    if (b.device, b.device_id) != (like.device, like.device_id):
+        raise ValueError(f"{name} must be on the device of {like_name}")
+    if b.dtype != like.dtype:  # a float64 weight vector for float32 data: cast the B values
+        b = as_input(b.arr.to(like.arr.dtype) if b.kind == "torch" else b.arr.astype(like.arr.dtype), name)
+    lo, hi = float_range(b)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must be finite")
+    if nonnegative and lo < 0:
+        raise ValueError(f"{name} must be >= 0, got min {lo}")
+    return b
+
+
+def _run(
+    functor: str,
+    ins: list[Buf],
+    grads: list[Buf | None],
+    *,
+    params=(0.0, 0.0, 0.0),
+    mode: int = 0,
+    value_scale: float = 1.0,
+    out: Buf | None = None,
+    rows_out: Buf | None = None,
+    elems_out: Buf | None = None,
+    grad_scale: float = 1.0,
+    table: Buf | None = None,
+    stride: int = 0,
+    index: Buf | None = None,
+    row_weight: Buf | None = None,
+    rows_raw: Buf | None = None,
+) -> None:
+    x = ins[0]
+    _C.map_reduce(
+        x.device, x.device_id, stream_of(x), F[functor], params[0], params[1], params[2], mode, x.dtype,
+        [b.ptr for b in ins], [0 if g is None else g.ptr for g in grads], x.rows, x.cols, value_scale,
+        0 if out is None else out.ptr, 0, 0 if rows_out is None else rows_out.ptr,
+        0 if elems_out is None else elems_out.ptr, grad_scale, 0.0, False,
+        table=0 if table is None else table.ptr, table_rows=0 if table is None else table.rows,
+        table_stride=stride, index=0 if index is None else index.ptr, index_type=0 if index is None else index.dtype,
+        row_weight=0 if row_weight is None else row_weight.ptr, out_rows_raw=0 if rows_raw is None else rows_raw.ptr,
+    )  # fmt: skip
+
+
+def _value_out(ref: Buf, reduction: str) -> tuple[Buf | None, Buf | None]:
+    """(scalar output, per-sample output): one of them, by the reduction."""
+    if reduction == "none":
+        return None, empty(ref, (ref.rows,))
+    return empty(ref, ()), None
+
+
+def _result(out: Buf | None, rows: Buf | None, grads: list[Buf | None], flags: tuple[bool, ...]):
+    value = (rows if out is None else out).arr
+    if not any(flags):
+        return value, ()
+    return value, tuple(None if g is None else g.arr for g in grads)
+
+
+# ============================================================================= linear maps (DIF.2, 3, 7, 14)
+
+
+def _linear(names, arrays, t, schedule, table_name, build, need_grad, signal=None):
+    """a_t * first + b_t * second, elementwise, with (a, b) from a per-step table."""
+    sched = _schedule(schedule)
+    x, _ = _batched(names, arrays)
+    tb = _timesteps(t, x, names[0], sched.num_timesteps)
+    if signal is not None:
+        _require_signal(sched, tb, *signal)
+    return linear_with_table(names, arrays, tb, _table(sched, table_name, x, build), need_grad)
+
+
+def linear_with_table(names, arrays, t, table, need_grad, what=None):
+    """The kernel of the linear maps, for a per-step (T, 2) ``table`` in the compute type
+    (the torch ops hold theirs as buffers).  ``what``: refuse steps whose row is not finite
+    (the eps parameterisation at zero terminal SNR), naming the quantity."""
+    x, y = _batched(names, arrays)
+    tab = _table_input(table, x, 2)
+    tb = t if isinstance(t, Buf) else _timesteps(t, x, names[0], tab.rows)
+    if what is not None:
+        _finite_rows(tab, tb, *what)
+    flags = needs(need_grad, 2)
+    out = empty(x, x.shape)
+    grads = [empty(b, b.shape) if f else None for b, f in zip((x, y), flags, strict=True)]
+    _run("RowAffine", [x, y], grads, elems_out=out, table=tab, stride=2, index=tb)
+    return _result(out, None, grads, flags)
+
+
+def _table_input(table, like: Buf, stride: int) -> Buf:
+    tab = table if isinstance(table, Buf) else as_input(table, "table")
+    want = FLOAT64 if like.dtype == FLOAT64 else FLOAT32
+    if tab.dtype != want or len(tab.shape) != 2 or tab.shape[1] != stride:
+        raise ValueError(f"table must be a (T, {stride}) array of the compute dtype of the inputs")
+    if (tab.device, tab.device_id) != (like.device, like.device_id):
+        raise ValueError("table must be on the device of the inputs")
+    return tab
+
+
+def _finite_rows(tab: Buf, tb: Buf, attr: str, what: str) -> None:
+    """Refuse timesteps whose table row is not finite (a division by sqrt(alpha_bar) or
+    sqrt(alpha) = 0), with the reference's message."""
+    xp = _xp(tab)
+    if bool(xp.isfinite(tab.arr).all()):
+        return
+    rows_ok = _host(xp.isfinite(tab.arr).all(axis=1) if xp is not np else np.isfinite(tab.arr).all(axis=1))
+    steps = _host(tb.arr)
+    bad = steps[~rows_ok[steps]]
+    if bad.size:
+        raise ValueError(
+            f"t hits step {int(bad[0])} where {attr} = 0 (zero terminal SNR): {what} is not "
+            "determined by eps there; predict v or x0 instead"
+        )
+
+
+def _pair_table(a_name, b_name, sign_a=1.0, sign_b=1.0):
+    def build(s):
+        return np.stack([sign_a * getattr(s, a_name), sign_b * getattr(s, b_name)], axis=1)
+
+    return build
+
+
+def _x0_table(s):
+    with np.errstate(divide="ignore", invalid="ignore"):  # steps with abar = 0 are refused before use
+        ra = 1.0 / s.sqrt_alpha_bar
+        return np.stack([ra, -s.sqrt_one_minus_alpha_bar * ra], axis=1)
+
+
+def _mean_table(s):
+    with np.errstate(divide="ignore", invalid="ignore"):  # steps with alpha = 0 are refused before use
+        ra = 1.0 / np.sqrt(s.alphas)
+        return np.stack([ra, -s.betas / s.sqrt_one_minus_alpha_bar * ra], axis=1)
+
+
+def q_sample(x0, t, noise, schedule, *, need_grad=True):
+    r"""x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.  (DIF.2)"""
+    build = _pair_table("sqrt_alpha_bar", "sqrt_one_minus_alpha_bar")
+    return _linear(("x0", "noise"), (x0, noise), t, schedule, "q_sample", build, need_grad)
+
+
+def v_target(x0, t, noise, schedule, *, need_grad=True):
+    r"""v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0.  (DIF.14)"""
+    build = _pair_table("sqrt_one_minus_alpha_bar", "sqrt_alpha_bar", sign_a=-1.0)
+    return _linear(("x0", "noise"), (x0, noise), t, schedule, "v_target", build, need_grad)
+
+
+def predict_x0_from_eps(x_t, t, eps, schedule, *, need_grad=True):
+    r"""(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t).  (DIF.7)"""
+    return _linear(
+        ("x_t", "eps"), (x_t, eps), t, schedule, "x0_from_eps", _x0_table, need_grad, ("alpha_bar", "x0")
+    )
+
+
+def posterior_mean_from_eps(x_t, t, eps, schedule, *, need_grad=True):
+    r"""(x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t).  (DIF.7)"""
+    return _linear(
+        ("x_t", "eps"),
+        (x_t, eps),
+        t,
+        schedule,
+        "mean_from_eps",
+        _mean_table,
+        need_grad,
+        ("alphas", "the posterior mean"),
+    )
+
+
+def _per_row(like: Buf, values: np.ndarray, tb: Buf, shape) -> Any:
+    """``values[t]`` broadcast to ``shape``, in ``like``'s dtype and place (a constant output)."""
+    if like.kind == "torch":
+        import torch
+
+        v = torch.as_tensor(values, device=like.arr.device)[tb.arr.long()].to(like.arr.dtype)
+        return v.reshape((-1,) + (1,) * (len(shape) - 1)).expand(shape).contiguous()
+    xp = _xp(like)
+    v = xp.asarray(values)[tb.arr].astype(like.arr.dtype)
+    return xp.ascontiguousarray(xp.broadcast_to(v.reshape((-1,) + (1,) * (len(shape) - 1)), shape))
+
+
+def q_posterior(x0, x_t, t, schedule, *, need_grad=True):
+    r"""((mean, variance, log_variance), grads of sum(mean) w.r.t. (x0, x_t)).  (DIF.3)"""
+    sched = _schedule(schedule)
+    mean, grads = _linear(
+        ("x0", "x_t"),
+        (x0, x_t),
+        t,
+        schedule,
+        "q_posterior",
+        _pair_table("posterior_mean_coef1", "posterior_mean_coef2"),
+        need_grad,
+    )
+    x = as_input(x0, "x0")
+    tb = as_input(t, "t", integer=True)
+    variance = _per_row(x, sched.posterior_variance, tb, x.shape)
+    log_variance = _per_row(x, sched.posterior_log_variance_clipped, tb, x.shape)
+    return (mean, variance, log_variance), grads
+
+
+# ============================================================================= MSE losses (DIF.12, 14)
+
+
+def eps_mse_loss(eps_pred, eps, weights=None, reduction="mean", *, need_grad=True):
+    r"""Per sample w_b mean_i (eps - eps_pred)^2 (L_simple).  (DIF.12)"""
+    C.reduction(reduction)
+    p, e = _batched(("eps_pred", "eps"), (eps_pred, eps), reduction)
+    w = None if weights is None else _row_vector("weights", weights, p, "eps_pred", nonnegative=True)
+    flags = needs(need_grad, 2)
+    out, rows = _value_out(p, reduction)
+    grads = [empty(b, b.shape) if f else None for b, f in zip((p, e), flags, strict=True)]
+    s = 1.0 / p.cols / (p.rows if reduction == "mean" else 1)
+    _run("SquaredDiff", [p, e], grads, value_scale=s, out=out, rows_out=rows, grad_scale=s, row_weight=w)
+    return _result(out, rows, grads, flags)
+
+
+_TARGETS = {  # (coefficient of x0, coefficient of noise) per step (DIF.14)
+    "eps": lambda s: np.stack([np.zeros_like(s.betas), np.ones_like(s.betas)], axis=1),
+    "x0": lambda s: np.stack([np.ones_like(s.betas), np.zeros_like(s.betas)], axis=1),
+    "v": lambda s: np.stack([-s.sqrt_one_minus_alpha_bar, s.sqrt_alpha_bar], axis=1),
+}
+
+
+def diffusion_mse_loss(
+    pred, x0, noise, t, schedule, prediction="eps", weights=None, reduction="mean", *, need_grad=True
+):
+    r"""Per sample w_b mean_i (target - pred)^2, the target (eps, x0 or v) built in the kernel.
+
+    ONE pass: reads pred, x0 and noise once, writes the per-sample loss and d/dpred.
+    (DIF.12, DIF.14)
+    """
+    prediction = C.choice("prediction", prediction, PREDICTIONS)
+    sched = _schedule(schedule)
+    p = as_input(pred, "pred")
+    table = _table(sched, f"mse_{prediction}", p, _TARGETS[prediction])
+    return diffusion_mse_with_table(pred, x0, noise, t, table, weights, reduction, need_grad=need_grad)
+
+
+def diffusion_mse_with_table(pred, x0, noise, t, table, weights=None, reduction="mean", *, need_grad=True):
+    """The kernel of ``diffusion_mse_loss`` for a per-step (T, 2) target table (x0, noise
+    coefficients) in the compute type."""
+    C.reduction(reduction)
+    p, x, n = _batched(("pred", "x0", "noise"), (pred, x0, noise), reduction)
+    tab = _table_input(table, p, 2)
+    tb = _timesteps(t, p, "pred", tab.rows)
+    w = None if weights is None else _row_vector("weights", weights, p, "pred", nonnegative=True)
+    flags = needs(need_grad, 1)
+    out, rows = _value_out(p, reduction)
+    grads = [empty(p, p.shape) if flags[0] else None]
+    s = 1.0 / p.cols / (p.rows if reduction == "mean" else 1)
+    _run(
+        "DiffusionMSE", [p, x, n], grads + [None, None], value_scale=s, out=out, rows_out=rows,
+        grad_scale=s, table=tab, stride=2, index=tb, row_weight=w,
+    )  # fmt: skip
+    return _result(out, rows, grads, flags)
+
+
+# ============================================================================= the bound (DIF.4-11)
+
+
+def _bits(bits) -> int:
+    bits = C.positive_int("bits", bits)
+    if bits > 24:
+        raise ValueError(f"bits must be <= 24, got {bits}")
+    return bits
+
+
+def _unit_box(b: Buf, name: str, what: str) -> None:
+    lo, hi = float_range(b)
+    if not (lo >= -1.0 and hi <= 1.0):  # NaN fails too
+        raise ValueError(f"{name} must lie in [-1, 1] ({what}), got values in [{lo}, {hi}]")
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales, bits=8, cdf="exact", *, need_grad=True):
+    r"""Elementwise log P(bin of x) under N(means, exp(2 log_scales)), edge bins open.
+
+    Differentiable inputs: means, log_scales (x is data).  (DIF.9-DIF.11)
+    """
+    cdf = C.choice("cdf", cdf, ("exact", "tanh"))
+    bits = _bits(bits)
+    names = ("x", "means", "log_scales")
+    bufs = inputs(names, (x, means, log_scales))
+    try:
+        shape = tuple(np.broadcast_shapes(*(b.shape for b in bufs)))
+    except ValueError:
+        got = ", ".join(f"{n} {b.shape}" for n, b in zip(names, bufs, strict=True))
+        raise ValueError(f"x, means, log_scales must broadcast together, got {got}") from None
+    _unit_box(bufs[0], "x", "discretized data")
+    full = [broadcast(b, shape, n) for b, n in zip(bufs, names, strict=True)]
+    flags = needs(need_grad, 2)
+    out = empty(full[0], shape)
+    grads = [None] + [empty(f, shape) if fl else None for f, fl in zip(full[1:], flags, strict=True)]
+    n = math.prod(shape)
+    x0 = full[0]
+    _C.map_reduce(
+        x0.device, x0.device_id, stream_of(x0), F["DiscretizedGaussianLL"], 1.0 / (2.0**bits - 1.0), 0.0, 0.0,
+        int(cdf == "tanh"), x0.dtype, [f.ptr for f in full], [0 if g is None else g.ptr for g in grads], 1, n,
+        1.0, 0, 0, 0, out.ptr, 1.0, 0.0, False,
+    )  # fmt: skip
+    if not any(flags):
+        return out.arr, ()
+    return out.arr, tuple(
+        None if g is None else sum_to(g.arr, b.shape, b.kind)
+        for g, b in zip(grads[1:], bufs[1:], strict=True)
+    )
+
+
+def _vlb_table(s: R.DiffusionSchedule) -> np.ndarray:
+    """Per step: posterior mean coefs, model mean coefs, the log-variances, the fixed variance's
+    e^{-lv} and KL constant, the decoder flag (ops::VlbRow)."""
+    T = s.num_timesteps
+    with np.errstate(divide="ignore", invalid="ignore"):  # steps with alpha = 0 are refused before use
+        ra = 1.0 / np.sqrt(s.alphas)
+        k2 = s.betas / s.sqrt_one_minus_alpha_bar * ra
+    log_tilde = s.posterior_log_variance_clipped
+    log_beta = np.log(s.betas)
+    first = np.arange(T) == 0
+    fixed = np.where(first, log_tilde, log_beta)  # (DIF.8) fixedlarge, beta~_1 at t = 0
+    delta = log_tilde - fixed
+    tab = np.zeros((T, 10))
+    tab[:, 0] = s.posterior_mean_coef1
+    tab[:, 1] = s.posterior_mean_coef2
+    tab[:, 2] = ra
+    tab[:, 3] = k2
+    tab[:, 4] = log_tilde
+    tab[:, 5] = log_beta
+    tab[:, 6] = fixed
+    tab[:, 7] = first
+    tab[:, 8] = np.exp(-fixed)
+    tab[:, 9] = 0.5 * (np.expm1(delta) - delta)
+    return tab
+
+
+def vlb_term(
+    x0, x_t, t, eps_pred, schedule, model_log_variance=None, reduction="none", bits=8, *, need_grad=True
+):
+    r"""One term of the variational bound per sample (nats): the posterior KL for t > 0, the
+    discretized decoder NLL at t = 0, in ONE pass over x0, x_t, eps_pred (and v).
+
+    Differentiable inputs: eps_pred, model_log_variance.  (DIF.4-DIF.9)
+    """
+    sched = _schedule(schedule)
+    x = as_input(x0, "x0")
+    if np.any(sched.alphas == 0.0):  # the reference's check and message (only such schedules pay it)
+        R._require_signal(
+            sched, _host(_timesteps(t, x, "x0", sched.num_timesteps).arr), "alphas", "the model mean"
+        )
+    table = _table(sched, "vlb", x, _vlb_table)
+    return vlb_with_table(
+        x0, x_t, t, eps_pred, table, model_log_variance, reduction, bits, need_grad=need_grad
+    )
+
+
+def vlb_with_table(
+    x0, x_t, t, eps_pred, table, model_log_variance=None, reduction="none", bits=8, *, need_grad=True
+):
+    """The kernel of ``vlb_term`` for a per-step (T, 10) table (``_vlb_table``) in the compute type."""
+    C.reduction(reduction)
+    bits = _bits(bits)
+    x, xt, e = _batched(("x0", "x_t", "eps_pred"), (x0, x_t, eps_pred), reduction)
+    _unit_box(x, "x0", "the discretized decoder's data")
+    tab = _table_input(table, x, 10)
+    tb = _timesteps(t, x, "x0", tab.rows)
+    v = None
+    if model_log_variance is not None:
+        vb = as_input(model_log_variance, "model_log_variance")
+        same_place(x, "x0", vb, "model_log_variance")
+        try:
+            ok = tuple(np.broadcast_shapes(vb.shape, x.shape)) == tuple(x.shape)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"model_log_variance must broadcast to the shape of x0 {x.shape}, got shape {vb.shape}"
+            )
+        v = broadcast(vb, x.shape, "model_log_variance")
+    _finite_rows(tab, tb, "alphas", "the model mean")
+    flags = needs(need_grad, 1 if v is None else 2)
+    out, rows = _value_out(x, reduction)
+    g_eps = empty(e, e.shape) if flags[0] else None
+    g_v = empty(v, v.shape) if v is not None and flags[1] else None
+    s = 1.0 / x.rows if reduction == "mean" else 1.0
+    _run(
+        "VlbKL" if v is None else "VlbKLLearned", [x, xt, e, e if v is None else v], [None, None, g_eps, g_v],
+        params=(1.0 / (2.0**bits - 1.0), 0.0, 0.0), value_scale=s, out=out, rows_out=rows, grad_scale=s,
+        table=tab, stride=10, index=tb,
+    )  # fmt: skip
+    if not any(flags):
+        return (rows if out is None else out).arr, ()
+    grads: tuple = (None if g_eps is None else g_eps.arr,)
+    if v is not None:
+        grads += (None if g_v is None else sum_to(g_v.arr, vb.shape, vb.kind),)
+    return (rows if out is None else out).arr, grads
+
+
+def prior_kl(x0, schedule, reduction="none", *, need_grad=True):
+    r"""L_T = KL(q(x_T | x0) || N(0, I)) per sample (nats); gradient w.r.t. x0.  (DIF.5)"""
+    return prior_kl_from_alpha_bar(
+        x0, float(_schedule(schedule).alpha_bar[-1]), reduction, need_grad=need_grad
+    )
+
+
+def prior_kl_from_alpha_bar(x0, alpha_bar_T, reduction="none", *, need_grad=True):
+    """``prior_kl`` given the schedule's last alpha_bar."""
+    C.reduction(reduction)
+    a = C.finite("alpha_bar_T", alpha_bar_T)
+    if not 0.0 <= a < 1.0:
+        raise ValueError(f"alpha_bar_T must lie in [0, 1), got {a}")
+    (x,) = _batched(("x0",), (x0,), reduction)
+    const = 0.5 * float(R._neg_log1m_minus(np.float64(a)))
+    flags = needs(need_grad, 1)
+    out, rows = _value_out(x, reduction)
+    grads = [empty(x, x.shape) if flags[0] else None]
+    s = 1.0 / x.rows if reduction == "mean" else 1.0
+    _run(
+        "PriorKL",
+        [x],
+        grads,
+        params=(const, 0.5 * a, 0.0),
+        value_scale=s,
+        out=out,
+        rows_out=rows,
+        grad_scale=s,
+    )
+    return _result(out, rows, grads, flags)
+
+
+# ============================================================================= VDM (DIF.16, 17)
+
+
+def vdm_continuous_loss(eps, eps_pred, dgamma_dt, reduction="mean", *, need_grad=True):
+    r"""Per sample 1/2 gamma'(t) ||eps - eps_pred||^2.  (DIF.16)
+
+    Differentiable inputs: eps, eps_pred, dgamma_dt (d/d gamma' = 1/2 ||eps - eps_pred||^2,
+    the kernel's unweighted row sums).
+    """
+    C.reduction(reduction)
+    e, p = _batched(("eps", "eps_pred"), (eps, eps_pred), reduction)
+    w = _row_vector("dgamma_dt", dgamma_dt, e, "eps")
+    flags = needs(need_grad, 3)
+    out, rows = _value_out(e, reduction)
+    grads = [empty(b, b.shape) if f else None for b, f in zip((e, p), flags[:2], strict=True)]
+    raw = empty(e, (e.rows,)) if flags[2] else None
+    s = 0.5 / (e.rows if reduction == "mean" else 1)
+    _run(
+        "SquaredDiff",
+        [e, p],
+        grads,
+        value_scale=s,
+        out=out,
+        rows_out=rows,
+        grad_scale=s,
+        row_weight=w,
+        rows_raw=raw,
+    )
+    return _result(out, rows, [*grads, raw], flags)
+
+
+def vdm_discrete_loss(eps, eps_pred, gamma_t, gamma_s, T, reduction="mean", *, need_grad=True):
+    r"""Per sample T/2 expm1(gamma_t - gamma_s) ||eps - eps_pred||^2.  (DIF.17)
+
+    Differentiable inputs: eps, eps_pred, gamma_t, gamma_s.
+    """
+    C.reduction(reduction)
+    T = C.positive_int("T", T)
+    e, p = _batched(("eps", "eps_pred"), (eps, eps_pred), reduction)
+    gt = _row_vector("gamma_t", gamma_t, e, "eps")
+    gs = _row_vector("gamma_s", gamma_s, e, "eps")
+    xp = _xp(e)
+    w = as_input(0.5 * T * xp.expm1(gt.arr - gs.arr), "weights")  # (DIF.17) T/2 expm1, B values
+    flags = needs(need_grad, 4)
+    out, rows = _value_out(e, reduction)
+    grads = [empty(b, b.shape) if f else None for b, f in zip((e, p), flags[:2], strict=True)]
+    raw = empty(e, (e.rows,)) if flags[2] or flags[3] else None
+    s = 1.0 / (e.rows if reduction == "mean" else 1)
+    _run(
+        "SquaredDiff",
+        [e, p],
+        grads,
+        value_scale=s,
+        out=out,
+        rows_out=rows,
+        grad_scale=s,
+        row_weight=w,
+        rows_raw=raw,
+    )
+    value, _ = _result(out, rows, [], ())
+    if not any(flags):
+        return value, ()
+    g_t = None if raw is None else 0.5 * T * xp.exp(gt.arr - gs.arr) * raw.arr  # (DIF.17)
+    return value, (
+        None if grads[0] is None else grads[0].arr,
+        None if grads[1] is None else grads[1].arr,
+        g_t if flags[2] else None,
+        -g_t if flags[3] else None,
+    )
