@@ -83,14 +83,13 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Row r's entry of the per-row table (null without one); compute type A.
-template <class A>
-__device__ __forceinline__ const A* table_row(const MapReduceArgs& a, int64_t r) {
+// Row r's entry of the per-row (float64) table, null without one.
+__device__ __forceinline__ const double* table_row(const MapReduceArgs& a, int64_t r) {
   if (!a.table) return nullptr;
   int64_t i = r;
   if (a.index)
     i = a.index_type == kInt32 ? static_cast<const int32_t*>(a.index)[r] : static_cast<const int64_t*>(a.index)[r];
-  return static_cast<const A*>(a.table) + i * a.table_stride;
+  return static_cast<const double*>(a.table) + i * a.table_stride;
 }
 
 // Thread's share of one chunk for functor F: elements i, i+256, ... in order.
@@ -131,12 +130,12 @@ __global__ void map_reduce_chunks(MapReduceArgs a, int64_t rows, int64_t cols, i
   const int64_t r = t / cpr, c = t % cpr;
   const int64_t begin = r * cols + c * kChunk;
   const int64_t len = cols - c * kChunk < kChunk ? cols - c * kChunk : kChunk;
-  const Params<A> p{A(a.pa), A(a.pb), A(a.pc), a.mode, table_row<A>(a, r)};
+  const Params<A> p{A(a.pa), A(a.pb), A(a.pc), a.mode, table_row(a, r)};
   const A wr = a.row_weight ? load(static_cast<const S*>(a.row_weight), r) : A(1);
   const A vs = A(a.value_scale) * wr, gs = A(a.grad_scale) * wr;
   A sv = A(0), sd = A(0);
   if constexpr (has_alt<F>::value) {
-    if (p.rp && p.rp[F::alt_flag] != A(0))
+    if (p.rp && p.rp[F::alt_flag] != 0.0)
       chunk_body<typename F::Alt, S, WG>(a, p, begin, len, vs, gs, sv, sd);
     else
       chunk_body<F, S, WG>(a, p, begin, len, vs, gs, sv, sd);

@@ -50,7 +50,8 @@ def _as64(inputs):
 def reference_value_and_grads(record, inputs, kwargs):
     """The oracle: reference value and the gradients of sum(value), float64."""
     x64 = _as64(inputs)
-    value = np.asarray(record.reference(*x64, **kwargs))
+    value = record.reference(*x64, **kwargs)
+    value = np.asarray(value if record.value_index is None else value[record.value_index])
     if record.reference_backward is None:  # a value-only op
         return value, ()
     ones = np.ones(value.shape) if value.ndim else 1.0
@@ -329,7 +330,8 @@ def test_array_kind_and_dtype_round_trip(record, dtype, kind):
     for reduction in record.reductions or (None,):
         kwargs = R.call_kwargs(record, record.variants[0], reduction)
         value, grads = record.native(*inputs, **kwargs)
-        want_shape = np.shape(record.reference(*_as64(numpy_inputs), **kwargs))
+        want = record.reference(*_as64(numpy_inputs), **kwargs)
+        want_shape = np.shape(want if record.value_index is None else want[record.value_index])
         assert type(value) is array_type, f"{record.name}: {kind} in, {type(value).__name__} out"
         assert value.dtype == want_dtype, f"{record.name}: value dtype {value.dtype} for {dtype} input"
         assert tuple(value.shape) == want_shape, f"{record.name}: value shape {value.shape} != {want_shape}"
@@ -526,6 +528,24 @@ def _bad_cases(record: R.OpRecord):
                 TypeError,
                 [a.name],
             )
+        if a.domain == "timesteps":  # t in [0, T) of the variant's schedule
+            yield (
+                "t-past-the-end",
+                both,
+                default,
+                _timestep(a.name, lambda t, T: np.full_like(t, T)),
+                ValueError,
+                [a.name],
+            )
+            yield "t-negative", both, default, _timestep(a.name, lambda t, T: t - 1 - t), ValueError, [a.name]
+            yield (
+                "t-float",
+                both,
+                default,
+                _replace(a.name, lambda t: t.astype(np.float64)),
+                TypeError,
+                [a.name],
+            )
 
 
 def _set_entry(name, value):
@@ -556,6 +576,14 @@ def _labels(name, fn):
         i = record.arg_names.index(name)
         k = inputs[record.arg_names.index("labeled_logits")].shape[1]
         return (*inputs[:i], fn(inputs[i], k), *inputs[i + 1 :]), kwargs
+
+    return mutate
+
+
+def _timestep(name, fn):
+    def mutate(record, inputs, kwargs):
+        i = record.arg_names.index(name)
+        return (*inputs[:i], fn(inputs[i], kwargs["schedule"].num_timesteps), *inputs[i + 1 :]), kwargs
 
     return mutate
 

@@ -121,13 +121,12 @@ std::vector<double>& scratch(size_t n) {
   return buf;
 }
 
-// Row r's entry of the per-row table (null without one).
-template <class T>
-const T* table_row(const MapReduceArgs& a, int64_t r) {
+// Row r's entry of the per-row (float64) table, null without one.
+const double* table_row(const MapReduceArgs& a, int64_t r) {
   if (!a.table) return nullptr;
   int64_t i = r;
   if (a.index) i = a.index_type == kInt32 ? cptr<int32_t>(a.index)[r] : cptr<int64_t>(a.index)[r];
-  return cptr<T>(a.table) + i * a.table_stride;
+  return cptr<double>(a.table) + i * a.table_stride;
 }
 
 // One chunk with the functor the row asks for (F, or F::Alt where flagged).
@@ -135,7 +134,7 @@ template <class F, class T, bool WG>
 double row_chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go,
                  double* dsum) {
   if constexpr (has_alt<F>::value) {
-    if (p.rp && p.rp[F::alt_flag] != T(0)) return chunk<typename F::Alt, T, WG>(in, grad, ev, n, p, vs, gs, go, dsum);
+    if (p.rp && p.rp[F::alt_flag] != 0.0) return chunk<typename F::Alt, T, WG>(in, grad, ev, n, p, vs, gs, go, dsum);
   }
   return chunk<F, T, WG>(in, grad, ev, n, p, vs, gs, go, dsum);
 }
@@ -170,7 +169,7 @@ void map_reduce_t(const MapReduceArgs& a) {
       gs_[q] = a.grad[q] ? ptr<T>(a.grad[q]) + begin : nullptr;
     }
     Params<T> p = p0;
-    p.rp = table_row<T>(a, r);
+    p.rp = table_row(a, r);
     const T wr = w ? w[r] : T(1);
     double ds = 0.0;
     part[t] = row_chunk<F, T, WG>(xs, gs_, ev ? ev + begin : nullptr, len, p, vs * wr, gs * wr, go, &ds);

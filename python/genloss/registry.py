@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from .reference import diffusion as _dif
 from .reference import gan as _gan
 from .reference import vae as _vae
 
@@ -173,7 +174,8 @@ class OpRecord:
     norm_kink: str | None = None  # arg whose per-sample norm has a kink at the variant's ``center`` and at 0
     loose: tuple[str, ...] = ()
     has_native: bool = True
-    value_index: int | None = None  # forward returns a tuple; the loss-like value is this element
+    # forward returns a tuple; the loss-like value is this element (``native`` returns only it)
+    value_index: int | None = None
     torch_name: str = ""  # '' = name
     elementwise: bool = False  # the value has the inputs' broadcast shape (no reduction, no batch mean)
     caps: tuple[tuple[str, int], ...] = ()  # largest size of a symbol in the large-input tests (cost)
@@ -224,6 +226,8 @@ class OpRecord:
         fn = getattr(importlib.import_module("genloss.native"), self.name)
         if not self.base_differentiable:
             fn = _value_only(fn)
+        if self.value_index is not None:
+            fn = _picked(fn, self.value_index)
         return self._route(fn)
 
     @property
@@ -303,6 +307,17 @@ def _routed(fn: Callable[..., Any], names: tuple[str, ...], keyword: frozenset, 
         return fn(*pos, *rest, **kw)
 
     call.__genloss_raw__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def _picked(fn: Callable[..., Any], index: int) -> Callable[..., Any]:
+    """A native function whose value is a tuple, returning its loss-like element ``index``."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> tuple[Any, tuple]:
+        value, grads = fn(*args, **kwargs)
+        return value[index], grads
+
     return call
 
 
@@ -410,6 +425,34 @@ def _log_weights(rng, shape, sizes, hyper):
     return x
 
 
+def _timesteps(rng, shape, sizes, hyper):
+    """Timesteps in [0, T) of the variant's schedule; the decoder step 0 and the last step often."""
+    T = hyper["schedule"].num_timesteps
+    t = rng.integers(0, T, size=shape, dtype=np.int64)
+    if t.size >= 2:
+        t.flat[0] = 0
+        t.flat[-1] = T - 1
+    return t
+
+
+def _levels(rng, shape, sizes, hyper):
+    """Data on the grid of 2^bits levels in [-1, 1], the two edge levels often."""
+    n = 2 ** int(hyper.get("bits", 8)) - 1
+    k = rng.integers(0, n + 1, size=shape)
+    if k.size >= 3:
+        idx = _few(rng, k.size, 0.3)
+        k.flat[idx] = rng.choice([0, n], size=idx.size)
+    return -1.0 + 2.0 * k / n
+
+
+def _unit_box(rng, shape, sizes, hyper):
+    return rng.uniform(-1.0, 1.0, size=shape)
+
+
+def _sample_weights(rng, shape, sizes, hyper):
+    return rng.uniform(0.0, 2.0, size=shape)
+
+
 DOMAINS: dict[str, Domain] = {
     "logits": Domain("real line, 3*N(0,1) plus ~10% of magnitude 12..40", "float", _logits),
     "scores": Domain("real line, 2*N(0,1) (critic scores, f-GAN critic outputs)", "float", _scores),
@@ -429,6 +472,14 @@ DOMAINS: dict[str, Domain] = {
                             extreme=False, bounds=(0.0, 1.0), invalid=(-0.25, 1.25, float("nan"))),
     "log_weights": Domain("log importance weights, N(-5, 9) plus ~10% in U(-60, 20); extreme +-1e4", "float",
                           _log_weights),
+    "timesteps": Domain("int64 timesteps in [0, T) of the schedule, 0 and T-1 included", "int", _timesteps,
+                        extreme=False),
+    "levels": Domain("data on the 2^bits-level grid of [-1, 1], ~30% at the edge levels", "float", _levels,
+                     extreme=False, bounds=(-1.0, 1.0), invalid=(1.5, float("nan"))),
+    "unit_box": Domain("data in [-1, 1], U(-1, 1)", "float", _unit_box, extreme=False, bounds=(-1.0, 1.0),
+                       invalid=(-1.5, float("nan"))),
+    "sample_weights": Domain("per-sample loss weights, U(0, 2)", "float", _sample_weights, extreme=False,
+                             invalid=(-0.5, float("nan"))),
 }  # fmt: skip
 
 
@@ -768,10 +819,109 @@ VAE_RECORDS: tuple[OpRecord, ...] = (
 
 RECORDS = RECORDS + VAE_RECORDS
 
+
+# ============================================================================= the diffusion family
+
+# Short schedules keep the tests cheap; the cosine one reaches alpha_bar ~ 1e-5 at its end (beta
+# clipped at 0.999), the linear one starts at beta = 1e-4 (alpha_bar ~ 1, snr ~ 1e4).
+LINEAR_SCHEDULE = _dif.DiffusionSchedule(_dif.linear_betas(40, 1e-4, 0.2))
+COSINE_SCHEDULE = _dif.DiffusionSchedule(_dif.cosine_betas(25))
+_SCHEDULE = Hyper("schedule", "schedule")
+_SCHEDULES = (_v(schedule=COSINE_SCHEDULE), _v(schedule=LINEAR_SCHEDULE))
+
+
+def _drec(name: str, args, diff, reductions, tag, **kw) -> OpRecord:
+    return OpRecord(
+        name=name,
+        family="diffusion",
+        reference=getattr(_dif, name),
+        reference_backward=getattr(_dif, name + "_backward", None),
+        args=tuple(args),
+        differentiable=tuple(diff),
+        reductions=tuple(reductions),
+        derivation=f"diffusion.md#DIF.{tag}",
+        **kw,
+    )
+
+
+_T = Arg("t", "timesteps", ("B",))
+_WEIGHTS = Arg("weights", "sample_weights", ("B",), optional=True, keyword=True)
+_V = Arg("model_log_variance", "unit_box", ("B", "..."), optional=True, keyword=True)
+
+
+def _linear_rec(name, first, second, tag, first_domain="data"):
+    return _drec(
+        name,
+        [Arg(first, first_domain, ("B", "...")), _T, Arg(second, "data", ("B", "..."))],
+        (first, second),
+        (),
+        tag,
+        hypers=(_SCHEDULE,),
+        variants=_SCHEDULES,
+        elementwise=True,
+    )
+
+
+DIFFUSION_RECORDS: tuple[OpRecord, ...] = (
+    _linear_rec("q_sample", "x0", "noise", 2),
+    _linear_rec("v_target", "x0", "noise", 14),
+    _linear_rec("predict_x0_from_eps", "x_t", "eps", 7),
+    _linear_rec("posterior_mean_from_eps", "x_t", "eps", 7),
+    _drec("q_posterior", [Arg("x0", "data", ("B", "...")), Arg("x_t", "data", ("B", "...")), _T], ("x0", "x_t"),
+          (), 3, hypers=(_SCHEDULE,), variants=_SCHEDULES, elementwise=True, value_index=0),
+    _drec("eps_mse_loss", [Arg("eps_pred", "data", ("B", "...")), Arg("eps", "data", ("B", "...")), _WEIGHTS],
+          ("eps_pred", "eps"), _ALL, 12, variants=(DEFAULT, _v(args=(_WEIGHTS,)))),
+    _drec("diffusion_mse_loss", [Arg("pred", "data", ("B", "...")), Arg("x0", "data", ("B", "...")),
+                                 Arg("noise", "data", ("B", "...")), _T, _WEIGHTS],
+          ("pred",), _ALL, 12, hypers=(_SCHEDULE, Hyper("prediction", "choice", _dif.PREDICTIONS)),
+          variants=(_v(schedule=COSINE_SCHEDULE, prediction="eps"),
+                    _v(schedule=LINEAR_SCHEDULE, prediction="x0", args=(_WEIGHTS,)),
+                    _v(schedule=COSINE_SCHEDULE, prediction="v", args=(_WEIGHTS,)))),
+    _drec("vlb_term", [Arg("x0", "unit_box", ("B", "...")), Arg("x_t", "data", ("B", "...")), _T,
+                       Arg("eps_pred", "data", ("B", "...")), _V],
+          ("eps_pred", "model_log_variance"), _ALL, 4, hypers=(_SCHEDULE, Hyper("bits", "int")),
+          # (the linear schedule's beta_0 = 1e-4 makes the t = 0 decoder bin ~100 standard deviations
+          # wide: values ~1e4, beyond what gradcheck's central differences resolve; the native tests
+          # cover it with the fixed variance)
+          variants=(_v(schedule=LINEAR_SCHEDULE), _v(schedule=COSINE_SCHEDULE, bits=5, args=(_V,)),
+                    _v(schedule=COSINE_SCHEDULE,
+                       args=(dataclasses.replace(_V, shape=("...",), broadcast=True),)))),
+    _drec("prior_kl", [Arg("x0", "data", ("B", "..."))], ("x0",), _ALL, 5, hypers=(_SCHEDULE,),
+          variants=_SCHEDULES),
+    _drec("discretized_gaussian_log_likelihood",
+          [Arg("x", "levels", ("B", "..."), broadcast=True), Arg("means", "mean", ("B", "..."), broadcast=True),
+           Arg("log_scales", "logvar", ("B", "..."), broadcast=True)],
+          ("means", "log_scales"), (), 9, elementwise=True,
+          hypers=(Hyper("bits", "int"), Hyper("cdf", "choice", ("exact", "tanh"))),
+          # tanh: 1 - cdf in the upper tail cancels (the approximation's own conditioning), so central
+          # differences of the forward are noise there; its derivative is checked by the identity tests
+          variants=(DEFAULT, _v(bits=3), _v(cdf="tanh", fd=False),
+                    _v(bits=4, args=(Arg("log_scales", "logvar", ("...",), broadcast=True),)))),
+    _drec("vdm_continuous_loss", [Arg("eps", "data", ("B", "...")), Arg("eps_pred", "data", ("B", "...")),
+                                  Arg("dgamma_dt", "mean", ("B",))],
+          ("eps", "eps_pred", "dgamma_dt"), _ALL, 16),
+    _drec("vdm_discrete_loss", [Arg("eps", "data", ("B", "...")), Arg("eps_pred", "data", ("B", "...")),
+                                Arg("gamma_t", "mean", ("B",)), Arg("gamma_s", "mean", ("B",))],
+          ("eps", "eps_pred", "gamma_t", "gamma_s"), _ALL, 17, hypers=(Hyper("T", "int"),),
+          variants=(_v(T=1000), _v(T=3))),
+    _drec("to_bits_per_dim", [Arg("nats", "data", ("B", "..."), broadcast=True)], ("nats",), (), 19, has_native=False,
+          hypers=(Hyper("num_dims", "int"),), variants=(_v(num_dims=3072),), elementwise=True),
+)  # fmt: skip
+
+RECORDS = RECORDS + DIFFUSION_RECORDS
+
 # Reference functions with no record, and why (a test checks this list is complete).
 NOT_REGISTERED: dict[str, str] = {
     "gmm_em_step": "reference only (no native or torch layer, no gradient); checked by "
     "tests/test_vae_identities.py (the log-likelihood never decreases)",
+    "linear_betas": "a schedule (no array input); torch layer checked by tests/test_torch_diffusion.py",
+    "cosine_betas": "a schedule (no array input); torch layer checked by tests/test_torch_diffusion.py",
+    "snr_weights": "per-sample weights of integer timesteps (no float input, no gradient); torch layer "
+    "checked against the reference by tests/test_torch_diffusion.py",
+    "low_discrepancy_times": "times from scalars (no array input); torch layer checked by "
+    "tests/test_torch_diffusion.py",
+    "full_bound": "a loop over vlb_term and prior_kl with a model callback; checked by "
+    "tests/test_diffusion_identities.py and tests/test_torch_diffusion.py",
 }
 
 _BY_NAME = {r.name: r for r in RECORDS}

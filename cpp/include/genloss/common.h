@@ -23,12 +23,15 @@ namespace genloss {
 // Hyperparameters of one functor call. Held in the compute type T so the
 // inner loop does no conversions. ``rp`` points at the current row's entry of a
 // per-row parameter table (MapReduceArgs::table: the diffusion schedule gathered
-// at each sample's timestep), or is null when the call has no table.
+// at each sample's timestep), or is null when the call has no table. The table
+// is float64 whatever the compute type: a functor converts what it needs once
+// per element (free next to the memory traffic) and may keep float64 where the
+// conditioning asks for it.
 template <class T>
 struct Params {
   T a, b, c;
   int mode;
-  const T* rp;
+  const double* rp;
 };
 
 // ---- elementary math, overloaded for float and double ----------------------

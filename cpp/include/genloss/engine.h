@@ -128,10 +128,9 @@ struct has_alt<F, std::void_t<typename F::Alt>> {
 //   totals[0] = total, totals[1] = sum of df/din[0] (if totals; host doubles; the
 //   derivative sum only when a gradient is written)
 // Per-row extensions (each optional; any of them makes the work row-major):
-//   table:  (table_rows, table_stride) parameters in the COMPUTE type (float for
-//           float32/16/bf16 storage, double for float64); row r's functor sees
-//           p.rp = table + stride * (index ? index[r] : r)  (index int64/int32,
-//           validated by the caller)
+//   table:  (table_rows, table_stride) float64 parameters (whatever the dtype);
+//           row r's functor sees p.rp = table + stride * (index ? index[r] : r)
+//           (index int64/int32, validated by the caller)
 //   row_weight: rows values of the storage dtype; w_r multiplies row r's value,
 //           elementwise values and gradients (value_r above becomes w_r value_r)
 //   out_rows_raw[r] = value_scale * sum_j f(...)   (without w_r)

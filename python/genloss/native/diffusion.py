@@ -7,10 +7,9 @@ follow ``genloss.reference.diffusion``; ``schedule`` is a
 ``genloss.reference.DiffusionSchedule`` (or anything with a ``reference`` attribute
 holding one, such as ``genloss.torch.DiffusionSchedule``).
 
-The schedule reaches the kernels as a small per-step table in the compute type
-(float32 for float32/float16/bfloat16 inputs, float64 for float64), built once per
-schedule, dtype and device from the float64 arrays; each sample's row is gathered
-inside the kernel at its timestep (engine.h, ``MapReduceArgs::table``).  The math of
+The schedule reaches the kernels as a small per-step float64 table, built once per
+schedule and device from the float64 arrays (never rounded to the input's
+precision); each sample's row is gathered inside the kernel at its timestep (engine.h, ``MapReduceArgs::table``).  The math of
 each functor is in cpp/include/genloss/ops/diffusion.h; derivations/diffusion.md
 derives each line.
 """
@@ -28,7 +27,6 @@ from ._compose import inputs, needs
 from ._engine import (
     _C,
     CPU,
-    FLOAT32,
     FLOAT64,
     Buf,
     F,
@@ -73,13 +71,14 @@ def _to_place(like: Buf, host: np.ndarray) -> Buf:
 
 
 def _table(schedule: R.DiffusionSchedule, name: str, like: Buf, build) -> Buf:
-    """The per-step table ``name`` of ``schedule`` in ``like``'s compute type and place (cached:
-    a schedule is immutable)."""
+    """The per-step float64 table ``name`` of ``schedule`` in ``like``'s place (cached: a
+    schedule is immutable)."""
     cache = schedule.__dict__.setdefault("_genloss_tables", {})
-    key = (name, like.dtype == FLOAT64, like.device, like.device_id, like.kind)
+    key = (name, like.device, like.device_id, like.kind)
     buf = cache.get(key)
     if buf is None:
-        host = np.asarray(build(schedule), dtype=np.float64 if like.dtype == FLOAT64 else np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            host = np.asarray(build(schedule), dtype=np.float64)
         buf = cache[key] = _to_place(like, host)
     return buf
 
@@ -132,13 +131,18 @@ def _xp(b: Buf):
     return np
 
 
-def _row_vector(name: str, value: Any, like: Buf, like_name: str, *, nonnegative: bool = False) -> Buf:
-    """A finite per-sample vector (B,) in ``like``'s dtype and place."""
+def _row_vector(
+    name: str, value: Any, like: Buf, like_name: str, *, nonnegative: bool = False, cast: bool = False
+) -> Buf:
+    """A finite per-sample vector (B,) in ``like``'s place and dtype (``cast``: converted to it, for
+    constant weights; else a differentiable input must match, as every other input)."""
     b = as_input(value, name)
     if b.shape != (like.rows,):
         raise ValueError(f"{name} must have shape ({like.rows},) (one value per sample), got {b.shape}")
     if (b.device, b.device_id) != (like.device, like.device_id):
         raise ValueError(f"{name} must be on the device of {like_name}")
+    if b.dtype != like.dtype and not cast:
+        same_place(like, like_name, b, name)
     if b.dtype != like.dtype:  # a float64 weight vector for float32 data: cast the B values
         b = as_input(b.arr.to(like.arr.dtype) if b.kind == "torch" else b.arr.astype(like.arr.dtype), name)
     lo, hi = float_range(b)
@@ -207,8 +211,8 @@ def _linear(names, arrays, t, schedule, table_name, build, need_grad, signal=Non
 
 
 def linear_with_table(names, arrays, t, table, need_grad, what=None):
-    """The kernel of the linear maps, for a per-step (T, 2) ``table`` in the compute type
-    (the torch ops hold theirs as buffers).  ``what``: refuse steps whose row is not finite
+    """The kernel of the linear maps, for a per-step float64 (T, 2) ``table`` (the torch ops
+    hold theirs as buffers).  ``what``: refuse steps whose row is not finite
     (the eps parameterisation at zero terminal SNR), naming the quantity."""
     x, y = _batched(names, arrays)
     tab = _table_input(table, x, 2)
@@ -224,9 +228,8 @@ def linear_with_table(names, arrays, t, table, need_grad, what=None):
 
 def _table_input(table, like: Buf, stride: int) -> Buf:
     tab = table if isinstance(table, Buf) else as_input(table, "table")
-    want = FLOAT64 if like.dtype == FLOAT64 else FLOAT32
-    if tab.dtype != want or len(tab.shape) != 2 or tab.shape[1] != stride:
-        raise ValueError(f"table must be a (T, {stride}) array of the compute dtype of the inputs")
+    if tab.dtype != FLOAT64 or len(tab.shape) != 2 or tab.shape[1] != stride:
+        raise ValueError(f"table must be a float64 (T, {stride}) array (the schedule's per-step table)")
     if (tab.device, tab.device_id) != (like.device, like.device_id):
         raise ValueError("table must be on the device of the inputs")
     return tab
@@ -305,7 +308,7 @@ def _per_row(like: Buf, values: np.ndarray, tb: Buf, shape) -> Any:
     if like.kind == "torch":
         import torch
 
-        v = torch.as_tensor(values, device=like.arr.device)[tb.arr.long()].to(like.arr.dtype)
+        v = torch.from_numpy(np.array(values)).to(like.arr.device)[tb.arr.long()].to(like.arr.dtype)
         return v.reshape((-1,) + (1,) * (len(shape) - 1)).expand(shape).contiguous()
     xp = _xp(like)
     v = xp.asarray(values)[tb.arr].astype(like.arr.dtype)
@@ -338,7 +341,11 @@ def eps_mse_loss(eps_pred, eps, weights=None, reduction="mean", *, need_grad=Tru
     r"""Per sample w_b mean_i (eps - eps_pred)^2 (L_simple).  (DIF.12)"""
     C.reduction(reduction)
     p, e = _batched(("eps_pred", "eps"), (eps_pred, eps), reduction)
-    w = None if weights is None else _row_vector("weights", weights, p, "eps_pred", nonnegative=True)
+    w = (
+        None
+        if weights is None
+        else _row_vector("weights", weights, p, "eps_pred", nonnegative=True, cast=True)
+    )
     flags = needs(need_grad, 2)
     out, rows = _value_out(p, reduction)
     grads = [empty(b, b.shape) if f else None for b, f in zip((p, e), flags, strict=True)]
@@ -370,13 +377,13 @@ def diffusion_mse_loss(
 
 
 def diffusion_mse_with_table(pred, x0, noise, t, table, weights=None, reduction="mean", *, need_grad=True):
-    """The kernel of ``diffusion_mse_loss`` for a per-step (T, 2) target table (x0, noise
-    coefficients) in the compute type."""
+    """The kernel of ``diffusion_mse_loss`` for a per-step float64 (T, 2) target table (x0, noise
+    coefficients)."""
     C.reduction(reduction)
     p, x, n = _batched(("pred", "x0", "noise"), (pred, x0, noise), reduction)
     tab = _table_input(table, p, 2)
     tb = _timesteps(t, p, "pred", tab.rows)
-    w = None if weights is None else _row_vector("weights", weights, p, "pred", nonnegative=True)
+    w = None if weights is None else _row_vector("weights", weights, p, "pred", nonnegative=True, cast=True)
     flags = needs(need_grad, 1)
     out, rows = _value_out(p, reduction)
     grads = [empty(p, p.shape) if flags[0] else None]
@@ -439,8 +446,8 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, bits=8, cdf="exact
 
 
 def _vlb_table(s: R.DiffusionSchedule) -> np.ndarray:
-    """Per step: posterior mean coefs, model mean coefs, the log-variances, the fixed variance's
-    e^{-lv} and KL constant, the decoder flag (ops::VlbRow)."""
+    """Per step: posterior mean coefs, model mean coefs, the log-variances, the decoder flag, the
+    fixed variance's e^{-lv} and KL constant, c2 - k1 (ops::VlbRow)."""
     T = s.num_timesteps
     with np.errstate(divide="ignore", invalid="ignore"):  # steps with alpha = 0 are refused before use
         ra = 1.0 / np.sqrt(s.alphas)
@@ -450,7 +457,7 @@ def _vlb_table(s: R.DiffusionSchedule) -> np.ndarray:
     first = np.arange(T) == 0
     fixed = np.where(first, log_tilde, log_beta)  # (DIF.8) fixedlarge, beta~_1 at t = 0
     delta = log_tilde - fixed
-    tab = np.zeros((T, 10))
+    tab = np.zeros((T, 11))
     tab[:, 0] = s.posterior_mean_coef1
     tab[:, 1] = s.posterior_mean_coef2
     tab[:, 2] = ra
@@ -461,6 +468,8 @@ def _vlb_table(s: R.DiffusionSchedule) -> np.ndarray:
     tab[:, 7] = first
     tab[:, 8] = np.exp(-fixed)
     tab[:, 9] = 0.5 * (np.expm1(delta) - delta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tab[:, 10] = -s.betas / (s.one_minus_alpha_bar * np.sqrt(s.alphas))  # c2 - k1, without cancelling
     return tab
 
 
@@ -487,12 +496,12 @@ def vlb_term(
 def vlb_with_table(
     x0, x_t, t, eps_pred, table, model_log_variance=None, reduction="none", bits=8, *, need_grad=True
 ):
-    """The kernel of ``vlb_term`` for a per-step (T, 10) table (``_vlb_table``) in the compute type."""
+    """The kernel of ``vlb_term`` for a per-step float64 (T, 11) table (``_vlb_table``)."""
     C.reduction(reduction)
     bits = _bits(bits)
     x, xt, e = _batched(("x0", "x_t", "eps_pred"), (x0, x_t, eps_pred), reduction)
     _unit_box(x, "x0", "the discretized decoder's data")
-    tab = _table_input(table, x, 10)
+    tab = _table_input(table, x, 11)
     tb = _timesteps(t, x, "x0", tab.rows)
     v = None
     if model_log_variance is not None:
@@ -516,7 +525,7 @@ def vlb_with_table(
     _run(
         "VlbKL" if v is None else "VlbKLLearned", [x, xt, e, e if v is None else v], [None, None, g_eps, g_v],
         params=(1.0 / (2.0**bits - 1.0), 0.0, 0.0), value_scale=s, out=out, rows_out=rows, grad_scale=s,
-        table=tab, stride=10, index=tb,
+        table=tab, stride=11, index=tb,
     )  # fmt: skip
     if not any(flags):
         return (rows if out is None else out).arr, ()

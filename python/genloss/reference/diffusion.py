@@ -48,6 +48,7 @@ from ._common import (
     reduce_mean,
     reduce_sum,
     result,
+    sigmoid,
     softplus,
     sum_to_shape,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "predict_x0_from_eps",
     "predict_x0_from_eps_backward",
     "prior_kl",
+    "prior_kl_backward",
     "q_posterior",
     "q_posterior_backward",
     "q_sample",
@@ -800,14 +802,21 @@ def _bin_edges(x, bits):
     return h, lowest, highest
 
 
+def _tanh_u(z):
+    return _TANH_C * (z + _TANH_K * z**3)
+
+
 def _tanh_cdf(z):
-    r"""improved-diffusion's approx_standard_normal_cdf: 1/2 (1 + tanh(sqrt(2/pi)(z + 0.044715 z^3)))."""
-    return 0.5 * (1.0 + np.tanh(_TANH_C * (z + _TANH_K * z**3)))  # (DIF.11)
+    r"""improved-diffusion's approx_standard_normal_cdf, 1/2 (1 + tanh(u)) with
+    u = sqrt(2/pi)(z + 0.044715 z^3), evaluated as the identical sigmoid(2u) (DIF.11)."""
+    return sigmoid(2.0 * _tanh_u(z))
 
 
 def _tanh_cdf_grad(z):
-    u = np.tanh(_TANH_C * (z + _TANH_K * z**3))
-    return 0.5 * (1.0 - u * u) * _TANH_C * (1.0 + 3.0 * _TANH_K * z * z)  # (DIF.11)
+    r"""d/dz of :func:`_tanh_cdf`: 2 sigmoid(2u) sigmoid(-2u) u'(z) (= 1/2 (1 - tanh^2 u) u', without
+    the cancellation of 1 - tanh^2 in the tails) (DIF.11)."""
+    u2 = 2.0 * _tanh_u(z)
+    return 2.0 * sigmoid(u2) * sigmoid(-u2) * _TANH_C * (1.0 + 3.0 * _TANH_K * z * z)
 
 
 def _dgll_inputs(x, means, log_scales, bits, cdf):
@@ -856,12 +865,21 @@ def _dgll_exact(lo, hi, with_grad):
 
 
 def _dgll_tanh(lo, hi, with_grad):
-    """improved-diffusion's clamped log-probabilities and (if asked) their a.e. derivatives."""
+    """improved-diffusion's clamped log-probabilities and (if asked) their a.e. derivatives.
+
+    The bin mass is a difference of two approximate CDFs; where the bin lies in the upper
+    half (lo + hi > 0) it is taken as the difference of the two upper tails instead,
+    1 - cdf(lo) - (1 - cdf(hi)), the same number without the cancellation of two values
+    near 1 (a float32 evaluation of the plain form loses every digit there)."""
     fin_lo, fin_hi = np.isfinite(lo), np.isfinite(hi)
     lo0, hi0 = np.where(fin_lo, lo, 0.0), np.where(fin_hi, hi, 0.0)
+    with np.errstate(invalid="ignore"):  # -inf + inf: the whole line, a lower-side bin
+        upper = (lo + hi) > 0
     cdf_hi = np.where(fin_hi, _tanh_cdf(hi0), 1.0)
     cdf_lo = np.where(fin_lo, _tanh_cdf(lo0), 0.0)
-    prob = cdf_hi - cdf_lo  # (DIF.11) 1 - cdf_lo for the top bin, cdf_hi for the bottom one
+    sf_lo = np.where(fin_lo, _tanh_cdf(-lo0), 1.0)  # 1 - cdf(z) = cdf(-z): u is odd
+    sf_hi = np.where(fin_hi, _tanh_cdf(-hi0), 0.0)
+    prob = np.where(upper, sf_lo - sf_hi, cdf_hi - cdf_lo)  # (DIF.11)
     logp = np.log(np.maximum(prob, _TANH_CLAMP))  # (DIF.11) the clamp at 1e-12
     if not with_grad:
         return logp, None, None
@@ -1107,7 +1125,8 @@ def prior_kl(x0, schedule, reduction="none"):
     .. math::
         L_T = \tfrac12\sum_i\big(\bar\alpha_T x_{0,i}^2 - \bar\alpha_T - \log(1-\bar\alpha_T)\big)
 
-    (:math:`\bar\alpha_T` = ``alpha_bar[-1]``; it has no learnable input, so no backward).
+    (:math:`\bar\alpha_T` = ``alpha_bar[-1]``; it has no learnable input, but
+    :func:`prior_kl_backward` gives its gradient w.r.t. x0).
 
     Parameters
     ----------
@@ -1132,6 +1151,22 @@ def prior_kl(x0, schedule, reduction="none"):
     a = schedule.alpha_bar[-1]
     per_element = 0.5 * (a * x0**2 + _neg_log1m_minus(np.float64(a)))  # (DIF.5)
     return reduce_sum(per_element, reduction)
+
+
+def prior_kl_backward(x0, grad_output, schedule, reduction="none"):
+    r"""Gradient of :func:`prior_kl` w.r.t. x0: :math:`\bar\alpha_T\,x_0\,g`.
+
+    (x0 is data in training, but the bound is a function of it: the gradient serves
+    likelihood-based uses such as adversarial or attribution analyses.)
+
+    Returns
+    -------
+    (grad_x0,) : tuple of one ndarray
+    """
+    reduction = _checks.reduction(reduction, _ALL)
+    schedule = _schedule(schedule)
+    x0 = batch_array("x0", x0, reduction)
+    return (grad_sum(grad_output, reduction, x0.shape) * schedule.alpha_bar[-1] * x0,)  # (DIF.5)
 
 
 # ============================================================================= variational diffusion models

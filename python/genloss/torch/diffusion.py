@@ -4,10 +4,8 @@ Signatures follow ``genloss.reference.diffusion``; ``schedule`` is a
 :class:`DiffusionSchedule` (an ``nn.Module`` whose float64 buffers move with
 ``.to(device)``) or a ``genloss.reference.DiffusionSchedule`` (converted once and
 cached).  The schedule reaches the fused kernels (``genloss.native.diffusion``) as a
-small per-step table held as a buffer in float64 and float32: float32 inputs and
-float16/bfloat16 ones (computed in float32) read the float32 table, so a schedule is
-never rounded to the input's low precision; each sample's row is gathered inside the
-kernel at its timestep.
+small per-step float64 table held as a buffer, so a schedule is never rounded to the
+input's precision; each sample's row is gathered inside the kernel at its timestep.
 
 The custom ops take that table as a tensor argument (``torch.ops.genloss.q_sample(x0,
 t, noise, table)``); each public function's ``lower(*args, **kwargs)`` returns the op
@@ -105,15 +103,13 @@ class DiffusionSchedule(torch.nn.Module):
             ref = R.DiffusionSchedule(betas)
         self.reference = ref
         self.num_timesteps = ref.num_timesteps
+        self.alpha_bar_T = float(ref.alpha_bar[-1])  # a Python constant (prior_kl's op argument)
         for name in R.DiffusionSchedule._ARRAYS:
             self.register_buffer(name, torch.from_numpy(np.array(getattr(ref, name))), persistent=False)
         for name, build in _TABLES.items():
             with np.errstate(divide="ignore", invalid="ignore"):
                 tab = np.asarray(build(ref), dtype=np.float64)
-            self.register_buffer(f"_table_{name}_f64", torch.from_numpy(tab.copy()), persistent=False)
-            self.register_buffer(
-                f"_table_{name}_f32", torch.from_numpy(tab.astype(np.float32)), persistent=False
-            )
+            self.register_buffer(f"_table_{name}", torch.from_numpy(tab.copy()), persistent=False)
 
     def __len__(self) -> int:
         return self.num_timesteps
@@ -122,8 +118,8 @@ class DiffusionSchedule(torch.nn.Module):
         return f"T={self.num_timesteps}"
 
     def table(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The kernel table ``name`` in ``like``'s compute type, on ``like``'s device."""
-        tab = getattr(self, f"_table_{name}_{'f64' if like.dtype == torch.float64 else 'f32'}")
+        """The kernel table ``name`` (float64), on ``like``'s device."""
+        tab = getattr(self, f"_table_{name}")
         return tab if tab.device == like.device else tab.to(like.device)
 
     def gather(self, name: str, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -393,7 +389,7 @@ vlb_term = _public(
 
 
 def _lower_prior_kl(x0, schedule, reduction="none"):
-    return [x0, float(_as_schedule(schedule).reference.alpha_bar[-1]), reduction], {}
+    return [x0, _as_schedule(schedule).alpha_bar_T, reduction], {}
 
 
 prior_kl = _public(
@@ -537,9 +533,13 @@ def low_discrepancy_times(
 
 
 def to_bits_per_dim(nats: torch.Tensor, num_dims: int) -> torch.Tensor:
-    r"""nats / (num_dims log 2), differentiable.  (DIF.19)"""
+    r"""nats / (num_dims log 2), differentiable (float16/bfloat16 computed and returned in float32,
+    as the losses).  (DIF.19)"""
     num_dims = C.positive_int("num_dims", num_dims)
-    return _tensor("nats", nats) / (num_dims * math.log(2.0))
+    nats = _tensor("nats", nats)
+    if not nats.is_floating_point():
+        raise TypeError(f"nats must be a floating tensor, got {nats.dtype}")
+    return (nats.float() if nats.dtype in _LOW else nats) / (num_dims * math.log(2.0))
 
 
 @torch.no_grad()

@@ -3,9 +3,8 @@
 //
 // The schedule enters through the per-row parameter table (Params::rp, see
 // MapReduceArgs in engine.h): Python gathers nothing per element; the engine
-// hands each row (sample) the schedule's entries at that sample's timestep, in
-// the compute type (float32 for float32/16/bf16 inputs, never rounded to the
-// input's low precision).
+// hands each row (sample) the schedule's float64 entries at that sample's
+// timestep (never rounded to the input's low precision).
 #pragma once
 
 #include "genloss/common.h"
@@ -68,12 +67,17 @@ constexpr double kTanhC = 0.79788456080286535588;  // sqrt(2/pi)
 constexpr double kTanhK = 0.044715;
 constexpr double kTanhClamp = 1e-12;
 
+// Phi(z) ~ 1/2 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi)(z + 0.044715 z^3), and
+// its derivative 2 sigmoid(2u) sigmoid(-2u) u' (no 1 - tanh^2 cancellation).
+GENLOSS_HD double tanh_u(double z) {
+  return kTanhC * (z + kTanhK * z * z * z);
+}
 GENLOSS_HD double tanh_cdf(double z) {
-  return 0.5 * (1.0 + ::tanh(kTanhC * (z + kTanhK * z * z * z)));
+  return sigmoid(2.0 * tanh_u(z));
 }
 GENLOSS_HD double tanh_cdf_grad(double z) {
-  const double u = ::tanh(kTanhC * (z + kTanhK * z * z * z));
-  return 0.5 * (1.0 - u * u) * kTanhC * (1.0 + 3.0 * kTanhK * z * z);
+  const double u2 = 2.0 * tanh_u(z);
+  return 2.0 * sigmoid(u2) * sigmoid(-u2) * kTanhC * (1.0 + 3.0 * kTanhK * z * z);
 }
 
 // log P(bin of x) under N(mean, e^{2 log_scale}), edge bins open, and its
@@ -88,9 +92,11 @@ GENLOSS_HD void discretized_ll(double x, double mean, double log_scale, double h
   const double zhi = highest ? 0.0 : (x - mean + h) * inv_s;
   double d_lo = 0.0, d_hi = 0.0;
   if (tanh) {
-    const double cdf_hi = highest ? 1.0 : tanh_cdf(zhi);
-    const double cdf_lo = lowest ? 0.0 : tanh_cdf(zlo);
-    const double prob = cdf_hi - cdf_lo;
+    // in the upper half, the difference of the two upper tails (1 - cdf(z) = cdf(-z)):
+    // the same mass without cancelling two numbers near 1
+    const bool upper = highest ? !lowest : (!lowest && zlo + zhi > 0.0);
+    const double prob = upper ? (lowest ? 1.0 : tanh_cdf(-zlo)) - (highest ? 0.0 : tanh_cdf(-zhi))
+                              : (highest ? 1.0 : tanh_cdf(zhi)) - (lowest ? 0.0 : tanh_cdf(zlo));
     const bool live = prob > kTanhClamp;
     logp = ::log(live ? prob : kTanhClamp);  // (DIF.11) the clamp
     const double inv = live ? 1.0 / prob : 0.0;
@@ -135,9 +141,10 @@ struct RowAffine {
   static constexpr int arity = 2;
   template <class T>
   GENLOSS_HD static void eval(T x, T y, const Params<T>& p, T& v, T& dx, T& dy) {
-    v = p.rp[0] * x + p.rp[1] * y;
-    dx = p.rp[0];
-    dy = p.rp[1];
+    const T a = T(p.rp[0]), b = T(p.rp[1]);
+    v = a * x + b * y;
+    dx = a;
+    dy = b;
   }
 };
 
@@ -148,11 +155,12 @@ struct DiffusionMSE {
   static constexpr int arity = 3;
   template <class T>
   GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
-    const T r = in[0] - (p.rp[0] * in[1] + p.rp[1] * in[2]);
+    const T a = T(p.rp[0]), b = T(p.rp[1]);
+    const T r = in[0] - (a * in[1] + b * in[2]);
     v = r * r;
     d[0] = T(2) * r;
-    d[1] = -d[0] * p.rp[0];
-    d[2] = -d[0] * p.rp[1];
+    d[1] = -d[0] * a;
+    d[2] = -d[0] * b;
   }
 };
 
@@ -179,37 +187,40 @@ enum VlbRow : int {
   kVlbFirst = 7,     // 1 at t = 0: the decoder term
   kVlbFixedW = 8,    // e^{-fixed lv}
   kVlbFixedC = 9,    // 1/2 (expm1(delta) - delta), delta = log beta~ - fixed lv
-  kVlbStride = 10
+  kVlbC2K1 = 10,     // c2 - k1 = -beta_t / ((1 - abar_t) sqrt(alpha_t)), formed in float64
+  kVlbStride = 11
 };
 
-// The model's mean and log-variance of p(x_{t-1} | x_t) from (x_t, eps, v);
-// learned range: lv = log beta~ + (v + 1)/2 (log beta - log beta~).  (DIF.7, DIF.8)
+// The model's log-variance of p(x_{t-1} | x_t), log beta~ + (v + 1)/2 (log beta -
+// log beta~) for the learned range (v = in[3]), else the fixed one.  (DIF.8)
 template <bool kLearned, class T>
-GENLOSS_HD void vlb_model(const T* in, const Params<T>& p, T& mean, T& lv) {
-  mean = p.rp[kVlbK1] * in[1] - p.rp[kVlbK2] * in[2];
+GENLOSS_HD T vlb_log_variance(const T* in, const Params<T>& p) {
   if constexpr (kLearned)
-    lv = p.rp[kVlbLogTilde] + T(0.5) * (in[3] + T(1)) * (p.rp[kVlbLogBeta] - p.rp[kVlbLogTilde]);
+    return T(p.rp[kVlbLogTilde]) + T(0.5) * (in[3] + T(1)) * T(p.rp[kVlbLogBeta] - p.rp[kVlbLogTilde]);
   else
-    lv = p.rp[kVlbFixedLv];
+    return T(p.rp[kVlbFixedLv]);
 }
 
-// t = 0: the decoder NLL -log p(x0 | x1) with mean mu_theta and log-scale lv/2;
-// inputs and outputs as VlbKL.                                  (DIF.4, DIF.9)
+// t = 0: the decoder NLL -log p(x0 | x1) with mean mu_theta = k1 x_t - k2 eps and
+// log-scale lv/2, all in float64 (the bin is narrow: the tail derivatives grow
+// like z^2, and float32 rounding of the mean or lv would show); inputs and
+// outputs as VlbKL.                                       (DIF.4, DIF.7-DIF.9)
 template <bool kLearned>
 struct VlbDecoder {
   static constexpr int arity = 4;
   template <class T>
   GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
-    T mean, lv;
-    vlb_model<kLearned>(in, p, mean, lv);
+    const double* r = p.rp;
+    const double mean = r[kVlbK1] * double(in[1]) - r[kVlbK2] * double(in[2]);
+    const double lv =
+        kLearned ? r[kVlbLogTilde] + 0.5 * (double(in[3]) + 1.0) * (r[kVlbLogBeta] - r[kVlbLogTilde]) : r[kVlbFixedLv];
     double lp, dm, ds;
-    discretized_ll(double(in[0]), double(mean), 0.5 * double(lv), double(p.a), false, lp, dm, ds);
+    discretized_ll(double(in[0]), mean, 0.5 * lv, double(p.a), false, lp, dm, ds);
     v = T(-lp);
-    const T dmean = T(-dm), dlv = T(-0.5 * ds);
     d[0] = T(0);
     d[1] = T(0);
-    d[2] = -p.rp[kVlbK2] * dmean;                                                      // (DIF.7)
-    d[3] = kLearned ? T(0.5) * (p.rp[kVlbLogBeta] - p.rp[kVlbLogTilde]) * dlv : T(0);  // (DIF.8)
+    d[2] = T(r[kVlbK2] * dm);                                                            // (DIF.7)
+    d[3] = kLearned ? T(0.5 * (r[kVlbLogBeta] - r[kVlbLogTilde]) * (-0.5) * ds) : T(0);  // (DIF.8)
   }
 };
 
@@ -224,23 +235,25 @@ struct VlbKLT {
   static constexpr int alt_flag = kVlbFirst;
   template <class T>
   GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
-    T mean, lv;
-    vlb_model<kLearned>(in, p, mean, lv);
-    const T dm = p.rp[kVlbC1] * in[0] + p.rp[kVlbC2] * in[1] - mean;  // posterior mean - model mean
+    // posterior mean - model mean, c1 x0 + (c2 - k1) x_t + k2 eps: c2 and k1 agree to
+    // O(beta), so their difference is formed in float64 in the table, not here
+    const T k2 = T(p.rp[kVlbK2]);
+    const T dm = T(p.rp[kVlbC1]) * in[0] + T(p.rp[kVlbC2K1]) * in[1] + k2 * in[2];
     d[0] = T(0);
     d[1] = T(0);
     if constexpr (kLearned) {
-      const T delta = p.rp[kVlbLogTilde] - lv;
+      const T lv = vlb_log_variance<true>(in, p);
+      const T delta = T(p.rp[kVlbLogTilde]) - lv;
       const T em1 = gl_expm1(delta);
       const T w = gl_exp(-lv);
       const T q = dm * dm * w;
       v = T(0.5) * (em1 - delta + q);
-      d[2] = p.rp[kVlbK2] * dm * w;  // dKL/dmean = -dm w, dmean/deps = -k2
-      d[3] = T(0.5) * (p.rp[kVlbLogBeta] - p.rp[kVlbLogTilde]) * (T(-0.5) * (em1 + q));
+      d[2] = k2 * dm * w;  // dKL/dmean = -dm w, dmean/deps = -k2
+      d[3] = T(0.5 * (p.rp[kVlbLogBeta] - p.rp[kVlbLogTilde])) * (T(-0.5) * (em1 + q));
     } else {
-      const T w = p.rp[kVlbFixedW];
-      v = p.rp[kVlbFixedC] + T(0.5) * dm * dm * w;
-      d[2] = p.rp[kVlbK2] * dm * w;
+      const T w = T(p.rp[kVlbFixedW]);
+      v = T(p.rp[kVlbFixedC]) + T(0.5) * dm * dm * w;
+      d[2] = k2 * dm * w;
       d[3] = T(0);
     }
   }
