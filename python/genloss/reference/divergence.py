@@ -45,7 +45,6 @@ __all__ = [
 KERNELS = ("rbf", "imq", "polynomial", "energy")
 MMD_ESTIMATORS = ("unbiased", "biased", "linear")
 _BANDWIDTH_KERNELS = ("rbf", "imq")  # the kernels that take bandwidths
-_DISTANCE_KERNELS = ("rbf", "imq", "energy")  # k(a, b) = phi(|a - b|^2)
 
 # Row blocks of the pairwise arrays hold at most this many (row, column, feature)
 # differences (32 MiB of float64), so the reference never forms an N x M x D array.
@@ -205,11 +204,9 @@ def _paired_term(kernel, a, b, bandwidths, with_grad):
     return float(np.sum(k)), g, -g
 
 
-def _weights(n, m):
-    """Off-diagonal weights of the unbiased estimator, all-pairs weights of the biased one."""
-    off_x = (1.0 - np.eye(n)) / (n * (n - 1)) if n > 1 else np.zeros((n, n))
-    off_y = (1.0 - np.eye(m)) / (m * (m - 1)) if m > 1 else np.zeros((m, m))
-    return off_x, off_y
+def _off_diagonal(n):
+    """Pair weights [i != j] / (n (n - 1)) of a within-sample term of the unbiased estimator (n >= 2)."""
+    return (1.0 - np.eye(n)) / (n * (n - 1))
 
 
 def _mmd2(x, y, kernel, bw, estimator, with_grad):
@@ -238,7 +235,7 @@ def _mmd2(x, y, kernel, bw, estimator, with_grad):
         return value, grads["x"], grads["y"]
 
     if estimator == "unbiased":
-        cxx, cyy = _weights(n, m)  # (DIV.7) i != j only
+        cxx, cyy = _off_diagonal(n), _off_diagonal(m)  # (DIV.7) i != j only
     else:
         cxx, cyy = np.full((n, n), 1.0 / (n * n)), np.full((m, m), 1.0 / (m * m))  # (DIV.7) all pairs
     cxy = np.full((n, m), -2.0 / (n * m))
@@ -289,8 +286,8 @@ def mmd2(x, y, kernel="rbf", bandwidths=None, estimator="unbiased"):
         Samples of q (same D).
     kernel : {'rbf', 'imq', 'polynomial', 'energy'}
         'polynomial' is the cubic kernel of KID; 'energy' makes MMD^2 the energy distance.
-    bandwidths : tuple of float, or None
-        Positive, finite; rbf/imq only (they must be None for the other kernels).
+    bandwidths : tuple or list of float (or a 1-D array), or None
+        Positive, finite, at least one; rbf/imq only (None for the other kernels).
         ``None`` means ``(median_bandwidth(x, y),)``, held constant.
     estimator : {'unbiased', 'biased', 'linear'}
         'unbiased' needs N, M >= 2; 'linear' needs N == M >= 2 (an odd last row is unused).
