@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fd import check_fd
 from fd import weights as fd_weights
@@ -245,6 +247,32 @@ def test_mmd2_backward_fd(kernel, estimator, shape):
     if estimator == "linear" and n % 2:  # the unused last row gets no gradient
         gx, gy = R.mmd2_backward(x, y, go, kernel, bw, estimator)
         assert np.all(gx[-1] == 0.0) and np.all(gy[-1] == 0.0)
+
+
+@given(
+    kernel=st.sampled_from(KERNELS),
+    estimator=st.sampled_from(ESTIMATORS),
+    n=st.integers(2, 6),
+    m=st.integers(2, 6),
+    d=st.integers(1, 4),
+    scale=st.floats(0.2, 3.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_mmd2_backward_fd_hypothesis(kernel, estimator, n, m, d, scale, seed):
+    """(DIV.8), (DIV.9) As test_mmd2_backward_fd, with hypothesis drawing sizes, scale and kernel."""
+    if estimator == "linear":
+        m = n
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(n, d)) * scale, rng.normal(size=(m, d)) * scale + 0.3
+    bw = BW[kernel]
+    check_fd(
+        f"mmd2[{kernel}, {estimator}, {n}x{m}x{d}]",
+        lambda a, b: R.mmd2(a, b, kernel, bw, estimator),
+        lambda a, b, g: R.mmd2_backward(a, b, g, kernel, bw, estimator),
+        [x, y],
+        float(fd_weights(rng, ())),
+        (0, 1),
+    )
 
 
 def test_energy_gradient_at_coincident_points():
