@@ -1042,3 +1042,59 @@ def test_bad_arguments_name_the_argument():
     for call, exc, name in cases:
         with pytest.raises(exc, match=f"^{name}"):
             call()
+
+
+def test_posterior_minus_model_mean_coefficient_closed_form():
+    """(DIF.23) c2 - k1 = -beta_t / ((1 - abar_t) sqrt(alpha_t)), against the difference formed
+    in exact rational arithmetic from the float64 schedule, for a schedule with beta_0 = 1e-6
+    (where the two coefficients agree to 6 digits)."""
+    from fractions import Fraction
+
+    s = R.DiffusionSchedule(R.linear_betas(50, 1e-6, 0.02))
+    closed = -s.betas / (s.one_minus_alpha_bar * np.sqrt(s.alphas))
+    for t in range(1, 50):
+        beta = Fraction(float(s.betas[t]))
+        abar_prev = Fraction(1)
+        for b in s.betas[:t]:
+            abar_prev *= 1 - Fraction(float(b))
+        # c2 - k1 = ((1 - abar_prev) alpha - (1 - abar)) / ((1 - abar) sqrt(alpha)), numerator exact
+        alpha = 1 - beta
+        num = (1 - abar_prev) * alpha - (1 - abar_prev * alpha)
+        exact = float(num) / (float(1 - abar_prev * alpha) * math.sqrt(float(alpha)))
+        assert closed[t] == pytest.approx(exact, rel=1e-12)
+    # the difference of the two coefficients rounded to float32 (what a float32 table held) loses
+    # log10(1/beta) digits at late steps; the closed form rounded once keeps float32's accuracy
+    naive32 = s.posterior_mean_coef2.astype(np.float32).astype(np.float64) - (1.0 / np.sqrt(s.alphas)).astype(
+        np.float32
+    ).astype(np.float64)
+    closed32 = closed.astype(np.float32).astype(np.float64)
+    assert np.max(np.abs(closed32[1:] / closed[1:] - 1)) < 1e-7
+    assert np.max(np.abs(naive32[1:] / closed[1:] - 1)) > 1e-6
+
+
+def test_tanh_upper_tail_has_no_cancellation():
+    """(DIF.23) the tanh bin mass in the upper half is the difference of two upper tails: for a bin
+    far in the upper tail (mass ~2e-8) the value matches the same formula evaluated in 50-digit
+    arithmetic, where the plain form 0.5 (tanh(u+) - tanh(u-)) in float64 is off."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    bits = 8
+    h = 1.0 / (2**bits - 1)
+    x = np.array([0.0])
+    mean, log_scale = np.array([-0.045]), np.array([math.log(0.008)])
+    got = float(R.discretized_gaussian_log_likelihood(x, mean, log_scale, bits, "tanh")[0])
+    s = mpmath.mpf(0.008)
+    c, k = mpmath.sqrt(2 / mpmath.pi), mpmath.mpf("0.044715")
+
+    def cdf(z):
+        return (1 + mpmath.tanh(c * (z + k * z**3))) / 2
+
+    m = mpmath.mpf(-0.045)
+    zlo, zhi = (0 - m - h) / s, (0 - m + h) / s
+    exact = float(mpmath.log(cdf(zhi) - cdf(zlo)))
+    assert exact > math.log(1e-12) + 1  # above the clamp
+    assert got == pytest.approx(exact, rel=1e-9)
+    plain = math.log(
+        0.5 * (math.tanh(float(c * (zhi + k * zhi**3))) - math.tanh(float(c * (zlo + k * zlo**3))))
+    )
+    assert abs(plain - exact) > 1e3 * abs(got - exact)

@@ -498,12 +498,14 @@ def snr_weights(
         raise ValueError(f"t must be 1-D (one timestep per sample), got shape {tuple(t.shape)}")
     if t.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"t must be int64 or int32, got {t.dtype}")
-    lam = s.gather("log_snr", t, torch.float64)
-    w = torch.exp(_log_weight(lam, log_gamma, kind, prediction))
-    if not torch.compiler.is_compiling() and t.numel():
+    eager = not torch.compiler.is_compiling() and t.numel() > 0
+    if eager:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= s.num_timesteps:
             raise ValueError(f"t must lie in [0, {s.num_timesteps}), got range [{lo}, {hi}]")
+    lam = s.gather("log_snr", t, torch.float64)
+    w = torch.exp(_log_weight(lam, log_gamma, kind, prediction))
+    if eager:
         if not bool(torch.isfinite(w).all()):
             bad = int(t[~torch.isfinite(w)][0])
             raise ValueError(

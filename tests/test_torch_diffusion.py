@@ -1,0 +1,151 @@
+r"""The torch diffusion pieces the registry does not cover (no float array input or a model
+callback): schedules, SNR weights, low-discrepancy times, the full bound; and the schedule
+held as float64 buffers whatever the input dtype."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+gt = pytest.importorskip("genloss.torch")
+
+from genloss.reference import diffusion as R  # noqa: E402
+
+ZERO_SNR = R.DiffusionSchedule(np.r_[R.linear_betas(9, 1e-4, 0.2), 1.0])  # alpha_bar = 0 at the end
+
+
+@pytest.mark.parametrize(
+    ("fn", "args"), [("linear_betas", (50, 1e-4, 0.02)), ("cosine_betas", (40, 0.008, 0.999))]
+)
+def test_betas_match_reference(fn, args):
+    got = getattr(gt, fn)(*args)
+    assert got.dtype == torch.float64
+    np.testing.assert_array_equal(got.numpy(), getattr(R, fn)(*args))
+
+
+def test_schedule_buffers_are_the_reference_arrays_in_float64():
+    ref = R.DiffusionSchedule(R.cosine_betas(30))
+    s = gt.DiffusionSchedule(torch.from_numpy(np.array(ref.betas)))
+    for name in R.DiffusionSchedule._ARRAYS:
+        buf = getattr(s, name)
+        assert buf.dtype == torch.float64, name
+        np.testing.assert_array_equal(buf.numpy(), getattr(ref, name), err_msg=name)
+    assert len(s) == 30 and s.state_dict() == {}  # derived from betas: nothing to save
+    t = torch.tensor([0, 7, 29])
+    g = s.gather("sqrt_alpha_bar", t)
+    assert g.dtype == torch.float32
+    np.testing.assert_array_equal(g.numpy(), ref.sqrt_alpha_bar[[0, 7, 29]].astype(np.float32))
+    with pytest.raises(ValueError, match="betas"):
+        gt.DiffusionSchedule(torch.tensor([0.1, 1.5]))
+
+
+def test_low_precision_inputs_read_the_float64_schedule():
+    """float16 data: the kernel computes in float32 with float64 coefficients, so q_sample equals
+    the float64 reference on the float16 values to float32 accuracy (a float16 schedule would be
+    off by ~1e-3)."""
+    ref = R.DiffusionSchedule(R.linear_betas(100))
+    rng = np.random.default_rng(0)
+    x0 = torch.from_numpy(rng.uniform(-1, 1, (4, 16))).half()
+    noise = torch.from_numpy(rng.standard_normal((4, 16))).half()
+    t = torch.tensor([0, 1, 50, 99])
+    got = gt.q_sample(x0, t, noise, ref)
+    assert got.dtype == torch.float32
+    want = R.q_sample(x0.double().numpy(), t.numpy(), noise.double().numpy(), ref)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=2e-7, atol=2e-7)
+
+
+@pytest.mark.parametrize("kind", R.SNR_WEIGHTINGS)
+@pytest.mark.parametrize("prediction", R.PREDICTIONS)
+@pytest.mark.parametrize("sched", ["cosine", "zero_snr"])
+def test_snr_weights_match_reference(kind, prediction, sched):
+    s = R.DiffusionSchedule(R.cosine_betas(40)) if sched == "cosine" else ZERO_SNR
+    t = np.arange(s.num_timesteps)
+    try:
+        want = R.snr_weights(t, s, kind, prediction, gamma=3.0)
+    except ValueError as e:  # an unbounded weight: the torch layer refuses it too, with the message
+        with pytest.raises(ValueError, match="unbounded weight"):
+            gt.snr_weights(torch.from_numpy(t), s, kind, prediction, gamma=3.0)
+        assert "unbounded" in str(e)
+        return
+    got = gt.snr_weights(torch.from_numpy(t), s, kind, prediction, gamma=3.0, dtype=torch.float64)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-14, atol=0)
+    assert gt.snr_weights(torch.from_numpy(t), s, kind, prediction, gamma=3.0).dtype == torch.float32
+
+
+def test_snr_weights_bad_arguments():
+    s = R.DiffusionSchedule(R.cosine_betas(10))
+    t = torch.tensor([0, 3])
+    for kwargs, name in [
+        ({"kind": "x"}, "kind"),
+        ({"prediction": "y"}, "prediction"),
+        ({"gamma": 0.0}, "gamma"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            gt.snr_weights(t, s, **kwargs)
+    with pytest.raises(ValueError, match="t must lie in"):
+        gt.snr_weights(torch.tensor([10]), s)
+    with pytest.raises(TypeError, match="t must be"):
+        gt.snr_weights(torch.tensor([1.0]), s)
+
+
+@pytest.mark.parametrize(
+    ("batch", "u0", "rank", "world"), [(8, 0.3, 0, 1), (5, 0.999999999, 3, 4), (1, 0.0, 0, 2)]
+)
+def test_low_discrepancy_times_match_reference_and_stay_below_one(batch, u0, rank, world):
+    want = R.low_discrepancy_times(batch, u0, rank, world)
+    got64 = gt.low_discrepancy_times(batch, u0, rank, world, dtype=torch.float64)
+    np.testing.assert_array_equal(got64.numpy(), want)
+    got32 = gt.low_discrepancy_times(batch, u0, rank, world)
+    assert got32.dtype == torch.float32 and bool((got32 < 1.0).all()) and bool((got32 >= 0.0).all())
+    np.testing.assert_allclose(got32.double().numpy(), want, atol=1e-7)
+
+
+def test_to_bits_per_dim():
+    nats = torch.tensor([3072.0 * math.log(2.0), 0.0], dtype=torch.float64, requires_grad=True)
+    bpd = gt.to_bits_per_dim(nats, 3072)
+    np.testing.assert_allclose(bpd.detach().numpy(), [1.0, 0.0], rtol=1e-15)
+    bpd.sum().backward()
+    np.testing.assert_allclose(nats.grad.numpy(), 1.0 / (3072 * math.log(2.0)), rtol=1e-15)
+    with pytest.raises(ValueError, match="num_dims"):
+        gt.to_bits_per_dim(nats, 0)
+
+
+def test_full_bound_matches_reference_for_an_exact_denoiser():
+    """(DIF.4) one point of data and its exact denoiser: every KL term is deterministic (the
+    learned-range v = -1 gives sigma^2 = beta~, so they vanish), so the torch loop and the
+    reference loop agree whatever noise each draws."""
+    ref = R.DiffusionSchedule(R.cosine_betas(12))
+    levels = -1.0 + 2.0 * np.arange(256) / 255
+    c = levels[np.array([[0, 153, 255], [127, 204, 51]])]
+
+    def exact_np(x_t, t):
+        ab = ref.alpha_bar[t][:, None]
+        return (x_t - np.sqrt(ab) * c) / np.sqrt(1 - ab), -np.ones_like(x_t)
+
+    ct = torch.from_numpy(c)
+
+    def exact_torch(x_t, t):
+        ab = torch.from_numpy(np.array(ref.alpha_bar))[t][:, None]
+        return (x_t - ab.sqrt() * ct) / (1 - ab).sqrt(), -torch.ones_like(x_t)
+
+    want = R.full_bound(c, exact_np, ref, np.random.default_rng(0))
+    got = gt.full_bound(ct, exact_torch, ref, torch.Generator().manual_seed(3))
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9)
+    with pytest.raises(TypeError, match="model_eps_fn"):
+        gt.full_bound(ct, None, ref)
+
+
+def test_zero_terminal_snr_is_refused_where_eps_cannot_determine_the_mean():
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    t = torch.tensor([1, 9])
+    with pytest.raises(ValueError, match="alpha_bar = 0"):
+        gt.predict_x0_from_eps(x, t, x, ZERO_SNR)
+    with pytest.raises(ValueError, match="alphas = 0"):
+        gt.vlb_term(x, x, t, x, ZERO_SNR)
+    # v-prediction is fine there
+    out = gt.diffusion_mse_loss(x, x, x + 1, t, ZERO_SNR, "v")
+    assert torch.isfinite(out)
