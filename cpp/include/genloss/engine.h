@@ -13,6 +13,7 @@
 
 #include "genloss/common.h"
 #include "genloss/ops/diffusion.h"
+#include "genloss/ops/divergence.h"
 #include "genloss/ops/gan.h"
 #include "genloss/ops/vae.h"
 
@@ -51,6 +52,8 @@ namespace genloss {
 //   vlb_term                                 map_reduce VlbKL / VlbKLLearned, rows with t = 0
 //                                            their Alt, VlbDecoder
 //   prior_kl                                 map_reduce PriorKL
+//   density_ratio_from_logits                map_reduce Exp (elementwise)
+//   mmd2                                     the tiled pairwise kernels of mmd.h
 //
 // X-macro of every functor the engines instantiate: (enum id, type).
 #define GENLOSS_FUNCTORS(X)                             \
@@ -76,7 +79,8 @@ namespace genloss {
   X(kDiscretizedGaussianLL, ops::DiscretizedGaussianLL) \
   X(kVlbKL, ops::VlbKL)                                 \
   X(kVlbKLLearned, ops::VlbKLLearned)                   \
-  X(kPriorKL, ops::PriorKL)
+  X(kPriorKL, ops::PriorKL)                             \
+  X(kExp, ops::Exp)
 
 enum FunctorId : int {
 #define GENLOSS_ENUM(id, type) id,
