@@ -55,5 +55,5 @@ void bind_mmd(py::module_& m) {
   m.def("mmd", &mmd);
   m.attr("MMD_TILE") = genloss::kMmdTile;
   m.attr("MMD_KERNELS") = py::make_tuple("rbf", "imq", "polynomial", "energy");  // = enum MmdKernel
-  m.attr("MMD_ESTIMATORS") = py::make_tuple("unbiased", "biased", "linear");    // = enum MmdEstimator
+  m.attr("MMD_ESTIMATORS") = py::make_tuple("unbiased", "biased", "linear");     // = enum MmdEstimator
 }

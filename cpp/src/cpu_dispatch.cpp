@@ -74,8 +74,8 @@ void gmm(const GmmArgs& a) {
 }
 void mmd(const MmdArgs& a) {  // genloss/mmd.h: its own entry, outside CpuTable
   static void (*const fn)(const MmdArgs&) = std::strcmp(chosen().name, "avx512") == 0 ? avx512::mmd
-                                            : std::strcmp(chosen().name, "avx2") == 0   ? avx2::mmd
-                                                                                        : sse2::mmd;
+                                            : std::strcmp(chosen().name, "avx2") == 0 ? avx2::mmd
+                                                                                      : sse2::mmd;
   fn(a);
 }
 const char* isa() {

@@ -100,16 +100,49 @@ GENLOSS_HD void kern(T s, const T* c, int nbw, T inv_d, T& k, T& w) {
   }
 }
 
+// Kernels with a runtime number of bandwidths (rbf with several, imq) run in
+// passes over a tile row so every loop vectorises: r2 into a buffer, one pass per
+// bandwidth accumulating k and w, then the fused gradient pass reads them.
+template <int KER>
+constexpr bool kMultiPass = KER == kMmdRbf || KER == kMmdImq;
+
+template <int KER, class T>
+void bandwidth_passes(const T* sb, int64_t n, const T* c, int nbw, T* kb, T* wb) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    kb[j] = T(0);
+    wb[j] = T(0);
+  }
+  for (int q = 0; q < nbw; ++q) {
+    const T cq = c[q];
+    if constexpr (KER == kMmdRbf) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {  // (DIV.2)
+        const T e = mmd::exp_neg(-cq * sb[j]);
+        kb[j] += e;
+        wb[j] -= T(2) * cq * e;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {  // (DIV.3)
+        const T u = T(1) / gl_sqrt(T(1) + cq * sb[j]);
+        kb[j] += u;
+        wb[j] -= cq * u * u * u;
+      }
+    }
+  }
+}
+
 // ---- direct body (D <= 4) ----------------------------------------------------
-template <int DIM, int KER, bool COL, class T>
-double tile_direct(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* col) {
+template <int DIM, int KER, bool COL, bool MASK, class T>
+double tile_direct(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* col, T* buf) {
   constexpr bool kDist = KER != kMmdPolynomial;
   const int64_t ldx = cx.np[t.si], ldz = cx.np[t.sj];
   const T* X = cx.zt[t.si].data();
   const T* Z = cx.zt[t.sj].data();
   const int64_t i0 = t.bi * kT, j0 = t.bj * kT;
   const int64_t ni = std::min(kT, cx.n[t.si] - i0), nj = std::min(kT, cx.n[t.sj] - j0);
-  const int64_t njp = round_up(nj, 16);
+  const int njp = static_cast<int>(round_up(nj, 16)), nj32 = static_cast<int>(nj);
   const bool skip = t.diag && cx.unbiased;
   const T* c = cx.cs.data();
   const int nbw = static_cast<int>(cx.cs.size());
@@ -133,10 +166,24 @@ double tile_direct(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* 
     const T x1 = DIM > 1 ? X[ldx + i] : T(0);
     const T x2 = DIM > 2 ? X[2 * ldx + i] : T(0);
     const T x3 = DIM > 3 ? X[3 * ldx + i] : T(0);
-    const int64_t jskip = skip ? ii : -1;
+    const int jskip = skip ? static_cast<int>(ii) : -1;
+    T* kb = buf;
+    T* wb = buf + kT;
+    if constexpr (kMultiPass<KER>) {
+      T* sb = buf + 2 * kT;
+#pragma omp simd
+      for (int jj = 0; jj < njp; ++jj) {
+        T s = (x0 - z0[jj]) * (x0 - z0[jj]);
+        if constexpr (DIM > 1) s += (x1 - z1[jj]) * (x1 - z1[jj]);
+        if constexpr (DIM > 2) s += (x2 - z2[jj]) * (x2 - z2[jj]);
+        if constexpr (DIM > 3) s += (x3 - z3[jj]) * (x3 - z3[jj]);
+        sb[jj] = s;
+      }
+      bandwidth_passes<KER>(sb, njp, c, nbw, kb, wb);
+    }
     T v = 0, g0 = 0, g1 = 0, g2 = 0, g3 = 0;
 #pragma omp simd reduction(+ : v, g0, g1, g2, g3)
-    for (int64_t jj = 0; jj < njp; ++jj) {
+    for (int jj = 0; jj < njp; ++jj) {
       T d0, d1 = 0, d2 = 0, d3 = 0, s;
       if constexpr (kDist) {
         d0 = x0 - z0[jj];
@@ -170,10 +217,18 @@ double tile_direct(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* 
         }
       }
       T k, w;
-      kern<KER>(s, c, nbw, inv_d, k, w);
-      const bool ok = jj < nj && jj != jskip;
-      k = ok ? k : T(0);
-      w = ok ? w : T(0);
+      if constexpr (kMultiPass<KER>) {
+        (void)s;
+        k = kb[jj];
+        w = wb[jj];
+      } else {
+        kern<KER>(s, c, nbw, inv_d, k, w);
+      }
+      if constexpr (MASK) {  // padding columns and, unbiased, the diagonal
+        const bool ok = jj < nj32 && jj != jskip;
+        k = ok ? k : T(0);
+        w = ok ? w : T(0);
+      }
       v += k;
       // row i: w (x_i - z_j) for distance kernels, w z_j for the polynomial
       g0 += w * d0;
@@ -261,8 +316,8 @@ void gemm_acc(int64_t m, int64_t n, int64_t kk, const T* A, int64_t am, int64_t 
 
 template <class T>
 struct Scratch {
-  std::vector<T> G, V, U, Wr, Wc;
-  explicit Scratch(int64_t Dp) : G(kT * kT), V(kT * Dp), U(kT * Dp), Wr(kT), Wc(kT) {}
+  std::vector<T> G, V, U, Wr, Wc, buf;
+  explicit Scratch(int64_t Dp) : G(kT * kT), V(kT * Dp), U(kT * Dp), Wr(kT), Wc(kT), buf(3 * kT) {}
 };
 
 template <int KER, class T>
@@ -298,18 +353,37 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
     const int64_t jskip = skip ? ii : -1;
     const int64_t jdiag = t.diag ? ii : -1;
     T v = 0, ws = 0;
+    T* kb = s.buf.data();
+    T* wb = kb + kT;
+    if constexpr (kMultiPass<KER>) {
+#pragma omp simd
+      for (int64_t jj = 0; jj < njv; ++jj) {
+        T sv = ni_ + nz[jj] - T(2) * g[jj];
+        sv = sv > T(0) ? sv : T(0);
+        g[jj] = jj == jdiag ? T(0) : sv;
+      }
+      bandwidth_passes<KER>(g, njv, c, nbw, kb, wb);
+    }
 #pragma omp simd reduction(+ : v, ws)
     for (int64_t jj = 0; jj < njv; ++jj) {
       T sv;
-      if constexpr (kDist) {
+      if constexpr (kMultiPass<KER>) {
+        sv = T(0);
+      } else if constexpr (kDist) {
         sv = ni_ + nz[jj] - T(2) * g[jj];
-        sv = sv > T(0) ? sv : T(0);   // cancellation: a distance is never negative
+        sv = sv > T(0) ? sv : T(0);    // cancellation: a distance is never negative
         sv = jj == jdiag ? T(0) : sv;  // and exactly 0 from a point to itself
       } else {
         sv = g[jj];
       }
       T k, w;
-      kern<KER>(sv, c, nbw, inv_d, k, w);
+      if constexpr (kMultiPass<KER>) {
+        (void)sv;
+        k = kb[jj];
+        w = wb[jj];
+      } else {
+        kern<KER>(sv, c, nbw, inv_d, k, w);
+      }
       const bool ok = rowok && jj < nj && jj != jskip;
       k = ok ? k : T(0);
       w = ok ? w : T(0);
@@ -359,12 +433,18 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
 
 // ---- one tile, dispatched on (D, kernel) ------------------------------------
 template <int KER, class T>
-double tile_k(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* col, Scratch<T>* s) {
+double tile_k(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* col, T* buf, Scratch<T>* s) {
   const bool c = grad && !t.diag;
+  // Full off-diagonal tiles (most of them) run without the lane masks.
+  const bool mask = t.diag || (t.bj + 1) * kT > cx.n[t.sj];
   switch (cx.D) {
-#define GENLOSS_DIM(n) \
-  case n:              \
-    return c ? tile_direct<n, KER, true>(cx, t, gacc, grad, col) : tile_direct<n, KER, false>(cx, t, gacc, grad, col);
+#define GENLOSS_DIM(n)                                                          \
+  case n:                                                                       \
+    if (mask)                                                                   \
+      return c ? tile_direct<n, KER, true, true>(cx, t, gacc, grad, col, buf)   \
+               : tile_direct<n, KER, false, true>(cx, t, gacc, grad, col, buf); \
+    return c ? tile_direct<n, KER, true, false>(cx, t, gacc, grad, col, buf)    \
+             : tile_direct<n, KER, false, false>(cx, t, gacc, grad, col, buf);
     GENLOSS_DIM(1)
     GENLOSS_DIM(2)
     GENLOSS_DIM(3)
@@ -376,18 +456,18 @@ double tile_k(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* col, 
 }
 
 template <class T>
-double tile(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* col, Scratch<T>* s) {
+double tile(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* col, T* buf, Scratch<T>* s) {
   switch (cx.kernel) {
     case kRbf1:
-      return tile_k<kRbf1>(cx, t, gacc, grad, col, s);
+      return tile_k<kRbf1>(cx, t, gacc, grad, col, buf, s);
     case kMmdRbf:
-      return tile_k<kMmdRbf>(cx, t, gacc, grad, col, s);
+      return tile_k<kMmdRbf>(cx, t, gacc, grad, col, buf, s);
     case kMmdImq:
-      return tile_k<kMmdImq>(cx, t, gacc, grad, col, s);
+      return tile_k<kMmdImq>(cx, t, gacc, grad, col, buf, s);
     case kMmdPolynomial:
-      return tile_k<kMmdPolynomial>(cx, t, gacc, grad, col, s);
+      return tile_k<kMmdPolynomial>(cx, t, gacc, grad, col, buf, s);
     default:
-      return tile_k<kMmdEnergy>(cx, t, gacc, grad, col, s);
+      return tile_k<kMmdEnergy>(cx, t, gacc, grad, col, buf, s);
   }
 }
 
@@ -522,13 +602,13 @@ void mmd_t(const MmdArgs& a) {
   for (int64_t p = 0; p < P; ++p) {
     double* g = grad ? acc.data() + p * nacc : nullptr;
     if (g) std::fill(g, g + nacc, 0.0);
-    std::vector<T> col(direct ? kDirectMaxD * kT : 0);
+    std::vector<T> col(direct ? kDirectMaxD * kT : 0), buf(direct ? 3 * kT : 0);
     std::vector<Scratch<T>> sc;
     if (!direct) sc.emplace_back(cx.Dp);
     double v = 0.0;
     for (int64_t q = first[p]; q < first[p + 1]; ++q) {
       const Tile& t = tiles[q];
-      v += t.vcoef * tile<T>(cx, t, g, grad, col.data(), direct ? nullptr : sc.data());
+      v += t.vcoef * tile<T>(cx, t, g, grad, col.data(), buf.data(), direct ? nullptr : sc.data());
     }
     pval[p] = v;
   }
