@@ -4,7 +4,8 @@
 ``(value, grads)``; see ``genloss.native.gan`` for the conventions.
 """
 
-from . import gan, vae
+from . import divergence, gan, vae
+from .divergence import kid, median_bandwidth, mmd2
 from .gan import (
     cycle_consistency_loss,
     feature_matching_loss,
@@ -40,8 +41,12 @@ from .vae import (
 )
 
 __all__ = [
+    "divergence",
     "gan",
     "vae",
+    "kid",
+    "median_bandwidth",
+    "mmd2",
     "bernoulli_nll",
     "gaussian_kl",
     "gaussian_nll",
