@@ -9,7 +9,9 @@
 // equal work, P a function of the sizes only (never of the thread count); each
 // partition sums its tiles in list order into its own float64 accumulators, and
 // the partitions are combined in partition order. So the bits of the result are
-// the same for any thread count and on every run.
+// the same for any thread count and on every run.                      (DIV.11)
+// A tile's row sums give the gradient of its row points, its column sums (off the
+// diagonal) that of its column points, weighted as in (DIV.9).
 //
 // Two tile bodies:
 //  * D <= 4 ("direct"): coordinates transposed (D x n), lanes over j, the
@@ -88,7 +90,7 @@ GENLOSS_HD void kern(T s, const T* c, int nbw, T inv_d, T& k, T& w) {
   if constexpr (KER == kRbf1) {
     const T e = mmd::exp_neg(-c[0] * s);
     k = e;
-    w = T(-2) * c[0] * e;  // (DIV.2)
+    w = T(-2) * c[0] * e;  // (DIV.8)
   } else if constexpr (KER == kMmdRbf) {
     mmd::rbf(s, c, nbw, k, w);
   } else if constexpr (KER == kMmdImq) {
@@ -117,14 +119,14 @@ void bandwidth_passes(const T* sb, int64_t n, const T* c, int nbw, T* kb, T* wb)
     const T cq = c[q];
     if constexpr (KER == kMmdRbf) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {  // (DIV.2)
+      for (int64_t j = 0; j < n; ++j) {  // (DIV.8)
         const T e = mmd::exp_neg(-cq * sb[j]);
         kb[j] += e;
         wb[j] -= T(2) * cq * e;
       }
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {  // (DIV.3)
+      for (int64_t j = 0; j < n; ++j) {  // (DIV.8)
         const T u = T(1) / gl_sqrt(T(1) + cq * sb[j]);
         kb[j] += u;
         wb[j] -= cq * u * u * u;

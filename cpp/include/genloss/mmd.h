@@ -89,7 +89,7 @@ GENLOSS_HD T rsqrt(T x) {
 }
 
 // Sum over bandwidths of the Gaussian kernel, c_s = 1/(2 s^2):
-//   k = sum_s exp(-c_s r2),  w = 2 dk/dr2 = -2 sum_s c_s exp(-c_s r2).   (DIV.2)
+//   k = sum_s exp(-c_s r2),  w = 2 dk/dr2 = -2 sum_s c_s exp(-c_s r2).   (DIV.8)
 template <class T>
 GENLOSS_HD void rbf(T r2, const T* c, int nbw, T& k, T& w) {
   k = T(0);
@@ -103,7 +103,7 @@ GENLOSS_HD void rbf(T r2, const T* c, int nbw, T& k, T& w) {
 }
 
 // Inverse multiquadric, c_s = 1/s^2:
-//   k = sum_s (1 + c_s r2)^(-1/2),  w = 2 dk/dr2 = -sum_s c_s (1 + c_s r2)^(-3/2).   (DIV.3)
+//   k = sum_s (1 + c_s r2)^(-1/2),  w = 2 dk/dr2 = -sum_s c_s (1 + c_s r2)^(-3/2).   (DIV.8)
 template <class T>
 GENLOSS_HD void imq(T r2, const T* c, int nbw, T& k, T& w) {
   k = T(0);
@@ -116,7 +116,7 @@ GENLOSS_HD void imq(T r2, const T* c, int nbw, T& k, T& w) {
 }
 
 // Energy distance kernel k = -|a - b|; w = 2 dk/dr2 = -1/|a - b|, and 0 at a == b
-// (the subgradient the convention fixes).                                 (DIV.5)
+// (the subgradient the convention fixes).                                 (DIV.8)
 template <class T>
 GENLOSS_HD void energy(T r2, T& k, T& w) {
   const T r = gl_sqrt(r2);
@@ -125,7 +125,7 @@ GENLOSS_HD void energy(T r2, T& k, T& w) {
 }
 
 // Cubic polynomial (KID) on the dot product p = a.b: t = p/D + 1, k = t^3,
-// dk/da = 3 t^2 / D b, so w = 3 t^2 / D.                                   (DIV.4)
+// dk/da = 3 t^2 / D b, so w = 3 t^2 / D.                                   (DIV.8)
 template <class T>
 GENLOSS_HD void polynomial(T p, T inv_d, T& k, T& w) {
   const T t = p * inv_d + T(1);

@@ -95,7 +95,7 @@ def check_sizes(estimator: str, n: int, m: int) -> None:
             raise ValueError("y has no points")
 
 
-# ---------------------------------------------------------------- (DIV.6)
+# ---------------------------------------------------------------- (DIV.12)
 def _median_numpy(z: np.ndarray) -> float:
     z = z - z.mean(axis=0)  # distances are translation invariant; centring shrinks cancellation
     sq = np.einsum("ij,ij->i", z, z)
@@ -121,7 +121,7 @@ def median_bandwidth(x: Any, y: Any, max_points: int = 2000) -> float:
     If z has more than ``max_points`` points, the strided subsample
     ``z[::ceil(len(z) / max_points)]`` is used. Computed in float64 (NumPy for
     NumPy/CuPy-free CPU arrays, torch on the tensor's device for torch tensors).
-    ValueError if z has fewer than 2 points or the median distance is 0.  (DIV.6)
+    ValueError if z has fewer than 2 points or the median distance is 0.  (DIV.12)
     """
     if isinstance(max_points, bool) or not isinstance(max_points, int):
         raise TypeError(f"max_points must be an int, got {type(max_points).__name__}")
@@ -153,9 +153,9 @@ def median_bandwidth(x: Any, y: Any, max_points: int = 2000) -> float:
     return med
 
 
-# ---------------------------------------------------------------- (DIV.1)
+# ---------------------------------------------------------------- (DIV.6, DIV.7, DIV.9)
 def mmd2(x, y, kernel="rbf", bandwidths=None, estimator="unbiased", *, need_grad=True):
-    r"""Squared MMD between the samples x (N, D) and y (M, D), with d/dx and d/dy.  (DIV.1)
+    r"""Squared MMD between the samples x (N, D) and y (M, D), with d/dx and d/dy.  (DIV.6, DIV.7, DIV.9)
 
     One tiled pass computes the value and both gradients; see the module
     docstring for the kernels and estimators.
@@ -183,7 +183,7 @@ def mmd2(x, y, kernel="rbf", bandwidths=None, estimator="unbiased", *, need_grad
     return out.arr, grads_out([gx, gy], flags)
 
 
-# ---------------------------------------------------------------- (DIV.7)
+# ---------------------------------------------------------------- (DIV.13)
 def kid_indices(n_real: int, n_fake: int, subsets: int, subset_size: int, seed: Any) -> list:
     """The subset indices KID draws: per subset, real then fake, without replacement."""
     rng = np.random.default_rng(seed)
@@ -212,7 +212,7 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0) -> 
 
     ``rng = np.random.default_rng(seed)``; per subset ``idx_r = rng.choice(N_real,
     subset_size, replace=False)`` then ``idx_f = rng.choice(N_fake, subset_size,
-    replace=False)``.  (DIV.7)
+    replace=False)``.  (DIV.13)
     """
     rb, fb = inputs(["real_features", "fake_features"], [real_features, fake_features])
     n_r, d = _points("real_features", rb)

@@ -25,7 +25,7 @@ mmd2 = LossOp(
 
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor, max_points: int = 2000) -> float:
     r"""The median of :math:`\|z_i - z_j\|`, i < j, z = concat(x, y) (strided subsample above
-    ``max_points``), computed in float64 on the tensors' device; a Python float.  (DIV.6)"""
+    ``max_points``), computed in float64 on the tensors' device; a Python float.  (DIV.12)"""
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -40,7 +40,7 @@ def kid(
     seed: int | None = 0,
 ) -> tuple[float, float]:
     r"""Kernel Inception Distance: (mean, std ddof=0) of the unbiased cubic-polynomial MMD^2
-    over ``subsets`` random subsets drawn by ``np.random.default_rng(seed)``; Python floats.  (DIV.7)"""
+    over ``subsets`` random subsets drawn by ``np.random.default_rng(seed)``; Python floats.  (DIV.13)"""
     for name, t in (("real_features", real_features), ("fake_features", fake_features)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
