@@ -14,6 +14,8 @@
 namespace py = pybind11;
 using namespace genloss;
 
+void bind_mmd(py::module_& m);  // bindings_mmd.cpp
+
 namespace {
 
 void* P(std::uintptr_t p) {
@@ -184,4 +186,5 @@ PYBIND11_MODULE(_C, m) {
   GENLOSS_FUNCTORS(GENLOSS_ID)
 #undef GENLOSS_ID
   m.attr("FUNCTORS") = ids;
+  bind_mmd(m);
 }

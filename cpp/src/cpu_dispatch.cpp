@@ -6,6 +6,7 @@
 
 #include "cpu_table.h"
 #include "genloss/engine.h"
+#include "genloss/mmd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -13,6 +14,15 @@
 
 namespace genloss {
 namespace cpu {
+namespace sse2 {
+void mmd(const MmdArgs& a);
+}
+namespace avx2 {
+void mmd(const MmdArgs& a);
+}
+namespace avx512 {
+void mmd(const MmdArgs& a);
+}
 namespace {
 
 struct Choice {
@@ -61,6 +71,12 @@ void row_lse(const RowLseArgs& a) {
 }
 void gmm(const GmmArgs& a) {
   chosen().table->gmm(a);
+}
+void mmd(const MmdArgs& a) {  // genloss/mmd.h: its own entry, outside CpuTable
+  static void (*const fn)(const MmdArgs&) = std::strcmp(chosen().name, "avx512") == 0 ? avx512::mmd
+                                            : std::strcmp(chosen().name, "avx2") == 0 ? avx2::mmd
+                                                                                      : sse2::mmd;
+  fn(a);
 }
 const char* isa() {
   return chosen().name;

@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "genloss/engine.h"
+#include "genloss/mmd.h"
 
 namespace genloss {
 namespace cuda {
@@ -33,6 +34,9 @@ void row_lse(const RowLseArgs&, void*) {
   unavailable();
 }
 void gmm(const GmmArgs&, void*) {
+  unavailable();
+}
+void mmd(const MmdArgs&, void*) {
   unavailable();
 }
 }  // namespace cuda

@@ -4,7 +4,7 @@
 ``(value, grads)``; see ``genloss.native.gan`` for the conventions.
 """
 
-from . import diffusion, gan, vae
+from . import diffusion, divergence, gan, vae
 from .diffusion import (
     diffusion_mse_loss,
     discretized_gaussian_log_likelihood,
@@ -19,6 +19,7 @@ from .diffusion import (
     vdm_discrete_loss,
     vlb_term,
 )
+from .divergence import kid, median_bandwidth, mmd2
 from .gan import (
     cycle_consistency_loss,
     feature_matching_loss,
@@ -67,8 +68,12 @@ __all__ = [
     "vdm_continuous_loss",
     "vdm_discrete_loss",
     "vlb_term",
+    "divergence",
     "gan",
     "vae",
+    "kid",
+    "median_bandwidth",
+    "mmd2",
     "bernoulli_nll",
     "gaussian_kl",
     "gaussian_nll",

@@ -1,0 +1,506 @@
+"""MMD^2, median_bandwidth and KID: the tiled native kernel and the torch op against a
+dense float64 oracle written here (the full N x M kernel matrices, the textbook
+formulas of SPEC.md "Divergences and kernels"), finite differences, tile boundaries,
+thread-count determinism, odd inputs and bad inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+_C = pytest.importorskip("genloss._C")
+
+import genloss.native as gn  # noqa: E402
+import genloss.torch as gt  # noqa: E402
+
+KERNELS = ("rbf", "imq", "polynomial", "energy")
+ESTIMATORS = ("unbiased", "biased", "linear")
+TILE = int(_C.MMD_TILE)
+DIRECT_MAX_D = 4  # D <= 4: direct body; larger D: the blocked GEMM-like body (mmd_cpu.cpp)
+
+# Tolerances, relative to the scale S = max(1, mean |k|) of the kernel values.
+# float64: the tiled sums reorder ~N^2 terms; 1e-11 S leaves room for N = 600.
+F64_TOL = 1e-11
+# float32: each pair is computed in float32 (inline exp <= 2 ulp, r2 rounding, in the
+# blocked body |a|^2 + |b|^2 - 2 a.b on centred points), each tile row summed in float32
+# (<= 256 terms) and everything above in float64: measured <= 3e-7 S at these sizes.
+F32_TOL = 3e-6
+# Gradients: the same, per entry, relative to max |grad| of the oracle.
+F64_GRAD_TOL = 1e-10
+F32_GRAD_TOL = 3e-5
+
+
+# ---------------------------------------------------------------- the dense oracle
+def _bandwidths(kernel, bandwidths):
+    if kernel in ("polynomial", "energy"):
+        return None
+    return bandwidths
+
+
+def dense_kw(a, b, kernel, bws):
+    """(K, W): K[i, j] = k(a_i, b_j); dk/da_i = W[i, j] (a_i - b_j) (distance kernels) or W[i, j] b_j."""
+    d = a.shape[1]
+    if kernel == "polynomial":
+        t = a @ b.T / d + 1.0
+        return t**3, 3.0 * t**2 / d
+    diff = a[:, None, :] - b[None, :, :]
+    r2 = np.einsum("ijd,ijd->ij", diff, diff)
+    if kernel == "energy":
+        r = np.sqrt(r2)
+        with np.errstate(divide="ignore"):
+            w = np.where(r > 0, -1.0 / np.where(r > 0, r, 1.0), 0.0)
+        return -r, w
+    k = np.zeros_like(r2)
+    w = np.zeros_like(r2)
+    for s in bws:
+        if kernel == "rbf":  # exp(-r2 / (2 s^2)); d/dr2 = -e / (2 s^2)
+            e = np.exp(-r2 / (2 * s * s))
+            k += e
+            w += -e / (s * s)
+        else:  # (1 + r2/s^2)^(-1/2); d/dr2 = -1/(2 s^2) (1 + r2/s^2)^(-3/2)
+            u = 1.0 + r2 / (s * s)
+            k += u**-0.5
+            w += -(u**-1.5) / (s * s)
+    return k, w
+
+
+def _grad_rows(a, b, w, kernel):
+    """sum_j dk(a_i, b_j)/da_i for every i."""
+    if kernel == "polynomial":
+        return w @ b
+    return w.sum(axis=1)[:, None] * a - w @ b
+
+
+def dense(x, y, kernel, bws, estimator):
+    """(value, grad_x, grad_y) in float64 from the full kernel matrices."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    n, m = len(x), len(y)
+    if estimator == "linear":
+        h = n // 2
+        xe, xo, ye, yo = x[0 : 2 * h : 2], x[1 : 2 * h : 2], y[0 : 2 * h : 2], y[1 : 2 * h : 2]
+        gx, gy = np.zeros_like(x), np.zeros_like(y)
+        total = 0.0
+        for (p, q, gp, gq, ip, iq), sign in (
+            ((xe, xo, gx, gx, 0, 1), 1.0),
+            ((ye, yo, gy, gy, 0, 1), 1.0),
+            ((xe, yo, gx, gy, 0, 1), -1.0),
+            ((xo, ye, gx, gy, 1, 0), -1.0),
+        ):
+            for i in range(h):
+                k, w = dense_kw(p[i : i + 1], q[i : i + 1], kernel, bws)
+                total += sign * k[0, 0]
+                da = w[0, 0] * (p[i] - q[i]) if kernel != "polynomial" else w[0, 0] * q[i]
+                db = -w[0, 0] * (p[i] - q[i]) if kernel != "polynomial" else w[0, 0] * p[i]
+                gp[2 * i + ip] += sign * da / h
+                gq[2 * i + iq] += sign * db / h
+        return total / h, gx, gy
+    kxx, wxx = dense_kw(x, x, kernel, bws)
+    kyy, wyy = dense_kw(y, y, kernel, bws)
+    kxy, wxy = dense_kw(x, y, kernel, bws)
+    if estimator == "unbiased":
+        for mat in (kxx, wxx, kyy, wyy):
+            np.fill_diagonal(mat, 0.0)
+        a, b = 1.0 / (n * (n - 1)), 1.0 / (m * (m - 1))
+    else:
+        a, b = 1.0 / n**2, 1.0 / m**2
+    c = -2.0 / (n * m)
+    value = a * kxx.sum() + b * kyy.sum() + c * kxy.sum()
+    gx = 2 * a * _grad_rows(x, x, wxx, kernel) + c * _grad_rows(x, y, wxy, kernel)
+    gy = 2 * b * _grad_rows(y, y, wyy, kernel) + c * _grad_rows(y, x, wxy.T, kernel)
+    return value, gx, gy
+
+
+def scale_of(x, y, kernel, bws):
+    ks = [np.abs(dense_kw(a, b, kernel, bws)[0]).mean() for a, b in ((x, x), (y, y), (x, y))]
+    return max(1.0, *ks)
+
+
+def samples(rng, n, m, d, dtype=np.float64, shift=0.4):
+    x = rng.normal(size=(n, d))
+    y = rng.normal(size=(m, d)) * 1.1 + shift
+    return x.astype(dtype), y.astype(dtype)
+
+
+def check(x, y, kernel, estimator, bws, value, grads, tol, gtol):
+    ref, rgx, rgy = dense(x, y, kernel, bws, estimator)
+    s = scale_of(np.asarray(x, np.float64), np.asarray(y, np.float64), kernel, bws)
+    assert abs(float(value) - ref) <= tol * s, (kernel, estimator, float(value), ref, s)
+    for g, rg, name in zip(grads, (rgx, rgy), ("grad_x", "grad_y"), strict=True):
+        g = np.asarray(g, np.float64)
+        gs = max(np.abs(rg).max(), 1e-300)
+        err = np.abs(g - rg).max() / gs
+        assert err <= gtol, (name, kernel, estimator, err)
+
+
+BWS = {"rbf": (0.8, 2.5), "imq": (1.3,), "polynomial": None, "energy": None}
+
+
+# ---------------------------------------------------------------- every kernel x estimator
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("d", [3, 9])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_native_vs_dense(kernel, estimator, d, dtype):
+    rng = np.random.default_rng(hash((kernel, estimator, d)) % 2**32)
+    n, m = (40, 40) if estimator == "linear" else (37, 29)
+    x, y = samples(rng, n, m, d, dtype)
+    bws = BWS[kernel]
+    v, (gx, gy) = gn.mmd2(x, y, kernel, bws, estimator)
+    assert v.dtype == dtype and gx.dtype == dtype and gx.shape == x.shape and gy.shape == y.shape
+    f64 = dtype == np.float64
+    check(x, y, kernel, estimator, bws, v, (gx, gy), F64_TOL if f64 else F32_TOL,
+          F64_GRAD_TOL if f64 else F32_GRAD_TOL)  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_torch_vs_dense(kernel, estimator):
+    rng = np.random.default_rng(7)
+    n, m = (24, 24) if estimator == "linear" else (21, 17)
+    x, y = samples(rng, n, m, 5)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.tensor(y, requires_grad=True)
+    bws = BWS[kernel]
+    v = gt.mmd2(xt, yt, kernel, list(bws) if bws else None, estimator)
+    v.backward()
+    check(x, y, kernel, estimator, bws, v.item(), (xt.grad.numpy(), yt.grad.numpy()), F64_TOL, F64_GRAD_TOL)
+    # float32 through the op
+    x32 = xt.detach().float().requires_grad_()
+    y32 = yt.detach().float().requires_grad_()
+    v32 = gt.mmd2(x32, y32, kernel, list(bws) if bws else None, estimator)
+    v32.backward()
+    assert v32.dtype == torch.float32 and x32.grad.dtype == torch.float32
+    check(
+        x, y, kernel, estimator, bws, v32.item(), (x32.grad.numpy(), y32.grad.numpy()), F32_TOL, F32_GRAD_TOL
+    )
+
+
+def test_default_bandwidth_is_the_median():
+    rng = np.random.default_rng(3)
+    x, y = samples(rng, 30, 20, 4)
+    med = gn.median_bandwidth(x, y)
+    for kernel in ("rbf", "imq"):
+        v, g = gn.mmd2(x, y, kernel)
+        v2, g2 = gn.mmd2(x, y, kernel, (med,))
+        assert float(v) == float(v2)
+        np.testing.assert_array_equal(g[0], g2[0])
+        vt = gt.mmd2(torch.tensor(x), torch.tensor(y), kernel)
+        assert vt.item() == pytest.approx(float(v), rel=1e-12)
+
+
+# ---------------------------------------------------------------- tile boundaries
+SIZES = [2, TILE - 1, TILE, TILE + 1, 301]
+
+
+@pytest.mark.parametrize("d", [3, 6])
+@pytest.mark.parametrize(("n", "m"), list(itertools.product(SIZES, SIZES)))
+def test_tile_boundaries(n, m, d):
+    """Every tile-boundary size, each with a kernel and estimator cycling over the grid."""
+    i = SIZES.index(n) * len(SIZES) + SIZES.index(m) + d
+    kernel = KERNELS[i % 4]
+    estimator = "unbiased" if i % 2 else "biased"
+    rng = np.random.default_rng(i)
+    x, y = samples(rng, n, m, d)
+    bws = BWS[kernel]
+    v, g = gn.mmd2(x, y, kernel, bws, estimator)
+    check(x, y, kernel, estimator, bws, v, g, F64_TOL, F64_GRAD_TOL)
+
+
+@pytest.mark.parametrize("d", [2, 4, 5, 33])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_tile_boundary_every_kernel(kernel, d):
+    rng = np.random.default_rng(d)
+    x, y = samples(rng, TILE + 1, TILE - 1, d)
+    bws = BWS[kernel]
+    for est in ("unbiased", "biased"):
+        v, g = gn.mmd2(x, y, kernel, bws, est)
+        check(x, y, kernel, est, bws, v, g, F64_TOL, F64_GRAD_TOL)
+    xl, yl = samples(rng, TILE + 3, TILE + 3, d)
+    v, g = gn.mmd2(xl, yl, kernel, bws, "linear")
+    check(xl, yl, kernel, "linear", bws, v, g, F64_TOL, F64_GRAD_TOL)
+
+
+@pytest.mark.parametrize("d", [3, 7])
+@pytest.mark.parametrize(("n", "m"), [(1, 5), (5, 1), (1, 1), (1, TILE + 1)])
+def test_single_point_biased(n, m, d):
+    rng = np.random.default_rng(n + m)
+    x, y = samples(rng, n, m, d)
+    for kernel in KERNELS:
+        v, g = gn.mmd2(x, y, kernel, BWS[kernel], "biased")
+        check(x, y, kernel, "biased", BWS[kernel], v, g, F64_TOL, F64_GRAD_TOL)
+
+
+@pytest.mark.parametrize("d", [3, 40])
+def test_float32_large_vs_float64(d):
+    """The documented float32 tolerance at a size with many tiles (both bodies)."""
+    rng = np.random.default_rng(11)
+    x, y = samples(rng, 700, 650, d)
+    for kernel in KERNELS:
+        bws = BWS[kernel] if kernel != "rbf" else (math.sqrt(d),)
+        v64, g64 = gn.mmd2(x, y, kernel, bws)
+        v32, g32 = gn.mmd2(x.astype(np.float32), y.astype(np.float32), kernel, bws)
+        s = scale_of(x[:200], y[:200], kernel, bws)
+        assert abs(float(v32) - float(v64)) <= F32_TOL * s, (kernel, float(v32), float(v64))
+        for a, b in zip(g32, g64, strict=True):
+            assert np.abs(a - b).max() <= F32_GRAD_TOL * np.abs(b).max(), kernel
+
+
+# ---------------------------------------------------------------- gradients vs finite differences
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_finite_differences(kernel, estimator):
+    rng = np.random.default_rng(5)
+    n = 6
+    x, y = samples(rng, n, n if estimator == "linear" else 5, 3)
+    bws = BWS[kernel]
+    _, (gx, gy) = gn.mmd2(x, y, kernel, bws, estimator)
+    for arr, g in ((x, gx), (y, gy)):
+        for idx in np.ndindex(arr.shape):
+            h = 1e-6 * max(1.0, abs(arr[idx]))
+            old = arr[idx]
+            arr[idx] = old + h
+            vp = float(gn.mmd2(x, y, kernel, bws, estimator, need_grad=False)[0])
+            arr[idx] = old - h
+            vm = float(gn.mmd2(x, y, kernel, bws, estimator, need_grad=False)[0])
+            arr[idx] = old
+            assert abs((vp - vm) / (2 * h) - g[idx]) <= 1e-6 * max(1.0, abs(g[idx])), (idx, kernel)
+
+
+def test_energy_gradient_zero_at_coincident_points():
+    x = np.array([[0.0, 1.0], [0.0, 1.0], [2.0, 0.0]])
+    y = np.array([[0.0, 1.0], [1.0, 1.0]])
+    v, (gx, gy) = gn.mmd2(x, y, "energy", None, "biased")
+    assert np.isfinite(gx).all() and np.isfinite(gy).all()
+    check(x, y, "energy", "biased", None, v, (gx, gy), F64_TOL, F64_GRAD_TOL)
+
+
+def test_need_grad_flags():
+    rng = np.random.default_rng(2)
+    x, y = samples(rng, 20, 30, 3)
+    v, g = gn.mmd2(x, y, need_grad=False)
+    assert g == ()
+    v2, (gx, gy) = gn.mmd2(x, y, need_grad=(False, True))
+    assert gx is None and gy.shape == y.shape
+    assert float(v) == float(v2)
+
+
+# ---------------------------------------------------------------- determinism
+@pytest.mark.parametrize("d", [3, 20])
+def test_bitwise_across_threads_and_runs(d):
+    rng = np.random.default_rng(9)
+    x, y = samples(rng, 900, 700, d, np.float32)
+    before = _C.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 2, 2, 1):
+            _C.set_num_threads(threads)
+            v, (gx, gy) = gn.mmd2(x, y, "rbf", (1.0, 3.0))
+            out.append((v.tobytes(), gx.tobytes(), gy.tobytes()))
+    finally:
+        _C.set_num_threads(before)
+    assert all(o == out[0] for o in out)
+
+
+# ---------------------------------------------------------------- odd inputs
+def test_non_contiguous():
+    rng = np.random.default_rng(4)
+    big_x = rng.normal(size=(60, 8))
+    big_y = rng.normal(size=(8, 50)).T  # Fortran order
+    x, y = big_x[::2, ::2], big_y[:, 1::2]
+    assert not x.flags.c_contiguous and not y.flags.c_contiguous
+    for kernel in KERNELS:
+        v, g = gn.mmd2(x, y, kernel, BWS[kernel])
+        check(x, y, kernel, "unbiased", BWS[kernel], v, g, F64_TOL, F64_GRAD_TOL)
+    xt = torch.tensor(big_x, requires_grad=True)
+    vt = gt.mmd2(xt[::2, ::2], torch.tensor(big_y).T.T[:, 1::2], "imq", [1.0])
+    vt.backward()
+    ref, rgx, _ = dense(x, y, "imq", (1.0,), "unbiased")
+    assert vt.item() == pytest.approx(ref, abs=1e-12)
+    np.testing.assert_allclose(xt.grad.numpy()[::2, ::2], rgx, rtol=1e-9, atol=1e-14)
+    assert np.all(xt.grad.numpy()[1::2] == 0)
+
+
+# ---------------------------------------------------------------- bad inputs
+def _x():
+    return np.zeros((4, 3)), np.ones((5, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "name"),
+    [
+        ({"kernel": "gauss"}, ValueError, "kernel"),
+        ({"estimator": "mean"}, ValueError, "estimator"),
+        ({"bandwidths": (1.0, -1.0)}, ValueError, "bandwidths[1]"),
+        ({"bandwidths": (float("nan"),)}, ValueError, "bandwidths[0]"),
+        ({"bandwidths": ()}, ValueError, "bandwidths"),
+        ({"bandwidths": "1.0"}, TypeError, "bandwidths"),
+        ({"kernel": "polynomial", "bandwidths": (1.0,)}, ValueError, "bandwidths"),
+        ({"kernel": "energy", "bandwidths": (1.0,)}, ValueError, "bandwidths"),
+        ({"estimator": "linear"}, ValueError, "y"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, name):
+    x, y = _x()
+    with pytest.raises(exc, match=r"^" + name.replace("[", r"\[").replace("]", r"\]")):
+        gn.mmd2(x, y, **kwargs)
+
+
+def test_bad_arrays():
+    x, y = _x()
+    with pytest.raises(ValueError, match="^x must have shape"):
+        gn.mmd2(x[0], y)
+    with pytest.raises(ValueError, match="^y must have the dimension of x"):
+        gn.mmd2(x, np.ones((5, 2)))
+    with pytest.raises(TypeError, match="^y must have the dtype of x"):
+        gn.mmd2(x, y.astype(np.float32))
+    with pytest.raises(TypeError, match="^x must be float32 or float64"):
+        gn.mmd2(x.astype(np.int64), y)
+    with pytest.raises(ValueError, match="^x must have at least 2 points"):
+        gn.mmd2(x[:1], y)
+    with pytest.raises(ValueError, match="^y must have at least 2 points"):
+        gn.mmd2(x, y[:1], "rbf", (1.0,))
+    with pytest.raises(ValueError, match="^median_bandwidth"):
+        gn.mmd2(x, np.zeros((5, 3)), "rbf", None, "biased")
+    with pytest.raises(TypeError, match="^x must be a torch.Tensor"):
+        gt.mmd2(x, torch.tensor(y))
+    with pytest.raises(ValueError, match="^bandwidths"):
+        gt.mmd2(torch.tensor(x), torch.tensor(y), "polynomial", [1.0])
+
+
+def test_bad_kid_and_median():
+    r, f = np.ones((10, 3)), np.ones((8, 3))
+    with pytest.raises(ValueError, match="^subset_size"):
+        gn.kid(r, f, subsets=2, subset_size=9)
+    with pytest.raises(ValueError, match="^subset_size"):
+        gn.kid(r, f, subsets=2, subset_size=1)
+    with pytest.raises(ValueError, match="^subsets"):
+        gn.kid(r, f, subsets=0, subset_size=4)
+    with pytest.raises(ValueError, match="^fake_features must have the dimension"):
+        gn.kid(r, np.ones((8, 2)), subsets=2, subset_size=4)
+    with pytest.raises(ValueError, match="^median_bandwidth needs at least 2 points"):
+        gn.median_bandwidth(np.ones((1, 3)), np.ones((0, 3)))
+    with pytest.raises(ValueError, match="^max_points"):
+        gn.median_bandwidth(r, f, max_points=1)
+
+
+# ---------------------------------------------------------------- median heuristic and KID
+def _median_oracle(x, y, max_points=2000):
+    z = np.concatenate([x, y]).astype(np.float64)
+    if len(z) > max_points:
+        z = z[:: math.ceil(len(z) / max_points)]
+    d = [np.linalg.norm(z[i] - z[j]) for i in range(len(z)) for j in range(i + 1, len(z))]
+    return float(np.median(d))
+
+
+@pytest.mark.parametrize(("n", "m", "max_points"), [(7, 6, 2000), (30, 21, 2000), (40, 33, 16), (9, 0, 2000)])
+def test_median_bandwidth(n, m, max_points):
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, 3)) + 5.0, rng.normal(size=(m, 3))
+    ref = _median_oracle(x, y, max_points)
+    assert gn.median_bandwidth(x, y, max_points) == pytest.approx(ref, rel=1e-12)
+    assert gt.median_bandwidth(torch.tensor(x), torch.tensor(y), max_points) == pytest.approx(ref, rel=1e-12)
+
+
+def test_kid():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(60, 6)), rng.normal(size=(45, 6)) + 0.2
+    draw = np.random.default_rng(3)
+    vals = []
+    for _ in range(4):
+        ir = draw.choice(60, 20, replace=False)
+        jf = draw.choice(45, 20, replace=False)
+        vals.append(dense(real[ir], fake[jf], "polynomial", None, "unbiased")[0])
+    mean, std = gn.kid(real, fake, subsets=4, subset_size=20, seed=3)
+    assert mean == pytest.approx(np.mean(vals), rel=1e-10, abs=1e-13)
+    assert std == pytest.approx(np.std(vals), rel=1e-9, abs=1e-13)
+    mt, st = gt.kid(torch.tensor(real), torch.tensor(fake), subsets=4, subset_size=20, seed=3)
+    assert (mt, st) == pytest.approx((mean, std), rel=1e-12, abs=1e-15)
+
+
+# ---------------------------------------------------------------- torch: gradcheck, opcheck, compile
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_gradcheck(kernel, estimator):
+    g = torch.Generator().manual_seed(1)
+    n = 6
+    x = torch.randn(n, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    y = (
+        torch.randn(n if estimator == "linear" else 5, 3, dtype=torch.float64, generator=g) + 0.3
+    ).requires_grad_()
+    bws = list(BWS[kernel]) if BWS[kernel] else None
+    assert torch.autograd.gradcheck(lambda a, b: gt.mmd2(a, b, kernel, bws, estimator), (x, y))
+
+
+def test_double_backward_raises():
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 2, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(gt.mmd2(x, y, "rbf", [1.0]), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize(("kernel", "bws"), [("rbf", [1.0, 2.0]), ("energy", None)])
+def test_opcheck(kernel, bws):
+    x = torch.randn(9, 3, dtype=torch.float64)
+    y = torch.randn(7, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.genloss.mmd2_fwd.default, (x, y, kernel, bws, "unbiased", [True, True]))
+    torch.library.opcheck(torch.ops.genloss.mmd2.default, (x.requires_grad_(), y, kernel, bws, "biased"))
+
+
+# torch 2.13's own warnings under -W error (see tests/test_torch_ops.py TORCH_INTERNAL_WARNINGS).
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile(backend):
+    rng = np.random.default_rng(8)
+    x, y = samples(rng, 30, 20, 4)
+
+    def loss(a, b):
+        return gt.mmd2(a, b, "rbf", [0.5, 2.0]) + 0.5 * gt.mmd2(a, b, "energy", None, "biased")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
+    out = []
+    for f in (loss, compiled):
+        xt = torch.tensor(x, requires_grad=True)
+        v = f(xt, torch.tensor(y))
+        (g,) = torch.autograd.grad(v, xt)
+        out.append((v.item(), g.numpy()))
+    assert out[0][0] == out[1][0]
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    r1, g1, _ = dense(x, y, "rbf", (0.5, 2.0), "unbiased")
+    r2, g2, _ = dense(x, y, "energy", None, "biased")
+    assert out[1][0] == pytest.approx(r1 + 0.5 * r2, abs=1e-12)
+    np.testing.assert_allclose(out[1][1], g1 + 0.5 * g2, rtol=1e-9, atol=1e-13)
+
+
+# ---------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("d", [3, 70])
+def test_cuda_vs_cpu(kernel, estimator, d):
+    rng = np.random.default_rng(1)
+    n, m = (TILE + 1, TILE + 1) if estimator == "linear" else (TILE + 1, 301)
+    x, y = samples(rng, n, m, d)
+    bws = BWS[kernel]
+    for dt, tol, gtol in ((torch.float64, F64_TOL, F64_GRAD_TOL), (torch.float32, F32_TOL, F32_GRAD_TOL)):
+        xc = torch.tensor(x, dtype=dt, device="cuda")
+        yc = torch.tensor(y, dtype=dt, device="cuda")
+        v, (gx, gy) = gn.mmd2(xc, yc, kernel, bws, estimator)
+        check(x, y, kernel, estimator, bws, v.item(), (gx.cpu().numpy(), gy.cpu().numpy()), tol, gtol)
+        v2, _ = gn.mmd2(xc, yc, kernel, bws, estimator)
+        assert v.item() == v2.item()  # deterministic: no float atomics
+    for dt in (torch.float16, torch.bfloat16):
+        xc = torch.tensor(x, device="cuda").to(dt)
+        yc = torch.tensor(y, device="cuda").to(dt)
+        v = gt.mmd2(xc, yc, kernel, list(bws) if bws else None, estimator)
+        ref = dense(xc.double().cpu().numpy(), yc.double().cpu().numpy(), kernel, bws, estimator)[0]
+        s = scale_of(x, y, kernel, bws)
+        assert abs(v.item() - ref) <= 1e-4 * s
