@@ -239,7 +239,7 @@ def bench_case(op_name, variant, shape_label, shape, clock, alloc, probe, quick)
         copy_ts = times.pop("copy")
         comps = {k: bg.summary(ts) for k, ts in times.items() if ts}
         t_op = comps["op"]["median_s"]
-        for name, s in comps.items():
+        for s in comps.values():
             s["ratio_vs_op"] = s["median_s"] / t_op
             s["GBps"] = nbytes / s["median_s"] / 1e9
         for r in runners:

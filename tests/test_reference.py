@@ -135,7 +135,7 @@ def test_spectral_norm_backward_holds_vectors_constant(n_iters):
     assert_close(g, numeric, "fd", np.float64, f"spectral_norm_sigma(n_iters={n_iters}) d/dW")
 
 
-@pytest.mark.parametrize("family", ["gan", "vae", "diffusion"])
+@pytest.mark.parametrize("family", ["gan", "vae", "diffusion", "divergence"])
 def test_registry_covers_every_reference_op(family):
     """Every op the reference exports (a forward, with or without ``_backward``) has a registry
     record or is listed in ``NOT_REGISTERED`` with its reason (so the generic tests cannot

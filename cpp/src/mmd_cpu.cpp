@@ -21,6 +21,10 @@
 //    kernels are translation invariant; centring shrinks |a|^2 + |b|^2 - 2 a.b
 //    cancellation), dot tile by a register-blocked micro-kernel, r2 clamped at 0,
 //    then the gradient sums x_i sum_j w_ij - sum_j w_ij z_j by two more GEMMs.
+//    Its limit, as for any expansion (torch.cdist's mm path, KeOps' sqdist on
+//    |x|^2 terms): the absolute error of r2 is ~eps |z - mean|^2, so pairs that
+//    are close compared with sqrt(eps) times the data's spread (float32: 1e-4
+//    of it) lose digits of k and of the gradient. D <= 4 never does.
 // Inside a tile the compute type is the input type (float or double); each tile
 // row (<= 256 terms) is flushed to the float64 accumulators.
 #include <algorithm>

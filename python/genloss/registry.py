@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from .reference import diffusion as _dif
+from .reference import divergence as _div
 from .reference import gan as _gan
 from .reference import vae as _vae
 
@@ -179,6 +180,9 @@ class OpRecord:
     torch_name: str = ""  # '' = name
     elementwise: bool = False  # the value has the inputs' broadcast shape (no reduction, no batch mean)
     caps: tuple[tuple[str, int], ...] = ()  # largest size of a symbol in the large-input tests (cost)
+    # (symbol, smallest nonzero size, largest size): unbiased MMD needs 2 points; mmd2's exact
+    # direct body covers D <= 4 (the blocked body's expansion has a documented limit at extremes)
+    size_limits: tuple[tuple[str, int, int], ...] = ()
     rejects: tuple[tuple[Variant, str], ...] = ()  # invalid combinations: (variant, argument the error names)
     # (argument, symbol): each entry of d/d<argument> sums one term of magnitude <= 1 per index
     # of the symbol (times the upstream gradient), terms that may cancel; see ``grad_scale``.
@@ -567,6 +571,9 @@ def make_inputs(
     if sizes is None:
         sizes = draw_sizes(rng)
     sizes = dict(sizes)
+    for sym, lo, hi in record.size_limits:  # an empty batch stays empty (the bad-input tests ask)
+        if sym in sizes and sizes[sym] > 0:
+            sizes[sym] = min(max(sizes[sym], lo), hi)
     for sym, other in variant.same:
         sizes[sym] = sizes[other]
     shapes = resolve_shapes(record, sizes, variant)
@@ -910,6 +917,47 @@ DIFFUSION_RECORDS: tuple[OpRecord, ...] = (
 
 RECORDS = RECORDS + DIFFUSION_RECORDS
 
+
+# ============================================================================= divergences and kernels
+
+
+def _divrec(name: str, args, diff, reductions, tag, **kw) -> OpRecord:
+    return OpRecord(
+        name=name,
+        family="divergence",
+        reference=getattr(_div, name),
+        reference_backward=getattr(_div, name + "_backward", None),
+        args=tuple(args),
+        differentiable=tuple(diff),
+        reductions=tuple(reductions),
+        derivation=f"divergence.md#DIV.{tag}",
+        **kw,
+    )
+
+
+DIVERGENCE_RECORDS: tuple[OpRecord, ...] = (
+    # e^l overflows for l > 88.7 in float32 (the ratio itself is out of range): no extreme inputs
+    _divrec("density_ratio_from_logits", [Arg("logits", "scores", ("B", "..."), broadcast=True)], ("logits",), (),
+            1, elementwise=True, extreme_finite=False),
+    _divrec("mmd2", [Arg("x", "features", ("Br", "F")), Arg("y", "features", ("Bf", "F"))], ("x", "y"), (), 9,
+            hypers=(Hyper("kernel", "choice", _div.KERNELS), Hyper("estimator", "choice", _div.MMD_ESTIMATORS),
+                    Hyper("bandwidths", "bandwidths")),
+            # the blocked (D > 4) body is covered by tests/test_mmd.py at D = 9, not at +-1e4 entries
+            size_limits=(("Br", 2, 10**9), ("Bf", 2, 10**9), ("F", 1, 4)),
+            variants=(_v(kernel="rbf", bandwidths=(1.0, 2.5), estimator="unbiased"),
+                      _v(kernel="imq", bandwidths=(1.5,), estimator="biased"),
+                      # the cubic kernel of 1e4-sized features is ~1e24: the unbiased estimator's float32
+                      # differences of such terms are noise (finite, not accurate): no extreme inputs
+                      _v(kernel="polynomial", estimator="unbiased", extreme_finite=False),
+                      _v(kernel="energy", estimator="biased"),
+                      _v(kernel="rbf", bandwidths=(2.0,), estimator="linear", same=(("Bf", "Br"),)),
+                      # the median heuristic moves with the data: central differences see it, the
+                      # gradient (by definition) does not
+                      _v(kernel="rbf", estimator="unbiased", fd=False))),
+)  # fmt: skip
+
+RECORDS = RECORDS + DIVERGENCE_RECORDS
+
 # Reference functions with no record, and why (a test checks this list is complete).
 NOT_REGISTERED: dict[str, str] = {
     "gmm_em_step": "reference only (no native or torch layer, no gradient); checked by "
@@ -922,6 +970,12 @@ NOT_REGISTERED: dict[str, str] = {
     "tests/test_torch_diffusion.py",
     "full_bound": "a loop over vlb_term and prior_kl with a model callback; checked by "
     "tests/test_diffusion_identities.py and tests/test_torch_diffusion.py",
+    "median_bandwidth": "a hyperparameter (a Python float, no gradient); every layer checked against a "
+    "brute-force median by tests/test_divergence_identities.py and tests/test_mmd.py",
+    "kid": "(mean, std) over random subsets, Python floats (no gradient); checked against the dense "
+    "polynomial MMD by tests/test_divergence_identities.py and tests/test_mmd.py",
+    "f_divergence": "reference only (exact D_f of discrete distributions, the oracle of the f-GAN "
+    "bounds); checked by tests/test_divergence_identities.py",
 }
 
 _BY_NAME = {r.name: r for r in RECORDS}

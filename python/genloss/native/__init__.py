@@ -19,7 +19,7 @@ from .diffusion import (
     vdm_discrete_loss,
     vlb_term,
 )
-from .divergence import kid, median_bandwidth, mmd2
+from .divergence import density_ratio_from_logits, kid, median_bandwidth, mmd2
 from .gan import (
     cycle_consistency_loss,
     feature_matching_loss,
@@ -71,6 +71,7 @@ __all__ = [
     "divergence",
     "gan",
     "vae",
+    "density_ratio_from_logits",
     "kid",
     "median_bandwidth",
     "mmd2",

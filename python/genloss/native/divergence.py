@@ -1,4 +1,5 @@
-r"""Divergences and kernels on the native engine: MMD^2, the median heuristic, KID.
+r"""Divergences and kernels on the native engine: MMD^2, the median heuristic, KID, the
+density ratio of a classifier.
 
 ``mmd2`` returns ``(value, grads)`` like every native loss (see
 ``genloss.native.gan``): ``value`` a 0-d array of the inputs' kind and dtype,
@@ -238,3 +239,18 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0) -> 
 
 
 __all__: Sequence[str] = ["mmd2", "median_bandwidth", "kid"]
+
+
+def density_ratio_from_logits(logits, *, need_grad=True):
+    r"""Elementwise :math:`D/(1-D) = e^{l}` for a classifier's logits, and its gradient
+    :math:`e^{l}` (of the sum).  +inf where :math:`e^l` exceeds the dtype (l > 88.7 in
+    float32): the ratio itself is out of range there.  (DIV.1)"""
+    (b,) = inputs(["logits"], [logits])
+    flags = needs(need_grad, 1)
+    out = empty(b, b.shape)
+    grad = empty(b, b.shape) if flags[0] else None
+    _C.map_reduce(
+        b.device, b.device_id, stream_of(b), _C.FUNCTORS["Exp"], 0.0, 0.0, 0.0, 0, b.dtype, [b.ptr],
+        [0 if grad is None else grad.ptr], 1, b.numel, 1.0, 0, 0, 0, out.ptr, 1.0, 0.0, False,
+    )  # fmt: skip
+    return out.arr, grads_out([grad], flags)

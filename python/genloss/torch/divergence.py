@@ -23,6 +23,16 @@ mmd2 = LossOp(
 )
 
 
+density_ratio_from_logits = LossOp(
+    "density_ratio_from_logits",
+    "Tensor logits",
+    native.density_ratio_from_logits,
+    ("logits",),
+    doc=native.density_ratio_from_logits.__doc__ or "",
+    elementwise=True,
+)
+
+
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor, max_points: int = 2000) -> float:
     r"""The median of :math:`\|z_i - z_j\|`, i < j, z = concat(x, y) (strided subsample above
     ``max_points``), computed in float64 on the tensors' device; a Python float.  (DIV.12)"""
@@ -48,4 +58,4 @@ def kid(
         return native.kid(real_features.detach(), fake_features.detach(), subsets, subset_size, seed)
 
 
-__all__ = ["mmd2", "median_bandwidth", "kid"]
+__all__ = ["mmd2", "median_bandwidth", "kid", "density_ratio_from_logits"]
