@@ -12,8 +12,8 @@ garbage collector off while timing, and the ``copy`` probe interleaved as one mo
 runner inside every case (the "same-run copy bandwidth" of the goals).
 
 Cases, on (64, 4, 64, 64) latents and (256, 3, 32, 32) images (1 048 576 and 786 432
-elements), float32, a cosine schedule of T = 1000 steps, timesteps uniform in [0, T)
-with t = 0 present (vlb_term's decoder rows):
+elements), float32, a cosine schedule of T = 1000 steps, timesteps uniform in [1, T)
+(a training batch; the decoder step t = 0, 1/T of the steps, is timed apart):
 
 * ``diffusion_mse_loss`` with ``prediction='v'`` and per-sample min-SNR weights,
   ``reduction='mean'``. Bytes: fwd reads pred, x0, noise; fwd+bwd also writes
@@ -21,6 +21,8 @@ with t = 0 present (vlb_term's decoder rows):
 * ``vlb_term`` with the fixed variance and with the learned range ``v`` (per element),
   ``reduction='mean'``. Bytes: fwd reads x0, x_t, eps_pred (and v); fwd+bwd also
   writes d/deps_pred (and d/dv).
+* ``vlb_term`` at t = 0 for every sample (the decoder term L_0, one step of a full-bound
+  evaluation), fixed variance, images shape: the exact discretized Gaussian log-likelihood.
 
 Competitors: ``op`` (``genloss.torch``), ``native`` (``genloss.native`` on the same
 tensors), ``eager`` (the loss written with torch ops as improved-diffusion does: the
@@ -118,13 +120,14 @@ def vlb_composite(x0, x_t, t, eps, v=None):
 
 
 # ----------------------------------------------------------------------------- inputs
-def inputs(shape, seed):
+def inputs(shape, seed, decoder=False):
     g = torch.Generator().manual_seed(seed)
     b = shape[0]
     x0 = torch.randint(0, 256, shape, generator=g).float() / 127.5 - 1.0  # 8-bit data in [-1, 1]
     noise = torch.randn(shape, generator=g)
-    t = torch.randint(0, T_STEPS, (b,), generator=g)
-    t[0] = 0
+    t = torch.randint(1, T_STEPS, (b,), generator=g)  # a training batch: t = 0 has probability B/T
+    if decoder:
+        t.zero_()  # the L_0 step of a full-bound evaluation
     x_t = gt.q_sample(x0, t, noise, TS)
     pred = (noise + 0.1 * torch.randn(shape, generator=g)).requires_grad_(True)
     v = (torch.rand(shape, generator=g) * 2 - 1).requires_grad_(True)
@@ -147,7 +150,8 @@ def no_grad(f: Callable[[], Any]) -> Callable[[], Any]:
 # ----------------------------------------------------------------------------- one case
 def bench_case(op_name, variant, shape_label, shape, clock, alloc, probe, quick):
     torch._dynamo.reset()
-    x0, noise, t, x_t, pred, v, w = inputs(shape, zlib.crc32(f"{op_name}{variant}{shape}".encode()))
+    decoder = variant.startswith("decoder")
+    x0, noise, t, x_t, pred, v, w = inputs(shape, zlib.crc32(f"{op_name}{variant}{shape}".encode()), decoder)
     n = x0.numel()
     tn = t.numpy()
     if op_name == "diffusion_mse_loss":
@@ -283,7 +287,7 @@ def print_row(row):
 def evaluate_goals(rows):
     goals = []
     for r in rows:
-        if r["mode"] != "fwd+bwd":
+        if r["mode"] != "fwd+bwd" or r["variant"].startswith("decoder"):
             continue
         c = r["competitors"]
         pct = c["op"]["GBps"] / r["local_copy_GBps"]
@@ -359,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("vlb_term", "learned v"),
     ]
     shapes = list(SHAPES.items())[:1] if args.quick else list(SHAPES.items())
+    extra = [] if args.quick else [("vlb_term", "decoder step, t = 0", *list(SHAPES.items())[1])]
     print()
     print(HEADER)
     rows = []
@@ -368,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             malloc.recycle()
         for op_name, variant in cases:
             for shape_label, shape in shapes:
+                rows += bench_case(op_name, variant, shape_label, shape, clock, alloc, copy_bufs, args.quick)
+        if alloc == "fresh":
+            for op_name, variant, shape_label, shape in extra:
                 rows += bench_case(op_name, variant, shape_label, shape, clock, alloc, copy_bufs, args.quick)
     probes.append(bg.bandwidth_probe(clock, device, probe_reps, allocs[-1]))
     copy_samples = [g for pr in probes for g in pr["copy_GBps_samples"]]
