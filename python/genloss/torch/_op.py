@@ -199,11 +199,22 @@ class LossOp:
                     need_now = [False] * len(need)
                 else:
                     need_now = need
-                if op.plain_eager(args):  # skip the dispatcher hop: ~6 us per call
+                eager = op.plain_eager(args)
+                if eager:  # skip the dispatcher hop: ~6 us per call
                     value, grads = op._kernel(*args, need_now)
                 else:  # compile, fake tensors, functionalization: through the op
                     value, grads = op.fwd(*args, need_now)
-                if any(need_now):  # the gradients, and the inputs (edges for _no_double_backward)
+                # Eager: the gradients wait on ctx (not in save_for_backward), so the first
+                # backward can hand them to autograd as the only reference: AccumulateGrad then
+                # adopts them instead of copying (a 64 MiB copy and its page faults, per input).
+                # A second backward through a retained graph re-runs the kernel (deterministic).
+                ctx.steal = eager and any(need_now)
+                if ctx.steal:
+                    ctx.grads = list(grads)
+                    ctx.need_now = need_now
+                    ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
+                    ctx.save_for_backward(*[args[i] for i in op.tensor_idx])
+                elif any(need_now):  # the gradients, and the inputs (edges for _no_double_backward)
                     ctx.save_for_backward(*grads, *[args[i] for i in op.diff_idx])
                 ctx.dtypes = [None if args[i] is None else args[i].dtype for i in op.diff_idx]
                 return value
@@ -240,7 +251,16 @@ class LossOp:
                 )
                 nd = len(op.diff_idx)
                 saved_all = ctx.saved_tensors
-                saved_grads, diff_inputs = saved_all[:nd], saved_all[nd:]
+                if ctx.steal:
+                    args = list(ctx.others)
+                    for i, t in zip(op.tensor_idx, saved_all, strict=True):
+                        args[i] = t
+                    diff_inputs = [args[i] for i in op.diff_idx]
+                    saved_grads, ctx.grads = ctx.grads, None
+                    if saved_grads is None:  # the graph was retained and is run again
+                        _, saved_grads = op._kernel(*args, ctx.need_now)
+                else:
+                    saved_grads, diff_inputs = saved_all[:nd], saved_all[nd:]
                 for i, saved, dt in zip(op.diff_idx, saved_grads, ctx.dtypes, strict=False):
                     if saved is None or not ctx.needs_input_grad[i]:
                         continue
