@@ -268,10 +268,10 @@ def run_large(n: int, d: int) -> dict:
     threads = torch.get_num_threads()
     outputs = (2 * n * d + 1) * 4  # grad_x, grad_y, the value (float32)
     # The kernel's own buffers (cpp/src/mmd_cpu.cpp): P float64 gradient accumulators of
-    # (N + M) D each (P <= 16, and P (N + M) D 8 <= 64 MiB), the transposed float32 copy
+    # (N + M) D each (P <= 16, and P (N + M) D 8 <= 48 MiB), the transposed float32 copy
     # of x and y padded to the tile, the tile list.
     tiles = 2 * (math.ceil(n / 256) * (math.ceil(n / 256) + 1) // 2) + math.ceil(n / 256) ** 2
-    parts = max(1, min(16, tiles, (64 << 20) // ((2 * n * d) * 8)))
+    parts = max(1, min(16, tiles, (48 << 20) // ((2 * n * d) * 8)))
     counted = parts * 2 * n * d * 8 + 2 * d * math.ceil(n / 256) * 256 * 4 + tiles * 56
     return {
         "case": f"N=M={n} D={d} bws=1 (native only)",
