@@ -328,6 +328,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-large", action="store_true", help="skip the N=M=100,000 run")
     ap.add_argument("--no-keops", action="store_true")
+    ap.add_argument("--sizes", default="2048,8192", help="N = M values (comma-separated)")
+    ap.add_argument("--dims", default="3,64", help="D values (comma-separated)")
     args = ap.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc)
     t_start = time.perf_counter()
@@ -344,9 +346,9 @@ def main() -> None:
     if keops is not None:
         competitors["keops"] = keops
     cases = []
-    sizes = (2048,) if args.quick else (2048, 8192)
+    sizes = (2048,) if args.quick else tuple(int(v) for v in args.sizes.split(","))
     for n in sizes:
-        for d in (3, 64):
+        for d in (int(v) for v in args.dims.split(",")):
             for nbw in (1, 5):
                 reps = (3 if args.quick else 9) if n <= 2048 else 7
                 slow_reps = None if n <= 2048 and d == 3 else 3
