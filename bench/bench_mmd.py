@@ -268,10 +268,10 @@ def run_large(n: int, d: int) -> dict:
     threads = torch.get_num_threads()
     outputs = (2 * n * d + 1) * 4  # grad_x, grad_y, the value (float32)
     # The kernel's own buffers (cpp/src/mmd_cpu.cpp): P float64 gradient accumulators of
-    # (N + M) D each (P <= 16, and P (N + M) D 8 <= 64 MiB), the transposed float32 copy
+    # (N + M) D each (P <= 16, and P (N + M) D 8 <= 48 MiB), the transposed float32 copy
     # of x and y padded to the tile, the tile list.
     tiles = 2 * (math.ceil(n / 256) * (math.ceil(n / 256) + 1) // 2) + math.ceil(n / 256) ** 2
-    parts = max(1, min(16, tiles, (64 << 20) // ((2 * n * d) * 8)))
+    parts = max(1, min(16, tiles, (48 << 20) // ((2 * n * d) * 8)))
     counted = parts * 2 * n * d * 8 + 2 * d * math.ceil(n / 256) * 256 * 4 + tiles * 56
     return {
         "case": f"N=M={n} D={d} bws=1 (native only)",
@@ -328,6 +328,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-large", action="store_true", help="skip the N=M=100,000 run")
     ap.add_argument("--no-keops", action="store_true")
+    ap.add_argument("--sizes", default="2048,8192", help="N = M values (comma-separated)")
+    ap.add_argument("--dims", default="3,64", help="D values (comma-separated)")
     args = ap.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc)
     t_start = time.perf_counter()
@@ -344,9 +346,9 @@ def main() -> None:
     if keops is not None:
         competitors["keops"] = keops
     cases = []
-    sizes = (2048,) if args.quick else (2048, 8192)
+    sizes = (2048,) if args.quick else tuple(int(v) for v in args.sizes.split(","))
     for n in sizes:
-        for d in (3, 64):
+        for d in (int(v) for v in args.dims.split(",")):
             for nbw in (1, 5):
                 reps = (3 if args.quick else 9) if n <= 2048 else 7
                 slow_reps = None if n <= 2048 and d == 3 else 3
