@@ -16,6 +16,7 @@
 #include <string>
 
 #include "genloss/engine.h"
+#include "storage.cuh"
 
 namespace genloss {
 namespace cuda {
@@ -26,44 +27,6 @@ static_assert(kChunk % kThreads == 0, "a chunk is a whole number of thread strid
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("genloss CUDA: ") + what + ": " + cudaGetErrorString(e));
-}
-
-template <class S>
-struct Acc {
-  using type = S;
-};
-template <>
-struct Acc<__half> {
-  using type = float;
-};
-template <>
-struct Acc<__nv_bfloat16> {
-  using type = float;
-};
-
-template <class S>
-__device__ __forceinline__ typename Acc<S>::type load(const S* p, int64_t i) {
-  return static_cast<typename Acc<S>::type>(p[i]);
-}
-template <>
-__device__ __forceinline__ float load(const __half* p, int64_t i) {
-  return __half2float(p[i]);
-}
-template <>
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-template <class S, class A>
-__device__ __forceinline__ void store(S* p, int64_t i, A v) {
-  p[i] = static_cast<S>(v);
-}
-template <>
-__device__ __forceinline__ void store(__half* p, int64_t i, float v) {
-  p[i] = __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) {
-  p[i] = __float2bfloat16_rn(v);
 }
 
 // Fixed-shape tree over kThreads values in shared memory (deterministic).

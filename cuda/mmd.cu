@@ -27,6 +27,7 @@
 
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
+#include "storage.cuh"
 
 namespace genloss {
 namespace cuda {
@@ -39,40 +40,6 @@ constexpr int kSumThreads = 256;
 void check_mmd(cudaError_t e, const char* what) {
   if (e != cudaSuccess)
     throw std::runtime_error(std::string("genloss CUDA mmd: ") + what + ": " + cudaGetErrorString(e));
-}
-
-template <class S>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-template <class S>
-__device__ __forceinline__ typename AccOf<S>::type ld(const S* p, int64_t i) {
-  return static_cast<typename AccOf<S>::type>(p[i]);
-}
-template <>
-__device__ __forceinline__ float ld(const __half* p, int64_t i) {
-  return __half2float(p[i]);
-}
-template <>
-__device__ __forceinline__ float ld(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-template <class S>
-__device__ __forceinline__ void st(S* p, int64_t i, double v) {
-  p[i] = static_cast<S>(v);
-}
-template <>
-__device__ __forceinline__ void st(__half* p, int64_t i, double v) {
-  p[i] = __float2half_rn(static_cast<float>(v));
-}
-template <>
-__device__ __forceinline__ void st(__nv_bfloat16* p, int64_t i, double v) {
-  p[i] = __float2bfloat16_rn(static_cast<float>(v));
 }
 
 struct RowCtx {
@@ -92,9 +59,9 @@ __device__ __forceinline__ const S* point(const S* x, const S* y, const RowCtx& 
 
 // Small D: coordinates and gradient in registers; tiles of other points in shared memory.
 template <class S, int DIM>
-__global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const typename AccOf<S>::type* c,
+__global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const typename Acc<S>::type* c,
                            double* rowv, S* gx, S* gy) {
-  using A = typename AccOf<S>::type;
+  using A = typename Acc<S>::type;
   __shared__ A tile[kTileB][DIM];
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
   const int64_t total = r.N + r.M;
@@ -102,7 +69,7 @@ __global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restric
   const int my_side = live && p >= r.N ? 1 : 0;
   const int64_t me = my_side == 0 ? p : p - r.N;
   A a[DIM];
-  for (int d = 0; d < DIM; ++d) a[d] = live ? ld(my_side == 0 ? x : y, me * DIM + d) : A(0);
+  for (int d = 0; d < DIM; ++d) a[d] = live ? load(my_side == 0 ? x : y, me * DIM + d) : A(0);
   const A inv_d = A(1) / static_cast<A>(r.D);
   const bool dist = r.kernel != kMmdPolynomial;
   double value = 0.0;
@@ -119,7 +86,7 @@ __global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restric
       __syncthreads();
       for (int e = threadIdx.x; e < kTileB * DIM; e += kRowThreads) {
         const int64_t q = q0 + e / DIM;
-        tile[e / DIM][e % DIM] = q < n ? ld(src, q * DIM + e % DIM) : A(0);
+        tile[e / DIM][e % DIM] = q < n ? load(src, q * DIM + e % DIM) : A(0);
       }
       __syncthreads();
       A vs = 0, gs[DIM];
@@ -141,15 +108,15 @@ __global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restric
   rowv[p] = value;
   S* out = my_side == 0 ? gx : gy;
   if (out)
-    for (int d = 0; d < DIM; ++d) st(out, me * DIM + d, r.grad_scale * g[d]);
+    for (int d = 0; d < DIM; ++d) store(out, me * DIM + d, r.grad_scale * g[d]);
 }
 
 // Any D: the kernel weights of a tile of other points in shared memory, then the
 // gradient sums coordinate by coordinate into the thread's own float64 row.
 template <class S>
-__global__ void rows_any(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const typename AccOf<S>::type* c,
+__global__ void rows_any(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const typename Acc<S>::type* c,
                          double* rowv, double* gacc) {
-  using A = typename AccOf<S>::type;
+  using A = typename Acc<S>::type;
   __shared__ A wsh[kTileB][kRowThreads];
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
   const int64_t total = r.N + r.M;
@@ -178,7 +145,7 @@ __global__ void rows_any(RowCtx r, const S* __restrict__ x, const S* __restrict_
           const S* pb = point(x, y, r, side, q0 + b);
           A s = 0;
           for (int64_t d = 0; d < D; ++d) {
-            const A ad = ld(a, d), bd = ld(pb, d);
+            const A ad = load(a, d), bd = load(pb, d);
             s += dist ? (ad - bd) * (ad - bd) : ad * bd;
           }
           A k;
@@ -190,10 +157,10 @@ __global__ void rows_any(RowCtx r, const S* __restrict__ x, const S* __restrict_
       value += vw * static_cast<double>(vs);
       if (gr && live) {
         for (int64_t d = 0; d < D; ++d) {
-          const A ad = ld(a, d);
+          const A ad = load(a, d);
           A gs = 0;
           for (int b = 0; b < nb; ++b) {
-            const A bd = ld(point(x, y, r, side, q0 + b), d);
+            const A bd = load(point(x, y, r, side, q0 + b), d);
             gs += wsh[b][threadIdx.x] * (dist ? ad - bd : bd);
           }
           gr[d] += gw * static_cast<double>(gs);
@@ -210,18 +177,18 @@ __global__ void write_grads(RowCtx r, const double* gacc, S* gx, S* gy) {
   const int64_t nx = r.N * r.D, total = (r.N + r.M) * r.D;
   if (e >= total) return;
   if (e < nx) {
-    if (gx) st(gx, e, r.grad_scale * gacc[e]);
+    if (gx) store(gx, e, r.grad_scale * gacc[e]);
   } else if (gy) {
-    st(gy, e - nx, r.grad_scale * gacc[e]);
+    store(gy, e - nx, r.grad_scale * gacc[e]);
   }
 }
 
 // Linear estimator: thread i owns the pairs (x_2i, x_2i+1), (y_2i, y_2i+1),
 // (x_2i, y_2i+1), (x_2i+1, y_2i) and the four points' gradients.
 template <class S>
-__global__ void linear_pairs(RowCtx r, const S* __restrict__ x, const S* __restrict__ y,
-                             const typename AccOf<S>::type* c, double* rowv, S* gx, S* gy) {
-  using A = typename AccOf<S>::type;
+__global__ void linear_pairs(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const typename Acc<S>::type* c,
+                             double* rowv, S* gx, S* gy) {
+  using A = typename Acc<S>::type;
   const int64_t n = r.N / 2;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
@@ -237,7 +204,7 @@ __global__ void linear_pairs(RowCtx r, const S* __restrict__ x, const S* __restr
   for (int t = 0; t < 4; ++t) {
     A s = 0;
     for (int64_t d = 0; d < D; ++d) {
-      const A a = ld(pts[pp[t]], d), b = ld(pts[qq[t]], d);
+      const A a = load(pts[pp[t]], d), b = load(pts[qq[t]], d);
       s += dist ? (a - b) * (a - b) : a * b;
     }
     A k;
@@ -251,12 +218,12 @@ __global__ void linear_pairs(RowCtx r, const S* __restrict__ x, const S* __restr
   for (int64_t d = 0; d < D; ++d) {
     double g[4] = {0.0, 0.0, 0.0, 0.0};
     for (int t = 0; t < 4; ++t) {
-      const A a = ld(pts[pp[t]], d), b = ld(pts[qq[t]], d);
+      const A a = load(pts[pp[t]], d), b = load(pts[qq[t]], d);
       g[pp[t]] += sg[t] * static_cast<double>(w[t] * (dist ? a - b : b));
       g[qq[t]] += sg[t] * static_cast<double>(w[t] * (dist ? b - a : a));
     }
     for (int q = 0; q < 4; ++q)
-      if (outs[q]) st(outs[q], d, gs * g[q]);
+      if (outs[q]) store(outs[q], d, gs * g[q]);
   }
 }
 
@@ -272,12 +239,12 @@ __global__ void sum_rows(const double* rowv, int64_t n, double scale, S* out) {
     if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
     __syncthreads();
   }
-  if (threadIdx.x == 0) st(out, 0, scale * sh[0]);
+  if (threadIdx.x == 0) store(out, 0, scale * sh[0]);
 }
 
 template <class S>
 void mmd_s(const MmdArgs& a, cudaStream_t stream) {
-  using A = typename AccOf<S>::type;
+  using A = typename Acc<S>::type;
   RowCtx r{};
   r.kernel = a.kernel;
   r.unbiased = a.estimator == kMmdUnbiased;

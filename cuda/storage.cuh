@@ -1,0 +1,56 @@
+// storage.cuh — how the CUDA kernels read and write the storage dtypes: float32 and
+// float64 as themselves, float16 / bfloat16 widened to a float32 compute type on load
+// and rounded to nearest on store. Shared by engine.cu and mmd.cu.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace genloss {
+namespace cuda {
+
+// The compute (accumulation) type of a storage type.
+template <class S>
+struct Acc {
+  using type = S;
+};
+template <>
+struct Acc<__half> {
+  using type = float;
+};
+template <>
+struct Acc<__nv_bfloat16> {
+  using type = float;
+};
+
+template <class S>
+__device__ __forceinline__ typename Acc<S>::type load(const S* p, int64_t i) {
+  return static_cast<typename Acc<S>::type>(p[i]);
+}
+template <>
+__device__ __forceinline__ float load(const __half* p, int64_t i) {
+  return __half2float(p[i]);
+}
+template <>
+__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+
+// Any value (float or double) stored into any storage type.
+template <class S, class V>
+__device__ __forceinline__ void store(S* p, int64_t i, V v) {
+  p[i] = static_cast<S>(v);
+}
+template <class V>
+__device__ __forceinline__ void store(__half* p, int64_t i, V v) {
+  p[i] = __float2half_rn(static_cast<float>(v));
+}
+template <class V>
+__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, V v) {
+  p[i] = __float2bfloat16_rn(static_cast<float>(v));
+}
+
+}  // namespace cuda
+}  // namespace genloss
