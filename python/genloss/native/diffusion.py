@@ -197,6 +197,19 @@ def _result(out: Buf | None, rows: Buf | None, grads: list[Buf | None], flags: t
     return value, tuple(None if g is None else g.arr for g in grads)
 
 
+def _squared_diff(a: Buf, b: Buf, w: Buf | None, reduction: str, coef: float, flags, want_raw: bool = False):
+    """coef * w_b * sum_i (a - b)^2 per sample in one pass (SquaredDiff with row weights): the
+    value buffers, the gradients of (a, b) that ``flags`` ask for, and (``want_raw``) the
+    unweighted per-sample coef * sum_i (a - b)^2.  eps_mse_loss and both VDM losses."""
+    out, rows = _value_out(a, reduction)
+    grads = [empty(x, x.shape) if f else None for x, f in zip((a, b), flags[:2], strict=True)]
+    raw = empty(a, (a.rows,)) if want_raw else None
+    s = coef / (a.rows if reduction == "mean" else 1)
+    _run("SquaredDiff", [a, b], grads, value_scale=s, out=out, rows_out=rows, grad_scale=s, row_weight=w,
+         rows_raw=raw)  # fmt: skip
+    return out, rows, grads, raw
+
+
 # ============================================================================= linear maps (DIF.2, 3, 7, 14)
 
 
@@ -347,10 +360,7 @@ def eps_mse_loss(eps_pred, eps, weights=None, reduction="mean", *, need_grad=Tru
         else _row_vector("weights", weights, p, "eps_pred", nonnegative=True, cast=True)
     )
     flags = needs(need_grad, 2)
-    out, rows = _value_out(p, reduction)
-    grads = [empty(b, b.shape) if f else None for b, f in zip((p, e), flags, strict=True)]
-    s = 1.0 / p.cols / (p.rows if reduction == "mean" else 1)
-    _run("SquaredDiff", [p, e], grads, value_scale=s, out=out, rows_out=rows, grad_scale=s, row_weight=w)
+    out, rows, grads, _ = _squared_diff(p, e, w, reduction, 1.0 / p.cols, flags)  # mean over dims
     return _result(out, rows, grads, flags)
 
 
@@ -580,21 +590,7 @@ def vdm_continuous_loss(eps, eps_pred, dgamma_dt, reduction="mean", *, need_grad
     e, p = _batched(("eps", "eps_pred"), (eps, eps_pred), reduction)
     w = _row_vector("dgamma_dt", dgamma_dt, e, "eps")
     flags = needs(need_grad, 3)
-    out, rows = _value_out(e, reduction)
-    grads = [empty(b, b.shape) if f else None for b, f in zip((e, p), flags[:2], strict=True)]
-    raw = empty(e, (e.rows,)) if flags[2] else None
-    s = 0.5 / (e.rows if reduction == "mean" else 1)
-    _run(
-        "SquaredDiff",
-        [e, p],
-        grads,
-        value_scale=s,
-        out=out,
-        rows_out=rows,
-        grad_scale=s,
-        row_weight=w,
-        rows_raw=raw,
-    )
+    out, rows, grads, raw = _squared_diff(e, p, w, reduction, 0.5, flags, want_raw=flags[2])
     return _result(out, rows, [*grads, raw], flags)
 
 
@@ -611,21 +607,7 @@ def vdm_discrete_loss(eps, eps_pred, gamma_t, gamma_s, T, reduction="mean", *, n
     xp = _xp(e)
     w = as_input(0.5 * T * xp.expm1(gt.arr - gs.arr), "weights")  # (DIF.17) T/2 expm1, B values
     flags = needs(need_grad, 4)
-    out, rows = _value_out(e, reduction)
-    grads = [empty(b, b.shape) if f else None for b, f in zip((e, p), flags[:2], strict=True)]
-    raw = empty(e, (e.rows,)) if flags[2] or flags[3] else None
-    s = 1.0 / (e.rows if reduction == "mean" else 1)
-    _run(
-        "SquaredDiff",
-        [e, p],
-        grads,
-        value_scale=s,
-        out=out,
-        rows_out=rows,
-        grad_scale=s,
-        row_weight=w,
-        rows_raw=raw,
-    )
+    out, rows, grads, raw = _squared_diff(e, p, w, reduction, 1.0, flags, want_raw=flags[2] or flags[3])
     value, _ = _result(out, rows, [], ())
     if not any(flags):
         return value, ()
