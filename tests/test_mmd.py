@@ -26,7 +26,7 @@ DIRECT_MAX_D = 4  # D <= 4: direct body; larger D: the blocked GEMM-like body (m
 # Tolerances, relative to the scale S = max(1, mean |k|) of the kernel values.
 # float64: the tiled sums reorder ~N^2 terms; 1e-11 S leaves room for N = 600.
 F64_TOL = 1e-11
-# float32: each pair is computed in float32 (inline exp <= 2 ulp, r2 rounding, in the
+# float32: each pair is computed in float32 (inline exp2 <= 1 ulp, r2 rounding, in the
 # blocked body |a|^2 + |b|^2 - 2 a.b on centred points), each tile row summed in float32
 # (<= 256 terms) and everything above in float64: measured <= 3e-7 S at these sizes.
 F32_TOL = 3e-6
@@ -156,6 +156,52 @@ def test_native_vs_dense(kernel, estimator, d, dtype):
     f64 = dtype == np.float64
     check(x, y, kernel, estimator, bws, v, (gx, gy), F64_TOL if f64 else F32_TOL,
           F64_GRAD_TOL if f64 else F32_GRAD_TOL)  # fmt: skip
+
+
+@pytest.mark.parametrize("d", [3, 9])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+def test_rbf_one_bandwidth_vs_dense(estimator, dtype, d):
+    """rbf with one bandwidth has its own tile loop (exponent in base 2, the factor
+    -2c of the weight applied once per flushed row/column sum): both bodies, with
+    and without lane masks (N = TILE + 1, M = TILE - 1)."""
+    rng = np.random.default_rng(d)
+    x, y = samples(rng, TILE + 1, TILE - 1, d, dtype)
+    for bws in ((0.9,), (math.sqrt(d),)):
+        v, g = gn.mmd2(x, y, "rbf", bws, estimator)
+        f64 = dtype == np.float64
+        check(x, y, "rbf", estimator, bws, v, g, F64_TOL if f64 else F32_TOL,
+              F64_GRAD_TOL if f64 else F32_GRAD_TOL)  # fmt: skip
+
+
+def test_float32_exp2_polynomial_ulp():
+    """The float32 exponential of the tile loops (exp2_neg in genloss/mmd.h, 2^t by a
+    degree-6 polynomial) against float64 exp2, read back exactly: x = 0, y = (d1, d2)
+    with d1 = 1/64, bandwidth s = sqrt(log2(e)/2) so that the base-2 coefficient c log2 e
+    rounds to exactly 1 and t = -(d1^2 + d2^2) is exact; biased MMD of one point each
+    has grad_x[0] = 4 c 2^t d1, a power-of-two multiple of 2^t computed in float64 and
+    rounded once to float32 (d1 = 1 below t = -1, so that it stays a normal float). Documented: <= 0.93 ulp for the polynomial, so <= 1.5 ulp
+    after that rounding (FMA builds; 2.5 without FMA); 0 below t = -126."""
+    s = math.sqrt(math.log2(math.e) / 2.0)
+    c = 1.0 / (2.0 * s * s)
+    # t from 0 to beyond -126: fine steps near 0, coarse below; all exact in float32
+    pairs = [(1.0 / 64.0, k / 1024.0) for k in range(0, 1024, 3)]
+    pairs += [(1.0, k / 64.0) for k in range(0, 730, 2)]
+    worst = 0.0
+    for d1, d2 in pairs:
+        t = -(d1 * d1 + d2 * d2)
+        x = np.zeros((1, 2), np.float32)
+        y = np.array([[d1, d2]], np.float32)
+        _, (gx, _) = gn.mmd2(x, y, "rbf", (s,), "biased")
+        got = float(gx[0, 0]) / (4.0 * c * -d1)  # d/dx k = -2c k (x - y): x - y = -d1
+        want = 2.0**t
+        if t < -126.0:
+            assert got == 0.0, (t, got)
+            continue
+        ulp = float(np.spacing(np.float32(want)))
+        worst = max(worst, abs(got - want) / ulp)
+    isa = __import__("genloss").build_info()["isa"]
+    assert worst <= (1.5 if isa in ("avx2", "avx512") else 2.5), worst
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -83,6 +83,10 @@ struct Ctx {
   int64_t D, Dp;
   int64_t n[2], np[2];
   std::vector<T> cs;
+  std::vector<T> cs2;  // rbf: c log2(e), the exponent in base 2 (exp2_neg)
+  // Factor the flushed gradient sums carry: rbf with one bandwidth sums k' = e
+  // per pair and applies w = -2 c e at the flush (one multiply less per pair).
+  double wscale = 1.0;
   T inv_d;
   std::vector<T> zt[2];   // D x np, transposed (both bodies)
   std::vector<T> zr[2];   // np x Dp, rows (blocked body)
@@ -92,9 +96,10 @@ struct Ctx {
 template <int KER, class T>
 GENLOSS_HD void kern(T s, const T* c, int nbw, T inv_d, T& k, T& w) {
   if constexpr (KER == kRbf1) {
-    const T e = mmd::exp_neg(-c[0] * s);
+    // c is c' = c log2(e) here; w = -2 c e, its factor -2 c applied at the flush.
+    const T e = mmd::exp2_neg(-c[0] * s);
     k = e;
-    w = T(-2) * c[0] * e;  // (DIV.8)
+    w = e;  // (DIV.8), times wscale
   } else if constexpr (KER == kMmdRbf) {
     mmd::rbf(s, c, nbw, k, w);
   } else if constexpr (KER == kMmdImq) {
@@ -113,7 +118,7 @@ template <int KER>
 constexpr bool kMultiPass = KER == kMmdRbf || KER == kMmdImq;
 
 template <int KER, class T>
-void bandwidth_passes(const T* sb, int64_t n, const T* c, int nbw, T* kb, T* wb) {
+void bandwidth_passes(const T* sb, int64_t n, const T* c, const T* c2, int nbw, T* kb, T* wb) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     kb[j] = T(0);
@@ -122,9 +127,10 @@ void bandwidth_passes(const T* sb, int64_t n, const T* c, int nbw, T* kb, T* wb)
   for (int q = 0; q < nbw; ++q) {
     const T cq = c[q];
     if constexpr (KER == kMmdRbf) {
+      const T cq2 = c2[q];
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {  // (DIV.8)
-        const T e = mmd::exp_neg(-cq * sb[j]);
+        const T e = mmd::exp2_neg(-cq2 * sb[j]);
         kb[j] += e;
         wb[j] -= T(2) * cq * e;
       }
@@ -150,7 +156,8 @@ double tile_direct(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* 
   const int64_t ni = std::min(kT, cx.n[t.si] - i0), nj = std::min(kT, cx.n[t.sj] - j0);
   const int njp = static_cast<int>(round_up(nj, 16)), nj32 = static_cast<int>(nj);
   const bool skip = t.diag && cx.unbiased;
-  const T* c = cx.cs.data();
+  const T* c = KER == kRbf1 ? cx.cs2.data() : cx.cs.data();  // kern<kRbf1> takes c log2(e)
+  const double gs = t.gscale * cx.wscale;
   const int nbw = static_cast<int>(cx.cs.size());
   const T inv_d = cx.inv_d;
   const T* z0 = Z + j0;
@@ -185,7 +192,7 @@ double tile_direct(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* 
         if constexpr (DIM > 3) s += (x3 - z3[jj]) * (x3 - z3[jj]);
         sb[jj] = s;
       }
-      bandwidth_passes<KER>(sb, njp, c, nbw, kb, wb);
+      bandwidth_passes<KER>(sb, njp, c, cx.cs2.data(), nbw, kb, wb);
     }
     T v = 0, g0 = 0, g1 = 0, g2 = 0, g3 = 0;
 #pragma omp simd reduction(+ : v, g0, g1, g2, g3)
@@ -260,13 +267,13 @@ double tile_direct(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* 
     if (grad) {
       double* gr = gacc + (offi + i) * D;
       const T gg[4] = {g0, g1, g2, g3};
-      for (int d = 0; d < DIM; ++d) gr[d] += t.gscale * static_cast<double>(gg[d]);
+      for (int d = 0; d < DIM; ++d) gr[d] += gs * static_cast<double>(gg[d]);
     }
   }
   if (COL) {
     for (int64_t jj = 0; jj < nj; ++jj) {
       double* gc = gacc + (offj + j0 + jj) * D;
-      for (int d = 0; d < DIM; ++d) gc[d] += t.gscale * static_cast<double>(col[d * kT + jj]);
+      for (int d = 0; d < DIM; ++d) gc[d] += gs * static_cast<double>(col[d * kT + jj]);
     }
   }
   return val;
@@ -341,7 +348,8 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
   const T* nz = cx.nrm[t.sj].data() + j0;
   const bool col = grad && !t.diag;
   const bool skip = t.diag && cx.unbiased;
-  const T* c = cx.cs.data();
+  const T* c = KER == kRbf1 ? cx.cs2.data() : cx.cs.data();  // kern<kRbf1> takes c log2(e)
+  const double gs = t.gscale * cx.wscale;
   const int nbw = static_cast<int>(cx.cs.size());
   const T inv_d = cx.inv_d;
   T* G = s.G.data();
@@ -368,7 +376,7 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
         sv = sv > T(0) ? sv : T(0);
         g[jj] = jj == jdiag ? T(0) : sv;
       }
-      bandwidth_passes<KER>(g, njv, c, nbw, kb, wb);
+      bandwidth_passes<KER>(g, njv, c, cx.cs2.data(), nbw, kb, wb);
     }
 #pragma omp simd reduction(+ : v, ws)
     for (int64_t jj = 0; jj < njv; ++jj) {
@@ -417,7 +425,7 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
     const T* vi = V + ii * Dp;
     for (int64_t d = 0; d < D; ++d) {
       const T r = kDist ? xi[d] * s.Wr[ii] - vi[d] : vi[d];
-      gr[d] += t.gscale * static_cast<double>(r);
+      gr[d] += gs * static_cast<double>(r);
     }
   }
   if (!col) return val;
@@ -431,7 +439,7 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
     const T* uj = U + jj * Dp;
     for (int64_t d = 0; d < D; ++d) {
       const T r = kDist ? zj[d] * Wc[jj] - uj[d] : uj[d];
-      gc[d] += t.gscale * static_cast<double>(r);
+      gc[d] += gs * static_cast<double>(r);
     }
   }
   return val;
@@ -524,9 +532,19 @@ void mmd_t(const MmdArgs& a) {
   cx.D = a.D;
   cx.inv_d = static_cast<T>(1.0 / static_cast<double>(a.D));
   if (a.kernel == kMmdRbf || a.kernel == kMmdImq)
-    for (int s = 0; s < a.nbw; ++s) cx.cs.push_back(static_cast<T>(mmd::coef(a.kernel, a.bandwidths[s])));
-  if (a.kernel == kMmdRbf && a.nbw == 1) cx.kernel = kRbf1;
-  if (cx.cs.empty()) cx.cs.push_back(T(0));
+    for (int s = 0; s < a.nbw; ++s) {
+      const double c = mmd::coef(a.kernel, a.bandwidths[s]);
+      cx.cs.push_back(static_cast<T>(c));
+      cx.cs2.push_back(static_cast<T>(c * mmd::kLog2e));
+    }
+  if (a.kernel == kMmdRbf && a.nbw == 1) {
+    cx.kernel = kRbf1;
+    cx.wscale = -2.0 * mmd::coef(a.kernel, a.bandwidths[0]);
+  }
+  if (cx.cs.empty()) {
+    cx.cs.push_back(T(0));
+    cx.cs2.push_back(T(0));
+  }
   if (a.estimator == kMmdLinear) {
     linear<T>(a, cx);
     return;
