@@ -14,7 +14,8 @@
 namespace py = pybind11;
 using namespace genloss;
 
-void bind_mmd(py::module_& m);  // bindings_mmd.cpp
+void bind_mmd(py::module_& m);         // bindings_mmd.cpp
+void bind_host_cache(py::module_& m);  // host_cache.cpp
 
 namespace {
 
@@ -187,4 +188,5 @@ PYBIND11_MODULE(_C, m) {
 #undef GENLOSS_ID
   m.attr("FUNCTORS") = ids;
   bind_mmd(m);
+  bind_host_cache(m);
 }

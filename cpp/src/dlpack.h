@@ -1,6 +1,7 @@
 // dlpack.h — the DLPack ABI structs genloss reads (https://dmlc.github.io/dlpack/).
-// Only the layout is needed: genloss never produces capsules, it only reads the
-// data pointer, dtype, device, shape and strides of one it is handed.
+// Only the layout is needed: genloss reads the data pointer, dtype, device, shape
+// and strides of a capsule it is handed, and produces one kind itself (large CPU
+// outputs from the block cache of host_cache.cpp, C-contiguous, unversioned).
 #pragma once
 
 #include <cstdint>

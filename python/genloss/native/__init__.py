@@ -5,6 +5,7 @@
 """
 
 from . import diffusion, divergence, gan, vae
+from ._engine import cache_info, empty_cache
 from .diffusion import (
     diffusion_mse_loss,
     discretized_gaussian_log_likelihood,
@@ -55,6 +56,8 @@ from .vae import (
 )
 
 __all__ = [
+    "cache_info",
+    "empty_cache",
     "diffusion",
     "diffusion_mse_loss",
     "discretized_gaussian_log_likelihood",

@@ -12,6 +12,7 @@ per-call cost matters for batch-256 losses (see bench/README.md).
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -185,6 +186,39 @@ def same_place(ref: Buf, ref_name: str, other: Buf, name: str) -> None:
 
 _NP_OF = {FLOAT32: np.float32, FLOAT64: np.float64}
 
+# Fresh CPU torch outputs of at least this many bytes come from genloss's block cache
+# (cpp/src/host_cache.cpp: 2 MiB-aligned huge-page blocks, freed blocks reused with
+# their pages mapped; GENLOSS_HOST_CACHE_MB bounds the free blocks it keeps, 0 turns
+# the reuse off). NumPy outputs only get the huge-page advice.
+# GENLOSS_HUGE_PAGES=0 turns both off (plain torch.empty / np.empty).
+HOST_CACHE_MIN_BYTES = 4 << 20
+_huge_pages = os.environ.get("GENLOSS_HUGE_PAGES", "1") != "0"
+
+
+def _torch_cpu_empty(shape: tuple[int, ...], dtype: Any, code: int) -> Any:
+    if _huge_pages and code in (FLOAT32, FLOAT64):
+        nbytes = math.prod(shape) * (4 if code == FLOAT32 else 8)
+        if nbytes >= HOST_CACHE_MIN_BYTES:
+            return _torch.from_dlpack(_C.cached_empty(list(shape), code))
+    return _torch.empty(shape, dtype=dtype)  # cheaper than new_empty
+
+
+def _numpy_empty(shape: tuple[int, ...], code: int) -> np.ndarray:
+    a = np.empty(shape, dtype=_NP_OF[code])
+    if _huge_pages and a.nbytes >= HOST_CACHE_MIN_BYTES:
+        _C.advise_huge_pages(a.__array_interface__["data"][0], a.nbytes)
+    return a
+
+
+def empty_cache() -> None:
+    """Free the blocks genloss's CPU output cache keeps for reuse (see HOST_CACHE_MIN_BYTES)."""
+    _C.host_cache_clear()
+
+
+def cache_info() -> dict:
+    """Bytes and blocks the CPU output cache holds, its limit, hits and misses."""
+    return dict(_C.host_cache_info())
+
 
 def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None) -> Buf:
     """A new contiguous array of ``like``'s kind, device and dtype."""
@@ -192,16 +226,15 @@ def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None) -> Bu
         if fill is not None:
             a = like.arr.new_full(shape, fill)
         elif like.device == CPU:
-            a = _torch.empty(shape, dtype=like.arr.dtype)  # cheaper than new_empty
+            a = _torch_cpu_empty(shape, like.arr.dtype, like.dtype)
         else:
             a = like.arr.new_empty(shape)
         return Buf(a, a.data_ptr(), shape, like.dtype, like.device, like.device_id, "torch")
     if like.device == CPU:
-        a = (
-            np.empty(shape, dtype=_NP_OF[like.dtype])
-            if fill is None
-            else np.full(shape, fill, _NP_OF[like.dtype])
-        )
+        if fill is None:
+            a = _numpy_empty(shape, like.dtype)
+        else:
+            a = np.full(shape, fill, _NP_OF[like.dtype])
         return Buf(a, a.__array_interface__["data"][0], tuple(shape), like.dtype, CPU, 0, "numpy")
     if like.kind == "cupy":
         import cupy

@@ -1,0 +1,212 @@
+// host_cache.cpp — large CPU outputs (gradients of 16M-element losses) from a small
+// cache of huge-page blocks, handed to torch as DLPack tensors.
+//
+// Why: a fresh 64 MiB output is served by glibc with a fresh mmap, and the kernel's
+// first write to it costs 16k page faults: on the 2-core VM of bench/README.md
+// 25-35 ms, several times the 4-10 ms the fused kernel itself takes. Two fixes:
+//  * every block is 2 MiB aligned and advised MADV_HUGEPAGE before first touch
+//    (32 faults per 64 MiB instead of 16k; a hint, nothing where THP is "never");
+//  * a freed block (torch calls the DLPack deleter when the tensor's storage dies)
+//    goes back to a cache, bounded in bytes, and the next output of the same
+//    rounded size reuses it with its pages already mapped, as a CUDA caching
+//    allocator does. In a training loop the gradients of step k are freed by
+//    zero_grad(set_to_none=True) and step k+1 takes the same blocks back.
+// The cache holds at most limit bytes of free blocks (GENLOSS_HOST_CACHE_MB,
+// default 1024; 0 disables it); genloss.native.empty_cache() frees them all.
+// Thread-safe: the deleter may run on any thread, without the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <new>
+#include <vector>
+
+#include "dlpack.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace py = pybind11;
+
+namespace genloss {
+namespace {
+
+constexpr std::size_t kHuge = std::size_t(2) << 20;
+
+int64_t advise(void* p, std::size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t lo = (a + kHuge - 1) & ~(kHuge - 1);
+  const std::uintptr_t hi = (a + nbytes) & ~(kHuge - 1);
+  if (hi <= lo) return 0;
+  if (madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) != 0) return 0;
+  return static_cast<int64_t>(hi - lo);
+#else
+  (void)p;
+  (void)nbytes;
+  return 0;
+#endif
+}
+
+struct Cache {
+  std::mutex m;
+  std::multimap<std::size_t, void*> free_blocks;  // rounded size -> block
+  std::size_t cached = 0;
+  std::size_t limit = 0;
+  int64_t hits = 0, misses = 0;
+
+  void* acquire(std::size_t bytes) {
+    {
+      std::lock_guard<std::mutex> g(m);
+      auto it = free_blocks.find(bytes);
+      if (it != free_blocks.end()) {
+        void* p = it->second;
+        free_blocks.erase(it);
+        cached -= bytes;
+        ++hits;
+        return p;
+      }
+      ++misses;
+    }
+    void* p = std::aligned_alloc(kHuge, bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    advise(p, bytes);
+    return p;
+  }
+
+  void release(void* p, std::size_t bytes) {
+    {
+      std::lock_guard<std::mutex> g(m);
+      if (cached + bytes <= limit) {
+        free_blocks.emplace(bytes, p);
+        cached += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  void clear() {
+    std::multimap<std::size_t, void*> blocks;
+    {
+      std::lock_guard<std::mutex> g(m);
+      blocks.swap(free_blocks);
+      cached = 0;
+    }
+    for (auto& kv : blocks) std::free(kv.second);
+  }
+};
+
+Cache& cache() {
+  static Cache* c = [] {
+    auto* x = new Cache();  // never destroyed: tensors may outlive module teardown
+    const char* env = std::getenv("GENLOSS_HOST_CACHE_MB");
+    const long long mb = env != nullptr ? std::atoll(env) : 1024;
+    x->limit = mb > 0 ? static_cast<std::size_t>(mb) << 20 : 0;
+    return x;
+  }();
+  return *c;
+}
+
+struct Holder {
+  DLManagedTensor managed;
+  std::vector<int64_t> shape;
+  std::size_t bytes;
+};
+
+void deleter(DLManagedTensor* self) {
+  auto* h = static_cast<Holder*>(self->manager_ctx);
+  cache().release(self->dl_tensor.data, h->bytes);
+  delete h;
+}
+
+void capsule_destructor(PyObject* cap) {
+  // Consumed capsules are renamed "used_dltensor" by the consumer, who owns the deleter.
+  if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    if (m != nullptr && m->deleter != nullptr) m->deleter(m);
+  }
+}
+
+// A C-contiguous CPU float tensor of `shape` (dtype code 0: float32, 1: float64) as
+// an unconsumed DLPack capsule; its memory comes from the cache.
+py::capsule cached_empty(const std::vector<int64_t>& shape, int dtype) {
+  if (dtype != 0 && dtype != 1) throw py::type_error("cached_empty: dtype must be float32 (0) or float64 (1)");
+  int64_t n = 1;
+  for (int64_t s : shape) {
+    if (s < 0) throw py::value_error("cached_empty: negative dimension");
+    n *= s;
+  }
+  const std::size_t item = dtype == 0 ? 4 : 8;
+  const std::size_t bytes = ((static_cast<std::size_t>(n) * item + kHuge - 1) / kHuge) * kHuge;
+  auto* h = new Holder();
+  h->shape = shape;
+  h->bytes = bytes == 0 ? kHuge : bytes;
+  void* p = nullptr;
+  try {
+    p = cache().acquire(h->bytes);
+  } catch (...) {
+    delete h;
+    throw;
+  }
+  DLTensor& t = h->managed.dl_tensor;
+  t.data = p;
+  t.device = {kDLCPU, 0};
+  t.ndim = static_cast<int32_t>(shape.size());
+  t.dtype = {static_cast<uint8_t>(kDLFloat), static_cast<uint8_t>(item * 8), 1};
+  t.shape = h->shape.data();
+  t.strides = nullptr;  // C-contiguous
+  t.byte_offset = 0;
+  h->managed.manager_ctx = h;
+  h->managed.deleter = &deleter;
+  PyObject* cap = PyCapsule_New(&h->managed, "dltensor", &capsule_destructor);
+  if (cap == nullptr) {
+    deleter(&h->managed);
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::capsule>(cap);
+}
+
+py::dict cache_info() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> g(c.m);
+  py::dict d;
+  d["cached_bytes"] = c.cached;
+  d["cached_blocks"] = c.free_blocks.size();
+  d["limit_bytes"] = c.limit;
+  d["hits"] = c.hits;
+  d["misses"] = c.misses;
+  return d;
+}
+
+void set_limit(int64_t bytes) {
+  if (bytes < 0) throw py::value_error("limit_bytes must be >= 0");
+  Cache& c = cache();
+  {
+    std::lock_guard<std::mutex> g(c.m);
+    c.limit = static_cast<std::size_t>(bytes);
+  }
+  c.clear();
+}
+
+}  // namespace
+}  // namespace genloss
+
+using namespace genloss;
+
+void bind_host_cache(py::module_& m) {
+  m.def("cached_empty", &cached_empty, py::arg("shape"), py::arg("dtype"));
+  m.def("host_cache_info", &cache_info);
+  m.def("host_cache_clear", [] { cache().clear(); });
+  m.def("host_cache_set_limit", &set_limit, py::arg("limit_bytes"));
+  m.def(
+      "advise_huge_pages",
+      [](std::uintptr_t ptr, int64_t nbytes) {
+        return nbytes > 0 ? advise(reinterpret_cast<void*>(ptr), static_cast<std::size_t>(nbytes)) : 0;
+      },
+      py::arg("ptr"), py::arg("nbytes"));
+}

@@ -1,0 +1,134 @@
+"""The CPU output cache (cpp/src/host_cache.cpp): large torch outputs come from
+reused huge-page blocks. What must hold: values and gradients are those of the
+reference whether a block is new or reused, two live outputs never share memory,
+a freed output's block is reused by the next output of its size, the byte limit
+is respected, and GENLOSS_HOST_CACHE_MB=0 / GENLOSS_HUGE_PAGES=0 turn it off.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("genloss._C")
+
+import genloss.native as gn  # noqa: E402
+import genloss.torch as gt  # noqa: E402
+from genloss.native import _engine as E  # noqa: E402
+from genloss.reference import gan as ref  # noqa: E402
+
+N = (E.HOST_CACHE_MIN_BYTES // 4) + 1000  # float32 elements: just above the threshold
+
+
+@pytest.fixture
+def cache():
+    if os.environ.get("GENLOSS_HUGE_PAGES") == "0" or E.cache_info()["limit_bytes"] == 0:
+        pytest.skip("the CPU output cache is turned off in this environment")
+    E.empty_cache()
+    yield
+    E.empty_cache()
+
+
+def _pair(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, generator=g), torch.randn(N, generator=g)
+
+
+def test_reused_block_gives_the_reference_gradient(cache):
+    for seed in range(3):  # the first call allocates, the next two reuse the block
+        a, b = _pair(seed)
+        v, (ga, gb) = gn.l1_loss(a, b)
+        want_v = ref.l1_loss(a.numpy().astype(np.float64), b.numpy().astype(np.float64))
+        want_ga, want_gb = ref.l1_loss_backward(
+            a.numpy().astype(np.float64), b.numpy().astype(np.float64), 1.0
+        )
+        assert abs(float(v) - float(want_v)) <= 1e-6 * max(1.0, abs(float(want_v)))
+        np.testing.assert_allclose(ga.numpy(), want_ga, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(gb.numpy(), want_gb, rtol=1e-6, atol=1e-12)
+        del v, ga, gb
+    info = E.cache_info()
+    assert info["hits"] >= 4, info  # two gradients per call, reused by calls 2 and 3
+
+
+def test_live_outputs_never_share_memory(cache):
+    a, b = _pair(0)
+    _, (ga, gb) = gn.l1_loss(a, b)
+    _, (ga2, gb2) = gn.l1_loss(b, a)
+    ptrs = {t.data_ptr() for t in (ga, gb, ga2, gb2)}
+    assert len(ptrs) == 4
+    torch.testing.assert_close(ga, -ga2, rtol=0, atol=0)  # sign(a - b) vs sign(b - a)
+    assert E.cache_info()["cached_blocks"] == 0
+    del ga
+    info = E.cache_info()
+    assert info["cached_blocks"] == 1 and info["cached_bytes"] >= 4 * N
+
+
+def test_autograd_keeps_the_cached_gradient_and_frees_it_to_the_cache(cache):
+    a, b = _pair(1)
+    x = a.clone().requires_grad_()
+    gt.l1_loss(x, b).backward()
+    want = torch.sign(a - b) / N
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
+    ptr = x.grad.data_ptr()
+    x.grad = None  # zero_grad(set_to_none=True)
+    assert E.cache_info()["cached_blocks"] == 1
+    gt.l1_loss(x, b).backward()
+    assert x.grad.data_ptr() == ptr  # the same block, pages already mapped
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
+
+
+def test_limit_is_respected(cache):
+    a, b = _pair(2)
+    outs = [gn.l1_loss(a, b)[1] for _ in range(3)]
+    block = E.cache_info()
+    E._C.host_cache_set_limit(2 * 4 * N + (4 << 20))  # room for about two blocks
+    try:
+        del outs
+        info = E.cache_info()
+        assert info["cached_bytes"] <= info["limit_bytes"], info
+        assert 1 <= info["cached_blocks"] <= 2, (block, info)
+    finally:
+        E._C.host_cache_set_limit(1024 << 20)
+
+
+def test_bad_limit():
+    with pytest.raises(ValueError, match="limit_bytes"):
+        E._C.host_cache_set_limit(-1)
+
+
+@pytest.mark.parametrize(
+    ("env", "expect"),
+    [({"GENLOSS_HOST_CACHE_MB": "0"}, (0, 0)), ({"GENLOSS_HUGE_PAGES": "0"}, (0, 0)), ({}, (1, 1))],
+)
+def test_environment_switches(env, expect):
+    """Each switch in a fresh process: blocks cached after a freed output, and cache hits."""
+    code = (
+        "import torch, genloss.native as gn\n"
+        "from genloss.native import _engine as E\n"
+        f"a = torch.randn({N}); b = torch.randn({N})\n"
+        "gn.l1_loss(a, b, need_grad=(True, False))\n"
+        "c1 = E.cache_info()['cached_blocks']\n"
+        "gn.l1_loss(a, b, need_grad=(True, False))\n"
+        "print(c1, E.cache_info()['hits'])\n"
+    )
+    full = {**os.environ, **env}
+    for k in ("GENLOSS_HOST_CACHE_MB", "GENLOSS_HUGE_PAGES"):
+        if k not in env:
+            full.pop(k, None)
+    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, check=True)
+    blocks, hits = (int(v) for v in out.stdout.split())
+    assert (min(blocks, 1), min(hits, 1)) == expect, out.stdout
+
+
+def test_numpy_outputs_stay_numpy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=N).astype(np.float32)
+    b = rng.normal(size=N).astype(np.float32)
+    _, (ga, _gb) = gn.l1_loss(a, b)
+    assert isinstance(ga, np.ndarray) and ga.flags.c_contiguous
+    np.testing.assert_array_equal(ga, np.sign(a - b).astype(np.float32) / np.float32(N))
