@@ -28,7 +28,10 @@ touch (13-20 ms on this VM, several times the cost of writing it). The 16M cases
 therefore timed twice: ``fresh`` (glibc defaults, what a user gets) and, at the end
 of the run, ``recycled`` (``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)``: freed
 blocks are reused, pages already mapped, as under a caching allocator such as
-CUDA's). The bandwidth probe runs in the same process: ``copy`` (``dst.copy_(src)``)
+CUDA's). genloss's own CPU outputs of >= 4 MiB come from its output cache in both
+passes (cpp/src/host_cache.cpp: huge-page blocks, reused when freed; what a genloss
+user gets; GENLOSS_HUGE_PAGES=0 before starting makes genloss allocate like everyone
+else). The bandwidth probe runs in the same process: ``copy`` (``dst.copy_(src)``)
 and ``triad`` (``torch.add(b, c, alpha=s, out=a)``) on preallocated 128 MiB float32
 tensors, counting bytes read + written, and ``clone`` (a fresh output, for the
 page-fault cost), before, between and after the cases; and the same ``copy`` runs
