@@ -54,12 +54,13 @@ namespace mmd {
 // tile loops fold log2(e) into the kernel coefficient (c' = c log2 e, t = -c' r2):
 //   t = n + f, n = nearest integer (1.5 2^23 + 127 added and subtracted: the sum's
 //   low mantissa bits are n + 127, shifted into the exponent field gives 2^n),
-//   f in [-1/2, 1/2], 2^f by a degree-6 fit (relative error 1.9e-9 on the range),
+//   f in [-1/2, 1/2], 2^f by exp2_poly (genloss/common.h, a degree-6 fit),
 // about 13 vector instructions; max error 0.93 ulp on [-126, 0] (checked against
 // float64 exp2 on 4M points by tests/test_mmd.py). 2^t is 0 below -126 (where
 // float's normal range ends); there the other lanes' arithmetic may be garbage
 // and is discarded by the final select, so no clamp is needed; NaN stays NaN.
-// exp_neg(x) = exp2_neg(x log2 e) for the scalar paths (one more rounding of x).
+// exp_neg(x) = exp_nonpos(x) (genloss/common.h, the same polynomial after a
+// Cody-Waite reduction) for the scalar paths.
 #if defined(__CUDACC__)
 GENLOSS_HD float exp2_neg(float t) {
   return ::exp2f(t);
@@ -67,38 +68,22 @@ GENLOSS_HD float exp2_neg(float t) {
 GENLOSS_HD double exp2_neg(double t) {
   return ::exp2(t);
 }
-GENLOSS_HD float exp_neg(float x) {
-  return ::expf(x);
-}
-GENLOSS_HD double exp_neg(double x) {
-  return ::exp(x);
-}
 #else
 GENLOSS_HD float exp2_neg(float t) {
-  constexpr float kMagic = 12582912.0f + 127.0f;  // 1.5 * 2^23 + 127
-  const float nf = t + kMagic;                    // rounds to nearest: bits hold n + 127
-  const float n = nf - kMagic;
-  const float f = t - n;
-  float p = 1.5345810970757157e-4f;
-  p = p * f + 1.3399930903688073e-3f;
-  p = p * f + 9.618489071726799e-3f;
-  p = p * f + 5.550328642129898e-2f;
-  p = p * f + 2.4022646248340607e-1f;
-  p = p * f + 6.931471824645996e-1f;
-  p = p * f + 1.0f;
+  const float nf = t + kExpMagic;  // rounds to nearest: bits hold n + 127
+  const float n = nf - kExpMagic;
+  const float p = exp2_poly(t - n);
   const float scale = __builtin_bit_cast(float, __builtin_bit_cast(unsigned, nf) << 23);
   return t < -126.0f ? 0.0f : p * scale;
 }
 GENLOSS_HD double exp2_neg(double t) {
   return ::exp2(t);
 }
-GENLOSS_HD float exp_neg(float x) {
-  return exp2_neg(x * 1.44269504088896341f);
-}
-GENLOSS_HD double exp_neg(double x) {
-  return ::exp(x);
-}
 #endif
+template <class T>
+GENLOSS_HD T exp_neg(T x) {
+  return exp_nonpos(x);
+}
 
 // log2(e): the tile loops use c' = c log2(e) with exp2_neg.
 constexpr double kLog2e = 1.4426950408889634074;

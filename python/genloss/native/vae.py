@@ -30,6 +30,15 @@ def _unit_interval(b, name):
         raise ValueError(f"{name} must lie in [0, 1] (Bernoulli targets), got values in [{lo}, {hi}]")
 
 
+def _unit_interval_after(value, b, name):
+    """The BernoulliNLL functor makes the value NaN where a target is outside [0, 1]:
+    read the targets again (``_unit_interval``, which raises) only when the result
+    has a NaN, instead of a separate min/max pass over them on every call."""
+    nan = value.isnan().any() if hasattr(value, "isnan") else __import__("numpy").isnan(value).any()
+    if bool(nan):
+        _unit_interval(b, name)
+
+
 def _broadcastable(name, b, target_name, shape):
     try:
         ok = tuple(__import__("numpy").broadcast_shapes(b.shape, shape)) == tuple(shape)
@@ -82,8 +91,9 @@ def bernoulli_nll(logits, x, reduction="mean", *, need_grad=True):
     """sum softplus(l) - x l per sample; x in [0, 1].  (VAE.6)"""
     C.reduction(reduction)
     lg, xb = _pair(("logits", "x"), (logits, x), reduction)
-    _unit_interval(xb, "x")
-    return run_terms([Term("BernoulliNLL", lg, y=xb)], reduction, need_grad, 2, [0])
+    value, grads = run_terms([Term("BernoulliNLL", lg, y=xb)], reduction, need_grad, 2, [0])
+    _unit_interval_after(value, xb, "x")
+    return value, grads
 
 
 def gaussian_nll(mean, x, logvar, reduction="mean", *, need_grad=True):
@@ -128,7 +138,6 @@ def negative_elbo(
     if likelihood == "bernoulli":
         if recon_logvar is not None:
             raise ValueError("recon_logvar is only used with likelihood='gaussian', got an array")
-        _unit_interval(xb, "x")
         recon_term = Term("BernoulliNLL", r, y=xb, slots=(0, None))
     elif recon_logvar is None:
         recon_term = Term("GaussianNLLUnit", r, y=xb, slots=(0, None))
@@ -142,6 +151,8 @@ def negative_elbo(
         n_grads = 4
     terms = [recon_term, Term("GaussianKL", m, coef=beta, y=lv, slots=(1, 2))]
     value, grads = run_terms(terms, reduction, need_grad, n_grads, [0, 1])
+    if likelihood == "bernoulli":
+        _unit_interval_after(value, xb, "x")
     if n_grads == 4 and grads and grads[3] is not None:
         grads = (*grads[:3], sum_to(grads[3], rlv.shape, rlv.kind))
     return value, grads

@@ -23,7 +23,10 @@ struct GaussianKL {
 };
 
 // Bernoulli NLL from logits: softplus(l) - x l; d/dl = sigmoid(l) - x,
-// d/dx = -l. Targets x in [0, 1] (soft targets allowed).              (VAE.6)
+// d/dx = -l. Targets x in [0, 1] (soft targets allowed). A target outside
+// [0, 1] (or NaN) makes its value NaN: the caller checks the result instead
+// of reading x in a separate pass, and only a NaN result costs that pass
+// (python/genloss/native/vae.py, _unit_interval_after).               (VAE.6)
 struct BernoulliNLL {
   static constexpr int arity = 2;
   template <class T>
@@ -31,11 +34,12 @@ struct BernoulliNLL {
     // max(l, 0) - x l + log1p(e^{-|l|}): for x in {0, 1} the first two terms
     // cancel exactly where the answer is small. The gradient is written
     // (1 - x) sigmoid(l) - x sigmoid(-l): no cancellation at x in {0, 1}.
-    const T e = gl_exp(-gl_abs(l));
+    const T e = exp_nonpos(-gl_abs(l));
     const T r = T(1) / (T(1) + e);
     const T sp = l >= T(0) ? r : e * r;  // sigmoid(l)
     const T sn = l >= T(0) ? e * r : r;  // sigmoid(-l)
-    v = gl_max(l, T(0)) - x * l + gl_log1p(e);
+    v = gl_max(l, T(0)) - x * l + log1p_unit(e, r);
+    v = x >= T(0) && x <= T(1) ? v : gl_nan<T>();
     dl = (T(1) - x) * sp - x * sn;
     dx = -l;
   }
