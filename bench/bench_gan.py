@@ -210,9 +210,20 @@ class Runner:
 
 
 def run_round_robin(
-    clock: Clock, runners: list[Runner], reps: int, warmup: int, block: int = 1
+    clock: Clock,
+    runners: list[Runner],
+    reps: int,
+    warmup: int,
+    block: int = 1,
+    before: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
     """Warm up each runner, then take turns, rotating the order: ``block`` timed calls per turn.
+
+    ``before`` (untimed) runs before every timed call, e.g. to evict the caches: with
+    inputs that fit in the last-level cache, the rotation would otherwise hand each
+    runner the caches its predecessor left (always the same predecessor: the order
+    rotates but stays cyclic), so one competitor would read its inputs from cache and
+    another from DRAM.
 
     ``block=1`` interleaves call by call (the 16M cases: bandwidth drift hits everyone
     alike). Small cases use blocks of consecutive calls: they are not bandwidth-bound,
@@ -235,6 +246,8 @@ def run_round_robin(
                     if r.max_reps is not None and len(times[r.name]) >= r.max_reps:
                         break
                     r.clear()
+                    if before is not None:
+                        before()
                     times[r.name].append(clock.time(r.call))
                     r.clear()
     finally:
