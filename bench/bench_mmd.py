@@ -140,6 +140,7 @@ def peak_extra(fn) -> int | None:
     import gc
 
     gc.collect()
+    gn.empty_cache()  # genloss's CPU output cache: freed blocks would stay resident
     try:  # hand freed heap pages back, so the call's own allocations show up in the RSS
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:

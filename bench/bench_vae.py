@@ -37,7 +37,9 @@ Cases
 
 Peak memory (``gmm_log_likelihood``, fwd+bwd): one fresh subprocess per competitor and
 size. It builds the inputs, makes one warm-up call (which compiles, for ``compile``),
-drops its outputs, ``gc.collect()`` + ``malloc_trim(0)``, reads ``VmRSS`` from
+drops its outputs, ``gc.collect()`` + ``genloss.native.empty_cache()`` (the output
+cache would otherwise keep the warm-up's gradient blocks resident and hide them from the
+call's peak) + ``malloc_trim(0)``, reads ``VmRSS`` from
 ``/proc/self/status``, resets the high-water mark (``echo 5 > /proc/self/clear_refs``),
 makes one timed fwd+bwd call and reads ``VmHWM``: peak = VmHWM - VmRSS before the call,
 i.e. every byte the call had resident at its peak beyond the inputs (outputs and
@@ -427,6 +429,7 @@ def memory_child(competitor: str, n: int) -> dict[str, Any]:
     fn()  # warm-up (compiles for "compile")
     clear()
     gc.collect()
+    gn.empty_cache()  # genloss's CPU output cache would keep the warm-up's gradient resident
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
