@@ -80,9 +80,12 @@ GENLOSS_HD T gl_nan() {
   return T(__builtin_nan(""));
 #endif
 }
-template <class T>
-GENLOSS_HD T gl_abs(T x) {
-  return x < T(0) ? -x : x;
+// fabs: one AND of the sign bit (a compare-and-select costs three vector ops).
+GENLOSS_HD float gl_abs(float x) {
+  return ::fabsf(x);
+}
+GENLOSS_HD double gl_abs(double x) {
+  return ::fabs(x);
 }
 template <class T>
 GENLOSS_HD T gl_max(T x, T y) {
@@ -145,8 +148,12 @@ GENLOSS_HD float log1p_unit(float e, float) {
 GENLOSS_HD float log1p_unit(float e, float r) {
   const float u = 1.0f + e;
   const float corr = (e - (u - 1.0f)) * r;
+  // Selects on constants only: a select between two computed values let GCC
+  // duplicate the whole polynomial into both arms of an outer select.
   const bool big = u > 1.41421356f;
-  const float f = (big ? 0.5f * u : u) - 1.0f;
+  const float half = big ? 0.5f : 1.0f;
+  const float k = big ? 0.69314718f : 0.0f;
+  const float f = u * half - 1.0f;  // exact: u half is exact, then Sterbenz
   float p = -7.634474337100983e-2f;
   p = p * f + 1.2761567533016205e-1f;
   p = p * f - 1.3160187005996704e-1f;
@@ -157,7 +164,7 @@ GENLOSS_HD float log1p_unit(float e, float r) {
   p = p * f + 3.333333134651184e-1f;
   const float z = f * f;
   const float lg = f + (f * z * p - 0.5f * z);
-  return (lg + corr) + (big ? 0.69314718f : 0.0f);
+  return (lg + corr) + k;
 }
 #endif
 GENLOSS_HD double log1p_unit(double e, double) {
