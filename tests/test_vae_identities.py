@@ -803,3 +803,37 @@ def test_bad_arguments_name_the_argument():
     for call, exc, name in cases:
         with pytest.raises(exc, match=f"^{name}"):
             call()
+
+
+# ---------------------------------------------------------------- the target check in the kernel
+@pytest.mark.parametrize("fn", ["bernoulli_nll", "negative_elbo"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bernoulli_target_outside_unit_interval_raises(fn, reduction):
+    """The kernel marks an out-of-range target NaN and the caller then raises naming x;
+    a NaN logit with valid targets is a NaN result, not an error; -0.0 is a valid target."""
+    pytest.importorskip("genloss._C")
+    import genloss.native as gn
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 9))
+    x = rng.uniform(size=(6, 9))
+    mu, lv = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+
+    def call(lg, xx):
+        if fn == "bernoulli_nll":
+            return gn.bernoulli_nll(lg, xx, reduction=reduction)[0]
+        return gn.negative_elbo(lg, xx, mu, lv, reduction=reduction)[0]
+
+    for bad in (1.0 + 1e-6, -1e-6, np.inf, np.nan):
+        xb = x.copy()
+        xb[4, 7] = bad
+        with pytest.raises(ValueError, match=r"^x must lie in \[0, 1\]"):
+            call(logits, xb)
+    lg = logits.copy()
+    lg[2, 3] = np.nan
+    v = np.asarray(call(lg, x))
+    assert np.isnan(v).any()
+    xz = x.copy()
+    xz[0, 0] = -0.0
+    xz[0, 1] = 1.0
+    assert np.isfinite(np.asarray(call(logits, xz))).all()

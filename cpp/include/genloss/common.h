@@ -95,8 +95,8 @@ GENLOSS_HD T gl_max(T x, T y) {
 // ---- inline float exponentials for the CPU loops ----------------------------
 // libmvec's expf is a call inside the vectorised loop, and every live vector
 // register is spilled around it; these are plain code GCC vectorises inline.
-// 2^f for f in [-1/2, 1/2] (plus a few ulp outside): degree-6 fit, relative
-// error 1.9e-9 on the range.
+// 2^f for f in [-1/2, 1/2] (the reductions below may overshoot it by an ulp):
+// degree-6 fit, relative error 1.9e-9 on the range.
 GENLOSS_HD float exp2_poly(float f) {
   float p = 1.5345810970757157e-4f;
   p = p * f + 1.3399930903688073e-3f;
@@ -111,7 +111,8 @@ GENLOSS_HD float exp2_poly(float f) {
 constexpr float kExpMagic = 12582912.0f + 127.0f;
 
 // e^x for x <= 0 (CPU float): n = round(x log2 e) by the magic number, r = x - n ln 2
-// in two steps (Cody-Waite: ln 2 = hi + lo, hi with 12 bits so n hi is exact),
+// in two steps (Cody-Waite: ln 2 = hi + lo, hi with 15 significant bits, so n hi is
+// exact for |n| <= 126),
 // e^r = 2^(r log2 e) by exp2_poly, times 2^n from the exponent bits. Max error
 // about 2 ulp on [-87.3, 0] (tests/test_engine.py::test_float32_inline_exp_and_log1p_ulps); 0 below
 // -87.3 (e^x under float's normal range, < 1.2e-38), where the other lanes'

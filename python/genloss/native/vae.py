@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import _checks as C
 from ._compose import Term, inputs, needs, run_terms
 from ._engine import _C, as_input, broadcast, empty, float_range, row_lse, same_place, stream_of, sum_to
@@ -34,14 +36,14 @@ def _unit_interval_after(value, b, name):
     """The BernoulliNLL functor makes the value NaN where a target is outside [0, 1]:
     read the targets again (``_unit_interval``, which raises) only when the result
     has a NaN, instead of a separate min/max pass over them on every call."""
-    nan = value.isnan().any() if hasattr(value, "isnan") else __import__("numpy").isnan(value).any()
+    nan = value.isnan().any() if hasattr(value, "isnan") else np.isnan(value).any()
     if bool(nan):
         _unit_interval(b, name)
 
 
 def _broadcastable(name, b, target_name, shape):
     try:
-        ok = tuple(__import__("numpy").broadcast_shapes(b.shape, shape)) == tuple(shape)
+        ok = tuple(np.broadcast_shapes(b.shape, shape)) == tuple(shape)
     except ValueError:
         ok = False
     if not ok:
@@ -63,7 +65,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2, *, need_grad=True):
     names = ("mean1", "logvar1", "mean2", "logvar2")
     bufs = inputs(names, (mean1, logvar1, mean2, logvar2))
     try:
-        shape = tuple(__import__("numpy").broadcast_shapes(*(b.shape for b in bufs)))
+        shape = tuple(np.broadcast_shapes(*(b.shape for b in bufs)))
     except ValueError:
         got = ", ".join(f"{n} {b.shape}" for n, b in zip(names, bufs, strict=True))
         raise ValueError(f"mean1, logvar1, mean2, logvar2 must broadcast together, got {got}") from None
