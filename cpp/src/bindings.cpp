@@ -16,6 +16,7 @@ using namespace genloss;
 
 void bind_mmd(py::module_& m);         // bindings_mmd.cpp
 void bind_host_cache(py::module_& m);  // host_cache.cpp
+void bind_fast_path(py::module_& m);   // fast_path.cpp
 
 namespace {
 
@@ -189,4 +190,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FUNCTORS") = ids;
   bind_mmd(m);
   bind_host_cache(m);
+  bind_fast_path(m);
 }

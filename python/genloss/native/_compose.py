@@ -94,6 +94,9 @@ def run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, gr
 
 
 def one_population(name, array, reduction, functor, coef, params, mode, need_grad):
+    fast = _C.fast_populations((array,), ((functor, coef, params, mode),), reduction, need_grad, True)
+    if fast is not None:  # small plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
+        return fast
     C.reduction(reduction)
     (b,) = inputs([name], [array])
     C.batched(name, b.shape, reduction)
@@ -101,6 +104,9 @@ def one_population(name, array, reduction, functor, coef, params, mode, need_gra
 
 
 def two_population(names, arrays, reduction, functors, need_grad):
+    fast = _C.fast_populations(arrays, functors, reduction, need_grad, False)
+    if fast is not None:  # small plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
+        return fast
     C.reduction(reduction, C.TWO_POPULATION)
     bufs = inputs(names, arrays)
     for n, b in zip(names, bufs, strict=True):

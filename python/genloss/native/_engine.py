@@ -109,6 +109,8 @@ def _from_torch(x: Any, name: str, integer: bool) -> Buf:
     # data_ptr() needs no detach (only __dlpack__ refuses tensors that require grad).
     if not x.is_contiguous():
         x = x.contiguous()
+    if x.is_neg():  # a lazily negated view: its memory holds -x
+        x = x.resolve_neg()
     code = (_TORCH_INT if integer else _TORCH_FLOAT).get(x.dtype)
     if x.is_cuda:
         device, did = CUDA, x.get_device()
@@ -191,7 +193,7 @@ _NP_OF = {FLOAT32: np.float32, FLOAT64: np.float64}
 # their pages mapped; GENLOSS_HOST_CACHE_MB bounds the free blocks it keeps, 0 turns
 # the reuse off). NumPy outputs only get the huge-page advice.
 # GENLOSS_HUGE_PAGES=0 turns both off (plain torch.empty / np.empty).
-HOST_CACHE_MIN_BYTES = 4 << 20
+HOST_CACHE_MIN_BYTES = _C.HOST_CACHE_MIN_BYTES  # 4 MiB, shared with cpp/src/fast_path.cpp
 _huge_pages = os.environ.get("GENLOSS_HUGE_PAGES", "1") != "0"
 
 
