@@ -19,6 +19,7 @@ are not functions of the inputs in the autograd graph).
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 lib = torch.library.Library("genloss", "DEF")
 
 _LOW = (torch.float16, torch.bfloat16)
+_PLAIN, _LOW_DTYPE, _TRACED = 0, 1, 2  # LossOp.route
 _PARAM = re.compile(r"^\s*(\w+(?:\[\])?\??)\s+(\w+)(?:\s*=\s*(.+))?\s*$")
 _DEFAULTS = {"True": True, "False": False, "None": None}
 
@@ -117,6 +119,14 @@ class LossOp:
         self.elementwise = elementwise or value_like is not None
         self.value_like = None if value_like is None else self.names.index(value_like)
         self.shared_params = shared_params
+        # Absent optional differentiable inputs have no gradient slot in the native call.
+        self.optional_diff = any(i in self.optional for i in self.diff_idx)
+        idx = tuple(self.diff_idx)  # needs_input_grad -> one flag per differentiable input
+        self.pick_need: Callable[[tuple], tuple] = (
+            operator.itemgetter(*idx) if len(idx) > 1 else (lambda nig: (nig[idx[0]],))
+        )
+        self.n_diff = len(self.diff_idx)
+        self.is_tensor = [i in self.tensor_idx for i in range(len(self.args))]
         plain = ", ".join(f"{a[0]} {a[1]}" for a in self.args)  # no defaults: need_grad follows
         lib.define(f"{name}_fwd({plain}, bool[] need_grad) -> (Tensor, Tensor?[])")
         lib.define(f"{name}({schema}) -> Tensor")
@@ -132,11 +142,22 @@ class LossOp:
         lib.impl(name, self.__call__, "CompositeImplicitAutograd")
         self.fwd = getattr(torch.ops.genloss, f"{name}_fwd").default
         self.fn = self._function()
+        self.eager_fn = self._eager_function()
+        # Function.apply's Python wrapper only adds functorch handling; the eager path
+        # checks that no functorch transform is active and calls the C apply directly.
+        self.eager_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, self.eager_fn)
         self.__doc__ = doc
 
     # -- the primitive ----------------------------------------------------------
-    def _native(self, args: list, need_grad: Sequence[bool], **extra: Any) -> tuple[Any, list]:
-        args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in _LOW else a for a in args]
+    def _native(self, args: Sequence[Any], need_grad: Sequence[bool], **extra: Any) -> tuple[Any, Sequence]:
+        if self.route(args) == _LOW_DTYPE:
+            args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in _LOW else a for a in args]
+        return self._call(args, tuple(need_grad), **extra)
+
+    def _call(self, args: Sequence[Any], need_grad: tuple, **extra: Any) -> tuple[Any, Sequence]:
+        """The native function on float32/float64 arguments; one gradient slot per differentiable arg."""
+        if not self.optional_diff:
+            return self.native(*args, need_grad=need_grad, **extra)
         # Absent optional inputs have no gradient slot in the native call.
         present = [n for i, n in zip(self.diff_idx, need_grad, strict=True) if args[i] is not None]
         value, grads = self.native(*args, need_grad=tuple(present), **extra)
@@ -183,6 +204,8 @@ class LossOp:
 
     # -- autograd -----------------------------------------------------------------
     def _function(self) -> type[torch.autograd.Function]:
+        """The general path: traced/compiled/fake tensors, float16/bfloat16, functorch, and
+        per-sample losses with shared parameters. Runs the kernel through the op."""
         op = self
 
         class Fn(torch.autograd.Function):
@@ -196,32 +219,15 @@ class LossOp:
                 if ctx.rerun:  # gradients need the per-sample weights: backward re-runs
                     ctx.save_for_backward(*[args[i] for i in op.tensor_idx])
                     ctx.others = args
-                    need_now = [False] * len(need)
-                else:
-                    need_now = need
-                eager = op.plain_eager(args)
-                if eager:  # skip the dispatcher hop: ~6 us per call
-                    value, grads = op._kernel(*args, need_now)
-                else:  # compile, fake tensors, functionalization: through the op
-                    value, grads = op.fwd(*args, need_now)
-                # Eager: the gradients wait on ctx (not in save_for_backward), so the first
-                # backward can hand them to autograd as the only reference: AccumulateGrad then
-                # adopts them instead of copying (a 64 MiB copy and its page faults, per input).
-                # A second backward through a retained graph re-runs the kernel (deterministic).
-                ctx.steal = eager and any(need_now)
-                if ctx.steal:
-                    ctx.grads = list(grads)
-                    ctx.need_now = need_now
-                    ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
-                    ctx.save_for_backward(*[args[i] for i in op.tensor_idx])
-                elif any(need_now):  # the gradients, and the inputs (edges for _no_double_backward)
+                    need = [False] * len(need)
+                value, grads = op.fwd(*args, need)
+                if any(need):  # the gradients, and the inputs (edges for _no_double_backward)
                     ctx.save_for_backward(*grads, *[args[i] for i in op.diff_idx])
                 ctx.dtypes = [None if args[i] is None else args[i].dtype for i in op.diff_idx]
                 return value
 
             @staticmethod
             def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-                out: list[torch.Tensor | None] = [None] * len(op.args)
                 if ctx.rerun:
                     args = list(ctx.others)
                     for i, t in zip(op.tensor_idx, ctx.saved_tensors, strict=True):
@@ -229,62 +235,127 @@ class LossOp:
                     diff_inputs = [args[i] for i in op.diff_idx]
                     need = [ctx.needs_input_grad[i] for i in op.diff_idx]
                     _, grads = op.wfwd(*args, grad_output, need)
-                    for i, g, dt in zip(op.diff_idx, grads, ctx.dtypes, strict=False):
-                        if g is not None and ctx.needs_input_grad[i]:
-                            out[i] = g if g.dtype == dt else g.to(dt)
-                    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                        wrapped = _no_double_backward(op.name, [out[i] for i in op.diff_idx], diff_inputs)
-                        for i, g in zip(op.diff_idx, wrapped, strict=True):
-                            out[i] = g
-                    return tuple(out)
-                # d loss/d grad_output = 1 exactly (loss.backward() on a CPU scalar):
-                # hand the saved gradient over instead of a multiply pass.
-                unit = (
-                    not ctx.per_sample
-                    and not op.elementwise
-                    and type(grad_output) is torch.Tensor  # not a fake/functional/traced tensor
-                    and grad_output.device.type == "cpu"
-                    and not torch.is_grad_enabled()
-                    and not torch.compiler.is_compiling()
-                    and _get_current_dispatch_mode() is None
-                    and grad_output.item() == 1.0
-                )
-                nd = len(op.diff_idx)
-                saved_all = ctx.saved_tensors
-                if ctx.steal:
-                    args = list(ctx.others)
-                    for i, t in zip(op.tensor_idx, saved_all, strict=True):
-                        args[i] = t
-                    diff_inputs = [args[i] for i in op.diff_idx]
-                    saved_grads, ctx.grads = ctx.grads, None
-                    if saved_grads is None:  # the graph was retained and is run again
-                        _, saved_grads = op._kernel(*args, ctx.need_now)
+                    scale = None  # the weights were the per-sample grad_output
                 else:
-                    saved_grads, diff_inputs = saved_all[:nd], saved_all[nd:]
-                for i, saved, dt in zip(op.diff_idx, saved_grads, ctx.dtypes, strict=False):
-                    if saved is None or not ctx.needs_input_grad[i]:
-                        continue
-                    if unit:
-                        gi = saved
-                    elif ctx.per_sample:
-                        gi = saved * grad_output.reshape((-1,) + (1,) * (saved.dim() - 1))
-                    else:  # scalar, or elementwise (same shape)
-                        gi = saved * grad_output
-                    out[i] = gi if gi.dtype == dt else gi.to(dt)
-                if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                    wrapped = _no_double_backward(op.name, [out[i] for i in op.diff_idx], diff_inputs)
-                    for i, g in zip(op.diff_idx, wrapped, strict=True):
-                        out[i] = g
-                return tuple(out)
+                    nd = op.n_diff
+                    grads, diff_inputs = ctx.saved_tensors[:nd], ctx.saved_tensors[nd:]
+                    scale = grad_output
+                return op.finish_backward(ctx, grads, scale, lambda: diff_inputs, ctx.dtypes)
 
         Fn.__name__ = f"{self.name}_autograd"
         return Fn
 
-    def plain_eager(self, args: Sequence[Any]) -> bool:
-        """Plain tensors outside any tracing: the kernel may be called directly."""
-        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-            return False
-        return all(type(args[i]) is torch.Tensor for i in self.tensor_idx if args[i] is not None)
+    def _eager_function(self) -> type[torch.autograd.Function]:
+        """The eager path (plain CPU/CUDA tensors, float32/float64, nothing tracing): the
+        kernel is called directly (no dispatcher hop), and the gradients it wrote wait on
+        ctx, not in save_for_backward, so the first backward hands them to autograd as the
+        only reference: AccumulateGrad adopts them instead of copying (a 64 MiB copy and
+        its page faults per input of an image loss). A second backward through a retained
+        graph re-runs the kernel (deterministic: the same gradients)."""
+        op = self
+
+        class EagerFn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, *args: Any) -> torch.Tensor:
+                need = op.pick_need(ctx.needs_input_grad)
+                value, grads = op._call(args, need)
+                ctx.grads = grads
+                ctx.per_sample = op.red_idx is not None and args[op.red_idx] == "none"
+                if grads:
+                    ctx.need = need
+                    # The other arguments, for a re-run (tensors only in save_for_backward:
+                    # freed by the backward, not kept alive as long as the loss).
+                    ctx.args = [None if t else a for a, t in zip(args, op.is_tensor, strict=True)]
+                    ctx.save_for_backward(*[args[i] for i in op.tensor_idx])
+                return value
+
+            @staticmethod
+            def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+                grads, ctx.grads = ctx.grads, None
+                if grads is None:  # the graph was retained and is run again
+                    _, grads = op._call(ctx_inputs(ctx), ctx.need)
+                return op.finish_backward(
+                    ctx, grads, grad_output, lambda: [ctx_inputs(ctx)[i] for i in op.diff_idx], None
+                )
+
+        def ctx_inputs(ctx: Any) -> list:
+            """The arguments of the forward call (unpacking raises if one was modified in place)."""
+            args = list(ctx.args)
+            for i, t in zip(op.tensor_idx, ctx.saved_tensors, strict=True):
+                args[i] = t
+            return args
+
+        EagerFn.__name__ = f"{self.name}_eager_autograd"
+        return EagerFn
+
+    def finish_backward(
+        self,
+        ctx: Any,
+        grads: Sequence,
+        grad_output: torch.Tensor | None,
+        diff_inputs: Callable[[], Sequence],
+        dtypes: list | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The gradients of every argument: the saved ones times grad_output (None: as they
+        are). ``diff_inputs()`` gives the differentiable inputs, needed only under create_graph."""
+        out: list[torch.Tensor | None] = [None] * len(self.args)
+        per_sample = ctx.per_sample
+        if grad_output is not None and self.is_unit(grad_output, per_sample):
+            # d loss/d grad_output = 1 exactly (loss.backward() on a CPU scalar):
+            # hand the saved gradient over instead of a multiply pass.
+            grad_output = None
+        nig = ctx.needs_input_grad
+        for k, i in enumerate(self.diff_idx):
+            g = grads[k]
+            if g is None or not nig[i]:
+                continue
+            if grad_output is not None:
+                if per_sample:
+                    g = g * grad_output.reshape((-1,) + (1,) * (g.dim() - 1))
+                else:  # scalar, or elementwise (same shape)
+                    g = g * grad_output
+            if dtypes is not None and g.dtype != dtypes[k]:
+                g = g.to(dtypes[k])
+            out[i] = g
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            wrapped = _no_double_backward(self.name, [out[i] for i in self.diff_idx], diff_inputs())
+            for i, g in zip(self.diff_idx, wrapped, strict=True):
+                out[i] = g
+        return tuple(out)
+
+    def is_unit(self, grad_output: torch.Tensor, per_sample: bool) -> bool:
+        """grad_output is exactly 1 on a CPU scalar loss (outside any tracing)."""
+        return (
+            not per_sample
+            and not self.elementwise
+            and type(grad_output) is torch.Tensor  # not a fake/functional/traced tensor
+            and grad_output.is_cpu
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None
+            and grad_output.item() == 1.0
+        )
+
+    def route(self, args: Sequence[Any]) -> int:
+        """_PLAIN: plain tensors outside any tracing or functorch transform, float32/float64
+        (the kernel may be called directly); _LOW_DTYPE: the same with a float16/bfloat16
+        input (computed in float32); _TRACED: anything else (through the op)."""
+        if (
+            torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active()
+        ):
+            return _TRACED
+        kind = _PLAIN
+        for i in self.tensor_idx:
+            a = args[i]
+            if a is None:
+                continue
+            if type(a) is not torch.Tensor:
+                return _TRACED
+            if a.dtype in _LOW:
+                kind = _LOW_DTYPE
+        return kind
 
     # -- the public call ------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict) -> list:
@@ -311,11 +382,14 @@ class LossOp:
         bound = self.bind(args, kwargs)
         if self.prepare is not None:
             bound = self.prepare(bound)
+        kind = self.route(bound)
         if not torch.is_grad_enabled():
             # no_grad / inference_mode: value only. (Inside Function.forward,
             # ctx.needs_input_grad follows requires_grad, not grad mode, so this
             # must be decided here.)
-            need = [False] * len(self.diff_idx)
-            value, _ = self._kernel(*bound, need) if self.plain_eager(bound) else self.fwd(*bound, need)
+            need = [False] * self.n_diff
+            value, _ = self.fwd(*bound, need) if kind == _TRACED else self._native(bound, need)
             return value
+        if kind == _PLAIN and not (self.shared_params and bound[self.red_idx] == "none"):  # type: ignore[index]
+            return self.eager_apply(*bound)
         return self.fn.apply(*bound)
