@@ -179,3 +179,56 @@ def test_negated_views_are_read_as_their_values():
     torch.testing.assert_close(gn.wgan_g_loss(view)[0], -x.mean())
     torch.testing.assert_close(gt.wgan_g_loss(view), -x.mean())
     torch.testing.assert_close(gn.gan_g_loss(view)[0], torch.nn.functional.softplus(-x).mean())
+
+
+# ----------------------------------------------------------------------------- the torch layer's eager path
+
+
+def test_eager_call_names_bad_positional_arguments():
+    """Positional calls skip bind(): the routing must still name what is wrong."""
+    import genloss.torch as gt
+
+    t = _plain()
+    with pytest.raises(TypeError, match="real_logits must be a torch.Tensor"):
+        gt.gan_d_loss(np.zeros(8, np.float32), t)
+    with pytest.raises(TypeError, match="fake_logits must be a torch.Tensor"):
+        gt.gan_d_loss(t, None)
+    with pytest.raises(TypeError, match="missing required argument 'fake_logits'"):
+        gt.gan_d_loss(t)
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        gt.gan_d_loss(t, t, "mean", "extra")
+
+
+def test_eager_rerun_refuses_inputs_modified_in_place():
+    """A retained graph's second backward re-runs the kernel on the saved inputs: an input
+    modified in place since the forward must raise, as autograd does, not give a gradient at
+    another point."""
+    import genloss.torch as gt
+
+    x = _plain(16, torch.float64).requires_grad_(True)
+    y = x * 1.0  # a non-leaf input, as a discriminator's logits
+    loss = gt.gan_g_loss(y)
+    loss.backward(retain_graph=True)
+    want = -torch.sigmoid(-x.detach()) / 16
+    torch.testing.assert_close(x.grad, want)
+    loss.backward(retain_graph=True)  # unchanged inputs: the re-run gives the same gradient
+    torch.testing.assert_close(x.grad, 2 * want)
+    with torch.no_grad():
+        y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_eager_backward_scales_by_the_upstream_gradient():
+    """Only an upstream gradient of exactly 1 skips the multiply."""
+    import genloss.torch as gt
+
+    x = _plain(16, torch.float64).requires_grad_(True)
+    (g,) = torch.autograd.grad(gt.gan_g_loss(x), x, grad_outputs=torch.tensor(-2.5, dtype=torch.float64))
+    torch.testing.assert_close(g, 2.5 * torch.sigmoid(-x.detach()) / 16)
+    (g,) = torch.autograd.grad(3.0 * gt.gan_g_loss(x, reduction="sum"), x)
+    torch.testing.assert_close(g, -3.0 * torch.sigmoid(-x.detach()))
+    rows = gt.gan_g_loss(x.reshape(4, 4), reduction="none")
+    w = torch.arange(4, dtype=torch.float64)
+    (g,) = torch.autograd.grad(rows, x, grad_outputs=w)
+    torch.testing.assert_close(g, (-torch.sigmoid(-x.detach()).reshape(4, 4) * w[:, None]).reshape(16))

@@ -25,14 +25,24 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 lib = torch.library.Library("genloss", "DEF")
 
 _LOW = (torch.float16, torch.bfloat16)
 _PLAIN, _LOW_DTYPE, _TRACED = 0, 1, 2  # LossOp.route
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # > 0: a TorchDispatchMode is active
 _PARAM = re.compile(r"^\s*(\w+(?:\[\])?\??)\s+(\w+)(?:\s*=\s*(.+))?\s*$")
 _DEFAULTS = {"True": True, "False": False, "None": None}
+
+
+def _getter(idx: Sequence[int]) -> Callable[[Sequence[Any]], tuple]:
+    """seq -> tuple(seq[i] for i in idx), as one C call."""
+    if len(idx) > 1:
+        return operator.itemgetter(*idx)
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda seq: (seq[i],)
+    return lambda seq: ()
 
 
 def _parse(schema: str) -> list[tuple[str, str, Any, bool]]:
@@ -121,12 +131,17 @@ class LossOp:
         self.shared_params = shared_params
         # Absent optional differentiable inputs have no gradient slot in the native call.
         self.optional_diff = any(i in self.optional for i in self.diff_idx)
-        idx = tuple(self.diff_idx)  # needs_input_grad -> one flag per differentiable input
-        self.pick_need: Callable[[tuple], tuple] = (
-            operator.itemgetter(*idx) if len(idx) > 1 else (lambda nig: (nig[idx[0]],))
-        )
+        self.pick_need = _getter(self.diff_idx)  # needs_input_grad -> one flag per differentiable input
         self.n_diff = len(self.diff_idx)
-        self.is_tensor = [i in self.tensor_idx for i in range(len(self.args))]
+        self.tensor_slots = [(i, i in self.optional) for i in self.tensor_idx]
+        self.other_idx = [i for i in range(len(self.args)) if i not in self.tensor_idx]
+        self.others_of = _getter(self.other_idx)  # args -> tuple of the non-tensor args
+        self.tensors_of = _getter(self.tensor_idx)
+        self.n_required = sum(not a[3] for a in self.args)
+        self.default_values = [a[2] for a in self.args]  # required args come first (schema rule)
+        # A backward that hands the gradients over as they are: one slot per argument.
+        self.diff_first = self.diff_idx == list(range(self.n_diff))
+        self.none_tail = (None,) * (len(self.args) - self.n_diff)
         plain = ", ".join(f"{a[0]} {a[1]}" for a in self.args)  # no defaults: need_grad follows
         lib.define(f"{name}_fwd({plain}, bool[] need_grad) -> (Tensor, Tensor?[])")
         lib.define(f"{name}({schema}) -> Tensor")
@@ -261,17 +276,23 @@ class LossOp:
                 value, grads = op._call(args, need)
                 ctx.grads = grads
                 ctx.per_sample = op.red_idx is not None and args[op.red_idx] == "none"
-                if grads:
+                if grads:  # for a re-run: the tensors in save_for_backward (freed by the
+                    # backward, not kept alive as long as the loss), the rest on ctx
                     ctx.need = need
-                    # The other arguments, for a re-run (tensors only in save_for_backward:
-                    # freed by the backward, not kept alive as long as the loss).
-                    ctx.args = [None if t else a for a, t in zip(args, op.is_tensor, strict=True)]
-                    ctx.save_for_backward(*[args[i] for i in op.tensor_idx])
+                    ctx.others = op.others_of(args)
+                    ctx.save_for_backward(*op.tensors_of(args))
                 return value
 
             @staticmethod
             def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
                 grads, ctx.grads = ctx.grads, None
+                if (
+                    grads is not None
+                    and op.diff_first
+                    and not torch.is_grad_enabled()
+                    and op.is_unit(grad_output, ctx.per_sample)
+                ):  # loss.backward(): the gradients as they are, no bookkeeping
+                    return (*grads, *op.none_tail)
                 if grads is None:  # the graph was retained and is run again
                     _, grads = op._call(ctx_inputs(ctx), ctx.need)
                 return op.finish_backward(
@@ -280,7 +301,9 @@ class LossOp:
 
         def ctx_inputs(ctx: Any) -> list:
             """The arguments of the forward call (unpacking raises if one was modified in place)."""
-            args = list(ctx.args)
+            args: list = [None] * len(op.args)
+            for i, a in zip(op.other_idx, ctx.others, strict=True):
+                args[i] = a
             for i, t in zip(op.tensor_idx, ctx.saved_tensors, strict=True):
                 args[i] = t
             return args
@@ -332,7 +355,7 @@ class LossOp:
             and grad_output.is_cpu
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None
+            and not _dispatch_modes()
             and grad_output.item() == 1.0
         )
 
@@ -340,25 +363,21 @@ class LossOp:
         """_PLAIN: plain tensors outside any tracing or functorch transform, float32/float64
         (the kernel may be called directly); _LOW_DTYPE: the same with a float16/bfloat16
         input (computed in float32); _TRACED: anything else (through the op)."""
-        if (
-            torch.compiler.is_compiling()
-            or _get_current_dispatch_mode() is not None
-            or torch._C._are_functorch_transforms_active()
-        ):
+        if torch.compiler.is_compiling() or _dispatch_modes() or torch._C._are_functorch_transforms_active():
             return _TRACED
         kind = _PLAIN
-        for i in self.tensor_idx:
+        for i, optional in self.tensor_slots:
             a = args[i]
-            if a is None:
-                continue
-            if type(a) is not torch.Tensor:
-                return _TRACED
-            if a.dtype in _LOW:
-                kind = _LOW_DTYPE
+            if type(a) is torch.Tensor:
+                if a.dtype in _LOW:
+                    kind = _LOW_DTYPE
+            elif not (a is None and optional):
+                return _TRACED  # a subclass, or not a tensor: bind's check names it
         return kind
 
     # -- the public call ------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict) -> list:
+        """The arguments in schema order, defaults filled in; a TypeError names what is wrong."""
         if len(args) > len(self.args):
             raise TypeError(f"{self.name}() takes {len(self.args)} arguments, got {len(args)}")
         out = list(args)
@@ -371,18 +390,28 @@ class LossOp:
                 raise TypeError(f"{self.name}() missing required argument {name!r}")
         if kwargs:
             raise TypeError(f"{self.name}() got unexpected keyword argument(s) {sorted(kwargs)}")
+        self.check_tensors(out)
+        return out
+
+    def check_tensors(self, out: Sequence[Any]) -> None:
         for i in self.tensor_idx:
             if out[i] is None and i in self.optional:
                 continue
             if not isinstance(out[i], torch.Tensor):
                 raise TypeError(f"{self.names[i]} must be a torch.Tensor, got {type(out[i]).__name__}")
-        return out
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        bound = self.bind(args, kwargs)
-        if self.prepare is not None:
-            bound = self.prepare(bound)
-        kind = self.route(bound)
+        n = len(args)
+        if kwargs or self.prepare is not None or not self.n_required <= n <= len(self.args):
+            bound = self.bind(args, kwargs)
+            if self.prepare is not None:
+                bound = self.prepare(bound)
+            kind = self.route(bound)
+        else:  # positional only: route() finds anything that is not a plain tensor
+            bound = [*args, *self.default_values[n:]]
+            kind = self.route(bound)
+            if kind == _TRACED:
+                self.check_tensors(bound)
         if not torch.is_grad_enabled():
             # no_grad / inference_mode: value only. (Inside Function.forward,
             # ctx.needs_input_grad follows requires_grad, not grad mode, so this
