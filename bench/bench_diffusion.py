@@ -9,11 +9,21 @@ Shares its timing method, allocator switch, bandwidth probe and machine informat
 with ``bench_gan.py``: per-call ``time.perf_counter``, medians, competitors
 round-robin call by call in a rotating order, fresh outputs for everyone, the
 garbage collector off while timing, and the ``copy`` probe interleaved as one more
-runner inside every case (the "same-run copy bandwidth" of the goals). Before every
-timed call (untimed) a 128 MiB copy evicts the caches: these inputs (12-20 MiB) fit
-in a 32 MiB L3, and without it the cyclic rotation handed ``native`` the inputs
-``op`` had just read (``native`` always follows ``op``) while ``op`` always followed
-the 64 MiB ``copy`` probe and read them from DRAM.
+runner inside every case (the "same-run copy bandwidth" of the goals). These inputs
+(12-20 MiB) fit in a 32 MiB L3, so every timed call reads the next of a ring of input
+sets (``RING_MIB`` = 96 MiB in all, advanced untimed between calls): each call's inputs
+were last touched ~96 MiB of traffic ago and come from DRAM, as the copy probe's do,
+while the Python and torch code stays as warm as in a training loop. (Without the ring,
+the cyclic rotation handed ``native`` the inputs ``op`` had just read. The previous
+remedy, a 128 MiB copy before every call, also evicted the code and the interpreter's
+data: each competitor then paid 0.3-0.7 ms of cache misses in Python and in torch's
+dispatcher, e.g. a 256-element op fwd+bwd went from 38 µs to ~0.7 ms, which says more
+about that copy than about the losses.) ``--block N`` (default 4): each competitor makes
+N consecutive timed calls per turn, so its code is as warm as in a loop over the loss
+while its data stays cold; ``--block 1`` times call by call, each call right after
+another competitor's work (the 64 MiB copy probe, eager's fresh 4 MiB temporaries),
+which charges every competitor its cold-code cost, ~0.25 ms for ``native`` and
+~0.5 ms for ``op`` and ``compile`` on this VM.
 
 Cases, on (64, 4, 64, 64) latents and (256, 3, 32, 32) images (1 048 576 and 786 432
 elements), float32, a cosine schedule of T = 1000 steps, timesteps uniform in [1, T)
@@ -152,18 +162,33 @@ def no_grad(f: Callable[[], Any]) -> Callable[[], Any]:
 
 
 # ----------------------------------------------------------------------------- one case
-def bench_case(op_name, variant, shape_label, shape, clock, alloc, probe, quick):
+RING_MIB = 96  # >= 3x the 32 MiB L3: a set's inputs are cold again when its turn comes back
+
+
+def input_ring(shape, seed, decoder):
+    """Input sets whose total exceeds RING_MIB: consecutive timed calls read different
+    sets, each last touched RING_MIB of traffic ago (cold in the caches)."""
+    set_bytes = 5 * 4 * int(np.prod(shape))  # x0, noise, x_t, pred, v
+    k = max(2, -(-(RING_MIB << 20) // set_bytes))
+    return [inputs(shape, seed + i, decoder) for i in range(k)]
+
+
+def bench_case(op_name, variant, shape_label, shape, clock, alloc, probe, quick, block):
     torch._dynamo.reset()
     decoder = variant.startswith("decoder")
-    x0, noise, t, x_t, pred, v, w = inputs(shape, zlib.crc32(f"{op_name}{variant}{shape}".encode()), decoder)
+    ring = input_ring(shape, zlib.crc32(f"{op_name}{variant}{shape}".encode()), decoder)
+    cur = [ring[0], 0]  # the set the next timed call reads, its index (advanced between calls, untimed)
+    x0, noise, t, x_t, pred, v, w = ring[0]  # the correctness check, compile and the reference
     n = x0.numel()
     tn = t.numpy()
+    learned = variant == "learned v"
     if op_name == "diffusion_mse_loss":
-        diff = [pred]
-        op = lambda: gt.diffusion_mse_loss(pred, x0, noise, t, TS, "v", w)  # noqa: E731
-        nat = lambda ng: gn.diffusion_mse_loss(pred.detach(), x0, noise, t, SCHEDULE, "v", w, need_grad=ng)  # noqa: E731
+        diff_at = [4]  # pred
+        op = lambda s: gt.diffusion_mse_loss(s[4], s[0], s[1], s[2], TS, "v", s[6])  # noqa: E731
+        nat = lambda s, ng: gn.diffusion_mse_loss(s[4].detach(), s[0], s[1], s[2], SCHEDULE, "v", s[6],  # noqa: E731
+                                                  need_grad=ng)  # fmt: skip
         comp_fn = mse_v_composite
-        args = (pred, x0, noise, t, w)
+        args_of = lambda s: (s[4], s[0], s[1], s[2], s[6])  # noqa: E731
         xn = [a.detach().numpy() for a in (pred, x0, noise)]
         wn = w.numpy()
         ref_f = lambda: gr.diffusion_mse_loss(xn[0], xn[1], xn[2], tn, SCHEDULE, "v", wn)  # noqa: E731
@@ -173,14 +198,12 @@ def bench_case(op_name, variant, shape_label, shape, clock, alloc, probe, quick)
 
         bytes_fwd, bytes_fb = 12 * n, 16 * n
     else:
-        learned = variant == "learned v"
-        vv = v if learned else None
-        diff = [pred] + ([v] if learned else [])
-        op = lambda: gt.vlb_term(x0, x_t, t, pred, TS, vv, "mean")  # noqa: E731
-        vd = v.detach() if learned else None
-        nat = lambda ng: gn.vlb_term(x0, x_t, t, pred.detach(), SCHEDULE, vd, "mean", need_grad=ng)  # noqa: E731
+        diff_at = [4, 5] if learned else [4]  # eps_pred (and v)
+        op = lambda s: gt.vlb_term(s[0], s[3], s[2], s[4], TS, s[5] if learned else None, "mean")  # noqa: E731
+        nat = lambda s, ng: gn.vlb_term(s[0], s[3], s[2], s[4].detach(), SCHEDULE,  # noqa: E731
+                                        s[5].detach() if learned else None, "mean", need_grad=ng)  # fmt: skip
         comp_fn = vlb_composite
-        args = (x0, x_t, t, pred) + ((v,) if learned else ())
+        args_of = lambda s: (s[0], s[3], s[2], s[4]) + ((s[5],) if learned else ())  # noqa: E731
         xn = [a.detach().numpy() for a in (x0, x_t, pred)]
         vn = v.detach().numpy() if learned else None
         ref_f = lambda: gr.vlb_term(xn[0], xn[1], tn, xn[2], SCHEDULE, vn, "mean")  # noqa: E731
@@ -190,14 +213,21 @@ def bench_case(op_name, variant, shape_label, shape, clock, alloc, probe, quick)
 
         bytes_fwd = (16 if learned else 12) * n
         bytes_fb = bytes_fwd + (8 if learned else 4) * n
+    diff = [pred, v][: len(diff_at)]
+    args = args_of(ring[0])
     comp = torch.compile(comp_fn)
 
     def clear():
-        for d in diff:
-            d.grad = None
+        for st in ring:
+            for i in diff_at:
+                st[i].grad = None
+
+    def advance():
+        cur[1] = (cur[1] + 1) % len(ring)
+        cur[0] = ring[cur[1]]
 
     # correctness: op vs the eager composite and vs the float64 reference
-    v_op = op()
+    v_op = op(ring[0])
     g_op = torch.autograd.grad(v_op, diff)
     v_e = comp_fn(*args)
     g_e = torch.autograd.grad(v_e, diff)
@@ -221,32 +251,32 @@ def bench_case(op_name, variant, shape_label, shape, clock, alloc, probe, quick)
     t_ref = clock.time(ref_fb)
     ref_reps = 1 if quick or t_ref > bg.REF_SLOW_S else 3
     dst, src = probe
-    evict_dst = torch.empty_like(src)
     reps = 7 if quick else 21
     rows = []
     for mode in MODES:
         if mode == "fwd+bwd":
             runners = [
-                bg.Runner("op", lambda: op().backward(), clear),
-                bg.Runner("native", lambda: nat(True)),
-                bg.Runner("eager", lambda: comp_fn(*args).backward(), clear),
-                bg.Runner("compile", lambda: comp(*args).backward(), clear),
+                bg.Runner("op", lambda: op(cur[0]).backward(), clear),
+                bg.Runner("native", lambda: nat(cur[0], True)),
+                bg.Runner("eager", lambda: comp_fn(*args_of(cur[0])).backward(), clear),
+                bg.Runner("compile", lambda: comp(*args_of(cur[0])).backward(), clear),
                 bg.Runner("numpy", ref_fb, max_reps=ref_reps, note=f"{ref_reps} repeat(s) (slow)"),
             ]
             nbytes = bytes_fb
         else:
             runners = [
-                bg.Runner("op", no_grad(op)),
-                bg.Runner("native", lambda: nat(False)),
-                bg.Runner("eager", no_grad(lambda: comp_fn(*args))),
-                bg.Runner("compile", no_grad(lambda: comp(*args))),
+                bg.Runner("op", no_grad(lambda: op(cur[0]))),
+                bg.Runner("native", lambda: nat(cur[0], False)),
+                bg.Runner("eager", no_grad(lambda: comp_fn(*args_of(cur[0])))),
+                bg.Runner("compile", no_grad(lambda: comp(*args_of(cur[0])))),
                 bg.Runner("numpy", ref_f, max_reps=ref_reps, note=f"{ref_reps} repeat(s) (slow)"),
             ]
             nbytes = bytes_fwd
         runners.append(bg.Runner("copy", lambda: dst.copy_(src)))
-        # Inputs of 12-20 MiB fit in this VM's 32 MiB L3: evict before every timed call,
-        # so every competitor reads its inputs from DRAM (the copy probe's regime).
-        times = bg.run_round_robin(clock, runners, reps, 2, before=lambda: evict_dst.copy_(src))
+        # Inputs of 12-20 MiB fit in this VM's 32 MiB L3: every timed call reads the next
+        # set of the ring, so every competitor reads its inputs from DRAM (the copy
+        # probe's regime) while the code stays as warm as in a training loop.
+        times = bg.run_round_robin(clock, runners, reps, 2, block=block, before=advance)
         copy_ts = times.pop("copy")
         comps = {k: bg.summary(ts) for k, ts in times.items() if ts}
         t_op = comps["op"]["median_s"]
@@ -258,7 +288,7 @@ def bench_case(op_name, variant, shape_label, shape, clock, alloc, probe, quick)
                 comps[r.name]["note"] = r.note
         row = {
             "case": op_name, "variant": variant, "size": shape_label, "shape": list(shape), "mode": mode,
-            "alloc": alloc, "bytes": nbytes, "competitors": comps, "compile_s": compile_s[mode], "check": checks,
+            "alloc": alloc, "block": block, "bytes": nbytes, "competitors": comps, "compile_s": compile_s[mode], "check": checks,
             "local_copy_GBps": 2 * dst.numel() * 4 / statistics.median(copy_ts) / 1e9, "load1": os.getloadavg()[0],
         }  # fmt: skip
         rows.append(row)
@@ -340,6 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", metavar="OUT", help="write machine-readable results here")
     p.add_argument("--no-recycled", action="store_true", help="skip the recycled-allocator pass")
     p.add_argument("--markdown", metavar="JSON", help="print the markdown tables of a saved run and exit")
+    p.add_argument(
+        "--block", type=int, default=4, metavar="N",
+        help="consecutive timed calls per competitor and turn (default 4: the code warm as in a training "
+        "loop of the loss; 1: call by call, each call after another competitor's work)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.markdown:
         import json
@@ -356,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg_start": list(os.getloadavg()),
         "machine": bg.machine_info(device),
         "quick": args.quick,
+        "block": args.block,
     }
     m = result["machine"]
     print(f"genloss diffusion benchmark on {m['cpu_model']} ({m['cores']} cores, torch {m['torch']})")
@@ -380,10 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             malloc.recycle()
         for op_name, variant in cases:
             for shape_label, shape in shapes:
-                rows += bench_case(op_name, variant, shape_label, shape, clock, alloc, copy_bufs, args.quick)
+                rows += bench_case(op_name, variant, shape_label, shape, clock, alloc, copy_bufs, args.quick,
+                                   args.block)  # fmt: skip
         if alloc == "fresh":
             for op_name, variant, shape_label, shape in extra:
-                rows += bench_case(op_name, variant, shape_label, shape, clock, alloc, copy_bufs, args.quick)
+                rows += bench_case(op_name, variant, shape_label, shape, clock, alloc, copy_bufs, args.quick,
+                                   args.block)  # fmt: skip
     probes.append(bg.bandwidth_probe(clock, device, probe_reps, allocs[-1]))
     copy_samples = [g for pr in probes for g in pr["copy_GBps_samples"]]
     result["probe"] = {

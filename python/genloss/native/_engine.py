@@ -386,6 +386,16 @@ def row_lse(
     )  # fmt: skip
 
 
+def check_if_nan(value: Any, check: Any) -> None:
+    """For functors that make the value NaN where an input is outside its domain
+    (BernoulliNLL's targets, vlb_term's x0): run ``check()``, which reads the input
+    again and raises naming it, only when the result has a NaN, instead of a separate
+    min/max pass over the input on every call."""
+    nan = value.isnan().any() if hasattr(value, "isnan") else np.isnan(value).any()
+    if bool(nan):
+        check()
+
+
 def int_range(b: Buf) -> tuple[int, int]:
     """(min, max) of an integer array, on its own device (CUDA: synchronises)."""
     return int(b.arr.min()), int(b.arr.max())

@@ -32,6 +32,7 @@ from ._engine import (
     F,
     as_input,
     broadcast,
+    check_if_nan,
     empty,
     float_range,
     int_range,
@@ -56,12 +57,12 @@ def _schedule(schedule: Any) -> R.DiffusionSchedule:
 def _to_place(like: Buf, host: np.ndarray) -> Buf:
     """A host array copied to ``like``'s device (itself on the CPU)."""
     host = np.ascontiguousarray(host)
-    if like.device == CPU:
-        return as_input(host, "table")
-    if like.kind == "torch":
+    if like.kind == "torch":  # (on the CPU, a zero-copy view: the one-call path reads tensors)
         import torch
 
         return as_input(torch.from_numpy(host).to(like.arr.device), "table")
+    if like.device == CPU:
+        return as_input(host, "table")
     if like.kind == "cupy":
         import cupy
 
@@ -239,6 +240,11 @@ def linear_with_table(names, arrays, t, table, need_grad, what=None):
     return _result(out, None, grads, flags)
 
 
+def _tensor_of(table: Any) -> Any:
+    """The array behind a table (a Buf from ``_table``, or the array itself)."""
+    return table.arr if isinstance(table, Buf) else table
+
+
 def _table_input(table, like: Buf, stride: int) -> Buf:
     tab = table if isinstance(table, Buf) else as_input(table, "table")
     if tab.dtype != FLOAT64 or len(tab.shape) != 2 or tab.shape[1] != stride:
@@ -389,6 +395,12 @@ def diffusion_mse_loss(
 def diffusion_mse_with_table(pred, x0, noise, t, table, weights=None, reduction="mean", *, need_grad=True):
     """The kernel of ``diffusion_mse_loss`` for a per-step float64 (T, 2) target table (x0, noise
     coefficients)."""
+    fast = _C.fast_table_rows(
+        (pred, x0, noise), "DiffusionMSE", (0,), (0.0, 0.0, 0.0), _tensor_of(table), 2, t, weights, reduction,
+        need_grad, True,
+    )  # fmt: skip
+    if fast is not None:  # plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
+        return fast
     C.reduction(reduction)
     p, x, n = _batched(("pred", "x0", "noise"), (pred, x0, noise), reduction)
     tab = _table_input(table, p, 2)
@@ -507,10 +519,18 @@ def vlb_with_table(
     x0, x_t, t, eps_pred, table, model_log_variance=None, reduction="none", bits=8, *, need_grad=True
 ):
     """The kernel of ``vlb_term`` for a per-step float64 (T, 11) table (``_vlb_table``)."""
+    if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 24:
+        learned = model_log_variance is not None
+        fast = _C.fast_table_rows(
+            (x0, x_t, eps_pred, model_log_variance if learned else eps_pred), "VlbKLLearned" if learned else "VlbKL",
+            (2, 3) if learned else (2,), (1.0 / (2.0**bits - 1.0), 0.0, 0.0), _tensor_of(table), 11, t, None,
+            reduction, need_grad, False,
+        )  # fmt: skip
+        if fast is not None:  # plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
+            return fast
     C.reduction(reduction)
     bits = _bits(bits)
     x, xt, e = _batched(("x0", "x_t", "eps_pred"), (x0, x_t, eps_pred), reduction)
-    _unit_box(x, "x0", "the discretized decoder's data")
     tab = _table_input(table, x, 11)
     tb = _timesteps(t, x, "x0", tab.rows)
     v = None
@@ -537,6 +557,10 @@ def vlb_with_table(
         params=(1.0 / (2.0**bits - 1.0), 0.0, 0.0), value_scale=s, out=out, rows_out=rows, grad_scale=s,
         table=tab, stride=11, index=tb,
     )  # fmt: skip
+    # The functors make the value NaN where x0 is off [-1, 1]: only then read x0 again.
+    check_if_nan(
+        (rows if out is None else out).arr, lambda: _unit_box(x, "x0", "the discretized decoder's data")
+    )
     if not any(flags):
         return (rows if out is None else out).arr, ()
     grads: tuple = (None if g_eps is None else g_eps.arr,)

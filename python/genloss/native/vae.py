@@ -14,7 +14,18 @@ import numpy as np
 
 from .. import _checks as C
 from ._compose import Term, inputs, needs, run_terms
-from ._engine import _C, as_input, broadcast, empty, float_range, row_lse, same_place, stream_of, sum_to
+from ._engine import (
+    _C,
+    as_input,
+    broadcast,
+    check_if_nan,
+    empty,
+    float_range,
+    row_lse,
+    same_place,
+    stream_of,
+    sum_to,
+)
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -33,12 +44,8 @@ def _unit_interval(b, name):
 
 
 def _unit_interval_after(value, b, name):
-    """The BernoulliNLL functor makes the value NaN where a target is outside [0, 1]:
-    read the targets again (``_unit_interval``, which raises) only when the result
-    has a NaN, instead of a separate min/max pass over them on every call."""
-    nan = value.isnan().any() if hasattr(value, "isnan") else np.isnan(value).any()
-    if bool(nan):
-        _unit_interval(b, name)
+    """The BernoulliNLL functor makes the value NaN where a target is outside [0, 1]."""
+    check_if_nan(value, lambda: _unit_interval(b, name))
 
 
 def _broadcastable(name, b, target_name, shape):

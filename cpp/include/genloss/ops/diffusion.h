@@ -216,7 +216,7 @@ struct VlbDecoder {
         kLearned ? r[kVlbLogTilde] + 0.5 * (double(in[3]) + 1.0) * (r[kVlbLogBeta] - r[kVlbLogTilde]) : r[kVlbFixedLv];
     double lp, dm, ds;
     discretized_ll(double(in[0]), mean, 0.5 * lv, double(p.a), false, lp, dm, ds);
-    v = T(-lp);
+    v = gl_abs(in[0]) <= T(1) ? T(-lp) : gl_nan<T>();  // x0 off the data box [-1, 1]: marked
     d[0] = T(0);
     d[1] = T(0);
     d[2] = T(r[kVlbK2] * dm);                                                            // (DIF.7)
@@ -256,6 +256,9 @@ struct VlbKLT {
       d[2] = k2 * dm * w;
       d[3] = T(0);
     }
+    // x0 must lie in the decoder's data box [-1, 1] on every row (NaN fails too): a value
+    // of NaN marks it, and the caller reads x0 again to name it (no separate pass).
+    v = gl_abs(in[0]) <= T(1) ? v : gl_nan<T>();
   }
 };
 using VlbKL = VlbKLT<false>;
