@@ -38,7 +38,7 @@ struct BernoulliNLL {
     const T r = T(1) / (T(1) + e);
     const T sp = l >= T(0) ? r : e * r;  // sigmoid(l)
     const T sn = l >= T(0) ? e * r : r;  // sigmoid(-l)
-    v = gl_max(l, T(0)) - x * l + log1p_unit(e, r);
+    v = gl_max(l, T(0)) - x * l + log1p_unit(e);
     v = x >= T(0) && x <= T(1) ? v : gl_nan<T>();
     dl = (T(1) - x) * sp - x * sn;
     dx = -l;
