@@ -114,3 +114,62 @@ def test_float32_inline_exp_and_log1p_ulps(isa):
     assert out["softplus"] <= 3.0, out
     assert out["sigmoid"] <= 3.0, out
     assert out["tiny"] < 2.0**-126, out
+
+
+# exp_expm1 (genloss/common.h): e^x and e^x - 1 inline, read back per element through
+# normal_kl's gradients (elementwise): with m1 = 1, m2 = 0, lv1 = 0, lv2 = -x the gradient
+# w.r.t. m1 is (m1 - m2) e^{-lv2} = e^x; with m1 = m2 = 0, lv2 = 0, lv1 = x the gradient
+# w.r.t. lv1 is expm1(x) / 2 (the halving is exact).
+EXP_SCRIPT = r"""
+import json, numpy as np, genloss, genloss.native as gn
+x = np.concatenate([np.linspace(-110, 95, 2_000_001), np.sinh(np.linspace(-12, 12, 200_001)) * 1e-3,
+                    [-np.inf, np.inf, np.nan, 0.0, -0.0]]).astype(np.float32)
+one, zero = np.ones_like(x), np.zeros_like(x)
+_, (g_exp, _, _, _) = gn.normal_kl(one, zero, zero, -x)
+_, (_, g_em1, _, _) = gn.normal_kl(zero, x, zero, zero)
+xd = x.astype(np.float64)
+with np.errstate(over="ignore"):
+    want_e, want_m = np.exp(xd).astype(np.float32), np.expm1(xd)
+def ulps(got, want, mask):
+    got, want = got[mask].astype(np.float64), want[mask].astype(np.float64)
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    err = np.abs(got - want) / np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    return float(np.where(same, 0.0, err).max())
+finite = np.isfinite(xd)
+normal_e = finite & (np.abs(want_e.astype(np.float64)) >= 2.0**-126) & np.isfinite(want_e)
+exp_ulp = ulps(g_exp, np.exp(xd), normal_e)
+em1_f = finite & np.isfinite(want_m.astype(np.float32))
+em1_ulp = ulps(2 * g_em1, want_m, em1_f)
+tiny = finite & (want_e.astype(np.float64) < 2.0**-126)
+print(json.dumps({
+    "isa": genloss.build_info()["isa"], "exp": exp_ulp, "expm1": em1_ulp,
+    "denormal_abs": float(np.abs(g_exp[tiny].astype(np.float64) - np.exp(xd[tiny])).max()),
+    "overflow_inf": bool(np.all(np.isinf(g_exp[finite & ~np.isfinite(want_e)]))),
+    "specials": [float(g_exp[-5]), float(g_exp[-4]), float(2 * g_em1[-5]), float(2 * g_em1[-4])],
+    "nan": bool(np.isnan(g_exp[-3]) and np.isnan(g_em1[-3])),
+}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
+def test_float32_inline_exp_expm1_ulps(isa):
+    """e^x and expm1(x) from exp_expm1 (NormalKL and vlb_term's learned range use it): within
+    3 ulp of float64 wherever the result is a normal float, on x in [-110, 95] and densely
+    near 0 (expm1's relative accuracy there); denormal results within one denormal step of
+    the truth, overflow to inf, -inf -> (0, -1), +inf -> inf, NaN -> NaN; every ISA build."""
+    if isa == "avx2" and not _cpu_has("avx2"):
+        pytest.skip("CPU has no AVX2")
+    if isa == "avx512" and not _cpu_has("avx512f"):
+        pytest.skip("CPU has no AVX-512")
+    env = dict(os.environ, GENLOSS_ISA=isa)
+    res = subprocess.run(
+        [sys.executable, "-c", EXP_SCRIPT], env=env, capture_output=True, text=True, check=True
+    )
+    out = json.loads(res.stdout)
+    assert out["isa"] == isa
+    assert out["exp"] <= 3.0, out
+    assert out["expm1"] <= 3.0, out
+    assert out["denormal_abs"] <= 2.0**-149 * 4, out
+    assert out["overflow_inf"], out
+    assert out["specials"] == [0.0, float("inf"), -1.0, float("inf")], out
+    assert out["nan"], out

@@ -134,6 +134,50 @@ GENLOSS_HD double exp_nonpos(double x) {
   return ::exp(x);
 }
 
+// e^x and e^x - 1 of any float x together (CPU, inline so they vectorise with the loop;
+// libmvec's expf/expm1f are calls that spill every live register). n = round(x log2 e) by
+// the magic number, r = x - n ln 2 in two steps (Cody-Waite, as exp_nonpos), q = e^r - 1 =
+// r + r^2 P(r) with P Taylor's 1/2! .. 1/8! (|r| <= ln 2 / 2: truncation below 1.3e-9 of q).
+// 2^n is built as 2^{n1} 2^{n2}, n1 = floor(n / 2), so every n in [-150, 128] keeps both
+// factors in float's exponent range and the products underflow to denormals or overflow
+// to inf as IEEE rounding says. e^x = 2^{n1} (1 + q) 2^{n2}; e^x - 1 = 2^n q + (2^n - 1)
+// (exactly q at n = 0, no cancellation near 0), and e^x itself above x = 80, where 1 is
+// far below half an ulp. Outside [-104, 89] (where the exponent bits would wrap): 0 / -1
+// below, inf above; NaN stays NaN. Max error ~2 ulp
+// (tests/test_engine.py::test_float32_inline_exp_expm1_ulps). CUDA and double: libm.
+GENLOSS_HD void exp_expm1(float x, float& e, float& em1) {
+#if defined(__CUDACC__)
+  e = ::expf(x);
+  em1 = ::expm1f(x);
+#else
+  constexpr float kRound = 12582912.0f;  // 1.5 2^23: adding it rounds to an integer
+  const float nf = x * 1.44269504088896341f + kExpMagic;
+  const float n = nf - kExpMagic;
+  float r = x - n * 0.693145751953125f;    // ln 2 high part
+  r = r - n * 1.42860682030941723212e-6f;  // ln 2 low part
+  float p = 2.4801587301587302e-5f;        // 1/8!
+  p = p * r + 1.9841269841269841e-4f;      // 1/7!
+  p = p * r + 1.3888888888888889e-3f;      // 1/6!
+  p = p * r + 8.3333333333333333e-3f;      // 1/5!
+  p = p * r + 4.1666666666666667e-2f;      // 1/4!
+  p = p * r + 1.6666666666666667e-1f;      // 1/3!
+  p = p * r + 0.5f;
+  const float q = r + (r * r) * p;
+  const float n1 = (n * 0.5f - 0.25f + kRound) - kRound;  // floor(n / 2) for integer n
+  const float s1 = __builtin_bit_cast(float, __builtin_bit_cast(unsigned, n1 + kExpMagic) << 23);
+  const float s2 = __builtin_bit_cast(float, __builtin_bit_cast(unsigned, (n - n1) + kExpMagic) << 23);
+  const float s = s1 * s2;
+  const float ex = (s1 * (1.0f + q)) * s2;
+  const float m1 = x > 80.0f ? ex : s * q + (s - 1.0f);
+  e = x < -104.0f ? 0.0f : (x > 89.0f ? __builtin_inff() : ex);
+  em1 = x < -104.0f ? -1.0f : (x > 89.0f ? __builtin_inff() : m1);
+#endif
+}
+GENLOSS_HD void exp_expm1(double x, double& e, double& em1) {
+  e = ::exp(x);
+  em1 = ::expm1(x);
+}
+
 // log1p(e) for e in [0, 1] (softplus next to its sigmoid, e = e^{-|x|}). CPU float,
 // inline so it vectorises with the loop (libmvec's log1pf was the largest cost of the
 // Bernoulli NLL): log1p(e) = e - e^2 h(e), h(e) = (e - log1p(e)) / e^2 in [0.307, 0.5],

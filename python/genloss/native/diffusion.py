@@ -469,7 +469,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, bits=8, cdf="exact
 
 def _vlb_table(s: R.DiffusionSchedule) -> np.ndarray:
     """Per step: posterior mean coefs, model mean coefs, the log-variances, the decoder flag, the
-    fixed variance's e^{-lv} and KL constant, c2 - k1 (ops::VlbRow)."""
+    fixed variance's e^{-lv} and KL constant, c2 - k1, e^{-log beta~} (ops::VlbRow)."""
     T = s.num_timesteps
     with np.errstate(divide="ignore", invalid="ignore"):  # steps with alpha = 0 are refused before use
         ra = 1.0 / np.sqrt(s.alphas)
@@ -479,7 +479,7 @@ def _vlb_table(s: R.DiffusionSchedule) -> np.ndarray:
     first = np.arange(T) == 0
     fixed = np.where(first, log_tilde, log_beta)  # (DIF.8) fixedlarge, beta~_1 at t = 0
     delta = log_tilde - fixed
-    tab = np.zeros((T, 11))
+    tab = np.zeros((T, 12))
     tab[:, 0] = s.posterior_mean_coef1
     tab[:, 1] = s.posterior_mean_coef2
     tab[:, 2] = ra
@@ -492,6 +492,7 @@ def _vlb_table(s: R.DiffusionSchedule) -> np.ndarray:
     tab[:, 9] = 0.5 * (np.expm1(delta) - delta)
     with np.errstate(divide="ignore", invalid="ignore"):
         tab[:, 10] = -s.betas / (s.one_minus_alpha_bar * np.sqrt(s.alphas))  # c2 - k1, without cancelling
+    tab[:, 11] = np.exp(-log_tilde)
     return tab
 
 
@@ -518,12 +519,12 @@ def vlb_term(
 def vlb_with_table(
     x0, x_t, t, eps_pred, table, model_log_variance=None, reduction="none", bits=8, *, need_grad=True
 ):
-    """The kernel of ``vlb_term`` for a per-step float64 (T, 11) table (``_vlb_table``)."""
+    """The kernel of ``vlb_term`` for a per-step float64 (T, 12) table (``_vlb_table``)."""
     if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 24:
         learned = model_log_variance is not None
         fast = _C.fast_table_rows(
             (x0, x_t, eps_pred, model_log_variance if learned else eps_pred), "VlbKLLearned" if learned else "VlbKL",
-            (2, 3) if learned else (2,), (1.0 / (2.0**bits - 1.0), 0.0, 0.0), _tensor_of(table), 11, t, None,
+            (2, 3) if learned else (2,), (1.0 / (2.0**bits - 1.0), 0.0, 0.0), _tensor_of(table), 12, t, None,
             reduction, need_grad, False,
         )  # fmt: skip
         if fast is not None:  # plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
@@ -531,7 +532,7 @@ def vlb_with_table(
     C.reduction(reduction)
     bits = _bits(bits)
     x, xt, e = _batched(("x0", "x_t", "eps_pred"), (x0, x_t, eps_pred), reduction)
-    tab = _table_input(table, x, 11)
+    tab = _table_input(table, x, 12)
     tb = _timesteps(t, x, "x0", tab.rows)
     v = None
     if model_log_variance is not None:
@@ -555,7 +556,7 @@ def vlb_with_table(
     _run(
         "VlbKL" if v is None else "VlbKLLearned", [x, xt, e, e if v is None else v], [None, None, g_eps, g_v],
         params=(1.0 / (2.0**bits - 1.0), 0.0, 0.0), value_scale=s, out=out, rows_out=rows, grad_scale=s,
-        table=tab, stride=11, index=tb,
+        table=tab, stride=12, index=tb,
     )  # fmt: skip
     # The functors make the value NaN where x0 is off [-1, 1]: only then read x0 again.
     check_if_nan(

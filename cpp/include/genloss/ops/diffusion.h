@@ -188,7 +188,8 @@ enum VlbRow : int {
   kVlbFixedW = 8,    // e^{-fixed lv}
   kVlbFixedC = 9,    // 1/2 (expm1(delta) - delta), delta = log beta~ - fixed lv
   kVlbC2K1 = 10,     // c2 - k1 = -beta_t / ((1 - abar_t) sqrt(alpha_t)), formed in float64
-  kVlbStride = 11
+  kVlbWTilde = 11,   // e^{-log beta~}: the learned range's e^{-lv} = e^{delta} e^{-log beta~}
+  kVlbStride = 12
 };
 
 // The model's log-variance of p(x_{t-1} | x_t), log beta~ + (v + 1)/2 (log beta -
@@ -244,8 +245,9 @@ struct VlbKLT {
     if constexpr (kLearned) {
       const T lv = vlb_log_variance<true>(in, p);
       const T delta = T(p.rp[kVlbLogTilde]) - lv;
-      const T em1 = gl_expm1(delta);
-      const T w = gl_exp(-lv);
+      T ed, em1;
+      exp_expm1(delta, ed, em1);  // one reduction for both (no libmvec call in the loop)
+      const T w = ed * T(p.rp[kVlbWTilde]);
       const T q = dm * dm * w;
       v = T(0.5) * (em1 - delta + q);
       d[2] = k2 * dm * w;  // dKL/dmean = -dm w, dmean/deps = -k2
