@@ -2,16 +2,12 @@
 with the NumPy reference (the SSE2 / AVX2 / AVX-512 builds ship in one module
 and are picked at run time; GENLOSS_ISA forces a narrower one)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import genloss
 from genloss import reference as ref
+from isa_builds import ISAS, run_under_isa
 
 SCRIPT = r"""
 import json, numpy as np, genloss, genloss.native as gn
@@ -28,14 +24,6 @@ print(json.dumps(out))
 """
 
 
-def _cpu_has(flag):
-    try:
-        with open("/proc/cpuinfo") as f:
-            return flag in f.read().split()
-    except OSError:
-        return False
-
-
 def test_build_info_reports_the_build():
     info = genloss.build_info()
     assert set(info) >= {"cuda", "isa", "openmp", "omp_max_threads", "cuda_archs", "version"}
@@ -45,16 +33,9 @@ def test_build_info_reports_the_build():
         assert "90" in info["cuda_archs"].split(",")  # H100/H200 are in the arch list
 
 
-@pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_isa_build_matches_reference(isa):
-    if isa == "avx2" and not _cpu_has("avx2"):
-        pytest.skip("CPU has no AVX2")
-    if isa == "avx512" and not _cpu_has("avx512f"):
-        pytest.skip("CPU has no AVX-512")
-    env = dict(os.environ, GENLOSS_ISA=isa)
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True)
-    out = json.loads(res.stdout)
-    assert out["isa"] == isa
+    out = run_under_isa(isa, SCRIPT)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(37, 129)) * 4
     y = rng.normal(size=(41, 129)) * 4
@@ -96,21 +77,12 @@ print(json.dumps({"isa": genloss.build_info()["isa"], "softplus": ulps(v[ok], ex
 """
 
 
-@pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_float32_inline_exp_and_log1p_ulps(isa):
     """softplus and sigmoid from the inline exp and log1p: within 3 ulp of float64 on
     l in [-87, 0] (exp <= ~2 ulp after its reduction, log1p <= 1.33 ulp, one division),
     on every instruction-set build; below float's normal range the value is 0."""
-    if isa == "avx2" and not _cpu_has("avx2"):
-        pytest.skip("CPU has no AVX2")
-    if isa == "avx512" and not _cpu_has("avx512f"):
-        pytest.skip("CPU has no AVX-512")
-    env = dict(os.environ, GENLOSS_ISA=isa)
-    res = subprocess.run(
-        [sys.executable, "-c", ULP_SCRIPT], env=env, capture_output=True, text=True, check=True
-    )
-    out = json.loads(res.stdout)
-    assert out["isa"] == isa
+    out = run_under_isa(isa, ULP_SCRIPT)
     assert out["softplus"] <= 3.0, out
     assert out["sigmoid"] <= 3.0, out
     assert out["tiny"] < 2.0**-126, out
@@ -151,22 +123,13 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_float32_inline_exp_expm1_ulps(isa):
     """e^x and expm1(x) from exp_expm1 (NormalKL and vlb_term's learned range use it): within
     3 ulp of float64 wherever the result is a normal float, on x in [-110, 95] and densely
     near 0 (expm1's relative accuracy there); denormal results within one denormal step of
     the truth, overflow to inf, -inf -> (0, -1), +inf -> inf, NaN -> NaN; every ISA build."""
-    if isa == "avx2" and not _cpu_has("avx2"):
-        pytest.skip("CPU has no AVX2")
-    if isa == "avx512" and not _cpu_has("avx512f"):
-        pytest.skip("CPU has no AVX-512")
-    env = dict(os.environ, GENLOSS_ISA=isa)
-    res = subprocess.run(
-        [sys.executable, "-c", EXP_SCRIPT], env=env, capture_output=True, text=True, check=True
-    )
-    out = json.loads(res.stdout)
-    assert out["isa"] == isa
+    out = run_under_isa(isa, EXP_SCRIPT)
     assert out["exp"] <= 3.0, out
     assert out["expm1"] <= 3.0, out
     assert out["denormal_abs"] <= 2.0**-149 * 4, out

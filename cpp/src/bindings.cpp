@@ -182,6 +182,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info",    &build_info);
   m.def("set_num_threads", &cpu::set_threads);
   m.def("get_num_threads", &cpu::max_threads);
+  m.def("stream_min_bytes", &cpu::stream_min_bytes);
+  m.def("set_stream_min_bytes", &cpu::set_stream_min_bytes);
+  m.def("streamed_calls", &cpu::streamed_calls);
   // clang-format on
   py::dict ids;
 #define GENLOSS_ID(id, type) ids[#id + 1] = static_cast<int>(id);

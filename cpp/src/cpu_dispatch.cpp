@@ -1,6 +1,7 @@
 // cpu_dispatch.cpp — picks, once, the widest instruction-set build of the CPU
 // engine that this processor runs (a wheel built here must not assume the
 // build machine's -march=native).
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -96,6 +97,33 @@ void set_threads(int n) {
 #else
   (void)n;
 #endif
+}
+
+namespace {
+int64_t initial_stream_min_bytes() {
+  const char* env = std::getenv("GENLOSS_STREAM_MIN_BYTES");
+  if (env && *env) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    if (end && *end == '\0') return v;
+  }
+  return int64_t{2} << 20;
+}
+std::atomic<int64_t> g_stream_min_bytes{initial_stream_min_bytes()};
+std::atomic<int64_t> g_streamed_calls{0};
+}  // namespace
+
+int64_t stream_min_bytes() {
+  return g_stream_min_bytes.load(std::memory_order_relaxed);
+}
+void set_stream_min_bytes(int64_t n) {
+  g_stream_min_bytes.store(n, std::memory_order_relaxed);
+}
+int64_t streamed_calls() {
+  return g_streamed_calls.load(std::memory_order_relaxed);
+}
+void count_streamed_call() {
+  g_streamed_calls.fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace cpu

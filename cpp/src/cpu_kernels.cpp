@@ -8,9 +8,15 @@
 // -ffast-math, which genloss must not use (it breaks inf/nan handling), so we
 // declare them here ourselves.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GLIBC__) && !defined(GENLOSS_NO_LIBMVEC)
 extern "C" {
@@ -69,9 +75,47 @@ double lanes_sum(const T* acc) {
   return pairwise(d, kLanes);
 }
 
+// One block of kLanes results from a (64-byte aligned) local buffer to its
+// destination: plain stores, or with NT streaming (non-temporal) stores, dst then
+// 64-byte aligned too (the caller checks). x86 only; elsewhere plain stores. A
+// chunk that streams ends with a store fence, so its blocks are visible to any
+// thread that synchronises with this one afterwards (the OpenMP barrier).
+constexpr uintptr_t kStreamAlign = 64;
+template <bool NT, class T>
+GENLOSS_HD void put_block(T* dst, const T* src) {
+  constexpr int kBytes = kLanes * static_cast<int>(sizeof(T));
+  if constexpr (!NT) {
+    std::memcpy(dst, src, kBytes);
+  } else {
+#if defined(__AVX512F__)
+    for (int o = 0; o < kBytes; o += 64)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(reinterpret_cast<char*>(dst) + o),
+                          _mm512_load_si512(reinterpret_cast<const char*>(src) + o));
+#elif defined(__AVX__)
+    for (int o = 0; o < kBytes; o += 32)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(reinterpret_cast<char*>(dst) + o),
+                          _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(src) + o)));
+#elif defined(__SSE2__)
+    for (int o = 0; o < kBytes; o += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(dst) + o),
+                       _mm_load_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const char*>(src) + o)));
+#else
+    std::memcpy(dst, src, kBytes);
+#endif
+  }
+}
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // One chunk of map_reduce: returns the sum of f over [0, n) and writes the
-// gradients (and elementwise values) that are asked for.
-template <class F, class T, bool WG>
+// gradients (and elementwise values) that are asked for. Each block of kLanes
+// elements is computed into local buffers, then put to its destination (plain or,
+// with NT, streaming stores): the arithmetic is the same code for both, so are the
+// results, bit for bit, whichever store a chunk uses.
+template <class F, class T, bool WG, bool NT>
 double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, double* dsum) {
   constexpr int N = F::arity;
   const T* __restrict x[N];
@@ -82,24 +126,34 @@ double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<
   }
   T accv[kLanes] = {};
   T accd[kLanes] = {};
-  int64_t i = 0;
-  auto body = [&](int64_t k, int j) __attribute__((always_inline)) {
+  // element k into lane j; its outputs go to gd[a][o] and ed[o]
+  auto body = [&](int64_t k, int j, auto* gd, T* ed, int64_t o) __attribute__((always_inline)) {
     T xs[N], d[N], v;
     for (int a = 0; a < N; ++a) xs[a] = x[a][k];
     eval_n<F>(xs, p, v, d);
     accv[j] += v;
-    if (ev) ev[k] = v * vs;
+    if (ed) ed[o] = v * vs;
     if constexpr (WG) {
       accd[j] += d[0];
       for (int a = 0; a < N; ++a)
-        if (g[a]) g[a][k] = d[a] * gs + go;
+        if (gd[a]) gd[a][o] = d[a] * gs + go;
     }
   };
+  alignas(kStreamAlign) T gb[N][kLanes];
+  alignas(kStreamAlign) T eb[kLanes];
+  T* __restrict gbp[N];
+  for (int a = 0; a < N; ++a) gbp[a] = (WG && g[a]) ? gb[a] : nullptr;
+  T* ebp = ev ? eb : nullptr;
+  int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
-    for (int j = 0; j < kLanes; ++j) body(i + j, j);
+    for (int j = 0; j < kLanes; ++j) body(i + j, j, gbp, ebp, j);
+    if (ev) put_block<NT>(ev + i, eb);
+    for (int a = 0; a < N; ++a)
+      if (gbp[a]) put_block<NT>(g[a] + i, gb[a]);
   }
-  for (int j = 0; i < n; ++i, ++j) body(i, j);
+  if constexpr (NT) stream_fence();
+  for (int j = 0; i < n; ++i, ++j) body(i, j, g, ev, i);
   if (WG && dsum) *dsum = lanes_sum(accd);
   return lanes_sum(accv);
 }
@@ -130,13 +184,18 @@ const double* table_row(const MapReduceArgs& a, int64_t r) {
 }
 
 // One chunk with the functor the row asks for (F, or F::Alt where flagged).
-template <class F, class T, bool WG>
+template <class F, class T, bool WG, bool NT>
 double row_chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go,
                  double* dsum) {
   if constexpr (has_alt<F>::value) {
-    if (p.rp && p.rp[F::alt_flag] != 0.0) return chunk<typename F::Alt, T, WG>(in, grad, ev, n, p, vs, gs, go, dsum);
+    if (p.rp && p.rp[F::alt_flag] != 0.0)
+      return chunk<typename F::Alt, T, WG, NT>(in, grad, ev, n, p, vs, gs, go, dsum);
   }
-  return chunk<F, T, WG>(in, grad, ev, n, p, vs, gs, go, dsum);
+  return chunk<F, T, WG, NT>(in, grad, ev, n, p, vs, gs, go, dsum);
+}
+
+bool stream_aligned(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & (kStreamAlign - 1)) == 0;
 }
 
 template <class F, class T, bool WG>
@@ -157,6 +216,13 @@ void map_reduce_t(const MapReduceArgs& a) {
   double* dpart = part + ntask;
   double* rowv = dpart + ntask;
   const bool par = rows * cols >= kParallelMin && ntask > 1;
+  // Streaming stores when the call writes enough (see stream_min_bytes in engine.h).
+  int outputs = ev ? 1 : 0;
+  for (int q = 0; q < N; ++q) outputs += (WG && a.grad[q]) ? 1 : 0;
+  const int64_t min_bytes = stream_min_bytes();
+  const bool nt = min_bytes >= 0 && outputs > 0 &&
+                  static_cast<double>(outputs) * static_cast<double>(rows * cols) * sizeof(T) >= double(min_bytes);
+  std::atomic<bool> streamed{false};  // some chunk streamed (64-byte aligned outputs)
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < ntask; ++t) {
     const int64_t r = t / cpr, c = t % cpr;
@@ -164,17 +230,23 @@ void map_reduce_t(const MapReduceArgs& a) {
     const int64_t len = std::min(kChunk, cols - c * kChunk);
     const T* xs[N];
     T* gs_[N];
+    bool aligned = nt && (!ev || stream_aligned(ev + begin));
     for (int q = 0; q < N; ++q) {
       xs[q] = cptr<T>(a.in[q]) + begin;
       gs_[q] = a.grad[q] ? ptr<T>(a.grad[q]) + begin : nullptr;
+      aligned = aligned && (!gs_[q] || stream_aligned(gs_[q]));
     }
     Params<T> p = p0;
     p.rp = table_row(a, r);
     const T wr = w ? w[r] : T(1);
     double ds = 0.0;
-    part[t] = row_chunk<F, T, WG>(xs, gs_, ev ? ev + begin : nullptr, len, p, vs * wr, gs * wr, go, &ds);
+    T* e = ev ? ev + begin : nullptr;
+    if (aligned) streamed.store(true, std::memory_order_relaxed);
+    part[t] = aligned ? row_chunk<F, T, WG, true>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds)
+                      : row_chunk<F, T, WG, false>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds);
     dpart[t] = ds * static_cast<double>(wr);
   }
+  if (streamed.load(std::memory_order_relaxed)) count_streamed_call();
   for (int64_t r = 0; r < rows; ++r) rowv[r] = pairwise(part + r * cpr, cpr);
   if (a.out_rows_raw) {
     T* o = ptr<T>(a.out_rows_raw);

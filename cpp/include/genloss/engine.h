@@ -257,6 +257,16 @@ void gmm(const GmmArgs& a);
 const char* isa();  // the instruction set chosen at run time
 int max_threads();
 void set_threads(int n);
+// map_reduce writes its gradients and elementwise values with non-temporal
+// (streaming) stores when the call writes at least this many bytes in all
+// (default 2 MiB, GENLOSS_STREAM_MIN_BYTES; < 0: never). Such outputs do not fit
+// in one core's L2 anyway: streaming skips the read-for-ownership of every
+// destination line (a quarter of a 3-in/1-out loss's DRAM traffic) and leaves
+// the caches to the caller's code. The values are bitwise the same either way.
+int64_t stream_min_bytes();
+void set_stream_min_bytes(int64_t n);
+int64_t streamed_calls();  // map_reduce calls that streamed some output (for tests)
+void count_streamed_call();
 }  // namespace cpu
 
 namespace cuda {

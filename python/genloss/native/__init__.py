@@ -5,7 +5,7 @@
 """
 
 from . import diffusion, divergence, gan, vae
-from ._engine import cache_info, empty_cache
+from ._engine import cache_info, empty_cache, streaming_stores
 from .diffusion import (
     diffusion_mse_loss,
     discretized_gaussian_log_likelihood,
@@ -58,6 +58,7 @@ from .vae import (
 __all__ = [
     "cache_info",
     "empty_cache",
+    "streaming_stores",
     "diffusion",
     "diffusion_mse_loss",
     "discretized_gaussian_log_likelihood",
