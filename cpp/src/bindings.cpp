@@ -185,6 +185,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("stream_min_bytes", &cpu::stream_min_bytes);
   m.def("set_stream_min_bytes", &cpu::set_stream_min_bytes);
   m.def("streamed_calls", &cpu::streamed_calls);
+  m.def("set_stream_plain_only", &cpu::set_stream_plain_only);
   // clang-format on
   py::dict ids;
 #define GENLOSS_ID(id, type) ids[#id + 1] = static_cast<int>(id);

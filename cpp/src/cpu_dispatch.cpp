@@ -111,6 +111,7 @@ int64_t initial_stream_min_bytes() {
 }
 std::atomic<int64_t> g_stream_min_bytes{initial_stream_min_bytes()};
 std::atomic<int64_t> g_streamed_calls{0};
+std::atomic<bool> g_stream_plain_only{false};
 }  // namespace
 
 int64_t stream_min_bytes() {
@@ -124,6 +125,12 @@ int64_t streamed_calls() {
 }
 void count_streamed_call() {
   g_streamed_calls.fetch_add(1, std::memory_order_relaxed);
+}
+bool stream_plain_only() {
+  return g_stream_plain_only.load(std::memory_order_relaxed);
+}
+void set_stream_plain_only(bool on) {
+  g_stream_plain_only.store(on, std::memory_order_relaxed);
 }
 
 }  // namespace cpu

@@ -110,12 +110,18 @@ inline void stream_fence() {
 #endif
 }
 
+// How a chunk writes its outputs. kDirect: each lane stores its results where
+// they belong (calls below the streaming threshold). kBuffered / kStreamed (calls
+// above it): each block of kLanes results is computed into local buffers and then
+// put to memory with plain / streaming stores; the two run the same arithmetic, so
+// a call's results do not depend on which of its chunks are aligned enough to
+// stream. (kDirect may round differently in the last bit: GCC is free to contract
+// a * b + c into an FMA in one vectorised loop and not in another.)
+enum Store : int { kDirect = 0, kBuffered = 1, kStreamed = 2 };
+
 // One chunk of map_reduce: returns the sum of f over [0, n) and writes the
-// gradients (and elementwise values) that are asked for. Each block of kLanes
-// elements is computed into local buffers, then put to its destination (plain or,
-// with NT, streaming stores): the arithmetic is the same code for both, so are the
-// results, bit for bit, whichever store a chunk uses.
-template <class F, class T, bool WG, bool NT>
+// gradients (and elementwise values) that are asked for.
+template <class F, class T, bool WG, int S>
 double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, double* dsum) {
   constexpr int N = F::arity;
   const T* __restrict x[N];
@@ -139,20 +145,28 @@ double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<
         if (gd[a]) gd[a][o] = d[a] * gs + go;
     }
   };
-  alignas(kStreamAlign) T gb[N][kLanes];
-  alignas(kStreamAlign) T eb[kLanes];
-  T* __restrict gbp[N];
-  for (int a = 0; a < N; ++a) gbp[a] = (WG && g[a]) ? gb[a] : nullptr;
-  T* ebp = ev ? eb : nullptr;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  if constexpr (S == kDirect) {
+    for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
-    for (int j = 0; j < kLanes; ++j) body(i + j, j, gbp, ebp, j);
-    if (ev) put_block<NT>(ev + i, eb);
-    for (int a = 0; a < N; ++a)
-      if (gbp[a]) put_block<NT>(g[a] + i, gb[a]);
+      for (int j = 0; j < kLanes; ++j) body(i + j, j, g, ev, i + j);
+    }
+  } else {
+    constexpr bool kNT = S == kStreamed;
+    alignas(kStreamAlign) T gb[N][kLanes];
+    alignas(kStreamAlign) T eb[kLanes];
+    T* __restrict gbp[N];
+    for (int a = 0; a < N; ++a) gbp[a] = (WG && g[a]) ? gb[a] : nullptr;
+    T* ebp = ev ? eb : nullptr;
+    for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) body(i + j, j, gbp, ebp, j);
+      if (ev) put_block<kNT>(ev + i, eb);
+      for (int a = 0; a < N; ++a)
+        if (gbp[a]) put_block<kNT>(g[a] + i, gb[a]);
+    }
+    if constexpr (kNT) stream_fence();
   }
-  if constexpr (NT) stream_fence();
   for (int j = 0; i < n; ++i, ++j) body(i, j, g, ev, i);
   if (WG && dsum) *dsum = lanes_sum(accd);
   return lanes_sum(accv);
@@ -184,14 +198,13 @@ const double* table_row(const MapReduceArgs& a, int64_t r) {
 }
 
 // One chunk with the functor the row asks for (F, or F::Alt where flagged).
-template <class F, class T, bool WG, bool NT>
+template <class F, class T, bool WG, int S>
 double row_chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go,
                  double* dsum) {
   if constexpr (has_alt<F>::value) {
-    if (p.rp && p.rp[F::alt_flag] != 0.0)
-      return chunk<typename F::Alt, T, WG, NT>(in, grad, ev, n, p, vs, gs, go, dsum);
+    if (p.rp && p.rp[F::alt_flag] != 0.0) return chunk<typename F::Alt, T, WG, S>(in, grad, ev, n, p, vs, gs, go, dsum);
   }
-  return chunk<F, T, WG, NT>(in, grad, ev, n, p, vs, gs, go, dsum);
+  return chunk<F, T, WG, S>(in, grad, ev, n, p, vs, gs, go, dsum);
 }
 
 bool stream_aligned(const void* p) {
@@ -222,7 +235,8 @@ void map_reduce_t(const MapReduceArgs& a) {
   const int64_t min_bytes = stream_min_bytes();
   const bool nt = min_bytes >= 0 && outputs > 0 &&
                   static_cast<double>(outputs) * static_cast<double>(rows * cols) * sizeof(T) >= double(min_bytes);
-  std::atomic<bool> streamed{false};  // some chunk streamed (64-byte aligned outputs)
+  const bool stream = nt && !stream_plain_only();  // else every chunk kBuffered (tests)
+  std::atomic<bool> streamed{false};               // some chunk streamed (64-byte aligned outputs)
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < ntask; ++t) {
     const int64_t r = t / cpr, c = t % cpr;
@@ -230,7 +244,7 @@ void map_reduce_t(const MapReduceArgs& a) {
     const int64_t len = std::min(kChunk, cols - c * kChunk);
     const T* xs[N];
     T* gs_[N];
-    bool aligned = nt && (!ev || stream_aligned(ev + begin));
+    bool aligned = stream && (!ev || stream_aligned(ev + begin));
     for (int q = 0; q < N; ++q) {
       xs[q] = cptr<T>(a.in[q]) + begin;
       gs_[q] = a.grad[q] ? ptr<T>(a.grad[q]) + begin : nullptr;
@@ -242,8 +256,9 @@ void map_reduce_t(const MapReduceArgs& a) {
     double ds = 0.0;
     T* e = ev ? ev + begin : nullptr;
     if (aligned) streamed.store(true, std::memory_order_relaxed);
-    part[t] = aligned ? row_chunk<F, T, WG, true>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds)
-                      : row_chunk<F, T, WG, false>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds);
+    part[t] = aligned ? row_chunk<F, T, WG, kStreamed>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds)
+              : nt    ? row_chunk<F, T, WG, kBuffered>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds)
+                      : row_chunk<F, T, WG, kDirect>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds);
     dpart[t] = ds * static_cast<double>(wr);
   }
   if (streamed.load(std::memory_order_relaxed)) count_streamed_call();

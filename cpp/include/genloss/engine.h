@@ -262,11 +262,16 @@ void set_threads(int n);
 // (default 2 MiB, GENLOSS_STREAM_MIN_BYTES; < 0: never). Such outputs do not fit
 // in one core's L2 anyway: streaming skips the read-for-ownership of every
 // destination line (a quarter of a 3-in/1-out loss's DRAM traffic) and leaves
-// the caches to the caller's code. The values are bitwise the same either way.
+// the caches to the caller's code. A call's values do not depend on which of its
+// chunks stream (cpu_kernels.cpp, Store).
 int64_t stream_min_bytes();
 void set_stream_min_bytes(int64_t n);
 int64_t streamed_calls();  // map_reduce calls that streamed some output (for tests)
 void count_streamed_call();
+// Tests: above the threshold, put every block with plain stores (the buffered path
+// the unaligned chunks take), to compare with the streamed results bit for bit.
+bool stream_plain_only();
+void set_stream_plain_only(bool on);
 }  // namespace cpu
 
 namespace cuda {

@@ -239,9 +239,10 @@ def streaming_stores(min_bytes: int | None = None) -> int:
 
     A loss kernel (``map_reduce``) whose gradients and elementwise outputs add up to at
     least this many bytes writes them with non-temporal stores: no read-for-ownership of
-    the destination lines and no eviction of the caller's caches. Results are bitwise the
-    same either way. Default 2 MiB (environment: ``GENLOSS_STREAM_MIN_BYTES``); a
-    negative value turns streaming off. Returns the threshold in force before the call.
+    the destination lines and no eviction of the caller's caches. A call's results do not
+    depend on which of its blocks stream (64-byte aligned ones do). Default 2 MiB
+    (environment: ``GENLOSS_STREAM_MIN_BYTES``); a negative value turns streaming off.
+    Returns the threshold in force before the call.
     """
     old = int(_C.stream_min_bytes())
     if min_bytes is not None:
