@@ -229,14 +229,15 @@ void map_reduce_t(const MapReduceArgs& a) {
   double* dpart = part + ntask;
   double* rowv = dpart + ntask;
   const bool par = rows * cols >= kParallelMin && ntask > 1;
-  // Streaming stores when the call writes enough (see stream_min_bytes in engine.h).
+  // Calls that write enough take the buffered loop and stream where aligned (see
+  // stream_min_bytes in engine.h); smaller ones the direct loop.
   int outputs = ev ? 1 : 0;
   for (int q = 0; q < N; ++q) outputs += (WG && a.grad[q]) ? 1 : 0;
   const int64_t min_bytes = stream_min_bytes();
-  const bool nt = min_bytes >= 0 && outputs > 0 &&
-                  static_cast<double>(outputs) * static_cast<double>(rows * cols) * sizeof(T) >= double(min_bytes);
-  const bool stream = nt && !stream_plain_only();  // else every chunk kBuffered (tests)
-  std::atomic<bool> streamed{false};               // some chunk streamed (64-byte aligned outputs)
+  const bool large = min_bytes >= 0 && outputs > 0 &&
+                     static_cast<double>(outputs) * static_cast<double>(rows * cols) * sizeof(T) >= double(min_bytes);
+  const bool stream = large && !stream_plain_only();  // else every chunk kBuffered (tests)
+  std::atomic<bool> streamed{false};                  // some chunk streamed (64-byte aligned outputs)
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < ntask; ++t) {
     const int64_t r = t / cpr, c = t % cpr;
@@ -257,7 +258,7 @@ void map_reduce_t(const MapReduceArgs& a) {
     T* e = ev ? ev + begin : nullptr;
     if (aligned) streamed.store(true, std::memory_order_relaxed);
     part[t] = aligned ? row_chunk<F, T, WG, kStreamed>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds)
-              : nt    ? row_chunk<F, T, WG, kBuffered>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds)
+              : large ? row_chunk<F, T, WG, kBuffered>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds)
                       : row_chunk<F, T, WG, kDirect>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds);
     dpart[t] = ds * static_cast<double>(wr);
   }
