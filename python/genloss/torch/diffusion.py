@@ -119,7 +119,9 @@ class DiffusionSchedule(torch.nn.Module):
 
     def table(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The kernel table ``name`` (float64), on ``like``'s device."""
-        tab = getattr(self, f"_table_{name}")
+        tab = self._buffers["_table_" + name]  # not Module.__getattr__: this runs on every loss call
+        if tab.is_cpu and like.is_cpu:
+            return tab
         return tab if tab.device == like.device else tab.to(like.device)
 
     def gather(self, name: str, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -358,9 +360,15 @@ eps_mse_loss = _public(
 )
 
 
+_MSE_TABLES = {p: "mse_" + p for p in R.PREDICTIONS}
+
+
 def _lower_mse(pred, x0, noise, t, schedule, prediction="eps", weights=None, reduction="mean"):
-    prediction = C.choice("prediction", prediction, R.PREDICTIONS)
-    table = _as_schedule(schedule).table(f"mse_{prediction}", _tensor("pred", pred))
+    name = _MSE_TABLES.get(prediction) if type(prediction) is str else None
+    if name is None:  # not a plain str, or not a prediction type: choice names the argument
+        name = "mse_" + str(C.choice("prediction", prediction, R.PREDICTIONS))
+    s = schedule if type(schedule) is DiffusionSchedule else _as_schedule(schedule)
+    table = s.table(name, _tensor("pred", pred))
     return [pred, x0, noise, t, table, weights, reduction], {}
 
 
