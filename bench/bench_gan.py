@@ -486,6 +486,27 @@ def git_state() -> dict[str, Any]:
         return {"commit": None, "dirty_sources": None}
 
 
+def cache_sizes() -> dict[str, int]:
+    """Cache size by level ("L1d", "L2", "L3") as cpu0's sysfs reports it (what the guest
+    is told: on a VM the L3 is shared with whatever else runs on the host); {} elsewhere."""
+    out: dict[str, int] = {}
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = (d / "level").read_text().strip()
+            kind = (d / "type").read_text().strip()
+            size = (d / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        mult = units.get(size[-1], 1)
+        digits = size[:-1] if size[-1] in units else size
+        if digits.isdigit():
+            out[f"L{level}" + ("d" if kind == "Data" else "")] = int(digits) * mult
+    return out
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     cpu: dict[str, str] = {}
     try:
@@ -504,6 +525,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         pass
     info = {
         "cpu_model": cpu.get("model name", platform.processor()),
+        "cache_bytes": cache_sizes(),
         "cpu_family": cpu.get("cpu family"),
         "cpu_model_number": cpu.get("model"),
         "avx512f": "avx512f" in flags,
