@@ -360,15 +360,9 @@ eps_mse_loss = _public(
 )
 
 
-_MSE_TABLES = {p: "mse_" + p for p in R.PREDICTIONS}
-
-
 def _lower_mse(pred, x0, noise, t, schedule, prediction="eps", weights=None, reduction="mean"):
-    name = _MSE_TABLES.get(prediction) if type(prediction) is str else None
-    if name is None:  # not a plain str, or not a prediction type: choice names the argument
-        name = "mse_" + str(C.choice("prediction", prediction, R.PREDICTIONS))
-    s = schedule if type(schedule) is DiffusionSchedule else _as_schedule(schedule)
-    table = s.table(name, _tensor("pred", pred))
+    prediction = C.choice("prediction", prediction, R.PREDICTIONS)
+    table = _as_schedule(schedule).table(f"mse_{prediction}", _tensor("pred", pred))
     return [pred, x0, noise, t, table, weights, reduction], {}
 
 
