@@ -6,7 +6,7 @@ One command, one process::
     python bench/bench_diffusion.py [--quick] [--json OUT] [--no-recycled]
 
 Shares its timing method, allocator switch, bandwidth probe and machine information
-with ``bench_gan.py``: per-call ``time.perf_counter``, medians, competitors
+with ``bench_gan.py`` (both import ``harness.py``): per-call ``time.perf_counter``, medians, competitors
 round-robin call by call in a rotating order, fresh outputs for everyone, the
 garbage collector off while timing, and the ``copy`` probe interleaved as one more
 runner inside every case (the "same-run copy bandwidth" of the goals). These inputs
@@ -67,13 +67,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_gan as bg  # noqa: E402
+import harness as bh  # noqa: E402  (first: shared timing, probe, allocator switch, machine info)
+
+# isort: split
 import genloss.native as gn  # noqa: E402
 import genloss.reference as gr  # noqa: E402
 import genloss.torch as gt  # noqa: E402
 
 COMPETITORS = ("op", "native", "eager", "compile", "numpy")
-MODES = bg.MODES
+MODES = bh.MODES
 T_STEPS = 1000
 SHAPES = {"latents (64,4,64,64)": (64, 4, 64, 64), "images (256,3,32,32)": (256, 3, 32, 32)}
 SCHEDULE = gr.DiffusionSchedule(gr.cosine_betas(T_STEPS))
@@ -166,7 +168,7 @@ def ring_mib() -> int:
     """The ring's size: 3x the last-level cache the machine reports (96 MiB at least, 1 GiB
     at most), so a set's inputs are cold again when its turn comes back. (The 2-core AMD
     EPYC VM reports a 32 MiB L3, the 2-core Xeon VM 300 MiB.)"""
-    llc = max(bg.cache_sizes().values(), default=32 << 20)
+    llc = max(bh.cache_sizes().values(), default=32 << 20)
     return int(min(1024, max(96, 3 * llc >> 20)))
 
 
@@ -257,36 +259,36 @@ def bench_case(op_name, variant, shape_label, shape, clock, alloc, probe, quick,
         compile_s[mode] = time.perf_counter() - t0
         clear()
     t_ref = clock.time(ref_fb)
-    ref_reps = 1 if quick or t_ref > bg.REF_SLOW_S else 3
+    ref_reps = 1 if quick or t_ref > bh.REF_SLOW_S else 3
     dst, src = probe
     reps = 7 if quick else 21
     rows = []
     for mode in MODES:
         if mode == "fwd+bwd":
             runners = [
-                bg.Runner("op", lambda: op(cur[0]).backward(), clear),
-                bg.Runner("native", lambda: nat(cur[0], True)),
-                bg.Runner("eager", lambda: comp_fn(*args_of(cur[0])).backward(), clear),
-                bg.Runner("compile", lambda: comp(*args_of(cur[0])).backward(), clear),
-                bg.Runner("numpy", ref_fb, max_reps=ref_reps, note=f"{ref_reps} repeat(s) (slow)"),
+                bh.Runner("op", lambda: op(cur[0]).backward(), clear),
+                bh.Runner("native", lambda: nat(cur[0], True)),
+                bh.Runner("eager", lambda: comp_fn(*args_of(cur[0])).backward(), clear),
+                bh.Runner("compile", lambda: comp(*args_of(cur[0])).backward(), clear),
+                bh.Runner("numpy", ref_fb, max_reps=ref_reps, note=f"{ref_reps} repeat(s) (slow)"),
             ]
             nbytes = bytes_fb
         else:
             runners = [
-                bg.Runner("op", no_grad(lambda: op(cur[0]))),
-                bg.Runner("native", lambda: nat(cur[0], False)),
-                bg.Runner("eager", no_grad(lambda: comp_fn(*args_of(cur[0])))),
-                bg.Runner("compile", no_grad(lambda: comp(*args_of(cur[0])))),
-                bg.Runner("numpy", ref_f, max_reps=ref_reps, note=f"{ref_reps} repeat(s) (slow)"),
+                bh.Runner("op", no_grad(lambda: op(cur[0]))),
+                bh.Runner("native", lambda: nat(cur[0], False)),
+                bh.Runner("eager", no_grad(lambda: comp_fn(*args_of(cur[0])))),
+                bh.Runner("compile", no_grad(lambda: comp(*args_of(cur[0])))),
+                bh.Runner("numpy", ref_f, max_reps=ref_reps, note=f"{ref_reps} repeat(s) (slow)"),
             ]
             nbytes = bytes_fwd
-        runners.append(bg.Runner("copy", lambda: dst.copy_(src)))
+        runners.append(bh.Runner("copy", lambda: dst.copy_(src)))
         # Inputs of 12-20 MiB fit in this VM's 32 MiB L3: every timed call reads the next
         # set of the ring, so every competitor reads its inputs from DRAM (the copy
         # probe's regime) while the code stays as warm as in a training loop.
-        times = bg.run_round_robin(clock, runners, reps, 2, block=block, before=advance)
+        times = bh.run_round_robin(clock, runners, reps, 2, block=block, before=advance)
         copy_ts = times.pop("copy")
-        comps = {k: bg.summary(ts) for k, ts in times.items() if ts}
+        comps = {k: bh.summary(ts) for k, ts in times.items() if ts}
         t_op = comps["op"]["median_s"]
         for s in comps.values():
             s["ratio_vs_op"] = s["median_s"] / t_op
@@ -322,7 +324,7 @@ def label(row):
 
 def print_row(row):
     c = row["competitors"]
-    ts = "".join(f"{bg.fmt_t(c[k]['median_s']) if k in c else '-':>10}" for k in COMPETITORS)
+    ts = "".join(f"{bh.fmt_t(c[k]['median_s']) if k in c else '-':>10}" for k in COMPETITORS)
     rs = "".join(f"{c[k]['ratio_vs_op']:>9.2f}x" if k in c else f"{'-':>10}" for k in COMPETITORS[1:])
     pct = 100 * c["op"]["GBps"] / row["local_copy_GBps"]
     print(f"{label(row):<52} {row['mode']:<8} {row['alloc']:<9}{ts}  {rs}{c['op']['GBps']:>9.2f}{pct:>7.0f}%")
@@ -358,7 +360,7 @@ def markdown(result):
     ]  # fmt: skip
     for r in result["results"]:
         c = r["competitors"]
-        ts = " | ".join(bg.fmt_t(c[k]["median_s"]) if k in c else "-" for k in COMPETITORS)
+        ts = " | ".join(bh.fmt_t(c[k]["median_s"]) if k in c else "-" for k in COMPETITORS)
         rs = " | ".join(f"{c[k]['ratio_vs_op']:.2f}" if k in c else "-" for k in COMPETITORS[1:])
         lines.append(
             f"| {label(r)} | {r['mode']} | {r['alloc']} | {ts} | {rs} | {c['op']['GBps']:.2f} | "
@@ -391,13 +393,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     t_start = time.perf_counter()
     device = torch.device("cpu")
-    clock = bg.Clock(device)
-    malloc = bg.Malloc()
+    clock = bh.Clock(device)
+    malloc = bh.Malloc()
     result: dict[str, Any] = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "loadavg_start": list(os.getloadavg()),
-        "machine": bg.machine_info(device),
+        "machine": bh.machine_info(device),
         "quick": args.quick,
         "block": args.block,
         "ring_MiB": RING_MIB,
@@ -405,9 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = result["machine"]
     print(f"genloss diffusion benchmark on {m['cpu_model']} ({m['cores']} cores, torch {m['torch']})")
     probe_reps = 5 if args.quick else 15
-    probes = [bg.bandwidth_probe(clock, device, probe_reps, "fresh")]
+    probes = [bh.bandwidth_probe(clock, device, probe_reps, "fresh")]
     print(f"probe: copy {probes[0]['copy_GBps']:.1f} GB/s, triad {probes[0]['triad_GBps']:.1f} GB/s")
-    nprobe = bg.PROBE_MIB * 2**20 // 4
+    nprobe = bh.PROBE_MIB * 2**20 // 4
     copy_bufs = (torch.zeros(nprobe), torch.ones(nprobe))
     cases = [
         ("diffusion_mse_loss", "v, min-SNR weights"),
@@ -431,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for op_name, variant, shape_label, shape in extra:
                 rows += bench_case(op_name, variant, shape_label, shape, clock, alloc, copy_bufs, args.quick,
                                    args.block)  # fmt: skip
-    probes.append(bg.bandwidth_probe(clock, device, probe_reps, allocs[-1]))
+    probes.append(bh.bandwidth_probe(clock, device, probe_reps, allocs[-1]))
     copy_samples = [g for pr in probes for g in pr["copy_GBps_samples"]]
     result["probe"] = {
         "copy_GBps": statistics.median(copy_samples),
@@ -442,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["goals"] = evaluate_goals(rows)
     result["loadavg_end"] = list(os.getloadavg())
     result["duration_s"] = time.perf_counter() - t_start
-    bg.print_summary(result, probes, result["probe"]["copy_GBps"], args.json)
+    bh.print_summary(result, probes, result["probe"]["copy_GBps"], args.json)
     return 0
 
 

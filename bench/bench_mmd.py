@@ -27,7 +27,7 @@ for everyone. Gpair/s per core divides by the threads in use (torch and OpenMP: 
 cores).
 
 Timing: ``time.perf_counter`` around one call; the median of the repeats, the
-competitors taking turns in a rotating order (bench_gan.run_round_robin); every call
+competitors taking turns in a rotating order (harness.run_round_robin); every call
 allocates its outputs afresh. Peak memory, one more call per competitor after the
 timing: ``gc.collect()`` and ``malloc_trim(0)`` (freed heap pages go back to the OS,
 so the call's own allocations must fault in fresh pages), the peak resident set size
@@ -53,13 +53,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:
-    import genloss  # noqa: F401
-except ImportError:  # running from a checkout without installing: use python/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-    import genloss  # noqa: F401
+import harness as bh  # noqa: E402  (first: shared timing, probe, allocator switch, machine info)
 
-import bench_gan as bg  # noqa: E402  (shared timing, machine info)
+# isort: split
 import genloss.native as gn  # noqa: E402
 import genloss.torch as gt  # noqa: E402
 
@@ -215,19 +211,19 @@ def run_case(
             "value_rel_diff": abs(v.item() - v_ref.item()) / max(abs(v_ref.item()), 1e-30),
             "grad_x_rel_l2": float((gx - gx_ref).norm() / gx_ref.norm()),
         }
-    clock = bg.Clock(torch.device("cpu"))
+    clock = bh.Clock(torch.device("cpu"))
     # The dense and KeOps competitors take seconds per call at N = 8192: capped at
     # `slow_reps` timed calls (their correctness-check call above is their warm-up).
     runners = [
-        bg.Runner(name, call, clear, max_reps=slow_reps if name in SLOW else None)
+        bh.Runner(name, call, clear, max_reps=slow_reps if name in SLOW else None)
         for name, call in calls.items()
     ]
-    times = bg.run_round_robin(clock, runners, reps, warmup)
+    times = bh.run_round_robin(clock, runners, reps, warmup)
     rows = {}
     for name, call in calls.items():
         fresh()
         mem = peak_extra(call)
-        s = bg.summary(times[name])
+        s = bh.summary(times[name])
         med = s["median_s"]
         rows[name] = {
             **s,
@@ -377,7 +373,7 @@ def main() -> None:
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
             "started": started.isoformat(timespec="seconds"),
             "loadavg_start": load0,
-            "machine": bg.machine_info(torch.device("cpu")),
+            "machine": bh.machine_info(torch.device("cpu")),
             "quick": args.quick,
             "keops": keops_note,
             "pairs_counted_as": "N^2 + M^2 + N M (ordered pairs of K_xx, K_yy, K_xy, diagonals included)",

@@ -6,7 +6,7 @@ One command, one process (plus one short-lived subprocess per peak-memory measur
     python bench/bench_vae.py [--quick] [--json OUT] [--no-recycled] [--no-memory]
 
 Shares its timing method, allocator switch, bandwidth probe and machine information
-with ``bench_gan.py`` (imported from it): per-call ``time.perf_counter``, medians,
+with ``bench_gan.py`` (both import ``harness.py``): per-call ``time.perf_counter``, medians,
 competitors round-robin in a rotating order, fresh outputs for everyone, the garbage
 collector off while timing, the ``copy``/``triad`` probe in the same process and
 ``copy`` interleaved as one more runner inside every 16M-element case.
@@ -72,13 +72,15 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_gan as bg  # noqa: E402  (shared timing, probe, allocator switch, machine info)
+import harness as bh  # noqa: E402  (first: shared timing, probe, allocator switch, machine info)
+
+# isort: split
 import genloss.native as gn  # noqa: E402
 import genloss.reference as gr  # noqa: E402
 import genloss.torch as gt  # noqa: E402
 
 COMPETITORS = ("op", "native", "eager", "dist", "compile", "numpy")
-MODES = bg.MODES
+MODES = bh.MODES
 BETA = 1.0
 LATENT = 64
 GMM_K, GMM_D = 64, 16
@@ -194,7 +196,7 @@ def no_grad(f: Callable, args: Sequence) -> Callable[[], Any]:
     return g
 
 
-def compile_both_modes(comp: Callable, xs: list, clear: Callable[[], None], clock: bg.Clock) -> dict:
+def compile_both_modes(comp: Callable, xs: list, clear: Callable[[], None], clock: bh.Clock) -> dict:
     """Compile (and warm) the fwd+bwd graph and the no_grad graph before any timing."""
     out = {}
     for mode in MODES:
@@ -209,8 +211,8 @@ def compile_both_modes(comp: Callable, xs: list, clear: Callable[[], None], cloc
     return out
 
 
-def finish_rows(rows_times: dict[str, list[float]], runners: list[bg.Runner]) -> dict[str, dict]:
-    comps = {name: bg.summary(ts) for name, ts in rows_times.items() if ts}
+def finish_rows(rows_times: dict[str, list[float]], runners: list[bh.Runner]) -> dict[str, dict]:
+    comps = {name: bh.summary(ts) for name, ts in rows_times.items() if ts}
     t_op = comps["op"]["median_s"]
     for s in comps.values():
         s["ratio_vs_op"] = s["median_s"] / t_op
@@ -222,7 +224,7 @@ def finish_rows(rows_times: dict[str, list[float]], runners: list[bg.Runner]) ->
 
 # ----------------------------------------------------------------------------- negative_elbo
 def bench_elbo(
-    case: ElboCase, device: torch.device, clock: bg.Clock, alloc: str, with_ref: bool, probe: tuple | None
+    case: ElboCase, device: torch.device, clock: bh.Clock, alloc: str, with_ref: bool, probe: tuple | None
 ) -> list[dict]:
     torch._dynamo.reset()
     recon, x, mu, lv = xs = elbo_inputs(case, device)
@@ -259,8 +261,8 @@ def bench_elbo(
     ref_note, ref_max = "", None
     if with_ref:
         t = clock.time(ref_fb)
-        if t > bg.REF_SLOW_S:
-            ref_max, ref_note = 1, f"timed once (a fwd+bwd call took {t:.1f} s > {bg.REF_SLOW_S:.0f} s)"
+        if t > bh.REF_SLOW_S:
+            ref_max, ref_note = 1, f"timed once (a fwd+bwd call took {t:.1f} s > {bh.REF_SLOW_S:.0f} s)"
         elif case.dram:
             ref_max, ref_note = 3, "3 repeats (slow)"
 
@@ -269,30 +271,30 @@ def bench_elbo(
     bytes_fb = bytes_fwd + 4 * (b * d + 2 * b * LATENT)  # + grads of recon, mu, logvar written once
     if probe is not None:
         dst, src = probe
-        copy_runner = bg.Runner("copy", lambda: dst.copy_(src))
+        copy_runner = bh.Runner("copy", lambda: dst.copy_(src))
     rows = []
     for mode in MODES:
         if mode == "fwd+bwd":
             runners = [
-                bg.Runner("op", lambda: gt.negative_elbo(*xs, beta=BETA).backward(), clear),
-                bg.Runner("native", lambda: gn.negative_elbo(*xd, beta=BETA, need_grad=True)),
-                bg.Runner("eager", lambda: elbo_composite(*xs).backward(), clear),
-                bg.Runner("compile", lambda: comp(*xs).backward(), clear),
+                bh.Runner("op", lambda: gt.negative_elbo(*xs, beta=BETA).backward(), clear),
+                bh.Runner("native", lambda: gn.negative_elbo(*xd, beta=BETA, need_grad=True)),
+                bh.Runner("eager", lambda: elbo_composite(*xs).backward(), clear),
+                bh.Runner("compile", lambda: comp(*xs).backward(), clear),
             ]
             ref_call, nbytes = ref_fb, bytes_fb
         else:
             runners = [
-                bg.Runner("op", no_grad(lambda *a: gt.negative_elbo(*a, beta=BETA), xs)),
-                bg.Runner("native", lambda: gn.negative_elbo(*xd, beta=BETA, need_grad=False)),
-                bg.Runner("eager", no_grad(elbo_composite, xs)),
-                bg.Runner("compile", no_grad(comp, xs)),
+                bh.Runner("op", no_grad(lambda *a: gt.negative_elbo(*a, beta=BETA), xs)),
+                bh.Runner("native", lambda: gn.negative_elbo(*xd, beta=BETA, need_grad=False)),
+                bh.Runner("eager", no_grad(elbo_composite, xs)),
+                bh.Runner("compile", no_grad(comp, xs)),
             ]
             ref_call, nbytes = (lambda: gr.negative_elbo(*xn, beta=BETA)), bytes_fwd
         if with_ref:
-            runners.append(bg.Runner("numpy", ref_call, max_reps=ref_max, note=ref_note))
+            runners.append(bh.Runner("numpy", ref_call, max_reps=ref_max, note=ref_note))
         if probe is not None:  # the copy probe as one more runner: same rounds, same noise
             runners.append(copy_runner)
-        times = bg.run_round_robin(clock, runners, case.reps, case.warmup, case.block)
+        times = bh.run_round_robin(clock, runners, case.reps, case.warmup, case.block)
         copy_ts = times.pop("copy", None)
         comps = finish_rows(times, runners)
         row = {
@@ -314,7 +316,7 @@ def bench_elbo(
 
 
 # ----------------------------------------------------------------------------- gmm_log_likelihood
-def bench_gmm(case: GmmCase, device: torch.device, clock: bg.Clock) -> list[dict]:
+def bench_gmm(case: GmmCase, device: torch.device, clock: bh.Clock) -> list[dict]:
     torch._dynamo.reset()
     xs = gmm_inputs(case.n, device)
     xd = [t.detach() for t in xs]
@@ -354,12 +356,12 @@ def bench_gmm(case: GmmCase, device: torch.device, clock: bg.Clock) -> list[dict
         cap = case.max_reps
         if mode == "fwd+bwd":
             all_runners = {
-                "op": bg.Runner("op", lambda: gt.gmm_log_likelihood(*xs).backward(), clear),
-                "native": bg.Runner("native", lambda: gn.gmm_log_likelihood(*xd, need_grad=True)),
-                "eager": bg.Runner("eager", lambda: gmm_composite(*xs).backward(), clear),
-                "dist": bg.Runner("dist", lambda: gmm_dist(*xs).backward(), clear),
-                "compile": bg.Runner("compile", lambda: comp(*xs).backward(), clear, cap.get("compile")),
-                "numpy": bg.Runner(
+                "op": bh.Runner("op", lambda: gt.gmm_log_likelihood(*xs).backward(), clear),
+                "native": bh.Runner("native", lambda: gn.gmm_log_likelihood(*xd, need_grad=True)),
+                "eager": bh.Runner("eager", lambda: gmm_composite(*xs).backward(), clear),
+                "dist": bh.Runner("dist", lambda: gmm_dist(*xs).backward(), clear),
+                "compile": bh.Runner("compile", lambda: comp(*xs).backward(), clear, cap.get("compile")),
+                "numpy": bh.Runner(
                     "numpy",
                     lambda: (gr.gmm_log_likelihood(*xn), gr.gmm_log_likelihood_backward(*xn, 1.0)),
                     max_reps=cap.get("numpy"),
@@ -367,18 +369,18 @@ def bench_gmm(case: GmmCase, device: torch.device, clock: bg.Clock) -> list[dict
             }
         else:
             all_runners = {
-                "op": bg.Runner("op", no_grad(gt.gmm_log_likelihood, xs)),
-                "native": bg.Runner("native", lambda: gn.gmm_log_likelihood(*xd, need_grad=False)),
-                "eager": bg.Runner("eager", no_grad(gmm_composite, xs)),
-                "dist": bg.Runner("dist", no_grad(gmm_dist, xs)),
-                "compile": bg.Runner("compile", no_grad(comp, xs), max_reps=cap.get("compile")),
-                "numpy": bg.Runner("numpy", lambda: gr.gmm_log_likelihood(*xn), max_reps=cap.get("numpy")),
+                "op": bh.Runner("op", no_grad(gt.gmm_log_likelihood, xs)),
+                "native": bh.Runner("native", lambda: gn.gmm_log_likelihood(*xd, need_grad=False)),
+                "eager": bh.Runner("eager", no_grad(gmm_composite, xs)),
+                "dist": bh.Runner("dist", no_grad(gmm_dist, xs)),
+                "compile": bh.Runner("compile", no_grad(comp, xs), max_reps=cap.get("compile")),
+                "numpy": bh.Runner("numpy", lambda: gr.gmm_log_likelihood(*xn), max_reps=cap.get("numpy")),
             }
         runners = [all_runners[c] for c in COMPETITORS if c in want]
         for r in runners:
             if r.max_reps is not None:
                 r.note = f"{r.max_reps} repeat(s) (slow)"
-        times = bg.run_round_robin(clock, runners, case.reps, case.warmup)
+        times = bh.run_round_robin(clock, runners, case.reps, case.warmup)
         comps = finish_rows(times, runners)
         row = {
             "case": "gmm_log_likelihood", "size": case.size, "family": "gmm", "mode": mode, "alloc": "fresh",
@@ -498,7 +500,7 @@ def rate(row: dict, name: str = "op") -> str:
 
 def print_row(row: dict) -> None:
     c = row["competitors"]
-    t = "".join(f"{bg.fmt_t(c[k]['median_s']) if k in c else '-':>10}" for k in COMPETITORS)
+    t = "".join(f"{bh.fmt_t(c[k]['median_s']) if k in c else '-':>10}" for k in COMPETITORS)
     r = "".join(f"{c[k]['ratio_vs_op']:>9.2f}x" if k in c else f"{'-':>10}" for k in COMPETITORS[1:])
     local = f"{row['local_copy_GBps']:>10.1f}" if "local_copy_GBps" in row else f"{'-':>10}"
     label = f"{row['case']} [{row['size']}]"
@@ -533,15 +535,15 @@ def evaluate_goals(rows: list[dict], memory: list[dict], copy_gbps: float) -> li
         if "eager" not in r["competitors"]:
             continue
         sp = r["competitors"]["eager"]["ratio_vs_op"]
-        measured = f"eager/op {sp:.2f}x at {size} (eager {bg.fmt_t(r['competitors']['eager']['median_s'])})"
+        measured = f"eager/op {sp:.2f}x at {size} (eager {bh.fmt_t(r['competitors']['eager']['median_s'])})"
         note = ""
         if big is not None and "eager" not in big["competitors"]:
             n_small = r["shapes"]["x"][0]
             n_big = big["shapes"]["x"][0]
             extrap = r["competitors"]["eager"]["median_s"] * n_big / n_small
             measured += (
-                f"; at N=1e6 op {bg.fmt_t(big['competitors']['op']['median_s'])} vs eager extrapolated "
-                f"linearly {bg.fmt_t(extrap)} = {extrap / big['competitors']['op']['median_s']:.2f}x"
+                f"; at N=1e6 op {bh.fmt_t(big['competitors']['op']['median_s'])} vs eager extrapolated "
+                f"linearly {bh.fmt_t(extrap)} = {extrap / big['competitors']['op']['median_s']:.2f}x"
             )
             note = (
                 "the goal names N=1e6, where the eager composite's (N,K,D) intermediates (~22 GB peak) do not "
@@ -579,7 +581,7 @@ def markdown(result: dict) -> str:
     ]  # fmt: skip
     for r in result["results"]:
         c = r["competitors"]
-        ts = " | ".join(bg.fmt_t(c[k]["median_s"]) if k in c else "-" for k in comps)
+        ts = " | ".join(bh.fmt_t(c[k]["median_s"]) if k in c else "-" for k in comps)
         rs = " | ".join(f"{c[k]['ratio_vs_op']:.2f}" if k in c else "-" for k in comps[1:])
         local = r.get("local_copy_GBps")
         pct = f"{100 * r['op_GBps'] / local:.0f}%" if local and r["family"] == "elbo" else "-"
@@ -631,15 +633,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     device = torch.device("cpu")
-    clock = bg.Clock(device)
-    malloc = bg.Malloc()
+    clock = bh.Clock(device)
+    malloc = bh.Malloc()
     recycled = not args.no_recycled and malloc.available
     alloc = "fresh-thp" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "fresh"
     result: dict[str, Any] = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "loadavg_start": list(os.getloadavg()),
-        "machine": bg.machine_info(device),
+        "machine": bh.machine_info(device),
         "quick": args.quick,
     }
     m = result["machine"]
@@ -649,10 +651,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"load average at start: {result['loadavg_start']}")
 
     probe_reps = 5 if args.quick else 15
-    probes = [bg.bandwidth_probe(clock, device, probe_reps, alloc)]
+    probes = [bh.bandwidth_probe(clock, device, probe_reps, alloc)]
     print(f"probe: copy {probes[0]['copy_GBps']:.1f} GB/s, triad {probes[0]['triad_GBps']:.1f} GB/s, "
           f"clone (fresh output) {probes[0]['clone_GBps']:.1f} GB/s")  # fmt: skip
-    n = bg.PROBE_MIB * 2**20 // 4
+    n = bh.PROBE_MIB * 2**20 // 4
     copy_bufs = (torch.zeros(n), torch.ones(n))
     print()
     print(HEADER)
@@ -663,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += bench_elbo(case, device, clock, alloc, with_ref, copy_bufs if case.dram else None)
     for gcase in gmm_cases(args.quick):
         rows += bench_gmm(gcase, device, clock)
-    probes.append(bg.bandwidth_probe(clock, device, probe_reps, alloc))
+    probes.append(bh.bandwidth_probe(clock, device, probe_reps, alloc))
 
     memory: list[dict] = []
     if not args.no_memory:
@@ -681,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for case in ecases:
             if case.dram:
                 rows += bench_elbo(case, device, clock, "recycled", False, copy_bufs)
-        probes.append(bg.bandwidth_probe(clock, device, probe_reps, "recycled"))
+        probes.append(bh.bandwidth_probe(clock, device, probe_reps, "recycled"))
 
     copy_samples = [g for pr in probes for g in pr["copy_GBps_samples"]]
     triad_samples = [g for pr in probes for g in pr["triad_GBps_samples"]]
@@ -703,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["loadavg_end"] = list(os.getloadavg())
     result["duration_s"] = time.perf_counter() - t_start
 
-    bg.print_summary(result, probes, copy, args.json)
+    bh.print_summary(result, probes, copy, args.json)
     return 0
 
 

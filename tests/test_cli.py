@@ -1,20 +1,58 @@
-"""The genloss command: help, argument errors, verify (including a broken kernel
-injected through a test double), bench --json, demo writing its figure."""
+"""The genloss command (``genloss.apps``): help, argument errors, missing packages, verify
+(its seed, its report, a broken kernel injected through a test double), bench (quartiles,
+the load warning), demo writing its figure."""
 
 import json
+import os
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from genloss import cli, registry, verify
+import genloss
+from genloss import registry
+from genloss.apps import bench, cli, verify
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, check=False):
     return subprocess.run(
         [sys.executable, "-m", "genloss", *args], capture_output=True, text=True, check=check
     )
+
+
+# A meta-path finder, first on sys.meta_path, that fails the import of the named packages
+# (and their submodules) with ERROR; without uninstalling anything.
+BLOCK = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in NAMES:
+            raise ERROR
+        return None
+
+sys.meta_path.insert(0, Block())
+"""
+ABSENT = 'ModuleNotFoundError(f"No module named {name!r}", name=name)'  # what a missing package raises
+
+
+def run_without(names, code, error=ABSENT):
+    """Run ``code`` in a fresh interpreter in which importing the packages ``names`` raises ``error``."""
+    block = BLOCK.replace("NAMES", repr(sorted(names))).replace("ERROR", error)
+    return subprocess.run([sys.executable, "-c", block + code], capture_output=True, text=True)
+
+
+def run_cli_without(names, *args, error=ABSENT):
+    code = f"from genloss.apps.cli import main\nraise SystemExit(main({list(args)!r}))\n"
+    return run_without(names, code, error)
+
+
+# ------------------------------------------------------------------ the command itself
 
 
 def test_help_lists_every_subcommand():
@@ -25,6 +63,27 @@ def test_help_lists_every_subcommand():
         assert run(sub, "--help", check=True).stdout.startswith("usage: genloss " + sub)
 
 
+def test_console_script_and_module_name_the_same_main():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["genloss"].partition(":")
+    assert (module, attr) == ("genloss.apps.cli", "main")
+    assert getattr(__import__(module, fromlist=[attr]), attr) is cli.main
+    shim = (ROOT / "python" / "genloss" / "__main__.py").read_text()
+    assert "from genloss.apps.cli import main" in shim
+
+
+def test_library_core_does_not_import_the_apps():
+    code = (
+        "import sys, genloss, genloss.reference, genloss.native, genloss.registry, genloss.tolerances\n"
+        "try:\n    import genloss.torch\nexcept ImportError:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('genloss.apps')))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -32,6 +91,7 @@ def test_help_lists_every_subcommand():
         (["demo", "--device", "tpu"], "device must be 'cpu' or 'cuda'"),
         (["bench", "--reps", "x"], "positive integer"),
         (["verify", "--ops", "no_such_op"], "unknown op"),
+        (["verify", "--seed", "-1"], "seed must be a non-negative int"),
         (["bench", "--family", "nope", "--no-compile"], "unknown family"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -47,12 +107,103 @@ def test_info_is_json():
     assert {"cuda", "isa", "openmp"} <= set(info)
 
 
-def test_verify_passes_and_json_is_valid():
-    res = run("verify", "--json", "--seed", "3", "--ops", "gan_d_loss", "l1_loss", "ssgan_critic_loss")
+# ------------------------------------------------------------------ missing packages
+
+
+@pytest.mark.parametrize(
+    ("absent", "args", "line"),
+    [
+        ({"torch"}, ["demo"], "genloss demo needs torch: pip install 'genloss[demo]'"),
+        ({"matplotlib"}, ["demo"], "genloss demo needs matplotlib: pip install 'genloss[demo]'"),
+        (
+            {"torch", "matplotlib"},
+            ["demo"],
+            "genloss demo needs torch and matplotlib: pip install 'genloss[demo]'",
+        ),
+        ({"torch"}, ["bench"], "genloss bench needs torch: pip install 'genloss[bench]'"),
+    ],
+)
+def test_a_missing_package_stops_the_command_at_once_with_one_line(tmp_path, absent, args, line):
+    out = tmp_path / "out"
+    res = run_cli_without(absent, *args, *(["--out", str(out)] if args == ["demo"] else []))
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [line]
+    assert res.stdout == ""
+    assert not out.exists()  # the demo stopped before any training (it writes its figure last)
+
+
+def test_a_broken_package_is_named_with_its_error():
+    """Installed but failing to import (ImportError without the package's name): not 'install it'."""
+    res = run_cli_without({"torch"}, "bench", error='ImportError("libx.so: cannot open")')
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "genloss bench: torch is installed but fails to import (libx.so: cannot open)"
+    ]
+
+
+def test_genloss_torch_without_torch_is_one_import_error():
+    res = run_without(
+        {"torch"},
+        "try:\n    import genloss.torch\nexcept ImportError as e:\n    print(type(e).__name__, '|', e)\n"
+        "import genloss.reference, genloss.native\nprint('core ok')\n",
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "ImportError | genloss.torch needs PyTorch: pip install 'genloss[torch]'",
+        "core ok",
+    ]
+
+
+def test_verify_runs_without_torch_and_says_what_it_skipped():
+    res = run_cli_without({"torch"}, "verify", "--json", "--seed", "1", "--ops", "gan_d_loss")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    expected_cuda = "built, no torch: skipped" if genloss.build_info()["cuda"] else "not built"
+    assert report["backends"] == {"cpu": True, "torch": "not installed: skipped", "cuda": expected_cuda}
+    assert [(r["op"], r["backend"], r["ok"]) for r in report["rows"]] == [("gan_d_loss", "native-cpu", True)]
+
+
+# ------------------------------------------------------------------ verify
+
+VERIFY_OPS = ("gan_d_loss", "l1_loss", "ssgan_critic_loss")
+
+
+def expected_backends():
+    """What verify should say ran, from build_info and torch directly."""
+    torch = pytest.importorskip("torch")
+    if not genloss.build_info()["cuda"]:
+        cuda = "not built"
+    else:
+        cuda = "ran" if torch.cuda.is_available() else "built, no device: skipped"
+    return {"cpu": True, "torch": True, "cuda": cuda}
+
+
+def test_verify_passes_and_json_is_one_object():
+    res = run("verify", "--json", "--seed", "3", "--ops", *VERIFY_OPS)
     assert res.returncode == 0, res.stdout + res.stderr
-    rows = json.loads(res.stdout)
-    assert {r["op"] for r in rows} == {"gan_d_loss", "l1_loss", "ssgan_critic_loss"}
+    report = json.loads(res.stdout)
+    assert set(report) == {"seed", "version", "backends", "rows"}
+    assert report["seed"] == 3 and report["version"] == genloss.__version__
+    assert report["backends"] == expected_backends()
+    rows = report["rows"]
+    assert {r["op"] for r in rows} == set(VERIFY_OPS)
+    cuda_rows = {r["backend"] for r in rows if "cuda" in r["backend"]}
+    assert bool(cuda_rows) == (report["backends"]["cuda"] == "ran")
     assert all(r["ok"] for r in rows)
+
+
+def test_verify_prints_its_seed_and_the_seed_reproduces_the_inputs(capsys):
+    fresh = verify.run_verify(ops=["gan_d_loss", "l1_loss"], progress=False)
+    seed = fresh["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**32
+    again = verify.run_verify(seed=seed, ops=["gan_d_loss", "l1_loss"], progress=False)
+    assert again["rows"] == fresh["rows"]  # the same inputs give bit-identical errors
+    # an op draws the same inputs alone as with others: a failing cell reruns alone
+    alone = verify.run_verify(seed=seed, ops=["l1_loss"], progress=False)
+    assert alone["rows"] == [r for r in fresh["rows"] if r["op"] == "l1_loss"]
+    assert cli.main(["verify", "--seed", str(seed), "--ops", "l1_loss"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"genloss {genloss.__version__} verify, seed {seed}; backends: cpu ran")
 
 
 def test_verify_fails_on_a_broken_kernel(monkeypatch, capsys):
@@ -68,23 +219,78 @@ def test_verify_fails_on_a_broken_kernel(monkeypatch, capsys):
 
     monkeypatch.setattr(genloss.native, "gan_d_loss", broken)  # the registry looks it up by name
     monkeypatch.setattr(verify.R, "RECORDS", (record,))
-    rows = verify.run_verify(seed=0, progress=False)
+    rows = verify.run_verify(seed=0, progress=False)["rows"]
     by = {r["backend"]: r for r in rows}
     assert not by["native-cpu"]["ok"]
     assert by["native-cpu"]["grad_vs_tol"] > 1 and by["native-cpu"]["value_vs_tol"] <= 1
-    assert cli.main(["verify"]) == 1
-    assert "FAIL gan_d_loss on native-cpu" in capsys.readouterr().out
+    assert cli.main(["verify", "--seed", "11"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert "  FAIL gan_d_loss on native-cpu: " in "\n".join(out)
+    assert out[-1] == "reproduce: genloss verify --seed 11 --ops gan_d_loss"
+    assert cli.main(["verify", "--seed", "11", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["seed"] == 11  # stdout stays one JSON object
+    assert captured.err.splitlines() == ["reproduce: genloss verify --seed 11 --ops gan_d_loss"]
 
 
-def test_bench_json_is_valid():
+# ------------------------------------------------------------------ bench
+
+
+def test_bench_quartiles_interpolate_within_the_times():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 7, 10):
+        ts = rng.random(n).tolist()
+        q = bench.quartiles(ts)
+        q1, med, q3 = np.percentile(ts, [25, 50, 75])  # NumPy's default: linear at (n - 1) p
+        assert (q["q1"], q["median"], q["q3"]) == pytest.approx((q1, med, q3), rel=1e-12)
+        assert q["median"] == pytest.approx(statistics.median(ts), rel=1e-15)
+        assert min(ts) <= q["q1"] <= q["median"] <= q["q3"] <= max(ts)
+    assert bench.quartiles([2.0, 1.0]) == {"median": 1.5, "q1": 1.25, "q3": 1.75}
+    assert bench.quartiles([0.5]) == {"median": 0.5, "q1": 0.5, "q3": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("load", "cores", "warned"), [(2.5, 2, True), (2.0, 2, False), (0.1, 16, False), (None, 2, False)]
+)
+def test_bench_load_warning(monkeypatch, load, cores, warned):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    w = bench.load_warning(load)
+    if warned:
+        assert w is not None and w.startswith(f"warning: load average {load:.2f} > {cores} cores")
+        assert "\n" not in w
+    else:
+        assert w is None
+
+
+def test_bench_json_has_quartiles_and_warns_under_load(monkeypatch, capsys):
     pytest.importorskip("torch")
-    res = run("bench", "--family", "gan", "--no-compile", "--reps", "2", "--json")
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+    hot = 4.0 * os.cpu_count()  # a busy machine, whatever its size
+    monkeypatch.setattr(os, "getloadavg", lambda: (hot, 0.0, 0.0))
+    assert cli.main(["bench", "--family", "gan", "--no-compile", "--reps", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    warning = bench.load_warning(hot)
+    assert warning.startswith(f"warning: load average {hot:.2f} > {os.cpu_count()} cores")
+    assert [ln for ln in captured.err.splitlines() if ln.startswith("warning")] == [warning]
+    out = json.loads(captured.out)
+    assert out["load1"] == hot and out["load_warning"] == warning
     assert out["copy_gbps"] > 0
     assert {r["family"] for r in out["rows"]} == {"gan"}
     for r in out["rows"]:
-        assert r["genloss_s"] > 0 and np.isfinite(r["vs_eager"])
+        for name in ("genloss", "eager"):
+            assert 0 < r[f"{name}_q1_s"] <= r[f"{name}_s"] <= r[f"{name}_q3_s"]
+        assert r["compile_s"] is r["compile_q1_s"] is r["compile_q3_s"] is None
+        assert r["vs_eager"] == pytest.approx(r["eager_s"] / r["genloss_s"], rel=1e-12)
+        assert np.isfinite(r["genloss_gbps"]) and r["genloss_gbps"] > 0
+    table = bench.format_table(out)
+    assert "median (q1-q3)" in table.splitlines()[0]
+    r0 = out["rows"][0]
+    assert (
+        f"{r0['genloss_s'] * 1e3:.3g} ({r0['genloss_q1_s'] * 1e3:.3g}-{r0['genloss_q3_s'] * 1e3:.3g})"
+        in table
+    )
+
+
+# ------------------------------------------------------------------ demo
 
 
 def test_demo_writes_its_figure(tmp_path):

@@ -1,4 +1,4 @@
-"""The ``genloss demo`` library (``genloss.demo``): a short run, its metrics, its determinism."""
+"""The ``genloss demo`` (``genloss.apps.demo``): a short run, its metrics, its determinism."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
 import genloss.torch as gl  # noqa: E402
-from genloss import demo  # noqa: E402
+from genloss.apps import demo  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KEYS = {
@@ -126,6 +126,16 @@ def test_mmd2_is_the_unbiased_estimator():
     assert float(got) == pytest.approx(xx + yy - 2 * xy, rel=1e-12, abs=1e-15)
 
 
+def test_mmd2_agrees_with_genloss_mmd2_up_to_the_bandwidth_count():
+    """genloss's tiled mmd2 sums the RBF kernels over the bandwidths, the demo's metric averages them."""
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(demo.eight_gaussians(300, rng)).double()
+    y = torch.from_numpy(demo.spiral(200, rng)).double()
+    ours = gl.mmd2(x, y, "rbf", list(demo.MMD_BANDWIDTHS), "unbiased")
+    got = demo.mmd2_rbf(x, y)
+    assert float(got) == pytest.approx(float(ours) / len(demo.MMD_BANDWIDTHS), rel=1e-10, abs=1e-14)
+
+
 def test_mmd2_is_zero_in_expectation_for_one_distribution_and_positive_for_two():
     rng = np.random.default_rng(2)
 
@@ -151,9 +161,8 @@ def test_registry_names_real_ops():
     assert {"gan-ns", "gan-minimax", "hinge", "lsgan", "wgan-gp", "fgan-js", "ragan", "vae", "ddpm"} <= set(
         names
     )
-    for m in demo.METHODS:
-        if m.family == "gan":
-            assert m.available(), (m.name, m.missing())
+    for m in demo.METHODS:  # every family of the demo is in genloss.torch: nothing is skipped
+        assert m.available(), (m.name, m.missing())
 
 
 def test_missing_family_is_skipped_with_a_line(monkeypatch, tmp_path, capsys):
@@ -165,7 +174,7 @@ def test_missing_family_is_skipped_with_a_line(monkeypatch, tmp_path, capsys):
     results = demo.run_demo(tmp_path, steps=3, methods=["ghost", "lsgan"], progress=True, n_eval=50)
     skipped = results[1]
     assert skipped["status"] == "skipped" and "no_such_op" in skipped["note"]
-    assert "ghost family not available yet" in demo.format_table(results)
+    assert "ghost ops not available (genloss.torch has no no_such_op)" in demo.format_table(results)
     # stderr is not a TTY under pytest: no bar, one line per method
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and err[0].startswith("ghost") and err[1].startswith("lsgan")
@@ -212,58 +221,15 @@ def test_bad_arguments(tmp_path):
         demo.run_demo(tmp_path, n_eval=1, progress=False)
 
 
-# ------------------------------------------------------------------ the VAE / DDPM records, before their ops land
-# Plain-torch stand-ins with SPEC.md's signatures, installed only where genloss.torch
-# lacks the op: the records run against the real ops as soon as those exist.
+# ------------------------------------------------------------------ the VAE and the DDPM
 
 
-def _negative_elbo(
-    recon, x, mu, logvar, beta=1.0, likelihood="gaussian", recon_logvar=None, reduction="mean"
-):
-    assert likelihood == "gaussian" and reduction == "mean"
-    s = torch.zeros(()) if recon_logvar is None else recon_logvar
-    nll = 0.5 * (math.log(2 * math.pi) + s + (x - recon) ** 2 * torch.exp(-s))
-    kl = 0.5 * (mu**2 + torch.expm1(logvar) - logvar)
-    return (nll.sum(1) + beta * kl.sum(1)).mean()
-
-
-class _Schedule:
-    def __init__(self, betas):
-        self.alpha_bar = torch.cumprod(1 - torch.as_tensor(betas, dtype=torch.float64), 0)
-
-    def to(self, device):
-        self.alpha_bar = self.alpha_bar.to(device)
-        return self
-
-
-def _q_sample(x0, t, noise, schedule):
-    ab = schedule.alpha_bar[t].to(x0.dtype)[:, None]
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
-
-def _diffusion_mse_loss(pred, x0, noise, t, schedule, prediction="eps", weights=None):
-    assert prediction == "eps" and weights is None
-    return ((noise - pred) ** 2).mean(1).mean()
-
-
-STAND_INS = {
-    "negative_elbo": _negative_elbo,
-    "linear_betas": lambda T, beta_start=1e-4, beta_end=0.02: torch.linspace(
-        beta_start, beta_end, T, dtype=torch.float64
-    ),
-    "DiffusionSchedule": _Schedule,
-    "q_sample": _q_sample,
-    "diffusion_mse_loss": _diffusion_mse_loss,
-}
-
-
-def test_vae_and_ddpm_records_run(monkeypatch, tmp_path):
-    for name, fn in STAND_INS.items():
-        if not hasattr(gl, name):
-            monkeypatch.setattr(gl, name, fn, raising=False)
+def test_vae_and_ddpm_records_run(tmp_path):
     results = demo.run_demo(tmp_path, steps=10, methods=["vae", "ddpm"], progress=False, n_eval=200)
+    assert [r["method"] for r in results] == ["data", "vae", "ddpm"]
     for r in results[1:]:
         assert r["status"] == "ok", r["note"]
         assert r["d_loss"] is None and math.isfinite(r["loss"]) and math.isfinite(r["mmd2"])
+        assert r["history"]["loss"].shape == (10,)
         assert np.isfinite(r["samples"]).all()
     assert (tmp_path / "genloss-demo.png").read_bytes()[:8] == PNG_MAGIC

@@ -1,5 +1,3 @@
-"""``python -m genloss``: the genloss command (see genloss.cli)."""
-
-from .cli import main
+from genloss.apps.cli import main  # ``python -m genloss``: the genloss command
 
 raise SystemExit(main())

@@ -2,13 +2,16 @@ r"""``genloss bench``: a quick side-by-side benchmark (under a minute on 2 cores
 
 Per family, the genloss torch op against the same loss written in torch eager
 and under ``torch.compile``, forward+backward, with the ratio and the achieved
-GB/s against a copy-bandwidth probe measured in the same run. The full
-benchmarks (more sizes, forward-only, the NumPy reference, native calls) are in
-``bench/`` of the repository.
+GB/s against a copy-bandwidth probe measured in the same run. Each time is the
+median of the repeats with its quartiles (q1, q3): a wide spread says the machine
+was busy, and a load average above the core count is warned about before the run.
+The full benchmarks (more sizes, forward-only, the NumPy reference, native calls)
+are in ``bench/`` of the repository.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -27,7 +30,35 @@ class Case:
     nbytes: Callable[[tuple], int]  # minimal bytes: inputs read once + gradients written once
 
 
-def _timeit(torch: Any, fn: Callable[[], Any], device: str, reps: int) -> float:
+def quartiles(times: list[float]) -> dict[str, float]:
+    """``{"median", "q1", "q3"}`` of ``times``: linear interpolation between order statistics
+    at (n - 1) p (``statistics.quantiles``' inclusive method, NumPy's default), which stays
+    within the times for any n (the exclusive method extrapolates below the fastest of 2
+    repeats); one time is its own quartiles."""
+    if len(times) < 2:
+        return {"median": times[0], "q1": times[0], "q3": times[0]}
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return {"median": med, "q1": q1, "q3": q3}
+
+
+def load1() -> float | None:
+    """The 1-minute load average, None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_warning(load1: float | None) -> str | None:
+    """One line when the load average ``load1`` exceeds the core count (other processes
+    compete for the cores: the times are slower and noisier than the machine's), else None."""
+    cores = os.cpu_count() or 1
+    if load1 is None or load1 <= cores:
+        return None
+    return f"warning: load average {load1:.2f} > {cores} cores: other processes share the CPUs, times are inflated"
+
+
+def _timeit(torch: Any, fn: Callable[[], Any], device: str, reps: int) -> dict[str, float]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fn()
     fn()
@@ -38,7 +69,7 @@ def _timeit(torch: Any, fn: Callable[[], Any], device: str, reps: int) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return quartiles(times)
 
 
 def copy_bandwidth(torch: Any, device: str, mib: int = 128, reps: int = 10) -> float:
@@ -46,7 +77,7 @@ def copy_bandwidth(torch: Any, device: str, mib: int = 128, reps: int = 10) -> f
     n = mib * 2**20 // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    t = _timeit(torch, lambda: dst.copy_(src), device, reps)
+    t = _timeit(torch, lambda: dst.copy_(src), device, reps)["median"]
     return 2 * 4 * n / t / 1e9
 
 
@@ -128,10 +159,21 @@ def run_bench(
     families: list[str] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Run every case; returns {'copy_gbps': ..., 'rows': [...]} (times in seconds)."""
+    """Run every case; returns ``{'device', 'copy_gbps', 'build', 'load1', 'load_warning', 'rows'}``.
+
+    Per row, for ``genloss``, ``eager`` and ``compile``: ``<name>_s`` the median time in
+    seconds and ``<name>_q1_s``, ``<name>_q3_s`` its quartiles (``compile_*`` None without
+    compile); ``vs_eager`` and ``vs_compile`` are ratios of medians. The load warning
+    (:func:`load_warning`) is printed to stderr before the first timing.
+    """
     import torch
 
     import genloss
+
+    load = load1()  # before the run: the run's own threads raise it
+    warning = load_warning(load)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
     cases = _cases(torch)
     if families:
@@ -154,31 +196,55 @@ def run_bench(
             compiled = torch.compile(c.eager)
             t_comp = _timeit(torch, _fwd_bwd(torch, compiled, ts), device, reps)
         nb = c.nbytes(ts)
-        rows.append(
-            {
-                "family": c.family,
-                "case": c.name,
-                "genloss_s": t_ours,
-                "eager_s": t_eager,
-                "compile_s": t_comp,
-                "bytes": nb,
-                "genloss_gbps": nb / t_ours / 1e9,
-                "vs_eager": t_eager / t_ours,
-                "vs_compile": None if t_comp is None else t_comp / t_ours,
-            }
+        row: dict[str, Any] = {"family": c.family, "case": c.name}
+        for name, t in (("genloss", t_ours), ("eager", t_eager), ("compile", t_comp)):
+            row[f"{name}_s"] = None if t is None else t["median"]
+            row[f"{name}_q1_s"] = None if t is None else t["q1"]
+            row[f"{name}_q3_s"] = None if t is None else t["q3"]
+        row.update(
+            bytes=nb,
+            genloss_gbps=nb / t_ours["median"] / 1e9,
+            vs_eager=t_eager["median"] / t_ours["median"],
+            vs_compile=None if t_comp is None else t_comp["median"] / t_ours["median"],
         )
-    return {"device": device, "copy_gbps": bw, "build": genloss.build_info(), "rows": rows}
+        rows.append(row)
+    return {
+        "device": device,
+        "copy_gbps": bw,
+        "build": genloss.build_info(),
+        "load1": load,
+        "load_warning": warning,
+        "rows": rows,
+    }
+
+
+def _spread(r: dict, name: str) -> str:
+    """``median (q1-q3)`` of one competitor in ms, or ``-`` when it did not run."""
+    if r[f"{name}_s"] is None:
+        return "-"
+    return f"{r[f'{name}_s'] * 1e3:.3g} ({r[f'{name}_q1_s'] * 1e3:.3g}-{r[f'{name}_q3_s'] * 1e3:.3g})"
 
 
 def format_table(result: dict) -> str:
     bw = result["copy_gbps"]
-    head = f"{'family':7s} {'case':38s} {'genloss':>10s} {'eager':>10s} {'compile':>10s} {'x eager':>8s} {'x compile':>9s} {'GB/s':>7s} {'% copy':>7s}"
-    lines = [f"device {result['device']}, same-run copy bandwidth {bw:.1f} GB/s (fwd+bwd, median)", head]
-    for r in result["rows"]:
-        comp = "-" if r["compile_s"] is None else f"{r['compile_s'] * 1e3:8.2f}ms"
+    times = ("genloss", "eager", "compile")
+    cells = [[_spread(r, n) for n in times] for r in result["rows"]]
+    w = [max([len(n) + 3] + [len(c[j]) for c in cells]) for j, n in enumerate(times)]
+    head = (
+        f"{'family':7s} {'case':38s} "
+        + " ".join(f"{n + ' ms':>{w[j]}s}" for j, n in enumerate(times))
+        + f" {'x eager':>8s} {'x compile':>9s} {'GB/s':>7s} {'% copy':>7s}"
+    )
+    lines = [
+        f"device {result['device']}, same-run copy bandwidth {bw:.1f} GB/s; fwd+bwd times in ms, "
+        f"median (q1-q3) of the repeats; ratios of medians",
+        head,
+    ]
+    for r, c in zip(result["rows"], cells, strict=True):
         vc = "-" if r["vs_compile"] is None else f"{r['vs_compile']:.2f}"
         lines.append(
-            f"{r['family']:7s} {r['case']:38s} {r['genloss_s'] * 1e3:8.2f}ms {r['eager_s'] * 1e3:8.2f}ms {comp:>10s}"
-            f" {r['vs_eager']:8.2f} {vc:>9s} {r['genloss_gbps']:7.2f} {100 * r['genloss_gbps'] / bw:6.1f}%"
+            f"{r['family']:7s} {r['case']:38s} "
+            + " ".join(f"{c[j]:>{w[j]}s}" for j in range(len(times)))
+            + f" {r['vs_eager']:8.2f} {vc:>9s} {r['genloss_gbps']:7.2f} {100 * r['genloss_gbps'] / bw:6.1f}%"
         )
     return "\n".join(lines)

@@ -7,18 +7,26 @@ the value and every gradient, and compare them with the float64 NumPy reference
 (value and ``<name>_backward``). Each cell reports the worst error relative to
 the tolerance of ``genloss.tolerances`` (``worst <= 1`` passes), so a wrong
 kernel shows as a failing cell and a non-zero exit code.
+
+Every run has a seed (drawn fresh unless given) and prints it: the inputs of one op
+depend only on that seed and the op's name, the same for every backend and whatever
+other ops run, so ``genloss verify --seed N --ops NAME`` reruns a failing cell on
+the very inputs that failed.
 """
 
 from __future__ import annotations
 
+import secrets
 import sys
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from . import registry as R
-from .tolerances import metrics, to_numpy, tolerance, value_scale
+import genloss
+from genloss import registry as R
+from genloss.tolerances import metrics, to_numpy, tolerance, value_scale
 
 
 def _excess(
@@ -70,25 +78,39 @@ def _native_call(
             torch.as_tensor(a).to(getattr(torch, dtype) if a.dtype.kind == "f" else torch.int64).cuda()
             for a in inputs
         ]
-    value, grads = record.native(*xs, **kwargs)
+    native = record.native
+    if native is None:
+        raise TypeError(f"{record.name} has no native entry point")
+    value, grads = native(*xs, **kwargs)
     return value, list(grads)
 
 
-def backends() -> list[tuple[str, str, Callable]]:
-    """(backend name, device, caller) for everything available on this machine."""
+def backends() -> tuple[list[tuple[str, str, Callable]], dict[str, Any]]:
+    """The backends available on this machine, as (name, device, caller), and what ran or why not.
+
+    The status: ``{"cpu": True, "torch": True | "not installed: skipped", "cuda": "ran" |
+    "not built" | "built, no device: skipped" | "built, no torch: skipped"}``.
+    """
     out: list[tuple[str, str, Callable]] = [("native-cpu", "cpu", _native_call)]
+    status: dict[str, Any] = {"cpu": True, "torch": True, "cuda": "not built"}
+    built_cuda = bool(genloss.build_info()["cuda"])
     try:
         import torch
 
-        import genloss.torch  # noqa: F401
+        import genloss.torch as _registers_the_ops  # noqa: F401
     except ImportError:
-        return out
+        status["torch"] = "not installed: skipped"
+        if built_cuda:  # the CUDA backends take torch tensors
+            status["cuda"] = "built, no torch: skipped"
+        return out, status
     out.append(("torch-cpu", "cpu", _torch_call))
-    import genloss
-
-    if genloss.build_info()["cuda"] and torch.cuda.is_available():
-        out += [("native-cuda", "cuda", _native_call), ("torch-cuda", "cuda", _torch_call)]
-    return out
+    if built_cuda:
+        if torch.cuda.is_available():
+            out += [("native-cuda", "cuda", _native_call), ("torch-cuda", "cuda", _torch_call)]
+            status["cuda"] = "ran"
+        else:
+            status["cuda"] = "built, no device: skipped"
+    return out, status
 
 
 def check(
@@ -109,7 +131,10 @@ def check(
                 ref = record.reference(*x64, **kwargs)
                 ref_v = np.asarray(ref[record.value_index] if record.value_index is not None else ref)
                 ones = np.ones(ref_v.shape) if ref_v.ndim else 1.0
-                ref_g = record.reference_backward(*x64, ones, **kwargs) if record.differentiable else ()
+                backward = record.reference_backward  # not None when differentiable (registry checks)
+                ref_g = (
+                    backward(*x64, ones, **kwargs) if backward is not None and record.differentiable else ()
+                )
                 kind = "native" if name.startswith("native") else "torch"
                 if device == "cuda":
                     kind = "cuda"
@@ -138,9 +163,26 @@ def check(
     }
 
 
-def run_verify(
-    seed: int | None = None, ops: Sequence[str] | None = None, progress: bool = True
-) -> list[dict]:
+def fresh_seed() -> int:
+    """A seed for a run that was given none: 32 random bits, short enough to retype."""
+    return secrets.randbits(32)
+
+
+def op_rng(seed: int, op: str) -> np.random.Generator:
+    """The generator of one op's inputs: from the run seed and the op's name only, so an op
+    draws the same inputs on every backend and whether it runs alone or with the others."""
+    return np.random.default_rng([seed, zlib.crc32(op.encode())])
+
+
+def run_verify(seed: int | None = None, ops: Sequence[str] | None = None, progress: bool = True) -> dict:
+    """Check every op of ``ops`` (default: all) on every available backend.
+
+    Returns ``{"seed": int, "version": str, "backends": {...} (see :func:`backends`),
+    "rows": [one dict per op x backend cell]}``; ``seed=None`` draws a fresh seed,
+    reported in ``"seed"``.
+    """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
     records = R.RECORDS
     if ops:
         known = {r.name for r in records}
@@ -148,10 +190,11 @@ def run_verify(
         if unknown:
             raise ValueError(f"unknown op(s) {unknown}; known: {sorted(known)}")
         records = tuple(r for r in records if r.name in ops)
-    rng = np.random.default_rng(seed)
+    seed = fresh_seed() if seed is None else seed
+    available, status = backends()
     rows = []
     todo = [
-        (r, b) for r in records for b in backends() if r.native is not None or not b[0].startswith("native")
+        (r, b) for r in records for b in available if r.native is not None or not b[0].startswith("native")
     ]
     for i, (record, backend) in enumerate(todo):
         if progress and sys.stderr.isatty():
@@ -161,18 +204,35 @@ def run_verify(
                 file=sys.stderr,
                 flush=True,
             )
-        rows.append(check(record, backend, rng, ("float64", "float32")))
+        rows.append(check(record, backend, op_rng(seed, record.name), ("float64", "float32")))
     if progress and sys.stderr.isatty():
         print(file=sys.stderr)
-    return rows
+    return {"seed": seed, "version": genloss.__version__, "backends": status, "rows": rows}
 
 
-def format_table(rows: list[dict]) -> str:
+def reproduce_line(report: dict) -> str:
+    """The command that reruns the failing cells of ``report`` on the same inputs."""
+    failed = list(dict.fromkeys(r["op"] for r in report["rows"] if not r["ok"]))
+    return f"reproduce: genloss verify --seed {report['seed']} --ops {' '.join(failed)}"
+
+
+def _status_text(status: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {'ran' if v is True else v}" for k, v in status.items())
+
+
+def format_table(report: dict) -> str:
+    """The report of :func:`run_verify` as text: seed and backends, the op x backend table,
+    then the failing cells and the command that reproduces them."""
+    rows = report["rows"]
     names = sorted({r["backend"] for r in rows}, key=lambda b: ("cuda" in b, b))
     by = {(r["op"], r["backend"]): r for r in rows}
     ops = list(dict.fromkeys(r["op"] for r in rows))
     head = f"{'op':32s} " + " ".join(f"{b:>24s}" for b in names)
-    lines = ["worst relative error of value / gradient vs the float64 reference (f32 and f64 inputs)", head]
+    lines = [
+        f"genloss {report['version']} verify, seed {report['seed']}; backends: {_status_text(report['backends'])}",
+        "worst relative error of value / gradient vs the float64 reference (f32 and f64 inputs)",
+        head,
+    ]
     for op in ops:
         cells = []
         for b in names:
@@ -190,4 +250,6 @@ def format_table(rows: list[dict]) -> str:
     for r in bad:
         why = r["error"] or f"value {r['value_vs_tol']:.3g}x tol, gradient {r['grad_vs_tol']:.3g}x tol"
         lines.append(f"  FAIL {r['op']} on {r['backend']}: {why}")
+    if bad:
+        lines.append(reproduce_line(report))
     return "\n".join(lines)

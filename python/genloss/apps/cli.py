@@ -1,19 +1,51 @@
 """The ``genloss`` command: ``demo``, ``verify``, ``bench``, ``info``.
 
-    genloss demo     train small models on 2-D toy data with genloss's losses, one figure + a table
-    genloss verify   every op x every backend against the NumPy reference on fresh inputs
+    genloss demo     train GANs, a VAE and a DDPM on 2-D toy data with genloss's torch ops: one figure + a table
+    genloss verify   every op x every backend against the NumPy reference on fresh inputs (seed printed)
     genloss bench    a quick benchmark: genloss vs torch eager vs torch.compile
     genloss info     what was built (CUDA, CPU instruction set, OpenMP threads)
 
-Also ``python -m genloss``.
+Also ``python -m genloss``. A command whose packages are missing (``demo``: torch and
+matplotlib; ``bench``: torch) stops before any work with one line naming what to
+install, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
+
+# What each command imports beyond the library's own numpy, and the extra of
+# pyproject.toml that installs it (``verify`` and ``info`` run without torch).
+NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "demo": (("torch", "matplotlib"), "demo"),
+    "bench": (("torch",), "bench"),
+}
+
+
+def missing_dependencies(command: str) -> str | None:
+    """One line saying what to install when a package ``command`` needs does not import; else None.
+
+    Checked before any work so that a missing package costs no training time; a
+    package that is installed but fails to import is named with its error.
+    """
+    packages, extra = NEEDS.get(command, ((), ""))
+    missing = []
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # the package is there, one of its own imports is not
+                return f"genloss {command}: {name} is installed but fails to import ({err})"
+            missing.append(name)
+        except ImportError as err:
+            return f"genloss {command}: {name} is installed but fails to import ({err})"
+    if not missing:
+        return None
+    return f"genloss {command} needs {' and '.join(missing)}: pip install 'genloss[{extra}]'"
 
 
 def _positive_int(text: str) -> int:
@@ -44,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="train GANs (several objectives), a VAE and a DDPM (once their families exist) on 2-D toy data",
-        description="Train small models on built-in 2-D toy distributions (the 8-Gaussian ring, a spiral) with "
-        "genloss's torch ops; write ONE figure (data vs samples per method) and print a table per method: "
-        "modes covered of 8, MMD^2 to held-out data, final losses, wall time. Same seed -> same numbers on CPU.",
+        help="train GANs (several objectives), a VAE and a DDPM on 2-D toy data (needs torch, matplotlib)",
+        description="Train small GANs (seven objectives), a VAE and a DDPM on built-in 2-D toy distributions "
+        "(the 8-Gaussian ring, a spiral) with genloss's torch ops; write ONE figure (data vs samples per method) "
+        "and print a table, one row per method: modes covered of 8, MMD^2 to held-out data, final losses, wall time. "
+        "Same seed -> same numbers on CPU. Needs torch and matplotlib: pip install 'genloss[demo]'.",
     )
     d.add_argument(
         "--out", default="genloss-demo", help="output folder for the figure (default: %(default)s)"
@@ -77,19 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="check every op on every backend against the NumPy reference",
         description="For every registered op and every available backend (native CPU, torch CPU, and CUDA where "
         "present) compare value and gradients against the float64 NumPy reference on fresh random inputs; print "
-        "op x backend with the worst relative errors and pass/fail against the tolerance table; exit 1 on any "
-        "failure.",
+        "the seed, then op x backend with the worst relative errors and pass/fail against the tolerance table; "
+        "exit 1 on any failure (rerun with the printed --seed to reproduce it). --json prints one object: "
+        "seed, version, backends, rows.",
     )
     v.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    v.add_argument("--seed", type=int, default=None, help="input seed (default: fresh)")
+    v.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="input seed (default: a fresh one, printed to reproduce a failure)",
+    )
     v.add_argument("--ops", nargs="+", default=None, help="only these ops")
 
     b = sub.add_parser(
         "bench",
-        help="quick benchmark (< 1 minute): genloss vs torch eager vs torch.compile",
+        help="quick benchmark (< 1 minute): genloss vs torch eager vs torch.compile (needs torch)",
         description="Per op family, the genloss torch op vs the same loss in torch eager and under torch.compile, "
-        "forward+backward, with ratios and GB/s against a same-run copy-bandwidth probe. The full benchmarks "
-        "are in bench/ of the repository.",
+        "forward+backward: median and quartiles of the repeats, ratios of medians, and GB/s against a same-run "
+        "copy-bandwidth probe; a warning when the load average exceeds the core count. The full benchmarks are "
+        "in bench/ of the repository. Needs torch: pip install 'genloss[bench]'.",
     )
     b.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: %(default)s)")
     b.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves the compile time)")
@@ -110,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(json.dumps(genloss.build_info(), indent=2))
         return 0
+    missing = missing_dependencies(args.command)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     if args.command in ("demo", "bench") and args.device == "cuda":
         import torch
 
@@ -139,16 +183,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import verify
 
         try:
-            rows = verify.run_verify(seed=args.seed, ops=args.ops)
+            report = verify.run_verify(seed=args.seed, ops=args.ops)
         except ValueError as err:
             print(f"genloss verify: {err}", file=sys.stderr)
             return 2
-        print(json.dumps(rows, indent=1) if args.json else verify.format_table(rows))
-        return 0 if all(r["ok"] for r in rows) else 1
-    from . import benchmark
+        ok = all(r["ok"] for r in report["rows"])
+        if args.json:
+            print(json.dumps(report, indent=1))
+            if not ok:  # stdout stays one JSON object
+                print(verify.reproduce_line(report), file=sys.stderr)
+        else:
+            print(verify.format_table(report))
+        return 0 if ok else 1
+    from . import bench
 
     try:
-        result = benchmark.run_bench(
+        result = bench.run_bench(
             device=args.device,
             compile=not args.no_compile,
             reps=args.reps,
@@ -158,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"genloss bench: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=1) if args.json else benchmark.format_table(result))
+    print(json.dumps(result, indent=1) if args.json else bench.format_table(result))
     return 0
 
 

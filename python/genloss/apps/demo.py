@@ -1,10 +1,11 @@
-r"""The ``genloss demo``: one GAN objective per panel, trained with the genloss torch ops.
+r"""The ``genloss demo``: one method per panel, trained with the genloss torch ops.
 
-Every method trains a small MLP generator (or a VAE, or a DDPM once those families
-land) on a toy 2-D distribution generated in code, with nothing but
-``genloss.torch`` for its loss, and is scored against held-out data::
+Every method trains small MLPs (a GAN's generator and discriminator under one of
+seven objectives, a VAE's encoder and decoder, a DDPM's noise predictor) on a toy
+2-D distribution generated in code, with nothing but ``genloss.torch`` for its
+losses, and is scored against held-out data::
 
-    from genloss.demo import run_demo, format_table
+    from genloss.apps.demo import run_demo, format_table
     results = run_demo("out")            # writes out/genloss-demo.png
     print(format_table(results))
 
@@ -159,8 +160,10 @@ def mmd2_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = MMD
 
     (Gretton et al. 2012, Lemma 6). Its expectation is the population MMD², 0 when
     both samples come from one distribution, so it can come out slightly negative.
-    Plain torch, O(nm) memory; genloss's tiled ``mmd2`` (the divergence family)
-    replaces it when that family lands.
+    Plain torch, O(nm) memory, on purpose: the score of the demo does not rest on the
+    library it scores. genloss's tiled ``genloss.torch.mmd2(x, y, "rbf", bandwidths)``
+    sums the kernels over the bandwidths where this averages them: it gives ``S``
+    times this value (a test checks the two against each other).
     """
     x = x.detach().double()
     y = y.detach().to(x.device, torch.float64)
@@ -233,11 +236,11 @@ class Method:
     discriminator steps and one generator step) drawing data batches from
     ``sample_real()``, and returns ``{'d': loss, 'g': loss}`` (GANs) or ``{'loss': loss}``,
     detached. The method is run only when every name in ``ops`` exists in
-    ``genloss.torch``; otherwise the table says its family is not available yet.
+    ``genloss.torch`` (all do in a full build); otherwise the table says which are missing.
     """
 
     name: str
-    family: str  # 'gan' | 'vae' | 'diffusion'
+    family: str  # 'gan' | 'vae' | 'diffusion' | 'flow'
     ops: tuple[str, ...]
     about: str
     step: Callable[[Trainer, Callable[[], torch.Tensor]], dict[str, torch.Tensor]]
@@ -246,7 +249,7 @@ class Method:
     steps: int = 2000  # default number of (generator) steps
 
     def missing(self) -> list[str]:
-        """The ops of ``ops`` that ``genloss.torch`` does not have (yet)."""
+        """The ops of ``ops`` that ``genloss.torch`` does not have."""
         return [op for op in self.ops if not hasattr(gl, op)]
 
     def available(self) -> bool:
@@ -259,7 +262,7 @@ class Method:
 def _gan_setup(lr: float = 5e-4, betas: tuple[float, float] = (0.5, 0.999)):
     def setup(device: torch.device, gen: torch.Generator) -> Trainer:
         G, D = mlp(Z_DIM, 2).to(device), mlp(2, 1).to(device)
-        opts = {
+        opts: dict[str, torch.optim.Optimizer] = {
             "g": torch.optim.Adam(G.parameters(), lr=lr, betas=betas),
             "d": torch.optim.Adam(D.parameters(), lr=lr, betas=betas),
         }
@@ -391,7 +394,7 @@ GAN_METHODS = [
 ]
 
 
-# ---------------------------------------------------------------- VAE (once the VAE family lands)
+# ---------------------------------------------------------------- VAE
 
 VAE_LATENT = 2
 
@@ -437,7 +440,7 @@ VAE_METHOD = Method(
     steps=2000,
 )
 
-# ---------------------------------------------------------------- DDPM (once the diffusion family lands)
+# ---------------------------------------------------------------- DDPM
 
 DDPM_T = 100
 T_EMB = 16
@@ -454,12 +457,10 @@ def _ddpm_setup(device: torch.device, gen: torch.Generator) -> Trainer:
     # Linear betas scaled by 1000 / T as in improved DDPM (Nichol & Dhariwal 2021),
     # so that T = 100 steps still end at alpha_bar_T ~ 5e-5 (pure noise).
     scale = 1000.0 / DDPM_T
-    betas = gl.linear_betas(DDPM_T, beta_start=scale * 1e-4, beta_end=scale * 0.02)
-    schedule = gl.DiffusionSchedule(betas)
-    if hasattr(schedule, "to"):
-        schedule = schedule.to(device)
+    betas = gl.linear_betas(DDPM_T, beta_start=scale * 1e-4, beta_end=scale * 0.02)  # float64
+    schedule = gl.DiffusionSchedule(betas).to(device)
     net = mlp(2 + T_EMB, 2, depth=3).to(device)  # one layer more than the GANs': it learns all T denoisers
-    b = torch.as_tensor(np.asarray(torch.as_tensor(betas).cpu()), dtype=torch.float64).to(device)
+    b = betas.to(device, torch.float64)  # the sampler's own float64 copy
     return Trainer(
         device, gen, {"eps": net}, {"eps": torch.optim.Adam(net.parameters(), lr=1e-3)},
         extra={"schedule": schedule, "betas": b},
@@ -510,7 +511,110 @@ DDPM_METHOD = Method(
     steps=2000,
 )
 
-METHODS: list[Method] = [*GAN_METHODS, VAE_METHOD, DDPM_METHOD]
+# ---------------------------------------------------------------- flow matching and EDM
+
+FLOW_STEPS = 50  # Euler steps of the samplers below
+
+
+def _time_net(device: torch.device) -> nn.Module:
+    return mlp(2 + T_EMB, 2, depth=3).to(device)  # as DDPM's: one network for every noise level
+
+
+def _flow_setup(device: torch.device, gen: torch.Generator) -> Trainer:
+    net = _time_net(device)
+    return Trainer(device, gen, {"v": net}, {"v": torch.optim.Adam(net.parameters(), lr=1e-3)})
+
+
+def _flow_velocity(t: Trainer, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    return t.modules["v"](torch.cat([x, _t_embedding(1000.0 * times)], dim=1))
+
+
+def _flow_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    x0 = sample_real()
+    noise = t.randn(*x0.shape)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=t.gen))  # the run's RNG decides the draw
+    times = gl.sample_timesteps(x0.shape[0], "logit_normal", seed, device=t.device)  # SD3's sampling
+    x_t = gl.flow_interpolant(x0, noise, times)
+    loss = gl.flow_matching_loss(_flow_velocity(t, x_t, times), x0, noise, times)
+    t.update("v", loss, list(t.modules["v"].parameters()))
+    return {"loss": loss.detach()}
+
+
+def _flow_sample(t: Trainer, n: int) -> torch.Tensor:
+    """Euler steps of dx/dt = v from t = 1 (noise) to t = 0 (data): the SD3 direction."""
+    x = t.randn(n, 2)
+    grid = torch.linspace(1.0, 0.0, FLOW_STEPS + 1, device=t.device)
+    with torch.no_grad():
+        for a, b in zip(grid[:-1], grid[1:], strict=True):
+            x = x + (b - a) * _flow_velocity(t, x, a.expand(n))
+    return x
+
+
+FLOW_METHOD = Method(
+    name="flow",
+    family="flow",
+    ops=("sample_timesteps", "flow_interpolant", "flow_matching_loss"),
+    about=f"rectified flow (SD3 direction), logit-normal t, velocity MLP, {FLOW_STEPS} Euler steps",
+    step=_flow_step,
+    setup=_flow_setup,
+    sample=_flow_sample,
+    steps=2000,
+)
+
+# The ring's per-coordinate spread: radius / sqrt(2) (its points sit at angles k pi / 4).
+EDM_SIGMA_DATA = RING_RADIUS / math.sqrt(2.0)
+
+
+def _edm_setup(device: torch.device, gen: torch.Generator) -> Trainer:
+    net = _time_net(device)
+    return Trainer(device, gen, {"F": net}, {"F": torch.optim.Adam(net.parameters(), lr=1e-3)})
+
+
+def _edm_raw(t: Trainer, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(F, c_skip, c_out): the network on the preconditioned input (Karras et al. 2022, Table 1)."""
+    c_skip, c_out, c_in, c_noise = gl.edm_preconditioning(sigma, EDM_SIGMA_DATA)
+    f = t.modules["F"](torch.cat([c_in[:, None] * x, _t_embedding(250.0 * c_noise)], dim=1))
+    return f, c_skip, c_out
+
+
+def _edm_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    x0 = sample_real()
+    noise = t.randn(*x0.shape)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=t.gen))
+    sigma = gl.sample_timesteps(x0.shape[0], "lognormal_sigma", seed, device=t.device)  # EDM's p(sigma)
+    f, _, _ = _edm_raw(t, x0 + sigma[:, None] * noise, sigma)
+    loss = gl.denoiser_loss(f, x0, noise, sigma, sigma_data=EDM_SIGMA_DATA)  # weighting 'edm'
+    t.update("F", loss, list(t.modules["F"].parameters()))
+    return {"loss": loss.detach()}
+
+
+def _edm_sample(t: Trainer, n: int) -> torch.Tensor:
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma on Karras's
+    sigmas (rho = 7) from 80 down to 0.002, then the denoiser's last estimate."""
+    sigmas = gl.karras_sigmas(FLOW_STEPS, device=t.device).flip(0)  # descending
+    x = sigmas[0] * t.randn(n, 2)
+    with torch.no_grad():
+        for a, b in zip(sigmas[:-1], sigmas[1:], strict=True):
+            s = a.expand(n)
+            f, c_skip, c_out = _edm_raw(t, x, s)
+            d = c_skip[:, None] * x + c_out[:, None] * f
+            x = x + (b - a) * (x - d) / a
+        f, c_skip, c_out = _edm_raw(t, x, sigmas[-1].expand(n))
+        return c_skip[:, None] * x + c_out[:, None] * f
+
+
+EDM_METHOD = Method(
+    name="edm",
+    family="flow",
+    ops=("sample_timesteps", "edm_preconditioning", "denoiser_loss", "karras_sigmas"),
+    about=f"EDM denoiser (Karras et al. 2022): lognormal sigma, 'edm' weighting, {FLOW_STEPS} Euler steps",
+    step=_edm_step,
+    setup=_edm_setup,
+    sample=_edm_sample,
+    steps=2000,
+)
+
+METHODS: list[Method] = [*GAN_METHODS, VAE_METHOD, DDPM_METHOD, FLOW_METHOD, EDM_METHOD]
 
 # ============================================================================ progress
 
@@ -683,8 +787,8 @@ def run_demo(
     Writes ``out_dir/genloss-demo.png`` (the data and each method's samples) and
     returns one dict per row of the table: first a ``'data'`` reference row (a second
     draw of the data scored like a method: the noise floor of the metrics), then one
-    per method, ``status`` ``'ok'`` or ``'skipped'`` (its family's ops are not in
-    ``genloss.torch`` yet; ``note`` says which). Keys: ``method, family, status, note,
+    per method, ``status`` ``'ok'`` or ``'skipped'`` (some of its ops are not in this
+    build's ``genloss.torch``; ``note`` says which). Keys: ``method, family, status, note,
     about, ops, steps, batch, seed, modes_covered, mode_counts, high_quality, mmd2,
     losses, d_loss, g_loss, loss, history, samples, wall_s, cpu_s`` (``cpu_s``: the
     process's CPU time, all threads; on a machine shared with other jobs, the measure of
@@ -774,7 +878,7 @@ def _run_demo(
                 "method": m.name,
                 "family": m.family,
                 "status": "skipped",
-                "note": f"{m.family} family not available yet (genloss.torch has no {', '.join(missing)})",
+                "note": f"{m.family} ops not available (genloss.torch has no {', '.join(missing)})",
                 "about": m.about,
                 "ops": list(m.ops),
             }
@@ -799,7 +903,9 @@ def plot_results(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     try:
         from matplotlib.figure import Figure  # the object API: no pyplot, no global backend
     except ImportError as e:  # pragma: no cover
-        raise ImportError("the genloss demo draws its figure with matplotlib: pip install matplotlib") from e
+        raise ImportError(
+            "the genloss demo draws its figure with matplotlib: pip install 'genloss[demo]'"
+        ) from e
 
     rows = [r for r in results if r.get("status") in ("ok", "reference")]
     data = next((r["samples"] for r in rows if r["status"] == "reference"), None)
