@@ -27,6 +27,7 @@
 
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
+#include "scratch.cuh"
 #include "storage.cuh"
 
 namespace genloss {
@@ -266,8 +267,8 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
   // One allocation: coefficients, row values, float64 gradient rows (generic path).
   const size_t cbytes = ((cs.size() * sizeof(A) + 15) / 16) * 16;
   const size_t bytes = cbytes + sizeof(double) * (rows + nacc);
-  char* buf = nullptr;
-  check_mmd(cudaMallocAsync(reinterpret_cast<void**>(&buf), bytes, stream), "alloc");
+  const Scratch scratch(bytes, stream);
+  char* buf = scratch.as<char>();
   A* c = reinterpret_cast<A*>(buf);
   double* rowv = reinterpret_cast<double*>(buf + cbytes);
   double* gacc = nacc ? rowv + rows : nullptr;
@@ -281,9 +282,10 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
     scale = 1.0 / static_cast<double>(a.N / 2);
     if (gx) check_mmd(cudaMemsetAsync(gx, 0, sizeof(S) * a.N * a.D, stream), "memset");  // an odd last point
     if (gy) check_mmd(cudaMemsetAsync(gy, 0, sizeof(S) * a.M * a.D, stream), "memset");
-    linear_pairs<S><<<static_cast<unsigned>((rows + 127) / 128), 128, 0, stream>>>(r, x, y, c, rowv, gx, gy);
+    if (rows > 0) linear_pairs<S><<<grid_exact(rows, 128), 128, 0, stream>>>(r, x, y, c, rowv, gx, gy);
   } else {
-    const unsigned blocks = static_cast<unsigned>((rows + kRowThreads - 1) / kRowThreads);
+    // rows = N + M >= 2 here (the bindings refuse empty inputs).
+    const unsigned blocks = grid_exact(rows, kRowThreads);
     switch (generic ? 0 : static_cast<int>(a.D)) {
       case 1:
         rows_small<S, 1><<<blocks, kRowThreads, 0, stream>>>(r, x, y, c, rowv, gx, gy);
@@ -301,7 +303,7 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
         rows_any<S><<<blocks, kRowThreads, 0, stream>>>(r, x, y, c, rowv, gacc);
         if (gacc) {
           const int64_t total = (a.N + a.M) * a.D;
-          write_grads<S><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(r, gacc, gx, gy);
+          write_grads<S><<<grid_exact(total, 256), 256, 0, stream>>>(r, gacc, gx, gy);
         }
         break;
     }
@@ -309,7 +311,6 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
   check_mmd(cudaGetLastError(), "launch");
   sum_rows<S><<<1, kSumThreads, 0, stream>>>(rowv, rows, scale, static_cast<S*>(a.out_value));
   check_mmd(cudaGetLastError(), "sum launch");
-  check_mmd(cudaFreeAsync(buf, stream), "free");
 }
 
 }  // namespace

@@ -2,10 +2,16 @@
 with the NumPy reference (the SSE2 / AVX2 / AVX-512 builds ship in one module
 and are picked at run time; GENLOSS_ISA forces a narrower one)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import genloss
+import genloss.native as gn
 from genloss import reference as ref
 from isa_builds import ISAS, run_under_isa
 
@@ -136,3 +142,116 @@ def test_float32_inline_exp_expm1_ulps(isa):
     assert out["overflow_inf"], out
     assert out["specials"] == [0.0, float("inf"), -1.0, float("inf")], out
     assert out["nan"], out
+
+
+# ---------------------------------------------------------------- runtime settings
+# genloss.native.options: cpp/src/config.cpp reads the environment once; options() reads
+# and sets the same values, restores them as a context manager, and names a bad option.
+OPTIONS_SCRIPT = r"""
+import json, genloss.native as gn
+print(json.dumps(gn.options()))
+"""
+
+
+def _fresh_options(env: dict) -> tuple[dict, str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("GENLOSS_") and k != "OMP_NUM_THREADS"}
+    full.update(env)
+    out = subprocess.run(
+        [sys.executable, "-W", "always", "-c", OPTIONS_SCRIPT],
+        env=full,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout), out.stderr
+
+
+def _defaults() -> dict:
+    return {
+        "huge_pages": True,
+        "host_cache_mb": None,
+        "stream_min_bytes": 2 << 20,
+        "nt_stores": True,
+        "threads": len(os.sched_getaffinity(0)),  # OpenMP's default: the cores this process may use
+        "isa": {"running": genloss.build_info()["isa"], "forced": None},
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "changed", "warns"),
+    [
+        ({}, {}, None),
+        ({"GENLOSS_STREAM_MIN_BYTES": "12345"}, {"stream_min_bytes": 12345}, None),
+        ({"GENLOSS_STREAM_MIN_BYTES": "-1"}, {"stream_min_bytes": -1}, None),
+        ({"GENLOSS_STREAM_MIN_BYTES": "junk"}, {}, "GENLOSS_STREAM_MIN_BYTES"),
+        ({"GENLOSS_HOST_CACHE_MB": "64"}, {"host_cache_mb": 64}, None),
+        ({"GENLOSS_HOST_CACHE_MB": "-3"}, {}, "GENLOSS_HOST_CACHE_MB"),
+        ({"GENLOSS_HUGE_PAGES": "0"}, {"huge_pages": False}, None),
+        ({"GENLOSS_HUGE_PAGES": "yes"}, {}, "GENLOSS_HUGE_PAGES"),
+        ({"GENLOSS_NUM_THREADS": "1"}, {"threads": 1}, None),
+        ({"GENLOSS_NUM_THREADS": "0"}, {}, "GENLOSS_NUM_THREADS"),
+        ({"OMP_NUM_THREADS": "1"}, {"threads": 1}, None),
+        ({"GENLOSS_ISA": "sse2"}, {"isa": {"running": "sse2", "forced": "sse2"}}, None),
+        ({"GENLOSS_ISA": "avx9"}, {}, "GENLOSS_ISA"),
+    ],
+)
+def test_options_read_the_environment(env, changed, warns):
+    got, err = _fresh_options(env)
+    assert got == {**_defaults(), **changed}, err
+    if warns is None:
+        assert "RuntimeWarning" not in err, err
+    else:
+        assert "RuntimeWarning" in err and warns in err, err
+
+
+def test_options_set_and_restore():
+    before = gn.options()
+    want = {
+        "stream_min_bytes": 123,
+        "nt_stores": False,
+        "threads": 1,
+        "huge_pages": False,
+        "host_cache_mb": 7,
+    }
+    with gn.options(**want) as now:
+        assert {k: now[k] for k in want} == want
+        assert gn.options() == now
+        assert genloss.build_info()["omp_max_threads"] == 1
+        with gn.options(threads=2, stream_min_bytes=-1):  # nested: the inner exit restores the outer
+            assert gn.options()["threads"] == 2
+        assert gn.options() == now
+    assert gn.options() == before
+    with pytest.raises(RuntimeError), gn.options(stream_min_bytes=5):  # restored on an exception too
+        raise RuntimeError
+    assert gn.options() == before
+    try:  # without `with` a setting stays
+        gn.options(stream_min_bytes=4096)
+        assert gn.options()["stream_min_bytes"] == 4096
+    finally:
+        gn.options(stream_min_bytes=before["stream_min_bytes"])
+    assert gn.options(**before) == before  # the dict round-trips (isa: the value running)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("stream_min_bytes", 1.5, TypeError),
+        ("stream_min_bytes", "big", TypeError),
+        ("stream_min_bytes", True, TypeError),
+        ("stream_min_bytes", 2.0**21, TypeError),
+        ("stream_min_bytes", 2**70, ValueError),
+        ("threads", 0, ValueError),
+        ("threads", 2.0, TypeError),
+        ("huge_pages", 1, TypeError),
+        ("nt_stores", "yes", TypeError),
+        ("host_cache_mb", -1, ValueError),
+        ("isa", "avx9", ValueError),
+        ("bogus", 1, TypeError),
+    ],
+)
+def test_options_reject_bad_values(name, value, error):
+    before = gn.options()
+    with pytest.raises(error, match=name):
+        good = {"stream_min_bytes": 999} if name != "stream_min_bytes" else {"threads": 1}
+        gn.options(**good, **{name: value})  # nothing is set when one value is bad
+    assert gn.options() == before

@@ -1,12 +1,15 @@
 """The CPU output cache (cpp/src/host_cache.cpp): large torch outputs come from
 reused huge-page blocks. What must hold: values and gradients are those of the
 reference whether a block is new or reused, two live outputs never share memory,
-a freed output's block is reused by the next output of its size, the byte limit
-is respected, and GENLOSS_HOST_CACHE_MB=0 / GENLOSS_HUGE_PAGES=0 turn it off.
+a freed output's block is reused by the next output of its size, an explicit bound
+(options(host_cache_mb=...)) is respected, the default bound is the recent working set
+(capped at min(physical memory / 8, 4 GiB)) and forgets an old peak two windows later,
+and GENLOSS_HOST_CACHE_MB=0 / GENLOSS_HUGE_PAGES=0 turn it off.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,11 +26,14 @@ from genloss.native import _engine as E  # noqa: E402
 from genloss.reference import gan as ref  # noqa: E402
 
 N = (E.HOST_CACHE_MIN_BYTES // 4) + 1000  # float32 elements: just above the threshold
+HUGE = 2 << 20
+BLOCK = -(-4 * N // HUGE) * HUGE  # an output's block: its bytes rounded up to 2 MiB
 
 
 @pytest.fixture
 def cache():
-    if os.environ.get("GENLOSS_HUGE_PAGES") == "0" or E.cache_info()["limit_bytes"] == 0:
+    now = gn.options()
+    if not now["huge_pages"] or now["host_cache_mb"] == 0:
         pytest.skip("the CPU output cache is turned off in this environment")
     E.empty_cache()
     yield
@@ -82,23 +88,53 @@ def test_autograd_keeps_the_cached_gradient_and_frees_it_to_the_cache(cache):
     torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
 
 
-def test_limit_is_respected(cache):
+def test_explicit_limit_is_respected(cache):
     a, b = _pair(2)
-    outs = [gn.l1_loss(a, b)[1] for _ in range(3)]
-    block = E.cache_info()
-    E._C.host_cache_set_limit(2 * 4 * N + (4 << 20))  # room for about two blocks
-    try:
+    outs = [gn.l1_loss(a, b)[1] for _ in range(3)]  # six live blocks
+    with gn.options(host_cache_mb=(2 * BLOCK) >> 20) as now:  # room for exactly two
+        assert now["host_cache_mb"] == (2 * BLOCK) >> 20
         del outs
         info = E.cache_info()
-        assert info["cached_bytes"] <= info["limit_bytes"], info
-        assert 1 <= info["cached_blocks"] <= 2, (block, info)
-    finally:
-        E._C.host_cache_set_limit(1024 << 20)
+        assert info["limit_bytes"] == 2 * BLOCK and not info["sized_by_use"], info
+        assert info["cached_blocks"] == 2 and info["cached_bytes"] == 2 * BLOCK, info
+        with gn.options(host_cache_mb=0):  # a smaller bound frees what it no longer holds
+            assert E.cache_info()["cached_blocks"] == 0
+    assert gn.options()["host_cache_mb"] is None and E.cache_info()["sized_by_use"]
 
 
-def test_bad_limit():
-    with pytest.raises(ValueError, match="limit_bytes"):
-        E._C.host_cache_set_limit(-1)
+def test_default_bound_follows_the_recent_working_set():
+    """In a fresh process with the default rule: k outputs alive at once make the bound k
+    blocks (all k freed blocks are kept); after two windows of requests that hold one
+    block at a time, the bound is one block and the cache keeps one."""
+    code = (
+        "import json, os, torch, genloss.native as gn\n"
+        "from genloss.native import _engine as E\n"
+        f"a = torch.randn({N}); b = torch.randn({N})\n"
+        "outs = [gn.l1_loss(a, b)[1] for _ in range(3)]\n"
+        "held = E.cache_info()\n"
+        "del outs\n"
+        "freed = E.cache_info()\n"
+        "for _ in range(2 * freed['window_requests']):\n"
+        "    gn.l1_loss(a, b, need_grad=(True, False))\n"
+        "print(json.dumps([held, freed, E.cache_info()]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GENLOSS_HOST_CACHE_MB", "GENLOSS_HUGE_PAGES")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    held, freed, later = json.loads(out.stdout)
+    cap = min(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8, 4 << 30)
+    assert held["cap_bytes"] == cap and held["sized_by_use"], held
+    assert held["live_bytes"] == 6 * BLOCK and held["limit_bytes"] == min(6 * BLOCK, cap), held
+    assert freed["cached_blocks"] == 6 and freed["cached_bytes"] == 6 * BLOCK, freed
+    assert later["limit_bytes"] == BLOCK and later["cached_blocks"] == 1, later
+    assert later["hits"] >= 2 * freed["window_requests"], later  # the loop reused its block
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(-1, ValueError), (1.5, TypeError), ("64", TypeError), (True, TypeError)]
+)
+def test_bad_bound(value, error):
+    with pytest.raises(error, match="host_cache_mb"):
+        gn.options(host_cache_mb=value)
 
 
 @pytest.mark.parametrize(

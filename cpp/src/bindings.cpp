@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu_config.h"
 #include "dlpack.h"
 #include "genloss/engine.h"
 
@@ -31,7 +32,7 @@ void run(int device, int device_id, std::uintptr_t stream, const Args& a, CpuFn 
   if (device == 0) {
     cpu_fn(a);
   } else {
-    cuda::set_device(device_id);
+    const cuda::DeviceGuard guard(device_id);
     cuda_fn(a, P(stream));
   }
 }
@@ -119,27 +120,81 @@ void gmm(int device, int device_id, std::uintptr_t stream, int dtype, std::uintp
 // Reads a DLPack capsule without consuming it (its owner keeps the memory alive
 // as long as the capsule lives; Python holds it for the duration of the call).
 // Returns (data_ptr, dtype_code, bits, lanes, device_type, device_id, shape, strides).
-py::tuple dlpack_info(py::capsule cap) {
-  const char* name = cap.name();
-  if (name == nullptr) throw py::type_error("not a DLPack capsule");
-  const std::string n(name);
+// The capsule comes from any producer's __dlpack__, so nothing in it is trusted
+// before it is checked: errors name the argument (`name`) and say what was expected.
+// DLPack gives no length for the shape/strides arrays, so a producer whose ndim
+// exceeds them cannot be detected; ndim is bounded by kMaxDims (NumPy's limit) so
+// that a garbage ndim is refused instead of read.
+constexpr int kMaxDims = 64;
+
+py::tuple dlpack_info(const py::object& cap, const std::string& name) {
+  const std::string want = name + " must give an unconsumed DLPack capsule from __dlpack__";
+  if (!PyCapsule_CheckExact(cap.ptr()))
+    throw py::type_error(want + ", got " + std::string(Py_TYPE(cap.ptr())->tp_name));
+  const char* cname = PyCapsule_GetName(cap.ptr());
+  if (cname == nullptr) {
+    PyErr_Clear();
+    throw py::type_error(want + ", got a capsule without a name");
+  }
+  const std::string n(cname);
+  if (n == "used_dltensor" || n == "used_dltensor_versioned")
+    throw py::type_error(want + ", got one already consumed (name '" + n + "'): call __dlpack__ again");
+  if (n != "dltensor" && n != "dltensor_versioned") throw py::type_error(want + ", got a capsule named '" + n + "'");
+  void* p = PyCapsule_GetPointer(cap.ptr(), cname);
+  if (p == nullptr) {
+    PyErr_Clear();
+    throw py::type_error(want + ", got a '" + n + "' capsule holding a null pointer");
+  }
   DLTensor* t = nullptr;
   if (n == "dltensor") {
-    t = &static_cast<DLManagedTensor*>(cap.get_pointer())->dl_tensor;
-  } else if (n == "dltensor_versioned") {
-    t = &static_cast<DLManagedTensorVersioned*>(cap.get_pointer())->dl_tensor;
+    t = &static_cast<DLManagedTensor*>(p)->dl_tensor;
   } else {
-    throw py::type_error("not an unconsumed DLPack capsule (name '" + n + "')");
+    auto* v = static_cast<DLManagedTensorVersioned*>(p);
+    // another major version may lay the struct out differently: its fields are not read
+    if (v->version.major != 1)
+      throw py::type_error(name + ": DLPack version " + std::to_string(v->version.major) + "." +
+                           std::to_string(v->version.minor) + " is not supported (expected 1.x)");
+    t = &v->dl_tensor;
   }
+  if (t->ndim < 0 || t->ndim > kMaxDims)
+    throw py::value_error(name + ": DLPack ndim must be in [0, " + std::to_string(kMaxDims) + "], got " +
+                          std::to_string(t->ndim));
+  if (t->ndim > 0 && t->shape == nullptr)
+    throw py::value_error(name + ": DLPack tensor has ndim " + std::to_string(t->ndim) + " but no shape array");
   py::list shape, strides;
-  for (int i = 0; i < t->ndim; ++i) shape.append(t->shape[i]);
+  bool empty = false;
+  for (int i = 0; i < t->ndim; ++i) {
+    if (t->shape[i] < 0)
+      throw py::value_error(name + ": DLPack shape must be >= 0 in every dimension, got " +
+                            std::to_string(t->shape[i]) + " in dimension " + std::to_string(i));
+    empty = empty || t->shape[i] == 0;
+    shape.append(t->shape[i]);
+  }
   if (t->strides)
     for (int i = 0; i < t->ndim; ++i) strides.append(t->strides[i]);
+  if (t->data == nullptr && !empty)
+    throw py::value_error(name + ": DLPack tensor has a null data pointer but holds elements");
   const std::uintptr_t data = reinterpret_cast<std::uintptr_t>(t->data) + t->byte_offset;
   return py::make_tuple(data, static_cast<int>(t->dtype.code), static_cast<int>(t->dtype.bits),
                         static_cast<int>(t->dtype.lanes), static_cast<int>(t->device.device_type),
                         static_cast<int>(t->device.device_id), py::tuple(shape),
                         t->strides ? py::object(py::tuple(strides)) : py::object(py::none()));
+}
+
+// The runtime settings (cpu_config.h) for genloss.native.options, which validates
+// what it sets.
+py::dict config() {
+  py::dict d;
+  d["isa"] = std::string(cpu::isa());
+  d["isa_forced"] = std::string(cpu::isa_forced());
+  d["threads"] = cpu::threads();
+  d["threads_setting"] = cpu::threads_setting();
+  d["forked"] = cpu::forked_child();
+  d["stream_min_bytes"] = cpu::stream_min_bytes();
+  d["nt_stores"] = cpu::nt_stores();
+  d["huge_pages"] = cpu::huge_pages();
+  d["host_cache_mb"] = cpu::host_cache_mb();
+  return d;
 }
 
 py::dict build_info() {
@@ -151,7 +206,7 @@ py::dict build_info() {
 #else
   d["openmp"] = false;
 #endif
-  d["omp_max_threads"] = cpu::max_threads();
+  d["omp_max_threads"] = cpu::threads();
 #ifdef GENLOSS_CUDA_ARCHS
   d["cuda_archs"] = std::string(GENLOSS_CUDA_ARCHS);
 #else
@@ -178,14 +233,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("col_broadcast", &col_broadcast);
   m.def("row_lse",       &row_lse);
   m.def("gmm",           &gmm);
-  m.def("dlpack_info",   &dlpack_info);
+  m.def("dlpack_info",   &dlpack_info, py::arg("cap"), py::arg("name") = "array");
   m.def("build_info",    &build_info);
-  m.def("set_num_threads", &cpu::set_threads);
-  m.def("get_num_threads", &cpu::max_threads);
-  m.def("stream_min_bytes", &cpu::stream_min_bytes);
+  m.def("config",        &config);
+  m.def("config_warnings", &cpu::config_warnings);
+  m.def("set_threads",   &cpu::set_threads);
   m.def("set_stream_min_bytes", &cpu::set_stream_min_bytes);
+  m.def("set_nt_stores", &cpu::set_nt_stores);
+  m.def("set_huge_pages", &cpu::set_huge_pages);
+  m.def("set_host_cache_mb", &cpu::set_host_cache_mb);
   m.def("streamed_calls", &cpu::streamed_calls);
-  m.def("set_stream_plain_only", &cpu::set_stream_plain_only);
   // clang-format on
   py::dict ids;
 #define GENLOSS_ID(id, type) ids[#id + 1] = static_cast<int>(id);

@@ -44,7 +44,7 @@ void mmd(int device, int device_id, std::uintptr_t stream, int dtype, int kernel
   if (device == 0) {
     genloss::cpu::mmd(a);
   } else {
-    genloss::cuda::set_device(device_id);
+    const genloss::cuda::DeviceGuard guard(device_id);
     genloss::cuda::mmd(a, P(stream));
   }
 }

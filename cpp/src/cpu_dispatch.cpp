@@ -1,17 +1,12 @@
 // cpu_dispatch.cpp — picks, once, the widest instruction-set build of the CPU
 // engine that this processor runs (a wheel built here must not assume the
 // build machine's -march=native).
-#include <atomic>
-#include <cstdlib>
 #include <cstring>
 
+#include "cpu_config.h"
 #include "cpu_table.h"
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace genloss {
 namespace cpu {
@@ -32,8 +27,9 @@ struct Choice {
 };
 
 Choice choose() {
-  // GENLOSS_ISA=sse2|avx2|avx512 forces a narrower build (tests, benchmarks).
-  const char* force = std::getenv("GENLOSS_ISA");
+  // GENLOSS_ISA=sse2|avx2|avx512 forces a narrower build (tests, benchmarks; read by
+  // config.cpp).
+  const char* force = *isa_forced() != '\0' ? isa_forced() : nullptr;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
@@ -81,56 +77,6 @@ void mmd(const MmdArgs& a) {  // genloss/mmd.h: its own entry, outside CpuTable
 }
 const char* isa() {
   return chosen().name;
-}
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-void set_threads(int n) {
-#ifdef _OPENMP
-  omp_set_num_threads(n);
-#else
-  (void)n;
-#endif
-}
-
-namespace {
-int64_t initial_stream_min_bytes() {
-  const char* env = std::getenv("GENLOSS_STREAM_MIN_BYTES");
-  if (env && *env) {
-    char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
-    if (end && *end == '\0') return v;
-  }
-  return int64_t{2} << 20;
-}
-std::atomic<int64_t> g_stream_min_bytes{initial_stream_min_bytes()};
-std::atomic<int64_t> g_streamed_calls{0};
-std::atomic<bool> g_stream_plain_only{false};
-}  // namespace
-
-int64_t stream_min_bytes() {
-  return g_stream_min_bytes.load(std::memory_order_relaxed);
-}
-void set_stream_min_bytes(int64_t n) {
-  g_stream_min_bytes.store(n, std::memory_order_relaxed);
-}
-int64_t streamed_calls() {
-  return g_streamed_calls.load(std::memory_order_relaxed);
-}
-void count_streamed_call() {
-  g_streamed_calls.fetch_add(1, std::memory_order_relaxed);
-}
-bool stream_plain_only() {
-  return g_stream_plain_only.load(std::memory_order_relaxed);
-}
-void set_stream_plain_only(bool on) {
-  g_stream_plain_only.store(on, std::memory_order_relaxed);
 }
 
 }  // namespace cpu

@@ -31,6 +31,7 @@ __attribute__((simd("notinbranch"))) float tanhf(float) noexcept;
 }
 #endif
 
+#include "cpu_config.h"
 #include "cpu_table.h"
 #include "genloss/engine.h"
 
@@ -47,11 +48,6 @@ namespace cpu {
 namespace GENLOSS_ISA {
 
 namespace {
-
-// Below this many elements a call runs on one thread: forking costs more.
-constexpr int64_t kParallelMin = 1 << 15;
-// Independent accumulators per chunk; the same on every ISA.
-constexpr int kLanes = 16;
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
@@ -80,7 +76,6 @@ double lanes_sum(const T* acc) {
 // 64-byte aligned too (the caller checks). x86 only; elsewhere plain stores. A
 // chunk that streams ends with a store fence, so its blocks are visible to any
 // thread that synchronises with this one afterwards (the OpenMP barrier).
-constexpr uintptr_t kStreamAlign = 64;
 template <bool NT, class T>
 GENLOSS_HD void put_block(T* dst, const T* src) {
   constexpr int kBytes = kLanes * static_cast<int>(sizeof(T));
@@ -104,13 +99,12 @@ GENLOSS_HD void put_block(T* dst, const T* src) {
 #endif
   }
 }
-// The buffered loop (large calls) also prefetches its inputs kPrefetchBytes ahead,
+// The chunk loop also prefetches its inputs kPrefetchBytes ahead,
 // one line per input per 64 bytes of block: a large call reads its inputs from
 // DRAM, and the hardware prefetchers alone leave a core short of requests in
 // flight (native diffusion_mse_loss fwd+bwd on (64, 4, 64, 64), inputs cold: 7-9 %
 // faster on the 2-core Xeon VM, bench/README.md). A hint: it changes no result,
 // and reading past an input's end is harmless (a prefetch never faults).
-constexpr int64_t kPrefetchBytes = 4096;
 template <class T>
 inline void prefetch_block(const T* x) {
 #if defined(__SSE2__)
@@ -127,19 +121,35 @@ inline void stream_fence() {
 #endif
 }
 
-// How a chunk writes its outputs. kDirect: each lane stores its results where
-// they belong (calls below the streaming threshold). kBuffered / kStreamed (calls
-// above it): each block of kLanes results is computed into local buffers and then
-// put to memory with plain / streaming stores; the two run the same arithmetic, so
-// a call's results do not depend on which of its chunks are aligned enough to
-// stream. (kDirect may round differently in the last bit: GCC is free to contract
-// a * b + c into an FMA in one vectorised loop and not in another.)
-enum Store : int { kDirect = 0, kBuffered = 1, kStreamed = 2 };
+// A block's results go to memory with streaming stores (`nt`: a call above the
+// streaming threshold whose chunk outputs are 64-byte aligned) or plain ones: a
+// branch per block, outside the vectorised loop.
+template <class T>
+inline void put(T* dst, const T* src, bool nt) {
+  if (nt)
+    put_block<true>(dst, src);
+  else
+    put_block<false>(dst, src);
+}
+
+// How a chunk writes its outputs. kDirect (calls below the streaming threshold):
+// each lane stores its results where they belong. kBuffered (calls above it): each
+// block of kLanes results is computed into local buffers, then put to memory with
+// streaming stores where the chunk's outputs are 64-byte aligned (`nt`), plain ones
+// elsewhere: one loop, a branch per block, so a call's bits do not depend on which
+// chunks stream nor on the streaming switch. The two loops run the same arithmetic
+// (no FP contraction: CMakeLists.txt), so they agree bit for bit wherever the
+// functor is plain arithmetic; a functor calling exp/log1p/expm1/tanh may differ in
+// the last bit between them where GCC vectorises one loop (libmvec) and not the
+// other (glibc's scalar function). (One buffered loop for every call was tried: small
+// calls, whose outputs stay in cache, ran 2-3x slower.)
+enum Store : int { kDirect = 0, kBuffered = 1 };
 
 // One chunk of map_reduce: returns the sum of f over [0, n) and writes the
 // gradients (and elementwise values) that are asked for.
 template <class F, class T, bool WG, int S>
-double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, double* dsum) {
+double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, bool nt,
+             double* dsum) {
   constexpr int N = F::arity;
   const T* __restrict x[N];
   T* __restrict g[N];
@@ -164,12 +174,12 @@ double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<
   };
   int64_t i = 0;
   if constexpr (S == kDirect) {
+    (void)nt;
     for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
       for (int j = 0; j < kLanes; ++j) body(i + j, j, g, ev, i + j);
     }
   } else {
-    constexpr bool kNT = S == kStreamed;
     alignas(kStreamAlign) T gb[N][kLanes];
     alignas(kStreamAlign) T eb[kLanes];
     T* __restrict gbp[N];
@@ -179,11 +189,11 @@ double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<
       for (int a = 0; a < N; ++a) prefetch_block(x[a] + i);
 #pragma omp simd
       for (int j = 0; j < kLanes; ++j) body(i + j, j, gbp, ebp, j);
-      if (ev) put_block<kNT>(ev + i, eb);
+      if (ev) put(ev + i, eb, nt);
       for (int a = 0; a < N; ++a)
-        if (gbp[a]) put_block<kNT>(g[a] + i, gb[a]);
+        if (gbp[a]) put(g[a] + i, gb[a], nt);
     }
-    if constexpr (kNT) stream_fence();
+    if (nt) stream_fence();
   }
   for (int j = 0; i < n; ++i, ++j) body(i, j, g, ev, i);
   if (WG && dsum) *dsum = lanes_sum(accd);
@@ -217,12 +227,13 @@ const double* table_row(const MapReduceArgs& a, int64_t r) {
 
 // One chunk with the functor the row asks for (F, or F::Alt where flagged).
 template <class F, class T, bool WG, int S>
-double row_chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go,
+double row_chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, bool nt,
                  double* dsum) {
   if constexpr (has_alt<F>::value) {
-    if (p.rp && p.rp[F::alt_flag] != 0.0) return chunk<typename F::Alt, T, WG, S>(in, grad, ev, n, p, vs, gs, go, dsum);
+    if (p.rp && p.rp[F::alt_flag] != 0.0)
+      return chunk<typename F::Alt, T, WG, S>(in, grad, ev, n, p, vs, gs, go, nt, dsum);
   }
-  return chunk<F, T, WG, S>(in, grad, ev, n, p, vs, gs, go, dsum);
+  return chunk<F, T, WG, S>(in, grad, ev, n, p, vs, gs, go, nt, dsum);
 }
 
 bool stream_aligned(const void* p) {
@@ -247,16 +258,17 @@ void map_reduce_t(const MapReduceArgs& a) {
   double* dpart = part + ntask;
   double* rowv = dpart + ntask;
   const bool par = rows * cols >= kParallelMin && ntask > 1;
-  // Calls that write enough take the buffered loop and stream where aligned (see
-  // stream_min_bytes in engine.h); smaller ones the direct loop.
+  // Calls that write enough take the buffered loop and stream their outputs where
+  // 64-byte aligned (see stream_min_bytes in cpu_config.h); smaller ones the direct
+  // loop. nt_stores() false keeps the buffered loop but stores plainly.
   int outputs = ev ? 1 : 0;
   for (int q = 0; q < N; ++q) outputs += (WG && a.grad[q]) ? 1 : 0;
   const int64_t min_bytes = stream_min_bytes();
   const bool large = min_bytes >= 0 && outputs > 0 &&
                      static_cast<double>(outputs) * static_cast<double>(rows * cols) * sizeof(T) >= double(min_bytes);
-  const bool stream = large && !stream_plain_only();  // else every chunk kBuffered (tests)
-  std::atomic<bool> streamed{false};                  // some chunk streamed (64-byte aligned outputs)
-#pragma omp parallel for schedule(static) if (par)
+  const bool stream = large && nt_stores();
+  std::atomic<bool> streamed{false};  // some chunk streamed (64-byte aligned outputs)
+#pragma omp parallel for schedule(static) num_threads(threads()) if (par)
   for (int64_t t = 0; t < ntask; ++t) {
     const int64_t r = t / cpr, c = t % cpr;
     const int64_t begin = r * cols + c * kChunk;
@@ -275,9 +287,8 @@ void map_reduce_t(const MapReduceArgs& a) {
     double ds = 0.0;
     T* e = ev ? ev + begin : nullptr;
     if (aligned) streamed.store(true, std::memory_order_relaxed);
-    part[t] = aligned ? row_chunk<F, T, WG, kStreamed>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds)
-              : large ? row_chunk<F, T, WG, kBuffered>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds)
-                      : row_chunk<F, T, WG, kDirect>(xs, gs_, e, len, p, vs * wr, gs * wr, go, &ds);
+    part[t] = large ? row_chunk<F, T, WG, kBuffered>(xs, gs_, e, len, p, vs * wr, gs * wr, go, aligned, &ds)
+                    : row_chunk<F, T, WG, kDirect>(xs, gs_, e, len, p, vs * wr, gs * wr, go, false, &ds);
     dpart[t] = ds * static_cast<double>(wr);
   }
   if (streamed.load(std::memory_order_relaxed)) count_streamed_call();
@@ -339,7 +350,7 @@ void row_scale_t(const RowScaleArgs& a) {
   const int64_t n = a.rows * a.cols;
   const T s = T(a.scale);
   const bool acc = a.accumulate != 0;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(threads()) if (n >= kParallelMin)
   for (int64_t r = 0; r < a.rows; ++r) {
     const T c = coef ? s * coef[r] : s;
     const T* xr = x + r * a.cols;
@@ -368,7 +379,7 @@ void col_sum_t(const ColSumArgs& a) {
   // Blocks of columns in parallel; each column sums its rows in order in double.
   constexpr int64_t kColBlock = 64;
   const int64_t nb = ceil_div(a.cols, kColBlock);
-#pragma omp parallel for schedule(static) if (a.rows * a.cols >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(threads()) if (a.rows * a.cols >= kParallelMin)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t j0 = b * kColBlock, j1 = std::min(a.cols, j0 + kColBlock);
     double acc[kColBlock] = {};
@@ -393,7 +404,7 @@ void col_broadcast_t(const ColBroadcastArgs& a) {
   T* out = ptr<T>(a.out);
   const T s = T(a.scale);
   const bool acc = a.accumulate != 0;
-#pragma omp parallel for schedule(static) if (a.rows * a.cols >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(threads()) if (a.rows * a.cols >= kParallelMin)
   for (int64_t r = 0; r < a.rows; ++r) {
     T* orow = out + r * a.cols;
     if (acc) {
@@ -415,44 +426,22 @@ int64_t label_at(const RowLseArgs& a, int64_t r) {
   return a.label_type == kInt32 ? static_cast<const int32_t*>(a.labels)[r] : static_cast<const int64_t*>(a.labels)[r];
 }
 
-// One row of the log-sum-exp losses, in double for the row statistics.  (GAN.15)
+// One row of the log-sum-exp losses, in double for the row statistics; the math
+// (modes, stable form) is ops::LseRow, shared with the CUDA engine.  (GAN.15, GAN.19)
 template <class T>
 double row_lse_one(const RowLseArgs& a, int64_t r, T* grad) {
   const int64_t K = a.K;
   const T* l = cptr<T>(a.logits) + r * K;
-  double m = l[0], mr = l[0];
-  for (int64_t k = 1; k < K; ++k) {
-    m = std::max(m, static_cast<double>(l[k]));
-    if (k < K - 1) mr = std::max(mr, static_cast<double>(l[k]));
-  }
-  double s = 0.0, sr = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    s += ::exp(static_cast<double>(l[k]) - m);
-    if (k < K - 1) sr += ::exp(static_cast<double>(l[k]) - mr);
-  }
-  const double lse = m + ::log(s);
-  const double lse_r = mr + ::log(sr);
-  int64_t target = a.mode == 0 ? label_at(a, r) : a.index;
-  double v;
-  if (a.mode == 2)
-    v = lse - lse_r;
-  else if (a.mode == 3)
-    v = lse - ::log(static_cast<double>(K));
-  else
-    v = lse - static_cast<double>(l[target]);
+  const bool labeled = a.mode == ops::kLseLabel || a.mode == ops::kLseRealLabel;
+  const int64_t target = labeled ? label_at(a, r) : a.index;
+  ops::LseRow row;
+  for (int64_t k = 0; k < K; ++k) row.max(ops::lse_role(a.mode, k, K, target), static_cast<double>(l[k]));
+  for (int64_t k = 0; k < K; ++k) row.add(ops::lse_role(a.mode, k, K, target), static_cast<double>(l[k]));
+  const double v = row.finish(a.mode, K);
   if (grad) {
     T* g = grad + r * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const double soft = ::exp(static_cast<double>(l[k]) - lse);
-      double tgt;
-      if (a.mode == 2)
-        tgt = k < K - 1 ? ::exp(static_cast<double>(l[k]) - lse_r) : 0.0;
-      else if (a.mode == 3)
-        tgt = 0.0;
-      else
-        tgt = k == target ? 1.0 : 0.0;
-      g[k] = static_cast<T>(a.grad_scale * (soft - tgt));
-    }
+    for (int64_t k = 0; k < K; ++k)
+      g[k] = static_cast<T>(a.grad_scale * row.grad(a.mode, ops::lse_role(a.mode, k, K, target), l[k]));
   }
   return v;
 }
@@ -462,7 +451,7 @@ void row_lse_t(const RowLseArgs& a) {
   std::vector<double>& buf = scratch(static_cast<size_t>(a.rows));
   double* rowv = buf.data();
   T* grad = ptr<T>(a.grad);
-#pragma omp parallel for schedule(static) if (a.rows * a.K >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(threads()) if (a.rows * a.K >= kParallelMin)
   for (int64_t r = 0; r < a.rows; ++r) rowv[r] = row_lse_one<T>(a, r, grad);
   const double total = pairwise(rowv, a.rows);
   if (a.out_value) {
@@ -485,7 +474,6 @@ void row_lse(const RowLseArgs& a) {
 }
 
 // ---- Gaussian mixtures (VAE.11) -------------------------------------------------
-constexpr int64_t kGmmChunk = 1024;  // points per chunk of the parameter sums
 
 template <class T>
 void gmm_t(const GmmArgs& a) {
@@ -498,11 +486,13 @@ void gmm_t(const GmmArgs& a) {
     double m = lg[0];
     for (int64_t k = 1; k < K; ++k) m = std::max(m, static_cast<double>(lg[k]));
     double s = 0.0;
-    for (int64_t k = 0; k < K; ++k) s += ::exp(static_cast<double>(lg[k]) - m);
-    const double lse = m + ::log(s);
+    // log softmax shifted by the maximum (ops::lse_shift: a +inf logit is a weight-1
+    // component, not inf - inf = NaN).                                   (VAE.11)
+    for (int64_t k = 0; k < K; ++k) s += ::exp(ops::lse_shift(static_cast<double>(lg[k]), m));
+    const double log_s = ::log(s);
     const double log2pi = 1.8378770664093453;
     for (int64_t k = 0; k < K; ++k) {
-      logpi[k] = static_cast<double>(lg[k]) - lse;
+      logpi[k] = ops::lse_shift(static_cast<double>(lg[k]), m) - log_s;
       double c = 0.0;
       for (int64_t d = 0; d < D; ++d) {
         const double lv = static_cast<double>(cptr<T>(a.logvars)[k * D + d]);
@@ -521,7 +511,7 @@ void gmm_t(const GmmArgs& a) {
   T* gx = ptr<T>(a.grad_x);
   T* resp = ptr<T>(a.resp);
   const T* rw = cptr<T>(a.row_weights);
-#pragma omp parallel for schedule(static) if (N * K * D >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(threads()) if (N * K * D >= kParallelMin)
   for (int64_t c = 0; c < nch; ++c) {
     std::vector<double> lp(K), gxd(D);
     double* S0 = pgrad ? part.data() + c * stride : nullptr;
@@ -590,7 +580,7 @@ void gmm_t(const GmmArgs& a) {
   double wsum = 0.0;  // sum_n w_n = sum_k S0_k (responsibilities sum to 1)
   for (int64_t k = 0; k < K; ++k)
     for (int64_t c = 0; c < nch; ++c) wsum += part[c * stride + k];
-#pragma omp parallel for schedule(static) if (nch * stride >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(threads()) if (nch * stride >= kParallelMin)
   for (int64_t e = 0; e < stride; ++e) {
     double acc = 0.0;
     for (int64_t c = 0; c < nch; ++c) acc += part[c * stride + e];

@@ -15,9 +15,10 @@ namespace {
 bool built() {
   return false;
 }
-void set_device(int) {
+DeviceGuard::DeviceGuard(int) {
   unavailable();
 }
+DeviceGuard::~DeviceGuard() = default;
 void map_reduce(const MapReduceArgs&, void*) {
   unavailable();
 }

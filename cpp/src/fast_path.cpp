@@ -25,6 +25,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu_config.h"
 #include "genloss/engine.h"
 
 namespace py = pybind11;
@@ -33,8 +34,7 @@ namespace genloss {
 
 py::capsule cached_empty(const std::vector<int64_t>& shape, int dtype);  // host_cache.cpp
 
-// Outputs of at least this many bytes come from the output cache (host_cache.cpp).
-constexpr int64_t kHostCacheMinBytes = int64_t(4) << 20;
+using cpu::kHostCacheMinBytes;  // outputs from the output cache from this size on
 
 namespace {
 
@@ -46,7 +46,6 @@ struct Torch {
   PyObject* i32 = nullptr;          // torch.int32
   PyObject* empty_like = nullptr;   // torch.empty_like
   PyObject* from_dlpack = nullptr;  // torch._C._from_dlpack
-  bool cache = true;                // GENLOSS_HUGE_PAGES != "0" (as _engine.py)
 };
 
 // Interned attribute names, created once.
@@ -84,8 +83,6 @@ const Torch* torch_objects() {
     PyErr_Clear();
     return nullptr;
   }
-  const char* env = std::getenv("GENLOSS_HUGE_PAGES");
-  t.cache = env == nullptr || std::strcmp(env, "0") != 0;
   ready = true;  // kept for the life of the process (torch is never unloaded)
   return &t;
 }
@@ -142,6 +139,10 @@ bool read_input(const Torch& t, PyObject* o, Input& in, bool integer = false) {
   in.ptr = PyLong_AsVoidPtr(p);
   Py_DECREF(p);
   if (PyErr_Occurred()) return PyErr_Clear(), false;
+  // A view not aligned to its element size would reach the kernels' typed loads (undefined
+  // behaviour): the Python path copies it to an aligned array.
+  const size_t itemsize = integer ? (code == 0 ? 8 : 4) : (code == 0 ? 4 : 8);
+  if (reinterpret_cast<uintptr_t>(in.ptr) % itemsize != 0) return false;
   in.obj = o;
   in.code = code;
   in.rows = in.shape[0];
@@ -157,7 +158,7 @@ py::object alloc(const Torch& t, const Input& like, const std::vector<int64_t>& 
   int64_t n = 1;
   for (int64_t s : shape) n *= s;
   PyObject* out = nullptr;
-  if (t.cache && n * (like.code == 0 ? 4 : 8) >= kHostCacheMinBytes) {
+  if (cpu::huge_pages() && n * (like.code == 0 ? 4 : 8) >= kHostCacheMinBytes) {  // as _engine.empty
     py::capsule cap = cached_empty(shape, like.code);
     out = PyObject_CallOneArg(t.from_dlpack, cap.ptr());
   } else if (shape == like.shape) {

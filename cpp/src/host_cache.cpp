@@ -11,23 +11,33 @@
 //    rounded size reuses it with its pages already mapped, as a CUDA caching
 //    allocator does. In a training loop the gradients of step k are freed by
 //    zero_grad(set_to_none=True) and step k+1 takes the same blocks back.
-// The cache holds at most limit bytes of free blocks (GENLOSS_HOST_CACHE_MB,
-// default 1024; 0 disables it); genloss.native.empty_cache() frees them all.
+// Bound on the free blocks kept, by default sized by use: the largest working set of
+// recent calls, i.e. the most bytes of cached-size outputs alive at once during the
+// current and the previous window of kWindow block requests, capped at
+// min(physical memory / 8, 4 GiB). A training loop's gradients of step k are all
+// alive together before zero_grad, so step k+1 finds every block it needs; a phase
+// that used more (a larger evaluation batch) stops pinning memory two windows after
+// it ends. genloss.native.options(host_cache_mb=...) (GENLOSS_HOST_CACHE_MB) sets a
+// fixed bound instead (0: no reuse); genloss.native.empty_cache() frees every block.
 // Thread-safe: the deleter may run on any thread, without the GIL.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <new>
 #include <vector>
 
+#include "cpu_config.h"
 #include "dlpack.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace py = pybind11;
@@ -52,28 +62,77 @@ int64_t advise(void* p, std::size_t nbytes) {
 #endif
 }
 
+// Block requests per window of the use-sized bound.
+constexpr int64_t kWindow = 1024;
+
+// The use-sized bound's cap: an eighth of physical memory, at most 4 GiB.
+std::size_t auto_cap() {
+  std::size_t cap = std::size_t(4) << 30;
+#if defined(__linux__)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) cap = std::min(cap, static_cast<std::size_t>(pages) * static_cast<std::size_t>(page) / 8);
+#endif
+  return cap;
+}
+
 struct Cache {
   std::mutex m;
   std::multimap<std::size_t, void*> free_blocks;  // rounded size -> block
-  std::size_t cached = 0;
-  std::size_t limit = 0;
-  int64_t hits = 0, misses = 0;
+  std::size_t cached = 0;                         // bytes in free_blocks
+  std::size_t live = 0;                           // bytes handed out and not yet released
+  std::size_t peak = 0, peak_prev = 0;            // most bytes live: this window, the last one
+  int64_t requests = 0, hits = 0, misses = 0;
+  const std::size_t cap = auto_cap();
+
+  // The bound on cached bytes now (m held).
+  std::size_t limit() const {
+    const int64_t mb = cpu::host_cache_mb();
+    if (mb >= 0) return static_cast<std::size_t>(mb) << 20;
+    return std::min(std::max(peak, peak_prev), cap);
+  }
+
+  // Takes free blocks out until the cached bytes fit the bound (m held); the caller
+  // frees them after unlocking.
+  void trim(std::vector<void*>& drop) {
+    const std::size_t lim = limit();
+    while (cached > lim && !free_blocks.empty()) {
+      auto it = std::prev(free_blocks.end());  // the largest first: fewest frees
+      cached -= it->first;
+      drop.push_back(it->second);
+      free_blocks.erase(it);
+    }
+  }
 
   void* acquire(std::size_t bytes) {
+    std::vector<void*> drop;
+    void* p = nullptr;
     {
       std::lock_guard<std::mutex> g(m);
+      if (++requests % kWindow == 0) {  // a new window: forget the older peak
+        peak_prev = peak;
+        peak = live;
+        trim(drop);
+      }
+      live += bytes;
+      peak = std::max(peak, live);
       auto it = free_blocks.find(bytes);
       if (it != free_blocks.end()) {
-        void* p = it->second;
+        p = it->second;
         free_blocks.erase(it);
         cached -= bytes;
         ++hits;
-        return p;
+      } else {
+        ++misses;
       }
-      ++misses;
     }
-    void* p = std::aligned_alloc(kHuge, bytes);
-    if (p == nullptr) throw std::bad_alloc();
+    for (void* q : drop) std::free(q);
+    if (p != nullptr) return p;
+    p = std::aligned_alloc(kHuge, bytes);
+    if (p == nullptr) {
+      std::lock_guard<std::mutex> g(m);
+      live -= bytes;
+      throw std::bad_alloc();
+    }
     advise(p, bytes);
     return p;
   }
@@ -81,13 +140,23 @@ struct Cache {
   void release(void* p, std::size_t bytes) {
     {
       std::lock_guard<std::mutex> g(m);
-      if (cached + bytes <= limit) {
+      live -= bytes;
+      if (cached + bytes <= limit()) {
         free_blocks.emplace(bytes, p);
         cached += bytes;
         return;
       }
     }
     std::free(p);
+  }
+
+  void apply_limit() {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> g(m);
+      trim(drop);
+    }
+    for (void* q : drop) std::free(q);
   }
 
   void clear() {
@@ -102,13 +171,7 @@ struct Cache {
 };
 
 Cache& cache() {
-  static Cache* c = [] {
-    auto* x = new Cache();  // never destroyed: tensors may outlive module teardown
-    const char* env = std::getenv("GENLOSS_HOST_CACHE_MB");
-    const long long mb = env != nullptr ? std::atoll(env) : 1024;
-    x->limit = mb > 0 ? static_cast<std::size_t>(mb) << 20 : 0;
-    return x;
-  }();
+  static Cache* c = new Cache();  // never destroyed: tensors may outlive module teardown
   return *c;
 }
 
@@ -182,23 +245,23 @@ py::dict cache_info() {
   py::dict d;
   d["cached_bytes"] = c.cached;
   d["cached_blocks"] = c.free_blocks.size();
-  d["limit_bytes"] = c.limit;
+  d["limit_bytes"] = c.limit();
+  d["sized_by_use"] = cpu::host_cache_mb() < 0;
+  d["live_bytes"] = c.live;
+  d["recent_peak_bytes"] = std::max(c.peak, c.peak_prev);
+  d["cap_bytes"] = c.cap;
+  d["window_requests"] = kWindow;
   d["hits"] = c.hits;
   d["misses"] = c.misses;
   return d;
 }
 
-void set_limit(int64_t bytes) {
-  if (bytes < 0) throw py::value_error("limit_bytes must be >= 0");
-  Cache& c = cache();
-  {
-    std::lock_guard<std::mutex> g(c.m);
-    c.limit = static_cast<std::size_t>(bytes);
-  }
-  c.clear();
+}  // namespace
+
+void host_cache_apply_limit() {
+  cache().apply_limit();
 }
 
-}  // namespace
 }  // namespace genloss
 
 using namespace genloss;
@@ -207,7 +270,6 @@ void bind_host_cache(py::module_& m) {
   m.def("cached_empty", &cached_empty, py::arg("shape"), py::arg("dtype"));
   m.def("host_cache_info", &cache_info);
   m.def("host_cache_clear", [] { cache().clear(); });
-  m.def("host_cache_set_limit", &set_limit, py::arg("limit_bytes"));
   m.def(
       "advise_huge_pages",
       [](std::uintptr_t ptr, int64_t nbytes) {

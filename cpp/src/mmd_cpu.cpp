@@ -33,6 +33,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu_config.h"
 #include "genloss/mmd.h"
 
 #ifdef _OPENMP
@@ -92,6 +93,9 @@ struct Ctx {
   std::vector<T> zt[2];   // D x np, transposed (both bodies)
   std::vector<T> zr[2];   // np x Dp, rows (blocked body)
   std::vector<T> nrm[2];  // np, squared norms (blocked body)
+  // The inputs as given, (n, D) rows: the near pairs' differences (blocked body) are taken
+  // from them, not from the centred copies, whose rounding (~eps |z|) would swamp them.
+  const T* raw[2] = {nullptr, nullptr};
 };
 
 template <int KER, class T>
@@ -334,6 +338,43 @@ struct Scratch {
   explicit Scratch(int64_t Dp) : G(kT * kT), V(kT * Dp), U(kT * Dp), Wr(kT), Wc(kT), buf(3 * kT) {}
 };
 
+// Blocked body: a pair is "near" when r2 < kNearPair (|a|^2 + |b|^2) (centred
+// coordinates). Outside that set the relative rounding error of the expansion's
+// r2 is at most ~(D + 3) eps / kNearPair; inside it (coincident points: r2 is all
+// rounding) the pair is evaluated from its differences. Data spread in D > 4 has
+// few such pairs (r2 / (|a|^2 + |b|^2) ~ 1 for most pairs).          (DIV.11)
+constexpr double kNearPair = 1.0 / 16.0;
+
+// The near pairs of one tile row (flag nf[jj] != 0, jj != jskip), from the
+// differences a - z_j of the INPUT coordinates (a: the row point's, Z: the tile's
+// first column point's, rows of D; exact for close points, Sterbenz): their kernel
+// values (the returned sum, in column order) and, with gr (the row point's float64
+// gradient) and gc (that of the tile's first column point), gs w (a - z_j) into the
+// row and -gs w (a - z_j) into column j. The tile's GEMM parts carry w = 0 for them.
+template <int KER, class T>
+double near_pairs(const Ctx<T>& cx, const T* a, const T* Z, int64_t nj, int64_t jskip, const T* nf, const T* c, int nbw,
+                  T inv_d, double gs, double* gr, double* gc) {
+  const int64_t D = cx.D;
+  double v = 0.0;
+  for (int64_t jj = 0; jj < nj; ++jj) {
+    if (nf[jj] == T(0) || jj == jskip) continue;
+    const T* z = Z + jj * D;
+    T r2 = 0;
+    for (int64_t d = 0; d < D; ++d) r2 += (a[d] - z[d]) * (a[d] - z[d]);
+    T k, w;
+    kern<KER>(r2, c, nbw, inv_d, k, w);
+    v += static_cast<double>(k);
+    if (!gr) continue;
+    const double gw = gs * static_cast<double>(w);
+    for (int64_t d = 0; d < D; ++d) {
+      const double t = gw * static_cast<double>(a[d] - z[d]);
+      gr[d] += t;
+      if (gc) gc[jj * D + d] -= t;
+    }
+  }
+  return v;
+}
+
 template <int KER, class T>
 double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Scratch<T>& s) {
   constexpr bool kDist = KER != kMmdPolynomial;
@@ -360,6 +401,8 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
   // Kernel values; G becomes the weights w.
   T* Wc = s.Wc.data();
   if (col) std::fill(Wc, Wc + kT, T(0));
+  const int64_t offi = t.si == 0 ? 0 : cx.n[0];
+  const int64_t offj = t.sj == 0 ? 0 : cx.n[0];
   double val = 0.0;
   for (int64_t ii = 0; ii < ni4; ++ii) {
     T* g = G + ii * kT;
@@ -367,27 +410,38 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
     const bool rowok = ii < ni;
     const int64_t jskip = skip ? ii : -1;
     const int64_t jdiag = t.diag ? ii : -1;
-    T v = 0, ws = 0;
+    T v = 0, ws = 0, nnear = 0;
     T* kb = s.buf.data();
     T* wb = kb + kT;
+    // Near pairs (distance kernels, flag nf = 1): the GEMM parts leave them out
+    // and near_pairs() takes them from the exact differences.
+    T* nf = kb + 2 * kT;
+    const T near_frac = static_cast<T>(kNearPair);
     if constexpr (kMultiPass<KER>) {
 #pragma omp simd
       for (int64_t jj = 0; jj < njv; ++jj) {
-        T sv = ni_ + nz[jj] - T(2) * g[jj];
+        const T r = ni_ + nz[jj];
+        T sv = r - T(2) * g[jj];
         sv = sv > T(0) ? sv : T(0);
+        nf[jj] = jj != jdiag && sv < near_frac * r ? T(1) : T(0);
         g[jj] = jj == jdiag ? T(0) : sv;
       }
       bandwidth_passes<KER>(g, njv, c, cx.cs2.data(), nbw, kb, wb);
     }
-#pragma omp simd reduction(+ : v, ws)
+#pragma omp simd reduction(+ : v, ws, nnear)
     for (int64_t jj = 0; jj < njv; ++jj) {
       T sv;
+      bool near = false;
       if constexpr (kMultiPass<KER>) {
         sv = T(0);
+        near = nf[jj] != T(0);
       } else if constexpr (kDist) {
-        sv = ni_ + nz[jj] - T(2) * g[jj];
+        const T r = ni_ + nz[jj];
+        sv = r - T(2) * g[jj];
         sv = sv > T(0) ? sv : T(0);    // cancellation: a distance is never negative
         sv = jj == jdiag ? T(0) : sv;  // and exactly 0 from a point to itself
+        near = jj != jdiag && sv < near_frac * r;
+        nf[jj] = near ? T(1) : T(0);
       } else {
         sv = g[jj];
       }
@@ -400,13 +454,19 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
         kern<KER>(sv, c, nbw, inv_d, k, w);
       }
       const bool ok = rowok && jj < nj && jj != jskip;
-      k = ok ? k : T(0);
-      w = ok ? w : T(0);
+      k = ok && !near ? k : T(0);
+      w = ok && !near ? w : T(0);
+      nnear += ok && near ? T(1) : T(0);
       v += k;
       ws += w;
       g[jj] = w;
     }
-    val += static_cast<double>(v);
+    double vnear = 0.0;
+    if (kDist && nnear > T(0))
+      vnear = near_pairs<KER>(cx, cx.raw[t.si] + (i0 + ii) * D, cx.raw[t.sj] + j0 * D, nj, jskip, nf, c, nbw, inv_d,
+                              grad ? gs : 0.0, grad ? gacc + (offi + i0 + ii) * D : nullptr,
+                              col ? gacc + (offj + j0) * D : nullptr);
+    val += static_cast<double>(v) + vnear;
     s.Wr[ii] = ws;
     if (col) {
 #pragma omp simd
@@ -414,8 +474,6 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
     }
   }
   if (!grad) return val;
-  const int64_t offi = t.si == 0 ? 0 : cx.n[0];
-  const int64_t offj = t.sj == 0 ? 0 : cx.n[0];
   // V = W Z: sum_j w_ij z_j; row gradient x_i W_i - V_i (distance) or V_i.
   T* V = s.V.data();
   std::fill(V, V + ni4 * Dp, T(0));
@@ -556,6 +614,8 @@ void mmd_t(const MmdArgs& a) {
   cx.n[0] = a.N;
   cx.n[1] = a.M;
   const T* src[2] = {static_cast<const T*>(a.x), static_cast<const T*>(a.y)};
+  cx.raw[0] = src[0];
+  cx.raw[1] = src[1];
   // Pooled mean (blocked body, distance kernels): the distances do not change.
   std::vector<double> mean(D, 0.0);
   if (!direct && cx.dist) {
@@ -627,7 +687,7 @@ void mmd_t(const MmdArgs& a) {
   // the thread that uses them).
   std::unique_ptr<double[]> acc(grad ? new double[P * nacc] : nullptr);
   std::vector<double> pval(P, 0.0);
-#pragma omp parallel for schedule(dynamic, 1) if (total_work >= 65536.0)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads()) if (total_work >= 65536.0)
   for (int64_t p = 0; p < P; ++p) {
     double* g = grad ? acc.get() + p * nacc : nullptr;
     if (g) std::fill(g, g + nacc, 0.0);
@@ -650,7 +710,7 @@ void mmd_t(const MmdArgs& a) {
     if (!outs[s]) continue;
     const int64_t off = s == 0 ? 0 : a.N * D, cnt = cx.n[s] * D;
     T* o = outs[s];
-#pragma omp parallel for schedule(static) if (cnt * P >= 65536)
+#pragma omp parallel for schedule(static) num_threads(threads()) if (cnt * P >= 65536)
     for (int64_t e = 0; e < cnt; ++e) {
       double r = 0.0;
       for (int64_t p = 0; p < P; ++p) r += acc[p * nacc + off + e];

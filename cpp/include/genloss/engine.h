@@ -14,6 +14,7 @@
 #include "genloss/common.h"
 #include "genloss/ops/diffusion.h"
 #include "genloss/ops/divergence.h"
+#include "genloss/ops/flow.h"
 #include "genloss/ops/gan.h"
 #include "genloss/ops/vae.h"
 
@@ -80,7 +81,10 @@ namespace genloss {
   X(kVlbKL, ops::VlbKL)                                 \
   X(kVlbKLLearned, ops::VlbKLLearned)                   \
   X(kPriorKL, ops::PriorKL)                             \
-  X(kExp, ops::Exp)
+  X(kExp, ops::Exp)                                     \
+  X(kFlowMatchingMSE, ops::FlowMatchingMSE)             \
+  X(kPseudoHuberOfSqNorm, ops::PseudoHuberOfSqNorm)     \
+  X(kDenoiserSigmaDot, ops::DenoiserSigmaDot)
 
 enum FunctorId : int {
 #define GENLOSS_ENUM(id, type) id,
@@ -254,24 +258,7 @@ void col_sum(const ColSumArgs& a);
 void col_broadcast(const ColBroadcastArgs& a);
 void row_lse(const RowLseArgs& a);
 void gmm(const GmmArgs& a);
-const char* isa();  // the instruction set chosen at run time
-int max_threads();
-void set_threads(int n);
-// map_reduce writes its gradients and elementwise values with non-temporal
-// (streaming) stores when the call writes at least this many bytes in all
-// (default 2 MiB, GENLOSS_STREAM_MIN_BYTES; < 0: never). Such outputs do not fit
-// in one core's L2 anyway: streaming skips the read-for-ownership of every
-// destination line (a quarter of a 3-in/1-out loss's DRAM traffic) and leaves
-// the caches to the caller's code. A call's values do not depend on which of its
-// chunks stream (cpu_kernels.cpp, Store).
-int64_t stream_min_bytes();
-void set_stream_min_bytes(int64_t n);
-int64_t streamed_calls();  // map_reduce calls that streamed some output (for tests)
-void count_streamed_call();
-// Tests: above the threshold, put every block with plain stores (the buffered path
-// the unaligned chunks take), to compare with the streamed results bit for bit.
-bool stream_plain_only();
-void set_stream_plain_only(bool on);
+// The CPU engine's tuning, runtime settings and test hooks: cpp/src/cpu_config.h.
 }  // namespace cpu
 
 namespace cuda {
@@ -282,7 +269,19 @@ void col_sum(const ColSumArgs& a, void* stream);
 void col_broadcast(const ColBroadcastArgs& a, void* stream);
 void row_lse(const RowLseArgs& a, void* stream);
 void gmm(const GmmArgs& a, void* stream);
-void set_device(int device);
+// Makes `device` current for the guard's lifetime and gives the caller back its own
+// current device after (on error paths too): a call on cuda:1 must not leave a
+// multi-GPU program allocating on cuda:1.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;  // -1: nothing to restore
+};
 }  // namespace cuda
 
 }  // namespace genloss

@@ -97,8 +97,8 @@ GENLOSS_HD void discretized_ll(double x, double mean, double log_scale, double h
     const bool upper = highest ? !lowest : (!lowest && zlo + zhi > 0.0);
     const double prob = upper ? (lowest ? 1.0 : tanh_cdf(-zlo)) - (highest ? 0.0 : tanh_cdf(-zhi))
                               : (highest ? 1.0 : tanh_cdf(zhi)) - (lowest ? 0.0 : tanh_cdf(zlo));
-    const bool live = prob > kTanhClamp;
-    logp = ::log(live ? prob : kTanhClamp);  // (DIF.11) the clamp
+    const bool live = !(prob <= kTanhClamp);  // (a NaN mean or log-scale stays NaN: not clamped)
+    logp = ::log(live ? prob : kTanhClamp);   // (DIF.11) the clamp
     const double inv = live ? 1.0 / prob : 0.0;
     if (!highest) d_hi = tanh_cdf_grad(zhi) * inv;
     if (!lowest) d_lo = -tanh_cdf_grad(zlo) * inv;
@@ -150,13 +150,17 @@ struct RowAffine {
 
 // (pred - target)^2 with the target a x0 + b noise built in place, (a, b) =
 // (rp[0], rp[1]): eps (0, 1), x0 (1, 0), v (-sqrt(1-abar), sqrt(abar)).
-// Inputs (pred, x0, noise).                                     (DIF.12, DIF.14)
+// Inputs (pred, x0, noise). An input whose coefficient is 0 does not enter the
+// target (eps: x0; x0: noise): selected out, not multiplied by 0, so an inf
+// there does not make 0 * inf = NaN.                            (DIF.12, DIF.14)
 struct DiffusionMSE {
   static constexpr int arity = 3;
   template <class T>
   GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
     const T a = T(p.rp[0]), b = T(p.rp[1]);
-    const T r = in[0] - (a * in[1] + b * in[2]);
+    const T ax = a == T(0) ? T(0) : a * in[1];
+    const T bn = b == T(0) ? T(0) : b * in[2];
+    const T r = in[0] - (ax + bn);
     v = r * r;
     d[0] = T(2) * r;
     d[1] = -d[0] * a;

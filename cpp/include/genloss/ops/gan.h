@@ -13,6 +13,22 @@
 namespace genloss {
 namespace ops {
 
+// c where x is a number, x (NaN) where x is NaN: a select, so loops stay
+// vectorised. A piecewise-constant derivative (sign, a relu's step) would
+// otherwise turn a NaN input into a finite gradient (SPEC: NaN in, NaN out).
+// (A derivative that is one constant everywhere, of a term linear in x, does
+// not read x and stays that constant, as in torch's autograd.)
+template <class T>
+GENLOSS_HD T nan_or(T x, T c) {
+  return x == x ? c : x;
+}
+
+// max(x, 0) that keeps NaN (gl_max(NaN, 0) is 0: the comparison is false).
+template <class T>
+GENLOSS_HD T relu_nan(T x) {
+  return x < T(0) ? T(0) : x;
+}
+
 // softplus(a - x) = -log sigmoid(x - a); d/dx = -sigmoid(a - x).  (GAN.2, GAN.4)
 // a = 0: the real term of the GAN discriminator loss and the non-saturating
 // generator loss; a = mean of the other population: the relativistic losses.
@@ -59,14 +75,16 @@ struct Linear {
 
 // relu(a + b x); d/dx = b [a + b x > 0] (0 at the kink).              (GAN.10)
 // Hinge: real term a = 1, b = -1; fake term a = 1, b = +1.
+// A NaN score keeps NaN in value and derivative (a bare `z > 0 ? z : 0` would
+// mask it to 0: NaN in, NaN out, SPEC Conventions).
 struct HingeRelu {
   static constexpr int arity = 1;
   template <class T>
   GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
     const T z = p.a + p.b * x;
     const bool on = z > T(0);
-    v = on ? z : T(0);
-    d = on ? p.b : T(0);
+    v = on ? z : nan_or(z, T(0));
+    d = on ? p.b : nan_or(z, T(0));
   }
 };
 
@@ -92,23 +110,23 @@ struct GradPenaltyOfSqNorm {
     const T n = gl_sqrt(s);
     T r = n - p.a;
     T q = T(1) - p.a / n;
-    if (p.mode == 1) {
-      r = gl_max(r, T(0));
-      q = gl_max(q, T(0));
+    if (p.mode == 1) {  // NaN-keeping clamps: a NaN gradient entry makes s, r, q NaN
+      r = relu_nan(r);
+      q = relu_nan(q);
     }
     v = r * r;
-    d = n > T(0) ? q : T(0);
+    d = n == T(0) ? T(0) : q;  // the cone point; NaN n keeps q = NaN
   }
 };
 
-// |x - y|; d/dx = sign(x - y) (0 at 0), d/dy = -d/dx.               (GAN.16)
+// |x - y|; d/dx = sign(x - y) (0 at 0, NaN at NaN), d/dy = -d/dx.  (GAN.16)
 struct AbsDiff {
   static constexpr int arity = 2;
   template <class T>
   GENLOSS_HD static void eval(T x, T y, const Params<T>&, T& v, T& dx, T& dy) {
     const T r = x - y;
     v = gl_abs(r);
-    dx = r > T(0) ? T(1) : (r < T(0) ? T(-1) : T(0));
+    dx = r > T(0) ? T(1) : (r < T(0) ? T(-1) : nan_or(r, T(0)));
     dy = -dx;
   }
 };
@@ -248,6 +266,66 @@ struct FganConjugate {
         break;
       }
     }
+  }
+};
+
+// ---- rows of log-sum-exp losses: the engines' row_lse call ----------------------
+// Every mode but 3 is lse(T u O) - lse(T) for a target set T and the other classes
+// O of a row (classes outside both are excluded: weight 0, gradient 0):
+//   0: T = {label},          O = the rest       -log softmax(l)_label
+//   1: T = {index},          O = the rest       -log softmax(l)_index      (GAN.15)
+//   2: T = {0..K-2},         O = {K-1}          -log(1 - p_last)           (GAN.15)
+//   4: T = {label},          O = {0..K-2} - T   -log p(label | not last)   (GAN.19)
+//   3: lse(l) - log K over all classes (the IWAE bound), gradient softmax(l). (VAE.10)
+// Computed as softplus(d), d = lse(O) - lse(T), with gradient sigma(d) softmax_O(l)
+// on O and -sigma(d) softmax_T(l) on T (GAN.19): no difference of two large
+// log-sum-exps, and each set is shifted by its OWN maximum. The shift of an entry
+// equal to its set's maximum is exactly 0, so a +inf logit gives e^0 = 1 rather
+// than inf - inf: finite wherever the math is (a +inf real-class logit makes
+// -log(1 - p_fake) = 0). NaN anywhere in the sets gives NaN.
+enum RowLseMode : int { kLseLabel = 0, kLseIndex = 1, kLseAllButLast = 2, kLseMinusLogK = 3, kLseRealLabel = 4 };
+
+// 1: k in T; 0: k in O; -1: excluded.
+GENLOSS_HD int lse_role(int mode, int64_t k, int64_t K, int64_t target) {
+  if (mode == kLseMinusLogK) return 0;
+  if (mode == kLseAllButLast) return k < K - 1 ? 1 : 0;
+  if (mode == kLseRealLabel && k == K - 1) return -1;
+  return k == target ? 1 : 0;
+}
+
+// x - m for m the maximum of x's set: exactly 0 at x == m (m = +inf included).
+GENLOSS_HD double lse_shift(double x, double m) {
+  return x == m ? 0.0 : x - m;
+}
+
+// Statistics of one row in double: call max() over the row, then add(), then
+// finish(); grad() per class after that.
+struct LseRow {
+  double m[2] = {0.0, 0.0}, s[2] = {0.0, 0.0};  // [0]: O, [1]: T
+  bool seen[2] = {false, false};
+  double sig = 0.0;
+  GENLOSS_HD void max(int role, double x) {
+    if (role < 0) return;
+    // x != x: a NaN becomes the maximum and stays it (every shift is then NaN).
+    if (!seen[role] || x > m[role] || x != x) m[role] = x;
+    seen[role] = true;
+  }
+  GENLOSS_HD void add(int role, double x) {
+    if (role >= 0) s[role] += gl_exp(lse_shift(x, m[role]));
+  }
+  // lse of a set; an empty set (s = 0) gives log 0 = -inf.
+  GENLOSS_HD double lse(int role) const { return m[role] + gl_log(s[role]); }
+  GENLOSS_HD double finish(int mode, int64_t K) {
+    if (mode == kLseMinusLogK) return lse(0) - gl_log(static_cast<double>(K));
+    double v;
+    softplus_and_sigmoid(lse(0) - lse(1), v, sig);  // (GAN.19)
+    return v;
+  }
+  GENLOSS_HD double grad(int mode, int role, double x) const {
+    if (role < 0) return 0.0;
+    const double soft = gl_exp(lse_shift(x, m[role])) / s[role];
+    if (mode == kLseMinusLogK) return soft;
+    return role == 1 ? -sig * soft : sig * soft;
   }
 };
 
