@@ -564,7 +564,7 @@ def _ssgan_batches(rng, C, scale=2.0):
 
 
 def test_ssgan_critic_against_softmax():
-    """(GAN.15) LSE form = explicit softmax then -log; gradients = softmax - target (3 targets)."""
+    """(GAN.15, GAN.19) LSE form = explicit softmax then -log; gradients = softmax - target (3 targets)."""
     rng = np.random.default_rng(10)
     C = 4
     lab, y, unl, fake = _ssgan_batches(rng, C)
@@ -574,8 +574,11 @@ def test_ssgan_critic_against_softmax():
         return e / e.sum(1, keepdims=True)
 
     pl, pu, pf = probs(lab), probs(unl), probs(fake)
+    # L_sup = -log p(y | x, real) = -log(p_y / (1 - p_C)) (GAN.19)
     direct = (
-        np.mean(-np.log(pl[np.arange(6), y])) + np.mean(-np.log(1 - pu[:, C])) + np.mean(-np.log(pf[:, C]))
+        np.mean(-np.log(pl[np.arange(6), y] / (1 - pl[:, C])))
+        + np.mean(-np.log(1 - pu[:, C]))
+        + np.mean(-np.log(pf[:, C]))
     )
     np.testing.assert_allclose(_g(R.ssgan_critic_loss(lab, y, unl, fake)), direct, **TIGHT)
     np.testing.assert_allclose(_g(R.ssgan_g_loss(fake)), np.mean(np.log(pf[:, C])), **TIGHT)
@@ -583,7 +586,8 @@ def test_ssgan_critic_against_softmax():
     t_lab = np.eye(C + 1)[y]  # one-hot label
     t_unl = np.concatenate([pu[:, :C] / pu[:, :C].sum(1, keepdims=True), np.zeros((5, 1))], axis=1)
     t_fake = np.eye(C + 1)[np.full(4, C)]  # one-hot fake class
-    np.testing.assert_allclose(gl, (pl - t_lab) / 6, **TIGHT)
+    r_lab = np.concatenate([pl[:, :C] / pl[:, :C].sum(1, keepdims=True), np.zeros((6, 1))], axis=1)
+    np.testing.assert_allclose(gl, (r_lab - t_lab) / 6, **TIGHT)  # softmax over the real classes
     np.testing.assert_allclose(gu, (pu - t_unl) / 5, **TIGHT)
     np.testing.assert_allclose(gfk, (pf - t_fake) / 4, **TIGHT)
     for g in (gl, gu, gfk):  # each row sums to 0: shift invariance of a softmax loss
@@ -619,7 +623,7 @@ def test_ssgan_reduces_to_binary_gan():
     rng = np.random.default_rng(11)
     C = 5
     lab, y, unl, fake = _ssgan_batches(rng, C, scale=4.0)
-    ce = np.mean(_lse(lab) - lab[np.arange(6), y])
+    ce = np.mean(_lse(lab[:, :C]) - lab[np.arange(6), y])  # L_sup: over the real classes (GAN.19)
     lu = _lse(unl[:, :C]) - unl[:, C]
     lf = _lse(fake[:, :C]) - fake[:, C]
     np.testing.assert_allclose(
@@ -632,7 +636,7 @@ def test_ssgan_reduces_to_binary_gan():
 
 
 def test_l1_family_per_sample_mean():
-    """(GAN.16) L1 terms take the per-sample MEAN (torch.nn.L1Loss); adversarial terms the per-sample SUM."""
+    """(GAN.16) L1 terms and pix2pix's adversarial term take the per-sample MEAN (as the pix2pix code)."""
     rng = np.random.default_rng(12)
     x, t = rng.normal(size=(4, 3, 5)), rng.normal(size=(4, 3, 5))
     t[0, 0, :2] = x[0, 0, :2]  # exact ties: subgradient 0
@@ -647,10 +651,10 @@ def test_l1_family_per_sample_mean():
     np.testing.assert_array_equal(gx, np.sign(x - t) / x.size)
     np.testing.assert_array_equal(gt, -np.sign(x - t) / x.size)
     assert np.all(gx[0, 0, :2] == 0.0)
-    # pix2pix: NS adversarial summed over the (PatchGAN) logits per sample + lambda * mean |G - y|.
+    # pix2pix: NS adversarial averaged over the (PatchGAN) logits per sample + lambda * mean |G - y|.
     logits = rng.normal(size=(4, 1, 2, 2)) * 3
     lam = 100.0
-    per = _softplus(-logits).reshape(4, -1).sum(1) + lam * np.abs(x - t).reshape(4, -1).mean(1)
+    per = _softplus(-logits).reshape(4, -1).mean(1) + lam * np.abs(x - t).reshape(4, -1).mean(1)
     np.testing.assert_allclose(R.pix2pix_g_loss(logits, x, t, lambda_l1=lam, reduction="none"), per, **TIGHT)
     np.testing.assert_allclose(_g(R.pix2pix_g_loss(logits, x, t, lambda_l1=lam)), per.mean(), **TIGHT)
     # Cycle consistency: lambda (mean|rec_a - a| + mean|rec_b - b|), batches of A and B may differ.
@@ -661,6 +665,210 @@ def test_l1_family_per_sample_mean():
         10.0 * (np.mean(np.abs(ra - a)) + np.mean(np.abs(rb - b))),
         **TIGHT,
     )
+
+
+# ----------------------------------------------------------------------------- every layer vs upstream
+# The tests below compare the reference, the native engine (float64 and float32) and the torch op
+# with a formula composed from torch's own functions (the code practitioners compare with).
+
+
+def _native():
+    return pytest.importorskip("genloss.native")
+
+
+def _torch_layers():
+    torch = pytest.importorskip("torch")
+    return torch, pytest.importorskip("genloss.torch")
+
+
+def _close(got, want, dtype, scale=1.0):
+    """float64: 1e-12 relative; float32: 2e-5 of the term's scale (sums of <= 1e4 O(1) terms)."""
+    got = np.asarray(got, dtype=np.float64)
+    if dtype == np.float64:
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * scale)
+    else:
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * scale)
+
+
+def _torch_value_grads(torch, fn, arrays, diff):
+    ts = [torch.tensor(a, requires_grad=(i in diff) and a.dtype.kind == "f") for i, a in enumerate(arrays)]
+    v = fn(*ts)
+    v.sum().backward()
+    return v.detach().numpy(), [ts[i].grad.numpy() for i in diff]
+
+
+def _pix2pix_upstream(torch, logits, gen, tgt, lam, reduction):
+    """pix2pix's generator loss (networks.GANLoss('vanilla') + lambda * L1): BCE-with-logits of the
+    PatchGAN map against ones, averaged, plus lambda * nn.L1Loss; per sample for 'none'."""
+    F = torch.nn.functional
+    if reduction == "mean":
+        return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)) + lam * F.l1_loss(gen, tgt)
+    b = logits.shape[0]
+    per = torch.stack(
+        [
+            F.binary_cross_entropy_with_logits(logits[i], torch.ones_like(logits[i]))
+            + lam * F.l1_loss(gen[i], tgt[i])
+            for i in range(b)
+        ]
+    )
+    return per if reduction == "none" else per.sum()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
+def test_pix2pix_matches_upstream_formula(reduction):
+    """(GAN.16) pix2pix_g_loss = BCE-with-logits (mean over a 30x30 PatchGAN) + lambda * L1 (mean), every layer."""
+    torch, gl = _torch_layers()
+    N = _native()
+    rng = np.random.default_rng(16)
+    logits = rng.normal(size=(3, 1, 30, 30)) * 3
+    logits.flat[rng.choice(logits.size, 40, replace=False)] = rng.choice([-30.0, 30.0], size=40)
+    gen, tgt = rng.uniform(-1, 1, size=(3, 3, 8, 8)), rng.uniform(-1, 1, size=(3, 3, 8, 8))
+    lam = 100.0
+    want, want_g = _torch_value_grads(
+        torch,
+        lambda a, b, c: _pix2pix_upstream(torch, a, b, c, lam, reduction),
+        (logits, gen, tgt),
+        (0, 1, 2),
+    )
+    scale = float(np.max(np.abs(want)))
+    # the adversarial term is O(1), not 900x that of a per-sample sum
+    assert float(np.max(R.pix2pix_g_loss(logits, gen, tgt, 0.0, reduction="none"))) < 10.0
+    v = R.pix2pix_g_loss(logits, gen, tgt, lam, reduction=reduction)
+    _close(v, want, np.float64, scale)
+    g = R.pix2pix_g_loss_backward(logits, gen, tgt, np.ones_like(want), lam, reduction=reduction)
+    for a, b in zip(g, want_g, strict=True):
+        _close(a, b, np.float64)
+    for dt in (np.float64, np.float32):
+        v, g = N.pix2pix_g_loss(logits.astype(dt), gen.astype(dt), tgt.astype(dt), lam, reduction)
+        _close(v, want, dt, scale)
+        for a, b in zip(g, want_g, strict=True):
+            _close(a, b, dt, float(np.max(np.abs(b))))
+    got, got_g = _torch_value_grads(
+        torch, lambda a, b, c: gl.pix2pix_g_loss(a, b, c, lam, reduction), (logits, gen, tgt), (0, 1, 2)
+    )
+    _close(got, want, np.float64, scale)
+    for a, b in zip(got_g, want_g, strict=True):
+        _close(a, b, np.float64)
+
+
+def _ssgan_paper(torch, lab, y, unl, fake):
+    r"""Salimans et al. (2016), Sec. 5, the (C+1)-class form composed from torch's functions:
+    L_sup = cross-entropy over the C real logits (-log p(y | x, y < C+1)),
+    L_unsup = -mean log(1 - p_fake(x_u)) - mean log p_fake(G(z)), 1 - p_fake = sum_{k<C} softmax."""
+    F = torch.nn.functional
+    C = lab.shape[1] - 1
+    sup = F.cross_entropy(lab[:, :C], y)
+    unl_term = -(torch.logsumexp(unl[:, :C], 1) - torch.logsumexp(unl, 1)).mean()
+    fake_term = -F.log_softmax(fake, 1)[:, C].mean()
+    return sup + unl_term + fake_term
+
+
+def _ssgan_binary_form(torch, lab, y, unl, fake):
+    r"""The paper's other form: fix l_C = 0 (subtract it from the row), D(x) = Z/(Z+1) with
+    Z = sum_{k<C} e^{l'_k}, i.e. the logit of D is lse(l'_{<C}); L_unsup is the standard
+    binary GAN loss BCE(D(x_u), 1) + BCE(D(G(z)), 0)."""
+    F = torch.nn.functional
+    C = lab.shape[1] - 1
+    du = torch.logsumexp(unl[:, :C] - unl[:, C:], 1)
+    df = torch.logsumexp(fake[:, :C] - fake[:, C:], 1)
+    return (
+        F.cross_entropy(lab[:, :C] - lab[:, C:], y)
+        + F.binary_cross_entropy_with_logits(du, torch.ones_like(du))
+        + F.binary_cross_entropy_with_logits(df, torch.zeros_like(df))
+    )
+
+
+def _ssgan_cases(rng, C):
+    lab, y, unl, fake = _ssgan_batches(rng, C, scale=3.0)
+    big = [a.copy() for a in (lab, unl, fake)]
+    for a in big:  # +-1e4 logits in every row (each set keeps its own maximum)
+        a.flat[rng.choice(a.size, a.size // 2, replace=False)] = rng.choice([-1e4, 1e4], size=a.size // 2)
+    return [(lab, y, unl, fake), (big[0], y, big[1], big[2])]
+
+
+@pytest.mark.parametrize("C", [1, 4])
+def test_ssgan_matches_paper_formula(C):
+    """(GAN.19) ssgan_critic_loss = L_sup (CE over the C real classes) + L_unsup, every layer, to 1e4."""
+    torch, gl = _torch_layers()
+    N = _native()
+    rng = np.random.default_rng(19 + C)
+    for lab, y, unl, fake in _ssgan_cases(rng, C):
+        want, want_g = _torch_value_grads(
+            torch, lambda a, b, c, d: _ssgan_paper(torch, a, b, c, d), (lab, y, unl, fake), (0, 2, 3)
+        )
+        scale = max(1.0, abs(float(want)))
+        _close(R.ssgan_critic_loss(lab, y, unl, fake), want, np.float64, scale)
+        for a, b in zip(R.ssgan_critic_loss_backward(lab, y, unl, fake, 1.0), want_g, strict=True):
+            _close(a, b, np.float64)
+        for dt in (np.float64, np.float32):
+            v, g = N.ssgan_critic_loss(lab.astype(dt), y, unl.astype(dt), fake.astype(dt))
+            _close(v, want, dt, scale)
+            for a, b in zip(g, want_g, strict=True):
+                _close(a, b, dt)
+        got, got_g = _torch_value_grads(torch, gl.ssgan_critic_loss, (lab, y, unl, fake), (0, 2, 3))
+        _close(got, want, np.float64, scale)
+        for a, b in zip(got_g, want_g, strict=True):
+            _close(a, b, np.float64)
+
+
+def test_ssgan_two_forms_agree():
+    """(GAN.19) The (C+1)-class form and the paper's l_C = 0 binary-D form are one function; the
+    (C+1)-class cross-entropy on the labeled batch is L_sup plus the real-vs-fake term again."""
+    torch, _ = _torch_layers()
+    rng = np.random.default_rng(190)
+    C = 5
+    lab, y, unl, fake = _ssgan_batches(rng, C, scale=4.0)
+    t = [torch.tensor(a) for a in (lab, y, unl, fake)]
+    paper = float(_ssgan_paper(torch, *t))
+    binary = float(_ssgan_binary_form(torch, *t))
+    np.testing.assert_allclose(binary, paper, rtol=1e-13)
+    np.testing.assert_allclose(_g(R.ssgan_critic_loss(lab, y, unl, fake)), binary, rtol=1e-13)
+    # CE over all C+1 classes = L_sup + (-log(1 - p_C)) per labeled sample: the real-vs-fake term twice.
+    ce_all = _lse(lab) - lab[np.arange(6), y]
+    sup = _lse(lab[:, :C]) - lab[np.arange(6), y]
+    minus_log_real = _lse(lab) - _lse(lab[:, :C])
+    np.testing.assert_allclose(ce_all, sup + minus_log_real, rtol=1e-13)
+    assert np.all(minus_log_real > 0)  # so the old C+1 cross-entropy was strictly larger
+    unsup = _g(R.ssgan_critic_loss(lab, y, unl, fake)) - np.mean(sup)
+    np.testing.assert_allclose(unsup, _g(R.gan_d_loss(_lse(unl[:, :C]) - unl[:, C], _lse(fake[:, :C]) - fake[:, C])),
+                               rtol=1e-13)  # fmt: skip
+
+
+def test_ssgan_infinite_logits():
+    """(GAN.19) +inf logits where the math is finite: a +inf real-class logit of an unlabeled row and a
+    +inf fake logit of a generated row each contribute 0 (value) and 0 (gradient), in every layer."""
+    torch, gl = _torch_layers()
+    N = _native()
+    rng = np.random.default_rng(191)
+    C = 3
+    lab, y, unl, fake = _ssgan_batches(rng, C)
+    unl_inf, fake_inf = unl.copy(), fake.copy()
+    unl_inf[0, 1] = np.inf  # certainly real: -log(1 - p_fake) = 0
+    fake_inf[1, C] = np.inf  # certainly fake: -log p_fake = 0
+    # expected: the other rows alone ('sum': the infinite rows add exactly 0)
+    rest = np.delete(unl, 0, axis=0), np.delete(fake, 1, axis=0)
+    want = _g(R.ssgan_critic_loss(lab, y, *rest, reduction="sum"))
+    want_gl, want_gu, want_gf = R.ssgan_critic_loss_backward(lab, y, *rest, 1.0, reduction="sum")
+    results = [(R.ssgan_critic_loss(lab, y, unl_inf, fake_inf, "sum"),
+                R.ssgan_critic_loss_backward(lab, y, unl_inf, fake_inf, 1.0, "sum"), np.float64)]  # fmt: skip
+    for dt in (np.float64, np.float32):
+        results.append(
+            (*N.ssgan_critic_loss(lab.astype(dt), y, unl_inf.astype(dt), fake_inf.astype(dt), "sum"), dt)
+        )
+    v, g = _torch_value_grads(torch, lambda a, b, c, d: gl.ssgan_critic_loss(a, b, c, d, "sum"),
+                              (lab, y, unl_inf, fake_inf), (0, 2, 3))  # fmt: skip
+    results.append((v, g, np.float64))
+    for v, (g_l, g_u, g_f), dt in results:
+        _close(v, want, dt, abs(want))
+        _close(g_l, want_gl, dt)
+        _close(np.delete(g_u, 0, axis=0), want_gu, dt)
+        _close(np.delete(g_f, 1, axis=0), want_gf, dt)
+        np.testing.assert_array_equal(np.asarray(g_u[0], dtype=np.float64), 0.0)
+        np.testing.assert_array_equal(np.asarray(g_f[1], dtype=np.float64), 0.0)
+    # and ssgan_g_loss: log p_fake = 0 for that row
+    np.testing.assert_allclose(R.ssgan_g_loss(fake_inf, reduction="none")[1], 0.0, atol=0)
+    v, (g,) = N.ssgan_g_loss(fake_inf, reduction="none")
+    assert v[1] == 0.0 and np.all(g[1] == 0.0)
 
 
 # ============================================================================= GAN.17

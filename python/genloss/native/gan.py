@@ -101,8 +101,8 @@ def hinge_d_loss(real_scores, fake_scores, reduction="mean", *, need_grad=True):
 
 
 def hinge_g_loss(fake_scores, reduction="mean", *, need_grad=True):
-    """-mean D(G(z)).  (GAN.10)"""
-    return one_population("fake_scores", fake_scores, reduction, "Linear", -1.0, (0, 0, 0), 0, need_grad)
+    """-mean D(G(z)): the same loss as ``wgan_g_loss`` (GAN.10), so that function."""
+    return wgan_g_loss(fake_scores, reduction, need_grad=need_grad)
 
 
 # ---------------------------------------------------------------- (GAN.11)
@@ -239,7 +239,8 @@ def _class_logits(names: Sequence[str], arrays: Sequence[Any], reduction: str) -
 def ssgan_critic_loss(
     labeled_logits, labels, unlabeled_logits, fake_logits, reduction="mean", *, need_grad=True
 ):
-    """CE(labeled) + mean -log(1 - p_fake(x_u)) + mean -log p_fake(G(z)).  (GAN.15)"""
+    """L_sup + L_unsup (Salimans et al. 2016): mean -log p(y | x, real) over the C real classes
+    + mean -log(1 - p_fake(x_u)) + mean -log p_fake(G(z)).  (GAN.15, GAN.19)"""
     C.reduction(reduction, C.TWO_POPULATION)
     lab, unl, fak = _class_logits(
         ["labeled_logits", "unlabeled_logits", "fake_logits"], [labeled_logits, unlabeled_logits, fake_logits],
@@ -259,9 +260,11 @@ def ssgan_critic_loss(
     out = empty(lab, ())
     flags = needs(need_grad, 3)
     grads = [empty(b, b.shape) if nd else None for b, nd in zip((lab, unl, fak), flags, strict=True)]
-    for i, (b, mode) in enumerate(((lab, 0), (unl, 2), (fak, 1))):
+    # row_lse modes (ops::RowLseMode): 4 = -log p(y | real) (the fake column excluded), 2 =
+    # -log(1 - p_fake), 1 = -log p_fake with index = the fake class.  (GAN.19, GAN.15)
+    for i, (b, mode) in enumerate(((lab, 4), (unl, 2), (fak, 1))):
         s = batch_scale(reduction, b.shape[0])
-        row_lse(b, mode=mode, labels=y if mode == 0 else None, index=k - 1, value_scale=s, out=out,
+        row_lse(b, mode=mode, labels=y if mode == 4 else None, index=k - 1, value_scale=s, out=out,
                 accumulate=i > 0, grad=grads[i], grad_scale=s)  # fmt: skip
     return out.arr, grads_out(grads, flags)
 
@@ -295,7 +298,7 @@ def l1_loss(input, target, reduction="mean", *, need_grad=True):  # noqa: A002
 
 
 def pix2pix_g_loss(fake_logits, generated, target, lambda_l1=100.0, reduction="mean", *, need_grad=True):
-    """NS adversarial + lambda_l1 * mean |G(x) - y|.  (GAN.7, GAN.16)"""
+    """mean softplus(-l_f) + lambda_l1 * mean |G(x) - y|, both per-sample MEANS.  (GAN.7, GAN.16)"""
     C.reduction(reduction)
     lam = C.finite("lambda_l1", lambda_l1)
     (lg,) = inputs(["fake_logits"], [fake_logits])
@@ -303,7 +306,12 @@ def pix2pix_g_loss(fake_logits, generated, target, lambda_l1=100.0, reduction="m
     x, t = _image_pair(("generated", "target"), (generated, target), reduction)
     same_place(lg, "fake_logits", x, "generated")
     C.same_batch("fake_logits", lg.shape, "generated", x.shape)
-    terms = [Term("SoftplusNeg", lg), Term("AbsDiff", x, coef=lam, y=t, per_sample_mean=True)]
+    # Both terms average over their sample's elements (the PatchGAN's outputs, the pixels), as
+    # the pix2pix code's BCE-with-logits and L1 do: lambda_l1 = 100 is calibrated on that.
+    terms = [
+        Term("SoftplusNeg", lg, per_sample_mean=True),
+        Term("AbsDiff", x, coef=lam, y=t, per_sample_mean=True),
+    ]
     return run_terms(terms, reduction, need_grad, 3, [0, 1])
 
 

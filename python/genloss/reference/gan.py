@@ -34,13 +34,11 @@ from ._common import (
     grad_sum,
     labels_array,
     log_sigmoid,
-    logsumexp,
     reduce_mean,
     reduce_sum,
     result,
     scalar_grad,
     sigmoid,
-    softmax,
     softplus,
 )
 
@@ -585,9 +583,9 @@ def hinge_d_loss_backward(real_scores, fake_scores, grad_output, reduction="mean
     reduction = _checks.reduction(reduction, _TWO)
     r = batch_array("real_scores", real_scores, reduction)
     f = batch_array("fake_scores", fake_scores, reduction)
-    # (GAN.10) relu'(z) = [z > 0]
-    grad_real = grad_sum(grad_output, reduction, r.shape) * np.where(1.0 - r > 0, -1.0, 0.0)
-    grad_fake = grad_sum(grad_output, reduction, f.shape) * np.where(1.0 + f > 0, 1.0, 0.0)
+    # (GAN.10) relu'(z) = [z > 0], and NaN at a NaN score (np.sign keeps it; a comparison would not)
+    grad_real = grad_sum(grad_output, reduction, r.shape) * -np.maximum(np.sign(1.0 - r), 0.0)
+    grad_fake = grad_sum(grad_output, reduction, f.shape) * np.maximum(np.sign(1.0 + f), 0.0)
     return grad_real, grad_fake
 
 
@@ -608,11 +606,10 @@ def hinge_g_loss(fake_scores, reduction="mean"):
 
     Notes
     -----
-    Linear: finite for finite scores (the same value as :func:`wgan_g_loss`).
+    The same math as :func:`wgan_g_loss` (GAN.9 = GAN.10's generator side: the hinge
+    acts on the critic only), so it is that function: one implementation.
     """
-    reduction = _checks.reduction(reduction, _ALL)
-    f = batch_array("fake_scores", fake_scores, reduction)
-    return reduce_sum(-f, reduction)  # (GAN.10)
+    return wgan_g_loss(fake_scores, reduction)  # (GAN.10)
 
 
 def hinge_g_loss_backward(fake_scores, grad_output, reduction="mean"):
@@ -633,11 +630,9 @@ def hinge_g_loss_backward(fake_scores, grad_output, reduction="mean"):
 
     Notes
     -----
-    Constant gradient: no stability concern.
+    :func:`wgan_g_loss_backward` (the same loss).
     """
-    reduction = _checks.reduction(reduction, _ALL)
-    f = batch_array("fake_scores", fake_scores, reduction)
-    return (-grad_sum(grad_output, reduction, f.shape),)  # (GAN.10)
+    return wgan_g_loss_backward(fake_scores, grad_output, reduction)  # (GAN.10)
 
 
 # ============================================================================= relativistic
@@ -890,7 +885,7 @@ def gradient_penalty_from_grads_backward(
     value 0 is returned there, never NaN (the division is guarded).
     """
     g, norms, gap, lambda_, reduction = _gradient_penalty_inputs(grads, lambda_, center, one_sided, reduction)
-    nonzero = norms > 0
+    nonzero = norms != 0  # (a NaN norm is "nonzero": its NaN reaches the gradient)
     # (GAN.12) d||g||/dg = g/||g||, and 0 where g = 0. gap/||g|| is written
     # 1 - c/||g|| (clamped at 0 when one-sided): no inf/inf once ||g|| overflows.
     ratio = 1.0 - center / np.where(nonzero, norms, 1.0)
@@ -1056,26 +1051,66 @@ def _ssgan_inputs(labeled_logits, labels, unlabeled_logits, fake_logits, reducti
     return ll, y, lu, lf, reduction
 
 
-def _fake_class_gap(logits):
-    r"""t = l_C - logsumexp(l_{:C}) = logit of p_fake, and dt/dl = (-softmax(l_{:C}), 1).
+def _set_lse(logits, member):
+    r"""Per row: the log-sum-exp over the classes where ``member`` is True, and the softmax
+    within that set (0 outside it).
 
-    p_fake = sigmoid(t), so -log p_fake = softplus(-t) and -log(1 - p_fake) = softplus(t).
+    Shifted by the set's OWN maximum m, the shift of an entry equal to m taken as exactly 0:
+    a +inf logit gives :math:`e^0 = 1`, not :math:`e^{\infty - \infty}`.  An empty set has
+    lse :math:`-\infty`; a NaN member makes the row NaN.
     """
-    t = logits[:, -1] - logsumexp(logits[:, :-1])
-    dt = np.concatenate([-softmax(logits[:, :-1]), np.ones((logits.shape[0], 1))], axis=1)
-    return t, dt
+    x = np.where(member, logits, -np.inf)
+    m = np.max(x, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(member, np.where(x == m, 0.0, x - m), -np.inf)
+        e = np.exp(z)
+        s = np.sum(e, axis=1, keepdims=True)
+        lse = (m + np.log(s))[:, 0]
+        soft = np.where(member, e / s, 0.0)
+    return lse, soft
+
+
+def _lse_gap_loss(logits, target, other):
+    r"""Per row :math:`\operatorname{lse}(l_{T\cup O}) - \operatorname{lse}(l_T)
+    = \operatorname{softplus}(d)`, :math:`d = \operatorname{lse}(l_O) - \operatorname{lse}(l_T)`
+    (GAN.19), and its gradient :math:`\sigma(d)\operatorname{softmax}_O(l) - \sigma(d)\operatorname{softmax}_T(l)`
+    (0 on classes in neither set).  ``target``, ``other``: boolean masks of T and O, shape of ``logits``.
+    """
+    lse_t, soft_t = _set_lse(logits, target)
+    lse_o, soft_o = _set_lse(logits, other)
+    with np.errstate(invalid="ignore"):
+        d = lse_o - lse_t
+    sig = sigmoid(d)[:, None]
+    return softplus(d), sig * soft_o - sig * soft_t
+
+
+def _ssgan_sets(logits, labels=None):
+    r"""(T, O) masks of the three SSGAN terms (fake class last, GAN.19):
+
+    * labels given (L_sup): T = {y}, O = the other REAL classes (the fake class is in neither);
+    * no labels: (the real classes, {fake}), the sets of -log(1 - p_fake); swapped, of -log p_fake.
+    """
+    k = logits.shape[1]
+    cls = np.arange(k)[None, :]
+    real = np.broadcast_to(cls < k - 1, logits.shape)
+    if labels is not None:
+        target = cls == labels[:, None]
+        return target, real & ~target
+    return real, ~real
 
 
 def ssgan_critic_loss(labeled_logits, labels, unlabeled_logits, fake_logits, reduction="mean"):
-    r"""Semi-supervised GAN critic loss (Salimans et al. 2016), K = C+1 classes, fake last.
+    r"""Semi-supervised GAN critic loss (Salimans et al. 2016, Sec. 5), K = C+1 classes, fake last.
 
     .. math::
-        L = \mathbb{E}_{\ell}\big[\operatorname{lse}(l) - l_y\big]
-          + \mathbb{E}_{u}\big[\operatorname{lse}(l) - \operatorname{lse}(l_{:C})\big]
-          + \mathbb{E}_{f}\big[\operatorname{lse}(l) - l_C\big]
+        L = \underbrace{\mathbb{E}_{\ell}\big[\operatorname{lse}(l_{<C}) - l_y\big]}_{L_{sup}}
+          + \underbrace{\mathbb{E}_{u}\big[\operatorname{lse}(l) - \operatorname{lse}(l_{<C})\big]
+          + \mathbb{E}_{f}\big[\operatorname{lse}(l) - l_C\big]}_{L_{unsup}}
 
-    i.e. cross-entropy on labeled data, :math:`-\log(1 - p_{\mathrm{fake}})` on
-    unlabeled real data and :math:`-\log p_{\mathrm{fake}}` on generated data.
+    :math:`L_{sup} = -\log p(y \mid x, y < C+1)`: the cross-entropy over the C REAL classes
+    (conditioned on real; the fake logit of a labeled sample does not enter), then
+    :math:`-\log(1 - p_{\mathrm{fake}})` on unlabeled real data and
+    :math:`-\log p_{\mathrm{fake}}` on generated data (GAN.15, GAN.19).
 
     Parameters
     ----------
@@ -1093,21 +1128,19 @@ def ssgan_critic_loss(labeled_logits, labels, unlabeled_logits, fake_logits, red
 
     Notes
     -----
-    With :math:`t = l_C - \operatorname{lse}(l_{:C})` (the logit of :math:`p_{\mathrm{fake}}`)
-    the last two terms are :math:`\operatorname{softplus}(t)` and
-    :math:`\operatorname{softplus}(-t)`: no difference of two large log-sum-exps,
-    accurate even when :math:`p_{\mathrm{fake}}` is tiny; finite for any finite logit.
+    Every term is :math:`\operatorname{softplus}(\operatorname{lse}(l_O) - \operatorname{lse}(l_T))`
+    for a target set T and the other classes O (GAN.19): no difference of two large
+    log-sum-exps, each set shifted by its own maximum.  Finite for any finite logit, and
+    wherever the math is finite with infinite ones (a +inf real-class logit of an unlabeled
+    sample gives :math:`-\log(1 - p_{\mathrm{fake}}) = 0`).
     """
     ll, y, lu, lf, reduction = _ssgan_inputs(labeled_logits, labels, unlabeled_logits, fake_logits, reduction)
-    # (GAN.15) all three terms as log-sum-exps
-    cross_entropy = logsumexp(ll) - ll[np.arange(ll.shape[0]), y]
-    t_unlabeled, _ = _fake_class_gap(lu)
-    t_fake, _ = _fake_class_gap(lf)
-    return result(
-        reduce_sum(cross_entropy, reduction)
-        + reduce_sum(softplus(t_unlabeled), reduction)  # -log(1 - p_fake(x_u))
-        + reduce_sum(softplus(-t_fake), reduction)  # -log p_fake(G(z))
-    )
+    sup, _ = _lse_gap_loss(ll, *_ssgan_sets(ll, y))  # (GAN.19) -log p(y | x, real)
+    t_u, o_u = _ssgan_sets(lu)
+    unlabeled, _ = _lse_gap_loss(lu, t_u, o_u)  # (GAN.15) -log(1 - p_fake(x_u))
+    t_f, o_f = _ssgan_sets(lf)
+    fake, _ = _lse_gap_loss(lf, o_f, t_f)  # (GAN.15) -log p_fake(G(z)): T = {fake}
+    return result(reduce_sum(sup, reduction) + reduce_sum(unlabeled, reduction) + reduce_sum(fake, reduction))
 
 
 def ssgan_critic_loss_backward(
@@ -1116,11 +1149,12 @@ def ssgan_critic_loss_backward(
     r"""Gradient of :func:`ssgan_critic_loss` w.r.t. the three logit arrays (not the labels).
 
     .. math::
-        \frac{\partial L}{\partial l^{\ell}} = w_\ell\,(\operatorname{softmax}(l^\ell) - e_y), \quad
-        \frac{\partial L}{\partial l^{u}} = w_u\,\sigma(t^u)\,\frac{\partial t}{\partial l^u}, \quad
-        \frac{\partial L}{\partial l^{f}} = -w_f\,\sigma(-t^f)\,\frac{\partial t}{\partial l^f}
+        \frac{\partial}{\partial l}\operatorname{softplus}\big(\operatorname{lse}(l_O) - \operatorname{lse}(l_T)\big)
+            = \sigma(d)\,\operatorname{softmax}_O(l) - \sigma(d)\,\operatorname{softmax}_T(l)
 
-    with :math:`\partial t/\partial l = (-\operatorname{softmax}(l_{:C}),\ 1)`.
+    per row and term (GAN.19), times the batch weight: labeled
+    :math:`(T, O) = (\{y\}, \{k < C\} \setminus \{y\})` (the fake column gets 0), unlabeled
+    :math:`(\{k < C\}, \{C\})`, generated :math:`(\{C\}, \{k < C\})`.
 
     Parameters
     ----------
@@ -1137,20 +1171,19 @@ def ssgan_critic_loss_backward(
 
     Notes
     -----
-    Softmaxes are max-shifted and sigmoids sign-split: every entry lies in [-1, 1]
-    times the weight.
+    Every row of a term's gradient sums to 0 and each entry lies in [-1, 1] times the weight.
     """
     ll, y, lu, lf, reduction = _ssgan_inputs(labeled_logits, labels, unlabeled_logits, fake_logits, reduction)
-    # (GAN.15) d lse(l)/dl = softmax(l)
-    onehot = np.zeros_like(ll)
-    onehot[np.arange(ll.shape[0]), y] = 1.0
-    grad_labeled = grad_sum(grad_output, reduction, ll.shape) * (softmax(ll) - onehot)
-    # (GAN.4) d softplus(t)/dt = sigmoid(t); d softplus(-t)/dt = -sigmoid(-t)
-    t_u, dt_u = _fake_class_gap(lu)
-    grad_unlabeled = grad_sum(grad_output, reduction, lu.shape) * sigmoid(t_u)[:, None] * dt_u
-    t_f, dt_f = _fake_class_gap(lf)
-    grad_fake = grad_sum(grad_output, reduction, lf.shape) * -sigmoid(-t_f)[:, None] * dt_f
-    return grad_labeled, grad_unlabeled, grad_fake
+    _, d_sup = _lse_gap_loss(ll, *_ssgan_sets(ll, y))  # (GAN.19)
+    t_u, o_u = _ssgan_sets(lu)
+    _, d_unl = _lse_gap_loss(lu, t_u, o_u)
+    t_f, o_f = _ssgan_sets(lf)
+    _, d_fake = _lse_gap_loss(lf, o_f, t_f)
+    return (
+        grad_sum(grad_output, reduction, ll.shape) * d_sup,
+        grad_sum(grad_output, reduction, lu.shape) * d_unl,
+        grad_sum(grad_output, reduction, lf.shape) * d_fake,
+    )
 
 
 def ssgan_g_loss(fake_logits, reduction="mean"):
@@ -1159,7 +1192,7 @@ def ssgan_g_loss(fake_logits, reduction="mean"):
     .. math::
         L_G = \mathbb{E}_f\big[\log p_{\mathrm{fake}}(G(z))\big]
             = \mathbb{E}_f\big[l_C - \operatorname{lse}(l)\big]
-            = -\mathbb{E}_f\,\operatorname{softplus}(-t)
+            = -\mathbb{E}_f\,\operatorname{softplus}(\operatorname{lse}(l_{<C}) - l_C)
 
     Parameters
     ----------
@@ -1173,21 +1206,23 @@ def ssgan_g_loss(fake_logits, reduction="mean"):
 
     Notes
     -----
-    Written as :math:`-\operatorname{softplus}(\operatorname{lse}(l_{:C}) - l_C)`:
-    finite for any finite logit.
+    The softplus form (GAN.19): finite for any finite logit.
     """
     reduction = _checks.reduction(reduction, _ALL)
     lf = _class_logits("fake_logits", fake_logits, reduction)
-    t, _ = _fake_class_gap(lf)
-    return reduce_sum(-softplus(-t), reduction)  # (GAN.15)
+    real, fake = _ssgan_sets(lf)
+    value, _ = _lse_gap_loss(lf, fake, real)
+    return reduce_sum(-value, reduction)  # (GAN.15)
 
 
 def ssgan_g_loss_backward(fake_logits, grad_output, reduction="mean"):
     r"""Gradient of :func:`ssgan_g_loss`.
 
     .. math::
-        \frac{\partial L_G}{\partial l} = w\,\sigma(-t)\,(-\operatorname{softmax}(l_{:C}),\ 1)
+        \frac{\partial L_G}{\partial l} = w\,\big(\sigma(d)\operatorname{softmax}_T(l) - \sigma(d)\operatorname{softmax}_O(l)\big)
             = w\,(e_C - \operatorname{softmax}(l))
+
+    with :math:`T = \{C\}`, :math:`O = \{k < C\}`, :math:`d = \operatorname{lse}(l_{<C}) - l_C` (GAN.19).
 
     Parameters
     ----------
@@ -1205,9 +1240,9 @@ def ssgan_g_loss_backward(fake_logits, grad_output, reduction="mean"):
     """
     reduction = _checks.reduction(reduction, _ALL)
     lf = _class_logits("fake_logits", fake_logits, reduction)
-    t, dt = _fake_class_gap(lf)
-    # (GAN.15), (GAN.4): d(-softplus(-t))/dt = sigmoid(-t)
-    return (grad_sum(grad_output, reduction, lf.shape) * sigmoid(-t)[:, None] * dt,)
+    real, fake = _ssgan_sets(lf)
+    _, d = _lse_gap_loss(lf, fake, real)
+    return (-grad_sum(grad_output, reduction, lf.shape) * d,)  # (GAN.15), (GAN.19)
 
 
 # ============================================================================= L1 family
@@ -1287,11 +1322,13 @@ def pix2pix_g_loss(fake_logits, generated, target, lambda_l1=100.0, reduction="m
     r"""pix2pix generator loss: nonsaturating adversarial term plus weighted L1.
 
     .. math::
-        L_b = \sum_i \operatorname{softplus}(-l^f_{b,i})
+        L_b = \frac{1}{P}\sum_i \operatorname{softplus}(-l^f_{b,i})
             + \lambda_{L1}\,\frac{1}{n}\sum_j \lvert G(x)_{b,j} - y_{b,j} \rvert
 
-    The adversarial term sums over the logit dims (e.g. a PatchGAN map), the L1
-    term averages over the image dims (the scale ``lambda_l1 = 100`` is calibrated on).
+    BOTH terms are per-sample MEANS: over the P logits of a sample (e.g. a 30x30
+    PatchGAN map) and over its n image elements, as the pix2pix code computes them
+    (BCE-with-logits and L1, each averaged): ``lambda_l1 = 100`` is calibrated on that
+    balance (GAN.16).
 
     Parameters
     ----------
@@ -1314,7 +1351,7 @@ def pix2pix_g_loss(fake_logits, generated, target, lambda_l1=100.0, reduction="m
     Softplus form for the adversarial term: finite for any finite logit.
     """
     lf, gen, tgt, lambda_l1, reduction = _pix2pix_inputs(fake_logits, generated, target, lambda_l1, reduction)
-    adversarial = reduce_sum(softplus(-lf), reduction)  # (GAN.7) nonsaturating
+    adversarial = reduce_mean(softplus(-lf), reduction)  # (GAN.7) nonsaturating, per-sample mean
     return result(adversarial + lambda_l1 * reduce_mean(np.abs(gen - tgt), reduction))  # (GAN.16)
 
 
@@ -1322,7 +1359,7 @@ def pix2pix_g_loss_backward(fake_logits, generated, target, grad_output, lambda_
     r"""Gradient of :func:`pix2pix_g_loss`.
 
     .. math::
-        \frac{\partial L}{\partial l^f} = -w\,\sigma(-l^f), \qquad
+        \frac{\partial L}{\partial l^f} = -\frac{w}{P}\,\sigma(-l^f), \qquad
         \frac{\partial L}{\partial G(x)} = \frac{w\,\lambda_{L1}}{n}\operatorname{sign}(G(x) - y)
             = -\frac{\partial L}{\partial y}
 
@@ -1344,7 +1381,7 @@ def pix2pix_g_loss_backward(fake_logits, generated, target, grad_output, lambda_
     Bounded sigmoid; zero subgradient where ``generated == target``.
     """
     lf, gen, tgt, lambda_l1, reduction = _pix2pix_inputs(fake_logits, generated, target, lambda_l1, reduction)
-    grad_logits = grad_sum(grad_output, reduction, lf.shape) * -sigmoid(-lf)  # (GAN.4)
+    grad_logits = grad_mean(grad_output, reduction, lf.shape) * -sigmoid(-lf)  # (GAN.4), (GAN.16)
     grad_generated = lambda_l1 * grad_mean(grad_output, reduction, gen.shape) * np.sign(gen - tgt)  # (GAN.16)
     return grad_logits, grad_generated, -grad_generated
 

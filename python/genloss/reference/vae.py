@@ -72,13 +72,16 @@ def _normalized_exp(a, axis):
     keeps full relative accuracy at large magnitudes: at :math:`a \approx -10^4` the
     difference :math:`a - \operatorname{lse}` carries an absolute error of one ulp of
     :math:`10^4` (2e-12), while :math:`a - m` is exact for nearby entries.  A slice
-    that is all ``-inf`` (no mass at all) gets 0.
+    that is all ``-inf`` (no mass at all) gets 0.  The shift of an entry equal to the max is
+    exactly 0, so a ``+inf`` entry takes the mass (not :math:`\infty - \infty`); a NaN gives NaN.
     """
     m = np.max(a, axis=axis, keepdims=True)
-    live = np.isfinite(m)
-    e = np.where(live, np.exp(a - np.where(live, m, 0.0)), 0.0)
+    empty = np.isneginf(m)
+    with np.errstate(invalid="ignore"):
+        z = np.where(a == m, 0.0, a - np.where(empty, 0.0, m))
+    e = np.where(empty, 0.0, np.exp(z))
     total = e.sum(axis=axis, keepdims=True)
-    return e / np.where(live, total, 1.0)
+    return e / np.where(empty, 1.0, total)
 
 
 # ============================================================================= argument checks
@@ -646,7 +649,12 @@ def _gmm_inputs(x, logits, means, logvars, reduction="mean"):
 
 def _gmm_joint(x, logits, means, logvars):
     r"""log pi_k + log N(x_n; m_k, diag e^{v_k}) for every (n, k), and the pieces the gradients reuse."""
-    log_pi = logits - logsumexp(logits)  # (VAE.11) log-softmax of the mixing logits
+    # (VAE.11) log-softmax of the mixing logits, shifted by the maximum with the shift of the
+    # maximum itself exactly 0: a +inf logit is a weight-1 component (not inf - inf = NaN).
+    m = np.max(logits)
+    with np.errstate(invalid="ignore"):  # inf - inf, discarded by the select
+        z = np.where(logits == m, 0.0, logits - m)
+    log_pi = z - np.log(np.sum(np.exp(z)))
     diff = x[:, None, :] - means[None, :, :]  # (N, K, D)
     inv_var = np.exp(-logvars)  # (K, D)
     sq = diff**2 * inv_var  # (x - m)^2 e^{-v}
