@@ -1,0 +1,268 @@
+r"""The continuous-time (flow) family as torch ops (``torch.ops.genloss.<name>``).
+
+``flow_matching_loss`` is a custom op on the fused native kernel (see ``_op.py`` for
+the registration), differentiable w.r.t. every float input (pred, x0, noise, t and
+weights).  ``flow_interpolant`` is two multiply-adds: a composite of torch ops, so
+autograd (double backward included) and ``torch.compile`` see through it.  No math
+here beyond that line; it is derived in derivations/flow.md (FLOW.1, FLOW.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import _checks as C
+from ..native import flow as native
+from ..reference import flow as ref
+from ._op import LossOp, public, schema_of
+
+__all__ = [
+    "consistency_training_loss",
+    "denoiser_loss",
+    "edm_preconditioning",
+    "flow_interpolant",
+    "flow_matching_loss",
+    "flux_mu",
+    "ict_num_steps",
+    "ict_sigma_probs",
+    "karras_sigmas",
+    "prediction_convert",
+    "pseudo_huber_loss",
+    "sample_timesteps",
+    "shift_timesteps",
+    "timestep_cdf",
+    "timestep_density",
+    "timestep_quantile",
+]
+
+# schema, differentiable arguments (pred, x0, noise, t, weights) and docstring from the record
+flow_matching_loss = public(
+    LossOp("flow_matching_loss", schema_of("flow_matching_loss"), native.flow_matching_loss), __name__
+)
+
+
+# (FLOW.20) differentiable: x, y, weights
+pseudo_huber_loss = public(
+    LossOp("pseudo_huber_loss", schema_of("pseudo_huber_loss"), native.pseudo_huber_loss), __name__
+)
+# (FLOW.21-FLOW.23) differentiable: F, x0, noise, sigma, logvar
+denoiser_loss = public(LossOp("denoiser_loss", schema_of("denoiser_loss"), native.denoiser_loss), __name__)
+# (FLOW.24) differentiable: f_student only; f_target (a stop-gradient target) and the noise levels
+# requiring grad are refused with an error naming them
+consistency_training_loss = public(
+    LossOp(
+        "consistency_training_loss", schema_of("consistency_training_loss"), native.consistency_training_loss
+    ),
+    __name__,
+)
+
+
+def flow_interpolant(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sigma_min: float = 0.0
+) -> torch.Tensor:
+    with ref.named_errors("flow_interpolant"):
+        c = 1.0 - ref.sigma_min_value(sigma_min)
+        for name, a in (("x0", x0), ("noise", noise), ("t", t)):
+            if not isinstance(a, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        if x0.dim() < 1 or tuple(t.shape) != (x0.shape[0],):
+            raise ValueError(f"t must have shape ({x0.shape[0] if x0.dim() else '?'},) (one time per sample)")
+        if not torch.compiler.is_compiling():  # a data-dependent check: eager only
+            lo, hi = (float(v) for v in t.detach().aminmax()) if t.numel() else (0.0, 0.0)
+            ref.check_times(torch.tensor([lo, hi], dtype=torch.float64).numpy())
+    # float16 / bfloat16 inputs: computed in float32 (autograd rounds the gradients back)
+    x0, noise, t = (a.float() if a.dtype in (torch.float16, torch.bfloat16) else a for a in (x0, noise, t))
+    tb = t.reshape((-1,) + (1,) * (x0.dim() - 1))
+    return (1.0 - c * tb) * x0 + tb * noise  # (FLOW.1)
+
+
+flow_interpolant.__doc__ = ref.flow_interpolant.__doc__
+
+
+# ============================================================================= samplers, shifts, parameterizations
+# Plain torch functions (no custom op: nothing here is a fused loss).  The samplers and densities
+# run the float64 reference on the (n,) vector; shift_timesteps, edm_preconditioning and
+# prediction_convert are float64 torch arithmetic on (B,) coefficients, differentiable by autograd
+# (double backward included) and traceable by torch.compile (their data-dependent checks run in
+# eager only).  The math is derived in derivations/flow.md (FLOW.6-FLOW.12).
+
+_LOW = (torch.float16, torch.bfloat16)
+flux_mu = ref.flux_mu  # Python floats in, a float out
+ict_num_steps = ref.ict_num_steps  # ints in, an int out
+
+
+def _tensor(op: str, name: str, x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {x.dtype}")
+    return x
+
+
+def _eager_check(fn: Callable[..., Any], *tensors: torch.Tensor, **kwargs: Any) -> None:
+    """Run the reference's argument checks on the values (skipped under torch.compile: data-dependent)."""
+    if not torch.compiler.is_compiling():
+        fn(*(t.detach().cpu().double().numpy() for t in tensors), **kwargs)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in _LOW else x.dtype  # float16 / bfloat16: computed in float32
+
+
+def _torch_generator(generator: Any) -> torch.Generator | None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    raise TypeError(f"sample_timesteps: generator must be a torch.Generator, an int seed or None, "
+                    f"got {type(generator).__name__}")  # fmt: skip
+
+
+def sample_timesteps(
+    n: int, kind: str = "uniform", generator: Any = None, m: float = 0.0, s: float = 1.0, scale: float = 1.29,
+    p_mean: float = -1.2, p_std: float = 1.2, stratified: bool = False, rank: int = 0, world_size: int = 1,
+    *, device: Any = None, dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:  # fmt: skip
+    r"""``genloss.reference.sample_timesteps`` with uniform draws from a CPU ``torch.Generator`` (or an
+    int seed): the inverse CDF in float64, returned in ``dtype`` (float32 by default) on ``device``.
+    (FLOW.6-FLOW.8)"""
+    with ref.named_errors("sample_timesteps"):
+        ref._timestep_params(kind, m, s, scale, p_mean, p_std)
+        n = C.positive_int("n", n)
+        if C.flag("stratified", stratified) and world_size != 1 and generator is None:
+            raise ValueError("generator must be given (the same seed on every rank) for stratified draws")
+        g = _torch_generator(generator)
+        if stratified:
+            u0 = float(torch.rand((), generator=g, dtype=torch.float64))
+            u = ref._dif.low_discrepancy_times(n, u0, rank, world_size)  # (DIF.18)
+        else:
+            ref._dif.low_discrepancy_times(1, 0.0, rank, world_size)  # the same checks of rank, world_size
+            u = torch.rand(n, generator=g, dtype=torch.float64).numpy()
+    t = ref.timestep_quantile(np.clip(u, ref._U_LOW, ref._U_HIGH), kind, m, s, scale, p_mean, p_std)
+    return torch.from_numpy(t).to(device=device, dtype=dtype)
+
+
+def _via_reference(fn: Callable[..., np.ndarray], op: str, name: str) -> Callable[..., torch.Tensor]:
+    """A reference function of one float vector, on a tensor: float64 values, returned in the
+    tensor's dtype (float32 for float16 / bfloat16) on its device (no gradient: a density is data)."""
+
+    def call(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = _tensor(op, name, x)
+        out = fn(x.detach().cpu().double().numpy(), *args, **kwargs)
+        return torch.from_numpy(out).to(device=x.device, dtype=_out_dtype(x))
+
+    call.__name__ = call.__qualname__ = op
+    call.__doc__ = fn.__doc__
+    return call
+
+
+timestep_density = _via_reference(ref.timestep_density, "timestep_density", "t")
+timestep_cdf = _via_reference(ref.timestep_cdf, "timestep_cdf", "t")
+timestep_quantile = _via_reference(ref.timestep_quantile, "timestep_quantile", "u")
+ict_sigma_probs = _via_reference(ref.ict_sigma_probs, "ict_sigma_probs", "sigmas")
+
+
+def shift_timesteps(
+    t: torch.Tensor, shift: float | None = None, mu: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with ref.named_errors("shift_timesteps"):
+        alpha = ref._shift_factor(shift, mu)
+    t = _tensor("shift_timesteps", "t", t)
+    with ref.named_errors("shift_timesteps"):
+        _eager_check(ref.check_times, t)
+    t64 = t.double()
+    den = alpha * t64 + (1.0 - t64)  # (FLOW.9)
+    dtype = _out_dtype(t)
+    return (alpha * t64 / den).to(dtype), (alpha / (den * den)).to(dtype)
+
+
+shift_timesteps.__doc__ = ref.shift_timesteps.__doc__
+
+
+def edm_preconditioning(
+    sigma: torch.Tensor, sigma_data: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with ref.named_errors("edm_preconditioning"):
+        sd = C.positive("sigma_data", sigma_data)
+    sigma = _tensor("edm_preconditioning", "sigma", sigma)
+    _eager_check(ref._sigmas, sigma, op="edm_preconditioning")
+    s = sigma.double()
+    r = torch.hypot(s, torch.full_like(s, sd))
+    rd = sd / r  # (FLOW.10) sigma_d / r <= 1: no cancellation, no overflow
+    dtype = _out_dtype(sigma)
+    return tuple(c.to(dtype) for c in (rd * rd, s * rd, 1.0 / r, 0.25 * torch.log(s)))  # type: ignore[return-value]
+
+
+edm_preconditioning.__doc__ = ref.edm_preconditioning.__doc__
+
+
+def _path(t_or_sigma: Any, schedule: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) per sample in float64, as ``reference.path_coefs`` (which checks the values in eager)."""
+    op = "prediction_convert"
+    pair = isinstance(schedule, str) and schedule == "alpha_sigma"
+    parts = tuple(t_or_sigma) if pair and isinstance(t_or_sigma, (tuple, list)) else (t_or_sigma,)
+    for x in parts:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{op}: t_or_sigma must be a torch.Tensor (or a pair of them), got {type(x).__name__}"
+            )
+        if x.requires_grad:
+            raise ValueError(f"{op}: t_or_sigma requires grad, but the conversion is differentiable only "
+                             "w.r.t. pred and x_t; pass t_or_sigma.detach()")  # fmt: skip
+    if not torch.compiler.is_compiling():
+        vals = tuple(
+            (x.detach().cpu().double() if x.is_floating_point() else x.detach().cpu()).numpy() for x in parts
+        )
+        with ref.named_errors(op):
+            ref.path_coefs(vals if pair else vals[0], schedule, batch)
+    if isinstance(schedule, ref._dif.DiffusionSchedule):
+        t = parts[0]
+
+        def table(name: str) -> torch.Tensor:  # a copy: the schedule's arrays are read-only
+            return torch.tensor(getattr(schedule, name), dtype=torch.float64, device=t.device)
+
+        return table("sqrt_alpha_bar")[t], table("sqrt_one_minus_alpha_bar")[t]
+    if pair:
+        return parts[0].double(), parts[1].double()
+    x = parts[0].double()
+    return (1.0 - x, x) if schedule == "flow" else (torch.ones_like(x), x)
+
+
+def prediction_convert(
+    pred: torch.Tensor, x_t: torch.Tensor, t_or_sigma: Any, source: str, target: str,
+    schedule: Any = "flow", sigma_data: float = 0.5,
+) -> torch.Tensor:  # fmt: skip
+    op = "prediction_convert"
+    with ref.named_errors(op):
+        source = C.choice("source", source, ref.PREDICTIONS)
+        target = C.choice("target", target, ref.PREDICTIONS)
+        sd = C.positive("sigma_data", sigma_data)
+    pred, x_t = _tensor(op, "pred", pred), _tensor(op, "x_t", x_t)
+    if x_t.shape != pred.shape or pred.dim() < 1 or pred.shape[0] == 0:
+        raise ValueError(f"{op}: x_t must have the shape of pred {tuple(pred.shape)} (batch first, not empty), "
+                         f"got {tuple(x_t.shape)}")  # fmt: skip
+    a, b = _path(t_or_sigma, schedule, pred.shape[0])
+    A, Cf, det = ref.convert_coefs(source, target, a, b, sd)  # (FLOW.11) float64 (B,) coefficients
+    if not torch.compiler.is_compiling() and source != target and bool((det == 0.0).any()):
+        raise ValueError(f"{op}: {ref.singular_message(source, target)}")
+    dtype = torch.promote_types(_out_dtype(pred), _out_dtype(x_t))
+    shape = (-1,) + (1,) * (pred.dim() - 1)
+    A, Cf = A.to(dtype).reshape(shape), Cf.to(dtype).reshape(shape)
+    return A * x_t.to(dtype) + Cf * pred.to(dtype)  # (FLOW.11)
+
+
+prediction_convert.__doc__ = ref.prediction_convert.__doc__
+
+
+def karras_sigmas(
+    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+    *, device: Any = None, dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:  # fmt: skip
+    r"""``genloss.reference.karras_sigmas`` (float64, ascending) in ``dtype`` on ``device``.  (FLOW.12)"""
+    return torch.from_numpy(ref.karras_sigmas(n, sigma_min, sigma_max, rho)).to(device=device, dtype=dtype)
