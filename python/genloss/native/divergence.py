@@ -147,8 +147,8 @@ def median_bandwidth(x: Any, y: Any, max_points: int = 2000) -> float:
         def host(b: Buf) -> np.ndarray:
             return b.arr.get() if b.kind == "cupy" else np.asarray(b.arr)
 
-        z = np.concatenate([host(xb), host(yb)]).astype(np.float64)[::step]
-        med = _median_numpy(z)
+        zn = np.concatenate([host(xb), host(yb)]).astype(np.float64)[::step]
+        med = _median_numpy(zn)
     if not med > 0.0:
         raise ValueError("median_bandwidth: the median pairwise distance is 0 (too many repeated points)")
     return med
@@ -196,6 +196,63 @@ def kid_indices(n_real: int, n_fake: int, subsets: int, subset_size: int, seed: 
     return out
 
 
+_KID_TILE = 1024  # rows per tile of the full-set variance sums: memory O(_KID_TILE * (N + M))
+
+
+def kid_full_set(real: Buf, fake: Buf) -> tuple[float, float]:
+    r"""(full-set unbiased polynomial MMD^2, sqrt of the unbiased estimate of its variance).  (DIV.16)
+
+    The Gram matrices are formed one row tile at a time in float64 on the data's device and
+    reduced at once to the sums of ``reference.divergence.mmd2_u_variance`` (row sums, their
+    squared norms and dot products, sums of squares): memory O(tile (N + M)), never N x N.
+    """
+    from ..reference.divergence import mmd2_u_variance
+
+    if real.kind == "torch":
+        import torch
+
+        x, y = real.arr.detach().to(torch.float64), fake.arr.detach().to(torch.float64)
+    else:
+        x, y = real.arr.astype(np.float64), fake.arr.astype(np.float64)
+    n, d = x.shape
+    m = y.shape[0]
+    for name, k in (("real_features", n), ("fake_features", m)):
+        if k < 4:
+            raise ValueError(f"kid: {name} needs >= 4 samples for the variance (subsets=None), got {k}")
+
+    def rows(a, b, diagonal):  # one tile of (a b^T / D + 1)^3, its diagonal taken out when a is b's tile
+        k = (a @ b.T / d + 1.0) ** 3
+        if diagonal is not None:
+            diag = ((a * a).sum(axis=1) / d + 1.0) ** 3
+            return k.sum(axis=1) - diag, float((k * k).sum() - (diag * diag).sum())
+        return k, None
+
+    g = dict.fromkeys(("Sx", "Rx", "Fx", "Sy", "Ry", "Fy", "Sxy", "Ra", "Rb", "Fxy", "Dx", "Dy"), 0.0)
+    col: Any = None  # column sums of K_xy, accumulated over the row tiles
+    for i in range(0, n, _KID_TILE):
+        a = x[i : i + _KID_TILE]
+        r, f = rows(a, x, True)
+        kxy, _ = rows(a, y, None)
+        rs = kxy.sum(axis=1)
+        col = kxy.sum(axis=0) if col is None else col + kxy.sum(axis=0)
+        g["Sx"] += float(r.sum())
+        g["Rx"] += float((r * r).sum())
+        g["Fx"] += f
+        g["Sxy"] += float(rs.sum())
+        g["Ra"] += float((rs * rs).sum())
+        g["Fxy"] += float((kxy * kxy).sum())
+        g["Dx"] += float((r * rs).sum())
+    g["Rb"] = float((col * col).sum())
+    for j in range(0, m, _KID_TILE):
+        r, f = rows(y[j : j + _KID_TILE], y, True)
+        g["Sy"] += float(r.sum())
+        g["Ry"] += float((r * r).sum())
+        g["Fy"] += f
+        g["Dy"] += float((r * col[j : j + _KID_TILE]).sum())
+    value = g["Sx"] / (n * (n - 1)) + g["Sy"] / (m * (m - 1)) - 2.0 * g["Sxy"] / (n * m)  # (DIV.7)
+    return value, math.sqrt(max(mmd2_u_variance(n, m, g), 0.0))
+
+
 def check_kid(n_real: int, n_fake: int, subsets: Any, subset_size: Any) -> None:
     C.positive_int("subsets", subsets)
     if isinstance(subset_size, bool) or not isinstance(subset_size, int):
@@ -213,7 +270,8 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0) -> 
 
     ``rng = np.random.default_rng(seed)``; per subset ``idx_r = rng.choice(N_real,
     subset_size, replace=False)`` then ``idx_f = rng.choice(N_fake, subset_size,
-    replace=False)``.  (DIV.13)
+    replace=False)``.  (DIV.13)  ``subsets=None``: no subsampling, the full-set MMD^2 and the
+    square root of the unbiased estimate of its variance (:func:`kid_full_set`, DIV.16).
     """
     rb, fb = inputs(["real_features", "fake_features"], [real_features, fake_features])
     n_r, d = _points("real_features", rb)
@@ -222,6 +280,8 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0) -> 
         raise ValueError(
             f"fake_features must have the dimension of real_features (D={d}), got {tuple(fb.shape)}"
         )
+    if subsets is None:  # the full sets and the closed-form standard deviation  (DIV.16)
+        return kid_full_set(rb, fb)
     check_kid(n_r, n_f, subsets, subset_size)
     values = []
     for idx_r, idx_f in kid_indices(n_r, n_f, subsets, subset_size, seed):

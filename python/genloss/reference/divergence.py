@@ -180,7 +180,7 @@ def _pair_term(kernel, a, b, coef, bandwidths, with_grad):
         diff = a[rows, None, :] - b[None, :, :]  # (rows, Nb, D), exact differences: t_ii = 0 exactly
         k, dk = _profile(kernel, np.sum(diff * diff, axis=-1), bandwidths)
         value += float(np.sum(coef[rows] * k))
-        if with_grad:
+        if grad_a is not None and grad_b is not None:  # with_grad
             w = 2.0 * coef[rows] * dk  # (DIV.9)
             grad_a[rows] += np.einsum("ij,ijd->id", w, diff)
             grad_b -= np.einsum("ij,ijd->jd", w, diff)
@@ -408,8 +408,68 @@ def median_bandwidth(x, y, max_points=2000):
     return s
 
 
+def mmd2_u_variance(n, m, sums):
+    r"""The unbiased estimate of :math:`\operatorname{Var}\widehat{\mathrm{MMD}}^2_u` from kernel sums.  (DIV.16)
+
+    .. math::
+        \operatorname{Var} = \frac{4(N-2)\zeta_1^{x} + 2\zeta_2^{x}}{N(N-1)}
+        + \frac{4(M-2)\zeta_1^{y} + 2\zeta_2^{y}}{M(M-1)}
+        + \frac{4\big(\zeta_{11} + (M-1)\zeta_{10} + (N-1)\zeta_{01}\big)}{NM}
+        - \frac{8\xi_x}{N} - \frac{8\xi_y}{M}
+
+    with every population moment replaced by its U-statistic over distinct indices, so the
+    estimate is exactly unbiased (it can be slightly negative).  ``sums`` maps ``Sx, Rx, Fx``
+    (sum, squared norm of the row sums, sum of squares of the off-diagonal :math:`K_{xx}`),
+    ``Sy, Ry, Fy`` (the same for :math:`K_{yy}`), ``Sxy, Ra, Rb, Fxy`` (sum, squared norms of the
+    row and column sums, sum of squares of :math:`K_{xy}`), ``Dx`` = (row sums of
+    :math:`K_{xx}`)·(row sums of :math:`K_{xy}`) and ``Dy`` = (row sums of :math:`K_{yy}`)·(column
+    sums of :math:`K_{xy}`).  Needs N, M >= 4.
+    """
+    g = sums
+
+    def ff(k, j):  # falling factorial k (k-1) ... (k-j+1)
+        return math.prod(range(k - j + 1, k + 1))
+
+    mu2_x = (g["Sx"] ** 2 - 4 * g["Rx"] + 2 * g["Fx"]) / ff(n, 4)  # E k(x1,x2) k(x3,x4)
+    mu2_y = (g["Sy"] ** 2 - 4 * g["Ry"] + 2 * g["Fy"]) / ff(m, 4)
+    mu2_xy = (g["Sxy"] ** 2 - g["Ra"] - g["Rb"] + g["Fxy"]) / (ff(n, 2) * ff(m, 2))  # E k(x1,y1) k(x2,y2)
+    zeta1_x = (g["Rx"] - g["Fx"]) / ff(n, 3) - mu2_x  # Cov k(x1,x2), k(x1,x3)
+    zeta1_y = (g["Ry"] - g["Fy"]) / ff(m, 3) - mu2_y
+    zeta2_x = g["Fx"] / ff(n, 2) - mu2_x  # Var k(x1,x2)
+    zeta2_y = g["Fy"] / ff(m, 2) - mu2_y
+    zeta11 = g["Fxy"] / (n * m) - mu2_xy  # Var k(x,y)
+    zeta10 = (g["Ra"] - g["Fxy"]) / (n * ff(m, 2)) - mu2_xy  # Cov k(x,y1), k(x,y2)
+    zeta01 = (g["Rb"] - g["Fxy"]) / (ff(n, 2) * m) - mu2_xy  # Cov k(x1,y), k(x2,y)
+    # Cov k(x1,x2), k(x1,y)
+    xi_x = g["Dx"] / (ff(n, 2) * m) - (g["Sx"] * g["Sxy"] - 2 * g["Dx"]) / (ff(n, 3) * m)
+    xi_y = g["Dy"] / (ff(m, 2) * n) - (g["Sy"] * g["Sxy"] - 2 * g["Dy"]) / (ff(m, 3) * n)
+    return (  # (DIV.16)
+        (4 * (n - 2) * zeta1_x + 2 * zeta2_x) / ff(n, 2)
+        + (4 * (m - 2) * zeta1_y + 2 * zeta2_y) / ff(m, 2)
+        + 4 * (zeta11 + (m - 1) * zeta10 + (n - 1) * zeta01) / (n * m)
+        - 8 * xi_x / n
+        - 8 * xi_y / m
+    )
+
+
+def _polynomial_sums(x, y):
+    """The kernel sums of :func:`mmd2_u_variance` from the dense cubic-polynomial Gram matrices."""
+    d = x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    np.fill_diagonal(kxx, 0.0)  # the U-statistics never pair a sample with itself
+    np.fill_diagonal(kyy, 0.0)
+    rx, ry, a, b = kxx.sum(1), kyy.sum(1), kxy.sum(1), kxy.sum(0)
+    return {
+        "Sx": rx.sum(), "Rx": rx @ rx, "Fx": np.sum(kxx * kxx),
+        "Sy": ry.sum(), "Ry": ry @ ry, "Fy": np.sum(kyy * kyy),
+        "Sxy": a.sum(), "Ra": a @ a, "Rb": b @ b, "Fxy": np.sum(kxy * kxy),
+        "Dx": rx @ a, "Dy": ry @ b,
+    }  # fmt: skip
+
+
 def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0):
-    r"""Kernel Inception Distance: the unbiased cubic-polynomial MMD^2 averaged over random subsets.
+    r"""Kernel Inception Distance: the unbiased cubic-polynomial MMD^2 averaged over random subsets,
+    or on the full sets with the closed-form standard deviation of the estimator.
 
     .. math::
         \mathrm{KID} = \frac1S\sum_{s=1}^{S}\widehat{\mathrm{MMD}}^2_u\big(X_{I_s}, Y_{J_s}\big),
@@ -423,17 +483,21 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0):
     ----------
     real_features : ndarray, shape [N_real, D]
     fake_features : ndarray, shape [N_fake, D]
-    subsets : int
-        Number of subsets S (>= 1).
+    subsets : int or None
+        Number of subsets S (>= 1); ``None``: no subsampling, the full sets (N, M >= 4).
     subset_size : int
-        Rows per subset, 2 <= subset_size <= min(N_real, N_fake).
+        Rows per subset, 2 <= subset_size <= min(N_real, N_fake) (ignored when ``subsets=None``).
     seed : int
         Seed of ``np.random.default_rng`` (>= 0).
 
     Returns
     -------
     (mean, std) : tuple of ndarray, shape []
-        Mean and standard deviation (``ddof=0``, as torch-fidelity) over the subsets.
+        Mean and standard deviation (``ddof=0``, as torch-fidelity) over the subsets.  With
+        ``subsets=None``: the full-set :math:`\widehat{\mathrm{MMD}}^2_u` and the square root of
+        the unbiased estimate of its variance (DIV.16; clipped at 0 when the estimate, which is
+        unbiased and so can dip below 0 when the variance is tiny, is negative): the error bar
+        of this one estimate, not a spread of subsets.
 
     Notes
     -----
@@ -441,6 +505,15 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0):
     :func:`mmd2_backward` with ``kernel='polynomial'``.
     """
     real, fake = _samples(real_features, fake_features, names=("real_features", "fake_features"))
+    if subsets is None:
+        for name, a in (("real_features", real), ("fake_features", fake)):
+            if a.shape[0] < 4:
+                raise ValueError(
+                    f"kid: {name} needs >= 4 samples for the variance (subsets=None), got {len(a)}"
+                )
+        value, _, _ = _mmd2(real, fake, "polynomial", (), "unbiased", False)  # (DIV.13)
+        var = mmd2_u_variance(real.shape[0], fake.shape[0], _polynomial_sums(real, fake))  # (DIV.16)
+        return result(value), result(math.sqrt(max(var, 0.0)))
     subsets = _checks.positive_int("subsets", subsets)
     subset_size = _checks.positive_int("subset_size", subset_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):

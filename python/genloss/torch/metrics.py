@@ -1,0 +1,330 @@
+r"""Evaluation metrics in torch: streaming Gaussian moments that merge across the ranks of a
+``torch.distributed`` job, the Fréchet distance differentiable w.r.t. the features, and an
+all-gather that keeps the gradient of the local shard.
+
+The math is the reference's (``genloss.reference.metrics``, ``derivations/metrics.md``);
+here it runs in float64 on the data's device.  No native kernels: the work is a few
+matrix products and one small SVD, which the BLAS / cuSOLVER of torch already do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..reference.metrics import chan_merge
+
+__all__ = ["GaussianMoments", "frechet_distance", "gather_with_grad"]
+
+
+def _features(op: str, name: str, x: object, dim: int | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex() or not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{op}: {name} must be a real numeric tensor, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must have shape (n, d) with d >= 1, got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{op}: {name} must have {dim} features, got shape {tuple(x.shape)}")
+    return x
+
+
+def _distributed(op: str, group):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{op}: torch.distributed is not initialized (call init_process_group first)")
+    return dist, dist.get_world_size(group), dist.get_rank(group)
+
+
+# ============================================================================= GaussianMoments
+
+
+class GaussianMoments:
+    r"""Streaming mean and unbiased (n − 1) covariance of features in float64, on the device
+    of the first batch; ``update`` / ``merge`` by Chan's pairwise update (MET.1), and
+    ``all_reduce`` to merge the states of every rank of a ``torch.distributed`` job.
+
+    The same class as ``genloss.reference.metrics.GaussianMoments`` on tensors; no gradient
+    flows through it (batches are detached: for a gradient use :func:`frechet_distance` on
+    the features).
+
+    Parameters
+    ----------
+    dim : int, optional
+        ``d``; needed on a rank that may see no data before ``all_reduce``.
+    device : torch.device or str, optional
+        Where the state lives before the first batch (default: that batch's device).
+    """
+
+    _op = "GaussianMoments"
+
+    def __init__(self, dim: int | None = None, device=None):
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"{self._op}: dim must be a positive int, got {dim!r}")
+        self.dim = dim
+        self.n = 0
+        self.device = None if device is None else torch.device(device)
+        self._mean: Any = None  # float64 tensors once the first batch arrives
+        self.m2: Any = None
+
+    def update(self, x: torch.Tensor) -> GaussianMoments:
+        """Fold the batch ``x`` (n, d) into the state (float64, detached); returns ``self``."""
+        x = _features(f"{self._op}.update", "x", x, self.dim)
+        if self.dim is None:
+            self.dim = x.shape[1]
+        if self.device is None:
+            self.device = x.device
+        if x.shape[0] == 0:
+            return self
+        a = x.detach().to(device=self.device, dtype=torch.float64)
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(
+                f"{self._op}.update: x must be finite (a NaN or inf would poison every later merge)"
+            )
+        mean_b = a.mean(dim=0)
+        c = a - mean_b  # two passes within the batch
+        self._merge(a.shape[0], mean_b, c.T @ c)
+        return self
+
+    def merge(self, other: GaussianMoments) -> GaussianMoments:
+        """Fold another state (same ``d``) into this one; returns ``self``."""
+        if not isinstance(other, GaussianMoments):
+            raise TypeError(f"{self._op}.merge: other must be a GaussianMoments, got {type(other).__name__}")
+        if other.n == 0:
+            return self
+        if self.dim is not None and other.dim != self.dim:
+            raise ValueError(f"{self._op}.merge: other has d={other.dim}, this state d={self.dim}")
+        self.dim = other.dim
+        if self.device is None:
+            self.device = other.device
+        self._merge(other.n, other._mean.to(self.device), other.m2.to(self.device))
+        return self
+
+    def _merge(self, n_b, mean_b, m2_b):
+        if self.n == 0:
+            self.n, self._mean, self.m2 = n_b, mean_b.clone(), m2_b.clone()
+            return
+        self.n, self._mean, self.m2 = chan_merge(self.n, self._mean, self.m2, n_b, mean_b, m2_b)
+
+    def all_reduce(self, group=None) -> GaussianMoments:
+        r"""Replace this rank's state by the merge of every rank's state (in place; returns ``self``).
+
+        One ``all_gather`` of the packed ``(n, mean, M2)`` (``1 + d + d^2`` float64 values per
+        rank), then every rank merges the W states itself in the same fixed order, a
+        pairwise tree over rank numbers (MET.1): the result is bitwise the same on every rank
+        and equals one process merging the same parts.  Call it once per evaluation (a
+        second call would count every sample W times).  A rank without data contributes
+        ``n = 0``; it needs ``dim`` (the constructor's) to size its message.
+        """
+        op = f"{self._op}.all_reduce"
+        dist, world, _ = _distributed(op, group)
+        if self.dim is None:
+            raise ValueError(f"{op}: this rank has no data and no dim; construct with GaussianMoments(dim=d)")
+        d = self.dim
+        device = self.device if self.device is not None else torch.device("cpu")
+        packed = torch.zeros(1 + d + d * d, dtype=torch.float64, device=device)
+        if self.n:
+            packed[0] = self.n
+            packed[1 : 1 + d] = self._mean
+            packed[1 + d :] = self.m2.reshape(-1)
+        parts = [torch.empty_like(packed) for _ in range(world)]
+        dist.all_gather(parts, packed, group=group)
+        states = [(int(p[0].item()), p[1 : 1 + d], p[1 + d :].reshape(d, d)) for p in parts]
+        while len(states) > 1:  # fixed pairwise tree: (0,1), (2,3), ... then again
+            states = [
+                chan_merge(*states[i], *states[i + 1]) if i + 1 < len(states) else states[i]
+                for i in range(0, len(states), 2)
+            ]
+        self.n, self._mean, self.m2 = states[0]
+        self.device = device
+        return self
+
+    @property
+    def mean(self) -> torch.Tensor:
+        if self.n < 1:
+            raise ValueError(f"{self._op}.mean: no samples yet")
+        return self._mean
+
+    @property
+    def cov(self) -> torch.Tensor:
+        if self.n < 2:
+            raise ValueError(f"{self._op}.cov: the unbiased covariance needs n >= 2 samples, have {self.n}")
+        m2 = self.m2 / (self.n - 1)
+        return 0.5 * (m2 + m2.T)
+
+    def __repr__(self) -> str:
+        return f"GaussianMoments(n={self.n}, dim={self.dim}, device={self.device})"
+
+
+# ============================================================================= Fréchet distance
+
+
+class _TraceSqrt(torch.autograd.Function):
+    r""":math:`t(A, B) = \lVert A B^\top\rVert_*` for centred features A (n1, d), B (n2, d),
+    with the minimum-norm subgradient (MET.5).
+
+    Forward: ``A = Q_A R_A`` (reduced QR; ``R_A = A`` itself, ``Q_A = I``, when n1 <= d), the
+    same for B, and the SVD :math:`R_A R_B^\top = U S V^\top` of a matrix of at most d x d:
+    :math:`AB^\top = Q_A U S V^\top Q_B^\top`, so :math:`t = \sum S`.  Backward: the gradient of
+    the nuclear norm of :math:`M = AB^\top` is its polar factor :math:`U_r V_r^\top` over the
+    singular values above :math:`\max(n_1,n_2,d)\,\varepsilon\,S_{\max}` (unique, hence finite,
+    at repeated non-zero singular values; at vanishing ones the minimum-norm element of the
+    subdifferential, i.e. the null directions get 0), and
+    :math:`\partial t/\partial A = Q_A U_r V_r^\top R_B`, :math:`\partial t/\partial B = Q_B V_r U_r^\top R_A`.
+    No inverse of R appears, so rank-deficient data are fine.  Once differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        qa, ra = _qr(a)
+        qb, rb = _qr(b)
+        u, s, vh = torch.linalg.svd(ra @ rb.T, full_matrices=False)
+        ctx.save_for_backward(qa, ra, qb, rb, u, s, vh)
+        ctx.size = max(a.shape[0], b.shape[0], a.shape[1])
+        return s.sum()  # (MET.3)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        qa, ra, qb, rb, u, s, vh = ctx.saved_tensors
+        keep = (s > ctx.size * torch.finfo(s.dtype).eps * s.max()).to(s.dtype)
+        polar = (u * keep) @ vh  # U_r V_r^T in the reduced coordinates  (MET.5)
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = g * (polar @ rb)
+            ga = ga if qa is None else qa @ ga
+        if ctx.needs_input_grad[1]:
+            gb = g * (polar.T @ ra)
+            gb = gb if qb is None else qb @ gb
+        return ga, gb
+
+
+def _qr(a: torch.Tensor):
+    """(Q, R) with a = Q R and R of at most d rows; (None, a) when a has no more rows than columns."""
+    if a.shape[0] <= a.shape[1]:
+        return None, a
+    return torch.linalg.qr(a, mode="reduced")
+
+
+def _sqrt_factor(op: str, name: str, cov: torch.Tensor) -> torch.Tensor:
+    """V_r Lambda_r^(1/2), eigenvalues at or below d eps lambda_max dropped (MET.4)."""
+    lam, v = torch.linalg.eigh(0.5 * (cov + cov.T))
+    top = float(lam[-1].clamp(min=0))
+    if float(lam[0]) < -1e-8 * max(top, torch.finfo(torch.float64).tiny):
+        raise ValueError(f"{op}: {name} is not positive semi-definite (eigenvalue {float(lam[0]):.3g})")
+    keep = lam > cov.shape[0] * torch.finfo(torch.float64).eps * top
+    return v[:, keep] * lam[keep].sqrt()
+
+
+def frechet_distance(*args) -> torch.Tensor:
+    r"""Fréchet distance :math:`\lVert\mu_1-\mu_2\rVert^2+\operatorname{tr}\Sigma_1+\operatorname{tr}\Sigma_2
+    -2\operatorname{tr}\sqrt{\Sigma_1\Sigma_2}` in float64, a 0-d tensor on the inputs' device.  (MET.2-MET.5)
+
+    Call forms as ``genloss.reference.frechet_distance``: features ``(x, y)`` of shape
+    (n1, d), (n2, d) — differentiable w.r.t. both (MET.5: the nuclear norm of the centred
+    :math:`AB^\top/\sqrt{(n_1-1)(n_2-1)}` through QR and one SVD of at most d x d, with the
+    minimum-norm subgradient where singular values vanish; once differentiable); two
+    :class:`GaussianMoments`; or ``(mu1, cov1, mu2, cov2)`` (value only: refused when one
+    requires grad, since the eigendecomposition's gradient is infinite at repeated
+    eigenvalues).  Features of float32 are promoted to float64 (the gradient is returned
+    in their dtype by autograd).
+    """
+    op = "frechet_distance"
+    if len(args) == 2 and all(isinstance(a, GaussianMoments) for a in args):
+        args = (args[0].mean, args[0].cov, args[1].mean, args[1].cov)
+    if len(args) == 4:
+        names = ("mu1", "cov1", "mu2", "cov2")
+        for name, t in zip(names, args, strict=True):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.requires_grad:
+                raise ValueError(
+                    f"{op}: {name} requires grad; the moments form is value-only (differentiate the features form)"
+                )
+        mu1, cov1, mu2, cov2 = (t.to(torch.float64) for t in args)
+        for k, (mu, cov) in enumerate(((mu1, cov1), (mu2, cov2)), 1):
+            if mu.dim() != 1 or tuple(cov.shape) != (mu.shape[0], mu.shape[0]):
+                raise ValueError(
+                    f"{op}: mu{k} must have shape (d,) and cov{k} (d, d), got {tuple(mu.shape)}, {tuple(cov.shape)}"
+                )
+        if mu1.shape != mu2.shape:
+            raise ValueError(
+                f"{op}: mu2 must have the dimension of mu1 (d={mu1.shape[0]}), got {tuple(mu2.shape)}"
+            )
+        f1, f2 = _sqrt_factor(op, "cov1", cov1), _sqrt_factor(op, "cov2", cov2)
+        tsqrt = torch.linalg.svdvals(f1.T @ f2).sum() if f1.shape[1] and f2.shape[1] else mu1.new_zeros(())
+        diff = mu1 - mu2
+        return diff @ diff + torch.diagonal(cov1).sum() + torch.diagonal(cov2).sum() - 2.0 * tsqrt  # (MET.2)
+    if len(args) != 2:
+        raise TypeError(
+            f"{op}: takes (x, y) features, two GaussianMoments, or (mu1, cov1, mu2, cov2); got {len(args)} arguments"
+        )
+    x = _features(op, "x", args[0])
+    y = _features(op, "y", args[1], x.shape[1])
+    for name, t in (("x", x), ("y", y)):
+        if t.shape[0] < 2:
+            raise ValueError(
+                f"{op}: {name} needs at least 2 samples (the unbiased covariance), got {t.shape[0]}"
+            )
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    n1, n2 = x.shape[0], y.shape[0]
+    mu1, mu2 = x.mean(dim=0), y.mean(dim=0)
+    a, b = x - mu1, y - mu2
+    diff = mu1 - mu2
+    tsqrt = _TraceSqrt.apply(a, b) / ((n1 - 1) * (n2 - 1)) ** 0.5  # (MET.4)
+    return diff @ diff + (a * a).sum() / (n1 - 1) + (b * b).sum() / (n2 - 1) - 2.0 * tsqrt  # (MET.2)
+
+
+# ============================================================================= gather_with_grad
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        dist, world, rank = _distributed("gather_with_grad", group)
+        sizes = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+        dist.all_gather(all_sizes, sizes, group=group)
+        counts = [int(s.item()) for s in all_sizes]
+        top = max(counts)
+        padded = x.new_zeros((top, *x.shape[1:]))  # all_gather needs equal shapes
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        parts[rank] = x  # the local shard as it is (the same values)
+        ctx.group, ctx.counts, ctx.rank = group, counts, rank
+        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0)
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)  # (MET.6) sum over the ranks' losses
+        start = sum(ctx.counts[: ctx.rank])
+        return g[start : start + ctx.counts[ctx.rank]], None
+
+
+def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    r"""All-gather ``x`` (shape (n_r, ...), n_r may differ per rank) along dim 0 over the ranks of
+    ``group``, in rank order, keeping the gradient of the local shard.  (MET.6)
+
+    Gradient convention: the backward SUMS the incoming gradient over the ranks (one
+    ``all_reduce``) and returns the local shard's slice, so rank r's shard receives
+    :math:`\sum_s \partial L_s/\partial x_r`, the gradient of the sum of the ranks' losses.
+    When every rank computes the SAME global loss L on the gathered batch (the use here:
+    ``mmd2`` or ``frechet_distance`` over the global batch), that is
+    :math:`W\,\partial L/\partial x_r`; DistributedDataParallel then AVERAGES the parameter
+    gradients over the W ranks, and the update is exactly :math:`\partial L/\partial\theta` of one
+    process computing L on the concatenated batch (as ``torch.distributed.nn.all_gather``).
+    Without DDP's averaging (a hand-written all_reduce SUM of parameter gradients) divide
+    the loss by W.  Every rank must call it (a collective); ``x`` is communicated in its own
+    dtype (gloo: CPU tensors; nccl: CUDA).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"gather_with_grad: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("gather_with_grad: x must have a batch dim (dim >= 1), got a 0-d tensor")
+    return _GatherWithGrad.apply(x, group)
