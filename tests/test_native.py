@@ -22,8 +22,6 @@ Records are specialised to each variant (``record.at(variant)``): the arguments 
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 from hypothesis import example, given
@@ -35,7 +33,8 @@ from strategies import sizes as _sizes
 from tolerances import assert_all_finite, assert_close, value_scale
 
 torch = pytest.importorskip("torch")  # for the torch-tensor inputs; genloss.native itself never imports it
-_C = pytest.importorskip("genloss._C")
+pytest.importorskip("genloss._C")
+import genloss.native as gn  # noqa: E402
 
 NATIVE_RECORDS = tuple(r for r in R.RECORDS if r.has_native)
 NATIVE_CASES = list(R.cases(NATIVE_RECORDS))
@@ -264,14 +263,8 @@ BIG = dict(B=300, Br=300, Bf=300, Bl=300, Bu=300, Ba=300, Bb=300, K=200, F=200, 
 BIG.update({"...": (200,), "...2": (200,)})  # 60,000 elements per array: above the parallel threshold
 
 
-@contextlib.contextmanager
 def num_threads(n: int):
-    before = _C.get_num_threads()
-    _C.set_num_threads(n)
-    try:
-        yield
-    finally:
-        _C.set_num_threads(before)
+    return gn.options(threads=n)
 
 
 def _bits(value, grads) -> list[bytes]:
@@ -310,7 +303,7 @@ def test_parallel_path_is_taken():
     if not info["openmp"]:
         pytest.skip("built without OpenMP")
     with num_threads(2):
-        assert _C.get_num_threads() == 2
+        assert gn.options()["threads"] == 2
 
 
 # ----------------------------------------------------------------------------- array kinds and dtypes

@@ -135,7 +135,7 @@ def test_spectral_norm_backward_holds_vectors_constant(n_iters):
     assert_close(g, numeric, "fd", np.float64, f"spectral_norm_sigma(n_iters={n_iters}) d/dW")
 
 
-@pytest.mark.parametrize("family", ["gan", "vae", "diffusion", "divergence"])
+@pytest.mark.parametrize("family", ["gan", "vae", "diffusion", "divergence", "flow", "metrics"])
 def test_registry_covers_every_reference_op(family):
     """Every op the reference exports (a forward, with or without ``_backward``) has a registry
     record or is listed in ``NOT_REGISTERED`` with its reason (so the generic tests cannot
@@ -176,3 +176,23 @@ def test_specialised_records():
     assert spec.reference(*inputs, **kw) == direct
     nll = R.by_name("gaussian_nll")
     assert [nll.at(v).arg("logvar").shape for v in nll.variants] == [("B", "..."), (), ("...",)]
+
+
+def test_api_notes_match_the_registry():
+    """notes/API.md's op table is generated from the records: regenerate it with
+    ``python -m genloss.registry notes/API.md`` when a record changes."""
+    import pathlib
+
+    from genloss import registry
+
+    notes = pathlib.Path(__file__).resolve().parents[1] / "notes" / "API.md"
+    if not notes.exists():
+        pytest.skip("notes/API.md is not beside the tests")
+    text = notes.read_text(encoding="utf-8")
+    table = text.split(registry.API_BEGIN, 1)[1].split(registry.API_END, 1)[0].strip()
+    assert table == registry.api_markdown().strip(), (
+        "notes/API.md is out of date: run python -m genloss.registry notes/API.md"
+    )
+    assert {r.family for r in registry.RECORDS} <= {
+        line[4:].strip() for line in table.splitlines() if line.startswith("### ")
+    }

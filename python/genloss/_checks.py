@@ -40,7 +40,7 @@ def finite(name: str, value: object) -> float:
                 raise TypeError
         except TypeError:
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-    v = float(value)  # type: ignore[arg-type]
+    v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v

@@ -4,8 +4,8 @@
 ``(value, grads)``; see ``genloss.native.gan`` for the conventions.
 """
 
-from . import diffusion, divergence, gan, vae
-from ._engine import cache_info, empty_cache, streaming_stores
+from . import diffusion, divergence, flow, gan, vae
+from ._engine import cache_info, empty_cache, options
 from .diffusion import (
     diffusion_mse_loss,
     discretized_gaussian_log_likelihood,
@@ -21,6 +21,13 @@ from .diffusion import (
     vlb_term,
 )
 from .divergence import density_ratio_from_logits, kid, median_bandwidth, mmd2
+from .flow import (
+    consistency_training_loss,
+    denoiser_loss,
+    flow_interpolant,
+    flow_matching_loss,
+    pseudo_huber_loss,
+)
 from .gan import (
     cycle_consistency_loss,
     feature_matching_loss,
@@ -58,7 +65,7 @@ from .vae import (
 __all__ = [
     "cache_info",
     "empty_cache",
-    "streaming_stores",
+    "options",
     "diffusion",
     "diffusion_mse_loss",
     "discretized_gaussian_log_likelihood",
@@ -73,6 +80,12 @@ __all__ = [
     "vdm_discrete_loss",
     "vlb_term",
     "divergence",
+    "flow",
+    "consistency_training_loss",
+    "denoiser_loss",
+    "flow_interpolant",
+    "flow_matching_loss",
+    "pseudo_huber_loss",
     "gan",
     "vae",
     "density_ratio_from_logits",

@@ -36,7 +36,15 @@ def inputs(names: Sequence[str], arrays: Sequence[Any]) -> list[Buf]:
 
 
 def batch_scale(reduction: str, b: int) -> float:
+    """THE reduction rule of every native loss: 'mean' divides the per-sample values by the
+    batch size b; 'sum' and 'none' (per-sample output) do not scale."""
     return 1.0 / b if reduction == "mean" else 1.0
+
+
+def loss_scale(reduction: str, x: Buf, *, per_sample_mean: bool = False, coef: float = 1.0) -> float:
+    """The scale of a loss over ``x``'s rows: ``coef`` times the reduction rule, divided by the
+    elements per sample for the per-sample-MEAN losses (L1, the diffusion and flow MSEs)."""
+    return coef * batch_scale(reduction, x.rows) / (x.cols if per_sample_mean else 1)
 
 
 def needs(need_grad: bool | Sequence[bool], n: int) -> tuple[bool, ...]:
@@ -65,14 +73,12 @@ def run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, gr
     ref = terms[0].x
     grads: list[Buf | None] = [None] * n_grads
     per_sample = reduction == "none"
-    out = None if per_sample else empty(ref, ())
-    rows = empty(ref, (ref.rows,)) if per_sample else None
-    out_p = out.ptr if out is not None else 0
-    rows_p = rows.ptr if rows is not None else 0
+    value = empty(ref, (ref.rows,) if per_sample else ())  # per-sample rows, or the scalar
+    out_p, rows_p = (0, value.ptr) if per_sample else (value.ptr, 0)
     stream = stream_of(ref)
     for i, t in enumerate(terms):
         x = t.x
-        ins = (x,) if t.y is None else (x, t.y)
+        ins: tuple[Buf, ...] = (x,) if t.y is None else (x, t.y)
         ins += t.more
         slots = t.slots if t.slots is not None else tuple(grad_of[i] + q for q in range(len(ins)))
         gbufs = [
@@ -82,15 +88,14 @@ def run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, gr
         for sl, g in zip(slots, gbufs, strict=True):
             if sl is not None:
                 grads[sl] = g
-        s = t.coef / (x.rows if reduction == "mean" else 1) / (x.cols if t.per_sample_mean else 1)
+        s = loss_scale(reduction, x, per_sample_mean=t.per_sample_mean, coef=t.coef)
         # The engine call, positional (this path is hot for batch-256 losses).
         _C.map_reduce(
             x.device, x.device_id, stream, F[t.functor], t.params[0], t.params[1], t.params[2], t.mode, x.dtype,
             [b.ptr for b in ins], [0 if g is None else g.ptr for g in gbufs],
             x.rows, x.cols, s, out_p, int(i > 0), rows_p, 0, s, 0.0, False,
         )  # fmt: skip
-    value = (rows if out is None else out).arr
-    return value, grads_out(grads, flags)
+    return value.arr, grads_out(grads, flags)
 
 
 def one_population(name, array, reduction, functor, coef, params, mode, need_grad):

@@ -17,13 +17,14 @@ derives each line.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .. import _checks as C
 from ..reference import diffusion as R
-from ._compose import inputs, needs
+from ._compose import inputs, loss_scale, needs
 from ._engine import (
     _C,
     CPU,
@@ -156,8 +157,8 @@ def _row_vector(
 
 def _run(
     functor: str,
-    ins: list[Buf],
-    grads: list[Buf | None],
+    ins: Sequence[Buf],
+    grads: Sequence[Buf | None],
     *,
     params=(0.0, 0.0, 0.0),
     mode: int = 0,
@@ -192,7 +193,9 @@ def _value_out(ref: Buf, reduction: str) -> tuple[Buf | None, Buf | None]:
 
 
 def _result(out: Buf | None, rows: Buf | None, grads: list[Buf | None], flags: tuple[bool, ...]):
-    value = (rows if out is None else out).arr
+    buf = rows if out is None else out
+    assert buf is not None  # _value_out gives exactly one of them
+    value = buf.arr
     if not any(flags):
         return value, ()
     return value, tuple(None if g is None else g.arr for g in grads)
@@ -205,7 +208,7 @@ def _squared_diff(a: Buf, b: Buf, w: Buf | None, reduction: str, coef: float, fl
     out, rows = _value_out(a, reduction)
     grads = [empty(x, x.shape) if f else None for x, f in zip((a, b), flags[:2], strict=True)]
     raw = empty(a, (a.rows,)) if want_raw else None
-    s = coef / (a.rows if reduction == "mean" else 1)
+    s = loss_scale(reduction, a, coef=coef)
     _run("SquaredDiff", [a, b], grads, value_scale=s, out=out, rows_out=rows, grad_scale=s, row_weight=w,
          rows_raw=raw)  # fmt: skip
     return out, rows, grads, raw
@@ -277,16 +280,20 @@ def _pair_table(a_name, b_name, sign_a=1.0, sign_b=1.0):
     return build
 
 
+def _div(a: Any, b: np.ndarray) -> np.ndarray:
+    """a/b, NaN where b = 0 (such steps are refused before use). No np.errstate, so the table
+    builders also trace under torch.compile when a schedule is first seen inside it."""
+    return a / np.where(b == 0.0, np.nan, b)
+
+
 def _x0_table(s):
-    with np.errstate(divide="ignore", invalid="ignore"):  # steps with abar = 0 are refused before use
-        ra = 1.0 / s.sqrt_alpha_bar
-        return np.stack([ra, -s.sqrt_one_minus_alpha_bar * ra], axis=1)
+    ra = _div(1.0, s.sqrt_alpha_bar)  # steps with abar = 0 are refused before use
+    return np.stack([ra, -s.sqrt_one_minus_alpha_bar * ra], axis=1)
 
 
 def _mean_table(s):
-    with np.errstate(divide="ignore", invalid="ignore"):  # steps with alpha = 0 are refused before use
-        ra = 1.0 / np.sqrt(s.alphas)
-        return np.stack([ra, -s.betas / s.sqrt_one_minus_alpha_bar * ra], axis=1)
+    ra = _div(1.0, np.sqrt(s.alphas))  # steps with alpha = 0 are refused before use
+    return np.stack([ra, -_div(s.betas, s.sqrt_one_minus_alpha_bar) * ra], axis=1)
 
 
 def q_sample(x0, t, noise, schedule, *, need_grad=True):
@@ -357,7 +364,9 @@ def q_posterior(x0, x_t, t, schedule, *, need_grad=True):
 
 
 def eps_mse_loss(eps_pred, eps, weights=None, reduction="mean", *, need_grad=True):
-    r"""Per sample w_b mean_i (eps - eps_pred)^2 (L_simple).  (DIF.12)"""
+    r"""Per sample w_b mean_i (eps - eps_pred)^2 (L_simple).  (DIF.12)
+
+    Differentiable inputs: eps_pred, eps and, when given, weights."""
     C.reduction(reduction)
     p, e = _batched(("eps_pred", "eps"), (eps_pred, eps), reduction)
     w = (
@@ -365,9 +374,10 @@ def eps_mse_loss(eps_pred, eps, weights=None, reduction="mean", *, need_grad=Tru
         if weights is None
         else _row_vector("weights", weights, p, "eps_pred", nonnegative=True, cast=True)
     )
-    flags = needs(need_grad, 2)
-    out, rows, grads, _ = _squared_diff(p, e, w, reduction, 1.0 / p.cols, flags)  # mean over dims
-    return _result(out, rows, grads, flags)
+    flags = needs(need_grad, 2 if weights is None else 3)  # weights: the unweighted row term
+    want_w = len(flags) == 3 and flags[2]
+    out, rows, grads, raw = _squared_diff(p, e, w, reduction, 1.0 / p.cols, flags, want_raw=want_w)
+    return _result(out, rows, [*grads, raw][: len(flags)], flags)
 
 
 _TARGETS = {  # (coefficient of x0, coefficient of noise) per step (DIF.14)
@@ -394,27 +404,32 @@ def diffusion_mse_loss(
 
 def diffusion_mse_with_table(pred, x0, noise, t, table, weights=None, reduction="mean", *, need_grad=True):
     """The kernel of ``diffusion_mse_loss`` for a per-step float64 (T, 2) target table (x0, noise
-    coefficients)."""
-    fast = _C.fast_table_rows(
-        (pred, x0, noise), "DiffusionMSE", (0,), (0.0, 0.0, 0.0), _tensor_of(table), 2, t, weights, reduction,
-        need_grad, True,
-    )  # fmt: skip
-    if fast is not None:  # plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
-        return fast
+    coefficients).  Differentiable inputs: pred, x0, noise (the kernel writes all three from the
+    one residual; DIF.14) and, when given, weights (the unweighted per-sample MSE)."""
+    flags = needs(need_grad, 3 if weights is None else 4)
+    want_w = len(flags) == 4 and flags[3]
+    if not want_w:
+        fast = _C.fast_table_rows(
+            (pred, x0, noise), "DiffusionMSE", (0, 1, 2), (0.0, 0.0, 0.0), _tensor_of(table), 2, t, weights,
+            reduction, flags[:3], True,
+        )  # fmt: skip
+        if fast is not None:  # plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
+            value, fast_grads = fast
+            return (value, (*fast_grads, None)[: len(flags)]) if any(flags) else (value, ())
     C.reduction(reduction)
     p, x, n = _batched(("pred", "x0", "noise"), (pred, x0, noise), reduction)
     tab = _table_input(table, p, 2)
     tb = _timesteps(t, p, "pred", tab.rows)
     w = None if weights is None else _row_vector("weights", weights, p, "pred", nonnegative=True, cast=True)
-    flags = needs(need_grad, 1)
     out, rows = _value_out(p, reduction)
-    grads = [empty(p, p.shape) if flags[0] else None]
-    s = 1.0 / p.cols / (p.rows if reduction == "mean" else 1)
+    grads = [empty(b, b.shape) if f else None for b, f in zip((p, x, n), flags[:3], strict=True)]
+    raw = empty(p, (p.rows,)) if want_w else None  # d value / d w_b: the unweighted row term
+    s = loss_scale(reduction, p, per_sample_mean=True)
     _run(
-        "DiffusionMSE", [p, x, n], grads + [None, None], value_scale=s, out=out, rows_out=rows,
-        grad_scale=s, table=tab, stride=2, index=tb, row_weight=w,
+        "DiffusionMSE", [p, x, n], grads, value_scale=s, out=out, rows_out=rows,
+        grad_scale=s, table=tab, stride=2, index=tb, row_weight=w, rows_raw=raw,
     )  # fmt: skip
-    return _result(out, rows, grads, flags)
+    return _result(out, rows, [*grads, raw][: len(flags)], flags)
 
 
 # ============================================================================= the bound (DIF.4-11)
@@ -471,9 +486,8 @@ def _vlb_table(s: R.DiffusionSchedule) -> np.ndarray:
     """Per step: posterior mean coefs, model mean coefs, the log-variances, the decoder flag, the
     fixed variance's e^{-lv} and KL constant, c2 - k1, e^{-log beta~} (ops::VlbRow)."""
     T = s.num_timesteps
-    with np.errstate(divide="ignore", invalid="ignore"):  # steps with alpha = 0 are refused before use
-        ra = 1.0 / np.sqrt(s.alphas)
-        k2 = s.betas / s.sqrt_one_minus_alpha_bar * ra
+    ra = _div(1.0, np.sqrt(s.alphas))  # steps with alpha = 0 are refused before use
+    k2 = _div(s.betas, s.sqrt_one_minus_alpha_bar) * ra
     log_tilde = s.posterior_log_variance_clipped
     log_beta = np.log(s.betas)
     first = np.arange(T) == 0
@@ -490,8 +504,7 @@ def _vlb_table(s: R.DiffusionSchedule) -> np.ndarray:
     tab[:, 7] = first
     tab[:, 8] = np.exp(-fixed)
     tab[:, 9] = 0.5 * (np.expm1(delta) - delta)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tab[:, 10] = -s.betas / (s.one_minus_alpha_bar * np.sqrt(s.alphas))  # c2 - k1, without cancelling
+    tab[:, 10] = -_div(s.betas, s.one_minus_alpha_bar * np.sqrt(s.alphas))  # c2 - k1, without cancelling
     tab[:, 11] = np.exp(-log_tilde)
     return tab
 
@@ -552,22 +565,21 @@ def vlb_with_table(
     out, rows = _value_out(x, reduction)
     g_eps = empty(e, e.shape) if flags[0] else None
     g_v = empty(v, v.shape) if v is not None and flags[1] else None
-    s = 1.0 / x.rows if reduction == "mean" else 1.0
+    s = loss_scale(reduction, x)
     _run(
         "VlbKL" if v is None else "VlbKLLearned", [x, xt, e, e if v is None else v], [None, None, g_eps, g_v],
         params=(1.0 / (2.0**bits - 1.0), 0.0, 0.0), value_scale=s, out=out, rows_out=rows, grad_scale=s,
         table=tab, stride=12, index=tb,
     )  # fmt: skip
     # The functors make the value NaN where x0 is off [-1, 1]: only then read x0 again.
-    check_if_nan(
-        (rows if out is None else out).arr, lambda: _unit_box(x, "x0", "the discretized decoder's data")
-    )
+    value, _ = _result(out, rows, [], ())
+    check_if_nan(value, lambda: _unit_box(x, "x0", "the discretized decoder's data"))
     if not any(flags):
-        return (rows if out is None else out).arr, ()
+        return value, ()
     grads: tuple = (None if g_eps is None else g_eps.arr,)
     if v is not None:
         grads += (None if g_v is None else sum_to(g_v.arr, vb.shape, vb.kind),)
-    return (rows if out is None else out).arr, grads
+    return value, grads
 
 
 def prior_kl(x0, schedule, reduction="none", *, need_grad=True):
@@ -588,7 +600,7 @@ def prior_kl_from_alpha_bar(x0, alpha_bar_T, reduction="none", *, need_grad=True
     flags = needs(need_grad, 1)
     out, rows = _value_out(x, reduction)
     grads = [empty(x, x.shape) if flags[0] else None]
-    s = 1.0 / x.rows if reduction == "mean" else 1.0
+    s = loss_scale(reduction, x)
     _run(
         "PriorKL",
         [x],
@@ -641,5 +653,5 @@ def vdm_discrete_loss(eps, eps_pred, gamma_t, gamma_s, T, reduction="mean", *, n
         None if grads[0] is None else grads[0].arr,
         None if grads[1] is None else grads[1].arr,
         g_t if flags[2] else None,
-        -g_t if flags[3] else None,
+        None if g_t is None or not flags[3] else -g_t,  # g_t is set when flags[2] or flags[3]
     )

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .. import _checks as C
-from ._compose import Term, inputs, needs, run_terms
+from ._compose import Term, batch_scale, inputs, needs, run_terms
 from ._engine import (
     _C,
     as_input,
@@ -174,7 +174,7 @@ def iwae_bound(log_weights, reduction="mean", *, need_grad=True):
     (w,) = inputs(["log_weights"], [log_weights])
     C.ndim("log_weights", w.shape, 2)
     b = C.batched("log_weights", w.shape, reduction)
-    s = 1.0 / b if reduction == "mean" else 1.0
+    s = batch_scale(reduction, b)
     out = empty(w, ()) if reduction != "none" else None
     rows = empty(w, (b,)) if reduction == "none" else None
     (need,) = needs(need_grad, 1)
@@ -214,7 +214,7 @@ def gmm_log_likelihood(x, logits, means, logvars, reduction="mean", *, need_grad
         if rw.shape != (n,):
             raise ValueError(f"row_weights must have shape ({n},), got {rw.shape}")
     flags = needs(need_grad, 4)
-    s = 1.0 / n if reduction == "mean" else 1.0
+    s = batch_scale(reduction, n)
     out = empty(xb, ()) if reduction != "none" else None
     rows = empty(xb, (n,)) if reduction == "none" else None
     g = [empty(b, b.shape) if f else None for b, f in zip((xb, lg, mb, vb), flags, strict=True)]

@@ -284,7 +284,7 @@ def _timesteps(t, batch, schedule):
 
 def _arrays(names, values, reduction="none"):
     """Batched float64 arrays of one shape (batch first, not empty)."""
-    out = []
+    out: list[np.ndarray] = []
     for name, v in zip(names, values, strict=True):
         a = batch_array(name, v, reduction)
         if out:
@@ -619,25 +619,44 @@ def eps_mse_loss(eps_pred, eps, weights=None, reduction="mean"):
 def eps_mse_loss_backward(eps_pred, eps, grad_output, weights=None, reduction="mean"):
     r"""Gradient of :func:`eps_mse_loss`: :math:`\pm 2 w_b g_b(\hat\epsilon - \epsilon)/n`.
 
+    With ``weights`` given, also :math:`\partial L/\partial w_b = g_b\,\mathrm{mean}_i(\epsilon - \hat\epsilon)^2`
+    (learned loss weights train).
+
     Returns
     -------
-    (grad_eps_pred, grad_eps) : tuple of ndarray
-        The weights are constants (no gradient).
+    (grad_eps_pred, grad_eps) or (grad_eps_pred, grad_eps, grad_weights) : tuple of ndarray
+        The third entry exactly when ``weights`` is given.
     """
+    given = weights is not None
     eps_pred, eps, w, reduction = _eps_mse_inputs(eps_pred, eps, weights, reduction)
-    g = grad_mean(grad_output, reduction, eps.shape) * batch_broadcast(w, eps.ndim)
-    grad = 2.0 * g * (eps_pred - eps)  # (DIF.12)
-    return grad, -grad
+    g0 = grad_mean(grad_output, reduction, eps.shape)
+    grad = 2.0 * g0 * batch_broadcast(w, eps.ndim) * (eps_pred - eps)  # (DIF.12)
+    if not given:
+        return grad, -grad
+    return grad, -grad, _weights_grad(g0, eps - eps_pred)
+
+
+def _weights_grad(g0, residual):
+    """d/dw_b of sum_b w_b * (per-element scale g0) * residual^2: the unweighted per-sample term."""
+    return (g0 * residual**2).reshape(residual.shape[0], -1).sum(axis=1)  # (DIF.12)
+
+
+def _mse_target_coefs(t, schedule, prediction, ndim):
+    """(c_x0, c_noise), per sample: the target is c_x0 * x0 + c_noise * noise (DIF.14)."""
+    if prediction == "eps":
+        return 0.0, 1.0
+    if prediction == "x0":
+        return 1.0, 0.0
+    return -_at(schedule.sqrt_one_minus_alpha_bar, t, ndim), _at(schedule.sqrt_alpha_bar, t, ndim)
 
 
 def _mse_target(x0, noise, t, schedule, prediction):
-    if prediction == "eps":
+    if prediction == "eps":  # exactly noise (an inf in x0, which does not enter, stays out)
         return noise
     if prediction == "x0":
         return x0
-    a = _at(schedule.sqrt_alpha_bar, t, x0.ndim)
-    s = _at(schedule.sqrt_one_minus_alpha_bar, t, x0.ndim)
-    return a * noise - s * x0  # (DIF.14) v
+    c_x0, c_noise = _mse_target_coefs(t, schedule, prediction, x0.ndim)
+    return c_noise * noise + c_x0 * x0  # (DIF.14) v
 
 
 def _diffusion_mse_inputs(pred, x0, noise, t, schedule, prediction, weights, reduction):
@@ -684,18 +703,34 @@ def diffusion_mse_loss(pred, x0, noise, t, schedule, prediction="eps", weights=N
 def diffusion_mse_loss_backward(
     pred, x0, noise, t, grad_output, schedule, prediction="eps", weights=None, reduction="mean"
 ):
-    r"""Gradient of :func:`diffusion_mse_loss` w.r.t. ``pred``: :math:`2 w_b g_b (\hat y - y)/n`.
+    r"""Gradient of :func:`diffusion_mse_loss` w.r.t. ``pred``, ``x0``, ``noise`` (and ``weights``).
+
+    .. math::
+        \frac{\partial L}{\partial \hat y} = \frac{2 w_b g_b}{n}(\hat y - y), \qquad
+        \frac{\partial L}{\partial x_0} = -c_{x_0}\frac{\partial L}{\partial \hat y}, \quad
+        \frac{\partial L}{\partial \epsilon} = -c_{\epsilon}\frac{\partial L}{\partial \hat y}, \quad
+        \frac{\partial L}{\partial w_b} = \frac{g_b}{n}\sum_i (y_{b,i} - \hat y_{b,i})^2
+
+    with the target :math:`y = c_{x_0} x_0 + c_\epsilon\epsilon` of the parameterisation
+    ((0, 1) for eps, (1, 0) for x0, :math:`(-\sqrt{1-\bar\alpha_t}, \sqrt{\bar\alpha_t})` for v;
+    DIF.14): a jointly trained encoder (through x0) and learned loss weights train.
 
     Returns
     -------
-    (grad_pred,) : tuple of one ndarray
-        x0 and noise are data; the weights are constants.
+    (grad_pred, grad_x0, grad_noise) or (..., grad_weights) : tuple of ndarray
+        The fourth entry exactly when ``weights`` is given.
     """
+    given = weights is not None
     pred, target, w, reduction = _diffusion_mse_inputs(
         pred, x0, noise, t, schedule, prediction, weights, reduction
     )
-    g = grad_mean(grad_output, reduction, pred.shape) * batch_broadcast(w, pred.ndim)
-    return (2.0 * g * (pred - target),)  # (DIF.12)
+    g0 = grad_mean(grad_output, reduction, pred.shape)
+    grad_pred = 2.0 * g0 * batch_broadcast(w, pred.ndim) * (pred - target)  # (DIF.12)
+    c_x0, c_noise = _mse_target_coefs(np.asarray(t), _schedule(schedule), prediction, pred.ndim)
+    grads = (grad_pred, -c_x0 * grad_pred, -c_noise * grad_pred)  # (DIF.14) through the target
+    if not given:
+        return grads
+    return (*grads, _weights_grad(g0, target - pred))
 
 
 # ============================================================================= SNR weights
@@ -851,7 +886,7 @@ def _dgll_exact(lo, hi, with_grad):
     """log P(bin) and (if asked) d/d(lo), d/d(hi) of it (0 at an infinite end)."""
     logp = log_diff_ndtr(lo, hi)  # (DIF.10)
     if not with_grad:
-        return logp, None, None
+        return _nan_where(lo, hi, logp, None, None)
     fin_lo, fin_hi = np.isfinite(lo), np.isfinite(hi)
     inner = fin_lo & fin_hi
     zlo, zhi = np.where(fin_lo, lo, 0.0), np.where(fin_hi, hi, 0.0)
@@ -861,7 +896,14 @@ def _dgll_exact(lo, hi, with_grad):
     # an open edge bin is log Phi(hi) or log Phi(-lo): its slope is the inverse Mills ratio, exactly
     d_hi = np.where(fin_hi & ~fin_lo, log_ndtr_grad(zhi), d_hi)
     d_lo = np.where(fin_lo & ~fin_hi, -log_ndtr_grad(-zlo), d_lo)
-    return logp, d_lo, d_hi
+    return _nan_where(lo, hi, logp, d_lo, d_hi)
+
+
+def _nan_where(lo, hi, *arrays):
+    """NaN in, NaN out: a NaN bin end (a NaN mean or log-scale) makes the entry NaN; the
+    infinite-end rules above would otherwise treat it as an open end and give a finite value."""
+    bad = np.isnan(lo) | np.isnan(hi)
+    return tuple(None if a is None else np.where(bad, np.nan, a) for a in arrays)
 
 
 def _dgll_tanh(lo, hi, with_grad):
@@ -882,12 +924,12 @@ def _dgll_tanh(lo, hi, with_grad):
     prob = np.where(upper, sf_lo - sf_hi, cdf_hi - cdf_lo)  # (DIF.11)
     logp = np.log(np.maximum(prob, _TANH_CLAMP))  # (DIF.11) the clamp at 1e-12
     if not with_grad:
-        return logp, None, None
+        return _nan_where(lo, hi, logp, None, None)
     live = prob > _TANH_CLAMP
     inv = np.where(live, 1.0 / np.where(live, prob, 1.0), 0.0)  # clamped: zero slope
     d_hi = np.where(fin_hi, _tanh_cdf_grad(hi0), 0.0) * inv
     d_lo = -np.where(fin_lo, _tanh_cdf_grad(lo0), 0.0) * inv
-    return logp, d_lo, d_hi
+    return _nan_where(lo, hi, logp, d_lo, d_hi)
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales, bits=8, cdf="exact"):

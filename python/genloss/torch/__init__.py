@@ -4,13 +4,24 @@ Works in eager, under ``torch.compile(fullgraph=True)`` and passes
 ``torch.library.opcheck``. Importing this module registers the ops.
 """
 
-from . import diffusion, divergence, gan, vae, vdm
+try:  # first: without torch, one line saying what to install, not a traceback from a submodule
+    import torch as _torch  # noqa: F401
+except ModuleNotFoundError as _err:
+    if _err.name != "torch":  # torch is there, one of its own imports is not: its error says which
+        raise
+    raise ImportError("genloss.torch needs PyTorch: pip install 'genloss[torch]'", name="torch") from None
+
+from . import diffusion, divergence, flow, gan, metrics, vae, vdm
 from .diffusion import *  # noqa: F403
 from .diffusion import __all__ as _diffusion_all
 from .divergence import *  # noqa: F403
 from .divergence import __all__ as _divergence_all
+from .flow import *  # noqa: F403
+from .flow import __all__ as _flow_all
 from .gan import *  # noqa: F403
 from .gan import __all__ as _gan_all
+from .metrics import *  # noqa: F403
+from .metrics import __all__ as _metrics_all
 from .vae import *  # noqa: F403
 from .vae import __all__ as _vae_all
 from .vdm import *  # noqa: F403
@@ -19,7 +30,9 @@ from .vdm import __all__ as _vdm_all
 __all__ = [
     "diffusion",
     "divergence",
+    "flow",
     "gan",
+    "metrics",
     "vae",
     "vdm",
     *_gan_all,
@@ -27,4 +40,6 @@ __all__ = [
     *_diffusion_all,
     *_vdm_all,
     *_divergence_all,
+    *_flow_all,
+    *_metrics_all,
 ]

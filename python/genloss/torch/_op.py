@@ -2,14 +2,25 @@
 
 Per loss, two ops in the ``genloss`` namespace:
 
-* ``<name>_fwd(<args>, bool need_grad) -> (Tensor value, Tensor[] grads)``: the
+* ``<name>_fwd(<args>, bool[] need_grad) -> (Tensor value, Tensor?[] grads)``: the
   primitive. CPU and CUDA kernels call ``genloss.native`` (one fused pass that
-  writes the value and, when asked, every gradient); a fake kernel gives
-  shapes to ``torch.compile``. It is not differentiable itself.
+  writes the value and, when asked, every gradient); a fake kernel gives shapes
+  to ``torch.compile``. It is not differentiable itself.
 * ``<name>(<args>) -> Tensor``: the public op, a CompositeImplicitAutograd
-  kernel running a ``torch.autograd.Function`` around ``<name>_fwd``: forward
-  asks for gradients only when an input needs them (never under ``no_grad``),
-  backward scales the saved gradients by ``grad_output``. No math here.
+  kernel that runs ONE ``torch.autograd.Function`` around the kernel: forward asks
+  for the gradients only of the inputs that need them (none under ``no_grad``),
+  backward scales them by ``grad_output``. No math here.
+
+Only public torch APIs are used (``torch.library``, ``torch.autograd.Function``
+with ``setup_context``, ``torch.compiler``). The Function's forward calls the
+native kernel directly on plain CPU/CUDA tensors (no dispatcher hop) and goes
+through ``<name>_fwd`` for anything else (fake, functional or subclass tensors,
+``torch.compile``), so tracing sees the op.
+
+The differentiable arguments come from the op's record in ``genloss.registry``
+(one source of truth). A floating input that requires grad but is not
+differentiable raises a ValueError at forward time naming it: never a silently
+missing gradient.
 
 Low precision: float16/bfloat16 inputs are computed in float32 (the value is
 float32, gradients come back in the input's dtype), as torch's autocast does
@@ -19,7 +30,7 @@ are not functions of the inputs in the autograd graph).
 
 from __future__ import annotations
 
-import operator
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,20 +40,8 @@ import torch
 lib = torch.library.Library("genloss", "DEF")
 
 _LOW = (torch.float16, torch.bfloat16)
-_PLAIN, _LOW_DTYPE, _TRACED = 0, 1, 2  # LossOp.route
-_dispatch_modes = torch._C._len_torch_dispatch_stack  # > 0: a TorchDispatchMode is active
 _PARAM = re.compile(r"^\s*(\w+(?:\[\])?\??)\s+(\w+)(?:\s*=\s*(.+))?\s*$")
 _DEFAULTS = {"True": True, "False": False, "None": None}
-
-
-def _getter(idx: Sequence[int]) -> Callable[[Sequence[Any]], tuple]:
-    """seq -> tuple(seq[i] for i in idx), as one C call."""
-    if len(idx) > 1:
-        return operator.itemgetter(*idx)
-    if len(idx) == 1:
-        i = idx[0]
-        return lambda seq: (seq[i],)
-    return lambda seq: ()
 
 
 def _parse(schema: str) -> list[tuple[str, str, Any, bool]]:
@@ -66,35 +65,106 @@ def _parse(schema: str) -> list[tuple[str, str, Any, bool]]:
     return out
 
 
-def _no_double_backward(name: str, grads: list, inputs: Sequence[torch.Tensor | None]) -> list:
-    """Gradients whose grad_fn raises if anyone differentiates them again.
+def record_differentiable(name: str) -> tuple[str, ...]:
+    """The differentiable arguments of op ``name`` as its registry record states them."""
+    from .. import registry
 
-    Each gradient goes through a DelayedError node together with the input it is
-    the gradient of, so the node has an edge back to that input: both
-    ``.backward()`` and ``torch.autograd.grad(..., inputs)`` reach it and raise
-    the message, instead of finding no path and returning zeros.
-    """
-    msg = (
-        f"genloss.{name}: double backward is not supported (its backward reuses gradients computed "
-        f"by the fused forward kernel); compose the loss from torch ops if you need second derivatives"
-    ).encode()
-    out = []
-    for g, x in zip(grads, inputs, strict=True):
-        if g is None:
-            out.append(None)
-            continue
-        leaf = g.detach().requires_grad_(True)
-        if x is not None and x.requires_grad:
-            g2, _ = torch._C._functions.DelayedError(msg, 2)(leaf, x)
+    return registry.by_name(name).differentiable
+
+
+_SCHEMA_TYPES = {"real": "float", "flag": "bool", "choice": "str", "int": "int", "bandwidths": "float[]?"}
+
+
+def _schema_default(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    raise TypeError(f"no schema literal for the default {value!r}")
+
+
+def schema_of(name: str) -> str:
+    """The torch schema argument list of op ``name``, generated from its registry record and
+    its reference's signature: arrays are Tensors (optional ones ``Tensor?``), hyperparameters
+    take their kind's type, and the defaults are the reference's."""
+    from .. import registry
+
+    rec = registry.by_name(name)
+    arrays = {a.name: a for a in rec.args}
+    hypers = {h.name: h for h in rec.hypers}
+    parts = []
+    for p in inspect.signature(registry.raw(rec.reference)).parameters.values():
+        if p.name in arrays:
+            typ = "Tensor?" if arrays[p.name].optional or p.default is None else "Tensor"
+        elif p.name == "reduction":
+            typ = "str"
+        elif p.name in hypers:
+            typ = _SCHEMA_TYPES[hypers[p.name].kind]
         else:
-            g2 = torch._C._functions.DelayedError(msg, 1)(leaf)
-        out.append(g2)
-    return out
+            raise ValueError(f"{name}: the reference argument {p.name!r} is not declared in its record")
+        if p.default is None and not typ.endswith("?"):  # a hyperparameter that may be left out
+            typ += "?"
+        default = "" if p.default is inspect.Parameter.empty else "=" + _schema_default(p.default)
+        parts.append(f"{typ} {p.name}{default}")
+    return ", ".join(parts)
+
+
+def reference_doc(name: str) -> str:
+    """The docstring of ``genloss.reference.<name>`` (the rich one), or ''."""
+    from .. import reference
+
+    fn = getattr(reference, name, None)
+    return (fn.__doc__ or "") if fn is not None else ""
+
+
+def with_reference_doc(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: ``fn``'s own docstring (the torch specifics), then the reference's."""
+    ref = reference_doc(fn.__name__)
+    if ref:
+        fn.__doc__ = (fn.__doc__ or "").rstrip() + (
+            f"\n\n    The NumPy reference (``genloss.reference.{fn.__name__}``):\n\n    " + ref.strip()
+        )
+    return fn
+
+
+class _RejectDoubleBackward(torch.autograd.Function):
+    """Passes a gradient through and raises if anyone differentiates it again.
+
+    Its inputs are the gradient and the input it is the gradient of, so the node
+    has an edge back to that input: both ``.backward()`` and
+    ``torch.autograd.grad(..., inputs)`` reach it and raise, instead of finding no
+    path and returning zeros.
+    """
+
+    @staticmethod
+    def forward(grad: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        return grad.view_as(grad)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.name = inputs[2]
+
+    @staticmethod
+    def backward(ctx: Any, _grad: torch.Tensor) -> tuple:
+        raise RuntimeError(
+            f"genloss.{ctx.name}: double backward is not supported (its backward reuses gradients "
+            f"computed by the fused forward kernel); compose the loss from torch ops if you need "
+            f"second derivatives"
+        )
+
+
+TRACED, PLAIN, LOW = 0, 1, 2  # LossOp.route
+_LIVE: dict[str, LossOp] = {}  # name -> op, for the autograd Functions (see LossOp._function)
 
 
 class LossOp:
     """One loss: its schema, its native implementation, its differentiable args.
 
+    ``differentiable``: None takes them from the op's registry record.
     ``prepare`` (torch ops, differentiable) runs before the kernel, e.g. to
     broadcast a log-variance so autograd sums its gradient back to its shape.
     ``elementwise``: the value has the inputs' shape (no reduction).
@@ -103,6 +173,7 @@ class LossOp:
     re-runs the kernel with per-sample weights (``<name>_wfwd``).
     ``value_like``: the value has the shape of this argument (an elementwise map
     whose other inputs, e.g. a per-step table, do not broadcast with it).
+    ``constants``: tensor arguments that never require grad (a schedule's table).
     """
 
     def __init__(
@@ -110,19 +181,26 @@ class LossOp:
         name: str,
         schema: str,
         native: Callable[..., tuple[Any, tuple]],
-        differentiable: Sequence[str],
-        doc: str = "",
+        differentiable: Sequence[str] | None = None,
+        doc: str | None = None,
         prepare: Callable[[list], list] | None = None,
         elementwise: bool = False,
         shared_params: bool = False,
         value_like: str | None = None,
+        constants: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.args = _parse(schema)
         self.names = [a[1] for a in self.args]
+        if differentiable is None:
+            differentiable = record_differentiable(name)
         self.tensor_idx = [i for i, a in enumerate(self.args) if a[0].startswith("Tensor")]
         self.optional = {i for i, a in enumerate(self.args) if a[0] == "Tensor?"}
         self.diff_idx = [self.names.index(n) for n in differentiable]
+        # tensor inputs with no gradient: requiring one is an error, named at forward time
+        self.fixed_idx = [
+            i for i in self.tensor_idx if i not in self.diff_idx and self.names[i] not in constants
+        ]
         self.red_idx = self.names.index("reduction") if "reduction" in self.names else None
         self.native = native
         self.prepare = prepare
@@ -131,17 +209,19 @@ class LossOp:
         self.shared_params = shared_params
         # Absent optional differentiable inputs have no gradient slot in the native call.
         self.optional_diff = any(i in self.optional for i in self.diff_idx)
-        self.pick_need = _getter(self.diff_idx)  # needs_input_grad -> one flag per differentiable input
         self.n_diff = len(self.diff_idx)
+        self.no_need = (False,) * self.n_diff
         self.tensor_slots = [(i, i in self.optional) for i in self.tensor_idx]
         self.other_idx = [i for i in range(len(self.args)) if i not in self.tensor_idx]
-        self.others_of = _getter(self.other_idx)  # args -> tuple of the non-tensor args
-        self.tensors_of = _getter(self.tensor_idx)
         self.n_required = sum(not a[3] for a in self.args)
         self.default_values = [a[2] for a in self.args]  # required args come first (schema rule)
         # A backward that hands the gradients over as they are: one slot per argument.
         self.diff_first = self.diff_idx == list(range(self.n_diff))
-        self.none_tail = (None,) * (len(self.args) - self.n_diff)
+        # backward may hand the gradients over as they are (a scalar loss, one slot per input)
+        self.unit_ok = self.diff_first and not self.elementwise
+        k = len(self.tensor_idx)
+        self.split = k if self.tensor_idx == list(range(k)) else None
+        self.none_tail = (None,) * (len(self.args) - self.n_diff + 2)  # + the need and route slots
         plain = ", ".join(f"{a[0]} {a[1]}" for a in self.args)  # no defaults: need_grad follows
         lib.define(f"{name}_fwd({plain}, bool[] need_grad) -> (Tensor, Tensor?[])")
         lib.define(f"{name}({schema}) -> Tensor")
@@ -156,17 +236,33 @@ class LossOp:
             self.wfwd = getattr(torch.ops.genloss, f"{name}_wfwd").default
         lib.impl(name, self.__call__, "CompositeImplicitAutograd")
         self.fwd = getattr(torch.ops.genloss, f"{name}_fwd").default
-        self.fn = self._function()
-        self.eager_fn = self._eager_function()
-        # Function.apply's Python wrapper only adds functorch handling; the eager path
-        # checks that no functorch transform is active and calls the C apply directly.
-        self.eager_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, self.eager_fn)
-        self.__doc__ = doc
+        _LIVE[name] = self
+        self.fn, self.fn_transforms = self._functions()
+        self.apply = self.fn.apply
+        self.__doc__ = doc if doc is not None else reference_doc(name)
+        self.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter(
+                    n,
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    default=d if has else inspect.Parameter.empty,
+                    annotation="torch.Tensor | None"
+                    if t == "Tensor?"
+                    else ("torch.Tensor" if t == "Tensor" else t),
+                )
+                for t, n, d, has in self.args
+            ],
+            return_annotation="torch.Tensor",
+        )
 
     # -- the primitive ----------------------------------------------------------
     def _native(self, args: Sequence[Any], need_grad: Sequence[bool], **extra: Any) -> tuple[Any, Sequence]:
-        if self.route(args) == _LOW_DTYPE:
-            args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in _LOW else a for a in args]
+        """The native function; float16/bfloat16 tensors computed in float32."""
+        for i in self.tensor_idx:
+            a = args[i]
+            if a is not None and a.dtype in _LOW:
+                args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in _LOW else a for a in args]
+                break
         return self._call(args, tuple(need_grad), **extra)
 
     def _call(self, args: Sequence[Any], need_grad: tuple, **extra: Any) -> tuple[Any, Sequence]:
@@ -183,13 +279,15 @@ class LossOp:
 
     def _kernel(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         *args, need_grad = args  # type: ignore[assignment]
-        return self._native(args, need_grad)
+        value, grads = self._native(args, need_grad)
+        return value, list(grads)
 
     def _wkernel(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         *args, row_weights, need_grad = args  # type: ignore[assignment]
         first = args[self.tensor_idx[0]]  # the kernel computes in float32 for float16/bfloat16 inputs
         dt = torch.float32 if first.dtype in _LOW else first.dtype
-        return self._native(args, need_grad, row_weights=row_weights.to(dt))
+        value, grads = self._native(args, need_grad, row_weights=row_weights.to(dt))
+        return value, list(grads)
 
     def _fake(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         *args, need_grad = args  # type: ignore[assignment]
@@ -217,119 +315,161 @@ class LossOp:
         *args, _row_weights, need_grad = args  # type: ignore[assignment]
         return self._fake(*args, need_grad)
 
+    def route(self, args: Sequence[Any]) -> int:
+        """TRACED: through ``<name>_fwd`` (fake, functional and other subclass tensors, a
+        non-tensor argument (whose error the op's checks give), anything under
+        ``torch.compile``); PLAIN: the native kernel directly; LOW: the same with a
+        float16/bfloat16 input, computed in float32."""
+        if torch.compiler.is_compiling():
+            return TRACED
+        code = PLAIN
+        for i, optional in self.tensor_slots:
+            a = args[i]
+            if type(a) is torch.Tensor:
+                if a.dtype in _LOW:
+                    code = LOW
+            elif not (a is None and optional):
+                return TRACED
+        return code
+
+    def run(self, args: Sequence[Any], need: Sequence[bool], route: int) -> tuple[Any, Sequence]:
+        """(value, grads): directly, or through ``<name>_fwd``."""
+        if route == PLAIN:
+            return self._call(args, tuple(need))
+        if route == LOW:
+            return self._native(args, need)
+        return self.fwd(*args, list(need))
+
     # -- autograd -----------------------------------------------------------------
-    def _function(self) -> type[torch.autograd.Function]:
-        """The general path: traced/compiled/fake tensors, float16/bfloat16, functorch, and
-        per-sample losses with shared parameters. Runs the kernel through the op."""
-        op = self
+    def _functions(self) -> tuple[type[torch.autograd.Function], type[torch.autograd.Function]]:
+        """The one autograd path, in two shells of the same three steps (``forward``, ``setup``,
+        ``backward`` below): ``Fn`` in the classic form (ctx in forward), which
+        ``Function.apply`` runs without binding its arguments by signature on every call (the
+        cost of a batch-256 loss is Python overhead), and ``FnT`` in the setup_context form,
+        which functorch transforms (``torch.func.grad``, ``vjp``) require; ``Fn.apply`` refuses
+        to run under a transform and ``__call__`` then takes ``FnT``."""
+        name = self.name  # the op is looked up in a module global: Dynamo traces forward,
+        # setup_context and backward through a wrapper, where a closure over the op has no source
 
         class Fn(torch.autograd.Function):
             @staticmethod
-            def forward(ctx: Any, *args: Any) -> torch.Tensor:
-                # Only the gradients some input needs are written (a target image
-                # that needs none costs no 64 MiB write).
-                need = [ctx.needs_input_grad[i] for i in op.diff_idx]
-                ctx.per_sample = op.red_idx is not None and args[op.red_idx] == "none"
-                ctx.rerun = op.shared_params and ctx.per_sample and any(need)
-                if ctx.rerun:  # gradients need the per-sample weights: backward re-runs
-                    ctx.save_for_backward(*[args[i] for i in op.tensor_idx])
-                    ctx.others = args
-                    need = [False] * len(need)
-                value, grads = op.fwd(*args, need)
-                if any(need):  # the gradients, and the inputs (edges for _no_double_backward)
-                    ctx.save_for_backward(*grads, *[args[i] for i in op.diff_idx])
-                ctx.dtypes = [None if args[i] is None else args[i].dtype for i in op.diff_idx]
+            def forward(ctx: Any, *inputs: Any) -> torch.Tensor:
+                op = _LIVE[name]
+                value, grads = op.forward(inputs)
+                op.setup(ctx, inputs, grads)
                 return value
 
             @staticmethod
-            def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-                if ctx.rerun:
-                    args = list(ctx.others)
-                    for i, t in zip(op.tensor_idx, ctx.saved_tensors, strict=True):
-                        args[i] = t
-                    diff_inputs = [args[i] for i in op.diff_idx]
-                    need = [ctx.needs_input_grad[i] for i in op.diff_idx]
-                    _, grads = op.wfwd(*args, grad_output, need)
-                    scale = None  # the weights were the per-sample grad_output
-                else:
-                    nd = op.n_diff
-                    grads, diff_inputs = ctx.saved_tensors[:nd], ctx.saved_tensors[nd:]
-                    scale = grad_output
-                return op.finish_backward(ctx, grads, scale, lambda: diff_inputs, ctx.dtypes)
+            def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+                return _LIVE[name].backward(ctx, grad_output)
+
+        class FnT(torch.autograd.Function):
+            @staticmethod
+            def forward(*inputs: Any) -> tuple:
+                value, grads = _LIVE[name].forward(inputs)
+                return (value, *grads)
+
+            @staticmethod
+            def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+                grads = [g for g in output[1:] if g is not None]
+                if grads:
+                    ctx.mark_non_differentiable(*grads)
+                _LIVE[name].setup(ctx, inputs, output[1:])
+
+            @staticmethod
+            def backward(ctx: Any, grad_output: torch.Tensor, *_ignored: Any) -> tuple:
+                return _LIVE[name].backward(ctx, grad_output)
 
         Fn.__name__ = f"{self.name}_autograd"
-        return Fn
+        FnT.__name__ = f"{self.name}_autograd_transforms"
+        return Fn, FnT
 
-    def _eager_function(self) -> type[torch.autograd.Function]:
-        """The eager path (plain CPU/CUDA tensors, float32/float64, nothing tracing): the
-        kernel is called directly (no dispatcher hop), and the gradients it wrote wait on
-        ctx, not in save_for_backward, so the first backward hands them to autograd as the
-        only reference: AccumulateGrad adopts them instead of copying (a 64 MiB copy and
-        its page faults per input of an image loss). A second backward through a retained
-        graph re-runs the kernel (deterministic: the same gradients)."""
-        op = self
+    def forward(self, inputs: Sequence[Any]) -> tuple[Any, Sequence]:
+        """The kernel, asked for the gradients the caller's ``need`` flags name (the inputs end
+        with ``need`` and the route). Per-sample losses with shared parameters ask for none:
+        their gradients need the per-sample grad_output as row weights, so backward re-runs
+        the kernel."""
+        args, need, route = inputs[:-2], inputs[-2], inputs[-1]
+        if self.shared_params and self.red_idx is not None and args[self.red_idx] == "none":
+            need = (False,) * self.n_diff
+        return self.run(args, need, route)
 
-        class EagerFn(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx: Any, *args: Any) -> torch.Tensor:
-                need = op.pick_need(ctx.needs_input_grad)
-                value, grads = op._call(args, need)
-                ctx.grads = grads
-                ctx.per_sample = op.red_idx is not None and args[op.red_idx] == "none"
-                if grads:  # for a re-run: the tensors in save_for_backward (freed by the
-                    # backward, not kept alive as long as the loss), the rest on ctx
-                    ctx.need = need
-                    ctx.others = op.others_of(args)
-                    ctx.save_for_backward(*op.tensors_of(args))
-                return value
+    def setup(self, ctx: Any, inputs: Sequence[Any], grads: Sequence[Any]) -> None:
+        args, route = inputs[:-2], inputs[-1]
+        ctx.need, ctx.route = inputs[-2], route
+        ctx.per_sample = per_sample = self.red_idx is not None and args[self.red_idx] == "none"
+        ctx.rerun = self.shared_params and per_sample
+        # gradients come back in the inputs' dtypes (float16/bfloat16 are computed in float32)
+        ctx.dtypes = (
+            None if route == PLAIN else [None if args[i] is None else args[i].dtype for i in self.diff_idx]
+        )
+        if self.split is not None:  # tensors first, then the rest: two slices
+            tensors, ctx.others = args[: self.split], args[self.split :]
+        else:
+            tensors = [args[i] for i in self.tensor_idx]
+            ctx.others = [args[i] for i in self.other_idx]
+        if route != TRACED and not ctx.rerun:
+            # The gradients wait on ctx, not in save_for_backward, so the first backward hands
+            # them to autograd as the only reference: AccumulateGrad adopts them instead of
+            # copying (a 64 MiB copy per input of an image loss).
+            ctx.grads = list(grads) or None
+            ctx.save_for_backward(*tensors)
+        else:  # traced: everything through save_for_backward
+            ctx.grads = None
+            ctx.n_grads = len(grads)
+            ctx.save_for_backward(*tensors, *grads)
 
-            @staticmethod
-            def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-                grads, ctx.grads = ctx.grads, None
-                if (
-                    grads is not None
-                    and op.diff_first
-                    and not torch.is_grad_enabled()
-                    and op.is_unit(grad_output, ctx.per_sample)
-                ):  # loss.backward(): the gradients as they are, no bookkeeping
-                    return (*grads, *op.none_tail)
-                if grads is None:  # the graph was retained and is run again
-                    _, grads = op._call(ctx_inputs(ctx), ctx.need)
-                return op.finish_backward(
-                    ctx, grads, grad_output, lambda: [ctx_inputs(ctx)[i] for i in op.diff_idx], None
-                )
+    def backward(self, ctx: Any, grad_output: torch.Tensor) -> tuple:
+        grads = ctx.grads
+        if grads is not None:  # the first backward of a direct call
+            ctx.grads = None
+            if (  # loss.backward() on a CPU scalar loss: the gradients as they are
+                self.unit_ok
+                and ctx.dtypes is None
+                and not ctx.per_sample
+                and type(grad_output) is torch.Tensor
+                and grad_output.is_cpu
+                and not torch.is_grad_enabled()
+                and grad_output.item() == 1.0
+            ):
+                return (*grads, *self.none_tail)
+        nt = len(self.tensor_idx)
+        saved = ctx.saved_tensors
+        args = self.inputs_of(ctx.others, saved[:nt])
+        if ctx.rerun:
+            _, grads = self.wfwd(*args, grad_output, list(ctx.need))
+            return self.finish_backward(ctx, grads, None, args)
+        if ctx.route == TRACED:
+            grads = saved[nt : nt + ctx.n_grads]
+        elif grads is None:  # the graph was retained and is run again: same bits
+            _, grads = self.run(args, ctx.need, ctx.route)
+        return self.finish_backward(ctx, grads, grad_output, args)
 
-        def ctx_inputs(ctx: Any) -> list:
-            """The arguments of the forward call (unpacking raises if one was modified in place)."""
-            args: list = [None] * len(op.args)
-            for i, a in zip(op.other_idx, ctx.others, strict=True):
-                args[i] = a
-            for i, t in zip(op.tensor_idx, ctx.saved_tensors, strict=True):
-                args[i] = t
-            return args
-
-        EagerFn.__name__ = f"{self.name}_eager_autograd"
-        return EagerFn
+    def inputs_of(self, others: Sequence[Any], tensors: Sequence[Any]) -> list:
+        """The arguments of the forward call (unpacking raises if one was modified in place)."""
+        if self.split is not None:
+            return [*tensors, *others]
+        args: list = [None] * len(self.args)
+        for i, a in zip(self.other_idx, others, strict=True):
+            args[i] = a
+        for i, t in zip(self.tensor_idx, tensors, strict=True):
+            args[i] = t
+        return args
 
     def finish_backward(
-        self,
-        ctx: Any,
-        grads: Sequence,
-        grad_output: torch.Tensor | None,
-        diff_inputs: Callable[[], Sequence],
-        dtypes: list | None,
+        self, ctx: Any, grads: Sequence, grad_output: torch.Tensor | None, args: Sequence[Any]
     ) -> tuple[torch.Tensor | None, ...]:
-        """The gradients of every argument: the saved ones times grad_output (None: as they
-        are). ``diff_inputs()`` gives the differentiable inputs, needed only under create_graph."""
-        out: list[torch.Tensor | None] = [None] * len(self.args)
+        """The gradients of every argument: the saved ones times grad_output (None: as they are)."""
+        out: list[torch.Tensor | None] = [None] * (len(self.args) + 2)
         per_sample = ctx.per_sample
         if grad_output is not None and self.is_unit(grad_output, per_sample):
             # d loss/d grad_output = 1 exactly (loss.backward() on a CPU scalar):
             # hand the saved gradient over instead of a multiply pass.
             grad_output = None
         nig = ctx.needs_input_grad
+        twice = torch.is_grad_enabled() and not torch.compiler.is_compiling()
         for k, i in enumerate(self.diff_idx):
-            g = grads[k]
+            g = grads[k] if k < len(grads) else None
             if g is None or not nig[i]:
                 continue
             if grad_output is not None:
@@ -337,13 +477,11 @@ class LossOp:
                     g = g * grad_output.reshape((-1,) + (1,) * (g.dim() - 1))
                 else:  # scalar, or elementwise (same shape)
                     g = g * grad_output
-            if dtypes is not None and g.dtype != dtypes[k]:
-                g = g.to(dtypes[k])
+            if ctx.dtypes is not None and g.dtype != ctx.dtypes[k]:
+                g = g.to(ctx.dtypes[k])
+            if twice:  # create_graph: differentiating this gradient again must raise
+                g = _RejectDoubleBackward.apply(g.detach(), args[i], self.name)
             out[i] = g
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            wrapped = _no_double_backward(self.name, [out[i] for i in self.diff_idx], diff_inputs())
-            for i, g in zip(self.diff_idx, wrapped, strict=True):
-                out[i] = g
         return tuple(out)
 
     def is_unit(self, grad_output: torch.Tensor, per_sample: bool) -> bool:
@@ -355,25 +493,8 @@ class LossOp:
             and grad_output.is_cpu
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
-            and not _dispatch_modes()
             and grad_output.item() == 1.0
         )
-
-    def route(self, args: Sequence[Any]) -> int:
-        """_PLAIN: plain tensors outside any tracing or functorch transform, float32/float64
-        (the kernel may be called directly); _LOW_DTYPE: the same with a float16/bfloat16
-        input (computed in float32); _TRACED: anything else (through the op)."""
-        if torch.compiler.is_compiling() or _dispatch_modes() or torch._C._are_functorch_transforms_active():
-            return _TRACED
-        kind = _PLAIN
-        for i, optional in self.tensor_slots:
-            a = args[i]
-            if type(a) is torch.Tensor:
-                if a.dtype in _LOW:
-                    kind = _LOW_DTYPE
-            elif not (a is None and optional):
-                return _TRACED  # a subclass, or not a tensor: bind's check names it
-        return kind
 
     # -- the public call ------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict) -> list:
@@ -389,6 +510,9 @@ class LossOp:
             else:
                 raise TypeError(f"{self.name}() missing required argument {name!r}")
         if kwargs:
+            dup = sorted(k for k in kwargs if k in self.names)
+            if dup:
+                raise TypeError(f"{self.name}() got multiple values for argument(s) {dup}")
             raise TypeError(f"{self.name}() got unexpected keyword argument(s) {sorted(kwargs)}")
         self.check_tensors(out)
         return out
@@ -398,7 +522,26 @@ class LossOp:
             if out[i] is None and i in self.optional:
                 continue
             if not isinstance(out[i], torch.Tensor):
-                raise TypeError(f"{self.names[i]} must be a torch.Tensor, got {type(out[i]).__name__}")
+                raise TypeError(
+                    f"{self.name}: {self.names[i]} must be a torch.Tensor, got {type(out[i]).__name__}"
+                )
+
+    def needs(self, bound: Sequence[Any]) -> tuple[bool, ...]:
+        """Which differentiable inputs need a gradient (grad mode on); a non-differentiable
+        input that requires grad is an error, not a silently missing gradient."""
+        for i in self.fixed_idx:
+            a = bound[i]
+            if a is not None and a.requires_grad:
+                raise ValueError(
+                    f"{self.name}: {self.names[i]} requires grad, but {self.name} has no gradient "
+                    f"w.r.t. {self.names[i]} (differentiable: {', '.join(self.names[j] for j in self.diff_idx)}); "
+                    f"pass {self.names[i]}.detach()"
+                )
+        need = []
+        for i in self.diff_idx:
+            a = bound[i]
+            need.append(a is not None and a.requires_grad)
+        return tuple(need)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         n = len(args)
@@ -406,19 +549,35 @@ class LossOp:
             bound = self.bind(args, kwargs)
             if self.prepare is not None:
                 bound = self.prepare(bound)
-            kind = self.route(bound)
+            route = self.route(bound)
         else:  # positional only: route() finds anything that is not a plain tensor
             bound = [*args, *self.default_values[n:]]
-            kind = self.route(bound)
-            if kind == _TRACED:
+            route = self.route(bound)
+            if route == TRACED:
                 self.check_tensors(bound)
-        if not torch.is_grad_enabled():
-            # no_grad / inference_mode: value only. (Inside Function.forward,
-            # ctx.needs_input_grad follows requires_grad, not grad mode, so this
-            # must be decided here.)
-            need = [False] * self.n_diff
-            value, _ = self.fwd(*bound, need) if kind == _TRACED else self._native(bound, need)
+        need = self.needs(bound) if torch.is_grad_enabled() else self.no_need
+        if True not in need:
+            # no_grad / inference_mode / nothing to differentiate: the value only
+            value, _ = self.run(bound, need, route)
             return value
-        if kind == _PLAIN and not (self.shared_params and bound[self.red_idx] == "none"):  # type: ignore[index]
-            return self.eager_apply(*bound)
-        return self.fn.apply(*bound)
+        try:
+            return self.apply(*bound, need, route)
+        except RuntimeError as e:  # under a functorch transform: the setup_context form
+            if "functorch transforms" not in str(e):
+                raise
+        return self.fn_transforms.apply(*bound, need, route)[0]
+
+
+def public(op: LossOp, module: str) -> Callable[..., torch.Tensor]:
+    """The user-facing function of ``op``: a real function with the op's signature and the
+    reference's docstring (``help()`` and ``inspect.signature`` show them)."""
+
+    def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return op(*args, **kwargs)
+
+    fn.__name__ = fn.__qualname__ = op.name
+    fn.__module__ = module
+    fn.__doc__ = op.__doc__
+    fn.__signature__ = op.__signature__  # type: ignore[attr-defined]
+    fn.op = op  # type: ignore[attr-defined]
+    return fn

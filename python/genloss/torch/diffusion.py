@@ -18,6 +18,7 @@ torch functions of the float64 buffers.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 from .. import _checks as C
 from ..native import diffusion as native
 from ..reference import diffusion as R
-from ._op import LossOp
+from ._op import LossOp, reference_doc, with_reference_doc
 
 __all__ = [
     "DiffusionSchedule",
@@ -93,6 +94,23 @@ class DiffusionSchedule(torch.nn.Module):
     one per sample in float32 (or a dtype you name).  ``reference`` is the NumPy schedule.
     """
 
+    # The buffers __init__ registers (reference.DiffusionSchedule._ARRAYS), declared for type
+    # checkers, which otherwise read them as Module.__getattr__'s Tensor | Module.
+    betas: torch.Tensor
+    alphas: torch.Tensor
+    log_alpha_bar: torch.Tensor
+    alpha_bar: torch.Tensor
+    one_minus_alpha_bar: torch.Tensor
+    alpha_bar_prev: torch.Tensor
+    sqrt_alpha_bar: torch.Tensor
+    sqrt_one_minus_alpha_bar: torch.Tensor
+    posterior_variance: torch.Tensor
+    posterior_log_variance_clipped: torch.Tensor
+    posterior_mean_coef1: torch.Tensor
+    posterior_mean_coef2: torch.Tensor
+    log_snr: torch.Tensor
+    snr: torch.Tensor
+
     def __init__(self, betas: Any) -> None:
         super().__init__()
         if isinstance(betas, R.DiffusionSchedule):
@@ -107,8 +125,7 @@ class DiffusionSchedule(torch.nn.Module):
         for name in R.DiffusionSchedule._ARRAYS:
             self.register_buffer(name, torch.from_numpy(np.array(getattr(ref, name))), persistent=False)
         for name, build in _TABLES.items():
-            with np.errstate(divide="ignore", invalid="ignore"):
-                tab = np.asarray(build(ref), dtype=np.float64)
+            tab = np.asarray(build(ref), dtype=np.float64)
             self.register_buffer(f"_table_{name}", torch.from_numpy(tab.copy()), persistent=False)
 
     def __len__(self) -> int:
@@ -120,6 +137,7 @@ class DiffusionSchedule(torch.nn.Module):
     def table(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The kernel table ``name`` (float64), on ``like``'s device."""
         tab = self._buffers["_table_" + name]  # not Module.__getattr__: this runs on every loss call
+        assert tab is not None  # registered as a tensor in __init__ (the buffer dict also admits None)
         if tab.is_cpu and like.is_cpu:
             return tab
         return tab if tab.device == like.device else tab.to(like.device)
@@ -138,7 +156,19 @@ def _as_schedule(schedule: Any) -> DiffusionSchedule:
     if isinstance(schedule, R.DiffusionSchedule):
         cached = schedule.__dict__.get("_genloss_torch")
         if cached is None:
-            cached = schedule.__dict__["_genloss_torch"] = DiffusionSchedule(schedule)
+            # Built outside inference mode (its tables may later be saved for backward), and kept
+            # only when its buffers are ordinary tensors: one built from fake tensors (a
+            # FakeTensorMode) or under a functorch transform serves that call alone.
+            if torch.compiler.is_compiling():  # traced once; the cache then holds ordinary tensors
+                cached = schedule.__dict__["_genloss_torch"] = DiffusionSchedule(schedule)
+                return cached
+            if torch.is_inference_mode_enabled():
+                with torch.inference_mode(False):
+                    cached = DiffusionSchedule(schedule)
+            else:
+                cached = DiffusionSchedule(schedule)
+            if all(type(b) is torch.Tensor and not b.is_inference() for b in cached.buffers()):
+                schedule.__dict__["_genloss_torch"] = cached
         return cached
     raise TypeError(f"schedule must be a DiffusionSchedule, got {type(schedule).__name__}")
 
@@ -159,79 +189,68 @@ def _named_linear(names, what=None):
     return fn
 
 
-_OPS: dict[str, tuple[str, Callable, tuple[str, ...], dict]] = {
+# name: (schema, native function, options); the differentiable arguments come from the registry record
+_OPS: dict[str, tuple[str, Callable, dict]] = {
     "q_sample": (
         "Tensor x0, Tensor t, Tensor noise, Tensor table",
         _named_linear(("x0", "noise")),
-        ("x0", "noise"),
         {"value_like": "x0"},
     ),
     "v_target": (
         "Tensor x0, Tensor t, Tensor noise, Tensor table",
         _named_linear(("x0", "noise")),
-        ("x0", "noise"),
         {"value_like": "x0"},
     ),
     "predict_x0_from_eps": (
         "Tensor x_t, Tensor t, Tensor eps, Tensor table",
         _named_linear(("x_t", "eps"), ("alpha_bar", "x0")),
-        ("x_t", "eps"),
         {"value_like": "x_t"},
     ),
     "posterior_mean_from_eps": (
         "Tensor x_t, Tensor t, Tensor eps, Tensor table",
         _named_linear(("x_t", "eps"), ("alphas", "the posterior mean")),
-        ("x_t", "eps"),
         {"value_like": "x_t"},
     ),
     "q_posterior_mean": (
         "Tensor x0, Tensor t, Tensor x_t, Tensor table",
         _named_linear(("x0", "x_t")),
-        ("x0", "x_t"),
-        {"value_like": "x0"},
+        {"value_like": "x0", "differentiable": ("x0", "x_t")},
     ),
     "eps_mse_loss": (
         "Tensor eps_pred, Tensor eps, Tensor? weights=None, str reduction='mean'",
         native.eps_mse_loss,
-        ("eps_pred", "eps"),
         {},
     ),
     "diffusion_mse_loss": (
         "Tensor pred, Tensor x0, Tensor noise, Tensor t, Tensor table, Tensor? weights=None, "
         "str reduction='mean'",
         native.diffusion_mse_with_table,
-        ("pred",),
         {},
     ),
     "vlb_term": (
         "Tensor x0, Tensor x_t, Tensor t, Tensor eps_pred, Tensor table, Tensor? model_log_variance=None, "
         "str reduction='none', int bits=8",
         native.vlb_with_table,
-        ("eps_pred", "model_log_variance"),
         {},
     ),
     "prior_kl": (
         "Tensor x0, float alpha_bar_T, str reduction='none'",
         native.prior_kl_from_alpha_bar,
-        ("x0",),
         {},
     ),
     "discretized_gaussian_log_likelihood": (
         "Tensor x, Tensor means, Tensor log_scales, int bits=8, str cdf='exact'",
         native.discretized_gaussian_log_likelihood,
-        ("means", "log_scales"),
         {"elementwise": True},
     ),
     "vdm_continuous_loss": (
         "Tensor eps, Tensor eps_pred, Tensor dgamma_dt, str reduction='mean'",
         native.vdm_continuous_loss,
-        ("eps", "eps_pred", "dgamma_dt"),
         {},
     ),
     "vdm_discrete_loss": (
         "Tensor eps, Tensor eps_pred, Tensor gamma_t, Tensor gamma_s, int T, str reduction='mean'",
         native.vdm_discrete_loss,
-        ("eps", "eps_pred", "gamma_t", "gamma_s"),
         {},
     ),
 }
@@ -275,17 +294,27 @@ _PREPARE = {
 }
 
 OPS: dict[str, LossOp] = {
-    name: LossOp(name, schema, fn, diff, doc=(fn.__doc__ or ""), prepare=_PREPARE.get(name), **opts)
-    for name, (schema, fn, diff, opts) in _OPS.items()
+    name: LossOp(name, schema, fn, prepare=_PREPARE.get(name), constants=("table",), **opts)
+    for name, (schema, fn, opts) in _OPS.items()
 }
 
 
 def _public(name: str, lower: Callable[..., tuple[list, dict]], doc: str) -> Callable[..., torch.Tensor]:
-    """The public function: its arguments lowered to the op's (schedule -> table), then the op."""
+    """The public function: its arguments lowered to the op's (schedule -> table), then the op.
+    Its signature is the lowering's (the reference's), its docstring ``doc`` followed by the
+    reference's."""
     op = OPS[name]
+    sig = inspect.signature(getattr(R, name, lower))  # the reference's argument names
 
     def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
-        a, kw = lower(*args, **kwargs)
+        try:
+            a, kw = lower(*args, **kwargs)
+        except TypeError:
+            try:
+                sig.bind(*args, **kwargs)
+            except TypeError as e:  # a bad call: say so in the public function's words
+                raise TypeError(f"{name}(): {e}") from None
+            raise
         return op(*a, **kw)
 
     def lowered(*args: Any, **kwargs: Any):
@@ -293,8 +322,13 @@ def _public(name: str, lower: Callable[..., tuple[list, dict]], doc: str) -> Cal
         return getattr(torch.ops.genloss, name), a, kw
 
     fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = doc
+    ref = reference_doc(name)
+    fn.__doc__ = doc + (
+        f"\n\n    The NumPy reference (``genloss.reference.{name}``):\n\n    " + ref.strip() if ref else ""
+    )
+    fn.__signature__ = sig  # type: ignore[attr-defined]
     fn.lower = lowered  # type: ignore[attr-defined]
+    fn.op = op  # type: ignore[attr-defined]
     return fn
 
 
@@ -356,7 +390,7 @@ eps_mse_loss = _public(
     "eps_mse_loss",
     _lower_eps_mse,
     r"""``eps_mse_loss(eps_pred, eps, weights=None, reduction='mean')``: per sample
-    :math:`w_b\,\mathrm{mean}_i(\epsilon - \hat\epsilon)^2` (L_simple); weights (B,) are constants.  (DIF.12)""",
+    :math:`w_b\,\mathrm{mean}_i(\epsilon - \hat\epsilon)^2` (L_simple); differentiable in all three.  (DIF.12)""",
 )
 
 
@@ -371,7 +405,8 @@ diffusion_mse_loss = _public(
     _lower_mse,
     r"""``diffusion_mse_loss(pred, x0, noise, t, schedule, prediction='eps', weights=None, reduction='mean')``:
     per sample :math:`w_b\,\mathrm{mean}_i(y - \hat y)^2` with the target y (eps, x0 or v) built inside
-    ONE fused kernel that reads pred, x0 and noise once; differentiable in pred.  (DIF.12, DIF.14)""",
+    ONE fused kernel that reads pred, x0 and noise once; differentiable in pred, x0, noise and weights
+    (a jointly trained encoder and learned loss weights train).  (DIF.12, DIF.14)""",
 )
 
 
@@ -536,6 +571,7 @@ def low_discrepancy_times(
     return out if device is None else out.to(device)
 
 
+@with_reference_doc
 def to_bits_per_dim(nats: torch.Tensor, num_dims: int) -> torch.Tensor:
     r"""nats / (num_dims log 2), differentiable (float16/bfloat16 computed and returned in float32,
     as the losses).  (DIF.19)"""

@@ -12,24 +12,19 @@ from __future__ import annotations
 import torch
 
 from ..native import divergence as native
-from ._op import LossOp
+from ._op import LossOp, public
 
-mmd2 = LossOp(
-    "mmd2",
-    "Tensor x, Tensor y, str kernel='rbf', float[]? bandwidths=None, str estimator='unbiased'",
-    native.mmd2,
-    ("x", "y"),
-    doc=native.mmd2.__doc__ or "",
+mmd2 = public(
+    LossOp(
+        "mmd2",
+        "Tensor x, Tensor y, str kernel='rbf', float[]? bandwidths=None, str estimator='unbiased'",
+        native.mmd2,
+    ),
+    __name__,
 )
-
-
-density_ratio_from_logits = LossOp(
-    "density_ratio_from_logits",
-    "Tensor logits",
-    native.density_ratio_from_logits,
-    ("logits",),
-    doc=native.density_ratio_from_logits.__doc__ or "",
-    elementwise=True,
+density_ratio_from_logits = public(
+    LossOp("density_ratio_from_logits", "Tensor logits", native.density_ratio_from_logits, elementwise=True),
+    __name__,
 )
 
 
@@ -45,12 +40,14 @@ def median_bandwidth(x: torch.Tensor, y: torch.Tensor, max_points: int = 2000) -
 def kid(
     real_features: torch.Tensor,
     fake_features: torch.Tensor,
-    subsets: int = 100,
+    subsets: int | None = 100,
     subset_size: int = 1000,
     seed: int | None = 0,
 ) -> tuple[float, float]:
     r"""Kernel Inception Distance: (mean, std ddof=0) of the unbiased cubic-polynomial MMD^2
-    over ``subsets`` random subsets drawn by ``np.random.default_rng(seed)``; Python floats.  (DIV.13)"""
+    over ``subsets`` random subsets drawn by ``np.random.default_rng(seed)``; Python floats.  (DIV.13)
+    ``subsets=None``: (full-set MMD^2, the square root of the unbiased estimate of its
+    variance), row tiles in float64 on the features' device.  (DIV.16)"""
     for name, t in (("real_features", real_features), ("fake_features", fake_features)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

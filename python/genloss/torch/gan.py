@@ -14,81 +14,39 @@ from collections.abc import Callable
 import torch
 
 from .. import _checks as C
+from .. import registry
 from ..native import gan as native
-from ._op import LossOp, lib
+from ._op import LossOp, lib, public, schema_of, with_reference_doc
 
-R = "str reduction='mean'"
-T2 = "Tensor real_logits, Tensor fake_logits"
-
-# name: (schema, differentiable args)
-_OPS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "gan_d_loss": (f"{T2}, {R}", ("real_logits", "fake_logits")),
-    "gan_g_loss": (f"Tensor fake_logits, str mode='nonsaturating', {R}", ("fake_logits",)),
-    "lsgan_d_loss": (
-        f"Tensor real_out, Tensor fake_out, float a=0.0, float b=1.0, {R}",
-        ("real_out", "fake_out"),
-    ),
-    "lsgan_g_loss": (f"Tensor fake_out, float c=1.0, {R}", ("fake_out",)),
-    "wgan_critic_loss": (f"Tensor real_scores, Tensor fake_scores, {R}", ("real_scores", "fake_scores")),
-    "wgan_g_loss": (f"Tensor fake_scores, {R}", ("fake_scores",)),
-    "hinge_d_loss": (f"Tensor real_scores, Tensor fake_scores, {R}", ("real_scores", "fake_scores")),
-    "hinge_g_loss": (f"Tensor fake_scores, {R}", ("fake_scores",)),
-    "relativistic_d_loss": (f"{T2}, bool average=True, {R}", ("real_logits", "fake_logits")),
-    "relativistic_g_loss": (f"{T2}, bool average=True, {R}", ("real_logits", "fake_logits")),
-    "gradient_penalty_from_grads": (
-        f"Tensor grads, float lambda_=10.0, float center=1.0, bool one_sided=False, {R}",
-        ("grads",),
-    ),
-    "r1_penalty_from_grads": (f"Tensor grads, float gamma=10.0, {R}", ("grads",)),
-    "feature_matching_loss": (
-        "Tensor real_features, Tensor fake_features",
-        ("real_features", "fake_features"),
-    ),
-    "ssgan_critic_loss": (
-        f"Tensor labeled_logits, Tensor labels, Tensor unlabeled_logits, Tensor fake_logits, {R}",
-        ("labeled_logits", "unlabeled_logits", "fake_logits"),
-    ),
-    "ssgan_g_loss": (f"Tensor fake_logits, {R}", ("fake_logits",)),
-    "l1_loss": (f"Tensor input, Tensor target, {R}", ("input", "target")),
-    "pix2pix_g_loss": (
-        f"Tensor fake_logits, Tensor generated, Tensor target, float lambda_l1=100.0, {R}",
-        ("fake_logits", "generated", "target"),
-    ),
-    "cycle_consistency_loss": (
-        f"Tensor real_a, Tensor rec_a, Tensor real_b, Tensor rec_b, float lambda_cyc=10.0, {R}",
-        ("real_a", "rec_a", "real_b", "rec_b"),
-    ),
-    "fgan_d_loss": (f"Tensor real_v, Tensor fake_v, str divergence, {R}", ("real_v", "fake_v")),
-    "fgan_g_loss": (f"Tensor fake_v, str divergence, str mode='nonsaturating', {R}", ("fake_v",)),
-    "jsd_estimate": (T2, ("real_logits", "fake_logits")),
-}
-
+# Every fused op of the family's records: the schema, the differentiable arguments and the
+# docstring come from the record and the reference (genloss.registry, genloss.reference.gan).
 OPS: dict[str, LossOp] = {
-    name: LossOp(name, schema, getattr(native, name), diff, doc=getattr(native, name).__doc__ or "")
-    for name, (schema, diff) in _OPS.items()
+    r.name: LossOp(r.name, schema_of(r.name), getattr(native, r.name))
+    for r in registry.RECORDS
+    if r.family == "gan" and r.has_native
 }
 
-gan_d_loss = OPS["gan_d_loss"]
-gan_g_loss = OPS["gan_g_loss"]
-lsgan_d_loss = OPS["lsgan_d_loss"]
-lsgan_g_loss = OPS["lsgan_g_loss"]
-wgan_critic_loss = OPS["wgan_critic_loss"]
-wgan_g_loss = OPS["wgan_g_loss"]
-hinge_d_loss = OPS["hinge_d_loss"]
-hinge_g_loss = OPS["hinge_g_loss"]
-relativistic_d_loss = OPS["relativistic_d_loss"]
-relativistic_g_loss = OPS["relativistic_g_loss"]
-gradient_penalty_from_grads = OPS["gradient_penalty_from_grads"]
-r1_penalty_from_grads = OPS["r1_penalty_from_grads"]
-feature_matching_loss = OPS["feature_matching_loss"]
-ssgan_critic_loss = OPS["ssgan_critic_loss"]
-ssgan_g_loss = OPS["ssgan_g_loss"]
-l1_loss = OPS["l1_loss"]
-pix2pix_g_loss = OPS["pix2pix_g_loss"]
-cycle_consistency_loss = OPS["cycle_consistency_loss"]
-fgan_d_loss = OPS["fgan_d_loss"]
-fgan_g_loss = OPS["fgan_g_loss"]
-jsd_estimate = OPS["jsd_estimate"]
+gan_d_loss = public(OPS["gan_d_loss"], __name__)
+gan_g_loss = public(OPS["gan_g_loss"], __name__)
+lsgan_d_loss = public(OPS["lsgan_d_loss"], __name__)
+lsgan_g_loss = public(OPS["lsgan_g_loss"], __name__)
+wgan_critic_loss = public(OPS["wgan_critic_loss"], __name__)
+wgan_g_loss = public(OPS["wgan_g_loss"], __name__)
+hinge_d_loss = public(OPS["hinge_d_loss"], __name__)
+hinge_g_loss = public(OPS["hinge_g_loss"], __name__)
+relativistic_d_loss = public(OPS["relativistic_d_loss"], __name__)
+relativistic_g_loss = public(OPS["relativistic_g_loss"], __name__)
+gradient_penalty_from_grads = public(OPS["gradient_penalty_from_grads"], __name__)
+r1_penalty_from_grads = public(OPS["r1_penalty_from_grads"], __name__)
+feature_matching_loss = public(OPS["feature_matching_loss"], __name__)
+ssgan_critic_loss = public(OPS["ssgan_critic_loss"], __name__)
+ssgan_g_loss = public(OPS["ssgan_g_loss"], __name__)
+l1_loss = public(OPS["l1_loss"], __name__)
+pix2pix_g_loss = public(OPS["pix2pix_g_loss"], __name__)
+cycle_consistency_loss = public(OPS["cycle_consistency_loss"], __name__)
+fgan_d_loss = public(OPS["fgan_d_loss"], __name__)
+fgan_g_loss = public(OPS["fgan_g_loss"], __name__)
+jsd_estimate = public(OPS["jsd_estimate"], __name__)
 
 
 # ---------------------------------------------------------------- (GAN.17)
@@ -98,6 +56,16 @@ lib.define(
 
 
 def _spectral_norm_sigma(W: torch.Tensor, u: torch.Tensor, n_iters: int = 1, eps: float = 1e-12):
+    for name, t in (("W", W), ("u", u)):  # the reference refuses complex and integer arrays too
+        if not t.is_floating_point():
+            raise TypeError(f"spectral_norm_sigma: {name} must be a real floating tensor, got {t.dtype}")
+    if W.device != u.device:
+        raise ValueError(f"spectral_norm_sigma: u must be on the device of W ({W.device}), got {u.device}")
+    if u.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "spectral_norm_sigma: u requires grad, but u (the power iteration's start) is held "
+            "constant, as in torch.nn.utils.spectral_norm; pass u.detach()"
+        )
     if W.dim() != 2 or W.numel() == 0:
         raise ValueError(f"W must be a non-empty 2-D tensor (out, in), got shape {tuple(W.shape)}")
     if tuple(u.shape) != (W.shape[0],):
@@ -119,6 +87,7 @@ def _spectral_norm_sigma(W: torch.Tensor, u: torch.Tensor, n_iters: int = 1, eps
 lib.impl("spectral_norm_sigma", _spectral_norm_sigma, "CompositeImplicitAutograd")
 
 
+@with_reference_doc
 def spectral_norm_sigma(W: torch.Tensor, u: torch.Tensor, n_iters: int = 1, eps: float = 1e-12):
     r"""Power-iteration estimate (sigma, u, v) of the top singular value of ``W``.
 
@@ -126,15 +95,33 @@ def spectral_norm_sigma(W: torch.Tensor, u: torch.Tensor, n_iters: int = 1, eps:
 
     Differentiable w.r.t. ``W`` (u, v held constant), twice as well. (GAN.17)
     """
+    for name, v in (("n_iters", n_iters), ("eps", eps)):  # the op's schema would take a bool as a number
+        if isinstance(v, bool):
+            raise TypeError(f"spectral_norm_sigma: {name} must be a number, got bool")
     return torch.ops.genloss.spectral_norm_sigma(W, u, n_iters, eps)
 
 
 # ---------------------------------------------------------------- (GAN.12, GAN.13)
+def _penalty_inputs(op: str, critic: object, **tensors: object) -> None:
+    """The helpers' arguments checked before any work: a callable critic, floating tensors."""
+    if not callable(critic):
+        raise TypeError(
+            f"{op}: critic must be callable (a module or a function), got {type(critic).__name__}"
+        )
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+
+
 def _input_grads(
     critic: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad_scaler: object | None
 ) -> torch.Tensor:
     """d sum(critic(x)) / dx with create_graph, unscaled when a GradScaler scaled it."""
     out = critic(x)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the critic must return a torch.Tensor, got {type(out).__name__}")
     total = out.sum()
     if grad_scaler is not None:
         total = grad_scaler.scale(total)  # type: ignore[attr-defined]
@@ -165,6 +152,7 @@ def gradient_penalty(
     the inner gradient is computed scaled and unscaled before the norm.
     (GAN.12)
     """
+    _penalty_inputs("gradient_penalty", critic, real=real, fake=fake)
     if real.shape != fake.shape:
         raise ValueError(f"fake must have the shape of real {tuple(real.shape)}, got {tuple(fake.shape)}")
     C.batched("real", tuple(real.shape), reduction)
@@ -176,6 +164,7 @@ def gradient_penalty(
 
 
 def _squared_norm_penalty(critic, x, name, gamma, grad_scaler, reduction) -> torch.Tensor:
+    _penalty_inputs("r1_penalty" if name == "real" else "r2_penalty", critic, **{name: x})
     C.batched(name, tuple(x.shape), reduction)
     x = x.detach().requires_grad_(True)
     return r1_penalty_from_grads(_input_grads(critic, x, grad_scaler), gamma, reduction)
@@ -203,4 +192,32 @@ def r2_penalty(
     return _squared_norm_penalty(critic, fake, "fake", gamma, grad_scaler, reduction)
 
 
-__all__ = [*OPS, "spectral_norm_sigma", "gradient_penalty", "r1_penalty", "r2_penalty"]
+# Literal names (the ops of OPS, then the helpers), so type checkers see what genloss.torch re-exports;
+# tests/test_torch_ops.py reaches every record's op through genloss.torch.
+__all__ = [
+    "gan_d_loss",
+    "gan_g_loss",
+    "lsgan_d_loss",
+    "lsgan_g_loss",
+    "wgan_critic_loss",
+    "wgan_g_loss",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "relativistic_d_loss",
+    "relativistic_g_loss",
+    "gradient_penalty_from_grads",
+    "r1_penalty_from_grads",
+    "feature_matching_loss",
+    "ssgan_critic_loss",
+    "ssgan_g_loss",
+    "l1_loss",
+    "pix2pix_g_loss",
+    "cycle_consistency_loss",
+    "fgan_d_loss",
+    "fgan_g_loss",
+    "jsd_estimate",
+    "spectral_norm_sigma",
+    "gradient_penalty",
+    "r1_penalty",
+    "r2_penalty",
+]

@@ -15,11 +15,9 @@ from __future__ import annotations
 import torch
 
 from .. import _checks as C
+from .. import registry
 from ..native import vae as native
-from ._op import LossOp, lib
-
-R = "str reduction='mean'"
-
+from ._op import LossOp, lib, public, schema_of, with_reference_doc
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -68,46 +66,27 @@ def _broadcast_four(args: list) -> list:
     return args
 
 
-# name: (schema, differentiable args, options)
-_OPS: dict[str, tuple[str, tuple[str, ...], dict]] = {
-    "gaussian_kl": (f"Tensor mu, Tensor logvar, {R}", ("mu", "logvar"), {}),
-    "normal_kl": (
-        "Tensor mean1, Tensor logvar1, Tensor mean2, Tensor logvar2",
-        ("mean1", "logvar1", "mean2", "logvar2"),
-        {"prepare": _broadcast_four, "elementwise": True},
-    ),
-    "bernoulli_nll": (f"Tensor logits, Tensor x, {R}", ("logits", "x"), {}),
-    "gaussian_nll": (
-        f"Tensor mean, Tensor x, Tensor logvar, {R}",
-        ("mean", "x", "logvar"),
-        {"prepare": _expand_logvar},
-    ),
-    "negative_elbo": (
-        "Tensor recon, Tensor x, Tensor mu, Tensor logvar, float beta=1.0, str likelihood='bernoulli', "
-        f"Tensor? recon_logvar=None, {R}",
-        ("recon", "mu", "logvar", "recon_logvar"),
-        {"prepare": _expand_recon_logvar},
-    ),
-    "iwae_bound": (f"Tensor log_weights, {R}", ("log_weights",), {}),
-    "gmm_log_likelihood": (
-        f"Tensor x, Tensor logits, Tensor means, Tensor logvars, {R}",
-        ("x", "logits", "means", "logvars"),
-        {"shared_params": True},
-    ),
+# name: options; the schema, the differentiable arguments and the docstring come from the record
+# and the reference (genloss.registry, genloss.reference.vae).
+_OPTIONS: dict[str, dict] = {
+    "normal_kl": {"prepare": _broadcast_four, "elementwise": True},
+    "gaussian_nll": {"prepare": _expand_logvar},
+    "negative_elbo": {"prepare": _expand_recon_logvar},
+    "gmm_log_likelihood": {"shared_params": True},
 }
-
 OPS: dict[str, LossOp] = {
-    name: LossOp(name, schema, getattr(native, name), diff, doc=getattr(native, name).__doc__ or "", **opts)
-    for name, (schema, diff, opts) in _OPS.items()
+    r.name: LossOp(r.name, schema_of(r.name), getattr(native, r.name), **_OPTIONS.get(r.name, {}))
+    for r in registry.RECORDS
+    if r.family == "vae" and r.has_native and r.differentiable
 }
 
-gaussian_kl = OPS["gaussian_kl"]
-normal_kl = OPS["normal_kl"]
-bernoulli_nll = OPS["bernoulli_nll"]
-gaussian_nll = OPS["gaussian_nll"]
-negative_elbo = OPS["negative_elbo"]
-iwae_bound = OPS["iwae_bound"]
-gmm_log_likelihood = OPS["gmm_log_likelihood"]
+gaussian_kl = public(OPS["gaussian_kl"], __name__)
+normal_kl = public(OPS["normal_kl"], __name__)
+bernoulli_nll = public(OPS["bernoulli_nll"], __name__)
+gaussian_nll = public(OPS["gaussian_nll"], __name__)
+negative_elbo = public(OPS["negative_elbo"], __name__)
+iwae_bound = public(OPS["iwae_bound"], __name__)
+gmm_log_likelihood = public(OPS["gmm_log_likelihood"], __name__)
 
 
 # ---------------------------------------------------------------- (VAE.12)
@@ -138,13 +117,32 @@ torch.library.register_autograd(
 )
 
 
+@with_reference_doc
 def gmm_responsibilities(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor):
     r"""(N, K) posterior over components, :math:`r_{nk} = \operatorname{softmax}_k(\log\pi_k + \log\mathcal N(x_n))`.
 
     The E-step; not differentiable (use ``gmm_log_likelihood`` to train). (VAE.12)
     """
     C.ndim("x", tuple(x.shape), 2)
+    for name, t in (("logits", logits), ("means", means), ("logvars", logvars)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"gmm_responsibilities: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(
+                f"gmm_responsibilities: {name} must be on the device of x ({x.device}), got {t.device}"
+            )
     return torch.ops.genloss.gmm_responsibilities(x, logits, means, logvars)
 
 
-__all__ = [*OPS, "gmm_responsibilities"]
+# Literal names (the ops of OPS, then the helpers), so type checkers see what genloss.torch re-exports;
+# tests/test_torch_ops.py reaches every record's op through genloss.torch.
+__all__ = [
+    "gaussian_kl",
+    "normal_kl",
+    "bernoulli_nll",
+    "gaussian_nll",
+    "negative_elbo",
+    "iwae_bound",
+    "gmm_log_likelihood",
+    "gmm_responsibilities",
+]

@@ -21,7 +21,7 @@ variance gradient a rescaling of one backward pass.  Typical use, one training s
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,11 @@ class LearnedSNRSchedule(torch.nn.Module):
     a denoiser.
     """
 
+    # Registered in __init__ as parameters or buffers (by learn_endpoints); declared for type checkers,
+    # which otherwise read them as Module.__getattr__'s Tensor | Module.
+    gamma_0: torch.Tensor
+    gamma_1: torch.Tensor
+
     def __init__(
         self,
         gamma_0: float = -13.3,
@@ -149,7 +154,7 @@ class LearnedSNRSchedule(torch.nn.Module):
         learn_endpoints = C.flag("learn_endpoints", learn_endpoints)
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.hidden_size = H
         for name, value in (("gamma_0", g0), ("gamma_1", g1)):
             v = torch.tensor(value, **kw)

@@ -1,0 +1,239 @@
+"""Type stub of ``genloss._C``, the pybind11 module built from cpp/src/.
+
+Kept by hand beside the bindings (one ``m.def``/``m.attr`` there, one entry here):
+bindings.cpp, bindings_mmd.cpp, fast_path.cpp and host_cache.cpp. Pointers and
+CUDA streams are ``int`` (``std::uintptr_t``; 0 = absent), device is 0 (CPU) or 1
+(CUDA), dtype is the engine's code (0 float32, 1 float64, 2 float16, 3 bfloat16;
+index arrays: 0 int64, 1 int32). The functions without ``py::arg`` names in the
+bindings are positional-only here, as they are at run time.
+"""
+
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+from typing_extensions import CapsuleType
+
+# ---- constants -------------------------------------------------------------------
+
+FUNCTORS: dict[str, int]  # functor name -> id (GENLOSS_FUNCTORS in genloss/engine.h)
+MMD_TILE: int  # kMmdTile, genloss/mmd.h
+MMD_KERNELS: tuple[str, ...]  # index = enum MmdKernel
+MMD_ESTIMATORS: tuple[str, ...]  # index = enum MmdEstimator
+HOST_CACHE_MIN_BYTES: int  # kHostCacheMinBytes, cpu_config.h
+
+# ---- engine primitives (bindings.cpp, bindings_mmd.cpp) ------------------------------
+
+def map_reduce(
+    device: int,
+    device_id: int,
+    stream: int,
+    functor: int,
+    pa: float,
+    pb: float,
+    pc: float,
+    mode: int,
+    dtype: int,
+    ins: Sequence[int],
+    grads: Sequence[int],
+    rows: int,
+    cols: int,
+    value_scale: float,
+    out_value: int,
+    accumulate: int,
+    out_rows: int,
+    out_elems: int,
+    grad_scale: float,
+    grad_offset: float,
+    want_totals: bool,
+    table: int = 0,
+    table_rows: int = 0,
+    table_stride: int = 0,
+    index: int = 0,
+    index_type: int = 0,
+    row_weight: int = 0,
+    out_rows_raw: int = 0,
+) -> tuple[float, float] | None:
+    """The (value, gradient) totals when ``want_totals``, else None."""
+
+def row_scale(
+    device: int,
+    device_id: int,
+    stream: int,
+    dtype: int,
+    x: int,
+    coef: int,
+    out: int,
+    rows: int,
+    cols: int,
+    scale: float,
+    accumulate: int,
+    /,
+) -> None: ...
+def col_sum(
+    device: int,
+    device_id: int,
+    stream: int,
+    dtype: int,
+    x: int,
+    out: int,
+    rows: int,
+    cols: int,
+    scale: float,
+    /,
+) -> None: ...
+def col_broadcast(
+    device: int,
+    device_id: int,
+    stream: int,
+    dtype: int,
+    v: int,
+    out: int,
+    rows: int,
+    cols: int,
+    scale: float,
+    accumulate: int,
+    /,
+) -> None: ...
+def row_lse(
+    device: int,
+    device_id: int,
+    stream: int,
+    dtype: int,
+    logits: int,
+    labels: int,
+    label_type: int,
+    mode: int,
+    index: int,
+    rows: int,
+    K: int,
+    value_scale: float,
+    out_value: int,
+    accumulate: int,
+    out_rows: int,
+    grad_scale: float,
+    grad: int,
+    /,
+) -> None: ...
+def gmm(
+    device: int,
+    device_id: int,
+    stream: int,
+    dtype: int,
+    x: int,
+    logits: int,
+    means: int,
+    logvars: int,
+    N: int,
+    K: int,
+    D: int,
+    value_scale: float,
+    out_value: int,
+    out_rows: int,
+    resp: int,
+    row_weights: int,
+    grad_scale: float,
+    grad_x: int,
+    grad_logits: int,
+    grad_means: int,
+    grad_logvars: int,
+    /,
+) -> None: ...
+def mmd(
+    device: int,
+    device_id: int,
+    stream: int,
+    dtype: int,
+    kernel: int,
+    estimator: int,
+    x: int,
+    y: int,
+    N: int,
+    M: int,
+    D: int,
+    bandwidths: Sequence[float],
+    out_value: int,
+    grad_scale: float,
+    grad_x: int,
+    grad_y: int,
+    /,
+) -> None: ...
+def dlpack_info(
+    cap: object, name: str = "array"
+) -> tuple[int, int, int, int, int, int, tuple[int, ...], tuple[int, ...] | None]:
+    """(data_ptr, dtype_code, bits, lanes, device_type, device_id, shape, strides) of an
+    unconsumed DLPack capsule; strides None when the producer gave none (contiguous).
+    TypeError/ValueError naming ``name`` for anything else (not a capsule, consumed, bad shape)."""
+
+# ---- one-call fast paths (fast_path.cpp): None means "take the Python path" ----------
+
+def fast_populations(
+    arrays: Any, terms: Any, reduction: Any, need_grad: Any, allow_none: bool
+) -> tuple[Any, tuple[Any, ...]] | None:
+    """(value, grads) of a population loss over plain CPU torch tensors."""
+
+def fast_table_rows(
+    arrays: Any,
+    functor: Any,
+    grad_of: Any,
+    params: Any,
+    table: Any,
+    stride: int,
+    t: Any,
+    weights: Any,
+    reduction: Any,
+    need_grad: Any,
+    per_sample_mean: bool,
+) -> tuple[Any, tuple[Any, ...]] | None:
+    """(value, grads) of a per-step-table loss over plain CPU torch tensors."""
+
+# ---- build and runtime configuration (bindings.cpp, config.cpp) ----------------------
+
+class _BuildInfo(TypedDict):
+    cuda: bool
+    isa: str
+    openmp: bool
+    omp_max_threads: int
+    cuda_archs: str
+    compiler: str
+
+class _Config(TypedDict):
+    isa: str
+    isa_forced: str  # "" when GENLOSS_ISA is unset
+    threads: int
+    threads_setting: int  # 0: OpenMP's default
+    forked: bool  # a child forked from a process that had used the engine
+    stream_min_bytes: int  # < 0: never stream
+    nt_stores: bool
+    huge_pages: bool
+    host_cache_mb: int  # < 0: sized by use
+
+def build_info() -> _BuildInfo: ...
+def config() -> _Config: ...
+def config_warnings() -> list[str]: ...
+def set_threads(n: int, /) -> None: ...
+def set_stream_min_bytes(n: int, /) -> None: ...
+def set_huge_pages(on: bool, /) -> None: ...
+def set_nt_stores(on: bool, /) -> None: ...
+def set_host_cache_mb(mb: int, /) -> None: ...
+def streamed_calls() -> int: ...
+
+# ---- CPU output cache (host_cache.cpp) -------------------------------------------------
+
+class _HostCacheInfo(TypedDict):
+    cached_bytes: int
+    cached_blocks: int
+    limit_bytes: int
+    sized_by_use: bool
+    live_bytes: int
+    recent_peak_bytes: int
+    cap_bytes: int
+    window_requests: int
+    hits: int
+    misses: int
+
+def cached_empty(shape: Sequence[int], dtype: int) -> CapsuleType:
+    """A DLPack capsule of a new C-contiguous CPU array from the block cache (dtype 0 or 1)."""
+
+def host_cache_info() -> _HostCacheInfo: ...
+def host_cache_clear() -> None: ...
+def advise_huge_pages(ptr: int, nbytes: int) -> int: ...

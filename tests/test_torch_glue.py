@@ -1,0 +1,261 @@
+r"""The torch glue itself (``genloss/torch/_op.py``): what every op gets from its record.
+
+Registry-driven:
+
+* every floating input that requires grad, ALONE: its gradient equals the reference backward
+  (differentiable inputs) or the op refuses at forward time with a ValueError naming it
+  (SPEC, Conventions, "Gradients"): never a crash in backward, never a silently missing
+  gradient;
+* ``torch.compile(fullgraph=True)`` traces every op with and without inputs that require grad
+  and under ``no_grad``;
+* the public functions carry the op's signature and the reference's docstring;
+* a NumPy schedule first seen under ``inference_mode``, a ``FakeTensorMode``, a functorch
+  transform or inside a compiled region still serves ordinary training afterwards;
+* the package uses no private torch name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+import re
+
+import numpy as np
+import pytest
+
+from genloss import registry as R
+
+torch = pytest.importorskip("torch")
+gt = pytest.importorskip("genloss.torch")
+
+from tolerances import assert_close  # noqa: E402
+
+TORCH_RECORDS = [r for r in R.RECORDS if r.torch_op_name != "spectral_norm_sigma"]
+SIZES = R.ODD_SIZES[2]
+
+
+def _loss(record, out):
+    return out if record.value_index is None else out[record.value_index]
+
+
+def _tensors(arrays):
+    return [torch.from_numpy(np.array(x, copy=True)) for x in arrays]
+
+
+@pytest.mark.parametrize(
+    ("record", "variant"),
+    [(r, v) for r in TORCH_RECORDS if r.differentiable for v in r.variants],
+    ids=lambda x: getattr(x, "name", None) or getattr(x, "id", ""),
+)
+def test_each_float_input_alone(record, variant):
+    """Only input k requires grad, for every floating k: the true gradient, or a forward-time
+    ValueError that names k. Every reduction."""
+    spec = record.at(variant)
+    arrays = R.make_inputs(spec, np.random.default_rng(3), np.float64, SIZES, variant, interior=True)
+    for reduction in spec.reductions or (None,):
+        kwargs = R.call_kwargs(spec, variant, reduction)
+        ref_value = np.asarray(_loss(spec, spec.reference(*arrays, **kwargs)))
+        w = np.random.default_rng(4).uniform(0.5, 1.5, size=ref_value.shape)
+        ref = dict(
+            zip(
+                spec.differentiable,
+                spec.reference_backward(*arrays, w if w.ndim else float(w), **kwargs),
+                strict=True,
+            )
+        )
+        for k, a in enumerate(spec.args):
+            if R.DOMAINS[a.domain].kind != "float":
+                continue
+            tensors = _tensors(arrays)
+            x = tensors[k].requires_grad_(True)
+            label = f"{spec.name}({variant.id}, {reduction}) with only {a.name} requiring grad"
+            if a.name not in spec.differentiable:
+                with pytest.raises(ValueError, match=rf"{spec.torch_op_name}.*\b{a.name}\b"):
+                    spec.torch(*tensors, **kwargs)
+                continue
+            value = _loss(spec, spec.torch(*tensors, **kwargs))
+            (g,) = torch.autograd.grad(value, x, grad_outputs=torch.as_tensor(w, dtype=value.dtype))
+            assert_close(
+                g,
+                ref[a.name],
+                "torch",
+                torch.float64,
+                label,
+                scale=R.grad_scale(spec, a.name, arrays, reduction, ref[a.name], w),
+            )
+
+
+def _compile_cases():
+    for r in TORCH_RECORDS:
+        v = r.variants[-1]
+        yield r, v, (r.reductions or (None,))[-1]
+
+
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+@pytest.mark.parametrize(
+    ("record", "variant", "reduction"),
+    list(_compile_cases()),
+    ids=lambda x: getattr(x, "name", None) or str(x),
+)
+@pytest.mark.parametrize("mode", ["grad", "no_requires_grad", "no_grad"])
+def test_fullgraph_compiles_every_op(record, variant, reduction, mode):
+    """torch.compile(fullgraph=True) traces every op whatever needs a gradient (backend 'eager':
+    Dynamo's tracing is what is checked; test_torch_ops compares compiled values on a subset)."""
+    spec = record.at(variant)
+    kwargs = R.call_kwargs(spec, variant, reduction)
+    arrays = R.make_inputs(spec, np.random.default_rng(5), np.float64, SIZES, variant)
+    op = spec.torch
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: _loss(spec, op(*a, **kwargs)), fullgraph=True, backend="eager")
+    tensors = _tensors(arrays)
+    if mode == "grad":
+        for n in spec.differentiable:
+            tensors[spec.arg_names.index(n)].requires_grad_(True)
+    if mode == "no_grad":
+        with torch.no_grad():
+            value = compiled(*tensors)
+    else:
+        value = compiled(*tensors)
+    ref = _loss(spec, spec.reference(*arrays, **kwargs))
+    assert_close(value, ref, "torch", torch.float64, f"{spec.name} compiled ({mode})")
+    if mode == "grad" and spec.differentiable:
+        value.sum().backward()
+        assert all(tensors[spec.arg_names.index(n)].grad is not None for n in spec.differentiable)
+
+
+PUBLIC = sorted({r.torch_op_name for r in R.RECORDS} - {"q_posterior"})
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_functions_have_signature_and_reference_doc(name):
+    """help() and inspect.signature show the op's arguments and the reference's documentation."""
+    fn = getattr(gt, name)
+    assert inspect.isfunction(fn), f"genloss.torch.{name} is a {type(fn).__name__}, not a function"
+    sig = inspect.signature(fn)
+    ref_sig = inspect.signature(getattr(__import__("genloss.reference", fromlist=[name]), name))
+    assert list(sig.parameters) == list(ref_sig.parameters), f"{name}: {sig} vs reference {ref_sig}"
+    for p, q in zip(sig.parameters.values(), ref_sig.parameters.values(), strict=True):
+        if q.default is not inspect.Parameter.empty and not isinstance(q.default, (tuple, list)):
+            assert p.default == q.default, (
+                f"{name}({p.name}): default {p.default!r} vs reference {q.default!r}"
+            )
+    ref_doc = inspect.getdoc(getattr(__import__("genloss.reference", fromlist=[name]), name))
+    assert ref_doc and ref_doc.splitlines()[0] in (inspect.getdoc(fn) or ""), f"{name}: reference doc missing"
+
+
+def test_bad_calls_name_the_public_function():
+    x = torch.randn(2, 3)
+    t = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"^diffusion_mse_loss\(\): missing a required argument: 'schedule'"):
+        gt.diffusion_mse_loss(x, x, x, t)
+    with pytest.raises(TypeError, match=r"gan_d_loss\(\) missing required argument 'fake_logits'"):
+        gt.gan_d_loss(x)
+    with pytest.raises(TypeError, match=r"gan_d_loss: fake_logits must be a torch.Tensor"):
+        gt.gan_d_loss(x, [1.0])
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def _train_step(schedule):
+    """An ordinary training step on a schedule: every table op with gradients."""
+    x0 = torch.randn(3, 4, requires_grad=True)
+    noise = torch.randn(3, 4)
+    t = torch.tensor([0, 5, 9])
+    pred = torch.randn(3, 4, requires_grad=True)
+    x_t = gt.q_sample(x0, t, noise, schedule)
+    loss = gt.diffusion_mse_loss(pred, x0, noise, t, schedule, prediction="v")
+    loss = loss + gt.vlb_term(x0.detach().clamp(-1, 1), x_t.detach(), t, pred, schedule).mean()
+    loss = loss + gt.prior_kl(x0, schedule).mean() + gt.v_target(x0, t, noise, schedule).sum()
+    loss.backward()
+    assert x0.grad is not None and pred.grad is not None and torch.isfinite(x0.grad).all()
+    return loss.detach()
+
+
+def _fresh():
+    from genloss import reference as Ref
+
+    return Ref.DiffusionSchedule(Ref.cosine_betas(10))
+
+
+def test_schedule_first_seen_under_inference_mode():
+    s = _fresh()
+    with torch.inference_mode():
+        gt.q_sample(torch.randn(2, 4), torch.tensor([1, 2]), torch.randn(2, 4), s)
+    _train_step(s)
+
+
+def test_schedule_first_seen_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode  # the tests may use torch internals
+
+    s = _fresh()
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(2, 4))
+        t = mode.from_tensor(torch.tensor([1, 2]))
+        out = gt.q_sample(x, t, x, s)
+        assert tuple(out.shape) == (2, 4)
+    _train_step(s)
+
+
+def test_schedule_first_seen_under_functorch_grad():
+    s = _fresh()
+    t = torch.tensor([1, 2])
+    noise = torch.randn(2, 4)
+    x0 = torch.randn(2, 4)
+
+    def f(x):
+        return gt.q_sample(x, t, noise, s).sum()
+
+    g = torch.func.grad(f)(x0)
+    expected = torch.from_numpy(s.sqrt_alpha_bar[t.numpy()]).float()[:, None].expand(2, 4)
+    torch.testing.assert_close(g, expected)
+    _train_step(s)
+
+
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+def test_schedule_first_seen_inside_compiled_region():
+    s = _fresh()
+    torch._dynamo.reset()
+
+    def f(pred, x0, noise, t):
+        return (
+            gt.diffusion_mse_loss(pred, x0, noise, t, s, prediction="v") + gt.q_sample(x0, t, noise, s).sum()
+        )
+
+    args = (torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 4, 9]))
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(*args), f(*args))
+    _train_step(s)
+
+
+def test_no_private_torch_names_in_the_package():
+    root = pathlib.Path(__file__).resolve().parents[1] / "python" / "genloss"
+    if not root.is_dir():
+        pytest.skip("the source tree is not beside the tests")
+    private = re.compile(r"torch\._(?!check)\w+")
+    hits = [
+        f"{p.relative_to(root)}:{i}: {line.strip()}"
+        for p in root.rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert not hits, "private torch names:\n" + "\n".join(hits)
+
+
+def test_helpers_refuse_bad_arguments_before_any_work():
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="gradient_penalty: critic must be callable"):
+        gt.gradient_penalty("critic", x, x)
+    with pytest.raises(TypeError, match="r1_penalty: real must be a torch.Tensor"):
+        gt.r1_penalty(lambda z: z.sum(1), x.numpy())
+    with pytest.raises(TypeError, match="r2_penalty: fake must be a floating tensor"):
+        gt.r2_penalty(lambda z: z.sum(1), torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="spectral_norm_sigma: W must be a real floating tensor"):
+        gt.spectral_norm_sigma(torch.randn(3, 2, dtype=torch.complex64), torch.randn(3))
+    with pytest.raises(TypeError, match="spectral_norm_sigma: n_iters must be a number, got bool"):
+        gt.spectral_norm_sigma(torch.randn(3, 2), torch.randn(3), True)
+    with pytest.raises(ValueError, match="spectral_norm_sigma: u requires grad"):
+        gt.spectral_norm_sigma(torch.randn(3, 2), torch.randn(3, requires_grad=True))
+    meta = torch.randn(5, 2, device="meta")
+    with pytest.raises(ValueError, match="gmm_responsibilities: logits must be on the device of x"):
+        gt.gmm_responsibilities(meta, torch.randn(3), torch.randn(3, 2), torch.randn(3, 2))
