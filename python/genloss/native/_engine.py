@@ -308,14 +308,21 @@ for _msg in _C.config_warnings():  # an environment variable that did not parse
 _huge_pages = bool(_C.config()["huge_pages"])  # read per allocation: a plain bool
 
 
-def _settings() -> dict:
-    """The settings as options() reports them."""
-    c = _C.config()
+def _settable(c: Any) -> dict:
+    """The settable values of a ``_C.config()`` dict, as options() takes them."""
     return {
         "huge_pages": bool(c["huge_pages"]),
         "host_cache_mb": None if c["host_cache_mb"] < 0 else int(c["host_cache_mb"]),
         "stream_min_bytes": int(c["stream_min_bytes"]),
         "nt_stores": bool(c["nt_stores"]),
+    }
+
+
+def _settings() -> dict:
+    """The settings as options() reports them."""
+    c = _C.config()
+    return {
+        **_settable(c),
         "threads": int(c["threads"]),
         "isa": {"running": c["isa"], "forced": c["isa_forced"] or None},
     }
@@ -324,13 +331,7 @@ def _settings() -> dict:
 def _raw() -> dict:
     """The settable values as stored (threads: None for OpenMP's default), to restore."""
     c = _C.config()
-    return {
-        "huge_pages": bool(c["huge_pages"]),
-        "host_cache_mb": None if c["host_cache_mb"] < 0 else int(c["host_cache_mb"]),
-        "stream_min_bytes": int(c["stream_min_bytes"]),
-        "nt_stores": bool(c["nt_stores"]),
-        "threads": int(c["threads_setting"]) or None,
-    }
+    return {**_settable(c), "threads": int(c["threads_setting"]) or None}
 
 
 def _want_int(name: str, v: Any, *, lo: int | None, none_ok: bool) -> None:
