@@ -1,7 +1,7 @@
 r"""The shared harness of the benchmarks in bench/: timing, competitors, bandwidth probe, machine info, JSON.
 
-Imported by ``bench_gan.py``, ``bench_vae.py``, ``bench_diffusion.py`` and
-``bench_mmd.py`` (``import harness as bh`` from the scripts' own folder), so that
+Imported by ``bench_gan.py``, ``bench_vae.py``, ``bench_diffusion.py``,
+``bench_flow.py`` and ``bench_mmd.py`` (``import harness as bh`` from the scripts' own folder), so that
 every benchmark times the same way:
 
 * ``Clock``: ``time.perf_counter`` around one call, ``torch.cuda.synchronize`` on

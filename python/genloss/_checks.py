@@ -8,11 +8,72 @@ reference, the DLPack native wrappers and the torch ops share them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 REDUCTIONS = ("mean", "sum", "none")
 TWO_POPULATION = ("mean", "sum")
+
+
+@contextlib.contextmanager
+def named_errors(op: str) -> Iterator[None]:
+    """Prefix the op's name to the ValueError / TypeError of its argument checks (the checks
+    here name the argument; this says which call it was)."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        msg = str(err)
+        if _names(msg, op):
+            raise
+        raise type(err)(f"{op}: {msg}") from None
+
+
+def _names(msg: str, op: str) -> bool:
+    """Whether ``msg`` already opens with the op's name ("op: ...", "op() ...", "op needs ...")."""
+    after = msg[len(op) : len(op) + 1]
+    return msg.startswith(op) and not (after.isalnum() or after == "_")
+
+
+def op_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` whose ValueError / TypeError messages start with its name (the op), once.
+
+    The argument checks name the argument; a user calling several ops in one line also
+    needs to read which op refused it.  The exception keeps its type and traceback (its
+    message is rewritten in place); a try block costs nothing when nothing is raised.
+    """
+    op = fn.__name__
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError) as err:
+            if len(err.args) == 1 and isinstance(err.args[0], str) and not _names(err.args[0], op):
+                err.args = (f"{op}: {err.args[0]}",)
+            raise
+
+    call.__genloss_op_errors__ = True  # type: ignore[attr-defined]
+    return call
+
+
+def name_op_errors(namespace: dict[str, Any], names: Sequence[str]) -> None:
+    """Wrap the public functions ``names`` of a package namespace with :func:`op_errors`, in
+    the namespace and in the module that defines each (so ``genloss.native.gan.gan_d_loss``
+    and ``genloss.native.gan_d_loss`` are the same wrapped function)."""
+    for name in names:
+        fn = namespace.get(name)
+        if not inspect.isfunction(fn) or getattr(fn, "__genloss_op_errors__", False) or name.startswith("_"):
+            continue
+        wrapped = op_errors(fn)
+        namespace[name] = wrapped
+        home = sys.modules.get(fn.__module__)
+        if home is not None and getattr(home, name, None) is fn:
+            setattr(home, name, wrapped)
 
 
 def reduction(value: object, allowed: Sequence[str] = REDUCTIONS) -> str:

@@ -4,7 +4,8 @@ Same conventions as ``genloss.native.gan``: each function returns ``(value, grad
 with the gradients of ``sum(value)`` w.r.t. the differentiable inputs (``need_grad``
 a bool or one bool per differentiable input; ``()`` when none is asked).  Signatures
 follow ``genloss.reference.flow``; every float input is differentiable, ``t`` and
-``weights`` included.
+``weights`` included, except in the distillation losses (``scm_loss``, ``meanflow_loss``,
+``vsd_loss``: the student's output only, and sCM's ``logvar``; FLOW.30).
 
 The per-sample factors (the weighting :math:`\lambda(t_b)` times ``weights``, or the
 path's coefficients) are B numbers formed in float64 where the inputs live (NumPy,
@@ -298,3 +299,158 @@ def denoiser_loss(
     if ub is not None and flags[4]:  # (FLOW.23) g (1 - e^{-u} W m)
         grad_u = _like(f.cols * vs - eu * w * m, ub, "logvar").arr
     return value, (*gs[:3], grad_s) if ub is None else (*gs[:3], grad_s, grad_u)
+
+
+# ============================================================================= distillation (FLOW.30-FLOW.34)
+# Composed from the shared functors (RowAffine, SquaredDiff, DiffusionMSE, AbsDiff) with per-row
+# coefficients formed in float64 on the inputs' device.  sds_loss has no native form (SPEC): its
+# torch op is a torch kernel (genloss/torch/flow.py).
+
+# Rows whose float sum of squares left the normal range are redone on a copy scaled by an exact
+# power of two.  Bits of the dtype -> (scale of an overflowed row, scale of a tiny row, the "tiny"
+# threshold of the sum): after scaling no element square overflows (float32: 2^128 2^-96 = 2^32).
+_RESCALE = {32: (2.0**-96, 2.0**64, 2.0**-64), 64: (2.0**-768, 2.0**512, 2.0**-512)}
+
+
+def _norm_rows(a: Buf, b: Buf) -> Any:
+    r"""||a_b - b_b|| per sample, float64 (B,) on the device, accurate to the dtype's rounding for
+    any magnitude (FLOW.31).  One SquaredDiff pass (per-lane sums in the dtype, chunks combined
+    pairwise in float64); a row whose sum overflowed (inf) or fell below 2^-64 (float32) is summed
+    again (``Square``) on the difference scaled by an exact power of two (2^-96 / 2^64), so no square
+    overflows and none that matters underflows.  That extra pass runs only when such a row exists."""
+    s = empty(a, (a.rows,))
+    _run("SquaredDiff", [a, b], [None, None], rows_out=s)
+    s64 = _f64(s)
+    down, up, tiny = _RESCALE[32 if a.dtype == FLOAT32 else 64]
+    over, under = s64 == float("inf"), s64 < tiny
+    if not bool((over | under).any()):
+        return s64**0.5
+    k = _xp(a).ones_like(s64)  # float64 (a bool-times-float product would be float32 in torch)
+    k[over] = down
+    k[under] = up
+    scaled = empty(a, a.shape)
+    _run("RowAffine", [a, b], [None, None], elems_out=scaled, table=_table([k, -k], a), stride=2)
+    s2 = empty(a, (a.rows,))
+    _run("Square", [scaled], [None], rows_out=s2)
+    return _f64(s2) ** 0.5 / k
+
+
+def scm_loss(F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data=0.5, r=1.0, c=0.1, logvar=None, reduction="mean", *,
+             need_grad=True):  # fmt: skip
+    r"""sCM: per sample mean_i (F - F^- - g / (||g|| + c))^2 (x e^{-u} + u with ``logvar``).  (FLOW.31, FLOW.32)
+
+    With the B coefficients alpha = -cos^2 t, beta = -r cos t sin t (float64), g = G - H where
+    G = alpha sigma_d F^- - alpha dx_t/dt and H = -beta x_t - beta sigma_d dF^-/dt.  Five passes,
+    two scratch arrays, no float64 copy of the data:
+
+    1. ``RowAffine`` (F^-, dx_t/dt) -> G;  2. ``RowAffine`` (x_t, dF^-/dt) -> H;
+    3. ``SquaredDiff`` (G, H) row sums: ||g|| (rescaled rows, ``_norm_rows``), k_b = 1/(||g|| + c);
+    4. ``RowAffine`` (F^-, dx_t/dt) -> G := F^- + k G = (1 + k alpha sigma_d) F^- - k alpha dx_t/dt;
+    5. ``DiffusionMSE`` (F, G, H) with the per-row table (1, -k): r = F - F^- - k (G - H), the
+       value (row weight e^{-u}), d/dF and the raw per-sample means for d/dlogvar.
+
+    Differentiable inputs: F, logvar (when given).
+    """
+    names = ("F", "F_minus", "dF_dt", "x_t", "dxt_dt")
+    with R.named_errors("scm_loss"):
+        C.reduction(reduction)
+        sd, rr, c = R.scm_params(sigma_data, r, c)
+        f, fm, dfm, xt, dxt = _batched(names, (F, F_minus, dF_dt, x_t, dxt_dt), reduction)
+        tb = _row_vector("t", t, f, "F")
+        R.check_angles(np.array(float_range(tb)))
+        ub = None if logvar is None else _row_vector("logvar", logvar, f, "F")
+        flags = needs(need_grad, 1 if ub is None else 2)
+    t64, xp = _f64(tb), _xp(f)
+    alpha, beta = R.scm_rows(xp.cos(t64), xp.sin(t64), rr)  # (FLOW.31)
+    G, H = empty(f, f.shape), empty(f, f.shape)
+    _run("RowAffine", [fm, dxt], [None, None], elems_out=G, table=_table([alpha * sd, -alpha], f), stride=2)
+    _run("RowAffine", [xt, dfm], [None, None], elems_out=H, table=_table([-beta, -beta * sd], f), stride=2)
+    k = 1.0 / (_norm_rows(G, H) + c)  # (FLOW.31) the normalisation
+    _run("RowAffine", [fm, dxt], [None, None], elems_out=G, table=_table([1.0 + k * alpha * sd, -k * alpha], f),
+         stride=2)  # fmt: skip
+    eu = None if ub is None else xp.exp(-_f64(ub))
+    out, rows = _value_out(f, reduction)
+    grads = [empty(f, f.shape) if flags[0] else None, None, None]
+    raw = empty(f, (f.rows,)) if ub is not None and flags[1] else None
+    vs = loss_scale(reduction, f, per_sample_mean=True)
+    # (FLOW.32) r = F - F^- - k (G - H) in registers: the value, d/dF = 2 e^{-u} r / n, the raw means
+    _run(
+        "DiffusionMSE", [f, G, H], grads, value_scale=vs, out=out, rows_out=rows, grad_scale=vs,
+        table=_table([k * 0.0 + 1.0, -k], f), stride=2, row_weight=None if eu is None else _like(eu, f, "logvar"),
+        rows_raw=raw,
+    )  # fmt: skip
+    if ub is not None:  # (FLOW.32) + u_b per sample, as denoiser_loss
+        map_reduce("Linear", ub, value_scale=f.cols * vs, out=out, rows_out=rows, accumulate=True)
+    value, _ = _result(out, rows, [], ())
+    if not any(flags):
+        return value, ()
+    grad_F = None if grads[0] is None else grads[0].arr
+    if ub is None:
+        return value, (grad_F,)
+    grad_u = None
+    if raw is not None:  # (FLOW.32) g (1 - e^{-u} m), raw = g m (set when flags[1])
+        grad_u = _like(f.cols * vs - eu * _f64(raw), ub, "logvar").arr
+    return value, (grad_F, grad_u)
+
+
+def _unit_rows(name: str, value: Any, like: Buf) -> Buf:
+    """A (B,) vector of times in [0, 1] in ``like``'s place and dtype (NaN refused, named)."""
+    b = _row_vector(name, value, like, "u")
+    lo, hi = float_range(b)
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{name} must lie in [0, 1] (t = 0 data, t = 1 noise), got {lo if lo < 0.0 else hi}")
+    return b
+
+
+def meanflow_loss(u, v, du_dt, t, r, p=1.0, eps=1e-3, reduction="mean", *, need_grad=True):
+    r"""MeanFlow: per sample sg(w) ||u - u_tgt||^2, u_tgt = v - (t - r) du_dt, w = (sg(delta) + eps)^-p.
+    (FLOW.33)
+
+    Two ``DiffusionMSE`` passes over (u, v, du_dt) with the per-row table (1, r - t) (the target
+    built in registers; at r = t du_dt is not read): the row sums delta_b, then w_b = (delta_b +
+    eps)^-p in float64 as the row weight of the value and of d/du = 2 w (u - u_tgt).  No target
+    array.  Differentiable input: u (the surrogate's gradient, w frozen).
+    """
+    with R.named_errors("meanflow_loss"):
+        C.reduction(reduction)
+        p, eps = R.meanflow_params(p, eps)
+        ub, vb, db = _batched(("u", "v", "du_dt"), (u, v, du_dt), reduction)
+        tb, rb = _unit_rows("t", t, ub), _unit_rows("r", r, ub)
+        (flag,) = needs(need_grad, 1)
+    t64 = _f64(tb)
+    tab = _table([t64 * 0.0 + 1.0, _f64(rb) - t64], ub)  # r - t formed in float64 (0 exactly at r = t)
+    delta = empty(ub, (ub.rows,))
+    _run("DiffusionMSE", [ub, vb, db], [None, None, None], rows_out=delta, table=tab, stride=2)
+    w = (_f64(delta) + eps) ** -p  # (FLOW.33) the adaptive weight, no gradient
+    out, rows = _value_out(ub, reduction)
+    grads = [empty(ub, ub.shape) if flag else None, None, None]
+    s = loss_scale(reduction, ub)
+    _run("DiffusionMSE", [ub, vb, db], grads, value_scale=s, out=out, rows_out=rows, grad_scale=s, table=tab,
+         stride=2, row_weight=_like(w, ub, "u"))  # fmt: skip
+    return _result(out, rows, grads[:1], (flag,))
+
+
+def vsd_loss(x, x0_fake, x0_real, reduction="mean", *, need_grad=True):
+    r"""DMD2: per sample 1/2 mean_i (w (x0_fake - x0_real))^2, w = 1/(mean|x - x0_real| + 1e-6).  (FLOW.34)
+
+    ``AbsDiff`` (x, x0_real) row means give w (float64, no gradient); ``SquaredDiff`` (x0_fake,
+    x0_real) with the row weight w^2/2 gives the value; when asked, ``RowAffine`` (x0_fake,
+    x0_real) with the per-row table (s w/n, -s w/n) writes d/dx = w (x0_fake - x0_real)/n.
+    Differentiable input: x (the surrogate's gradient: x enters the value only through the frozen w).
+    """
+    with R.named_errors("vsd_loss"):
+        C.reduction(reduction)
+        xb, fb, rb = _batched(("x", "x0_fake", "x0_real"), (x, x0_fake, x0_real), reduction)
+        (flag,) = needs(need_grad, 1)
+    a = empty(xb, (xb.rows,))
+    _run("AbsDiff", [xb, rb], [None, None], value_scale=1.0 / xb.cols, rows_out=a)
+    w = R.vsd_weight(_f64(a))  # (FLOW.34)
+    out, rows = _value_out(xb, reduction)
+    s = loss_scale(reduction, xb, per_sample_mean=True)
+    _run("SquaredDiff", [fb, rb], [None, None], value_scale=s, out=out, rows_out=rows,
+         row_weight=_like(0.5 * w * w, xb, "x"))  # fmt: skip
+    if not flag:
+        return _result(out, rows, [], ())
+    grad = empty(xb, xb.shape)
+    _run("RowAffine", [fb, rb], [None, None], elems_out=grad, table=_table([s * w, -s * w], xb), stride=2)
+    return _result(out, rows, [grad], (flag,))

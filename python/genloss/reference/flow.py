@@ -1,4 +1,5 @@
-r"""Continuous-time family, NumPy reference (float64): flow matching.
+r"""Continuous-time family, NumPy reference (float64): flow matching, EDM, consistency models
+and distillation (sCM, MeanFlow, DMD2, SDS).
 
 Read next to ``derivations/flow.md``; the tags ``(FLOW.n)`` in the comments name its
 equations.  Conventions:
@@ -14,14 +15,16 @@ equations.  Conventions:
   on the batch.
 * ``name(...)`` returns float64 ndarrays; ``name_backward(*arrays, grad_output, **kw)``
   returns the gradient of ``sum(grad_output * name(...))`` w.r.t. EVERY floating array
-  input, in order (``t`` and ``weights`` included: FLOW.2).
+  input, in order (``t`` and ``weights`` included: FLOW.2) -- except the distillation
+  losses (``scm_loss``, ``meanflow_loss``, ``vsd_loss``, ``sds_loss``), whose targets are
+  stop-gradient by definition: only the student's output (and sCM's ``logvar``), and for
+  the three surrogates the prescribed update, not the value's derivative (FLOW.30).
 * Bad input raises ``ValueError`` / ``TypeError`` whose message starts with the op's
   name and names the argument.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -72,6 +75,14 @@ __all__ = [
     "timestep_cdf",
     "timestep_density",
     "timestep_quantile",
+    "meanflow_loss",
+    "meanflow_loss_backward",
+    "scm_loss",
+    "scm_loss_backward",
+    "sds_loss",
+    "sds_loss_backward",
+    "vsd_loss",
+    "vsd_loss_backward",
 ]
 
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -82,17 +93,7 @@ _SQRT_2PI = math.sqrt(2.0 * math.pi)
 # ============================================================================= checks
 
 
-@contextlib.contextmanager
-def named_errors(op: str):
-    """Prefix the op's name to the ValueError / TypeError of its argument checks (the checks of
-    ``_checks`` name the argument; this says which call it was)."""
-    try:
-        yield
-    except (ValueError, TypeError) as err:
-        msg = str(err)
-        if msg.startswith(f"{op}: "):
-            raise
-        raise type(err)(f"{op}: {msg}") from None
+named_errors = _checks.named_errors  # used by this family's layers as R.named_errors
 
 
 def sigma_min_value(sigma_min) -> float:
@@ -1357,3 +1358,339 @@ def consistency_training_loss_backward(
     with named_errors("consistency_training_loss"):
         gb = _reduction_weights(grad_output, reduction, d.shape[0])
     return (result(batch_broadcast(gb * lam / q, d.ndim) * d),)  # (FLOW.20, FLOW.24)
+
+
+# ============================================================================= distillation (FLOW.30-FLOW.36)
+# The four few-step objectives whose targets are stop-gradient quantities the user computes (a
+# teacher's output, a JVP): only the student's output is differentiable.  vsd_loss, sds_loss and
+# meanflow_loss are SURROGATES: their backward is the prescribed gradient with the stop-gradient
+# factors frozen, which is not the derivative of their value (FLOW.30).
+
+VSD_EPS = 1e-6  # DMD2's normaliser 1 / (mean|x - x0_real| + 1e-6): finite (1e6) when x = x0_real
+TRIGFLOW_T_MAX = math.pi / 2  # TrigFlow's angle t in [0, pi/2]: t = 0 data, t = pi/2 noise
+_T_MAX_ROUNDED = float(np.float32(TRIGFLOW_T_MAX))  # pi/2 rounded to float32 is above pi/2: admitted
+
+
+def row_norm(g: np.ndarray) -> np.ndarray:
+    r"""Per-sample L2 norm over the non-batch dims, scaled by the row's max-abs so no square
+    overflows or underflows (FLOW.31): :math:`\lVert g\rVert = m\,\lVert g/m\rVert`,
+    :math:`m = \max_i |g_i|` (NaN in, NaN out; inf gives inf)."""
+    flat = g.reshape(g.shape[0], -1)
+    m = np.abs(flat).max(axis=1) if flat.shape[1] else np.zeros(flat.shape[0])
+    m = np.where((m > 0.0) & np.isfinite(m), m, 1.0)  # 0 rows (and NaN / inf ones) unscaled
+    return m * np.sqrt(((flat / m[:, None]) ** 2).sum(axis=1))
+
+
+def scm_rows(cos_t, sin_t, r):
+    r"""sCM's per-sample tangent coefficients (FLOW.31), by arithmetic only (NumPy, torch or CuPy
+    vectors; the native layer evaluates these lines on the device):
+    :math:`g = \alpha(\sigma_dF^- - \dot x_t) + \beta(x_t + \sigma_d\dot F^-)`,
+    :math:`\alpha = -\cos^2t`, :math:`\beta = -r\cos t\sin t`."""
+    return -(cos_t * cos_t), -r * cos_t * sin_t
+
+
+def scm_params(sigma_data, r, c):
+    """(sigma_data > 0, r in [0, 1] (the tangent warm-up), c > 0), checked."""
+    sd = _checks.positive("sigma_data", sigma_data)
+    rr = _checks.nonnegative("r", r)
+    if rr > 1.0:
+        raise ValueError(f"r (the tangent warm-up factor min(1, iteration / H)) must lie in [0, 1], got {rr}")
+    return sd, rr, _checks.positive("c", c)
+
+
+def check_angles(t: np.ndarray) -> None:
+    """TrigFlow angles: every t in [0, pi/2] (NaN refused)."""
+    ok = (t >= 0.0) & (t <= _T_MAX_ROUNDED)
+    if not np.all(ok):
+        raise ValueError(
+            f"t (the TrigFlow angle) must lie in [0, pi/2] (t = 0 data, pi/2 noise), got {t[~ok][0]}"
+        )
+
+
+def _scm_inputs(F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data, r, c, logvar, reduction):
+    with named_errors("scm_loss"):
+        reduction = _checks.reduction(reduction, _ALL)
+        sd, rr, c = scm_params(sigma_data, r, c)
+        F, fm, dfm, xt, dxt = _arrays(("F", "F_minus", "dF_dt", "x_t", "dxt_dt"), (F, F_minus, dF_dt, x_t, dxt_dt),
+                                      reduction)  # fmt: skip
+        t = _per_sample_vector("t", t, F.shape[0])
+        check_angles(t)
+        u = None if logvar is None else _per_sample_vector("logvar", logvar, F.shape[0])
+    alpha, beta = (batch_broadcast(v, F.ndim) for v in scm_rows(np.cos(t), np.sin(t), rr))
+    g = alpha * (sd * fm - dxt) + beta * (xt + sd * dfm)  # (FLOW.31) the tangent
+    g_hat = g / batch_broadcast(row_norm(g) + c, F.ndim)  # (FLOW.31) normalized
+    res = F - fm - g_hat  # (FLOW.32)
+    m = (res * res).reshape(res.shape[0], -1).mean(axis=1)
+    return res, m, u, reduction
+
+
+def scm_loss(F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data=0.5, r=1.0, c=0.1, logvar=None, reduction="mean"):
+    r"""sCM's continuous-time consistency loss (Lu & Song 2024, Algorithm 1; FLOW.31, FLOW.32).
+
+    .. math::
+        g = -\cos^2t\,(\sigma_dF^- - \tfrac{\mathrm dx_t}{\mathrm dt})
+            - r\cos t\sin t\,(x_t + \sigma_d\tfrac{\mathrm dF^-}{\mathrm dt}),\qquad
+        \hat g = \frac{g}{\lVert g\rVert + c},\qquad
+        L_b = \frac1n\sum_i (F - F^- - \hat g)^2\ \big(\times e^{-u_b}\ {+}\ u_b\ \text{with}\ \texttt{logvar}\big)
+
+    with :math:`\lVert g\rVert` the L2 norm of sample b's tangent over all its dims (the
+    paper's; computed max-abs scaled, FLOW.31) and the paper's adaptive weight :math:`w = -u`.
+    Only ``F`` (and ``logvar``) is differentiable: ``F_minus`` (:math:`F_{\theta^-}`, the
+    stop-gradient copy), ``dF_dt`` (its JVP), ``x_t``, ``dxt_dt`` and ``t`` are constants.
+
+    Parameters
+    ----------
+    F : ndarray, shape [B, ...]
+        The student's raw output :math:`F_\theta(x_t/\sigma_d, t)`.
+    F_minus, dF_dt, x_t, dxt_dt : ndarray, shape of ``F``
+        :math:`F_{\theta^-}`, its total derivative in t (the user's JVP), the noisy input
+        :math:`x_t = \cos t\,x_0 + \sin t\,z` and :math:`\mathrm dx_t/\mathrm dt` (sCT:
+        :math:`\cos t\,z - \sin t\,x_0`; sCD: :math:`\sigma_d F_{\rm pretrain}`).
+    t : ndarray, shape [B]
+        TrigFlow angles in [0, pi/2].
+    sigma_data : float
+        > 0.
+    r : float
+        The tangent warm-up factor in [0, 1] (1 after warm-up).
+    c : float
+        > 0, the normalisation constant (0.1 in the paper).
+    logvar : ndarray, shape [B], optional
+        The adaptive log-variance :math:`u = -w_\phi(t)` (differentiable).
+    reduction : {'mean', 'sum', 'none'}
+
+    Returns
+    -------
+    ndarray, shape [] or [B] for ``'none'``
+    """
+    _res, m, u, reduction = _scm_inputs(
+        F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data, r, c, logvar, reduction
+    )
+    return reduce_sum(m if u is None else np.exp(-u) * m + u, reduction)  # (FLOW.32)
+
+
+def scm_loss_backward(
+    F,
+    F_minus,
+    dF_dt,
+    x_t,
+    dxt_dt,
+    t,
+    grad_output,
+    sigma_data=0.5,
+    r=1.0,
+    c=0.1,
+    logvar=None,
+    reduction="mean",
+):
+    r"""Gradients of :func:`scm_loss` w.r.t. ``F`` and (when given) ``logvar`` (FLOW.32):
+    :math:`\partial_F = 2g_be^{-u_b}(F - F^- - \hat g)/n`,
+    :math:`\partial_{u_b} = g_b(1 - e^{-u_b}m_b)`.
+
+    Returns
+    -------
+    (grad_F[, grad_logvar]) : tuple of ndarrays
+    """
+    res, m, u, reduction = _scm_inputs(F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data, r, c, logvar, reduction)
+    with named_errors("scm_loss"):
+        gb = _reduction_weights(grad_output, reduction, res.shape[0])
+    eu = 1.0 if u is None else np.exp(-u)
+    grad_F = result(batch_broadcast(2.0 * gb * eu / res[0].size, res.ndim) * res)
+    return (grad_F,) if u is None else (grad_F, result(gb * (1.0 - eu * m)))
+
+
+def _unit_vector(name, value, batch):
+    """A per-sample vector in [0, 1] (the MeanFlow times; NaN refused)."""
+    a = _per_sample_vector(name, value, batch)
+    if np.any((a < 0.0) | (a > 1.0)):
+        raise ValueError(
+            f"{name} must lie in [0, 1] (t = 0 data, t = 1 noise), got {a[(a < 0.0) | (a > 1.0)][0]}"
+        )
+    return a
+
+
+def meanflow_params(p, eps):
+    """(p >= 0, eps > 0), checked: eps > 0 keeps w = (delta + eps)^-p finite at delta = 0."""
+    return _checks.nonnegative("p", p), _checks.positive("eps", eps)
+
+
+def _meanflow_inputs(u, v, du_dt, t, r, p, eps, reduction):
+    with named_errors("meanflow_loss"):
+        reduction = _checks.reduction(reduction, _ALL)
+        p, eps = meanflow_params(p, eps)
+        u, v, du = _arrays(("u", "v", "du_dt"), (u, v, du_dt), reduction)
+        t = _unit_vector("t", t, u.shape[0])
+        r = _unit_vector("r", r, u.shape[0])
+    k = batch_broadcast(t - r, u.ndim)
+    # (FLOW.33) at r = t du_dt does not enter (selected out, not multiplied: an inf JVP there is no NaN)
+    u_tgt = v - k * np.where(k == 0.0, 0.0, du)
+    d = u - u_tgt
+    delta = (d * d).reshape(d.shape[0], -1).sum(axis=1)  # the squared L2 norm (the paper's, official code's)
+    return d, delta, (delta + eps) ** -p, reduction
+
+
+def meanflow_loss(u, v, du_dt, t, r, p=1.0, eps=1e-3, reduction="mean"):
+    r"""MeanFlow's loss with its adaptive weight (Geng et al. 2025, Eqs. 9-10, Sec. 4.3; FLOW.33).
+
+    .. math::
+        u_{\rm tgt} = \mathrm{sg}\big(v - (t - r)\tfrac{\mathrm du}{\mathrm dt}\big),\qquad
+        \delta_b = \lVert u_b - u_{{\rm tgt},b}\rVert_2^2,\qquad
+        L_b = \mathrm{sg}(w_b)\,\delta_b,\quad w_b = (\delta_b + \epsilon)^{-p}
+
+    :math:`\delta` is the SUM of squares over the non-batch dims (the paper's
+    :math:`\lVert\Delta\rVert_2^2`; the official code sums over (C, H, W)), so with
+    ``reduction='mean'`` this is the official loss exactly.  The backward is the surrogate's
+    :math:`2w_b(u - u_{\rm tgt})` (w frozen), not the derivative of the value (FLOW.30).
+    At :math:`r = t` the JVP term is left out (not multiplied by 0).
+
+    Parameters
+    ----------
+    u : ndarray, shape [B, ...]
+        The predicted average velocity :math:`u_\theta(z_t, r, t)`.
+    v, du_dt : ndarray, shape of ``u``
+        The instantaneous velocity and the total derivative of u along (v, 0, 1) (the user's
+        JVP); no gradient.
+    t, r : ndarray, shape [B]
+        Times in [0, 1].
+    p : float
+        >= 0, the weight's power (1 - gamma in the paper; 1.0 by default, 0: plain L2).
+    eps : float
+        > 0 (the paper's c = 1e-3).
+    reduction : {'mean', 'sum', 'none'}
+
+    Returns
+    -------
+    ndarray, shape [] or [B] for ``'none'``
+    """
+    _d, delta, w, reduction = _meanflow_inputs(u, v, du_dt, t, r, p, eps, reduction)
+    return reduce_sum(w * delta, reduction)  # (FLOW.33)
+
+
+def meanflow_loss_backward(u, v, du_dt, t, r, grad_output, p=1.0, eps=1e-3, reduction="mean"):
+    r"""The surrogate gradient of :func:`meanflow_loss` w.r.t. ``u`` (FLOW.33):
+    :math:`2g_bw_b(u - u_{\rm tgt})` with :math:`w_b` a constant.
+
+    Returns
+    -------
+    (grad_u,) : tuple of one ndarray
+    """
+    d, _delta, w, reduction = _meanflow_inputs(u, v, du_dt, t, r, p, eps, reduction)
+    with named_errors("meanflow_loss"):
+        gb = _reduction_weights(grad_output, reduction, d.shape[0])
+    return (result(batch_broadcast(2.0 * gb * w, d.ndim) * d),)
+
+
+def vsd_weight(abs_mean):
+    """DMD2's per-sample normaliser 1 / (mean|x - x0_real| + 1e-6) (FLOW.34), arithmetic only."""
+    return 1.0 / (abs_mean + VSD_EPS)
+
+
+def _vsd_inputs(x, x0_fake, x0_real, reduction):
+    with named_errors("vsd_loss"):
+        reduction = _checks.reduction(reduction, _ALL)
+        x, fake, real = _arrays(("x", "x0_fake", "x0_real"), (x, x0_fake, x0_real), reduction)
+    w = vsd_weight(np.abs(x - real).reshape(x.shape[0], -1).mean(axis=1))
+    grad = batch_broadcast(w, x.ndim) * (fake - real)  # (FLOW.34) the distribution-matching gradient
+    return grad, reduction
+
+
+def vsd_loss(x, x0_fake, x0_real, reduction="mean"):
+    r"""DMD2's distribution-matching (VSD) surrogate (Yin et al. 2024; FLOW.34).
+
+    .. math::
+        w_b = \frac{1}{\frac1n\sum_i|x - x_0^{\rm real}| + 10^{-6}},\qquad
+        \nabla_b = w_b\,(x_0^{\rm fake} - x_0^{\rm real}),\qquad
+        L_b = \tfrac12\,\tfrac1n\sum_i\big(x - \mathrm{sg}(x - \nabla_b)\big)^2
+            = \tfrac{1}{2n}\lVert\nabla_b\rVert^2
+
+    whose gradient w.r.t. the generator output ``x`` is :math:`\nabla_b/n` (w, the two
+    denoisers' outputs: no gradient).  Per sample the MEAN over dims, so with
+    ``reduction='mean'`` value and gradient are DMD2's
+    ``0.5 * F.mse_loss(x, (x - grad).detach())`` exactly (its mean runs over batch and dims).
+    The value depends on ``x`` only through the frozen w: the backward is the surrogate's, not
+    the derivative of the value (FLOW.30).
+
+    Parameters
+    ----------
+    x : ndarray, shape [B, ...]
+        The generator's output (the clean sample the two denoisers were queried at).
+    x0_fake, x0_real : ndarray, shape of ``x``
+        The fake (student-distribution) and real (teacher) denoisers' x0 predictions.
+    reduction : {'mean', 'sum', 'none'}
+
+    Returns
+    -------
+    ndarray, shape [] or [B] for ``'none'``
+    """
+    grad, reduction = _vsd_inputs(x, x0_fake, x0_real, reduction)
+    return reduce_mean(0.5 * grad * grad, reduction)  # (FLOW.34)
+
+
+def vsd_loss_backward(x, x0_fake, x0_real, grad_output, reduction="mean"):
+    r"""The gradient of :func:`vsd_loss` w.r.t. ``x``: :math:`g_b w_b(x_0^{\rm fake} - x_0^{\rm real})/n`
+    (FLOW.34).
+
+    Returns
+    -------
+    (grad_x,) : tuple of one ndarray
+    """
+    grad, reduction = _vsd_inputs(x, x0_fake, x0_real, reduction)
+    with named_errors("vsd_loss"):
+        gb = _reduction_weights(grad_output, reduction, grad.shape[0])
+    return (result(batch_broadcast(gb / grad[0].size, grad.ndim) * grad),)
+
+
+def _sds_inputs(x, eps_pred, noise, weights, reduction):
+    with named_errors("sds_loss"):
+        reduction = _checks.reduction(reduction, _ALL)
+        x, e, z = _arrays(("x", "eps_pred", "noise"), (x, eps_pred, noise), reduction)
+        if weights is None:
+            raise TypeError("weights (w(t), one per sample) must be given")
+        w = _sample_weights(weights, x.shape[0])
+    # (FLOW.35) the SDS gradient; + 0 x: x cancels in x - sg(x - grad), but a NaN / inf x gives NaN as the
+    # literal surrogate does (NaN in, NaN out), without its rounding (x - (x - grad) != grad for |x| >> |grad|)
+    return batch_broadcast(w, x.ndim) * (e - z) + 0.0 * x, reduction
+
+
+def sds_loss(x, eps_pred, noise, weights, reduction="mean"):
+    r"""Score distillation sampling as a surrogate loss (DreamFusion, Poole et al. 2022; FLOW.35).
+
+    .. math::
+        \nabla_b = w_b\,(\hat\epsilon - \epsilon),\qquad
+        L_b = \tfrac12\sum_i\big(x - \mathrm{sg}(x - \nabla_b)\big)^2 = \tfrac12\lVert\nabla_b\rVert^2
+
+    whose gradient w.r.t. ``x`` is exactly :math:`w_b(\hat\epsilon - \epsilon)` per element
+    (per-sample SUM; ``eps_pred``, ``noise`` and ``weights``: no gradient).  With
+    ``reduction='mean'`` value and gradient are threestudio's / stable-dreamfusion's
+    ``0.5 * F.mse_loss(x, (x - grad).detach(), reduction='sum') / B``.  The value
+    :math:`\frac12 w_b^2\lVert\hat\epsilon - \epsilon\rVert^2` does not depend on ``x``: a
+    number to log, not an objective; the backward is the surrogate's (FLOW.30).
+
+    Parameters
+    ----------
+    x : ndarray, shape [B, ...]
+        The rendered / generated sample (the diffusion model's clean input).
+    eps_pred, noise : ndarray, shape of ``x``
+        The frozen diffusion model's noise prediction at :math:`x_t` and the noise drawn.
+    weights : ndarray, shape [B]
+        :math:`w(t) \ge 0` per sample (e.g. :math:`1 - \bar\alpha_t`).
+    reduction : {'mean', 'sum', 'none'}
+
+    Returns
+    -------
+    ndarray, shape [] or [B] for ``'none'``
+    """
+    grad, reduction = _sds_inputs(x, eps_pred, noise, weights, reduction)
+    return reduce_sum(0.5 * grad * grad, reduction)  # (FLOW.35)
+
+
+def sds_loss_backward(x, eps_pred, noise, weights, grad_output, reduction="mean"):
+    r"""The gradient of :func:`sds_loss` w.r.t. ``x``: :math:`g_bw_b(\hat\epsilon - \epsilon)` (FLOW.35).
+
+    Returns
+    -------
+    (grad_x,) : tuple of one ndarray
+    """
+    grad, reduction = _sds_inputs(x, eps_pred, noise, weights, reduction)
+    with named_errors("sds_loss"):
+        gb = _reduction_weights(grad_output, reduction, grad.shape[0])
+    return (result(batch_broadcast(gb, grad.ndim) * grad),)

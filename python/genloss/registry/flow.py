@@ -91,4 +91,51 @@ FLOW_LOSS_RECORDS: tuple[OpRecord, ...] = (
           ("f_student",), ALL, 24, hypers=(_HUBER_C,), variants=(DEFAULT, _v(c=0.1))),
 )  # fmt: skip
 
-RECORDS = FLOW_RECORDS + FLOW_PARAM_RECORDS + FLOW_LOSS_RECORDS
+
+# Distillation (FLOW.30-FLOW.35): only the student's output (and sCM's logvar) is differentiable; the
+# targets (teacher outputs, JVPs, times) requiring grad are refused by the torch op.  meanflow, vsd
+# and sds are surrogates whose backward is not the derivative of their value (FLOW.30): fd=False,
+# their frozen-weight finite differences are in tests/test_flow_distill.py.
+def _trig_angles(rng, shape, sizes, hyper):
+    """TrigFlow angles in [0, pi/2], both end points often."""
+    t = rng.uniform(0.0, _flow.TRIGFLOW_T_MAX, size=shape)
+    if t.size >= 2:
+        t.flat[0], t.flat[-1] = 0.0, _flow.TRIGFLOW_T_MAX
+    return t
+
+
+def _inner_times(rng, shape, sizes, hyper):
+    """MeanFlow's r: U(0.05, 0.95), so never equal to a ``unit_times`` t at its end points (at r = t
+    du_dt does not enter, FLOW.33, and a NaN there would not reach the value)."""
+    return rng.uniform(0.05, 0.95, size=shape)
+
+
+DOMAINS.update({
+    "trig_angles": Domain("TrigFlow angles in [0, pi/2], 0 and pi/2 included", "float", _trig_angles,
+                          extreme=False, bounds=(0.0, _flow.TRIGFLOW_T_MAX), invalid=(-0.25, 2.0, float("nan"))),
+    "inner_times": Domain("times in [0.05, 0.95]", "float", _inner_times, extreme=False, bounds=(0.0, 1.0),
+                          invalid=(-0.25, 1.25, float("nan"))),
+})  # fmt: skip
+
+_DATA = ("B", "...")
+_SURROGATE = _v(fd=False)
+
+FLOW_DISTILL_RECORDS: tuple[OpRecord, ...] = (
+    _frec("scm_loss", [Arg("F", "data", _DATA), Arg("F_minus", "data", _DATA), Arg("dF_dt", "data", _DATA),
+                       Arg("x_t", "data", _DATA), Arg("dxt_dt", "data", _DATA), Arg("t", "trig_angles", ("B",)),
+                       _EDM2_LOGVAR],
+          ("F", "logvar"), ALL, 32,
+          hypers=(Hyper("sigma_data", "real", low=0.0), Hyper("r", "real", low=0.0), _HUBER_C),
+          variants=(DEFAULT, _v(sigma_data=1.0, r=0.3, c=1.0, args=(_EDM2_LOGVAR,)))),
+    _frec("meanflow_loss", [Arg("u", "data", _DATA), Arg("v", "data", _DATA), Arg("du_dt", "data", _DATA),
+                            _UNIT_T, Arg("r", "inner_times", ("B",))],
+          ("u",), ALL, 33, hypers=(Hyper("p", "real", low=0.0), Hyper("eps", "real", low=0.0)),
+          variants=(_SURROGATE, _v(fd=False, p=0.5, eps=1e-2), _v(fd=False, p=0.0))),
+    _frec("vsd_loss", [Arg("x", "data", _DATA), Arg("x0_fake", "data", _DATA), Arg("x0_real", "data", _DATA)],
+          ("x",), ALL, 34, variants=(_SURROGATE,)),
+    _frec("sds_loss", [Arg("x", "data", _DATA), Arg("eps_pred", "data", _DATA), Arg("noise", "data", _DATA),
+                       Arg("weights", "sample_weights", ("B",))],
+          ("x",), ALL, 35, has_native=False, variants=(_SURROGATE,)),
+)  # fmt: skip
+
+RECORDS = FLOW_RECORDS + FLOW_PARAM_RECORDS + FLOW_LOSS_RECORDS + FLOW_DISTILL_RECORDS

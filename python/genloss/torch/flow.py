@@ -5,10 +5,16 @@ the registration), differentiable w.r.t. every float input (pred, x0, noise, t a
 weights).  ``flow_interpolant`` is two multiply-adds: a composite of torch ops, so
 autograd (double backward included) and ``torch.compile`` see through it.  No math
 here beyond that line; it is derived in derivations/flow.md (FLOW.1, FLOW.2).
+
+The distillation losses ``scm_loss``, ``meanflow_loss`` and ``vsd_loss`` are custom ops on
+their native compositions, ``sds_loss`` a custom op on a torch kernel (no native one):
+differentiable w.r.t. the student's output only (and sCM's ``logvar``); a target that
+requires grad is refused, named (FLOW.30).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +23,7 @@ import torch
 
 from .. import _checks as C
 from ..native import flow as native
+from ..native._compose import needs
 from ..reference import flow as ref
 from ._op import LossOp, public, schema_of
 
@@ -30,13 +37,17 @@ __all__ = [
     "ict_num_steps",
     "ict_sigma_probs",
     "karras_sigmas",
+    "meanflow_loss",
     "prediction_convert",
     "pseudo_huber_loss",
     "sample_timesteps",
+    "scm_loss",
+    "sds_loss",
     "shift_timesteps",
     "timestep_cdf",
     "timestep_density",
     "timestep_quantile",
+    "vsd_loss",
 ]
 
 # schema, differentiable arguments (pred, x0, noise, t, weights) and docstring from the record
@@ -59,6 +70,46 @@ consistency_training_loss = public(
     ),
     __name__,
 )
+
+
+# (FLOW.30-FLOW.35) distillation: differentiable w.r.t. the student's output only (and sCM's logvar);
+# the targets (teacher outputs, JVPs, times, SDS weights) requiring grad are refused, named
+scm_loss = public(LossOp("scm_loss", schema_of("scm_loss"), native.scm_loss), __name__)
+meanflow_loss = public(LossOp("meanflow_loss", schema_of("meanflow_loss"), native.meanflow_loss), __name__)
+vsd_loss = public(LossOp("vsd_loss", schema_of("vsd_loss"), native.vsd_loss), __name__)
+
+
+def _sds_kernel(
+    x: torch.Tensor, eps_pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor, reduction: str = "mean",
+    *, need_grad: Any = True,
+) -> tuple[torch.Tensor, tuple]:  # fmt: skip
+    """sds_loss's kernel (SPEC asks no native one): torch arithmetic on any device, in the
+    ``(value, grads)`` form of ``genloss.native``, so the op is a custom op like the fused losses."""
+    with ref.named_errors("sds_loss"):
+        C.reduction(reduction)
+        for name, a in (("x", x), ("eps_pred", eps_pred), ("noise", noise)):
+            C.batched(name, tuple(a.shape), reduction)
+            C.same_shape("x", tuple(x.shape), name, tuple(a.shape))
+        if tuple(weights.shape) != (x.shape[0],):
+            raise ValueError(
+                f"weights must have shape ({x.shape[0]},) (one value per sample), got {tuple(weights.shape)}"
+            )
+        lo, hi = (float(v) for v in weights.detach().aminmax())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("weights must be finite")
+        if lo < 0.0:
+            raise ValueError(f"weights must be >= 0, got min {lo}")
+    (flag,) = needs(need_grad, 1)
+    # (FLOW.35) + 0 x: NaN / inf in x gives NaN as the literal x - sg(x - grad) does (reference._sds_inputs)
+    grad = weights.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1)) * (eps_pred - noise) + 0.0 * x
+    per = 0.5 * grad.square().reshape(x.shape[0], -1).sum(1)
+    value = per if reduction == "none" else (per.mean() if reduction == "mean" else per.sum())
+    if not flag:
+        return value, ()
+    return value, (grad / x.shape[0] if reduction == "mean" else grad,)
+
+
+sds_loss = public(LossOp("sds_loss", schema_of("sds_loss"), _sds_kernel), __name__)
 
 
 def flow_interpolant(
