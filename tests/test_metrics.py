@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
-import tempfile
-import time
 from fractions import Fraction
 
 import numpy as np
@@ -22,6 +19,7 @@ import pytest
 
 from genloss.reference import divergence as RD
 from genloss.reference import metrics as RM
+from gloo_workers import init_gloo, run_workers
 
 torch = pytest.importorskip("torch")
 import genloss.torch as T  # noqa: E402
@@ -406,15 +404,9 @@ def _global_loss(x, y):
 
 
 def _worker(rank, port, out_dir):
-    import datetime
-
     import torch.distributed as dist
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
+    init_gloo(rank, port, WORLD)
     try:
         x, y = _global_data()
         lo, hi = sum(N_PER_RANK[:rank]), sum(N_PER_RANK[: rank + 1])
@@ -446,12 +438,6 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_gloo_two_ranks():
     """A real 2-process gloo job on 127.0.0.1 (MET.1, MET.6):
 
@@ -463,21 +449,8 @@ def test_distributed_gloo_two_ranks():
     * each shard's gradient = W x the single-process gradient of its rows (the sum over the
       ranks' identical losses), and the DDP-averaged parameter gradient = the single-process one.
     """
-    import torch.multiprocessing as mp
-
     x, y = _global_data()
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(
-            _worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn"
-        )
-        deadline = 120.0
-        t0 = time.monotonic()
-        while not ctx.join(timeout=5):
-            if time.monotonic() - t0 > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("the 2-process gloo job did not finish in 120 s")
-        res = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    res = run_workers(_worker, WORLD)
 
     one = T.GaussianMoments().update(x)
     theta = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)

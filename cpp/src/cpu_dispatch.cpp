@@ -7,18 +7,23 @@
 #include "cpu_table.h"
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
+#include "genloss/ot.h"
+#include "knn.h"
+#include "quant_cpu.h"
 
 namespace genloss {
 namespace cpu {
-namespace sse2 {
-void mmd(const MmdArgs& a);
-}
-namespace avx2 {
-void mmd(const MmdArgs& a);
-}
-namespace avx512 {
-void mmd(const MmdArgs& a);
-}
+#define GENLOSS_DECLARE_ENTRIES(isa)                                                        \
+  namespace isa {                                                                           \
+  void mmd(const MmdArgs& a);                                                               \
+  void knn_prdc(const KnnArgs& a);                                                          \
+  void sinkhorn(SinkhornArgs& a);                                                           \
+  void assignment(const double* x0, const double* x1, int64_t B, int64_t D, int64_t* perm); \
+  }
+GENLOSS_DECLARE_ENTRIES(sse2)
+GENLOSS_DECLARE_ENTRIES(avx2)
+GENLOSS_DECLARE_ENTRIES(avx512)
+#undef GENLOSS_DECLARE_ENTRIES
 namespace {
 
 struct Choice {
@@ -69,12 +74,44 @@ void row_lse(const RowLseArgs& a) {
 void gmm(const GmmArgs& a) {
   chosen().table->gmm(a);
 }
-void mmd(const MmdArgs& a) {  // genloss/mmd.h: its own entry, outside CpuTable
-  static void (*const fn)(const MmdArgs&) = std::strcmp(chosen().name, "avx512") == 0 ? avx512::mmd
-                                            : std::strcmp(chosen().name, "avx2") == 0 ? avx2::mmd
-                                                                                      : sse2::mmd;
+// The kernels with their own entry, outside CpuTable (genloss/mmd.h, knn.h, genloss/ot.h,
+// quant_cpu.h): the build of the chosen instruction set, looked up once per entry.
+template <class F>
+F pick(F f512, F f2, F f1) {
+  const char* n = chosen().name;
+  return std::strcmp(n, "avx512") == 0 ? f512 : std::strcmp(n, "avx2") == 0 ? f2 : f1;
+}
+#define GENLOSS_PICK(fn) pick(avx512::fn, avx2::fn, sse2::fn)
+
+void mmd(const MmdArgs& a) {
+  static const auto fn = GENLOSS_PICK(mmd);
   fn(a);
 }
+void knn_prdc(const KnnArgs& a) {
+  static const auto fn = GENLOSS_PICK(knn_prdc);
+  fn(a);
+}
+void sinkhorn(SinkhornArgs& a) {
+  static const auto fn = GENLOSS_PICK(sinkhorn);
+  fn(a);
+}
+void assignment(const double* x0, const double* x1, int64_t B, int64_t D, int64_t* perm) {
+  static const auto fn = GENLOSS_PICK(assignment);
+  fn(x0, x1, B, D, perm);
+}
+void vector_quantize(const VqArgs& a) {
+  static const auto fn = GENLOSS_PICK(vector_quantize);
+  fn(a);
+}
+void vq_ema_update(const VqEmaArgs& a) {
+  static const auto fn = GENLOSS_PICK(vq_ema_update);
+  fn(a);
+}
+void lfq_entropy(const LfqArgs& a) {
+  static const auto fn = GENLOSS_PICK(lfq_entropy);
+  fn(a);
+}
+#undef GENLOSS_PICK
 const char* isa() {
   return chosen().name;
 }

@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ._common import as_float64, result
+from .. import _checks
+from ._common import as_float64, result, scalar_grad
+from .divergence import mmd2, mmd2_backward
 
 __all__ = ["GaussianMoments", "frechet_distance"]
 
@@ -294,3 +296,587 @@ def gathered_gradient(incoming, counts, rank):
         )
     start = sum(counts[:rank])
     return result(np.sum(g, axis=0)[start : start + counts[rank]])  # (MET.6)
+
+
+# ============================================================================= optimal transport
+#
+# sinkhorn_divergence and ot_coupling (MET.20-MET.29).  The Sinkhorn loop below is written on
+# array operations only (+, -, *, abs, max), so genloss.torch.metrics runs the SAME loop on CUDA
+# tensors with a torch softmin; the native CPU kernel (cpp/src/ot_cpu.cpp) follows it step by step.
+
+
+def _ot_points(op: str, name: str, x: object, dim: int | None = None) -> np.ndarray:
+    """``x`` as float64 of shape (n, d), n >= 1 (finiteness is the caller's business: NaN -> NaN)."""
+    try:
+        a = as_float64(name, x)
+    except TypeError as err:
+        raise TypeError(f"{op}: {err}") from None
+    if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must have shape (n, D) with n, D >= 1, got shape {a.shape}")
+    if dim is not None and a.shape[1] != dim:
+        raise ValueError(
+            f"{op}: {name} must have D={dim} features (those of the first input), got shape {a.shape}"
+        )
+    return a
+
+
+def check_sinkhorn_args(op: str, eps, p, scaling, tol, max_iter) -> tuple[float, float, float, float, int]:
+    """The hyperparameters of the Sinkhorn ops as floats/int; ValueError naming the bad one."""
+    vals = {}
+    for name, v in (("eps", eps), ("p", p), ("scaling", scaling), ("tol", tol)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
+        vals[name] = float(v)
+    if not (np.isfinite(vals["eps"]) and vals["eps"] > 0):
+        raise ValueError(f"{op}: eps must be finite and > 0, got {eps!r}")
+    if not (np.isfinite(vals["p"]) and vals["p"] >= 1):
+        raise ValueError(f"{op}: p must be finite and >= 1, got {p!r}")
+    if not 0 < vals["scaling"] < 1:
+        raise ValueError(f"{op}: scaling must lie in (0, 1), got {scaling!r}")
+    if not (np.isfinite(vals["tol"]) and vals["tol"] > 0):
+        raise ValueError(f"{op}: tol must be finite and > 0, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"{op}: max_iter must be an int >= 1, got {max_iter!r}")
+    return vals["eps"], vals["p"], vals["scaling"], vals["tol"], int(max_iter)
+
+
+def eps_schedule(diameter: float, p: float, eps: float, scaling: float) -> list[float]:
+    r"""The annealing schedule of :math:`\varepsilon`.  (MET.22)
+
+    :math:`\varepsilon_0 = \operatorname{diam}^p`, :math:`\varepsilon_{k+1} = \text{scaling}\cdot\varepsilon_k`
+    while above ``eps``, then ``eps`` itself (the last entry, always present).  ``diameter`` is the
+    diagonal of the bounding box of both point clouds (GeomLoss's choice: an upper bound of every
+    distance, so the first scale sees a nearly flat kernel whose solution is easy).
+    """
+    out = []
+    e = float(diameter) ** p
+    while e > eps:
+        out.append(e)
+        e *= scaling
+    out.append(eps)
+    return out
+
+
+def bbox_diameter(x: np.ndarray, y: np.ndarray) -> float:
+    """Diagonal of the bounding box of the rows of x and y together."""
+    lo = np.minimum(x.min(axis=0), y.min(axis=0))
+    hi = np.maximum(x.max(axis=0), y.max(axis=0))
+    return float(np.sqrt(np.sum((hi - lo) ** 2)))
+
+
+def sinkhorn_loop(softmin, eps_list, log_a, log_b, tol, max_iter, debias=True):
+    r"""Symmetric log-domain Sinkhorn with :math:`\varepsilon`-scaling.  (MET.21, MET.22)
+
+    ``softmin(eps, pair, h)`` returns :math:`-\varepsilon\log\sum_j \exp(h_j - C_{ij}/\varepsilon)`
+    over the rows of the first cloud of ``pair`` ('xy', 'yx', 'xx', 'yy') and the columns of the
+    second.  Annealing scales (all but the last): one GeomLoss step each, every potential updated
+    from the previous ones and averaged with them (the average damps the oscillation of the
+    symmetric problems).  Last scale: the x-y potentials by alternating updates
+    :math:`f\leftarrow T(g)`, :math:`g\leftarrow T'(f)` (twice the rate of the averaged ones), the
+    self potentials by the averaged update (until their own change is at most ``tol * eps``, after
+    which they are left alone), until the largest change of the x-y potentials is at most
+    ``tol * eps`` too (a marginal error of about ``tol``) or ``max_iter`` rounds; then one plain
+    step of the self potentials (GeomLoss's final extrapolation).  Returns ``(f, g, f_aa, g_bb, rounds)``
+    (self potentials None without ``debias``).
+    """
+    e = eps_list[0]
+    f, g = softmin(e, "xy", log_b), softmin(e, "yx", log_a)
+    fa = softmin(e, "xx", log_a) if debias else None
+    gb = softmin(e, "yy", log_b) if debias else None
+    for e in eps_list[:-1]:  # (MET.22) one averaged step per annealing scale
+        ft, gt = softmin(e, "xy", log_b + g / e), softmin(e, "yx", log_a + f / e)
+        f, g = 0.5 * (f + ft), 0.5 * (g + gt)
+        if debias:
+            fat, gbt = softmin(e, "xx", log_a + fa / e), softmin(e, "yy", log_b + gb / e)
+            fa, gb = 0.5 * (fa + fat), 0.5 * (gb + gbt)
+    e = eps_list[-1]
+    rounds = 0
+    self_done = not debias
+    while rounds < max_iter:
+        rounds += 1
+        fn = softmin(e, "xy", log_b + g / e)  # (MET.21)
+        gn = softmin(e, "yx", log_a + fn / e)
+        change = max(float(abs(fn - f).max()), float(abs(gn - g).max()))
+        f, g = fn, gn
+        if not self_done:  # the self problems converge at rate <= 1/2 (MET.21): usually first
+            fat, gbt = softmin(e, "xx", log_a + fa / e), softmin(e, "yy", log_b + gb / e)
+            self_done = not max(float(abs(fat - fa).max()), float(abs(gbt - gb).max())) > tol * e
+            fa, gb = 0.5 * (fa + fat), 0.5 * (gb + gbt)
+        if not change > tol * e and self_done:  # NaN stops too (NaN inputs give NaN potentials)
+            break
+    if debias:
+        fa, gb = softmin(e, "xx", log_a + fa / e), softmin(e, "yy", log_b + gb / e)
+    return f, g, fa, gb, rounds
+
+
+def ot_cost_matrix(a: np.ndarray, b: np.ndarray, p: float) -> np.ndarray:
+    r""":math:`C_{ij} = \lVert a_i - b_j\rVert^p / p` from the differences (no expansion).  (MET.20)"""
+    r2 = np.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=-1)
+    return r2 ** (0.5 * p) / p
+
+
+def _np_softmin(clouds: dict, p: float):
+    from scipy.special import logsumexp
+
+    def softmin(e, pair, h):  # (MET.21)
+        c = ot_cost_matrix(clouds[pair[0]], clouds[pair[1]], p)
+        return -e * logsumexp(h[None, :] - c / e, axis=1)
+
+    return softmin
+
+
+def transport_grad(a, b, f, g, log_wa, log_wb, e, p):
+    r""":math:`\sum_j P_{ij}\nabla_{a_i}C(a_i,b_j)`, :math:`P_{ij}=\exp(\log w^a_i+\log w^b_j+(f_i+g_j-C_{ij})/\varepsilon)`,
+    :math:`\nabla_a C = \lVert a-b\rVert^{p-2}(a-b)` (0 at a == b).  (MET.24)"""
+    diff = a[:, None, :] - b[None, :, :]
+    r2 = np.sum(diff**2, axis=-1)
+    plan = np.exp(log_wa[:, None] + log_wb[None, :] + (f[:, None] + g[None, :] - r2 ** (0.5 * p) / p) / e)
+    w = np.where(r2 > 0, plan * np.where(r2 > 0, r2, 1.0) ** (0.5 * p - 1.0), 0.0)
+    return np.einsum("ij,ijd->id", w, diff)
+
+
+def _sinkhorn_solve(x, y, eps, p, scaling, tol, max_iter, debias=True):
+    n, m = x.shape[0], y.shape[0]
+    log_a, log_b = np.full(n, -np.log(n)), np.full(m, -np.log(m))
+    eps_list = eps_schedule(bbox_diameter(x, y), p, eps, scaling)
+    softmin = _np_softmin({"x": x, "y": y}, p)
+    return sinkhorn_loop(softmin, eps_list, log_a, log_b, tol, max_iter, debias), log_a, log_b
+
+
+def _sinkhorn_prepare(x, y, eps, p, scaling, tol, max_iter):
+    op = "sinkhorn_divergence"
+    hyp = check_sinkhorn_args(op, eps, p, scaling, tol, max_iter)
+    x = _ot_points(op, "x", x)
+    y = _ot_points(op, "y", y, x.shape[1])
+    return x, y, hyp, bool(np.isfinite(x).all() and np.isfinite(y).all())
+
+
+def sinkhorn_divergence(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000):
+    r"""Debiased Sinkhorn divergence between the uniform point clouds x and y.  (MET.20-MET.23)
+
+    .. math::
+        S_\varepsilon(x, y) = \mathrm{OT}_\varepsilon(x, y) - \tfrac12\mathrm{OT}_\varepsilon(x, x)
+            - \tfrac12\mathrm{OT}_\varepsilon(y, y),\qquad
+        \mathrm{OT}_\varepsilon(x, y) = \langle a, f\rangle + \langle b, g\rangle
+
+    with :math:`a = 1/N`, :math:`b = 1/M`, cost :math:`C(u, v) = \lVert u - v\rVert^p / p` (GeomLoss's
+    ``SamplesLoss("sinkhorn", p=p, blur=eps**(1/p))``) and :math:`(f, g)` the optimal dual
+    potentials of the entropic problem
+    :math:`\min_{P\in\Pi(a,b)}\langle P, C\rangle + \varepsilon\,\mathrm{KL}(P\,|\,a\otimes b)`: at the
+    optimum the dual value :math:`\langle a,f\rangle+\langle b,g\rangle` EQUALS this primal value.
+    POT's ``ot.sinkhorn2(a, b, C, reg)`` returns :math:`\langle P, C\rangle` of the same plan, without
+    the entropy term: :math:`\mathrm{OT}_\varepsilon = \langle P, C\rangle + \varepsilon\,\mathrm{KL}(P\,|\,a\otimes b)`
+    (MET.23; tests/test_metrics_ot.py adds the term back before comparing).
+
+    Log-domain updates with :math:`\varepsilon`-scaling from :math:`\operatorname{diam}^p` down by
+    ``scaling`` per step (:func:`eps_schedule`, MET.22; GeomLoss scales the blur
+    :math:`\varepsilon^{1/p}` by ``scaling``, i.e. :math:`\varepsilon` by ``scaling**p``); see
+    :func:`sinkhorn_loop` for the iteration and ``tol`` / ``max_iter``.  :math:`S_\varepsilon\ge0`
+    (up to about ``tol * eps``), 0 for x == y, and it tends to the unregularized OT cost as
+    :math:`\varepsilon\to0`.
+
+    Parameters
+    ----------
+    x : ndarray, shape [N, D]
+    y : ndarray, shape [M, D]
+    eps : float > 0
+        The entropic regularization :math:`\varepsilon` (units of the cost).
+    p : float >= 1
+    scaling : float in (0, 1)
+
+    Returns
+    -------
+    ndarray, shape []
+        float64; NaN when x or y holds a NaN or inf.
+    """
+    x, y, (eps, p, scaling, tol, max_iter), finite = _sinkhorn_prepare(x, y, eps, p, scaling, tol, max_iter)
+    if not finite:
+        return result(np.nan)
+    (f, g, fa, gb, _), _, _ = _sinkhorn_solve(x, y, eps, p, scaling, tol, max_iter)
+    return result(np.mean(f - fa) + np.mean(g - gb))  # (MET.23)
+
+
+def sinkhorn_divergence_backward(x, y, grad_output, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000):
+    r"""Gradient of :func:`sinkhorn_divergence` w.r.t. x and y by the envelope theorem.  (MET.24)
+
+    .. math::
+        \nabla_{x_i}S_\varepsilon = \sum_j P^{xy}_{ij}\nabla_1C(x_i,y_j) - \sum_j P^{xx}_{ij}\nabla_1C(x_i,x_j)
+
+    (and the same for :math:`y_j` with :math:`P^{yx}=(P^{xy})^\top`, :math:`P^{yy}`), with the plans
+    :math:`P_{ij}=a_ib_j\exp((f_i+g_j-C_{ij})/\varepsilon)` of the converged potentials: no
+    differentiation through the iterations.  The self term counts twice (x is both of its
+    arguments) and carries the factor 1/2, hence coefficient 1.
+
+    Returns
+    -------
+    (grad_x, grad_y) : ndarrays, shapes [N, D] and [M, D]
+    """
+    x, y, (eps, p, scaling, tol, max_iter), finite = _sinkhorn_prepare(x, y, eps, p, scaling, tol, max_iter)
+    gout = np.asarray(grad_output, dtype=np.float64)
+    if not finite:
+        return result(np.full(x.shape, np.nan)), result(np.full(y.shape, np.nan))
+    (f, g, fa, gb, _), la, lb = _sinkhorn_solve(x, y, eps, p, scaling, tol, max_iter)
+    gx = transport_grad(x, y, f, g, la, lb, eps, p) - transport_grad(x, x, fa, fa, la, la, eps, p)  # (MET.24)
+    gy = transport_grad(y, x, g, f, lb, la, eps, p) - transport_grad(y, y, gb, gb, lb, lb, eps, p)
+    return result(gout * gx), result(gout * gy)
+
+
+OT_COUPLING_METHODS = ("exact", "sinkhorn")
+
+
+def check_coupling_args(op: str, method, eps) -> float | None:
+    """Validate ``method`` and (for 'sinkhorn') ``eps``; returns eps as a float or None."""
+    if method not in OT_COUPLING_METHODS:
+        raise ValueError(f"{op}: method must be one of {OT_COUPLING_METHODS}, got {method!r}")
+    if method == "exact":
+        return None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{op}: eps must be a real number for method 'sinkhorn', got {type(eps).__name__}")
+    if not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"{op}: eps must be finite and > 0, got {eps!r}")
+    return float(eps)
+
+
+def _coupling_points(x0, x1):
+    op = "ot_coupling"
+    a = _ot_points(op, "x0", x0)
+    b = _ot_points(op, "x1", x1, a.shape[1])
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"{op}: x1 must have as many rows as x0 (B={a.shape[0]}), got shape {b.shape}")
+    for name, v in (("x0", a), ("x1", b)):
+        if not np.isfinite(v).all():
+            raise ValueError(f"{op}: {name} must be finite (a NaN or inf has no optimal pairing)")
+    return a, b
+
+
+def ot_coupling(x0, x1, method="exact", eps=0.1, tol=1e-8, max_iter=1000):
+    r"""Minibatch optimal-transport pairing for OT flow matching (Tong et al. 2023).  (MET.25-MET.27)
+
+    ``'exact'``: the permutation :math:`\pi` (int64, shape [B]) minimizing
+    :math:`\sum_i\lVert x_{0,i}-x_{1,\pi(i)}\rVert^2`; ``x1[perm[i]]`` pairs with ``x0[i]``.  This
+    reference uses :func:`scipy.optimize.linear_sum_assignment` as the oracle; the native solver
+    (cpp/src/ot_cpu.cpp) is an independently written shortest-augmenting-path Hungarian (MET.26).
+
+    ``'sinkhorn'``: the entropic plan :math:`P` (float64, shape [B, B], rows and columns summing to
+    :math:`1/B`) of :math:`\min_P\langle P, C\rangle + \varepsilon\,\mathrm{KL}(P\,|\,a\otimes b)` with
+    :math:`C_{ij}=\lVert x_{0,i}-x_{1,j}\rVert^2` (the plan of POT's ``ot.sinkhorn(a, b, C, eps)``);
+    sample pairs from it as torchcfm's OTPlanSampler does (``multinomial(P.ravel(), B)``).  (MET.27)
+    """
+    eps = check_coupling_args("ot_coupling", method, eps)
+    check_sinkhorn_args("ot_coupling", 1.0 if eps is None else eps, 2, 0.5, tol, max_iter)
+    a, b = _coupling_points(x0, x1)
+    if eps is None:
+        from scipy.optimize import linear_sum_assignment
+
+        cost = np.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=-1)
+        rows, cols = linear_sum_assignment(cost)
+        perm = np.empty(a.shape[0], dtype=np.int64)
+        perm[rows] = cols
+        return perm
+    # C = r^2 is 2 x (r^2 / 2): the same plan as cost r^2/2 (p = 2) at eps/2  (MET.27)
+    (f, g, _, _, _), la, lb = _sinkhorn_solve(a, b, 0.5 * eps, 2.0, 0.5, tol, max_iter, debias=False)
+    c = ot_cost_matrix(a, b, 2.0)
+    return result(np.exp(la[:, None] + lb[None, :] + (f[:, None] + g[None, :] - c) / (0.5 * eps)))
+
+
+__all__ += [
+    "sinkhorn_divergence",
+    "sinkhorn_divergence_backward",
+    "ot_coupling",
+]
+
+
+# ============================================================================= prdc, sliced Wasserstein, CMMD
+
+__all__ += ["prdc", "sliced_wasserstein", "sliced_wasserstein_backward", "cmmd", "cmmd_backward"]
+
+_PRDC_BLOCK = 1 << 22  # (rows x columns) squared distances per chunk: 32 MiB, never N x M
+
+
+def _points(op: str, name: str, x: object, dim: int | None = None) -> np.ndarray:
+    """``x`` as a float64 array of shape (n, d), n >= 1 (d == ``dim`` when given); NaN allowed."""
+    try:
+        a = as_float64(name, x)
+    except TypeError as err:
+        raise TypeError(f"{op}: {err}") from None
+    if a.ndim != 2 or a.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must have shape (n, d) with d >= 1, got shape {a.shape}")
+    if a.shape[0] < 1:
+        raise ValueError(f"{op}: {name} has no samples (shape {a.shape})")
+    if dim is not None and a.shape[1] != dim:
+        raise ValueError(
+            f"{op}: {name} must have the {dim} features of the first argument, got shape {a.shape}"
+        )
+    return a
+
+
+def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    r""":math:`d^2_{ij}=\sum_d (a_{id}-b_{jd})^2`, summed over d in order (MET.10): the native kernel's
+    arithmetic, so its comparisons (the tie rule) see the same numbers; exact differences, so a
+    point's distance to itself is exactly 0 (no :math:`\lVert a\rVert^2-2a\cdot b+\lVert b\rVert^2`)."""
+    d2 = np.zeros((a.shape[0], b.shape[0]))
+    for d in range(a.shape[1]):
+        t = a[:, d, None] - b[None, :, d]
+        d2 += t * t
+    return d2
+
+
+def _chunks(rows: int, cols: int):
+    step = max(1, _PRDC_BLOCK // max(1, cols))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def knn_radii(x: np.ndarray, k: int) -> np.ndarray:
+    r"""Squared k-NN radii within ``x``: the (k+1)-th smallest of :math:`d^2(x_i, x_j)` over all j,
+    the self distance 0 included (= the k-th smallest over j != i, duplicates counted).  (MET.10)"""
+    out = np.empty(x.shape[0])
+    for rows in _chunks(x.shape[0], x.shape[0]):
+        out[rows] = np.partition(squared_distances(x[rows], x), k, axis=1)[:, k]
+    return out
+
+
+def check_prdc_k(op: str, k: object, n: int, m: int) -> int:
+    """``k`` as an int with 1 <= k < n (real) and k < m (fake), shared by every layer."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{op}: k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"{op}: k must be >= 1, got {k}")
+    for name, size in (("real", n), ("fake", m)):
+        if k >= size:
+            raise ValueError(
+                f"{op}: k ({k}) must be < the {size} samples of {name} (a point is not its own neighbour)"
+            )
+    return int(k)
+
+
+PRDC_NOT_FINITE = "must be finite (a NaN distance has no nearest-neighbour order)"
+
+
+def _prdc_inputs(op, real, fake, k):
+    real = _points(op, "real", real)
+    fake = _points(op, "fake", fake, real.shape[1])
+    k = check_prdc_k(op, k, real.shape[0], fake.shape[0])
+    for name, a in (("real", real), ("fake", fake)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{op}: {name} {PRDC_NOT_FINITE}")
+    return real, fake, k
+
+
+def prdc_from_counts(counts, n: int, m: int, k: int) -> dict[str, float]:
+    """The four metrics from the integer counts of MET.11-MET.13 (shared by every layer)."""
+    hit_fake, recalled, pairs, covered = (int(c) for c in counts)
+    return {
+        "precision": hit_fake / m,  # (MET.11)
+        "recall": recalled / n,  # (MET.11)
+        "density": pairs / (k * m),  # (MET.12)
+        "coverage": covered / n,  # (MET.13)
+    }
+
+
+def prdc(real, fake, k=5):
+    r"""Precision, recall, density and coverage of generated features (Kynkäänniemi et al. 2019;
+    Naeem et al. 2020), as the ``prdc`` package (clovaai) defines them, with the tie rule ``<=``.
+
+    .. math::
+        r_i = \mathrm{NND}_k(x_i),\quad s_j = \mathrm{NND}_k(y_j),\quad
+        \text{precision} = \tfrac1M\sum_j \big[\exists i:\ d(y_j,x_i)\le r_i\big],\quad
+        \text{recall} = \tfrac1N\sum_i \big[\exists j:\ d(x_i,y_j)\le s_j\big],
+
+    .. math::
+        \text{density} = \frac{1}{kM}\sum_j\#\{i:\ d(y_j,x_i)\le r_i\},\qquad
+        \text{coverage} = \tfrac1N\sum_i\big[\min_j d(x_i,y_j)\le r_i\big]
+
+    with :math:`\mathrm{NND}_k(x_i)` the distance to the k-th nearest OTHER point of the same
+    set (the prdc package's (k+1)-th smallest of the row that includes the self distance 0;
+    duplicates count, so a point with k copies has radius 0).  (MET.10-MET.13)
+
+    Parameters
+    ----------
+    real : ndarray, shape [N, D]
+        Real features x (finite).
+    fake : ndarray, shape [M, D]
+        Generated features y (finite, same D).
+    k : int
+        1 <= k < min(N, M).
+
+    Returns
+    -------
+    dict
+        ``{"precision", "recall", "density", "coverage"}`` as Python floats (the prdc package's keys).
+
+    Notes
+    -----
+    Tie rule: every comparison is between squared distances computed the same way,
+    :math:`\sum_d (a_d-b_d)^2` in d order in float64 (:func:`squared_distances`), and a point at
+    exactly the radius is INSIDE the ball (``<=``, the closed ball of Kynkäänniemi et al.'s
+    definition; the prdc package writes ``<``, which differs only when a distance equals a
+    radius exactly, e.g. a fake copy of a real point whose radius is 0). Computed in row
+    chunks, so memory is O(chunk * (N + M)), never N x M.
+    """
+    op = "prdc"
+    real, fake, k = _prdc_inputs(op, real, fake, k)
+    rr2, fr2 = knn_radii(real, k), knn_radii(fake, k)  # (MET.10)
+    hit_fake = np.zeros(fake.shape[0], dtype=bool)
+    recalled = pairs = covered = 0
+    for rows in _chunks(real.shape[0], fake.shape[0]):
+        d2 = squared_distances(real[rows], fake)
+        inside = d2 <= rr2[rows, None]  # (MET.11) fake j in the ball of real i, the <= tie rule
+        hit_fake |= inside.any(axis=0)
+        pairs += int(inside.sum())  # (MET.12)
+        covered += int(inside.any(axis=1).sum())  # (MET.13) nearest fake within r_i
+        recalled += int((d2 <= fr2[None, :]).any(axis=1).sum())  # (MET.11)
+    return prdc_from_counts((hit_fake.sum(), recalled, pairs, covered), real.shape[0], fake.shape[0], k)
+
+
+def sliced_wasserstein_projections(d: int, n_projections: int = 128, seed: int = 0) -> np.ndarray:
+    r"""The directions of :func:`sliced_wasserstein`: ``(n_projections, d)`` unit vectors, uniform on
+    the sphere, drawn as normalised standard normals by ``np.random.default_rng(seed)`` in float64.
+    Every layer uses these same directions (the torch layer moves them to the data's device)."""
+    op = "sliced_wasserstein"
+    for name, v, lo in (("d", d, 1), ("n_projections", n_projections, 1), ("seed", seed, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+        if v < lo:
+            raise ValueError(f"{op}: {name} must be >= {lo}, got {v}")
+    g = np.random.default_rng(int(seed)).standard_normal((int(n_projections), int(d)))
+    return g / np.linalg.norm(g, axis=1, keepdims=True)  # (MET.15) a zero draw has probability 0
+
+
+def quantile_grid(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""The merged grid of CDF levels of two uniform empirical measures of n and m atoms.  (MET.14)
+
+    Returns ``(w, iu, iv)``: on the l-th interval of the union of :math:`\{i/n\}` and :math:`\{j/m\}`
+    (length ``w[l]``) both quantile functions are constant, the ``iu[l]``-th smallest of u and the
+    ``iv[l]``-th smallest of v (0-based). Levels are kept as integers in units of :math:`1/(nm)`,
+    so the grid is exact; n == m gives w = 1/n, iu = iv = 0..n-1 (the sorted matching).
+    """
+    levels = np.union1d(np.arange(n + 1, dtype=np.int64) * m, np.arange(m + 1, dtype=np.int64) * n)
+    lo = levels[:-1]
+    return np.diff(levels) / (n * m), lo // m, lo // n
+
+
+def check_sw_p(p: object) -> float:
+    """``p`` of :func:`sliced_wasserstein` as a float >= 1 (shared by every layer)."""
+    with _checks.named_errors("sliced_wasserstein"):
+        v = _checks.finite("p", p)
+        if v < 1.0:
+            raise ValueError(f"p must be >= 1 (W_p is a metric for p >= 1), got {v}")
+    return v
+
+
+def _sw_inputs(x, y, n_projections, p, seed):
+    op = "sliced_wasserstein"
+    x = _points(op, "x", x)
+    y = _points(op, "y", y, x.shape[1])
+    p = check_sw_p(p)
+    return x, y, sliced_wasserstein_projections(x.shape[1], n_projections, seed), p
+
+
+def _sliced(x, y, theta, p, with_grad):
+    u, v = x @ theta.T, y @ theta.T  # (N, P), (M, P): one column per direction
+    su, sv = np.argsort(u, axis=0, kind="stable"), np.argsort(v, axis=0, kind="stable")
+    w, iu, iv = quantile_grid(x.shape[0], y.shape[0])
+    delta = np.take_along_axis(u, su, 0)[iu] - np.take_along_axis(v, sv, 0)[iv]  # (L, P)
+    a = np.abs(delta)
+    mean = float(np.mean(w @ a**p))  # (MET.14) W_p^p per direction, averaged  (MET.15)
+    value = 0.0 if mean == 0.0 else mean ** (1.0 / p)
+    if not with_grad:
+        return value, None, None
+    # (MET.16) dS/d delta_l = c w_l p |delta|^(p-1) sign(delta), c = mean^(1/p - 1) / (p P); 0 at S = 0
+    c = 0.0 if mean == 0.0 else mean ** (1.0 / p - 1.0) / (p * theta.shape[0])
+    gd = c * p * w[:, None] * a ** (p - 1.0) * np.sign(delta)
+    gu, gv = np.zeros_like(u), np.zeros_like(v)
+    np.add.at(gu, iu, gd)  # back to the sorted positions, then to the points
+    np.add.at(gv, iv, -gd)
+    gx, gy = np.empty_like(u), np.empty_like(v)
+    np.put_along_axis(gx, su, gu, 0)
+    np.put_along_axis(gy, sv, gv, 0)
+    return value, gx @ theta, gy @ theta
+
+
+def sliced_wasserstein(x, y, n_projections=128, p=2.0, seed=0):
+    r"""Sliced p-Wasserstein distance between the empirical measures of ``x`` and ``y``.
+
+    .. math::
+        SW_p(x, y) = \Big(\frac1P\sum_{l=1}^P W_p^p\big(\theta_l^\top x,\ \theta_l^\top y\big)\Big)^{1/p},
+        \qquad W_p^p(u, v) = \int_0^1 \big|F_u^{-1}(t) - F_v^{-1}(t)\big|^p\,dt
+
+    with the 1-D :math:`W_p^p` of the uniform empirical measures exact on the merged grid of CDF
+    levels (:func:`quantile_grid`; for N == M the mean of :math:`|u_{(i)}-v_{(i)}|^p`) and the
+    directions :math:`\theta_l` of :func:`sliced_wasserstein_projections` (seeded).  The p-th
+    root of the mean, as POT's ``ot.sliced_wasserstein_distance``.  (MET.14, MET.15)
+
+    Parameters
+    ----------
+    x : ndarray, shape [N, D]
+    y : ndarray, shape [M, D]
+    n_projections : int
+        P >= 1.
+    p : float
+        >= 1.
+    seed : int
+        Seed of ``np.random.default_rng`` for the directions (>= 0).
+
+    Returns
+    -------
+    ndarray, shape []
+        :math:`SW_p`; NaN when an input holds a NaN.
+    """
+    x, y, theta, p = _sw_inputs(x, y, n_projections, p, seed)
+    value, _, _ = _sliced(x, y, theta, p, with_grad=False)
+    return result(value)
+
+
+def sliced_wasserstein_backward(x, y, grad_output, n_projections=128, p=2.0, seed=0):
+    r"""Gradients of :func:`sliced_wasserstein` w.r.t. ``x`` and ``y``.  (MET.16)
+
+    .. math::
+        \frac{\partial SW_p}{\partial x_i} = \frac{SW_p^{1-p}}{P}\sum_l\theta_l
+            \sum_{\text{intervals } k:\ \text{rank}_l(i) = iu_k} w_k\,|\Delta_{lk}|^{p-1}\operatorname{sign}\Delta_{lk}
+
+    and with the opposite sign for y: the sort is locally a fixed permutation, so each
+    projected point receives the derivative of the intervals it is matched on.  At
+    :math:`SW_p = 0` (identical measures, the minimum) the gradient is taken as 0; ties within a
+    projection pick the stable order's subgradient.
+
+    Returns
+    -------
+    (grad_x, grad_y) : tuple of ndarray, shapes [N, D] and [M, D]
+    """
+    x, y, theta, p = _sw_inputs(x, y, n_projections, p, seed)
+    with _checks.named_errors("sliced_wasserstein"):
+        g = scalar_grad("grad_output", grad_output)
+    _, gx, gy = _sliced(x, y, theta, p, with_grad=True)
+    return g * gx, g * gy
+
+
+CMMD_SIGMA = 10.0  # the CMMD preset (Jayasumana et al. 2024): rbf bandwidth on CLIP embeddings
+CMMD_SCALE = 1000.0
+
+
+def cmmd(x, y):
+    r"""CMMD: the biased (V-statistic) MMD^2 with the Gaussian kernel :math:`e^{-\lVert a-b\rVert^2/(2\sigma^2)}`,
+    :math:`\sigma = 10`, times 1000 (Jayasumana et al. 2024, on CLIP embeddings).  (MET.17)
+
+    ``1000 * mmd2(x, y, kernel='rbf', bandwidths=(10,), estimator='biased')``: genloss's rbf is
+    :math:`e^{-d^2/(2s^2)}`, the same parameterisation as CMMD's :math:`\gamma = 1/(2\sigma^2)`.
+
+    Parameters
+    ----------
+    x, y : ndarray, shapes [N, D] and [M, D]
+
+    Returns
+    -------
+    ndarray, shape []
+    """
+    with _checks.named_errors("cmmd"):
+        return result(CMMD_SCALE * mmd2(x, y, "rbf", (CMMD_SIGMA,), "biased"))  # (MET.17)
+
+
+def cmmd_backward(x, y, grad_output):
+    r"""Gradients of :func:`cmmd` w.r.t. ``x`` and ``y``: 1000 times those of the biased rbf
+    ``mmd2`` (DIV.9).  (MET.17)"""
+    with _checks.named_errors("cmmd"):
+        gx, gy = mmd2_backward(x, y, grad_output, "rbf", (CMMD_SIGMA,), "biased")
+    return CMMD_SCALE * gx, CMMD_SCALE * gy

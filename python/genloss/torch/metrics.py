@@ -9,6 +9,7 @@ matrix products and one small SVD, which the BLAS / cuSOLVER of torch already do
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -328,3 +329,297 @@ def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     if x.dim() < 1:
         raise ValueError("gather_with_grad: x must have a batch dim (dim >= 1), got a 0-d tensor")
     return _GatherWithGrad.apply(x, group)
+
+
+# ============================================================================= optimal transport
+# sinkhorn_divergence (MET.20-MET.24) and ot_coupling (MET.25-MET.27).  CPU tensors run the native
+# kernels (cpp/src/ot_cpu.cpp); CUDA tensors run the reference's Sinkhorn loop on torch tensors, on
+# the device, in float64, the cost matrix in row chunks of at most _OT_CHUNK entries.
+
+from ..native import metrics as _native_ot  # noqa: E402
+from ..reference import metrics as _ref_ot  # noqa: E402
+from ._op import LossOp, public, schema_of  # noqa: E402
+
+_OT_CHUNK = 1 << 24  # cost entries per chunk on the device (128 MiB of float64)
+
+
+def _ot_cost(a: torch.Tensor, b: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, C = r^p / p) by differences (not the mm expansion: near pairs keep their digits).  (MET.20)"""
+    r = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+    return r, (0.5 * r * r if p == 2.0 else r**p / p)
+
+
+def _row_chunks(n: int, m: int):
+    step = max(1, _OT_CHUNK // max(m, 1))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _torch_softmin(clouds: dict, p: float):
+    def softmin(e, pair, h):  # (MET.21)
+        a, b = clouds[pair[0]], clouds[pair[1]]
+        return torch.cat([
+            -e * torch.logsumexp(h[None, :] - _ot_cost(a[i:j], b, p)[1] / e, dim=1)
+            for i, j in _row_chunks(a.shape[0], b.shape[0])
+        ])  # fmt: skip
+
+    return softmin
+
+
+def _torch_transport_grad(a, b, f, g, la, lb, e, p):
+    """sum_j P_ij |a_i - b_j|^(p-2) (a_i - b_j), row chunk by row chunk.  (MET.24)"""
+    out = []
+    for i, j in _row_chunks(a.shape[0], b.shape[0]):
+        r, c = _ot_cost(a[i:j], b, p)
+        plan = torch.exp(la[i:j, None] + lb[None, :] + (f[i:j, None] + g[None, :] - c) / e)
+        w = plan if p == 2.0 else torch.where(r > 0, plan * r.clamp_min(1e-300) ** (p - 2.0), 0.0)
+        out.append(a[i:j] * w.sum(dim=1, keepdim=True) - w @ b)
+    return torch.cat(out)
+
+
+def _torch_sinkhorn(x, y, eps, p, scaling, tol, max_iter, debias):
+    """The reference's loop (sinkhorn_loop) on float64 device tensors: (f, g, f_aa, g_bb, log a, log b)."""
+    n, m = x.shape[0], y.shape[0]
+    la = torch.full((n,), -math.log(n), dtype=torch.float64, device=x.device)
+    lb = torch.full((m,), -math.log(m), dtype=torch.float64, device=x.device)
+    span = torch.maximum(x.max(dim=0).values, y.max(dim=0).values) - torch.minimum(
+        x.min(dim=0).values, y.min(dim=0).values
+    )
+    eps_list = _ref_ot.eps_schedule(float(span.norm()), p, eps, scaling)  # one scalar to the host
+    f, g, fa, gb, _ = _ref_ot.sinkhorn_loop(
+        _torch_softmin({"x": x, "y": y}, p), eps_list, la, lb, tol, max_iter, debias
+    )
+    return f, g, fa, gb, la, lb
+
+
+def _points(op: str, name: str, t: object, dim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+    if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must have shape (n, D) with n, D >= 1, got shape {tuple(t.shape)}")
+    if dim is not None and t.shape[1] != dim:
+        raise ValueError(
+            f"{op}: {name} must have D={dim} features (those of the first input), got {tuple(t.shape)}"
+        )
+    return t
+
+
+def _sinkhorn_kernel(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, *, need_grad=True):
+    """The op's kernel, ``(value, grads)``: the native CPU kernel, or on CUDA the torch loop."""
+    if not (isinstance(x, torch.Tensor) and x.is_cuda):
+        return _native_ot.sinkhorn_divergence(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
+    return _sinkhorn_torch(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
+
+
+def _sinkhorn_torch(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, *, need_grad=True):
+    """``(value, grads)`` by the torch loop on the tensors' device (CUDA; tested on CPU too)."""
+    op = "sinkhorn_divergence"
+    eps, p, scaling, tol, max_iter = _ref_ot.check_sinkhorn_args(op, eps, p, scaling, tol, max_iter)
+    _points(op, "x", x)
+    _points(op, "y", y, x.shape[1])
+    if y.device != x.device:
+        raise ValueError(f"{op}: y is on {y.device}, x on {x.device}")
+    flags = (need_grad,) * 2 if isinstance(need_grad, bool) else tuple(need_grad)
+    x64, y64 = x.detach().to(torch.float64), y.detach().to(torch.float64)
+    if not bool(torch.isfinite(x64).all() & torch.isfinite(y64).all()):  # NaN in, NaN out
+        nan = float("nan")
+        return x.new_full((), nan), (
+            () if not any(flags) else (x.new_full(x.shape, nan), y.new_full(y.shape, nan))
+        )
+    f, g, fa, gb, la, lb = _torch_sinkhorn(x64, y64, eps, p, scaling, tol, max_iter, True)
+    value = ((f - fa).mean() + (g - gb).mean()).to(x.dtype)  # (MET.23)
+    if not any(flags):
+        return value, ()
+    tg = _torch_transport_grad
+    gx = (
+        (tg(x64, y64, f, g, la, lb, eps, p) - tg(x64, x64, fa, fa, la, la, eps, p)).to(x.dtype)
+        if flags[0]
+        else None
+    )
+    gy = (
+        (tg(y64, x64, g, f, lb, la, eps, p) - tg(y64, y64, gb, gb, lb, lb, eps, p)).to(y.dtype)
+        if flags[1]
+        else None
+    )
+    return value, (gx, gy)
+
+
+sinkhorn_divergence = public(
+    LossOp("sinkhorn_divergence", schema_of("sinkhorn_divergence"), _sinkhorn_kernel), __name__
+)
+
+
+def ot_coupling(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", eps: float = 0.1,
+                tol: float = 1e-8, max_iter: int = 1000) -> torch.Tensor:  # fmt: skip
+    r"""Minibatch OT pairing of x0 (B, D) and x1 (B, D) on their device.  (MET.25-MET.27)
+
+    ``'exact'``: a LongTensor permutation ``perm`` on x0's device, ``x1[perm[i]]`` pairs with
+    ``x0[i]``, minimizing :math:`\sum_i\lVert x_{0,i}-x_{1,\mathrm{perm}(i)}\rVert^2` (the native
+    Hungarian solver, float64, ties to the lowest column).  On CUDA this is a HOST ROUND TRIP:
+    x0 and x1 (2 B D values, not the B x B cost) are copied to the host, solved there, and the
+    permutation (B int64) copied back; there is no CUDA assignment kernel yet.
+    ``'sinkhorn'``: the (B, B) float64 entropic plan of ``genloss.reference.ot_coupling``, computed
+    where the data lives (the native kernel on CPU, torch on CUDA: no host round trip); sample
+    pairs from it like torchcfm (``torch.multinomial(plan.flatten(), B)``).  No gradient.
+    """
+    op = "ot_coupling"
+    e = _ref_ot.check_coupling_args(op, method, eps)
+    _ref_ot.check_sinkhorn_args(op, 1.0, 2.0, 0.5, tol, max_iter)  # tol and max_iter
+    _points(op, "x0", x0)
+    _points(op, "x1", x1, x0.shape[1])
+    if x1.shape[0] != x0.shape[0]:
+        raise ValueError(
+            f"{op}: x1 must have as many rows as x0 (B={x0.shape[0]}), got shape {tuple(x1.shape)}"
+        )
+    if x1.device != x0.device:
+        raise ValueError(f"{op}: x1 is on {x1.device}, x0 on {x0.device}")
+    a, b = x0.detach().to(torch.float64), x1.detach().to(torch.float64)
+    for name, t in (("x0", a), ("x1", b)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{op}: {name} must be finite (a NaN or inf has no optimal pairing)")
+    if e is None or not a.is_cuda:
+        out = _native_ot.ot_coupling(a.cpu(), b.cpu(), method, eps, tol, max_iter)
+        return out.to(x0.device)
+    return _plan_torch(a, b, e, tol, max_iter)
+
+
+def _plan_torch(a, b, e, tol, max_iter):
+    """The 'sinkhorn' plan by the torch loop on float64 device tensors (CUDA; tested on CPU too)."""
+    # C = r^2 = 2 (r^2 / 2): the plan of cost r^2/2 (p = 2) at eps/2  (MET.27)
+    f, g, _, _, la, lb = _torch_sinkhorn(a, b, 0.5 * e, 2.0, 0.5, tol, max_iter, False)
+    return torch.exp(
+        la[:, None] + lb[None, :] + (f[:, None] + g[None, :] - _ot_cost(a, b, 2.0)[1]) / (0.5 * e)
+    )
+
+
+__all__ += ["sinkhorn_divergence", "ot_coupling"]
+
+
+# ============================================================================= prdc, sliced Wasserstein, CMMD
+# prdc (MET.10-MET.13): CPU tensors run the native tiled k-NN kernel (through DLPack, no copy);
+# CUDA tensors the tiled torch version below. sliced_wasserstein (MET.14-MET.16): torch autograd
+# through the sort, with the reference's seeded directions. cmmd (MET.17): the native MMD kernel.
+
+_PRDC_ROWS, _PRDC_COLS = 1024, 4096  # a tile of the torch prdc: 32 MiB of float64 distances
+
+
+def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]:
+    r"""Precision, recall, density, coverage (the dict of Python floats of
+    ``genloss.reference.prdc``; no gradient).  (MET.10-MET.13)
+
+    CPU tensors: the native tiled k-NN kernel, identical counts to the reference (float16 and
+    bfloat16 are widened to float32 first). CUDA tensors: :func:`_prdc_tiled`, tiles of
+    ``torch.cdist`` by differences (``donot_use_mm_for_euclid_dist``) and ``topk``, memory
+    O(tile + (N + M) k), never N x M. The tie rule is ``<=`` in both; the CUDA path compares
+    distances (roots of the difference sums), the kernel squared distances, which can only
+    differ where a distance equals a radius to within the rounding of a square root.
+    """
+    op = "prdc"
+    _points(op, "real", real)
+    _points(op, "fake", fake, real.shape[1])
+    if fake.device != real.device:
+        raise ValueError(f"{op}: fake is on {fake.device}, real on {real.device}")
+    if real.is_cuda:
+        return _prdc_tiled(real, fake, k)
+    dtype = torch.promote_types(torch.promote_types(real.dtype, fake.dtype), torch.float32)
+    return _native_ot.prdc(real.detach().to(dtype), fake.detach().to(dtype), k)
+
+
+def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance to the k-th other point (the (k+1)-th smallest, self included), running top-(k+1)."""
+    out = []
+    for i in range(0, x.shape[0], _PRDC_ROWS):
+        best = None
+        for j in range(0, x.shape[0], _PRDC_COLS):
+            d = torch.cdist(
+                x[i : i + _PRDC_ROWS], x[j : j + _PRDC_COLS], compute_mode="donot_use_mm_for_euclid_dist"
+            )
+            cand = d if best is None else torch.cat([best, d], dim=1)
+            best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values  # (MET.10)
+        assert best is not None
+        out.append(best.amax(dim=1))
+    return torch.cat(out)
+
+
+def _prdc_tiled(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
+    """prdc on the tensors' device in float64 by tiles (the CUDA path; runs on CPU tensors too)."""
+    op = "prdc"
+    n, m = real.shape[0], fake.shape[0]
+    k = _ref_ot.check_prdc_k(op, k, n, m)
+    x, y = real.detach().to(torch.float64), fake.detach().to(torch.float64)
+    for name, t in (("real", x), ("fake", y)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{op}: {name} {_ref_ot.PRDC_NOT_FINITE}")
+    rr, fr = _knn_radii(x, k), _knn_radii(y, k)
+    hit = torch.zeros(m, dtype=torch.bool, device=x.device)
+    recalled = torch.zeros(n, dtype=torch.bool, device=x.device)
+    covered = torch.zeros(n, dtype=torch.bool, device=x.device)
+    pairs = torch.zeros((), dtype=torch.int64, device=x.device)
+    for i in range(0, n, _PRDC_ROWS):
+        rows = slice(i, i + _PRDC_ROWS)
+        for j in range(0, m, _PRDC_COLS):
+            cols = slice(j, j + _PRDC_COLS)
+            d = torch.cdist(x[rows], y[cols], compute_mode="donot_use_mm_for_euclid_dist")
+            inside = d <= rr[rows, None]  # (MET.11) the <= tie rule
+            hit[cols] |= inside.any(dim=0)
+            pairs += inside.sum()  # (MET.12)
+            covered[rows] |= inside.any(dim=1)  # (MET.13)
+            recalled[rows] |= (d <= fr[None, cols]).any(dim=1)  # (MET.11)
+    counts = torch.stack([hit.sum(), recalled.sum(), pairs, covered.sum()]).tolist()  # one transfer
+    return _ref_ot.prdc_from_counts(counts, n, m, k)
+
+
+class _AbsPow(torch.autograd.Function):
+    """|d|^p with the slope p |d|^(p-1) sign(d) of MET.16, NaN kept: torch.sign(NaN) is 0 and
+    NaN^0 is 1, so autograd's abs()**1 would give a NaN entry a finite gradient."""
+
+    @staticmethod
+    def forward(ctx, d, p):
+        ctx.save_for_backward(d)
+        ctx.p = p
+        return d.abs() ** p
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (d,) = ctx.saved_tensors
+        return g * ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0), None
+
+
+def sliced_wasserstein(
+    x: torch.Tensor, y: torch.Tensor, n_projections: int = 128, p: float = 2.0, seed: int = 0
+) -> torch.Tensor:
+    r"""Sliced p-Wasserstein distance between the empirical measures of ``x`` and ``y``.
+
+    A 0-d tensor differentiable w.r.t. ``x`` and ``y``.  (MET.14-MET.16)
+
+    The directions are ``genloss.reference.sliced_wasserstein_projections(D, n_projections,
+    seed)`` (NumPy float64, moved to the data's device and dtype), so every layer uses the same
+    ones; the 1-D costs are exact on the merged quantile grid; the p-th root of the mean over
+    directions (POT's convention). Autograd through ``sort`` and the gather gives the gradient of
+    MET.16 (0 at SW = 0); computed in the promoted dtype of x and y (at least float32). NaN in, NaN out.
+    """
+    op = "sliced_wasserstein"
+    _points(op, "x", x)
+    _points(op, "y", y, x.shape[1])
+    if y.device != x.device:
+        raise ValueError(f"{op}: y is on {y.device}, x on {x.device}")
+    p = _ref_ot.check_sw_p(p)
+    theta_np = _ref_ot.sliced_wasserstein_projections(x.shape[1], n_projections, seed)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    theta = torch.from_numpy(theta_np).to(device=x.device, dtype=dtype)
+    w_np, iu_np, iv_np = _ref_ot.quantile_grid(x.shape[0], y.shape[0])
+    w = torch.from_numpy(w_np).to(device=x.device, dtype=dtype)
+    iu, iv = torch.from_numpy(iu_np).to(x.device), torch.from_numpy(iv_np).to(x.device)
+    us = torch.sort(x.to(dtype) @ theta.T, dim=0, stable=True).values
+    vs = torch.sort(y.to(dtype) @ theta.T, dim=0, stable=True).values
+    mean = (w[:, None] * _AbsPow.apply(us[iu] - vs[iv], p)).sum(dim=0).mean()  # (MET.14, MET.15)
+    zero = mean == 0
+    safe = torch.where(zero, torch.ones_like(mean), mean)  # NaN stays NaN; the root's slope at 0 is not taken
+    return torch.where(zero, mean * 0.0, safe ** (1.0 / p))  # (MET.16) gradient 0 at SW = 0
+
+
+cmmd = public(LossOp("cmmd", "Tensor x, Tensor y", _native_ot.cmmd, differentiable=("x", "y")), __name__)
+
+__all__ += ["prdc", "sliced_wasserstein", "cmmd"]

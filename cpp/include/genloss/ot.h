@@ -1,0 +1,37 @@
+// genloss/ot.h — optimal transport on the CPU: the log-domain Sinkhorn loop of
+// sinkhorn_divergence (potentials, value, envelope gradients) and the exact assignment
+// solver of ot_coupling. Implemented in cpp/src/ot_cpu.cpp (one build per instruction
+// set), dispatched by cpp/src/cpu_dispatch.cpp. Inputs are float64 (the Python layer
+// converts): the potentials and the log-sum-exps are float64 throughout.
+#pragma once
+
+#include <cstdint>
+
+namespace genloss {
+
+struct SinkhornArgs {
+  const double* x;  // (N, D) contiguous
+  const double* y;  // (M, D) contiguous
+  int64_t N, M, D;
+  double p;           // cost |a - b|^p / p, p >= 1                          (MET.20)
+  const double* eps;  // the annealing schedule, last entry = the target eps (MET.22)
+  int64_t n_eps;      // >= 1
+  double tol;         // stop when no potential moves by more than tol * eps
+  int64_t max_iter;   // rounds at the last eps
+  bool debias;        // also solve OT(x, x) and OT(y, y) and debias the value (MET.23)
+  double* value;      // out: S_eps (debias) or OT_eps(x, y)
+  double* f;          // out, optional (N): the x-y potential on x
+  double* g;          // out, optional (M): the x-y potential on y
+  double* grad_x;     // out, optional (N, D): dvalue/dx                     (MET.24)
+  double* grad_y;     // out, optional (M, D)
+  int64_t rounds;     // out: rounds run at the last eps
+};
+
+namespace cpu {
+void sinkhorn(SinkhornArgs& a);
+// perm[i] = the column matched to row i by a minimum-cost perfect matching of the
+// cost |x0_i - x1_j|^2 (float64), shortest augmenting paths; ties -> lowest column.  (MET.26)
+void assignment(const double* x0, const double* x1, int64_t B, int64_t D, int64_t* perm);
+}  // namespace cpu
+
+}  // namespace genloss

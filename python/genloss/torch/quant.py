@@ -1,0 +1,600 @@
+r"""The ``quant`` family in torch: tokenizer quantizers and GAN-training regularizers.
+
+The math is the reference's (``genloss.reference.quant``, ``derivations/quant.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import _checks as C
+from ..reference import quant as ref
+from ._op import lib, with_reference_doc
+
+# ============================================================================= quantizers (QNT.1-QNT.9)
+# Custom ops (torch.library): ``genloss::vector_quantize_fwd`` (4 outputs + the two saved loss gradients, autograd
+# registered), ``genloss::vq_ema_update`` (a state update, no autograd) and ``lfq_entropy_loss`` through the LossOp
+# glue of _op.py.  CPU tensors run the native kernels (float16/bfloat16 computed in float32); CUDA tensors a torch
+# implementation below (tiled where memory matters: no N x K or N x 2^d tensor).
+_QUANTIZER_NAMES: list[str] = ["vector_quantize", "vq_ema_update", "lfq_entropy_loss"]
+
+from ..native import quant as _qnative  # noqa: E402
+from ._op import LossOp as _LossOp  # noqa: E402
+from ._op import public as _public  # noqa: E402
+
+_QLOW = (torch.float16, torch.bfloat16)
+_VQ_TILE_ELEMS = 1 << 26  # CUDA fallback: distance tiles of at most this many elements (N x codes)
+
+
+def _qup(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 computed in float32 (the kernels take float32 / float64)."""
+    return x.float() if x.dtype in _QLOW else x
+
+
+def _qtensor(op: str, name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {x.dtype}")
+    return x
+
+
+def _segment_sums(x: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts (K,), sums (K, D) float64) without float atomics: a stable sort by code, a float64 cumsum,
+    differences at the segment ends (QNT.5).  The CUDA fallback of the native segment sums."""
+    order = torch.sort(idx, stable=True).indices
+    counts = torch.bincount(idx, minlength=k)
+    ends = torch.cumsum(counts, 0)
+    csum = torch.cat([x.new_zeros((1, x.shape[1]), dtype=torch.float64), torch.cumsum(x[order].double(), 0)])
+    sums = csum[ends] - csum[ends - counts]
+    return counts, sums
+
+
+def _vq_torch(z: torch.Tensor, e: torch.Tensor, beta: float, need_grad: bool) -> tuple:
+    """vector_quantize on CUDA in torch: K in tiles with a running (best, index) per row (QNT.2).  Unlike the CPU
+    kernel it does not recheck near ties in float64: the argmin is that of the expansion
+    ||e||^2 - 2 z.e in the compute dtype (ties within its rounding may pick either code)."""
+    n, d = z.shape
+    k = e.shape[0]
+    e2 = (e.double() ** 2).sum(1).to(z.dtype)
+    inf = torch.tensor(float("inf"), dtype=z.dtype, device=z.device)
+    best = inf.expand(n).clone()
+    idx = torch.zeros(n, dtype=torch.int64, device=z.device)
+    step = max(1, _VQ_TILE_ELEMS // max(n, 1))
+    for k0 in range(0, k, step):
+        f = e2[k0 : k0 + step] - 2.0 * (z @ e[k0 : k0 + step].T)
+        v, j = torch.where(torch.isnan(f), inf, f).min(dim=1)  # first minimum: ties to the lowest index
+        better = v < best  # strict: an earlier tile keeps a tie
+        best = torch.where(better, v, best)
+        idx = torch.where(better, j + k0, idx)
+    zq = e[idx]
+    diff = z.double() - zq.double()
+    mean = (diff * diff).sum() / (n * d)  # (QNT.1)
+    commit, cb = (beta * mean).to(z.dtype), mean.to(z.dtype)
+    if not need_grad:
+        return zq, idx, commit, cb, z.new_empty(0), e.new_empty(0)
+    counts, sums = _segment_sums(z, idx, k)
+    gz = (2.0 * beta / (n * d) * diff).to(z.dtype)  # (QNT.4)
+    ge = (2.0 / (n * d) * (counts[:, None] * e.double() - sums)).to(e.dtype)
+    return zq, idx, commit, cb, gz, ge
+
+
+@torch.library.custom_op("genloss::vector_quantize_fwd", mutates_args=())
+def _vector_quantize_fwd(
+    z: torch.Tensor, codebook: torch.Tensor, beta: float, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_q, indices, commitment, codebook_loss, d commitment/dz, d codebook_loss/dcodebook); the last two are
+    empty when need_grad is False.  z_q comes back in the codebook's dtype (its rows, exactly)."""
+    zc, ec = _qup(z), _qup(codebook)
+    if zc.is_cuda:
+        zq, idx, c, b, gz, ge = _vq_torch(zc, ec, beta, need_grad)
+    else:
+        (zq, idx, c, b), grads = _qnative.vector_quantize(zc, ec, beta, need_grad=need_grad)
+        gz, ge = grads if need_grad else (zc.new_empty(0), ec.new_empty(0))
+    if zq.dtype != codebook.dtype:
+        zq = zq.to(codebook.dtype)
+    return zq, idx, c, b, gz, ge
+
+
+@_vector_quantize_fwd.register_fake
+def _(z: torch.Tensor, codebook: torch.Tensor, beta: float, need_grad: bool) -> tuple:
+    dt = torch.float32 if z.dtype in _QLOW else z.dtype
+    n, d = z.shape
+    k = codebook.shape[0]
+    return (
+        codebook.new_empty((n, d)),
+        z.new_empty((n,), dtype=torch.int64),
+        z.new_empty((), dtype=dt),
+        z.new_empty((), dtype=dt),
+        z.new_empty((n, d) if need_grad else (0,), dtype=dt),
+        z.new_empty((k, d) if need_grad else (0,), dtype=dt),
+    )
+
+
+def _vq_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(output[4], output[5])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+
+
+def _vq_backward(ctx: Any, g_zq: Any, _g_idx: Any, g_c: Any, g_b: Any, _g_gz: Any, _g_ge: Any) -> tuple:
+    """(QNT.4) grad_z = g_zq (straight-through) + g_c d commitment/dz; grad_codebook = g_b d codebook_loss/de."""
+    gz, ge = ctx.saved_tensors
+    grad_z = grad_e = None
+    if ctx.needs_input_grad[0]:
+        grad_z = gz * g_c if g_c is not None else torch.zeros_like(gz)
+        if g_zq is not None:
+            grad_z = grad_z + g_zq.to(grad_z.dtype)
+        grad_z = grad_z.to(ctx.dtypes[0])
+    if ctx.needs_input_grad[1]:
+        grad_e = (ge * g_b if g_b is not None else torch.zeros_like(ge)).to(ctx.dtypes[1])
+    return grad_z, grad_e, None, None
+
+
+_vector_quantize_fwd.register_autograd(_vq_backward, setup_context=_vq_setup)
+
+
+def vector_quantize(
+    z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "vector_quantize"
+    z, codebook = _qtensor(op, "z", z), _qtensor(op, "codebook", codebook)
+    if z.dim() != 2 or codebook.dim() != 2:
+        raise ValueError(
+            f"{op}: z must be (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}"
+        )
+    if codebook.shape[1] != z.shape[1]:
+        raise ValueError(
+            f"{op}: codebook must have the dimension of z (D={z.shape[1]}), got {tuple(codebook.shape)}"
+        )
+    if z.shape[0] == 0 or codebook.shape[0] == 0 or z.shape[1] == 0:
+        raise ValueError(f"{op}: z {tuple(z.shape)} and codebook {tuple(codebook.shape)} must not be empty")
+    if z.dtype != codebook.dtype:
+        raise TypeError(f"{op}: codebook must have the dtype of z ({z.dtype}), got {codebook.dtype}")
+    with C.named_errors(op):
+        b = C.nonnegative("beta", beta)
+    need = torch.is_grad_enabled() and (z.requires_grad or codebook.requires_grad)
+    zq, idx, c, cb, _, _ = torch.ops.genloss.vector_quantize_fwd(z, codebook, b, need)
+    return zq, idx, c, cb
+
+
+vector_quantize.__doc__ = ref.vector_quantize.__doc__
+
+
+def _ema_torch(z, idx, cs, es, decay, eps):
+    """vq_ema_update in torch (CUDA fallback), float64, the sort-based segment sums (QNT.5, QNT.6)."""
+    k = es.shape[0]
+    counts, sums = _segment_sums(z, idx, k)
+    ncs = decay * cs.double() + (1.0 - decay) * counts.double()
+    nes = decay * es.double() + (1.0 - decay) * sums
+    n = ncs.sum()
+    smoothed = (ncs + eps) / (n + k * eps) * n
+    return ncs.to(es.dtype), nes.to(es.dtype), (nes / smoothed[:, None]).to(es.dtype)
+
+
+@torch.library.custom_op("genloss::vq_ema_update", mutates_args=())
+def _vq_ema_update_op(
+    z: torch.Tensor, indices: torch.Tensor, cluster_size: torch.Tensor, embed_sum: torch.Tensor, decay: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    dt = embed_sum.dtype
+    zc, csc, esc = _qup(z), _qup(cluster_size), _qup(embed_sum)
+    if esc.is_cuda:
+        out = _ema_torch(zc, indices.long(), csc, esc, decay, eps)
+    else:
+        out = _qnative.vq_ema_update(zc, indices, csc, esc, decay, eps)
+    return tuple(o.to(dt) for o in out)
+
+
+@_vq_ema_update_op.register_fake
+def _(z, indices, cluster_size, embed_sum, decay, eps):
+    return (
+        embed_sum.new_empty(cluster_size.shape),
+        embed_sum.new_empty(embed_sum.shape),
+        embed_sum.new_empty(embed_sum.shape),
+    )
+
+
+def vq_ema_update(
+    z: torch.Tensor, indices: torch.Tensor, cluster_size: torch.Tensor, embed_sum: torch.Tensor,
+    decay: float = 0.99, eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    op = "vq_ema_update"
+    for name, a in (("z", z), ("cluster_size", cluster_size), ("embed_sum", embed_sum)):
+        _qtensor(op, name, a)
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: indices must be an int64 or int32 torch.Tensor")
+    if z.dtype != embed_sum.dtype or cluster_size.dtype != embed_sum.dtype:
+        raise TypeError(f"{op}: z and cluster_size must have the dtype of embed_sum ({embed_sum.dtype})")
+    if embed_sum.dim() != 2 or 0 in embed_sum.shape:
+        raise ValueError(
+            f"{op}: embed_sum must have shape (K, D) with K, D >= 1, got {tuple(embed_sum.shape)}"
+        )
+    k, d = embed_sum.shape
+    if tuple(cluster_size.shape) != (k,):
+        raise ValueError(f"{op}: cluster_size must have shape ({k},), got {tuple(cluster_size.shape)}")
+    if z.dim() != 2 or z.shape[1] != d:
+        raise ValueError(f"{op}: z must have shape (N, {d}), got {tuple(z.shape)}")
+    if tuple(indices.shape) != (z.shape[0],):
+        raise ValueError(f"{op}: indices must have shape ({z.shape[0]},), got {tuple(indices.shape)}")
+    with C.named_errors(op):
+        dec = C.finite("decay", decay)
+        if not 0.0 <= dec <= 1.0:
+            raise ValueError(f"decay must lie in [0, 1], got {dec}")
+        ep = C.positive("eps", eps)
+    if not torch.compiler.is_compiling() and indices.numel():  # data-dependent: eager only
+        lo, hi = (int(v) for v in indices.aminmax())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"{op}: indices must lie in [0, {k}), got values in [{lo}, {hi}]")
+    with torch.no_grad():
+        return torch.ops.genloss.vq_ema_update(z, indices, cluster_size, embed_sum, dec, ep)
+
+
+vq_ema_update.__doc__ = ref.vq_ema_update.__doc__
+
+
+def _product_tables_t(q: torch.Tensor, qm: torch.Tensor) -> torch.Tensor:
+    """(n, 2^m) product tables (bit 0 lowest), differentiable (QNT.7)."""
+    tab = q.new_ones((q.shape[0], 1))
+    for j in range(q.shape[1]):
+        tab = torch.cat([tab * qm[:, j : j + 1], tab * q[:, j : j + 1]], dim=1)
+    return tab
+
+
+def _lfq_torch(z: torch.Tensor, tau: float, sw: float, cw: float, need: bool) -> tuple[torch.Tensor, list]:
+    """lfq_entropy_loss in torch (the CUDA fallback), float64, rows in chunks: the value from the streamed 2^d
+    means; the gradient by autograd of per-chunk surrogates with log P held fixed: d H / dz =
+    d/dz (-sum_c log P(c) P(c; z)) because sum_c P(c) = 1 (QNT.9)."""
+    n, d = z.shape
+    dl = d - d // 2
+    x = 2.0 * tau * z.double()
+    chunk = ref._LFQ_CHUNK
+    ax = x.abs()
+    per_sample = (torch.log1p(torch.exp(-ax)) + ax * torch.sigmoid(-ax)).sum() / n  # (QNT.8)
+    p = None
+    if cw != 0.0:
+        for i in range(0, n, chunk):
+            xc = x[i : i + chunk]
+            q, qm = torch.sigmoid(xc), torch.sigmoid(-xc)
+            t = _product_tables_t(q[:, dl:], qm[:, dl:]).T @ _product_tables_t(q[:, :dl], qm[:, :dl])
+            p = t if p is None else p + t
+        assert p is not None
+        p = p / n
+        h = -torch.where(
+            p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), torch.where(p.isnan(), p, 0.0)
+        ).sum()
+        value = sw * per_sample - cw * h
+    else:
+        value = sw * per_sample
+    if not need:
+        return value.to(z.dtype), []
+    tiny = torch.finfo(torch.float64).smallest_normal * 2.0**-52
+    m = None if p is None else torch.log(torch.where(p == 0, tiny, p))
+    grad = torch.empty_like(x)
+    for i in range(0, n, chunk):
+        xc = x[i : i + chunk].detach().requires_grad_(True)
+        with torch.enable_grad():
+            axc = xc.abs()
+            s = sw * (torch.log1p(torch.exp(-axc)) + axc * torch.sigmoid(-axc)).sum() / n
+            if m is not None:
+                q, qm = torch.sigmoid(xc), torch.sigmoid(-xc)
+                a = _product_tables_t(q[:, dl:], qm[:, dl:])
+                b = _product_tables_t(q[:, :dl], qm[:, :dl])
+                s = s + cw * ((a @ m) * b).sum() / n  # -cw * d(-sum log P * P)
+            (gx,) = torch.autograd.grad(s, xc)
+        grad[i : i + chunk] = gx * (2.0 * tau)
+    return value.to(z.dtype), [grad.to(z.dtype)]
+
+
+def _lfq_kernel(z, inv_temperature=100.0, sample_weight=1.0, codebook_weight=1.0, *, need_grad=True):
+    """The native kernel on CPU tensors, the torch implementation on CUDA ones (same (value, grads))."""
+    if isinstance(z, torch.Tensor) and z.is_cuda:
+        with C.named_errors("lfq_entropy_loss"):
+            tau = C.positive("inv_temperature", inv_temperature)
+            sw = C.finite("sample_weight", sample_weight)
+            cw = C.finite("codebook_weight", codebook_weight)
+        if z.dim() != 2 or 0 in z.shape or z.shape[1] > ref.LFQ_MAX_BITS:
+            raise ValueError(
+                f"lfq_entropy_loss: z must have shape (N, d), N >= 1, 1 <= d <= 20, got {tuple(z.shape)}"
+            )
+        need = need_grad if isinstance(need_grad, bool) else bool(need_grad[0])
+        return _lfq_torch(z, tau, sw, cw, need)
+    return _qnative.lfq_entropy_loss(z, inv_temperature, sample_weight, codebook_weight, need_grad=need_grad)
+
+
+lfq_entropy_loss = _public(
+    _LossOp(
+        "lfq_entropy_loss",
+        "Tensor z, float inv_temperature=100.0, float sample_weight=1.0, float codebook_weight=1.0",
+        _lfq_kernel,
+        differentiable=("z",),
+        doc=ref.lfq_entropy_loss.__doc__,
+    ),
+    __name__,
+)
+
+
+# ============================================================================= regularizers (QNT.10-QNT.19)
+# No native kernels (SPEC: reference + torch).  fsq_quantize is a custom op (schema, fake, straight-
+# through autograd: torch.compile sees one node); the others are plain functions of torch ops, since
+# they take lists of tensors (adaptive_gan_weight, lpips_head), run a collective (adaptive_gan_weight)
+# or must be differentiated twice (path_length_penalty sits in a create_graph region), which autograd
+# gives a composite for free.  Argument checks are the reference's where they look at values.
+_REGULARIZER_NAMES: list[str] = [
+    "fsq_quantize",
+    "fsq_indices",
+    "fsq_codes",
+    "adaptive_gan_weight",
+    "path_length_penalty",
+    "lazy_regularization",
+    "lpips_head",
+]
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 computed in float32 (as the other genloss ops)."""
+    return x.float() if x.dtype in _LOW else x
+
+
+def _float_tensor(op: str, name: str, x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {x.dtype}")
+    return x
+
+
+def _tensor_list(op: str, name: str, xs: Any) -> list[torch.Tensor]:
+    """One tensor, or a non-empty list/tuple of them (as the reference's ``_array_list``)."""
+    if isinstance(xs, (list, tuple)):
+        if not xs:
+            raise ValueError(f"{op}: {name} must not be empty")
+        return [_float_tensor(op, f"{name}[{i}]", x) for i, x in enumerate(xs)]
+    return [_float_tensor(op, name, xs)]
+
+
+def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
+    """sqrt(s) whose derivative at s = 0 is 0 (QNT.13, QNT.15), not inf * 0 = NaN: the inner where keeps
+    the unused branch's derivative finite, so double backward is finite too.  NaN stays NaN."""
+    nonzero = s != 0
+    return torch.where(nonzero, torch.sqrt(torch.where(nonzero, s, torch.ones_like(s))), torch.zeros_like(s))
+
+
+# ----------------------------------------------------------------------------- fsq_quantize (QNT.10, QNT.11)
+lib.define("fsq_quantize(Tensor z, int[] levels) -> Tensor")
+
+
+def _fsq_bound_parts(z: torch.Tensor, levels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tanh(z + s), h / w) per channel in float64 (QNT.10).  The bound is taken in float64 so the
+    code of a float32 / float16 z is the reference's: a float32 bound would flip the rounding of the
+    entries within ~1e-7 of a half-integer, i.e. give another token than the same z in float64."""
+    half_l, _, shift, half_width = ref.fsq_constants(levels)
+    t = torch.tanh(z.double() + _f64(shift, z.device))
+    return t, _f64(half_l / half_width, z.device)
+
+
+def _f64(values: Any, device: torch.device) -> torch.Tensor:
+    """A per-channel constant of the reference (a float64 ndarray) on ``device``."""
+    return torch.tensor(values.tolist(), dtype=torch.float64, device=device)
+
+
+def _fsq_kernel(z: torch.Tensor, levels: list[int]) -> torch.Tensor:
+    half_l, offset, _, half_width = ref.fsq_constants(levels)
+    t, _ = _fsq_bound_parts(z, levels)
+    bounded = t * _f64(half_l, z.device) - _f64(offset, z.device)  # (QNT.10)
+    return (torch.round(bounded) / _f64(half_width, z.device)).to(_work(z).dtype)
+
+
+@torch.library.register_fake("genloss::fsq_quantize", lib=lib)
+def _fsq_fake(z: torch.Tensor, levels: list[int]) -> torch.Tensor:
+    return torch.empty_like(z, dtype=_work(z).dtype)
+
+
+def _fsq_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    z, levels = inputs
+    ctx.levels = levels
+    ctx.save_for_backward(z)
+
+
+def _fsq_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    (z,) = ctx.saved_tensors
+    t, scale = _fsq_bound_parts(z, ctx.levels)
+    # (QNT.10) straight-through: the round passes the gradient, which is the bound's derivative
+    return (grad.double() * (1.0 - t * t) * scale).to(z.dtype), None
+
+
+lib.impl("fsq_quantize", _fsq_kernel, "CPU")
+lib.impl("fsq_quantize", _fsq_kernel, "CUDA")
+torch.library.register_autograd("genloss::fsq_quantize", _fsq_backward, setup_context=_fsq_setup, lib=lib)
+
+
+def _fsq_level_list(op: str, levels: Any) -> list[int]:
+    with C.named_errors(op):
+        return list(ref.fsq_levels(levels))
+
+
+@with_reference_doc
+def fsq_quantize(z: torch.Tensor, levels: Any) -> torch.Tensor:
+    r"""FSQ as the custom op ``torch.ops.genloss.fsq_quantize`` (straight-through gradient; the
+    bound in float64, the value in z's dtype, float32 for float16 / bfloat16).  (QNT.10)"""
+    op = "fsq_quantize"
+    lv = _fsq_level_list(op, levels)
+    z = _float_tensor(op, "z", z)
+    if z.dim() < 1 or z.shape[-1] != len(lv):
+        raise ValueError(
+            f"{op}: z must have {len(lv)} channels last (one per level), got shape {tuple(z.shape)}"
+        )
+    return torch.ops.genloss.fsq_quantize(z, lv)
+
+
+def _fsq_grid(levels: list[int], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L, basis, w) as int64 tensors (QNT.11): channel 0 varies fastest."""
+    L = torch.tensor(levels, dtype=torch.int64, device=device)
+    basis = torch.cumprod(torch.cat([L.new_ones(1), L[:-1]]), 0)
+    return L, basis, L // 2
+
+
+@with_reference_doc
+def fsq_indices(codes: torch.Tensor, levels: Any) -> torch.Tensor:
+    r"""int64 indices of FSQ codes (no gradient).  (QNT.11)"""
+    op = "fsq_indices"
+    lv = _fsq_level_list(op, levels)
+    with C.named_errors(op):
+        ref.fsq_basis(lv, op)  # the int64 range check of prod(levels)
+    codes = _float_tensor(op, "codes", codes)
+    if codes.dim() < 1 or codes.shape[-1] != len(lv):
+        raise ValueError(f"{op}: codes must have {len(lv)} channels last (one per level), got shape "
+                         f"{tuple(codes.shape)}")  # fmt: skip
+    L, basis, w = _fsq_grid(lv, codes.device)
+    k = torch.round(codes.detach().double() * w + w).long()
+    if not torch.compiler.is_compiling() and bool(((k < 0) | (k >= L)).any()):  # data-dependent: eager
+        raise ValueError(f"{op}: codes must lie on the FSQ grid of levels (outputs of fsq_quantize)")
+    return (k * basis).sum(-1)
+
+
+@with_reference_doc
+def fsq_codes(indices: torch.Tensor, levels: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    r"""The codes of int64 FSQ indices, in ``dtype`` (float32 by default).  (QNT.11)"""
+    op = "fsq_codes"
+    lv = _fsq_level_list(op, levels)
+    with C.named_errors(op):
+        _, _, size = ref.fsq_basis(lv, op)
+    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
+        raise TypeError(f"{op}: indices must be an integer torch.Tensor")
+    idx = indices.long()
+    if not torch.compiler.is_compiling() and idx.numel() and bool(((idx < 0) | (idx >= size)).any()):
+        raise ValueError(f"{op}: indices must lie in [0, {size}) (prod(levels))")
+    L, basis, w = _fsq_grid(lv, idx.device)
+    k = (idx.unsqueeze(-1) // basis) % L
+    return ((k - w).double() / w).to(dtype)
+
+
+# ----------------------------------------------------------------------------- adaptive_gan_weight (QNT.12)
+@with_reference_doc
+def adaptive_gan_weight(
+    rec_grads: Any, gan_grads: Any, max_weight: float = 1e4, eps: float = 1e-4, group: Any = None
+) -> torch.Tensor:
+    r"""VQGAN's adaptive weight, detached.  ``group``: None for a last layer held whole by this
+    process; else the ``torch.distributed`` process group across which it is sharded (tensor
+    parallel, FSDP): the two squared norms are all-reduced (summed) over it, in one collective, so
+    every rank gets the weight of the whole layer.  (QNT.12)
+
+    The squared norms are summed in float64 (a bf16/fp16 or float32 square of a large gradient
+    would overflow or lose the small terms); the value is returned in the gradients' dtype
+    (float32 for float16 / bfloat16)."""
+    op = "adaptive_gan_weight"
+    with C.named_errors(op):
+        max_weight = C.nonnegative("max_weight", max_weight)
+        eps = C.positive("eps", eps)
+    rec, gan = _tensor_list(op, "rec_grads", rec_grads), _tensor_list(op, "gan_grads", gan_grads)
+    if len(rec) != len(gan):
+        raise ValueError(
+            f"{op}: gan_grads must hold one tensor per tensor of rec_grads ({len(rec)}), got {len(gan)}"
+        )
+    for i, (r, g) in enumerate(zip(rec, gan, strict=True)):
+        if r.shape != g.shape:
+            raise ValueError(f"{op}: gan_grads[{i}] must have the shape of rec_grads[{i}] {tuple(r.shape)}, got "
+                             f"{tuple(g.shape)}")  # fmt: skip
+    with torch.no_grad():
+        sq = torch.stack([
+            torch.stack([r.detach().double().square().sum() for r in rec]).sum(),
+            torch.stack([g.detach().double().square().sum() for g in gan]).sum(),
+        ])  # fmt: skip
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)  # (QNT.12) the whole layer's squared norms
+        lam = sq[0].sqrt() / (sq[1].sqrt() + eps)  # (QNT.12) taming-transformers' formula
+        dtype = torch.promote_types(_work(rec[0]).dtype, _work(gan[0]).dtype)
+        return lam.clamp(0.0, max_weight).to(dtype)
+
+
+# ----------------------------------------------------------------------------- path_length_penalty (QNT.13)
+@with_reference_doc
+def path_length_penalty(
+    grads_w: torch.Tensor, pl_mean: Any, decay: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""StyleGAN2's path-length penalty, a composite of torch ops: differentiable twice (``grads_w``
+    comes from ``autograd.grad(..., create_graph=True)`` and the penalty is backpropagated into the
+    generator).  Returns ``(penalty, new_pl_mean)``, the new mean detached (store it in the buffer).
+    ``pl_mean``: a float or a 0-d tensor that does not require grad.  (QNT.13)"""
+    op = "path_length_penalty"
+    with C.named_errors(op):
+        decay = C.finite("decay", decay)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must lie in [0, 1], got {decay}")
+    g = _float_tensor(op, "grads_w", grads_w)
+    if g.dim() < 2 or g.shape[0] == 0 or g.numel() == 0:
+        raise ValueError(f"{op}: grads_w must have shape (B, ..., w_dim) with B >= 1, not empty, got "
+                         f"{tuple(g.shape)}")  # fmt: skip
+    g = _work(g)
+    if isinstance(pl_mean, torch.Tensor):
+        if pl_mean.dim() != 0:
+            raise ValueError(
+                f"{op}: pl_mean must be a scalar (the running mean), got shape {tuple(pl_mean.shape)}"
+            )
+        if pl_mean.requires_grad:
+            raise ValueError(f"{op}: pl_mean requires grad, but it is a running mean (a buffer); pass "
+                             "pl_mean.detach()")  # fmt: skip
+        a = pl_mean.to(dtype=g.dtype, device=g.device)
+    elif isinstance(pl_mean, (int, float)) and not isinstance(pl_mean, bool):
+        a = torch.tensor(
+            float(pl_mean), dtype=g.dtype, device=g.device
+        )  # NaN in, NaN out: no finiteness check
+    else:
+        raise TypeError(f"{op}: pl_mean must be a float or a 0-d torch.Tensor, got {type(pl_mean).__name__}")
+    # (QNT.13) stylegan2-ada: pl_grads.square().sum(2).mean(1).sqrt(), the mean over every middle dim
+    s = g.square().sum(-1).reshape(g.shape[0], -1).mean(1)
+    pl = _safe_sqrt(s)
+    new = a + decay * (pl.mean() - a)  # (QNT.13) pl_mean.lerp(pl.mean(), decay): a function of pl
+    return (pl - new).square().mean(), new.detach()
+
+
+lazy_regularization = ref.lazy_regularization  # (QNT.14) Python floats in, Python floats out
+
+
+# ----------------------------------------------------------------------------- lpips_head (QNT.15)
+def _unit_channels(x: torch.Tensor) -> torch.Tensor:
+    """x / (||x||_c + 1e-10) per position (QNT.15); the derivative of the norm at 0 is taken as 0."""
+    return x / (_safe_sqrt(x.square().sum(1, keepdim=True)) + ref.LPIPS_EPS)
+
+
+@with_reference_doc
+def lpips_head(features_x: Any, features_y: Any, weights: Any) -> torch.Tensor:
+    r"""LPIPS from the backbone's features, a composite of torch ops (differentiable w.r.t. the
+    features and the weights); float16 / bfloat16 computed in float32.  (QNT.15)"""
+    op = "lpips_head"
+    fx, fy = _tensor_list(op, "features_x", features_x), _tensor_list(op, "features_y", features_y)
+    ws = _tensor_list(op, "weights", weights)
+    if not len(fx) == len(fy) == len(ws):
+        raise ValueError(f"{op}: features_x, features_y and weights must have one entry per layer, got "
+                         f"{len(fx)}, {len(fy)}, {len(ws)}")  # fmt: skip
+    total: torch.Tensor | None = None
+    for i, (x, y, w) in enumerate(zip(fx, fy, ws, strict=True)):
+        if x.dim() != 4 or x.numel() == 0:
+            raise ValueError(
+                f"{op}: features_x[{i}] must have shape (B, C, H, W), not empty, got {tuple(x.shape)}"
+            )
+        if y.shape != x.shape:
+            raise ValueError(f"{op}: features_y[{i}] must have the shape of features_x[{i}] {tuple(x.shape)}, got "
+                             f"{tuple(y.shape)}")  # fmt: skip
+        if x.shape[0] != fx[0].shape[0]:
+            raise ValueError(f"{op}: features_x[{i}] must have the batch size of features_x[0] ({fx[0].shape[0]}), "
+                             f"got shape {tuple(x.shape)}")  # fmt: skip
+        if tuple(w.shape) not in ((x.shape[1],), (1, x.shape[1], 1, 1)):
+            raise ValueError(f"{op}: weights[{i}] must have shape ({x.shape[1]},) or (1, {x.shape[1]}, 1, 1), got "
+                             f"{tuple(w.shape)}")  # fmt: skip
+        if not torch.compiler.is_compiling() and bool((w.detach() < 0).any()):  # data-dependent: eager
+            raise ValueError(f"{op}: weights[{i}] must be >= 0 (LPIPS's linear heads are nonnegative)")
+        x, y, w = _work(x), _work(y), _work(w).reshape(-1)
+        d = _unit_channels(x) - _unit_channels(y)
+        layer = torch.einsum("bchw,c->b", d * d, w) / (x.shape[2] * x.shape[3])  # (QNT.15)
+        total = layer if total is None else total + layer
+    assert total is not None
+    return total
+
+
+__all__ = [*_QUANTIZER_NAMES, *_REGULARIZER_NAMES]

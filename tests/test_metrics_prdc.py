@@ -1,0 +1,437 @@
+"""prdc (tiled k-NN), sliced_wasserstein, cmmd and KID's subsets against independent oracles.
+
+prdc: a brute-force NumPy version (the full distance matrix, ``np.partition``), written here,
+and the ``prdc`` package (clovaai) when installed; the tie rule (<=) on duplicated points;
+memory O((N + M) k) of the native kernel.  sliced_wasserstein: exact 1-D formulas, scipy,
+POT's ``ot.sliced_wasserstein_distance`` with the same directions, finite differences.
+cmmd: the direct formula and the official CMMD (JAX) formula written in NumPy.  kid: the
+per-subset MMD of torchmetrics' KernelInceptionDistance on the same subsets.
+derivations/metrics.md, MET.10-MET.17.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+import genloss.native as gn
+import genloss.torch as gt
+from genloss.native.divergence import kid_indices
+from genloss.reference import divergence as RD
+from genloss.reference import metrics as RM
+from genloss.torch import metrics as TM
+
+# ============================================================================= prdc
+
+
+def ordered_d2(a, b):
+    """Squared distances summed over d in order: the kernel's arithmetic, bit for bit."""
+    d2 = np.zeros((a.shape[0], b.shape[0]))
+    for d in range(a.shape[1]):
+        d2 += (a[:, d, None] - b[None, :, d]) ** 2
+    return d2
+
+
+def any_order_d2(a, b):
+    """Squared distances by NumPy's pairwise summation (another order: equal only on grid data)."""
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1)
+
+
+def brute_prdc(real, fake, k, d2=ordered_d2):
+    """The definition with the whole N x M matrix and np.partition: the oracle."""
+    rr = np.partition(d2(real, real), k, axis=1)[:, k]  # (k+1)-th smallest, self 0 included
+    fr = np.partition(d2(fake, fake), k, axis=1)[:, k]
+    drf = d2(real, fake)
+    inside = drf <= rr[:, None]
+    return {
+        "precision": float(inside.any(axis=0).mean()),
+        "recall": float((drf <= fr[None, :]).any(axis=1).mean()),
+        "density": float(inside.sum() / (k * fake.shape[0])),
+        "coverage": float((drf.min(axis=1) <= rr).mean()),
+    }
+
+
+LAYERS = {
+    "reference": RM.prdc,
+    "native": gn.prdc,
+    "torch": lambda r, f, k: gt.prdc(torch.from_numpy(r), torch.from_numpy(f), k),
+    "torch_tiled": lambda r, f, k: TM._prdc_tiled(torch.from_numpy(r), torch.from_numpy(f), k),
+}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(TM, "_PRDC_ROWS", 37)  # several row and column tiles, ragged ends
+    monkeypatch.setattr(TM, "_PRDC_COLS", 53)
+
+
+@pytest.mark.parametrize("layer", ["reference", "native", "torch"])
+def test_prdc_equals_brute_force(layer):
+    """(MET.10-MET.13) Gaussian features: the same counts as the full-matrix definition."""
+    rng = np.random.default_rng(0)
+    for n, m, d, k in ((300, 257, 5, 5), (64, 90, 1, 3), (2000, 1500, 8, 5)):
+        if layer != "native" and n > 1000:
+            continue  # the 2,000-point case on the kernel only (the reference is the slow oracle's twin)
+        real = rng.standard_normal((n, d))
+        fake = rng.standard_normal((m, d)) * 1.2 + 0.3
+        assert LAYERS[layer](real, fake, k) == brute_prdc(real, fake, k)
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_prdc_grid_data_with_ties(layer, small_tiles):
+    """Features on a small integer grid: many duplicates and equal distances, every squared distance
+    exact, so any summation order (NumPy's pairwise sum here) gives the same numbers and the tie rule decides."""
+    rng = np.random.default_rng(1)
+    real = rng.integers(0, 4, (240, 3)).astype(np.float64)
+    fake = rng.integers(0, 5, (199, 3)).astype(np.float64) * 0.75  # multiples of 1/4: still exact
+    for k in (1, 3, 10):
+        assert LAYERS[layer](real, fake, k) == brute_prdc(real, fake, k, any_order_d2)
+
+
+def tie_example():
+    """Real: 3 copies of 0 and 3 of (10, 0), radius 0 at k = 2; fake: 0, 5, 10, 20 on the first axis."""
+    real = np.array([[0.0, 0.0]] * 3 + [[10.0, 0.0]] * 3)
+    fake = np.array([[0.0, 0.0], [5.0, 0.0], [10.0, 0.0], [20.0, 0.0]])
+    # by hand: the fakes at 0 and 10 sit ON radius-0 balls (inside by <=), each in 3 of them:
+    # precision 2/4, density 6 / (k M) = 6/8, coverage 1; the fake radii (10, 5, 10, 15) hold every real
+    return real, fake, {"precision": 0.5, "recall": 1.0, "density": 0.75, "coverage": 1.0}
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_prdc_tie_rule_closed_ball(layer):
+    """(MET.11) a point at exactly the radius is inside, radius 0 included."""
+    real, fake, expected = tie_example()
+    assert LAYERS[layer](real, fake, 2) == expected
+
+
+def test_prdc_package_strict_rule_differs_only_at_ties():
+    """The prdc package writes `<`: on the tie example its precision, density and coverage are 0; on continuous data
+    (no distance equals a radius) it gives our values."""
+    prdc = pytest.importorskip("prdc")
+    real, fake, _ = tie_example()
+    strict = prdc.compute_prdc(real, fake, 2)
+    assert [float(strict[key]) for key in ("precision", "recall", "density", "coverage")] == [
+        0.0,
+        1.0,
+        0.0,
+        0.0,
+    ]
+    rng = np.random.default_rng(2)
+    real = rng.standard_normal((500, 16)).astype(np.float32)
+    fake = (rng.standard_normal((400, 16)) * 0.9 + 0.1).astype(np.float32)
+    theirs = prdc.compute_prdc(real, fake, 5)
+    ours = gn.prdc(real, fake, 5)
+    for key in ("precision", "recall", "coverage"):
+        assert ours[key] == float(theirs[key]), key
+    assert ours["density"] == pytest.approx(float(theirs["density"]), rel=1e-12)  # (1/k) mean vs sum/(kM)
+
+
+def test_prdc_float32_thread_count_and_views():
+    """float32 inputs widened element by element (= the reference on the widened data); the result is
+    the same for 1 thread and the default; non-contiguous views are read as their values."""
+    rng = np.random.default_rng(3)
+    real = rng.standard_normal((333, 7)).astype(np.float32)
+    fake = rng.standard_normal((301, 7)).astype(np.float32)
+    expected = brute_prdc(real.astype(np.float64), fake.astype(np.float64), 4)
+    assert gn.prdc(real, fake, 4) == expected
+    with gn.options(threads=1):
+        assert gn.prdc(real, fake, 4) == expected
+    wide = np.zeros((333, 14), dtype=np.float32)
+    wide[:, ::2] = real
+    assert gn.prdc(wide[:, ::2], fake, 4) == expected
+    assert gt.prdc(torch.from_numpy(real).half(), torch.from_numpy(fake).half(), 4) == brute_prdc(
+        real.astype(np.float16).astype(np.float64), fake.astype(np.float16).astype(np.float64), 4
+    )
+
+
+def test_prdc_native_memory_is_not_n_by_m():
+    """(MET.10) N = M = 20,000, D = 8: the kernel's peak RSS growth is far below the 3.2 GB of one
+    N x M float64 matrix (O((N + M) k): radii, per-thread tiles and flags)."""
+    code = textwrap.dedent(
+        """
+        import resource, numpy as np, genloss.native as gn
+        rng = np.random.default_rng(0)
+        real, fake = rng.standard_normal((20000, 8)), rng.standard_normal((20000, 8))
+        gn.prdc(real[:50], fake[:50], 5)  # load and warm the engine
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        gn.prdc(real, fake, 5)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
+    grown = int(out.stdout.split()[-1])
+    assert grown < 64 * 2**20, grown  # vs 20000 * 20000 * 8 = 3.2e9 bytes
+
+
+def test_prdc_reference_memory_is_chunked(monkeypatch):
+    """The reference's chunks bound its memory too (tracemalloc sees NumPy's allocations)."""
+    monkeypatch.setattr(RM, "_PRDC_BLOCK", 1 << 15)
+    rng = np.random.default_rng(4)
+    real, fake = rng.standard_normal((3000, 4)), rng.standard_normal((3000, 4))
+    tracemalloc.start()
+    RM.prdc(real, fake, 3)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 3000 * 3000 * 8 / 8, peak  # an eighth of one N x M float64 matrix
+
+
+BAD_PRDC = [
+    (dict(k=5, n=5), ValueError, "k"), (dict(k=5, m=3), ValueError, "k"), (dict(k=0), ValueError, "k"),
+    (dict(k=2.0), TypeError, "k"), (dict(dim_fake=4), ValueError, "fake"), (dict(n=0), ValueError, "real"),
+    (dict(nan="real"), ValueError, "real"), (dict(nan="fake"), ValueError, "fake"),
+    (dict(inf="fake"), ValueError, "fake"), (dict(flat=True), ValueError, "real"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", ["reference", "native", "torch", "torch_tiled"])
+@pytest.mark.parametrize(("bad", "err", "name"), BAD_PRDC)
+def test_prdc_bad_input(layer, bad, err, name):
+    n, m, k = bad.get("n", 10), bad.get("m", 8), bad.get("k", 3)
+    real, fake = np.ones((n, 3)), np.zeros((m, bad.get("dim_fake", 3)))
+    if "nan" in bad:
+        (real if bad["nan"] == "real" else fake)[1, 2] = np.nan
+    if "inf" in bad:
+        fake[0, 0] = np.inf
+    if bad.get("flat"):
+        real = np.ones(10)
+    if layer == "torch_tiled" and {"dim_fake", "flat", "n"} & set(bad):
+        pytest.skip("the tiled helper is called after genloss.torch.prdc's shape checks")
+    with pytest.raises(err, match=rf"prdc: .*\b{name}\b"):
+        LAYERS[layer](real, fake, k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_prdc_cuda_tiled_equals_cpu_kernel():
+    real, fake, expected = tie_example()
+    assert gt.prdc(torch.from_numpy(real).cuda(), torch.from_numpy(fake).cuda(), 2) == expected
+    rng = np.random.default_rng(5)
+    r, f = rng.integers(0, 4, (500, 3)).astype(np.float64), rng.integers(0, 4, (450, 3)).astype(np.float64)
+    assert gt.prdc(torch.from_numpy(r).cuda(), torch.from_numpy(f).cuda(), 5) == gn.prdc(r, f, 5)
+    with pytest.raises(ValueError, match="prdc: no CUDA kernel yet"):
+        gn.prdc(torch.from_numpy(r).cuda(), torch.from_numpy(f).cuda(), 5)
+
+
+# ============================================================================= sliced Wasserstein
+
+
+def test_sw_directions_are_seeded_unit_normals():
+    theta = RM.sliced_wasserstein_projections(6, 10, seed=7)
+    raw = np.random.default_rng(7).standard_normal((10, 6))
+    np.testing.assert_allclose(theta, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=0, atol=0)
+    np.testing.assert_allclose(np.linalg.norm(theta, axis=1), 1.0, rtol=1e-15)
+
+
+def test_sw_one_dimension_is_wasserstein_1d():
+    """(MET.14) D = 1: every direction is +-1 and SW_1 is W_1 (scipy) for N != M."""
+    wasserstein_distance = pytest.importorskip("scipy.stats").wasserstein_distance
+    rng = np.random.default_rng(8)
+    x, y = rng.standard_normal((37, 1)), rng.standard_normal((23, 1)) * 2 + 1
+    assert float(RM.sliced_wasserstein(x, y, 5, p=1)) == pytest.approx(
+        wasserstein_distance(x[:, 0], y[:, 0]), rel=1e-12
+    )
+
+
+def expanded_sw(x, y, p, theta):
+    """Independent exact W_p^p of unequal uniform measures: repeat each of the N atoms M times and
+    each of the M atoms N times (both N M equal-weight atoms), then the sorted matching."""
+    n, m = x.shape[0], y.shape[0]
+    costs = [np.mean(np.abs(np.sort(np.repeat(x @ t, m)) - np.sort(np.repeat(y @ t, n))) ** p) for t in theta]
+    return np.mean(costs) ** (1 / p)
+
+
+@pytest.mark.parametrize(("n", "m", "p"), [(20, 20, 2.0), (17, 29, 2.0), (31, 12, 1.0), (9, 14, 1.5)])
+def test_sw_exact_formula(n, m, p):
+    """(MET.14, MET.15) the merged quantile grid = the expanded sorted matching (= the plain sorted
+    matching when N == M)."""
+    rng = np.random.default_rng(9)
+    x, y = rng.standard_normal((n, 3)), rng.standard_normal((m, 3)) + 0.5
+    theta = RM.sliced_wasserstein_projections(3, 16, seed=2)
+    assert float(RM.sliced_wasserstein(x, y, 16, p, seed=2)) == pytest.approx(
+        expanded_sw(x, y, p, theta), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_sw_matches_pot(p):
+    ot = pytest.importorskip("ot")
+    rng = np.random.default_rng(10)
+    x, y = rng.standard_normal((40, 5)), rng.standard_normal((25, 5)) * 0.7
+    theta = RM.sliced_wasserstein_projections(5, 32, seed=3)
+    pot = ot.sliced_wasserstein_distance(x, y, n_projections=32, p=p, projections=theta.T)
+    assert float(RM.sliced_wasserstein(x, y, 32, p, seed=3)) == pytest.approx(float(pot), rel=1e-12)
+
+
+@pytest.mark.parametrize(("n", "m", "p"), [(6, 6, 2.0), (5, 8, 2.0), (7, 4, 1.5)])
+def test_sw_backward_finite_differences(n, m, p):
+    """(MET.16) the analytic backward = central differences (float64, no ties)."""
+    rng = np.random.default_rng(11)
+    x, y = rng.standard_normal((n, 3)), rng.standard_normal((m, 3))
+    gx, gy = RM.sliced_wasserstein_backward(x, y, 1.0, 8, p, seed=4)
+    h = 1e-6
+    for arr, g in ((x, gx), (y, gy)):
+        num = np.zeros_like(arr)
+        for idx in np.ndindex(arr.shape):
+            old = arr[idx]
+            arr[idx] = old + h
+            up = float(RM.sliced_wasserstein(x, y, 8, p, seed=4))
+            arr[idx] = old - h
+            down = float(RM.sliced_wasserstein(x, y, 8, p, seed=4))
+            arr[idx] = old
+            num[idx] = (up - down) / (2 * h)
+        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_sw_torch_agrees_with_reference(p):
+    rng = np.random.default_rng(12)
+    x, y = rng.standard_normal((30, 4)), rng.standard_normal((21, 4)) + 0.2
+    xt, yt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(y).requires_grad_()
+    v = gt.sliced_wasserstein(xt, yt, 24, p, seed=5)
+    (3.0 * v).backward()
+    assert float(v.detach()) == pytest.approx(float(RM.sliced_wasserstein(x, y, 24, p, seed=5)), rel=1e-12)
+    gx, gy = RM.sliced_wasserstein_backward(x, y, 3.0, 24, p, seed=5)
+    np.testing.assert_allclose(xt.grad.numpy(), gx, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(yt.grad.numpy(), gy, rtol=1e-10, atol=1e-14)
+    xs, ys = xt.detach()[:6].clone().requires_grad_(), yt.detach()[:5].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: gt.sliced_wasserstein(a, b, 8, 2.0, 1), (xs, ys))
+
+
+def test_sw_identical_nan_and_float32():
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((10, 3))
+    assert float(RM.sliced_wasserstein(x, x)) == 0.0
+    gx, gy = RM.sliced_wasserstein_backward(x, x, 1.0)
+    assert not gx.any() and not gy.any()  # the minimum: gradient 0, not NaN
+    xt = torch.from_numpy(x).requires_grad_()
+    v = gt.sliced_wasserstein(xt, xt.detach())
+    v.backward()
+    assert float(v.detach()) == 0.0 and not xt.grad.any()
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    assert np.isnan(float(RM.sliced_wasserstein(bad, x)))
+    assert torch.isnan(gt.sliced_wasserstein(torch.from_numpy(bad), torch.from_numpy(x)))
+    y = rng.standard_normal((12, 3))
+    v32 = gt.sliced_wasserstein(torch.from_numpy(x).float(), torch.from_numpy(y).float())
+    assert v32.dtype == torch.float32
+    assert float(v32) == pytest.approx(float(RM.sliced_wasserstein(x, y)), rel=1e-5)
+
+
+BAD_SW = [
+    (dict(p=0.5), ValueError, "p"), (dict(p=float("nan")), ValueError, "p"), (dict(n_projections=0), ValueError, "n_projections"),
+    (dict(seed=-1), ValueError, "seed"), (dict(seed=1.5), TypeError, "seed"), (dict(dim_y=2), ValueError, "y"),
+    (dict(n=0), ValueError, "x"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", ["reference", "torch"])
+@pytest.mark.parametrize(("bad", "err", "name"), BAD_SW)
+def test_sw_bad_input(layer, bad, err, name):
+    bad = dict(bad)
+    x, y = np.ones((bad.pop("n", 4), 3)), np.zeros((5, bad.pop("dim_y", 3)))
+    fn = RM.sliced_wasserstein
+    if layer == "torch":
+        x, y, fn = torch.from_numpy(x), torch.from_numpy(y), gt.sliced_wasserstein
+    with pytest.raises(err, match=rf"sliced_wasserstein: .*\b{name}\b"):
+        fn(x, y, **bad)
+
+
+# ============================================================================= CMMD
+
+
+def cmmd_direct(x, y, sigma=10.0):
+    def k(a, b):
+        return np.exp(-ordered_d2(a, b) / (2 * sigma**2))
+
+    return 1000 * (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
+
+
+def cmmd_official(x, y):
+    """google-research/cmmd distance.py `mmd` (JAX), written in NumPy: norm expansion, gamma = 1/(2 sigma^2)."""
+    sigma, scale = 10, 1000
+    x_sq, y_sq = np.diag(x @ x.T), np.diag(y @ y.T)
+    gamma = 1 / (2 * sigma**2)
+    k_xx = np.mean(np.exp(-gamma * (-2 * x @ x.T + x_sq[:, None] + x_sq[None, :])))
+    k_xy = np.mean(np.exp(-gamma * (-2 * x @ y.T + x_sq[:, None] + y_sq[None, :])))
+    k_yy = np.mean(np.exp(-gamma * (-2 * y @ y.T + y_sq[:, None] + y_sq[None, :])))
+    return scale * (k_xx + k_yy - 2 * k_xy)
+
+
+def embeddings(n, d, seed, shift=0.0):
+    e = np.random.default_rng(seed).standard_normal((n, d)) + shift
+    return e / np.linalg.norm(e, axis=1, keepdims=True)  # CLIP embeddings are unit vectors
+
+
+def test_cmmd_every_layer_equals_the_formulas():
+    """(MET.17) reference, native (float64 and float32), torch = the direct formula = the official one."""
+    x, y = embeddings(40, 16, 0), embeddings(33, 16, 1, shift=0.3)
+    direct = cmmd_direct(x, y)
+    assert direct == pytest.approx(cmmd_official(x, y), rel=1e-9)
+    assert float(RM.cmmd(x, y)) == pytest.approx(direct, rel=1e-12)
+    value, (gx, gy) = gn.cmmd(x, y)
+    assert float(value) == pytest.approx(direct, rel=1e-10)
+    rgx, rgy = RM.cmmd_backward(x, y, 1.0)
+    np.testing.assert_allclose(gx, rgx, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gy, rgy, rtol=1e-9, atol=1e-12)
+    v32, _ = gn.cmmd(x.astype(np.float32), y.astype(np.float32), need_grad=False)
+    assert v32.dtype == np.float32 and float(v32) == pytest.approx(direct, rel=1e-3)
+    xt, yt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(y).requires_grad_()
+    vt = gt.cmmd(xt, yt)
+    vt.backward()
+    assert float(vt.detach()) == pytest.approx(direct, rel=1e-10)
+    np.testing.assert_allclose(xt.grad.numpy(), rgx, rtol=1e-9, atol=1e-12)
+
+
+def test_cmmd_backward_finite_differences():
+    x, y = embeddings(5, 3, 2), embeddings(4, 3, 3)
+    gx, gy = RM.cmmd_backward(x, y, 2.0)
+    h = 1e-6
+    for arr, g in ((x, gx), (y, gy)):
+        for idx in np.ndindex(arr.shape):
+            old = arr[idx]
+            arr[idx] = old + h
+            up = cmmd_direct(x, y)
+            arr[idx] = old - h
+            down = cmmd_direct(x, y)
+            arr[idx] = old
+            assert g[idx] == pytest.approx(2.0 * (up - down) / (2 * h), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("layer", ["reference", "native", "torch"])
+def test_cmmd_bad_input(layer):
+    fn = {"reference": RM.cmmd, "native": gn.cmmd, "torch": gt.cmmd}[layer]
+    x, y = np.ones((4, 3)), np.zeros((5, 2))
+    if layer == "torch":
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+    with pytest.raises(ValueError, match=r"cmmd: .*\by\b"):
+        fn(x, y)
+
+
+# ============================================================================= KID vs torchmetrics
+
+
+def test_kid_subsets_match_torchmetrics_poly_mmd():
+    """KID's subsets mode = the mean and ddof-0 std of torchmetrics' per-subset `poly_mmd` on the SAME
+    subsets (torchmetrics draws them with torch.randperm, which cannot be aligned with NumPy's
+    generator: the per-subset formula is what is compared)."""
+    kid_mod = pytest.importorskip("torchmetrics.image.kid")
+    rng = np.random.default_rng(14)
+    real, fake = rng.standard_normal((120, 8)), rng.standard_normal((90, 8)) * 1.1 + 0.1
+    subsets, size, seed = 6, 40, 3
+    theirs = torch.stack([
+        kid_mod.poly_mmd(torch.from_numpy(real[ir]), torch.from_numpy(fake[jf]))
+        for ir, jf in kid_indices(len(real), len(fake), subsets, size, seed)
+    ])  # fmt: skip
+    mean, std = RD.kid(real, fake, subsets, size, seed)
+    assert float(mean) == pytest.approx(float(theirs.mean()), rel=1e-10)
+    assert float(std) == pytest.approx(float(theirs.std(unbiased=False)), rel=1e-8)
+    nmean, nstd = gn.kid(real, fake, subsets, size, seed)
+    assert nmean == pytest.approx(float(theirs.mean()), rel=1e-10)
+    assert nstd == pytest.approx(float(theirs.std(unbiased=False)), rel=1e-8)

@@ -1,0 +1,629 @@
+"""The quant family's quantizers: vector_quantize, vq_ema_update, lfq_entropy_loss (derivations/quant.md,
+QNT.1-QNT.9), in every layer (reference, native, torch).
+
+Every expected value is computed here independently of the implementation: brute-force argmins over
+all codes, the autograd composite people write (cdist + argmin + the two MSE terms), NumPy segment
+sums, the brute-force softmax over all 2^d LFQ codes, central finite differences, and the peer
+vector-quantize-pytorch where installed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+import genloss.native as gn
+import genloss.torch as gt
+from genloss import _C
+from genloss.native import quant as NQ
+from genloss.reference import quant as RQ
+
+# ============================================================================= helpers (independent math)
+
+
+def brute_argmin(z: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """argmin_k ||z_i - e_k||^2 over all codes, float64 from the inputs' values, first index on ties."""
+    d = ((z.astype(np.float64)[:, None, :] - e.astype(np.float64)[None, :, :]) ** 2).sum(-1)
+    return np.argmin(d, axis=1)
+
+
+def vq_composite(z: torch.Tensor, e: torch.Tensor, beta: float):
+    """The usual autograd composite (VQGAN / VQ-VAE code): cdist + argmin, straight-through z_q, two MSEs."""
+    idx = torch.cdist(z.detach().double(), e.detach().double()).argmin(dim=1)
+    eq = e[idx]
+    zq = z + (eq - z).detach()
+    commit = beta * torch.mean((z - eq.detach()) ** 2)
+    cb = torch.mean((z.detach() - eq) ** 2)
+    return zq, idx, commit, cb
+
+
+def lfq_brute(z: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean per-sample entropy, codebook entropy) by the softmax over all 2^d codes {-1, +1}^d of tau <z, c>."""
+    d = z.shape[1]
+    codes = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=d)), dtype=z.dtype)
+    logits = tau * z @ codes.T
+    logp = torch.log_softmax(logits, dim=1)
+    p = logp.exp()
+    per_sample = -(p * logp).sum(1).mean()
+    pbar = p.mean(0)
+    cb = -(pbar * torch.log(pbar)).sum()
+    return per_sample, cb
+
+
+# ============================================================================= vector_quantize
+
+
+def test_vq_indices_equal_brute_force_argmin():
+    rng = np.random.default_rng(0)
+    for dt in (np.float32, np.float64):
+        for n, k, d in ((37, 5, 3), (300, 130, 16), (65, 257, 33)):
+            z = rng.standard_normal((n, d)).astype(dt)
+            e = rng.standard_normal((k, d)).astype(dt)
+            (zq, idx, _, _), _ = gn.vector_quantize(z, e, need_grad=False)
+            want = brute_argmin(z, e)
+            np.testing.assert_array_equal(idx, want)
+            np.testing.assert_array_equal(zq, e[want])  # z_q is the code row, exactly
+            np.testing.assert_array_equal(RQ.vector_quantize(z, e)[1], want)
+
+
+def test_vq_ties_go_to_lowest_index():
+    rng = np.random.default_rng(1)
+    e = rng.standard_normal((12, 4))
+    e[7] = e[3]
+    e[10] = e[3]  # three identical codes: every row nearest to them must get 3
+    z = e[[3, 7, 10]] + 1e-3 * rng.standard_normal((3, 4))
+    # z = 0 is exactly equidistant from +v and -v: the lower index wins
+    v = rng.standard_normal(4)
+    e2 = np.stack([v + 5.0, -v, v, 3.0 * v])
+    for dt in (np.float32, np.float64):
+        (_, idx, _, _), _ = gn.vector_quantize(z.astype(dt), e.astype(dt), need_grad=False)
+        np.testing.assert_array_equal(idx, [3, 3, 3])
+        (_, idx2, _, _), _ = gn.vector_quantize(np.zeros((2, 4), dt), e2.astype(dt), need_grad=False)
+        np.testing.assert_array_equal(idx2, [1, 1])
+    _, ti, _, _ = gt.vector_quantize(torch.zeros(2, 4), torch.tensor(e2, dtype=torch.float32))
+    assert ti.tolist() == [1, 1]
+
+
+def test_vq_near_ties_pick_the_exact_nearest():
+    """Codes packed around a point far from the origin: the float32 expansion ||e||^2 - 2 z.e cannot tell
+    them apart (its rounding ~ (D+2) u ||z||^2 >> the distance gaps); the float64 recheck (QNT.3) can."""
+    rng = np.random.default_rng(2)
+    d = 8
+    center = np.full(d, 1000.0)
+    e = (center + 0.5 * rng.standard_normal((64, d))).astype(np.float32)
+    z = (center + 0.5 * rng.standard_normal((256, d))).astype(np.float32)
+    want = brute_argmin(z, e)
+    (_, idx, _, _), _ = gn.vector_quantize(z, e, need_grad=False)
+    np.testing.assert_array_equal(idx, want)
+    zt, et = torch.from_numpy(z), torch.from_numpy(e)
+    naive = ((et * et).sum(1)[None, :] - 2.0 * zt @ et.T).argmin(1).numpy()  # the plain float32 expansion
+    assert (naive != want).sum() > 0, (
+        "the data must defeat the plain expansion for this test to mean anything"
+    )
+
+
+def test_vq_native_matches_reference():
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((50, 6))
+    e = rng.standard_normal((9, 6))
+    beta = 0.3
+    (zq, idx, c, b), (gz, ge) = gn.vector_quantize(z, e, beta)
+    rzq, ridx, rc, rb = RQ.vector_quantize(z, e, beta)
+    np.testing.assert_array_equal(idx, ridx)
+    np.testing.assert_array_equal(zq, rzq)
+    np.testing.assert_allclose([c, b], [rc, rb], rtol=1e-13)
+    # native grads are of commitment + codebook_loss: the reference backward with g_c = g_b = 1, g_zq = 0
+    rgz, rge = RQ.vector_quantize_backward(z, e, np.zeros_like(z), 1.0, 1.0, beta)
+    np.testing.assert_allclose(gz, rgz, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ge, rge, rtol=1e-12, atol=1e-15)
+    # closed form of the two terms (QNT.1)
+    dist = ((z - e[brute_argmin(z, e)]) ** 2).sum()
+    np.testing.assert_allclose([c, b], [beta * dist / z.size, dist / z.size], rtol=1e-13)
+    # float32: computed in float32, losses from float64 sums
+    (_, idx32, c32, b32), (gz32, ge32) = gn.vector_quantize(z.astype(np.float32), e.astype(np.float32), beta)
+    assert c32.dtype == np.float32 and gz32.dtype == np.float32
+    np.testing.assert_allclose([c32, b32], [rc, rb], rtol=1e-6)
+    np.testing.assert_allclose(ge32, rge, rtol=1e-5, atol=1e-7)
+
+
+def test_vq_reference_backward_fd():
+    """The analytic backward (QNT.4) against central differences of the loss terms (indices held: away from
+    ties, a small step does not change the argmin)."""
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((7, 3))
+    e = rng.standard_normal((4, 3))
+    gc, gb, beta = 0.7, -1.3, 0.25
+    gq = rng.standard_normal(z.shape)
+
+    # the commitment holds e constant (sg), the codebook term holds z constant: differentiate each term in its
+    # own argument, as autograd does
+    h = 1e-6
+    gz_fd = np.zeros_like(z)
+    for i in range(z.size):
+        zp, zm = z.copy(), z.copy()
+        zp.flat[i] += h
+        zm.flat[i] -= h
+        gz_fd.flat[i] = (
+            gc * (RQ.vector_quantize(zp, e, beta)[2] - RQ.vector_quantize(zm, e, beta)[2]) / (2 * h)
+        )
+    ge_fd = np.zeros_like(e)
+    for i in range(e.size):
+        ep, em = e.copy(), e.copy()
+        ep.flat[i] += h
+        em.flat[i] -= h
+        ge_fd.flat[i] = (
+            gb * (RQ.vector_quantize(z, ep, beta)[3] - RQ.vector_quantize(z, em, beta)[3]) / (2 * h)
+        )
+    gz, ge = RQ.vector_quantize_backward(z, e, gq, gc, gb, beta)
+    np.testing.assert_allclose(gz, gq + gz_fd, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(ge, ge_fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vq_losses_and_grads_equal_autograd_composite(dtype):
+    torch.manual_seed(0)
+    z0 = torch.randn(64, 8, dtype=dtype)
+    e0 = torch.randn(20, 8, dtype=dtype)
+    w = torch.randn(64, 8, dtype=dtype)
+    out = []
+    for fn in (gt.vector_quantize, vq_composite):
+        z = z0.clone().requires_grad_(True)
+        e = e0.clone().requires_grad_(True)
+        zq, idx, commit, cb = fn(z, e, 0.25)
+        total = (zq * w).sum() + 0.7 * commit + 1.9 * cb
+        total.backward()
+        out.append((zq.detach(), idx, commit.detach(), cb.detach(), z.grad, e.grad))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    (zq, idx, c, b, gz, ge), (zq2, idx2, c2, b2, gz2, ge2) = out
+    assert torch.equal(idx, idx2)
+    torch.testing.assert_close(zq, zq2, **tol)
+    torch.testing.assert_close(c, c2, **tol)
+    torch.testing.assert_close(b, b2, **tol)
+    torch.testing.assert_close(gz, gz2, **tol)
+    torch.testing.assert_close(ge, ge2, **tol)
+
+
+def test_vq_torch_op_checks():
+    """gradcheck (float64) of each loss term in the argument it depends on, opcheck, compile(fullgraph)."""
+    torch.manual_seed(1)
+    z = torch.randn(10, 3, dtype=torch.float64)
+    e = torch.randn(6, 3, dtype=torch.float64)
+    zr = z.clone().requires_grad_(True)
+    er = e.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: gt.vector_quantize(a, e, 0.4)[2], (zr,))
+    assert torch.autograd.gradcheck(lambda b: gt.vector_quantize(z, b, 0.4)[3], (er,))
+    torch.library.opcheck(torch.ops.genloss.vector_quantize_fwd.default, (zr, er, 0.4, True))
+    torch.library.opcheck(torch.ops.genloss.vector_quantize_fwd.default, (z, e, 0.4, False))
+
+    def f(a, b):
+        zq, idx, c, cb = gt.vector_quantize(a, b, 0.4)
+        return (zq * 2).sum() + c + cb, idx
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for fn in (f, compiled):
+        a, b = z.clone().requires_grad_(True), e.clone().requires_grad_(True)
+        v, idx = fn(a, b)
+        v.backward()
+        if fn is f:
+            ref = (v.detach(), idx, a.grad, b.grad)
+        else:
+            torch.testing.assert_close((v.detach(), idx, a.grad, b.grad), ref, rtol=1e-12, atol=1e-14)
+
+
+def test_vq_low_precision_computed_in_float32():
+    torch.manual_seed(2)
+    for low in (torch.float16, torch.bfloat16):
+        z = torch.randn(40, 8).to(low)
+        e = torch.randn(16, 8).to(low)
+        zr, er = z.clone().requires_grad_(True), e.clone().requires_grad_(True)
+        zq, idx, c, cb = gt.vector_quantize(zr, er)
+        (zq.float().sum() + c + cb).backward()
+        want = brute_argmin(z.float().numpy(), e.float().numpy())  # the float32 (exact) values of the inputs
+        np.testing.assert_array_equal(idx.numpy(), want)
+        assert zq.dtype == low and torch.equal(zq, e[idx])
+        assert c.dtype == torch.float32 and zr.grad.dtype == low and er.grad.dtype == low
+        (_, _, c32, cb32), _ = gn.vector_quantize(z.float(), e.float(), need_grad=False)
+        assert c.item() == c32.item() and cb.item() == cb32.item()
+
+
+def test_vq_nan_row_gets_index_zero():
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((4, 3))
+    e = rng.standard_normal((5, 3))
+    z[2, 1] = np.nan
+    (zq, idx, c, b), _ = gn.vector_quantize(z, e)
+    assert idx[2] == 0 and np.isnan(c) and np.isnan(b)
+    np.testing.assert_array_equal(np.delete(idx, 2), np.delete(brute_argmin(np.nan_to_num(z), e), 2))
+    assert RQ.vector_quantize(z, e)[1][2] == 0 and np.isnan(RQ.vector_quantize(z, e)[2])
+    # a NaN code is never chosen while another code has a number
+    e2 = e.copy()
+    e2[0, 0] = np.nan
+    z2 = rng.standard_normal((6, 3))
+    (_, idx2, c2, _), _ = gn.vector_quantize(z2, e2)
+    assert (idx2 != 0).all() and np.isfinite(c2)
+    np.testing.assert_array_equal(idx2, RQ.vector_quantize(z2, e2)[1])
+
+
+def test_vq_bad_input():
+    z, e = np.zeros((4, 3)), np.zeros((5, 3))
+    cases = [
+        ((z, np.zeros((5, 2))), ValueError, "codebook"),
+        ((z, np.zeros((0, 3))), ValueError, "codebook"),
+        ((np.zeros((0, 3)), e), ValueError, "z"),
+        ((z[0], e), ValueError, "z"),
+        ((z, e.astype(np.float32)), TypeError, "codebook"),
+        ((z.astype(np.int64), e), TypeError, "z"),
+    ]
+    for args, exc, name in cases:
+        for fn in (gn.vector_quantize, RQ.vector_quantize):
+            if fn is RQ.vector_quantize and exc is TypeError:
+                continue  # the float64 reference converts any real dtype
+            with pytest.raises(exc, match=rf"^vector_quantize: .*{name}"):
+                fn(*args)
+    with pytest.raises(ValueError, match="^vector_quantize: beta"):
+        gn.vector_quantize(z, e, beta=-1.0)
+    with pytest.raises(ValueError, match="^vector_quantize: codebook"):
+        gt.vector_quantize(torch.zeros(4, 3), torch.zeros(5, 2))
+    with pytest.raises(TypeError, match="^vector_quantize: codebook"):
+        gt.vector_quantize(torch.zeros(4, 3), [[0.0, 0.0, 0.0]])
+
+
+def test_vq_memory_is_linear():
+    """No N x K matrix: the peak RSS growth of one call stays far below N*K*4 bytes (256 MiB here)."""
+    code = textwrap.dedent(
+        """
+        import resource, numpy as np, genloss.native as gn
+        rng = np.random.default_rng(0)
+        z = rng.standard_normal((4096, 8)).astype(np.float32)
+        e = rng.standard_normal((16384, 8)).astype(np.float32)
+        gn.vector_quantize(z[:8], e[:8])  # load everything first
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        gn.vector_quantize(z, e)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown_kib = int(out.stdout.split()[-1])
+    assert grown_kib < 32 * 1024, f"peak RSS grew {grown_kib} KiB; an N x K float32 matrix is 262144 KiB"
+
+
+def test_vq_cuda_fallback_matches_native_on_cpu():
+    """The torch implementation the CUDA path runs (tiled, sort-based segment sums), on CPU tensors."""
+    from genloss.torch import quant as TQ
+
+    torch.manual_seed(3)
+    z = torch.randn(100, 5, dtype=torch.float64)
+    e = torch.randn(33, 5, dtype=torch.float64)
+    old = TQ._VQ_TILE_ELEMS
+    TQ._VQ_TILE_ELEMS = 100 * 7  # several tiles of 7 codes
+    try:
+        zq, idx, c, b, gz, ge = TQ._vq_torch(z, e, 0.25, True)
+    finally:
+        TQ._VQ_TILE_ELEMS = old
+    (nzq, nidx, nc, nb), (ngz, nge) = gn.vector_quantize(z, e, 0.25)
+    assert torch.equal(idx, nidx) and torch.equal(zq, nzq)
+    torch.testing.assert_close((c, b, gz, ge), (nc, nb, ngz, nge), rtol=1e-12, atol=1e-15)
+
+
+# ============================================================================= vq_ema_update
+
+
+def numpy_ema(z, idx, cs, es, decay, eps):
+    """Segment sums by a Python loop over rows, then VQ-VAE-2's EMA and Laplace smoothing (QNT.5, QNT.6)."""
+    k, d = es.shape
+    counts = np.zeros(k)
+    sums = np.zeros((k, d))
+    for i, j in enumerate(idx):
+        counts[j] += 1
+        sums[j] += z[i]
+    ncs = decay * cs + (1 - decay) * counts
+    nes = decay * es + (1 - decay) * sums
+    n = ncs.sum()
+    sm = (ncs + eps) / (n + k * eps) * n
+    return ncs, nes, nes / sm[:, None]
+
+
+def test_ema_equals_numpy_segment_sums():
+    rng = np.random.default_rng(6)
+    n, k, d = 300, 17, 5
+    z = rng.standard_normal((n, d))
+    idx = rng.integers(0, k - 2, n)  # the last two codes unused: Laplace smoothing keeps them finite
+    cs = rng.uniform(0, 3, k)
+    es = rng.standard_normal((k, d))
+    want = numpy_ema(z, idx, cs, es, 0.9, 1e-5)
+    for got in (
+        gn.vq_ema_update(z, idx, cs, es, 0.9, 1e-5),
+        gn.vq_ema_update(z, idx.astype(np.int32), cs, es, 0.9, 1e-5),
+        RQ.vq_ema_update(z, idx, cs, es, 0.9, 1e-5),
+        tuple(
+            t.numpy() for t in gt.vq_ema_update(*(torch.from_numpy(a) for a in (z, idx, cs, es)), 0.9, 1e-5)
+        ),
+    ):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
+    f32 = gn.vq_ema_update(*(a.astype(np.float32) if a.dtype == np.float64 else a for a in (z, idx, cs, es)))
+    assert all(a.dtype == np.float32 for a in f32)
+    np.testing.assert_allclose(f32[2], numpy_ema(z, idx, cs, es, 0.99, 1e-5)[2], rtol=2e-5, atol=1e-6)
+
+
+def test_ema_bitwise_across_thread_counts():
+    rng = np.random.default_rng(7)
+    n, k, d = 40000, 64, 16
+    z = rng.standard_normal((n, d)).astype(np.float32)
+    idx = rng.integers(0, k, n)
+    cs = rng.uniform(0, 3, k).astype(np.float32)
+    es = rng.standard_normal((k, d)).astype(np.float32)
+    results = []
+    for t in (1, 2):
+        with gn.options(threads=t):
+            results.append(gn.vq_ema_update(z, idx, cs, es))
+            results.append(gn.vector_quantize(z, es, need_grad=True))
+    for a, b in zip(results[0], results[2], strict=True):
+        assert np.array_equal(a, b)
+    (zq1, i1, c1, b1), (gz1, ge1) = results[1]
+    (zq2, i2, c2, b2), (gz2, ge2) = results[3]
+    for a, b in ((zq1, zq2), (i1, i2), (c1, c2), (b1, b2), (gz1, gz2), (ge1, ge2)):
+        assert np.array_equal(a, b)
+
+
+def test_ema_torch_fallback_and_compile():
+    from genloss.torch import quant as TQ
+
+    rng = np.random.default_rng(8)
+    z = torch.from_numpy(rng.standard_normal((50, 4)))
+    idx = torch.from_numpy(rng.integers(0, 9, 50))
+    cs = torch.from_numpy(rng.uniform(0, 2, 9))
+    es = torch.from_numpy(rng.standard_normal((9, 4)))
+    want = gt.vq_ema_update(z, idx, cs, es, 0.8)
+    torch.testing.assert_close(TQ._ema_torch(z, idx, cs, es, 0.8, 1e-5), want, rtol=1e-12, atol=1e-14)
+    got = torch.compile(lambda *a: gt.vq_ema_update(*a, 0.8), fullgraph=True, backend="aot_eager")(
+        z, idx, cs, es
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.genloss.vq_ema_update.default, (z, idx, cs, es, 0.8, 1e-5))
+
+
+def test_ema_bad_input():
+    z, idx, cs, es = np.zeros((4, 3)), np.array([0, 1, 2, 1]), np.zeros(3), np.zeros((3, 3))
+    bad = [
+        ((z, np.array([0, 1, 3, 1]), cs, es), ValueError, "indices"),
+        ((z, np.array([0, -1, 2, 1]), cs, es), ValueError, "indices"),
+        ((z, idx[:3], cs, es), ValueError, "indices"),
+        ((z, idx, np.zeros(4), es), ValueError, "cluster_size"),
+        ((np.zeros((4, 2)), idx, cs, es), ValueError, "z"),
+        ((z, idx.astype(np.float64), cs, es), TypeError, "indices"),
+    ]
+    for args, exc, name in bad:
+        for fn in (gn.vq_ema_update, RQ.vq_ema_update):
+            with pytest.raises(exc, match=rf"^vq_ema_update: .*{name}"):
+                fn(*args)
+    for kw, name in (({"decay": 1.5}, "decay"), ({"eps": 0.0}, "eps")):
+        with pytest.raises(ValueError, match=rf"^vq_ema_update: {name}"):
+            gn.vq_ema_update(z, idx, cs, es, **kw)
+
+
+# ============================================================================= lfq_entropy_loss
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 8, 10])
+def test_lfq_equals_brute_force_softmax(d):
+    """Both terms and their weighted sum against the softmax over all 2^d codes (float64, 1e-12)."""
+    rng = np.random.default_rng(10 + d)
+    for tau, scale in ((100.0, 0.02), (1.0, 1.0), (3.0, 0.3)):
+        z = scale * rng.standard_normal((33, d))
+        hs, hc = (float(t) for t in lfq_brute(torch.from_numpy(z), tau))
+        terms = np.zeros(2)
+        v, _ = gn.lfq_entropy_loss(z, tau, 0.7, 1.3, need_grad=False, terms=terms)
+        np.testing.assert_allclose(terms, [hs, hc], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(v, 0.7 * hs - 1.3 * hc, rtol=1e-12, atol=1e-12)
+        # each term alone, through the weights
+        np.testing.assert_allclose(RQ.lfq_entropy_loss(z, tau, 1.0, 0.0), hs, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(RQ.lfq_entropy_loss(z, tau, 0.0, -1.0), hc, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            RQ.lfq_entropy_loss(z, tau, 0.7, 1.3), 0.7 * hs - 1.3 * hc, rtol=1e-12, atol=1e-12
+        )
+
+
+def test_lfq_gradient_fd_and_brute_autograd():
+    rng = np.random.default_rng(20)
+    for d, tau in ((3, 2.0), (6, 1.0), (9, 0.5)):
+        z = rng.standard_normal((11, d))
+        g = 0.8
+        zt = torch.from_numpy(z).requires_grad_(True)
+        hs, hc = lfq_brute(zt, tau)
+        ((0.6 * hs - 1.4 * hc) * g).backward()
+        brute = zt.grad.numpy()
+        (ref,) = RQ.lfq_entropy_loss_backward(z, g, tau, 0.6, 1.4)
+        _, (nat,) = gn.lfq_entropy_loss(z, tau, 0.6, 1.4)
+        np.testing.assert_allclose(ref, brute, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(g * nat, brute, rtol=1e-9, atol=1e-12)
+        # central differences of the reference value
+        fd = np.zeros_like(z)
+        for i in range(z.size):
+            h = 1e-6
+            zp, zm = z.copy(), z.copy()
+            zp.flat[i] += h
+            zm.flat[i] -= h
+            fd.flat[i] = (
+                g
+                * (RQ.lfq_entropy_loss(zp, tau, 0.6, 1.4) - RQ.lfq_entropy_loss(zm, tau, 0.6, 1.4))
+                / (2 * h)
+            )
+        np.testing.assert_allclose(ref, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_lfq_native_matches_reference():
+    rng = np.random.default_rng(21)
+    for d in (11, 13, 16):
+        z = 0.05 * rng.standard_normal((300, d))
+        v, (g,) = gn.lfq_entropy_loss(z, 100.0, 1.0, 1.0)
+        np.testing.assert_allclose(v, RQ.lfq_entropy_loss(z), rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(g, RQ.lfq_entropy_loss_backward(z, 1.0)[0], rtol=1e-9, atol=1e-13)
+    z32 = z.astype(np.float32)
+    v32, (g32,) = gn.lfq_entropy_loss(z32)
+    assert v32.dtype == np.float32 and g32.dtype == np.float32
+    np.testing.assert_allclose(v32, RQ.lfq_entropy_loss(z32), rtol=1e-6, atol=1e-6)
+
+
+def test_lfq_d18_bounded_memory():
+    """d = 18: N x 2^d float64 would be 2 GiB at N = 1024; the reference's traced peak and the native call's
+    peak RSS growth stay under 100 MB."""
+    rng = np.random.default_rng(22)
+    z = 0.01 * rng.standard_normal((1024, 18))
+    tracemalloc.start()
+    try:
+        v = RQ.lfq_entropy_loss(z, 100.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100e6, f"reference peak {peak} bytes"
+    terms = np.zeros(2)
+    code = textwrap.dedent(
+        """
+        import resource, sys, numpy as np, genloss.native as gn
+        z = 0.01 * np.random.default_rng(22).standard_normal((1024, 18))
+        gn.lfq_entropy_loss(z[:2, :2])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        v, (g,) = gn.lfq_entropy_loss(z)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, repr(float(v)))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown_kib, nv = out.stdout.split()
+    assert int(grown_kib) < 100e6 / 1024, f"native peak RSS grew {grown_kib} KiB"
+    np.testing.assert_allclose(float(nv), v, rtol=1e-10)
+    gn.lfq_entropy_loss(z[:4], terms=terms, need_grad=False)
+    # the per-sample term (d bit entropies) at d = 18 against its closed form per bit
+    x = 2 * 100.0 * z[:4]
+    q = 1 / (1 + np.exp(-x))
+    bits = -(q * np.log(q) + (1 - q) * np.log1p(-q))
+    np.testing.assert_allclose(terms[0], bits.sum(1).mean(), rtol=1e-10)
+
+
+def test_lfq_low_precision_finite():
+    """fp16 inputs (logits 2 tau z of order 1e3 at tau = 100): the torch layer computes in float32, no NaN/inf."""
+    torch.manual_seed(4)
+    for low in (torch.float16, torch.bfloat16):
+        z = (torch.randn(64, 12) * 5).to(low).requires_grad_(True)
+        v = gt.lfq_entropy_loss(z)
+        v.backward()
+        assert v.dtype == torch.float32 and torch.isfinite(v) and torch.isfinite(z.grad).all()
+        assert z.grad.dtype == low
+        want = RQ.lfq_entropy_loss(z.detach().double().numpy())
+        np.testing.assert_allclose(v.item(), want, rtol=1e-5, atol=1e-5)
+
+
+# torch's own deprecation warnings inside Dynamo's tracing of an autograd.Function (as tests/test_torch_ops.py)
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_lfq_torch_op_checks():
+    from genloss.torch import quant as TQ
+
+    torch.manual_seed(5)
+    z = (0.3 * torch.randn(9, 5, dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: gt.lfq_entropy_loss(a, 2.0, 0.5, 1.5), (z,))
+    torch.library.opcheck(torch.ops.genloss.lfq_entropy_loss.default, (z, 2.0, 0.5, 1.5))
+    for need in ([True], [False]):  # the primitive: real kernel + fake kernel
+        torch.library.opcheck(
+            torch.ops.genloss.lfq_entropy_loss_fwd.default, (z.detach(), 2.0, 0.5, 1.5, need)
+        )
+    f = torch.compile(lambda a: gt.lfq_entropy_loss(a, 2.0), fullgraph=True, backend="aot_eager")
+    a, b = z.detach().clone().requires_grad_(True), z.detach().clone().requires_grad_(True)
+    f(a).backward()
+    gt.lfq_entropy_loss(b, 2.0).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+    # the CUDA fallback (torch, autograd of per-chunk surrogates) on CPU tensors
+    v, (g,) = TQ._lfq_torch(z.detach(), 2.0, 0.5, 1.5, True)
+    nv, (ng,) = gn.lfq_entropy_loss(z.detach(), 2.0, 0.5, 1.5)
+    torch.testing.assert_close((v, g), (nv, ng), rtol=1e-10, atol=1e-13)
+
+
+def test_lfq_nan_and_bad_input():
+    z = np.zeros((3, 4))
+    z[1, 2] = np.nan
+    assert np.isnan(gn.lfq_entropy_loss(z)[0]) and np.isnan(RQ.lfq_entropy_loss(z))
+    with pytest.raises(ValueError, match=r"^lfq_entropy_loss: z has d=21 bits"):
+        gn.lfq_entropy_loss(np.zeros((2, 21)))
+    with pytest.raises(ValueError, match=r"^lfq_entropy_loss: z has d=21 bits"):
+        RQ.lfq_entropy_loss(np.zeros((2, 21)))
+    with pytest.raises(ValueError, match=r"^lfq_entropy_loss: z is empty"):
+        gn.lfq_entropy_loss(np.zeros((0, 4)))
+    with pytest.raises(ValueError, match=r"^lfq_entropy_loss: inv_temperature"):
+        gn.lfq_entropy_loss(np.zeros((2, 4)), inv_temperature=0.0)
+    with pytest.raises(ValueError, match=r"^lfq_entropy_loss: z must have shape"):
+        gn.lfq_entropy_loss(np.zeros(4))
+    with pytest.raises(TypeError, match=r"^lfq_entropy_loss: z"):
+        gn.lfq_entropy_loss(np.zeros((2, 4), dtype=np.int32))
+    assert _C.LFQ_MAX_BITS == NQ.LFQ_MAX_BITS == RQ.LFQ_MAX_BITS
+
+
+# ============================================================================= peer: vector-quantize-pytorch
+
+
+def test_peer_vector_quantize_pytorch_ema():
+    """VectorQuantize (EMA codebook, training mode): indices, commitment loss and the EMA state equal ours."""
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(6)
+    n, d, k, decay, beta = 256, 8, 32, 0.9, 0.25
+    vq = vqp.VectorQuantize(dim=d, codebook_size=k, decay=decay, commitment_weight=beta, kmeans_init=False)
+    vq.train()
+    cb = vq._codebook
+    e0 = cb.embed[0].detach().clone()
+    cs0 = cb.cluster_size[0].detach().clone()
+    es0 = cb.embed_avg[0].detach().clone()
+    x = torch.randn(1, n, d)
+    _, idx, commit = vq(x)
+    (zq, ours_idx, ours_commit, _), _ = gn.vector_quantize(x[0], e0, beta, need_grad=False)
+    assert torch.equal(idx[0], ours_idx)
+    torch.testing.assert_close(commit.reshape(()), ours_commit, rtol=1e-5, atol=1e-7)
+    ncs, nes, ncb = gn.vq_ema_update(x[0], ours_idx, cs0, es0, decay, cb.eps)
+    torch.testing.assert_close(cb.cluster_size[0], ncs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cb.embed_avg[0], nes, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cb.embed[0], ncb, rtol=1e-4, atol=1e-5)
+
+
+def test_peer_lfq_entropy():
+    """vector-quantize-pytorch's LFQ: logits 2 t <z, c> (t its inv_temperature), so its per-sample and codebook
+    entropies are ours at inv_temperature = 2 t, up to its log clamp at 1e-5 (QNT.7): equal where no probability
+    is below 1e-5, and the test shows the clamp's bias where many are."""
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(7)
+    d, t = 6, 0.5
+    lfq = vqp.LFQ(dim=d, codebook_size=2**d, entropy_loss_weight=1.0, diversity_gamma=1.0,
+                  commitment_loss_weight=0.0)  # fmt: skip
+    lfq.train()
+    x = 0.3 * torch.randn(1, 128, d)
+    out = lfq(x, inv_temperature=t, return_loss_breakdown=True)
+    breakdown = out[-1]
+    terms = np.zeros(2)
+    gn.lfq_entropy_loss(x[0].double().numpy(), 2 * t, need_grad=False, terms=terms)
+    hs_brute, hc_brute = (float(v) for v in lfq_brute(x[0].double(), 2 * t))
+    np.testing.assert_allclose(terms, [hs_brute, hc_brute], rtol=1e-12)
+    p_min = float(torch.softmax(2 * t * x[0].double() @ torch.tensor(
+        list(itertools.product([-1.0, 1.0], repeat=d)), dtype=torch.float64).T, 1).min())  # fmt: skip
+    assert p_min > 1e-5  # no clamp in play at this temperature: the peer must agree
+    np.testing.assert_allclose(float(breakdown.per_sample_entropy), terms[0], rtol=1e-5)
+    np.testing.assert_allclose(float(breakdown.batch_entropy), terms[1], rtol=1e-5)
+    # where codes have probabilities below 1e-5, the peer's clamped log lowers both entropies
+    # (-p log max(p, 1e-5) < -p log p): it equals the clamped brute force, genloss the exact one
+    d2, t2 = 10, 10.0
+    lfq2 = vqp.LFQ(dim=d2, codebook_size=2**d2, entropy_loss_weight=1.0, diversity_gamma=1.0,
+                   commitment_loss_weight=0.0)  # fmt: skip
+    lfq2.train()
+    x2 = 0.5 * torch.randn(1, 16, d2)
+    peer = lfq2(x2, inv_temperature=t2, return_loss_breakdown=True)[-1]
+    codes2 = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=d2)), dtype=torch.float64)
+    p2 = torch.softmax(2 * t2 * x2[0].double() @ codes2.T, 1)
+    clamped = -(p2.mean(0) * torch.log(p2.mean(0).clamp_min(1e-5))).sum()
+    gn.lfq_entropy_loss(x2[0].double().numpy(), 2 * t2, need_grad=False, terms=terms)
+    exact = float(lfq_brute(x2[0].double(), 2 * t2)[1])
+    np.testing.assert_allclose(terms[1], exact, rtol=1e-12)
+    np.testing.assert_allclose(float(peer.batch_entropy), float(clamped), rtol=1e-5)
+    assert float(peer.batch_entropy) < exact - 5e-5
