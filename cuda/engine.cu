@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "genloss/cuda_info.h"
 #include "genloss/engine.h"
 #include "scratch.cuh"
 #include "storage.cuh"
@@ -438,6 +439,19 @@ unsigned grid_for(int64_t n) {
 
 bool built() {
   return true;
+}
+
+RuntimeInfo runtime_info() {
+  RuntimeInfo r;
+  r.runtime_version = CUDART_VERSION;
+  if (cudaDriverGetVersion(&r.driver_version) != cudaSuccess) r.driver_version = 0;
+  const cudaError_t e = cudaGetDeviceCount(&r.device_count);
+  if (e != cudaSuccess) {
+    r.device_count = 0;
+    r.error = cudaGetErrorString(e);
+    (void)cudaGetLastError();  // a probe: leave no sticky error for the next call to find
+  }
+  return r;
 }
 
 DeviceGuard::DeviceGuard(int device) {

@@ -4,6 +4,10 @@ aligned to its element size (python/genloss/native/_engine.py as_input and
 cpp/src/bindings.cpp dlpack_info). Every error names the op and the argument."""
 
 import ctypes
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,6 +226,17 @@ def test_huge_broadcast_view_is_refused_torch(call, arg):
         call(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_huge_low_precision_view_is_refused_before_the_float32_copy(dtype):
+    """float16/bfloat16 inputs are computed in float32: the upcast copy is checked against the
+    machine's memory first (a broadcast view of 2 bytes is 4 TiB as float32)."""
+    x = torch.zeros(1, dtype=dtype).expand(HUGE)
+    with pytest.raises(ValueError, match=rf"^l1_loss: input is a {dtype} tensor .* {HUGE * 4} bytes"):
+        gt.l1_loss(x, x)
+    small = torch.full((1,), 0.5, dtype=dtype).expand(3, 4)  # small views still run, in float32
+    assert gt.l1_loss(small, torch.zeros(3, 4, dtype=dtype)).item() == 0.5  # F.l1_loss: the mean of |x - y|
+
+
 def test_small_broadcast_view_still_works():
     x = np.broadcast_to(np.float64(0.5), (3, 4))
     v, (g,) = gn.wgan_g_loss(x)
@@ -292,3 +307,55 @@ def test_torch_layer_takes_half_precision_on_cpu_as_the_message_says():
     v = gt.wgan_g_loss(x.half())
     want = -x.half().double().sum(dim=1).mean()  # per-sample sums, batch mean
     assert float(v) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_bad_input_matrix_in_a_subprocess(tmp_path):
+    """The registry-driven bad-input matrix (tests/bad_input_matrix.py: every op x every way of
+    breaking one argument x reference, native and torch), crash-isolated in child processes:
+    every case must be refused with a ValueError/TypeError naming the op and the argument.
+    The counts are printed (pytest -s shows them) and kept in the JSON report."""
+    report = tmp_path / "matrix.json"
+    script = Path(__file__).with_name("bad_input_matrix.py")
+    run = subprocess.run(
+        [sys.executable, str(script), "--json", str(report)], capture_output=True, text=True, timeout=1800
+    )
+    print(run.stdout)
+    counts = json.loads(report.read_text())["counts"]
+    assert run.returncode == 0 and counts["named"] > 2000, run.stdout[-4000:] + run.stderr[-2000:]
+    assert {k: v for k, v in counts.items() if k != "named"} == dict.fromkeys(
+        ("no_op_name", "unclear", "accepted", "crashed", "hung"), 0
+    )
+
+
+def test_cuda_problem_says_what_to_do():
+    """The CUDA engine's readiness, from the probe's numbers: each failure says what to do."""
+    from genloss.native._engine import cuda_problem
+
+    ok = {"built": True, "runtime_version": 13000, "driver_version": 13000, "device_count": 1, "error": ""}
+    assert cuda_problem(ok) == ""
+    assert cuda_problem({**ok, "driver_version": 13020}) == ""  # a newer driver
+    assert cuda_problem({**ok, "runtime_version": 13010}) == ""  # minor-version compatibility
+    assert "built without CUDA" in cuda_problem({**ok, "built": False})
+    assert "no NVIDIA driver" in cuda_problem({**ok, "driver_version": 0})
+    old = cuda_problem({**ok, "driver_version": 12080, "error": "CUDA driver version is insufficient"})
+    assert "CUDA 13.0 runtime" in old and "supports CUDA 12.8" in old and "update the NVIDIA driver" in old
+    assert "no CUDA device" in cuda_problem({**ok, "device_count": 0})
+    assert "'out of memory'" in cuda_problem({**ok, "error": "out of memory"})
+
+
+def test_cuda_runtime_probe_matches_the_build():
+    info = gn._engine._C.cuda_runtime()
+    assert info["built"] == gn._engine._C.build_info()["cuda"]
+    assert (info["runtime_version"] >= 11000) == info["built"]
+
+
+def test_cuda_input_is_refused_with_the_reason_when_the_engine_cannot_run():
+    from genloss.native._engine import cuda_problem
+
+    problem = cuda_problem(gn._engine._C.cuda_runtime())
+    if not problem:
+        pytest.skip("the CUDA engine can run on this machine")
+    fake = HandMade(np.arange(3.0), device=2)  # a CUDA array as a producer describes it
+    with pytest.raises(RuntimeError, match=r"^wgan_g_loss: fake_scores is a CUDA array, but ") as info:
+        gn.wgan_g_loss(fake)
+    assert problem in str(info.value)

@@ -11,11 +11,15 @@ Independent direct formulas for the VALUES live in tests/test_gan_identities.py.
 
 from __future__ import annotations
 
+import types
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from genloss import reference
 from genloss import registry as R
 from tolerances import assert_close
 
@@ -135,7 +139,17 @@ def test_spectral_norm_backward_holds_vectors_constant(n_iters):
     assert_close(g, numeric, "fd", np.float64, f"spectral_norm_sigma(n_iters={n_iters}) d/dW")
 
 
-@pytest.mark.parametrize("family", ["gan", "vae", "diffusion", "divergence", "flow", "metrics"])
+# every family module of genloss.reference (a new family cannot be missed)
+FAMILIES = sorted(n for n in reference.__all__ if isinstance(getattr(reference, n), types.ModuleType))
+
+
+def test_families_are_the_derivation_files():
+    assert FAMILIES == sorted(
+        p.stem for p in (Path(__file__).parents[1] / "derivations").glob("*.md") if p.stem != "README"
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_registry_covers_every_reference_op(family):
     """Every op the reference exports (a forward, with or without ``_backward``) has a registry
     record or is listed in ``NOT_REGISTERED`` with its reason (so the generic tests cannot

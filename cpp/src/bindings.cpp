@@ -10,6 +10,7 @@
 
 #include "cpu_config.h"
 #include "dlpack.h"
+#include "genloss/cuda_info.h"
 #include "genloss/engine.h"
 
 namespace py = pybind11;
@@ -18,6 +19,9 @@ using namespace genloss;
 void bind_mmd(py::module_& m);         // bindings_mmd.cpp
 void bind_host_cache(py::module_& m);  // host_cache.cpp
 void bind_fast_path(py::module_& m);   // fast_path.cpp
+void bind_quant(py::module_& m);       // bindings_quant.cpp
+void bind_prdc(py::module_& m);        // bindings_prdc.cpp
+void bind_ot(py::module_& m);          // bindings_ot.cpp
 
 namespace {
 
@@ -197,6 +201,17 @@ py::dict config() {
   return d;
 }
 
+py::dict cuda_runtime() {
+  const cuda::RuntimeInfo r = cuda::runtime_info();
+  py::dict d;
+  d["built"] = cuda::built();
+  d["runtime_version"] = r.runtime_version;
+  d["driver_version"] = r.driver_version;
+  d["device_count"] = r.device_count;
+  d["error"] = std::string(r.error);
+  return d;
+}
+
 py::dict build_info() {
   py::dict d;
   d["cuda"] = cuda::built();
@@ -235,6 +250,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("gmm",           &gmm);
   m.def("dlpack_info",   &dlpack_info, py::arg("cap"), py::arg("name") = "array");
   m.def("build_info",    &build_info);
+  m.def("cuda_runtime",  &cuda_runtime);
   m.def("config",        &config);
   m.def("config_warnings", &cpu::config_warnings);
   m.def("set_threads",   &cpu::set_threads);
@@ -252,4 +268,7 @@ PYBIND11_MODULE(_C, m) {
   bind_mmd(m);
   bind_host_cache(m);
   bind_fast_path(m);
+  bind_quant(m);
+  bind_prdc(m);
+  bind_ot(m);
 }

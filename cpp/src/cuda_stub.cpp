@@ -2,6 +2,7 @@
 // call raises a clear error (Python checks cuda::built() first).
 #include <stdexcept>
 
+#include "genloss/cuda_info.h"
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
 
@@ -14,6 +15,9 @@ namespace {
 }  // namespace
 bool built() {
   return false;
+}
+RuntimeInfo runtime_info() {
+  return {};
 }
 DeviceGuard::DeviceGuard(int) {
   unavailable();

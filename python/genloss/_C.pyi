@@ -20,6 +20,7 @@ MMD_TILE: int  # kMmdTile, genloss/mmd.h
 MMD_KERNELS: tuple[str, ...]  # index = enum MmdKernel
 MMD_ESTIMATORS: tuple[str, ...]  # index = enum MmdEstimator
 HOST_CACHE_MIN_BYTES: int  # kHostCacheMinBytes, cpu_config.h
+LFQ_MAX_BITS: int  # kLfqMaxBits, quant_cpu.h
 
 # ---- engine primitives (bindings.cpp, bindings_mmd.cpp) ------------------------------
 
@@ -157,6 +158,19 @@ def mmd(
     grad_y: int,
     /,
 ) -> None: ...
+def knn_prdc(  # bindings_prdc.cpp, knn.h: CPU only; real_r2, fake_r2 float64, counts int64[4]
+    dtype: int,
+    real: int,
+    fake: int,
+    N: int,
+    M: int,
+    D: int,
+    k: int,
+    real_r2: int,
+    fake_r2: int,
+    counts: int,
+    /,
+) -> None: ...
 def dlpack_info(
     cap: object, name: str = "array"
 ) -> tuple[int, int, int, int, int, int, tuple[int, ...], tuple[int, ...] | None]:
@@ -208,6 +222,7 @@ class _Config(TypedDict):
     host_cache_mb: int  # < 0: sized by use
 
 def build_info() -> _BuildInfo: ...
+def cuda_runtime() -> dict[str, int | str | bool]: ...
 def config() -> _Config: ...
 def config_warnings() -> list[str]: ...
 def set_threads(n: int, /) -> None: ...
@@ -237,3 +252,70 @@ def cached_empty(shape: Sequence[int], dtype: int) -> CapsuleType:
 def host_cache_info() -> _HostCacheInfo: ...
 def host_cache_clear() -> None: ...
 def advise_huge_pages(ptr: int, nbytes: int) -> int: ...
+
+# ---- the quant family (bindings_quant.cpp, quant_cpu.h); CPU only
+def vector_quantize(
+    dtype: int,
+    z: int,
+    codebook: int,
+    N: int,
+    K: int,
+    D: int,
+    beta: float,
+    z_q: int,
+    indices: int,
+    out_commitment: int,
+    out_codebook: int,
+    grad_z: int,
+    grad_codebook: int,
+) -> None: ...
+def vq_ema_update(
+    dtype: int,
+    index_dtype: int,
+    z: int,
+    indices: int,
+    N: int,
+    K: int,
+    D: int,
+    cluster_size: int,
+    embed_sum: int,
+    decay: float,
+    eps: float,
+    out_cluster_size: int,
+    out_embed_sum: int,
+    out_codebook: int,
+) -> None: ...
+def lfq_entropy(
+    dtype: int,
+    z: int,
+    N: int,
+    d: int,
+    inv_temperature: float,
+    sample_weight: float,
+    codebook_weight: float,
+    out_value: int,
+    terms: int,
+    grad_z: int,
+) -> None: ...
+
+# ---- optimal transport (bindings_ot.cpp, genloss/ot.h); CPU only, float64 host pointers
+def sinkhorn(
+    x: int,
+    y: int,
+    N: int,
+    M: int,
+    D: int,
+    p: float,
+    eps: Sequence[float],
+    tol: float,
+    max_iter: int,
+    debias: bool,
+    value: int,
+    f: int,
+    g: int,
+    grad_x: int,
+    grad_y: int,
+) -> int:
+    """Rounds run at the last eps."""
+
+def ot_assignment(x0: int, x1: int, B: int, D: int, perm: int) -> None: ...

@@ -4,7 +4,7 @@
 ``(value, grads)``; see ``genloss.native.gan`` for the conventions.
 """
 
-from . import diffusion, divergence, flow, gan, vae
+from . import diffusion, divergence, flow, gan, metrics, quant, vae
 from ._engine import cache_info, empty_cache, options
 from .diffusion import (
     diffusion_mse_loss,
@@ -26,7 +26,10 @@ from .flow import (
     denoiser_loss,
     flow_interpolant,
     flow_matching_loss,
+    meanflow_loss,
     pseudo_huber_loss,
+    scm_loss,
+    vsd_loss,
 )
 from .gan import (
     cycle_consistency_loss,
@@ -51,6 +54,8 @@ from .gan import (
     wgan_critic_loss,
     wgan_g_loss,
 )
+from .metrics import cmmd, ot_coupling, prdc, sinkhorn_divergence
+from .quant import lfq_entropy_loss, vector_quantize, vq_ema_update
 from .vae import (
     bernoulli_nll,
     gaussian_kl,
@@ -85,13 +90,25 @@ __all__ = [
     "denoiser_loss",
     "flow_interpolant",
     "flow_matching_loss",
+    "meanflow_loss",
     "pseudo_huber_loss",
+    "scm_loss",
+    "vsd_loss",
     "gan",
+    "quant",
+    "lfq_entropy_loss",
+    "vector_quantize",
+    "vq_ema_update",
     "vae",
     "density_ratio_from_logits",
     "kid",
     "median_bandwidth",
     "mmd2",
+    "metrics",
+    "cmmd",
+    "prdc",
+    "ot_coupling",
+    "sinkhorn_divergence",
     "bernoulli_nll",
     "gaussian_kl",
     "gaussian_nll",
@@ -122,3 +139,8 @@ __all__ = [
     "wgan_critic_loss",
     "wgan_g_loss",
 ]
+
+# Every public function's ValueError / TypeError names its op (the checks name the argument).
+from .. import _checks  # noqa: E402
+
+_checks.name_op_errors(globals(), __all__)

@@ -107,7 +107,9 @@ def _op_prefix() -> str:
     while f is not None:
         fn = f.f_code.co_name
         if f.f_globals.get("__name__", "").startswith("genloss.") and not fn.startswith("_"):
-            if any(getattr(getattr(m, fn, None), "__code__", None) is f.f_code for m in layers):
+            # the exported function, or the function it wraps (_checks.op_errors)
+            exported = [getattr(m, fn, None) for m in layers]
+            if any(getattr(getattr(e, "__wrapped__", e), "__code__", None) is f.f_code for e in exported):
                 return f"{fn}: "
         f = f.f_back
     return ""
@@ -154,6 +156,49 @@ def check_copy_size(name: str, shape: Sequence[int], itemsize: int, what: str) -
         )
 
 
+def cuda_problem(info: dict[str, Any]) -> str:
+    """Why the CUDA engine cannot run on this machine ('' when it can), from ``_C.cuda_runtime()``.
+
+    genloss links the CUDA runtime statically: a CUDA 13 build needs a driver for CUDA 13
+    (NVIDIA driver >= 580) even where torch's own cu12x wheels run on an older one, so the
+    driver is checked by major version (CUDA's minor-version compatibility covers the rest).
+    """
+    if not info["built"]:
+        return (
+            "genloss was built without CUDA (nvcc was not found at build time, or GENLOSS_CUDA=OFF): "
+            "reinstall where nvcc is found to pass CUDA arrays"
+        )
+
+    def ver(v: int) -> str:
+        return f"{v // 1000}.{v % 1000 // 10}"
+
+    rt, drv = int(info["runtime_version"]), int(info["driver_version"])
+    if drv == 0:
+        return "genloss's CUDA engine found no NVIDIA driver"
+    if drv // 1000 < rt // 1000:
+        return (
+            f"genloss's CUDA engine was built with the CUDA {ver(rt)} runtime, which needs a driver for "
+            f"CUDA {rt // 1000}.x; the installed driver supports CUDA {ver(drv)}: update the NVIDIA driver, "
+            f"or rebuild genloss with a CUDA {drv // 1000}.x toolkit (e.g. the one of your torch build)"
+        )
+    if info["error"]:
+        return f"genloss's CUDA engine cannot start: the CUDA runtime says '{info['error']}'"
+    if int(info["device_count"]) < 1:
+        return "genloss's CUDA engine sees no CUDA device"
+    return ""
+
+
+_CUDA_PROBLEM: list[str] = []  # filled by the first CUDA input: the probe runs once
+
+
+def _require_cuda(name: str) -> None:
+    """A CUDA input is refused, naming it and saying why, when the CUDA engine cannot run."""
+    if not _CUDA_PROBLEM:
+        _CUDA_PROBLEM.append(cuda_problem(_C.cuda_runtime()))
+    if _CUDA_PROBLEM[0]:
+        raise _err(RuntimeError, f"{name} is a CUDA array, but {_CUDA_PROBLEM[0]}")
+
+
 def _from_torch(x: Any, name: str, integer: bool) -> Buf:
     # data_ptr() needs no detach (only __dlpack__ refuses tensors that require grad).
     if not x.is_contiguous():
@@ -167,6 +212,7 @@ def _from_torch(x: Any, name: str, integer: bool) -> Buf:
         x = x.resolve_neg()
     code = (_TORCH_INT if integer else _TORCH_FLOAT).get(x.dtype)
     if x.is_cuda:
+        _require_cuda(name)
         device, did = CUDA, x.get_device()
     elif x.is_cpu:
         device, did = CPU, 0
@@ -259,6 +305,7 @@ def as_input(x: Any, name: str, *, integer: bool = False) -> Buf:
         except (TypeError, ValueError, BufferError, RuntimeError) as e:
             raise _err(TypeError, f"{name}: NumPy cannot read its DLPack capsule: {e}") from e
         return _from_numpy(arr, name, integer)
+    _require_cuda(name)  # after the capsule's checks: a malformed capsule is refused as such anywhere
     if lanes != 1:
         raise _err(TypeError, f"{name} has vector lanes; genloss needs scalar elements")
     if integer:

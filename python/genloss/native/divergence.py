@@ -124,6 +124,11 @@ def median_bandwidth(x: Any, y: Any, max_points: int = 2000) -> float:
     NumPy/CuPy-free CPU arrays, torch on the tensor's device for torch tensors).
     ValueError if z has fewer than 2 points or the median distance is 0.  (DIV.12)
     """
+    with C.named_errors("median_bandwidth"):
+        return _median_bandwidth(x, y, max_points)
+
+
+def _median_bandwidth(x: Any, y: Any, max_points: int) -> float:
     if isinstance(max_points, bool) or not isinstance(max_points, int):
         raise TypeError(f"max_points must be an int, got {type(max_points).__name__}")
     if max_points < 2:
@@ -135,7 +140,7 @@ def median_bandwidth(x: Any, y: Any, max_points: int = 2000) -> float:
         raise ValueError(f"y must have the dimension of x (D={d}), got shape {tuple(yb.shape)}")
     total = xb.shape[0] + yb.shape[0]
     if total < 2:
-        raise ValueError(f"median_bandwidth needs at least 2 points in x and y together, got {total}")
+        raise ValueError(f"x, y: the median heuristic needs at least 2 pooled points, got {total}")
     step = math.ceil(total / max_points) if total > max_points else 1
     if xb.kind == "torch":
         import torch
@@ -149,8 +154,13 @@ def median_bandwidth(x: Any, y: Any, max_points: int = 2000) -> float:
 
         zn = np.concatenate([host(xb), host(yb)]).astype(np.float64)[::step]
         med = _median_numpy(zn)
-    if not med > 0.0:
-        raise ValueError("median_bandwidth: the median pairwise distance is 0 (too many repeated points)")
+    if not math.isfinite(med):  # the reference's messages: NaN is not "repeated points"
+        raise ValueError(f"x, y: the median pairwise distance is {med} (non-finite data)")
+    if med == 0.0:
+        raise ValueError(
+            "x, y: the median pairwise distance of the pooled data is 0 (most points coincide); "
+            "pass bandwidths explicitly"
+        )
     return med
 
 

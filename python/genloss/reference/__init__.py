@@ -9,7 +9,8 @@ Every public name of the family modules is re-exported flat, e.g.
 ``genloss.reference.frechet_distance`` is ``genloss.reference.metrics.frechet_distance``.
 """
 
-from . import diffusion, divergence, flow, gan, metrics, vae
+from .. import _checks
+from . import diffusion, divergence, flow, gan, metrics, quant, vae
 from .diffusion import *  # noqa: F403
 from .diffusion import __all__ as _diffusion_all
 from .divergence import *  # noqa: F403
@@ -20,6 +21,8 @@ from .gan import *  # noqa: F403
 from .gan import __all__ as _gan_all
 from .metrics import *  # noqa: F403
 from .metrics import __all__ as _metrics_all
+from .quant import *  # noqa: F403
+from .quant import __all__ as _quant_all
 from .vae import *  # noqa: F403
 from .vae import __all__ as _vae_all
 
@@ -29,6 +32,7 @@ __all__ = [
     "flow",
     "gan",
     "metrics",
+    "quant",
     "vae",
     *_gan_all,
     *_vae_all,
@@ -36,4 +40,11 @@ __all__ = [
     *_divergence_all,
     *_flow_all,
     *_metrics_all,
+    *_quant_all,
 ]
+
+# Every public function's ValueError / TypeError names its op (the checks name the argument).
+for _module in (diffusion, divergence, flow, gan, metrics, quant, vae):
+    _checks.name_op_errors(vars(_module), _module.__all__)
+    globals().update({_n: getattr(_module, _n) for _n in _module.__all__})
+del _module

@@ -384,6 +384,11 @@ def median_bandwidth(x, y, max_points=2000):
     ``np.median`` of the :math:`L(L-1)/2` distances (the mean of the two middle ones
     when their number is even).  Distances from exact differences, in row blocks.
     """
+    with _checks.named_errors("median_bandwidth"):
+        return _median_bandwidth(x, y, max_points)
+
+
+def _median_bandwidth(x, y, max_points):
     x, y = _samples(x, y, allow_empty=True)
     max_points = _checks.positive_int("max_points", max_points)
     if max_points < 2:

@@ -52,6 +52,8 @@ from . import diffusion as _diffusion
 from . import divergence as _divergence
 from . import flow as _flow
 from . import gan as _gan_records
+from . import metrics as _metrics
+from . import quant as _quant
 from . import vae as _vae
 from .core import (  # noqa: F401  (the public names of the machinery)
     ALL,
@@ -106,7 +108,13 @@ __all__ = [
 
 
 RECORDS: tuple[OpRecord, ...] = (
-    _gan_records.RECORDS + _vae.RECORDS + _diffusion.RECORDS + _divergence.RECORDS + _flow.RECORDS
+    _gan_records.RECORDS
+    + _vae.RECORDS
+    + _diffusion.RECORDS
+    + _divergence.RECORDS
+    + _flow.RECORDS
+    + _quant.RECORDS
+    + _metrics.RECORDS
 )
 
 # Reference functions with no record, and why (a test checks this list is complete).
@@ -125,6 +133,14 @@ NOT_REGISTERED: dict[str, str] = {
     "brute-force median by tests/test_divergence_identities.py and tests/test_mmd.py",
     "kid": "(mean, std) over random subsets, Python floats (no gradient); checked against the dense "
     "polynomial MMD by tests/test_divergence_identities.py and tests/test_mmd.py",
+    "vector_quantize": "four outputs (z_q with a straight-through gradient, int64 indices, commitment, codebook "
+    "term; the registry's tests differentiate one value); indices vs a brute-force argmin, values and gradients vs "
+    "the autograd composite, finite differences and vector-quantize-pytorch by tests/test_quant_vq.py",
+    "vq_ema_update": "a state update (three outputs, integer indices, no gradient); vs NumPy segment sums, bitwise "
+    "across thread counts and vs vector-quantize-pytorch's EMA by tests/test_quant_vq.py",
+    "lfq_entropy_loss": "z must be (N, d) with d <= 20 (the registry's shapes are free); vs the brute-force softmax "
+    "over all 2^d codes, finite differences, autograd, gradcheck/opcheck/compile and vector-quantize-pytorch's LFQ "
+    "by tests/test_quant_vq.py",
     "flow_weight": "the per-sample weighting lambda(t) and its slope (a helper of flow_matching_loss, whose "
     "t-gradient exercises it); checked against its definitions, SD3's cosmap density and diffusers by "
     "tests/test_flow_identities.py",
@@ -151,8 +167,30 @@ NOT_REGISTERED: dict[str, str] = {
     "torch checked against one pass, exact rationals and a 2-process gloo run by tests/test_metrics.py",
     "frechet_distance": "a metric of two feature sets or moments (not a per-sample loss; torch gradient w.r.t. "
     "the features only); checked against closed forms, mpmath, scipy sqrtm and gradcheck by tests/test_metrics.py",
+    "prdc": "four Python floats (precision, recall, density, coverage), piecewise constant: no gradient; every "
+    "layer vs a brute-force NumPy definition, the prdc package, the tie rule on duplicates and its memory bound "
+    "by tests/test_metrics_prdc.py",
+    "sliced_wasserstein": "its directions are drawn from the seed in NumPy at call time (shared by every layer), "
+    "which torch.compile(fullgraph=True) cannot trace, and seed 0 is valid (the records' int hyperparameters must "
+    "refuse 0); value and gradients in every layer vs exact 1-D formulas, scipy, POT, finite differences and "
+    "gradcheck by tests/test_metrics_prdc.py",
+    "cmmd": "1000 x mmd2 (registered: rbf, bandwidth 10, biased); the factor scales the rounding of kernel means "
+    "near 1 past the generic value tolerance (relative to max(1, |value|)); every layer vs the direct and the "
+    "official CMMD formulas, the reference backward and finite differences by tests/test_metrics_prdc.py",
+    "ot_coupling": "an int64 permutation ('exact') or a (B, B) plan ('sinkhorn'), no gradient; checked "
+    "against scipy's linear_sum_assignment, POT's plan and torchcfm by tests/test_metrics_ot.py",
     "gather_with_grad": "a torch.distributed collective (torch only, no reference); its gradient convention is "
     "checked by the 2-process gloo test of tests/test_metrics.py",
+    "fsq_indices": "int64 indices from FSQ codes (integer output, no gradient); checked as a bijection and "
+    "against vector-quantize-pytorch by tests/test_quant_regularizers.py",
+    "fsq_codes": "FSQ codes from int64 indices (integer input, no gradient); checked as the inverse of fsq_indices "
+    "by tests/test_quant_regularizers.py",
+    "adaptive_gan_weight": "a detached weight from lists of gradients, all-reduced over a process group (no "
+    "gradient); checked against taming-transformers and a 2-process gloo run by tests/test_quant_regularizers.py",
+    "lazy_regularization": "Python floats from scalars (the lazy gain and Adam's compensated settings); checked "
+    "against stylegan2-ada's training_loop lines by tests/test_quant_regularizers.py",
+    "lpips_head": "lists of per-layer features and weights (the records take arrays); value and gradients checked "
+    "against the official formula and finite differences by tests/test_quant_regularizers.py",
 }
 
 

@@ -11,7 +11,7 @@ except ModuleNotFoundError as _err:
         raise
     raise ImportError("genloss.torch needs PyTorch: pip install 'genloss[torch]'", name="torch") from None
 
-from . import diffusion, divergence, flow, gan, metrics, vae, vdm
+from . import diffusion, divergence, flow, gan, metrics, quant, vae, vdm
 from .diffusion import *  # noqa: F403
 from .diffusion import __all__ as _diffusion_all
 from .divergence import *  # noqa: F403
@@ -22,6 +22,8 @@ from .gan import *  # noqa: F403
 from .gan import __all__ as _gan_all
 from .metrics import *  # noqa: F403
 from .metrics import __all__ as _metrics_all
+from .quant import *  # noqa: F403
+from .quant import __all__ as _quant_all
 from .vae import *  # noqa: F403
 from .vae import __all__ as _vae_all
 from .vdm import *  # noqa: F403
@@ -33,6 +35,7 @@ __all__ = [
     "flow",
     "gan",
     "metrics",
+    "quant",
     "vae",
     "vdm",
     *_gan_all,
@@ -42,4 +45,10 @@ __all__ = [
     *_divergence_all,
     *_flow_all,
     *_metrics_all,
+    *_quant_all,
 ]
+
+# Every public function's ValueError / TypeError names its op (the checks name the argument).
+from .. import _checks  # noqa: E402
+
+_checks.name_op_errors(globals(), __all__)

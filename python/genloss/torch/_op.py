@@ -37,6 +37,9 @@ from typing import Any
 
 import torch
 
+from .._checks import named_errors
+from ..native._engine import check_copy_size
+
 lib = torch.library.Library("genloss", "DEF")
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -261,6 +264,14 @@ class LossOp:
         for i in self.tensor_idx:
             a = args[i]
             if a is not None and a.dtype in _LOW:
+                # the float32 copies must fit: a broadcast view of a few bytes can be terabytes
+                with named_errors(self.name):
+                    for j in self.tensor_idx:
+                        b = args[j]
+                        if isinstance(b, torch.Tensor) and b.dtype in _LOW:
+                            check_copy_size(
+                                self.names[j], b.shape, 4, f"a {b.dtype} tensor (computed in float32)"
+                            )
                 args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in _LOW else a for a in args]
                 break
         return self._call(args, tuple(need_grad), **extra)
