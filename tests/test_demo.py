@@ -1,33 +1,37 @@
-"""The ``genloss demo`` (``genloss.apps.demo``): a short run, its metrics, its determinism."""
+"""The ``genloss demo`` (``genloss.apps.demo``): a --quick run, its metrics, outputs,
+provenance (the committed README figure and table match the code), and determinism."""
 
 from __future__ import annotations
 
-import io
+import csv
+import json
 import math
+import re
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
 
 import genloss.torch as gl  # noqa: E402
 from genloss.apps import demo  # noqa: E402
+from genloss.apps.demo import methods as demo_methods  # noqa: E402
+from genloss.apps.demo import metrics as demo_metrics  # noqa: E402
+from genloss.apps.demo import runner  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-KEYS = {
-    "method", "family", "status", "note", "about", "ops", "steps", "batch", "seed", "modes_covered",
-    "mode_counts", "high_quality", "mmd2", "losses", "d_loss", "g_loss", "loss", "history", "samples",
-    "wall_s", "cpu_s",
-}  # fmt: skip
-N_EVAL = 500  # the default 2000 costs 16x more in MMD²; the metrics are tested apart
-SHORT = ["gan-ns", "wgan-gp", "ragan"]  # plain, gradient penalty, relativistic (G sees D(real))
+QUICK_METHODS = ["gan-ns", "wgan-gp", "ddpm", "consistency"]  # plain GAN, gradient penalty, two samplers
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """As run_demo does: on a 2-core machine shared with other jobs, two OpenMP threads
-    wait on each other (the MMD² test took 19 s instead of 0.3 s)."""
+    """As run_demo does: on a 2-core machine shared with other jobs, two OpenMP threads wait on each other."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -35,78 +39,161 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def short_run(one_thread, tmp_path_factory):
+def quick_run(one_thread, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, demo.run_demo(out, steps=30, seed=3, methods=SHORT, progress=False, n_eval=N_EVAL)
+    res = demo.run_demo(out, quick=True, methods=QUICK_METHODS, workers=1, progress=False, seed=3)
+    return out, res
 
 
-# ------------------------------------------------------------------ the run
+# ------------------------------------------------------------------ the --quick run and its outputs
 
 
-def test_short_run_writes_a_png_and_the_results(short_run):
-    out, results = short_run
-    png = out / "genloss-demo.png"
-    assert png.is_file() and png.stat().st_size > 0
-    assert png.read_bytes()[:8] == PNG_MAGIC
-    assert [r["method"] for r in results] == ["data", *SHORT]
-    assert results[0]["status"] == "reference"
-    for r in results:
-        assert set(r) == KEYS, r["method"]
-        assert r["samples"].shape == (N_EVAL, 2)
-        assert 0 <= r["modes_covered"] <= demo.N_MODES and sum(r["mode_counts"]) <= N_EVAL
-        assert math.isfinite(r["mmd2"])
-    for r in results[1:]:
-        assert r["status"] == "ok" and r["steps"] == 30
-        assert math.isfinite(r["d_loss"]) and math.isfinite(r["g_loss"]) and r["loss"] is None
-        assert r["history"]["d"].shape == r["history"]["g"].shape == (30,)
-    # the data row is the noise floor: all modes, all samples near a mode, tiny MMD²
-    data = results[0]
-    assert data["modes_covered"] == 8 and data["high_quality"] == 1.0
-    assert data["mmd2"] < min(r["mmd2"] for r in results[1:])
-    table = demo.format_table(results)
-    assert table.splitlines()[0].split()[:4] == ["method", "modes", "hq", "MMD²"]
-    for name in SHORT:
-        assert name in table
+def test_quick_run_rows_and_spread(quick_run):
+    _, res = quick_run
+    pairs = [(r["dataset"], r["method"]) for r in res["summary"]]
+    assert pairs == [
+        ("ring", "data"), ("ring", "gan-ns"), ("ring", "wgan-gp"),
+        ("grid", "data"), ("grid", "gan-ns"), ("grid", "wgan-gp"),
+        ("swiss_roll", "data"), ("swiss_roll", "ddpm"), ("swiss_roll", "consistency"),
+    ]  # fmt: skip
+    assert len(res["runs"]) == len(pairs) * demo.QUICK.seeds
+    for row in res["summary"]:
+        runs = [r for r in res["runs"] if (r["dataset"], r["method"]) == (row["dataset"], row["method"])]
+        assert sorted(r["rep"] for r in runs) == list(range(demo.QUICK.seeds))
+        mmd = np.array([r["mmd2"] for r in runs])
+        assert row["mmd2"] == pytest.approx(mmd.mean(), rel=1e-12)
+        assert row["mmd2_sd"] == pytest.approx(mmd.std(ddof=1), rel=1e-9, abs=1e-15)
+        if row["dataset"] == "swiss_roll":
+            assert row["modes_covered"] is None and row["high_quality"] is None
+        else:
+            assert row["modes_covered"] == np.mean([r["modes_covered"] for r in runs])
+    for r in res["runs"]:
+        assert r["samples"].shape == (demo.QUICK.n_eval, 2)
+        if r["method"] != "data":
+            want = {m.name: m.steps for m in demo.METHODS}[r["method"]] * demo.QUICK.steps_scale
+            assert r["steps"] == max(10, round(want))
+            assert len(r["curve"]["step"]) == demo.QUICK.checkpoints and r["curve"]["step"][-1] == r["steps"]
+            assert all(math.isfinite(v) for v in r["curve"]["mmd2"])
+    # the data rows are the floor: every mode, ~98.9% high quality, the smallest MMD²
+    for d in ("ring", "grid"):
+        data = next(r for r in res["summary"] if r["dataset"] == d and r["method"] == "data")
+        assert data["modes_covered"] == data["n_modes"] and data["high_quality"] > 0.96
+        others = [r["mmd2"] for r in res["summary"] if r["dataset"] == d and r["method"] != "data"]
+        assert data["mmd2"] < min(others)
 
 
-def test_same_seed_same_numbers_alone_or_with_others(short_run, tmp_path):
-    _, results = short_run
-    again = demo.run_demo(
-        tmp_path / "again", steps=30, seed=3, methods=["ragan"], progress=False, n_eval=N_EVAL
+def test_quick_run_writes_figure_tables_and_provenance(quick_run):
+    out, res = quick_run
+    assert [p.name for p in res["files"]] == list(demo.FILES)
+    png = (out / "genloss-demo.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and demo.source_hash().encode() in png  # tEXt metadata
+    md = (out / "genloss-demo.md").read_text()
+    assert md == demo.format_table(res)
+    assert "| method | steps | modes | high quality | MMD² ×10³ |" in md
+    for name in QUICK_METHODS:
+        assert f"| {name} |" in md and f"- `{name}`:" in md  # a row and its stated hyperparameters
+    assert f"source hash `{demo.source_hash()}`" in md and "genloss demo --quick --seed 3" in md
+    with (out / "genloss-demo.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["dataset"], r["method"]) for r in rows] == [
+        (r["dataset"], r["method"]) for r in res["summary"]
+    ]
+    assert float(rows[1]["mmd2"]) == res["summary"][1]["mmd2"]
+    doc = json.loads((out / "genloss-demo.json").read_text())
+    assert doc["meta"]["source_hash"] == demo.source_hash() and doc["meta"]["config"]["quick"] is True
+    assert len(doc["runs"]) == len(res["runs"]) and "samples" not in doc["runs"][0]
+
+
+def test_rerun_into_the_same_folder_says_it_overwrites(quick_run, capsys):
+    out, _ = quick_run
+    demo.run_demo(
+        out, quick=True, methods=["lsgan"], datasets="ring", seeds=1, steps=3, workers=1, progress=True
     )
-    a, b = results[-1], again[-1]
-    assert a["method"] == b["method"] == "ragan"
-    np.testing.assert_array_equal(a["samples"], b["samples"])
-    np.testing.assert_array_equal(a["history"]["g"], b["history"]["g"])
-    assert (a["mmd2"], a["losses"], a["mode_counts"]) == (b["mmd2"], b["losses"], b["mode_counts"])
-    other = demo.run_demo(tmp_path / "other", steps=2, seed=4, methods=["ragan"], progress=False, n_eval=50)
-    assert not np.array_equal(other[-1]["history"]["g"], a["history"]["g"][:2])
+    err = capsys.readouterr().err
+    assert f"will overwrite {', '.join(demo.FILES)} in {out}" in err
+
+
+def test_same_seed_same_numbers_alone_in_process_or_in_workers():
+    kw = dict(steps=15, seeds=2, datasets="ring", progress=False, n_eval=100)
+    alone = demo.run_demo(None, methods=["ragan"], workers=1, **kw)
+    mixed = demo.run_demo(None, methods=["lsgan", "ragan"], workers=2, **kw)
+    a = [r for r in alone["runs"] if r["method"] == "ragan"]
+    b = [r for r in mixed["runs"] if r["method"] == "ragan"]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["samples"], y["samples"])
+        assert (x["mmd2"], x["losses"], x["mode_counts"], x["curve"]) == (
+            y["mmd2"], y["losses"], y["mode_counts"], y["curve"])  # fmt: skip
+    assert not np.array_equal(a[0]["samples"], a[1]["samples"])  # the seeds differ
+    other = demo.run_demo(None, methods=["ragan"], workers=1, seed=1, **kw)
+    assert not np.array_equal(other["runs"][-1]["samples"], a[-1]["samples"])
+
+
+# ------------------------------------------------------------------ the committed docs match the code
+
+
+def test_committed_docs_were_made_by_this_code():
+    """docs/genloss-demo.* carry the hash of the demo sources that made them: a change to the demo
+    without regenerating them (the command is in the README) fails here."""
+    if not (DOCS / "genloss-demo.json").exists():
+        pytest.skip("docs/genloss-demo.* not generated yet: run `genloss demo --seed 0 --out docs` (about 3 minutes "
+                    "on 2 idle cores) and paste docs/genloss-demo.md into README.md's demo block")  # fmt: skip
+    doc = json.loads((DOCS / "genloss-demo.json").read_text())
+    regen = "regenerate with: " + doc["meta"]["command"]
+    assert doc["meta"]["source_hash"] == demo.source_hash(), regen
+    assert doc["meta"]["config"]["quick"] is False, "the docs show the full run"
+    assert demo.source_hash().encode() in (DOCS / "genloss-demo.png").read_bytes(), regen
+    md = (DOCS / "genloss-demo.md").read_text()
+    assert f"source hash `{demo.source_hash()}`" in md, regen
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- genloss-demo.md start -->\n(.*?)<!-- genloss-demo.md end -->", readme, re.S)
+    assert block is not None, "README.md has no demo table block"
+    assert block.group(1) == md, "README's demo table differs from docs/genloss-demo.md: paste it in"
+    assert doc["meta"]["command"] in readme
+
+
+def test_source_hash_covers_every_demo_module():
+    src = Path(demo.__file__).parent
+    names = sorted(p.name for p in src.glob("*.py"))
+    assert {"__init__.py", "data.py", "metrics.py", "methods.py", "runner.py", "report.py"} <= set(names)
+    import hashlib
+
+    h = hashlib.sha256()
+    for n in names:
+        h.update(n.encode() + b"\0" + (src / n).read_bytes() + b"\0")
+    assert demo.source_hash() == h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ metrics
 
 
-def test_mode_counter_on_samples_placed_at_five_modes():
-    c = demo.mode_centers()
+def test_mode_coverage_assignment_three_sigma_and_quarter_share():
+    c, std = demo.ring_centers(), 0.02
     assert np.allclose(np.linalg.norm(c, axis=1), 2.0)
-    at = [0, 2, 3, 5, 7]
-    x = np.repeat(c[at], 360, axis=0)  # 1800 samples, exactly on 5 centres
-    # 100 near mode 1 but outside the radius, 90 at the origin, 10 within the radius of mode 4 (< 2%)
-    off = c[1] * (1 + 1.5 * demo.QUALITY_RADIUS / 2.0)
-    x = np.concatenate([x, np.repeat(off[None], 100, 0), np.zeros((90, 2)), np.repeat(c[4:5] + 0.05, 10, 0)])
-    cov = demo.mode_coverage(x)
-    assert cov["modes_covered"] == 5
-    assert cov["mode_counts"] == [360, 0, 360, 360, 10, 360, 0, 360]
-    assert cov["high_quality"] == pytest.approx(1810 / 2000)
-    # the data itself covers every mode, every sample high quality
-    real = demo.eight_gaussians(2000, np.random.default_rng(0))
-    assert demo.mode_coverage(torch.from_numpy(real)) == {
-        "modes_covered": 8,
-        "mode_counts": np.bincount(
-            np.argmin(np.linalg.norm(real[:, None] - c[None], axis=2), axis=1), minlength=8
-        ).tolist(),
-        "high_quality": 1.0,
-    }
+    n = 2000  # expected share 250 per mode; covered needs >= 62.5 within 3 std = 0.06
+    x = [np.repeat(c[[0, 2, 3, 5]], 300, axis=0)]  # 4 modes, well covered
+    x.append(np.repeat(c[1:2] + [0.059, 0.0], 63, axis=0))  # mode 1: 63 just inside 3 std: covered
+    x.append(np.repeat(c[4:5] + [0.0, 0.05], 62, axis=0))  # mode 4: 62 inside: one short
+    x.append(np.repeat(c[6:7] + [0.061, 0.0], 200, axis=0))  # mode 6: 200 just outside 3 std
+    x.append(np.zeros((n - 1200 - 63 - 62 - 200, 2)))  # the rest at the origin
+    cov = demo.mode_coverage(np.concatenate(x), c, std)
+    assert cov["mode_counts"] == [300, 63, 300, 300, 62, 300, 0, 0]
+    assert cov["modes_covered"] == 5 and cov["n_modes"] == 8
+    assert cov["high_quality"] == pytest.approx((1200 + 63 + 62) / n)
+    # the data: every mode covered, P(radius > 3 std) = exp(-4.5) outside
+    real = demo.ring(20000, np.random.default_rng(0))
+    cov = demo.mode_coverage(real, c, std)
+    assert cov["modes_covered"] == 8
+    assert cov["high_quality"] == pytest.approx(1 - math.exp(-4.5), abs=4 * math.sqrt(0.011 / 20000))
+    g = demo.grid(5000, np.random.default_rng(1))
+    assert demo.mode_coverage(g, demo.grid_centers(), 0.025)["modes_covered"] == 25
+
+
+def test_grid_centres_and_non_finite_samples():
+    gc = demo.grid_centers()
+    assert gc.shape == (25, 2) and set(np.round(gc[:, 0], 12)) == {-2.0, -1.0, 0.0, 1.0, 2.0}
+    x = np.array([[np.nan, 0.0], [2.0, 0.0]])
+    cov = demo.mode_coverage(x, demo.ring_centers(), 0.02)
+    assert cov["high_quality"] == 0.5 and cov["mode_counts"][0] == 1
 
 
 def test_mmd2_is_the_unbiased_estimator():
@@ -129,8 +216,8 @@ def test_mmd2_is_the_unbiased_estimator():
 def test_mmd2_agrees_with_genloss_mmd2_up_to_the_bandwidth_count():
     """genloss's tiled mmd2 sums the RBF kernels over the bandwidths, the demo's metric averages them."""
     rng = np.random.default_rng(5)
-    x = torch.from_numpy(demo.eight_gaussians(300, rng)).double()
-    y = torch.from_numpy(demo.spiral(200, rng)).double()
+    x = torch.from_numpy(demo.ring(300, rng)).double()
+    y = torch.from_numpy(demo.swiss_roll(200, rng)).double()
     ours = gl.mmd2(x, y, "rbf", list(demo.MMD_BANDWIDTHS), "unbiased")
     got = demo.mmd2_rbf(x, y)
     assert float(got) == pytest.approx(float(ours) / len(demo.MMD_BANDWIDTHS), rel=1e-10, abs=1e-14)
@@ -140,96 +227,147 @@ def test_mmd2_is_zero_in_expectation_for_one_distribution_and_positive_for_two()
     rng = np.random.default_rng(2)
 
     def draw(n=250):
-        return torch.from_numpy(demo.eight_gaussians(n, rng))
+        return torch.from_numpy(demo.ring(n, rng))
 
     null = np.array([float(demo.mmd2_rbf(draw(), draw())) for _ in range(30)])
     se = null.std(ddof=1) / math.sqrt(len(null))
     assert abs(null.mean()) < 4 * se  # unbiased: no offset beyond the noise of the mean
-    assert (null < 0).any()  # and, being unbiased, sometimes below zero
-    spread = torch.from_numpy(demo.eight_gaussians(250, rng)) * 1.05  # modes 0.1 off the ring
+    assert (null < 0).any()
+    spread = torch.from_numpy(demo.ring(250, rng)) * 1.05  # modes 0.1 off the ring
     alt = float(demo.mmd2_rbf(draw(), spread))
     assert alt > null.mean() + 10 * null.std(ddof=1)
-    assert float(demo.mmd2_rbf(draw(), torch.from_numpy(demo.spiral(250, rng)))) > alt
 
 
-# ------------------------------------------------------------------ registry, skipping, progress
+def _brute_prdc(real, fake, k=5):
+    """Precision, recall, density, coverage by their definitions, with full distance matrices."""
+
+    def radii(a):
+        d = np.linalg.norm(a[:, None] - a[None], axis=2)
+        return np.sort(d, axis=1)[:, k]  # the k-th neighbour, itself excluded (column 0)
+
+    r_real, r_fake = radii(real), radii(fake)
+    d = np.linalg.norm(real[:, None] - fake[None], axis=2)  # (N, M)
+    inside = d <= r_real[:, None]
+    return {
+        "precision": float(inside.any(axis=0).mean()),
+        "recall": float((d <= r_fake[None, :]).any(axis=1).mean()),
+        "density": float(inside.sum(axis=0).mean() / k),
+        "coverage": float(inside.any(axis=1).mean()),
+    }
+
+
+def test_prdc_columns_are_wired_when_genloss_has_prdc(monkeypatch):
+    monkeypatch.setattr(demo_metrics, "prdc_function", lambda: _brute_prdc)
+    res = demo.run_demo(None, methods=["hinge"], datasets="ring", seeds=2, steps=10, workers=1, progress=False,
+                        n_eval=120)  # fmt: skip
+    cfg = runner.Config(seed=0, seeds=2, steps=10, n_eval=120, n_curve=120)
+    runs = [r for r in res["runs"] if r["method"] == "hinge"]
+    want = [_brute_prdc(runner.held_out(cfg, demo.DATASETS["ring"], r["rep"])[0].astype(np.float64),
+                        r["samples"].astype(np.float64)) for r in runs]  # fmt: skip
+    row = res["summary"][1]
+    for name in ("precision", "recall", "density", "coverage"):
+        assert row[name] == pytest.approx(np.mean([w[name] for w in want]), rel=1e-12)
+    assert "| precision | recall | density | coverage |" in demo.format_table(res)
+    assert res["meta"]["prdc_note"] is None
+
+
+def test_without_prdc_the_columns_are_left_out_with_a_note(monkeypatch):
+    monkeypatch.setattr(demo_metrics, "prdc_function", lambda: None)
+    res = demo.run_demo(None, methods=["hinge"], datasets="ring", seeds=1, steps=3, workers=1, progress=False,
+                        n_eval=50)  # fmt: skip
+    table = demo.format_table(res)
+    assert "precision" not in table.split("Columns:")[0]
+    assert "no genloss.reference.metrics.prdc" in table
+
+
+# ------------------------------------------------------------------ the method registry, skipping, VQ-VAE
 
 
 def test_registry_names_real_ops():
     names = [m.name for m in demo.METHODS]
     assert len(set(names)) == len(names)
-    assert {"gan-ns", "gan-minimax", "hinge", "lsgan", "wgan-gp", "fgan-js", "ragan", "vae", "ddpm"} <= set(
-        names
-    )
-    for m in demo.METHODS:  # every family of the demo is in genloss.torch: nothing is skipped
-        assert m.available(), (m.name, m.missing())
+    assert {"gan-ns", "gan-minimax", "hinge", "lsgan", "wgan-gp", "fgan-js", "ragan", "vae", "ddpm", "flow",
+            "edm", "consistency", "vq-vae"} <= set(names)  # fmt: skip
+    for m in demo.METHODS:
+        assert m.hparams.startswith("paper") and "demo:" in m.hparams, m.name
+        if m.name != "vq-vae":  # vector_quantize: the quant family, landing separately
+            assert m.available(), (m.name, m.missing())
 
 
-def test_missing_family_is_skipped_with_a_line(monkeypatch, tmp_path, capsys):
+def test_missing_family_is_skipped_with_a_line(monkeypatch, capsys):
     ghost = demo.Method(
-        name="ghost", family="ghost", ops=("gan_d_loss", "no_such_op"), about="", step=None,  # type: ignore[arg-type]
-        setup=None, sample=None,  # type: ignore[arg-type]
+        name="ghost", family="ghost", ops=("gan_d_loss", "no_such_op"), about="", hparams="", step=None,  # type: ignore[arg-type]
+        setup=None, sample=None, datasets=("ring",),  # type: ignore[arg-type]
     )  # fmt: skip
-    monkeypatch.setattr(demo, "METHODS", [*demo.METHODS, ghost])
-    results = demo.run_demo(tmp_path, steps=3, methods=["ghost", "lsgan"], progress=True, n_eval=50)
-    skipped = results[1]
-    assert skipped["status"] == "skipped" and "no_such_op" in skipped["note"]
-    assert "ghost ops not available (genloss.torch has no no_such_op)" in demo.format_table(results)
-    # stderr is not a TTY under pytest: no bar, one line per method
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and err[0].startswith("ghost") and err[1].startswith("lsgan")
-    assert "\r" not in "".join(err)
+    monkeypatch.setattr(demo_methods, "METHODS", [*demo_methods.METHODS, ghost])
+    res = demo.run_demo(None, steps=3, seeds=1, methods=["ghost", "lsgan"], datasets="ring", workers=1,
+                        progress=True, n_eval=50)  # fmt: skip
+    assert res["skipped"] == [
+        {
+            "method": "ghost",
+            "dataset": "ring",
+            "note": "ghost ops not available (genloss.torch has no no_such_op)",
+        }
+    ]
+    assert "`ghost` skipped: ghost ops not available" in demo.format_table(res)
+    err = capsys.readouterr().err
+    assert "genloss demo: ghost skipped" in err and "\r" not in err  # not a TTY: lines, no bar
 
 
-def test_progress_bar_on_a_tty():
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    s = Tty()
-    bar = demo._Progress("x", 10, True, s)
-    bar.last -= 1.0
-    assert bar.due()
-    bar.update(5, "D 1")
-    bar.close("x done")
-    assert s.getvalue().startswith("\rx ") and "[############............] 5/10" in s.getvalue()
-    assert s.getvalue().endswith("\rx done" + " " * (len(s.getvalue().split("\r")[1]) - 6) + "\n")
-    quiet = io.StringIO()
-    demo._Progress("x", 10, False, quiet).close("x done")
-    assert quiet.getvalue() == ""
+def _vector_quantize(z, codebook, beta=0.25):
+    """The SPEC's vector_quantize in plain torch: nearest code (ties to the lowest index), the
+    straight-through z_q, the commitment and codebook losses per row."""
+    d = torch.cdist(z.detach(), codebook.detach())
+    idx = d.argmin(dim=1)
+    e = codebook[idx]
+    z_q = z + (e - z).detach()
+    commit = beta * ((z - e.detach()) ** 2).sum(1)
+    cb = ((z.detach() - e) ** 2).sum(1)
+    return z_q, idx, commit, cb
 
 
-def test_spiral_has_no_mode_metric(tmp_path):
-    results = demo.run_demo(
-        tmp_path, steps=3, methods=["hinge"], progress=False, n_eval=100, dataset="spiral"
-    )
-    assert [r["modes_covered"] for r in results] == [None, None]
-    assert all(math.isfinite(r["mmd2"]) for r in results)
-    assert "-" in demo.format_table(results).splitlines()[2].split()[1]
+def test_vq_vae_row_with_codebook_columns(monkeypatch):
+    if not hasattr(gl, "vector_quantize"):
+        monkeypatch.setattr(gl, "vector_quantize", _vector_quantize, raising=False)
+    res = demo.run_demo(None, methods=["vq-vae"], seeds=2, steps=30, workers=1, progress=False, n_eval=200)
+    row = res["summary"][-1]
+    assert row["method"] == "vq-vae" and math.isfinite(row["mmd2"])
+    for r in res["runs"][2:]:
+        # perplexity from the code counts, independently: exp(entropy) is between 1 and the codes used
+        used = r["extra"]["codebook_usage"] * demo_methods.VQ_CODES
+        assert 1.0 <= r["extra"]["perplexity"] <= used + 1e-9
+        assert len(np.unique(r["samples"], axis=0)) <= used + 64  # decoded codes: few distinct points
+    table = demo.format_table(res)
+    assert "codes used" in table and "perplexity" in table
 
 
-def test_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="methods"):
-        demo.run_demo(tmp_path, methods=["nope"], progress=False)
-    with pytest.raises(ValueError, match="steps"):
-        demo.run_demo(tmp_path, steps=0, progress=False)
-    with pytest.raises(ValueError, match="threads"):
-        demo.run_demo(tmp_path, threads=0, progress=False)
-    with pytest.raises(ValueError, match="dataset"):
-        demo.run_demo(tmp_path, dataset="moons", progress=False)
-    with pytest.raises(ValueError, match="n_eval"):
-        demo.run_demo(tmp_path, n_eval=1, progress=False)
+# ------------------------------------------------------------------ arguments, dependencies
 
 
-# ------------------------------------------------------------------ the VAE and the DDPM
+def test_bad_arguments():
+    for kw, needle in [
+        ({"methods": ["nope"]}, "methods"), ({"steps": 0}, "steps"), ({"threads": 0}, "threads"),
+        ({"datasets": ["moons"]}, "datasets"), ({"n_eval": 1}, "n_eval"), ({"seeds": 0}, "seeds"),
+        ({"seed": -1}, "seed"), ({"workers": 0}, "workers"), ({"device": "tpu"}, "device"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=needle):
+            demo.run_demo(None, progress=False, **kw)
 
 
-def test_vae_and_ddpm_records_run(tmp_path):
-    results = demo.run_demo(tmp_path, steps=10, methods=["vae", "ddpm"], progress=False, n_eval=200)
-    assert [r["method"] for r in results] == ["data", "vae", "ddpm"]
-    for r in results[1:]:
-        assert r["status"] == "ok", r["note"]
-        assert r["d_loss"] is None and math.isfinite(r["loss"]) and math.isfinite(r["mmd2"])
-        assert r["history"]["loss"].shape == (10,)
-        assert np.isfinite(r["samples"]).all()
-    assert (tmp_path / "genloss-demo.png").read_bytes()[:8] == PNG_MAGIC
+def test_old_dataset_names_still_work():
+    assert runner.resolve_datasets(["eight_gaussians", "spiral"]) == ["ring", "swiss_roll"]
+
+
+def test_missing_dependency_is_one_line_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "REQUIRES", ("torch", "no_such_pkg_a", "no_such_pkg_b"))
+    with pytest.raises(ImportError, match=re.escape(
+            "genloss demo needs no_such_pkg_a and no_such_pkg_b: pip install 'genloss[demo]'")):  # fmt: skip
+        demo.run_demo(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_seeds_are_independent_of_the_order_of_work():
+    cfg = runner.Config(seed=7)
+    a = runner._seed_sequence(cfg, "run", "ring", "gan-ns", 0).generate_state(2)
+    want = np.random.SeedSequence([7, zlib.crc32(b"run"), zlib.crc32(b"ring"), zlib.crc32(b"gan-ns"), 0])
+    np.testing.assert_array_equal(a, want.generate_state(2))

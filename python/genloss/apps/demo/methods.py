@@ -1,0 +1,632 @@
+r"""The demo's methods: a GAN's generator and discriminator under seven objectives, a VAE, a
+DDPM, rectified flow, EDM, a consistency model (one-step sampling) and, when genloss has
+``vector_quantize``, a VQ-VAE; each a few small MLPs trained with ``genloss.torch`` losses.
+
+Hyperparameters are the papers' where a paper gives them (each method's ``hparams`` says
+which, and what the demo changed and why). One change is shared by all: the papers train
+for 10^5 steps or more, the demo for a few thousand, so the learning rates are raised
+(x2.5 for the GANs, at the same betas and the same ratio of D to G rates). The
+GANs get 1200 generator steps (WGAN-GP: 300, each with 5 critic steps and a double
+backward: about the same work), the other methods 1500: the whole demo fits in about
+3 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import genloss.torch as gl
+
+from .data import Dataset
+
+__all__ = ["Method", "Trainer", "METHODS", "GAN_METHODS", "mlp", "Z_DIM"]
+
+WIDTH, DEPTH = 128, 2  # the generator / discriminator of Metz et al. 2017's ring: 2 x 128
+
+
+def mlp(d_in: int, d_out: int, width: int = WIDTH, depth: int = DEPTH) -> nn.Sequential:
+    """``depth`` hidden layers of ``width`` units with LeakyReLU(0.2), then a linear output."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(d_in if i == 0 else width, width), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers, nn.Linear(width, d_out))
+
+
+@dataclass
+class Trainer:
+    """What a method's ``setup`` builds: the modules, optimizers and the RNG of one run.
+
+    ``k`` and ``K`` are the current and total training steps (set by the runner; the
+    consistency model's discretization curriculum depends on them)."""
+
+    device: torch.device
+    gen: torch.Generator  # every random draw of the run (latents, timesteps, GP mixing)
+    modules: dict[str, nn.Module]
+    opts: dict[str, torch.optim.Optimizer]
+    extra: dict[str, Any] = field(default_factory=dict)
+    k: int = 0
+    K: int = 1
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(shape, device=self.device, generator=self.gen)
+
+    def update(self, opt: str, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+        """One optimizer step on ``loss``, gradients accumulated only into ``params``."""
+        o = self.opts[opt]
+        o.zero_grad(set_to_none=True)
+        loss.backward(inputs=list(params))
+        o.step()
+
+
+Setup = Callable[[torch.device, torch.Generator, Dataset], Trainer]
+Step = Callable[[Trainer, Callable[[], torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One demo method: the genloss torch ops it needs, and how it trains and samples.
+
+    ``step(trainer, sample_real)`` does one training step (for a GAN: ``n_critic``
+    discriminator steps and one generator step) on batches from ``sample_real()`` and
+    returns its losses, detached. ``evaluate(trainer, held_out)``, when given, adds
+    method-specific metrics (the VQ-VAE's codebook usage). The method runs only when
+    every name in ``ops`` exists in ``genloss.torch``; otherwise its rows say which are
+    missing. ``datasets``: where the default demo trains it.
+    """
+
+    name: str
+    family: str  # 'gan' | 'vae' | 'diffusion' | 'flow' | 'consistency' | 'vq'
+    ops: tuple[str, ...]
+    about: str
+    hparams: str  # the stated hyperparameters: the paper's, and the demo's changes
+    step: Step
+    setup: Setup
+    sample: Callable[[Trainer, int], torch.Tensor]
+    steps: int = 1500  # default number of (generator) steps
+    datasets: tuple[str, ...] = ("swiss_roll",)
+    evaluate: Callable[[Trainer, torch.Tensor], dict[str, float]] | None = None
+    work_per_step: float = 1.0  # relative cost of a step (a GAN: its D steps), to schedule the longest first
+
+    def missing(self) -> list[str]:
+        """The ops of ``ops`` that ``genloss.torch`` does not have."""
+        return [op for op in self.ops if not hasattr(gl, op)]
+
+    def available(self) -> bool:
+        return not self.missing()
+
+
+# ============================================================================ GANs
+
+Z_DIM = 2  # a 2-D latent, as in the ring experiments of Metz et al. and VEEGAN's toy code
+GAN_LR_SCALE = 2.5  # the papers' learning rates x2.5: 1200 steps here, 10^5 in the papers
+
+
+def _gan_setup(lr_g: float, lr_d: float, betas: tuple[float, float]) -> Setup:
+    def setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
+        G, D = mlp(Z_DIM, 2).to(device), mlp(2, 1).to(device)
+        opts: dict[str, torch.optim.Optimizer] = {
+            "g": torch.optim.Adam(G.parameters(), lr=GAN_LR_SCALE * lr_g, betas=betas),
+            "d": torch.optim.Adam(D.parameters(), lr=GAN_LR_SCALE * lr_d, betas=betas),
+        }
+        return Trainer(device, gen, {"G": G, "D": D}, opts)
+
+    return setup
+
+
+def _gan_sample(t: Trainer, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        return t.modules["G"](t.randn(n, Z_DIM))
+
+
+def _gan_step(
+    d_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    g_loss: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
+    penalty: Callable[[Trainer, torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    n_critic: int,
+    g_needs_real: bool,
+) -> Step:
+    """A GAN step from its two losses: ``d_loss(D(real), D(fake))`` and ``g_loss(D(real), D(fake))``
+    (``D(real)`` is ``None`` for the generator unless ``g_needs_real``: only the relativistic
+    losses look at it)."""
+
+    def step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+        G, D = t.modules["G"], t.modules["D"]
+        for _ in range(n_critic):
+            real = sample_real()
+            b = real.shape[0]
+            with torch.no_grad():
+                fake = G(t.randn(b, Z_DIM))
+            out_r, out_f = D(torch.cat([real, fake])).split([b, b])  # one pass of D for both
+            ld = d_loss(out_r, out_f)
+            total = ld if penalty is None else ld + penalty(t, real, fake)
+            t.update("d", total, list(D.parameters()))
+        out_f = D(G(t.randn(b, Z_DIM)))
+        out_r = None
+        if g_needs_real:  # a constant to G: D is not updated by the generator step
+            with torch.no_grad():
+                out_r = D(real)
+        lg = g_loss(out_r, out_f)
+        t.update("g", lg, list(G.parameters()))
+        return {"d": ld.detach(), "g": lg.detach()}
+
+    return step
+
+
+# WGAN-GP's toy script (gan_toy.py, by the paper's authors, on these very datasets) uses
+# lambda = 0.1; the paper's image experiments use 10.
+GP_LAMBDA = 0.1
+
+
+def _gp(t: Trainer, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return gl.gradient_penalty(t.modules["D"], real, fake, lambda_=GP_LAMBDA, generator=t.gen)
+
+
+def _gan(
+    name: str,
+    ops: tuple[str, ...],
+    about: str,
+    paper: str,
+    d_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    g_loss: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
+    lr_g: float = 2e-4,
+    lr_d: float = 2e-4,
+    betas: tuple[float, float] = (0.5, 0.999),
+    n_critic: int = 1,
+    penalty: Callable[[Trainer, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    g_needs_real: bool = False,
+    steps: int = 1200,
+) -> Method:
+    demo = (
+        f"demo: Adam lr G {GAN_LR_SCALE * lr_g:.2g}, D {GAN_LR_SCALE * lr_d:.2g} (x{GAN_LR_SCALE:g}), "
+        f"betas {betas}, {n_critic} D step{'s' * (n_critic > 1)} per G step, batch 256, {steps} G steps"
+    )
+    return Method(
+        name=name,
+        family="gan",
+        ops=ops,
+        about=about,
+        hparams=f"{paper}; {demo}",
+        step=_gan_step(d_loss, g_loss, penalty, n_critic, g_needs_real),
+        setup=_gan_setup(lr_g, lr_d, betas),
+        sample=_gan_sample,
+        steps=steps,
+        datasets=("ring", "grid"),
+        work_per_step=n_critic,
+    )
+
+
+_DCGAN = "paper (DCGAN's Adam, Radford et al. 2016): lr 2e-4, betas (0.5, 0.999)"
+GAN_METHODS = [
+    _gan(
+        "gan-ns",
+        ("gan_d_loss", "gan_g_loss"),
+        "GAN (Goodfellow et al. 2014), non-saturating generator: min E softplus(-D(G(z)))",
+        _DCGAN,
+        lambda r, f: gl.gan_d_loss(r, f),
+        lambda r, f: gl.gan_g_loss(f, mode="nonsaturating"),
+    ),
+    _gan(
+        "gan-minimax",
+        ("gan_d_loss", "gan_g_loss"),
+        "the original minimax generator: min E log(1 - D(G(z))), saturates when D wins",
+        _DCGAN,
+        lambda r, f: gl.gan_d_loss(r, f),
+        lambda r, f: gl.gan_g_loss(f, mode="minimax"),
+    ),
+    _gan(
+        "hinge",
+        ("hinge_d_loss", "hinge_g_loss"),
+        "hinge loss (Lim & Ye 2017; SAGAN, BigGAN)",
+        "paper (SAGAN's TTUR, Zhang et al. 2019): lr G 1e-4, D 4e-4, betas (0, 0.9)",
+        lambda r, f: gl.hinge_d_loss(r, f),
+        lambda r, f: gl.hinge_g_loss(f),
+        lr_g=1e-4,
+        lr_d=4e-4,
+        betas=(0.0, 0.9),
+    ),
+    _gan(
+        "lsgan",
+        ("lsgan_d_loss", "lsgan_g_loss"),
+        "least squares GAN (Mao et al. 2017), a=0, b=1, c=1",
+        "paper: Adam lr 2e-4, beta1 0.5",
+        lambda r, f: gl.lsgan_d_loss(r, f),
+        lambda r, f: gl.lsgan_g_loss(f),
+    ),
+    _gan(
+        "wgan-gp",
+        ("wgan_critic_loss", "wgan_g_loss", "gradient_penalty"),
+        f"Wasserstein critic + gradient penalty (Gulrajani et al. 2017), lambda {GP_LAMBDA:g}",
+        "paper's toy script gan_toy.py: lr 1e-4, betas (0.5, 0.9), 5 critic steps, lambda 0.1",
+        lambda r, f: gl.wgan_critic_loss(r, f),
+        lambda r, f: gl.wgan_g_loss(f),
+        lr_g=1e-4,
+        lr_d=1e-4,
+        betas=(0.5, 0.9),
+        n_critic=5,
+        penalty=_gp,
+        steps=300,  # 5 critic steps (and a double backward) each: about the work of the others
+    ),
+    _gan(
+        "fgan-js",
+        ("fgan_d_loss", "fgan_g_loss"),
+        "f-GAN (Nowozin et al. 2016), Jensen-Shannon divergence, non-saturating generator",
+        "paper: Adam lr 2e-4, beta1 0.5",
+        lambda r, f: gl.fgan_d_loss(r, f, "jensen_shannon"),
+        lambda r, f: gl.fgan_g_loss(f, "jensen_shannon"),
+    ),
+    _gan(
+        "ragan",
+        ("relativistic_d_loss", "relativistic_g_loss"),
+        "relativistic average GAN (Jolicoeur-Martineau 2019)",
+        "paper: Adam lr 2e-4, betas (0.5, 0.999)",
+        lambda r, f: gl.relativistic_d_loss(r, f, average=True),
+        lambda r, f: gl.relativistic_g_loss(r, f, average=True),
+        g_needs_real=True,
+    ),
+]
+
+# ============================================================================ VAE
+
+VAE_LATENT = 2
+LR = 1e-3  # the non-GAN methods: Adam 1e-3, the common choice for 2-D toy data (the papers: 1e-4 to 3e-4)
+
+
+def _vae_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
+    enc, dec = mlp(2, 2 * VAE_LATENT).to(device), mlp(VAE_LATENT, 2).to(device)
+    # A learned scalar decoder log-variance: with a fixed unit variance the
+    # reconstruction of a 0.05-wide roll is worth too little against the KL.
+    recon_logvar = nn.Parameter(torch.zeros((), device=device))
+    params = [*enc.parameters(), *dec.parameters(), recon_logvar]
+    return Trainer(
+        device, gen, {"enc": enc, "dec": dec}, {"vae": torch.optim.Adam(params, lr=LR)},
+        extra={"recon_logvar": recon_logvar, "params": params},
+    )  # fmt: skip
+
+
+def _vae_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    x = sample_real()
+    mu, logvar = t.modules["enc"](x).chunk(2, dim=1)
+    z = mu + torch.exp(0.5 * logvar) * t.randn(*mu.shape)  # reparameterisation
+    recon = t.modules["dec"](z)
+    loss = gl.negative_elbo(
+        recon, x, mu, logvar, beta=1.0, likelihood="gaussian", recon_logvar=t.extra["recon_logvar"]
+    )
+    t.update("vae", loss, t.extra["params"])
+    return {"loss": loss.detach()}
+
+
+def _vae_sample(t: Trainer, n: int) -> torch.Tensor:
+    """Decoder means at z ~ N(0, I) (the usual VAE samples)."""
+    with torch.no_grad():
+        return t.modules["dec"](t.randn(n, VAE_LATENT))
+
+
+VAE_METHOD = Method(
+    name="vae",
+    family="vae",
+    ops=("negative_elbo",),
+    about="VAE (Kingma & Welling 2014), 2-D latent, Gaussian decoder with a learned scalar variance",
+    hparams=f"paper: beta 1, Adam; demo: Adam lr {LR:g}, batch 256",
+    step=_vae_step,
+    setup=_vae_setup,
+    sample=_vae_sample,
+)
+
+# ============================================================================ DDPM
+
+DDPM_T = 100
+T_EMB = 16
+
+
+def _t_embedding(t: torch.Tensor) -> torch.Tensor:
+    """Sinusoidal embedding ``(B, T_EMB)`` of (scaled) times (Ho et al. / the Transformer's)."""
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(T_EMB // 2, device=t.device) / (T_EMB // 2))
+    arg = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+
+
+def _time_net(device: torch.device) -> nn.Module:
+    # one layer more than the GANs': one network learns every noise level
+    return mlp(2 + T_EMB, 2, depth=3).to(device)
+
+
+def _ddpm_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
+    # Linear betas scaled by 1000 / T as in improved DDPM (Nichol & Dhariwal 2021),
+    # so that T = 100 steps still end at alpha_bar_T ~ 5e-5 (pure noise).
+    scale = 1000.0 / DDPM_T
+    betas = gl.linear_betas(DDPM_T, beta_start=scale * 1e-4, beta_end=scale * 0.02)  # float64
+    schedule = gl.DiffusionSchedule(betas).to(device)
+    net = _time_net(device)
+    return Trainer(
+        device, gen, {"eps": net}, {"eps": torch.optim.Adam(net.parameters(), lr=LR)},
+        extra={"schedule": schedule, "betas": betas.to(device, torch.float64)},
+    )  # fmt: skip
+
+
+def _ddpm_eps(t: Trainer, x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    return t.modules["eps"](torch.cat([x, _t_embedding(steps)], dim=1))
+
+
+def _ddpm_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    x0 = sample_real()
+    steps = torch.randint(0, DDPM_T, (x0.shape[0],), device=t.device, generator=t.gen)
+    noise = t.randn(*x0.shape)
+    sched = t.extra["schedule"]
+    x_t = gl.q_sample(x0, steps, noise, sched)
+    loss = gl.diffusion_mse_loss(_ddpm_eps(t, x_t, steps), x0, noise, steps, sched, prediction="eps")
+    t.update("eps", loss, list(t.modules["eps"].parameters()))
+    return {"loss": loss.detach()}
+
+
+def _ddpm_sample(t: Trainer, n: int) -> torch.Tensor:
+    """Ancestral sampling with the posterior variance (Ho et al. 2020, Algorithm 2, sigma^2 = beta~)."""
+    betas = t.extra["betas"]
+    alphas = 1.0 - betas
+    abar = torch.cumprod(alphas, dim=0)
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    x = t.randn(n, 2)
+    with torch.no_grad():
+        for s in reversed(range(DDPM_T)):
+            steps = torch.full((n,), s, device=t.device, dtype=torch.long)
+            eps = _ddpm_eps(t, x, steps).double()
+            mean = (x.double() - betas[s] / torch.sqrt(1.0 - abar[s]) * eps) / torch.sqrt(alphas[s])
+            x = mean if s == 0 else mean + torch.sqrt(post_var[s]) * t.randn(n, 2).double()
+            x = x.float()
+    return x
+
+
+DDPM_METHOD = Method(
+    name="ddpm",
+    family="diffusion",
+    ops=("linear_betas", "DiffusionSchedule", "q_sample", "diffusion_mse_loss"),
+    about=f"DDPM (Ho et al. 2020), eps prediction, T = {DDPM_T}, ancestral sampler",
+    hparams=f"paper: T 1000, linear betas 1e-4..0.02, Adam 2e-4; demo: T {DDPM_T} with the betas x{1000 // DDPM_T} "
+    f"(improved DDPM's rescaling), Adam lr {LR:g}, batch 256",
+    step=_ddpm_step,
+    setup=_ddpm_setup,
+    sample=_ddpm_sample,
+)
+
+# ============================================================================ flow matching, EDM
+
+FLOW_STEPS = 50  # Euler steps of the flow / EDM samplers
+
+
+def _flow_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
+    net = _time_net(device)
+    return Trainer(device, gen, {"v": net}, {"v": torch.optim.Adam(net.parameters(), lr=LR)})
+
+
+def _flow_velocity(t: Trainer, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    return t.modules["v"](torch.cat([x, _t_embedding(1000.0 * times)], dim=1))
+
+
+def _draw_seed(t: Trainer) -> int:
+    """An int seed for genloss's samplers, drawn from the run's RNG (so the run's seed decides it)."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=t.gen))
+
+
+def _flow_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    x0 = sample_real()
+    noise = t.randn(*x0.shape)
+    times = gl.sample_timesteps(x0.shape[0], "logit_normal", _draw_seed(t), device=t.device)  # SD3's
+    x_t = gl.flow_interpolant(x0, noise, times)
+    loss = gl.flow_matching_loss(_flow_velocity(t, x_t, times), x0, noise, times)
+    t.update("v", loss, list(t.modules["v"].parameters()))
+    return {"loss": loss.detach()}
+
+
+def _flow_sample(t: Trainer, n: int) -> torch.Tensor:
+    """Euler steps of dx/dt = v from t = 1 (noise) to t = 0 (data): the SD3 direction."""
+    x = t.randn(n, 2)
+    grid = torch.linspace(1.0, 0.0, FLOW_STEPS + 1, device=t.device)
+    with torch.no_grad():
+        for a, b in zip(grid[:-1], grid[1:], strict=True):
+            x = x + (b - a) * _flow_velocity(t, x, a.expand(n))
+    return x
+
+
+FLOW_METHOD = Method(
+    name="flow",
+    family="flow",
+    ops=("sample_timesteps", "flow_interpolant", "flow_matching_loss"),
+    about=f"rectified flow / flow matching (Liu et al. 2023; Lipman et al. 2023), {FLOW_STEPS} Euler steps",
+    hparams=f"paper (SD3, Esser et al. 2024): logit-normal t (m 0, s 1); demo: Adam lr {LR:g}, batch 256",
+    step=_flow_step,
+    setup=_flow_setup,
+    sample=_flow_sample,
+)
+
+
+def _sigma_data(ds: Dataset) -> float:
+    """The data's per-coordinate std (EDM's sigma_data), from 10^5 draws of a fixed seed."""
+    x = ds.sample(100_000, np.random.default_rng(0)).astype(np.float64)
+    return float(np.sqrt(x.var(axis=0).mean()))
+
+
+def _edm_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
+    net = _time_net(device)
+    return Trainer(
+        device, gen, {"F": net}, {"F": torch.optim.Adam(net.parameters(), lr=LR)},
+        extra={"sigma_data": _sigma_data(ds)},
+    )  # fmt: skip
+
+
+def _edm_raw(t: Trainer, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(F, c_skip, c_out): the network on the preconditioned input (Karras et al. 2022, Table 1)."""
+    c_skip, c_out, c_in, c_noise = gl.edm_preconditioning(sigma, t.extra["sigma_data"])
+    f = t.modules["F"](torch.cat([c_in[:, None] * x, _t_embedding(250.0 * c_noise)], dim=1))
+    return f, c_skip, c_out
+
+
+def _edm_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    x0 = sample_real()
+    noise = t.randn(*x0.shape)
+    sigma = gl.sample_timesteps(x0.shape[0], "lognormal_sigma", _draw_seed(t), device=t.device)
+    f, _, _ = _edm_raw(t, x0 + sigma[:, None] * noise, sigma)
+    loss = gl.denoiser_loss(f, x0, noise, sigma, sigma_data=t.extra["sigma_data"])  # weighting 'edm'
+    t.update("F", loss, list(t.modules["F"].parameters()))
+    return {"loss": loss.detach()}
+
+
+def _edm_sample(t: Trainer, n: int) -> torch.Tensor:
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma on Karras's
+    sigmas (rho = 7) from 80 down to 0.002, then the denoiser's last estimate."""
+    sigmas = gl.karras_sigmas(FLOW_STEPS, device=t.device).flip(0)  # descending
+    x = sigmas[0] * t.randn(n, 2)
+    with torch.no_grad():
+        for a, b in zip(sigmas[:-1], sigmas[1:], strict=True):
+            f, c_skip, c_out = _edm_raw(t, x, a.expand(n))
+            d = c_skip[:, None] * x + c_out[:, None] * f
+            x = x + (b - a) * (x - d) / a
+        f, c_skip, c_out = _edm_raw(t, x, sigmas[-1].expand(n))
+        return c_skip[:, None] * x + c_out[:, None] * f
+
+
+EDM_METHOD = Method(
+    name="edm",
+    family="flow",
+    ops=("sample_timesteps", "edm_preconditioning", "denoiser_loss", "karras_sigmas"),
+    about=f"EDM denoiser (Karras et al. 2022), {FLOW_STEPS} Euler steps of the probability-flow ODE",
+    hparams="paper: lognormal sigma (P_mean -1.2, P_std 1.2), 'edm' weighting, sigmas 0.002..80, rho 7; "
+    f"demo: sigma_data = the data's std, Adam lr {LR:g}, batch 256",
+    step=_edm_step,
+    setup=_edm_setup,
+    sample=_edm_sample,
+)
+
+# ============================================================================ consistency (iCT)
+
+CT_SIGMA_MIN, CT_SIGMA_MAX = 0.002, 80.0
+
+
+def _ct_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
+    net = _time_net(device)
+    return Trainer(
+        device, gen, {"F": net}, {"F": torch.optim.Adam(net.parameters(), lr=LR)},
+        extra={"sigma_data": _sigma_data(ds)},
+    )  # fmt: skip
+
+
+def _ct_f(t: Trainer, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The consistency function f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with the
+    boundary condition f(x, sigma_min) = x (Song et al. 2023, Appendix C)."""
+    sd = t.extra["sigma_data"]
+    s = sigma[:, None]
+    c_skip = sd**2 / ((s - CT_SIGMA_MIN) ** 2 + sd**2)
+    c_out = (s - CT_SIGMA_MIN) * sd / torch.sqrt(sd**2 + s**2)
+    c_in = 1.0 / torch.sqrt(sd**2 + s**2)
+    f = t.modules["F"](torch.cat([c_in * x, _t_embedding(250.0 * 0.25 * torch.log(sigma))], dim=1))
+    return c_skip * x + c_out * f
+
+
+def _ct_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    x0 = sample_real()
+    b = x0.shape[0]
+    n = gl.ict_num_steps(t.k, t.K)  # iCT's curriculum: 10 -> 1280 discretization steps
+    sigmas = gl.karras_sigmas(n, CT_SIGMA_MIN, CT_SIGMA_MAX, device=t.device, dtype=torch.float64)
+    probs = gl.ict_sigma_probs(sigmas)  # iCT's discrete lognormal over adjacent pairs
+    i = torch.multinomial(probs, b, replacement=True, generator=t.gen)
+    lo, hi = sigmas[i].float(), sigmas[i + 1].float()
+    z = t.randn(*x0.shape)
+    student = _ct_f(t, x0 + hi[:, None] * z, hi)
+    with torch.no_grad():  # iCT's teacher: the student itself, stop-gradient (no EMA)
+        target = _ct_f(t, x0 + lo[:, None] * z, lo)
+    loss = gl.consistency_training_loss(student, target, lo, hi)  # pseudo-Huber, c = 0.00054 sqrt(d)
+    t.update("F", loss, list(t.modules["F"].parameters()))
+    return {"loss": loss.detach()}
+
+
+def _ct_sample(t: Trainer, n: int) -> torch.Tensor:
+    """One step: f(sigma_max z, sigma_max)."""
+    with torch.no_grad():
+        return _ct_f(t, CT_SIGMA_MAX * t.randn(n, 2), torch.full((n,), CT_SIGMA_MAX, device=t.device))
+
+
+CT_METHOD = Method(
+    name="consistency",
+    family="consistency",
+    ops=("consistency_training_loss", "ict_num_steps", "ict_sigma_probs", "karras_sigmas"),
+    about="consistency training (iCT, Song & Dhariwal 2023), ONE sampling step",
+    hparams="paper: pseudo-Huber c 0.00054 sqrt(d), curriculum s0 10 -> s1 1280, lognormal pairs "
+    f"(P_mean -1.1, P_std 2), no EMA teacher, sigmas 0.002..80; demo: Adam lr {LR:g} (paper RAdam 1e-4), batch 256",
+    step=_ct_step,
+    setup=_ct_setup,
+    sample=_ct_sample,
+)
+
+# ============================================================================ VQ-VAE
+
+VQ_CODES, VQ_DIM, VQ_BETA = 64, 2, 0.25
+
+
+def _vq_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
+    enc, dec = mlp(2, VQ_DIM).to(device), mlp(VQ_DIM, 2).to(device)
+    codebook = nn.Parameter(0.5 * torch.randn(VQ_CODES, VQ_DIM, generator=gen, device=device))
+    params = [*enc.parameters(), *dec.parameters(), codebook]
+    return Trainer(
+        device, gen, {"enc": enc, "dec": dec}, {"vq": torch.optim.Adam(params, lr=LR)},
+        extra={"codebook": codebook, "params": params, "counts": torch.zeros(VQ_CODES, device=device)},
+    )  # fmt: skip
+
+
+def _vq(t: Trainer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``genloss.torch.vector_quantize`` on the encoding of ``x``: (z_q, indices, commitment, codebook loss)."""
+    out = gl.vector_quantize(t.modules["enc"](x), t.extra["codebook"], beta=VQ_BETA)  # type: ignore[attr-defined]
+    if isinstance(out, dict):
+        return out["z_q"], out["indices"], out["commitment"], out["codebook"]
+    z_q, idx, commit, cb = out
+    return z_q, idx, commit, cb
+
+
+def _vq_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    x = sample_real()
+    z_q, idx, commit, cb = _vq(t, x)
+    recon = ((t.modules["dec"](z_q) - x) ** 2).sum(1).mean()
+    loss = recon + commit.mean() + cb.mean()
+    t.update("vq", loss, t.extra["params"])
+    # the prior the samples are drawn from: code frequencies over the last steps (decayed counts)
+    t.extra["counts"].mul_(0.99).add_(torch.bincount(idx.detach().reshape(-1), minlength=VQ_CODES))
+    return {"loss": loss.detach()}
+
+
+def _vq_sample(t: Trainer, n: int) -> torch.Tensor:
+    """Decode codes drawn from their training frequencies (a unigram prior: at most K distinct points)."""
+    counts = t.extra["counts"]
+    probs = counts / counts.sum() if float(counts.sum()) > 0 else torch.ones_like(counts) / len(counts)
+    idx = torch.multinomial(probs, n, replacement=True, generator=t.gen)
+    with torch.no_grad():
+        return t.modules["dec"](t.extra["codebook"][idx])
+
+
+def _vq_evaluate(t: Trainer, held_out: torch.Tensor) -> dict[str, float]:
+    """Codebook usage (fraction of codes used by held-out data) and perplexity exp(H(code frequencies))."""
+    with torch.no_grad():
+        _, idx, _, _ = _vq(t, held_out)
+    p = torch.bincount(idx.reshape(-1), minlength=VQ_CODES).double()
+    p = p / p.sum()
+    h = -(p[p > 0] * torch.log(p[p > 0])).sum()
+    return {"codebook_usage": float((p > 0).double().mean()), "perplexity": float(torch.exp(h))}
+
+
+VQ_METHOD = Method(
+    name="vq-vae",
+    family="vq",
+    ops=("vector_quantize",),
+    about=f"VQ-VAE (van den Oord et al. 2017), {VQ_CODES} codes of dim {VQ_DIM}, samples from the code frequencies",
+    hparams=f"paper: beta {VQ_BETA}, straight-through gradient; demo: Adam lr {LR:g}, batch 256",
+    step=_vq_step,
+    setup=_vq_setup,
+    sample=_vq_sample,
+    evaluate=_vq_evaluate,
+)
+
+METHODS: list[Method] = [*GAN_METHODS, VAE_METHOD, DDPM_METHOD, FLOW_METHOD, EDM_METHOD, CT_METHOD, VQ_METHOD]

@@ -1,0 +1,313 @@
+"""Running the demo: one *run* per (dataset, method, seed), in worker processes, then the
+per-(dataset, method) summary: mean and standard deviation over the seeds.
+
+Determinism: each run draws from its own seed (derived from the demo's ``seed``, the
+method, the dataset and the repetition, so a run gives the same numbers alone or with
+others, in any worker, in any order), under ``torch.random.fork_rng`` so the caller's RNG
+state is untouched. With one torch thread per worker (the default) the same seed gives
+the same numbers, run after run (genloss's reductions are deterministic).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import methods as _methods
+from .data import ALIASES, DATASETS, Dataset
+from .metrics import mmd2_rbf, mode_coverage, prdc_scores
+
+__all__ = ["Config", "QUICK", "FULL", "plan", "run_one", "run_all", "summarize"]
+
+LOSS_WINDOW = 100  # final losses: the mean of the last 100 steps
+
+
+@dataclass(frozen=True)
+class Config:
+    """How long and on how much the demo runs. ``steps_scale`` multiplies every method's
+    default steps (``steps``, when set, replaces them); ``seeds`` repetitions per method;
+    ``n_eval`` samples scored against as many held-out points; ``checkpoints`` points of
+    the metric-vs-step curves, each on ``n_curve`` samples."""
+
+    seed: int = 0
+    seeds: int = 3
+    steps: int | None = None
+    steps_scale: float = 1.0
+    batch: int = 256
+    n_eval: int = 2000
+    n_curve: int = 500
+    checkpoints: int = 10
+    device: str = "cpu"
+    threads: int = 1
+
+
+FULL = Config()
+# --quick: the CI run, <= 40 s on 2 cores: 2 seeds (a spread), a tenth of the steps.
+QUICK = Config(seeds=2, steps_scale=0.1, n_eval=500, n_curve=250, checkpoints=4)
+
+
+def resolve_datasets(names: Sequence[str] | str | None) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    out = [ALIASES.get(n, n) for n in names]
+    unknown = [n for n in out if n not in DATASETS]
+    if unknown:
+        raise ValueError(f"datasets: unknown {unknown}; known: {sorted(DATASETS)}")
+    return out
+
+
+def resolve_methods(names: Sequence[str] | str | None) -> list[_methods.Method]:
+    if names is None:
+        return list(_methods.METHODS)
+    if isinstance(names, str):
+        names = [names]
+    by_name = {m.name: m for m in _methods.METHODS}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; known: {sorted(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def plan(
+    methods: Sequence[_methods.Method], datasets: Sequence[str] | None
+) -> list[tuple[str, _methods.Method]]:
+    """The (dataset, method) pairs: each method on its own ``datasets`` (GANs on the two
+    mixtures, the rest on the swiss roll), or every method on each of ``datasets``."""
+    names = list(DATASETS)
+    pairs = []
+    for d in names if datasets is None else datasets:
+        for m in methods:
+            if datasets is not None or d in m.datasets:
+                pairs.append((d, m))
+    return pairs
+
+
+def _seed_sequence(cfg: Config, *parts: str | int) -> np.random.SeedSequence:
+    words = [cfg.seed] + [zlib.crc32(p.encode()) if isinstance(p, str) else p for p in parts]
+    return np.random.SeedSequence(words)
+
+
+def held_out(cfg: Config, ds: Dataset, rep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out set of repetition ``rep`` (no method trains on it) and a second draw of
+    the data (the ``data`` row: the noise floor of every metric)."""
+    eval_ss, ref_ss = _seed_sequence(cfg, "held-out", ds.name, rep).spawn(2)
+    return ds.sample(cfg.n_eval, np.random.default_rng(eval_ss)), ds.sample(
+        cfg.n_eval, np.random.default_rng(ref_ss)
+    )
+
+
+def score(ds: Dataset, samples: np.ndarray, real: np.ndarray) -> dict[str, Any]:
+    """Every metric of ``samples`` against the held-out ``real``."""
+    out: dict[str, Any] = {
+        "modes_covered": None,
+        "n_modes": ds.n_modes,
+        "mode_counts": None,
+        "high_quality": None,
+    }
+    if ds.centers is not None:
+        assert ds.std is not None
+        out.update(mode_coverage(samples, ds.centers, ds.std))
+    finite = bool(np.isfinite(samples).all())
+    out["finite"] = finite
+    out["mmd2"] = float(mmd2_rbf(torch.from_numpy(samples), torch.from_numpy(real))) if finite else math.nan
+    scores = prdc_scores(real, samples) if finite else None
+    out["prdc"] = scores
+    return out
+
+
+def _curve_point(ds: Dataset, samples: np.ndarray, real: np.ndarray) -> tuple[float, float | None]:
+    finite = bool(np.isfinite(samples).all())
+    mmd = float(mmd2_rbf(torch.from_numpy(samples), torch.from_numpy(real))) if finite else math.nan
+    if ds.centers is None or ds.std is None:
+        return mmd, None
+    return mmd, mode_coverage(samples, ds.centers, ds.std)["modes_covered"] / len(ds.centers)
+
+
+def run_one(task: tuple[Config, str, str, int]) -> dict[str, Any]:
+    """Train and score one (dataset, method, repetition); a top-level function for the worker pool."""
+    cfg, dname, mname, rep = task
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    m = next(x for x in _methods.METHODS if x.name == mname)
+    ds = DATASETS[dname]
+    steps = cfg.steps if cfg.steps is not None else max(10, round(m.steps * cfg.steps_scale))
+    t0, c0 = time.perf_counter(), time.process_time()
+    ss_train, ss_data, ss_eval = _seed_sequence(cfg, "run", dname, mname, rep).spawn(3)
+    torch_seed = int(ss_train.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    rng = np.random.default_rng(ss_data)
+    real, _ = held_out(cfg, ds, rep)
+    real_curve = real[: cfg.n_curve]
+    device = torch.device(cfg.device)
+    at = sorted({max(1, round(steps * (j + 1) / cfg.checkpoints)) for j in range(cfg.checkpoints)})
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    curve: dict[str, list[Any]] = {"step": [], "mmd2": [], "modes": []}
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.manual_seed(torch_seed)  # module initialisation
+        gen = torch.Generator(device=device)
+        gen.manual_seed(torch_seed)
+        eval_gen = torch.Generator(device=device)  # evaluation draws do not disturb training's
+        eval_gen.manual_seed(int(ss_eval.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+        trainer = m.setup(device, gen, ds)
+        trainer.K = steps
+
+        def sample_real() -> torch.Tensor:
+            return torch.from_numpy(ds.sample(cfg.batch, rng)).to(device)
+
+        def draw(n: int) -> np.ndarray:
+            trainer.gen = eval_gen
+            try:
+                return m.sample(trainer, n).detach().float().cpu().numpy()
+            finally:
+                trainer.gen = gen
+
+        history: dict[str, list[torch.Tensor]] = {}
+        for i in range(steps):
+            trainer.k = i
+            for k, v in m.step(trainer, sample_real).items():
+                history.setdefault(k, []).append(v)
+            if i + 1 in at:
+                mmd, modes = _curve_point(ds, draw(cfg.n_curve), real_curve)
+                curve["step"].append(i + 1)
+                curve["mmd2"].append(mmd)
+                curve["modes"].append(modes)
+        samples = draw(cfg.n_eval)
+        extra = {} if m.evaluate is None else m.evaluate(trainer, torch.from_numpy(real).to(device))
+    hist = {k: torch.stack(v).float().cpu().numpy() for k, v in history.items()}
+    res = score(ds, samples, real)
+    res.update(
+        dataset=dname,
+        method=mname,
+        family=m.family,
+        rep=rep,
+        steps=steps,
+        losses={k: float(np.mean(v[-LOSS_WINDOW:])) for k, v in hist.items()},
+        extra=extra,
+        curve=curve,
+        samples=samples,
+        wall_s=time.perf_counter() - t0,
+        cpu_s=time.process_time() - c0,
+    )
+    return res
+
+
+def data_rows(cfg: Config, dname: str) -> list[dict[str, Any]]:
+    """The ``data`` row's runs: per repetition, a second draw of the data scored like a method."""
+    ds = DATASETS[dname]
+    rows = []
+    for rep in range(cfg.seeds):
+        real, ref = held_out(cfg, ds, rep)
+        res = score(ds, ref, real)
+        mmd_c, modes_c = _curve_point(ds, ref[: cfg.n_curve], real[: cfg.n_curve])
+        res.update(
+            dataset=dname, method="data", family="reference", rep=rep, steps=0, losses={}, extra={},
+            curve={"step": [], "mmd2": [mmd_c], "modes": [modes_c]}, samples=ref, wall_s=None, cpu_s=None,
+        )  # fmt: skip
+        rows.append(res)
+    return rows
+
+
+def run_all(
+    cfg: Config,
+    pairs: Sequence[tuple[str, _methods.Method]],
+    workers: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Every run of ``pairs`` x ``cfg.seeds``, on ``workers`` processes (1: in this process)."""
+    tasks = [(cfg, d, m.name, rep) for d, m in pairs for rep in range(cfg.seeds)]
+    # the longest first, so that the last runs are short and the workers finish together
+    cost = {m.name: m.steps * m.work_per_step for _, m in pairs}
+    tasks.sort(key=lambda t: -cost[t[2]])
+    from tqdm.auto import tqdm
+
+    stream = sys.stderr
+    live = progress and stream.isatty()
+    bar = tqdm(
+        total=len(tasks), desc="genloss demo", unit="run", file=stream, disable=not live, dynamic_ncols=True
+    )
+    out: list[dict[str, Any]] = []
+
+    def done(r: dict[str, Any]) -> None:
+        out.append(r)
+        line = (
+            f"{r['dataset']:<10} {r['method']:<12} seed {r['rep']}  MMD² {r['mmd2']:.2e}  {r['wall_s']:.1f}s"
+        )
+        if live:
+            bar.set_postfix_str(line.split("  ")[0], refresh=False)
+            bar.update(1)
+        elif progress:
+            stream.write(f"[{len(out)}/{len(tasks)}] {line}\n")
+            stream.flush()
+
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for t in tasks:
+                done(run_one(t))
+        else:
+            # spawn: a fresh interpreter per worker (forking a process that has started
+            # OpenMP threads is not safe)
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+                futures = [pool.submit(run_one, t) for t in tasks]
+                for f in as_completed(futures):
+                    done(f.result())
+    finally:
+        bar.close()
+    order = {
+        (d, m.name, rep): i
+        for i, (d, m, rep) in enumerate((d, m, r) for d, m in pairs for r in range(cfg.seeds))
+    }
+    out.sort(key=lambda r: order[(r["dataset"], r["method"], r["rep"])])
+    return out
+
+
+def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None
+    a = np.asarray(v, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, method): the mean and sample standard deviation over seeds of every metric."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["method"]), []).append(r)
+    rows = []
+    for (d, m), rs in groups.items():
+        row: dict[str, Any] = {"dataset": d, "method": m, "family": rs[0]["family"], "seeds": len(rs),
+                               "steps": rs[0]["steps"], "n_modes": rs[0]["n_modes"],
+                               "diverged": sum(not r["finite"] for r in rs)}  # fmt: skip
+        metrics: dict[str, list[float | None]] = {
+            "modes_covered": [r["modes_covered"] for r in rs],
+            "high_quality": [r["high_quality"] for r in rs],
+            "mmd2": [r["mmd2"] if math.isfinite(r["mmd2"]) else None for r in rs],
+            "wall_s": [r["wall_s"] for r in rs],
+            "cpu_s": [r["cpu_s"] for r in rs],
+        }
+        for name in ("precision", "recall", "density", "coverage"):
+            metrics[name] = [None if r["prdc"] is None else r["prdc"][name] for r in rs]
+        for name in sorted({k for r in rs for k in r["extra"]}):
+            metrics[name] = [r["extra"].get(name) for r in rs]
+        for name in sorted({k for r in rs for k in r["losses"]}):
+            metrics["loss_" + name] = [r["losses"].get(name) for r in rs]
+        for name, vals in metrics.items():
+            row[name], row[name + "_sd"] = _mean_sd(vals)
+        rows.append(row)
+    return rows
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    return asdict(cfg)
