@@ -11,7 +11,18 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .. import _checks as C
-from ._engine import _C, Buf, Recording, as_input, empty, recording_active, run, same_place, stream_of
+from ._engine import (
+    _C,
+    Buf,
+    Recording,
+    as_input,
+    empty,
+    ran,
+    recording_active,
+    run_call,
+    same_place,
+    stream_of,
+)
 
 
 class Term(NamedTuple):
@@ -100,12 +111,12 @@ def run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, gr
             if sl is not None:
                 grads[sl] = g
         s = loss_scale(reduction, x, per_sample_mean=t.per_sample_mean, coef=t.coef)
-        run(
+        ran(run_call(
             functor=t.functor, params=t.params, dtype=x.dtype, device=x.device, device_id=x.device_id,
             stream=stream, ins=[b.ptr for b in ins], grads=[0 if g is None else g.ptr for g in gbufs],
             rows=x.rows, cols=x.cols, value_scale=s, grad_scale=s, accumulate=i > 0,
             out_value=0 if out is None else out.ptr, out_rows=0 if rows is None else rows.ptr,
-        )  # fmt: skip
+        ))  # fmt: skip
     value = out if rows is None else rows
     assert value is not None  # value_out gives exactly one of them
     return value.arr, grads_out(grads, flags)
@@ -124,7 +135,7 @@ def cached(key: Any, arrays: Sequence[Any], compose: Callable[[], Any]) -> Any:
     records the Calls ``compose`` runs; the plan cache (cpp/src/plan.cpp) keeps them with
     the arrays' dtype and shapes, and later calls with the same key, dtype and shapes run
     them in C++ on the new tensors. ``compose`` must return ``(value, grads)`` and reach
-    the engine only through ``_engine.run`` Calls on ``arrays`` and fresh outputs;
+    the engine only through ``_engine.ran(run_call(...))`` Calls on ``arrays`` and fresh outputs;
     anything else (a range check of the data, a total, a scratch or derived array) makes
     the recording unusable and the Python path simply runs every time.
     """

@@ -601,7 +601,12 @@ def _p(b: Buf | None) -> int:
 # check, a total that feeds the next call, another primitive) marks the recording as not
 # replayable, so a plan is only ever a function of (key, dtype, shapes).
 
-_local = threading.local()
+
+class _Local(threading.local):
+    rec: Recording | None = None  # a class default: a thread that never set it reads None, no exception
+
+
+_local = _Local()
 
 
 class Recording:
@@ -622,21 +627,24 @@ class Recording:
 
 
 def recording_active() -> bool:
-    return getattr(_local, "rec", None) is not None
+    return _local.rec is not None
 
 
 def data_used() -> None:
     """The composition being recorded (if any) read its inputs' values in Python: no plan."""
-    rec = getattr(_local, "rec", None)
+    rec = _local.rec
     if rec is not None:
         rec.ok = False
 
 
-def run(**fields: Any) -> Any:
-    """Build a ``_C.Call`` from ``fields`` and run it (``_C.run_call``: the same as
-    ``_C.run(_C.Call(**fields))`` in one C call; the GIL is released). Returns the Call."""
-    call = _C.run_call(**fields)
-    rec = getattr(_local, "rec", None)
+run_call = _C.run_call  # run_call(**fields) -> Call: builds a _C.Call and runs it, in one C call
+
+
+def ran(call: Any) -> Any:
+    """``call`` (a ``_C.Call`` that ``run_call`` just ran), noted in this thread's recording.
+    Every engine Call of a composition goes ``ran(run_call(...))``: THE entry point of
+    map_reduce (the GIL released while it runs)."""
+    rec = _local.rec
     if rec is not None:
         rec.calls.append(call)
     return call
@@ -701,14 +709,24 @@ def map_reduce(
         raise TypeError(f"map_reduce: functor {functor}: pass mode by its name in params")
     if totals:
         data_used()  # the totals feed the caller's next step
-    call = run(
-        functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
-        stream=stream_of(x), ins=ins, grads=[_p(g) for g in grads], rows=rows, cols=cols,
-        value_scale=value_scale, grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out),
-        out_rows=_p(rows_out), out_elems=_p(elems_out), accumulate=accumulate, totals=totals,
-        table=_p(table), table_rows=0 if table is None else table.rows, table_stride=stride, index=_p(index),
-        index_type=0 if index is None else index.dtype, row_weight=_p(row_weight), out_rows_raw=_p(rows_raw),
-    )  # fmt: skip
+    gs = [_p(g) for g in grads]
+    if table is None and index is None and row_weight is None and rows_raw is None:  # (fewer keywords)
+        call = run_call(
+            functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
+            stream=stream_of(x), ins=ins, grads=gs, rows=rows, cols=cols, value_scale=value_scale,
+            grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out), out_rows=_p(rows_out),
+            out_elems=_p(elems_out), accumulate=accumulate, totals=totals,
+        )  # fmt: skip
+    else:
+        call = run_call(
+            functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
+            stream=stream_of(x), ins=ins, grads=gs, rows=rows, cols=cols, value_scale=value_scale,
+            grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out), out_rows=_p(rows_out),
+            out_elems=_p(elems_out), accumulate=accumulate, totals=totals, table=_p(table),
+            table_rows=0 if table is None else table.rows, table_stride=stride, index=_p(index),
+            index_type=0 if index is None else index.dtype, row_weight=_p(row_weight), out_rows_raw=_p(rows_raw),
+        )  # fmt: skip
+    ran(call)
     return call.totals
 
 
