@@ -4,8 +4,10 @@
 //    parameters go by the names the functor declares (ParamNames in ops/*.h,
 //    exported as _C.FUNCTOR_PARAMS); a wrong or missing name is a TypeError naming
 //    the functor and its parameters. ``run(call or calls)`` is the one entry point:
-//    it runs them on their device with the GIL released. The native compositions
-//    (python/genloss/native/) build Calls through _engine.map_reduce.
+//    it runs them on their device with the GIL released; ``run_call(**fields)`` is
+//    Call + run in one vectorcall (the compositions' hot path: no dict, no pybind11
+//    dispatch). The native compositions (python/genloss/native/) reach the engine
+//    only that way (_engine.map_reduce, _compose.run_terms).
 //
 // 2. ``PlanCache``: cached plans. Why: a GAN loss on a batch of 256 logits costs the
 //    kernel well under a microsecond, and the Python glue that turns tensors into
