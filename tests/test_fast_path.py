@@ -1,16 +1,20 @@
-"""The one-call path for small population losses on plain CPU torch tensors (cpp/src/fast_path.cpp).
+"""The small-call fast path on plain CPU torch tensors (cpp/src/plan.cpp): cached plans and
+the per-step-table path, and the one entry point of the engine (_C.Call, _C.run).
 
-The C++ path must be indistinguishable from the Python path it short-cuts
-(python/genloss/native/_compose.py), except in speed:
+A composition's first call for a key (its op, hyperparameters, reduction, need_grad) on plain
+CPU torch tensors records its engine Calls; later calls with the same key, dtype and shapes
+replay them in C++ (_compose.cached). The replay must be indistinguishable from the Python
+path, except in speed:
 
-* every native record, torch inputs, float32/float64, every reduction, need_grad True, False and
-  one flag per input: bitwise the same value and gradients as with the fast path switched off,
-  and equal to the float64 NumPy reference;
-* it is really taken for the population losses (else the above proves nothing);
+* every native record, torch inputs, float32/float64, every reduction, need_grad True, False
+  and one flag per input: bitwise the same value and gradients as with the fast paths switched
+  off, and equal to the float64 NumPy reference;
+* it is really taken for the ops that use it (else the above proves nothing);
+* a plan serves only its own key, dtype and shapes (another hyperparameter, dtype or batch
+  size runs the Python path and records its own plan);
 * it declines (returns None, so the Python path runs and raises or handles the case) for
   everything unusual: NumPy arrays, subclasses, float16, non-contiguous or negated views, 0-d
-  or empty inputs, inputs the output cache should serve, mixed dtypes, bad reductions,
-  'none' where two populations are summed, malformed need_grad, unknown functors;
+  or empty inputs, mixed dtypes; and a recording it could not replay is not kept;
 * the errors users see are the Python path's, naming the argument.
 """
 
@@ -24,11 +28,12 @@ from test_native import check_against_reference
 
 torch = pytest.importorskip("torch")
 _C = pytest.importorskip("genloss._C")
-from genloss.native import _compose  # noqa: E402
+from genloss.native import _compose, _engine  # noqa: E402
 from genloss.native import diffusion as _diffusion  # noqa: E402
 
-# The population losses of the GAN family: each runs through fast_populations.
-FAST_OPS = (
+# The ops whose native composition runs through a cached plan (_compose.cached) or the table
+# path (fast_table_rows).
+PLAN_OPS = (
     "gan_d_loss",
     "gan_g_loss",
     "lsgan_d_loss",
@@ -40,24 +45,41 @@ FAST_OPS = (
     "r1_penalty_from_grads",
     "fgan_d_loss",
     "fgan_g_loss",
-    "diffusion_mse_loss",  # fast_table_rows
-    "vlb_term",
+    "l1_loss",
+    "pix2pix_g_loss",
+    "cycle_consistency_loss",
+    "gaussian_kl",
 )
+TABLE_OPS = ("diffusion_mse_loss", "vlb_term")
+FAST_OPS = PLAN_OPS + TABLE_OPS
 NATIVE_RECORDS = tuple(r for r in R.RECORDS if r.has_native)
 CASES = list(R.cases(NATIVE_RECORDS))
-TERM = ("Softplus", 1.0, (0.0, 0.0, 0.0), 0)
 
 
 class Spy:
-    """genloss._C as the native modules see it, with the fast_* entries counted or switched off."""
+    """The fast paths as the native modules see them, counted or switched off: the plan
+    cache (a fresh one: no plan recorded elsewhere is used) and the table path."""
 
     def __init__(self, off: bool) -> None:
         self.off = off
         self.served = 0
+        self.plans = _C.PlanCache()
 
+    # _compose.PLANS
+    def run(self, key, arrays):
+        if self.off:
+            return None
+        out = self.plans.run(key, arrays)
+        self.served += out is not None
+        return out
+
+    def add(self, *args):
+        return False if self.off else self.plans.add(*args)
+
+    # _diffusion._C
     def __getattr__(self, name: str):
         real = getattr(_C, name)
-        if not name.startswith("fast_"):
+        if name != "fast_table_rows":
             return real
 
         def call(*args):
@@ -74,7 +96,7 @@ class Spy:
 def spy(monkeypatch):
     def install(off: bool) -> Spy:
         s = Spy(off)
-        monkeypatch.setattr(_compose, "_C", s)
+        monkeypatch.setattr(_compose, "PLANS", s)
         monkeypatch.setattr(_diffusion, "_C", s)
         return s
 
@@ -82,7 +104,7 @@ def spy(monkeypatch):
 
 
 def _expect_fast(record, tensors, need=True):
-    """The fast path serves FAST_OPS on same-shape inputs (a broadcast model_log_variance
+    """The fast paths serve FAST_OPS on same-shape inputs (a broadcast model_log_variance
     is materialised by the Python path), except a requested gradient w.r.t. per-sample
     ``weights`` (the Python path writes the unweighted per-sample terms it needs)."""
     if record.name not in FAST_OPS:
@@ -102,6 +124,15 @@ def _run(record, tensors, kwargs, need):
     return [value.clone(), *[None if g is None else g.clone() for g in grads]]
 
 
+def _same(label, fast, slow):
+    assert len(fast) == len(slow), label
+    for k, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert (a is None) == (b is None), f"{label} output {k}"
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, f"{label} output {k}"
+            assert torch.equal(a, b), f"{label} output {k}: fast path differs from the Python path"
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(
     ("record", "variant", "reduction"), CASES, ids=[f"{r.name}-{v.id}-{red}" for r, v, red in CASES]
@@ -114,18 +145,15 @@ def test_fast_path_equals_python_path(spy, record, variant, reduction, dtype):
     needs = [True, False] + [tuple(i == j for j in range(n)) for i in range(n)] if n else [True]
     for need in needs:
         fast_spy = spy(off=False)
-        fast = _run(record, tensors, kwargs, need)
+        first = _run(record, tensors, kwargs, need)  # records the plan (a plan op) or is served
+        fast = _run(record, tensors, kwargs, need)  # served by the plan recorded just now
         spy(off=True)
         slow = _run(record, tensors, kwargs, need)
         label = f"{record.name}({variant.id}, {reduction}) need_grad={need}"
         if _expect_fast(record, tensors, need):
             assert fast_spy.served > 0, f"{label}: the fast path was not taken"
-        assert len(fast) == len(slow), label
-        for k, (a, b) in enumerate(zip(fast, slow, strict=True)):
-            assert (a is None) == (b is None), f"{label} output {k}"
-            if a is not None:
-                assert a.dtype == b.dtype and a.shape == b.shape, f"{label} output {k}"
-                assert torch.equal(a, b), f"{label} output {k}: fast path differs from the Python path"
+        _same(label, first, slow)
+        _same(label, fast, slow)
         if need is True:
             check_against_reference(record, variant, reduction, inputs, dtype, values=(fast[0], fast[1:]))
 
@@ -134,50 +162,102 @@ def _plain(n=8, dtype=torch.float32):
     return torch.linspace(-2, 2, n, dtype=dtype)
 
 
+def _softplus_mean(x):
+    return torch.nn.functional.softplus(x).mean()
+
+
+@pytest.fixture
+def plans(monkeypatch):
+    """A fresh plan cache for the compositions."""
+    cache = _C.PlanCache()
+    monkeypatch.setattr(_compose, "PLANS", cache)
+    return cache
+
+
+KEY = ("one", "Softplus", 1.0, {"shift": 0.0}, "mean", True)  # gan_g_loss(minimax)'s key, less the sign
+
+
 @pytest.mark.parametrize(
-    ("label", "arrays", "terms", "reduction", "need", "allow_none"),
+    ("label", "arrays"),
     [
-        ("numpy array", (np.zeros(4, np.float32),), (TERM,), "mean", True, True),
-        ("tensor subclass", (torch.nn.Parameter(_plain()),), (TERM,), "mean", True, True),
-        ("float16", (_plain().half(),), (TERM,), "mean", True, True),
-        ("int64", (torch.arange(4),), (TERM,), "mean", True, True),
-        ("non-contiguous", (torch.zeros(4, 6)[:, ::2],), (TERM,), "mean", True, True),
-        ("negated view", (torch._neg_view(_plain()),), (TERM,), "mean", True, True),
-        ("0-d", (torch.tensor(1.0),), (TERM,), "mean", True, True),
-        ("empty batch", (torch.zeros(0, 3),), (TERM,), "sum", True, True),
-        ("mixed dtypes", (_plain(), _plain(dtype=torch.float64)), (TERM, TERM), "mean", True, False),
-        ("bad reduction", (_plain(),), (TERM,), "avg", True, True),
-        ("reduction not a str", (_plain(),), (TERM,), 0, True, True),
-        ("'none' of two populations", (_plain(), _plain()), (TERM, TERM), "none", True, False),
-        ("need_grad an int", (_plain(),), (TERM,), "mean", 1, True),
-        ("need_grad too short", (_plain(), _plain()), (TERM, TERM), "mean", (True,), False),
-        ("need_grad of ints", (_plain(),), (TERM,), "mean", (1,), True),
-        ("unknown functor", (_plain(),), (("NoSuchFunctor", 1.0, (0.0, 0.0, 0.0), 0),), "mean", True, True),
-        ("term count", (_plain(), _plain()), (TERM,), "mean", True, False),
-        ("bool mode", (_plain(),), (("Softplus", 1.0, (0.0, 0.0, 0.0), True),), "mean", True, True),
+        ("numpy array", (np.linspace(-2, 2, 8, dtype=np.float32),)),
+        ("tensor subclass", (torch.nn.Parameter(_plain()),)),
+        ("float16", (_plain().half(),)),
+        ("int64", (torch.arange(8),)),
+        ("non-contiguous", (torch.linspace(-2, 2, 16)[::2],)),
+        ("negated view", (torch._neg_view(_plain()),)),
+        ("0-d", (torch.tensor(1.0),)),
+        ("empty batch", (torch.zeros(0),)),
+        ("another batch size", (_plain(9),)),
+        ("another dtype", (_plain(dtype=torch.float64),)),
+        ("another key", "key"),
+        ("a key that cannot be hashed", "set"),
+        ("two arrays for one", (_plain(), _plain())),
+        ("no arrays", ()),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_fast_path_declines_the_unusual(label, arrays, terms, reduction, need, allow_none):
-    assert _C.fast_populations(arrays, terms, reduction, need, allow_none) is None, label
+def test_plans_decline_the_unusual(plans, label, arrays):
+    x = _plain()
+    want = _compose.one_population("x", x, "mean", "Softplus", 1.0, {"shift": 0.0}, True)
+    assert len(plans) == 1
+    served = plans.run(KEY, (x,))  # the baseline is served
+    assert served is not None
+    _same("baseline", list(served[:1]) + list(served[1]), list(want[:1]) + list(want[1]))
+    key = KEY
+    if arrays == "key":
+        key, arrays = ("one", "Softplus", 1.0, {"shift": 0.5}, "mean", True), (x,)
+    elif arrays == "set":
+        key, arrays = (*KEY, {1, 2}), (x,)
+    assert plans.run(key, arrays) is None, label
 
 
-def test_fast_path_serves_plain_tensors():
-    """The counterpart of the above: the cases the benchmarks and training loops hit."""
-    r, f = _plain(256), _plain(100, torch.float32)
-    two = _C.fast_populations((r, f), (TERM, TERM), "mean", (True, False), False)
-    assert two is not None
-    value, (gr, gf) = two
-    assert value.shape == () and gr.shape == r.shape and gf is None
-    want = torch.nn.functional.softplus(r).mean() + torch.nn.functional.softplus(f).mean()
-    torch.testing.assert_close(value, want)
-    torch.testing.assert_close(gr, torch.sigmoid(r) / 256)
-    rows = _C.fast_populations((r.reshape(16, 16),), (TERM,), "none", False, True)
-    assert rows is not None and rows[1] == ()
-    torch.testing.assert_close(rows[0], torch.nn.functional.softplus(r.reshape(16, 16)).sum(1))
+def test_a_plan_serves_only_its_hyperparameters_and_dtype(plans):
+    """lsgan_g_loss with another target c, or float64 after float32: a new plan each, each
+    giving the closed form."""
+    import genloss.native as gn
+
+    for dtype in (torch.float32, torch.float64):
+        x = _plain(16, dtype)
+        for c in (1.0, -0.5, 1.0):
+            for _ in range(2):
+                value, (g,) = gn.lsgan_g_loss(x, c=c)
+                torch.testing.assert_close(value, 0.5 * ((x - c) ** 2).mean())
+                torch.testing.assert_close(g, (x - c) / x.numel())
+                assert value.dtype == dtype and g.dtype == dtype
+    assert len(plans) == 4  # (c = 1, c = -0.5) x (float32, float64)
+    value, grads = gn.lsgan_g_loss(_plain(16), c=1.0, need_grad=False)  # need_grad is in the key
+    assert grads == () and len(plans) == 5
+    gn.lsgan_g_loss(_plain(32), c=1.0)  # so is the batch size
+    assert len(plans) == 6
 
 
-def test_large_outputs_come_from_the_output_cache():
+def test_recordings_that_cannot_be_replayed_are_not_kept(plans):
+    """A composition that reads the data in Python (a total feeding the next call, a range
+    check) or runs a primitive that is not a Call leaves no plan."""
+    import genloss.native as gn
+
+    r, f = _plain(16), _plain(16) * 0.5
+    with _engine.Recording() as rec:
+        gn.relativistic_d_loss(r, f)  # the means come from totals
+    assert not rec.ok
+    with _engine.Recording() as rec:
+        gn.bernoulli_nll(_plain(16), torch.rand(16))  # the NaN check reads the value
+    assert not rec.ok
+    value = gn.wgan_g_loss(r)
+    calls: list = []  # a call whose pointers are neither inputs nor outputs: refused
+    scratch = torch.empty(16)
+    calls.append(
+        _C.Call(functor="Linear", ins=[scratch.data_ptr()], rows=16, cols=1, out_value=value[0].data_ptr())
+    )
+    assert not plans.add(("other",), (r,), calls, value)
+    aliased = _C.Call(functor="Linear", ins=[r.data_ptr()], rows=16, cols=1, out_value=value[0].data_ptr())
+    assert not plans.add(("aliased",), (r, r), [aliased], value)
+    totals = _C.Call(functor="Linear", ins=[r.data_ptr()], rows=16, cols=1, totals=True)
+    assert not plans.add(("totals",), (r,), [totals], value)
+
+
+def test_large_outputs_come_from_the_output_cache(plans):
     """Outputs of 4 MiB or more: the same block cache as the Python path (_engine.empty)."""
     import genloss.native as gn
 
@@ -185,15 +265,96 @@ def test_large_outputs_come_from_the_output_cache():
         pytest.skip("the output cache is off in this environment")
 
     x = torch.linspace(-3, 3, 1 << 20)  # 4 MiB of float32: its gradient comes from the cache
+    gn.gan_g_loss(x, mode="minimax")  # records the plan
     before = gn.cache_info()
-    out = _C.fast_populations((x,), (TERM,), "mean", True, True)
-    assert out is not None
-    value, (g,) = out
+    value, (g,) = gn.gan_g_loss(x, mode="minimax")
     after = gn.cache_info()
     assert after["hits"] + after["misses"] == before["hits"] + before["misses"] + 1
     assert g.data_ptr() % (2 << 20) == 0  # a 2 MiB-aligned block
-    torch.testing.assert_close(g, torch.sigmoid(x) / x.numel())
-    torch.testing.assert_close(value, torch.nn.functional.softplus(x).mean())
+    torch.testing.assert_close(g, -torch.sigmoid(x) / x.numel())
+    torch.testing.assert_close(value, -_softplus_mean(x))
+
+
+# ----------------------------------------------------------------------------- Call: named parameters
+
+
+def _call(**over):
+    x = _plain(4)
+    kw = dict(functor="HalfSquare", params={"target": 1.0}, ins=[x.data_ptr()], rows=4, cols=1)
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize(
+    ("over", "error", "match"),
+    [
+        (dict(params={"margin": 1.0}), TypeError, "functor HalfSquare: unknown parameter 'margin'"),
+        (
+            dict(params={"target": 1.0, "margin": 1.0}),
+            TypeError,
+            "unknown parameter 'margin'.*its parameters: target",
+        ),
+        (dict(params={}), TypeError, "missing parameter 'target'"),
+        (dict(params={"target": "one"}), TypeError, "'target' must be a real number"),
+        (
+            dict(functor="GradPenaltyOfSqNorm", params={"center": 1.0, "one_sided": 0.5}),
+            TypeError,
+            "one_sided",
+        ),
+        (
+            dict(functor="Linear", params={"shift": 0.0}),
+            TypeError,
+            "Linear: unknown parameter 'shift'.*has none",
+        ),
+        (dict(params=(1.0, 0.0, 0.0)), TypeError, "params must be a dict"),
+        (dict(functor="NoSuchFunctor"), ValueError, "unknown functor"),
+        (dict(ins=[0, 0]), ValueError, "HalfSquare takes 1 inputs, got 2"),
+        (dict(rows_out=0), TypeError, "unknown field 'rows_out'"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_call_names_its_parameters(over, error, match):
+    with pytest.raises(error, match=match):
+        _C.Call(**_call(**over))
+
+
+def test_functor_params_are_exported():
+    """Every functor's parameter names, and its slots (a, b, c, mode) for the positional form."""
+    assert set(_C.FUNCTOR_PARAMS) == set(_C.FUNCTORS)
+    assert _C.FUNCTOR_PARAMS["HingeRelu"] == ("offset", "slope")
+    assert _C.FUNCTOR_PARAMS["GradPenaltyOfSqNorm"] == ("center", "one_sided")
+    assert _C.FUNCTOR_SLOTS["GradPenaltyOfSqNorm"] == ("center", None, None, "one_sided")
+    assert _C.FUNCTOR_PARAMS["Linear"] == ()
+    c = _C.Call(**_call(functor="HingeRelu", params={"slope": -1.0, "offset": 2.0}))
+    assert c.params == {"offset": 2.0, "slope": -1.0} and c.functor == "HingeRelu"
+
+
+def test_run_computes_by_named_parameters():
+    """relu(offset + slope x) summed, through Call and run, against the closed form."""
+    x = torch.linspace(-2, 2, 8, dtype=torch.float64)
+    out, g = torch.empty((), dtype=torch.float64), torch.empty(8, dtype=torch.float64)
+    call = _C.Call(functor="HingeRelu", params={"offset": 1.0, "slope": -1.0}, dtype=1, ins=[x.data_ptr()],
+                   grads=[g.data_ptr()], rows=8, cols=1, value_scale=0.5, grad_scale=0.5,
+                   out_value=out.data_ptr(), totals=True)  # fmt: skip
+    _C.run([call])
+    torch.testing.assert_close(out, 0.5 * torch.relu(1 - x).sum())
+    torch.testing.assert_close(g, -0.5 * (1 - x > 0).double())
+    assert call.totals == pytest.approx((float(torch.relu(1 - x).sum()), -float((1 - x > 0).sum())))
+
+
+def test_map_reduce_keeps_its_keywords():
+    """_engine.map_reduce: named params, and the positional form (params=(a, b, c), mode=)
+    of callers written before, mapped by slot; a value in a slot the functor lacks is refused."""
+    x = torch.linspace(0, 3, 6, dtype=torch.float64)
+    b = _engine.as_input(x, "x")
+    for params, mode in (({"center": 1.0, "one_sided": True}, 0), ((1.0, 0.0, 0.0), 1)):
+        out = _engine.empty(b, ())
+        _engine.map_reduce("GradPenaltyOfSqNorm", b, params=params, mode=mode, out=out)
+        torch.testing.assert_close(out.arr, (torch.relu(x.sqrt() - 1) ** 2).sum())
+    with pytest.raises(ValueError, match="GradPenaltyOfSqNorm has no parameter in slot b"):
+        _engine.map_reduce("GradPenaltyOfSqNorm", b, params=(1.0, 2.0, 0.0), out=_engine.empty(b, ()))
+    with pytest.raises(TypeError, match="missing parameter 'center'"):
+        _engine.map_reduce("GradPenaltyOfSqNorm", b, params={"one_sided": False}, out=_engine.empty(b, ()))
 
 
 def _mse_call(n=6, **over):
@@ -203,7 +364,7 @@ def _mse_call(n=6, **over):
         arrays=tuple(torch.randn(n, 3, generator=g) for _ in range(3)),
         functor="DiffusionMSE",
         grad_of=(0,),
-        params=(0.0, 0.0, 0.0),
+        params=None,
         table=torch.rand(4, 2, dtype=torch.float64, generator=g),
         stride=2,
         t=torch.randint(0, 4, (n,), generator=g),

@@ -452,7 +452,7 @@ def test_bad_arrays():
         gn.mmd2(x[:1], y)
     with pytest.raises(ValueError, match=r"^[a-z_0-9]+: y must have at least 2 points"):
         gn.mmd2(x, y[:1], "rbf", (1.0,))
-    with pytest.raises(ValueError, match="^mmd2: median_bandwidth: "):
+    with pytest.raises(ValueError, match="^mmd2: x, y: the median pairwise distance of the pooled data is 0"):
         gn.mmd2(x, np.zeros((5, 3)), "rbf", None, "biased")
     with pytest.raises(TypeError, match="^mmd2: x must be a torch.Tensor"):
         gt.mmd2(x, torch.tensor(y))

@@ -1,7 +1,8 @@
 // bindings.cpp — the pybind11 module genloss._C. Thin by design: it turns
 // Python ints (pointers, sizes) into the engine's argument structs and calls the
-// CPU or CUDA engine with the GIL released. No math here; validation happens in
-// python/genloss/native/_engine.py, which owns the DLPack side.
+// CPU or CUDA engine with the GIL released (map_reduce: _C.Call and _C.run, in
+// plan.cpp). No math here; validation happens in python/genloss/native/_engine.py,
+// which owns the DLPack side.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -18,7 +19,7 @@ using namespace genloss;
 
 void bind_mmd(py::module_& m);         // bindings_mmd.cpp
 void bind_host_cache(py::module_& m);  // host_cache.cpp
-void bind_fast_path(py::module_& m);   // fast_path.cpp
+void bind_plan(py::module_& m);        // plan.cpp: Call, run, PlanCache (map_reduce)
 void bind_quant(py::module_& m);       // bindings_quant.cpp
 void bind_prdc(py::module_& m);        // bindings_prdc.cpp
 void bind_ot(py::module_& m);          // bindings_ot.cpp
@@ -39,48 +40,6 @@ void run(int device, int device_id, std::uintptr_t stream, const Args& a, CpuFn 
     const cuda::DeviceGuard guard(device_id);
     cuda_fn(a, P(stream));
   }
-}
-
-// ins / grads: up to kMaxArity pointers (0 = absent); a functor reads its arity.
-py::object map_reduce(int device, int device_id, std::uintptr_t stream, int functor, double pa, double pb, double pc,
-                      int mode, int dtype, const std::vector<std::uintptr_t>& ins,
-                      const std::vector<std::uintptr_t>& grads, int64_t rows, int64_t cols, double value_scale,
-                      std::uintptr_t out_value, int accumulate, std::uintptr_t out_rows, std::uintptr_t out_elems,
-                      double grad_scale, double grad_offset, bool want_totals, std::uintptr_t table, int64_t table_rows,
-                      int table_stride, std::uintptr_t index, int index_type, std::uintptr_t row_weight,
-                      std::uintptr_t out_rows_raw) {
-  if (functor < 0 || functor >= kNumFunctors) throw py::value_error("functor id out of range");
-  if (ins.size() > kMaxArity || grads.size() > kMaxArity) throw py::value_error("too many inputs");
-  double totals[2] = {0.0, 0.0};
-  MapReduceArgs a{};
-  a.functor = functor;
-  a.pa = pa;
-  a.pb = pb;
-  a.pc = pc;
-  a.mode = mode;
-  a.dtype = dtype;
-  for (size_t q = 0; q < ins.size(); ++q) a.in[q] = P(ins[q]);
-  for (size_t q = 0; q < grads.size(); ++q) a.grad[q] = P(grads[q]);
-  a.rows = rows;
-  a.cols = cols;
-  a.value_scale = value_scale;
-  a.out_value = P(out_value);
-  a.accumulate = accumulate;
-  a.out_rows = P(out_rows);
-  a.out_elems = P(out_elems);
-  a.grad_scale = grad_scale;
-  a.grad_offset = grad_offset;
-  a.totals = want_totals ? totals : nullptr;
-  a.table = P(table);
-  a.table_rows = table_rows;
-  a.table_stride = table_stride;
-  a.index = P(index);
-  a.index_type = index_type;
-  a.row_weight = P(row_weight);
-  a.out_rows_raw = P(out_rows_raw);
-  run(device, device_id, stream, a, cpu::map_reduce, cuda::map_reduce);
-  if (!want_totals) return py::none();
-  return py::make_tuple(totals[0], totals[1]);
 }
 
 void row_scale(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t x, std::uintptr_t coef,
@@ -236,13 +195,6 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "genloss native engine (CPU, and CUDA when built with nvcc)";
   // clang-format off
-  m.def("map_reduce",    &map_reduce,  // the per-row extensions are optional keywords
-        py::arg("device"), py::arg("device_id"), py::arg("stream"), py::arg("functor"), py::arg("pa"),
-        py::arg("pb"), py::arg("pc"), py::arg("mode"), py::arg("dtype"), py::arg("ins"), py::arg("grads"),
-        py::arg("rows"), py::arg("cols"), py::arg("value_scale"), py::arg("out_value"), py::arg("accumulate"),
-        py::arg("out_rows"), py::arg("out_elems"), py::arg("grad_scale"), py::arg("grad_offset"),
-        py::arg("want_totals"), py::arg("table") = 0, py::arg("table_rows") = 0, py::arg("table_stride") = 0,
-        py::arg("index") = 0, py::arg("index_type") = 0, py::arg("row_weight") = 0, py::arg("out_rows_raw") = 0);
   m.def("row_scale",     &row_scale);
   m.def("col_sum",       &col_sum);
   m.def("col_broadcast", &col_broadcast);
@@ -267,7 +219,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FUNCTORS") = ids;
   bind_mmd(m);
   bind_host_cache(m);
-  bind_fast_path(m);
+  bind_plan(m);
   bind_quant(m);
   bind_prdc(m);
   bind_ot(m);

@@ -199,7 +199,7 @@ void capsule_destructor(PyObject* cap) {
 
 // A C-contiguous CPU float tensor of `shape` (dtype code 0: float32, 1: float64) as
 // an unconsumed DLPack capsule; its memory comes from the cache. (Also used by
-// fast_path.cpp.)
+// plan.cpp.)
 py::capsule cached_empty(const std::vector<int64_t>& shape, int dtype) {
   if (dtype != 0 && dtype != 1) throw py::type_error("cached_empty: dtype must be float32 (0) or float64 (1)");
   int64_t n = 1;

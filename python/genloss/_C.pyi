@@ -1,7 +1,7 @@
 """Type stub of ``genloss._C``, the pybind11 module built from cpp/src/.
 
 Kept by hand beside the bindings (one ``m.def``/``m.attr`` there, one entry here):
-bindings.cpp, bindings_mmd.cpp, fast_path.cpp and host_cache.cpp. Pointers and
+bindings.cpp, bindings_mmd.cpp, plan.cpp and host_cache.cpp. Pointers and
 CUDA streams are ``int`` (``std::uintptr_t``; 0 = absent), device is 0 (CPU) or 1
 (CUDA), dtype is the engine's code (0 float32, 1 float64, 2 float16, 3 bfloat16;
 index arrays: 0 int64, 1 int32). The functions without ``py::arg`` names in the
@@ -16,6 +16,8 @@ from typing_extensions import CapsuleType
 # ---- constants -------------------------------------------------------------------
 
 FUNCTORS: dict[str, int]  # functor name -> id (GENLOSS_FUNCTORS in genloss/engine.h)
+FUNCTOR_PARAMS: dict[str, tuple[str, ...]]  # functor name -> its parameter names (ParamNames, ops/*.h)
+FUNCTOR_SLOTS: dict[str, tuple[str | None, ...]]  # functor name -> the names of Params a, b, c, mode
 MMD_TILE: int  # kMmdTile, genloss/mmd.h
 MMD_KERNELS: tuple[str, ...]  # index = enum MmdKernel
 MMD_ESTIMATORS: tuple[str, ...]  # index = enum MmdEstimator
@@ -24,37 +26,64 @@ LFQ_MAX_BITS: int  # kLfqMaxBits, quant_cpu.h
 
 # ---- engine primitives (bindings.cpp, bindings_mmd.cpp) ------------------------------
 
-def map_reduce(
-    device: int,
-    device_id: int,
-    stream: int,
-    functor: int,
-    pa: float,
-    pb: float,
-    pc: float,
-    mode: int,
-    dtype: int,
-    ins: Sequence[int],
-    grads: Sequence[int],
-    rows: int,
-    cols: int,
-    value_scale: float,
-    out_value: int,
-    accumulate: int,
-    out_rows: int,
-    out_elems: int,
-    grad_scale: float,
-    grad_offset: float,
-    want_totals: bool,
-    table: int = 0,
-    table_rows: int = 0,
-    table_stride: int = 0,
-    index: int = 0,
-    index_type: int = 0,
-    row_weight: int = 0,
-    out_rows_raw: int = 0,
-) -> tuple[float, float] | None:
-    """The (value, gradient) totals when ``want_totals``, else None."""
+class Call:
+    """One map_reduce engine call (plan.cpp); every field by keyword, as engine.h's
+    MapReduceArgs names it. ``params``: the functor's parameters by name
+    (``FUNCTOR_PARAMS[functor]``), all of them and no other (TypeError naming the functor
+    otherwise); ``ins``: as many addresses as the functor's arity; ``totals``: ask for
+    (sum of values, sum of d f / d input 0), read back from ``.totals`` after ``run``."""
+
+    def __init__(
+        self,
+        *,
+        functor: str,
+        ins: Sequence[int],
+        rows: int,
+        cols: int,
+        params: dict[str, float] | None = None,
+        dtype: int = 0,
+        device: int = 0,
+        device_id: int = 0,
+        stream: int = 0,
+        grads: Sequence[int] = (),
+        value_scale: float = 1.0,
+        grad_scale: float = 1.0,
+        grad_offset: float = 0.0,
+        out_value: int = 0,
+        out_rows: int = 0,
+        out_elems: int = 0,
+        out_rows_raw: int = 0,
+        accumulate: bool = False,
+        totals: bool = False,
+        table: int = 0,
+        table_rows: int = 0,
+        table_stride: int = 0,
+        index: int = 0,
+        index_type: int = 0,
+        row_weight: int = 0,
+    ) -> None: ...
+    @property
+    def functor(self) -> str: ...
+    @property
+    def params(self) -> dict[str, float | int]: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def cols(self) -> int: ...
+    @property
+    def value_scale(self) -> float: ...
+    @property
+    def grad_scale(self) -> float: ...
+    @property
+    def totals(self) -> tuple[float, float] | None: ...
+
+def run_call(**fields: Any) -> Call:
+    """``Call(**fields)``, run as ``run`` runs it, and returned (one C call, no dict:
+    the hot path of the compositions no plan serves)."""
+
+def run(calls: Call | Sequence[Call]) -> None:
+    """Run a Call or a sequence of Calls in order with the GIL released: the one entry
+    point of map_reduce."""
 
 def row_scale(
     device: int,
@@ -178,12 +207,17 @@ def dlpack_info(
     unconsumed DLPack capsule; strides None when the producer gave none (contiguous).
     TypeError/ValueError naming ``name`` for anything else (not a capsule, consumed, bad shape)."""
 
-# ---- one-call fast paths (fast_path.cpp): None means "take the Python path" ----------
+# ---- cached plans and the table fast path (plan.cpp): None means "take the Python path" --
 
-def fast_populations(
-    arrays: Any, terms: Any, reduction: Any, need_grad: Any, allow_none: bool
-) -> tuple[Any, tuple[Any, ...]] | None:
-    """(value, grads) of a population loss over plain CPU torch tensors."""
+class PlanCache:
+    """Recorded compositions (their Calls with pointers as input/output slots), keyed by
+    (key, dtype, input shapes), replayed on new plain CPU torch tensors."""
+
+    def __init__(self) -> None: ...
+    def run(self, key: Any, arrays: Sequence[Any]) -> tuple[Any, tuple[Any, ...]] | None: ...
+    def add(self, key: Any, arrays: Sequence[Any], calls: Sequence[Call], result: Any) -> bool: ...
+    def clear(self) -> None: ...
+    def __len__(self) -> int: ...
 
 def fast_table_rows(
     arrays: Any,

@@ -30,13 +30,23 @@ def named_errors(op: str) -> Iterator[None]:
         msg = str(err)
         if _names(msg, op):
             raise
-        raise type(err)(f"{op}: {msg}") from None
+        raise type(err)(_prefixed(op, msg)) from None
 
 
 def _names(msg: str, op: str) -> bool:
     """Whether ``msg`` already opens with the op's name ("op: ...", "op() ...", "op needs ...")."""
     after = msg[len(op) : len(op) + 1]
     return msg.startswith(op) and not (after.isalnum() or after == "_")
+
+
+_OPS: set[str] = set()  # the names op_errors has wrapped
+
+
+def _prefixed(op: str, msg: str) -> str:
+    """``op: msg``; a message another op raised (``inner: ...``) is the user's call's, so it
+    is named after the op the user called, once."""
+    inner, sep, rest = msg.partition(": ")
+    return f"{op}: {rest if sep and inner in _OPS else msg}"
 
 
 def op_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -47,6 +57,7 @@ def op_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     message is rewritten in place); a try block costs nothing when nothing is raised.
     """
     op = fn.__name__
+    _OPS.add(op)
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -54,7 +65,7 @@ def op_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (ValueError, TypeError) as err:
             if len(err.args) == 1 and isinstance(err.args[0], str) and not _names(err.args[0], op):
-                err.args = (f"{op}: {err.args[0]}",)
+                err.args = (_prefixed(op, err.args[0]),)
             raise
 
     call.__genloss_op_errors__ = True  # type: ignore[attr-defined]

@@ -34,6 +34,18 @@ struct Params {
   const double* rp;
 };
 
+// The names a functor gives the slots of its Params (a, b, c, mode), declared next
+// to the code that reads them as ``static constexpr ParamNames params{...}``; nullptr:
+// the slot is unused (a functor without parameters declares nothing). Callers pass
+// parameters by these names only (genloss._C.Call(params={...}), _C.FUNCTOR_PARAMS),
+// so the meaning of a slot is stated once, here, not at every call site.
+struct ParamNames {
+  const char* a = nullptr;
+  const char* b = nullptr;
+  const char* c = nullptr;
+  const char* mode = nullptr;  // an integer parameter (a flag or an enum)
+};
+
 // ---- elementary math, overloaded for float and double ----------------------
 GENLOSS_HD float gl_exp(float x) {
   return ::expf(x);

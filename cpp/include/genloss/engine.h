@@ -93,6 +93,20 @@ enum FunctorId : int {
       kNumFunctors
 };
 
+// The parameter names of functor F (its ``params`` member; none declared: no parameters).
+template <class F, class = void>
+struct declares_params : std::false_type {};
+template <class F>
+struct declares_params<F, std::void_t<decltype(F::params)>> : std::true_type {};
+template <class F>
+constexpr ParamNames param_names() {
+  if constexpr (declares_params<F>::value) {
+    return F::params;
+  } else {
+    return ParamNames{};
+  }
+}
+
 // Elements per chunk of a reduction: fixed, so results do not depend on threads.
 constexpr int64_t kChunk = 4096;
 
@@ -142,6 +156,10 @@ struct has_alt<F, std::void_t<typename F::Alt>> {
 //   row_weight: rows values of the storage dtype; w_r multiplies row r's value,
 //           elementwise values and gradients (value_r above becomes w_r value_r)
 //   out_rows_raw[r] = value_scale * sum_j f(...)   (without w_r)
+//
+// pa, pb, pc, mode are the slots of the functor's Params; callers never fill them
+// by position: genloss._C.Call takes parameters by the names the functor declares
+// (ParamNames, ops/*.h) and is the one way Python reaches map_reduce (cpp/src/plan.cpp).
 struct MapReduceArgs {
   int functor;
   double pa, pb, pc;

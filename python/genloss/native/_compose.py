@@ -7,11 +7,22 @@ writing each needed gradient exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .. import _checks as C
-from ._engine import _C, Buf, F, as_input, empty, same_place, stream_of
+from ._engine import (
+    _C,
+    Buf,
+    Recording,
+    as_input,
+    empty,
+    ran,
+    recording_active,
+    run_call,
+    same_place,
+    stream_of,
+)
 
 
 class Term(NamedTuple):
@@ -20,8 +31,7 @@ class Term(NamedTuple):
     functor: str
     x: Buf
     coef: float = 1.0
-    params: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    mode: int = 0
+    params: dict[str, float] | None = None  # the functor's parameters by name (_C.FUNCTOR_PARAMS)
     y: Buf | None = None  # second input of a binary functor
     per_sample_mean: bool = False  # divide each sample's sum by its element count
     more: tuple[Buf, ...] = ()  # third and fourth inputs
@@ -35,16 +45,30 @@ def inputs(names: Sequence[str], arrays: Sequence[Any]) -> list[Buf]:
     return bufs
 
 
-def batch_scale(reduction: str, b: int) -> float:
-    """THE reduction rule of every native loss: 'mean' divides the per-sample values by the
-    batch size b; 'sum' and 'none' (per-sample output) do not scale."""
-    return 1.0 / b if reduction == "mean" else 1.0
+# ---- THE reduction rule of every native loss -------------------------------------------
+# 'mean' divides the per-sample values by the batch size; 'sum' does not scale; 'none'
+# writes the per-sample values (rows) instead of one scalar. Every composition takes its
+# scale from loss_scale (or batch_scale, for a loss whose rows are not an input's) and its
+# value buffer from value_out; a cached plan (cached() below) replays the scales its
+# recording computed here, for the same shapes only.
+
+
+def batch_scale(reduction: str, b: int, *, coef: float = 1.0) -> float:
+    """``coef`` / b for 'mean', ``coef`` for 'sum' and 'none'."""
+    return coef / b if reduction == "mean" else coef
 
 
 def loss_scale(reduction: str, x: Buf, *, per_sample_mean: bool = False, coef: float = 1.0) -> float:
     """The scale of a loss over ``x``'s rows: ``coef`` times the reduction rule, divided by the
     elements per sample for the per-sample-MEAN losses (L1, the diffusion and flow MSEs)."""
-    return coef * batch_scale(reduction, x.rows) / (x.cols if per_sample_mean else 1)
+    return batch_scale(reduction, x.rows, coef=coef) / (x.cols if per_sample_mean else 1)
+
+
+def value_out(like: Buf, reduction: str) -> tuple[Buf | None, Buf | None]:
+    """(scalar output, per-sample output): one of them, by the reduction."""
+    if reduction == "none":
+        return None, empty(like, (like.rows,))
+    return empty(like, ()), None
 
 
 def needs(need_grad: bool | Sequence[bool], n: int) -> tuple[bool, ...]:
@@ -72,9 +96,7 @@ def run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, gr
     flags = needs(need_grad, n_grads)
     ref = terms[0].x
     grads: list[Buf | None] = [None] * n_grads
-    per_sample = reduction == "none"
-    value = empty(ref, (ref.rows,) if per_sample else ())  # per-sample rows, or the scalar
-    out_p, rows_p = (0, value.ptr) if per_sample else (value.ptr, 0)
+    out, rows = value_out(ref, reduction)
     stream = stream_of(ref)
     for i, t in enumerate(terms):
         x = t.x
@@ -89,34 +111,70 @@ def run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, gr
             if sl is not None:
                 grads[sl] = g
         s = loss_scale(reduction, x, per_sample_mean=t.per_sample_mean, coef=t.coef)
-        # The engine call, positional (this path is hot for batch-256 losses).
-        _C.map_reduce(
-            x.device, x.device_id, stream, F[t.functor], t.params[0], t.params[1], t.params[2], t.mode, x.dtype,
-            [b.ptr for b in ins], [0 if g is None else g.ptr for g in gbufs],
-            x.rows, x.cols, s, out_p, int(i > 0), rows_p, 0, s, 0.0, False,
-        )  # fmt: skip
+        ran(run_call(
+            functor=t.functor, params=t.params, dtype=x.dtype, device=x.device, device_id=x.device_id,
+            stream=stream, ins=[b.ptr for b in ins], grads=[0 if g is None else g.ptr for g in gbufs],
+            rows=x.rows, cols=x.cols, value_scale=s, grad_scale=s, accumulate=i > 0,
+            out_value=0 if out is None else out.ptr, out_rows=0 if rows is None else rows.ptr,
+        ))  # fmt: skip
+    value = out if rows is None else rows
+    assert value is not None  # value_out gives exactly one of them
     return value.arr, grads_out(grads, flags)
 
 
-def one_population(name, array, reduction, functor, coef, params, mode, need_grad):
-    fast = _C.fast_populations((array,), ((functor, coef, params, mode),), reduction, need_grad, True)
-    if fast is not None:  # small plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
-        return fast
-    C.reduction(reduction)
-    (b,) = inputs([name], [array])
-    C.batched(name, b.shape, reduction)
-    return run_terms([Term(functor, b, coef, params, mode)], reduction, need_grad, 1, [0])
+# ---- cached plans ------------------------------------------------------------------------
+
+PLANS = _C.PlanCache()
 
 
-def two_population(names, arrays, reduction, functors, need_grad):
-    fast = _C.fast_populations(arrays, functors, reduction, need_grad, False)
-    if fast is not None:  # small plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
+def cached(key: Any, arrays: Sequence[Any], compose: Callable[[], Any]) -> Any:
+    """``compose()`` (the Python path: checks, allocation, engine Calls), or its cached plan.
+
+    The first call for a ``key`` (every non-array argument that changes the result: the
+    op's hyperparameters, reduction, need_grad) on plain CPU torch tensors of one dtype
+    records the Calls ``compose`` runs; the plan cache (cpp/src/plan.cpp) keeps them with
+    the arrays' dtype and shapes, and later calls with the same key, dtype and shapes run
+    them in C++ on the new tensors. ``compose`` must return ``(value, grads)`` and reach
+    the engine only through ``_engine.ran(run_call(...))`` Calls on ``arrays`` and fresh outputs;
+    anything else (a range check of the data, a total, a scratch or derived array) makes
+    the recording unusable and the Python path simply runs every time.
+    """
+    if recording_active():  # inside another composition's recording: its calls are its own
+        return compose()
+    fast = PLANS.run(key, arrays)
+    if fast is not None:
         return fast
-    C.reduction(reduction, C.TWO_POPULATION)
-    bufs = inputs(names, arrays)
-    for n, b in zip(names, bufs, strict=True):
-        C.batched(n, b.shape, reduction)
-    terms = [
-        Term(f, b, coef, params, mode) for b, (f, coef, params, mode) in zip(bufs, functors, strict=True)
-    ]
-    return run_terms(terms, reduction, need_grad, len(bufs), range(len(bufs)))
+    with Recording() as rec:
+        result = compose()
+    if rec.ok:
+        PLANS.add(key, arrays, rec.calls, result)
+    return result
+
+
+def one_population(name, array, reduction, functor, coef, params, need_grad):
+    """coef * the reduction of functor(x; params) over one population."""
+
+    def compose():
+        C.reduction(reduction)
+        (b,) = inputs([name], [array])
+        C.batched(name, b.shape, reduction)
+        return run_terms([Term(functor, b, coef, params)], reduction, need_grad, 1, [0])
+
+    return cached(("one", functor, coef, params, reduction, need_grad), (array,), compose)
+
+
+def two_population(names, arrays, reduction, terms, need_grad):
+    """Sum over populations i of coef_i * the reduction of functor_i(arrays[i]; params_i);
+    ``terms``: one (functor, coef, params) per population."""
+
+    def compose():
+        C.reduction(reduction, C.TWO_POPULATION)
+        bufs = inputs(names, arrays)
+        for n, b in zip(names, bufs, strict=True):
+            C.batched(n, b.shape, reduction)
+        return run_terms(
+            [Term(f, b, coef, params) for b, (f, coef, params) in zip(bufs, terms, strict=True)],
+            reduction, need_grad, len(bufs), range(len(bufs)),
+        )  # fmt: skip
+
+    return cached(("two", terms, reduction, need_grad), arrays, compose)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from types import FrameType
@@ -24,6 +25,8 @@ import numpy as np
 from .. import _C
 
 F = _C.FUNCTORS  # functor name -> id, generated from cpp/include/genloss/engine.h
+# functor name -> the names of its parameters (ParamNames in cpp/include/genloss/ops/*.h)
+FUNCTOR_PARAMS: dict[str, tuple[str, ...]] = _C.FUNCTOR_PARAMS
 
 FLOAT32, FLOAT64, FLOAT16, BFLOAT16 = 0, 1, 2, 3
 INT64, INT32 = 0, 1
@@ -345,7 +348,7 @@ _NP_OF = {FLOAT32: np.float32, FLOAT64: np.float64}
 # their pages mapped; options(host_cache_mb=...) bounds the free blocks it keeps, 0 turns
 # the reuse off). NumPy outputs only get the huge-page advice.
 # options(huge_pages=False) turns both off (plain torch.empty / np.empty).
-HOST_CACHE_MIN_BYTES = _C.HOST_CACHE_MIN_BYTES  # 4 MiB, shared with cpp/src/fast_path.cpp
+HOST_CACHE_MIN_BYTES = _C.HOST_CACHE_MIN_BYTES  # 4 MiB, shared with cpp/src/plan.cpp
 
 # ---- runtime configuration: one room (cpp/src/config.cpp reads the environment) ------
 
@@ -534,6 +537,8 @@ def cache_info() -> dict:
 
 def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None) -> Buf:
     """A new contiguous array of ``like``'s kind, device and dtype."""
+    if fill is not None:
+        data_used()  # a recorded plan allocates its outputs uninitialised
     if like.kind == "torch":  # the input's dtype and device
         if fill is not None:
             a = like.arr.new_full(shape, fill)
@@ -603,6 +608,7 @@ def sum_to(g: Any, shape: tuple[int, ...], kind: str) -> Any:
 
 def float_range(b: Buf) -> tuple[float, float]:
     """(min, max) of a float array on its own device (CUDA: synchronises)."""
+    data_used()  # a check of the data: a recorded plan could not repeat it
     if b.kind == "torch":
         lo, hi = b.arr.aminmax()
         return float(lo), float(hi)
@@ -635,13 +641,86 @@ def _p(b: Buf | None) -> int:
     return 0 if b is None else b.ptr
 
 
+# ---- the one execution path of map_reduce: a typed Call, run by _C.run -------------
+#
+# While a composition records its plan (_compose.cached), every Call it runs is appended
+# to this thread's recording; anything that reads the DATA on the Python side (a range
+# check, a total that feeds the next call, another primitive) marks the recording as not
+# replayable, so a plan is only ever a function of (key, dtype, shapes).
+
+
+class _Local(threading.local):
+    rec: Recording | None = None  # a class default: a thread that never set it reads None, no exception
+
+
+_local = _Local()
+
+
+class Recording:
+    """The Calls one composition ran, and whether they alone make its result."""
+
+    __slots__ = ("calls", "ok")
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self.ok = True
+
+    def __enter__(self) -> Recording:
+        _local.rec = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _local.rec = None
+
+
+def recording_active() -> bool:
+    return _local.rec is not None
+
+
+def data_used() -> None:
+    """The composition being recorded (if any) read its inputs' values in Python: no plan."""
+    rec = _local.rec
+    if rec is not None:
+        rec.ok = False
+
+
+run_call = _C.run_call  # run_call(**fields) -> Call: builds a _C.Call and runs it, in one C call
+
+
+def ran(call: Any) -> Any:
+    """``call`` (a ``_C.Call`` that ``run_call`` just ran), noted in this thread's recording.
+    Every engine Call of a composition goes ``ran(run_call(...))``: THE entry point of
+    map_reduce (the GIL released while it runs)."""
+    rec = _local.rec
+    if rec is not None:
+        rec.calls.append(call)
+    return call
+
+
+_SLOTS = ("a", "b", "c", "mode")
+
+
+def _positional_params(functor: str, params: Sequence[float], mode: int) -> dict[str, float]:
+    """The positional form ``params=(a, b, c), mode=m`` of callers written before named
+    parameters, by the functor's slots; a nonzero value in a slot it does not use is an error."""
+    slots = _C.FUNCTOR_SLOTS[functor]
+    named: dict[str, float] = {}
+    for q, v in enumerate((*params, mode)):
+        name = slots[q]
+        if name is not None:
+            named[name] = v
+        elif v:
+            raise ValueError(f"functor {functor} has no parameter in slot {_SLOTS[q]} (got {v})")
+    return named
+
+
 def map_reduce(
     functor: str,
     x: Buf,
     *,
     y: Buf | None = None,
     more: Sequence[Buf] = (),
-    params: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    params: dict[str, float] | Sequence[float] | None = None,
     mode: int = 0,
     shape2d: tuple[int, int] | None = None,
     value_scale: float = 1.0,
@@ -653,34 +732,68 @@ def map_reduce(
     grad_scale: float = 1.0,
     grad_offset: float = 0.0,
     totals: bool = False,
+    table: Buf | None = None,
+    stride: int = 0,
+    index: Buf | None = None,
+    row_weight: Buf | None = None,
+    rows_raw: Buf | None = None,
 ) -> tuple[float, float] | None:
-    """Run one functor over ``x`` (, ``y``, ``*more``) viewed as ``shape2d`` (rows, cols).
+    """Run one functor over ``x`` (, ``y``, ``*more``) viewed as ``shape2d`` (rows, cols):
+    builds a ``_C.Call`` and runs it (cpp/include/genloss/engine.h MapReduceArgs says what
+    each field does).
 
-    ``grads[a]`` receives d f / d input a (None: not written).
+    ``params``: the functor's parameters by name (``_C.FUNCTOR_PARAMS[functor]``), e.g.
+    ``{"target": 1.0}``; a wrong or missing name is a TypeError naming the functor. (The
+    positional form ``params=(a, b, c), mode=m`` of earlier callers is mapped by slot;
+    omitted: every parameter 0.) ``grads[a]`` receives d f / d input a (None: not written).
+    ``totals``: returns (sum of values, sum of d f / d x) (host doubles).
     """
     rows, cols = shape2d if shape2d is not None else (x.rows, x.cols)
     ins = [x.ptr] + ([] if y is None else [y.ptr]) + [b.ptr for b in more]
-    return _C.map_reduce(
-        x.device, x.device_id, stream_of(x), F[functor], params[0], params[1], params[2], mode, x.dtype,
-        ins, [_p(g) for g in grads], rows, cols, value_scale, _p(out), int(accumulate), _p(rows_out),
-        _p(elems_out), grad_scale, grad_offset, totals,
-    )  # fmt: skip
+    if not isinstance(params, dict):
+        params = _positional_params(functor, (0.0, 0.0, 0.0) if params is None else params, mode)
+    elif mode:
+        raise TypeError(f"map_reduce: functor {functor}: pass mode by its name in params")
+    if totals:
+        data_used()  # the totals feed the caller's next step
+    gs = [_p(g) for g in grads]
+    if table is None and index is None and row_weight is None and rows_raw is None:  # (fewer keywords)
+        call = run_call(
+            functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
+            stream=stream_of(x), ins=ins, grads=gs, rows=rows, cols=cols, value_scale=value_scale,
+            grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out), out_rows=_p(rows_out),
+            out_elems=_p(elems_out), accumulate=accumulate, totals=totals,
+        )  # fmt: skip
+    else:
+        call = run_call(
+            functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
+            stream=stream_of(x), ins=ins, grads=gs, rows=rows, cols=cols, value_scale=value_scale,
+            grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out), out_rows=_p(rows_out),
+            out_elems=_p(elems_out), accumulate=accumulate, totals=totals, table=_p(table),
+            table_rows=0 if table is None else table.rows, table_stride=stride, index=_p(index),
+            index_type=0 if index is None else index.dtype, row_weight=_p(row_weight), out_rows_raw=_p(rows_raw),
+        )  # fmt: skip
+    ran(call)
+    return call.totals
 
 
 def row_scale(
     x: Buf, out: Buf, *, coef: Buf | None = None, scale: float = 1.0, accumulate: bool = False
 ) -> None:
+    data_used()  # not a Call: a recorded plan could not replay it
     rows, cols = x.rows_cols()
     _C.row_scale(x.device, x.device_id, stream_of(x), x.dtype, x.ptr, _p(coef), out.ptr, rows, cols, scale,
                  int(accumulate))  # fmt: skip
 
 
 def col_sum(x: Buf, out: Buf, *, scale: float = 1.0) -> None:
+    data_used()  # not a Call: a recorded plan could not replay it
     rows, cols = x.rows_cols()
     _C.col_sum(x.device, x.device_id, stream_of(x), x.dtype, x.ptr, out.ptr, rows, cols, scale)
 
 
 def col_broadcast(v: Buf, out: Buf, *, scale: float = 1.0, accumulate: bool = False) -> None:
+    data_used()  # not a Call: a recorded plan could not replay it
     rows, cols = out.rows_cols()
     _C.col_broadcast(v.device, v.device_id, stream_of(v), v.dtype, v.ptr, out.ptr, rows, cols, scale,
                      int(accumulate))  # fmt: skip
@@ -699,6 +812,7 @@ def row_lse(
     grad: Buf | None = None,
     grad_scale: float = 1.0,
 ) -> None:
+    data_used()  # not a Call: a recorded plan could not replay it
     rows, k = logits.shape
     _C.row_lse(
         logits.device, logits.device_id, stream_of(logits), logits.dtype, logits.ptr, _p(labels),
@@ -712,6 +826,7 @@ def check_if_nan(value: Any, check: Any) -> None:
     (BernoulliNLL's targets, vlb_term's x0): run ``check()``, which reads the input
     again and raises naming it, only when the result has a NaN, instead of a separate
     min/max pass over the input on every call."""
+    data_used()  # a check of the data: a recorded plan could not repeat it
     nan = value.isnan().any() if hasattr(value, "isnan") else np.isnan(value).any()
     if bool(nan):
         check()
@@ -719,4 +834,5 @@ def check_if_nan(value: Any, check: Any) -> None:
 
 def int_range(b: Buf) -> tuple[int, int]:
     """(min, max) of an integer array, on its own device (CUDA: synchronises)."""
+    data_used()  # a check of the data: a recorded plan could not repeat it
     return int(b.arr.min()), int(b.arr.max())

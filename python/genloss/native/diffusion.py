@@ -24,21 +24,20 @@ import numpy as np
 
 from .. import _checks as C
 from ..reference import diffusion as R
-from ._compose import inputs, loss_scale, needs
+from ._compose import inputs, loss_scale, needs, value_out
 from ._engine import (
     _C,
     CPU,
     FLOAT64,
     Buf,
-    F,
     as_input,
     broadcast,
     check_if_nan,
     empty,
     float_range,
     int_range,
+    map_reduce,
     same_place,
-    stream_of,
     sum_to,
 )
 
@@ -155,41 +154,13 @@ def _row_vector(
     return b
 
 
-def _run(
-    functor: str,
-    ins: Sequence[Buf],
-    grads: Sequence[Buf | None],
-    *,
-    params=(0.0, 0.0, 0.0),
-    mode: int = 0,
-    value_scale: float = 1.0,
-    out: Buf | None = None,
-    rows_out: Buf | None = None,
-    elems_out: Buf | None = None,
-    grad_scale: float = 1.0,
-    table: Buf | None = None,
-    stride: int = 0,
-    index: Buf | None = None,
-    row_weight: Buf | None = None,
-    rows_raw: Buf | None = None,
-) -> None:
-    x = ins[0]
-    _C.map_reduce(
-        x.device, x.device_id, stream_of(x), F[functor], params[0], params[1], params[2], mode, x.dtype,
-        [b.ptr for b in ins], [0 if g is None else g.ptr for g in grads], x.rows, x.cols, value_scale,
-        0 if out is None else out.ptr, 0, 0 if rows_out is None else rows_out.ptr,
-        0 if elems_out is None else elems_out.ptr, grad_scale, 0.0, False,
-        table=0 if table is None else table.ptr, table_rows=0 if table is None else table.rows,
-        table_stride=stride, index=0 if index is None else index.ptr, index_type=0 if index is None else index.dtype,
-        row_weight=0 if row_weight is None else row_weight.ptr, out_rows_raw=0 if rows_raw is None else rows_raw.ptr,
-    )  # fmt: skip
+def _run(functor: str, ins: Sequence[Buf], grads: Sequence[Buf | None], **kw: Any) -> None:
+    """One engine Call over ``ins`` (same shape), writing ``grads`` (``_engine.map_reduce``'s
+    keywords: params by name, scales, outputs, the per-row table, index and weights)."""
+    map_reduce(functor, ins[0], more=ins[1:], grads=grads, **kw)
 
 
-def _value_out(ref: Buf, reduction: str) -> tuple[Buf | None, Buf | None]:
-    """(scalar output, per-sample output): one of them, by the reduction."""
-    if reduction == "none":
-        return None, empty(ref, (ref.rows,))
-    return empty(ref, ()), None
+_value_out = value_out  # (scalar output, per-sample output) by the reduction: _compose's rule
 
 
 def _result(out: Buf | None, rows: Buf | None, grads: list[Buf | None], flags: tuple[bool, ...]):
@@ -209,8 +180,8 @@ def _squared_diff(a: Buf, b: Buf, w: Buf | None, reduction: str, coef: float, fl
     grads = [empty(x, x.shape) if f else None for x, f in zip((a, b), flags[:2], strict=True)]
     raw = empty(a, (a.rows,)) if want_raw else None
     s = loss_scale(reduction, a, coef=coef)
-    _run("SquaredDiff", [a, b], grads, value_scale=s, out=out, rows_out=rows, grad_scale=s, row_weight=w,
-         rows_raw=raw)  # fmt: skip
+    _run("SquaredDiff", [a, b], grads, params={}, value_scale=s, out=out, rows_out=rows, grad_scale=s,
+         row_weight=w, rows_raw=raw)  # fmt: skip
     return out, rows, grads, raw
 
 
@@ -239,7 +210,7 @@ def linear_with_table(names, arrays, t, table, need_grad, what=None):
     flags = needs(need_grad, 2)
     out = empty(x, x.shape)
     grads = [empty(b, b.shape) if f else None for b, f in zip((x, y), flags, strict=True)]
-    _run("RowAffine", [x, y], grads, elems_out=out, table=tab, stride=2, index=tb)
+    _run("RowAffine", [x, y], grads, params={}, elems_out=out, table=tab, stride=2, index=tb)
     return _result(out, None, grads, flags)
 
 
@@ -410,10 +381,10 @@ def diffusion_mse_with_table(pred, x0, noise, t, table, weights=None, reduction=
     want_w = len(flags) == 4 and flags[3]
     if not want_w:
         fast = _C.fast_table_rows(
-            (pred, x0, noise), "DiffusionMSE", (0, 1, 2), (0.0, 0.0, 0.0), _tensor_of(table), 2, t, weights,
+            (pred, x0, noise), "DiffusionMSE", (0, 1, 2), None, _tensor_of(table), 2, t, weights,
             reduction, flags[:3], True,
         )  # fmt: skip
-        if fast is not None:  # plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
+        if fast is not None:  # plain CPU tensors: checked and run in one C++ call (plan.cpp)
             value, fast_grads = fast
             return (value, (*fast_grads, None)[: len(flags)]) if any(flags) else (value, ())
     C.reduction(reduction)
@@ -426,13 +397,18 @@ def diffusion_mse_with_table(pred, x0, noise, t, table, weights=None, reduction=
     raw = empty(p, (p.rows,)) if want_w else None  # d value / d w_b: the unweighted row term
     s = loss_scale(reduction, p, per_sample_mean=True)
     _run(
-        "DiffusionMSE", [p, x, n], grads, value_scale=s, out=out, rows_out=rows,
+        "DiffusionMSE", [p, x, n], grads, params={}, value_scale=s, out=out, rows_out=rows,
         grad_scale=s, table=tab, stride=2, index=tb, row_weight=w, rows_raw=raw,
     )  # fmt: skip
     return _result(out, rows, [*grads, raw][: len(flags)], flags)
 
 
 # ============================================================================= the bound (DIF.4-11)
+
+
+def _bin_width(bits: int) -> float:
+    """The width of one bin of data in [-1, 1] quantised to ``bits`` bits."""
+    return 1.0 / (2.0**bits - 1.0)
 
 
 def _bits(bits) -> int:
@@ -468,12 +444,8 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, bits=8, cdf="exact
     out = empty(full[0], shape)
     grads = [None] + [empty(f, shape) if fl else None for f, fl in zip(full[1:], flags, strict=True)]
     n = math.prod(shape)
-    x0 = full[0]
-    _C.map_reduce(
-        x0.device, x0.device_id, stream_of(x0), F["DiscretizedGaussianLL"], 1.0 / (2.0**bits - 1.0), 0.0, 0.0,
-        int(cdf == "tanh"), x0.dtype, [f.ptr for f in full], [0 if g is None else g.ptr for g in grads], 1, n,
-        1.0, 0, 0, 0, out.ptr, 1.0, 0.0, False,
-    )  # fmt: skip
+    params = {"bin_width": _bin_width(bits), "tanh_cdf": cdf == "tanh"}
+    _run("DiscretizedGaussianLL", full, grads, params=params, shape2d=(1, n), elems_out=out)
     if not any(flags):
         return out.arr, ()
     return out.arr, tuple(
@@ -537,10 +509,10 @@ def vlb_with_table(
         learned = model_log_variance is not None
         fast = _C.fast_table_rows(
             (x0, x_t, eps_pred, model_log_variance if learned else eps_pred), "VlbKLLearned" if learned else "VlbKL",
-            (2, 3) if learned else (2,), (1.0 / (2.0**bits - 1.0), 0.0, 0.0), _tensor_of(table), 12, t, None,
+            (2, 3) if learned else (2,), {"bin_width": _bin_width(bits)}, _tensor_of(table), 12, t, None,
             reduction, need_grad, False,
         )  # fmt: skip
-        if fast is not None:  # plain CPU tensors: checked and run in one C++ call (fast_path.cpp)
+        if fast is not None:  # plain CPU tensors: checked and run in one C++ call (plan.cpp)
             return fast
     C.reduction(reduction)
     bits = _bits(bits)
@@ -568,7 +540,7 @@ def vlb_with_table(
     s = loss_scale(reduction, x)
     _run(
         "VlbKL" if v is None else "VlbKLLearned", [x, xt, e, e if v is None else v], [None, None, g_eps, g_v],
-        params=(1.0 / (2.0**bits - 1.0), 0.0, 0.0), value_scale=s, out=out, rows_out=rows, grad_scale=s,
+        params={"bin_width": _bin_width(bits)}, value_scale=s, out=out, rows_out=rows, grad_scale=s,
         table=tab, stride=12, index=tb,
     )  # fmt: skip
     # The functors make the value NaN where x0 is off [-1, 1]: only then read x0 again.
@@ -605,7 +577,7 @@ def prior_kl_from_alpha_bar(x0, alpha_bar_T, reduction="none", *, need_grad=True
         "PriorKL",
         [x],
         grads,
-        params=(const, 0.5 * a, 0.0),
+        params={"constant": const, "half_alpha_bar": 0.5 * a},
         value_scale=s,
         out=out,
         rows_out=rows,

@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import _checks as C
 from ._compose import grads_out, inputs, needs
-from ._engine import _C, Buf, as_input, empty, stream_of
+from ._engine import _C, Buf, as_input, data_used, empty, map_reduce, stream_of
 
 KERNELS: tuple[str, ...] = tuple(_C.MMD_KERNELS)  # order = enum MmdKernel in genloss/mmd.h
 ESTIMATORS: tuple[str, ...] = tuple(_C.MMD_ESTIMATORS)  # order = enum MmdEstimator
@@ -186,6 +186,7 @@ def mmd2(x, y, kernel="rbf", bandwidths=None, estimator="unbiased", *, need_grad
     out = empty(xb, ())
     gx = empty(xb, xb.shape) if flags[0] else None
     gy = empty(yb, yb.shape) if flags[1] else None
+    data_used()  # not a Call: a recorded plan could not replay it
     _C.mmd(
         xb.device, xb.device_id, stream_of(xb), xb.dtype, KERNELS.index(kernel), ESTIMATORS.index(estimator),
         xb.ptr, yb.ptr, n, m, d, list(bws), out.ptr, 1.0,
@@ -319,8 +320,5 @@ def density_ratio_from_logits(logits, *, need_grad=True):
     flags = needs(need_grad, 1)
     out = empty(b, b.shape)
     grad = empty(b, b.shape) if flags[0] else None
-    _C.map_reduce(
-        b.device, b.device_id, stream_of(b), _C.FUNCTORS["Exp"], 0.0, 0.0, 0.0, 0, b.dtype, [b.ptr],
-        [0 if grad is None else grad.ptr], 1, b.numel, 1.0, 0, 0, 0, out.ptr, 1.0, 0.0, False,
-    )  # fmt: skip
+    map_reduce("Exp", b, params={}, shape2d=(1, b.numel), elems_out=out, grads=[grad])
     return out.arr, grads_out([grad], flags)

@@ -141,7 +141,7 @@ def flow_matching_loss(
     raw = empty(p, (p.rows,)) if any(flags[3:]) else None
     s = loss_scale(reduction, p, per_sample_mean=True)
     _run(
-        "FlowMatchingMSE", [p, x, n], grads, params=(c, 0.0, 0.0), value_scale=s, out=out, rows_out=rows,
+        "FlowMatchingMSE", [p, x, n], grads, params={"x0_coef": c}, value_scale=s, out=out, rows_out=rows,
         grad_scale=s, row_weight=row_w, rows_raw=raw,
     )  # fmt: skip
     value, gs = _result(out, rows, grads, flags)
@@ -188,7 +188,7 @@ def _pseudo_huber(x: Buf, y: Buf, c: float, row_w: Buf | None, reduction: str, f
     coef = empty(s, (s.rows,)) if want_xy else None
     raw = empty(s, (s.rows,)) if want_raw else None
     _run(
-        "PseudoHuberOfSqNorm", [s], [coef], params=(c, 0.0, 0.0), value_scale=vs, out=out, rows_out=rows,
+        "PseudoHuberOfSqNorm", [s], [coef], params={"c": c}, value_scale=vs, out=out, rows_out=rows,
         grad_scale=vs, row_weight=row_w, rows_raw=raw,
     )  # fmt: skip
     grads = [empty(b, b.shape) if f else None for b, f in zip((x, y), flags, strict=True)]

@@ -17,7 +17,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _checks as C
-from ._compose import Term, batch_scale, grads_out, inputs, needs, one_population, run_terms, two_population
+from ._compose import (
+    Term,
+    batch_scale,
+    cached,
+    grads_out,
+    inputs,
+    needs,
+    one_population,
+    run_terms,
+    two_population,
+    value_out,
+)
 from ._engine import (
     Buf,
     as_input,
@@ -41,6 +52,7 @@ FGAN_DIVERGENCES = (
     "total_variation",
 )  # order = enum FganDivergence in ops/gan.h
 GAN_G_MODES = ("nonsaturating", "minimax")
+_NO_SHIFT = {"shift": 0.0}  # SoftplusNeg / Softplus at 0: the plain GAN terms (read only)
 
 
 # ---------------------------------------------------------------- (GAN.3, GAN.7)
@@ -48,7 +60,7 @@ def gan_d_loss(real_logits, fake_logits, reduction="mean", *, need_grad=True):
     """mean softplus(-l_r) + mean softplus(l_f).  (GAN.3)"""
     return two_population(
         ("real_logits", "fake_logits"), (real_logits, fake_logits), reduction,
-        [("SoftplusNeg", 1.0, (0, 0, 0), 0), ("Softplus", 1.0, (0, 0, 0), 0)], need_grad,
+        (("SoftplusNeg", 1.0, _NO_SHIFT), ("Softplus", 1.0, _NO_SHIFT)), need_grad,
     )  # fmt: skip
 
 
@@ -56,10 +68,8 @@ def gan_g_loss(fake_logits, mode="nonsaturating", reduction="mean", *, need_grad
     """NS: mean softplus(-l_f); minimax: -mean softplus(l_f).  (GAN.7)"""
     C.choice("mode", mode, GAN_G_MODES)
     if mode == "nonsaturating":
-        return one_population(
-            "fake_logits", fake_logits, reduction, "SoftplusNeg", 1.0, (0, 0, 0), 0, need_grad
-        )
-    return one_population("fake_logits", fake_logits, reduction, "Softplus", -1.0, (0, 0, 0), 0, need_grad)
+        return one_population("fake_logits", fake_logits, reduction, "SoftplusNeg", 1.0, _NO_SHIFT, need_grad)
+    return one_population("fake_logits", fake_logits, reduction, "Softplus", -1.0, _NO_SHIFT, need_grad)
 
 
 # ---------------------------------------------------------------- (GAN.8)
@@ -68,14 +78,14 @@ def lsgan_d_loss(real_out, fake_out, a=0.0, b=1.0, reduction="mean", *, need_gra
     a, b = C.finite("a", a), C.finite("b", b)
     return two_population(
         ("real_out", "fake_out"), (real_out, fake_out), reduction,
-        [("HalfSquare", 1.0, (b, 0, 0), 0), ("HalfSquare", 1.0, (a, 0, 0), 0)], need_grad,
+        (("HalfSquare", 1.0, {"target": b}), ("HalfSquare", 1.0, {"target": a})), need_grad,
     )  # fmt: skip
 
 
 def lsgan_g_loss(fake_out, c=1.0, reduction="mean", *, need_grad=True):
     """1/2 mean (D(G(z)) - c)^2.  (GAN.8)"""
     c = C.finite("c", c)
-    return one_population("fake_out", fake_out, reduction, "HalfSquare", 1.0, (c, 0, 0), 0, need_grad)
+    return one_population("fake_out", fake_out, reduction, "HalfSquare", 1.0, {"target": c}, need_grad)
 
 
 # ---------------------------------------------------------------- (GAN.9, GAN.10)
@@ -83,20 +93,21 @@ def wgan_critic_loss(real_scores, fake_scores, reduction="mean", *, need_grad=Tr
     """mean C(G(z)) - mean C(x).  (GAN.9)"""
     return two_population(
         ("real_scores", "fake_scores"), (real_scores, fake_scores), reduction,
-        [("Linear", -1.0, (0, 0, 0), 0), ("Linear", 1.0, (0, 0, 0), 0)], need_grad,
+        (("Linear", -1.0, None), ("Linear", 1.0, None)), need_grad,
     )  # fmt: skip
 
 
 def wgan_g_loss(fake_scores, reduction="mean", *, need_grad=True):
     """-mean C(G(z)).  (GAN.9)"""
-    return one_population("fake_scores", fake_scores, reduction, "Linear", -1.0, (0, 0, 0), 0, need_grad)
+    return one_population("fake_scores", fake_scores, reduction, "Linear", -1.0, None, need_grad)
 
 
 def hinge_d_loss(real_scores, fake_scores, reduction="mean", *, need_grad=True):
     """mean relu(1 - D(x)) + mean relu(1 + D(G(z))).  (GAN.10)"""
     return two_population(
         ("real_scores", "fake_scores"), (real_scores, fake_scores), reduction,
-        [("HingeRelu", 1.0, (1.0, -1.0, 0), 0), ("HingeRelu", 1.0, (1.0, 1.0, 0), 0)], need_grad,
+        (("HingeRelu", 1.0, {"offset": 1.0, "slope": -1.0}), ("HingeRelu", 1.0, {"offset": 1.0, "slope": 1.0})),
+        need_grad,
     )  # fmt: skip
 
 
@@ -122,28 +133,28 @@ def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad):
         C.same_shape(pos_name, p.shape, neg_name, n.shape)
         terms = [Term("SoftplusNegDiff", p, y=n)]
         return run_terms(terms, reduction, need_grad, 2, [0])
-    mp = map_reduce("Linear", p, totals=True)[0] / p.numel  # type: ignore[index]
-    mn = map_reduce("Linear", n, totals=True)[0] / n.numel  # type: ignore[index]
+    mp = map_reduce("Linear", p, params={}, totals=True)[0] / p.numel  # type: ignore[index]
+    mn = map_reduce("Linear", n, params={}, totals=True)[0] / n.numel  # type: ignore[index]
     sp, sn = batch_scale(reduction, bp), batch_scale(reduction, bn)
     need_p, need_n = needs(need_grad, 2)
     out = empty(p, ())
     if not (need_p or need_n):
-        map_reduce("SoftplusNeg", p, params=(mn, 0, 0), value_scale=sp, out=out)
-        map_reduce("Softplus", n, params=(mp, 0, 0), value_scale=sn, out=out, accumulate=True)
+        map_reduce("SoftplusNeg", p, params={"shift": mn}, value_scale=sp, out=out)
+        map_reduce("Softplus", n, params={"shift": mp}, value_scale=sn, out=out, accumulate=True)
         return out.arr, ()
     # Pass 1 and 2 write the value and the derivative sums; each population's
     # gradient also gets the other term's cross term through its mean (GAN.11).
     gp = empty(p, p.shape)  # written twice below; the first pass only yields the sum
     gn = empty(n, n.shape) if need_n else None
-    tp = map_reduce("SoftplusNeg", p, params=(mn, 0, 0), value_scale=sp, out=out, grads=[gp], grad_scale=sp,
+    tp = map_reduce("SoftplusNeg", p, params={"shift": mn}, value_scale=sp, out=out, grads=[gp], grad_scale=sp,
                     totals=True)  # fmt: skip
     cross_n = -sp * tp[1] / n.numel  # type: ignore[index]
     scratch = gn if gn is not None else empty(n, n.shape)
-    tn = map_reduce("Softplus", n, params=(mp, 0, 0), value_scale=sn, out=out, accumulate=True, grads=[scratch],
-                    grad_scale=sn, grad_offset=cross_n, totals=True)  # fmt: skip
+    tn = map_reduce("Softplus", n, params={"shift": mp}, value_scale=sn, out=out, accumulate=True,
+                    grads=[scratch], grad_scale=sn, grad_offset=cross_n, totals=True)  # fmt: skip
     cross_p = -sn * tn[1] / p.numel  # type: ignore[index]
     if need_p:  # rewrite pos's gradient with its cross term (no value this time)
-        map_reduce("SoftplusNeg", p, params=(mn, 0, 0), grads=[gp], grad_scale=sp, grad_offset=cross_p)
+        map_reduce("SoftplusNeg", p, params={"shift": mn}, grads=[gp], grad_scale=sp, grad_offset=cross_p)
     return out.arr, (gp.arr if need_p else None, None if gn is None else gn.arr)
 
 
@@ -172,14 +183,13 @@ def gradient_penalty_from_grads(grads, lambda_=10.0, center=1.0, one_sided=False
     (g,) = inputs(["grads"], [grads])
     b = C.batched("grads", g.shape, reduction)
     sq = empty(g, (b,))
-    map_reduce("Square", g, rows_out=sq)  # (GAN.12) s_b = ||g_b||^2
-    s = lam * batch_scale(reduction, b)
-    out = empty(g, ()) if reduction != "none" else None
-    rows = empty(g, (b,)) if reduction == "none" else None
+    map_reduce("Square", g, params={}, rows_out=sq)  # (GAN.12) s_b = ||g_b||^2
+    s = batch_scale(reduction, b, coef=lam)
+    out, rows = value_out(g, reduction)
     (need,) = needs(need_grad, 1)
     coef = empty(g, (b,)) if need else None
-    map_reduce("GradPenaltyOfSqNorm", sq, params=(c, 0, 0), mode=int(one_sided), shape2d=(b, 1), value_scale=s,
-               out=out, rows_out=rows, grads=[coef], grad_scale=s)  # fmt: skip
+    map_reduce("GradPenaltyOfSqNorm", sq, params={"center": c, "one_sided": one_sided}, shape2d=(b, 1),
+               value_scale=s, out=out, rows_out=rows, grads=[coef], grad_scale=s)  # fmt: skip
     value = (out or rows).arr  # type: ignore[union-attr]
     if not need:
         return value, ()
@@ -191,7 +201,7 @@ def gradient_penalty_from_grads(grads, lambda_=10.0, center=1.0, one_sided=False
 def r1_penalty_from_grads(grads, gamma=10.0, reduction="mean", *, need_grad=True):
     """gamma/2 * mean_b ||g_b||^2.  (GAN.13)"""
     gamma = C.finite("gamma", gamma)
-    return one_population("grads", grads, reduction, "Square", gamma / 2.0, (0, 0, 0), 0, need_grad)
+    return one_population("grads", grads, reduction, "Square", gamma / 2.0, None, need_grad)
 
 
 # ---------------------------------------------------------------- (GAN.14)
@@ -212,7 +222,7 @@ def feature_matching_loss(real_features, fake_features, *, need_grad=True):
     need_r, need_f = needs(need_grad, 2)
     dr = empty(r, (nf,)) if need_r else None
     df = empty(r, (nf,)) if need_f else None
-    map_reduce("SquaredDiff", mr, y=mf, shape2d=(1, nf), out=out, grads=[dr, df])
+    map_reduce("SquaredDiff", mr, y=mf, params={}, shape2d=(1, nf), out=out, grads=[dr, df])
     gr = empty(r, r.shape) if need_r else None
     gf = empty(f, f.shape) if need_f else None
     for d, g, b in ((dr, gr, br), (df, gf, bf)):
@@ -273,9 +283,8 @@ def ssgan_g_loss(fake_logits, reduction="mean", *, need_grad=True):
     """mean log p_fake(G(z)) = mean (l_C - lse(l)).  (GAN.15)"""
     C.reduction(reduction)
     (f,) = _class_logits(["fake_logits"], [fake_logits], reduction)
-    s = -batch_scale(reduction, f.shape[0])
-    out = empty(f, ()) if reduction != "none" else None
-    rows = empty(f, (f.shape[0],)) if reduction == "none" else None
+    s = batch_scale(reduction, f.shape[0], coef=-1.0)
+    out, rows = value_out(f, reduction)
     flags = needs(need_grad, 1)
     g = empty(f, f.shape) if flags[0] else None
     row_lse(f, mode=1, index=f.shape[1] - 1, value_scale=s, out=out, rows_out=rows, grad=g, grad_scale=s)
@@ -292,43 +301,57 @@ def _image_pair(names, arrays, reduction):
 
 def l1_loss(input, target, reduction="mean", *, need_grad=True):  # noqa: A002
     """mean |input - target| (per-sample MEAN over non-batch dims, as torch.nn.L1Loss).  (GAN.16)"""
-    C.reduction(reduction)
-    x, t = _image_pair(("input", "target"), (input, target), reduction)
-    return run_terms([Term("AbsDiff", x, y=t, per_sample_mean=True)], reduction, need_grad, 2, [0])
+
+    def compose():
+        C.reduction(reduction)
+        x, t = _image_pair(("input", "target"), (input, target), reduction)
+        return run_terms([Term("AbsDiff", x, y=t, per_sample_mean=True)], reduction, need_grad, 2, [0])
+
+    return cached(("l1_loss", reduction, need_grad), (input, target), compose)
 
 
 def pix2pix_g_loss(fake_logits, generated, target, lambda_l1=100.0, reduction="mean", *, need_grad=True):
     """mean softplus(-l_f) + lambda_l1 * mean |G(x) - y|, both per-sample MEANS.  (GAN.7, GAN.16)"""
-    C.reduction(reduction)
     lam = C.finite("lambda_l1", lambda_l1)
-    (lg,) = inputs(["fake_logits"], [fake_logits])
-    C.batched("fake_logits", lg.shape, reduction)
-    x, t = _image_pair(("generated", "target"), (generated, target), reduction)
-    same_place(lg, "fake_logits", x, "generated")
-    C.same_batch("fake_logits", lg.shape, "generated", x.shape)
-    # Both terms average over their sample's elements (the PatchGAN's outputs, the pixels), as
-    # the pix2pix code's BCE-with-logits and L1 do: lambda_l1 = 100 is calibrated on that.
-    terms = [
-        Term("SoftplusNeg", lg, per_sample_mean=True),
-        Term("AbsDiff", x, coef=lam, y=t, per_sample_mean=True),
-    ]
-    return run_terms(terms, reduction, need_grad, 3, [0, 1])
+
+    def compose():
+        C.reduction(reduction)
+        (lg,) = inputs(["fake_logits"], [fake_logits])
+        C.batched("fake_logits", lg.shape, reduction)
+        x, t = _image_pair(("generated", "target"), (generated, target), reduction)
+        same_place(lg, "fake_logits", x, "generated")
+        C.same_batch("fake_logits", lg.shape, "generated", x.shape)
+        # Both terms average over their sample's elements (the PatchGAN's outputs, the pixels), as
+        # the pix2pix code's BCE-with-logits and L1 do: lambda_l1 = 100 is calibrated on that.
+        terms = [
+            Term("SoftplusNeg", lg, params=_NO_SHIFT, per_sample_mean=True),
+            Term("AbsDiff", x, coef=lam, y=t, per_sample_mean=True),
+        ]
+        return run_terms(terms, reduction, need_grad, 3, [0, 1])
+
+    key = ("pix2pix_g_loss", lam, reduction, need_grad)
+    return cached(key, (fake_logits, generated, target), compose)
 
 
 def cycle_consistency_loss(
     real_a, rec_a, real_b, rec_b, lambda_cyc=10.0, reduction="mean", *, need_grad=True
 ):
     """lambda_cyc (mean |rec_a - real_a| + mean |rec_b - real_b|).  (GAN.16)"""
-    C.reduction(reduction, C.TWO_POPULATION)
     lam = C.finite("lambda_cyc", lambda_cyc)
-    ra, pa = _image_pair(("real_a", "rec_a"), (real_a, rec_a), reduction)
-    rb, pb = _image_pair(("real_b", "rec_b"), (real_b, rec_b), reduction)
-    same_place(ra, "real_a", rb, "real_b")
-    terms = [
-        Term("AbsDiff", ra, coef=lam, y=pa, per_sample_mean=True),
-        Term("AbsDiff", rb, coef=lam, y=pb, per_sample_mean=True),
-    ]
-    return run_terms(terms, reduction, need_grad, 4, [0, 2])
+
+    def compose():
+        C.reduction(reduction, C.TWO_POPULATION)
+        ra, pa = _image_pair(("real_a", "rec_a"), (real_a, rec_a), reduction)
+        rb, pb = _image_pair(("real_b", "rec_b"), (real_b, rec_b), reduction)
+        same_place(ra, "real_a", rb, "real_b")
+        terms = [
+            Term("AbsDiff", ra, coef=lam, y=pa, per_sample_mean=True),
+            Term("AbsDiff", rb, coef=lam, y=pb, per_sample_mean=True),
+        ]
+        return run_terms(terms, reduction, need_grad, 4, [0, 2])
+
+    key = ("cycle_consistency_loss", lam, reduction, need_grad)
+    return cached(key, (real_a, rec_a, real_b, rec_b), compose)
 
 
 # ---------------------------------------------------------------- (GAN.6, GAN.18)
@@ -341,7 +364,7 @@ def fgan_d_loss(real_v, fake_v, divergence, reduction="mean", *, need_grad=True)
     m = _divergence(divergence)
     return two_population(
         ("real_v", "fake_v"), (real_v, fake_v), reduction,
-        [("FganActivation", 1.0, (0, 0, 0), m), ("FganConjugate", 1.0, (0, 0, 0), m)], need_grad,
+        (("FganActivation", 1.0, {"divergence": m}), ("FganConjugate", 1.0, {"divergence": m})), need_grad,
     )  # fmt: skip
 
 
@@ -350,8 +373,10 @@ def fgan_g_loss(fake_v, divergence, mode="nonsaturating", reduction="mean", *, n
     m = _divergence(divergence)
     C.choice("mode", mode, GAN_G_MODES)
     if mode == "nonsaturating":
-        return one_population("fake_v", fake_v, reduction, "FganActivation", 1.0, (0, 0, 0), m, need_grad)
-    return one_population("fake_v", fake_v, reduction, "FganConjugate", -1.0, (0, 0, 0), m, need_grad)
+        return one_population(
+            "fake_v", fake_v, reduction, "FganActivation", 1.0, {"divergence": m}, need_grad
+        )
+    return one_population("fake_v", fake_v, reduction, "FganConjugate", -1.0, {"divergence": m}, need_grad)
 
 
 def jsd_estimate(real_logits, fake_logits, *, need_grad=True):
@@ -363,7 +388,9 @@ def jsd_estimate(real_logits, fake_logits, *, need_grad=True):
     flags = needs(need_grad, 2)
     gr = empty(r, r.shape) if flags[0] else None
     gf = empty(f, f.shape) if flags[1] else None
-    sr, sf = -0.5 / r.shape[0], -0.5 / f.shape[0]
-    map_reduce("SoftplusNeg", r, value_scale=sr, out=out, accumulate=True, grads=[gr], grad_scale=sr)
-    map_reduce("Softplus", f, value_scale=sf, out=out, accumulate=True, grads=[gf], grad_scale=sf)
+    sr, sf = batch_scale("mean", r.shape[0], coef=-0.5), batch_scale("mean", f.shape[0], coef=-0.5)
+    map_reduce("SoftplusNeg", r, params=_NO_SHIFT, value_scale=sr, out=out, accumulate=True, grads=[gr],
+               grad_scale=sr)  # fmt: skip
+    map_reduce("Softplus", f, params=_NO_SHIFT, value_scale=sf, out=out, accumulate=True, grads=[gf],
+               grad_scale=sf)  # fmt: skip
     return out.arr, grads_out([gr, gf], flags)

@@ -13,14 +13,16 @@ import math
 import numpy as np
 
 from .. import _checks as C
-from ._compose import Term, batch_scale, inputs, needs, run_terms
+from ._compose import Term, batch_scale, cached, inputs, needs, run_terms, value_out
 from ._engine import (
     _C,
     as_input,
     broadcast,
     check_if_nan,
+    data_used,
     empty,
     float_range,
+    map_reduce,
     row_lse,
     same_place,
     stream_of,
@@ -62,9 +64,13 @@ def _broadcastable(name, b, target_name, shape):
 # ---------------------------------------------------------------- (VAE.4, VAE.5)
 def gaussian_kl(mu, logvar, reduction="mean", *, need_grad=True):
     """KL(N(mu, e^logvar) || N(0, I)) per sample.  (VAE.4)"""
-    C.reduction(reduction)
-    m, lv = _pair(("mu", "logvar"), (mu, logvar), reduction)
-    return run_terms([Term("GaussianKL", m, y=lv)], reduction, need_grad, 2, [0])
+
+    def compose():
+        C.reduction(reduction)
+        m, lv = _pair(("mu", "logvar"), (mu, logvar), reduction)
+        return run_terms([Term("GaussianKL", m, y=lv)], reduction, need_grad, 2, [0])
+
+    return cached(("gaussian_kl", reduction, need_grad), (mu, logvar), compose)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2, *, need_grad=True):
@@ -83,11 +89,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2, *, need_grad=True):
     out = empty(full[0], shape)
     grads = [empty(f, shape) if fl else None for f, fl in zip(full, flags, strict=True)]
     n = math.prod(shape)
-    _C.map_reduce(
-        out.device, out.device_id, stream_of(out), _C.FUNCTORS["NormalKL"], 0.0, 0.0, 0.0, 0, out.dtype,
-        [f.ptr for f in full], [0 if g is None else g.ptr for g in grads], 1, n, 1.0, 0, 0, 0, out.ptr,
-        1.0, 0.0, False,
-    )  # fmt: skip
+    x0, *rest = full
+    map_reduce("NormalKL", x0, more=rest, params={}, shape2d=(1, n), elems_out=out, grads=grads)
     if not any(flags):
         return out.arr, ()
     return out.arr, tuple(
@@ -175,8 +178,7 @@ def iwae_bound(log_weights, reduction="mean", *, need_grad=True):
     C.ndim("log_weights", w.shape, 2)
     b = C.batched("log_weights", w.shape, reduction)
     s = batch_scale(reduction, b)
-    out = empty(w, ()) if reduction != "none" else None
-    rows = empty(w, (b,)) if reduction == "none" else None
+    out, rows = value_out(w, reduction)
     (need,) = needs(need_grad, 1)
     g = empty(w, w.shape) if need else None
     row_lse(w, mode=3, value_scale=s, out=out, rows_out=rows, grad=g, grad_scale=s)
@@ -215,10 +217,10 @@ def gmm_log_likelihood(x, logits, means, logvars, reduction="mean", *, need_grad
             raise ValueError(f"row_weights must have shape ({n},), got {rw.shape}")
     flags = needs(need_grad, 4)
     s = batch_scale(reduction, n)
-    out = empty(xb, ()) if reduction != "none" else None
-    rows = empty(xb, (n,)) if reduction == "none" else None
+    out, rows = value_out(xb, reduction)
     g = [empty(b, b.shape) if f else None for b, f in zip((xb, lg, mb, vb), flags, strict=True)]
     p = [0 if t is None else t.ptr for t in g]
+    data_used()  # not a Call: a recorded plan could not replay it
     _C.gmm(
         xb.device, xb.device_id, stream_of(xb), xb.dtype, xb.ptr, lg.ptr, mb.ptr, vb.ptr, n, k, d, s,
         0 if out is None else out.ptr, 0 if rows is None else rows.ptr, 0, 0 if rw is None else rw.ptr,

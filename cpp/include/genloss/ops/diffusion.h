@@ -123,6 +123,7 @@ GENLOSS_HD void discretized_ll(double x, double mean, double log_scale, double h
 // p.a = h = 1/(2^bits - 1), p.mode 0 exact / 1 tanh. d/dx is 0 (data).
 struct DiscretizedGaussianLL {
   static constexpr int arity = 3;
+  static constexpr ParamNames params{"bin_width", nullptr, nullptr, "tanh_cdf"};
   template <class T>
   GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
     double lp, dm, ds;
@@ -172,6 +173,7 @@ struct DiffusionMSE {
 // b = abar/2 (scalars, precomputed in float64).                       (DIF.5)
 struct PriorKL {
   static constexpr int arity = 1;
+  static constexpr ParamNames params{"constant", "half_alpha_bar"};
   template <class T>
   GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& dx) {
     v = p.a + p.b * x * x;
@@ -213,6 +215,7 @@ GENLOSS_HD T vlb_log_variance(const T* in, const Params<T>& p) {
 template <bool kLearned>
 struct VlbDecoder {
   static constexpr int arity = 4;
+  static constexpr ParamNames params{"bin_width"};
   template <class T>
   GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
     const double* r = p.rp;
@@ -236,6 +239,7 @@ struct VlbDecoder {
 template <bool kLearned>
 struct VlbKLT {
   static constexpr int arity = 4;
+  static constexpr ParamNames params{"bin_width"};
   using Alt = VlbDecoder<kLearned>;
   static constexpr int alt_flag = kVlbFirst;
   template <class T>

@@ -17,6 +17,7 @@ namespace ops {
 // is ever stored.                                               (FLOW.1, FLOW.2)
 struct FlowMatchingMSE {
   static constexpr int arity = 3;
+  static constexpr ParamNames params{"x0_coef"};
   template <class T>
   GENLOSS_HD static void eval(const T* in, const Params<T>& p, T& v, T* d) {
     const T r = in[0] - (in[2] - p.a * in[1]);
@@ -35,6 +36,7 @@ struct FlowMatchingMSE {
 // SquaredDiff with this derivative as its row weight.           (FLOW.20)
 struct PseudoHuberOfSqNorm {
   static constexpr int arity = 1;
+  static constexpr ParamNames params{"c"};
   template <class T>
   GENLOSS_HD static void eval(T s, const Params<T>& p, T& v, T& d) {
     const T q = gl_sqrt(s + p.a * p.a);

@@ -34,6 +34,7 @@ GENLOSS_HD T relu_nan(T x) {
 // generator loss; a = mean of the other population: the relativistic losses.
 struct SoftplusNeg {
   static constexpr int arity = 1;
+  static constexpr ParamNames params{"shift"};
   template <class T>
   GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
     T sig;
@@ -46,6 +47,7 @@ struct SoftplusNeg {
 // The fake term of the discriminator loss; with scale -1, the minimax generator.
 struct Softplus {
   static constexpr int arity = 1;
+  static constexpr ParamNames params{"shift"};
   template <class T>
   GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
     softplus_and_sigmoid(x - p.a, v, d);  // (GAN.4)
@@ -55,6 +57,7 @@ struct Softplus {
 // 1/2 (x - a)^2; d/dx = x - a.                                        (GAN.8)
 struct HalfSquare {
   static constexpr int arity = 1;
+  static constexpr ParamNames params{"target"};
   template <class T>
   GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
     const T r = x - p.a;
@@ -79,6 +82,7 @@ struct Linear {
 // mask it to 0: NaN in, NaN out, SPEC Conventions).
 struct HingeRelu {
   static constexpr int arity = 1;
+  static constexpr ParamNames params{"offset", "slope"};
   template <class T>
   GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
     const T z = p.a + p.b * x;
@@ -105,6 +109,7 @@ struct Square {
 // norm overflows.                                                   (GAN.12)
 struct GradPenaltyOfSqNorm {
   static constexpr int arity = 1;
+  static constexpr ParamNames params{"center", nullptr, nullptr, "one_sided"};
   template <class T>
   GENLOSS_HD static void eval(T s, const Params<T>& p, T& v, T& d) {
     const T n = gl_sqrt(s);
@@ -180,6 +185,7 @@ enum FganDivergence : int {
 // generator loss. g_f is the output activation mapping v into dom f*. (GAN.18)
 struct FganActivation {
   static constexpr int arity = 1;
+  static constexpr ParamNames params{nullptr, nullptr, nullptr, "divergence"};
   template <class T>
   GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
     const T ln2 = T(0.6931471805599453);
@@ -227,6 +233,7 @@ struct FganActivation {
 // generator with scale -1), composed in closed form so it stays stable. (GAN.18)
 struct FganConjugate {
   static constexpr int arity = 1;
+  static constexpr ParamNames params{nullptr, nullptr, nullptr, "divergence"};
   template <class T>
   GENLOSS_HD static void eval(T x, const Params<T>& p, T& v, T& d) {
     const T ln2 = T(0.6931471805599453);
