@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import _checks
-from ._common import as_float64, result, scalar_grad
+from ._common import as_float64, logsumexp, result, scalar_grad
 from .divergence import mmd2, mmd2_backward
 
 __all__ = ["GaussianMoments", "frechet_distance"]
@@ -416,8 +416,6 @@ def ot_cost_matrix(a: np.ndarray, b: np.ndarray, p: float) -> np.ndarray:
 
 
 def _np_softmin(clouds: dict, p: float):
-    from scipy.special import logsumexp
-
     def softmin(e, pair, h):  # (MET.21)
         c = ot_cost_matrix(clouds[pair[0]], clouds[pair[1]], p)
         return -e * logsumexp(h[None, :] - c / e, axis=1)
@@ -566,7 +564,13 @@ def ot_coupling(x0, x1, method="exact", eps=0.1, tol=1e-8, max_iter=1000):
     check_sinkhorn_args("ot_coupling", 1.0 if eps is None else eps, 2, 0.5, tol, max_iter)
     a, b = _coupling_points(x0, x1)
     if eps is None:
-        from scipy.optimize import linear_sum_assignment
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError:  # the native and torch layers solve it without scipy
+            raise ImportError(
+                "ot_coupling: the reference's 'exact' method uses scipy.optimize.linear_sum_assignment as "
+                "its oracle: pip install scipy (genloss.native / genloss.torch ot_coupling need no scipy)"
+            ) from None
 
         cost = np.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=-1)
         rows, cols = linear_sum_assignment(cost)
