@@ -331,29 +331,14 @@ _REGULARIZER_NAMES: list[str] = [
     "lpips_head",
 ]
 
-_LOW = (torch.float16, torch.bfloat16)
-
-
-def _work(x: torch.Tensor) -> torch.Tensor:
-    """float16 / bfloat16 computed in float32 (as the other genloss ops)."""
-    return x.float() if x.dtype in _LOW else x
-
-
-def _float_tensor(op: str, name: str, x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating tensor, got {x.dtype}")
-    return x
-
 
 def _tensor_list(op: str, name: str, xs: Any) -> list[torch.Tensor]:
     """One tensor, or a non-empty list/tuple of them (as the reference's ``_array_list``)."""
     if isinstance(xs, (list, tuple)):
         if not xs:
             raise ValueError(f"{op}: {name} must not be empty")
-        return [_float_tensor(op, f"{name}[{i}]", x) for i, x in enumerate(xs)]
-    return [_float_tensor(op, name, xs)]
+        return [_qtensor(op, f"{name}[{i}]", x) for i, x in enumerate(xs)]
+    return [_qtensor(op, name, xs)]
 
 
 def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
@@ -385,12 +370,12 @@ def _fsq_kernel(z: torch.Tensor, levels: list[int]) -> torch.Tensor:
     half_l, offset, _, half_width = ref.fsq_constants(levels)
     t, _ = _fsq_bound_parts(z, levels)
     bounded = t * _f64(half_l, z.device) - _f64(offset, z.device)  # (QNT.10)
-    return (torch.round(bounded) / _f64(half_width, z.device)).to(_work(z).dtype)
+    return (torch.round(bounded) / _f64(half_width, z.device)).to(_qup(z).dtype)
 
 
 @torch.library.register_fake("genloss::fsq_quantize", lib=lib)
 def _fsq_fake(z: torch.Tensor, levels: list[int]) -> torch.Tensor:
-    return torch.empty_like(z, dtype=_work(z).dtype)
+    return torch.empty_like(z, dtype=_qup(z).dtype)
 
 
 def _fsq_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -422,7 +407,7 @@ def fsq_quantize(z: torch.Tensor, levels: Any) -> torch.Tensor:
     bound in float64, the value in z's dtype, float32 for float16 / bfloat16).  (QNT.10)"""
     op = "fsq_quantize"
     lv = _fsq_level_list(op, levels)
-    z = _float_tensor(op, "z", z)
+    z = _qtensor(op, "z", z)
     if z.dim() < 1 or z.shape[-1] != len(lv):
         raise ValueError(
             f"{op}: z must have {len(lv)} channels last (one per level), got shape {tuple(z.shape)}"
@@ -444,7 +429,7 @@ def fsq_indices(codes: torch.Tensor, levels: Any) -> torch.Tensor:
     lv = _fsq_level_list(op, levels)
     with C.named_errors(op):
         ref.fsq_basis(lv, op)  # the int64 range check of prod(levels)
-    codes = _float_tensor(op, "codes", codes)
+    codes = _qtensor(op, "codes", codes)
     if codes.dim() < 1 or codes.shape[-1] != len(lv):
         raise ValueError(f"{op}: codes must have {len(lv)} channels last (one per level), got shape "
                          f"{tuple(codes.shape)}")  # fmt: skip
@@ -508,7 +493,7 @@ def adaptive_gan_weight(
 
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)  # (QNT.12) the whole layer's squared norms
         lam = sq[0].sqrt() / (sq[1].sqrt() + eps)  # (QNT.12) taming-transformers' formula
-        dtype = torch.promote_types(_work(rec[0]).dtype, _work(gan[0]).dtype)
+        dtype = torch.promote_types(_qup(rec[0]).dtype, _qup(gan[0]).dtype)
         return lam.clamp(0.0, max_weight).to(dtype)
 
 
@@ -526,11 +511,11 @@ def path_length_penalty(
         decay = C.finite("decay", decay)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must lie in [0, 1], got {decay}")
-    g = _float_tensor(op, "grads_w", grads_w)
+    g = _qtensor(op, "grads_w", grads_w)
     if g.dim() < 2 or g.shape[0] == 0 or g.numel() == 0:
         raise ValueError(f"{op}: grads_w must have shape (B, ..., w_dim) with B >= 1, not empty, got "
                          f"{tuple(g.shape)}")  # fmt: skip
-    g = _work(g)
+    g = _qup(g)
     if isinstance(pl_mean, torch.Tensor):
         if pl_mean.dim() != 0:
             raise ValueError(
@@ -589,7 +574,7 @@ def lpips_head(features_x: Any, features_y: Any, weights: Any) -> torch.Tensor:
                              f"{tuple(w.shape)}")  # fmt: skip
         if not torch.compiler.is_compiling() and bool((w.detach() < 0).any()):  # data-dependent: eager
             raise ValueError(f"{op}: weights[{i}] must be >= 0 (LPIPS's linear heads are nonnegative)")
-        x, y, w = _work(x), _work(y), _work(w).reshape(-1)
+        x, y, w = _qup(x), _qup(y), _qup(w).reshape(-1)
         d = _unit_channels(x) - _unit_channels(y)
         layer = torch.einsum("bchw,c->b", d * d, w) / (x.shape[2] * x.shape[3])  # (QNT.15)
         total = layer if total is None else total + layer
