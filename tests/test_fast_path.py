@@ -1,5 +1,6 @@
-"""The small-call fast path on plain CPU torch tensors (cpp/src/plan.cpp): cached plans and
-the per-step-table path, and the one entry point of the engine (_C.Call, _C.run).
+"""The small-call fast path on plain CPU torch tensors (cpp/src/plan.cpp): cached plans, with
+their guards (checks of the data re-run on every call), and the one entry point of the engine
+(_C.Call, _C.run).
 
 A composition's first call for a key (its op, hyperparameters, reduction, need_grad) on plain
 CPU torch tensors records its engine Calls; later calls with the same key, dtype and shapes
@@ -14,11 +15,15 @@ path, except in speed:
   size runs the Python path and records its own plan);
 * it declines (returns None, so the Python path runs and raises or handles the case) for
   everything unusual: NumPy arrays, subclasses, float16, non-contiguous or negated views, 0-d
-  or empty inputs, mixed dtypes; and a recording it could not replay is not kept;
+  or empty inputs, mixed dtypes, data that fails a guard (timesteps out of range, negative
+  weights, a NaN value that names x0); and a recording it could not replay is not kept;
+* keys compare by type and float bits: 0.0 and -0.0 are two plans;
 * the errors users see are the Python path's, naming the argument.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -31,8 +36,7 @@ _C = pytest.importorskip("genloss._C")
 from genloss.native import _compose, _engine  # noqa: E402
 from genloss.native import diffusion as _diffusion  # noqa: E402
 
-# The ops whose native composition runs through a cached plan (_compose.cached) or the table
-# path (fast_table_rows).
+# The ops whose native composition runs through a cached plan (_compose.cached).
 PLAN_OPS = (
     "gan_d_loss",
     "gan_g_loss",
@@ -49,23 +53,23 @@ PLAN_OPS = (
     "pix2pix_g_loss",
     "cycle_consistency_loss",
     "gaussian_kl",
+    "diffusion_mse_loss",  # with guards: the timesteps' range, the weights' sign
+    "vlb_term",  # and the table rows used, the value's NaNs
 )
-TABLE_OPS = ("diffusion_mse_loss", "vlb_term")
-FAST_OPS = PLAN_OPS + TABLE_OPS
+FAST_OPS = PLAN_OPS
 NATIVE_RECORDS = tuple(r for r in R.RECORDS if r.has_native)
 CASES = list(R.cases(NATIVE_RECORDS))
 
 
 class Spy:
-    """The fast paths as the native modules see them, counted or switched off: the plan
-    cache (a fresh one: no plan recorded elsewhere is used) and the table path."""
+    """The plan cache as the compositions see it (_compose.PLANS), counted or switched off: a
+    fresh one (no plan recorded elsewhere is used)."""
 
     def __init__(self, off: bool) -> None:
         self.off = off
         self.served = 0
         self.plans = _C.PlanCache()
 
-    # _compose.PLANS
     def run(self, key, arrays):
         if self.off:
             return None
@@ -76,43 +80,22 @@ class Spy:
     def add(self, *args):
         return False if self.off else self.plans.add(*args)
 
-    # _diffusion._C
-    def __getattr__(self, name: str):
-        real = getattr(_C, name)
-        if name != "fast_table_rows":
-            return real
-
-        def call(*args):
-            if self.off:
-                return None
-            out = real(*args)
-            self.served += out is not None
-            return out
-
-        return call
-
 
 @pytest.fixture
 def spy(monkeypatch):
     def install(off: bool) -> Spy:
         s = Spy(off)
         monkeypatch.setattr(_compose, "PLANS", s)
-        monkeypatch.setattr(_diffusion, "_C", s)
         return s
 
     return install
 
 
 def _expect_fast(record, tensors, need=True):
-    """The fast paths serve FAST_OPS on same-shape inputs (a broadcast model_log_variance
-    is materialised by the Python path), except a requested gradient w.r.t. per-sample
-    ``weights`` (the Python path writes the unweighted per-sample terms it needs)."""
+    """The plans serve FAST_OPS on same-shape inputs (a broadcast model_log_variance is
+    materialised by the Python path: a derived array, no plan)."""
     if record.name not in FAST_OPS:
         return False
-    if "weights" in record.differentiable:
-        k = record.differentiable.index("weights")
-        if need is True or (not isinstance(need, bool) and need[k]):
-            return False
     if record.name == "vlb_term":
         shapes = {tuple(t.shape) for t in tensors if t.is_floating_point()}
         return len(shapes) == 1
@@ -357,30 +340,27 @@ def test_map_reduce_keeps_its_keywords():
         _engine.map_reduce("GradPenaltyOfSqNorm", b, params={"one_sided": False}, out=_engine.empty(b, ()))
 
 
-def _mse_call(n=6, **over):
-    """Arguments of fast_table_rows for diffusion_mse_with_table on a 4-step table."""
+def _mse_args(n=6, **over):
+    """Arguments of diffusion_mse_with_table on a 4-step table (float32 data)."""
     g = torch.Generator().manual_seed(5)
-    call = dict(
-        arrays=tuple(torch.randn(n, 3, generator=g) for _ in range(3)),
-        functor="DiffusionMSE",
-        grad_of=(0,),
-        params=None,
-        table=torch.rand(4, 2, dtype=torch.float64, generator=g),
-        stride=2,
+    pred, x0, noise = (torch.randn(n, 3, generator=g) for _ in range(3))
+    args = dict(
+        pred=pred,
+        x0=x0,
+        noise=noise,
         t=torch.randint(0, 4, (n,), generator=g),
+        table=torch.rand(4, 2, dtype=torch.float64, generator=g),
         weights=torch.rand(n, generator=g),
-        reduction="mean",
-        need_grad=True,
-        per_sample_mean=True,
     )
-    call.update(over)
-    return call
+    args.update(over)
+    return args
 
 
-def _table_with(row, value):
-    tab = torch.rand(4, 2, dtype=torch.float64)
-    tab[row, 0] = value
-    return tab
+MSE_KEY = ("diffusion_mse", "mean", True, False)  # diffusion_mse_with_table's key, with weights
+
+
+def _mse_arrays(a):
+    return (a["pred"], a["x0"], a["noise"], a["t"], a["table"], a["weights"])
 
 
 @pytest.mark.parametrize(
@@ -391,32 +371,105 @@ def _table_with(row, value):
         ("t out of range", dict(t=torch.tensor([0, 1, 2, 3, 4, 0]))),
         ("t negative", dict(t=torch.tensor([0, 1, 2, 3, -1, 0]))),
         ("t float", dict(t=torch.zeros(6))),
+        ("t int32", dict(t=torch.zeros(6, dtype=torch.int32))),
         ("t shape", dict(t=torch.zeros(5, dtype=torch.int64))),
         ("weights negative", dict(weights=torch.tensor([1.0, 1, 1, 1, 1, -1]))),
         ("weights NaN", dict(weights=torch.tensor([1.0, 1, 1, 1, 1, float("nan")]))),
+        ("weights inf", dict(weights=torch.tensor([1.0, 1, 1, 1, 1, float("inf")]))),
         ("weights float64 for float32 data", dict(weights=torch.ones(6, dtype=torch.float64))),
-        (
-            "table row not finite",
-            dict(table=_table_with(2, float("inf")), t=torch.tensor([2, 0, 0, 0, 0, 0])),
-        ),
-        ("shapes differ", dict(arrays=(torch.zeros(6, 3), torch.zeros(6, 3), torch.zeros(6, 2)))),
-        ("NaN value", dict(arrays=(torch.full((6, 3), float("nan")), torch.zeros(6, 3), torch.zeros(6, 3)))),
-        ("grad_of out of range", dict(grad_of=(3,))),
-        ("need_grad length", dict(need_grad=(True, True))),
+        ("shapes differ", dict(noise=torch.zeros(6, 2))),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_table_rows_declines_the_unusual(label, over):
-    assert _C.fast_table_rows(**_mse_call()) is not None  # the baseline is served
-    assert _C.fast_table_rows(**_mse_call(**over)) is None, label
+def test_table_plans_decline_the_unusual(plans, label, over):
+    """diffusion_mse_with_table's plan re-runs the Python path's checks of the data (guards);
+    any other dtype or shape is another plan. Then the Python path runs and names the problem
+    (or, for another dtype or shape that it accepts, records its own plan)."""
+    base = _mse_args()
+    want = _diffusion.diffusion_mse_with_table(**base)  # records the plan
+    assert len(plans) == 1
+    served = plans.run(MSE_KEY, _mse_arrays(base))
+    assert served is not None
+    _same("baseline", [served[0], *served[1]], [want[0], *want[1]])
+    assert plans.run(MSE_KEY, _mse_arrays(_mse_args(**over))) is None, label
 
 
-def test_table_rows_unused_bad_row_is_fine():
-    """Only the rows the timesteps read must be finite (as the Python path checks)."""
-    out = _C.fast_table_rows(
-        **_mse_call(table=_table_with(3, float("inf")), t=torch.tensor([0, 1, 2, 0, 1, 2]))
+@pytest.mark.parametrize(
+    ("label", "over", "match"),
+    [
+        ("t out of range", dict(t=torch.tensor([0, 1, 2, 3, 4, 0])), r"t must lie in \[0, 4\)"),
+        ("weights negative", dict(weights=torch.tensor([1.0, 1, 1, 1, 1, -1])), "weights must be >= 0"),
+        (
+            "weights NaN",
+            dict(weights=torch.tensor([1.0, 1, 1, 1, 1, float("nan")])),
+            "weights must be finite",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_failed_guard_gives_the_python_paths_error(plans, label, over, match):
+    _diffusion.diffusion_mse_with_table(**_mse_args())  # records the plan
+    with pytest.raises(ValueError, match=match):
+        _diffusion.diffusion_mse_with_table(**_mse_args(**over))
+    assert len(plans) == 1, label  # and records nothing
+
+
+def test_vlb_plan_guards_the_rows_used_and_the_value(plans):
+    """vlb_with_table: a table row that a timestep picks and that is not finite (zero alpha),
+    or a NaN value (x0 off [-1, 1] at t = 0), declines; a bad row no timestep picks does not."""
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.rand(4, 5, generator=g, dtype=torch.float64) * 2 - 1
+    x_t, eps = (
+        torch.randn(4, 5, generator=g, dtype=torch.float64),
+        torch.randn(4, 5, generator=g, dtype=torch.float64),
     )
-    assert out is not None and torch.isfinite(out[0])
+    t = torch.tensor([0, 1, 2, 1])
+    table = torch.rand(4, 12, generator=g, dtype=torch.float64) + 0.5
+    key = ("vlb", "none", 8, True, True)
+    want = _diffusion.vlb_with_table(x0, x_t, t, eps, table)
+    assert len(plans) == 1
+    served = plans.run(key, (x0, x_t, t, eps, table))
+    assert served is not None
+    _same("baseline", [served[0], *served[1]], [want[0], *want[1]])
+    unused = table.clone()
+    unused[3, 4] = float("inf")  # step 3: no sample is at it
+    assert plans.run(key, (x0, x_t, t, eps, unused)) is not None
+    used = table.clone()
+    used[2, 4] = float("inf")
+    assert plans.run(key, (x0, x_t, t, eps, used)) is None
+    with pytest.raises(ValueError, match="t hits step 2"):
+        _diffusion.vlb_with_table(x0, x_t, t, eps, used)
+    bad = x0.clone()
+    bad[0, 0] = 1.5  # sample 0 is at t = 0: the decoder's value is NaN there
+    assert plans.run(key, (bad, x_t, t, eps, table)) is None
+    with pytest.raises(ValueError, match="x0 must lie in"):
+        _diffusion.vlb_with_table(bad, x_t, t, eps, table)
+
+
+def test_keys_compare_by_type_and_float_bits(plans):
+    """0.0 and -0.0 are equal in Python but not in IEEE arithmetic: a composition whose
+    gradient is s * f'(x) + s gives -0.0 for s = -0.0 and +0.0 for s = 0.0, so they must be
+    two plans. Without the bitwise key, -0.0 was served the plan of 0.0 (sign flipped)."""
+    x = _plain(8, torch.float64)
+
+    def loss(s):
+        def compose():
+            b = _engine.as_input(x, "x")
+            out, g = _engine.empty(b, ()), _engine.empty(b, b.shape)
+            _engine.map_reduce("Linear", b, out=out, grads=[g], grad_scale=s, grad_offset=s)
+            return out.arr, (g.arr,)
+
+        return _compose.cached(("zero_sign", s), (x,), compose)
+
+    for s in (0.0, -0.0, 0.0, -0.0):
+        _, (g,) = loss(s)
+        negative = math.copysign(1.0, s) < 0  # IEEE: (-0) * 1 + (-0) = -0; (+0) * 1 + (+0) = +0
+        assert torch.equal(torch.signbit(g), torch.full((8,), negative)), s
+    assert len(plans) == 2
+    # True and 1, (True,) and [True] are equal or alike in Python too, but four keys here.
+    for flag in (True, 1, (True,), [True]):
+        _compose.one_population("x", x, "sum", "Linear", 1.0, None, flag)
+    assert len(plans) == 6
 
 
 def test_errors_come_from_the_python_path():

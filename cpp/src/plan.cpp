@@ -25,9 +25,11 @@
 //    in Python. The shapes are part of the key, so every shape check the Python path
 //    made when it recorded holds for every call the plan serves.
 //
-// 3. ``fast_table_rows``: diffusion.diffusion_mse_with_table and vlb_with_table on
-//    plain CPU tensors, checks included (their Python path reads the data: timestep
-//    range, weights' sign, the table rows used), so no recorded plan can replay it.
+// 3. Guards: a composition whose Python path reads the data (diffusion's timestep range,
+//    the weights' sign, the table rows used, a NaN value that names an input) records
+//    each such check with its plan (_engine.guard): ``run`` re-runs them on the new
+//    tensors, before the calls (inputs) or after them (the value), and returns None
+//    when one fails, so the Python path runs, raises and names the argument.
 #include <Python.h>
 #include <pybind11/pybind11.h>
 
@@ -107,6 +109,7 @@ struct Input {
   PyObject* obj = nullptr;
   void* ptr = nullptr;
   int code = -1;  // float: 0 float32, 1 float64; integer: 0 int64, 1 int32 (engine codes)
+  bool integer = false;
   std::vector<int64_t> shape;
   int64_t rows = 0, cols = 0, numel = 0;
 };
@@ -120,14 +123,22 @@ bool call_bool(PyObject* o, PyObject* method, bool& out) {
 }
 
 // Fills `in` if `o` is a plain, contiguous, non-negated CPU torch.Tensor of a float dtype
-// (or, with `integer`, int64/int32) with at least one dimension and one element. Returns
-// false for anything else (the caller falls back; no Python error is left set).
-bool read_input(const Torch& t, PyObject* o, Input& in, bool integer = false, bool allow_scalar = false) {
+// (want kFloat), int64/int32 (kInt) or either (kAny), with at least one dimension and one
+// element. Returns false for anything else (the caller falls back; no Python error is left set).
+enum Want { kFloat, kInt, kAny };
+
+bool read_input(const Torch& t, PyObject* o, Input& in, Want want = kFloat, bool allow_scalar = false) {
   if (reinterpret_cast<PyObject*>(Py_TYPE(o)) != t.tensor_type) return false;
   Names& n = names();
   PyObject* dt = PyObject_GetAttr(o, n.dtype);
   if (dt == nullptr) return PyErr_Clear(), false;
-  const int code = integer ? (dt == t.i64 ? 0 : dt == t.i32 ? 1 : -1) : (dt == t.f32 ? 0 : dt == t.f64 ? 1 : -1);
+  int code = -1;
+  bool integer = false;
+  if (want != kInt) code = dt == t.f32 ? 0 : dt == t.f64 ? 1 : -1;
+  if (code < 0 && want != kFloat) {
+    code = dt == t.i64 ? 0 : dt == t.i32 ? 1 : -1;
+    integer = true;
+  }
   Py_DECREF(dt);
   if (code < 0) return false;
   PyObject* cpu = PyObject_GetAttr(o, n.is_cpu);
@@ -161,6 +172,7 @@ bool read_input(const Torch& t, PyObject* o, Input& in, bool integer = false, bo
   if (reinterpret_cast<uintptr_t>(in.ptr) % itemsize != 0) return false;
   in.obj = o;
   in.code = code;
+  in.integer = integer;
   in.rows = nd == 0 ? 1 : in.shape[0];
   in.numel = numel;
   in.cols = numel / in.rows;
@@ -622,32 +634,6 @@ py::dict call_params(const Call& c) {
   return d;
 }
 
-// need_grad: a bool for all inputs, or a tuple/list of n bools.
-bool read_need(PyObject* need, Py_ssize_t n, std::vector<char>& out) {
-  out.assign(static_cast<size_t>(n), 0);
-  if (PyBool_Check(need)) {
-    for (auto& f : out) f = need == Py_True;
-    return true;
-  }
-  if (!PyTuple_Check(need) && !PyList_Check(need)) return false;
-  if (PySequence_Fast_GET_SIZE(need) != n) return false;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* f = PySequence_Fast_GET_ITEM(need, i);
-    if (!PyBool_Check(f)) return false;
-    out[static_cast<size_t>(i)] = f == Py_True;
-  }
-  return true;
-}
-
-// 0 mean, 1 sum, 2 none; -1 anything else.
-int read_reduction(PyObject* r) {
-  if (!PyUnicode_Check(r)) return -1;
-  if (PyUnicode_CompareWithASCIIString(r, "mean") == 0) return 0;
-  if (PyUnicode_CompareWithASCIIString(r, "sum") == 0) return 1;
-  if (PyUnicode_CompareWithASCIIString(r, "none") == 0) return 2;
-  return -1;
-}
-
 bool sequence(PyObject* o) {
   return PyTuple_Check(o) || PyList_Check(o);
 }
@@ -657,30 +643,6 @@ void run_all(const std::vector<MapReduceArgs>& calls, int64_t work) {
   std::unique_ptr<py::gil_scoped_release> nogil;
   if (work >= (int64_t(1) << 16)) nogil = std::make_unique<py::gil_scoped_release>();
   for (const MapReduceArgs& a : calls) cpu::map_reduce(a);
-}
-
-// The value output (0-d for mean/sum, (rows,) for none) and one gradient per flagged input.
-struct Outputs {
-  py::object value;
-  void* value_ptr = nullptr;
-  py::tuple grads;
-  std::vector<void*> gptr;
-};
-
-Outputs outputs(const Torch& t, const Input* in, size_t n_grad, const std::vector<char>& need, int red) {
-  Outputs o;
-  o.value = alloc(t, in[0], red == 2 ? std::vector<int64_t>{in[0].rows} : std::vector<int64_t>{}, &o.value_ptr);
-  bool any = false;
-  for (char f : need) any = any || f;
-  o.grads = py::tuple(any ? n_grad : 0);
-  o.gptr.assign(n_grad, nullptr);
-  for (size_t i = 0; any && i < n_grad; ++i) {
-    if (need[i])
-      o.grads[i] = alloc(t, in[i], in[i].shape, &o.gptr[i]);
-    else
-      o.grads[i] = py::none();
-  }
-  return o;
 }
 
 // ---- PlanCache: recorded compositions replayed on new tensors --------------------------
@@ -698,16 +660,38 @@ struct Step {
   Ref out_value, out_rows, out_elems, out_rows_raw, table, index, row_weight;
 };
 
+// A check of the data that the Python path made while it recorded (_engine.guard), re-run
+// on every call the plan serves. Each passes exactly when the Python path's check passes.
+enum GuardKind {
+  kIndexRange,  // int input `x`: every value in [0, limit)              (diffusion._timesteps)
+  kRowsFinite,  // float64 (T, k) input `x`: rows int input `y` finite    (diffusion._finite_rows)
+  kFinite,      // float input `x`: finite, and >= 0 when `nonnegative`   (diffusion._row_vector)
+  kNoNaN,       // output `x` (after the calls): no NaN                    (_engine.check_if_nan)
+};
+
+struct Guard {
+  GuardKind kind;
+  Ref x, y;
+  int64_t limit = 0;
+  bool nonnegative = false;
+};
+
+// The engine's float and integer codes of an Input, as one: 0 f32, 1 f64, 2 i64, 3 i32.
+int kind_of(const Input& x) {
+  return x.code + (x.integer ? 2 : 0);
+}
+
 struct Plan {
   uint64_t hash;
   py::object key;
-  int dtype;
+  std::vector<int> in_kinds;  // kind_of each input
   std::vector<std::vector<int64_t>> in_shapes;
   std::vector<std::vector<int64_t>> out_shapes;  // [0] the value, [1 + j] gradient j
-  std::vector<int> out_like;                     // the input an output has the shape of (-1: none)
+  std::vector<int> out_like;                     // the input an output takes its dtype (and maybe shape) from
   std::vector<char> out_present;                 // gradient j returned (else None)
   bool grads_empty;                              // the result's gradients are ()
   std::vector<Step> steps;
+  std::vector<Guard> guards;
   int64_t work;
 };
 
@@ -715,13 +699,27 @@ inline void mix(uint64_t& h, uint64_t v) {
   h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
 }
 
-// A hash of a key made of str, int, float, bool, None, tuples, lists and dicts (a dict's
-// items in order); false for anything else (no plan for that call).
+uint64_t float_bits(PyObject* o) {
+  const double d = PyFloat_AS_DOUBLE(o);
+  uint64_t b;
+  std::memcpy(&b, &d, sizeof b);
+  return b;
+}
+
+// A hash of a key made of str, int, bool, float, None, tuples, lists and dicts (a dict's
+// items in order; subclasses too); false for anything else (no plan for that call). Keys
+// compare by same_key: equal types all the way down, floats by their bits (0.0 and -0.0
+// are two keys, as they can give two signs of a zero gradient; True, 1 and 1.0 are three;
+// a NaN matches its own bits).
 bool hash_key(PyObject* o, uint64_t& h) {
-  if (PyUnicode_Check(o) || PyLong_Check(o) || PyFloat_Check(o) || o == Py_None) {
+  if (PyFloat_Check(o)) {
+    mix(h, float_bits(o) ^ 0xf1f1ULL);
+    return true;
+  }
+  if (PyUnicode_Check(o) || PyLong_Check(o) || o == Py_None) {
     const Py_hash_t x = PyObject_Hash(o);
     if (x == -1) return PyErr_Clear(), false;
-    mix(h, static_cast<uint64_t>(x));
+    mix(h, static_cast<uint64_t>(x) ^ (PyBool_Check(o) ? 0xb001ULL : 0));
     return true;
   }
   if (PyTuple_Check(o) || PyList_Check(o)) {
@@ -742,33 +740,121 @@ bool hash_key(PyObject* o, uint64_t& h) {
   return false;
 }
 
-// The inputs of a call: 1-8 plain CPU float tensors of one dtype (read_input), and the
-// hash of (key, dtype, shapes). False: no plan can serve or record this call.
-bool read_call(const Torch& t, py::handle key, py::handle arrays, std::vector<Input>& in, uint64_t& h) {
-  PyObject* arr = arrays.ptr();
+// Keys that hash_key accepted: equal types all the way down, floats bit for bit.
+bool same_key(PyObject* a, PyObject* b) {
+  if (a == b) return true;
+  if (Py_TYPE(a) != Py_TYPE(b)) return false;
+  if (PyFloat_Check(a)) return float_bits(a) == float_bits(b);
+  if (PyUnicode_Check(a) || PyLong_Check(a)) {
+    const int eq = PyObject_RichCompareBool(a, b, Py_EQ);
+    return eq < 0 ? (PyErr_Clear(), false) : eq == 1;
+  }
+  if (PyTuple_Check(a) || PyList_Check(a)) {
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(a);
+    if (n != PySequence_Fast_GET_SIZE(b)) return false;
+    for (Py_ssize_t i = 0; i < n; ++i)
+      if (!same_key(PySequence_Fast_GET_ITEM(a, i), PySequence_Fast_GET_ITEM(b, i))) return false;
+    return true;
+  }
+  if (PyDict_Check(a)) {
+    if (PyDict_Size(a) != PyDict_Size(b)) return false;
+    PyObject *ka, *va, *kb, *vb;
+    Py_ssize_t pa = 0, pb = 0;
+    while (PyDict_Next(a, &pa, &ka, &va)) {
+      if (!PyDict_Next(b, &pb, &kb, &vb)) return false;
+      if (!same_key(ka, kb) || !same_key(va, vb)) return false;
+    }
+    return true;
+  }
+  return false;  // None is a singleton (a == b above)
+}
+
+// The inputs of a call: 1-8 plain CPU tensors (float or integer; the kinds and shapes are
+// part of the plan's identity), and the hash of (key, kinds, shapes). False: no plan can
+// serve or record this call.
+bool read_call(const Torch& t, PyObject* key, PyObject* arr, std::vector<Input>& in, uint64_t& h) {
   if (!sequence(arr)) return false;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(arr);
   if (n < 1 || n > 8) return false;
   in.resize(static_cast<size_t>(n));
   h = 0;
-  if (!hash_key(key.ptr(), h)) return false;
+  if (!hash_key(key, h)) return false;
   for (Py_ssize_t i = 0; i < n; ++i) {
     Input& x = in[static_cast<size_t>(i)];
-    if (!read_input(t, PySequence_Fast_GET_ITEM(arr, i), x)) return false;
-    if (x.code != in[0].code) return false;
-    mix(h, static_cast<uint64_t>(x.shape.size()));
+    if (!read_input(t, PySequence_Fast_GET_ITEM(arr, i), x, kAny)) return false;
+    mix(h, static_cast<uint64_t>(x.shape.size()) * 4 + static_cast<uint64_t>(kind_of(x)));
     for (int64_t s : x.shape) mix(h, static_cast<uint64_t>(s));
   }
-  mix(h, static_cast<uint64_t>(in[0].code));
   return true;
+}
+
+// Scans a (n,) int64/int32 index for [0, limit).
+template <class I>
+bool indices_in_range(const void* p, int64_t n, int64_t limit) {
+  const I* v = static_cast<const I*>(p);
+  for (int64_t i = 0; i < n; ++i)
+    if (v[i] < 0 || static_cast<int64_t>(v[i]) >= limit) return false;
+  return true;
+}
+
+template <class T>
+bool all_finite(const void* p, int64_t n, bool nonnegative) {
+  const T* v = static_cast<const T*>(p);
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(v[i]) || (nonnegative && v[i] < T(0))) return false;
+  return true;
+}
+
+template <class T>
+bool any_nan(const void* p, int64_t n) {
+  const T* v = static_cast<const T*>(p);
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(v[i])) return true;
+  return false;
+}
+
+template <class I>
+bool rows_finite(const double* table, int64_t cols, const void* index, int64_t n) {
+  const I* v = static_cast<const I*>(index);
+  for (int64_t r = 0; r < n; ++r)
+    if (!all_finite<double>(table + static_cast<int64_t>(v[r]) * cols, cols, false)) return false;
+  return true;
+}
+
+// Guard g on the inputs `in`: true when the Python path's check passes. (A rows_finite
+// guard runs after the index_range guard recorded before it, so its rows exist.)
+bool pass(const Guard& g, const std::vector<Input>& in) {
+  const Input& x = in[static_cast<size_t>(g.x.index)];
+  switch (g.kind) {
+    case kIndexRange:
+      return x.code == 0 ? indices_in_range<int64_t>(x.ptr, x.numel, g.limit)
+                         : indices_in_range<int32_t>(x.ptr, x.numel, g.limit);
+    case kRowsFinite: {
+      const Input& y = in[static_cast<size_t>(g.y.index)];
+      const double* tab = static_cast<const double*>(x.ptr);
+      return y.code == 0 ? rows_finite<int64_t>(tab, x.cols, y.ptr, y.numel)
+                         : rows_finite<int32_t>(tab, x.cols, y.ptr, y.numel);
+    }
+    case kFinite:
+      return x.code == 0 ? all_finite<float>(x.ptr, x.numel, g.nonnegative)
+                         : all_finite<double>(x.ptr, x.numel, g.nonnegative);
+    default:
+      return true;  // kNoNaN: after the calls
+  }
+}
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  return n;
 }
 
 class PlanCache {
  public:
-  static constexpr size_t kMaxPlans = 1024;  // then start afresh (keys with NaN never match)
+  static constexpr size_t kMaxPlans = 1024;  // then start afresh
 
   // The cached plan's result (value, grads) for these arrays, or None: run the Python path.
-  py::object run(py::handle key, py::handle arrays) {
+  py::object run(PyObject* key, PyObject* arrays) {
     const Torch* t = torch_objects();
     if (t == nullptr) return py::none();
     std::vector<Input> in;
@@ -776,17 +862,17 @@ class PlanCache {
     if (!read_call(*t, key, arrays, in, h)) return py::none();
     const Plan* plan = find(h, key, in);
     if (plan == nullptr) return py::none();
+    for (const Guard& g : plan->guards)
+      if (!pass(g, in)) return py::none();
     // Outputs, then the calls with their pointers bound (local copies: the GIL is released
     // while they run, and another thread may add plans meanwhile).
     const size_t n_out = plan->out_shapes.size();
     std::vector<void*> optr(n_out, nullptr);
-    py::object value =
-        alloc(*t, in[static_cast<size_t>(std::max(plan->out_like[0], 0))], plan->out_shapes[0], &optr[0]);
+    py::object value = alloc(*t, in[static_cast<size_t>(plan->out_like[0])], plan->out_shapes[0], &optr[0]);
     py::tuple grads(plan->grads_empty ? 0 : n_out - 1);
     for (size_t j = 1; j < n_out && !plan->grads_empty; ++j) {
       if (plan->out_present[j]) {
-        const int like = plan->out_like[j];
-        grads[j - 1] = alloc(*t, in[static_cast<size_t>(like < 0 ? 0 : like)], plan->out_shapes[j], &optr[j]);
+        grads[j - 1] = alloc(*t, in[static_cast<size_t>(plan->out_like[j])], plan->out_shapes[j], &optr[j]);
       } else {
         grads[j - 1] = py::none();
       }
@@ -814,22 +900,29 @@ class PlanCache {
       calls.push_back(a);
     }
     run_all(calls, plan->work);
+    for (const Guard& g : plan->guards) {
+      if (g.kind != kNoNaN) continue;
+      const size_t j = static_cast<size_t>(g.x.index);
+      const int64_t n = numel_of(plan->out_shapes[j]);
+      const int code = in[static_cast<size_t>(plan->out_like[j])].code;
+      if (code == 0 ? any_nan<float>(optr[j], n) : any_nan<double>(optr[j], n)) return py::none();
+    }
     return py::make_tuple(value, grads);
   }
 
   // Records the plan of a composition that just ran on `arrays` and returned `result`
-  // ((value, grads)) by running `calls` (the Calls it ran, in order). Refuses (returns
-  // false) whatever it could not replay exactly: inputs that are not plain CPU tensors
-  // of one dtype, aliased buffers, a call on CUDA or asking for totals (the Python path
-  // used the data), a pointer that is neither an input nor an output (a scratch or a
-  // derived array).
-  bool add(py::handle key, py::handle arrays, py::handle calls, py::handle result) {
+  // ((value, grads)) by running `calls` (the Calls it ran, in order) after the checks of
+  // the data `guards` (_engine.guard's tuples (kind, addresses, arg)). Refuses (returns
+  // false) whatever it could not replay exactly: inputs that are not plain CPU tensors,
+  // aliased buffers, a call on CUDA or asking for totals (the Python path used the data),
+  // a pointer that is neither an input nor an output (a scratch or a derived array).
+  bool add(py::handle key, py::handle arrays, py::handle calls, py::handle result, py::handle guards) {
     const Torch* t = torch_objects();
     if (t == nullptr) return false;
     Plan p;
     std::vector<Input> in;
-    if (!read_call(*t, key, arrays, in, p.hash)) return false;
-    if (find(p.hash, key, in) != nullptr) return true;
+    if (!read_call(*t, key.ptr(), arrays.ptr(), in, p.hash)) return false;
+    if (find(p.hash, key.ptr(), in) != nullptr) return true;
     PyObject* res = result.ptr();
     if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2) return false;
     PyObject* gs = PyTuple_GET_ITEM(res, 1);
@@ -837,22 +930,19 @@ class PlanCache {
     const Py_ssize_t n_grads = PyTuple_GET_SIZE(gs);
     std::vector<Input> out(static_cast<size_t>(n_grads + 1));
     p.out_present.assign(out.size(), 1);
-    if (!read_input(*t, PyTuple_GET_ITEM(res, 0), out[0], false, true)) return false;
+    if (!read_input(*t, PyTuple_GET_ITEM(res, 0), out[0], kFloat, true)) return false;
     for (Py_ssize_t j = 0; j < n_grads; ++j) {
       PyObject* g = PyTuple_GET_ITEM(gs, j);
       if (g == Py_None) {
         p.out_present[static_cast<size_t>(j + 1)] = 0;
-      } else if (!read_input(*t, g, out[static_cast<size_t>(j + 1)], false, true)) {
+      } else if (!read_input(*t, g, out[static_cast<size_t>(j + 1)], kFloat, true)) {
         return false;
       }
     }
     std::vector<void*> seen;
     for (const Input& x : in) seen.push_back(x.ptr);
-    for (size_t j = 0; j < out.size(); ++j) {
-      if (!p.out_present[j]) continue;
-      if (out[j].code != in[0].code) return false;
-      seen.push_back(out[j].ptr);
-    }
+    for (size_t j = 0; j < out.size(); ++j)
+      if (p.out_present[j]) seen.push_back(out[j].ptr);
     for (size_t i = 0; i < seen.size(); ++i)
       for (size_t j = i + 1; j < seen.size(); ++j)
         if (seen[i] == seen[j]) return false;  // aliased: a slot would be ambiguous
@@ -865,6 +955,10 @@ class PlanCache {
         if (p.out_present[j] && out[j].ptr == ptr) return r = Ref{2, static_cast<int8_t>(j)}, true;
       return false;
     };
+    if (!guards.is_none()) {
+      for (py::handle h : guards)
+        if (!add_guard(h, ref, in, p)) return false;
+    }
     p.work = 0;
     for (py::handle h : calls) {
       if (!py::isinstance<Call>(h)) return false;
@@ -887,15 +981,22 @@ class PlanCache {
     }
     if (p.steps.empty()) return false;
     p.key = py::reinterpret_borrow<py::object>(key);
-    p.dtype = in[0].code;
-    for (const Input& x : in) p.in_shapes.push_back(x.shape);
+    for (const Input& x : in) {
+      p.in_kinds.push_back(kind_of(x));
+      p.in_shapes.push_back(x.shape);
+    }
     p.grads_empty = n_grads == 0;
     for (size_t j = 0; j < out.size(); ++j) {
       p.out_shapes.push_back(p.out_present[j] ? out[j].shape : std::vector<int64_t>{});
+      // The input whose dtype the output has: one of its shape if any (empty_like), else
+      // any (new_empty); an absent gradient needs none.
       int like = -1;
-      for (size_t i = 0; i < in.size() && like < 0; ++i)
-        if (in[i].shape == out[j].shape) like = static_cast<int>(i);
-      p.out_like.push_back(like);
+      for (int pass_ = 0; pass_ < 2 && like < 0; ++pass_)
+        for (size_t i = 0; i < in.size() && like < 0; ++i)
+          if (kind_of(in[i]) == out[j].code && !in[i].integer && (pass_ == 1 || in[i].shape == out[j].shape))
+            like = static_cast<int>(i);
+      if (like < 0 && p.out_present[j]) return false;
+      p.out_like.push_back(like < 0 ? 0 : like);
     }
     if (count_ >= kMaxPlans) clear();
     plans_[p.hash].push_back(std::move(p));
@@ -910,140 +1011,86 @@ class PlanCache {
   size_t size() const { return count_; }
 
  private:
-  const Plan* find(uint64_t h, py::handle key, const std::vector<Input>& in) const {
+  const Plan* find(uint64_t h, PyObject* key, const std::vector<Input>& in) const {
     auto it = plans_.find(h);
     if (it == plans_.end()) return nullptr;
     for (const Plan& p : it->second) {
-      if (p.dtype != in[0].code || p.in_shapes.size() != in.size()) continue;
+      if (p.in_shapes.size() != in.size()) continue;
       bool same = true;
-      for (size_t i = 0; i < in.size() && same; ++i) same = p.in_shapes[i] == in[i].shape;
-      if (!same) continue;
-      const int eq = PyObject_RichCompareBool(p.key.ptr(), key.ptr(), Py_EQ);
-      if (eq < 0) PyErr_Clear();
-      if (eq == 1) return &p;
+      for (size_t i = 0; i < in.size() && same; ++i)
+        same = p.in_kinds[i] == kind_of(in[i]) && p.in_shapes[i] == in[i].shape;
+      if (same && same_key(p.key.ptr(), key)) return &p;
     }
     return nullptr;
+  }
+
+  // One guard tuple (kind, addresses, arg) into p.guards; false: not one this cache knows
+  // how to re-run (the plan is refused).
+  template <class RefOf>
+  static bool add_guard(py::handle h, const RefOf& ref, const std::vector<Input>& in, Plan& p) {
+    PyObject* o = h.ptr();
+    if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != 3) return false;
+    PyObject* kind = PyTuple_GET_ITEM(o, 0);
+    PyObject* ptrs = PyTuple_GET_ITEM(o, 1);
+    const double arg = PyFloat_AsDouble(PyTuple_GET_ITEM(o, 2));
+    if (PyErr_Occurred() || !PyUnicode_Check(kind) || !PyTuple_Check(ptrs)) return PyErr_Clear(), false;
+    const Py_ssize_t n = PyTuple_GET_SIZE(ptrs);
+    Ref r[2];
+    for (Py_ssize_t i = 0; i < n && i < 2; ++i) {
+      const void* ptr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(ptrs, i));
+      if (PyErr_Occurred()) return PyErr_Clear(), false;
+      if (ptr == nullptr || !ref(ptr, r[i])) return false;
+    }
+    const auto input = [&](const Ref& x, bool integer) {
+      return x.kind == 1 && in[static_cast<size_t>(x.index)].integer == integer;
+    };
+    Guard g{};
+    g.x = r[0];
+    g.y = r[1];
+    if (PyUnicode_CompareWithASCIIString(kind, "index_range") == 0 && n == 1 && input(r[0], true)) {
+      g.kind = kIndexRange;
+      g.limit = static_cast<int64_t>(arg);
+    } else if (PyUnicode_CompareWithASCIIString(kind, "rows_finite") == 0 && n == 2 && input(r[0], false) &&
+               input(r[1], true) && in[static_cast<size_t>(r[0].index)].code == 1 &&
+               in[static_cast<size_t>(r[0].index)].shape.size() == 2) {
+      g.kind = kRowsFinite;
+    } else if (PyUnicode_CompareWithASCIIString(kind, "finite") == 0 && n == 1 && input(r[0], false)) {
+      g.kind = kFinite;
+      g.nonnegative = arg != 0.0;
+    } else if (PyUnicode_CompareWithASCIIString(kind, "no_nan") == 0 && n == 1 && r[0].kind == 2) {
+      g.kind = kNoNaN;
+    } else {
+      return false;
+    }
+    p.guards.push_back(g);
+    return true;
   }
 
   std::unordered_map<uint64_t, std::vector<Plan>> plans_;
   size_t count_ = 0;
 };
 
-// Scans a (rows,) int64/int32 index for [0, limit).
-template <class I>
-bool indices_in_range(const void* p, int64_t n, int64_t limit) {
-  const I* v = static_cast<const I*>(p);
-  for (int64_t i = 0; i < n; ++i)
-    if (v[i] < 0 || static_cast<int64_t>(v[i]) >= limit) return false;
-  return true;
-}
+// PlanCache.run, a raw METH_FASTCALL method: no pybind11 argument dispatch (a few hundred
+// ns of a ~10 us loss).
 
-// Scans a (rows,) weight vector: finite and >= 0.
-template <class T>
-bool weights_ok(const void* p, int64_t n) {
-  const T* v = static_cast<const T*>(p);
-  for (int64_t i = 0; i < n; ++i)
-    if (!(std::isfinite(v[i]) && v[i] >= T(0))) return false;
-  return true;
-}
-
-// Row t[r] of the (T, stride) table is finite for every sample (else the Python path
-// names the step that divides by zero).
-bool rows_finite(const Input& tab, const Input& tb) {
-  const double* table = static_cast<const double*>(tab.ptr);
-  for (int64_t r = 0; r < tb.rows; ++r) {
-    const int64_t i = tb.code == 1 ? static_cast<const int32_t*>(tb.ptr)[r] : static_cast<const int64_t*>(tb.ptr)[r];
-    for (int64_t j = 0; j < tab.cols; ++j)
-      if (!std::isfinite(table[i * tab.cols + j])) return false;
-  }
-  return true;
-}
-
-template <class T>
-bool any_nan(const void* p, int64_t n) {
-  const T* v = static_cast<const T*>(p);
-  for (int64_t i = 0; i < n; ++i)
-    if (std::isnan(v[i])) return true;
-  return false;
-}
-
-// diffusion.diffusion_mse_with_table and vlb_with_table: functor `name` (params pa, pb, pc)
-// over `arrays` (same shape; the gradient of input grad_of[k] is output k), row r reading
-// row t[r] of the float64 (T, stride) table (t in [0, T), the rows used finite), weighted
-// by weights[r] (None: 1, else finite and >= 0), each sample's sum divided by its element
-// count when per_sample_mean, then the reduction. A NaN value falls back too (the
-// functors mark an input outside its domain that way; the Python path names it).
-// Returns (value, grads) or None to fall back.
-py::object table_rows(py::handle arrays, py::handle name, py::handle grad_of, py::handle params, py::handle table,
-                      int stride, py::handle steps, py::handle weights, py::handle reduction, py::handle need_grad,
-                      bool per_sample_mean) {
-  const Torch* t = torch_objects();
-  if (t == nullptr) return py::none();
-  PyObject* arr = arrays.ptr();
-  PyObject* gof = grad_of.ptr();
-  if (!sequence(arr) || !PyTuple_Check(gof)) return py::none();
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(arr);
-  const Py_ssize_t n_grad = PyTuple_GET_SIZE(gof);
-  if (n < 1 || n > kMaxArity || n_grad < 1 || n_grad > n) return py::none();
-  const int functor = functor_id(name.ptr());
-  const int red = read_reduction(reduction.ptr());
-  std::vector<char> need;
-  if (functor < 0 || red < 0 || !read_need(need_grad.ptr(), n_grad, need)) return py::none();
-  int slot[kMaxArity];
-  for (Py_ssize_t k = 0; k < n_grad; ++k) {
-    slot[k] = static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(gof, k)));
-    if (PyErr_Occurred() || slot[k] < 0 || slot[k] >= n) return PyErr_Clear(), py::none();
-  }
-  MapReduceArgs a{};
+PyObject* plan_run(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   try {
-    set_params(functor, params.ptr(), a);  // by name, as a Call
-  } catch (const py::type_error&) {
-    return py::none();  // the Python path raises it
+    if (nargs != 2) throw py::type_error("PlanCache.run(key, arrays) takes 2 arguments");
+    PlanCache& cache = py::handle(self).cast<PlanCache&>();
+    return cache.run(args[0], args[1]).release().ptr();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
   }
-  Input in[kMaxArity];
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!read_input(*t, PySequence_Fast_GET_ITEM(arr, i), in[i])) return py::none();
-    if (in[i].code != in[0].code || in[i].shape != in[0].shape) return py::none();
-  }
-  const std::vector<int64_t> batch{in[0].rows};
-  Input tab, tb, w;
-  if (!read_input(*t, table.ptr(), tab) || tab.code != 1 || tab.shape.size() != 2 || tab.cols != stride)
-    return py::none();
-  if (!read_input(*t, steps.ptr(), tb, /*integer=*/true) || tb.shape != batch) return py::none();
-  const bool in_range = tb.code == 1 ? indices_in_range<int32_t>(tb.ptr, tb.rows, tab.rows)
-                                     : indices_in_range<int64_t>(tb.ptr, tb.rows, tab.rows);
-  if (!in_range || !rows_finite(tab, tb)) return py::none();
-  const bool weighted = !weights.is_none();
-  if (weighted) {
-    if (!read_input(*t, weights.ptr(), w) || w.code != in[0].code || w.shape != batch) return py::none();
-    const bool ok = w.code == 0 ? weights_ok<float>(w.ptr, w.rows) : weights_ok<double>(w.ptr, w.rows);
-    if (!ok) return py::none();
-  }
-  Input grad_like[kMaxArity];
-  for (Py_ssize_t k = 0; k < n_grad; ++k) grad_like[k] = in[slot[k]];
-  Outputs o = outputs(*t, grad_like, static_cast<size_t>(n_grad), need, red);
-  a.functor = functor;
-  a.dtype = in[0].code;
-  for (Py_ssize_t i = 0; i < n; ++i) a.in[i] = in[i].ptr;
-  for (Py_ssize_t k = 0; k < n_grad; ++k) a.grad[slot[k]] = o.gptr[static_cast<size_t>(k)];
-  a.rows = in[0].rows;
-  a.cols = in[0].cols;
-  const double s = (per_sample_mean ? 1.0 / static_cast<double>(in[0].cols) : 1.0) /
-                   (red == 0 ? static_cast<double>(in[0].rows) : 1.0);
-  a.value_scale = s;
-  a.grad_scale = s;
-  (red == 2 ? a.out_rows : a.out_value) = o.value_ptr;
-  a.table = tab.ptr;
-  a.table_rows = tab.rows;
-  a.table_stride = stride;
-  a.index = tb.ptr;
-  a.index_type = tb.code;
-  a.row_weight = weighted ? w.ptr : nullptr;
-  run_all({a}, in[0].numel * n);
-  const int64_t nv = red == 2 ? in[0].rows : 1;
-  if (in[0].code == 0 ? any_nan<float>(o.value_ptr, nv) : any_nan<double>(o.value_ptr, nv)) return py::none();
-  return py::make_tuple(o.value, o.grads);
+  return nullptr;
 }
+
+PyMethodDef kPlanRunDef = {
+    "run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&plan_run)), METH_FASTCALL,
+    "run(key, arrays): (value, grads) from the cached plan of (key, kinds, shapes), or None: run the Python path."};
 
 }  // namespace
 }  // namespace genloss
@@ -1082,17 +1129,15 @@ void bind_plan(py::module_& m) {
     slots[kFunctors[i].name] = py::tuple(names);
   }
   m.attr("FUNCTOR_SLOTS") = slots;
-  py::class_<PlanCache>(m, "PlanCache", "Recorded compositions, replayed on new plain CPU torch tensors.")
-      .def(py::init<>())
-      .def("run", &PlanCache::run, py::arg("key"), py::arg("arrays"),
-           "(value, grads) from the cached plan of (key, dtype, shapes), or None: run the Python path.")
+  py::class_<PlanCache> plans(m, "PlanCache", "Recorded compositions, replayed on new plain CPU torch tensors.");
+  plans.def(py::init<>())
       .def("add", &PlanCache::add, py::arg("key"), py::arg("arrays"), py::arg("calls"), py::arg("result"),
-           "Record the Calls a composition ran on arrays as a plan; False: not replayable.")
+           py::arg("guards") = py::none(),
+           "Record the Calls (and data checks) a composition ran on arrays as a plan; False: not replayable.")
       .def("clear", &PlanCache::clear)
       .def("__len__", &PlanCache::size);
-  m.def("fast_table_rows", &table_rows, py::arg("arrays"), py::arg("functor"), py::arg("grad_of"), py::arg("params"),
-        py::arg("table"), py::arg("stride"), py::arg("t"), py::arg("weights"), py::arg("reduction"),
-        py::arg("need_grad"), py::arg("per_sample_mean"),
-        "A per-step-table loss on plain CPU torch tensors in one call; None: use the Python path.");
+  PyObject* run = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(plans.ptr()), &kPlanRunDef);
+  if (run == nullptr || PyObject_SetAttrString(plans.ptr(), "run", run) != 0) throw py::error_already_set();
+  Py_DECREF(run);
   m.attr("HOST_CACHE_MIN_BYTES") = kHostCacheMinBytes;
 }

@@ -207,32 +207,25 @@ def dlpack_info(
     unconsumed DLPack capsule; strides None when the producer gave none (contiguous).
     TypeError/ValueError naming ``name`` for anything else (not a capsule, consumed, bad shape)."""
 
-# ---- cached plans and the table fast path (plan.cpp): None means "take the Python path" --
+# ---- cached plans (plan.cpp): None means "take the Python path" ------------------------
 
 class PlanCache:
-    """Recorded compositions (their Calls with pointers as input/output slots), keyed by
-    (key, dtype, input shapes), replayed on new plain CPU torch tensors."""
+    """Recorded compositions (their Calls with pointers as input/output slots, and their
+    guards: checks of the data re-run on every call), keyed by (key, input dtypes, input
+    shapes), replayed on new plain CPU torch tensors. Keys compare by type and float bits."""
 
     def __init__(self) -> None: ...
     def run(self, key: Any, arrays: Sequence[Any]) -> tuple[Any, tuple[Any, ...]] | None: ...
-    def add(self, key: Any, arrays: Sequence[Any], calls: Sequence[Call], result: Any) -> bool: ...
+    def add(
+        self,
+        key: Any,
+        arrays: Sequence[Any],
+        calls: Sequence[Call],
+        result: Any,
+        guards: Sequence[tuple[str, tuple[int, ...], float]] | None = None,
+    ) -> bool: ...
     def clear(self) -> None: ...
     def __len__(self) -> int: ...
-
-def fast_table_rows(
-    arrays: Any,
-    functor: Any,
-    grad_of: Any,
-    params: Any,
-    table: Any,
-    stride: int,
-    t: Any,
-    weights: Any,
-    reduction: Any,
-    need_grad: Any,
-    per_sample_mean: bool,
-) -> tuple[Any, tuple[Any, ...]] | None:
-    """(value, grads) of a per-step-table loss over plain CPU torch tensors."""
 
 # ---- build and runtime configuration (bindings.cpp, config.cpp) ----------------------
 

@@ -15,10 +15,10 @@ from ._engine import (
     _C,
     Buf,
     Recording,
+    _local,
     as_input,
     empty,
     ran,
-    recording_active,
     run_call,
     same_place,
     stream_of,
@@ -136,10 +136,13 @@ def cached(key: Any, arrays: Sequence[Any], compose: Callable[[], Any]) -> Any:
     the arrays' dtype and shapes, and later calls with the same key, dtype and shapes run
     them in C++ on the new tensors. ``compose`` must return ``(value, grads)`` and reach
     the engine only through ``_engine.ran(run_call(...))`` Calls on ``arrays`` and fresh outputs;
-    anything else (a range check of the data, a total, a scratch or derived array) makes
-    the recording unusable and the Python path simply runs every time.
+    anything else (a check of the data that is not an ``_engine.guard``, a total, a scratch or
+    derived array) makes the recording unusable and the Python path simply runs every time.
+    ``arrays`` may hold integer tensors (timesteps) and arrays of another float dtype (a
+    float64 table); their dtypes and shapes are part of the plan's identity. Keys compare by
+    type and, for floats, bit for bit (0.0 and -0.0 are two plans).
     """
-    if recording_active():  # inside another composition's recording: its calls are its own
+    if _local.rec is not None:  # inside another composition's recording: its calls are its own
         return compose()
     fast = PLANS.run(key, arrays)
     if fast is not None:
@@ -147,7 +150,7 @@ def cached(key: Any, arrays: Sequence[Any], compose: Callable[[], Any]) -> Any:
     with Recording() as rec:
         result = compose()
     if rec.ok:
-        PLANS.add(key, arrays, rec.calls, result)
+        PLANS.add(key, arrays, rec.calls, result, rec.guards)
     return result
 
 

@@ -606,9 +606,10 @@ def sum_to(g: Any, shape: tuple[int, ...], kind: str) -> Any:
     return g.reshape(shape)
 
 
-def float_range(b: Buf) -> tuple[float, float]:
-    """(min, max) of a float array on its own device (CUDA: synchronises)."""
-    data_used()  # a check of the data: a recorded plan could not repeat it
+def float_range(b: Buf, replay: tuple | None = None) -> tuple[float, float]:
+    """(min, max) of a float array on its own device (CUDA: synchronises). ``replay``: the
+    guard (``guard``'s arguments) that repeats the caller's check of them in a plan."""
+    _checked(replay)
     if b.kind == "torch":
         lo, hi = b.arr.aminmax()
         return float(lo), float(hi)
@@ -646,7 +647,9 @@ def _p(b: Buf | None) -> int:
 # While a composition records its plan (_compose.cached), every Call it runs is appended
 # to this thread's recording; anything that reads the DATA on the Python side (a range
 # check, a total that feeds the next call, another primitive) marks the recording as not
-# replayable, so a plan is only ever a function of (key, dtype, shapes).
+# replayable, so a plan is only ever a function of (key, dtype, shapes). A check of the
+# data that the plan cache can re-run itself (cpp/src/plan.cpp, GuardKind) is recorded
+# as a guard instead: the plan runs it on every call and declines when it fails.
 
 
 class _Local(threading.local):
@@ -659,10 +662,11 @@ _local = _Local()
 class Recording:
     """The Calls one composition ran, and whether they alone make its result."""
 
-    __slots__ = ("calls", "ok")
+    __slots__ = ("calls", "guards", "ok")
 
     def __init__(self) -> None:
         self.calls: list[Any] = []
+        self.guards: list[tuple[str, tuple[int, ...], float]] = []
         self.ok = True
 
     def __enter__(self) -> Recording:
@@ -682,6 +686,26 @@ def data_used() -> None:
     rec = _local.rec
     if rec is not None:
         rec.ok = False
+
+
+def guard(kind: str, bufs: Sequence[Buf], arg: float = 0.0) -> None:
+    """The composition being recorded (if any) checked the data of ``bufs`` in Python in a way
+    its plan can re-run on every call (cpp/src/plan.cpp, GuardKind): 'index_range' (an integer
+    input in [0, arg)), 'rows_finite' (the rows of a float64 table input that an integer input
+    picks are finite), 'finite' (a float input is finite; arg != 0: and >= 0), 'no_nan' (an
+    output has no NaN, checked after the calls). The plan declines when one fails, and the
+    Python path runs, raises and names the argument."""
+    rec = _local.rec
+    if rec is not None:
+        rec.guards.append((kind, tuple(b.ptr for b in bufs), float(arg)))
+
+
+def _checked(replay: tuple | None) -> None:
+    """A check of the data: replayable as ``replay`` (guard's arguments), or no plan."""
+    if replay is None:
+        data_used()
+    else:
+        guard(*replay)
 
 
 run_call = _C.run_call  # run_call(**fields) -> Call: builds a _C.Call and runs it, in one C call
@@ -821,18 +845,20 @@ def row_lse(
     )  # fmt: skip
 
 
-def check_if_nan(value: Any, check: Any) -> None:
+def check_if_nan(value: Any, check: Any, out: Buf | None = None) -> None:
     """For functors that make the value NaN where an input is outside its domain
     (BernoulliNLL's targets, vlb_term's x0): run ``check()``, which reads the input
     again and raises naming it, only when the result has a NaN, instead of a separate
-    min/max pass over the input on every call."""
-    data_used()  # a check of the data: a recorded plan could not repeat it
+    min/max pass over the input on every call. ``out``: the Buf of ``value``, for a plan
+    that repeats the NaN test (and declines when it finds one)."""
+    _checked(None if out is None else ("no_nan", (out,)))
     nan = value.isnan().any() if hasattr(value, "isnan") else np.isnan(value).any()
     if bool(nan):
         check()
 
 
-def int_range(b: Buf) -> tuple[int, int]:
-    """(min, max) of an integer array, on its own device (CUDA: synchronises)."""
-    data_used()  # a check of the data: a recorded plan could not repeat it
+def int_range(b: Buf, replay: tuple | None = None) -> tuple[int, int]:
+    """(min, max) of an integer array, on its own device (CUDA: synchronises). ``replay``: as
+    ``float_range``."""
+    _checked(replay)
     return int(b.arr.min()), int(b.arr.max())

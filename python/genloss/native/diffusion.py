@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 
 from .. import _checks as C
-from ..reference import diffusion as R
-from ._compose import inputs, loss_scale, needs, value_out
+from ..reference import diffusion as _R
+from ._compose import cached, inputs, loss_scale, needs, value_out
 from ._engine import (
-    _C,
     CPU,
     FLOAT64,
     Buf,
@@ -35,21 +34,22 @@ from ._engine import (
     check_if_nan,
     empty,
     float_range,
+    guard,
     int_range,
     map_reduce,
     same_place,
     sum_to,
 )
 
-PREDICTIONS = R.PREDICTIONS
+PREDICTIONS = _R.PREDICTIONS
 _ALL = C.REDUCTIONS
 
 # ============================================================================= plumbing
 
 
-def _schedule(schedule: Any) -> R.DiffusionSchedule:
+def _schedule(schedule: Any) -> _R.DiffusionSchedule:
     ref = getattr(schedule, "reference", schedule)
-    if not isinstance(ref, R.DiffusionSchedule):
+    if not isinstance(ref, _R.DiffusionSchedule):
         raise TypeError(f"schedule must be a DiffusionSchedule, got {type(schedule).__name__}")
     return ref
 
@@ -71,7 +71,7 @@ def _to_place(like: Buf, host: np.ndarray) -> Buf:
     raise TypeError("genloss.native needs torch or CuPy for CUDA diffusion inputs")
 
 
-def _table(schedule: R.DiffusionSchedule, name: str, like: Buf, build) -> Buf:
+def _table(schedule: _R.DiffusionSchedule, name: str, like: Buf, build) -> Buf:
     """The per-step float64 table ``name`` of ``schedule`` in ``like``'s place (cached: a
     schedule is immutable)."""
     cache = schedule.__dict__.setdefault("_genloss_tables", {})
@@ -92,7 +92,7 @@ def _timesteps(t: Any, ref: Buf, ref_name: str, num_timesteps: int) -> Buf:
         )
     if (tb.device, tb.device_id) != (ref.device, ref.device_id):
         raise ValueError(f"t must be on the device of {ref_name}")
-    lo, hi = int_range(tb)
+    lo, hi = int_range(tb, ("index_range", (tb,), num_timesteps))
     if lo < 0 or hi >= num_timesteps:
         raise ValueError(f"t must lie in [0, {num_timesteps}), got range [{lo}, {hi}]")
     return tb
@@ -106,10 +106,10 @@ def _host(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def _require_signal(schedule: R.DiffusionSchedule, tb: Buf, attr: str, what: str) -> None:
+def _require_signal(schedule: _R.DiffusionSchedule, tb: Buf, attr: str, what: str) -> None:
     """As the reference: refuse steps where the eps parameterisation divides by zero."""
     if np.any(getattr(schedule, attr) == 0.0):  # only schedules with zero terminal SNR pay the copy
-        R._require_signal(schedule, _host(tb.arr), attr, what)
+        _R._require_signal(schedule, _host(tb.arr), attr, what)
 
 
 def _batched(names, arrays, reduction="none"):
@@ -146,7 +146,7 @@ def _row_vector(
         same_place(like, like_name, b, name)
     if b.dtype != like.dtype:  # a float64 weight vector for float32 data: cast the B values
         b = as_input(b.arr.to(like.arr.dtype) if b.kind == "torch" else b.arr.astype(like.arr.dtype), name)
-    lo, hi = float_range(b)
+    lo, hi = float_range(b, ("finite", (b,), float(nonnegative)))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} must be finite")
     if nonnegative and lo < 0:
@@ -231,6 +231,7 @@ def _table_input(table, like: Buf, stride: int) -> Buf:
 def _finite_rows(tab: Buf, tb: Buf, attr: str, what: str) -> None:
     """Refuse timesteps whose table row is not finite (a division by sqrt(alpha_bar) or
     sqrt(alpha) = 0), with the reference's message."""
+    guard("rows_finite", (tab, tb))  # a plan re-checks the rows its timesteps pick
     xp = _xp(tab)
     if bool(xp.isfinite(tab.arr).all()):
         return
@@ -377,30 +378,33 @@ def diffusion_mse_with_table(pred, x0, noise, t, table, weights=None, reduction=
     """The kernel of ``diffusion_mse_loss`` for a per-step float64 (T, 2) target table (x0, noise
     coefficients).  Differentiable inputs: pred, x0, noise (the kernel writes all three from the
     one residual; DIF.14) and, when given, weights (the unweighted per-sample MSE)."""
-    flags = needs(need_grad, 3 if weights is None else 4)
-    want_w = len(flags) == 4 and flags[3]
-    if not want_w:
-        fast = _C.fast_table_rows(
-            (pred, x0, noise), "DiffusionMSE", (0, 1, 2), None, _tensor_of(table), 2, t, weights,
-            reduction, flags[:3], True,
+
+    def compose():
+        flags = needs(need_grad, 3 if weights is None else 4)
+        want_w = len(flags) == 4 and flags[3]
+        C.reduction(reduction)
+        p, x, n = _batched(("pred", "x0", "noise"), (pred, x0, noise), reduction)
+        tab = _table_input(table, p, 2)
+        tb = _timesteps(t, p, "pred", tab.rows)
+        w = (
+            None
+            if weights is None
+            else _row_vector("weights", weights, p, "pred", nonnegative=True, cast=True)
+        )
+        out, rows = _value_out(p, reduction)
+        grads = [empty(b, b.shape) if f else None for b, f in zip((p, x, n), flags[:3], strict=True)]
+        raw = empty(p, (p.rows,)) if want_w else None  # d value / d w_b: the unweighted row term
+        s = loss_scale(reduction, p, per_sample_mean=True)
+        _run(
+            "DiffusionMSE", [p, x, n], grads, params={}, value_scale=s, out=out, rows_out=rows,
+            grad_scale=s, table=tab, stride=2, index=tb, row_weight=w, rows_raw=raw,
         )  # fmt: skip
-        if fast is not None:  # plain CPU tensors: checked and run in one C++ call (plan.cpp)
-            value, fast_grads = fast
-            return (value, (*fast_grads, None)[: len(flags)]) if any(flags) else (value, ())
-    C.reduction(reduction)
-    p, x, n = _batched(("pred", "x0", "noise"), (pred, x0, noise), reduction)
-    tab = _table_input(table, p, 2)
-    tb = _timesteps(t, p, "pred", tab.rows)
-    w = None if weights is None else _row_vector("weights", weights, p, "pred", nonnegative=True, cast=True)
-    out, rows = _value_out(p, reduction)
-    grads = [empty(b, b.shape) if f else None for b, f in zip((p, x, n), flags[:3], strict=True)]
-    raw = empty(p, (p.rows,)) if want_w else None  # d value / d w_b: the unweighted row term
-    s = loss_scale(reduction, p, per_sample_mean=True)
-    _run(
-        "DiffusionMSE", [p, x, n], grads, params={}, value_scale=s, out=out, rows_out=rows,
-        grad_scale=s, table=tab, stride=2, index=tb, row_weight=w, rows_raw=raw,
-    )  # fmt: skip
-    return _result(out, rows, [*grads, raw][: len(flags)], flags)
+        return _result(out, rows, [*grads, raw][: len(flags)], flags)
+
+    # A cached plan (plain CPU tensors) re-checks the timesteps' range and the weights' sign
+    # (guards) and runs the one Call; else this Python path.
+    arrays = (pred, x0, noise, t, _tensor_of(table)) + (() if weights is None else (weights,))
+    return cached(("diffusion_mse", reduction, need_grad, weights is None), arrays, compose)
 
 
 # ============================================================================= the bound (DIF.4-11)
@@ -454,7 +458,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, bits=8, cdf="exact
     )
 
 
-def _vlb_table(s: R.DiffusionSchedule) -> np.ndarray:
+def _vlb_table(s: _R.DiffusionSchedule) -> np.ndarray:
     """Per step: posterior mean coefs, model mean coefs, the log-variances, the decoder flag, the
     fixed variance's e^{-lv} and KL constant, c2 - k1, e^{-log beta~} (ops::VlbRow)."""
     T = s.num_timesteps
@@ -492,7 +496,7 @@ def vlb_term(
     sched = _schedule(schedule)
     x = as_input(x0, "x0")
     if np.any(sched.alphas == 0.0):  # the reference's check and message (only such schedules pay it)
-        R._require_signal(
+        _R._require_signal(
             sched, _host(_timesteps(t, x, "x0", sched.num_timesteps).arr), "alphas", "the model mean"
         )
     table = _table(sched, "vlb", x, _vlb_table)
@@ -505,15 +509,17 @@ def vlb_with_table(
     x0, x_t, t, eps_pred, table, model_log_variance=None, reduction="none", bits=8, *, need_grad=True
 ):
     """The kernel of ``vlb_term`` for a per-step float64 (T, 12) table (``_vlb_table``)."""
-    if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 24:
-        learned = model_log_variance is not None
-        fast = _C.fast_table_rows(
-            (x0, x_t, eps_pred, model_log_variance if learned else eps_pred), "VlbKLLearned" if learned else "VlbKL",
-            (2, 3) if learned else (2,), {"bin_width": _bin_width(bits)}, _tensor_of(table), 12, t, None,
-            reduction, need_grad, False,
-        )  # fmt: skip
-        if fast is not None:  # plain CPU tensors: checked and run in one C++ call (plan.cpp)
-            return fast
+    # A cached plan (plain CPU tensors) re-checks the timesteps' range, the rows they pick
+    # and the value's NaNs (guards) and runs the one Call; else the Python path.
+    arrays = (x0, x_t, t, eps_pred, _tensor_of(table))
+    arrays += () if model_log_variance is None else (model_log_variance,)
+    key = ("vlb", reduction, bits, need_grad, model_log_variance is None)
+    return cached(
+        key, arrays, lambda: _vlb(x0, x_t, t, eps_pred, table, model_log_variance, reduction, bits, need_grad)
+    )
+
+
+def _vlb(x0, x_t, t, eps_pred, table, model_log_variance, reduction, bits, need_grad):
     C.reduction(reduction)
     bits = _bits(bits)
     x, xt, e = _batched(("x0", "x_t", "eps_pred"), (x0, x_t, eps_pred), reduction)
@@ -545,7 +551,9 @@ def vlb_with_table(
     )  # fmt: skip
     # The functors make the value NaN where x0 is off [-1, 1]: only then read x0 again.
     value, _ = _result(out, rows, [], ())
-    check_if_nan(value, lambda: _unit_box(x, "x0", "the discretized decoder's data"))
+    check_if_nan(
+        value, lambda: _unit_box(x, "x0", "the discretized decoder's data"), out if rows is None else rows
+    )
     if not any(flags):
         return value, ()
     grads: tuple = (None if g_eps is None else g_eps.arr,)
@@ -568,7 +576,7 @@ def prior_kl_from_alpha_bar(x0, alpha_bar_T, reduction="none", *, need_grad=True
     if not 0.0 <= a < 1.0:
         raise ValueError(f"alpha_bar_T must lie in [0, 1), got {a}")
     (x,) = _batched(("x0",), (x0,), reduction)
-    const = 0.5 * float(R._neg_log1m_minus(np.float64(a)))
+    const = 0.5 * float(_R._neg_log1m_minus(np.float64(a)))
     flags = needs(need_grad, 1)
     out, rows = _value_out(x, reduction)
     grads = [empty(x, x.shape) if flags[0] else None]
