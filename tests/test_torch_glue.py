@@ -259,3 +259,37 @@ def test_helpers_refuse_bad_arguments_before_any_work():
     meta = torch.randn(5, 2, device="meta")
     with pytest.raises(ValueError, match="gmm_responsibilities: logits must be on the device of x"):
         gt.gmm_responsibilities(meta, torch.randn(3), torch.randn(3, 2), torch.randn(3, 2))
+
+
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("gan_d_loss", {}),
+        ("hinge_d_loss", {}),
+        ("lsgan_d_loss", {"a": 0.0, "b": 1.0}),
+        ("l1_loss", {"reduction": "sum"}),
+        ("wgan_critic_loss", {}),
+    ],
+)
+def test_one_tensor_for_two_inputs(name, kwargs):
+    """op(x, x): eager value and gradient equal those of two separate copies of x (autograd
+    sums the two gradients), and torch.compile(fullgraph=True) traces it (Dynamo refuses one
+    tensor twice in an autograd.Function.apply; the glue passes an alias of it)."""
+    op = getattr(gt, name)
+    base = torch.linspace(-1.5, 2.0, 12, dtype=torch.float64)
+    a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    want = op(a, b, **kwargs)
+    want.backward()
+    x = base.clone().requires_grad_(True)
+    got = op(x, x, **kwargs)
+    got.backward()
+    assert torch.equal(got.detach(), want.detach())
+    torch.testing.assert_close(x.grad, a.grad + b.grad, rtol=0, atol=1e-15)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: op(t, t, **kwargs), fullgraph=True, backend="eager")
+    y = base.clone().requires_grad_(True)
+    value = compiled(y)
+    value.backward()
+    torch.testing.assert_close(value.detach(), want.detach(), rtol=0, atol=1e-15)
+    torch.testing.assert_close(y.grad, a.grad + b.grad, rtol=0, atol=1e-15)

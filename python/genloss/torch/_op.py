@@ -554,6 +554,16 @@ class LossOp:
             need.append(a is not None and a.requires_grad)
         return tuple(need)
 
+    def distinct(self, bound: list) -> None:
+        """One tensor passed to two inputs (``gan_d_loss(x, x)``): the second gets an alias
+        (``x.view_as(x)``: no copy), as Dynamo refuses the same tensor twice in one
+        ``autograd.Function.apply``. Autograd sums both gradients into ``x`` as before."""
+        idx = self.tensor_idx
+        for k in range(1, len(idx)):
+            a = bound[idx[k]]
+            if a is not None and any(a is bound[j] for j in idx[:k]):
+                bound[idx[k]] = a.view_as(a)
+
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         n = len(args)
         if kwargs or self.prepare is not None or not self.n_required <= n <= len(self.args):
@@ -571,6 +581,8 @@ class LossOp:
             # no_grad / inference_mode / nothing to differentiate: the value only
             value, _ = self.run(bound, need, route)
             return value
+        if route == TRACED and torch.compiler.is_compiling():
+            self.distinct(bound)
         try:
             return self.apply(*bound, need, route)
         except RuntimeError as e:  # under a functorch transform: the setup_context form
