@@ -53,14 +53,21 @@ FGAN_DIVERGENCES = (
 )  # order = enum FganDivergence in ops/gan.h
 GAN_G_MODES = ("nonsaturating", "minimax")
 _NO_SHIFT = {"shift": 0.0}  # SoftplusNeg / Softplus at 0: the plain GAN terms (read only)
+# The (functor, coef, params) terms of the fixed two-population losses, made once: the plan
+# key holds the same object on every call, so the plan cache compares it by identity.
+_GAN_D_TERMS = (("SoftplusNeg", 1.0, _NO_SHIFT), ("Softplus", 1.0, _NO_SHIFT))
+_WGAN_CRITIC_TERMS = (("Linear", -1.0, None), ("Linear", 1.0, None))
+_HINGE_D_TERMS = (
+    ("HingeRelu", 1.0, {"offset": 1.0, "slope": -1.0}),
+    ("HingeRelu", 1.0, {"offset": 1.0, "slope": 1.0}),
+)
 
 
 # ---------------------------------------------------------------- (GAN.3, GAN.7)
 def gan_d_loss(real_logits, fake_logits, reduction="mean", *, need_grad=True):
     """mean softplus(-l_r) + mean softplus(l_f).  (GAN.3)"""
     return two_population(
-        ("real_logits", "fake_logits"), (real_logits, fake_logits), reduction,
-        (("SoftplusNeg", 1.0, _NO_SHIFT), ("Softplus", 1.0, _NO_SHIFT)), need_grad,
+        ("real_logits", "fake_logits"), (real_logits, fake_logits), reduction, _GAN_D_TERMS, need_grad
     )  # fmt: skip
 
 
@@ -92,8 +99,7 @@ def lsgan_g_loss(fake_out, c=1.0, reduction="mean", *, need_grad=True):
 def wgan_critic_loss(real_scores, fake_scores, reduction="mean", *, need_grad=True):
     """mean C(G(z)) - mean C(x).  (GAN.9)"""
     return two_population(
-        ("real_scores", "fake_scores"), (real_scores, fake_scores), reduction,
-        (("Linear", -1.0, None), ("Linear", 1.0, None)), need_grad,
+        ("real_scores", "fake_scores"), (real_scores, fake_scores), reduction, _WGAN_CRITIC_TERMS, need_grad
     )  # fmt: skip
 
 
@@ -105,9 +111,7 @@ def wgan_g_loss(fake_scores, reduction="mean", *, need_grad=True):
 def hinge_d_loss(real_scores, fake_scores, reduction="mean", *, need_grad=True):
     """mean relu(1 - D(x)) + mean relu(1 + D(G(z))).  (GAN.10)"""
     return two_population(
-        ("real_scores", "fake_scores"), (real_scores, fake_scores), reduction,
-        (("HingeRelu", 1.0, {"offset": 1.0, "slope": -1.0}), ("HingeRelu", 1.0, {"offset": 1.0, "slope": 1.0})),
-        need_grad,
+        ("real_scores", "fake_scores"), (real_scores, fake_scores), reduction, _HINGE_D_TERMS, need_grad
     )  # fmt: skip
 
 
