@@ -636,3 +636,30 @@ def test_bad_input_names_the_argument(record, layer, variant, mutate, exc, names
     )
     assert any(n in message for n in names), f"{case_id}: message does not name {names}: {message!r}"
     assert record.name in message, f"{case_id}: message does not name the op: {message!r}"
+
+
+def test_exports_come_from_the_family_modules():
+    """genloss.native lists no op by hand: it exports every function that a native family
+    module defines under a name of the reference family's ``__all__``, and nothing else
+    (no helper or import of the family modules leaks into the package)."""
+    import inspect
+
+    import genloss.reference as gr
+
+    families = {n for n in gr.__all__ if inspect.ismodule(getattr(gr, n))}
+    ops = [n for n in gn.__all__ if n not in families and n not in ("cache_info", "empty_cache", "options")]
+    for name in ops:
+        fn = getattr(gn, name)
+        family = fn.__module__.rsplit(".", 1)[-1]
+        assert family in families and name in getattr(gr, family).__all__, name
+        assert getattr(getattr(gn, family), name) is fn, name  # the family module's own (wrapped) function
+    assert {r.name for r in R.RECORDS if r.has_native} <= set(ops)
+    for family in families:  # every op a family module defines under a reference name is exported
+        module = getattr(gn, family)
+        defined = {
+            n
+            for n in getattr(gr, family).__all__
+            if getattr(getattr(module, n, None), "__module__", "") == module.__name__
+        }
+        assert defined <= set(ops), family
+    assert not {"np", "C", "R", "Buf", "math", "Any"} & set(vars(gn)), "a family module's helper leaked"

@@ -2,143 +2,53 @@
 
 ``genloss.native.<name>(*inputs, **hyperparameters, need_grad=True)`` returns
 ``(value, grads)``; see ``genloss.native.gan`` for the conventions.
+
+The exports are made, not listed: every function of a family module (``gan``, ``vae``, ...)
+named in the reference family's ``__all__`` (``genloss.reference.<family>``) is
+``genloss.native.<name>``. Adding an op's native composition to its family module is all
+it takes; no line here.
 """
 
+from typing import TYPE_CHECKING
+
+from .. import reference as _reference
 from . import diffusion, divergence, flow, gan, metrics, quant, vae
 from ._engine import cache_info, empty_cache, options
-from .diffusion import (
-    diffusion_mse_loss,
-    discretized_gaussian_log_likelihood,
-    eps_mse_loss,
-    posterior_mean_from_eps,
-    predict_x0_from_eps,
-    prior_kl,
-    q_posterior,
-    q_sample,
-    v_target,
-    vdm_continuous_loss,
-    vdm_discrete_loss,
-    vlb_term,
-)
-from .divergence import density_ratio_from_logits, kid, median_bandwidth, mmd2
-from .flow import (
-    consistency_training_loss,
-    denoiser_loss,
-    flow_interpolant,
-    flow_matching_loss,
-    meanflow_loss,
-    pseudo_huber_loss,
-    scm_loss,
-    vsd_loss,
-)
-from .gan import (
-    cycle_consistency_loss,
-    feature_matching_loss,
-    fgan_d_loss,
-    fgan_g_loss,
-    gan_d_loss,
-    gan_g_loss,
-    gradient_penalty_from_grads,
-    hinge_d_loss,
-    hinge_g_loss,
-    jsd_estimate,
-    l1_loss,
-    lsgan_d_loss,
-    lsgan_g_loss,
-    pix2pix_g_loss,
-    r1_penalty_from_grads,
-    relativistic_d_loss,
-    relativistic_g_loss,
-    ssgan_critic_loss,
-    ssgan_g_loss,
-    wgan_critic_loss,
-    wgan_g_loss,
-)
-from .metrics import cmmd, ot_coupling, prdc, sinkhorn_divergence
-from .quant import lfq_entropy_loss, vector_quantize, vq_ema_update
-from .vae import (
-    bernoulli_nll,
-    gaussian_kl,
-    gaussian_nll,
-    gmm_log_likelihood,
-    gmm_responsibilities,
-    iwae_bound,
-    negative_elbo,
-    normal_kl,
-)
 
-__all__ = [
-    "cache_info",
-    "empty_cache",
-    "options",
-    "diffusion",
-    "diffusion_mse_loss",
-    "discretized_gaussian_log_likelihood",
-    "eps_mse_loss",
-    "posterior_mean_from_eps",
-    "predict_x0_from_eps",
-    "prior_kl",
-    "q_posterior",
-    "q_sample",
-    "v_target",
-    "vdm_continuous_loss",
-    "vdm_discrete_loss",
-    "vlb_term",
-    "divergence",
-    "flow",
-    "consistency_training_loss",
-    "denoiser_loss",
-    "flow_interpolant",
-    "flow_matching_loss",
-    "meanflow_loss",
-    "pseudo_huber_loss",
-    "scm_loss",
-    "vsd_loss",
-    "gan",
-    "quant",
-    "lfq_entropy_loss",
-    "vector_quantize",
-    "vq_ema_update",
-    "vae",
-    "density_ratio_from_logits",
-    "kid",
-    "median_bandwidth",
-    "mmd2",
-    "metrics",
-    "cmmd",
-    "prdc",
-    "ot_coupling",
-    "sinkhorn_divergence",
-    "bernoulli_nll",
-    "gaussian_kl",
-    "gaussian_nll",
-    "gmm_log_likelihood",
-    "gmm_responsibilities",
-    "iwae_bound",
-    "negative_elbo",
-    "normal_kl",
-    "cycle_consistency_loss",
-    "feature_matching_loss",
-    "fgan_d_loss",
-    "fgan_g_loss",
-    "gan_d_loss",
-    "gan_g_loss",
-    "gradient_penalty_from_grads",
-    "hinge_d_loss",
-    "hinge_g_loss",
-    "jsd_estimate",
-    "l1_loss",
-    "lsgan_d_loss",
-    "lsgan_g_loss",
-    "pix2pix_g_loss",
-    "r1_penalty_from_grads",
-    "relativistic_d_loss",
-    "relativistic_g_loss",
-    "ssgan_critic_loss",
-    "ssgan_g_loss",
-    "wgan_critic_loss",
-    "wgan_g_loss",
-]
+if TYPE_CHECKING:  # what type checkers see: each family's public names (made below at run time)
+    from .diffusion import *  # noqa: F403
+    from .divergence import *  # noqa: F403
+    from .flow import *  # noqa: F403
+    from .gan import *  # noqa: F403
+    from .metrics import *  # noqa: F403
+    from .quant import *  # noqa: F403
+    from .vae import *  # noqa: F403
+
+_FAMILIES = {
+    "diffusion": diffusion,
+    "divergence": divergence,
+    "flow": flow,
+    "gan": gan,
+    "metrics": metrics,
+    "quant": quant,
+    "vae": vae,
+}
+
+
+def _ops() -> list[str]:
+    """The op functions of the family modules (defined there, named in the reference's
+    ``__all__``), put in this namespace."""
+    names = []
+    for family, module in _FAMILIES.items():
+        for name in getattr(_reference, family).__all__:
+            fn = vars(module).get(name)
+            if callable(fn) and getattr(fn, "__module__", None) == module.__name__:
+                globals()[name] = fn
+                names.append(name)
+    return names
+
+
+__all__ = ["cache_info", "empty_cache", "options", *_FAMILIES, *_ops()]
 
 # Every public function's ValueError / TypeError names its op (the checks name the argument).
 from .. import _checks  # noqa: E402

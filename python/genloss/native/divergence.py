@@ -32,7 +32,6 @@ value agrees with a float64 evaluation to about 1e-6 relative to
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -307,9 +306,6 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0) -> 
         values.append(float(v))
     vals = np.asarray(values, dtype=np.float64)
     return float(vals.mean()), float(vals.std())
-
-
-__all__: Sequence[str] = ["mmd2", "median_bandwidth", "kid"]
 
 
 def density_ratio_from_logits(logits, *, need_grad=True):

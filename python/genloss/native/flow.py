@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from .. import _checks as C
-from ..reference import flow as R
+from ..reference import flow as _R
 from ._compose import loss_scale, needs
 from ._engine import FLOAT32, Buf, as_input, empty, float_range, map_reduce
 from .diffusion import _batched, _host, _result, _row_vector, _run, _value_out, _xp
 
-FLOW_WEIGHTINGS = R.FLOW_WEIGHTINGS
+FLOW_WEIGHTINGS = _R.FLOW_WEIGHTINGS
 
 
 def _f64(b: Buf) -> Any:
@@ -44,10 +44,10 @@ def _like(a: Any, like: Buf, name: str) -> Buf:
 
 def _times(t: Any, like: Buf, like_name: str, weighting: str) -> Buf:
     """t: (B,), the dtype and place of ``like``, in [0, 1]; the weighting's end point refused,
-    with the reference's messages (R.check_times on the range)."""
+    with the reference's messages (_R.check_times on the range)."""
     tb = _row_vector("t", t, like, like_name)  # shape, place, dtype, finite (NaN refused)
     lo, hi = float_range(tb)
-    R.check_times(np.array([lo, hi]), weighting)
+    _R.check_times(np.array([lo, hi]), weighting)
     return tb
 
 
@@ -71,8 +71,8 @@ def flow_interpolant(x0, noise, t, sigma_min=0.0, *, need_grad=True):
     (1 - c t_b, t_b)); d/dt = sum_i (noise - c x0) per sample takes a second pass over
     x0 and noise, only when asked.
     """
-    with R.named_errors("flow_interpolant"):
-        c = 1.0 - R.sigma_min_value(sigma_min)
+    with _R.named_errors("flow_interpolant"):
+        c = 1.0 - _R.sigma_min_value(sigma_min)
         x, n = _batched(("x0", "noise"), (x0, noise))
         tb = _times(t, x, "x0", "none")
     flags = needs(need_grad, 3)
@@ -115,10 +115,10 @@ def flow_matching_loss(
     d/dt_b = w_b lambda'(t_b) m_b and d/dw_b = lambda(t_b) m_b.  No x_t or target array.
     Differentiable inputs: pred, x0, noise, t, weights (when given).
     """
-    with R.named_errors("flow_matching_loss"):
+    with _R.named_errors("flow_matching_loss"):
         C.reduction(reduction)
         weighting = C.choice("weighting", weighting, FLOW_WEIGHTINGS)
-        c = 1.0 - R.sigma_min_value(sigma_min)
+        c = 1.0 - _R.sigma_min_value(sigma_min)
         p, x, n = _batched(("pred", "x0", "noise"), (pred, x0, noise), reduction)
         tb = _times(t, p, "pred", weighting)
         wb = None if weights is None else _row_vector("weights", weights, p, "pred", nonnegative=True)
@@ -127,13 +127,13 @@ def flow_matching_loss(
     if weighting == "none":
         lam = dlam = None
     else:
-        lam, dlam = R.weight_and_slope(t64, weighting)  # (FLOW.3) B values in float64
+        lam, dlam = _R.weight_and_slope(t64, weighting)  # (FLOW.3) B values in float64
     w64 = None if wb is None else _f64(wb)
     row = lam if w64 is None else (w64 if lam is None else w64 * lam)
     row_w = None
     if row is not None:
         if weighting == "sigma_sqrt":
-            with R.named_errors("flow_matching_loss"):
+            with _R.named_errors("flow_matching_loss"):
                 _finite_weight(lam, p)
         row_w = _like(row, p, "weights")
     out, rows = _value_out(p, reduction)
@@ -203,10 +203,10 @@ def pseudo_huber_loss(x, y, c=None, weights=None, reduction="mean", *, need_grad
     Fused: one read of x and y for the squared norms, one more (reading x and y, writing the
     gradients) only when d/dx or d/dy is asked.  Differentiable inputs: x, y, weights (when given).
     """
-    with R.named_errors("pseudo_huber_loss"):
+    with _R.named_errors("pseudo_huber_loss"):
         C.reduction(reduction)
         xb, yb = _batched(("x", "y"), (x, y), reduction)
-        c = R.huber_c(c, xb.cols)
+        c = _R.huber_c(c, xb.cols)
         wb = None if weights is None else _row_vector("weights", weights, xb, "x", nonnegative=True)
         flags = needs(need_grad, 2 if wb is None else 3)
     want_w = len(flags) == 3 and flags[2]
@@ -223,13 +223,13 @@ def consistency_training_loss(f_student, f_target, sigma_i, sigma_next, c=None, 
     from the B noise levels) as its row weight.  Differentiable input: f_student only
     (f_target is a stop-gradient target; the noise levels are points of the discretization).
     """
-    with R.named_errors("consistency_training_loss"):
+    with _R.named_errors("consistency_training_loss"):
         C.reduction(reduction)
         fs, ft = _batched(("f_student", "f_target"), (f_student, f_target), reduction)
-        c = R.huber_c(c, fs.cols)
+        c = _R.huber_c(c, fs.cols)
         lo = _f64(_row_vector("sigma_i", sigma_i, fs, "f_student"))
         hi = _f64(_row_vector("sigma_next", sigma_next, fs, "f_student"))
-        R.ct_weight(_host(lo), _host(hi))  # the checks (0 <= sigma_i < sigma_next), with their messages
+        _R.ct_weight(_host(lo), _host(hi))  # the checks (0 <= sigma_i < sigma_next), with their messages
         (flag,) = needs(need_grad, 1)
     lam = _like(1.0 / (hi - lo), fs, "sigma_next")  # (FLOW.24) on the device
     out, rows, grads, _ = _pseudo_huber(fs, ft, c, lam, reduction, (flag, False), False)
@@ -238,7 +238,7 @@ def consistency_training_loss(f_student, f_target, sigma_i, sigma_next, c=None, 
 
 # ============================================================================= EDM denoiser loss (FLOW.21-FLOW.23)
 
-DENOISER_WEIGHTINGS = R.DENOISER_WEIGHTINGS
+DENOISER_WEIGHTINGS = _R.DENOISER_WEIGHTINGS
 
 
 def denoiser_loss(
@@ -256,18 +256,18 @@ def denoiser_loss(
     (``DenoiserSigmaDot``), only when asked.  No x_sigma, D or target array.  Differentiable inputs: F, x0, noise, sigma, logvar
     (when given).
     """
-    with R.named_errors("denoiser_loss"):
+    with _R.named_errors("denoiser_loss"):
         C.reduction(reduction)
         weighting = C.choice("weighting", weighting, DENOISER_WEIGHTINGS)
         sd = C.positive("sigma_data", sigma_data)
         gamma = C.positive("gamma", gamma)
         f, x, n = _batched(("F", "x0", "noise"), (F, x0, noise), reduction)
         sb = _row_vector("sigma", sigma, f, "F")
-        R.check_sigmas(np.array(float_range(sb)))  # sigma = 0 and sigma -> inf refused, named
+        _R.check_sigmas(np.array(float_range(sb)))  # sigma = 0 and sigma -> inf refused, named
         ub = None if logvar is None else _row_vector("logvar", logvar, f, "F")
         flags = needs(need_grad, 4 if ub is None else 5)
     s64 = _f64(sb)
-    a, b, w, dw, k = R.denoiser_rows(s64, sd, weighting, gamma)  # (FLOW.21, FLOW.22) B values, float64
+    a, b, w, dw, k = _R.denoiser_rows(s64, sd, weighting, gamma)  # (FLOW.21, FLOW.22) B values, float64
     eu = None if ub is None else _xp(f).exp(-_f64(ub))  # EDM2: e^{-u}
     row = w if eu is None else w * eu
     row_w = None if weighting in ("edm", "karras") and eu is None else _like(row, f, "sigma")
@@ -352,16 +352,16 @@ def scm_loss(F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data=0.5, r=1.0, c=0.1, lo
     Differentiable inputs: F, logvar (when given).
     """
     names = ("F", "F_minus", "dF_dt", "x_t", "dxt_dt")
-    with R.named_errors("scm_loss"):
+    with _R.named_errors("scm_loss"):
         C.reduction(reduction)
-        sd, rr, c = R.scm_params(sigma_data, r, c)
+        sd, rr, c = _R.scm_params(sigma_data, r, c)
         f, fm, dfm, xt, dxt = _batched(names, (F, F_minus, dF_dt, x_t, dxt_dt), reduction)
         tb = _row_vector("t", t, f, "F")
-        R.check_angles(np.array(float_range(tb)))
+        _R.check_angles(np.array(float_range(tb)))
         ub = None if logvar is None else _row_vector("logvar", logvar, f, "F")
         flags = needs(need_grad, 1 if ub is None else 2)
     t64, xp = _f64(tb), _xp(f)
-    alpha, beta = R.scm_rows(xp.cos(t64), xp.sin(t64), rr)  # (FLOW.31)
+    alpha, beta = _R.scm_rows(xp.cos(t64), xp.sin(t64), rr)  # (FLOW.31)
     G, H = empty(f, f.shape), empty(f, f.shape)
     _run("RowAffine", [fm, dxt], [None, None], elems_out=G, table=_table([alpha * sd, -alpha], f), stride=2)
     _run("RowAffine", [xt, dfm], [None, None], elems_out=H, table=_table([-beta, -beta * sd], f), stride=2)
@@ -411,9 +411,9 @@ def meanflow_loss(u, v, du_dt, t, r, p=1.0, eps=1e-3, reduction="mean", *, need_
     eps)^-p in float64 as the row weight of the value and of d/du = 2 w (u - u_tgt).  No target
     array.  Differentiable input: u (the surrogate's gradient, w frozen).
     """
-    with R.named_errors("meanflow_loss"):
+    with _R.named_errors("meanflow_loss"):
         C.reduction(reduction)
-        p, eps = R.meanflow_params(p, eps)
+        p, eps = _R.meanflow_params(p, eps)
         ub, vb, db = _batched(("u", "v", "du_dt"), (u, v, du_dt), reduction)
         tb, rb = _unit_rows("t", t, ub), _unit_rows("r", r, ub)
         (flag,) = needs(need_grad, 1)
@@ -438,13 +438,13 @@ def vsd_loss(x, x0_fake, x0_real, reduction="mean", *, need_grad=True):
     x0_real) with the per-row table (s w/n, -s w/n) writes d/dx = w (x0_fake - x0_real)/n.
     Differentiable input: x (the surrogate's gradient: x enters the value only through the frozen w).
     """
-    with R.named_errors("vsd_loss"):
+    with _R.named_errors("vsd_loss"):
         C.reduction(reduction)
         xb, fb, rb = _batched(("x", "x0_fake", "x0_real"), (x, x0_fake, x0_real), reduction)
         (flag,) = needs(need_grad, 1)
     a = empty(xb, (xb.rows,))
     _run("AbsDiff", [xb, rb], [None, None], value_scale=1.0 / xb.cols, rows_out=a)
-    w = R.vsd_weight(_f64(a))  # (FLOW.34)
+    w = _R.vsd_weight(_f64(a))  # (FLOW.34)
     out, rows = _value_out(xb, reduction)
     s = loss_scale(reduction, xb, per_sample_mean=True)
     _run("SquaredDiff", [fb, rb], [None, None], value_scale=s, out=out, rows_out=rows,

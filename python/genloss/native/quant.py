@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .. import _checks as C
-from ..reference import quant as R
+from ..reference import quant as _R
 from ._compose import grads_out, inputs, needs
 from ._engine import _C, CPU, INT32, INT64, Buf, as_input, empty, int_range, same_place
 
@@ -132,7 +132,7 @@ def vq_ema_update(z, indices, cluster_size, embed_sum, decay=0.99, eps=1e-5):
 
 
 # ============================================================================= lfq_entropy_loss (QNT.7-QNT.9)
-LFQ_MAX_BITS = R.LFQ_MAX_BITS  # = _C.LFQ_MAX_BITS (kLfqMaxBits, quant_cpu.h; a test checks it)
+LFQ_MAX_BITS = _R.LFQ_MAX_BITS  # = _C.LFQ_MAX_BITS (kLfqMaxBits, quant_cpu.h; a test checks it)
 
 
 def lfq_entropy_loss(z, inv_temperature=100.0, sample_weight=1.0, codebook_weight=1.0, *, need_grad=True,
