@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "address.h"
 #include "cpu_config.h"
 #include "dlpack.h"
 #include "genloss/cuda_info.h"
@@ -25,10 +26,6 @@ void bind_prdc(py::module_& m);        // bindings_prdc.cpp
 void bind_ot(py::module_& m);          // bindings_ot.cpp
 
 namespace {
-
-void* P(std::uintptr_t p) {
-  return reinterpret_cast<void*>(p);
-}
 
 // Device codes from Python: 0 = CPU, 1 = CUDA.
 template <class Args, class CpuFn, class CudaFn>

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "address.h"
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
 
@@ -14,13 +15,9 @@ namespace py = pybind11;
 
 namespace {
 
-void* P(std::uintptr_t p) {
-  return reinterpret_cast<void*>(p);
-}
-
-void mmd(int device, int device_id, std::uintptr_t stream, int dtype, int kernel, int estimator, std::uintptr_t x,
-         std::uintptr_t y, int64_t N, int64_t M, int64_t D, const std::vector<double>& bandwidths,
-         std::uintptr_t out_value, double grad_scale, std::uintptr_t grad_x, std::uintptr_t grad_y) {
+void mmd_call(int device, int device_id, std::uintptr_t stream, int dtype, int kernel, int estimator, std::uintptr_t x,
+              std::uintptr_t y, int64_t N, int64_t M, int64_t D, const std::vector<double>& bandwidths,
+              std::uintptr_t out_value, double grad_scale, std::uintptr_t grad_x, std::uintptr_t grad_y) {
   if (kernel < genloss::kMmdRbf || kernel > genloss::kMmdEnergy) throw py::value_error("mmd: kernel id out of range");
   if (estimator < genloss::kMmdUnbiased || estimator > genloss::kMmdLinear)
     throw py::value_error("mmd: estimator id out of range");
@@ -52,7 +49,7 @@ void mmd(int device, int device_id, std::uintptr_t stream, int dtype, int kernel
 }  // namespace
 
 void bind_mmd(py::module_& m) {
-  m.def("mmd", &mmd);
+  m.def("mmd", &mmd_call);
   m.attr("MMD_TILE") = genloss::kMmdTile;
   m.attr("MMD_KERNELS") = py::make_tuple("rbf", "imq", "polynomial", "energy");  // = enum MmdKernel
   m.attr("MMD_ESTIMATORS") = py::make_tuple("unbiased", "biased", "linear");     // = enum MmdEstimator

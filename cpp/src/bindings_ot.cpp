@@ -8,16 +8,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "address.h"
 #include "genloss/ot.h"
 
 namespace py = pybind11;
 
 namespace {
-
-template <class T>
-T* P(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
 
 // Returns the rounds run at the last eps.
 int64_t sinkhorn(std::uintptr_t x, std::uintptr_t y, int64_t N, int64_t M, int64_t D, double p,

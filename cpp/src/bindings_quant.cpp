@@ -7,15 +7,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "address.h"
 #include "quant_cpu.h"
 
 namespace py = pybind11;
 
 namespace {
-
-void* P(std::uintptr_t p) {
-  return reinterpret_cast<void*>(p);
-}
 
 void check_dtype(const char* op, int dtype) {
   if (dtype != 0 && dtype != 1) throw py::type_error(std::string(op) + ": the CPU kernel takes float32 or float64");
