@@ -610,3 +610,22 @@ def test_cuda_vs_cpu(kernel, estimator, d):
         ref = dense(xc.double().cpu().numpy(), yc.double().cpu().numpy(), kernel, bws, estimator)[0]
         s = scale_of(x, y, kernel, bws)
         assert abs(v.item() - ref) <= 1e-4 * s
+
+
+@pytest.mark.parametrize("D", [2, 8, 33])  # the direct body (D <= 4) and the blocked one (D > 4)
+@pytest.mark.parametrize("kernel", ["rbf", "imq", "energy", "polynomial"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_in_gives_nan_value(D, kernel, dtype):
+    """NaN in, NaN out: the blocked body clamped a cancelled squared distance with
+    ``max(sv, 0)``, which turned a NaN distance into 0 and returned a finite MMD^2."""
+    rng = np.random.default_rng(D)
+    x, y = rng.standard_normal((6, D)).astype(dtype), rng.standard_normal((7, D)).astype(dtype)
+    x[0, 0] = np.nan
+    bw = (1.5,) if kernel in ("rbf", "imq") else None  # the median of NaN data is refused
+    ref_v = R.mmd2(x.astype(np.float64), y.astype(np.float64), kernel=kernel, bandwidths=bw)
+    assert np.isnan(ref_v)
+    value, (gx, _) = gn.mmd2(x, y, kernel=kernel, bandwidths=bw)
+    assert np.isnan(float(np.asarray(value)))
+    assert np.isnan(np.asarray(gx)[0, 0])
+    tv = gt.mmd2(torch.from_numpy(x), torch.from_numpy(y), kernel=kernel, bandwidths=bw)
+    assert torch.isnan(tv)

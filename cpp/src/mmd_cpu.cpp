@@ -422,7 +422,7 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
       for (int64_t jj = 0; jj < njv; ++jj) {
         const T r = ni_ + nz[jj];
         T sv = r - T(2) * g[jj];
-        sv = sv > T(0) ? sv : T(0);
+        sv = sv < T(0) ? T(0) : sv;  // NaN stays NaN
         nf[jj] = jj != jdiag && sv < near_frac * r ? T(1) : T(0);
         g[jj] = jj == jdiag ? T(0) : sv;
       }
@@ -438,7 +438,7 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
       } else if constexpr (kDist) {
         const T r = ni_ + nz[jj];
         sv = r - T(2) * g[jj];
-        sv = sv > T(0) ? sv : T(0);    // cancellation: a distance is never negative
+        sv = sv < T(0) ? T(0) : sv;    // cancellation: a distance is never negative (NaN stays)
         sv = jj == jdiag ? T(0) : sv;  // and exactly 0 from a point to itself
         near = jj != jdiag && sv < near_frac * r;
         nf[jj] = near ? T(1) : T(0);
