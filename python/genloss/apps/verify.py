@@ -8,6 +8,12 @@ the value and every gradient, and compare them with the float64 NumPy reference
 the tolerance of ``genloss.tolerances`` (``worst <= 1`` passes), so a wrong
 kernel shows as a failing cell and a non-zero exit code.
 
+The ops that have no record (several or integer outputs, lists of arrays, metrics returning
+Python floats: ``genloss.registry.NOT_REGISTERED``) are checked the same way through their
+``VerifyCase`` (``genloss.registry.VERIFY_CASES``): each output compared within the tolerance
+or exactly (indices, counts), the gradient of a random weighting of the outputs against the
+reference backward, with the same rows.
+
 Every run has a seed (drawn fresh unless given) and prints it: the inputs of one op
 depend only on that seed and the op's name, the same for every backend and whatever
 other ops run, so ``genloss verify --seed N --ops NAME`` reruns a failing cell on
@@ -150,17 +156,148 @@ def check(
                         continue
                     eg, rg_ = _excess(g, rg, kind, dtype, R.grad_scale(record, n, x64, reduction, rg))
                     worst_g, rel_g = max(worst_g, eg), max(rel_g, rg_)
-    ok = error is None and worst_v <= 1.0 and worst_g <= 1.0
+    return _row(record.name, name, rel_v, rel_g, worst_v, worst_g, error)
+
+
+def _row(
+    op: str, backend: str, rel_v: float, rel_g: float, worst_v: float, worst_g: float, error: str | None
+) -> dict:
+    """One cell of the report (a record's or a case's)."""
     return {
-        "op": record.name,
-        "backend": name,
+        "op": op,
+        "backend": backend,
         "value_rel_err": rel_v,
         "grad_rel_err": rel_g,
         "value_vs_tol": worst_v,
         "grad_vs_tol": worst_g,
-        "ok": ok,
+        "ok": error is None and worst_v <= 1.0 and worst_g <= 1.0,
         "error": error,
     }
+
+
+# ----------------------------------------------------------------------------- verify cases
+# The ops with no record (R.VERIFY_CASES): the same cells, tolerances and row format as the records'.
+
+
+def _cast(a: Any, dtype: str) -> Any:
+    """A case argument in ``dtype``: float arrays cast, int arrays kept, lists element by element."""
+    if isinstance(a, list):
+        return [_cast(x, dtype) for x in a]
+    if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+        return a.astype(dtype)
+    return a
+
+
+def _leaves(args: Sequence, positions: Sequence[int]) -> list:
+    """The differentiable arrays, flat: each array of a list argument."""
+    out: list = []
+    for i in positions:
+        out += args[i] if isinstance(args[i], list) else [args[i]]
+    return out
+
+
+def _case_torch(case: R.VerifyCase, args: tuple, kwargs: dict, dtype: str, device: str, upstream: list):
+    import torch
+
+    def tensor(a: Any) -> Any:
+        if isinstance(a, list):
+            return [tensor(x) for x in a]
+        return torch.as_tensor(a).to(device) if isinstance(a, np.ndarray) else a
+
+    ts = [tensor(a) for a in args]
+    leaves = _leaves(ts, case.differentiable)
+    for t in leaves:
+        t.requires_grad_(True)
+    if case.dtype_kw:
+        kwargs = {**kwargs, case.dtype_kw: getattr(torch, dtype)}
+    outs = case.outputs_of(case.torch_fn(*ts, **kwargs))
+    grads: Sequence = ()
+    # the upstream weights are aligned with the outputs (no ``post`` on a differentiable case); a missing
+    # output is reported by check_case
+    if leaves and len(outs) == len(upstream):
+        terms = [
+            (torch.as_tensor(u).to(o) * o).sum() for o, u in zip(outs, upstream, strict=True) if u is not None
+        ]
+        grads = torch.autograd.grad(sum(terms), leaves, allow_unused=True)
+    return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outs), list(grads)
+
+
+def _case_native(case: R.VerifyCase, args: tuple, kwargs: dict, dtype: str, device: str, upstream: list):
+    if case.native is None:
+        raise TypeError(f"{case.name} has no native entry point")
+    if device != "cpu":
+        import torch
+
+        def tensor(a: Any) -> Any:
+            if isinstance(a, list):
+                return [tensor(x) for x in a]
+            return torch.as_tensor(a).cuda() if isinstance(a, np.ndarray) else a
+
+        args = tuple(tensor(a) for a in args)
+    outs, grads = case.native(args, kwargs, upstream)
+    return case.outputs_of(outs), list(grads)
+
+
+def _equal_excess(actual: Any, expected: Any) -> tuple[float, float]:
+    """An exact output (indices, counts): 0 when equal (NaN where NaN), inf otherwise."""
+    a, e = to_numpy(actual), to_numpy(expected)
+    if a.shape != e.shape:
+        return float("inf"), float("inf")
+    if np.array_equal(a, e, equal_nan=True):
+        return 0.0, 0.0
+    with np.errstate(invalid="ignore"):
+        return float("inf"), float(
+            np.nanmax(np.abs(a - e)) / max(1.0, float(np.nanmax(np.abs(e), initial=0.0)))
+        )
+
+
+def check_case(
+    case: R.VerifyCase, backend: tuple[str, str, Callable], rng: np.random.Generator, dtypes: Sequence[str]
+) -> dict:
+    """One cell of an op without record: every call of its ``draw``, every output compared as its
+    ``Out`` says, the gradient of a random weighting of the outputs vs the reference backward;
+    float64 and float32; the row of :func:`check`."""
+    name, device, _ = backend
+    kind = "cuda" if device == "cuda" else ("native" if name.startswith("native") else "torch")
+    call = _case_native if name.startswith("native") else _case_torch
+    worst_v = worst_g = rel_v = rel_g = 0.0
+    error = None
+    for dtype in dtypes:
+        for args, kwargs in case.draw(rng):
+            args = tuple(_cast(a, dtype) for a in args)  # the backend's inputs; the reference gets
+            x64 = tuple(_cast(a, "float64") for a in args)  # the same values in float64
+            ref = case.outputs_of(case.reference(*x64, **kwargs))
+            if case.post is not None:
+                ref = case.post(x64, kwargs, ref)
+            upstream = [
+                rng.standard_normal(np.shape(r)) if o.grad else None
+                for o, r in zip(case.outputs, ref, strict=True)
+            ]
+            ref_g = case.backward(x64, kwargs, upstream) if case.backward is not None else []
+            try:
+                outs, grads = call(case, args, kwargs, dtype, device, upstream)
+                if case.post is not None:
+                    outs = case.post(x64, kwargs, outs)
+            except Exception as err:  # a crash is a failing cell, reported by name
+                error = f"{type(err).__name__}: {err}"
+                continue
+            if len(outs) != len(ref) or len(grads) != len(ref_g):
+                error = f"{len(outs)} outputs and {len(grads)} gradients, the reference has {len(ref)} and {len(ref_g)}"
+                continue
+            for o, a, e in zip(case.outputs, outs, ref, strict=True):
+                e = to_numpy(e)
+                if o.compare == "equal":
+                    ev, rv = _equal_excess(a, e)
+                else:
+                    ev, rv = _excess(a, e, kind, dtype, None if o.scale is None else o.scale(x64, e))
+                worst_v, rel_v = max(worst_v, ev), max(rel_v, rv)
+            for g, rg in zip(grads, ref_g, strict=True):
+                if g is None:  # an unused input: its gradient is zero
+                    g = np.zeros(np.shape(rg))
+                scale = None if case.grad_scale is None else case.grad_scale(x64, to_numpy(rg), upstream)
+                eg, rg_ = _excess(g, rg, kind, dtype, scale)
+                worst_g, rel_g = max(worst_g, eg), max(rel_g, rg_)
+    return _row(case.name, name, rel_v, rel_g, worst_v, worst_g, error)
 
 
 def fresh_seed() -> int:
@@ -183,28 +320,37 @@ def run_verify(seed: int | None = None, ops: Sequence[str] | None = None, progre
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-    records = R.RECORDS
+    records, cases = R.RECORDS, R.VERIFY_CASES
     if ops:
-        known = {r.name for r in records}
+        known = {r.name for r in records} | {c.name for c in cases}
         unknown = sorted(set(ops) - known)
         if unknown:
             raise ValueError(f"unknown op(s) {unknown}; known: {sorted(known)}")
         records = tuple(r for r in records if r.name in ops)
+        cases = tuple(c for c in cases if c.name in ops)
     seed = fresh_seed() if seed is None else seed
     available, status = backends()
     rows = []
-    todo = [
-        (r, b) for r in records for b in available if r.native is not None or not b[0].startswith("native")
-    ]
-    for i, (record, backend) in enumerate(todo):
+
+    def runs(op: R.OpRecord | R.VerifyCase, backend: str) -> bool:
+        if not backend.startswith("native"):
+            return True
+        if isinstance(op, R.VerifyCase):
+            return op.native is not None and (op.native_cuda or "cuda" not in backend)
+        return op.native is not None
+
+    every: tuple[R.OpRecord | R.VerifyCase, ...] = (*records, *cases)
+    todo = [(op, b) for op in every for b in available if runs(op, b[0])]
+    for i, (op, backend) in enumerate(todo):
         if progress and sys.stderr.isatty():
             print(
-                f"\r[{i + 1}/{len(todo)}] {record.name:32s} {backend[0]:12s}",
+                f"\r[{i + 1}/{len(todo)}] {op.name:32s} {backend[0]:12s}",
                 end="",
                 file=sys.stderr,
                 flush=True,
             )
-        rows.append(check(record, backend, op_rng(seed, record.name), ("float64", "float32")))
+        cell = check_case if isinstance(op, R.VerifyCase) else check
+        rows.append(cell(op, backend, op_rng(seed, op.name), ("float64", "float32")))  # type: ignore[arg-type]
     if progress and sys.stderr.isatty():
         print(file=sys.stderr)
     return {"seed": seed, "version": genloss.__version__, "backends": status, "rows": rows}

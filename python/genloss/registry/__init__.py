@@ -66,7 +66,9 @@ from .core import (  # noqa: F401  (the public names of the machinery)
     Arg,
     Hyper,
     OpRecord,
+    Out,
     Variant,
+    VerifyCase,
     call_kwargs,
     capped,
     cases,
@@ -89,10 +91,13 @@ __all__ = [
     "NOT_REGISTERED",
     "ODD_SIZES",
     "RECORDS",
+    "VERIFY_CASES",
     "Arg",
     "Hyper",
     "OpRecord",
+    "Out",
     "Variant",
+    "VerifyCase",
     "by_name",
     "call_kwargs",
     "capped",
@@ -116,6 +121,9 @@ RECORDS: tuple[OpRecord, ...] = (
     + _quant.RECORDS
     + _metrics.RECORDS
 )
+
+# Ops with no record that ``genloss verify`` still checks on every backend (genloss.registry.core.VerifyCase).
+VERIFY_CASES: tuple[VerifyCase, ...] = _divergence.CASES + _flow.CASES + _quant.CASES + _metrics.CASES
 
 # Reference functions with no record, and why (a test checks this list is complete).
 NOT_REGISTERED: dict[str, str] = {
@@ -194,6 +202,14 @@ NOT_REGISTERED: dict[str, str] = {
 }
 
 
+for _case in VERIFY_CASES:  # the reasons say where else the op is checked: true by construction
+    if _case.name in NOT_REGISTERED:  # (else _check_registry names the case)
+        NOT_REGISTERED[_case.name] += (
+            f"; every output (and gradient) on every backend vs the reference by its genloss verify case "
+            f"(genloss.registry.{_case.family}.CASES)"
+        )
+
+
 def api_markdown() -> str:
     """The API tables of ``notes/API.md``, one per family, generated from the records (a test
     keeps the file in sync: regenerate with ``python -m genloss.registry notes/API.md``)."""
@@ -262,6 +278,20 @@ def _check_registry() -> None:
             seen_optional = seen_optional or a.optional
         if problems:
             raise ValueError(f"registry record {r.name}: " + "; ".join(problems))
+    names = [c.name for c in VERIFY_CASES]
+    for c in VERIFY_CASES:  # a case is for an op without a record (one row per op and backend)
+        if c.name in _BY_NAME or c.name not in NOT_REGISTERED or names.count(c.name) != 1:
+            raise ValueError(f"verify case {c.name}: must be a NOT_REGISTERED op with one case")
+        if any(o.compare not in ("value", "equal") for o in c.outputs):
+            raise ValueError(f"verify case {c.name}: an output's compare must be 'value' or 'equal'")
+        if bool(c.differentiable) != (c.backward is not None) or bool(c.differentiable) != any(
+            o.grad for o in c.outputs
+        ):
+            raise ValueError(
+                f"verify case {c.name}: differentiable, backward and grad outputs must go together"
+            )
+        if c.differentiable and c.post is not None:
+            raise ValueError(f"verify case {c.name}: post maps outputs that carry no gradient only")
 
 
 _check_registry()

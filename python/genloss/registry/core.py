@@ -470,3 +470,105 @@ def record_factory(family: str, module: ModuleType, prefix: str) -> Callable[...
         )
 
     return rec
+
+
+# ============================================================================= verify cases
+# Ops that do not fit the record model (several outputs, integer outputs, lists of arrays, metrics
+# that return Python floats) still get ``genloss verify`` rows: a ``VerifyCase`` says how to draw
+# their calls, what each output is compared with, and how to get the reference gradient.
+
+
+@dataclass(frozen=True)
+class Out:
+    """One output of a verify case's op, in the order the op returns them (a dict result: by name).
+
+    ``compare``: 'value' (within ``genloss.tolerances``, like a record's value) or 'equal' (bitwise:
+    integer indices, counts).  ``grad``: the output carries a gradient (it gets a random upstream
+    weight; the gradient of the weighted sum is compared).  ``scale``: ``(float64 arguments,
+    expected) -> float``, the magnitude the output's rounding error is proportional to (default
+    max(1, max |expected|), as ``_excess``), for outputs that cancel or carry a constant factor.
+    """
+
+    name: str
+    compare: str = "value"
+    grad: bool = False
+    scale: Callable[[tuple, np.ndarray], float] | None = None
+
+
+@dataclass(frozen=True)
+class VerifyCase:
+    """How ``genloss verify`` checks an op that has no record, on every backend.
+
+    ``draw(rng)``: the calls to check, a list of ``(arguments, keyword arguments)``; an argument is a
+    float64 or int64 NumPy array, a list of arrays (cast to the cell's dtype and backend), or any
+    other value (passed as is).  ``reference``: the NumPy reference (float64 arguments), default
+    ``genloss.reference.<family>.<name>``.  ``post(args, kwargs, outputs)``: maps every layer's raw
+    outputs (the reference's too) to the compared ones, e.g. a permutation to its cost.
+    ``differentiable``: positions of the arguments with a gradient (a list: each of its arrays);
+    ``backward(args, kwargs, upstream)``: the reference's gradients of ``sum_o upstream_o * output_o``
+    (``upstream`` aligned with ``outputs``, None where ``grad`` is False), flat, in the order of the
+    differentiable arrays.  ``native(args, kwargs, upstream) -> (outputs, flat gradients)``: the
+    native entry point adapted to that form (None: no native layer); ``native_cuda``: it takes CUDA
+    tensors too.  ``torch``: the torch entry point, default ``genloss.torch.<name>`` (autograd gives
+    its gradients); ``dtype_kw``: a keyword that receives the cell's torch dtype (an op whose output
+    dtype is a parameter, not its inputs').  ``grad_scale(args, expected, upstream)``: as ``Out.scale``, for
+    the gradients (their terms scale with the upstream weights).
+    """
+
+    name: str
+    family: str
+    draw: Callable[[np.random.Generator], list[tuple[tuple, dict[str, Any]]]]
+    outputs: tuple[Out, ...]
+    reference: Callable[..., Any]
+    differentiable: tuple[int, ...] = ()
+    backward: Callable[..., list] | None = None  # (args, kwargs, upstream)
+    native: Callable[..., tuple[Any, list]] | None = None  # (args, kwargs, upstream)
+    native_cuda: bool = False
+    torch: Callable[..., Any] | None = None
+    dtype_kw: str = ""
+    post: Callable[..., tuple] | None = None  # (args, kwargs, outputs)
+    grad_scale: Callable[[tuple, np.ndarray, list], float] | None = None
+    notes: str = ""
+
+    @property
+    def torch_fn(self) -> Callable[..., Any]:
+        """The torch entry point (imports ``genloss.torch``)."""
+        if self.torch is not None:
+            return self.torch
+        return getattr(importlib.import_module("genloss.torch"), self.name)
+
+    def outputs_of(self, result: Any) -> tuple:
+        """An op's result as the tuple of ``outputs`` (a dict by name, a single array as a 1-tuple)."""
+        if isinstance(result, Mapping):
+            return tuple(result[o.name] for o in self.outputs)
+        return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
+def case_factory(family: str, module: ModuleType) -> Callable[..., VerifyCase]:
+    """``case(name, draw, outputs, **facts)`` for the ops of ``family`` whose reference is in ``module``."""
+
+    def case(name: str, draw: Any, outputs: Any, **kw: Any) -> VerifyCase:
+        kw.setdefault("reference", getattr(module, name))
+        return VerifyCase(name=name, family=family, draw=draw, outputs=tuple(outputs), **kw)
+
+    return case
+
+
+def native_loss(name: str) -> Callable[[tuple, dict, list], tuple[Any, list]]:
+    """The native ``(value, grads)`` form of a 0-d loss (gradients for an upstream of 1) as a verify
+    case's ``native``: the gradients times the case's upstream weight."""
+
+    def call(args: tuple, kwargs: dict, upstream: list) -> tuple[Any, list]:
+        value, grads = getattr(importlib.import_module("genloss.native"), name)(*args, **kwargs)
+        return (value,), [None if g is None else g * float(upstream[0]) for g in grads]
+
+    return call
+
+
+def native_value(name: str) -> Callable[[tuple, dict, list], tuple[Any, list]]:
+    """A native op without gradient (its result as is) as a verify case's ``native``."""
+
+    def call(args: tuple, kwargs: dict, upstream: list) -> tuple[Any, list]:
+        return getattr(importlib.import_module("genloss.native"), name)(*args, **kwargs), []
+
+    return call

@@ -30,3 +30,35 @@ DIVERGENCE_RECORDS: tuple[OpRecord, ...] = (
 )  # fmt: skip
 
 RECORDS = DIVERGENCE_RECORDS
+
+
+# ============================================================================= verify cases
+# kid (NOT_REGISTERED: (mean, std) Python floats over random subsets) is checked by ``genloss verify``.
+import numpy as np  # noqa: E402
+
+from .core import Out, case_factory, native_value  # noqa: E402
+
+_dcase = case_factory("divergence", _div)
+
+
+def _kid_draw(rng):
+    """Subsets (seed 0 and another) and the full sets (subsets=None: the closed-form std)."""
+    calls = []
+    for subsets, seed in ((3, 0), (4, int(rng.integers(1, 2**31))), (None, 0)):
+        n, m = (int(v) for v in rng.integers(4, 9, size=2))
+        d = int(rng.integers(1, 5))
+        x, y = rng.normal(0.0, 1.0, size=(n, d)), rng.normal(0.3, 1.0, size=(m, d))
+        calls.append(((x, y), {"subsets": subsets, "subset_size": min(n, m) - 1, "seed": seed}))
+    return calls
+
+
+def _kid_scale(args, expected):
+    """The kernel values (x.y/D + 1)^3 the unbiased means cancel (the estimator is ~ their spread)."""
+    x, y = args
+    return max(1.0, float(((np.abs(np.concatenate([x, y])) ** 2).sum(1).max() / x.shape[1] + 1.0) ** 3))
+
+
+CASES = (
+    _dcase("kid", _kid_draw, (Out("mean", scale=_kid_scale), Out("std", scale=_kid_scale)),
+           native=native_value("kid")),
+)  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from ..reference import flow as _flow
 from .core import ALL, DEFAULT, TWO, Arg, Hyper, OpRecord, Variant, _v, record_factory  # noqa: F401
 from .diffusion import _SCHEDULE, _WEIGHTS, COSINE_SCHEDULE
@@ -139,3 +141,40 @@ FLOW_DISTILL_RECORDS: tuple[OpRecord, ...] = (
 )  # fmt: skip
 
 RECORDS = FLOW_RECORDS + FLOW_PARAM_RECORDS + FLOW_LOSS_RECORDS + FLOW_DISTILL_RECORDS
+
+
+# ============================================================================= verify cases
+# The flow ops with several outputs (NOT_REGISTERED) are checked by ``genloss verify`` through these cases.
+from .core import Out, case_factory  # noqa: E402
+
+_fcase = case_factory("flow", _flow)
+
+
+def _edm_draw(rng):
+    """Noise levels log-uniform over EDM's range [0.002, 80] and beyond (1e-3..1e3)."""
+    calls = []
+    for sd in (0.5, 1.0):
+        s = np.exp(rng.uniform(np.log(1e-3), np.log(1e3), size=int(rng.integers(1, 8))))
+        calls.append(((s,), {"sigma_data": sd}))
+    return calls
+
+
+def _shift_draw(rng):
+    """Times in [0, 1], both end points; SD3's shift and Flux's mu (e^mu)."""
+    calls = []
+    for kw in ({"shift": 3.0}, {"shift": 0.4}, {"mu": 1.15}):
+        t = rng.uniform(0.0, 1.0, size=int(rng.integers(2, 8)))
+        t[0], t[-1] = 0.0, 1.0
+        calls.append(((t,), kw))
+    return calls
+
+
+CASES = (
+    _fcase("edm_preconditioning", _edm_draw,
+           tuple(Out(n, grad=True) for n in ("c_skip", "c_out", "c_in", "c_noise")), differentiable=(0,),
+           backward=lambda a, kw, up: list(_flow.edm_preconditioning_backward(a[0], tuple(up), **kw))),
+    # dt'/dt is the reference's own second output: the gradient of t' (its upstream times dt'/dt);
+    # dt'/dt itself is compared as a value
+    _fcase("shift_timesteps", _shift_draw, (Out("t_shifted", grad=True), Out("dt_shifted_dt")),
+           differentiable=(0,), backward=lambda a, kw, up: [up[0] * _flow.shift_timesteps(*a, **kw)[1]]),
+)  # fmt: skip
