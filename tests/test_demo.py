@@ -294,6 +294,36 @@ def test_registry_names_real_ops():
             assert m.available(), (m.name, m.missing())
 
 
+def test_default_run_is_four_gan_objectives_and_every_other_family():
+    default = [m.name for m in runner.resolve_methods(None)]
+    assert default == ["gan-ns", "hinge", "lsgan", "wgan-gp", "vae", "ddpm", "flow", "edm", "consistency",
+                       "vq-vae"]  # fmt: skip
+    # a method left out of the default run still runs when named, on its own datasets
+    pairs = runner.plan(runner.resolve_methods(["ragan"]), None)
+    assert [(d, m.name) for d, m in pairs] == [("ring", "ragan"), ("grid", "ragan")]
+    wgan = next(m for m in demo.METHODS if m.name == "wgan-gp")
+    assert "lambda 10" in wgan.hparams and "5 D steps per G step" in wgan.hparams
+
+
+def test_consistency_teacher_step_is_second_order():
+    """CD's teacher step (Heun) against the exact probability-flow ODE for Gaussian data N(0, s²), whose
+    ideal denoiser is D(x; σ) = s²/(s² + σ²) x and whose ODE solution is x(σ) ∝ sqrt(s² + σ²)."""
+    s2 = 0.25
+
+    def denoise(x, sigma):
+        return s2 / (s2 + sigma[:, None] ** 2) * x
+
+    x = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    hi = torch.tensor([1.0], dtype=torch.float64)
+    errs = []
+    for h in (0.2, 0.1):
+        lo = hi - h
+        exact = x * math.sqrt((s2 + lo.item() ** 2) / (s2 + hi.item() ** 2))
+        errs.append(float((demo_methods.heun_step(denoise, x, hi, lo) - exact).abs().max()))
+    assert errs[1] < 1e-3
+    assert 5.0 < errs[0] / errs[1] < 11.0  # local error O(h³): halving the step divides it by ~8
+
+
 def test_missing_family_is_skipped_with_a_line(monkeypatch, capsys):
     ghost = demo.Method(
         name="ghost", family="ghost", ops=("gan_d_loss", "no_such_op"), about="", hparams="", step=None,  # type: ignore[arg-type]

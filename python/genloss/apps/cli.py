@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="compare GAN objectives, VAE, DDPM, flow, EDM, consistency on 2-D toy data (needs torch, "
         "matplotlib, tqdm)",
-        description="Train small MLPs with genloss's torch ops: a GAN under seven objectives on the ring of 8 and "
-        "the grid of 25 Gaussians; a VAE, DDPM, rectified flow, EDM, a one-step consistency model (and a VQ-VAE "
-        "when genloss has vector_quantize) on a swiss roll; 3 seeds each (about 3 minutes on 2 cores; --quick: "
+        description="Train small MLPs with genloss's torch ops: GANs under four objectives (non-saturating, "
+        "hinge, LSGAN, WGAN-GP) on the ring of 8 Gaussians and two of them on the grid of 25 (--methods names "
+        "the others: minimax, f-GAN JS, RaGAN); a VAE, DDPM, rectified flow, EDM, a one-step consistency model "
+        "distilled from the EDM teacher and a VQ-VAE on a swiss roll; 3 seeds each (about 3 minutes on 2 cores; --quick: "
         "under 40 s). Writes into --out a figure (samples, density heatmaps, metric-vs-step curves) and the "
         "tables as Markdown, CSV and JSON (modes covered, high-quality fraction, MMD^2 to held-out data with the "
         "data's floor, precision/recall/density/coverage when available; mean +- std over seeds), and prints "
@@ -104,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=_positive_int, default=None, help="worker processes (default: min(2, CPU cores))"
     )
     d.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: %(default)s)")
-    d.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all available)")
+    d.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="these methods only, or methods outside the default set (default: the default set above)",
+    )
     d.add_argument(
         "--dataset",
         nargs="+",

@@ -1,9 +1,10 @@
 r"""The ``genloss demo``: generative-model objectives compared on 2-D toy data, with spread.
 
 Small MLPs are trained with nothing but ``genloss.torch`` for their losses: a GAN under
-seven objectives (non-saturating, minimax, hinge, LSGAN, WGAN-GP, f-GAN JS, RaGAN) on the
-ring of 8 Gaussians and the 5x5 grid of 25 (where mode dropping shows), and a VAE, a
-DDPM, rectified flow, EDM, a one-step consistency model and (when genloss has
+four objectives with a known story (non-saturating, hinge, LSGAN, WGAN-GP; minimax, f-GAN
+JS and RaGAN run when named) on the ring of 8 Gaussians and the 5x5 grid of 25 (where
+mode dropping shows), and a VAE, a DDPM, rectified flow, EDM, a one-step consistency
+model (distilled from an EDM teacher trained in the same run) and (when genloss has
 ``vector_quantize``) a VQ-VAE on a swiss roll. Every method runs with 3 seeds and is
 scored against held-out data: modes covered and high-quality fraction (mixtures), MMD²
 with the data's own floor, and precision / recall / density / coverage when genloss has
@@ -104,8 +105,8 @@ def run_demo(
     ``quick``: the CI-sized run (``QUICK``: 2 seeds, a tenth of the steps, 500 samples scored);
     else ``FULL`` (3 seeds, each method's default steps, 2000 samples). ``seeds``, ``steps``
     (replaces every method's), ``n_eval`` override the chosen size. ``methods``/``datasets``:
-    only these (default: every method on its own datasets: GANs on ``ring`` and ``grid``,
-    the rest on ``swiss_roll``; naming datasets runs every chosen method on each).
+    only these (default: every default method on its own datasets: GANs on ``ring`` and
+    ``grid``, the rest on ``swiss_roll``; naming datasets runs every chosen method on each).
     ``workers``: processes (default ``min(2, cores)``; 1 runs in this process); ``threads``:
     torch threads per worker (1: the fast and the reproducible choice for these small MLPs).
 

@@ -1,14 +1,15 @@
-r"""The demo's methods: a GAN's generator and discriminator under seven objectives, a VAE, a
-DDPM, rectified flow, EDM, a consistency model (one-step sampling) and, when genloss has
-``vector_quantize``, a VQ-VAE; each a few small MLPs trained with ``genloss.torch`` losses.
+r"""The demo's methods: a GAN's generator and discriminator under several objectives, a VAE, a
+DDPM, rectified flow, EDM, a consistency model (one-step sampling, distilled from an EDM
+teacher) and a VQ-VAE; each a few small MLPs trained with ``genloss.torch`` losses.
 
 Hyperparameters are the papers' where a paper gives them (each method's ``hparams`` says
-which, and what the demo changed and why). One change is shared by all: the papers train
-for 10^5 steps or more, the demo for a few thousand, so the learning rates are raised
-(x2.5 for the GANs, at the same betas and the same ratio of D to G rates). The
-GANs get 1200 generator steps (WGAN-GP: 300, each with 5 critic steps and a double
-backward: about the same work), the other methods 1500: the whole demo fits in about
-3 minutes on 2 CPU cores.
+which, and what the demo changed and why). The papers train for 10^5 steps or more; the
+demo's whole run fits in about 3 minutes on 2 CPU cores, so the networks are small (2
+hidden layers of 64 units for the GANs, 3 of 64 for the denoisers: on CPU a step's cost
+grows with width², and at these batch sizes the small nets train further in the budget)
+and the GANs take Adam at 1e-3 (the papers' 1e-4 to 2e-4 do not move the generator far
+enough in a few thousand steps). Adam runs fused (one kernel per step for all
+parameters): at these sizes the optimizer's per-tensor overhead is a large share of a step.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .data import Dataset
 
 __all__ = ["Method", "Trainer", "METHODS", "GAN_METHODS", "mlp", "Z_DIM"]
 
-WIDTH, DEPTH = 128, 2  # the generator / discriminator of Metz et al. 2017's ring: 2 x 128
+WIDTH, DEPTH = 64, 2  # a GAN's generator and discriminator (Metz et al. 2017 use 2 x 128; see above)
 
 
 def mlp(d_in: int, d_out: int, width: int = WIDTH, depth: int = DEPTH) -> nn.Sequential:
@@ -39,12 +40,16 @@ def mlp(d_in: int, d_out: int, width: int = WIDTH, depth: int = DEPTH) -> nn.Seq
     return nn.Sequential(*layers, nn.Linear(width, d_out))
 
 
+def adam(params: Any, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam, fused: one kernel updates every parameter (the per-tensor loop is a large share of a small step)."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+
+
 @dataclass
 class Trainer:
     """What a method's ``setup`` builds: the modules, optimizers and the RNG of one run.
 
-    ``k`` and ``K`` are the current and total training steps (set by the runner; the
-    consistency model's discretization curriculum depends on them)."""
+    ``k`` and ``K`` are the current and total training steps (set by the runner)."""
 
     device: torch.device
     gen: torch.Generator  # every random draw of the run (latents, timesteps, GP mixing)
@@ -75,10 +80,12 @@ class Method:
 
     ``step(trainer, sample_real)`` does one training step (for a GAN: ``n_critic``
     discriminator steps and one generator step) on batches from ``sample_real()`` and
-    returns its losses, detached. ``evaluate(trainer, held_out)``, when given, adds
-    method-specific metrics (the VQ-VAE's codebook usage). The method runs only when
-    every name in ``ops`` exists in ``genloss.torch``; otherwise its rows say which are
-    missing. ``datasets``: where the default demo trains it.
+    returns its losses, detached. ``pretrain(trainer, sample_real, n)``, when given, runs
+    first for ``n`` steps (``pretrain_steps``, scaled like ``steps``): the consistency
+    model's EDM teacher. ``evaluate(trainer, held_out)``, when given, adds method-specific
+    metrics (the VQ-VAE's codebook usage). The method runs only when every name in ``ops``
+    exists in ``genloss.torch``; otherwise its rows say which are missing. ``datasets``:
+    where it trains; ``default``: in the default run (else only when named).
     """
 
     name: str
@@ -89,10 +96,13 @@ class Method:
     step: Step
     setup: Setup
     sample: Callable[[Trainer, int], torch.Tensor]
-    steps: int = 1500  # default number of (generator) steps
+    steps: int = 1200  # default number of (generator) steps
     datasets: tuple[str, ...] = ("swiss_roll",)
     evaluate: Callable[[Trainer, torch.Tensor], dict[str, float]] | None = None
-    work_per_step: float = 1.0  # relative cost of a step (a GAN: its D steps), to schedule the longest first
+    work_per_step: float = 1.0  # relative cost of a step, to schedule the longest runs first
+    default: bool = True
+    pretrain: Callable[[Trainer, Callable[[], torch.Tensor], int], None] | None = None
+    pretrain_steps: int = 0
 
     def missing(self) -> list[str]:
         """The ops of ``ops`` that ``genloss.torch`` does not have."""
@@ -105,15 +115,16 @@ class Method:
 # ============================================================================ GANs
 
 Z_DIM = 2  # a 2-D latent, as in the ring experiments of Metz et al. and VEEGAN's toy code
-GAN_LR_SCALE = 2.5  # the papers' learning rates x2.5: 1200 steps here, 10^5 in the papers
+GAN_BATCH = 256
+GAN_LR = 1e-3  # every GAN's Adam rate here (the papers': 1e-4 to 4e-4, for 10^5 steps)
 
 
 def _gan_setup(lr_g: float, lr_d: float, betas: tuple[float, float]) -> Setup:
     def setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
         G, D = mlp(Z_DIM, 2).to(device), mlp(2, 1).to(device)
         opts: dict[str, torch.optim.Optimizer] = {
-            "g": torch.optim.Adam(G.parameters(), lr=GAN_LR_SCALE * lr_g, betas=betas),
-            "d": torch.optim.Adam(D.parameters(), lr=GAN_LR_SCALE * lr_d, betas=betas),
+            "g": adam(G.parameters(), lr_g, betas),
+            "d": adam(D.parameters(), lr_d, betas),
         }
         return Trainer(device, gen, {"G": G, "D": D}, opts)
 
@@ -159,9 +170,7 @@ def _gan_step(
     return step
 
 
-# WGAN-GP's toy script (gan_toy.py, by the paper's authors, on these very datasets) uses
-# lambda = 0.1; the paper's image experiments use 10.
-GP_LAMBDA = 0.1
+GP_LAMBDA = 10.0  # the WGAN-GP paper's (its toy script gan_toy.py uses 0.1)
 
 
 def _gp(t: Trainer, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -175,17 +184,19 @@ def _gan(
     paper: str,
     d_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     g_loss: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
-    lr_g: float = 2e-4,
-    lr_d: float = 2e-4,
+    lr_g: float = GAN_LR,
+    lr_d: float = GAN_LR,
     betas: tuple[float, float] = (0.5, 0.999),
     n_critic: int = 1,
     penalty: Callable[[Trainer, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     g_needs_real: bool = False,
-    steps: int = 1200,
+    steps: int = 1500,
+    default: bool = True,
+    datasets: tuple[str, ...] = ("ring", "grid"),
 ) -> Method:
     demo = (
-        f"demo: Adam lr G {GAN_LR_SCALE * lr_g:.2g}, D {GAN_LR_SCALE * lr_d:.2g} (x{GAN_LR_SCALE:g}), "
-        f"betas {betas}, {n_critic} D step{'s' * (n_critic > 1)} per G step, batch 256, {steps} G steps"
+        f"demo: Adam lr G {lr_g:g}, D {lr_d:g}, betas {betas}, {n_critic} D step{'s' * (n_critic > 1)} "
+        f"per G step, batch {GAN_BATCH}, {steps} G steps, G and D {DEPTH} x {WIDTH} LeakyReLU(0.2), z 2-D"
     )
     return Method(
         name=name,
@@ -197,8 +208,9 @@ def _gan(
         setup=_gan_setup(lr_g, lr_d, betas),
         sample=_gan_sample,
         steps=steps,
-        datasets=("ring", "grid"),
-        work_per_step=n_critic,
+        datasets=datasets,
+        work_per_step=n_critic * (1.5 if penalty is not None else 1.0),  # the penalty: a double backward
+        default=default,
     )
 
 
@@ -213,23 +225,13 @@ GAN_METHODS = [
         lambda r, f: gl.gan_g_loss(f, mode="nonsaturating"),
     ),
     _gan(
-        "gan-minimax",
-        ("gan_d_loss", "gan_g_loss"),
-        "the original minimax generator: min E log(1 - D(G(z))), saturates when D wins",
-        _DCGAN,
-        lambda r, f: gl.gan_d_loss(r, f),
-        lambda r, f: gl.gan_g_loss(f, mode="minimax"),
-    ),
-    _gan(
         "hinge",
         ("hinge_d_loss", "hinge_g_loss"),
         "hinge loss (Lim & Ye 2017; SAGAN, BigGAN)",
         "paper (SAGAN's TTUR, Zhang et al. 2019): lr G 1e-4, D 4e-4, betas (0, 0.9)",
         lambda r, f: gl.hinge_d_loss(r, f),
         lambda r, f: gl.hinge_g_loss(f),
-        lr_g=1e-4,
-        lr_d=4e-4,
-        betas=(0.0, 0.9),
+        datasets=("ring",),
     ),
     _gan(
         "lsgan",
@@ -238,20 +240,28 @@ GAN_METHODS = [
         "paper: Adam lr 2e-4, beta1 0.5",
         lambda r, f: gl.lsgan_d_loss(r, f),
         lambda r, f: gl.lsgan_g_loss(f),
+        datasets=("ring",),
     ),
     _gan(
         "wgan-gp",
         ("wgan_critic_loss", "wgan_g_loss", "gradient_penalty"),
         f"Wasserstein critic + gradient penalty (Gulrajani et al. 2017), lambda {GP_LAMBDA:g}",
-        "paper's toy script gan_toy.py: lr 1e-4, betas (0.5, 0.9), 5 critic steps, lambda 0.1",
+        "paper (Algorithm 1): lr 1e-4, betas (0, 0.9), 5 critic steps, lambda 10",
         lambda r, f: gl.wgan_critic_loss(r, f),
         lambda r, f: gl.wgan_g_loss(f),
-        lr_g=1e-4,
-        lr_d=1e-4,
-        betas=(0.5, 0.9),
+        betas=(0.5, 0.9),  # its toy script's (gan_toy.py); the paper's image runs: (0, 0.9)
         n_critic=5,
         penalty=_gp,
-        steps=300,  # 5 critic steps (and a double backward) each: about the work of the others
+        steps=200,  # 5 critic steps, each with a double backward: ~7x the CPU of the others' step
+    ),
+    _gan(
+        "gan-minimax",
+        ("gan_d_loss", "gan_g_loss"),
+        "the original minimax generator: min E log(1 - D(G(z))), saturates when D wins",
+        _DCGAN,
+        lambda r, f: gl.gan_d_loss(r, f),
+        lambda r, f: gl.gan_g_loss(f, mode="minimax"),
+        default=False,
     ),
     _gan(
         "fgan-js",
@@ -260,6 +270,7 @@ GAN_METHODS = [
         "paper: Adam lr 2e-4, beta1 0.5",
         lambda r, f: gl.fgan_d_loss(r, f, "jensen_shannon"),
         lambda r, f: gl.fgan_g_loss(f, "jensen_shannon"),
+        default=False,
     ),
     _gan(
         "ragan",
@@ -269,12 +280,15 @@ GAN_METHODS = [
         lambda r, f: gl.relativistic_d_loss(r, f, average=True),
         lambda r, f: gl.relativistic_g_loss(r, f, average=True),
         g_needs_real=True,
+        default=False,
     ),
 ]
 
 # ============================================================================ VAE
 
 VAE_LATENT = 2
+_MLP2 = f"MLPs {DEPTH} x {WIDTH}"
+_MLP3 = f"MLP 3 x {WIDTH} + a 16-d sinusoidal time embedding"
 LR = 1e-3  # the non-GAN methods: Adam 1e-3, the common choice for 2-D toy data (the papers: 1e-4 to 3e-4)
 
 
@@ -285,7 +299,7 @@ def _vae_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Train
     recon_logvar = nn.Parameter(torch.zeros((), device=device))
     params = [*enc.parameters(), *dec.parameters(), recon_logvar]
     return Trainer(
-        device, gen, {"enc": enc, "dec": dec}, {"vae": torch.optim.Adam(params, lr=LR)},
+        device, gen, {"enc": enc, "dec": dec}, {"vae": adam(params, LR)},
         extra={"recon_logvar": recon_logvar, "params": params},
     )  # fmt: skip
 
@@ -313,10 +327,11 @@ VAE_METHOD = Method(
     family="vae",
     ops=("negative_elbo",),
     about="VAE (Kingma & Welling 2014), 2-D latent, Gaussian decoder with a learned scalar variance",
-    hparams=f"paper: beta 1, Adam; demo: Adam lr {LR:g}, batch 256",
+    hparams=f"paper: beta 1, Adam; demo: Adam lr {LR:g}, batch 256, encoder and decoder " + _MLP2,
     step=_vae_step,
     setup=_vae_setup,
     sample=_vae_sample,
+    steps=800,
 )
 
 # ============================================================================ DDPM
@@ -345,7 +360,7 @@ def _ddpm_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trai
     schedule = gl.DiffusionSchedule(betas).to(device)
     net = _time_net(device)
     return Trainer(
-        device, gen, {"eps": net}, {"eps": torch.optim.Adam(net.parameters(), lr=LR)},
+        device, gen, {"eps": net}, {"eps": adam(net.parameters(), LR)},
         extra={"schedule": schedule, "betas": betas.to(device, torch.float64)},
     )  # fmt: skip
 
@@ -389,10 +404,11 @@ DDPM_METHOD = Method(
     ops=("linear_betas", "DiffusionSchedule", "q_sample", "diffusion_mse_loss"),
     about=f"DDPM (Ho et al. 2020), eps prediction, T = {DDPM_T}, ancestral sampler",
     hparams=f"paper: T 1000, linear betas 1e-4..0.02, Adam 2e-4; demo: T {DDPM_T} with the betas x{1000 // DDPM_T} "
-    f"(improved DDPM's rescaling), Adam lr {LR:g}, batch 256",
+    f"(improved DDPM's rescaling), Adam lr {LR:g}, batch 256, " + _MLP3,
     step=_ddpm_step,
     setup=_ddpm_setup,
     sample=_ddpm_sample,
+    steps=1200,
 )
 
 # ============================================================================ flow matching, EDM
@@ -402,7 +418,7 @@ FLOW_STEPS = 50  # Euler steps of the flow / EDM samplers
 
 def _flow_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
     net = _time_net(device)
-    return Trainer(device, gen, {"v": net}, {"v": torch.optim.Adam(net.parameters(), lr=LR)})
+    return Trainer(device, gen, {"v": net}, {"v": adam(net.parameters(), LR)})
 
 
 def _flow_velocity(t: Trainer, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
@@ -439,10 +455,12 @@ FLOW_METHOD = Method(
     family="flow",
     ops=("sample_timesteps", "flow_interpolant", "flow_matching_loss"),
     about=f"rectified flow / flow matching (Liu et al. 2023; Lipman et al. 2023), {FLOW_STEPS} Euler steps",
-    hparams=f"paper (SD3, Esser et al. 2024): logit-normal t (m 0, s 1); demo: Adam lr {LR:g}, batch 256",
+    hparams=f"paper (SD3, Esser et al. 2024): logit-normal t (m 0, s 1); demo: Adam lr {LR:g}, batch 256, "
+    + _MLP3,
     step=_flow_step,
     setup=_flow_setup,
     sample=_flow_sample,
+    steps=1200,
 )
 
 
@@ -455,26 +473,37 @@ def _sigma_data(ds: Dataset) -> float:
 def _edm_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
     net = _time_net(device)
     return Trainer(
-        device, gen, {"F": net}, {"F": torch.optim.Adam(net.parameters(), lr=LR)},
+        device, gen, {"F": net}, {"F": adam(net.parameters(), LR)},
         extra={"sigma_data": _sigma_data(ds)},
     )  # fmt: skip
 
 
-def _edm_raw(t: Trainer, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _edm_raw(t: Trainer, x: torch.Tensor, sigma: torch.Tensor, net: str = "F") -> tuple[torch.Tensor, ...]:
     """(F, c_skip, c_out): the network on the preconditioned input (Karras et al. 2022, Table 1)."""
     c_skip, c_out, c_in, c_noise = gl.edm_preconditioning(sigma, t.extra["sigma_data"])
-    f = t.modules["F"](torch.cat([c_in[:, None] * x, _t_embedding(250.0 * c_noise)], dim=1))
+    f = t.modules[net](torch.cat([c_in[:, None] * x, _t_embedding(250.0 * c_noise)], dim=1))
     return f, c_skip, c_out
 
 
-def _edm_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+def _edm_denoise(t: Trainer, x: torch.Tensor, sigma: torch.Tensor, net: str = "F") -> torch.Tensor:
+    """EDM's denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)."""
+    f, c_skip, c_out = _edm_raw(t, x, sigma, net)
+    return c_skip[:, None] * x + c_out[:, None] * f
+
+
+def _edm_train(t: Trainer, sample_real: Callable[[], torch.Tensor], net: str = "F") -> torch.Tensor:
+    """One step of EDM's denoiser loss on the network ``net``; returns the loss, detached."""
     x0 = sample_real()
     noise = t.randn(*x0.shape)
     sigma = gl.sample_timesteps(x0.shape[0], "lognormal_sigma", _draw_seed(t), device=t.device)
-    f, _, _ = _edm_raw(t, x0 + sigma[:, None] * noise, sigma)
+    f, _, _ = _edm_raw(t, x0 + sigma[:, None] * noise, sigma, net)
     loss = gl.denoiser_loss(f, x0, noise, sigma, sigma_data=t.extra["sigma_data"])  # weighting 'edm'
-    t.update("F", loss, list(t.modules["F"].parameters()))
-    return {"loss": loss.detach()}
+    t.update(net, loss, list(t.modules[net].parameters()))
+    return loss.detach()
+
+
+def _edm_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"loss": _edm_train(t, sample_real)}
 
 
 def _edm_sample(t: Trainer, n: int) -> torch.Tensor:
@@ -484,83 +513,124 @@ def _edm_sample(t: Trainer, n: int) -> torch.Tensor:
     x = sigmas[0] * t.randn(n, 2)
     with torch.no_grad():
         for a, b in zip(sigmas[:-1], sigmas[1:], strict=True):
-            f, c_skip, c_out = _edm_raw(t, x, a.expand(n))
-            d = c_skip[:, None] * x + c_out[:, None] * f
-            x = x + (b - a) * (x - d) / a
-        f, c_skip, c_out = _edm_raw(t, x, sigmas[-1].expand(n))
-        return c_skip[:, None] * x + c_out[:, None] * f
+            x = x + (b - a) * (x - _edm_denoise(t, x, a.expand(n))) / a
+        return _edm_denoise(t, x, sigmas[-1].expand(n))
 
 
+EDM_STEPS = 1200
 EDM_METHOD = Method(
     name="edm",
     family="flow",
     ops=("sample_timesteps", "edm_preconditioning", "denoiser_loss", "karras_sigmas"),
     about=f"EDM denoiser (Karras et al. 2022), {FLOW_STEPS} Euler steps of the probability-flow ODE",
     hparams="paper: lognormal sigma (P_mean -1.2, P_std 1.2), 'edm' weighting, sigmas 0.002..80, rho 7; "
-    f"demo: sigma_data = the data's std, Adam lr {LR:g}, batch 256",
+    f"demo: sigma_data = the data's std, Adam lr {LR:g}, batch 256, " + _MLP3,
     step=_edm_step,
     setup=_edm_setup,
     sample=_edm_sample,
+    steps=EDM_STEPS,
 )
 
-# ============================================================================ consistency (iCT)
+# ============================================================================ consistency distillation
 
-CT_SIGMA_MIN, CT_SIGMA_MAX = 0.002, 80.0
+# Consistency distillation (CD, Song et al. 2023, Algorithm 2) from an EDM teacher trained
+# first in the same run by the edm row's recipe. Consistency *training* from scratch (iCT)
+# needs 10^5+ steps of its curriculum; in this budget it failed (MMD² ~40x EDM's).
+CM_SIGMA_MIN, CM_SIGMA_MAX = 0.002, 80.0
+CD_N = 18  # the paper's CIFAR-10 discretization (Karras sigmas, rho 7)
+CD_MU = 0.95  # the EMA rate of the target network (the paper's ImageNet 64 value)
 
 
-def _ct_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
-    net = _time_net(device)
+def _cd_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Trainer:
+    teacher, student, target = _time_net(device), _time_net(device), _time_net(device)
+    sigmas = gl.karras_sigmas(CD_N, CM_SIGMA_MIN, CM_SIGMA_MAX, device=device)  # ascending
     return Trainer(
-        device, gen, {"F": net}, {"F": torch.optim.Adam(net.parameters(), lr=LR)},
-        extra={"sigma_data": _sigma_data(ds)},
+        device, gen, {"teacher": teacher, "F": student, "target": target},
+        {"teacher": adam(teacher.parameters(), LR), "F": adam(student.parameters(), LR)},
+        extra={"sigma_data": _sigma_data(ds), "sigmas": sigmas},
     )  # fmt: skip
 
 
-def _ct_f(t: Trainer, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _cd_pretrain(t: Trainer, sample_real: Callable[[], torch.Tensor], n: int) -> None:
+    """Train the EDM teacher for ``n`` steps, then start student and target from its weights (as CD does)."""
+    for _ in range(n):
+        _edm_train(t, sample_real, "teacher")
+    t.modules["teacher"].requires_grad_(False)
+    for name in ("F", "target"):
+        t.modules[name].load_state_dict(t.modules["teacher"].state_dict())
+    t.modules["target"].requires_grad_(False)
+
+
+def _cm_f(t: Trainer, x: torch.Tensor, sigma: torch.Tensor, net: str = "F") -> torch.Tensor:
     """The consistency function f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with the
-    boundary condition f(x, sigma_min) = x (Song et al. 2023, Appendix C)."""
+    boundary condition f(x, sigma_min) = x (Song et al. 2023, Appendix C); F sees EDM's
+    c_in and c_noise, so the teacher's weights start it near EDM's denoiser."""
     sd = t.extra["sigma_data"]
     s = sigma[:, None]
-    c_skip = sd**2 / ((s - CT_SIGMA_MIN) ** 2 + sd**2)
-    c_out = (s - CT_SIGMA_MIN) * sd / torch.sqrt(sd**2 + s**2)
+    c_skip = sd**2 / ((s - CM_SIGMA_MIN) ** 2 + sd**2)
+    c_out = (s - CM_SIGMA_MIN) * sd / torch.sqrt(sd**2 + s**2)
     c_in = 1.0 / torch.sqrt(sd**2 + s**2)
-    f = t.modules["F"](torch.cat([c_in * x, _t_embedding(250.0 * 0.25 * torch.log(sigma))], dim=1))
+    f = t.modules[net](torch.cat([c_in * x, _t_embedding(250.0 * 0.25 * torch.log(sigma))], dim=1))
     return c_skip * x + c_out * f
 
 
-def _ct_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+def heun_step(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    hi: torch.Tensor,
+    lo: torch.Tensor,
+) -> torch.Tensor:
+    """One Heun step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from
+    ``hi`` down to ``lo`` (per row, both > 0): EDM's second-order solver, CD's teacher step."""
+    d_hi = (x - denoise(x, hi)) / hi[:, None]
+    x_euler = x + (lo - hi)[:, None] * d_hi
+    d_lo = (x_euler - denoise(x_euler, lo)) / lo[:, None]
+    return x + (lo - hi)[:, None] * 0.5 * (d_hi + d_lo)
+
+
+def _cd_step(t: Trainer, sample_real: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
     x0 = sample_real()
     b = x0.shape[0]
-    n = gl.ict_num_steps(t.k, t.K)  # iCT's curriculum: 10 -> 1280 discretization steps
-    sigmas = gl.karras_sigmas(n, CT_SIGMA_MIN, CT_SIGMA_MAX, device=t.device, dtype=torch.float64)
-    probs = gl.ict_sigma_probs(sigmas)  # iCT's discrete lognormal over adjacent pairs
-    i = torch.multinomial(probs, b, replacement=True, generator=t.gen)
-    lo, hi = sigmas[i].float(), sigmas[i + 1].float()
-    z = t.randn(*x0.shape)
-    student = _ct_f(t, x0 + hi[:, None] * z, hi)
-    with torch.no_grad():  # iCT's teacher: the student itself, stop-gradient (no EMA)
-        target = _ct_f(t, x0 + lo[:, None] * z, lo)
-    loss = gl.consistency_training_loss(student, target, lo, hi)  # pseudo-Huber, c = 0.00054 sqrt(d)
-    t.update("F", loss, list(t.modules["F"].parameters()))
+    sig = t.extra["sigmas"]
+    i = torch.randint(0, CD_N - 1, (b,), device=t.device, generator=t.gen)  # adjacent pairs, uniform
+    lo, hi = sig[i], sig[i + 1]
+    x_hi = x0 + hi[:, None] * t.randn(b, 2)
+    with torch.no_grad():
+        x_lo = heun_step(lambda x, s: _edm_denoise(t, x, s, "teacher"), x_hi, hi, lo)
+        target = _cm_f(t, x_lo, lo, "target")
+    student = _cm_f(t, x_hi, hi)
+    loss = gl.pseudo_huber_loss(student, target)  # iCT's metric, c = 0.00054 sqrt(2)
+    params = list(t.modules["F"].parameters())
+    t.update("F", loss, params)
+    with torch.no_grad():  # the target network: an EMA of the student
+        for p_t, p in zip(t.modules["target"].parameters(), params, strict=True):
+            p_t.lerp_(p, 1.0 - CD_MU)
     return {"loss": loss.detach()}
 
 
-def _ct_sample(t: Trainer, n: int) -> torch.Tensor:
-    """One step: f(sigma_max z, sigma_max)."""
+def _cd_sample(t: Trainer, n: int) -> torch.Tensor:
+    """One step: f(sigma_max z, sigma_max), with the student (as the paper samples with the EMA, mu 0.95)."""
     with torch.no_grad():
-        return _ct_f(t, CT_SIGMA_MAX * t.randn(n, 2), torch.full((n,), CT_SIGMA_MAX, device=t.device))
+        return _cm_f(t, CM_SIGMA_MAX * t.randn(n, 2), torch.full((n,), CM_SIGMA_MAX, device=t.device))
 
 
 CT_METHOD = Method(
     name="consistency",
     family="consistency",
-    ops=("consistency_training_loss", "ict_num_steps", "ict_sigma_probs", "karras_sigmas"),
-    about="consistency training (iCT, Song & Dhariwal 2023), ONE sampling step",
-    hparams="paper: pseudo-Huber c 0.00054 sqrt(d), curriculum s0 10 -> s1 1280, lognormal pairs "
-    f"(P_mean -1.1, P_std 2), no EMA teacher, sigmas 0.002..80; demo: Adam lr {LR:g} (paper RAdam 1e-4), batch 256",
-    step=_ct_step,
-    setup=_ct_setup,
-    sample=_ct_sample,
+    ops=("pseudo_huber_loss", "karras_sigmas", "edm_preconditioning", "denoiser_loss", "sample_timesteps"),
+    about="consistency distillation (CD, Song et al. 2023) of an EDM teacher trained first in the same run "
+    f"({EDM_STEPS} steps, the edm row's recipe), ONE sampling step",
+    hparams=f"paper (CD): Heun steps of the teacher's ODE between adjacent Karras sigmas 0.002..80 (N 18 on "
+    "CIFAR-10), the target an EMA of the student, the student initialised from the teacher, LPIPS metric; "
+    f"demo: N {CD_N}, EMA mu {CD_MU:g} (the paper's ImageNet 64 value), genloss's pseudo_huber_loss as the metric "
+    f"(iCT's, c 0.00054 sqrt(2)), Adam lr {LR:g}, batch 256, " + _MLP3,
+    step=_cd_step,
+    setup=_cd_setup,
+    sample=_cd_sample,
+    steps=500,
+    pretrain=_cd_pretrain,
+    pretrain_steps=EDM_STEPS,
+    work_per_step=3.0,  # two teacher evaluations, the target's, the student's forward and backward
 )
 
 # ============================================================================ VQ-VAE
@@ -573,7 +643,7 @@ def _vq_setup(device: torch.device, gen: torch.Generator, ds: Dataset) -> Traine
     codebook = nn.Parameter(0.5 * torch.randn(VQ_CODES, VQ_DIM, generator=gen, device=device))
     params = [*enc.parameters(), *dec.parameters(), codebook]
     return Trainer(
-        device, gen, {"enc": enc, "dec": dec}, {"vq": torch.optim.Adam(params, lr=LR)},
+        device, gen, {"enc": enc, "dec": dec}, {"vq": adam(params, LR)},
         extra={"codebook": codebook, "params": params, "counts": torch.zeros(VQ_CODES, device=device)},
     )  # fmt: skip
 
@@ -622,11 +692,13 @@ VQ_METHOD = Method(
     family="vq",
     ops=("vector_quantize",),
     about=f"VQ-VAE (van den Oord et al. 2017), {VQ_CODES} codes of dim {VQ_DIM}, samples from the code frequencies",
-    hparams=f"paper: beta {VQ_BETA}, straight-through gradient; demo: Adam lr {LR:g}, batch 256",
+    hparams=f"paper: beta {VQ_BETA}, straight-through gradient; demo: Adam lr {LR:g}, batch 256, encoder and decoder "
+    + _MLP2,
     step=_vq_step,
     setup=_vq_setup,
     sample=_vq_sample,
     evaluate=_vq_evaluate,
+    steps=800,
 )
 
 METHODS: list[Method] = [*GAN_METHODS, VAE_METHOD, DDPM_METHOD, FLOW_METHOD, EDM_METHOD, CT_METHOD, VQ_METHOD]

@@ -48,7 +48,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("coverage", "coverage", "share of held-out points whose k-NN ball holds a sample (Naeem et al. 2020)"),
     ("codebook_usage", "codes used", "VQ-VAE: share of the codebook the held-out data uses"),
     ("perplexity", "perplexity", "VQ-VAE: exp(entropy) of the code frequencies on held-out data (of 64 codes)"),
-    ("wall_s", "s/run", "wall seconds per run (one seed) on the machine that made the table"),
+    ("cpu_s", "CPU s/run", "CPU seconds per run (one seed: training, the metric-vs-step curve, scoring), "
+     "on the machine that made the table; CPU time, not wall time, as the machine may be shared"),
 ]  # fmt: skip
 
 
@@ -64,7 +65,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
         return f"{100 * v:.0f} ± {100 * sd:.0f}%"
     if key == "perplexity":
         return f"{v:.1f} ± {sd:.1f}"
-    if key == "wall_s":
+    if key == "cpu_s":
         return f"{v:.1f}"
     return f"{v:.2f} ± {sd:.2f}"
 
@@ -113,8 +114,8 @@ def markdown_tables(
         out.append(f"- `{name}`: {about}. {meta['hparams'][name]}.")
     out.append("")
     out.append(f"Made by `{meta['command']}` (demo source hash `{meta['source_hash']}`, genloss {meta['genloss']}, "
-               f"torch {meta['torch']}); {meta['total_wall_s']:.0f} s wall with {meta['workers']} worker"
-               f"{'s' * (meta['workers'] != 1)}.")  # fmt: skip
+               f"torch {meta['torch']}); {meta['cpu_s']:.0f} CPU s in the runs, {meta['total_wall_s']:.0f} s wall "
+               f"with {meta['workers']} worker{'s' * (meta['workers'] != 1)}.")  # fmt: skip
     return "\n".join(out) + "\n"
 
 

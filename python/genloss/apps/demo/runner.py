@@ -70,7 +70,7 @@ def resolve_datasets(names: Sequence[str] | str | None) -> list[str] | None:
 
 def resolve_methods(names: Sequence[str] | str | None) -> list[_methods.Method]:
     if names is None:
-        return list(_methods.METHODS)
+        return [m for m in _methods.METHODS if m.default]
     if isinstance(names, str):
         names = [names]
     by_name = {m.name: m for m in _methods.METHODS}
@@ -135,6 +135,11 @@ def _curve_point(ds: Dataset, samples: np.ndarray, real: np.ndarray) -> tuple[fl
     return mmd, mode_coverage(samples, ds.centers, ds.std)["modes_covered"] / len(ds.centers)
 
 
+def _scaled(cfg: Config, steps: int) -> int:
+    """A method's steps in this run: ``cfg.steps`` when set, else ``steps`` x ``cfg.steps_scale`` (>= 10)."""
+    return cfg.steps if cfg.steps is not None else max(10, round(steps * cfg.steps_scale))
+
+
 def run_one(task: tuple[Config, str, str, int]) -> dict[str, Any]:
     """Train and score one (dataset, method, repetition); a top-level function for the worker pool."""
     cfg, dname, mname, rep = task
@@ -142,7 +147,7 @@ def run_one(task: tuple[Config, str, str, int]) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     m = next(x for x in _methods.METHODS if x.name == mname)
     ds = DATASETS[dname]
-    steps = cfg.steps if cfg.steps is not None else max(10, round(m.steps * cfg.steps_scale))
+    steps = _scaled(cfg, m.steps)
     t0, c0 = time.perf_counter(), time.process_time()
     ss_train, ss_data, ss_eval = _seed_sequence(cfg, "run", dname, mname, rep).spawn(3)
     torch_seed = int(ss_train.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
@@ -164,6 +169,9 @@ def run_one(task: tuple[Config, str, str, int]) -> dict[str, Any]:
 
         def sample_real() -> torch.Tensor:
             return torch.from_numpy(ds.sample(cfg.batch, rng)).to(device)
+
+        if m.pretrain is not None:
+            m.pretrain(trainer, sample_real, _scaled(cfg, m.pretrain_steps))
 
         def draw(n: int) -> np.ndarray:
             trainer.gen = eval_gen
@@ -227,7 +235,7 @@ def run_all(
     """Every run of ``pairs`` x ``cfg.seeds``, on ``workers`` processes (1: in this process)."""
     tasks = [(cfg, d, m.name, rep) for d, m in pairs for rep in range(cfg.seeds)]
     # the longest first, so that the last runs are short and the workers finish together
-    cost = {m.name: m.steps * m.work_per_step for _, m in pairs}
+    cost = {m.name: m.steps * m.work_per_step + m.pretrain_steps for _, m in pairs}
     tasks.sort(key=lambda t: -cost[t[2]])
     from tqdm.auto import tqdm
 
