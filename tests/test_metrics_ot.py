@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
+import genloss.native as gn
 from genloss.native import metrics as NM
 from genloss.reference import metrics as RM
 
@@ -156,6 +157,42 @@ def test_sinkhorn_layers_agree(p):
     np.testing.assert_allclose(dgy.numpy(), rgy, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_sinkhorn_small_d_fused_pass(d, p):
+    """D <= 3, p in {1, 2}: the native kernel's fused score pass (whole 4-row tiles; the last tile of
+    23 rows takes the general pass) = the reference, value and gradients."""
+    x, y = clouds(23, 18, d, seed=d)
+    eps = 0.3
+    rv = float(RM.sinkhorn_divergence(x, y, eps, p))
+    rgx, rgy = RM.sinkhorn_divergence_backward(x, y, 1.0, eps, p)
+    v, (gx, gy) = NM.sinkhorn_divergence(x, y, eps, p)
+    assert float(v) == pytest.approx(rv, rel=1e-10, abs=1e-13)
+    np.testing.assert_allclose(gx, rgx, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(gy, rgy, rtol=1e-8, atol=1e-12)
+
+
+def test_sinkhorn_far_blocks_and_thread_count():
+    """Columns in two clusters 40 apart, eps = 0.5 (C / eps = 1600 between them): for rows of the
+    first cluster the second 512-column block lies > 708 under the row maximum and its exponentials
+    are skipped (exact zeros). The value and gradients still = the reference; 1 and 2 threads give
+    the same bits."""
+    rng = np.random.default_rng(4)
+    y = np.concatenate([rng.normal(size=(512, 2)), rng.normal(size=(88, 2)) + 40.0])
+    x = np.concatenate([rng.normal(size=(17, 2)), rng.normal(size=(3, 2)) + 40.0])
+    rv = float(RM.sinkhorn_divergence(x, y, 0.5))
+    with gn.options(threads=1):
+        v1, (gx1, gy1) = NM.sinkhorn_divergence(x, y, 0.5)
+    with gn.options(threads=2):
+        v2, (gx2, gy2) = NM.sinkhorn_divergence(x, y, 0.5)
+    assert float(v1) == pytest.approx(rv, rel=1e-10)
+    rgx, _ = RM.sinkhorn_divergence_backward(x, y, 1.0, 0.5)
+    np.testing.assert_allclose(gx1, rgx, rtol=1e-8, atol=1e-12)
+    assert float(v1) == float(v2)
+    np.testing.assert_array_equal(gx1, gx2)
+    np.testing.assert_array_equal(gy1, gy2)
+
+
 def test_sinkhorn_float32_and_chunks(monkeypatch):
     """float32 inputs are computed in float64 (value and gradient in float32); the torch loop's row
     chunks (forced to 7 entries... rows) give the unchunked result."""
@@ -211,7 +248,7 @@ def total_cost(x0, x1, perm):
     return float(np.sum((x0 - x1[perm]) ** 2))
 
 
-@pytest.mark.parametrize("b", [1, 2, 7, 64, 150])
+@pytest.mark.parametrize("b", [1, 2, 7, 64, 150, 333])
 def test_exact_coupling_matches_scipy(b):
     """(MET.26) the native Hungarian solver = scipy's assignment: same cost, same permutation (no ties)."""
     x0, x1 = clouds(b, b, 3, seed=b)
@@ -239,7 +276,8 @@ def test_exact_coupling_ties():
         assert sorted(perm) == list(range(len(a)))
         assert total_cost(a, b, perm) == pytest.approx(c[r, k].sum(), abs=1e-12)
         np.testing.assert_array_equal(NM.ot_coupling(a, b), perm)
-    np.testing.assert_array_equal(NM.ot_coupling(np.zeros((5, 2)), np.zeros((5, 2))), np.arange(5))
+    # every cost tied, 130 columns (three blocks of the column scan): the lowest free column, in order
+    np.testing.assert_array_equal(NM.ot_coupling(np.zeros((130, 2)), np.zeros((130, 2))), np.arange(130))
 
 
 def test_exact_coupling_vs_torchcfm():

@@ -7,8 +7,12 @@
 // expansion, so near pairs keep their digits) and folds it into a streaming log-sum-exp per row.
 // Memory beyond the inputs: their transposes and the potentials, O((N + M) D). Rows are
 // independent, so the result is the same bits for any thread count.
+// The soft-min's inner loops: for D <= 3 one fused pass per tile computes the scores and their
+// row maxima (scores_fixed), then one vectorised exp pass per row; blocks whose scores all lie
+// more than 708 under the row's running maximum add exact zeros and are skipped.
 // Assignment: the shortest-augmenting-path Hungarian algorithm with row and column potentials
-// (Kuhn-Munkres in the O(B^3) form of Jonker-Volgenant's augmentation), on the float64 B x B cost.
+// (Crouse's form of Jonker-Volgenant, scipy's), on the float64 B x B cost, its column scan
+// branch-free and vectorised.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -31,6 +35,18 @@ namespace {
 constexpr int64_t kRows = 4;    // rows sharing each load of a column block
 constexpr int64_t kCols = 512;  // columns per block: kRows x kCols doubles stay in L1
 constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int64_t kScanBlock = 64;  // columns per block of the assignment's least-slack scan
+
+// a * b + c, fused where the instruction set has FMA (the build sets -ffp-contract=off, so only an
+// explicit fma fuses; on sse2 a libm call would be slow): the Horner steps of exp_f64 at half the
+// instructions, as knn_cpu.cpp's madd.
+inline double madd(double a, double b, double c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 // e^x in float64 for x <= 709, inline so the column loops vectorise (libm's exp is a call):
 // x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by its Taylor series to r^13 (truncation
@@ -43,19 +59,19 @@ inline double exp_f64(double x) {
   double r = x - n * 0.6931471805598903;  // ln 2, high part (exact times n)
   r = r - n * 5.497923018708371e-14;      // ln 2, low part
   double q = 1.0 / 6227020800.0;          // 1/13!
-  q = q * r + 1.0 / 479001600.0;
-  q = q * r + 1.0 / 39916800.0;
-  q = q * r + 1.0 / 3628800.0;
-  q = q * r + 1.0 / 362880.0;
-  q = q * r + 1.0 / 40320.0;
-  q = q * r + 1.0 / 5040.0;
-  q = q * r + 1.0 / 720.0;
-  q = q * r + 1.0 / 120.0;
-  q = q * r + 1.0 / 24.0;
-  q = q * r + 1.0 / 6.0;
-  q = q * r + 0.5;
-  q = q * r + 1.0;
-  q = q * r + 1.0;
+  q = madd(q, r, 1.0 / 479001600.0);
+  q = madd(q, r, 1.0 / 39916800.0);
+  q = madd(q, r, 1.0 / 3628800.0);
+  q = madd(q, r, 1.0 / 362880.0);
+  q = madd(q, r, 1.0 / 40320.0);
+  q = madd(q, r, 1.0 / 5040.0);
+  q = madd(q, r, 1.0 / 720.0);
+  q = madd(q, r, 1.0 / 120.0);
+  q = madd(q, r, 1.0 / 24.0);
+  q = madd(q, r, 1.0 / 6.0);
+  q = madd(q, r, 0.5);
+  q = madd(q, r, 1.0);
+  q = madd(q, r, 1.0);
   const double scale = __builtin_bit_cast(double, __builtin_bit_cast(uint64_t, nf) << 52);
   return x < -708.0 ? 0.0 : q * scale;
 }
@@ -110,33 +126,101 @@ bool parallel(int64_t n, int64_t m, int64_t D) {
   return n * m * D >= kParallelMin;
 }
 
+// buf[r][j] = h_j - C(a_{i0+r}, b_{j0+j}) / e for a whole tile (kRows rows), in one pass over the
+// columns, for a dimension DD and a power P (2 or 1: no pow) known at compile time: the column's
+// coordinates and h_j are loaded once for the kRows rows, and each row's maximum is taken in the
+// same pass. The same operations in the same order as sqdist_block + costs, so the same bits.
+// Returns the row maxima in bmax.  (MET.20, MET.21)
+template <int DD, int P>
+void scores_fixed(const Cloud& A, const Cloud& B, int64_t i0, int64_t j0, int64_t jn, double inv_e, const double* h,
+                  double (*buf)[kCols], double* bmax) {
+  static_assert(kRows == 4, "the four row maxima below");
+  double a[kRows][DD];
+  for (int r = 0; r < kRows; ++r)
+    for (int d = 0; d < DD; ++d) a[r][d] = A.rows[(i0 + r) * DD + d];
+  const double* bt[DD];
+  for (int d = 0; d < DD; ++d) bt[d] = B.t.data() + d * B.n + j0;
+  const double* hj = h + j0;
+  double m0 = -kInf, m1 = -kInf, m2 = -kInf, m3 = -kInf;
+#pragma omp simd reduction(max : m0, m1, m2, m3)
+  for (int64_t j = 0; j < jn; ++j) {
+    double v[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      double s = 0.0;
+      for (int d = 0; d < DD; ++d) {
+        const double t = a[r][d] - bt[d][j];
+        s += t * t;
+      }
+      v[r] = hj[j] - (P == 2 ? 0.5 * s : std::sqrt(s)) * inv_e;
+      buf[r][j] = v[r];
+    }
+    m0 = std::max(m0, v[0]);
+    m1 = std::max(m1, v[1]);
+    m2 = std::max(m2, v[2]);
+    m3 = std::max(m3, v[3]);
+  }
+  bmax[0] = m0, bmax[1] = m1, bmax[2] = m2, bmax[3] = m3;
+}
+
+using ScoresFn = void (*)(const Cloud&, const Cloud&, int64_t, int64_t, int64_t, double, const double*,
+                          double (*)[kCols], double*);
+
+// The fused pass for D <= 3 and p in {1, 2} (point clouds in the plane and in space), else null.
+ScoresFn fixed_scores(int64_t D, double p) {
+  static constexpr ScoresFn table[3][2] = {{scores_fixed<1, 1>, scores_fixed<1, 2>},
+                                           {scores_fixed<2, 1>, scores_fixed<2, 2>},
+                                           {scores_fixed<3, 1>, scores_fixed<3, 2>}};
+  if (D < 1 || D > 3 || (p != 1.0 && p != 2.0)) return nullptr;
+  return table[D - 1][p == 2.0 ? 1 : 0];
+}
+
+// The general pass: squared distances by sqdist_block, then the costs, the scores and the maxima.
+void scores_general(const Cloud& A, const Cloud& B, int64_t D, double p, int64_t i0, int64_t rn, int64_t j0, int64_t jn,
+                    double inv_e, const double* h, double (*buf)[kCols], double* bmax) {
+  sqdist_block(A, B, D, i0, rn, j0, jn, buf);
+  for (int64_t r = 0; r < rn; ++r) {
+    double* v = buf[r];
+    costs(v, jn, p);
+    double bm = -kInf;
+#pragma omp simd reduction(max : bm)
+    for (int64_t j = 0; j < jn; ++j) {
+      v[j] = h[j0 + j] - v[j] * inv_e;
+      bm = std::max(bm, v[j]);
+    }
+    bmax[r] = bm;
+  }
+}
+
+// Below this, e^(v - max) is exactly 0 in exp_f64: a block whose scores all lie this far under
+// the row's running maximum adds nothing, and its exponentials are skipped (the same bits).
+constexpr double kExpZero = -708.0;
+
 // out_i = -e log sum_j exp(h_j - C(a_i, b_j) / e), one streaming log-sum-exp per row.  (MET.21)
 void softmin(const Cloud& A, const Cloud& B, int64_t D, double p, double e, const double* h, double* out) {
   const int64_t n = A.n, m = B.n, tiles = (n + kRows - 1) / kRows;
   const double inv_e = 1.0 / e;
+  const ScoresFn fixed = fixed_scores(D, p);
 #pragma omp parallel for schedule(static) num_threads(threads()) if (parallel(n, m, D))
   for (int64_t tile = 0; tile < tiles; ++tile) {
     alignas(64) double buf[kRows][kCols];
     const int64_t i0 = tile * kRows, rn = std::min(kRows, n - i0);
-    double mx[kRows], sm[kRows];
+    double mx[kRows], sm[kRows], bmax[kRows];
     for (int64_t r = 0; r < rn; ++r) mx[r] = -kInf, sm[r] = 0.0;
     for (int64_t j0 = 0; j0 < m; j0 += kCols) {
       const int64_t jn = std::min(kCols, m - j0);
-      sqdist_block(A, B, D, i0, rn, j0, jn, buf);
+      if (fixed && rn == kRows)
+        fixed(A, B, i0, j0, jn, inv_e, h, buf, bmax);
+      else
+        scores_general(A, B, D, p, i0, rn, j0, jn, inv_e, h, buf, bmax);
       for (int64_t r = 0; r < rn; ++r) {
-        double* v = buf[r];
-        costs(v, jn, p);
-        double bm = -kInf;
-#pragma omp simd reduction(max : bm)
-        for (int64_t j = 0; j < jn; ++j) {
-          v[j] = h[j0 + j] - v[j] * inv_e;
-          bm = std::max(bm, v[j]);
-        }
+        const double bm = bmax[r];
         if (bm > mx[r]) {  // rescale the running sum to the new maximum
           sm[r] = mx[r] == -kInf ? 0.0 : sm[r] * std::exp(mx[r] - bm);
           mx[r] = bm;
         }
         const double top = mx[r];
+        if (bm - top < kExpZero) continue;  // every term 0 (NaN is not skipped)
+        const double* v = buf[r];
         double s = 0.0;
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < jn; ++j) s += exp_f64(v[j] - top);
@@ -283,60 +367,98 @@ void sinkhorn(SinkhornArgs& a) {
   }
 }
 
-// Shortest augmenting paths with potentials u (rows), v (columns): row i is added to the
-// matching by a Dijkstra-like search over reduced costs C_ij - u_i - v_j >= 0, then the path
-// is flipped. Each of the B rows costs O(B^2): O(B^3) in all. Ties in the column of least
-// slack go to the lowest index (strict <, columns scanned in increasing order), so the
-// result is deterministic.  (MET.26)
+// Shortest augmenting paths (Crouse 2016's form of Jonker-Volgenant, scipy's algorithm) with
+// row and column potentials u, v: row `cur` joins the matching by a Dijkstra search over the
+// reduced costs C_ij - u_i - v_j >= 0, the duals of the scanned rows and columns are updated
+// once at the end of the search, then the path is flipped. Each search step scans every column
+// in one branch-free pass (scanned columns masked, not removed), so the compiler vectorises it;
+// the column of least slack is the first one (lowest index) of the first block holding the
+// minimum: ties go to the lowest column, the same every call.  (MET.26, MET.32)
 void assignment(const double* x0, const double* x1, int64_t B, int64_t D, int64_t* perm) {
-  std::vector<double> cost(static_cast<size_t>(B * B));
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t j = 0; j < B; ++j) {
-      double s = 0.0;
-      for (int64_t d = 0; d < D; ++d) {
-        const double t = x0[i * D + d] - x1[j * D + d];
-        s += t * t;
+  const size_t nb = static_cast<size_t>(B);
+  std::vector<double> cost(nb * nb), x1t(nb * static_cast<size_t>(D));
+  for (int64_t j = 0; j < B; ++j)
+    for (int64_t d = 0; d < D; ++d) x1t[d * B + j] = x1[j * D + d];
+  for (int64_t i = 0; i < B; ++i) {  // |x0_i - x1_j|^2 by differences, summed over d in order
+    double* row = cost.data() + i * B;
+    std::fill(row, row + B, 0.0);
+    for (int64_t d = 0; d < D; ++d) {
+      const double a = x0[i * D + d];
+      const double* bt = x1t.data() + d * B;
+#pragma omp simd
+      for (int64_t j = 0; j < B; ++j) {
+        const double t = a - bt[j];
+        row[j] += t * t;
       }
-      cost[i * B + j] = s;
     }
-  // 1-based columns; column 0 is the virtual start of each search.
-  std::vector<double> u(B + 1, 0.0), v(B + 1, 0.0), minv(B + 1);
-  std::vector<int64_t> match(B + 1, 0), way(B + 1, 0);  // match[j]: the row (1-based) on column j
-  std::vector<char> used(B + 1);
-  for (int64_t i = 1; i <= B; ++i) {
-    match[0] = i;
-    int64_t j0 = 0;
-    std::fill(minv.begin(), minv.end(), kInf);
-    std::fill(used.begin(), used.end(), 0);
-    do {
-      used[j0] = 1;
-      const int64_t i0 = match[j0];
-      const double* crow = cost.data() + (i0 - 1) * B;
-      double delta = kInf;
-      int64_t j1 = 0;
-      for (int64_t j = 1; j <= B; ++j) {
-        if (used[j]) continue;
-        const double cur = crow[j - 1] - u[i0] - v[j];
-        if (cur < minv[j]) minv[j] = cur, way[j] = j0;
-        if (minv[j] < delta) delta = minv[j], j1 = j;  // strict: the lowest column wins a tie
-      }
-      for (int64_t j = 0; j <= B; ++j) {
-        if (used[j]) {
-          u[match[j]] += delta;
-          v[j] -= delta;
-        } else {
-          minv[j] -= delta;
-        }
-      }
-      j0 = j1;
-    } while (match[j0] != 0);
-    do {  // flip the augmenting path back to the start
-      const int64_t j1 = way[j0];
-      match[j0] = match[j1];
-      j0 = j1;
-    } while (j0 != 0);
   }
-  for (int64_t j = 1; j <= B; ++j) perm[match[j] - 1] = j - 1;
+  std::vector<double> u(nb, 0.0), v(nb, 0.0), spc(nb), fin(nb);
+  std::vector<int64_t> path(nb, 0), row4col(nb, -1), col4row(nb, -1), rows, cols;
+  rows.reserve(nb);
+  cols.reserve(nb);
+  for (int64_t cur = 0; cur < B; ++cur) {
+    // spc: the shortest path length to each column so far; -inf once the column is scanned
+    // (its length is then final, kept in fin), so that no later row improves it
+    std::fill(spc.begin(), spc.end(), kInf);
+    rows.clear();
+    cols.clear();
+    int64_t i = cur, sink = -1;
+    double minval = 0.0;
+    while (sink < 0) {
+      rows.push_back(i);
+      const double base = minval - u[i];
+      const double* crow = cost.data() + i * B;
+      double* sp = spc.data();
+      const double* vv = v.data();
+      int64_t* pa = path.data();
+      double lowest = kInf;
+      int64_t jb = -1;
+      for (int64_t j0 = 0; j0 < B; j0 += kScanBlock) {
+        const int64_t j1 = std::min(B, j0 + kScanBlock);
+        double bm = kInf;
+#pragma omp simd reduction(min : bm)
+        for (int64_t j = j0; j < j1; ++j) {
+          const double r = base + crow[j] - vv[j];
+          const double s = sp[j];
+          const bool better = r < s;
+          sp[j] = better ? r : s;
+          pa[j] = better ? i : pa[j];
+          bm = std::min(bm, s == -kInf ? kInf : (better ? r : s));
+        }
+        if (bm < lowest) lowest = bm, jb = j0;  // strict: the first block holding the minimum
+      }
+      int64_t j = -1;
+      if (jb >= 0) {
+        for (int64_t k = jb; k < std::min(B, jb + kScanBlock); ++k)
+          if (spc[k] == lowest) {
+            j = k;
+            break;
+          }
+      } else {  // no finite slack (costs overflowed to inf): take the first unscanned column
+        for (int64_t k = 0; k < B && j < 0; ++k)
+          if (spc[k] != -kInf) j = k;
+        lowest = spc[j];
+      }
+      minval = lowest;
+      fin[j] = lowest;
+      spc[j] = -kInf;
+      cols.push_back(j);
+      if (row4col[j] < 0)
+        sink = j;
+      else
+        i = row4col[j];
+    }
+    u[cur] += minval;  // the dual update of the scanned rows and columns, once per search  (MET.32)
+    for (size_t k = 1; k < rows.size(); ++k) u[rows[k]] += minval - fin[col4row[rows[k]]];
+    for (const int64_t j : cols) v[j] -= minval - fin[j];
+    for (int64_t j = sink;;) {  // flip the augmenting path back to row cur
+      const int64_t r = path[j];
+      row4col[j] = r;
+      std::swap(col4row[r], j);
+      if (r == cur) break;
+    }
+  }
+  std::copy(col4row.begin(), col4row.end(), perm);
 }
 
 }  // namespace GENLOSS_ISA
