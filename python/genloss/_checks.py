@@ -49,6 +49,18 @@ def _prefixed(op: str, msg: str) -> str:
     return f"{op}: {rest if sep and inner in _OPS else msg}"
 
 
+def register_op_name(op: str) -> None:
+    """Record ``op`` as an op name (a message another op raised is renamed to the caller's)."""
+    _OPS.add(op)
+
+
+def name_error(err: BaseException, op: str) -> None:
+    """Start ``err``'s message with the op's name, once (the exception keeps its type and
+    traceback: its message is rewritten in place)."""
+    if len(err.args) == 1 and isinstance(err.args[0], str) and not _names(err.args[0], op):
+        err.args = (_prefixed(op, err.args[0]),)
+
+
 def op_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` whose ValueError / TypeError messages start with its name (the op), once.
 
@@ -64,8 +76,7 @@ def op_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (ValueError, TypeError) as err:
-            if len(err.args) == 1 and isinstance(err.args[0], str) and not _names(err.args[0], op):
-                err.args = (_prefixed(op, err.args[0]),)
+            name_error(err, op)
             raise
 
     call.__genloss_op_errors__ = True  # type: ignore[attr-defined]
