@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -191,13 +191,13 @@ def _run_batch(cfg: Config, m: _methods.Method, dname: str, reps: tuple[int, ...
         gens = [_generator(device, s) for s, _, _ in seeds]
         eval_gens = [_generator(device, s) for _, _, s in seeds]  # evaluation draws do not disturb training's
         if m.batched:
-            trainer = m.setup(device, gens, ds)  # type: ignore[arg-type]  # a BatchedSetup
+            trainer = cast(_methods.BatchedSetup, m.setup)(device, gens, ds)
 
             def sample_real() -> torch.Tensor:
                 return torch.from_numpy(np.stack([ds.sample(cfg.batch, r) for r in rngs])).to(device)
         else:
             torch.manual_seed(gens[0].initial_seed())  # module initialisation
-            trainer = m.setup(device, gens[0], ds)
+            trainer = cast(_methods.Setup, m.setup)(device, gens[0], ds)
 
             def sample_real() -> torch.Tensor:
                 return torch.from_numpy(ds.sample(cfg.batch, rngs[0])).to(device)
