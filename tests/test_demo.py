@@ -401,3 +401,60 @@ def test_seeds_are_independent_of_the_order_of_work():
     a = runner._seed_sequence(cfg, "run", "ring", "gan-ns", 0).generate_state(2)
     want = np.random.SeedSequence([7, zlib.crc32(b"run"), zlib.crc32(b"ring"), zlib.crc32(b"gan-ns"), 0])
     np.testing.assert_array_equal(a, want.generate_state(2))
+
+
+# ------------------------------------------------------------------ batched seeds: each seed is its own model
+
+
+def _gan_batch(method, seeds, batches):
+    """A GAN method's batched trainer over ``seeds`` after one step on the given real ``batches``."""
+    m = next(x for x in demo.METHODS if x.name == method)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    t = m.setup(torch.device("cpu"), gens, demo.DATASETS["ring"])
+    it = iter(batches)
+    t.K, t.k = 1, 0
+    losses = m.step(t, lambda: next(it))
+    return t, losses
+
+
+@pytest.mark.parametrize("method", ["gan-ns", "hinge", "lsgan", "wgan-gp", "ragan"])
+def test_batched_gan_step_trains_each_seed_as_alone(method):
+    """Three seeds trained as one batched model end one step where each seed trained alone
+    ends: same weights, same losses (the seeds' gradients do not mix). In float64: the batched
+    sums run in another order, and Adam's first steps (about lr x sign(gradient)) would
+    turn a float32 rounding difference in a near-zero gradient into a visible one."""
+    seeds, b = (11, 12, 13), 64
+    n_critic = 5 if method == "wgan-gp" else 1
+    rng = np.random.default_rng(0)
+    batches = [torch.from_numpy(demo.ring(3 * b, rng)).double().reshape(3, b, 2) for _ in range(n_critic)]
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        t3, l3 = _gan_batch(method, seeds, batches)
+        alone = [_gan_batch(method, (seed,), [x[s : s + 1] for x in batches]) for s, seed in enumerate(seeds)]
+    finally:
+        torch.set_default_dtype(before)
+    for s, (t1, l1) in enumerate(alone):
+        for net in ("G", "D"):
+            for p3, p1 in zip(t3.modules[net].parameters(), t1.modules[net].parameters(), strict=True):
+                torch.testing.assert_close(p3[s : s + 1], p1, rtol=0, atol=1e-9)
+        for k in ("d", "g"):
+            torch.testing.assert_close(l3[k][s], l1[k][0], rtol=1e-9, atol=1e-12)
+
+
+def test_batched_mlp_is_the_seeds_mlps_and_a_loss_over_b_by_s_is_the_sum_of_theirs():
+    torch.manual_seed(0)
+    nets = [demo_methods.mlp(2, 1, 16, 2) for _ in range(3)]
+    bm = demo_methods.BatchedMLP(nets)
+    x = torch.randn(3, 10, 2)
+    out = bm(x)
+    for s, net in enumerate(nets):
+        torch.testing.assert_close(out[s], net(x[s]), rtol=1e-6, atol=1e-6)
+    r, f = torch.randn(3, 10), torch.randn(3, 10)
+    for d_loss in (gl.gan_d_loss, gl.hinge_d_loss, gl.lsgan_d_loss, gl.wgan_critic_loss):
+        want = sum(float(d_loss(r[s], f[s])) for s in range(3))
+        assert float(d_loss(r.T, f.T)) == pytest.approx(want, rel=1e-6)
+    # the relativistic average loss subtracts the mean over every element: (B, S) would mix the
+    # seeds, which is why the demo calls it once per seed
+    want = sum(float(gl.relativistic_d_loss(r[s], f[s], average=True)) for s in range(3))
+    assert float(gl.relativistic_d_loss(r.T, f.T, average=True)) != pytest.approx(want, rel=1e-6)

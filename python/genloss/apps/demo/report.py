@@ -49,7 +49,9 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("codebook_usage", "codes used", "VQ-VAE: share of the codebook the held-out data uses"),
     ("perplexity", "perplexity", "VQ-VAE: exp(entropy) of the code frequencies on held-out data (of 64 codes)"),
     ("cpu_s", "CPU s/run", "CPU seconds per run (one seed: training, the metric-vs-step curve, scoring), "
-     "on the machine that made the table; CPU time, not wall time, as the machine may be shared"),
+     "on the machine that made the table; CPU time, not wall time, as the machine may be shared. A GAN's "
+     "seeds train together as one batched model (each seed its own weights, data, draws and loss): its "
+     "value is the batch's CPU time divided by the seeds"),
 ]  # fmt: skip
 
 

@@ -18,18 +18,17 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from . import methods as _methods
 from .data import ALIASES, DATASETS, Dataset
+from .methods import LOSS_WINDOW
 from .metrics import mmd2_rbf, mode_coverage, prdc_scores
 
-__all__ = ["Config", "QUICK", "FULL", "plan", "run_one", "run_all", "summarize"]
-
-LOSS_WINDOW = 100  # final losses: the mean of the last 100 steps
+__all__ = ["Config", "QUICK", "FULL", "plan", "run_one", "run_group", "run_all", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -140,45 +139,80 @@ def _scaled(cfg: Config, steps: int) -> int:
     return cfg.steps if cfg.steps is not None else max(10, round(steps * cfg.steps_scale))
 
 
+def _seeds(cfg: Config, dname: str, mname: str, rep: int) -> tuple[int, np.random.Generator, int]:
+    """A run's torch seed (initialisation and training draws), its data stream, its evaluation seed."""
+    ss_train, ss_data, ss_eval = _seed_sequence(cfg, "run", dname, mname, rep).spawn(3)
+
+    def seed(ss: np.random.SeedSequence) -> int:
+        return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+    return seed(ss_train), np.random.default_rng(ss_data), seed(ss_eval)
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
 def run_one(task: tuple[Config, str, str, int]) -> dict[str, Any]:
     """Train and score one (dataset, method, repetition); a top-level function for the worker pool."""
     cfg, dname, mname, rep = task
+    return run_group((cfg, dname, mname, (rep,)))[0]
+
+
+def run_group(task: tuple[Config, str, str, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """Train and score the repetitions ``reps`` of one (dataset, method): a batched method
+    (``Method.batched``) trains them as one model, each with its own initialisation, data
+    and draws (its numbers do not depend on which other repetitions share the model); any
+    other method one after the other. Each run's ``cpu_s`` and ``wall_s``: a batched
+    group's cost divided by its runs."""
+    cfg, dname, mname, reps = task
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     m = next(x for x in _methods.METHODS if x.name == mname)
+    if not m.batched:
+        return [r for rep in reps for r in _run_batch(cfg, m, dname, (rep,))]
+    return _run_batch(cfg, m, dname, reps)
+
+
+def _run_batch(cfg: Config, m: _methods.Method, dname: str, reps: tuple[int, ...]) -> list[dict[str, Any]]:
     ds = DATASETS[dname]
     steps = _scaled(cfg, m.steps)
     t0, c0 = time.perf_counter(), time.process_time()
-    ss_train, ss_data, ss_eval = _seed_sequence(cfg, "run", dname, mname, rep).spawn(3)
-    torch_seed = int(ss_train.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-    rng = np.random.default_rng(ss_data)
-    real, _ = held_out(cfg, ds, rep)
-    real_curve = real[: cfg.n_curve]
+    seeds = [_seeds(cfg, dname, m.name, rep) for rep in reps]
+    rngs = [rng for _, rng, _ in seeds]
+    reals = [held_out(cfg, ds, rep)[0] for rep in reps]
     device = torch.device(cfg.device)
     at = sorted({max(1, round(steps * (j + 1) / cfg.checkpoints)) for j in range(cfg.checkpoints)})
     cuda = [device.index or 0] if device.type == "cuda" else []
-    curve: dict[str, list[Any]] = {"step": [], "mmd2": [], "modes": []}
+    curves: list[dict[str, list[Any]]] = [{"step": [], "mmd2": [], "modes": []} for _ in reps]
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-        torch.manual_seed(torch_seed)  # module initialisation
-        gen = torch.Generator(device=device)
-        gen.manual_seed(torch_seed)
-        eval_gen = torch.Generator(device=device)  # evaluation draws do not disturb training's
-        eval_gen.manual_seed(int(ss_eval.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
-        trainer = m.setup(device, gen, ds)
+        gens = [_generator(device, s) for s, _, _ in seeds]
+        eval_gens = [_generator(device, s) for _, _, s in seeds]  # evaluation draws do not disturb training's
+        if m.batched:
+            trainer = cast(_methods.BatchedSetup, m.setup)(device, gens, ds)
+
+            def sample_real() -> torch.Tensor:
+                return torch.from_numpy(np.stack([ds.sample(cfg.batch, r) for r in rngs])).to(device)
+        else:
+            torch.manual_seed(gens[0].initial_seed())  # module initialisation
+            trainer = cast(_methods.Setup, m.setup)(device, gens[0], ds)
+
+            def sample_real() -> torch.Tensor:
+                return torch.from_numpy(ds.sample(cfg.batch, rngs[0])).to(device)
+
         trainer.K = steps
-
-        def sample_real() -> torch.Tensor:
-            return torch.from_numpy(ds.sample(cfg.batch, rng)).to(device)
-
         if m.pretrain is not None:
             m.pretrain(trainer, sample_real, _scaled(cfg, m.pretrain_steps))
 
-        def draw(n: int) -> np.ndarray:
-            trainer.gen = eval_gen
+        def draw(n: int) -> list[np.ndarray]:
+            trainer.gen, trainer.gens = eval_gens[0], (eval_gens if m.batched else None)
             try:
-                return m.sample(trainer, n).detach().float().cpu().numpy()
+                x = m.sample(trainer, n).detach().float().cpu().numpy()
             finally:
-                trainer.gen = gen
+                trainer.gen, trainer.gens = gens[0], (gens if m.batched else None)
+            return list(x) if m.batched else [x]
 
         history: dict[str, list[torch.Tensor]] = {}
         for i in range(steps):
@@ -186,28 +220,35 @@ def run_one(task: tuple[Config, str, str, int]) -> dict[str, Any]:
             for k, v in m.step(trainer, sample_real).items():
                 history.setdefault(k, []).append(v)
             if i + 1 in at:
-                mmd, modes = _curve_point(ds, draw(cfg.n_curve), real_curve)
-                curve["step"].append(i + 1)
-                curve["mmd2"].append(mmd)
-                curve["modes"].append(modes)
+                for curve, x, real in zip(curves, draw(cfg.n_curve), reals, strict=True):
+                    mmd, modes = _curve_point(ds, x, real[: cfg.n_curve])
+                    curve["step"].append(i + 1)
+                    curve["mmd2"].append(mmd)
+                    curve["modes"].append(modes)
         samples = draw(cfg.n_eval)
-        extra = {} if m.evaluate is None else m.evaluate(trainer, torch.from_numpy(real).to(device))
-    hist = {k: torch.stack(v).float().cpu().numpy() for k, v in history.items()}
-    res = score(ds, samples, real)
-    res.update(
-        dataset=dname,
-        method=mname,
-        family=m.family,
-        rep=rep,
-        steps=steps,
-        losses={k: float(np.mean(v[-LOSS_WINDOW:])) for k, v in hist.items()},
-        extra=extra,
-        curve=curve,
-        samples=samples,
-        wall_s=time.perf_counter() - t0,
-        cpu_s=time.process_time() - c0,
-    )
-    return res
+        extra = {} if m.evaluate is None else m.evaluate(trainer, torch.from_numpy(reals[0]).to(device))
+    # (steps, S) for a batched method, (steps,) otherwise: each run's losses over the last LOSS_WINDOW steps
+    hist = {k: torch.stack(v).float().cpu().numpy()[-LOSS_WINDOW:] for k, v in history.items()}
+    scores = [score(ds, x, real) for x, real in zip(samples, reals, strict=True)]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    out = []
+    for j, rep in enumerate(reps):
+        res = scores[j]
+        res.update(
+            dataset=dname,
+            method=m.name,
+            family=m.family,
+            rep=rep,
+            steps=steps,
+            losses={k: float(np.mean(v[:, j] if m.batched else v)) for k, v in hist.items()},
+            extra=extra,
+            curve=curves[j],
+            samples=samples[j],
+            wall_s=wall / len(reps),
+            cpu_s=cpu / len(reps),
+        )
+        out.append(res)
+    return out
 
 
 def data_rows(cfg: Config, dname: str) -> list[dict[str, Any]]:
@@ -233,16 +274,23 @@ def run_all(
     progress: bool,
 ) -> list[dict[str, Any]]:
     """Every run of ``pairs`` x ``cfg.seeds``, on ``workers`` processes (1: in this process)."""
-    tasks = [(cfg, d, m.name, rep) for d, m in pairs for rep in range(cfg.seeds)]
+    # a batched method's seeds: one task; any other method's: one task per seed
+    reps = tuple(range(cfg.seeds))
+    tasks = [(cfg, d, m.name, g) for d, m in pairs for g in ([reps] if m.batched else [(r,) for r in reps])]
     # the longest first, so that the last runs are short and the workers finish together
     cost = {m.name: m.steps * m.work_per_step + m.pretrain_steps for _, m in pairs}
-    tasks.sort(key=lambda t: -cost[t[2]])
+    tasks.sort(key=lambda t: -cost[t[2]] * len(t[3]) ** 0.5)  # a batch of S costs about sqrt(S) of one run
     from tqdm.auto import tqdm
 
     stream = sys.stderr
     live = progress and stream.isatty()
     bar = tqdm(
-        total=len(tasks), desc="genloss demo", unit="run", file=stream, disable=not live, dynamic_ncols=True
+        total=len(pairs) * cfg.seeds,
+        desc="genloss demo",
+        unit="run",
+        file=stream,
+        disable=not live,
+        dynamic_ncols=True,
     )
     out: list[dict[str, Any]] = []
 
@@ -255,21 +303,23 @@ def run_all(
             bar.set_postfix_str(line.split("  ")[0], refresh=False)
             bar.update(1)
         elif progress:
-            stream.write(f"[{len(out)}/{len(tasks)}] {line}\n")
+            stream.write(f"[{len(out)}/{len(pairs) * cfg.seeds}] {line}\n")
             stream.flush()
 
     try:
         if workers <= 1 or len(tasks) <= 1:
             for t in tasks:
-                done(run_one(t))
+                for r in run_group(t):
+                    done(r)
         else:
             # spawn: a fresh interpreter per worker (forking a process that has started
             # OpenMP threads is not safe)
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
-                futures = [pool.submit(run_one, t) for t in tasks]
+                futures = [pool.submit(run_group, t) for t in tasks]
                 for f in as_completed(futures):
-                    done(f.result())
+                    for r in f.result():
+                        done(r)
     finally:
         bar.close()
     order = {
