@@ -631,6 +631,13 @@ def test_kernel_kinds_compute_by_named_fields():
         (dict(kind="row_lse", logits=8, mode=0, rows=1, K=2), ValueError, "mode 0 needs labels"),
         (dict(kind="row_lse", logits=8, mode=1, index=2, rows=1, K=2), ValueError, "index must be < K"),
         (dict(kind="gmm", x=8, logits=8, means=8, logvars=8, N=1, K=1, D=1, dtype=5), ValueError, "dtype"),
+        (dict(kind="mmd", kernel=0, estimator=0, x=8, y=8, N=2, M=2, D=1), ValueError, "need bandwidths"),
+        (
+            dict(kind="mmd", kernel=0, estimator=0, x=8, y=8, N=2, M=2, D=1, bandwidths=1.0),
+            TypeError,
+            "bandwidths must be a list",
+        ),
+        (dict(kind="mmd", kernel=4, estimator=0, x=8, y=8, N=2, M=2, D=1), ValueError, "kernel must be 0-3"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

@@ -1,5 +1,5 @@
 // bindings.cpp — the pybind11 module genloss._C. Thin by design: the engine itself
-// (map_reduce and its kernels row_scale, col_sum, col_broadcast, row_lse, gmm) is run
+// (map_reduce and its kernels row_scale, col_sum, col_broadcast, row_lse, gmm, mmd) is run
 // only through typed Calls with named fields (_C.Call, _C.run, _C.run_call, in
 // plan.cpp); this file binds the rest (DLPack, settings, build info). No math here;
 // validation happens in python/genloss/native/_engine.py, which owns the DLPack side.

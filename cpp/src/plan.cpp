@@ -3,8 +3,8 @@
 //
 // 1. ``Call`` (genloss._C.Call): one typed engine call with named fields. Its ``kind`` is
 //    map_reduce (the default) or one of the engine's kernels (row_scale, col_sum,
-//    col_broadcast, row_lse, gmm), whose fields are their Args structs' (engine.h) by
-//    name. Functor parameters go by the names the functor declares (ParamNames in
+//    col_broadcast, row_lse, gmm, mmd), whose fields are their Args structs' (engine.h,
+//    mmd.h) by name. Functor parameters go by the names the functor declares (ParamNames in
 //    ops/*.h, exported as _C.FUNCTOR_PARAMS); a wrong or missing name is a TypeError
 //    naming the functor and its parameters. ``run(call or calls)`` is the one entry point:
 //    it runs them on their device with the GIL released; ``run_call(**fields)`` is
@@ -343,7 +343,7 @@ void set_params(int id, PyObject* params, MapReduceArgs& a) {
 // ---- Call: one typed engine call, and run(), the one entry point --------------------
 //
 // Besides map_reduce the engine has a few fixed-purpose kernels (engine.h RowScaleArgs,
-// ColSumArgs, ColBroadcastArgs, RowLseArgs, GmmArgs). Each is a KIND of the one Call, built
+// ColSumArgs, ColBroadcastArgs, RowLseArgs, GmmArgs; mmd.h MmdArgs). Each is a KIND of the one Call, built
 // from named fields and run by the same entry points (run, run_call), so that a composition
 // using them is recorded and replayed by the plan cache like any other. A kind's fields
 // are its Args struct's, described once below (name, type, place, default): building a

@@ -654,9 +654,9 @@ def _p(b: Buf | None) -> int:
 # to this thread's recording, and every array it allocates too (its outputs and scratch);
 # anything that reads the DATA on the Python side (a range check, a total that feeds the
 # next call) marks the recording as not replayable, so a plan is only ever a function of
-# (key, dtype, shapes). A check of the
-# data that the plan cache can re-run itself (cpp/src/plan.cpp, GuardKind) is recorded
-# as a guard instead: the plan runs it on every call and declines when it fails.
+# (key, dtype, shapes). A check of the data that the plan cache can re-run itself
+# (cpp/src/plan.cpp, GuardKind) is recorded as a guard instead: the plan runs it on every
+# call and declines when it fails.
 
 
 class _Local(threading.local):
