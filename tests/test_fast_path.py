@@ -24,6 +24,7 @@ path, except in speed:
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -55,6 +56,14 @@ PLAN_OPS = (
     "gaussian_kl",
     "diffusion_mse_loss",  # with guards: the timesteps' range, the weights' sign
     "vlb_term",  # and the table rows used, the value's NaNs
+    # the engine's other kernels, kinds of the same Call (plan.cpp, Kind):
+    "gradient_penalty_from_grads",  # map_reduce + row_scale, with scratch (the norms, coefficients)
+    "feature_matching_loss",  # col_sum into scratch means, col_broadcast
+    "ssgan_critic_loss",  # row_lse, with a guard: the labels' range
+    "ssgan_g_loss",  # row_lse
+    "iwae_bound",  # row_lse
+    "gmm_log_likelihood",  # gmm
+    "mmd2",  # mmd, with bandwidths given (the median heuristic reads the data: no plan)
 )
 FAST_OPS = PLAN_OPS
 NATIVE_RECORDS = tuple(r for r in R.RECORDS if r.has_native)
@@ -91,14 +100,17 @@ def spy(monkeypatch):
     return install
 
 
-def _expect_fast(record, tensors, need=True):
+def _expect_fast(record, tensors, kwargs):
     """The plans serve FAST_OPS on same-shape inputs (a broadcast model_log_variance is
-    materialised by the Python path: a derived array, no plan)."""
+    materialised by the Python path: a derived array, no plan), and mmd2 where its
+    bandwidths do not come from the data."""
     if record.name not in FAST_OPS:
         return False
     if record.name == "vlb_term":
         shapes = {tuple(t.shape) for t in tensors if t.is_floating_point()}
         return len(shapes) == 1
+    if record.name == "mmd2":
+        return kwargs.get("bandwidths") is not None or kwargs.get("kernel") in ("polynomial", "energy")
     return True
 
 
@@ -133,7 +145,7 @@ def test_fast_path_equals_python_path(spy, record, variant, reduction, dtype):
         spy(off=True)
         slow = _run(record, tensors, kwargs, need)
         label = f"{record.name}({variant.id}, {reduction}) need_grad={need}"
-        if _expect_fast(record, tensors, need):
+        if _expect_fast(record, tensors, kwargs):
             assert fast_spy.served > 0, f"{label}: the fast path was not taken"
         _same(label, first, slow)
         _same(label, fast, slow)
@@ -575,3 +587,150 @@ def test_vlb_x0_off_the_data_box_is_named(reduction):
     nan_xt[1, 0] = float("nan")
     value, _ = gn.vlb_term(x0, nan_xt, t, eps, sched, None, reduction)
     assert torch.isnan(value).any()
+
+
+# ----------------------------------------------------------------------------- the kernels as kinds of Call
+
+
+def test_kernel_kinds_compute_by_named_fields():
+    """col_sum, col_broadcast, row_scale and row_lse through Call and run, against torch."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=g)
+    m = torch.empty(3, dtype=torch.float64)
+    _C.run(_C.Call(kind="col_sum", dtype=1, x=x.data_ptr(), out=m.data_ptr(), rows=5, cols=3, scale=0.5))
+    torch.testing.assert_close(m, 0.5 * x.sum(0))
+    b = torch.ones(4, 3, dtype=torch.float64)
+    _C.run(_C.Call(kind="col_broadcast", dtype=1, v=m.data_ptr(), out=b.data_ptr(), rows=4, cols=3, scale=2.0,
+                   accumulate=True))  # fmt: skip
+    torch.testing.assert_close(b, 1.0 + 2.0 * m.expand(4, 3))
+    coef = torch.arange(5, dtype=torch.float64)
+    s = torch.empty(5, 3, dtype=torch.float64)
+    _C.run(_C.Call(kind="row_scale", dtype=1, x=x.data_ptr(), coef=coef.data_ptr(), out=s.data_ptr(), rows=5,
+                   cols=3, scale=3.0))  # fmt: skip
+    torch.testing.assert_close(s, 3.0 * coef[:, None] * x)
+    out, grad = torch.empty((), dtype=torch.float64), torch.empty(5, 3, dtype=torch.float64)
+    call = _C.run_call(kind="row_lse", dtype=1, logits=x.data_ptr(), mode=1, index=2, rows=5, K=3,
+                       value_scale=0.25, out_value=out.data_ptr(), grad=grad.data_ptr(), grad_scale=0.25)  # fmt: skip
+    torch.testing.assert_close(out, 0.25 * (torch.logsumexp(x, 1) - x[:, 2]).sum())
+    torch.testing.assert_close(grad, 0.25 * (torch.softmax(x, 1) - torch.nn.functional.one_hot(
+        torch.full((5,), 2), 3).double()))  # fmt: skip
+    assert call.kind == "row_lse" and call.fields["K"] == 3 and call.fields["mode"] == 1
+    with pytest.raises(AttributeError, match="map_reduce field"):
+        call.functor  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "match"),
+    [
+        (dict(kind="col_max"), ValueError, "unknown kind 'col_max'"),
+        (dict(kind="col_sum", x=8, out=8, rows=2), TypeError, r"col_sum'\): missing field 'cols'"),
+        (dict(kind="col_sum", x=8, out=8, rows=2, cols=2, K=2), TypeError, r"unknown field 'K' \(its fields"),
+        (dict(kind="col_sum", x=0, out=8, rows=2, cols=2), ValueError, "x must be an address"),
+        (dict(kind="row_scale", x=8, out=8, rows=-1, cols=2), ValueError, "rows must be >= 0"),
+        (dict(kind="row_lse", logits=8, mode=7, rows=1, K=2), ValueError, "mode must be 0-4"),
+        (dict(kind="row_lse", logits=8, mode=0, rows=1, K=2), ValueError, "mode 0 needs labels"),
+        (dict(kind="row_lse", logits=8, mode=1, index=2, rows=1, K=2), ValueError, "index must be < K"),
+        (dict(kind="gmm", x=8, logits=8, means=8, logvars=8, N=1, K=1, D=1, dtype=5), ValueError, "dtype"),
+        (dict(kind="mmd", kernel=0, estimator=0, x=8, y=8, N=2, M=2, D=1), ValueError, "need bandwidths"),
+        (
+            dict(kind="mmd", kernel=0, estimator=0, x=8, y=8, N=2, M=2, D=1, bandwidths=1.0),
+            TypeError,
+            "bandwidths must be a list",
+        ),
+        (dict(kind="mmd", kernel=4, estimator=0, x=8, y=8, N=2, M=2, D=1), ValueError, "kernel must be 0-3"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_kernel_calls_name_their_fields(fields, error, match):
+    with pytest.raises(error, match=match):
+        _C.Call(**fields)
+
+
+def test_plans_with_scratch_serve_new_data(plans):
+    """feature_matching_loss's plan allocates its scratch (the column means and their
+    gradients) on every run: new data, a new batch of results, each the closed form, and the
+    results of an earlier run untouched."""
+    import genloss.native as gn
+
+    g = torch.Generator().manual_seed(4)
+    runs = []
+    for _ in range(3):
+        r, f = (
+            torch.randn(6, 4, dtype=torch.float64, generator=g),
+            torch.randn(5, 4, dtype=torch.float64, generator=g),
+        )
+        value, (gr, gf) = gn.feature_matching_loss(r, f)
+        runs.append((r, f, value, gr, gf))
+    assert len(plans) == 1
+    for r, f, value, gr, gf in runs:  # checked after all ran: no run wrote into another's arrays
+        d = r.mean(0) - f.mean(0)
+        torch.testing.assert_close(value, (d**2).sum())
+        torch.testing.assert_close(gr, (2 * d / 6).expand(6, 4))
+        torch.testing.assert_close(gf, (-2 * d / 5).expand(5, 4))
+
+
+def test_ssgan_plan_guards_the_labels(plans):
+    """ssgan_critic_loss's plan re-checks that the labels are real classes: one that is the
+    fake class declines, and the Python path names the labels."""
+    import genloss.native as gn
+
+    lab, unl, fak = _plain(12).reshape(4, 3), _plain(12).reshape(4, 3) * 0.5, _plain(12).reshape(4, 3) - 1.0
+    y = torch.tensor([0, 1, 1, 0])
+    gn.ssgan_critic_loss(lab, y, unl, fak)
+    assert len(plans) == 1
+    assert plans.run(("ssgan_critic_loss", "mean", True), (lab, y, unl, fak)) is not None
+    bad = torch.tensor([0, 1, 2, 0])  # 2: the fake class
+    assert plans.run(("ssgan_critic_loss", "mean", True), (lab, bad, unl, fak)) is None
+    with pytest.raises(ValueError, match="labels must lie in"):
+        gn.ssgan_critic_loss(lab, bad, unl, fak)
+
+
+def test_a_derived_array_is_never_taken_for_an_allocation(plans):
+    """A plan names buffers by address. A derived array (here 2 x, computed by torch) that a
+    call reads and that is freed before an output is allocated could leave its address to that
+    output; taken for the output, the plan would read an uninitialised array where the Python
+    path read 2 x. The recording keeps every array the composition made alive until the plan is
+    recorded, so the derived array keeps its own address and the recording is refused."""
+
+    def loss(x):
+        def compose():
+            b = _engine.as_input(x, "x")
+            twice = _engine.as_input(x * 2.0, "twice")  # derived: a plan cannot compute it
+            value = _engine.empty(b, ())
+            _engine.map_reduce("Linear", twice, out=value)
+            del twice  # its array is freed here but for the recording
+            g = _engine.empty(b, x.shape)  # the size of the derived array
+            _engine.map_reduce("Linear", b, grads=[g])
+            return value.arr, (g.arr,)
+
+        return _compose.cached(("derived",), (x,), compose)
+
+    for n in range(1, 4):
+        x = torch.full((1 << 16,), float(n))  # blocks of 256 KiB: freed ones are handed out again
+        value, (g,) = loss(x)
+        assert float(value) == 2.0 * (1 << 16) * n
+        assert torch.equal(g, torch.ones(1 << 16))
+    assert len(plans) == 0
+    # what makes it so whatever the allocator does: the recording holds what it made
+    with _engine.Recording() as rec:
+        derived = _engine.as_input(torch.ones(8) * 2.0, "derived")
+        alive = weakref.ref(derived.arr)
+        del derived
+        assert alive() is not None
+    del rec
+    assert alive() is None
+
+
+def test_returned_arrays_must_be_the_compositions_own(plans):
+    """A plan allocates its outputs itself: a recording whose result is not an array the
+    composition allocated (here an input's view), or that names an allocation it was not told
+    of, is refused."""
+    x = _plain(8)
+    out = torch.empty(())
+    call = _C.Call(functor="Linear", ins=[x.data_ptr()], rows=8, cols=1, out_value=out.data_ptr())
+    assert not plans.add(("not allocated",), (x,), [call], (out, ()), None, [])
+    assert plans.add(("allocated",), (x,), [call], (out, ()), None, [out])
+    scratch = torch.empty(8)
+    copy = _C.Call(functor="Linear", ins=[scratch.data_ptr()], rows=8, cols=1, out_value=out.data_ptr())
+    assert not plans.add(("unknown scratch",), (x,), [copy], (out, ()), None, [out])
+    assert plans.add(("known scratch",), (x,), [copy], (out, ()), None, [out, scratch])

@@ -1,15 +1,14 @@
-// bindings.cpp — the pybind11 module genloss._C. Thin by design: it turns
-// Python ints (pointers, sizes) into the engine's argument structs and calls the
-// CPU or CUDA engine with the GIL released (map_reduce: _C.Call and _C.run, in
-// plan.cpp). No math here; validation happens in python/genloss/native/_engine.py,
-// which owns the DLPack side.
+// bindings.cpp — the pybind11 module genloss._C. Thin by design: the engine itself
+// (map_reduce and its kernels row_scale, col_sum, col_broadcast, row_lse, gmm, mmd) is run
+// only through typed Calls with named fields (_C.Call, _C.run, _C.run_call, in
+// plan.cpp); this file binds the rest (DLPack, settings, build info). No math here;
+// validation happens in python/genloss/native/_engine.py, which owns the DLPack side.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
 
-#include "address.h"
 #include "cpu_config.h"
 #include "dlpack.h"
 #include "genloss/cuda_info.h"
@@ -26,56 +25,6 @@ void bind_prdc(py::module_& m);        // bindings_prdc.cpp
 void bind_ot(py::module_& m);          // bindings_ot.cpp
 
 namespace {
-
-// Device codes from Python: 0 = CPU, 1 = CUDA.
-template <class Args, class CpuFn, class CudaFn>
-void run(int device, int device_id, std::uintptr_t stream, const Args& a, CpuFn cpu_fn, CudaFn cuda_fn) {
-  py::gil_scoped_release nogil;
-  if (device == 0) {
-    cpu_fn(a);
-  } else {
-    const cuda::DeviceGuard guard(device_id);
-    cuda_fn(a, P(stream));
-  }
-}
-
-void row_scale(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t x, std::uintptr_t coef,
-               std::uintptr_t out, int64_t rows, int64_t cols, double scale, int accumulate) {
-  RowScaleArgs a{dtype, P(x), P(coef), P(out), rows, cols, scale, accumulate};
-  run(device, device_id, stream, a, cpu::row_scale, cuda::row_scale);
-}
-
-void col_sum(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t x, std::uintptr_t out,
-             int64_t rows, int64_t cols, double scale) {
-  ColSumArgs a{dtype, P(x), P(out), rows, cols, scale};
-  run(device, device_id, stream, a, cpu::col_sum, cuda::col_sum);
-}
-
-void col_broadcast(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t v, std::uintptr_t out,
-                   int64_t rows, int64_t cols, double scale, int accumulate) {
-  ColBroadcastArgs a{dtype, P(v), P(out), rows, cols, scale, accumulate};
-  run(device, device_id, stream, a, cpu::col_broadcast, cuda::col_broadcast);
-}
-
-void row_lse(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t logits, std::uintptr_t labels,
-             int label_type, int mode, int64_t index, int64_t rows, int64_t K, double value_scale,
-             std::uintptr_t out_value, int accumulate, std::uintptr_t out_rows, double grad_scale,
-             std::uintptr_t grad) {
-  RowLseArgs a{dtype, P(logits),   P(labels),    label_type, mode,        index,      rows,
-               K,     value_scale, P(out_value), accumulate, P(out_rows), grad_scale, P(grad)};
-  run(device, device_id, stream, a, cpu::row_lse, cuda::row_lse);
-}
-
-void gmm(int device, int device_id, std::uintptr_t stream, int dtype, std::uintptr_t x, std::uintptr_t logits,
-         std::uintptr_t means, std::uintptr_t logvars, int64_t N, int64_t K, int64_t D, double value_scale,
-         std::uintptr_t out_value, std::uintptr_t out_rows, std::uintptr_t resp, std::uintptr_t row_weights,
-         double grad_scale, std::uintptr_t grad_x, std::uintptr_t grad_logits, std::uintptr_t grad_means,
-         std::uintptr_t grad_logvars) {
-  GmmArgs a{dtype,         P(x),           P(logits),   P(means), P(logvars),     N,          K,         D,
-            value_scale,   P(out_value),   P(out_rows), P(resp),  P(row_weights), grad_scale, P(grad_x), P(grad_logits),
-            P(grad_means), P(grad_logvars)};
-  run(device, device_id, stream, a, cpu::gmm, cuda::gmm);
-}
 
 // Reads a DLPack capsule without consuming it (its owner keeps the memory alive
 // as long as the capsule lives; Python holds it for the duration of the call).
@@ -192,11 +141,6 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "genloss native engine (CPU, and CUDA when built with nvcc)";
   // clang-format off
-  m.def("row_scale",     &row_scale);
-  m.def("col_sum",       &col_sum);
-  m.def("col_broadcast", &col_broadcast);
-  m.def("row_lse",       &row_lse);
-  m.def("gmm",           &gmm);
   m.def("dlpack_info",   &dlpack_info, py::arg("cap"), py::arg("name") = "array");
   m.def("build_info",    &build_info);
   m.def("cuda_runtime",  &cuda_runtime);

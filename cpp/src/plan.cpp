@@ -1,9 +1,12 @@
-// plan.cpp — the one way Python runs the map_reduce engine, and the small-call fast path.
+// plan.cpp — the one way Python runs the engine (map_reduce and its kernels), and the
+// small-call fast path.
 //
-// 1. ``Call`` (genloss._C.Call): one typed engine call with named fields. Functor
-//    parameters go by the names the functor declares (ParamNames in ops/*.h,
-//    exported as _C.FUNCTOR_PARAMS); a wrong or missing name is a TypeError naming
-//    the functor and its parameters. ``run(call or calls)`` is the one entry point:
+// 1. ``Call`` (genloss._C.Call): one typed engine call with named fields. Its ``kind`` is
+//    map_reduce (the default) or one of the engine's kernels (row_scale, col_sum,
+//    col_broadcast, row_lse, gmm, mmd), whose fields are their Args structs' (engine.h,
+//    mmd.h) by name. Functor parameters go by the names the functor declares (ParamNames in
+//    ops/*.h, exported as _C.FUNCTOR_PARAMS); a wrong or missing name is a TypeError
+//    naming the functor and its parameters. ``run(call or calls)`` is the one entry point:
 //    it runs them on their device with the GIL released; ``run_call(**fields)`` is
 //    Call + run in one vectorcall (the compositions' hot path: no dict, no pybind11
 //    dispatch). The native compositions (python/genloss/native/) reach the engine
@@ -14,8 +17,9 @@
 //    pointers, checks them and allocates the outputs (_compose.py) costs ~20 us: more
 //    than torch eager spends on the whole loss. The first time a composition runs on
 //    plain CPU torch tensors for a given key (its op, hyperparameters, reduction,
-//    need_grad), the Python path runs and records its Calls; ``add`` turns their
-//    pointers into SLOTS (input k, output k) for these input shapes and dtype. Later
+//    need_grad), the Python path runs and records its Calls and the arrays it allocates;
+//    ``add`` turns their pointers into SLOTS (input k, output k, scratch k: an allocation
+//    it does not return, allocated afresh on every run) for these input shapes and dtype. Later
 //    calls with the same key, dtype and shapes bind the new tensors in C++ and run
 //    the same calls (same functors, scales and order: the same bits), without
 //    re-running the Python composition. Whenever anything is unusual (another array
@@ -35,6 +39,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -45,6 +50,7 @@
 
 #include "cpu_config.h"
 #include "genloss/engine.h"
+#include "genloss/mmd.h"
 
 namespace py = pybind11;
 
@@ -335,15 +341,154 @@ void set_params(int id, PyObject* params, MapReduceArgs& a) {
 }
 
 // ---- Call: one typed engine call, and run(), the one entry point --------------------
+//
+// Besides map_reduce the engine has a few fixed-purpose kernels (engine.h RowScaleArgs,
+// ColSumArgs, ColBroadcastArgs, RowLseArgs, GmmArgs; mmd.h MmdArgs). Each is a KIND of the one Call, built
+// from named fields and run by the same entry points (run, run_call), so that a composition
+// using them is recorded and replayed by the plan cache like any other. A kind's fields
+// are its Args struct's, described once below (name, type, place, default): building a
+// Call, reading its fields back and the plan's pointer slots all read that description.
+
+enum Kind : int { kMapReduce, kRowScale, kColSum, kColBroadcast, kRowLse, kGmm, kMmd, kNumKinds };
+const char* const kKindNames[kNumKinds] = {"map_reduce", "row_scale", "col_sum", "col_broadcast",
+                                           "row_lse",    "gmm",       "mmd"};
+
+union KernelArgs {  // the Args of a kind other than map_reduce (a union's members start at its start)
+  RowScaleArgs row_scale;
+  ColSumArgs col_sum;
+  ColBroadcastArgs col_broadcast;
+  RowLseArgs row_lse;
+  GmmArgs gmm;
+  MmdArgs mmd;
+};
+
+// kTSize: an int64 that must be >= 0; kTReals: a sequence of reals, kept by the Call
+// (Call::reals) and pointed to when it runs (mmd's bandwidths, with their count).
+enum FieldType : int { kTInt, kTSize, kTReal, kTAddr, kTFlag, kTReals };
+
+struct KernelField {
+  const char* name;
+  FieldType type;
+  size_t offset;  // in the kind's Args struct, so in KernelArgs
+  bool required;
+  double fallback;  // a real field's value when not given (every other type: 0)
+};
+
+#define GENLOSS_FIELD(S, member, type, required, fallback) \
+  KernelField {                                            \
+    #member, type, offsetof(S, member), required, fallback \
+  }
+const KernelField kRowScaleFields[] = {
+    GENLOSS_FIELD(RowScaleArgs, dtype, kTInt, false, 0),  GENLOSS_FIELD(RowScaleArgs, x, kTAddr, true, 0),
+    GENLOSS_FIELD(RowScaleArgs, coef, kTAddr, false, 0),  GENLOSS_FIELD(RowScaleArgs, out, kTAddr, true, 0),
+    GENLOSS_FIELD(RowScaleArgs, rows, kTSize, true, 0),   GENLOSS_FIELD(RowScaleArgs, cols, kTSize, true, 0),
+    GENLOSS_FIELD(RowScaleArgs, scale, kTReal, false, 1), GENLOSS_FIELD(RowScaleArgs, accumulate, kTFlag, false, 0)};
+const KernelField kColSumFields[] = {
+    GENLOSS_FIELD(ColSumArgs, dtype, kTInt, false, 0), GENLOSS_FIELD(ColSumArgs, x, kTAddr, true, 0),
+    GENLOSS_FIELD(ColSumArgs, out, kTAddr, true, 0),   GENLOSS_FIELD(ColSumArgs, rows, kTSize, true, 0),
+    GENLOSS_FIELD(ColSumArgs, cols, kTSize, true, 0),  GENLOSS_FIELD(ColSumArgs, scale, kTReal, false, 1)};
+const KernelField kColBroadcastFields[] = {GENLOSS_FIELD(ColBroadcastArgs, dtype, kTInt, false, 0),
+                                           GENLOSS_FIELD(ColBroadcastArgs, v, kTAddr, true, 0),
+                                           GENLOSS_FIELD(ColBroadcastArgs, out, kTAddr, true, 0),
+                                           GENLOSS_FIELD(ColBroadcastArgs, rows, kTSize, true, 0),
+                                           GENLOSS_FIELD(ColBroadcastArgs, cols, kTSize, true, 0),
+                                           GENLOSS_FIELD(ColBroadcastArgs, scale, kTReal, false, 1),
+                                           GENLOSS_FIELD(ColBroadcastArgs, accumulate, kTFlag, false, 0)};
+const KernelField kRowLseFields[] = {
+    GENLOSS_FIELD(RowLseArgs, dtype, kTInt, false, 0),        GENLOSS_FIELD(RowLseArgs, logits, kTAddr, true, 0),
+    GENLOSS_FIELD(RowLseArgs, labels, kTAddr, false, 0),      GENLOSS_FIELD(RowLseArgs, label_type, kTInt, false, 0),
+    GENLOSS_FIELD(RowLseArgs, mode, kTInt, true, 0),          GENLOSS_FIELD(RowLseArgs, index, kTSize, false, 0),
+    GENLOSS_FIELD(RowLseArgs, rows, kTSize, true, 0),         GENLOSS_FIELD(RowLseArgs, K, kTSize, true, 0),
+    GENLOSS_FIELD(RowLseArgs, value_scale, kTReal, false, 1), GENLOSS_FIELD(RowLseArgs, out_value, kTAddr, false, 0),
+    GENLOSS_FIELD(RowLseArgs, accumulate, kTFlag, false, 0),  GENLOSS_FIELD(RowLseArgs, out_rows, kTAddr, false, 0),
+    GENLOSS_FIELD(RowLseArgs, grad_scale, kTReal, false, 1),  GENLOSS_FIELD(RowLseArgs, grad, kTAddr, false, 0)};
+const KernelField kGmmFields[] = {GENLOSS_FIELD(GmmArgs, dtype, kTInt, false, 0),
+                                  GENLOSS_FIELD(GmmArgs, x, kTAddr, true, 0),
+                                  GENLOSS_FIELD(GmmArgs, logits, kTAddr, true, 0),
+                                  GENLOSS_FIELD(GmmArgs, means, kTAddr, true, 0),
+                                  GENLOSS_FIELD(GmmArgs, logvars, kTAddr, true, 0),
+                                  GENLOSS_FIELD(GmmArgs, N, kTSize, true, 0),
+                                  GENLOSS_FIELD(GmmArgs, K, kTSize, true, 0),
+                                  GENLOSS_FIELD(GmmArgs, D, kTSize, true, 0),
+                                  GENLOSS_FIELD(GmmArgs, value_scale, kTReal, false, 1),
+                                  GENLOSS_FIELD(GmmArgs, out_value, kTAddr, false, 0),
+                                  GENLOSS_FIELD(GmmArgs, out_rows, kTAddr, false, 0),
+                                  GENLOSS_FIELD(GmmArgs, resp, kTAddr, false, 0),
+                                  GENLOSS_FIELD(GmmArgs, row_weights, kTAddr, false, 0),
+                                  GENLOSS_FIELD(GmmArgs, grad_scale, kTReal, false, 1),
+                                  GENLOSS_FIELD(GmmArgs, grad_x, kTAddr, false, 0),
+                                  GENLOSS_FIELD(GmmArgs, grad_logits, kTAddr, false, 0),
+                                  GENLOSS_FIELD(GmmArgs, grad_means, kTAddr, false, 0),
+                                  GENLOSS_FIELD(GmmArgs, grad_logvars, kTAddr, false, 0)};
+const KernelField kMmdFields[] = {GENLOSS_FIELD(MmdArgs, dtype, kTInt, false, 0),
+                                  GENLOSS_FIELD(MmdArgs, kernel, kTInt, true, 0),
+                                  GENLOSS_FIELD(MmdArgs, estimator, kTInt, true, 0),
+                                  GENLOSS_FIELD(MmdArgs, x, kTAddr, true, 0),
+                                  GENLOSS_FIELD(MmdArgs, y, kTAddr, true, 0),
+                                  GENLOSS_FIELD(MmdArgs, N, kTSize, true, 0),
+                                  GENLOSS_FIELD(MmdArgs, M, kTSize, true, 0),
+                                  GENLOSS_FIELD(MmdArgs, D, kTSize, true, 0),
+                                  GENLOSS_FIELD(MmdArgs, bandwidths, kTReals, false, 0),
+                                  GENLOSS_FIELD(MmdArgs, out_value, kTAddr, false, 0),
+                                  GENLOSS_FIELD(MmdArgs, grad_scale, kTReal, false, 1),
+                                  GENLOSS_FIELD(MmdArgs, grad_x, kTAddr, false, 0),
+                                  GENLOSS_FIELD(MmdArgs, grad_y, kTAddr, false, 0)};
+#undef GENLOSS_FIELD
+
+struct KindInfo {
+  const KernelField* fields;
+  int n;
+};
+template <size_t N>
+constexpr KindInfo info(const KernelField (&f)[N]) {
+  return {f, static_cast<int>(N)};
+}
+const KindInfo kKinds[kNumKinds] = {
+    {nullptr, 0},        info(kRowScaleFields), info(kColSumFields), info(kColBroadcastFields),
+    info(kRowLseFields), info(kGmmFields),      info(kMmdFields)};
+constexpr int kMaxKernelFields = 18;  // gmm's
+constexpr int kMaxKernelAddrs = 12;   // gmm's address fields
 
 struct Call {
-  MapReduceArgs a{};  // a.totals is set only while it runs
+  int kind = kMapReduce;
+  MapReduceArgs a{};  // kind map_reduce; a.totals is set only while it runs
+  KernelArgs k;       // any other kind
   int device = 0;     // 0 CPU, 1 CUDA
   int device_id = 0;
   std::uintptr_t stream = 0;
   bool want_totals = false;
   double totals[2] = {0.0, 0.0};
+  std::vector<double> reals;  // a kTReals field's values (k points to them only while it runs)
+  Call() { std::memset(&k, 0, sizeof k); }
 };
+
+// `k` with its kTReals field pointed at `reals` (a Call moves: the pointer is set per run).
+KernelArgs with_reals(int kind, const KernelArgs& k, const std::vector<double>& reals) {
+  KernelArgs r = k;
+  if (kind == kMmd) {
+    r.mmd.bandwidths = reals.data();
+    r.mmd.nbw = static_cast<int>(reals.size());
+  }
+  return r;
+}
+
+char* field_at(KernelArgs& k, const KernelField& f) {
+  return reinterpret_cast<char*>(&k) + f.offset;
+}
+const char* field_at(const KernelArgs& k, const KernelField& f) {
+  return reinterpret_cast<const char*>(&k) + f.offset;
+}
+
+// An address field of a kernel kind (read or written through memcpy: the Args member is a
+// `const void*` or a `void*`).
+const void* addr_of(const KernelArgs& k, const KernelField& f) {
+  const void* p;
+  std::memcpy(&p, field_at(k, f), sizeof p);
+  return p;
+}
+void set_addr(KernelArgs& k, const KernelField& f, const void* p) {
+  std::memcpy(field_at(k, f), &p, sizeof p);
+}
 
 std::uintptr_t as_ptr(PyObject* v, const char* field) {
   if (v == Py_None) return 0;
@@ -410,13 +555,14 @@ enum Field {
   kIndex,
   kIndexType,
   kRowWeight,
+  kKind,
   kNumFields
 };
-const char* const kFieldNames[kNumFields] = {"functor",     "params",       "ins",         "grads",      "dtype",
-                                             "device",      "device_id",    "stream",      "rows",       "cols",
-                                             "value_scale", "grad_scale",   "grad_offset", "out_value",  "out_rows",
-                                             "out_elems",   "out_rows_raw", "accumulate",  "totals",     "table",
-                                             "table_rows",  "table_stride", "index",       "index_type", "row_weight"};
+const char* const kFieldNames[kNumFields] = {
+    "functor",      "params",    "ins",          "grads",       "dtype",      "device",      "device_id",
+    "stream",       "rows",      "cols",         "value_scale", "grad_scale", "grad_offset", "out_value",
+    "out_rows",     "out_elems", "out_rows_raw", "accumulate",  "totals",     "table",       "table_rows",
+    "table_stride", "index",     "index_type",   "row_weight",  "kind"};
 
 // The field a keyword names (interned: keywords written in Python source compare by
 // identity), or -1.
@@ -454,7 +600,168 @@ struct Fields {
   }
 };
 
+// The kind a Call's fields name (kind="..."; absent: map_reduce).
+int kind_in(Fields f) {
+  static PyObject* key = PyUnicode_InternFromString("kind");
+  PyObject* v = nullptr;
+  if (f.dict != nullptr) {
+    v = PyDict_GetItemWithError(f.dict, key);  // borrowed
+    if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  } else if (f.kwnames != nullptr) {
+    // Keywords written in Python source are interned: identity first; the comparison
+    // only for a 4-character name (a map_reduce call, which names no kind, pays no more).
+    const Py_ssize_t n = PyTuple_GET_SIZE(f.kwnames);
+    for (Py_ssize_t i = 0; i < n && v == nullptr; ++i)
+      if (PyTuple_GET_ITEM(f.kwnames, i) == key) v = f.args[i];
+    for (Py_ssize_t i = 0; i < n && v == nullptr; ++i) {
+      PyObject* k = PyTuple_GET_ITEM(f.kwnames, i);
+      if (PyUnicode_GET_LENGTH(k) == 4 && PyUnicode_Compare(k, key) == 0) v = f.args[i];
+    }
+    PyErr_Clear();
+  }
+  if (v == nullptr) return kMapReduce;
+  const char* s = PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : nullptr;
+  if (s == nullptr) PyErr_Clear();
+  for (int i = 0; i < kNumKinds && s != nullptr; ++i)
+    if (std::strcmp(s, kKindNames[i]) == 0) return i;
+  std::string kinds;
+  for (int i = 0; i < kNumKinds; ++i) kinds += (i ? ", " : "") + std::string(kKindNames[i]);
+  throw py::value_error("Call: unknown kind " + std::string(py::repr(v)) + " (kinds: " + kinds + ")");
+}
+
+// The field of kind `kind` a keyword names (interned names: identity first), or -1.
+int kernel_field(int kind, PyObject* k) {
+  static PyObject* names[kNumKinds][kMaxKernelFields];
+  static bool ready = false;
+  if (!ready) {
+    for (int i = 1; i < kNumKinds; ++i)
+      for (int j = 0; j < kKinds[i].n; ++j) names[i][j] = PyUnicode_InternFromString(kKinds[i].fields[j].name);
+    ready = true;
+  }
+  const int n = kKinds[kind].n;
+  for (int j = 0; j < n; ++j)
+    if (names[kind][j] == k) return j;
+  for (int j = 0; j < n; ++j)
+    if (PyUnicode_Check(k) && PyUnicode_Compare(k, names[kind][j]) == 0) return j;
+  PyErr_Clear();
+  return -1;
+}
+
+std::string kernel_field_list(int kind) {
+  std::string s;
+  for (int j = 0; j < kKinds[kind].n; ++j) s += (j ? ", " : "") + std::string(kKinds[kind].fields[j].name);
+  return s;
+}
+
+// Call(kind="row_lse", logits=..., ...): a kernel kind, every field of its Args struct by
+// name (engine.h says what each does), plus kind, device, device_id and stream. An
+// unknown or missing field is a TypeError, a bad value a ValueError, each naming the kind.
+Call make_kernel_call(int kind, Fields fields) {
+  Call c;
+  c.kind = kind;
+  const KindInfo& info = kKinds[kind];
+  const std::string who = std::string("Call(kind='") + kKindNames[kind] + "')";
+  uint32_t given = 0;
+  PyObject *k, *v;
+  while (fields.next(&k, &v)) {
+    const int common = field_of(k);
+    if (common == kKind) continue;
+    if (common == kDevice) {
+      c.device = static_cast<int>(as_int(v, "device"));
+      continue;
+    }
+    if (common == kDeviceId) {
+      c.device_id = static_cast<int>(as_int(v, "device_id"));
+      continue;
+    }
+    if (common == kStream) {
+      c.stream = as_ptr(v, "stream");
+      continue;
+    }
+    const int j = kernel_field(kind, k);
+    if (j < 0)
+      throw py::type_error(who + ": unknown field " + std::string(py::repr(k)) +
+                           " (its fields: " + kernel_field_list(kind) + ", device, device_id, stream)");
+    const KernelField& f = info.fields[j];
+    given |= 1u << j;
+    char* p = field_at(c.k, f);
+    switch (f.type) {
+      case kTInt: {
+        const int i = static_cast<int>(as_int(v, f.name));
+        std::memcpy(p, &i, sizeof i);
+        break;
+      }
+      case kTSize: {
+        const int64_t i = as_int(v, f.name);
+        if (i < 0) throw py::value_error(who + ": " + f.name + " must be >= 0, got " + std::to_string(i));
+        std::memcpy(p, &i, sizeof i);
+        break;
+      }
+      case kTReal: {
+        const double d = as_real(v, f.name);
+        std::memcpy(p, &d, sizeof d);
+        break;
+      }
+      case kTAddr:
+        set_addr(c.k, f, reinterpret_cast<const void*>(as_ptr(v, f.name)));
+        break;
+      case kTFlag: {
+        const int b = PyObject_IsTrue(v);
+        if (b < 0) throw py::error_already_set();
+        std::memcpy(p, &b, sizeof b);
+        break;
+      }
+      case kTReals:
+        if (!PyTuple_Check(v) && !PyList_Check(v))
+          throw py::type_error(who + ": " + f.name + " must be a list of real numbers");
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(v); ++i)
+          c.reals.push_back(as_real(PySequence_Fast_GET_ITEM(v, i), f.name));
+        break;
+    }
+  }
+  for (int j = 0; j < info.n; ++j) {
+    const KernelField& f = info.fields[j];
+    if (given & (1u << j)) {
+      if (f.required && f.type == kTAddr && addr_of(c.k, f) == nullptr)
+        throw py::value_error(who + ": " + f.name + " must be an address, got 0");
+      continue;
+    }
+    if (f.required) throw py::type_error(who + ": missing field '" + f.name + "'");
+    if (f.type == kTReal) std::memcpy(field_at(c.k, f), &f.fallback, sizeof(double));
+  }
+  int dtype;
+  std::memcpy(&dtype, &c.k, sizeof dtype);  // every Args struct starts with its dtype
+  if (dtype < 0 || dtype > 3)
+    throw py::value_error(who + ": dtype must be 0-3 (engine.h), got " + std::to_string(dtype));
+  if (kind == kRowLse) {
+    const RowLseArgs& a = c.k.row_lse;
+    if (a.mode < ops::kLseLabel || a.mode > ops::kLseRealLabel)
+      throw py::value_error(who + ": mode must be 0-4 (ops::RowLseMode), got " + std::to_string(a.mode));
+    const bool labeled = a.mode == ops::kLseLabel || a.mode == ops::kLseRealLabel;
+    if (labeled && a.labels == nullptr)
+      throw py::value_error(who + ": mode " + std::to_string(a.mode) + " needs labels");
+    if (labeled && a.label_type != 0 && a.label_type != 1)
+      throw py::value_error(who + ": label_type must be 0 (int64) or 1 (int32)");
+    if (a.mode == ops::kLseIndex && a.index >= a.K)
+      throw py::value_error(who + ": index must be < K = " + std::to_string(a.K) + ", got " + std::to_string(a.index));
+  }
+  if (kind == kMmd) {
+    const MmdArgs& a = c.k.mmd;
+    if (a.kernel < kMmdRbf || a.kernel > kMmdEnergy)
+      throw py::value_error(who + ": kernel must be 0-3 (MmdKernel), got " + std::to_string(a.kernel));
+    if (a.estimator < kMmdUnbiased || a.estimator > kMmdLinear)
+      throw py::value_error(who + ": estimator must be 0-2 (MmdEstimator), got " + std::to_string(a.estimator));
+    if (a.N < 1 || a.M < 1 || a.D < 1) throw py::value_error(who + ": N, M and D must be >= 1");
+    if ((a.kernel == kMmdRbf || a.kernel == kMmdImq) && c.reals.empty())
+      throw py::value_error(who + ": kernels 0 and 1 (rbf, imq) need bandwidths");
+  }
+  if (c.device != 0 && c.device != 1) throw py::value_error(who + ": device must be 0 (CPU) or 1 (CUDA)");
+  return c;
+}
+
 Call make_call(Fields fields) {
+  const int kind = kind_in(fields);
+  if (kind != kMapReduce) return make_kernel_call(kind, fields);
   Call c;
   MapReduceArgs& a = c.a;
   a.value_scale = 1.0;
@@ -549,6 +856,8 @@ Call make_call(Fields fields) {
       case kRowWeight:
         a.row_weight = reinterpret_cast<const void*>(as_ptr(v, "row_weight"));
         break;
+      case kKind:
+        break;  // map_reduce (kind_in)
       default:
         throw py::type_error("Call: unknown field " + std::string(py::repr(k)));
     }
@@ -571,14 +880,54 @@ Call make_call(Fields fields) {
   return c;
 }
 
+// One kernel on the CPU (stream null) or on CUDA, by its kind.
+void run_cpu(int kind, const MapReduceArgs& a, const KernelArgs& k) {
+  switch (kind) {
+    case kMapReduce:
+      return cpu::map_reduce(a);
+    case kRowScale:
+      return cpu::row_scale(k.row_scale);
+    case kColSum:
+      return cpu::col_sum(k.col_sum);
+    case kColBroadcast:
+      return cpu::col_broadcast(k.col_broadcast);
+    case kRowLse:
+      return cpu::row_lse(k.row_lse);
+    case kGmm:
+      return cpu::gmm(k.gmm);
+    default:
+      return cpu::mmd(k.mmd);
+  }
+}
+
+void run_cuda(int kind, const MapReduceArgs& a, const KernelArgs& k, void* stream) {
+  switch (kind) {
+    case kMapReduce:
+      return cuda::map_reduce(a, stream);
+    case kRowScale:
+      return cuda::row_scale(k.row_scale, stream);
+    case kColSum:
+      return cuda::col_sum(k.col_sum, stream);
+    case kColBroadcast:
+      return cuda::col_broadcast(k.col_broadcast, stream);
+    case kRowLse:
+      return cuda::row_lse(k.row_lse, stream);
+    case kGmm:
+      return cuda::gmm(k.gmm, stream);
+    default:
+      return cuda::mmd(k.mmd, stream);
+  }
+}
+
 void run_one(Call& c) {
   MapReduceArgs a = c.a;
   a.totals = c.want_totals ? c.totals : nullptr;
+  const KernelArgs k = with_reals(c.kind, c.k, c.reals);
   if (c.device == 0) {
-    cpu::map_reduce(a);
+    run_cpu(c.kind, a, k);
   } else {
     const cuda::DeviceGuard guard(c.device_id);
-    cuda::map_reduce(a, reinterpret_cast<void*>(c.stream));
+    run_cuda(c.kind, a, k, reinterpret_cast<void*>(c.stream));
   }
 }
 
@@ -634,30 +983,101 @@ py::dict call_params(const Call& c) {
   return d;
 }
 
+// A kernel kind's fields by name (map_reduce: None; its fields have their own properties).
+py::object call_fields(const Call& c) {
+  if (c.kind == kMapReduce) return py::none();
+  py::dict d;
+  const KindInfo& info = kKinds[c.kind];
+  for (int j = 0; j < info.n; ++j) {
+    const KernelField& f = info.fields[j];
+    const char* p = field_at(c.k, f);
+    switch (f.type) {
+      case kTInt:
+      case kTFlag: {
+        int i;
+        std::memcpy(&i, p, sizeof i);
+        d[f.name] = f.type == kTFlag ? py::object(py::bool_(i != 0)) : py::object(py::int_(i));
+        break;
+      }
+      case kTSize: {
+        int64_t i;
+        std::memcpy(&i, p, sizeof i);
+        d[f.name] = i;
+        break;
+      }
+      case kTReal: {
+        double x;
+        std::memcpy(&x, p, sizeof x);
+        d[f.name] = x;
+        break;
+      }
+      case kTAddr:
+        d[f.name] = reinterpret_cast<std::uintptr_t>(addr_of(c.k, f));
+        break;
+      case kTReals:
+        d[f.name] = py::tuple(py::cast(c.reals));
+        break;
+    }
+  }
+  return std::move(d);
+}
+
 bool sequence(PyObject* o) {
   return PyTuple_Check(o) || PyList_Check(o);
 }
 
+// One call of a plan, its pointers bound.
+struct Bound {
+  int kind;
+  MapReduceArgs a;
+  KernelArgs k;
+};
+
 // The kernels of one call: the GIL is released only when they take long enough to matter.
-void run_all(const std::vector<MapReduceArgs>& calls, int64_t work) {
+void run_all(const std::vector<Bound>& calls, int64_t work) {
   std::unique_ptr<py::gil_scoped_release> nogil;
   if (work >= (int64_t(1) << 16)) nogil = std::make_unique<py::gil_scoped_release>();
-  for (const MapReduceArgs& a : calls) cpu::map_reduce(a);
+  for (const Bound& b : calls) run_cpu(b.kind, b.a, b.k);
+}
+
+// The elements a call reads, for run_all's GIL decision.
+int64_t work_of(const Call& c) {
+  switch (c.kind) {
+    case kMapReduce:
+      return c.a.rows * c.a.cols * kFunctors[c.a.functor].arity;
+    case kRowScale:
+      return c.k.row_scale.rows * c.k.row_scale.cols;
+    case kColSum:
+      return c.k.col_sum.rows * c.k.col_sum.cols;
+    case kColBroadcast:
+      return c.k.col_broadcast.rows * c.k.col_broadcast.cols;
+    case kRowLse:
+      return c.k.row_lse.rows * c.k.row_lse.K;
+    case kGmm:
+      return c.k.gmm.N * c.k.gmm.K * c.k.gmm.D;
+    default:
+      return (c.k.mmd.N + c.k.mmd.M) * (c.k.mmd.N + c.k.mmd.M) * c.k.mmd.D;
+  }
 }
 
 // ---- PlanCache: recorded compositions replayed on new tensors --------------------------
 
-// Where a recorded pointer comes from: nothing, input k or output k (0 the value,
-// 1 + j gradient j of the composition's result).
+// Where a recorded pointer comes from: nothing, input k, output k (0 the value, 1 + j
+// gradient j of the composition's result) or scratch k (an array the composition allocated
+// itself, _engine.empty, and does not return: col_sum's means, a penalty's coefficients).
 struct Ref {
-  int8_t kind = 0;  // 0 none, 1 input, 2 output
+  int8_t kind = 0;  // 0 none, 1 input, 2 output, 3 scratch
   int8_t index = 0;
 };
 
 struct Step {
-  MapReduceArgs a;  // pointers cleared: bound from the refs on each run
+  int kind;         // Kind
+  MapReduceArgs a;  // map_reduce; pointers cleared: bound from the refs on each run
+  KernelArgs k;     // another kind; pointers cleared likewise
   Ref in[kMaxArity], grad[kMaxArity];
   Ref out_value, out_rows, out_elems, out_rows_raw, table, index, row_weight;
+  Ref addr[kMaxKernelAddrs];  // another kind: its address fields, in the order kKinds lists them
+  std::vector<double> reals;  // its kTReals field (Call::reals)
 };
 
 // A check of the data that the Python path made while it recorded (_engine.guard), re-run
@@ -686,10 +1106,12 @@ struct Plan {
   py::object key;
   std::vector<int> in_kinds;  // kind_of each input
   std::vector<std::vector<int64_t>> in_shapes;
-  std::vector<std::vector<int64_t>> out_shapes;  // [0] the value, [1 + j] gradient j
-  std::vector<int> out_like;                     // the input an output takes its dtype (and maybe shape) from
-  std::vector<char> out_present;                 // gradient j returned (else None)
-  bool grads_empty;                              // the result's gradients are ()
+  std::vector<std::vector<int64_t>> out_shapes;      // [0] the value, [1 + j] gradient j
+  std::vector<int> out_like;                         // the input an output takes its dtype (and maybe shape) from
+  std::vector<char> out_present;                     // gradient j returned (else None)
+  bool grads_empty;                                  // the result's gradients are ()
+  std::vector<std::vector<int64_t>> scratch_shapes;  // allocated afresh on every run
+  std::vector<int> scratch_like;                     // the input whose dtype each has
   std::vector<Step> steps;
   std::vector<Guard> guards;
   int64_t work;
@@ -877,27 +1299,44 @@ class PlanCache {
         grads[j - 1] = py::none();
       }
     }
-    std::vector<MapReduceArgs> calls;
+    // Scratch arrays: fresh ones on every run (a run may overlap another on another thread
+    // while the GIL is released), from the same allocator as the Python path's.
+    std::vector<py::object> scratch(plan->scratch_shapes.size());
+    std::vector<void*> sptr(scratch.size(), nullptr);
+    for (size_t j = 0; j < scratch.size(); ++j)
+      scratch[j] = alloc(*t, in[static_cast<size_t>(plan->scratch_like[j])], plan->scratch_shapes[j], &sptr[j]);
+    std::vector<Bound> calls;
     calls.reserve(plan->steps.size());
     const auto bind = [&](const Ref& r) -> void* {
       if (r.kind == 1) return in[static_cast<size_t>(r.index)].ptr;
       if (r.kind == 2) return optr[static_cast<size_t>(r.index)];
+      if (r.kind == 3) return sptr[static_cast<size_t>(r.index)];
       return nullptr;
     };
+    std::vector<std::vector<double>> reals;  // copies: no pointer into the plan while the GIL is released
+    reals.reserve(plan->steps.size());
     for (const Step& s : plan->steps) {
-      MapReduceArgs a = s.a;
-      for (int q = 0; q < kMaxArity; ++q) {
-        a.in[q] = bind(s.in[q]);
-        a.grad[q] = bind(s.grad[q]);
+      reals.push_back(s.reals);
+      Bound b{s.kind, s.a, with_reals(s.kind, s.k, reals.back())};
+      if (s.kind == kMapReduce) {
+        MapReduceArgs& a = b.a;
+        for (int q = 0; q < kMaxArity; ++q) {
+          a.in[q] = bind(s.in[q]);
+          a.grad[q] = bind(s.grad[q]);
+        }
+        a.out_value = bind(s.out_value);
+        a.out_rows = bind(s.out_rows);
+        a.out_elems = bind(s.out_elems);
+        a.out_rows_raw = bind(s.out_rows_raw);
+        a.table = bind(s.table);
+        a.index = bind(s.index);
+        a.row_weight = bind(s.row_weight);
+      } else {
+        const KindInfo& info = kKinds[s.kind];
+        for (int j = 0, q = 0; j < info.n; ++j)
+          if (info.fields[j].type == kTAddr) set_addr(b.k, info.fields[j], bind(s.addr[q++]));
       }
-      a.out_value = bind(s.out_value);
-      a.out_rows = bind(s.out_rows);
-      a.out_elems = bind(s.out_elems);
-      a.out_rows_raw = bind(s.out_rows_raw);
-      a.table = bind(s.table);
-      a.index = bind(s.index);
-      a.row_weight = bind(s.row_weight);
-      calls.push_back(a);
+      calls.push_back(b);
     }
     run_all(calls, plan->work);
     for (const Guard& g : plan->guards) {
@@ -912,11 +1351,22 @@ class PlanCache {
 
   // Records the plan of a composition that just ran on `arrays` and returned `result`
   // ((value, grads)) by running `calls` (the Calls it ran, in order) after the checks of
-  // the data `guards` (_engine.guard's tuples (kind, addresses, arg)). Refuses (returns
-  // false) whatever it could not replay exactly: inputs that are not plain CPU tensors,
-  // aliased buffers, a call on CUDA or asking for totals (the Python path used the data),
-  // a pointer that is neither an input nor an output (a scratch or a derived array).
-  bool add(py::handle key, py::handle arrays, py::handle calls, py::handle result, py::handle guards) {
+  // the data `guards` (_engine.guard's tuples (kind, addresses, arg)); `allocs` are the
+  // arrays it allocated itself (_engine.empty: uninitialised, so nothing of the Python
+  // path's is in them). Refuses (returns false) whatever it could not replay exactly:
+  // inputs that are not plain CPU tensors, aliased buffers, a call on CUDA or asking for
+  // totals (the Python path used the data), a returned array that it did not allocate
+  // (a derived array), a pointer that is neither an input nor one of its allocations (a
+  // copy or another derived array). An allocation that is not returned is scratch: the
+  // plan allocates it afresh on every run.
+  //
+  // Addresses identify buffers only while those buffers are alive: a scratch freed
+  // before the composition ends, and an output later allocated at its address, would
+  // make a call on the scratch look like a call on the output. The Recording
+  // (_engine.py) therefore holds every array the composition made (allocations, copies)
+  // until this returns, so no two buffers seen here can share an address.
+  bool add(py::handle key, py::handle arrays, py::handle calls, py::handle result, py::handle guards,
+           py::handle allocs) {
     const Torch* t = torch_objects();
     if (t == nullptr) return false;
     Plan p;
@@ -939,13 +1389,40 @@ class PlanCache {
         return false;
       }
     }
+    // The composition's own allocations (an unreadable one, e.g. empty, cannot be named by
+    // any call below: a call that uses it is refused).
+    std::vector<Input> made;
+    if (!allocs.is_none()) {
+      for (py::handle h : allocs) {
+        Input a;
+        if (read_input(*t, h.ptr(), a, kAny, true)) made.push_back(a);
+      }
+    }
     std::vector<void*> seen;
     for (const Input& x : in) seen.push_back(x.ptr);
-    for (size_t j = 0; j < out.size(); ++j)
-      if (p.out_present[j]) seen.push_back(out[j].ptr);
+    for (size_t j = 0; j < out.size(); ++j) {
+      if (!p.out_present[j]) continue;
+      seen.push_back(out[j].ptr);
+      // Every returned array is one the composition allocated (its whole extent, its dtype):
+      // the plan allocates it in its place and the calls alone fill it.
+      bool fresh = false;
+      for (const Input& a : made)
+        fresh = fresh || (a.ptr == out[j].ptr && a.numel == out[j].numel && kind_of(a) == kind_of(out[j]));
+      if (!fresh) return false;
+    }
+    std::vector<const Input*> scratch;  // the allocations not returned
+    for (const Input& a : made) {
+      bool returned = false;
+      for (size_t j = 0; j < out.size(); ++j) returned = returned || (p.out_present[j] && out[j].ptr == a.ptr);
+      if (!returned) {
+        seen.push_back(a.ptr);
+        scratch.push_back(&a);
+      }
+    }
     for (size_t i = 0; i < seen.size(); ++i)
       for (size_t j = i + 1; j < seen.size(); ++j)
-        if (seen[i] == seen[j]) return false;  // aliased: a slot would be ambiguous
+        if (seen[i] == seen[j]) return false;           // aliased: a slot would be ambiguous
+    std::vector<int> scratch_slot(scratch.size(), -1);  // its index in p.scratch_shapes, once used
     const auto ref = [&](const void* ptr, Ref& r) -> bool {
       r = Ref{};
       if (ptr == nullptr) return true;
@@ -953,6 +1430,20 @@ class PlanCache {
         if (in[i].ptr == ptr) return r = Ref{1, static_cast<int8_t>(i)}, true;
       for (size_t j = 0; j < out.size(); ++j)
         if (p.out_present[j] && out[j].ptr == ptr) return r = Ref{2, static_cast<int8_t>(j)}, true;
+      for (size_t j = 0; j < scratch.size(); ++j) {
+        if (scratch[j]->ptr != ptr) continue;
+        if (scratch_slot[j] < 0) {
+          if (p.scratch_shapes.size() >= 64) return false;
+          int like = -1;  // an input of its dtype (alloc takes the dtype from one)
+          for (size_t i = 0; i < in.size() && like < 0; ++i)
+            if (kind_of(in[i]) == kind_of(*scratch[j])) like = static_cast<int>(i);
+          if (like < 0) return false;
+          scratch_slot[j] = static_cast<int>(p.scratch_shapes.size());
+          p.scratch_shapes.push_back(scratch[j]->shape);
+          p.scratch_like.push_back(like);
+        }
+        return r = Ref{3, static_cast<int8_t>(scratch_slot[j])}, true;
+      }
       return false;
     };
     if (!guards.is_none()) {
@@ -965,18 +1456,30 @@ class PlanCache {
       const Call& c = h.cast<const Call&>();
       if (c.device != 0 || c.want_totals) return false;
       Step s{};
+      s.kind = c.kind;
       s.a = c.a;
+      s.k = c.k;
+      s.reals = c.reals;
       bool ok = true;
-      for (int q = 0; q < kMaxArity; ++q) ok = ok && ref(c.a.in[q], s.in[q]) && ref(c.a.grad[q], s.grad[q]);
-      ok = ok && ref(c.a.out_value, s.out_value) && ref(c.a.out_rows, s.out_rows) && ref(c.a.out_elems, s.out_elems) &&
-           ref(c.a.out_rows_raw, s.out_rows_raw) && ref(c.a.table, s.table) && ref(c.a.index, s.index) &&
-           ref(c.a.row_weight, s.row_weight);
+      if (c.kind == kMapReduce) {
+        for (int q = 0; q < kMaxArity; ++q) ok = ok && ref(c.a.in[q], s.in[q]) && ref(c.a.grad[q], s.grad[q]);
+        ok = ok && ref(c.a.out_value, s.out_value) && ref(c.a.out_rows, s.out_rows) &&
+             ref(c.a.out_elems, s.out_elems) && ref(c.a.out_rows_raw, s.out_rows_raw) && ref(c.a.table, s.table) &&
+             ref(c.a.index, s.index) && ref(c.a.row_weight, s.row_weight);
+        for (int q = 0; q < kMaxArity; ++q) s.a.in[q] = s.a.grad[q] = nullptr;
+        s.a.out_value = s.a.out_rows = s.a.out_elems = s.a.out_rows_raw = nullptr;
+        s.a.table = s.a.index = s.a.row_weight = nullptr;
+        s.a.totals = nullptr;
+      } else {
+        const KindInfo& info = kKinds[c.kind];
+        for (int j = 0, q = 0; j < info.n && ok; ++j) {
+          if (info.fields[j].type != kTAddr) continue;
+          ok = ref(addr_of(c.k, info.fields[j]), s.addr[q++]);
+          set_addr(s.k, info.fields[j], nullptr);
+        }
+      }
       if (!ok) return false;
-      for (int q = 0; q < kMaxArity; ++q) s.a.in[q] = s.a.grad[q] = nullptr;
-      s.a.out_value = s.a.out_rows = s.a.out_elems = s.a.out_rows_raw = nullptr;
-      s.a.table = s.a.index = s.a.row_weight = nullptr;
-      s.a.totals = nullptr;
-      p.work += c.a.rows * c.a.cols * kFunctors[c.a.functor].arity;
+      p.work += work_of(c);
       p.steps.push_back(s);
     }
     if (p.steps.empty()) return false;
@@ -1097,25 +1600,60 @@ PyMethodDef kPlanRunDef = {
 
 void bind_plan(py::module_& m) {
   using namespace genloss;
-  py::class_<Call>(m, "Call", "One map_reduce engine call; every field by name (engine.h MapReduceArgs).")
+  // map_reduce's own fields read back; another kind's through .fields.
+  const auto mr = [](const Call& c, const char* what) {
+    if (c.kind != kMapReduce)
+      throw py::attribute_error(std::string("Call.") + what + ": a map_reduce field; this Call is kind '" +
+                                kKindNames[c.kind] + "' (see .fields)");
+  };
+  py::class_<Call>(m, "Call",
+                   "One engine call; every field by name: kind map_reduce (engine.h MapReduceArgs, the default) or "
+                   "row_scale, col_sum, col_broadcast, row_lse, gmm (their Args structs).")
       .def(py::init([](const py::kwargs& kw) {
         Fields f;
         f.dict = kw.ptr();
         return make_call(f);
       }))
-      .def_property_readonly("functor", [](const Call& c) { return std::string(kFunctors[c.a.functor].name); })
-      .def_property_readonly("params", &call_params)
-      .def_property_readonly("rows", [](const Call& c) { return c.a.rows; })
-      .def_property_readonly("cols", [](const Call& c) { return c.a.cols; })
-      .def_property_readonly("value_scale", [](const Call& c) { return c.a.value_scale; })
-      .def_property_readonly("grad_scale", [](const Call& c) { return c.a.grad_scale; })
+      .def_property_readonly("kind", [](const Call& c) { return std::string(kKindNames[c.kind]); })
+      .def_property_readonly("fields", &call_fields)
+      .def_property_readonly("functor",
+                             [mr](const Call& c) {
+                               mr(c, "functor");
+                               return std::string(kFunctors[c.a.functor].name);
+                             })
+      .def_property_readonly("params",
+                             [mr](const Call& c) {
+                               mr(c, "params");
+                               return call_params(c);
+                             })
+      .def_property_readonly("rows",
+                             [mr](const Call& c) {
+                               mr(c, "rows");
+                               return c.a.rows;
+                             })
+      .def_property_readonly("cols",
+                             [mr](const Call& c) {
+                               mr(c, "cols");
+                               return c.a.cols;
+                             })
+      .def_property_readonly("value_scale",
+                             [mr](const Call& c) {
+                               mr(c, "value_scale");
+                               return c.a.value_scale;
+                             })
+      .def_property_readonly("grad_scale",
+                             [mr](const Call& c) {
+                               mr(c, "grad_scale");
+                               return c.a.grad_scale;
+                             })
       .def_property_readonly("totals", [](const Call& c) -> py::object {
         if (!c.want_totals) return py::none();
         return py::make_tuple(c.totals[0], c.totals[1]);
       });
   m.add_object("run_call", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&kRunCallDef, nullptr, nullptr)));
   m.def("run", &run_calls, py::arg("calls"),
-        "Run a Call or a sequence of Calls in order, with the GIL released (the one entry point of map_reduce).");
+        "Run a Call or a sequence of Calls in order, with the GIL released (the one entry point of the engine's "
+        "map_reduce and kernels).");
   py::dict params;
   for (int i = 0; i < kNumFunctors; ++i) params[kFunctors[i].name] = param_tuple(kFunctors[i]);
   m.attr("FUNCTOR_PARAMS") = params;
@@ -1132,8 +1670,9 @@ void bind_plan(py::module_& m) {
   py::class_<PlanCache> plans(m, "PlanCache", "Recorded compositions, replayed on new plain CPU torch tensors.");
   plans.def(py::init<>())
       .def("add", &PlanCache::add, py::arg("key"), py::arg("arrays"), py::arg("calls"), py::arg("result"),
-           py::arg("guards") = py::none(),
-           "Record the Calls (and data checks) a composition ran on arrays as a plan; False: not replayable.")
+           py::arg("guards") = py::none(), py::arg("allocs") = py::none(),
+           "Record the Calls (and data checks) a composition ran on arrays, with the arrays it allocated, as a "
+           "plan; False: not replayable.")
       .def("clear", &PlanCache::clear)
       .def("__len__", &PlanCache::size);
   PyObject* run = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(plans.ptr()), &kPlanRunDef);

@@ -9,7 +9,7 @@ bindings are positional-only here, as they are at run time.
 """
 
 from collections.abc import Sequence
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict, overload
 
 from typing_extensions import CapsuleType
 
@@ -24,15 +24,22 @@ MMD_ESTIMATORS: tuple[str, ...]  # index = enum MmdEstimator
 HOST_CACHE_MIN_BYTES: int  # kHostCacheMinBytes, cpu_config.h
 LFQ_MAX_BITS: int  # kLfqMaxBits, quant_cpu.h
 
-# ---- engine primitives (bindings.cpp, bindings_mmd.cpp) ------------------------------
+# ---- the engine: typed Calls (plan.cpp) and the other primitives ----------------------
 
 class Call:
-    """One map_reduce engine call (plan.cpp); every field by keyword, as engine.h's
-    MapReduceArgs names it. ``params``: the functor's parameters by name
-    (``FUNCTOR_PARAMS[functor]``), all of them and no other (TypeError naming the functor
-    otherwise); ``ins``: as many addresses as the functor's arity; ``totals``: ask for
-    (sum of values, sum of d f / d input 0), read back from ``.totals`` after ``run``."""
+    """One engine call (plan.cpp); every field by keyword. ``kind`` "map_reduce" (the
+    default): the fields of engine.h's MapReduceArgs. ``params``: the functor's parameters
+    by name (``FUNCTOR_PARAMS[functor]``), all of them and no other (TypeError naming the
+    functor otherwise); ``ins``: as many addresses as the functor's arity; ``totals``: ask
+    for (sum of values, sum of d f / d input 0), read back from ``.totals`` after ``run``.
+    Another kind ("row_scale", "col_sum", "col_broadcast", "row_lse", "gmm", "mmd"): the
+    fields of its Args struct in engine.h (mmd.h) by their names (e.g. row_lse's ``logits``,
+    ``mode``, ``rows``, ``K``, ``out_value``, ``grad``; mmd's ``bandwidths``, a list),
+    read back from ``.fields``; with
+    ``device``, ``device_id`` and ``stream`` as for map_reduce. An unknown or missing
+    field is a TypeError naming the kind."""
 
+    @overload
     def __init__(
         self,
         *,
@@ -40,6 +47,7 @@ class Call:
         ins: Sequence[int],
         rows: int,
         cols: int,
+        kind: Literal["map_reduce"] = "map_reduce",
         params: dict[str, float] | None = None,
         dtype: int = 0,
         device: int = 0,
@@ -62,6 +70,19 @@ class Call:
         index_type: int = 0,
         row_weight: int = 0,
     ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        *,
+        kind: Literal["row_scale", "col_sum", "col_broadcast", "row_lse", "gmm", "mmd"],
+        **fields: Any,
+    ) -> None: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def fields(self) -> dict[str, int | float | bool | tuple[float, ...]] | None:
+        """Another kind's fields by name; None for map_reduce (its own properties)."""
+    # map_reduce's fields (AttributeError for another kind):
     @property
     def functor(self) -> str: ...
     @property
@@ -83,110 +104,8 @@ def run_call(**fields: Any) -> Call:
 
 def run(calls: Call | Sequence[Call]) -> None:
     """Run a Call or a sequence of Calls in order with the GIL released: the one entry
-    point of map_reduce."""
+    point of the engine (map_reduce and its kernels)."""
 
-def row_scale(
-    device: int,
-    device_id: int,
-    stream: int,
-    dtype: int,
-    x: int,
-    coef: int,
-    out: int,
-    rows: int,
-    cols: int,
-    scale: float,
-    accumulate: int,
-    /,
-) -> None: ...
-def col_sum(
-    device: int,
-    device_id: int,
-    stream: int,
-    dtype: int,
-    x: int,
-    out: int,
-    rows: int,
-    cols: int,
-    scale: float,
-    /,
-) -> None: ...
-def col_broadcast(
-    device: int,
-    device_id: int,
-    stream: int,
-    dtype: int,
-    v: int,
-    out: int,
-    rows: int,
-    cols: int,
-    scale: float,
-    accumulate: int,
-    /,
-) -> None: ...
-def row_lse(
-    device: int,
-    device_id: int,
-    stream: int,
-    dtype: int,
-    logits: int,
-    labels: int,
-    label_type: int,
-    mode: int,
-    index: int,
-    rows: int,
-    K: int,
-    value_scale: float,
-    out_value: int,
-    accumulate: int,
-    out_rows: int,
-    grad_scale: float,
-    grad: int,
-    /,
-) -> None: ...
-def gmm(
-    device: int,
-    device_id: int,
-    stream: int,
-    dtype: int,
-    x: int,
-    logits: int,
-    means: int,
-    logvars: int,
-    N: int,
-    K: int,
-    D: int,
-    value_scale: float,
-    out_value: int,
-    out_rows: int,
-    resp: int,
-    row_weights: int,
-    grad_scale: float,
-    grad_x: int,
-    grad_logits: int,
-    grad_means: int,
-    grad_logvars: int,
-    /,
-) -> None: ...
-def mmd(
-    device: int,
-    device_id: int,
-    stream: int,
-    dtype: int,
-    kernel: int,
-    estimator: int,
-    x: int,
-    y: int,
-    N: int,
-    M: int,
-    D: int,
-    bandwidths: Sequence[float],
-    out_value: int,
-    grad_scale: float,
-    grad_x: int,
-    grad_y: int,
-    /,
-) -> None: ...
 def knn_prdc(  # bindings_prdc.cpp, knn.h: CPU only; real_r2, fake_r2 float64, counts int64[4]
     dtype: int,
     real: int,
@@ -210,8 +129,9 @@ def dlpack_info(
 # ---- cached plans (plan.cpp): None means "take the Python path" ------------------------
 
 class PlanCache:
-    """Recorded compositions (their Calls with pointers as input/output slots, and their
-    guards: checks of the data re-run on every call), keyed by (key, input dtypes, input
+    """Recorded compositions (their Calls with pointers as input/output/scratch slots, and
+    their guards: checks of the data re-run on every call; ``allocs``: the arrays the
+    composition allocated, its outputs and its scratch), keyed by (key, input dtypes, input
     shapes), replayed on new plain CPU torch tensors. Keys compare by type and float bits."""
 
     def __init__(self) -> None: ...
@@ -223,6 +143,7 @@ class PlanCache:
         calls: Sequence[Call],
         result: Any,
         guards: Sequence[tuple[str, tuple[int, ...], float]] | None = None,
+        allocs: Sequence[Any] | None = None,
     ) -> bool: ...
     def clear(self) -> None: ...
     def __len__(self) -> int: ...

@@ -3,7 +3,8 @@
 // Every loss is built from these few primitives, each run for any functor of
 // ops/*.h.  The argument structs carry raw pointers (contiguous, row-major),
 // sizes and scalars; Python (python/genloss/native/_engine.py) fills them from
-// any DLPack array.  Reductions are deterministic: the work is cut into fixed
+// any DLPack array, by name: each struct is a kind of the one typed call,
+// genloss._C.Call (cpp/src/plan.cpp names every field).  Reductions are deterministic: the work is cut into fixed
 // chunks whose partial sums are combined in a fixed pairwise order, so the
 // result is bitwise the same for any thread count (CPU) or grid (CUDA).
 #pragma once

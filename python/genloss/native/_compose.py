@@ -135,9 +135,11 @@ def cached(key: Any, arrays: Sequence[Any], compose: Callable[[], Any]) -> Any:
     records the Calls ``compose`` runs; the plan cache (cpp/src/plan.cpp) keeps them with
     the arrays' dtype and shapes, and later calls with the same key, dtype and shapes run
     them in C++ on the new tensors. ``compose`` must return ``(value, grads)`` and reach
-    the engine only through ``_engine.ran(run_call(...))`` Calls on ``arrays`` and fresh outputs;
-    anything else (a check of the data that is not an ``_engine.guard``, a total, a scratch or
-    derived array) makes the recording unusable and the Python path simply runs every time.
+    the engine only through ``_engine.ran(run_call(...))`` Calls on ``arrays`` and arrays it
+    allocates with ``_engine.empty`` (outputs, and scratch that the plan allocates afresh on
+    every run); anything else (a check of the data that is not an ``_engine.guard``, a total,
+    a copy or derived array, a returned array it did not allocate) makes the recording
+    unusable and the Python path simply runs every time.
     ``arrays`` may hold integer tensors (timesteps) and arrays of another float dtype (a
     float64 table); their dtypes and shapes are part of the plan's identity. Keys compare by
     type and, for floats, bit for bit (0.0 and -0.0 are two plans).
@@ -150,7 +152,7 @@ def cached(key: Any, arrays: Sequence[Any], compose: Callable[[], Any]) -> Any:
     with Recording() as rec:
         result = compose()
     if rec.ok:
-        PLANS.add(key, arrays, rec.calls, result, rec.guards)
+        PLANS.add(key, arrays, rec.calls, result, rec.guards, rec.allocs)
     return result
 
 

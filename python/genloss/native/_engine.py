@@ -95,6 +95,9 @@ class Buf:
         self.numel = math.prod(shape)
         self.rows = shape[0] if shape else 1
         self.cols = self.numel // self.rows if self.rows else 0
+        rec = _local.rec
+        if rec is not None:  # a composition being recorded: its arrays live as long as the recording
+            rec.keep.append(arr)
 
     def rows_cols(self) -> tuple[int, int]:
         return self.rows, self.cols
@@ -546,6 +549,9 @@ def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None) -> Bu
             a = _torch_cpu_empty(shape, like.arr.dtype, like.dtype)
         else:
             a = like.arr.new_empty(shape)
+        rec = _local.rec
+        if rec is not None:  # an output or a scratch of the plan (PlanCache.add tells which)
+            rec.allocs.append(a)
         return Buf(a, a.data_ptr(), shape, like.dtype, like.device, like.device_id, "torch")
     if like.device == CPU:
         if fill is None:
@@ -642,14 +648,15 @@ def _p(b: Buf | None) -> int:
     return 0 if b is None else b.ptr
 
 
-# ---- the one execution path of map_reduce: a typed Call, run by _C.run -------------
+# ---- the one execution path of the engine: a typed Call, run by _C.run --------------
 #
 # While a composition records its plan (_compose.cached), every Call it runs is appended
-# to this thread's recording; anything that reads the DATA on the Python side (a range
-# check, a total that feeds the next call, another primitive) marks the recording as not
-# replayable, so a plan is only ever a function of (key, dtype, shapes). A check of the
-# data that the plan cache can re-run itself (cpp/src/plan.cpp, GuardKind) is recorded
-# as a guard instead: the plan runs it on every call and declines when it fails.
+# to this thread's recording, and every array it allocates too (its outputs and scratch);
+# anything that reads the DATA on the Python side (a range check, a total that feeds the
+# next call) marks the recording as not replayable, so a plan is only ever a function of
+# (key, dtype, shapes). A check of the data that the plan cache can re-run itself
+# (cpp/src/plan.cpp, GuardKind) is recorded as a guard instead: the plan runs it on every
+# call and declines when it fails.
 
 
 class _Local(threading.local):
@@ -660,14 +667,22 @@ _local = _Local()
 
 
 class Recording:
-    """The Calls one composition ran, and whether they alone make its result."""
+    """The Calls one composition ran, and whether they alone make its result.
 
-    __slots__ = ("calls", "guards", "ok")
+    ``allocs``: the torch arrays it allocated (``empty``), its outputs and its scratch;
+    ``keep``: every array it made a Buf of. Both are held until the plan is recorded: a
+    plan names buffers by address, and an address only names one buffer while that buffer
+    is alive (a freed scratch or copy whose address a later output reused would otherwise
+    look like that output; cpp/src/plan.cpp, PlanCache.add)."""
+
+    __slots__ = ("calls", "guards", "ok", "allocs", "keep")
 
     def __init__(self) -> None:
         self.calls: list[Any] = []
         self.guards: list[tuple[str, tuple[int, ...], float]] = []
         self.ok = True
+        self.allocs: list[Any] = []
+        self.keep: list[Any] = []
 
     def __enter__(self) -> Recording:
         _local.rec = self
@@ -801,26 +816,37 @@ def map_reduce(
     return call.totals
 
 
+# The engine's kernels other than map_reduce: kinds of the same Call (engine.h says what
+# each field does), so a recording keeps them as it keeps map_reduce's.
+
+
 def row_scale(
     x: Buf, out: Buf, *, coef: Buf | None = None, scale: float = 1.0, accumulate: bool = False
 ) -> None:
-    data_used()  # not a Call: a recorded plan could not replay it
+    """out[r, j] = scale * coef[r] * x[r, j] (coef None: 1) (+ out if accumulate)."""
     rows, cols = x.rows_cols()
-    _C.row_scale(x.device, x.device_id, stream_of(x), x.dtype, x.ptr, _p(coef), out.ptr, rows, cols, scale,
-                 int(accumulate))  # fmt: skip
+    ran(run_call(
+        kind="row_scale", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, x=x.ptr,
+        coef=_p(coef), out=out.ptr, rows=rows, cols=cols, scale=scale, accumulate=accumulate,
+    ))  # fmt: skip
 
 
 def col_sum(x: Buf, out: Buf, *, scale: float = 1.0) -> None:
-    data_used()  # not a Call: a recorded plan could not replay it
+    """out[j] = scale * sum_r x[r, j]."""
     rows, cols = x.rows_cols()
-    _C.col_sum(x.device, x.device_id, stream_of(x), x.dtype, x.ptr, out.ptr, rows, cols, scale)
+    ran(run_call(
+        kind="col_sum", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, x=x.ptr,
+        out=out.ptr, rows=rows, cols=cols, scale=scale,
+    ))  # fmt: skip
 
 
 def col_broadcast(v: Buf, out: Buf, *, scale: float = 1.0, accumulate: bool = False) -> None:
-    data_used()  # not a Call: a recorded plan could not replay it
+    """out[r, j] = scale * v[j] (+ out if accumulate)."""
     rows, cols = out.rows_cols()
-    _C.col_broadcast(v.device, v.device_id, stream_of(v), v.dtype, v.ptr, out.ptr, rows, cols, scale,
-                     int(accumulate))  # fmt: skip
+    ran(run_call(
+        kind="col_broadcast", device=v.device, device_id=v.device_id, stream=stream_of(v), dtype=v.dtype, v=v.ptr,
+        out=out.ptr, rows=rows, cols=cols, scale=scale, accumulate=accumulate,
+    ))  # fmt: skip
 
 
 def row_lse(
@@ -836,13 +862,61 @@ def row_lse(
     grad: Buf | None = None,
     grad_scale: float = 1.0,
 ) -> None:
-    data_used()  # not a Call: a recorded plan could not replay it
+    """Row-wise log-sum-exp losses over (rows, K) logits (engine.h RowLseArgs, its modes)."""
     rows, k = logits.shape
-    _C.row_lse(
-        logits.device, logits.device_id, stream_of(logits), logits.dtype, logits.ptr, _p(labels),
-        labels.dtype if labels is not None else 0, mode, index, rows, k, value_scale, _p(out),
-        int(accumulate), _p(rows_out), grad_scale, _p(grad),
-    )  # fmt: skip
+    ran(run_call(
+        kind="row_lse", device=logits.device, device_id=logits.device_id, stream=stream_of(logits),
+        dtype=logits.dtype, logits=logits.ptr, labels=_p(labels), label_type=0 if labels is None else labels.dtype,
+        mode=mode, index=index, rows=rows, K=k, value_scale=value_scale, out_value=_p(out), accumulate=accumulate,
+        out_rows=_p(rows_out), grad_scale=grad_scale, grad=_p(grad),
+    ))  # fmt: skip
+
+
+def gmm(
+    x: Buf,
+    logits: Buf,
+    means: Buf,
+    logvars: Buf,
+    *,
+    value_scale: float = 1.0,
+    out: Buf | None = None,
+    rows_out: Buf | None = None,
+    resp: Buf | None = None,
+    row_weights: Buf | None = None,
+    grad_scale: float = 1.0,
+    grads: Sequence[Buf | None] = (None, None, None, None),
+) -> None:
+    """The fused diagonal Gaussian mixture (engine.h GmmArgs); ``grads``: of x, logits,
+    means, logvars (None: not written)."""
+    gx, gl, gm, gv = (_p(g) for g in grads)
+    ran(run_call(
+        kind="gmm", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, x=x.ptr,
+        logits=logits.ptr, means=means.ptr, logvars=logvars.ptr, N=x.shape[0], K=logits.shape[0], D=x.shape[1],
+        value_scale=value_scale, out_value=_p(out), out_rows=_p(rows_out), resp=_p(resp),
+        row_weights=_p(row_weights), grad_scale=grad_scale, grad_x=gx, grad_logits=gl, grad_means=gm,
+        grad_logvars=gv,
+    ))  # fmt: skip
+
+
+def mmd(
+    x: Buf,
+    y: Buf,
+    *,
+    kernel: int,
+    estimator: int,
+    bandwidths: Sequence[float],
+    out: Buf,
+    grad_scale: float = 1.0,
+    grads: Sequence[Buf | None] = (None, None),
+) -> None:
+    """The tiled MMD^2 kernel (genloss/mmd.h MmdArgs; kernel, estimator: their enums'
+    indices); ``grads``: of x and y (None: not written)."""
+    gx, gy = (_p(g) for g in grads)
+    ran(run_call(
+        kind="mmd", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, kernel=kernel,
+        estimator=estimator, x=x.ptr, y=y.ptr, N=x.shape[0], M=y.shape[0], D=x.shape[1], bandwidths=list(bandwidths),
+        out_value=out.ptr, grad_scale=grad_scale, grad_x=gx, grad_y=gy,
+    ))  # fmt: skip
 
 
 def check_if_nan(value: Any, check: Any, out: Buf | None = None) -> None:

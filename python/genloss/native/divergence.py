@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from .. import _checks as C
-from ._compose import grads_out, inputs, needs
-from ._engine import _C, Buf, as_input, data_used, empty, map_reduce, stream_of
+from ._compose import cached, grads_out, inputs, needs
+from ._engine import _C, Buf, as_input, data_used, empty, map_reduce, mmd
 
 KERNELS: tuple[str, ...] = tuple(_C.MMD_KERNELS)  # order = enum MmdKernel in genloss/mmd.h
 ESTIMATORS: tuple[str, ...] = tuple(_C.MMD_ESTIMATORS)  # order = enum MmdEstimator
@@ -173,25 +173,29 @@ def mmd2(x, y, kernel="rbf", bandwidths=None, estimator="unbiased", *, need_grad
     C.choice("kernel", kernel, KERNELS)
     C.choice("estimator", estimator, ESTIMATORS)
     bws = check_bandwidths(kernel, bandwidths)
-    xb, yb = inputs(["x", "y"], [x, y])
-    n, d = _points("x", xb)
-    m, dy = _points("y", yb)
-    if dy != d:
-        raise ValueError(f"y must have the dimension of x (D={d}), got shape {tuple(yb.shape)}")
-    check_sizes(estimator, n, m)
-    if bws is None:
-        bws = (median_bandwidth(xb.arr, yb.arr),)
-    flags = needs(need_grad, 2)
-    out = empty(xb, ())
-    gx = empty(xb, xb.shape) if flags[0] else None
-    gy = empty(yb, yb.shape) if flags[1] else None
-    data_used()  # not a Call: a recorded plan could not replay it
-    _C.mmd(
-        xb.device, xb.device_id, stream_of(xb), xb.dtype, KERNELS.index(kernel), ESTIMATORS.index(estimator),
-        xb.ptr, yb.ptr, n, m, d, list(bws), out.ptr, 1.0,
-        0 if gx is None else gx.ptr, 0 if gy is None else gy.ptr,
-    )  # fmt: skip
-    return out.arr, grads_out([gx, gy], flags)
+
+    def compose():
+        xb, yb = inputs(["x", "y"], [x, y])
+        n, d = _points("x", xb)
+        m, dy = _points("y", yb)
+        if dy != d:
+            raise ValueError(f"y must have the dimension of x (D={d}), got shape {tuple(yb.shape)}")
+        check_sizes(estimator, n, m)
+        flags = needs(need_grad, 2)
+        out = empty(xb, ())
+        gx = empty(xb, xb.shape) if flags[0] else None
+        gy = empty(yb, yb.shape) if flags[1] else None
+        b = bws
+        if b is None:
+            data_used()  # the median of the data: a plan could not follow it
+            b = (median_bandwidth(xb.arr, yb.arr),)
+        mmd(xb, yb, kernel=KERNELS.index(kernel), estimator=ESTIMATORS.index(estimator), bandwidths=b, out=out,
+            grads=(gx, gy))  # fmt: skip
+        return out.arr, grads_out([gx, gy], flags)
+
+    if bws is None:  # no plan (see above): no recording either
+        return compose()
+    return cached(("mmd2", kernel, estimator, bws, need_grad), (x, y), compose)
 
 
 # ---------------------------------------------------------------- (DIV.13)

@@ -181,25 +181,29 @@ def relativistic_g_loss(real_logits, fake_logits, average=True, reduction="mean"
 def gradient_penalty_from_grads(grads, lambda_=10.0, center=1.0, one_sided=False, reduction="mean", *,
                                 need_grad=True):  # fmt: skip
     """lambda * mean_b (||g_b|| - center)^2; gradient 0 at g_b = 0.  (GAN.12)"""
-    C.reduction(reduction)
     lam, c = C.finite("lambda_", lambda_), C.finite("center", center)
     one_sided = C.flag("one_sided", one_sided)
-    (g,) = inputs(["grads"], [grads])
-    b = C.batched("grads", g.shape, reduction)
-    sq = empty(g, (b,))
-    map_reduce("Square", g, params={}, rows_out=sq)  # (GAN.12) s_b = ||g_b||^2
-    s = batch_scale(reduction, b, coef=lam)
-    out, rows = value_out(g, reduction)
-    (need,) = needs(need_grad, 1)
-    coef = empty(g, (b,)) if need else None
-    map_reduce("GradPenaltyOfSqNorm", sq, params={"center": c, "one_sided": one_sided}, shape2d=(b, 1),
-               value_scale=s, out=out, rows_out=rows, grads=[coef], grad_scale=s)  # fmt: skip
-    value = (out or rows).arr  # type: ignore[union-attr]
-    if not need:
-        return value, ()
-    gg = empty(g, g.shape)
-    row_scale(g, gg, coef=coef, scale=2.0)  # d s_b / d g = 2 g
-    return value, (gg.arr,)
+
+    def compose():
+        C.reduction(reduction)
+        (g,) = inputs(["grads"], [grads])
+        b = C.batched("grads", g.shape, reduction)
+        sq = empty(g, (b,))  # scratch (a plan allocates it afresh)
+        map_reduce("Square", g, params={}, rows_out=sq)  # (GAN.12) s_b = ||g_b||^2
+        s = batch_scale(reduction, b, coef=lam)
+        out, rows = value_out(g, reduction)
+        (need,) = needs(need_grad, 1)
+        coef = empty(g, (b,)) if need else None  # scratch
+        map_reduce("GradPenaltyOfSqNorm", sq, params={"center": c, "one_sided": one_sided}, shape2d=(b, 1),
+                   value_scale=s, out=out, rows_out=rows, grads=[coef], grad_scale=s)  # fmt: skip
+        value = (out or rows).arr  # type: ignore[union-attr]
+        if not need:
+            return value, ()
+        gg = empty(g, g.shape)
+        row_scale(g, gg, coef=coef, scale=2.0)  # d s_b / d g = 2 g
+        return value, (gg.arr,)
+
+    return cached(("gradient_penalty", lam, c, one_sided, reduction, need_grad), (grads,), compose)
 
 
 def r1_penalty_from_grads(grads, gamma=10.0, reduction="mean", *, need_grad=True):
@@ -211,28 +215,32 @@ def r1_penalty_from_grads(grads, gamma=10.0, reduction="mean", *, need_grad=True
 # ---------------------------------------------------------------- (GAN.14)
 def feature_matching_loss(real_features, fake_features, *, need_grad=True):
     """|| mean_b f_r - mean_b f_f ||^2.  (GAN.14)"""
-    r, f = inputs(["real_features", "fake_features"], [real_features, fake_features])
-    br = C.batched("real_features", r.shape, "mean", min_ndim=2)
-    bf = C.batched("fake_features", f.shape, "mean", min_ndim=2)
-    if r.shape[1:] != f.shape[1:]:
-        raise ValueError(
-            f"fake_features must have the feature shape of real_features {r.shape[1:]}, got {f.shape[1:]}"
-        )
-    nf = r.numel // br
-    mr, mf = empty(r, (nf,)), empty(r, (nf,))
-    col_sum(r, mr, scale=1.0 / br)
-    col_sum(f, mf, scale=1.0 / bf)
-    out = empty(r, ())
-    need_r, need_f = needs(need_grad, 2)
-    dr = empty(r, (nf,)) if need_r else None
-    df = empty(r, (nf,)) if need_f else None
-    map_reduce("SquaredDiff", mr, y=mf, params={}, shape2d=(1, nf), out=out, grads=[dr, df])
-    gr = empty(r, r.shape) if need_r else None
-    gf = empty(f, f.shape) if need_f else None
-    for d, g, b in ((dr, gr, br), (df, gf, bf)):
-        if g is not None:
-            col_broadcast(d, g, scale=1.0 / b)  # type: ignore[arg-type]
-    return out.arr, grads_out([gr, gf], (need_r, need_f))
+
+    def compose():
+        r, f = inputs(["real_features", "fake_features"], [real_features, fake_features])
+        br = C.batched("real_features", r.shape, "mean", min_ndim=2)
+        bf = C.batched("fake_features", f.shape, "mean", min_ndim=2)
+        if r.shape[1:] != f.shape[1:]:
+            raise ValueError(
+                f"fake_features must have the feature shape of real_features {r.shape[1:]}, got {f.shape[1:]}"
+            )
+        nf = r.numel // br
+        mr, mf = empty(r, (nf,)), empty(r, (nf,))  # scratch, as dr and df (a plan allocates them afresh)
+        col_sum(r, mr, scale=1.0 / br)
+        col_sum(f, mf, scale=1.0 / bf)
+        out = empty(r, ())
+        need_r, need_f = needs(need_grad, 2)
+        dr = empty(r, (nf,)) if need_r else None
+        df = empty(r, (nf,)) if need_f else None
+        map_reduce("SquaredDiff", mr, y=mf, params={}, shape2d=(1, nf), out=out, grads=[dr, df])
+        gr = empty(r, r.shape) if need_r else None
+        gf = empty(f, f.shape) if need_f else None
+        for d, g, b in ((dr, gr, br), (df, gf, bf)):
+            if g is not None:
+                col_broadcast(d, g, scale=1.0 / b)  # type: ignore[arg-type]
+        return out.arr, grads_out([gr, gf], (need_r, need_f))
+
+    return cached(("feature_matching", need_grad), (real_features, fake_features), compose)
 
 
 # ---------------------------------------------------------------- (GAN.15)
@@ -255,44 +263,53 @@ def ssgan_critic_loss(
 ):
     """L_sup + L_unsup (Salimans et al. 2016): mean -log p(y | x, real) over the C real classes
     + mean -log(1 - p_fake(x_u)) + mean -log p_fake(G(z)).  (GAN.15, GAN.19)"""
-    C.reduction(reduction, C.TWO_POPULATION)
-    lab, unl, fak = _class_logits(
-        ["labeled_logits", "unlabeled_logits", "fake_logits"], [labeled_logits, unlabeled_logits, fake_logits],
-        reduction,
-    )  # fmt: skip
-    y = as_input(labels, "labels", integer=True)
-    C.ndim("labels", y.shape, 1)
-    C.same_batch("labeled_logits", lab.shape, "labels", y.shape)
-    if (y.device, y.device_id) != (lab.device, lab.device_id):
-        raise ValueError("labels must be on the device of labeled_logits")
-    k = lab.shape[1]
-    lo, hi = int_range(y)
-    if lo < 0 or hi >= k - 1:
-        raise ValueError(
-            f"labels must lie in [0, {k - 1}) (the last class is the fake one), got range [{lo}, {hi}]"
-        )
-    out = empty(lab, ())
-    flags = needs(need_grad, 3)
-    grads = [empty(b, b.shape) if nd else None for b, nd in zip((lab, unl, fak), flags, strict=True)]
-    # row_lse modes (ops::RowLseMode): 4 = -log p(y | real) (the fake column excluded), 2 =
-    # -log(1 - p_fake), 1 = -log p_fake with index = the fake class.  (GAN.19, GAN.15)
-    for i, (b, mode) in enumerate(((lab, 4), (unl, 2), (fak, 1))):
-        s = batch_scale(reduction, b.shape[0])
-        row_lse(b, mode=mode, labels=y if mode == 4 else None, index=k - 1, value_scale=s, out=out,
-                accumulate=i > 0, grad=grads[i], grad_scale=s)  # fmt: skip
-    return out.arr, grads_out(grads, flags)
+
+    def compose():
+        C.reduction(reduction, C.TWO_POPULATION)
+        lab, unl, fak = _class_logits(
+            ["labeled_logits", "unlabeled_logits", "fake_logits"], [labeled_logits, unlabeled_logits, fake_logits],
+            reduction,
+        )  # fmt: skip
+        y = as_input(labels, "labels", integer=True)
+        C.ndim("labels", y.shape, 1)
+        C.same_batch("labeled_logits", lab.shape, "labels", y.shape)
+        if (y.device, y.device_id) != (lab.device, lab.device_id):
+            raise ValueError("labels must be on the device of labeled_logits")
+        k = lab.shape[1]
+        lo, hi = int_range(y, ("index_range", (y,), k - 1))  # a plan re-checks it on every call
+        if lo < 0 or hi >= k - 1:
+            raise ValueError(
+                f"labels must lie in [0, {k - 1}) (the last class is the fake one), got range [{lo}, {hi}]"
+            )
+        out = empty(lab, ())
+        flags = needs(need_grad, 3)
+        grads = [empty(b, b.shape) if nd else None for b, nd in zip((lab, unl, fak), flags, strict=True)]
+        # row_lse modes (ops::RowLseMode): 4 = -log p(y | real) (the fake column excluded), 2 =
+        # -log(1 - p_fake), 1 = -log p_fake with index = the fake class.  (GAN.19, GAN.15)
+        for i, (b, mode) in enumerate(((lab, 4), (unl, 2), (fak, 1))):
+            s = batch_scale(reduction, b.shape[0])
+            row_lse(b, mode=mode, labels=y if mode == 4 else None, index=k - 1, value_scale=s, out=out,
+                    accumulate=i > 0, grad=grads[i], grad_scale=s)  # fmt: skip
+        return out.arr, grads_out(grads, flags)
+
+    arrays = (labeled_logits, labels, unlabeled_logits, fake_logits)
+    return cached(("ssgan_critic_loss", reduction, need_grad), arrays, compose)
 
 
 def ssgan_g_loss(fake_logits, reduction="mean", *, need_grad=True):
     """mean log p_fake(G(z)) = mean (l_C - lse(l)).  (GAN.15)"""
-    C.reduction(reduction)
-    (f,) = _class_logits(["fake_logits"], [fake_logits], reduction)
-    s = batch_scale(reduction, f.shape[0], coef=-1.0)
-    out, rows = value_out(f, reduction)
-    flags = needs(need_grad, 1)
-    g = empty(f, f.shape) if flags[0] else None
-    row_lse(f, mode=1, index=f.shape[1] - 1, value_scale=s, out=out, rows_out=rows, grad=g, grad_scale=s)
-    return (out or rows).arr, grads_out([g], flags)  # type: ignore[union-attr]
+
+    def compose():
+        C.reduction(reduction)
+        (f,) = _class_logits(["fake_logits"], [fake_logits], reduction)
+        s = batch_scale(reduction, f.shape[0], coef=-1.0)
+        out, rows = value_out(f, reduction)
+        flags = needs(need_grad, 1)
+        g = empty(f, f.shape) if flags[0] else None
+        row_lse(f, mode=1, index=f.shape[1] - 1, value_scale=s, out=out, rows_out=rows, grad=g, grad_scale=s)
+        return (out or rows).arr, grads_out([g], flags)  # type: ignore[union-attr]
+
+    return cached(("ssgan_g_loss", reduction, need_grad), (fake_logits,), compose)
 
 
 # ---------------------------------------------------------------- (GAN.16)

@@ -15,17 +15,15 @@ import numpy as np
 from .. import _checks as C
 from ._compose import Term, batch_scale, cached, inputs, needs, run_terms, value_out
 from ._engine import (
-    _C,
     as_input,
     broadcast,
     check_if_nan,
-    data_used,
     empty,
     float_range,
+    gmm,
     map_reduce,
     row_lse,
     same_place,
-    stream_of,
     sum_to,
 )
 
@@ -173,16 +171,20 @@ def negative_elbo(
 # ---------------------------------------------------------------- (VAE.10)
 def iwae_bound(log_weights, reduction="mean", *, need_grad=True):
     """logsumexp_k log w_k - log K per sample (the importance-weighted bound).  (VAE.10)"""
-    C.reduction(reduction)
-    (w,) = inputs(["log_weights"], [log_weights])
-    C.ndim("log_weights", w.shape, 2)
-    b = C.batched("log_weights", w.shape, reduction)
-    s = batch_scale(reduction, b)
-    out, rows = value_out(w, reduction)
-    (need,) = needs(need_grad, 1)
-    g = empty(w, w.shape) if need else None
-    row_lse(w, mode=3, value_scale=s, out=out, rows_out=rows, grad=g, grad_scale=s)
-    return (out or rows).arr, ((g.arr,) if need else ())  # type: ignore[union-attr]
+
+    def compose():
+        C.reduction(reduction)
+        (w,) = inputs(["log_weights"], [log_weights])
+        C.ndim("log_weights", w.shape, 2)
+        b = C.batched("log_weights", w.shape, reduction)
+        s = batch_scale(reduction, b)
+        out, rows = value_out(w, reduction)
+        (need,) = needs(need_grad, 1)
+        g = empty(w, w.shape) if need else None
+        row_lse(w, mode=3, value_scale=s, out=out, rows_out=rows, grad=g, grad_scale=s)
+        return (out or rows).arr, ((g.arr,) if need else ())  # type: ignore[union-attr]
+
+    return cached(("iwae_bound", reduction, need_grad), (log_weights,), compose)
 
 
 # ---------------------------------------------------------------- (VAE.11, VAE.12)
@@ -206,37 +208,32 @@ def gmm_log_likelihood(x, logits, means, logvars, reduction="mean", *, need_grad
     ``row_weights`` (N,) weights each point's gradient (the backward of a
     'none' reduction), leaving the value unweighted.
     """
-    C.reduction(reduction)
-    xb, lg, mb, vb = _gmm_inputs(x, logits, means, logvars, reduction)
-    n, k, d = xb.shape[0], lg.shape[0], xb.shape[1]
-    rw = None
-    if row_weights is not None:
-        rw = as_input(row_weights, "row_weights")
-        same_place(xb, "x", rw, "row_weights")
-        if rw.shape != (n,):
-            raise ValueError(f"row_weights must have shape ({n},), got {rw.shape}")
-    flags = needs(need_grad, 4)
-    s = batch_scale(reduction, n)
-    out, rows = value_out(xb, reduction)
-    g = [empty(b, b.shape) if f else None for b, f in zip((xb, lg, mb, vb), flags, strict=True)]
-    p = [0 if t is None else t.ptr for t in g]
-    data_used()  # not a Call: a recorded plan could not replay it
-    _C.gmm(
-        xb.device, xb.device_id, stream_of(xb), xb.dtype, xb.ptr, lg.ptr, mb.ptr, vb.ptr, n, k, d, s,
-        0 if out is None else out.ptr, 0 if rows is None else rows.ptr, 0, 0 if rw is None else rw.ptr,
-        s, p[0], p[1], p[2], p[3],
-    )  # fmt: skip
-    value = (out or rows).arr  # type: ignore[union-attr]
-    return value, (tuple(None if t is None else t.arr for t in g) if any(flags) else ())
+
+    def compose():
+        C.reduction(reduction)
+        xb, lg, mb, vb = _gmm_inputs(x, logits, means, logvars, reduction)
+        n = xb.shape[0]
+        rw = None
+        if row_weights is not None:
+            rw = as_input(row_weights, "row_weights")
+            same_place(xb, "x", rw, "row_weights")
+            if rw.shape != (n,):
+                raise ValueError(f"row_weights must have shape ({n},), got {rw.shape}")
+        flags = needs(need_grad, 4)
+        s = batch_scale(reduction, n)
+        out, rows = value_out(xb, reduction)
+        g = [empty(b, b.shape) if f else None for b, f in zip((xb, lg, mb, vb), flags, strict=True)]
+        gmm(xb, lg, mb, vb, value_scale=s, out=out, rows_out=rows, row_weights=rw, grad_scale=s, grads=g)
+        value = (out or rows).arr  # type: ignore[union-attr]
+        return value, (tuple(None if t is None else t.arr for t in g) if any(flags) else ())
+
+    arrays = (x, logits, means, logvars) + (() if row_weights is None else (row_weights,))
+    return cached(("gmm_log_likelihood", reduction, need_grad, row_weights is None), arrays, compose)
 
 
 def gmm_responsibilities(x, logits, means, logvars):
     """(N, K) posterior over components, the E-step.  (VAE.12)"""
     xb, lg, mb, vb = _gmm_inputs(x, logits, means, logvars, "sum")
-    n, k, d = xb.shape[0], lg.shape[0], xb.shape[1]
-    resp = empty(xb, (n, k))
-    _C.gmm(
-        xb.device, xb.device_id, stream_of(xb), xb.dtype, xb.ptr, lg.ptr, mb.ptr, vb.ptr, n, k, d, 1.0,
-        0, 0, resp.ptr, 0, 1.0, 0, 0, 0, 0,
-    )  # fmt: skip
+    resp = empty(xb, (xb.shape[0], lg.shape[0]))
+    gmm(xb, lg, mb, vb, resp=resp)
     return resp.arr
