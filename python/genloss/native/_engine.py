@@ -692,10 +692,6 @@ class Recording:
         _local.rec = None
 
 
-def recording_active() -> bool:
-    return _local.rec is not None
-
-
 def data_used() -> None:
     """The composition being recorded (if any) read its inputs' values in Python: no plan."""
     rec = _local.rec
