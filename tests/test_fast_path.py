@@ -638,12 +638,112 @@ def test_kernel_kinds_compute_by_named_fields():
             "bandwidths must be a list",
         ),
         (dict(kind="mmd", kernel=4, estimator=0, x=8, y=8, N=2, M=2, D=1), ValueError, "kernel must be 0-3"),
+        (
+            dict(kind="sinkhorn", x=8, y=8, N=2, M=2, D=1, p=2.0, tol=1e-6, max_iter=9, value=8),
+            TypeError,
+            "missing field 'eps'",
+        ),  # fmt: skip
+        (
+            dict(kind="sinkhorn", x=8, y=8, N=2, M=2, D=1, p=2.0, eps=[], tol=1e-6, max_iter=9, value=8),
+            ValueError,
+            "eps must hold",
+        ),  # fmt: skip
+        (
+            dict(kind="assignment", dtype=0, x0=8, x1=8, B=2, D=1, perm=8),
+            TypeError,
+            r"dtype must be 1 \(float64",
+        ),
+        (dict(kind="assignment", x0=8, x1=8, B=2, D=1, perm=8, device=1), ValueError, "CPU only"),
+        (
+            dict(kind="knn_prdc", real=8, fake=8, N=3, M=5, D=2, k=3, real_r2=8, fake_r2=8, counts=8),
+            ValueError,
+            "1 <= k < N",
+        ),  # fmt: skip
+        (dict(kind="lfq_entropy", z=8, N=2, d=21, inv_temperature=1.0, out_value=8), ValueError, "d <= 20"),
+        (
+            dict(
+                kind="vector_quantize",
+                dtype=2,
+                z=8,
+                codebook=8,
+                N=1,
+                K=1,
+                D=1,
+                beta=0.25,
+                z_q=8,
+                indices=8,
+                out_commitment=8,
+                out_codebook=8,
+            ),
+            TypeError,
+            "dtype must be 0 or 1",
+        ),  # fmt: skip
+        (
+            dict(
+                kind="vq_ema_update",
+                N=2,
+                K=2,
+                D=1,
+                cluster_size=8,
+                embed_sum=8,
+                decay=0.9,
+                eps=1e-5,
+                out_cluster_size=8,
+                out_embed_sum=8,
+                out_codebook=8,
+            ),
+            ValueError,
+            "z and indices are needed",
+        ),  # fmt: skip
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
 def test_kernel_calls_name_their_fields(fields, error, match):
     with pytest.raises(error, match=match):
         _C.Call(**fields)
+
+
+def test_cpu_only_kinds_compute_by_named_fields():
+    """The quant and metrics kernels as kinds of the one Call: assignment against scipy's
+    solver, vector_quantize against a brute-force argmin, sinkhorn's rounds read back, and a
+    kernel's own data check (vq_ema_update's indices) a ValueError naming the kind."""
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    g = torch.Generator().manual_seed(5)
+    x0, x1 = (
+        torch.randn(7, 3, dtype=torch.float64, generator=g),
+        torch.randn(7, 3, dtype=torch.float64, generator=g),
+    )
+    perm = torch.empty(7, dtype=torch.int64)
+    call = _C.run_call(kind="assignment", x0=x0.data_ptr(), x1=x1.data_ptr(), B=7, D=3, perm=perm.data_ptr())
+    _, cols = scipy_opt.linear_sum_assignment(torch.cdist(x0, x1).square().numpy())
+    assert perm.tolist() == cols.tolist()
+    assert call.kind == "assignment" and call.fields["dtype"] == 1 and call.fields["B"] == 7
+
+    z, cb = torch.randn(9, 2, generator=g), torch.randn(4, 2, generator=g)
+    zq, idx = torch.empty(9, 2), torch.empty(9, dtype=torch.int64)
+    commit, code = torch.empty(()), torch.empty(())
+    _C.run_call(kind="vector_quantize", dtype=0, z=z.data_ptr(), codebook=cb.data_ptr(), N=9, K=4, D=2, beta=0.25,
+                z_q=zq.data_ptr(), indices=idx.data_ptr(), out_commitment=commit.data_ptr(),
+                out_codebook=code.data_ptr())  # fmt: skip
+    want = torch.cdist(z.double(), cb.double()).argmin(1)
+    assert idx.tolist() == want.tolist()
+    torch.testing.assert_close(zq, cb[want])
+    torch.testing.assert_close(commit, 0.25 * (z - cb[want]).square().mean())
+
+    value, rounds = torch.empty((), dtype=torch.float64), torch.zeros(1, dtype=torch.int64)
+    _C.run_call(kind="sinkhorn", x=x0.data_ptr(), y=x1.data_ptr(), N=7, M=7, D=3, p=2.0, eps=[1.0, 0.5],
+                tol=1e-9, max_iter=500, debias=True, value=value.data_ptr(), rounds=rounds.data_ptr())  # fmt: skip
+    assert 1 <= int(rounds) <= 500 and bool(torch.isfinite(value))
+
+    bad = torch.tensor([0, 3])
+    out = [torch.empty(2, dtype=torch.float64), torch.empty(2, 1, dtype=torch.float64),
+           torch.empty(2, 1, dtype=torch.float64)]  # fmt: skip
+    src = torch.zeros(2, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="vq_ema_update: indices must lie in"):
+        _C.run_call(kind="vq_ema_update", dtype=1, z=src.data_ptr(), indices=bad.data_ptr(), N=2, K=2, D=1,
+                    cluster_size=out[0].data_ptr(), embed_sum=src.data_ptr(), decay=0.9, eps=1e-5,
+                    out_cluster_size=out[0].data_ptr(), out_embed_sum=out[1].data_ptr(),
+                    out_codebook=out[2].data_ptr())  # fmt: skip
 
 
 def test_plans_with_scratch_serve_new_data(plans):

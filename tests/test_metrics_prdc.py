@@ -192,15 +192,17 @@ def knn_exact(real, fake, k):
 
 
 def knn_native(real, fake, k):
-    """The kernel's raw outputs (genloss._C.knn_prdc): both radius arrays and the four counts."""
+    """The kernel's raw outputs (the Call kind knn_prdc): both radius arrays and the four counts."""
     from genloss import _C
 
     real, fake = np.ascontiguousarray(real), np.ascontiguousarray(fake)
     (n, d), m = real.shape, len(fake)
     rr, fr, counts = np.empty(n), np.empty(m), np.zeros(4, dtype=np.int64)
     code = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}[real.dtype]
-    ptrs = (rr.ctypes.data, fr.ctypes.data, counts.ctypes.data)
-    _C.knn_prdc(code, real.ctypes.data, fake.ctypes.data, n, m, d, k, *ptrs)
+    _C.run_call(
+        kind="knn_prdc", dtype=code, real=real.ctypes.data, fake=fake.ctypes.data, N=n, M=m, D=d, k=k,
+        real_r2=rr.ctypes.data, fake_r2=fr.ctypes.data, counts=counts.ctypes.data,
+    )  # fmt: skip
     return rr, fr, counts
 
 

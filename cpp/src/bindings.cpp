@@ -20,9 +20,6 @@ using namespace genloss;
 void bind_mmd(py::module_& m);         // bindings_mmd.cpp
 void bind_host_cache(py::module_& m);  // host_cache.cpp
 void bind_plan(py::module_& m);        // plan.cpp: Call, run, PlanCache (map_reduce)
-void bind_quant(py::module_& m);       // bindings_quant.cpp
-void bind_prdc(py::module_& m);        // bindings_prdc.cpp
-void bind_ot(py::module_& m);          // bindings_ot.cpp
 
 namespace {
 
@@ -161,7 +158,4 @@ PYBIND11_MODULE(_C, m) {
   bind_mmd(m);
   bind_host_cache(m);
   bind_plan(m);
-  bind_quant(m);
-  bind_prdc(m);
-  bind_ot(m);
 }

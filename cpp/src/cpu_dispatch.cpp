@@ -13,12 +13,12 @@
 
 namespace genloss {
 namespace cpu {
-#define GENLOSS_DECLARE_ENTRIES(isa)                                                        \
-  namespace isa {                                                                           \
-  void mmd(const MmdArgs& a);                                                               \
-  void knn_prdc(const KnnArgs& a);                                                          \
-  void sinkhorn(SinkhornArgs& a);                                                           \
-  void assignment(const double* x0, const double* x1, int64_t B, int64_t D, int64_t* perm); \
+#define GENLOSS_DECLARE_ENTRIES(isa)    \
+  namespace isa {                       \
+  void mmd(const MmdArgs& a);           \
+  void knn_prdc(const KnnArgs& a);      \
+  void sinkhorn(const SinkhornArgs& a); \
+  void assignment(const AssignArgs& a); \
   }
 GENLOSS_DECLARE_ENTRIES(sse2)
 GENLOSS_DECLARE_ENTRIES(avx2)
@@ -91,13 +91,13 @@ void knn_prdc(const KnnArgs& a) {
   static const auto fn = GENLOSS_PICK(knn_prdc);
   fn(a);
 }
-void sinkhorn(SinkhornArgs& a) {
+void sinkhorn(const SinkhornArgs& a) {
   static const auto fn = GENLOSS_PICK(sinkhorn);
   fn(a);
 }
-void assignment(const double* x0, const double* x1, int64_t B, int64_t D, int64_t* perm) {
+void assignment(const AssignArgs& a) {
   static const auto fn = GENLOSS_PICK(assignment);
-  fn(x0, x1, B, D, perm);
+  fn(a);
 }
 void vector_quantize(const VqArgs& a) {
   static const auto fn = GENLOSS_PICK(vector_quantize);

@@ -1,5 +1,5 @@
 // knn.h — the tiled k-nearest-neighbour kernel of prdc (cpp/src/knn_cpu.cpp, one build per
-// instruction set; cpu_dispatch.cpp picks one; bindings_prdc.cpp calls it).
+// instruction set; cpu_dispatch.cpp picks one; plan.cpp runs it as the Call kind "knn_prdc").
 //
 // Squared distances are sums of squared coordinate differences in float64, d2 = (..((0 + t_0^2)
 // + t_1^2) + ..) + t_{D-1}^2 with t = double(a_d) - double(b_d), in this order and without FMA

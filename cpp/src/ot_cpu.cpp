@@ -277,7 +277,7 @@ double max_change(const std::vector<double>& a, const std::vector<double>& b) {
 
 }  // namespace
 
-void sinkhorn(SinkhornArgs& a) {
+void sinkhorn(const SinkhornArgs& a) {
   const int64_t N = a.N, M = a.M, D = a.D;
   const Cloud X = make_cloud(a.x, N, D), Y = make_cloud(a.y, M, D);
   const double la = -std::log(double(N)), lb = -std::log(double(M));
@@ -317,10 +317,10 @@ void sinkhorn(SinkhornArgs& a) {
     }
   }
   e = a.eps[a.n_eps - 1];
-  a.rounds = 0;
+  int64_t rounds = 0;
   bool self_done = !a.debias;
-  while (a.rounds < a.max_iter) {  // (MET.21) alternating x-y updates, averaged self updates
-    ++a.rounds;
+  while (rounds < a.max_iter) {  // (MET.21) alternating x-y updates, averaged self updates
+    ++rounds;
     logw(hy, lb, &g, e);
     softmin(X, Y, D, a.p, e, hy.data(), ft.data());
     logw(hx, la, &ft, e);
@@ -339,6 +339,7 @@ void sinkhorn(SinkhornArgs& a) {
     }
     if (!(change > a.tol * e) && self_done) break;  // NaN stops too
   }
+  if (a.rounds) *a.rounds = rounds;
   double value = 0.0;
   for (int64_t i = 0; i < N; ++i) value += f[i] / double(N);
   for (int64_t j = 0; j < M; ++j) value += g[j] / double(M);
@@ -374,7 +375,10 @@ void sinkhorn(SinkhornArgs& a) {
 // in one branch-free pass (scanned columns masked, not removed), so the compiler vectorises it;
 // the column of least slack is the first one (lowest index) of the first block holding the
 // minimum: ties go to the lowest column, the same every call.  (MET.26, MET.32)
-void assignment(const double* x0, const double* x1, int64_t B, int64_t D, int64_t* perm) {
+void assignment(const AssignArgs& args) {
+  const double *x0 = args.x0, *x1 = args.x1;
+  const int64_t B = args.B, D = args.D;
+  int64_t* perm = args.perm;
   const size_t nb = static_cast<size_t>(B);
   std::vector<double> cost(nb * nb), x1t(nb * static_cast<size_t>(D));
   for (int64_t j = 0; j < B; ++j)

@@ -51,6 +51,9 @@
 #include "cpu_config.h"
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
+#include "genloss/ot.h"
+#include "knn.h"
+#include "quant_cpu.h"
 
 namespace py = pybind11;
 
@@ -349,9 +352,28 @@ void set_params(int id, PyObject* params, MapReduceArgs& a) {
 // are its Args struct's, described once below (name, type, place, default): building a
 // Call, reading its fields back and the plan's pointer slots all read that description.
 
-enum Kind : int { kMapReduce, kRowScale, kColSum, kColBroadcast, kRowLse, kGmm, kMmd, kNumKinds };
-const char* const kKindNames[kNumKinds] = {"map_reduce", "row_scale", "col_sum", "col_broadcast",
-                                           "row_lse",    "gmm",       "mmd"};
+enum Kind : int {
+  kMapReduce,
+  kRowScale,
+  kColSum,
+  kColBroadcast,
+  kRowLse,
+  kGmm,
+  kMmd,
+  kVectorQuantize,  // the CPU-only kernels of the quant and metrics families from here on
+  kVqEmaUpdate,
+  kLfqEntropy,
+  kKnnPrdc,
+  kSinkhorn,
+  kAssignment,
+  kNumKinds
+};
+const char* const kKindNames[kNumKinds] = {"map_reduce", "row_scale", "col_sum",         "col_broadcast", "row_lse",
+                                           "gmm",        "mmd",       "vector_quantize", "vq_ema_update", "lfq_entropy",
+                                           "knn_prdc",   "sinkhorn",  "assignment"};
+constexpr bool cpu_only(int kind) {
+  return kind >= kVectorQuantize;
+}
 
 union KernelArgs {  // the Args of a kind other than map_reduce (a union's members start at its start)
   RowScaleArgs row_scale;
@@ -360,6 +382,12 @@ union KernelArgs {  // the Args of a kind other than map_reduce (a union's membe
   RowLseArgs row_lse;
   GmmArgs gmm;
   MmdArgs mmd;
+  cpu::VqArgs vector_quantize;  // quant_cpu.h
+  cpu::VqEmaArgs vq_ema_update;
+  cpu::LfqArgs lfq_entropy;
+  KnnArgs knn_prdc;       // knn.h
+  SinkhornArgs sinkhorn;  // genloss/ot.h
+  AssignArgs assignment;
 };
 
 // kTSize: an int64 that must be >= 0; kTReals: a sequence of reals, kept by the Call
@@ -433,6 +461,63 @@ const KernelField kMmdFields[] = {GENLOSS_FIELD(MmdArgs, dtype, kTInt, false, 0)
                                   GENLOSS_FIELD(MmdArgs, grad_scale, kTReal, false, 1),
                                   GENLOSS_FIELD(MmdArgs, grad_x, kTAddr, false, 0),
                                   GENLOSS_FIELD(MmdArgs, grad_y, kTAddr, false, 0)};
+const KernelField kVqFields[] = {GENLOSS_FIELD(cpu::VqArgs, dtype, kTInt, false, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, z, kTAddr, true, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, codebook, kTAddr, true, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, N, kTSize, true, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, K, kTSize, true, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, D, kTSize, true, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, beta, kTReal, true, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, z_q, kTAddr, true, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, indices, kTAddr, true, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, out_commitment, kTAddr, true, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, out_codebook, kTAddr, true, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, grad_z, kTAddr, false, 0),
+                                 GENLOSS_FIELD(cpu::VqArgs, grad_codebook, kTAddr, false, 0)};
+const KernelField kVqEmaFields[] = {GENLOSS_FIELD(cpu::VqEmaArgs, dtype, kTInt, false, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, index_dtype, kTInt, false, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, z, kTAddr, false, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, indices, kTAddr, false, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, N, kTSize, true, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, K, kTSize, true, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, D, kTSize, true, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, cluster_size, kTAddr, true, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, embed_sum, kTAddr, true, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, decay, kTReal, true, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, eps, kTReal, true, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, out_cluster_size, kTAddr, true, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, out_embed_sum, kTAddr, true, 0),
+                                    GENLOSS_FIELD(cpu::VqEmaArgs, out_codebook, kTAddr, true, 0)};
+const KernelField kLfqFields[] = {GENLOSS_FIELD(cpu::LfqArgs, dtype, kTInt, false, 0),
+                                  GENLOSS_FIELD(cpu::LfqArgs, z, kTAddr, true, 0),
+                                  GENLOSS_FIELD(cpu::LfqArgs, N, kTSize, true, 0),
+                                  GENLOSS_FIELD(cpu::LfqArgs, d, kTSize, true, 0),
+                                  GENLOSS_FIELD(cpu::LfqArgs, inv_temperature, kTReal, true, 0),
+                                  GENLOSS_FIELD(cpu::LfqArgs, sample_weight, kTReal, false, 1),
+                                  GENLOSS_FIELD(cpu::LfqArgs, codebook_weight, kTReal, false, 1),
+                                  GENLOSS_FIELD(cpu::LfqArgs, out_value, kTAddr, true, 0),
+                                  GENLOSS_FIELD(cpu::LfqArgs, terms, kTAddr, false, 0),
+                                  GENLOSS_FIELD(cpu::LfqArgs, grad_z, kTAddr, false, 0)};
+const KernelField kKnnFields[] = {
+    GENLOSS_FIELD(KnnArgs, dtype, kTInt, false, 0),   GENLOSS_FIELD(KnnArgs, real, kTAddr, true, 0),
+    GENLOSS_FIELD(KnnArgs, fake, kTAddr, true, 0),    GENLOSS_FIELD(KnnArgs, N, kTSize, true, 0),
+    GENLOSS_FIELD(KnnArgs, M, kTSize, true, 0),       GENLOSS_FIELD(KnnArgs, D, kTSize, true, 0),
+    GENLOSS_FIELD(KnnArgs, k, kTSize, true, 0),       GENLOSS_FIELD(KnnArgs, real_r2, kTAddr, true, 0),
+    GENLOSS_FIELD(KnnArgs, fake_r2, kTAddr, true, 0), GENLOSS_FIELD(KnnArgs, counts, kTAddr, true, 0)};
+const KernelField kSinkhornFields[] = {
+    GENLOSS_FIELD(SinkhornArgs, dtype, kTInt, false, 0),   GENLOSS_FIELD(SinkhornArgs, x, kTAddr, true, 0),
+    GENLOSS_FIELD(SinkhornArgs, y, kTAddr, true, 0),       GENLOSS_FIELD(SinkhornArgs, N, kTSize, true, 0),
+    GENLOSS_FIELD(SinkhornArgs, M, kTSize, true, 0),       GENLOSS_FIELD(SinkhornArgs, D, kTSize, true, 0),
+    GENLOSS_FIELD(SinkhornArgs, p, kTReal, true, 0),       GENLOSS_FIELD(SinkhornArgs, eps, kTReals, true, 0),
+    GENLOSS_FIELD(SinkhornArgs, tol, kTReal, true, 0),     GENLOSS_FIELD(SinkhornArgs, max_iter, kTSize, true, 0),
+    GENLOSS_FIELD(SinkhornArgs, debias, kTFlag, false, 0), GENLOSS_FIELD(SinkhornArgs, value, kTAddr, true, 0),
+    GENLOSS_FIELD(SinkhornArgs, f, kTAddr, false, 0),      GENLOSS_FIELD(SinkhornArgs, g, kTAddr, false, 0),
+    GENLOSS_FIELD(SinkhornArgs, grad_x, kTAddr, false, 0), GENLOSS_FIELD(SinkhornArgs, grad_y, kTAddr, false, 0),
+    GENLOSS_FIELD(SinkhornArgs, rounds, kTAddr, false, 0)};
+const KernelField kAssignFields[] = {
+    GENLOSS_FIELD(AssignArgs, dtype, kTInt, false, 0), GENLOSS_FIELD(AssignArgs, x0, kTAddr, true, 0),
+    GENLOSS_FIELD(AssignArgs, x1, kTAddr, true, 0),    GENLOSS_FIELD(AssignArgs, B, kTSize, true, 0),
+    GENLOSS_FIELD(AssignArgs, D, kTSize, true, 0),     GENLOSS_FIELD(AssignArgs, perm, kTAddr, true, 0)};
 #undef GENLOSS_FIELD
 
 struct KindInfo {
@@ -444,8 +529,9 @@ constexpr KindInfo info(const KernelField (&f)[N]) {
   return {f, static_cast<int>(N)};
 }
 const KindInfo kKinds[kNumKinds] = {
-    {nullptr, 0},        info(kRowScaleFields), info(kColSumFields), info(kColBroadcastFields),
-    info(kRowLseFields), info(kGmmFields),      info(kMmdFields)};
+    {nullptr, 0},     info(kRowScaleFields), info(kColSumFields), info(kColBroadcastFields), info(kRowLseFields),
+    info(kGmmFields), info(kMmdFields),      info(kVqFields),     info(kVqEmaFields),        info(kLfqFields),
+    info(kKnnFields), info(kSinkhornFields), info(kAssignFields)};
 constexpr int kMaxKernelFields = 18;  // gmm's
 constexpr int kMaxKernelAddrs = 12;   // gmm's address fields
 
@@ -468,6 +554,10 @@ KernelArgs with_reals(int kind, const KernelArgs& k, const std::vector<double>& 
   if (kind == kMmd) {
     r.mmd.bandwidths = reals.data();
     r.mmd.nbw = static_cast<int>(reals.size());
+  }
+  if (kind == kSinkhorn) {
+    r.sinkhorn.eps = reals.data();
+    r.sinkhorn.n_eps = static_cast<int64_t>(reals.size());
   }
   return r;
 }
@@ -653,6 +743,50 @@ std::string kernel_field_list(int kind) {
   return s;
 }
 
+// The checks of the CPU-only kinds (the sizes their kernels assume; the ops' own checks, with
+// the argument names users know, run first in python/genloss/native).
+void check_cpu_kind(const std::string& who, const Call& c) {
+  if (c.device != 0) throw py::value_error(who + ": CPU only (no CUDA kernel of this kind yet)");
+  const int dtype = c.k.vector_quantize.dtype;  // every Args struct starts with its dtype
+  const bool f64_only = c.kind == kSinkhorn || c.kind == kAssignment;
+  if (f64_only ? dtype != kFloat64 : dtype != kFloat32 && dtype != kFloat64)
+    throw py::type_error(who +
+                         (f64_only ? ": dtype must be 1 (float64)" : ": dtype must be 0 or 1 (float32, float64)"));
+  auto need = [&](bool ok, const char* what) {
+    if (!ok) throw py::value_error(who + ": " + what);
+  };
+  switch (c.kind) {
+    case kVectorQuantize: {
+      const cpu::VqArgs& a = c.k.vector_quantize;
+      return need(a.N >= 1 && a.K >= 1 && a.D >= 1, "N, K and D must be >= 1");
+    }
+    case kVqEmaUpdate: {
+      const cpu::VqEmaArgs& a = c.k.vq_ema_update;
+      need(a.K >= 1 && a.D >= 1, "K and D must be >= 1");
+      need(a.index_dtype == 0 || a.index_dtype == 1, "index_dtype must be 0 (int64) or 1 (int32)");
+      return need(a.N == 0 || (a.z != nullptr && a.indices != nullptr), "z and indices are needed when N >= 1");
+    }
+    case kLfqEntropy: {
+      const cpu::LfqArgs& a = c.k.lfq_entropy;
+      return need(a.N >= 1 && a.d >= 1 && a.d <= cpu::kLfqMaxBits, "N >= 1 and 1 <= d <= 20 (LFQ_MAX_BITS)");
+    }
+    case kKnnPrdc: {
+      const KnnArgs& a = c.k.knn_prdc;
+      return need(a.D >= 1 && a.k >= 1 && a.k < a.N && a.k < a.M, "need D >= 1 and 1 <= k < N, M");
+    }
+    case kSinkhorn: {
+      const SinkhornArgs& a = c.k.sinkhorn;
+      need(a.N >= 1 && a.M >= 1 && a.D >= 1, "N, M and D must be >= 1");
+      need(!c.reals.empty(), "eps must hold at least one value");
+      return need(a.max_iter >= 1, "max_iter must be >= 1");
+    }
+    default: {
+      const AssignArgs& a = c.k.assignment;
+      return need(a.B >= 1 && a.D >= 1, "B and D must be >= 1");
+    }
+  }
+}
+
 // Call(kind="row_lse", logits=..., ...): a kernel kind, every field of its Args struct by
 // name (engine.h says what each does), plus kind, device, device_id and stream. An
 // unknown or missing field is a TypeError, a bad value a ValueError, each naming the kind.
@@ -661,6 +795,10 @@ Call make_kernel_call(int kind, Fields fields) {
   c.kind = kind;
   const KindInfo& info = kKinds[kind];
   const std::string who = std::string("Call(kind='") + kKindNames[kind] + "')";
+  if (kind == kSinkhorn || kind == kAssignment) {  // float64 only: dtype may be left out
+    const int f64 = kFloat64;
+    std::memcpy(&c.k, &f64, sizeof f64);
+  }
   uint32_t given = 0;
   PyObject *k, *v;
   while (fields.next(&k, &v)) {
@@ -733,6 +871,7 @@ Call make_kernel_call(int kind, Fields fields) {
   std::memcpy(&dtype, &c.k, sizeof dtype);  // every Args struct starts with its dtype
   if (dtype < 0 || dtype > 3)
     throw py::value_error(who + ": dtype must be 0-3 (engine.h), got " + std::to_string(dtype));
+  if (cpu_only(kind)) check_cpu_kind(who, c);
   if (kind == kRowLse) {
     const RowLseArgs& a = c.k.row_lse;
     if (a.mode < ops::kLseLabel || a.mode > ops::kLseRealLabel)
@@ -895,8 +1034,20 @@ void run_cpu(int kind, const MapReduceArgs& a, const KernelArgs& k) {
       return cpu::row_lse(k.row_lse);
     case kGmm:
       return cpu::gmm(k.gmm);
-    default:
+    case kMmd:
       return cpu::mmd(k.mmd);
+    case kVectorQuantize:
+      return cpu::vector_quantize(k.vector_quantize);
+    case kVqEmaUpdate:
+      return cpu::vq_ema_update(k.vq_ema_update);
+    case kLfqEntropy:
+      return cpu::lfq_entropy(k.lfq_entropy);
+    case kKnnPrdc:
+      return cpu::knn_prdc(k.knn_prdc);
+    case kSinkhorn:
+      return cpu::sinkhorn(k.sinkhorn);
+    default:
+      return cpu::assignment(k.assignment);
   }
 }
 
@@ -914,8 +1065,10 @@ void run_cuda(int kind, const MapReduceArgs& a, const KernelArgs& k, void* strea
       return cuda::row_lse(k.row_lse, stream);
     case kGmm:
       return cuda::gmm(k.gmm, stream);
-    default:
+    case kMmd:
       return cuda::mmd(k.mmd, stream);
+    default:  // unreachable: check_cpu_kind refuses a CUDA call of a CPU-only kind
+      throw std::logic_error(std::string(kKindNames[kind]) + ": no CUDA kernel");
   }
 }
 
@@ -924,7 +1077,11 @@ void run_one(Call& c) {
   a.totals = c.want_totals ? c.totals : nullptr;
   const KernelArgs k = with_reals(c.kind, c.k, c.reals);
   if (c.device == 0) {
-    run_cpu(c.kind, a, k);
+    try {
+      run_cpu(c.kind, a, k);
+    } catch (const std::invalid_argument& e) {  // a kernel's own check of the data (vq_ema_update's indices)
+      throw std::invalid_argument(std::string(kKindNames[c.kind]) + ": " + e.what());
+    }
   } else {
     const cuda::DeviceGuard guard(c.device_id);
     run_cuda(c.kind, a, k, reinterpret_cast<void*>(c.stream));
@@ -963,6 +1120,8 @@ PyObject* run_call(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject*
     e.restore();
   } catch (py::builtin_exception& e) {
     e.set_error();
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
   }
@@ -1055,8 +1214,10 @@ int64_t work_of(const Call& c) {
       return c.k.row_lse.rows * c.k.row_lse.K;
     case kGmm:
       return c.k.gmm.N * c.k.gmm.K * c.k.gmm.D;
-    default:
+    case kMmd:
       return (c.k.mmd.N + c.k.mmd.M) * (c.k.mmd.N + c.k.mmd.M) * c.k.mmd.D;
+    default:  // the CPU-only kinds: long enough to release the GIL whatever their size
+      return int64_t(1) << 62;
   }
 }
 
@@ -1679,4 +1840,5 @@ void bind_plan(py::module_& m) {
   if (run == nullptr || PyObject_SetAttrString(plans.ptr(), "run", run) != 0) throw py::error_already_set();
   Py_DECREF(run);
   m.attr("HOST_CACHE_MIN_BYTES") = kHostCacheMinBytes;
+  m.attr("LFQ_MAX_BITS") = cpu::kLfqMaxBits;
 }

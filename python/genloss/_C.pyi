@@ -32,12 +32,13 @@ class Call:
     by name (``FUNCTOR_PARAMS[functor]``), all of them and no other (TypeError naming the
     functor otherwise); ``ins``: as many addresses as the functor's arity; ``totals``: ask
     for (sum of values, sum of d f / d input 0), read back from ``.totals`` after ``run``.
-    Another kind ("row_scale", "col_sum", "col_broadcast", "row_lse", "gmm", "mmd"): the
-    fields of its Args struct in engine.h (mmd.h) by their names (e.g. row_lse's ``logits``,
-    ``mode``, ``rows``, ``K``, ``out_value``, ``grad``; mmd's ``bandwidths``, a list),
-    read back from ``.fields``; with
-    ``device``, ``device_id`` and ``stream`` as for map_reduce. An unknown or missing
-    field is a TypeError naming the kind."""
+    Another kind ("row_scale", "col_sum", "col_broadcast", "row_lse", "gmm", "mmd", and the
+    CPU-only "vector_quantize", "vq_ema_update", "lfq_entropy", "knn_prdc", "sinkhorn",
+    "assignment"): the fields of its Args struct (engine.h, mmd.h, quant_cpu.h, knn.h, ot.h)
+    by their names (e.g. row_lse's ``logits``, ``mode``, ``rows``, ``K``, ``out_value``,
+    ``grad``; mmd's ``bandwidths`` and sinkhorn's ``eps``, lists), read back from
+    ``.fields``; with ``device``, ``device_id`` and ``stream`` as for map_reduce. An unknown
+    or missing field is a TypeError naming the kind; a CPU-only kind on CUDA a ValueError."""
 
     @overload
     def __init__(
@@ -74,7 +75,20 @@ class Call:
     def __init__(
         self,
         *,
-        kind: Literal["row_scale", "col_sum", "col_broadcast", "row_lse", "gmm", "mmd"],
+        kind: Literal[
+            "row_scale",
+            "col_sum",
+            "col_broadcast",
+            "row_lse",
+            "gmm",
+            "mmd",
+            "vector_quantize",
+            "vq_ema_update",
+            "lfq_entropy",
+            "knn_prdc",
+            "sinkhorn",
+            "assignment",
+        ],
         **fields: Any,
     ) -> None: ...
     @property
@@ -106,19 +120,6 @@ def run(calls: Call | Sequence[Call]) -> None:
     """Run a Call or a sequence of Calls in order with the GIL released: the one entry
     point of the engine (map_reduce and its kernels)."""
 
-def knn_prdc(  # bindings_prdc.cpp, knn.h: CPU only; real_r2, fake_r2 float64, counts int64[4]
-    dtype: int,
-    real: int,
-    fake: int,
-    N: int,
-    M: int,
-    D: int,
-    k: int,
-    real_r2: int,
-    fake_r2: int,
-    counts: int,
-    /,
-) -> None: ...
 def dlpack_info(
     cap: object, name: str = "array"
 ) -> tuple[int, int, int, int, int, int, tuple[int, ...], tuple[int, ...] | None]:
@@ -200,70 +201,3 @@ def cached_empty(shape: Sequence[int], dtype: int) -> CapsuleType:
 def host_cache_info() -> _HostCacheInfo: ...
 def host_cache_clear() -> None: ...
 def advise_huge_pages(ptr: int, nbytes: int) -> int: ...
-
-# ---- the quant family (bindings_quant.cpp, quant_cpu.h); CPU only
-def vector_quantize(
-    dtype: int,
-    z: int,
-    codebook: int,
-    N: int,
-    K: int,
-    D: int,
-    beta: float,
-    z_q: int,
-    indices: int,
-    out_commitment: int,
-    out_codebook: int,
-    grad_z: int,
-    grad_codebook: int,
-) -> None: ...
-def vq_ema_update(
-    dtype: int,
-    index_dtype: int,
-    z: int,
-    indices: int,
-    N: int,
-    K: int,
-    D: int,
-    cluster_size: int,
-    embed_sum: int,
-    decay: float,
-    eps: float,
-    out_cluster_size: int,
-    out_embed_sum: int,
-    out_codebook: int,
-) -> None: ...
-def lfq_entropy(
-    dtype: int,
-    z: int,
-    N: int,
-    d: int,
-    inv_temperature: float,
-    sample_weight: float,
-    codebook_weight: float,
-    out_value: int,
-    terms: int,
-    grad_z: int,
-) -> None: ...
-
-# ---- optimal transport (bindings_ot.cpp, genloss/ot.h); CPU only, float64 host pointers
-def sinkhorn(
-    x: int,
-    y: int,
-    N: int,
-    M: int,
-    D: int,
-    p: float,
-    eps: Sequence[float],
-    tol: float,
-    max_iter: int,
-    debias: bool,
-    value: int,
-    f: int,
-    g: int,
-    grad_x: int,
-    grad_y: int,
-) -> int:
-    """Rounds run at the last eps."""
-
-def ot_assignment(x0: int, x1: int, B: int, D: int, perm: int) -> None: ...

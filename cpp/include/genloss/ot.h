@@ -10,6 +10,7 @@
 namespace genloss {
 
 struct SinkhornArgs {
+  int dtype;        // kFloat64 (the OT kernels are float64 only; every Args struct starts with its dtype)
   const double* x;  // (N, D) contiguous
   const double* y;  // (M, D) contiguous
   int64_t N, M, D;
@@ -18,20 +19,29 @@ struct SinkhornArgs {
   int64_t n_eps;      // >= 1
   double tol;         // stop when no potential moves by more than tol * eps
   int64_t max_iter;   // rounds at the last eps
-  bool debias;        // also solve OT(x, x) and OT(y, y) and debias the value (MET.23)
+  int debias;         // nonzero: also solve OT(x, x) and OT(y, y) and debias the value (MET.23)
   double* value;      // out: S_eps (debias) or OT_eps(x, y)
   double* f;          // out, optional (N): the x-y potential on x
   double* g;          // out, optional (M): the x-y potential on y
   double* grad_x;     // out, optional (N, D): dvalue/dx                     (MET.24)
   double* grad_y;     // out, optional (M, D)
-  int64_t rounds;     // out: rounds run at the last eps
+  int64_t* rounds;    // out, optional (1): rounds run at the last eps
+};
+
+// ot_coupling's exact pairing of two batches of B points.                  (MET.26)
+struct AssignArgs {
+  int dtype;         // kFloat64
+  const double* x0;  // (B, D) contiguous
+  const double* x1;  // (B, D) contiguous
+  int64_t B, D;
+  int64_t* perm;  // out (B)
 };
 
 namespace cpu {
-void sinkhorn(SinkhornArgs& a);
+void sinkhorn(const SinkhornArgs& a);
 // perm[i] = the column matched to row i by a minimum-cost perfect matching of the
 // cost |x0_i - x1_j|^2 (float64), shortest augmenting paths; ties -> lowest column.  (MET.26)
-void assignment(const double* x0, const double* x1, int64_t B, int64_t D, int64_t* perm);
+void assignment(const AssignArgs& a);
 }  // namespace cpu
 
 }  // namespace genloss

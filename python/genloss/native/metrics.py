@@ -16,7 +16,7 @@ from .. import _checks as C
 from ..reference import metrics as _ref
 from ..reference.metrics import CMMD_SCALE, CMMD_SIGMA, PRDC_NOT_FINITE, check_prdc_k, prdc_from_counts
 from ._compose import inputs, needs
-from ._engine import _C, CPU, Buf
+from ._engine import CPU, Buf, ran, run_call
 from .divergence import _points, mmd2
 
 
@@ -57,9 +57,10 @@ def prdc(real: Any, fake: Any, k: int = 5) -> dict[str, float]:
             raise ValueError(f"prdc: {name} {PRDC_NOT_FINITE}")
     real_r2, fake_r2 = np.empty(n), np.empty(m)
     counts = np.zeros(4, dtype=np.int64)
-    _C.knn_prdc(
-        rb.dtype, rb.ptr, fb.ptr, n, m, d, k, real_r2.ctypes.data, fake_r2.ctypes.data, counts.ctypes.data
-    )
+    ran(run_call(
+        kind="knn_prdc", dtype=rb.dtype, real=rb.ptr, fake=fb.ptr, N=n, M=m, D=d, k=k, real_r2=real_r2.ctypes.data,
+        fake_r2=fake_r2.ctypes.data, counts=counts.ctypes.data,
+    ))  # fmt: skip
     return prdc_from_counts(counts, n, m, k)
 
 
@@ -110,11 +111,11 @@ def sinkhorn_divergence(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, 
     gy = np.full(y64.shape, np.nan) if flags[1] else None
     if np.isfinite(x64).all() and np.isfinite(y64).all():  # NaN in, NaN out (every entry)
         eps_list = _ref.eps_schedule(_ref.bbox_diameter(x64, y64), p, eps, scaling)  # (MET.22)
-        _C.sinkhorn(
-            x64.ctypes.data, y64.ctypes.data, x64.shape[0], y64.shape[0], x64.shape[1], p, eps_list, tol,
-            max_iter, True, value.ctypes.data, 0, 0,
-            0 if gx is None else gx.ctypes.data, 0 if gy is None else gy.ctypes.data,
-        )  # fmt: skip
+        ran(run_call(
+            kind="sinkhorn", x=x64.ctypes.data, y=y64.ctypes.data, N=x64.shape[0], M=y64.shape[0],
+            D=x64.shape[1], p=p, eps=eps_list, tol=tol, max_iter=max_iter, debias=True, value=value.ctypes.data,
+            grad_x=None if gx is None else gx.ctypes.data, grad_y=None if gy is None else gy.ctypes.data,
+        ))  # fmt: skip
     if not any(flags):
         return _like(xb, value), ()
     return _like(xb, value), tuple(None if g is None else _like(xb, g) for g in (gx, gy))
@@ -133,14 +134,16 @@ def ot_coupling(x0, x1, method="exact", eps=0.1, tol=1e-8, max_iter=1000):
     n, d = a.shape
     if e is None:
         out = np.empty(n, dtype=np.int64)
-        _C.ot_assignment(a.ctypes.data, b.ctypes.data, n, d, out.ctypes.data)  # (MET.26)
+        ran(
+            run_call(kind="assignment", x0=a.ctypes.data, x1=b.ctypes.data, B=n, D=d, perm=out.ctypes.data)
+        )  # (MET.26)
     else:  # C = r^2 = 2 (r^2 / 2): the plan of cost r^2/2 (p = 2) at eps/2  (MET.27)
         f, g, value = np.empty(n), np.empty(n), np.empty(())
         eps_list = _ref.eps_schedule(_ref.bbox_diameter(a, b), 2.0, 0.5 * e, 0.5)
-        _C.sinkhorn(
-            a.ctypes.data, b.ctypes.data, n, n, d, 2.0, eps_list, tol, max_iter, False, value.ctypes.data,
-            f.ctypes.data, g.ctypes.data, 0, 0,
-        )  # fmt: skip
+        ran(run_call(
+            kind="sinkhorn", x=a.ctypes.data, y=b.ctypes.data, N=n, M=n, D=d, p=2.0, eps=eps_list, tol=tol,
+            max_iter=max_iter, value=value.ctypes.data, f=f.ctypes.data, g=g.ctypes.data,
+        ))  # fmt: skip
         la = -np.log(n)
         out = np.exp(2.0 * la + (f[:, None] + g[None, :] - _ref.ot_cost_matrix(a, b, 2.0)) / (0.5 * e))
     if ab.kind == "torch":

@@ -23,7 +23,7 @@ import numpy as np
 from .. import _checks as C
 from ..reference import quant as _R
 from ._compose import grads_out, inputs, needs
-from ._engine import _C, CPU, INT32, INT64, Buf, as_input, empty, int_range, same_place
+from ._engine import CPU, INT32, INT64, Buf, _p, as_input, empty, int_range, ran, run_call, same_place
 
 
 def _cpu(op: str, b: Buf) -> None:
@@ -78,10 +78,10 @@ def vector_quantize(z, codebook, beta=0.25, *, need_grad=True):
     commit, cb = empty(zb, ()), empty(zb, ())
     gz = empty(zb, (n, d)) if flags[0] else None
     ge = empty(eb, (k, d)) if flags[1] else None
-    _C.vector_quantize(
-        zb.dtype, zb.ptr, eb.ptr, n, k, d, b, zq.ptr, idx_ptr, commit.ptr, cb.ptr,
-        0 if gz is None else gz.ptr, 0 if ge is None else ge.ptr,
-    )  # fmt: skip
+    ran(run_call(
+        kind="vector_quantize", dtype=zb.dtype, z=zb.ptr, codebook=eb.ptr, N=n, K=k, D=d, beta=b, z_q=zq.ptr,
+        indices=idx_ptr, out_commitment=commit.ptr, out_codebook=cb.ptr, grad_z=_p(gz), grad_codebook=_p(ge),
+    ))  # fmt: skip
     return (zq.arr, idx, commit.arr, cb.arr), grads_out([gz, ge], flags)
 
 
@@ -124,10 +124,11 @@ def vq_ema_update(z, indices, cluster_size, embed_sum, decay=0.99, eps=1e-5):
         if lo < 0 or hi >= k:
             raise ValueError(f"{op}: indices must lie in [0, {k}), got values in [{lo}, {hi}]")
     ocs, oes, ocb = empty(eb, (k,)), empty(eb, (k, d)), empty(eb, (k, d))
-    _C.vq_ema_update(
-        eb.dtype, INT64 if ib.dtype == INT64 else INT32, zb.ptr, ib.ptr, n, k, d, csb.ptr, eb.ptr, dec, ep,
-        ocs.ptr, oes.ptr, ocb.ptr,
-    )  # fmt: skip
+    ran(run_call(
+        kind="vq_ema_update", dtype=eb.dtype, index_dtype=INT64 if ib.dtype == INT64 else INT32, z=zb.ptr,
+        indices=ib.ptr, N=n, K=k, D=d, cluster_size=csb.ptr, embed_sum=eb.ptr, decay=dec, eps=ep,
+        out_cluster_size=ocs.ptr, out_embed_sum=oes.ptr, out_codebook=ocb.ptr,
+    ))  # fmt: skip
     return ocs.arr, oes.arr, ocb.arr
 
 
@@ -168,8 +169,8 @@ def lfq_entropy_loss(z, inv_temperature=100.0, sample_weight=1.0, codebook_weigh
     flags = needs(need_grad, 1)
     out = empty(zb, ())
     gz = empty(zb, (n, d)) if flags[0] else None
-    _C.lfq_entropy(
-        zb.dtype, zb.ptr, n, d, tau, sw, cw, out.ptr, 0 if terms is None else terms.__array_interface__["data"][0],
-        0 if gz is None else gz.ptr,
-    )  # fmt: skip
+    ran(run_call(
+        kind="lfq_entropy", dtype=zb.dtype, z=zb.ptr, N=n, d=d, inv_temperature=tau, sample_weight=sw,
+        codebook_weight=cw, out_value=out.ptr, terms=None if terms is None else terms.ctypes.data, grad_z=_p(gz),
+    ))  # fmt: skip
     return out.arr, grads_out([gz], flags)
