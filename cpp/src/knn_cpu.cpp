@@ -33,37 +33,14 @@
 
 #include "cpu_config.h"
 #include "genloss/common.h"
+#include "isa.h"
 #include "knn.h"
-
-#ifndef GENLOSS_ISA
-#error "GENLOSS_ISA must name the instruction set of this translation unit"
-#endif
 
 namespace genloss {
 namespace cpu {
 namespace GENLOSS_ISA {
 
 namespace {
-
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#elif defined(__AVX2__)
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
-
-// a * b + c, fused where the instruction set has FMA (the build sets -ffp-contract=off, so only an explicit fma
-// fuses; on sse2 a libm call would be slow). Either way one rounding per product and per add at most: MET.29's
-// gamma_D covers both.
-template <class T>
-inline T madd(T a, T b, T c) {
-#if defined(__FMA__)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
 
 // R x 2 vector accumulators, two panel vectors and a broadcast must fit the vector registers (16 on sse2/avx2, 32 on
 // avx512): R = 6 on avx2 spilled an accumulator to the stack (a store-to-load chain in the inner loop).

@@ -21,10 +21,7 @@
 
 #include "cpu_config.h"
 #include "genloss/ot.h"
-
-#ifndef GENLOSS_ISA
-#error "GENLOSS_ISA must name the instruction set of this translation unit"
-#endif
+#include "isa.h"
 
 namespace genloss {
 namespace cpu {
@@ -36,17 +33,6 @@ constexpr int64_t kRows = 4;    // rows sharing each load of a column block
 constexpr int64_t kCols = 512;  // columns per block: kRows x kCols doubles stay in L1
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kScanBlock = 64;  // columns per block of the assignment's least-slack scan
-
-// a * b + c, fused where the instruction set has FMA (the build sets -ffp-contract=off, so only an
-// explicit fma fuses; on sse2 a libm call would be slow): the Horner steps of exp_f64 at half the
-// instructions, as knn_cpu.cpp's madd.
-inline double madd(double a, double b, double c) {
-#if defined(__FMA__)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
 
 // e^x in float64 for x <= 709, inline so the column loops vectorise (libm's exp is a call):
 // x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by its Taylor series to r^13 (truncation

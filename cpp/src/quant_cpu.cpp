@@ -31,13 +31,10 @@
 #include <vector>
 
 #include "cpu_config.h"
+#include "isa.h"
 
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-
-#ifndef GENLOSS_ISA
-#error "GENLOSS_ISA must name the instruction set of this translation unit"
 #endif
 
 namespace genloss {
@@ -45,25 +42,6 @@ namespace cpu {
 namespace GENLOSS_ISA {
 
 namespace {
-
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#elif defined(__AVX2__)
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
-
-// a * b + c, fused where the instruction set has FMA (the build sets -ffp-contract=off, so only an explicit fma fuses;
-// on sse2 a libm call would be slow).
-template <class T>
-inline T madd(T a, T b, T c) {
-#if defined(__FMA__)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
