@@ -135,17 +135,23 @@ def test_sinkhorn_gradient_finite_differences(p):
         np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("p", [2.0, 1.0, 1.5])
-def test_sinkhorn_layers_agree(p):
-    """Native kernel, torch op (CPU: native; the CUDA code path run on CPU) = reference, values and grads."""
-    x, y = clouds(37, 29, 5, seed=11)
-    eps = 0.4
+def native_matches_reference(x, y, eps, p):
+    """The native Sinkhorn divergence and its gradients = the reference's; returns the reference's."""
     rv = float(RM.sinkhorn_divergence(x, y, eps, p))
     rgx, rgy = RM.sinkhorn_divergence_backward(x, y, 1.0, eps, p)
     v, (gx, gy) = NM.sinkhorn_divergence(x, y, eps, p)
     assert float(v) == pytest.approx(rv, rel=1e-10, abs=1e-13)
     np.testing.assert_allclose(gx, rgx, rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(gy, rgy, rtol=1e-8, atol=1e-12)
+    return rv, (rgx, rgy)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 1.5])
+def test_sinkhorn_layers_agree(p):
+    """Native kernel, torch op (CPU: native; the CUDA code path run on CPU) = reference, values and grads."""
+    x, y = clouds(37, 29, 5, seed=11)
+    eps = 0.4
+    rv, (rgx, rgy) = native_matches_reference(x, y, eps, p)
     xt = torch.from_numpy(x).requires_grad_()
     yt = torch.from_numpy(y).requires_grad_()
     (2.0 * T.sinkhorn_divergence(xt, yt, eps, p)).backward()
@@ -162,14 +168,7 @@ def test_sinkhorn_layers_agree(p):
 def test_sinkhorn_small_d_fused_pass(d, p):
     """D <= 3, p in {1, 2}: the native kernel's fused score pass (whole 4-row tiles; the last tile of
     23 rows takes the general pass) = the reference, value and gradients."""
-    x, y = clouds(23, 18, d, seed=d)
-    eps = 0.3
-    rv = float(RM.sinkhorn_divergence(x, y, eps, p))
-    rgx, rgy = RM.sinkhorn_divergence_backward(x, y, 1.0, eps, p)
-    v, (gx, gy) = NM.sinkhorn_divergence(x, y, eps, p)
-    assert float(v) == pytest.approx(rv, rel=1e-10, abs=1e-13)
-    np.testing.assert_allclose(gx, rgx, rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(gy, rgy, rtol=1e-8, atol=1e-12)
+    native_matches_reference(*clouds(23, 18, d, seed=d), 0.3, p)
 
 
 def test_sinkhorn_far_blocks_and_thread_count():
