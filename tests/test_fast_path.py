@@ -769,6 +769,38 @@ def test_plans_with_scratch_serve_new_data(plans):
         torch.testing.assert_close(gf, (-2 * d / 5).expand(5, 4))
 
 
+def test_scratch_is_per_run_across_threads(plans):
+    """Two threads replay gradient_penalty_from_grads's plan at once (large enough that the
+    kernels run with the GIL released, so the runs overlap): each run's scratch (the squared
+    norms and the coefficients) is its own, and every result is the closed form."""
+    import threading
+
+    import genloss.native as gn
+
+    shape = (64, 2048)  # 131,072 elements: the GIL is released while the calls run
+    gn.gradient_penalty_from_grads(torch.randn(shape, dtype=torch.float64))  # records the plan
+    results: dict[int, list] = {0: [], 1: []}
+
+    def work(k: int) -> None:
+        g = torch.Generator().manual_seed(10 + k)
+        for _ in range(15):
+            x = torch.randn(shape, dtype=torch.float64, generator=g) * (0.5 + k)
+            results[k].append((x, *gn.gradient_penalty_from_grads(x)))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(plans) == 1
+    for k in (0, 1):
+        assert len(results[k]) == 15
+        for x, value, (grad,) in results[k]:
+            norm = x.norm(dim=1)
+            torch.testing.assert_close(value, 10.0 * ((norm - 1.0) ** 2).mean())
+            torch.testing.assert_close(grad, (20.0 * (norm - 1.0) / norm / 64)[:, None] * x)
+
+
 def test_ssgan_plan_guards_the_labels(plans):
     """ssgan_critic_loss's plan re-checks that the labels are real classes: one that is the
     fake class declines, and the Python path names the labels."""

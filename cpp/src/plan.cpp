@@ -123,6 +123,13 @@ struct Input {
   int64_t rows = 0, cols = 0, numel = 0;
 };
 
+size_t elem_bytes(int code, bool integer) {
+  return integer ? (code == 0 ? 8 : 4) : (code == 0 ? 4 : 8);
+}
+size_t itemsize(const Input& x) {
+  return elem_bytes(x.code, x.integer);
+}
+
 bool call_bool(PyObject* o, PyObject* method, bool& out) {
   PyObject* r = PyObject_CallMethodNoArgs(o, method);
   if (r == nullptr) return PyErr_Clear(), false;
@@ -177,8 +184,7 @@ bool read_input(const Torch& t, PyObject* o, Input& in, Want want = kFloat, bool
   if (PyErr_Occurred()) return PyErr_Clear(), false;
   // A view not aligned to its element size would reach the kernels' typed loads (undefined
   // behaviour): the Python path copies it to an aligned array.
-  const size_t itemsize = integer ? (code == 0 ? 8 : 4) : (code == 0 ? 4 : 8);
-  if (reinterpret_cast<uintptr_t>(in.ptr) % itemsize != 0) return false;
+  if (reinterpret_cast<uintptr_t>(in.ptr) % elem_bytes(code, integer) != 0) return false;
   in.obj = o;
   in.code = code;
   in.integer = integer;
@@ -195,7 +201,8 @@ py::object alloc(const Torch& t, const Input& like, const std::vector<int64_t>& 
   int64_t n = 1;
   for (int64_t s : shape) n *= s;
   PyObject* out = nullptr;
-  if (cpu::huge_pages() && n * (like.code == 0 ? 4 : 8) >= kHostCacheMinBytes) {  // as _engine.empty
+  if (!like.integer && cpu::huge_pages() &&
+      n * static_cast<int64_t>(itemsize(like)) >= kHostCacheMinBytes) {  // as _engine.empty
     py::capsule cap = cached_empty(shape, like.code);
     out = PyObject_CallOneArg(t.from_dlpack, cap.ptr());
   } else if (shape == like.shape) {
@@ -1461,11 +1468,29 @@ class PlanCache {
       }
     }
     // Scratch arrays: fresh ones on every run (a run may overlap another on another thread
-    // while the GIL is released), from the same allocator as the Python path's.
-    std::vector<py::object> scratch(plan->scratch_shapes.size());
-    std::vector<void*> sptr(scratch.size(), nullptr);
-    for (size_t j = 0; j < scratch.size(); ++j)
-      scratch[j] = alloc(*t, in[static_cast<size_t>(plan->scratch_like[j])], plan->scratch_shapes[j], &sptr[j]);
+    // while the GIL is released). Small ones are slices of one block this run owns (a torch
+    // allocation through its Python API costs more instructions than a batch-256 kernel);
+    // large ones come from the same allocator as the Python path's (the output cache).
+    const size_t n_scratch = plan->scratch_shapes.size();
+    std::vector<py::object> scratch(n_scratch);
+    std::vector<void*> sptr(n_scratch, nullptr);
+    std::vector<size_t> offset(n_scratch, SIZE_MAX);
+    size_t block = 0;
+    for (size_t j = 0; j < n_scratch; ++j) {
+      const Input& like = in[static_cast<size_t>(plan->scratch_like[j])];
+      const size_t bytes = static_cast<size_t>(numel_of(plan->scratch_shapes[j])) * itemsize(like);
+      if (bytes >= static_cast<size_t>(kHostCacheMinBytes)) {
+        scratch[j] = alloc(*t, like, plan->scratch_shapes[j], &sptr[j]);
+      } else {
+        offset[j] = block;
+        block += (bytes + 63) / 64 * 64;  // 64-byte aligned slices
+      }
+    }
+    const std::unique_ptr<void, decltype(&std::free)> arena(block ? std::aligned_alloc(64, block) : nullptr,
+                                                            &std::free);
+    if (block && !arena) throw std::bad_alloc();
+    for (size_t j = 0; j < n_scratch; ++j)
+      if (offset[j] != SIZE_MAX) sptr[j] = static_cast<char*>(arena.get()) + offset[j];
     std::vector<Bound> calls;
     calls.reserve(plan->steps.size());
     const auto bind = [&](const Ref& r) -> void* {
