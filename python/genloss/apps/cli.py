@@ -1,6 +1,6 @@
 """The ``genloss`` command: ``demo``, ``verify``, ``bench``, ``info``.
 
-    genloss demo     GAN objectives, VAE, DDPM, flow, EDM, consistency on 2-D toy data, 3 seeds: figure + tables
+    genloss demo     GAN objectives, VAE, DDPM, flow, EDM, consistency, VQ-VAE on 2-D toy data, 3 seeds: figure + tables
     genloss verify   every op x every backend against the NumPy reference on fresh inputs (seed printed)
     genloss bench    a quick benchmark: genloss vs torch eager vs torch.compile
     genloss info     what was built (CUDA, CPU instruction set, OpenMP threads)
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="compare GAN objectives, VAE, DDPM, flow, EDM, consistency on 2-D toy data (needs torch, "
+        help="compare GAN objectives, VAE, DDPM, flow, EDM, consistency, VQ-VAE on 2-D toy data (needs torch, "
         "matplotlib, tqdm)",
         description="Train small MLPs with genloss's torch ops: GANs under four objectives (non-saturating, "
         "hinge, LSGAN, WGAN-GP) on the ring of 8 Gaussians and two of them on the grid of 25 (--methods names "
