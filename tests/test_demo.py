@@ -301,8 +301,15 @@ def test_default_run_is_four_gan_objectives_and_every_other_family():
     # a method left out of the default run still runs when named, on its own datasets
     pairs = runner.plan(runner.resolve_methods(["ragan"]), None)
     assert [(d, m.name) for d, m in pairs] == [("ring", "ragan"), ("grid", "ragan")]
+    # WGAN-GP states the paper's recipe beside the demo's, and the demo's is what it runs
     wgan = next(m for m in demo.METHODS if m.name == "wgan-gp")
-    assert "lambda 10" in wgan.hparams and "5 D steps per G step" in wgan.hparams
+    paper, stated = wgan.hparams.split("; demo: ")
+    assert "lambda 10" in paper and "5 critic steps" in paper
+    assert "1 D step per G step" in stated and "decayed linearly to 0" in stated
+    assert f"lambda {demo_methods.GP_LAMBDA:g}" in wgan.about
+    t = wgan.setup(torch.device("cpu"), [torch.Generator().manual_seed(1)], demo.DATASETS["ring"])
+    lr_g, lr_d = (t.opts[k].param_groups[0]["lr"] for k in ("g", "d"))
+    assert f"lr G {lr_g:g}, D {lr_d:g}, betas {t.opts['d'].param_groups[0]['betas']}" in stated
 
 
 def test_consistency_teacher_step_is_second_order():
@@ -424,7 +431,7 @@ def test_batched_gan_step_trains_each_seed_as_alone(method):
     sums run in another order, and Adam's first steps (about lr x sign(gradient)) would
     turn a float32 rounding difference in a near-zero gradient into a visible one."""
     seeds, b = (11, 12, 13), 64
-    n_critic = 5 if method == "wgan-gp" else 1
+    n_critic = 1  # every GAN row takes one D step per G step (WGAN-GP: its critic at twice G's rate)
     rng = np.random.default_rng(0)
     batches = [torch.from_numpy(demo.ring(3 * b, rng)).double().reshape(3, b, 2) for _ in range(n_critic)]
     before = torch.get_default_dtype()
@@ -440,6 +447,20 @@ def test_batched_gan_step_trains_each_seed_as_alone(method):
                 torch.testing.assert_close(p3[s : s + 1], p1, rtol=0, atol=1e-9)
         for k in ("d", "g"):
             torch.testing.assert_close(l3[k][s], l1[k][0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("method", "lr_g", "lr_d"), [("gan-ns", 1e-3, 1e-3), ("wgan-gp", 1e-3, 2e-3)])
+def test_gan_rates_decay_linearly_to_zero(method, lr_g, lr_d):
+    """Step k of K runs at the stated initial rates times 1 - k/K (G's and D's alike)."""
+    m = next(x for x in demo.METHODS if x.name == method)
+    t = m.setup(torch.device("cpu"), [torch.Generator().manual_seed(5)], demo.DATASETS["ring"])
+    t.K = 4
+    rng = np.random.default_rng(0)
+    for k in range(t.K):
+        t.k = k
+        m.step(t, lambda: torch.from_numpy(demo.ring(32, rng))[None])
+        assert t.opts["g"].param_groups[0]["lr"] == pytest.approx(lr_g * (4 - k) / 4, rel=1e-12)
+        assert t.opts["d"].param_groups[0]["lr"] == pytest.approx(lr_d * (4 - k) / 4, rel=1e-12)
 
 
 def test_batched_mlp_is_the_seeds_mlps_and_a_loss_over_b_by_s_is_the_sum_of_theirs():
