@@ -463,6 +463,42 @@ def test_gan_rates_decay_linearly_to_zero(method, lr_g, lr_d):
         assert t.opts["d"].param_groups[0]["lr"] == pytest.approx(lr_d * (4 - k) / 4, rel=1e-12)
 
 
+@pytest.mark.parametrize("method", ["ddpm", "flow", "edm"])
+def test_denoiser_rates_decay_linearly_to_zero(method):
+    """A denoiser's step k of K runs at DENOISER_LR times 1 - k/K, as its hparams state."""
+    m = next(x for x in demo.METHODS if x.name == method)
+    assert f"lr {demo_methods.DENOISER_LR:g} decayed linearly to 0" in m.hparams
+    t = m.setup(torch.device("cpu"), torch.Generator().manual_seed(5), demo.DATASETS["swiss_roll"])
+    t.K = 4
+    rng = np.random.default_rng(0)
+    (opt,) = t.opts.values()
+    for k in range(t.K):
+        t.k = k
+        m.step(t, lambda: torch.from_numpy(demo.swiss_roll(32, rng)))
+        assert opt.param_groups[0]["lr"] == pytest.approx(demo_methods.DENOISER_LR * (4 - k) / 4, rel=1e-12)
+
+
+def test_consistency_teacher_decays_and_student_does_not():
+    """The EDM teacher of the consistency row trains at DENOISER_LR decayed to 0 over its n
+    steps; the student keeps LR."""
+    m = next(x for x in demo.METHODS if x.name == "consistency")
+    t = m.setup(torch.device("cpu"), torch.Generator().manual_seed(5), demo.DATASETS["swiss_roll"])
+    rng = np.random.default_rng(0)
+    seen = []
+    step = t.opts["teacher"].step
+
+    def spy():
+        seen.append(t.opts["teacher"].param_groups[0]["lr"])
+        return step()
+
+    t.opts["teacher"].step = spy  # type: ignore[method-assign]
+    m.pretrain(t, lambda: torch.from_numpy(demo.swiss_roll(32, rng)), 5)
+    assert seen == pytest.approx([demo_methods.DENOISER_LR * (5 - i) / 5 for i in range(5)], rel=1e-12)
+    t.K, t.k = 4, 3
+    m.step(t, lambda: torch.from_numpy(demo.swiss_roll(32, rng)))
+    assert t.opts["F"].param_groups[0]["lr"] == demo_methods.LR
+
+
 def test_batched_mlp_is_the_seeds_mlps_and_a_loss_over_b_by_s_is_the_sum_of_theirs():
     torch.manual_seed(0)
     nets = [demo_methods.mlp(2, 1, 16, 2) for _ in range(3)]
