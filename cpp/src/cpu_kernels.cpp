@@ -39,9 +39,7 @@ __attribute__((simd("notinbranch"))) float tanhf(float) noexcept;
 #include <omp.h>
 #endif
 
-#ifndef GENLOSS_ISA
-#error "GENLOSS_ISA must name the instruction set of this translation unit"
-#endif
+#include "isa.h"  // the GENLOSS_ISA guard, kVecBytes, madd
 
 namespace genloss {
 namespace cpu {

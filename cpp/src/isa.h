@@ -1,6 +1,7 @@
-// isa.h — what the kernel files built once per instruction set (knn_cpu.cpp, quant_cpu.cpp,
-// ot_cpu.cpp; GENLOSS_ISA names the build) share about it: the vector width their tiles are
-// sized by, and the explicit fused multiply-add.
+// isa.h — what the kernel files built once per instruction set (cpu_kernels.cpp, mmd_cpu.cpp,
+// knn_cpu.cpp, quant_cpu.cpp, ot_cpu.cpp; GENLOSS_ISA names the build) share about it: the
+// guard that GENLOSS_ISA is set, the vector width tiles are sized by, the explicit fused
+// multiply-add.
 #pragma once
 
 #include <cmath>

@@ -40,9 +40,7 @@
 #include <omp.h>
 #endif
 
-#ifndef GENLOSS_ISA
-#error "GENLOSS_ISA must name the instruction set of this translation unit"
-#endif
+#include "isa.h"  // the GENLOSS_ISA guard, kVecBytes, madd
 
 namespace genloss {
 namespace cpu {
