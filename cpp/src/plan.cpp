@@ -752,9 +752,8 @@ std::string kernel_field_list(int kind) {
 
 // The checks of the CPU-only kinds (the sizes their kernels assume; the ops' own checks, with
 // the argument names users know, run first in python/genloss/native).
-void check_cpu_kind(const std::string& who, const Call& c) {
+void check_cpu_kind(const std::string& who, const Call& c, int dtype) {
   if (c.device != 0) throw py::value_error(who + ": CPU only (no CUDA kernel of this kind yet)");
-  const int dtype = c.k.vector_quantize.dtype;  // every Args struct starts with its dtype
   const bool f64_only = c.kind == kSinkhorn || c.kind == kAssignment;
   if (f64_only ? dtype != kFloat64 : dtype != kFloat32 && dtype != kFloat64)
     throw py::type_error(who +
@@ -878,7 +877,7 @@ Call make_kernel_call(int kind, Fields fields) {
   std::memcpy(&dtype, &c.k, sizeof dtype);  // every Args struct starts with its dtype
   if (dtype < 0 || dtype > 3)
     throw py::value_error(who + ": dtype must be 0-3 (engine.h), got " + std::to_string(dtype));
-  if (cpu_only(kind)) check_cpu_kind(who, c);
+  if (cpu_only(kind)) check_cpu_kind(who, c, dtype);
   if (kind == kRowLse) {
     const RowLseArgs& a = c.k.row_lse;
     if (a.mode < ops::kLseLabel || a.mode > ops::kLseRealLabel)
