@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from genloss import registry as R
+from strategies import seed_of
+from tolerances import assert_close, value_scale
 
 torch = pytest.importorskip("torch")
 gt = pytest.importorskip("genloss.torch")
@@ -24,7 +26,9 @@ gt = pytest.importorskip("genloss.torch")
 pytestmark = pytest.mark.cuda
 
 # Every case with a reduction that is defined on an empty batch ('mean' of nothing is refused).
-EMPTY_CASES = [(r, v, red) for r, v, red in R.cases() if red in ("sum", "none", None)]
+ALL_CASES = list(R.cases())
+ALL_IDS = [f"{r.name}-{v.id}-{red}" for r, v, red in ALL_CASES]
+EMPTY_CASES = [(r, v, red) for r, v, red in ALL_CASES if red in ("sum", "none", None)]
 EMPTY_IDS = [f"{r.name}-{v.id}-{red}" for r, v, red in EMPTY_CASES]
 EMPTY_SIZES = {
     "batch": {**R.ODD_SIZES[0], **{s: 0 for s in R.BATCH_SYMBOLS}},
@@ -159,3 +163,119 @@ def test_cupy_inputs_are_exported_for_the_launch_stream(cuda_device):
             expect = float(cupy.abs(x.astype(cupy.float64) - y.astype(cupy.float64)).mean())
     assert rx.streams == [s.ptr] and ry.streams == [s.ptr], (rx.streams, ry.streams, s.ptr)
     assert abs(float(value) - expect) <= 1e-6 * abs(expect)
+
+
+# ----------------------------------------------------------------------------- fp16/bf16 storage
+NATIVE_CASES = [(r, v, red) for r, v, red in R.cases() if r.has_native]
+NATIVE_IDS = [f"{r.name}-{v.id}-{red}" for r, v, red in NATIVE_CASES]
+LOW = ("float16", "bfloat16")
+
+
+def _rounded(x, dtype):
+    """The float64 oracle rounded to ``dtype`` (inf where it overflows): the best a kernel
+    that stores ``dtype`` can return."""
+    return torch.from_numpy(np.asarray(x, dtype=np.float64)).to(dtype).double().numpy()
+
+
+@pytest.mark.parametrize("low", LOW)
+@pytest.mark.parametrize(("record", "variant", "reduction"), NATIVE_CASES, ids=NATIVE_IDS)
+def test_native_low_precision_storage(record, variant, reduction, low, cuda_device):
+    """``genloss.native`` on float16/bfloat16 CUDA tensors runs the storage kernels (load the
+    low dtype, compute in float32, accumulate in float64, store the low dtype); genloss.torch
+    widens to float32 first, so only this reaches them. Oracle: the reference on the exactly
+    widened inputs, value and gradients rounded to the storage dtype. An op whose native
+    version has no low-precision CUDA kernel must refuse with an error naming the dtype."""
+    check_native_storage(record, variant, reduction, low, cuda_device)
+
+
+def check_native_storage(record, variant, reduction, low, device):
+    """The body of the test above for any storage dtype and device (float32 on the CPU checks
+    the oracle logic itself where no GPU is present)."""
+    dtype = getattr(torch, low)
+    rng = np.random.default_rng(seed_of(record.name, variant.id, low))
+    arrays = R.make_inputs(record, rng, np.float64, R.ODD_SIZES[0], variant)
+    ts = [torch.from_numpy(np.array(x, copy=True)).to(device) for x in arrays]
+    ts = [t.to(dtype) if t.is_floating_point() else t for t in ts]
+    kwargs = R.call_kwargs(record, variant, reduction)
+    try:
+        value, grads = record.native(*ts, **kwargs)
+    except (TypeError, ValueError) as e:
+        assert low in str(e) or "CUDA" in str(e), f"{record.name}: refused {low} without naming it: {e}"
+        pytest.skip(f"no {low} CUDA kernel: {e}")
+    x64 = tuple(t.cpu().double().numpy() if t.is_floating_point() else t.cpu().numpy() for t in ts)
+    ref = record.reference(*x64, **kwargs)
+    ref_value = np.asarray(ref if record.value_index is None else ref[record.value_index])
+    label = f"{record.name}({variant.id}, {reduction}) [{low} storage]"
+    assert value.dtype == dtype and value.device == ts[0].device, (
+        f"{label}: value {value.dtype} on {value.device}"
+    )
+    scale = value_scale(x64, reduction, ref_value)
+    assert_close(value.cpu(), _rounded(ref_value, dtype), "cuda", low, label + " value", scale=scale)
+    if record.reference_backward is None:
+        return
+    ones = np.ones(ref_value.shape) if ref_value.ndim else 1.0
+    ref_grads = record.reference_backward(*x64, ones, **kwargs)
+    assert len(grads) == len(ref_grads) == len(record.differentiable), label
+    for name, g, rg in zip(record.differentiable, grads, ref_grads, strict=True):
+        assert g.dtype == dtype, f"{label} d/d{name}: {g.dtype}"
+        gs = R.grad_scale(record, name, x64, reduction, rg)
+        assert_close(g.cpu(), _rounded(rg, dtype), "cuda", low, f"{label} d/d{name}", scale=gs)
+
+
+# ----------------------------------------------------------------------------- streams, repeatability
+def _torch_step(record, variant, reduction, tensors):
+    """(value, gradients of sum(value)) of the torch op: one forward and one backward."""
+    out = record.torch(*tensors, **R.call_kwargs(record, variant, reduction))
+    value = out if record.value_index is None else out[record.value_index]
+    diff = [tensors[record.arg_names.index(n)] for n in record.differentiable]
+    if not diff or not value.requires_grad:
+        return value, ()
+    return value, torch.autograd.grad(value, diff, torch.ones_like(value))
+
+
+def _cuda_tensors(record, arrays, device):
+    out = []
+    for a, x in zip(record.args, arrays, strict=True):
+        t = torch.from_numpy(np.array(x, copy=True)).to(device)
+        t = t.float() if t.is_floating_point() else t
+        out.append(t.requires_grad_(True) if a.name in record.differentiable else t)
+    return out
+
+
+@pytest.mark.parametrize(("record", "variant", "reduction"), ALL_CASES, ids=ALL_IDS)
+def test_bitwise_repeatable(record, variant, reduction, cuda_device):
+    """Two calls on the same inputs give bitwise the same value and gradients (no atomics, a
+    fixed reduction tree), on inputs of several chunks."""
+    sizes = {**R.ODD_SIZES[0], "B": 37, "Br": 37, "Bl": 37, "Ba": 37, "...": (3, 2731), "...2": (2, 4099)}
+    sizes = R.capped(record, sizes)
+    arrays = R.make_inputs(record, np.random.default_rng(5), np.float64, sizes, variant)
+    ts = _cuda_tensors(record, arrays, cuda_device)
+    v1, g1 = _torch_step(record, variant, reduction, ts)
+    v2, g2 = _torch_step(record, variant, reduction, ts)
+    label = f"{record.name}({variant.id}, {reduction})"
+    assert torch.equal(v1, v2), f"{label}: value differs between two calls"
+    for n, a, b in zip(record.differentiable, g1, g2, strict=True):
+        assert torch.equal(a, b), f"{label} d/d{n}: differs between two calls"
+
+
+def test_launches_on_the_current_stream(cuda_device):
+    """The op runs on torch's current stream: a producer still running on a side stream (a
+    sleep, then the copy that writes the input) is waited for, and the result is ready
+    when that stream is synchronised. An op launched on another stream would read the
+    input before the copy: the stale value 0."""
+    n = (1 << 20) + 3
+    src = torch.randn(4, n, device=cuda_device)
+    y = torch.randn(4, n, device=cuda_device)
+    x = torch.zeros(4, n, device=cuda_device, requires_grad=True)
+    expect = (src.double() - y.double()).abs().mean()
+    s = torch.cuda.Stream(device=cuda_device)
+    s.wait_stream(torch.cuda.current_stream(cuda_device))
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time on s before the input is written
+        with torch.no_grad():
+            x.copy_(src)
+        value = gt.l1_loss(x, y)
+        value.backward()
+    s.synchronize()
+    torch.testing.assert_close(value.double(), expect, rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad, torch.sign(src - y) / src.numel(), rtol=0, atol=0)
