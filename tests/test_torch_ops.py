@@ -110,7 +110,9 @@ def check_torch_against_reference(
     if not diff:  # a value-only op
         return value, ()
     w = upstream(value, rng)
-    grads = torch.autograd.grad(value, diff, grad_outputs=torch.as_tensor(w, dtype=value.dtype))
+    grads = torch.autograd.grad(
+        value, diff, grad_outputs=torch.as_tensor(w, dtype=value.dtype, device=value.device)
+    )
     ref_grads = record.reference_backward(*x64, w if w.ndim else float(w), **kwargs)
     for name, t, g, rg in zip(record.differentiable, diff, grads, ref_grads, strict=True):
         assert g.dtype == t.dtype and g.shape == t.shape, f"{label} d/d{name}: {g.dtype} {tuple(g.shape)}"
