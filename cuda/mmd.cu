@@ -43,6 +43,18 @@ void check_mmd(cudaError_t e, const char* what) {
     throw std::runtime_error(std::string("genloss CUDA mmd: ") + what + ": " + cudaGetErrorString(e));
 }
 
+// The kernel coefficients, passed BY VALUE in the launch (kernel parameters): a copy
+// from host memory would be captured by a CUDA graph as a copy from that (by then
+// stale) address, and replays would read whatever lies there. More than kMaxByValue
+// bandwidths (rare) go through a device copy, refused under capture.
+constexpr int kMaxByValue = 16;
+template <class A>
+struct Coefs {
+  A c[kMaxByValue];
+  const A* dev;  // non-null: the coefficients are in device memory instead
+  __device__ const A* ptr() const { return dev ? dev : c; }
+};
+
 struct RowCtx {
   int kernel;
   bool unbiased;
@@ -60,9 +72,10 @@ __device__ __forceinline__ const S* point(const S* x, const S* y, const RowCtx& 
 
 // Small D: coordinates and gradient in registers; tiles of other points in shared memory.
 template <class S, int DIM>
-__global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const typename Acc<S>::type* c,
+__global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, Coefs<typename Acc<S>::type> cv,
                            double* rowv, S* gx, S* gy) {
   using A = typename Acc<S>::type;
+  const A* c = cv.ptr();
   __shared__ A tile[kTileB][DIM];
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
   const int64_t total = r.N + r.M;
@@ -115,9 +128,10 @@ __global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restric
 // Any D: the kernel weights of a tile of other points in shared memory, then the
 // gradient sums coordinate by coordinate into the thread's own float64 row.
 template <class S>
-__global__ void rows_any(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const typename Acc<S>::type* c,
+__global__ void rows_any(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, Coefs<typename Acc<S>::type> cv,
                          double* rowv, double* gacc) {
   using A = typename Acc<S>::type;
+  const A* c = cv.ptr();
   __shared__ A wsh[kTileB][kRowThreads];
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
   const int64_t total = r.N + r.M;
@@ -187,9 +201,10 @@ __global__ void write_grads(RowCtx r, const double* gacc, S* gx, S* gy) {
 // Linear estimator: thread i owns the pairs (x_2i, x_2i+1), (y_2i, y_2i+1),
 // (x_2i, y_2i+1), (x_2i+1, y_2i) and the four points' gradients.
 template <class S>
-__global__ void linear_pairs(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const typename Acc<S>::type* c,
-                             double* rowv, S* gx, S* gy) {
+__global__ void linear_pairs(RowCtx r, const S* __restrict__ x, const S* __restrict__ y,
+                             Coefs<typename Acc<S>::type> cv, double* rowv, S* gx, S* gy) {
   using A = typename Acc<S>::type;
+  const A* c = cv.ptr();
   const int64_t n = r.N / 2;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
@@ -265,14 +280,27 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
   const bool grad = a.grad_x || a.grad_y;
   const int64_t nacc = generic && grad ? (a.N + a.M) * a.D : 0;
   // One allocation: coefficients, row values, float64 gradient rows (generic path).
-  const size_t cbytes = ((cs.size() * sizeof(A) + 15) / 16) * 16;
+  const bool by_value = cs.size() <= static_cast<size_t>(kMaxByValue);
+  Coefs<A> cv{};
+  for (size_t s = 0; by_value && s < cs.size(); ++s) cv.c[s] = cs[s];
+  if (!by_value) {
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    check_mmd(cudaStreamIsCapturing(stream, &capturing), "capture status");
+    if (capturing != cudaStreamCaptureStatusNone)
+      throw std::invalid_argument("mmd2: more than " + std::to_string(kMaxByValue) +
+                                  " bandwidths cannot be captured in a CUDA graph");
+  }
+  const size_t cbytes = by_value ? 0 : ((cs.size() * sizeof(A) + 15) / 16) * 16;
   const size_t bytes = cbytes + sizeof(double) * (rows + nacc);
   const Scratch scratch(bytes, stream);
   char* buf = scratch.as<char>();
-  A* c = reinterpret_cast<A*>(buf);
   double* rowv = reinterpret_cast<double*>(buf + cbytes);
   double* gacc = nacc ? rowv + rows : nullptr;
-  check_mmd(cudaMemcpyAsync(c, cs.data(), cs.size() * sizeof(A), cudaMemcpyHostToDevice, stream), "copy");
+  if (!by_value) {
+    cv.dev = reinterpret_cast<A*>(buf);
+    check_mmd(cudaMemcpyAsync(buf, cs.data(), cs.size() * sizeof(A), cudaMemcpyHostToDevice, stream), "copy");
+  }
+  const Coefs<A>& c = cv;
   S* gx = static_cast<S*>(a.grad_x);
   S* gy = static_cast<S*>(a.grad_y);
   const S* x = static_cast<const S*>(a.x);
