@@ -20,9 +20,28 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.cuda
 
 CASES = list(R.cases())
+
+
+def refuses_capture(record, variant) -> bool:
+    """The ops whose result needs a value read back on the host, which must refuse capture with
+    a ValueError saying so: relativistic losses with average=True (the batch means, issue 16),
+    MMD with the median-heuristic bandwidth, Sinkhorn's convergence test."""
+    kw = variant.kwargs
+    if record.name in ("relativistic_d_loss", "relativistic_g_loss"):
+        return kw.get("average", True)
+    if record.name == "mmd2":
+        return kw.get("bandwidths") is None and kw.get("kernel", "rbf") in ("rbf", "imq")
+    return record.name == "sinkhorn_divergence"
+
+
 CASE_IDS = [f"{r.name}-{v.id}-{red}" for r, v, red in CASES]
 
 
+# torch 2.11 warns when a leaf's AccumulateGrad node made during the side-stream warm-up is
+# still alive at capture (seen for six GAN ops, torch's own remedy is to drop every reference
+# to the warm-up graph); autograd.grad is used here, so no gradient is accumulated on it.
+@pytest.mark.filterwarnings("ignore:The AccumulateGrad node's stream:UserWarning")
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty:UserWarning")  # after a refusal
 @pytest.mark.parametrize(("record", "variant", "reduction"), CASES, ids=CASE_IDS)
 def test_capture_and_replay(record, variant, reduction, cuda_device):
     first = R.make_inputs(record, np.random.default_rng(1), np.float64, R.ODD_SIZES[0], variant)
@@ -35,6 +54,10 @@ def test_capture_and_replay(record, variant, reduction, cuda_device):
             _torch_step(record, variant, reduction, static)
     torch.cuda.current_stream(cuda_device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    if refuses_capture(record, variant):
+        with pytest.raises(ValueError, match="CUDA graph capture"), torch.cuda.graph(graph):
+            _torch_step(record, variant, reduction, static)
+        return
     with torch.cuda.graph(graph):
         value, grads = _torch_step(record, variant, reduction, static)
     with torch.no_grad():

@@ -172,6 +172,7 @@ def _defaults() -> dict:
         "host_cache_mb": None,
         "stream_min_bytes": 2 << 20,
         "nt_stores": True,
+        "check_data": True,
         "threads": len(os.sched_getaffinity(0)),  # OpenMP's default: the cores this process may use
         "isa": {"running": genloss.build_info()["isa"], "forced": None},
     }
@@ -212,6 +213,7 @@ def test_options_set_and_restore():
         "threads": 1,
         "huge_pages": False,
         "host_cache_mb": 7,
+        "check_data": False,
     }
     with gn.options(**want) as now:
         assert {k: now[k] for k in want} == want
@@ -232,6 +234,20 @@ def test_options_set_and_restore():
     assert gn.options(**before) == before  # the dict round-trips (isa: the value running)
 
 
+def test_check_data_false_still_checks_cpu_data():
+    """options(check_data=False) skips only the checks that wait for a GPU: CPU values (here an
+    out-of-range timestep, Bernoulli targets outside [0, 1]) are still refused by name."""
+    import genloss.reference as gr
+
+    sched = gr.DiffusionSchedule(gr.linear_betas(10))
+    x = np.zeros((3, 4))
+    with gn.options(check_data=False):
+        with pytest.raises(ValueError, match="t must lie in"):
+            gn.diffusion_mse_loss(x, x, x, np.array([0, 10, 2]), sched, "eps")
+        with pytest.raises(ValueError, match="targets"):
+            gn.bernoulli_nll(np.zeros((3, 4)), np.full((3, 4), 2.0))
+
+
 @pytest.mark.parametrize(
     ("name", "value", "error"),
     [
@@ -244,6 +260,7 @@ def test_options_set_and_restore():
         ("threads", 2.0, TypeError),
         ("huge_pages", 1, TypeError),
         ("nt_stores", "yes", TypeError),
+        ("check_data", 1, TypeError),
         ("host_cache_mb", -1, ValueError),
         ("isa", "avx9", ValueError),
         ("bogus", 1, TypeError),

@@ -359,6 +359,7 @@ for _msg in _C.config_warnings():  # an environment variable that did not parse
     warnings.warn(f"genloss: {_msg}", RuntimeWarning, stacklevel=2)
 
 _huge_pages = bool(_C.config()["huge_pages"])  # read per allocation: a plain bool
+_check_data = True  # options(check_data=...): read per call, a plain bool
 
 
 def _settable(c: Any) -> dict:
@@ -376,6 +377,7 @@ def _settings() -> dict:
     c = _C.config()
     return {
         **_settable(c),
+        "check_data": _check_data,
         "threads": int(c["threads"]),
         "isa": {"running": c["isa"], "forced": c["isa_forced"] or None},
     }
@@ -384,7 +386,7 @@ def _settings() -> dict:
 def _raw() -> dict:
     """The settable values as stored (threads: None for OpenMP's default), to restore."""
     c = _C.config()
-    return {**_settable(c), "threads": int(c["threads_setting"]) or None}
+    return {**_settable(c), "threads": int(c["threads_setting"]) or None, "check_data": _check_data}
 
 
 def _want_int(name: str, v: Any, *, lo: int | None, none_ok: bool) -> None:
@@ -406,7 +408,7 @@ def _want_bool(name: str, v: Any) -> None:
 
 def _validate(kw: dict) -> None:
     for name, v in kw.items():
-        if name in ("huge_pages", "nt_stores"):
+        if name in ("huge_pages", "nt_stores", "check_data"):
             _want_bool(name, v)
         elif name == "host_cache_mb":
             _want_int(name, v, lo=0, none_ok=True)
@@ -427,9 +429,11 @@ def _validate(kw: dict) -> None:
 
 
 def _apply(kw: dict) -> None:
-    global _huge_pages
+    global _huge_pages, _check_data
     for name, v in kw.items():
-        if name == "huge_pages":
+        if name == "check_data":
+            _check_data = v
+        elif name == "huge_pages":
             _C.set_huge_pages(v)
             _huge_pages = v
         elif name == "host_cache_mb":
@@ -458,7 +462,7 @@ class Options(dict):
 
 
 def options(**kw: Any) -> Options:
-    """The CPU engine's runtime settings: returns them (a dict) after setting those passed.
+    """The engine's runtime settings: returns them (a dict) after setting those passed.
 
     Also a context manager: ``with genloss.native.options(stream_min_bytes=-1): ...``
     restores the previous values on exit. Settings are process-wide (every thread).
@@ -477,6 +481,16 @@ def options(**kw: Any) -> Options:
         aligned; < 0: never. Default 2 MiB. Environment: ``GENLOSS_STREAM_MIN_BYTES``.
     nt_stores : bool
         False: above the threshold, plain stores instead (the same loop; comparisons).
+    check_data : bool
+        True (default): the checks that read input VALUES (timesteps in range, Bernoulli
+        targets in [0, 1], finite per-sample weights, ...) run on every call and raise a
+        ValueError naming the argument. On CUDA each one waits for the GPU (a read-back):
+        False skips them on CUDA, as ``torch.distributions``' ``validate_args=False`` does:
+        an invalid value then gives NaN (an out-of-range timestep or label: that row's
+        value and gradients) or a wrong result instead of an error. CPU data is always
+        checked (no wait there); shapes, dtypes and hyperparameters always. Under CUDA
+        graph capture the value checks are skipped whatever this says (nothing may be read
+        back then). Also read by ``genloss.torch``.
     threads : int >= 1 or None
         OpenMP threads of the engine's parallel loops; None: OpenMP's default
         (``OMP_NUM_THREADS`` or the cores). Reported as the count in use.
@@ -612,14 +626,40 @@ def sum_to(g: Any, shape: tuple[int, ...], kind: str) -> Any:
     return g.reshape(shape)
 
 
-def float_range(b: Buf, replay: tuple | None = None) -> tuple[float, float]:
-    """(min, max) of a float array on its own device (CUDA: synchronises). ``replay``: the
-    guard (``guard``'s arguments) that repeats the caller's check of them in a plan."""
+def capturing(b: Buf) -> bool:
+    """True while CUDA graph capture runs on the current stream (torch CUDA arrays): nothing
+    may read device data back to the host then."""
+    return b.device != CPU and b.kind == "torch" and bool(_torch.cuda.is_current_stream_capturing())
+
+
+def skip_checks(b: Buf) -> bool:
+    """Whether the checks of the data of CUDA array ``b`` (``float_range``, ``int_range``,
+    ``check_if_nan``: they then return None), each a wait for the GPU, are skipped:
+    ``options(check_data=False)``, or CUDA graph capture (``capturing``; the eager warm-up call
+    that capture needs runs them on the same static buffers, and a replay runs no Python, so
+    the data of a replay is not checked). CPU data is always checked (no wait there)."""
+    return b.device != CPU and (not _check_data or capturing(b))
+
+
+def float_range(b: Buf, replay: tuple | None = None) -> tuple[float, float] | None:
+    """(min, max) of a float array on its own device (CUDA: synchronises), or None when
+    ``skip_checks``. ``replay``: the guard (``guard``'s arguments) that repeats the
+    caller's check of them in a plan."""
     _checked(replay)
-    if b.kind == "torch":
+    if skip_checks(b):
+        return None
+    if b.kind == "torch" and b.device == CPU:
         lo, hi = b.arr.aminmax()
         return float(lo), float(hi)
-    return float(b.arr.min()), float(b.arr.max())
+    return _min_max(b, float)
+
+
+def _min_max(b: Buf, cast: Any) -> tuple:
+    """(min, max); a CUDA tensor's with ONE read-back (aminmax, one two-element copy), not two."""
+    if b.kind == "torch" and b.device != CPU and b.arr.numel():
+        lo, hi = _torch.stack(b.arr.aminmax()).tolist()
+        return cast(lo), cast(hi)
+    return cast(b.arr.min()), cast(b.arr.max())
 
 
 def stream_of(b: Buf) -> int:
@@ -922,13 +962,17 @@ def check_if_nan(value: Any, check: Any, out: Buf | None = None) -> None:
     min/max pass over the input on every call. ``out``: the Buf of ``value``, for a plan
     that repeats the NaN test (and declines when it finds one)."""
     _checked(None if out is None else ("no_nan", (out,)))
+    if getattr(value, "is_cuda", False) and (not _check_data or _torch.cuda.is_current_stream_capturing()):
+        return  # no read-back (``skip_checks``)
     nan = value.isnan().any() if hasattr(value, "isnan") else np.isnan(value).any()
     if bool(nan):
         check()
 
 
-def int_range(b: Buf, replay: tuple | None = None) -> tuple[int, int]:
-    """(min, max) of an integer array, on its own device (CUDA: synchronises). ``replay``: as
-    ``float_range``."""
+def int_range(b: Buf, replay: tuple | None = None) -> tuple[int, int] | None:
+    """(min, max) of an integer array, on its own device (CUDA: synchronises), or None when
+    ``skip_checks``. ``replay``: as ``float_range``."""
     _checked(replay)
-    return int(b.arr.min()), int(b.arr.max())
+    if skip_checks(b):
+        return None
+    return _min_max(b, int)

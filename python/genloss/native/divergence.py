@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import _checks as C
 from ._compose import cached, grads_out, inputs, needs
-from ._engine import _C, Buf, as_input, data_used, empty, map_reduce, mmd
+from ._engine import _C, Buf, as_input, capturing, data_used, empty, map_reduce, mmd
 
 KERNELS: tuple[str, ...] = tuple(_C.MMD_KERNELS)  # order = enum MmdKernel in genloss/mmd.h
 ESTIMATORS: tuple[str, ...] = tuple(_C.MMD_ESTIMATORS)  # order = enum MmdEstimator
@@ -187,6 +187,11 @@ def mmd2(x, y, kernel="rbf", bandwidths=None, estimator="unbiased", *, need_grad
         gy = empty(yb, yb.shape) if flags[1] else None
         b = bws
         if b is None:
+            if capturing(xb):
+                raise ValueError(
+                    "bandwidths=None takes the median distance of the data on the host, which CUDA graph "
+                    "capture forbids: pass the bandwidths (median_bandwidth(x, y) once, before capture)"
+                )
             data_used()  # the median of the data: a plan could not follow it
             b = (median_bandwidth(xb.arr, yb.arr),)
         mmd(xb, yb, kernel=KERNELS.index(kernel), estimator=ESTIMATORS.index(estimator), bandwidths=b, out=out,

@@ -32,6 +32,7 @@ from ._compose import (
 from ._engine import (
     Buf,
     as_input,
+    capturing,
     col_broadcast,
     col_sum,
     empty,
@@ -137,6 +138,11 @@ def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad):
         C.same_shape(pos_name, p.shape, neg_name, n.shape)
         terms = [Term("SoftplusNegDiff", p, y=n)]
         return run_terms(terms, reduction, need_grad, 2, [0])
+    if capturing(p):  # the totals below are read back to the host (issue 16: not on the device yet)
+        raise ValueError(
+            "average=True reads the two batch means back to the host, which CUDA graph capture forbids; "
+            "capture average=False, or call it outside the graph"
+        )
     mp = map_reduce("Linear", p, params={}, totals=True)[0] / p.numel  # type: ignore[index]
     mn = map_reduce("Linear", n, params={}, totals=True)[0] / n.numel  # type: ignore[index]
     sp, sn = batch_scale(reduction, bp), batch_scale(reduction, bn)
@@ -276,10 +282,10 @@ def ssgan_critic_loss(
         if (y.device, y.device_id) != (lab.device, lab.device_id):
             raise ValueError("labels must be on the device of labeled_logits")
         k = lab.shape[1]
-        lo, hi = int_range(y, ("index_range", (y,), k - 1))  # a plan re-checks it on every call
-        if lo < 0 or hi >= k - 1:
+        r = int_range(y, ("index_range", (y,), k - 1))  # a plan re-checks it on every call
+        if r is not None and (r[0] < 0 or r[1] >= k - 1):
             raise ValueError(
-                f"labels must lie in [0, {k - 1}) (the last class is the fake one), got range [{lo}, {hi}]"
+                f"labels must lie in [0, {k - 1}) (the last class is the fake one), got range [{r[0]}, {r[1]}]"
             )
         out = empty(lab, ())
         flags = needs(need_grad, 3)

@@ -120,9 +120,9 @@ def vq_ema_update(z, indices, cluster_size, embed_sum, decay=0.99, eps=1e-5):
     if ib.shape != (n,):
         raise ValueError(f"{op}: indices must have shape ({n},) (one per row of z), got {ib.shape}")
     if n:
-        lo, hi = int_range(ib)
-        if lo < 0 or hi >= k:
-            raise ValueError(f"{op}: indices must lie in [0, {k}), got values in [{lo}, {hi}]")
+        r = int_range(ib)
+        if r is not None and (r[0] < 0 or r[1] >= k):
+            raise ValueError(f"{op}: indices must lie in [0, {k}), got values in [{r[0]}, {r[1]}]")
     ocs, oes, ocb = empty(eb, (k,)), empty(eb, (k, d)), empty(eb, (k, d))
     ran(run_call(
         kind="vq_ema_update", dtype=eb.dtype, index_dtype=INT64 if ib.dtype == INT64 else INT32, z=zb.ptr,

@@ -38,9 +38,9 @@ def _pair(names, arrays, reduction):
 
 
 def _unit_interval(b, name):
-    lo, hi = float_range(b)
-    if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
-        raise ValueError(f"{name} must lie in [0, 1] (Bernoulli targets), got values in [{lo}, {hi}]")
+    r = float_range(b)
+    if r is not None and not (r[0] >= 0.0 and r[1] <= 1.0):  # NaN fails too
+        raise ValueError(f"{name} must lie in [0, 1] (Bernoulli targets), got values in [{r[0]}, {r[1]}]")
 
 
 def _unit_interval_after(value, b, name):

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .._checks import name_error, named_errors, register_op_name
+from ..native import _engine
 from ..native._engine import check_copy_size
 
 lib = torch.library.Library("genloss", "DEF")
@@ -45,6 +46,43 @@ lib = torch.library.Library("genloss", "DEF")
 _LOW = (torch.float16, torch.bfloat16)
 _PARAM = re.compile(r"^\s*(\w+(?:\[\])?\??)\s+(\w+)(?:\s*=\s*(.+))?\s*$")
 _DEFAULTS = {"True": True, "False": False, "None": None}
+
+
+def eager_checks(x: torch.Tensor) -> bool:
+    """Whether a check of the data of ``x`` (which reads values back to the host) may run: not
+    while torch.compile traces, and on CUDA not with ``genloss.native.options(check_data=False)``
+    nor while a CUDA graph is captured on the current stream (its eager warm-up call runs the
+    checks; a replay runs no Python, so replayed data is not checked). CPU data is always
+    checked: there a check costs no wait."""
+    if torch.compiler.is_compiling():
+        return False
+    return not x.is_cuda or (_engine._check_data and not torch.cuda.is_current_stream_capturing())
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def kept(like: torch.Tensor) -> bool:
+    """Whether a constant kept from an earlier call may serve a call on ``like``: an ordinary
+    tensor outside tracing (a fake or traced one needs constants made in its own mode)."""
+    return type(like) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def device_constant(values: tuple, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """A small constant made of hyperparameters (FSQ levels, per-channel bounds) on ``like``'s
+    device, made once per (values, dtype, device) and kept: a host-to-device copy on every call
+    costs a transfer each time, and CUDA graph capture refuses it. Callers never modify it in
+    place. Made outside inference mode (an inference tensor could not be saved for backward)."""
+    if not kept(like):
+        return torch.tensor(values, dtype=dtype, device=like.device)
+    key = (values, dtype, like.device)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        with torch.inference_mode(False):
+            hit = torch.tensor(values, dtype=dtype, device=like.device)
+        if len(_CONSTANTS) < 4096:
+            _CONSTANTS[key] = hit
+    return hit
 
 
 def _parse(schema: str) -> list[tuple[str, str, Any, bool]]:

@@ -29,7 +29,7 @@ import torch
 from .. import _checks as C
 from ..native import diffusion as native
 from ..reference import diffusion as R
-from ._op import LossOp, reference_doc, with_reference_doc
+from ._op import LossOp, eager_checks, kept, reference_doc, with_reference_doc
 
 __all__ = [
     "DiffusionSchedule",
@@ -140,14 +140,28 @@ class DiffusionSchedule(torch.nn.Module):
         assert tab is not None  # registered as a tensor in __init__ (the buffer dict also admits None)
         if tab.is_cpu and like.is_cpu:
             return tab
-        return tab if tab.device == like.device else tab.to(like.device)
+        return self._placed("_table_" + name, tab, like)
 
     def gather(self, name: str, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``self.<name>[t]`` in ``dtype`` (float32 by default), on ``t``'s device."""
-        values = getattr(self, name)
-        if values.device != t.device:
-            values = values.to(t.device)
+        values = self._placed(name, getattr(self, name), t)
         return values[t.long()].to(dtype)
+
+    def _placed(self, name: str, tab: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``tab`` on ``like``'s device, copied once per device and kept (a schedule is constant):
+        a copy on every call costs a host-to-device transfer each time, and CUDA graph capture
+        refuses it. Kept only for ordinary tensors (``_op.kept``), made outside inference mode
+        (an inference tensor could not be saved for a later backward)."""
+        if tab.device == like.device:
+            return tab
+        if not kept(like) or type(tab) is not torch.Tensor:
+            return tab.to(like.device)
+        cache = self.__dict__.setdefault("_genloss_placed", {})
+        hit = cache.get((name, like.device))
+        if hit is None:
+            with torch.inference_mode(False):
+                hit = cache[(name, like.device)] = tab.to(like.device)
+        return hit
 
 
 def _as_schedule(schedule: Any) -> DiffusionSchedule:
@@ -535,7 +549,7 @@ def snr_weights(
         raise ValueError(f"t must be 1-D (one timestep per sample), got shape {tuple(t.shape)}")
     if t.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"t must be int64 or int32, got {t.dtype}")
-    eager = not torch.compiler.is_compiling() and t.numel() > 0
+    eager = eager_checks(t) and t.numel() > 0
     if eager:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= s.num_timesteps:

@@ -25,7 +25,7 @@ from .. import _checks as C
 from ..native import flow as native
 from ..native._compose import needs
 from ..reference import flow as ref
-from ._op import LossOp, public, schema_of
+from ._op import LossOp, eager_checks, kept, public, schema_of
 
 __all__ = [
     "consistency_training_loss",
@@ -94,7 +94,7 @@ def _sds_kernel(
             raise ValueError(
                 f"weights must have shape ({x.shape[0]},) (one value per sample), got {tuple(weights.shape)}"
             )
-        lo, hi = (float(v) for v in weights.detach().aminmax())
+        lo, hi = (float(v) for v in weights.detach().aminmax()) if eager_checks(weights) else (0.0, 0.0)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("weights must be finite")
         if lo < 0.0:
@@ -124,7 +124,7 @@ def flow_interpolant(
             raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
         if x0.dim() < 1 or tuple(t.shape) != (x0.shape[0],):
             raise ValueError(f"t must have shape ({x0.shape[0] if x0.dim() else '?'},) (one time per sample)")
-        if not torch.compiler.is_compiling():  # a data-dependent check: eager only
+        if eager_checks(t):  # a data-dependent check: eager only
             lo, hi = (float(v) for v in t.detach().aminmax()) if t.numel() else (0.0, 0.0)
             ref.check_times(torch.tensor([lo, hi], dtype=torch.float64).numpy())
     # float16 / bfloat16 inputs: computed in float32 (autograd rounds the gradients back)
@@ -157,8 +157,8 @@ def _tensor(op: str, name: str, x: Any) -> torch.Tensor:
 
 
 def _eager_check(fn: Callable[..., Any], *tensors: torch.Tensor, **kwargs: Any) -> None:
-    """Run the reference's argument checks on the values (skipped under torch.compile: data-dependent)."""
-    if not torch.compiler.is_compiling():
+    """Run the reference's argument checks on the values (data-dependent: when ``eager_checks``)."""
+    if all(eager_checks(t) for t in tensors):
         fn(*(t.detach().cpu().double().numpy() for t in tensors), **kwargs)
 
 
@@ -266,7 +266,7 @@ def _path(t_or_sigma: Any, schedule: Any, batch: int) -> tuple[torch.Tensor, tor
         if x.requires_grad:
             raise ValueError(f"{op}: t_or_sigma requires grad, but the conversion is differentiable only "
                              "w.r.t. pred and x_t; pass t_or_sigma.detach()")  # fmt: skip
-    if not torch.compiler.is_compiling():
+    if eager_checks(parts[0]):
         vals = tuple(
             (x.detach().cpu().double() if x.is_floating_point() else x.detach().cpu()).numpy() for x in parts
         )
@@ -275,8 +275,17 @@ def _path(t_or_sigma: Any, schedule: Any, batch: int) -> tuple[torch.Tensor, tor
     if isinstance(schedule, ref._dif.DiffusionSchedule):
         t = parts[0]
 
-        def table(name: str) -> torch.Tensor:  # a copy: the schedule's arrays are read-only
-            return torch.tensor(getattr(schedule, name), dtype=torch.float64, device=t.device)
+        def table(name: str) -> torch.Tensor:  # a copy (the schedule's arrays are read-only), once per device
+            if not kept(t):
+                return torch.tensor(getattr(schedule, name), dtype=torch.float64, device=t.device)
+            cache = schedule.__dict__.setdefault("_genloss_torch_path", {})
+            tab = cache.get((name, t.device))
+            if tab is None:
+                with torch.inference_mode(False):
+                    tab = cache[(name, t.device)] = torch.tensor(
+                        getattr(schedule, name), dtype=torch.float64, device=t.device
+                    )
+            return tab
 
         return table("sqrt_alpha_bar")[t], table("sqrt_one_minus_alpha_bar")[t]
     if pair:
@@ -300,7 +309,7 @@ def prediction_convert(
                          f"got {tuple(x_t.shape)}")  # fmt: skip
     a, b = _path(t_or_sigma, schedule, pred.shape[0])
     A, Cf, det = ref.convert_coefs(source, target, a, b, sd)  # (FLOW.11) float64 (B,) coefficients
-    if not torch.compiler.is_compiling() and source != target and bool((det == 0.0).any()):
+    if eager_checks(det) and source != target and bool((det == 0.0).any()):
         raise ValueError(f"{op}: {ref.singular_message(source, target)}")
     dtype = torch.promote_types(_out_dtype(pred), _out_dtype(x_t))
     shape = (-1,) + (1,) * (pred.dim() - 1)

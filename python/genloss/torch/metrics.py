@@ -409,6 +409,11 @@ def _sinkhorn_kernel(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, *, 
     """The op's kernel, ``(value, grads)``: the native CPU kernel, or on CUDA the torch loop."""
     if not (isinstance(x, torch.Tensor) and x.is_cuda):
         return _native_ot.sinkhorn_divergence(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
+    if torch.cuda.is_current_stream_capturing():
+        raise ValueError(
+            "sinkhorn_divergence: the iterations stop when the potentials converge (a test read on the host), "
+            "which CUDA graph capture forbids"
+        )
     return _sinkhorn_torch(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
 
 

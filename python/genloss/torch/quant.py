@@ -11,7 +11,7 @@ import torch
 
 from .. import _checks as C
 from ..reference import quant as ref
-from ._op import lib, with_reference_doc
+from ._op import device_constant, eager_checks, lib, with_reference_doc
 
 # ============================================================================= quantizers (QNT.1-QNT.9)
 # Custom ops (torch.library): ``genloss::vector_quantize_fwd`` (4 outputs + the two saved loss gradients, autograd
@@ -223,7 +223,7 @@ def vq_ema_update(
         if not 0.0 <= dec <= 1.0:
             raise ValueError(f"decay must lie in [0, 1], got {dec}")
         ep = C.positive("eps", eps)
-    if not torch.compiler.is_compiling() and indices.numel():  # data-dependent: eager only
+    if eager_checks(indices) and indices.numel():  # data-dependent: eager only
         lo, hi = (int(v) for v in indices.aminmax())
         if lo < 0 or hi >= k:
             raise ValueError(f"{op}: indices must lie in [0, {k}), got values in [{lo}, {hi}]")
@@ -357,20 +357,20 @@ def _fsq_bound_parts(z: torch.Tensor, levels: list[int]) -> tuple[torch.Tensor, 
     code of a float32 / float16 z is the reference's: a float32 bound would flip the rounding of the
     entries within ~1e-7 of a half-integer, i.e. give another token than the same z in float64."""
     half_l, _, shift, half_width = ref.fsq_constants(levels)
-    t = torch.tanh(z.double() + _f64(shift, z.device))
-    return t, _f64(half_l / half_width, z.device)
+    t = torch.tanh(z.double() + _f64(shift, z))
+    return t, _f64(half_l / half_width, z)
 
 
-def _f64(values: Any, device: torch.device) -> torch.Tensor:
-    """A per-channel constant of the reference (a float64 ndarray) on ``device``."""
-    return torch.tensor(values.tolist(), dtype=torch.float64, device=device)
+def _f64(values: Any, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel constant of the reference (a float64 ndarray) on ``like``'s device."""
+    return device_constant(tuple(values.tolist()), torch.float64, like)
 
 
 def _fsq_kernel(z: torch.Tensor, levels: list[int]) -> torch.Tensor:
     half_l, offset, _, half_width = ref.fsq_constants(levels)
     t, _ = _fsq_bound_parts(z, levels)
-    bounded = t * _f64(half_l, z.device) - _f64(offset, z.device)  # (QNT.10)
-    return (torch.round(bounded) / _f64(half_width, z.device)).to(_qup(z).dtype)
+    bounded = t * _f64(half_l, z) - _f64(offset, z)  # (QNT.10)
+    return (torch.round(bounded) / _f64(half_width, z)).to(_qup(z).dtype)
 
 
 @torch.library.register_fake("genloss::fsq_quantize", lib=lib)
@@ -415,9 +415,9 @@ def fsq_quantize(z: torch.Tensor, levels: Any) -> torch.Tensor:
     return torch.ops.genloss.fsq_quantize(z, lv)
 
 
-def _fsq_grid(levels: list[int], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fsq_grid(levels: list[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L, basis, w) as int64 tensors (QNT.11): channel 0 varies fastest."""
-    L = torch.tensor(levels, dtype=torch.int64, device=device)
+    L = device_constant(tuple(levels), torch.int64, like)
     basis = torch.cumprod(torch.cat([L.new_ones(1), L[:-1]]), 0)
     return L, basis, L // 2
 
@@ -433,9 +433,9 @@ def fsq_indices(codes: torch.Tensor, levels: Any) -> torch.Tensor:
     if codes.dim() < 1 or codes.shape[-1] != len(lv):
         raise ValueError(f"{op}: codes must have {len(lv)} channels last (one per level), got shape "
                          f"{tuple(codes.shape)}")  # fmt: skip
-    L, basis, w = _fsq_grid(lv, codes.device)
+    L, basis, w = _fsq_grid(lv, codes)
     k = torch.round(codes.detach().double() * w + w).long()
-    if not torch.compiler.is_compiling() and bool(((k < 0) | (k >= L)).any()):  # data-dependent: eager
+    if eager_checks(k) and bool(((k < 0) | (k >= L)).any()):  # data-dependent: eager
         raise ValueError(f"{op}: codes must lie on the FSQ grid of levels (outputs of fsq_quantize)")
     return (k * basis).sum(-1)
 
@@ -450,9 +450,9 @@ def fsq_codes(indices: torch.Tensor, levels: Any, dtype: torch.dtype = torch.flo
     if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
         raise TypeError(f"{op}: indices must be an integer torch.Tensor")
     idx = indices.long()
-    if not torch.compiler.is_compiling() and idx.numel() and bool(((idx < 0) | (idx >= size)).any()):
+    if eager_checks(idx) and idx.numel() and bool(((idx < 0) | (idx >= size)).any()):
         raise ValueError(f"{op}: indices must lie in [0, {size}) (prod(levels))")
-    L, basis, w = _fsq_grid(lv, idx.device)
+    L, basis, w = _fsq_grid(lv, idx)
     k = (idx.unsqueeze(-1) // basis) % L
     return ((k - w).double() / w).to(dtype)
 
@@ -572,7 +572,7 @@ def lpips_head(features_x: Any, features_y: Any, weights: Any) -> torch.Tensor:
         if tuple(w.shape) not in ((x.shape[1],), (1, x.shape[1], 1, 1)):
             raise ValueError(f"{op}: weights[{i}] must have shape ({x.shape[1]},) or (1, {x.shape[1]}, 1, 1), got "
                              f"{tuple(w.shape)}")  # fmt: skip
-        if not torch.compiler.is_compiling() and bool((w.detach() < 0).any()):  # data-dependent: eager
+        if eager_checks(w) and bool((w.detach() < 0).any()):  # data-dependent: eager
             raise ValueError(f"{op}: weights[{i}] must be >= 0 (LPIPS's linear heads are nonnegative)")
         x, y, w = _qup(x), _qup(y), _qup(w).reshape(-1)
         d = _unit_channels(x) - _unit_channels(y)

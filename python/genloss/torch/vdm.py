@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as C
+from ._op import eager_checks
 
 __all__ = [
     "LearnedSNRSchedule",
@@ -190,7 +191,7 @@ class LearnedSNRSchedule(torch.nn.Module):
             raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
         if t.device != ref.device:
             raise ValueError(f"t is on {t.device} but the schedule's parameters are on {ref.device}")
-        if not torch.compiler.is_compiling():
+        if eager_checks(t):
             td = t.detach()
             if td.numel() and not bool(((td >= 0) & (td <= 1)).all()):
                 bad = td[~((td >= 0) & (td <= 1))].flatten()[0].item()
