@@ -369,7 +369,7 @@ def exercise() -> None:
     params = [torch.randn(*s, device=dev, generator=g, requires_grad=True) for s in ((4,), (4, 3), (4, 3))]
     gt.gmm_log_likelihood(pts, *params).backward()
     r = torch.randn(33, 5, device=dev, generator=g, requires_grad=True)
-    gt.relativistic_d_loss(r, torch.randn(21, 5, device=dev, generator=g)).backward()  # totals read back
+    gt.relativistic_d_loss(r, torch.randn(21, 5, device=dev, generator=g)).backward()  # means kept on the device
     torch.cuda.synchronize()
     print("exercise: ok")
 

@@ -67,7 +67,7 @@ __device__ __forceinline__ const double* table_row(const MapReduceArgs& a, int64
 template <class F, class S, bool WG>
 __device__ __forceinline__ void element(const MapReduceArgs& a, const Params<typename Acc<S>::type>& p, int64_t k,
                                         typename Acc<S>::type (&xs)[F::arity], typename Acc<S>::type vs,
-                                        typename Acc<S>::type gs, typename Acc<S>::type& sv,
+                                        typename Acc<S>::type gs, typename Acc<S>::type go, typename Acc<S>::type& sv,
                                         typename Acc<S>::type& sd) {
   using A = typename Acc<S>::type;
   constexpr int N = F::arity;
@@ -78,7 +78,7 @@ __device__ __forceinline__ void element(const MapReduceArgs& a, const Params<typ
   if constexpr (WG) {
     sd += d[0];
     for (int q = 0; q < N; ++q)
-      if (a.grad[q]) store(static_cast<S*>(a.grad[q]), k, d[q] * gs + A(a.grad_offset));
+      if (a.grad[q]) store(static_cast<S*>(a.grad[q]), k, d[q] * gs + go);
   }
 }
 
@@ -94,6 +94,7 @@ __device__ __forceinline__ void chunk_body(const MapReduceArgs& a, const Params<
                                            typename Acc<S>::type& sd) {
   using A = typename Acc<S>::type;
   constexpr int N = F::arity;
+  const A go = A(grad_offset_of(a));  // (from device memory when offset_from is set)
   // float64 keeps the plain loop (rare on GPUs; each unrolled copy of every functor costs
   // build time, and the build compiles several archs).
   if (sizeof(S) < 8 && len == kChunk) {
@@ -110,14 +111,14 @@ __device__ __forceinline__ void chunk_body(const MapReduceArgs& a, const Params<
           xs[j][q] = load(static_cast<const S*>(a.in[q]), begin + threadIdx.x + int64_t(j0 + j) * kThreads);
 #pragma unroll
       for (int j = 0; j < kBatch; ++j)
-        element<F, S, WG>(a, p, begin + threadIdx.x + int64_t(j0 + j) * kThreads, xs[j], vs, gs, sv, sd);
+        element<F, S, WG>(a, p, begin + threadIdx.x + int64_t(j0 + j) * kThreads, xs[j], vs, gs, go, sv, sd);
     }
     return;
   }
   for (int64_t i = threadIdx.x; i < len; i += kThreads) {
     A xs[N];
     for (int q = 0; q < N; ++q) xs[q] = load(static_cast<const S*>(a.in[q]), begin + i);
-    element<F, S, WG>(a, p, begin + i, xs, vs, gs, sv, sd);
+    element<F, S, WG>(a, p, begin + i, xs, vs, gs, go, sv, sd);
   }
 }
 
@@ -129,7 +130,7 @@ __device__ __forceinline__ void map_reduce_task(const MapReduceArgs& a, int64_t 
   const int64_t r = t / cpr, c = t % cpr;
   const int64_t begin = r * cols + c * kChunk;
   const int64_t len = cols - c * kChunk < kChunk ? cols - c * kChunk : kChunk;
-  const Params<A> p{A(a.pa), A(a.pb), A(a.pc), a.mode, table_row(a, r)};
+  const Params<A> p{A(first_param(a)), A(a.pb), A(a.pc), a.mode, table_row(a, r)};
   A wr = a.row_weight ? load(static_cast<const S*>(a.row_weight), r) : A(1);
   bool bad = false;  // an unchecked index outside the table: NaN, not another row's numbers
   if (a.table && a.index) {
@@ -227,7 +228,8 @@ void map_reduce_t(const MapReduceArgs& a, cudaStream_t st) {
   double* part = scratch.as<double>();
   double* dpart = part + ntask;
   double* rowv = dpart + ntask;
-  double* dev_totals = rowv + rows;
+  // totals_out: the totals stay on the device (no copy, no wait); else scratch for the host copy
+  double* dev_totals = a.totals_out ? a.totals_out : rowv + rows;
   // Empty inputs (no task, or no row) launch nothing but finalize, which writes the
   // CPU engine's result: a zero total (or the accumulated value), zero row sums.
   if (ntask > 0) {
@@ -236,7 +238,8 @@ void map_reduce_t(const MapReduceArgs& a, cudaStream_t st) {
   }
   if (rows > 0) sum_segments<<<grid_blocks(rows, 1), kThreads, 0, st>>>(part, rows, cpr, rowv);
   finalize<S><<<1, kThreads, 0, st>>>(rowv, rows, dpart, WG ? ntask : 0, a.value_scale, static_cast<S*>(a.out_value),
-                                      a.accumulate, static_cast<S*>(a.out_rows), a.totals ? dev_totals : nullptr,
+                                      a.accumulate, static_cast<S*>(a.out_rows),
+                                      a.totals || a.totals_out ? dev_totals : nullptr,
                                       static_cast<const S*>(a.row_weight), static_cast<S*>(a.out_rows_raw));
   check_cuda(cudaGetLastError(), "finalize launch");
   if (a.totals) {

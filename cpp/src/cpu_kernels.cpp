@@ -240,10 +240,10 @@ bool stream_aligned(const void* p) {
 
 template <class F, class T, bool WG>
 void map_reduce_t(const MapReduceArgs& a) {
-  const Params<T> p0{T(a.pa), T(a.pb), T(a.pc), a.mode, nullptr};
+  const Params<T> p0{T(first_param(a)), T(a.pb), T(a.pc), a.mode, nullptr};
   constexpr int N = F::arity;
   T* ev = ptr<T>(a.out_elems);
-  const T vs = T(a.value_scale), gs = T(a.grad_scale), go = T(a.grad_offset);
+  const T vs = T(a.value_scale), gs = T(a.grad_scale), go = T(grad_offset_of(a));
   const T* w = cptr<T>(a.row_weight);
   // Without per-row output or per-row inputs the whole tensor is one long row: fewer partials.
   const bool per_row = a.out_rows || a.out_rows_raw || a.table || w;
@@ -308,9 +308,10 @@ void map_reduce_t(const MapReduceArgs& a) {
     for (int64_t r = 0; r < rows; ++r)
       o[r] = static_cast<T>((a.accumulate ? static_cast<double>(o[r]) : 0.0) + a.value_scale * rowv[r]);
   }
-  if (a.totals) {
-    a.totals[0] = total;
-    a.totals[1] = WG ? pairwise(dpart, ntask) : 0.0;
+  for (double* t : {a.totals, a.totals_out}) {
+    if (t == nullptr) continue;
+    t[0] = total;
+    t[1] = WG ? pairwise(dpart, ntask) : 0.0;
   }
 }
 

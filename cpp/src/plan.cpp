@@ -653,13 +653,19 @@ enum Field {
   kIndexType,
   kRowWeight,
   kKind,
+  kTotalsOut,
+  kParamFrom,
+  kParamScale,
+  kOffsetFrom,
+  kOffsetScale,
   kNumFields
 };
 const char* const kFieldNames[kNumFields] = {
-    "functor",      "params",    "ins",          "grads",       "dtype",      "device",      "device_id",
-    "stream",       "rows",      "cols",         "value_scale", "grad_scale", "grad_offset", "out_value",
-    "out_rows",     "out_elems", "out_rows_raw", "accumulate",  "totals",     "table",       "table_rows",
-    "table_stride", "index",     "index_type",   "row_weight",  "kind"};
+    "functor",      "params",      "ins",          "grads",       "dtype",      "device",      "device_id",
+    "stream",       "rows",        "cols",         "value_scale", "grad_scale", "grad_offset", "out_value",
+    "out_rows",     "out_elems",   "out_rows_raw", "accumulate",  "totals",     "table",       "table_rows",
+    "table_stride", "index",       "index_type",   "row_weight",  "kind",       "totals_out",  "param_from",
+    "param_scale",  "offset_from", "offset_scale"};
 
 // The field a keyword names (interned: keywords written in Python source compare by
 // identity), or -1.
@@ -1003,6 +1009,21 @@ Call make_call(Fields fields) {
         break;
       case kKind:
         break;  // map_reduce (kind_in)
+      case kTotalsOut:
+        a.totals_out = reinterpret_cast<double*>(as_ptr(v, "totals_out"));
+        break;
+      case kParamFrom:
+        a.param_from = reinterpret_cast<const double*>(as_ptr(v, "param_from"));
+        break;
+      case kParamScale:
+        a.param_scale = as_real(v, "param_scale");
+        break;
+      case kOffsetFrom:
+        a.offset_from = reinterpret_cast<const double*>(as_ptr(v, "offset_from"));
+        break;
+      case kOffsetScale:
+        a.offset_scale = as_real(v, "offset_scale");
+        break;
       default:
         throw py::type_error("Call: unknown field " + std::string(py::repr(k)));
     }
@@ -1020,6 +1041,8 @@ Call make_call(Fields fields) {
                           std::to_string(n_grads) + " gradients");
   for (int q = 0; q < count; ++q) a.in[q] = in[q];
   set_params(a.functor, params, a);
+  if (a.param_from && param_key(a.functor, 0) == nullptr)  // it replaces the first parameter at run time
+    throw py::type_error(std::string("Call: param_from: functor ") + f.name + " has no parameter");
   if (a.rows < 0 || a.cols < 0) throw py::value_error("Call: rows and cols must be >= 0");
   if (c.device != 0 && c.device != 1) throw py::value_error("Call: device must be 0 (CPU) or 1 (CUDA)");
   return c;
@@ -1639,7 +1662,8 @@ class PlanCache {
     for (py::handle h : calls) {
       if (!py::isinstance<Call>(h)) return false;
       const Call& c = h.cast<const Call&>();
-      if (c.device != 0 || c.want_totals) return false;
+      // (totals, and scalars passed between calls through memory: not part of a plan)
+      if (c.device != 0 || c.want_totals || c.a.totals_out || c.a.param_from || c.a.offset_from) return false;
       Step s{};
       s.kind = c.kind;
       s.a = c.a;

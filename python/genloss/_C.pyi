@@ -31,7 +31,12 @@ class Call:
     default): the fields of engine.h's MapReduceArgs. ``params``: the functor's parameters
     by name (``FUNCTOR_PARAMS[functor]``), all of them and no other (TypeError naming the
     functor otherwise); ``ins``: as many addresses as the functor's arity; ``totals``: ask
-    for (sum of values, sum of d f / d input 0), read back from ``.totals`` after ``run``.
+    for (sum of values, sum of d f / d input 0), read back from ``.totals`` after ``run``;
+    ``totals_out``: the address of two float64 where the data is that receive them instead
+    (no host round trip), and ``param_from`` / ``offset_from`` the address of one that
+    gives, times ``param_scale`` / ``offset_scale``, the functor's first parameter / the
+    gradient offset when the call runs (``params`` still names that parameter). Such calls
+    are not recorded in a plan.
     Another kind ("row_scale", "col_sum", "col_broadcast", "row_lse", "gmm", "mmd", and the
     CPU-only "vector_quantize", "vq_ema_update", "lfq_entropy", "knn_prdc", "sinkhorn",
     "assignment"): the fields of its Args struct (engine.h, mmd.h, quant_cpu.h, knn.h, ot.h)
@@ -70,6 +75,11 @@ class Call:
         index: int = 0,
         index_type: int = 0,
         row_weight: int = 0,
+        totals_out: int = 0,
+        param_from: int = 0,
+        param_scale: float = 0.0,
+        offset_from: int = 0,
+        offset_scale: float = 0.0,
     ) -> None: ...
     @overload
     def __init__(

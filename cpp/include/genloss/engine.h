@@ -157,6 +157,12 @@ struct has_alt<F, std::void_t<typename F::Alt>> {
 //   row_weight: rows values of the storage dtype; w_r multiplies row r's value,
 //           elementwise values and gradients (value_r above becomes w_r value_r)
 //   out_rows_raw[r] = value_scale * sum_j f(...)   (without w_r)
+// Scalars kept where the data is (each optional; pointers to doubles in the inputs'
+// memory, host or device), so that a step that needs the previous step's totals makes
+// no host round trip (a CUDA stream never waits; a graph can capture it):
+//   totals_out[0..1] = the totals above, written by the kernel itself
+//   param_from:  the functor's FIRST parameter = param_scale * param_from[0]
+//   offset_from: grad_offset = offset_scale * offset_from[0]
 //
 // pa, pb, pc, mode are the slots of the functor's Params; callers never fill them
 // by position: genloss._C.Call takes parameters by the names the functor declares
@@ -183,7 +189,20 @@ struct MapReduceArgs {
   int index_type;
   const void* row_weight;
   void* out_rows_raw;
+  double* totals_out;
+  const double* param_from;
+  double param_scale;
+  const double* offset_from;
+  double offset_scale;
 };
+
+// The functor's first parameter and the gradient offset, read where the kernel runs.
+GENLOSS_HD double first_param(const MapReduceArgs& a) {
+  return a.param_from ? a.param_scale * a.param_from[0] : a.pa;
+}
+GENLOSS_HD double grad_offset_of(const MapReduceArgs& a) {
+  return a.offset_from ? a.offset_scale * a.offset_from[0] : a.grad_offset;
+}
 
 // out[r, j] = scale * coef[r] * x[r, j]   (coef may be null: out = scale * x)
 //           (+ out[r, j] if accumulate)

@@ -589,6 +589,25 @@ def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None) -> Bu
     raise TypeError("genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
 
 
+def zeros64(like: Buf, n: int) -> Buf:
+    """``n`` float64 zeros where ``like`` is: scalars that one engine call leaves for the next
+    (``map_reduce``'s ``totals_out``, ``param_from``, ``offset_from``)."""
+    data_used()
+    if like.kind == "torch":
+        a = like.arr.new_zeros((n,), dtype=_torch.float64)
+        return Buf(a, a.data_ptr(), (n,), FLOAT64, like.device, like.device_id, "torch")
+    if like.device == CPU:
+        z = np.zeros(n)
+        return Buf(z, z.__array_interface__["data"][0], (n,), FLOAT64, CPU, 0, "numpy")
+    if like.kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device_id):
+            c = cupy.zeros(n)
+        return Buf(c, c.data.ptr, (n,), FLOAT64, CUDA, like.device_id, "cupy")
+    raise TypeError("genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
+
+
 def broadcast(b: Buf, shape: tuple[int, ...], name: str) -> Buf:
     """``b`` materialised (contiguous) at a broadcast ``shape``; itself if it has it."""
     if b.shape == tuple(shape):
@@ -812,6 +831,9 @@ def map_reduce(
     index: Buf | None = None,
     row_weight: Buf | None = None,
     rows_raw: Buf | None = None,
+    totals_out: tuple[Buf, int] | None = None,
+    param_from: tuple[Buf, int, float] | None = None,
+    offset_from: tuple[Buf, int, float] | None = None,
 ) -> tuple[float, float] | None:
     """Run one functor over ``x`` (, ``y``, ``*more``) viewed as ``shape2d`` (rows, cols):
     builds a ``_C.Call`` and runs it (cpp/include/genloss/engine.h MapReduceArgs says what
@@ -821,7 +843,11 @@ def map_reduce(
     ``{"target": 1.0}``; a wrong or missing name is a TypeError naming the functor. (The
     positional form ``params=(a, b, c), mode=m`` of earlier callers is mapped by slot;
     omitted: every parameter 0.) ``grads[a]`` receives d f / d input a (None: not written).
-    ``totals``: returns (sum of values, sum of d f / d x) (host doubles).
+    ``totals``: returns (sum of values, sum of d f / d x) (host doubles). Without a host
+    round trip: ``totals_out=(buf, i)`` puts them in ``buf[i], buf[i + 1]`` (``zeros64``: a
+    float64 array where the data is), and a later call reads one where it runs: ``param_from=(buf, i, scale)`` makes the
+    functor's first parameter ``scale * buf[i]`` (``params`` still names it), and
+    ``offset_from=(buf, i, scale)`` the gradient offset.
     """
     rows, cols = shape2d if shape2d is not None else (x.rows, x.cols)
     ins = [x.ptr] + ([] if y is None else [y.ptr]) + [b.ptr for b in more]
@@ -832,7 +858,20 @@ def map_reduce(
     if totals:
         data_used()  # the totals feed the caller's next step
     gs = [_p(g) for g in grads]
-    if table is None and index is None and row_weight is None and rows_raw is None:  # (fewer keywords)
+    if totals_out is not None or param_from is not None or offset_from is not None:
+        data_used()  # scalars passed between calls through memory: no plan (cpp/src/plan.cpp)
+        call = run_call(
+            functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
+            stream=stream_of(x), ins=ins, grads=gs, rows=rows, cols=cols, value_scale=value_scale,
+            grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out), out_rows=_p(rows_out),
+            out_elems=_p(elems_out), accumulate=accumulate, totals=totals,
+            totals_out=0 if totals_out is None else totals_out[0].ptr + 8 * totals_out[1],
+            param_from=0 if param_from is None else param_from[0].ptr + 8 * param_from[1],
+            param_scale=0.0 if param_from is None else param_from[2],
+            offset_from=0 if offset_from is None else offset_from[0].ptr + 8 * offset_from[1],
+            offset_scale=0.0 if offset_from is None else offset_from[2],
+        )  # fmt: skip
+    elif table is None and index is None and row_weight is None and rows_raw is None:  # (fewer keywords)
         call = run_call(
             functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
             stream=stream_of(x), ins=ins, grads=gs, rows=rows, cols=cols, value_scale=value_scale,

@@ -32,7 +32,6 @@ from ._compose import (
 from ._engine import (
     Buf,
     as_input,
-    capturing,
     col_broadcast,
     col_sum,
     empty,
@@ -41,6 +40,7 @@ from ._engine import (
     row_lse,
     row_scale,
     same_place,
+    zeros64,
 )
 
 FGAN_DIVERGENCES = (
@@ -138,33 +138,35 @@ def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad):
         C.same_shape(pos_name, p.shape, neg_name, n.shape)
         terms = [Term("SoftplusNegDiff", p, y=n)]
         return run_terms(terms, reduction, need_grad, 2, [0])
-    if capturing(p):  # the totals below are read back to the host (issue 16: not on the device yet)
-        raise ValueError(
-            "average=True reads the two batch means back to the host, which CUDA graph capture forbids; "
-            "capture average=False, or call it outside the graph"
-        )
-    mp = map_reduce("Linear", p, params={}, totals=True)[0] / p.numel  # type: ignore[index]
-    mn = map_reduce("Linear", n, params={}, totals=True)[0] / n.numel  # type: ignore[index]
+    # The means and the derivative sums stay where the data is (``totals_out`` / ``param_from``
+    # / ``offset_from``): no host round trip, so a CUDA stream never waits and a graph can
+    # capture the loss. sums[0:2] sum(p), sums[2:4] sum(n), then each pass's (value, d) sums.
+    sums = zeros64(p, 8)
+    map_reduce("Linear", p, params={}, totals_out=(sums, 0))
+    map_reduce("Linear", n, params={}, totals_out=(sums, 2))
+    mn, mp = (sums, 2, 1.0 / n.numel), (sums, 0, 1.0 / p.numel)  # shift = the other population's mean
     sp, sn = batch_scale(reduction, bp), batch_scale(reduction, bn)
     need_p, need_n = needs(need_grad, 2)
     out = empty(p, ())
     if not (need_p or need_n):
-        map_reduce("SoftplusNeg", p, params={"shift": mn}, value_scale=sp, out=out)
-        map_reduce("Softplus", n, params={"shift": mp}, value_scale=sn, out=out, accumulate=True)
+        map_reduce("SoftplusNeg", p, params={"shift": 0.0}, param_from=mn, value_scale=sp, out=out)
+        map_reduce(
+            "Softplus", n, params={"shift": 0.0}, param_from=mp, value_scale=sn, out=out, accumulate=True
+        )
         return out.arr, ()
     # Pass 1 and 2 write the value and the derivative sums; each population's
-    # gradient also gets the other term's cross term through its mean (GAN.11).
+    # gradient also gets the other term's cross term through its mean (GAN.11):
+    # cross_n = -sp * sum(d pass 1) / numel(n), cross_p = -sn * sum(d pass 2) / numel(p).
     gp = empty(p, p.shape)  # written twice below; the first pass only yields the sum
     gn = empty(n, n.shape) if need_n else None
-    tp = map_reduce("SoftplusNeg", p, params={"shift": mn}, value_scale=sp, out=out, grads=[gp], grad_scale=sp,
-                    totals=True)  # fmt: skip
-    cross_n = -sp * tp[1] / n.numel  # type: ignore[index]
+    map_reduce("SoftplusNeg", p, params={"shift": 0.0}, param_from=mn, value_scale=sp, out=out, grads=[gp],
+               grad_scale=sp, totals_out=(sums, 4))  # fmt: skip
     scratch = gn if gn is not None else empty(n, n.shape)
-    tn = map_reduce("Softplus", n, params={"shift": mp}, value_scale=sn, out=out, accumulate=True,
-                    grads=[scratch], grad_scale=sn, grad_offset=cross_n, totals=True)  # fmt: skip
-    cross_p = -sn * tn[1] / p.numel  # type: ignore[index]
+    map_reduce("Softplus", n, params={"shift": 0.0}, param_from=mp, value_scale=sn, out=out, accumulate=True,
+               grads=[scratch], grad_scale=sn, offset_from=(sums, 5, -sp / n.numel), totals_out=(sums, 6))  # fmt: skip
     if need_p:  # rewrite pos's gradient with its cross term (no value this time)
-        map_reduce("SoftplusNeg", p, params={"shift": mn}, grads=[gp], grad_scale=sp, grad_offset=cross_p)
+        map_reduce("SoftplusNeg", p, params={"shift": 0.0}, param_from=mn, grads=[gp], grad_scale=sp,
+                   offset_from=(sums, 7, -sn / p.numel))  # fmt: skip
     return out.arr, (gp.arr if need_p else None, None if gn is None else gn.arr)
 
 
