@@ -234,7 +234,7 @@ def test_recordings_that_cannot_be_replayed_are_not_kept(plans):
 
     r, f = _plain(16), _plain(16) * 0.5
     with _engine.Recording() as rec:
-        gn.relativistic_d_loss(r, f)  # the means come from totals
+        gn.relativistic_d_loss(r, f)  # the means pass between calls through memory
     assert not rec.ok
     with _engine.Recording() as rec:
         gn.bernoulli_nll(_plain(16), torch.rand(16))  # the NaN check reads the value
@@ -250,6 +250,9 @@ def test_recordings_that_cannot_be_replayed_are_not_kept(plans):
     assert not plans.add(("aliased",), (r, r), [aliased], value)
     totals = _C.Call(functor="Linear", ins=[r.data_ptr()], rows=16, cols=1, totals=True)
     assert not plans.add(("totals",), (r,), [totals], value)
+    sums = torch.zeros(2, dtype=torch.float64)
+    kept = _C.Call(functor="Linear", ins=[r.data_ptr()], rows=16, cols=1, totals_out=sums.data_ptr())
+    assert not plans.add(("totals_out",), (r,), [kept], value)
 
 
 def test_large_outputs_come_from_the_output_cache(plans):
@@ -335,6 +338,27 @@ def test_run_computes_by_named_parameters():
     torch.testing.assert_close(out, 0.5 * torch.relu(1 - x).sum())
     torch.testing.assert_close(g, -0.5 * (1 - x > 0).double())
     assert call.totals == pytest.approx((float(torch.relu(1 - x).sum()), -float((1 - x > 0).sum())))
+
+
+def test_scalars_pass_between_calls_through_memory():
+    """totals_out / param_from / offset_from (engine.h): the second call centres x on the mean
+    the first left in memory and offsets its gradient by a multiple of a derivative sum,
+    with no host round trip; against the closed form. param_from needs a parameter."""
+    x = torch.linspace(-1.0, 2.0, 7, dtype=torch.float64) ** 2
+    b = _engine.as_input(x, "x")
+    sums = _engine.zeros64(b, 4)
+    g = _engine.empty(b, (7,))
+    _engine.map_reduce("Linear", b, params={}, grads=[g], totals_out=(sums, 0))  # sum x, sum d = 7
+    torch.testing.assert_close(sums.arr[:2], torch.stack([x.sum(), torch.tensor(7.0, dtype=torch.float64)]))
+    out = _engine.empty(b, ())
+    _engine.map_reduce("HalfSquare", b, params={"target": 123.0}, param_from=(sums, 0, 1.0 / 7), out=out,
+                       grads=[g], offset_from=(sums, 1, -0.5), totals_out=(sums, 2))  # fmt: skip
+    m = x.mean()
+    torch.testing.assert_close(out.arr, 0.5 * ((x - m) ** 2).sum())
+    torch.testing.assert_close(g.arr, (x - m) - 3.5)
+    torch.testing.assert_close(sums.arr[2:], torch.stack([0.5 * ((x - m) ** 2).sum(), (x - m).sum()]))
+    with pytest.raises(TypeError, match="param_from: functor Linear has no parameter"):
+        _C.Call(functor="Linear", ins=[x.data_ptr()], rows=7, cols=1, param_from=sums.ptr)
 
 
 def test_map_reduce_keeps_its_keywords():

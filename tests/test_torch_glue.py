@@ -293,3 +293,20 @@ def test_one_tensor_for_two_inputs(name, kwargs):
     value.backward()
     torch.testing.assert_close(value.detach(), want.detach(), rtol=0, atol=1e-15)
     torch.testing.assert_close(y.grad, a.grad + b.grad, rtol=0, atol=1e-15)
+
+
+def test_tables_placed_on_a_device_are_kept_and_made_outside_inference_mode():
+    """A CPU DiffusionSchedule used with inputs on another device copies each table there once
+    and keeps it (a copy per call costs a transfer each time and cannot be captured in a CUDA
+    graph), made outside inference mode even when the first call runs inside it: a later
+    training step saves it for backward, which an inference tensor would refuse. (The meta
+    device stands in for CUDA; fake and traced tensors get a fresh copy, never the kept one.)"""
+    sched = gt.DiffusionSchedule(torch.linspace(1e-4, 0.02, 50, dtype=torch.float64))
+    like = torch.empty(3, device="meta")
+    with torch.inference_mode():
+        first = sched.table("q_sample", like)
+        gathered = sched.gather("alpha_bar", torch.zeros(3, dtype=torch.int64, device="meta"))
+    assert first.device.type == "meta" and not first.is_inference()
+    assert sched.table("q_sample", like) is first  # kept, not copied again
+    assert gathered.device.type == "meta"
+    assert sched.table("q_sample", torch.empty(3)) is sched._buffers["_table_q_sample"]  # same device: itself
