@@ -368,8 +368,8 @@ def exercise() -> None:
     pts = torch.randn(700, 3, device=dev, generator=g, requires_grad=True)  # GMM, two chunks of points
     params = [torch.randn(*s, device=dev, generator=g, requires_grad=True) for s in ((4,), (4, 3), (4, 3))]
     gt.gmm_log_likelihood(pts, *params).backward()
-    r = torch.randn(33, 5, device=dev, generator=g, requires_grad=True)
-    gt.relativistic_d_loss(r, torch.randn(21, 5, device=dev, generator=g)).backward()  # means kept on the device
+    r = torch.randn(33, 5, device=dev, generator=g, requires_grad=True)  # means kept on the device
+    gt.relativistic_d_loss(r, torch.randn(21, 5, device=dev, generator=g)).backward()
     torch.cuda.synchronize()
     print("exercise: ok")
 
