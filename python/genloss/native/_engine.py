@@ -593,12 +593,12 @@ def zeros64(like: Buf, n: int) -> Buf:
     """``n`` float64 zeros where ``like`` is: scalars that one engine call leaves for the next
     (``map_reduce``'s ``totals_out``, ``param_from``, ``offset_from``)."""
     data_used()
+    if like.device == CPU:  # (NumPy whatever the input's kind: the cheapest host allocation)
+        z = np.zeros(n)
+        return Buf(z, z.__array_interface__["data"][0], (n,), FLOAT64, CPU, 0, "numpy")
     if like.kind == "torch":
         a = like.arr.new_zeros((n,), dtype=_torch.float64)
         return Buf(a, a.data_ptr(), (n,), FLOAT64, like.device, like.device_id, "torch")
-    if like.device == CPU:
-        z = np.zeros(n)
-        return Buf(z, z.__array_interface__["data"][0], (n,), FLOAT64, CPU, 0, "numpy")
     if like.kind == "cupy":
         import cupy
 
@@ -860,16 +860,18 @@ def map_reduce(
     gs = [_p(g) for g in grads]
     if totals_out is not None or param_from is not None or offset_from is not None:
         data_used()  # scalars passed between calls through memory: no plan (cpp/src/plan.cpp)
+        extra: dict[str, Any] = {}  # only the fields in use (each keyword costs its parse)
+        if totals_out is not None:
+            extra["totals_out"] = totals_out[0].ptr + 8 * totals_out[1]
+        if param_from is not None:
+            extra.update(param_from=param_from[0].ptr + 8 * param_from[1], param_scale=param_from[2])
+        if offset_from is not None:
+            extra.update(offset_from=offset_from[0].ptr + 8 * offset_from[1], offset_scale=offset_from[2])
         call = run_call(
             functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
             stream=stream_of(x), ins=ins, grads=gs, rows=rows, cols=cols, value_scale=value_scale,
             grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out), out_rows=_p(rows_out),
-            out_elems=_p(elems_out), accumulate=accumulate, totals=totals,
-            totals_out=0 if totals_out is None else totals_out[0].ptr + 8 * totals_out[1],
-            param_from=0 if param_from is None else param_from[0].ptr + 8 * param_from[1],
-            param_scale=0.0 if param_from is None else param_from[2],
-            offset_from=0 if offset_from is None else offset_from[0].ptr + 8 * offset_from[1],
-            offset_scale=0.0 if offset_from is None else offset_from[2],
+            out_elems=_p(elems_out), accumulate=accumulate, **extra,
         )  # fmt: skip
     elif table is None and index is None and row_weight is None and rows_raw is None:  # (fewer keywords)
         call = run_call(
