@@ -486,8 +486,9 @@ def options(**kw: Any) -> Options:
         targets in [0, 1], finite per-sample weights, ...) run on every call and raise a
         ValueError naming the argument. On CUDA each one waits for the GPU (a read-back):
         False skips them on CUDA, as ``torch.distributions``' ``validate_args=False`` does:
-        an invalid value then gives NaN (an out-of-range timestep or label: that row's
-        value and gradients) or a wrong result instead of an error. CPU data is always
+        an invalid value then gives NaN (an out-of-range timestep: that row's value and
+        gradients), a wrong result, or where a torch fallback indexes with it (VQ's EMA
+        update) a CUDA device-side assert, instead of a ValueError naming it. CPU data is always
         checked (no wait there); shapes, dtypes and hyperparameters always. Under CUDA
         graph capture the value checks are skipped whatever this says (nothing may be read
         back then). Also read by ``genloss.torch``.
