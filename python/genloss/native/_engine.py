@@ -488,10 +488,10 @@ def options(**kw: Any) -> Options:
         False skips them on CUDA, as ``torch.distributions``' ``validate_args=False`` does:
         an invalid value then gives NaN (an out-of-range timestep: that row's value and
         gradients), a wrong result, or where a torch fallback indexes with it (VQ's EMA
-        update) a CUDA device-side assert, instead of a ValueError naming it. CPU data is always
-        checked (no wait there); shapes, dtypes and hyperparameters always. Under CUDA
-        graph capture the value checks are skipped whatever this says (nothing may be read
-        back then). Also read by ``genloss.torch``.
+        update) a CUDA device-side assert, instead of a ValueError naming it. CPU data is
+        always checked (no wait there); shapes, dtypes and hyperparameters always. Under
+        CUDA graph capture the value checks are skipped whatever this says (nothing may be
+        read back then). Also read by ``genloss.torch``.
     threads : int >= 1 or None
         OpenMP threads of the engine's parallel loops; None: OpenMP's default
         (``OMP_NUM_THREADS`` or the cores). Reported as the count in use.
@@ -668,16 +668,15 @@ def float_range(b: Buf, replay: tuple | None = None) -> tuple[float, float] | No
     _checked(replay)
     if skip_checks(b):
         return None
-    if b.kind == "torch" and b.device == CPU:
-        lo, hi = b.arr.aminmax()
-        return float(lo), float(hi)
     return _min_max(b, float)
 
 
 def _min_max(b: Buf, cast: Any) -> tuple:
-    """(min, max); a CUDA tensor's with ONE read-back (aminmax, one two-element copy), not two."""
-    if b.kind == "torch" and b.device != CPU and b.arr.numel():
-        lo, hi = _torch.stack(b.arr.aminmax()).tolist()
+    """(min, max); a torch tensor's by aminmax, on CUDA with ONE read-back (one two-element copy)."""
+    if b.kind == "torch":
+        lo, hi = b.arr.aminmax()
+        if b.device != CPU:
+            lo, hi = _torch.stack((lo, hi)).tolist()
         return cast(lo), cast(hi)
     return cast(b.arr.min()), cast(b.arr.max())
 
@@ -846,9 +845,9 @@ def map_reduce(
     omitted: every parameter 0.) ``grads[a]`` receives d f / d input a (None: not written).
     ``totals``: returns (sum of values, sum of d f / d x) (host doubles). Without a host
     round trip: ``totals_out=(buf, i)`` puts them in ``buf[i], buf[i + 1]`` (``zeros64``: a
-    float64 array where the data is), and a later call reads one where it runs: ``param_from=(buf, i, scale)`` makes the
-    functor's first parameter ``scale * buf[i]`` (``params`` still names it), and
-    ``offset_from=(buf, i, scale)`` the gradient offset.
+    float64 array where the data is), and a later call reads one where it runs:
+    ``param_from=(buf, i, scale)`` makes the functor's first parameter ``scale * buf[i]``
+    (``params`` still names it), and ``offset_from=(buf, i, scale)`` the gradient offset.
     """
     rows, cols = shape2d if shape2d is not None else (x.rows, x.cols)
     ins = [x.ptr] + ([] if y is None else [y.ptr]) + [b.ptr for b in more]
@@ -858,38 +857,27 @@ def map_reduce(
         raise TypeError(f"map_reduce: functor {functor}: pass mode by its name in params")
     if totals:
         data_used()  # the totals feed the caller's next step
-    gs = [_p(g) for g in grads]
+    # Only the fields in use are passed (each keyword costs its parse on the hot path).
+    extra: dict[str, Any] = {}
+    if table is not None or index is not None or row_weight is not None or rows_raw is not None:
+        extra.update(
+            table=_p(table), table_rows=0 if table is None else table.rows, table_stride=stride, index=_p(index),
+            index_type=0 if index is None else index.dtype, row_weight=_p(row_weight), out_rows_raw=_p(rows_raw),
+        )  # fmt: skip
     if totals_out is not None or param_from is not None or offset_from is not None:
         data_used()  # scalars passed between calls through memory: no plan (cpp/src/plan.cpp)
-        extra: dict[str, Any] = {}  # only the fields in use (each keyword costs its parse)
         if totals_out is not None:
             extra["totals_out"] = totals_out[0].ptr + 8 * totals_out[1]
         if param_from is not None:
             extra.update(param_from=param_from[0].ptr + 8 * param_from[1], param_scale=param_from[2])
         if offset_from is not None:
             extra.update(offset_from=offset_from[0].ptr + 8 * offset_from[1], offset_scale=offset_from[2])
-        call = run_call(
-            functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
-            stream=stream_of(x), ins=ins, grads=gs, rows=rows, cols=cols, value_scale=value_scale,
-            grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out), out_rows=_p(rows_out),
-            out_elems=_p(elems_out), accumulate=accumulate, **extra,
-        )  # fmt: skip
-    elif table is None and index is None and row_weight is None and rows_raw is None:  # (fewer keywords)
-        call = run_call(
-            functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
-            stream=stream_of(x), ins=ins, grads=gs, rows=rows, cols=cols, value_scale=value_scale,
-            grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out), out_rows=_p(rows_out),
-            out_elems=_p(elems_out), accumulate=accumulate, totals=totals,
-        )  # fmt: skip
-    else:
-        call = run_call(
-            functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
-            stream=stream_of(x), ins=ins, grads=gs, rows=rows, cols=cols, value_scale=value_scale,
-            grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out), out_rows=_p(rows_out),
-            out_elems=_p(elems_out), accumulate=accumulate, totals=totals, table=_p(table),
-            table_rows=0 if table is None else table.rows, table_stride=stride, index=_p(index),
-            index_type=0 if index is None else index.dtype, row_weight=_p(row_weight), out_rows_raw=_p(rows_raw),
-        )  # fmt: skip
+    call = run_call(
+        functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
+        stream=stream_of(x), ins=ins, grads=[_p(g) for g in grads], rows=rows, cols=cols, value_scale=value_scale,
+        grad_scale=grad_scale, grad_offset=grad_offset, out_value=_p(out), out_rows=_p(rows_out),
+        out_elems=_p(elems_out), accumulate=accumulate, totals=totals, **extra,
+    )  # fmt: skip
     ran(call)
     return call.totals
 

@@ -68,21 +68,27 @@ def kept(like: torch.Tensor) -> bool:
     return type(like) is torch.Tensor and not torch.compiler.is_compiling()
 
 
-def device_constant(values: tuple, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
-    """A small constant made of hyperparameters (FSQ levels, per-channel bounds) on ``like``'s
-    device, made once per (values, dtype, device) and kept: a host-to-device copy on every call
-    costs a transfer each time, and CUDA graph capture refuses it. Callers never modify it in
-    place. Made outside inference mode (an inference tensor could not be saved for backward)."""
+def kept_on(cache: dict, key: Any, like: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()``, a constant on ``like``'s device, made once per (key, device) and kept in
+    ``cache``: a host-to-device copy on every call costs a transfer each time, and CUDA graph
+    capture refuses it. Made outside inference mode (an inference tensor could not be saved
+    for a later backward); only for ordinary tensors (``kept``). Callers never modify it."""
     if not kept(like):
-        return torch.tensor(values, dtype=dtype, device=like.device)
-    key = (values, dtype, like.device)
-    hit = _CONSTANTS.get(key)
+        return make()
+    k = (key, like.device)
+    hit = cache.get(k)
     if hit is None:
         with torch.inference_mode(False):
-            hit = torch.tensor(values, dtype=dtype, device=like.device)
-        if len(_CONSTANTS) < 4096:
-            _CONSTANTS[key] = hit
+            hit = cache[k] = make()
     return hit
+
+
+def device_constant(values: tuple, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """A small constant made of hyperparameters (FSQ levels, per-channel bounds) on ``like``'s
+    device (``kept_on``)."""
+    return kept_on(
+        _CONSTANTS, (values, dtype), like, lambda: torch.tensor(values, dtype=dtype, device=like.device)
+    )
 
 
 def _parse(schema: str) -> list[tuple[str, str, Any, bool]]:

@@ -29,7 +29,7 @@ import torch
 from .. import _checks as C
 from ..native import diffusion as native
 from ..reference import diffusion as R
-from ._op import LossOp, eager_checks, kept, reference_doc, with_reference_doc
+from ._op import LossOp, eager_checks, kept_on, reference_doc, with_reference_doc
 
 __all__ = [
     "DiffusionSchedule",
@@ -148,20 +148,15 @@ class DiffusionSchedule(torch.nn.Module):
         return values[t.long()].to(dtype)
 
     def _placed(self, name: str, tab: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``tab`` on ``like``'s device, copied once per device and kept (a schedule is constant):
-        a copy on every call costs a host-to-device transfer each time, and CUDA graph capture
-        refuses it. Kept only for ordinary tensors (``_op.kept``), made outside inference mode
-        (an inference tensor could not be saved for a later backward)."""
+        """``tab`` on ``like``'s device, copied once per device and kept (``_op.kept_on``: a
+        schedule is constant)."""
         if tab.device == like.device:
             return tab
-        if not kept(like) or type(tab) is not torch.Tensor:
+        if type(tab) is not torch.Tensor:  # a fake or traced buffer: its own mode's copy
             return tab.to(like.device)
-        cache = self.__dict__.setdefault("_genloss_placed", {})
-        hit = cache.get((name, like.device))
-        if hit is None:
-            with torch.inference_mode(False):
-                hit = cache[(name, like.device)] = tab.to(like.device)
-        return hit
+        return kept_on(
+            self.__dict__.setdefault("_genloss_placed", {}), name, like, lambda: tab.to(like.device)
+        )
 
 
 def _as_schedule(schedule: Any) -> DiffusionSchedule:

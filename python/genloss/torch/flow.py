@@ -25,7 +25,7 @@ from .. import _checks as C
 from ..native import flow as native
 from ..native._compose import needs
 from ..reference import flow as ref
-from ._op import LossOp, eager_checks, kept, public, schema_of
+from ._op import LossOp, eager_checks, kept_on, public, schema_of
 
 __all__ = [
     "consistency_training_loss",
@@ -276,16 +276,10 @@ def _path(t_or_sigma: Any, schedule: Any, batch: int) -> tuple[torch.Tensor, tor
         t = parts[0]
 
         def table(name: str) -> torch.Tensor:  # a copy (the schedule's arrays are read-only), once per device
-            if not kept(t):
-                return torch.tensor(getattr(schedule, name), dtype=torch.float64, device=t.device)
-            cache = schedule.__dict__.setdefault("_genloss_torch_path", {})
-            tab = cache.get((name, t.device))
-            if tab is None:
-                with torch.inference_mode(False):
-                    tab = cache[(name, t.device)] = torch.tensor(
-                        getattr(schedule, name), dtype=torch.float64, device=t.device
-                    )
-            return tab
+            return kept_on(
+                schedule.__dict__.setdefault("_genloss_torch_path", {}), name, t,
+                lambda: torch.tensor(getattr(schedule, name), dtype=torch.float64, device=t.device),
+            )  # fmt: skip
 
         return table("sqrt_alpha_bar")[t], table("sqrt_one_minus_alpha_bar")[t]
     if pair:
