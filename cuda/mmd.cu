@@ -1,14 +1,25 @@
 // mmd.cu — the MMD^2 kernel on CUDA: value and both gradients in one pass,
 // O((N + M) D) memory, deterministic (no floating-point atomics).
 //
-// One thread owns one point p (x rows first, then y rows) and walks every other
-// point in tiles staged in shared memory, in a fixed order; it accumulates its
-// row of the kernel sums (value) and its own gradient, so no two threads ever
-// write the same address. The row values are then summed by one block with a
-// fixed tree. This trades the CPU engine's use of symmetry (each pair of K_xx
-// once) for the absence of atomics: every pair of K_xx / K_yy is evaluated twice,
-// once by each of its points. float16/bfloat16 are stored, float32 computed;
-// each tile's float sums are flushed to float64 accumulators.
+// Rows: every point p (x rows first, then y rows) owns its row of the kernel sums
+// (value) and its own gradient, so no two threads ever write the same float64
+// accumulator. The row values are then summed by one block with a fixed tree. The
+// CPU engine's symmetry (each pair of K_xx once) is not used: every pair of K_xx /
+// K_yy is evaluated twice, once by each of its points; y rows skip the cross pairs
+// when grad_y is not requested (their value is in x's rows). float16/bfloat16 are
+// stored, float32 computed; float sums are flushed to float64 accumulators per tile.
+//
+// D <= 4 (rows_small): one thread per point, coordinates and gradient in registers,
+// tiles of 32 other points in shared memory.
+// D > 4 (rows_tiled): a SIMT GEMM. A block of 256 threads owns 128 rows (float; 64
+// for double) and walks tiles of 64 other points; each thread accumulates an 8 x 4
+// (4 x 4) sub-tile of squared distances (exact differences, or dot products for the
+// polynomial) over D from shared-memory slices, evaluates the kernel, and the
+// gradient sum_q w_pq (a_p - b_q) is a second register-blocked product against the
+// tile's points staged in shared memory. Every accumulator has one owning thread
+// and a fixed order of tiles: bitwise repeatable. See rows_tiled for the layout.
+// Speed at N = M = 65,536, D = 64 on an H200: not yet run (the previous design,
+// one thread per point re-reading both points from global memory, took 4.5 s).
 //
 // Row p = x_i (a = x_i):  value_p = a_w sum_{b in x} k(a, b) + c sum_{b in y} k(a, b)
 //                          grad_p  = 2 a_w sum_{b in x} dk/da + c sum_{b in y} dk/da
@@ -63,12 +74,6 @@ struct RowCtx {
   double grad_scale;
   int nbw;
 };
-
-// The other point b of side `side`, index q.
-template <class S>
-__device__ __forceinline__ const S* point(const S* x, const S* y, const RowCtx& r, int side, int64_t q) {
-  return side == 0 ? x + q * r.D : y + q * r.D;
-}
 
 // Small D: coordinates and gradient in registers; tiles of other points in shared memory.
 template <class S, int DIM>
@@ -125,65 +130,262 @@ __global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restric
     for (int d = 0; d < DIM; ++d) store(out, me * DIM + d, r.grad_scale * g[d]);
 }
 
-// Any D: the kernel weights of a tile of other points in shared memory, then the
-// gradient sums coordinate by coordinate into the thread's own float64 row.
-template <class S>
-__global__ void rows_any(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, Coefs<typename Acc<S>::type> cv,
-                         double* rowv, double* gacc) {
-  using A = typename Acc<S>::type;
-  const A* c = cv.ptr();
-  __shared__ A wsh[kTileB][kRowThreads];
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
-  const int64_t total = r.N + r.M;
-  const bool live = p < total;
-  const int my_side = live && p >= r.N ? 1 : 0;
-  const int64_t me = my_side == 0 ? p : p - r.N;
-  const S* a = live ? point(x, y, r, my_side, me) : x;
-  const A inv_d = A(1) / static_cast<A>(r.D);
-  const bool dist = r.kernel != kMmdPolynomial;
-  const int64_t D = r.D;
-  double* gr = gacc ? gacc + (live ? p : 0) * D : nullptr;
-  if (gr && live)
-    for (int64_t d = 0; d < D; ++d) gr[d] = 0.0;
-  double value = 0.0;
-  for (int side = 0; side < 2; ++side) {
-    const int64_t n = side == 0 ? r.N : r.M;
-    const bool same = side == my_side;
-    const double vw = same ? (my_side == 0 ? r.wx : r.wy) : (my_side == 0 ? r.wc : 0.0);
-    const double gw = same ? 2.0 * (my_side == 0 ? r.wx : r.wy) : r.wc;
-    for (int64_t q0 = 0; q0 < n; q0 += kTileB) {
-      const int64_t nb = n - q0 < kTileB ? n - q0 : kTileB;
-      A vs = 0;
-      for (int b = 0; b < nb; ++b) {
-        A w = 0;
-        if (live && !(same && r.unbiased && q0 + b == me)) {
-          const S* pb = point(x, y, r, side, q0 + b);
-          A s = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            const A ad = load(a, d), bd = load(pb, d);
-            s += dist ? (ad - bd) * (ad - bd) : ad * bd;
-          }
-          A k;
-          mmd::eval<A>(r.kernel, s, c, r.nbw, inv_d, k, w);
-          vs += k;
-        }
-        wsh[b][threadIdx.x] = w;
+// D > 4: register-blocked tiles (a SIMT GEMM). Tile shapes per compute type: a block of
+// 16 x 16 threads owns TM = 16 RM rows of one side; thread (ty, tx) owns rows ty + 16 i
+// (i < RM) and, in a tile of TN = 64 other points, columns tx + 16 j (j < 4). Strided
+// ownership: in a warp (two ty, sixteen tx) the row reads are broadcasts and the column
+// reads consecutive words, so the shared-memory reads are conflict-free.
+template <class A>
+struct TileShape;
+template <>
+struct TileShape<float> {
+  static constexpr int RM = 8;  // rows per thread: TM = 128
+  static constexpr int GD = 2;  // gradient coordinates per thread and slice: DK2 = 32
+};
+template <>
+struct TileShape<double> {
+  static constexpr int RM = 4;  // TM = 64
+  static constexpr int GD = 2;  // DK2 = 32
+};
+constexpr int kTileThreads = 256;
+constexpr int kTN = 64;   // other points per tile
+constexpr int kRN = 4;    // columns per thread
+constexpr int kDK1 = 16;  // coordinates per distance slice
+constexpr int kPad1 = 2;  // distance-slice row padding: conflict-free transposing stores
+
+// One kernel evaluation, the coefficients read from the by-value array with
+// compile-time indices (a runtime index would copy the parameter to local memory).
+template <class A>
+__device__ __forceinline__ void eval_pair(int kernel, A s, const Coefs<A>& cv, int nbw, A inv_d, A& k, A& w) {
+  if (kernel == kMmdRbf || kernel == kMmdImq) {
+    const bool rbf = kernel == kMmdRbf;
+    k = A(0);
+    w = A(0);
+    auto term = [&](A c) {
+      if (rbf) {
+        const A e = mmd::exp_neg(-c * s);
+        k += e;
+        w -= c * e;
+      } else {
+        const A u = mmd::rsqrt(A(1) + c * s);
+        k += u;
+        w -= c * u * u * u;
       }
-      value += vw * static_cast<double>(vs);
-      if (gr && live) {
-        for (int64_t d = 0; d < D; ++d) {
-          const A ad = load(a, d);
-          A gs = 0;
-          for (int b = 0; b < nb; ++b) {
-            const A bd = load(point(x, y, r, side, q0 + b), d);
-            gs += wsh[b][threadIdx.x] * (dist ? ad - bd : bd);
-          }
-          gr[d] += gw * static_cast<double>(gs);
+    };
+    if (cv.dev) {
+      for (int b = 0; b < nbw; ++b) term(cv.dev[b]);
+    } else {
+#pragma unroll
+      for (int b = 0; b < kMaxByValue; ++b)
+        if (b < nbw) term(cv.c[b]);
+    }
+    if (rbf) w *= A(2);  // (DIV.8), as mmd::rbf
+  } else if (kernel == kMmdPolynomial) {
+    mmd::polynomial(s, inv_d, k, w);
+  } else {
+    mmd::energy(s, k, w);
+  }
+}
+
+// The row tile's side and first row from the block index (x tiles first).
+struct RowTile {
+  int side;
+  int64_t row0, n;
+};
+__device__ __forceinline__ RowTile row_tile(const RowCtx& r, int tm) {
+  const int64_t bx = (r.N + tm - 1) / tm;
+  const int64_t b = blockIdx.x;
+  return b < bx ? RowTile{0, b * tm, r.N} : RowTile{1, (b - bx) * tm, r.M};
+}
+
+// Per block, for each side of other points and each tile of kTN of them, in order:
+//  1. r2 (or the dot product) of the TM x kTN pairs, accumulated over D in registers
+//     from shared-memory slices of kDK1 coordinates (each value reused RM or kRN times);
+//     exact differences (a - b)^2, no |a|^2 + |b|^2 - 2 a.b cancellation.
+//  2. k and w per pair; the row sums of k (16-lane shuffle, fixed order) into the row's
+//     float64 value; gw w kept in shared memory (XOR-swizzled: conflict-free stores).
+//  3. Gradient (rows with a requested gradient only): slices of DK2 coordinates of the
+//     tile's points in shared memory, sum_q gw w_pq (a_p - b_q) (or gw w_pq b_q) over the
+//     kTN points in float registers, added to the row's float64 accumulators (the float
+//     sums live only during this step: keeping them over several tiles spilled registers).
+// Every float64 accumulator (rowv[p], gacc[p][d]) is read and written by one thread
+// only, in the fixed tile order: the result is bitwise repeatable.
+template <class S>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    rows_tiled(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, Coefs<typename Acc<S>::type> cv,
+               double* rowv, double* gacc, bool grad_x, bool grad_y) {
+  using A = typename Acc<S>::type;
+  constexpr int RM = TileShape<A>::RM, GD = TileShape<A>::GD;
+  constexpr int TM = 16 * RM, DK2 = 16 * GD;
+  // Union: the distance slices (phase 1) live where the kernel weights go (phase 2).
+  constexpr int kSlice = kDK1 * (TM + kPad1) + kDK1 * (kTN + kPad1);
+  constexpr int kW = kTN * TM;
+  static_assert(kSlice <= kW, "distance slices fit in the weight tile");
+  __shared__ A wsh[kW];
+  __shared__ A bsh[kTN * DK2];
+  A* ash = wsh;                        // [kDK1][TM + kPad1]
+  A* csh = wsh + kDK1 * (TM + kPad1);  // [kDK1][kTN + kPad1]
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const RowTile rt = row_tile(r, TM);
+  const S* rsrc = rt.side == 0 ? x : y;
+  const int64_t D = r.D;
+  const A inv_d = A(1) / static_cast<A>(D);
+  const bool dist = r.kernel != kMmdPolynomial;
+  const bool my_grad = gacc && (rt.side == 0 ? grad_x : grad_y);
+  const int64_t nslices = (D + DK2 - 1) / DK2;
+  // The thread's rows: value (tx == 0) and gradient accumulators start at 0.
+  for (int i = 0; i < RM; ++i) {
+    const int64_t row = rt.row0 + ty + 16 * i;
+    if (row >= rt.n) continue;
+    const int64_t p = rt.side == 0 ? row : r.N + row;
+    if (tx == 0) rowv[p] = 0.0;
+    if (my_grad)
+      for (int64_t d = tx; d < D; d += 16) gacc[p * D + d] = 0.0;
+  }
+  for (int side = 0; side < 2; ++side) {
+    const bool same = side == rt.side;
+    const double vw = same ? (rt.side == 0 ? r.wx : r.wy) : (rt.side == 0 ? r.wc : 0.0);
+    const A gw = static_cast<A>(same ? 2.0 * (rt.side == 0 ? r.wx : r.wy) : r.wc);
+    const bool do_grad = my_grad;
+    if (vw == 0.0 && !do_grad) continue;  // y rows x other x points: only the gradient needs them
+    const int64_t n = side == 0 ? r.N : r.M;
+    const S* csrc = side == 0 ? x : y;
+    const int64_t ntiles = (n + kTN - 1) / kTN;
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t q0 = t * kTN;
+      // 1. distances (or dot products), accumulated over D.
+      A acc[RM][kRN];
+#pragma unroll
+      for (int i = 0; i < RM; ++i)
+#pragma unroll
+        for (int j = 0; j < kRN; ++j) acc[i][j] = A(0);
+      for (int64_t d0 = 0; d0 < D; d0 += kDK1) {
+        __syncthreads();  // the previous users of the union are done
+        for (int e = threadIdx.x; e < TM * kDK1; e += kTileThreads) {
+          const int rr = e / kDK1, dd = e % kDK1;
+          const int64_t row = rt.row0 + rr, d = d0 + dd;
+          ash[dd * (TM + kPad1) + rr] = row < rt.n && d < D ? load(rsrc, row * D + d) : A(0);
         }
+        for (int e = threadIdx.x; e < kTN * kDK1; e += kTileThreads) {
+          const int qq = e / kDK1, dd = e % kDK1;
+          const int64_t q = q0 + qq, d = d0 + dd;
+          csh[dd * (kTN + kPad1) + qq] = q < n && d < D ? load(csrc, q * D + d) : A(0);
+        }
+        __syncthreads();
+        if (dist) {
+#pragma unroll 2
+          for (int dd = 0; dd < kDK1; ++dd) {
+            A av[RM], bv[kRN];
+#pragma unroll
+            for (int i = 0; i < RM; ++i) av[i] = ash[dd * (TM + kPad1) + ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < kRN; ++j) bv[j] = csh[dd * (kTN + kPad1) + tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < RM; ++i)
+#pragma unroll
+              for (int j = 0; j < kRN; ++j) {
+                const A df = av[i] - bv[j];
+                acc[i][j] += df * df;
+              }
+          }
+        } else {
+#pragma unroll 2
+          for (int dd = 0; dd < kDK1; ++dd) {
+            A av[RM], bv[kRN];
+#pragma unroll
+            for (int i = 0; i < RM; ++i) av[i] = ash[dd * (TM + kPad1) + ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < kRN; ++j) bv[j] = csh[dd * (kTN + kPad1) + tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < RM; ++i)
+#pragma unroll
+              for (int j = 0; j < kRN; ++j) acc[i][j] += av[i] * bv[j];
+          }
+        }
+      }
+      __syncthreads();  // the slices are dead: the weights overwrite them
+                        // wsh[q][row ^ 2 (q % 16)]: the stores of a warp (rows ty, ty + 1; q = tx + 16 j) hit
+                        // 32 distinct banks; the reads of a column are broadcasts. Each thread first parks
+                        // its own sums there and reads them back (no other thread touches them yet), so the
+                        // kernel evaluation below is a rolled loop over rows (small code, no local memory).
+#pragma unroll
+      for (int i = 0; i < RM; ++i)
+#pragma unroll
+        for (int j = 0; j < kRN; ++j) {
+          const int q = tx + 16 * j, row = ty + 16 * i;
+          wsh[q * TM + (row ^ (2 * (q % 16)))] = acc[i][j];
+        }
+      // 2. kernel values and weights.
+#pragma unroll 1
+      for (int i = 0; i < RM; ++i) {
+        const int row = ty + 16 * i;
+        const int64_t grow = rt.row0 + row;
+        A vs = A(0);
+#pragma unroll
+        for (int j = 0; j < kRN; ++j) {
+          const int q = tx + 16 * j;
+          const int64_t gq = q0 + q;
+          A* slot = &wsh[q * TM + (row ^ (2 * (q % 16)))];
+          A k = A(0), w = A(0);
+          if (grow < rt.n && gq < n && !(same && r.unbiased && gq == grow))
+            eval_pair<A>(r.kernel, *slot, cv, r.nbw, inv_d, k, w);
+          vs += k;
+          *slot = gw * w;
+        }
+        // Sum over the 16 lanes of this row (xor butterfly: every lane gets the same bits).
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) vs += __shfl_xor_sync(0xffffffffu, vs, o);
+        if (tx == 0 && grow < rt.n && vw != 0.0) rowv[rt.side == 0 ? grow : r.N + grow] += vw * static_cast<double>(vs);
+      }
+      if (!do_grad) continue;
+      // 3. gradient, slice by slice of DK2 coordinates.
+      for (int64_t sl = 0; sl < nslices; ++sl) {
+        const int64_t dbase = sl * DK2;
+        __syncthreads();  // the weights are all written; the previous slice's readers are done
+        for (int e = threadIdx.x; e < kTN * DK2; e += kTileThreads) {
+          const int qq = e / DK2, dd = e % DK2;
+          const int64_t q = q0 + qq, d = dbase + dd;
+          bsh[e] = q < n && d < D ? load(csrc, q * D + d) : A(0);
+        }
+        __syncthreads();
+        A av[RM][GD], gs[RM][GD];
+#pragma unroll
+        for (int i = 0; i < RM; ++i)
+#pragma unroll
+          for (int j = 0; j < GD; ++j) {
+            const int64_t row = rt.row0 + ty + 16 * i, d = dbase + tx + 16 * j;
+            av[i][j] = dist && row < rt.n && d < D ? load(rsrc, row * D + d) : A(0);
+            gs[i][j] = A(0);
+          }
+#pragma unroll 2
+        for (int q = 0; q < kTN; ++q) {
+          A wv[RM], bv[GD];
+#pragma unroll
+          for (int i = 0; i < RM; ++i) wv[i] = wsh[q * TM + ((ty + 16 * i) ^ (2 * (q % 16)))];
+#pragma unroll
+          for (int j = 0; j < GD; ++j) bv[j] = bsh[q * DK2 + tx + 16 * j];
+          if (dist) {
+#pragma unroll
+            for (int i = 0; i < RM; ++i)
+#pragma unroll
+              for (int j = 0; j < GD; ++j) gs[i][j] += wv[i] * (av[i][j] - bv[j]);
+          } else {
+#pragma unroll
+            for (int i = 0; i < RM; ++i)
+#pragma unroll
+              for (int j = 0; j < GD; ++j) gs[i][j] += wv[i] * bv[j];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < RM; ++i)
+#pragma unroll
+          for (int j = 0; j < GD; ++j) {
+            const int64_t row = rt.row0 + ty + 16 * i, d = dbase + tx + 16 * j;
+            if (row < rt.n && d < D) gacc[(rt.side == 0 ? row : r.N + row) * D + d] += static_cast<double>(gs[i][j]);
+          }
       }
     }
   }
-  if (live) rowv[p] = value;
 }
 
 template <class S>
@@ -314,6 +516,8 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
   } else {
     // rows = N + M >= 2 here (the bindings refuse empty inputs).
     const unsigned blocks = grid_exact(rows, kRowThreads);
+    constexpr int64_t tm = 16 * TileShape<A>::RM;
+    const unsigned tiled_blocks = generic ? grid_exact((a.N + tm - 1) / tm + (a.M + tm - 1) / tm, 1) : 0;
     switch (generic ? 0 : static_cast<int>(a.D)) {
       case 1:
         rows_small<S, 1><<<blocks, kRowThreads, 0, stream>>>(r, x, y, c, rowv, gx, gy);
@@ -328,7 +532,7 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
         rows_small<S, 4><<<blocks, kRowThreads, 0, stream>>>(r, x, y, c, rowv, gx, gy);
         break;
       default:
-        rows_any<S><<<blocks, kRowThreads, 0, stream>>>(r, x, y, c, rowv, gacc);
+        rows_tiled<S><<<tiled_blocks, kTileThreads, 0, stream>>>(r, x, y, c, rowv, gacc, gx != nullptr, gy != nullptr);
         if (gacc) {
           const int64_t total = (a.N + a.M) * a.D;
           write_grads<S><<<grid_exact(total, 256), 256, 0, stream>>>(r, gacc, gx, gy);

@@ -612,6 +612,131 @@ def test_cuda_vs_cpu(kernel, estimator, d):
         assert abs(v.item() - ref) <= 1e-4 * s
 
 
+# The tiled CUDA body (cuda/mmd.cu rows_tiled, D > 4): 128 rows per block in float32 and
+# float16/bfloat16, 64 in float64; 64 other points per tile; coordinates in slices of 16
+# (distances) and 32 (gradients). The sizes cross each of these boundaries.
+CUDA_SIZES = [(1, 1), (1, 130), (63, 127), (65, 129), (129, 63), (1000, 65)]
+
+
+def _cuda_ref(x, y, kernel, estimator, bws):
+    """CPU native float64 value and gradients (within F64_TOL of the dense oracle) and the scale S."""
+    v, (gx, gy) = gn.mmd2(np.asarray(x, np.float64), np.asarray(y, np.float64), kernel, bws, estimator)
+    s = scale_of(np.asarray(x[:200], np.float64), np.asarray(y[:200], np.float64), kernel, bws)
+    return float(v), np.asarray(gx), np.asarray(gy), s
+
+
+def _cuda_check(what, v, grads, ref, tol, gtol):
+    rv, rgx, rgy, s = ref
+    err = abs(v - rv) / s
+    assert err <= tol, (
+        f"{what}: value {v!r} vs CPU float64 {rv!r}: error {err:.3e} S > {tol:g} S (S = {s:.4g})"
+    )
+    for g, rg, name in zip(grads, (rgx, rgy), ("grad_x", "grad_y"), strict=True):
+        if g is None:
+            continue
+        g = g.double().cpu().numpy()
+        gs = max(float(np.abs(rg).max()), 1e-300)
+        bad = np.abs(g - rg) / gs
+        i = np.unravel_index(int(np.argmax(bad)), bad.shape)
+        assert bad[i] <= gtol, (
+            f"{what}: {name}{tuple(int(k) for k in i)} = {g[i]!r} vs CPU {rg[i]!r}: "
+            f"error {bad[i]:.3e} of max |grad| {gs:.4g} > {gtol:g}"
+        )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+@pytest.mark.parametrize("d", [5, 17, 64, 130])
+@pytest.mark.parametrize("nm", CUDA_SIZES)
+@pytest.mark.parametrize("need_grad", [True, (True, False), (False, True)])
+def test_cuda_tiled_vs_cpu(kernel, estimator, d, nm, need_grad):
+    """The tiled CUDA body against the CPU engine in float64 and float32, with and without
+    each gradient; sizes crossing the row tiles (64 / 128), the 64-point column tiles and
+    the coordinate slices."""
+    n, m = nm
+    if estimator == "unbiased" and min(n, m) < 2:
+        pytest.skip("the unbiased estimator needs two points per side")
+    rng = np.random.default_rng(n * 1000 + m + d)
+    x, y = samples(rng, n, m, d)
+    bws = BWS[kernel]
+    if kernel == "rbf":  # a bandwidth of the order of the distances, so k is not ~0 everywhere
+        bws = (0.8, math.sqrt(2.0 * d))
+    for dt, tol, gtol in ((torch.float64, F64_TOL, F64_GRAD_TOL), (torch.float32, F32_TOL, F32_GRAD_TOL)):
+        xc = torch.tensor(x, dtype=dt, device="cuda")
+        yc = torch.tensor(y, dtype=dt, device="cuda")
+        ref = _cuda_ref(xc.cpu().numpy(), yc.cpu().numpy(), kernel, estimator, bws)
+        v, grads = gn.mmd2(xc, yc, kernel, bws, estimator, need_grad=need_grad)
+        if need_grad is True:
+            assert grads[0] is not None and grads[1] is not None
+        else:
+            assert (grads[0] is None) == (not need_grad[0]) and (grads[1] is None) == (not need_grad[1])
+        _cuda_check(
+            f"{kernel}/{estimator} N={n} M={m} D={d} {dt} need_grad={need_grad}",
+            float(v),
+            grads,
+            ref,
+            tol,
+            gtol,
+        )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("d", [5, 64, 130])
+@pytest.mark.parametrize("dt", ["float16", "bfloat16"])
+def test_cuda_tiled_half(kernel, d, dt):
+    """float16/bfloat16 stored, float32 computed: the value against the CPU in float64 on
+    the same (rounded) inputs."""
+    rng = np.random.default_rng(d)
+    x, y = samples(rng, 129, 200, d)
+    bws = (0.8, math.sqrt(2.0 * d)) if kernel == "rbf" else BWS[kernel]
+    xc = torch.tensor(x, device="cuda").to(getattr(torch, dt))
+    yc = torch.tensor(y, device="cuda").to(getattr(torch, dt))
+    v, (gx, gy) = gn.mmd2(xc, yc, kernel, bws, "unbiased")
+    assert gx.dtype == xc.dtype and gy.dtype == yc.dtype
+    rv, _, _, s = _cuda_ref(xc.double().cpu().numpy(), yc.double().cpu().numpy(), kernel, "unbiased", bws)
+    err = abs(float(v) - rv) / s
+    assert err <= 1e-4, f"{kernel} D={d} {dt}: value {float(v)!r} vs CPU {rv!r}: error {err:.3e} S"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [5, 64, 130])
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_cuda_tiled_bitwise_repeatable(d, dt):
+    """No float atomics: two calls give the same bits; the value and grad_x do not depend on
+    whether grad_y is requested (the y rows' cross pairs only feed grad_y)."""
+    rng = np.random.default_rng(7)
+    x, y = samples(rng, 1000, 700, d)
+    xc = torch.tensor(x, dtype=dt, device="cuda")
+    yc = torch.tensor(y, dtype=dt, device="cuda")
+    outs = [gn.mmd2(xc, yc, "rbf", (1.0, 6.0)) for _ in range(2)]
+    for (v1, (gx1, gy1)), (v2, (gx2, gy2)) in zip(outs, outs[1:], strict=False):
+        assert float(v1) == float(v2)
+        assert torch.equal(gx1, gx2), "grad_x differs between two calls"
+        assert torch.equal(gy1, gy2), "grad_y differs between two calls"
+    v3, (gx3, gy3) = gn.mmd2(xc, yc, "rbf", (1.0, 6.0), need_grad=(True, False))
+    assert gy3 is None
+    assert float(v3) == float(outs[0][0]), "the value depends on need_grad"
+    assert torch.equal(gx3, outs[0][1][0]), "grad_x depends on whether grad_y is requested"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [8, 33, 130])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_cuda_nan_in_gives_nan_value(d, kernel, dt):
+    rng = np.random.default_rng(d)
+    x, y = rng.standard_normal((70, d)), rng.standard_normal((130, d))
+    x[0, 0] = np.nan
+    bw = (1.5,) if kernel in ("rbf", "imq") else None
+    v, (gx, _) = gn.mmd2(
+        torch.tensor(x, dtype=dt, device="cuda"), torch.tensor(y, dtype=dt, device="cuda"), kernel, bw
+    )
+    assert math.isnan(float(v)), f"{kernel} D={d}: value {float(v)!r} from a NaN input"
+    assert math.isnan(float(gx[0, 0])), f"{kernel} D={d}: grad_x[0, 0] = {float(gx[0, 0])!r} from a NaN input"
+
+
 @pytest.mark.parametrize("D", [2, 8, 33])  # the direct body (D <= 4) and the blocked one (D > 4)
 @pytest.mark.parametrize("kernel", ["rbf", "imq", "energy", "polynomial"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
