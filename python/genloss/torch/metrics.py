@@ -332,9 +332,10 @@ def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 # ============================================================================= optimal transport
-# sinkhorn_divergence (MET.20-MET.24) and ot_coupling (MET.25-MET.27).  CPU tensors run the native
-# kernels (cpp/src/ot_cpu.cpp); CUDA tensors run the reference's Sinkhorn loop on torch tensors, on
-# the device, in float64, the cost matrix in row chunks of at most _OT_CHUNK entries.
+# sinkhorn_divergence (MET.20-MET.24) and ot_coupling (MET.25-MET.27): the native kernels on the
+# tensors' device (cpp/src/ot_cpu.cpp, cuda/ot.cu), float64.  The torch loop below (the reference's
+# Sinkhorn loop on torch tensors, the cost matrix in row chunks of at most _OT_CHUNK entries) is what
+# CUDA tensors ran before cuda/ot.cu.
 
 from ..native import metrics as _native_ot  # noqa: E402
 from ..reference import metrics as _ref_ot  # noqa: E402
@@ -406,15 +407,13 @@ def _points(op: str, name: str, t: object, dim: int | None = None) -> torch.Tens
 
 
 def _sinkhorn_kernel(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, *, need_grad=True):
-    """The op's kernel, ``(value, grads)``: the native CPU kernel, or on CUDA the torch loop."""
-    if not (isinstance(x, torch.Tensor) and x.is_cuda):
-        return _native_ot.sinkhorn_divergence(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
-    if torch.cuda.is_current_stream_capturing():
+    """The op's kernel, ``(value, grads)``: the native kernel on the tensors' device (CPU or CUDA)."""
+    if isinstance(x, torch.Tensor) and x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError(
             "sinkhorn_divergence: the iterations stop when the potentials converge (a test read on the host), "
             "which CUDA graph capture forbids"
         )
-    return _sinkhorn_torch(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
+    return _native_ot.sinkhorn_divergence(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
 
 
 def _sinkhorn_torch(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, *, need_grad=True):
@@ -461,15 +460,16 @@ def ot_coupling(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", eps: 
 
     ``'exact'``: a LongTensor permutation ``perm`` on x0's device, ``x1[perm[i]]`` pairs with
     ``x0[i]``, minimizing :math:`\sum_i\lVert x_{0,i}-x_{1,\mathrm{perm}(i)}\rVert^2` (the native
-    Hungarian solver, float64, ties to the lowest column).  On CUDA this is a HOST ROUND TRIP:
-    x0 and x1 (2 B D values, not the B x B cost) are copied to the host, solved there, and the
-    permutation (B int64) copied back; there is no CUDA assignment kernel yet.
+    Hungarian solver, float64, ties to the lowest column; on CUDA its one-block port, the same
+    permutation bit for bit, with no host round trip: it captures in a CUDA graph, the check that
+    the inputs are finite being skipped under capture as every data check is).
     ``'sinkhorn'``: the (B, B) float64 entropic plan of ``genloss.reference.ot_coupling``, computed
-    where the data lives (the native kernel on CPU, torch on CUDA: no host round trip); sample
-    pairs from it like torchcfm (``torch.multinomial(plan.flatten(), B)``).  No gradient.
+    where the data lives (the native Sinkhorn kernel on CPU or CUDA; it reads its convergence test
+    back, so it refuses capture); sample pairs from it like torchcfm
+    (``torch.multinomial(plan.flatten(), B)``).  No gradient.
     """
     op = "ot_coupling"
-    e = _ref_ot.check_coupling_args(op, method, eps)
+    _ref_ot.check_coupling_args(op, method, eps)
     _ref_ot.check_sinkhorn_args(op, 1.0, 2.0, 0.5, tol, max_iter)  # tol and max_iter
     _points(op, "x0", x0)
     _points(op, "x1", x1, x0.shape[1])
@@ -480,13 +480,7 @@ def ot_coupling(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", eps: 
     if x1.device != x0.device:
         raise ValueError(f"{op}: x1 is on {x1.device}, x0 on {x0.device}")
     a, b = x0.detach().to(torch.float64), x1.detach().to(torch.float64)
-    for name, t in (("x0", a), ("x1", b)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{op}: {name} must be finite (a NaN or inf has no optimal pairing)")
-    if e is None or not a.is_cuda:
-        out = _native_ot.ot_coupling(a.cpu(), b.cpu(), method, eps, tol, max_iter)
-        return out.to(x0.device)
-    return _plan_torch(a, b, e, tol, max_iter)
+    return _native_ot.ot_coupling(a, b, method, eps, tol, max_iter)  # checks that a and b are finite
 
 
 def _plan_torch(a, b, e, tol, max_iter):
