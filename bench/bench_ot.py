@@ -29,9 +29,8 @@ The speed goals of issue 18, one command, one process::
   per-turn ratios (each turn times both back to back, so drift of the load hits both alike).
 
 ``--all`` adds the older cases: Sinkhorn N = M = 4096 (``--quick``: 1024), D = 32, eps = 4,
-tol = 1e-6 with both gradients, for native, genloss.torch's dense CUDA loop run on CPU tensors,
-and POT (``ot.sinkhorn2(method='sinkhorn_log')``, value only, when installed); ot_coupling at
-B = 256.
+tol = 1e-6 with both gradients, for native and POT (``ot.sinkhorn2(method='sinkhorn_log')``,
+value only, when installed); ot_coupling at B = 256.
 
 Timing: the harness's round robin (bench/harness.py); wall time and process CPU time
 (user + sys) of each call; medians.
@@ -58,7 +57,6 @@ import harness as bh  # noqa: E402
 # isort: split
 import genloss.native as gn  # noqa: E402
 from genloss.reference import metrics as rm  # noqa: E402
-from genloss.torch import metrics as tm  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- memory, CPU time
@@ -187,11 +185,8 @@ def sinkhorn_d32(n: int, reps: int, eps: float) -> dict:
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(n, 32)), rng.normal(size=(n, 32)) + 0.3
     tol = 1e-6
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    tm._OT_CHUNK = n * n  # dense: one chunk per soft-min
     runners = [
         bh.Runner("native", CpuTimed(lambda: gn.sinkhorn_divergence(x, y, eps, 2.0, 0.5, tol))),
-        bh.Runner("torch", CpuTimed(lambda: tm._sinkhorn_torch(xt, yt, eps, 2.0, 0.5, tol))),
     ]
     values = {r.name: float(r.call()[0]) for r in runners}
     try:

@@ -678,7 +678,13 @@ def test_kernel_kinds_compute_by_named_fields():
             TypeError,
             r"dtype must be 1 \(float64",
         ),
-        (dict(kind="assignment", x0=8, x1=8, B=2, D=1, perm=8, device=1), ValueError, "CPU only"),
+        (  # (assignment and sinkhorn have CUDA kernels: cuda/ot.cu)
+            dict(
+                kind="knn_prdc", real=8, fake=8, N=5, M=5, D=2, k=3, real_r2=8, fake_r2=8, counts=8, device=1
+            ),
+            ValueError,
+            "CPU only",
+        ),
         (
             dict(kind="knn_prdc", real=8, fake=8, N=3, M=5, D=2, k=3, real_r2=8, fake_r2=8, counts=8),
             ValueError,

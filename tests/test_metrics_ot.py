@@ -4,7 +4,7 @@ Oracles: POT's log-domain Sinkhorn plan with the entropy term added back (MET.23
 cost of scipy's linear_sum_assignment (the eps -> 0 limit), closed forms (two Diracs; x == y),
 central finite differences in float64 (the envelope gradient, MET.24), scipy's assignment (the
 exact pairing, MET.26) and torchcfm's OTPlanSampler.  The three layers (NumPy reference, native
-CPU kernel, torch op and its CUDA code path run on CPU tensors) are compared with each other.
+kernels, torch op) are compared with each other, and the CUDA kernels with the CPU ones.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from scipy.optimize import linear_sum_assignment
 import genloss.native as gn
 from genloss.native import metrics as NM
 from genloss.reference import metrics as RM
+from tolerances import assert_close
 
 torch = pytest.importorskip("torch")
 import genloss.torch as T  # noqa: E402
-from genloss.torch import metrics as TM  # noqa: E402
 
 
 def clouds(n, m, d, seed=0, shift=0.7):
@@ -64,8 +64,7 @@ def test_sinkhorn_matches_pot(eps):
     ref = float(RM.sinkhorn_divergence(x, y, eps, tol=1e-11))
     nat = float(NM.sinkhorn_divergence(x, y, eps, tol=1e-11, need_grad=False)[0])
     tch = float(T.sinkhorn_divergence(torch.from_numpy(x), torch.from_numpy(y), eps, tol=1e-11))
-    dev = float(TM._sinkhorn_torch(torch.from_numpy(x), torch.from_numpy(y), eps, tol=1e-11)[0])
-    for got in (ref, nat, tch, dev):
+    for got in (ref, nat, tch):
         assert got == pytest.approx(want, rel=1e-8, abs=1e-10)
 
 
@@ -148,7 +147,7 @@ def native_matches_reference(x, y, eps, p):
 
 @pytest.mark.parametrize("p", [2.0, 1.0, 1.5])
 def test_sinkhorn_layers_agree(p):
-    """Native kernel, torch op (CPU: native; the CUDA code path run on CPU) = reference, values and grads."""
+    """Native kernel, torch op = reference, values and grads."""
     x, y = clouds(37, 29, 5, seed=11)
     eps = 0.4
     rv, (rgx, rgy) = native_matches_reference(x, y, eps, p)
@@ -157,10 +156,6 @@ def test_sinkhorn_layers_agree(p):
     (2.0 * T.sinkhorn_divergence(xt, yt, eps, p)).backward()
     np.testing.assert_allclose(xt.grad.numpy(), 2 * rgx, rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(yt.grad.numpy(), 2 * rgy, rtol=1e-8, atol=1e-12)
-    dv, (dgx, dgy) = TM._sinkhorn_torch(torch.from_numpy(x), torch.from_numpy(y), eps, p)
-    assert float(dv) == pytest.approx(rv, rel=1e-9, abs=1e-12)
-    np.testing.assert_allclose(dgx.numpy(), rgx, rtol=1e-7, atol=1e-10)
-    np.testing.assert_allclose(dgy.numpy(), rgy, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("d", [1, 2, 3])
@@ -192,18 +187,14 @@ def test_sinkhorn_far_blocks_and_thread_count():
     np.testing.assert_array_equal(gy1, gy2)
 
 
-def test_sinkhorn_float32_and_chunks(monkeypatch):
-    """float32 inputs are computed in float64 (value and gradient in float32); the torch loop's row
-    chunks (forced to 7 entries... rows) give the unchunked result."""
+def test_sinkhorn_float32():
+    """float32 inputs are computed in float64 (value and gradient in float32)."""
     x, y = clouds(20, 17, 3, seed=5)
     v32, (g32, _) = NM.sinkhorn_divergence(x.astype(np.float32), y.astype(np.float32), 0.5)
     v64, (g64, _) = NM.sinkhorn_divergence(x.astype(np.float32).astype(np.float64),
                                            y.astype(np.float32).astype(np.float64), 0.5)  # fmt: skip
     assert v32.dtype == np.float32 and g32.dtype == np.float32
     assert float(v32) == pytest.approx(float(v64), rel=1e-6)
-    monkeypatch.setattr(TM, "_OT_CHUNK", 40)  # 2 rows per chunk of 17 (or 20) columns
-    dv, _ = TM._sinkhorn_torch(torch.from_numpy(x), torch.from_numpy(y), 0.5, need_grad=False)
-    assert float(dv) == pytest.approx(float(RM.sinkhorn_divergence(x, y, 0.5)), rel=1e-10)
 
 
 def test_sinkhorn_nan_in_nan_out():
@@ -213,7 +204,6 @@ def test_sinkhorn_nan_in_nan_out():
     v, (gx, gy) = NM.sinkhorn_divergence(x, y, 0.5)
     assert np.isnan(float(v)) and np.isnan(gx).all() and np.isnan(gy).all()
     assert torch.isnan(T.sinkhorn_divergence(torch.from_numpy(x), torch.from_numpy(y), 0.5))
-    assert torch.isnan(TM._sinkhorn_torch(torch.from_numpy(x), torch.from_numpy(y), 0.5)[0])
 
 
 BAD_SINKHORN = [
@@ -300,8 +290,7 @@ def test_sinkhorn_coupling_plan():
     ref = RM.ot_coupling(x0, x1, "sinkhorn", eps, tol=1e-11)
     nat = NM.ot_coupling(x0, x1, "sinkhorn", eps, tol=1e-11)
     tch = T.ot_coupling(torch.from_numpy(x0), torch.from_numpy(x1), "sinkhorn", eps, tol=1e-11)
-    dev = TM._plan_torch(torch.from_numpy(x0), torch.from_numpy(x1), eps, 1e-11, 1000)
-    for got in (ref, nat, tch.numpy(), dev.numpy()):
+    for got in (ref, nat, tch.numpy()):
         np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-12)
 
 
@@ -336,17 +325,6 @@ def test_coupling_bad_input(layer, change, name):
         fn[layer](kw.pop("x0"), kw.pop("x1"), **kw)
 
 
-def test_native_refuses_cuda_arrays():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    x = torch.zeros((3, 2), device="cuda")
-    with pytest.raises(ValueError, match="sinkhorn_divergence: no CUDA kernel yet"):
-        NM.sinkhorn_divergence(x, x, 0.5)
-    perm = T.ot_coupling(x, x + 1)  # exact: a documented host round trip, the result on the device
-    assert perm.device == x.device
-    assert T.ot_coupling(x, x + 1, "sinkhorn", 0.5).device == x.device
-
-
 def test_sinkhorn_extreme_inputs_finite():
     """Inputs of magnitude 1e4 (C / eps ~ 1e8): finite value and gradients, close to the reference."""
     rng = np.random.default_rng(9)
@@ -354,3 +332,181 @@ def test_sinkhorn_extreme_inputs_finite():
     v, (gx, gy) = NM.sinkhorn_divergence(x, y, 0.5)
     assert np.isfinite(float(v)) and np.isfinite(gx).all() and np.isfinite(gy).all()
     assert float(v) == pytest.approx(float(RM.sinkhorn_divergence(x, y, 0.5)), rel=1e-6)
+
+
+# ============================================================================= CUDA (cuda/ot.cu)
+# The assignment equals the CPU solver's permutation exactly (the same float64 operations, ties to
+# the lowest column); Sinkhorn equals the CPU loop to rounding (other summation orders): the value
+# and gradients within tests/tolerances.py's "cuda" entry, with tol so small that neither loop meets
+# it before max_iter (or both stop on an exactly zero change): the same number of rounds on both.
+
+TIGHT = dict(tol=1e-15, max_iter=400)
+
+
+def _lattice(b, d, seed):
+    """Points on a 3-per-axis integer lattice: many exactly equal costs (ties) and coincident points."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 3, size=(b, d)).astype(np.float64), rng.integers(0, 3, size=(b, d)).astype(
+        np.float64
+    )
+
+
+def _coupling_inputs():
+    out = []
+    for b in (1, 2, 7, 64, 1000, 1100):  # 1100: more columns than the solver's 1024 threads
+        for d in (1, 3):
+            out.append((f"normal-B{b}-D{d}", *clouds(b, b, d, seed=b + d)))
+    for b in (7, 64, 1000):
+        for d in (1, 3):
+            out.append((f"lattice-B{b}-D{d}", *_lattice(b, d, seed=b * d)))
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(20, 3))
+    out.append(("duplicated-rows", np.repeat(base, 5, 0), np.repeat(base[::-1], 5, 0)))
+    out.append(("all-equal-130", np.zeros((130, 2)), np.zeros((130, 2))))  # every cost 0: the identity
+    return out
+
+
+COUPLING_INPUTS = _coupling_inputs()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("label", "x0", "x1"), COUPLING_INPUTS, ids=[c[0] for c in COUPLING_INPUTS])
+def test_cuda_assignment_is_the_cpu_permutation(label, x0, x1, cuda_device):
+    """(MET.26) native on CUDA == native on the CPU, every entry, float64 and float32 inputs; two
+    calls give the same permutation; the torch op on CUDA too, its result on the device."""
+    for dt in (torch.float64, torch.float32):
+        a, b = torch.from_numpy(x0).to(dt), torch.from_numpy(x1).to(dt)
+        want = NM.ot_coupling(a.double().numpy(), b.double().numpy())
+        got = NM.ot_coupling(a.to(cuda_device), b.to(cuda_device))
+        assert got.device == cuda_device and got.dtype == torch.int64, (label, got.device, got.dtype)
+        g = got.cpu().numpy()
+        bad = np.flatnonzero(g != want)
+        assert bad.size == 0, (
+            f"{label} {dt}: {bad.size} of {len(want)} rows differ, first rows {bad[:8].tolist()}: "
+            f"cuda {g[bad[:8]].tolist()} cpu {want[bad[:8]].tolist()}; cost cuda "
+            f"{total_cost(x0, x1, g) if sorted(g) == list(range(len(g))) else 'not a permutation'} "
+            f"cpu {total_cost(x0, x1, want)}"
+        )
+        if dt != torch.float64:
+            continue
+        again = NM.ot_coupling(a.to(cuda_device), b.to(cuda_device)).cpu().numpy()
+        np.testing.assert_array_equal(again, g, err_msg=f"{label}: two CUDA calls differ")
+        tp = T.ot_coupling(a.to(cuda_device), b.to(cuda_device))
+        assert tp.device == cuda_device
+        np.testing.assert_array_equal(tp.cpu().numpy(), want, err_msg=f"{label}: genloss.torch on CUDA")
+
+
+@pytest.mark.cuda
+def test_cuda_assignment_captures_and_replays(cuda_device):
+    """No host round trip: genloss.torch.ot_coupling(method='exact') is captured in a CUDA graph (a
+    host copy or synchronisation would fail the capture) and its replays solve new inputs, on the
+    capture's (side) stream, equal to the CPU solver."""
+    x0, x1 = clouds(100, 100, 3, seed=11)
+    y0, y1 = _lattice(100, 3, seed=12)
+    s0 = torch.from_numpy(x0).to(cuda_device)
+    s1 = torch.from_numpy(x1).to(cuda_device)
+    side = torch.cuda.Stream(device=cuda_device)
+    side.wait_stream(torch.cuda.current_stream(cuda_device))
+    with torch.cuda.stream(side):  # warm-up off the capture
+        for _ in range(2):
+            T.ot_coupling(s0, s1)
+    torch.cuda.current_stream(cuda_device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        perm = T.ot_coupling(s0, s1)
+    for a, b in ((x0, x1), (y0, y1)):
+        with torch.no_grad():
+            s0.copy_(torch.from_numpy(a))
+            s1.copy_(torch.from_numpy(b))
+        graph.replay()
+        torch.cuda.synchronize(cuda_device)
+        np.testing.assert_array_equal(perm.cpu().numpy(), NM.ot_coupling(a, b), err_msg="replayed assignment")
+
+
+@pytest.mark.cuda
+def test_cuda_assignment_refuses_non_finite(cuda_device):
+    x = torch.zeros((3, 2), device=cuda_device, dtype=torch.float64)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    for args, name in (((bad, x), "x0"), ((x, bad), "x1")):
+        with pytest.raises(ValueError, match=rf"ot_coupling: {name} must be finite"):
+            NM.ot_coupling(*args)
+        with pytest.raises(ValueError, match=rf"ot_coupling: {name} must be finite"):
+            T.ot_coupling(*args, "sinkhorn", 0.5)
+
+
+def _ot_clouds():
+    out = [("N17-M9-D3", *clouds(17, 9, 3, seed=1)), ("N1-M40-D2", *clouds(1, 40, 2, seed=2))]
+    out.append(("N70-M33-D1", *clouds(70, 33, 1, seed=3)))
+    out.append(("N300-M257-D5", *clouds(300, 257, 5, seed=4)))
+    x, y = clouds(12, 10, 2, seed=5)
+    x[3] = x[7]  # coincident points within x, and between x and y (the p = 1 gradient's 0 at r = 0)
+    y[:4] = x[:4]
+    out.append(("coincident", x, y))
+    return out
+
+
+OT_CLOUDS = _ot_clouds()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize(("label", "x", "y"), OT_CLOUDS, ids=[c[0] for c in OT_CLOUDS])
+def test_cuda_sinkhorn_is_the_cpu_loop(label, x, y, p, cuda_device):
+    """(MET.20-MET.24) value and both gradients, native CUDA vs native CPU on the same data, to the
+    "cuda" tolerance; float32 inputs too; two CUDA calls bitwise equal."""
+    for dt in (torch.float64, torch.float32):
+        xc, yc = torch.from_numpy(x).to(dt), torch.from_numpy(y).to(dt)
+        v, (gx, gy) = NM.sinkhorn_divergence(xc.numpy(), yc.numpy(), 0.5, p, **TIGHT)
+        cv, (cgx, cgy) = NM.sinkhorn_divergence(xc.to(cuda_device), yc.to(cuda_device), 0.5, p, **TIGHT)
+        assert cv.device == cuda_device and cv.dtype == dt and cgx.dtype == dt and cgy.shape == yc.shape
+        what = f"{label} p={p} {dt}"
+        assert_close(cv.cpu(), v, "cuda", dt, what + " value")
+        assert_close(cgx.cpu(), gx, "cuda", dt, what + " d/dx")
+        assert_close(cgy.cpu(), gy, "cuda", dt, what + " d/dy")
+        cv2, (cgx2, cgy2) = NM.sinkhorn_divergence(xc.to(cuda_device), yc.to(cuda_device), 0.5, p, **TIGHT)
+        for a, b, n in ((cv, cv2, "value"), (cgx, cgx2, "d/dx"), (cgy, cgy2, "d/dy")):
+            assert torch.equal(a, b), f"{what} {n}: two CUDA calls differ"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("label", "x", "y"), OT_CLOUDS[:3], ids=[c[0] for c in OT_CLOUDS[:3]])
+def test_cuda_sinkhorn_plan_and_torch_op(label, x, y, cuda_device):
+    """The other users of the CUDA loop: ot_coupling's 'sinkhorn' plan (not debiased) and the torch
+    op's value and autograd gradients, CUDA vs CPU; the default tol against the reference."""
+    b = min(len(x), len(y))
+    x0, x1 = x[:b], y[:b]
+    plan = NM.ot_coupling(x0, x1, "sinkhorn", 0.5, **TIGHT)
+    cplan = T.ot_coupling(torch.from_numpy(x0).to(cuda_device), torch.from_numpy(x1).to(cuda_device),
+                          "sinkhorn", 0.5, **TIGHT)  # fmt: skip
+    assert cplan.device == cuda_device
+    assert_close(cplan.cpu(), plan, "cuda", torch.float64, f"{label} plan")
+    xt, yt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(y).requires_grad_()
+    xc = torch.from_numpy(x).to(cuda_device).requires_grad_()
+    yc = torch.from_numpy(y).to(cuda_device).requires_grad_()
+    v = T.sinkhorn_divergence(xt, yt, 0.5, **TIGHT)
+    cv = T.sinkhorn_divergence(xc, yc, 0.5, **TIGHT)
+    (2 * v).backward()
+    (2 * cv).backward()
+    assert_close(cv.detach().cpu(), v.detach(), "cuda", torch.float64, f"{label} torch value")
+    assert_close(xc.grad.cpu(), xt.grad, "cuda", torch.float64, f"{label} torch d/dx")
+    assert_close(yc.grad.cpu(), yt.grad, "cuda", torch.float64, f"{label} torch d/dy")
+    # the default tol: the rounds may differ by one where the largest change sits at tol * eps
+    ref = float(RM.sinkhorn_divergence(x, y, 0.5))
+    dv = float(NM.sinkhorn_divergence(xc.detach(), yc.detach(), 0.5, need_grad=False)[0])
+    assert dv == pytest.approx(ref, rel=1e-7, abs=1e-9), label
+
+
+@pytest.mark.cuda
+def test_cuda_sinkhorn_nan_and_capture(cuda_device):
+    """NaN in, NaN out (no kernel runs); the loop refuses CUDA graph capture, saying why."""
+    x = torch.zeros((4, 2), device=cuda_device, dtype=torch.float64)
+    bad = x.clone()
+    bad[0, 1] = float("nan")
+    v, (gx, gy) = NM.sinkhorn_divergence(bad, x + 1, 0.5)
+    assert torch.isnan(v) and torch.isnan(gx).all() and torch.isnan(gy).all()
+    side = torch.cuda.Stream(device=cuda_device)
+    side.wait_stream(torch.cuda.current_stream(cuda_device))
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="CUDA graph capture"), torch.cuda.graph(graph, stream=side):
+        NM.sinkhorn_divergence(x, x + 1, 0.5)

@@ -5,6 +5,7 @@
 #include "genloss/cuda_info.h"
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
+#include "genloss/ot.h"
 
 namespace genloss {
 namespace cuda {
@@ -42,6 +43,12 @@ void gmm(const GmmArgs&, void*) {
   unavailable();
 }
 void mmd(const MmdArgs&, void*) {
+  unavailable();
+}
+void sinkhorn(const SinkhornArgs&, void*) {
+  unavailable();
+}
+void assignment(const AssignArgs&, void*) {
   unavailable();
 }
 }  // namespace cuda

@@ -367,7 +367,8 @@ enum Kind : int {
   kRowLse,
   kGmm,
   kMmd,
-  kVectorQuantize,  // the CPU-only kernels of the quant and metrics families from here on
+  kVectorQuantize,  // the kernels of the quant and metrics families from here on: CPU only but for
+                    // sinkhorn and assignment (check_cpu_kind)
   kVqEmaUpdate,
   kLfqEntropy,
   kKnnPrdc,
@@ -756,10 +757,11 @@ std::string kernel_field_list(int kind) {
   return s;
 }
 
-// The checks of the CPU-only kinds (the sizes their kernels assume; the ops' own checks, with
-// the argument names users know, run first in python/genloss/native).
+// The checks of the CPU-only kinds, and of sinkhorn and assignment, which also run on CUDA (the sizes their kernels
+// assume; the ops' own checks, with the argument names users know, run first in python/genloss/native).
 void check_cpu_kind(const std::string& who, const Call& c, int dtype) {
-  if (c.device != 0) throw py::value_error(who + ": CPU only (no CUDA kernel of this kind yet)");
+  const bool has_cuda = c.kind == kSinkhorn || c.kind == kAssignment;  // cuda/ot.cu
+  if (c.device != 0 && !has_cuda) throw py::value_error(who + ": CPU only (no CUDA kernel of this kind yet)");
   const bool f64_only = c.kind == kSinkhorn || c.kind == kAssignment;
   if (f64_only ? dtype != kFloat64 : dtype != kFloat32 && dtype != kFloat64)
     throw py::type_error(who +
@@ -1096,6 +1098,10 @@ void run_cuda(int kind, const MapReduceArgs& a, const KernelArgs& k, void* strea
       return cuda::gmm(k.gmm, stream);
     case kMmd:
       return cuda::mmd(k.mmd, stream);
+    case kSinkhorn:  // eps (Call::reals) stays a host array: the loop is driven from the host
+      return cuda::sinkhorn(k.sinkhorn, stream);
+    case kAssignment:
+      return cuda::assignment(k.assignment, stream);
     default:  // unreachable: check_cpu_kind refuses a CUDA call of a CPU-only kind
       throw std::logic_error(std::string(kKindNames[kind]) + ": no CUDA kernel");
   }

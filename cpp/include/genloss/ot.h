@@ -1,4 +1,4 @@
-// genloss/ot.h — optimal transport on the CPU: the log-domain Sinkhorn loop of
+// genloss/ot.h — optimal transport on the CPU and CUDA: the log-domain Sinkhorn loop of
 // sinkhorn_divergence (potentials, value, envelope gradients) and the exact assignment
 // solver of ot_coupling. Implemented in cpp/src/ot_cpu.cpp (one build per instruction
 // set), dispatched by cpp/src/cpu_dispatch.cpp. Inputs are float64 (the Python layer
@@ -43,5 +43,14 @@ void sinkhorn(const SinkhornArgs& a);
 // cost |x0_i - x1_j|^2 (float64), shortest augmenting paths; ties -> lowest column.  (MET.26)
 void assignment(const AssignArgs& a);
 }  // namespace cpu
+
+// The same on CUDA (cuda/ot.cu): device pointers, launched on `stream`. assignment gives the
+// CPU's permutation bit for bit, with no host synchronisation (CUDA-graph capturable);
+// sinkhorn reads its convergence test back once per round (refuses capture), its results
+// equal the CPU's to rounding. eps stays a host array.
+namespace cuda {
+void sinkhorn(const SinkhornArgs& a, void* stream);
+void assignment(const AssignArgs& a, void* stream);
+}  // namespace cuda
 
 }  // namespace genloss

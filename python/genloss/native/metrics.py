@@ -16,7 +16,7 @@ from .. import _checks as C
 from ..reference import metrics as _ref
 from ..reference.metrics import CMMD_SCALE, CMMD_SIGMA, PRDC_NOT_FINITE, check_prdc_k, prdc_from_counts
 from ._compose import inputs, needs
-from ._engine import CPU, Buf, ran, run_call
+from ._engine import CPU, Buf, _p, as_input, capturing, empty, ran, run_call, skip_checks, stream_of
 from .divergence import _points, mmd2
 
 
@@ -95,17 +95,108 @@ def _like(b: Buf, a: np.ndarray) -> Any:
     return a.astype(b.arr.dtype, copy=False)
 
 
+# ---- the same on CUDA (cuda/ot.cu): the data stays on its device, torch or CuPy arrays
+
+
+def _xp(b: Buf) -> Any:
+    """The array module of a CUDA buffer (torch or CuPy): the few array operations below."""
+    if b.kind == "torch":
+        import torch
+
+        return torch
+    if b.kind == "cupy":
+        import cupy
+
+        return cupy
+    raise TypeError(
+        "genloss.native runs optimal transport on CUDA torch tensors or CuPy arrays; pass one of those"
+    )
+
+
+def _dev64(op: str, name: str, b: Buf, dim: int | None = None) -> Buf:
+    """A CUDA buffer as a contiguous float64 array on its device (shape checked as _ref._ot_points)."""
+    if len(b.shape) != 2 or b.shape[0] < 1 or b.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must have shape (n, D) with n, D >= 1, got shape {b.shape}")
+    if dim is not None and b.shape[1] != dim:
+        raise ValueError(
+            f"{op}: {name} must have D={dim} features (those of the first input), got shape {b.shape}"
+        )
+    xp = _xp(b)
+    if b.kind == "torch":
+        a = b.arr.detach().to(xp.float64).contiguous()
+    else:
+        with xp.cuda.Device(b.device_id):
+            a = xp.ascontiguousarray(b.arr, dtype=xp.float64)
+    return as_input(a, name)
+
+
+def _to_host(b: Buf, a: Any) -> np.ndarray:
+    """One read-back of a small device array (waits for the device)."""
+    return a.cpu().numpy() if b.kind == "torch" else a.get()
+
+
+def _dev_bounds(x: Buf, y: Buf) -> tuple[float, bool]:
+    """(bbox_diameter(x, y), whether x and y are finite) with one read-back: the bounding box's
+    corners (exact min/max, so the diameter has the CPU's bits); NaN or inf in x or y reaches a
+    corner (min/max propagate NaN)."""
+    xp, d = _xp(x), x.shape[1]
+    if x.kind == "torch":
+        lo = xp.minimum(x.arr.amin(dim=0), y.arr.amin(dim=0))
+        hi = xp.maximum(x.arr.amax(dim=0), y.arr.amax(dim=0))
+    else:
+        lo = xp.minimum(x.arr.min(axis=0), y.arr.min(axis=0))
+        hi = xp.maximum(x.arr.max(axis=0), y.arr.max(axis=0))
+    corners = _to_host(x, xp.concatenate((lo, hi)))
+    lo_h, hi_h = corners[:d], corners[d:]
+    return float(np.sqrt(np.sum((hi_h - lo_h) ** 2))), bool(np.isfinite(corners).all())
+
+
+def _dev_like(b: Buf, a: Buf) -> Any:
+    """The float64 device array ``a`` in the floating dtype of ``b``'s array."""
+    return a.arr.to(b.arr.dtype) if b.kind == "torch" else a.arr.astype(b.arr.dtype, copy=False)
+
+
+def _dev_sinkhorn(x: Buf, y: Buf, eps_list: list[float], **fields: Any) -> None:
+    ran(run_call(
+        kind="sinkhorn", device=x.device, device_id=x.device_id, stream=stream_of(x), x=x.ptr, y=y.ptr,
+        N=x.shape[0], M=y.shape[0], D=x.shape[1], eps=eps_list, **fields,
+    ))  # fmt: skip
+
+
+def _sinkhorn_cuda(op, xb, yb, eps, p, scaling, tol, max_iter, flags):
+    if capturing(xb):
+        raise ValueError(
+            f"{op}: the iterations stop when the potentials converge (a test read on the host), "
+            "which CUDA graph capture forbids"
+        )
+    x64 = _dev64(op, "x", xb)
+    y64 = _dev64(op, "y", yb, x64.shape[1])
+    value = empty(x64, (), fill=np.nan)
+    gx = empty(x64, x64.shape, fill=np.nan) if flags[0] else None
+    gy = empty(x64, y64.shape, fill=np.nan) if flags[1] else None
+    diameter, finite = _dev_bounds(x64, y64)
+    if finite:  # NaN in, NaN out (every entry)
+        eps_list = _ref.eps_schedule(diameter, p, eps, scaling)  # (MET.22)
+        _dev_sinkhorn(x64, y64, eps_list, p=p, tol=tol, max_iter=max_iter, debias=True, value=value.ptr,
+                      grad_x=_p(gx), grad_y=_p(gy))  # fmt: skip
+    if not any(flags):
+        return _dev_like(xb, value), ()
+    return _dev_like(xb, value), tuple(None if g is None else _dev_like(xb, g) for g in (gx, gy))
+
+
 def sinkhorn_divergence(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, *, need_grad=True):
     r"""Debiased Sinkhorn divergence and its envelope gradients, ``(value, grads)``, by the native
-    log-domain loop in float64 (results in the inputs' dtype).  (MET.20-MET.24)"""
+    log-domain loop in float64 (results in the inputs' dtype), on the CPU (cpp/src/ot_cpu.cpp) or
+    on CUDA (cuda/ot.cu: the data stays on the device; the convergence test is read back once
+    per round, so a CUDA call refuses graph capture).  (MET.20-MET.24)"""
     op = "sinkhorn_divergence"
     eps, p, scaling, tol, max_iter = _ref.check_sinkhorn_args(op, eps, p, scaling, tol, max_iter)
     xb, yb = inputs(["x", "y"], [x, y])
+    flags = needs(need_grad, 2)
     if xb.device != CPU:
-        raise ValueError(f"{op}: no CUDA kernel yet; use genloss.torch.{op} on CUDA tensors")
+        return _sinkhorn_cuda(op, xb, yb, eps, p, scaling, tol, max_iter, flags)
     x64 = _ref._ot_points(op, "x", _host64(xb))
     y64 = _ref._ot_points(op, "y", _host64(yb), x64.shape[1])
-    flags = needs(need_grad, 2)
     value = np.full((), np.nan)
     gx = np.full(x64.shape, np.nan) if flags[0] else None
     gy = np.full(y64.shape, np.nan) if flags[1] else None
@@ -121,15 +212,63 @@ def sinkhorn_divergence(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, 
     return _like(xb, value), tuple(None if g is None else _like(xb, g) for g in (gx, gy))
 
 
+def _coupling_cuda(op, ab, bb, e, tol, max_iter):
+    a = _dev64(op, "x0", ab)
+    b = _dev64(op, "x1", bb, a.shape[1])
+    n, d = a.shape
+    if b.shape[0] != n:
+        raise ValueError(f"{op}: x1 must have as many rows as x0 (B={n}), got shape {b.shape}")
+    xp = _xp(a)
+    if not skip_checks(a):  # one read-back; none under capture or check_data=False (MET.26)
+        ok = _to_host(a, xp.stack((xp.isfinite(a.arr).all(), xp.isfinite(b.arr).all())))
+        for name, good in (("x0", ok[0]), ("x1", ok[1])):
+            if not good:
+                raise ValueError(f"{op}: {name} must be finite (a NaN or inf has no optimal pairing)")
+    if e is None:  # no host synchronisation: CUDA-graph capturable
+        if a.kind == "torch":
+            out = a.arr.new_empty((n,), dtype=xp.int64)
+            ptr = out.data_ptr()
+        else:
+            with xp.cuda.Device(a.device_id):
+                out = xp.empty((n,), dtype=xp.int64)
+            ptr = out.data.ptr
+        ran(run_call(
+            kind="assignment", device=a.device, device_id=a.device_id, stream=stream_of(a), x0=a.ptr, x1=b.ptr,
+            B=n, D=d, perm=ptr,
+        ))  # fmt: skip
+        return out
+    if capturing(a):
+        raise ValueError(
+            f"{op}: method 'sinkhorn' stops when the potentials converge (a test read on the host), "
+            "which CUDA graph capture forbids"
+        )
+    f, g, value = empty(a, (n,)), empty(a, (n,)), empty(a, ())
+    diameter, _ = _dev_bounds(a, b)
+    _dev_sinkhorn(
+        a, b, _ref.eps_schedule(diameter, 2.0, 0.5 * e, 0.5), p=2.0, tol=tol, max_iter=max_iter, value=value.ptr,
+        f=f.ptr, g=g.ptr,
+    )  # fmt: skip
+    x0, x1 = a.arr, b.arr
+    r2 = (x0[:, None, 0] - x1[None, :, 0]) ** 2  # C = r^2 / 2 from the differences, summed over d in order
+    for k in range(1, d):
+        r2 = r2 + (x0[:, None, k] - x1[None, :, k]) ** 2
+    la = -np.log(n)
+    return xp.exp(2.0 * la + (f.arr[:, None] + g.arr[None, :] - r2 / 2.0) / (0.5 * e))  # (MET.27)
+
+
 def ot_coupling(x0, x1, method="exact", eps=0.1, tol=1e-8, max_iter=1000):
     r"""Minibatch OT pairing: the permutation (int64, 'exact', native Hungarian) or the (B, B) entropic
-    plan ('sinkhorn', native loop at eps/2 on the cost r^2/2), in the inputs' kind.  (MET.25-MET.27)"""
+    plan ('sinkhorn', native loop at eps/2 on the cost r^2/2), in the inputs' kind, on their device.
+    On CUDA (cuda/ot.cu) 'exact' gives the CPU solver's permutation, bit for bit, with no host
+    synchronisation beyond the finiteness check (skipped under CUDA graph capture and with
+    ``options(check_data=False)``), so it captures; 'sinkhorn' reads its convergence test back
+    once per round and refuses capture.  (MET.25-MET.27)"""
     op = "ot_coupling"
     e = _ref.check_coupling_args(op, method, eps)
     _ref.check_sinkhorn_args(op, 1.0 if e is None else e, 2.0, 0.5, tol, max_iter)
     ab, bb = inputs(["x0", "x1"], [x0, x1])
     if ab.device != CPU:
-        raise ValueError(f"{op}: no CUDA kernel yet; use genloss.torch.{op} on CUDA tensors")
+        return _coupling_cuda(op, ab, bb, e, tol, max_iter)
     a, b = _ref._coupling_points(_host64(ab), _host64(bb))
     n, d = a.shape
     if e is None:

@@ -138,5 +138,5 @@ CASES = (
     # checks it by gradcheck)
     _mcase("frechet_distance", _fd_draw, (Out("d2", scale=_fd_scale),)),
     _mcase("ot_coupling", _ot_draw, (Out("cost_or_plan"), Out("sorted_perm", "equal")),
-           reference=_ot_reference, native=native_value("ot_coupling"), post=_ot_post),
+           reference=_ot_reference, native=native_value("ot_coupling"), native_cuda=True, post=_ot_post),
 )  # fmt: skip

@@ -9,7 +9,6 @@ matrix products and one small SVD, which the BLAS / cuSOLVER of torch already do
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -332,63 +331,12 @@ def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 # ============================================================================= optimal transport
-# sinkhorn_divergence (MET.20-MET.24) and ot_coupling (MET.25-MET.27).  CPU tensors run the native
-# kernels (cpp/src/ot_cpu.cpp); CUDA tensors run the reference's Sinkhorn loop on torch tensors, on
-# the device, in float64, the cost matrix in row chunks of at most _OT_CHUNK entries.
+# sinkhorn_divergence (MET.20-MET.24) and ot_coupling (MET.25-MET.27): the native kernels on the
+# tensors' device (cpp/src/ot_cpu.cpp, cuda/ot.cu), float64.
 
 from ..native import metrics as _native_ot  # noqa: E402
 from ..reference import metrics as _ref_ot  # noqa: E402
 from ._op import LossOp, public, schema_of  # noqa: E402
-
-_OT_CHUNK = 1 << 24  # cost entries per chunk on the device (128 MiB of float64)
-
-
-def _ot_cost(a: torch.Tensor, b: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r, C = r^p / p) by differences (not the mm expansion: near pairs keep their digits).  (MET.20)"""
-    r = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
-    return r, (0.5 * r * r if p == 2.0 else r**p / p)
-
-
-def _row_chunks(n: int, m: int):
-    step = max(1, _OT_CHUNK // max(m, 1))
-    return [(i, min(n, i + step)) for i in range(0, n, step)]
-
-
-def _torch_softmin(clouds: dict, p: float):
-    def softmin(e, pair, h):  # (MET.21)
-        a, b = clouds[pair[0]], clouds[pair[1]]
-        return torch.cat([
-            -e * torch.logsumexp(h[None, :] - _ot_cost(a[i:j], b, p)[1] / e, dim=1)
-            for i, j in _row_chunks(a.shape[0], b.shape[0])
-        ])  # fmt: skip
-
-    return softmin
-
-
-def _torch_transport_grad(a, b, f, g, la, lb, e, p):
-    """sum_j P_ij |a_i - b_j|^(p-2) (a_i - b_j), row chunk by row chunk.  (MET.24)"""
-    out = []
-    for i, j in _row_chunks(a.shape[0], b.shape[0]):
-        r, c = _ot_cost(a[i:j], b, p)
-        plan = torch.exp(la[i:j, None] + lb[None, :] + (f[i:j, None] + g[None, :] - c) / e)
-        w = plan if p == 2.0 else torch.where(r > 0, plan * r.clamp_min(1e-300) ** (p - 2.0), 0.0)
-        out.append(a[i:j] * w.sum(dim=1, keepdim=True) - w @ b)
-    return torch.cat(out)
-
-
-def _torch_sinkhorn(x, y, eps, p, scaling, tol, max_iter, debias):
-    """The reference's loop (sinkhorn_loop) on float64 device tensors: (f, g, f_aa, g_bb, log a, log b)."""
-    n, m = x.shape[0], y.shape[0]
-    la = torch.full((n,), -math.log(n), dtype=torch.float64, device=x.device)
-    lb = torch.full((m,), -math.log(m), dtype=torch.float64, device=x.device)
-    span = torch.maximum(x.max(dim=0).values, y.max(dim=0).values) - torch.minimum(
-        x.min(dim=0).values, y.min(dim=0).values
-    )
-    eps_list = _ref_ot.eps_schedule(float(span.norm()), p, eps, scaling)  # one scalar to the host
-    f, g, fa, gb, _ = _ref_ot.sinkhorn_loop(
-        _torch_softmin({"x": x, "y": y}, p), eps_list, la, lb, tol, max_iter, debias
-    )
-    return f, g, fa, gb, la, lb
 
 
 def _points(op: str, name: str, t: object, dim: int | None = None) -> torch.Tensor:
@@ -406,48 +354,13 @@ def _points(op: str, name: str, t: object, dim: int | None = None) -> torch.Tens
 
 
 def _sinkhorn_kernel(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, *, need_grad=True):
-    """The op's kernel, ``(value, grads)``: the native CPU kernel, or on CUDA the torch loop."""
-    if not (isinstance(x, torch.Tensor) and x.is_cuda):
-        return _native_ot.sinkhorn_divergence(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
-    if torch.cuda.is_current_stream_capturing():
+    """The op's kernel, ``(value, grads)``: the native kernel on the tensors' device (CPU or CUDA)."""
+    if isinstance(x, torch.Tensor) and x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError(
             "sinkhorn_divergence: the iterations stop when the potentials converge (a test read on the host), "
             "which CUDA graph capture forbids"
         )
-    return _sinkhorn_torch(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
-
-
-def _sinkhorn_torch(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, *, need_grad=True):
-    """``(value, grads)`` by the torch loop on the tensors' device (CUDA; tested on CPU too)."""
-    op = "sinkhorn_divergence"
-    eps, p, scaling, tol, max_iter = _ref_ot.check_sinkhorn_args(op, eps, p, scaling, tol, max_iter)
-    _points(op, "x", x)
-    _points(op, "y", y, x.shape[1])
-    if y.device != x.device:
-        raise ValueError(f"{op}: y is on {y.device}, x on {x.device}")
-    flags = (need_grad,) * 2 if isinstance(need_grad, bool) else tuple(need_grad)
-    x64, y64 = x.detach().to(torch.float64), y.detach().to(torch.float64)
-    if not bool(torch.isfinite(x64).all() & torch.isfinite(y64).all()):  # NaN in, NaN out
-        nan = float("nan")
-        return x.new_full((), nan), (
-            () if not any(flags) else (x.new_full(x.shape, nan), y.new_full(y.shape, nan))
-        )
-    f, g, fa, gb, la, lb = _torch_sinkhorn(x64, y64, eps, p, scaling, tol, max_iter, True)
-    value = ((f - fa).mean() + (g - gb).mean()).to(x.dtype)  # (MET.23)
-    if not any(flags):
-        return value, ()
-    tg = _torch_transport_grad
-    gx = (
-        (tg(x64, y64, f, g, la, lb, eps, p) - tg(x64, x64, fa, fa, la, la, eps, p)).to(x.dtype)
-        if flags[0]
-        else None
-    )
-    gy = (
-        (tg(y64, x64, g, f, lb, la, eps, p) - tg(y64, y64, gb, gb, lb, lb, eps, p)).to(y.dtype)
-        if flags[1]
-        else None
-    )
-    return value, (gx, gy)
+    return _native_ot.sinkhorn_divergence(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
 
 
 sinkhorn_divergence = public(
@@ -461,15 +374,16 @@ def ot_coupling(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", eps: 
 
     ``'exact'``: a LongTensor permutation ``perm`` on x0's device, ``x1[perm[i]]`` pairs with
     ``x0[i]``, minimizing :math:`\sum_i\lVert x_{0,i}-x_{1,\mathrm{perm}(i)}\rVert^2` (the native
-    Hungarian solver, float64, ties to the lowest column).  On CUDA this is a HOST ROUND TRIP:
-    x0 and x1 (2 B D values, not the B x B cost) are copied to the host, solved there, and the
-    permutation (B int64) copied back; there is no CUDA assignment kernel yet.
+    Hungarian solver, float64, ties to the lowest column; on CUDA its one-block port, the same
+    permutation bit for bit, with no host round trip: it captures in a CUDA graph, the check that
+    the inputs are finite being skipped under capture as every data check is).
     ``'sinkhorn'``: the (B, B) float64 entropic plan of ``genloss.reference.ot_coupling``, computed
-    where the data lives (the native kernel on CPU, torch on CUDA: no host round trip); sample
-    pairs from it like torchcfm (``torch.multinomial(plan.flatten(), B)``).  No gradient.
+    where the data lives (the native Sinkhorn kernel on CPU or CUDA; it reads its convergence test
+    back, so it refuses capture); sample pairs from it like torchcfm
+    (``torch.multinomial(plan.flatten(), B)``).  No gradient.
     """
     op = "ot_coupling"
-    e = _ref_ot.check_coupling_args(op, method, eps)
+    _ref_ot.check_coupling_args(op, method, eps)
     _ref_ot.check_sinkhorn_args(op, 1.0, 2.0, 0.5, tol, max_iter)  # tol and max_iter
     _points(op, "x0", x0)
     _points(op, "x1", x1, x0.shape[1])
@@ -480,22 +394,7 @@ def ot_coupling(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", eps: 
     if x1.device != x0.device:
         raise ValueError(f"{op}: x1 is on {x1.device}, x0 on {x0.device}")
     a, b = x0.detach().to(torch.float64), x1.detach().to(torch.float64)
-    for name, t in (("x0", a), ("x1", b)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{op}: {name} must be finite (a NaN or inf has no optimal pairing)")
-    if e is None or not a.is_cuda:
-        out = _native_ot.ot_coupling(a.cpu(), b.cpu(), method, eps, tol, max_iter)
-        return out.to(x0.device)
-    return _plan_torch(a, b, e, tol, max_iter)
-
-
-def _plan_torch(a, b, e, tol, max_iter):
-    """The 'sinkhorn' plan by the torch loop on float64 device tensors (CUDA; tested on CPU too)."""
-    # C = r^2 = 2 (r^2 / 2): the plan of cost r^2/2 (p = 2) at eps/2  (MET.27)
-    f, g, _, _, la, lb = _torch_sinkhorn(a, b, 0.5 * e, 2.0, 0.5, tol, max_iter, False)
-    return torch.exp(
-        la[:, None] + lb[None, :] + (f[:, None] + g[None, :] - _ot_cost(a, b, 2.0)[1]) / (0.5 * e)
-    )
+    return _native_ot.ot_coupling(a, b, method, eps, tol, max_iter)  # checks that a and b are finite
 
 
 __all__ += ["sinkhorn_divergence", "ot_coupling"]
