@@ -5,6 +5,7 @@
 #include "genloss/cuda_info.h"
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
+#include "knn.h"
 
 namespace genloss {
 namespace cuda {
@@ -42,6 +43,9 @@ void gmm(const GmmArgs&, void*) {
   unavailable();
 }
 void mmd(const MmdArgs&, void*) {
+  unavailable();
+}
+void knn_prdc(const KnnArgs&, void*) {
   unavailable();
 }
 }  // namespace cuda
