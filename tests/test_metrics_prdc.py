@@ -27,7 +27,6 @@ from genloss.native import _engine as NE
 from genloss.native.divergence import kid_indices
 from genloss.reference import divergence as RD
 from genloss.reference import metrics as RM
-from genloss.torch import metrics as TM
 
 # ============================================================================= prdc
 
@@ -63,14 +62,7 @@ LAYERS = {
     "reference": RM.prdc,
     "native": gn.prdc,
     "torch": lambda r, f, k: gt.prdc(torch.from_numpy(r), torch.from_numpy(f), k),
-    "torch_tiled": lambda r, f, k: TM._prdc_tiled(torch.from_numpy(r), torch.from_numpy(f), k),
 }
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(TM, "_PRDC_ROWS", 37)  # several row and column tiles, ragged ends
-    monkeypatch.setattr(TM, "_PRDC_COLS", 53)
 
 
 @pytest.mark.parametrize("layer", ["reference", "native", "torch"])
@@ -86,7 +78,7 @@ def test_prdc_equals_brute_force(layer):
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_prdc_grid_data_with_ties(layer, small_tiles):
+def test_prdc_grid_data_with_ties(layer):
     """Features on a small integer grid: many duplicates and equal distances, every squared distance
     exact, so any summation order (NumPy's pairwise sum here) gives the same numbers and the tie rule decides."""
     rng = np.random.default_rng(1)
@@ -323,7 +315,7 @@ BAD_PRDC = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("layer", ["reference", "native", "torch", "torch_tiled"])
+@pytest.mark.parametrize("layer", ["reference", "native", "torch"])
 @pytest.mark.parametrize(("bad", "err", "name"), BAD_PRDC)
 def test_prdc_bad_input(layer, bad, err, name):
     n, m, k = bad.get("n", 10), bad.get("m", 8), bad.get("k", 3)
@@ -334,8 +326,6 @@ def test_prdc_bad_input(layer, bad, err, name):
         fake[0, 0] = np.inf
     if bad.get("flat"):
         real = np.ones(10)
-    if layer == "torch_tiled" and {"dim_fake", "flat", "n"} & set(bad):
-        pytest.skip("the tiled helper is called after genloss.torch.prdc's shape checks")
     with pytest.raises(err, match=rf"prdc: .*\b{name}\b"):
         LAYERS[layer](real, fake, k)
 
