@@ -23,10 +23,10 @@ import torch
 
 import genloss.native as gn
 import genloss.torch as gt
+from genloss.native import _engine as NE
 from genloss.native.divergence import kid_indices
 from genloss.reference import divergence as RD
 from genloss.reference import metrics as RM
-from genloss.torch import metrics as TM
 
 # ============================================================================= prdc
 
@@ -62,14 +62,7 @@ LAYERS = {
     "reference": RM.prdc,
     "native": gn.prdc,
     "torch": lambda r, f, k: gt.prdc(torch.from_numpy(r), torch.from_numpy(f), k),
-    "torch_tiled": lambda r, f, k: TM._prdc_tiled(torch.from_numpy(r), torch.from_numpy(f), k),
 }
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(TM, "_PRDC_ROWS", 37)  # several row and column tiles, ragged ends
-    monkeypatch.setattr(TM, "_PRDC_COLS", 53)
 
 
 @pytest.mark.parametrize("layer", ["reference", "native", "torch"])
@@ -85,7 +78,7 @@ def test_prdc_equals_brute_force(layer):
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_prdc_grid_data_with_ties(layer, small_tiles):
+def test_prdc_grid_data_with_ties(layer):
     """Features on a small integer grid: many duplicates and equal distances, every squared distance
     exact, so any summation order (NumPy's pairwise sum here) gives the same numbers and the tie rule decides."""
     rng = np.random.default_rng(1)
@@ -322,7 +315,7 @@ BAD_PRDC = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("layer", ["reference", "native", "torch", "torch_tiled"])
+@pytest.mark.parametrize("layer", ["reference", "native", "torch"])
 @pytest.mark.parametrize(("bad", "err", "name"), BAD_PRDC)
 def test_prdc_bad_input(layer, bad, err, name):
     n, m, k = bad.get("n", 10), bad.get("m", 8), bad.get("k", 3)
@@ -333,21 +326,192 @@ def test_prdc_bad_input(layer, bad, err, name):
         fake[0, 0] = np.inf
     if bad.get("flat"):
         real = np.ones(10)
-    if layer == "torch_tiled" and {"dim_fake", "flat", "n"} & set(bad):
-        pytest.skip("the tiled helper is called after genloss.torch.prdc's shape checks")
     with pytest.raises(err, match=rf"prdc: .*\b{name}\b"):
         LAYERS[layer](real, fake, k)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_prdc_cuda_tiled_equals_cpu_kernel():
+# ----------------------------------------------------------------------------- prdc on CUDA (cuda/knn.cu)
+# Exact float64 distances in the CPU's order: radii bit for bit, counts exactly. The kernel's tiles: 64 query
+# points per block, 32 other points by 16 coordinates per shared-memory tile; the sizes below cross each.
+
+
+def knn_call(real, fake, k, device=None):
+    """One Call of kind knn_prdc on NumPy data, on the CPU (device None) or the CUDA ``device`` (torch tensors):
+    (real_r2, fake_r2, counts) as NumPy arrays."""
+    n, d = real.shape
+    m = fake.shape[0]
+    dtype = {np.float32: 0, np.float64: 1}[real.dtype.type]
+    if device is None:
+        rr, fr, counts = np.full(n, -1.0), np.full(m, -1.0), np.full(4, -1, dtype=np.int64)
+        NE.run_call(
+            kind="knn_prdc", dtype=dtype, real=real.ctypes.data, fake=fake.ctypes.data, N=n, M=m, D=d, k=k,
+            real_r2=rr.ctypes.data, fake_r2=fr.ctypes.data, counts=counts.ctypes.data,
+        )  # fmt: skip
+        return rr, fr, counts
+    rt, ft = torch.from_numpy(real).to(device), torch.from_numpy(fake).to(device)
+    rr = torch.full((n,), -1.0, dtype=torch.float64, device=device)
+    fr = torch.full((m,), -1.0, dtype=torch.float64, device=device)
+    counts = torch.full((4,), -1, dtype=torch.int64, device=device)
+    NE.run_call(
+        kind="knn_prdc", device=1, device_id=device.index, stream=torch.cuda.current_stream(device).cuda_stream,
+        dtype=dtype, real=rt.data_ptr(), fake=ft.data_ptr(), N=n, M=m, D=d, k=k, real_r2=rr.data_ptr(),
+        fake_r2=fr.data_ptr(), counts=counts.data_ptr(),
+    )  # fmt: skip
+    return rr.cpu().numpy(), fr.cpu().numpy(), counts.cpu().numpy()
+
+
+def assert_knn_equal(real, fake, k, device, what=""):
+    """The CUDA Call's radii equal the CPU's bit for bit and its counts exactly; says which differ first."""
+    cpu, gpu = knn_call(real, fake, k), knn_call(real, fake, k, device)
+    tag = f"{what} N={real.shape[0]} M={fake.shape[0]} D={real.shape[1]} k={k} {real.dtype}"
+    for name, c, g in zip(("real_r2", "fake_r2"), cpu[:2], gpu[:2], strict=True):
+        bad = np.flatnonzero(c.view(np.int64) != g.view(np.int64))
+        assert bad.size == 0, (
+            f"{tag}: {name} differs at {bad.size} points, first {bad[:5].tolist()}: cpu {c[bad[:5]].tolist()} "
+            f"cuda {g[bad[:5]].tolist()}"
+        )
+    assert gpu[2].tolist() == cpu[2].tolist(), f"{tag}: counts cuda {gpu[2].tolist()} cpu {cpu[2].tolist()}"
+    return cpu
+
+
+KNN_SIZES = [  # (N, M, D, k): one tile, tile edges +-1, ragged blocks, several thousand
+    (2, 2, 1, 1), (3, 5, 2, 2), (31, 33, 15, 1), (32, 32, 16, 5), (33, 31, 17, 30), (63, 65, 1, 3),
+    (64, 64, 32, 63), (65, 129, 33, 64), (200, 150, 3, 10), (1000, 777, 70, 5), (3001, 2500, 64, 5),
+]  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(("n", "m", "d", "k"), KNN_SIZES)
+def test_prdc_cuda_radii_bitwise_equal_cpu(n, m, d, k, dtype, cuda_device):
+    """Gaussian data: the CUDA kernel's radii are the CPU kernel's bit for bit, its four counts equal."""
+    rng = np.random.default_rng(n * 7 + m + d)
+    real = rng.standard_normal((n, d)).astype(dtype)
+    fake = (rng.standard_normal((m, d)) * 1.1 + 0.2).astype(dtype)
+    assert_knn_equal(real, fake, k, cuda_device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_prdc_cuda_duplicates_and_ties(dtype, cuda_device):
+    """Grid data (many equal distances, points at exactly their radius, copies at distance 0) and the tie example:
+    the CUDA counts equal the CPU's and the brute force's, for k = 1 up to the largest k allowed."""
+    rng = np.random.default_rng(11)
+    real = rng.integers(0, 4, (240, 3)).astype(dtype)
+    fake = (rng.integers(0, 5, (199, 3)) * 0.75).astype(dtype)
+    fake[:20] = real[:20]  # copies across the sets
+    for k in (1, 2, 3, 10, 32, 33, 198):
+        assert_knn_equal(real, fake, k, cuda_device, "grid")
+        expected = brute_prdc(real.astype(np.float64), fake.astype(np.float64), k, any_order_d2)
+        rt, ft = torch.from_numpy(real).to(cuda_device), torch.from_numpy(fake).to(cuda_device)
+        assert gn.prdc(rt, ft, k) == expected, f"k={k}"
     real, fake, expected = tie_example()
-    assert gt.prdc(torch.from_numpy(real).cuda(), torch.from_numpy(fake).cuda(), 2) == expected
-    rng = np.random.default_rng(5)
-    r, f = rng.integers(0, 4, (500, 3)).astype(np.float64), rng.integers(0, 4, (450, 3)).astype(np.float64)
-    assert gt.prdc(torch.from_numpy(r).cuda(), torch.from_numpy(f).cuda(), 5) == gn.prdc(r, f, 5)
-    with pytest.raises(ValueError, match="prdc: no CUDA kernel yet"):
-        gn.prdc(torch.from_numpy(r).cuda(), torch.from_numpy(f).cuda(), 5)
+    assert_knn_equal(real.astype(dtype), fake.astype(dtype), 2, cuda_device, "tie example")
+    rt, ft = (torch.from_numpy(a.astype(dtype)).to(cuda_device) for a in (real, fake))
+    assert gn.prdc(rt, ft, 2) == expected
+    same = np.zeros((70, 4), dtype=dtype)  # every distance 0: radii 0, every pair inside
+    assert_knn_equal(same, same[:40], 39, cuda_device, "all equal")
+
+
+@pytest.mark.cuda
+def test_prdc_cuda_extreme_values(cuda_device):
+    """Huge and tiny coordinates (float64 squares that overflow to inf, subnormal differences): still equal."""
+    rng = np.random.default_rng(12)
+    real = rng.standard_normal((90, 5)) * 1e-160
+    fake = rng.standard_normal((70, 5)) * 1e-160
+    assert_knn_equal(real, fake, 4, cuda_device, "tiny")
+    real[:5] = rng.standard_normal((5, 5)) * 1e160  # squares ~1e320 overflow to inf
+    assert_knn_equal(real, fake, 4, cuda_device, "huge")
+
+
+@pytest.mark.cuda
+def test_prdc_cuda_native_and_torch_equal_cpu(cuda_device):
+    """genloss.native.prdc and genloss.torch.prdc on CUDA tensors equal the CPU's dicts, every dtype torch takes;
+    two calls give the same result (integer counts: no order dependence)."""
+    rng = np.random.default_rng(13)
+    real = rng.standard_normal((777, 20))
+    fake = rng.standard_normal((555, 20)) * 0.9 + 0.1
+    for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        rc, fc = torch.from_numpy(real).to(dt), torch.from_numpy(fake).to(dt)
+        rg, fg = rc.to(cuda_device), fc.to(cuda_device)
+        cpu = gt.prdc(rc, fc, 5)
+        assert gt.prdc(rg, fg, 5) == cpu, dt
+        assert gt.prdc(rg, fg, 5) == cpu, f"{dt}, second call"
+        if dt in (torch.float64, torch.float32):
+            assert gn.prdc(rg, fg, 5) == gn.prdc(rc, fc, 5) == cpu, dt
+    cpu1, gpu1, gpu2 = (
+        knn_call(real, fake, 5),
+        knn_call(real, fake, 5, cuda_device),
+        knn_call(real, fake, 5, cuda_device),
+    )
+    for a, b, c in zip(cpu1, gpu1, gpu2, strict=True):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty:UserWarning")
+def test_prdc_cuda_bad_input(cuda_device):
+    """The CPU's checks on CUDA: NaN and inf named, k range, float16 refused by the native layer, capture refused."""
+    real, fake = torch.ones((10, 3), device=cuda_device), torch.zeros((8, 3), device=cuda_device)
+    for name in ("real", "fake"):
+        bad = (real if name == "real" else fake).clone()
+        bad[1, 2] = float("nan") if name == "real" else float("inf")
+        args = (bad, fake) if name == "real" else (real, bad)
+        with pytest.raises(ValueError, match=rf"prdc: {name} must be finite"):
+            gn.prdc(*args, 3)
+        with pytest.raises(ValueError, match=rf"prdc: {name} must be finite"):
+            gt.prdc(*args, 3)
+    with pytest.raises(ValueError, match=r"prdc: k \(8\) must be < the 8 samples of fake"):
+        gn.prdc(real, fake, 8)
+    with pytest.raises(TypeError, match="prdc: real has dtype float16"):
+        gn.prdc(real.half(), fake.half(), 3)
+    with pytest.raises(ValueError, match="fake must be on the device of real"):
+        gn.prdc(real, fake.cpu(), 3)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="CUDA graph capture"), torch.cuda.graph(graph):
+        gn.prdc(real, fake, 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty:UserWarning")
+def test_prdc_cuda_call_is_capturable_and_honours_the_stream(cuda_device):
+    """The knn_prdc Call (everything but prdc's read-back) captured in a CUDA graph and replayed on new data
+    equals the CPU on that data; a Call on a side stream is ordered on that stream."""
+    rng = np.random.default_rng(14)
+    n, m, d, k = 300, 260, 9, 4
+    first, second = ((rng.standard_normal((n, d)), rng.standard_normal((m, d)) + 0.3) for _ in range(2))
+    rt = torch.from_numpy(first[0]).to(cuda_device)
+    ft = torch.from_numpy(first[1]).to(cuda_device)
+    rr = torch.empty(n, dtype=torch.float64, device=cuda_device)
+    fr = torch.empty(m, dtype=torch.float64, device=cuda_device)
+    counts = torch.empty(4, dtype=torch.int64, device=cuda_device)
+
+    def call():
+        NE.run_call(
+            kind="knn_prdc", device=1, device_id=cuda_device.index,
+            stream=torch.cuda.current_stream(cuda_device).cuda_stream, dtype=1, real=rt.data_ptr(),
+            fake=ft.data_ptr(), N=n, M=m, D=d, k=k, real_r2=rr.data_ptr(), fake_r2=fr.data_ptr(),
+            counts=counts.data_ptr(),
+        )  # fmt: skip
+
+    side = torch.cuda.Stream(device=cuda_device)
+    side.wait_stream(torch.cuda.current_stream(cuda_device))
+    with torch.cuda.stream(side):
+        call()  # on the side stream: the read-backs below wait for it there
+        got = (rr.cpu().numpy(), fr.cpu().numpy(), counts.cpu().numpy())
+    torch.cuda.current_stream(cuda_device).wait_stream(side)
+    for a, b in zip(knn_call(*first, k), got, strict=True):
+        assert a.tobytes() == b.tobytes(), "side stream"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    rt.copy_(torch.from_numpy(second[0]))
+    ft.copy_(torch.from_numpy(second[1]))
+    graph.replay()
+    torch.cuda.synchronize(cuda_device)
+    got = (rr.cpu().numpy(), fr.cpu().numpy(), counts.cpu().numpy())
+    for name, a, b in zip(("real_r2", "fake_r2", "counts"), knn_call(*second, k), got, strict=True):
+        assert a.tobytes() == b.tobytes(), f"replay: {name}"
 
 
 # ============================================================================= sliced Wasserstein

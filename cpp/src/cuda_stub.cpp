@@ -6,6 +6,7 @@
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
 #include "genloss/ot.h"
+#include "knn.h"
 
 namespace genloss {
 namespace cuda {
@@ -49,6 +50,9 @@ void sinkhorn(const SinkhornArgs&, void*) {
   unavailable();
 }
 void assignment(const AssignArgs&, void*) {
+  unavailable();
+}
+void knn_prdc(const KnnArgs&, void*) {
   unavailable();
 }
 }  // namespace cuda

@@ -1,5 +1,6 @@
 // knn.h — the tiled k-nearest-neighbour kernel of prdc (cpp/src/knn_cpu.cpp, one build per
-// instruction set; cpu_dispatch.cpp picks one; plan.cpp runs it as the Call kind "knn_prdc").
+// instruction set; cpu_dispatch.cpp picks one; cuda/knn.cu on CUDA; plan.cpp runs it as the Call
+// kind "knn_prdc").
 //
 // Squared distances are sums of squared coordinate differences in float64, d2 = (..((0 + t_0^2)
 // + t_1^2) + ..) + t_{D-1}^2 with t = double(a_d) - double(b_d), in this order and without FMA
@@ -25,5 +26,11 @@ struct KnnArgs {
 namespace cpu {
 void knn_prdc(const KnnArgs& a);
 }
+
+namespace cuda {
+// The same radii (bit for bit) and counts on the device; every pointer of a is device memory, launched
+// on `stream` (a cudaStream_t), no host synchronisation (capturable in a CUDA graph).
+void knn_prdc(const KnnArgs& a, void* stream);
+}  // namespace cuda
 
 }  // namespace genloss

@@ -367,8 +367,7 @@ enum Kind : int {
   kRowLse,
   kGmm,
   kMmd,
-  kVectorQuantize,  // the kernels of the quant and metrics families from here on: CPU only but for
-                    // sinkhorn and assignment (check_cpu_kind)
+  kVectorQuantize,  // the quant and metrics families from here on: CPU only, but for the has_cuda kinds
   kVqEmaUpdate,
   kLfqEntropy,
   kKnnPrdc,
@@ -381,6 +380,10 @@ const char* const kKindNames[kNumKinds] = {"map_reduce", "row_scale", "col_sum",
                                            "knn_prdc",   "sinkhorn",  "assignment"};
 constexpr bool cpu_only(int kind) {
   return kind >= kVectorQuantize;
+}
+// The kinds of the quant and metrics families that have a CUDA kernel too.
+constexpr bool has_cuda(int kind) {
+  return kind == kKnnPrdc || kind == kSinkhorn || kind == kAssignment;
 }
 
 union KernelArgs {  // the Args of a kind other than map_reduce (a union's members start at its start)
@@ -757,11 +760,10 @@ std::string kernel_field_list(int kind) {
   return s;
 }
 
-// The checks of the CPU-only kinds, and of sinkhorn and assignment, which also run on CUDA (the sizes their kernels
-// assume; the ops' own checks, with the argument names users know, run first in python/genloss/native).
+// The checks of the quant and metrics kinds (the sizes their kernels assume; the ops' own checks,
+// with the argument names users know, run first in python/genloss/native): CPU only but for has_cuda.
 void check_cpu_kind(const std::string& who, const Call& c, int dtype) {
-  const bool has_cuda = c.kind == kSinkhorn || c.kind == kAssignment;  // cuda/ot.cu
-  if (c.device != 0 && !has_cuda) throw py::value_error(who + ": CPU only (no CUDA kernel of this kind yet)");
+  if (c.device != 0 && !has_cuda(c.kind)) throw py::value_error(who + ": CPU only (no CUDA kernel of this kind yet)");
   const bool f64_only = c.kind == kSinkhorn || c.kind == kAssignment;
   if (f64_only ? dtype != kFloat64 : dtype != kFloat32 && dtype != kFloat64)
     throw py::type_error(who +
@@ -1102,6 +1104,8 @@ void run_cuda(int kind, const MapReduceArgs& a, const KernelArgs& k, void* strea
       return cuda::sinkhorn(k.sinkhorn, stream);
     case kAssignment:
       return cuda::assignment(k.assignment, stream);
+    case kKnnPrdc:
+      return cuda::knn_prdc(k.knn_prdc, stream);
     default:  // unreachable: check_cpu_kind refuses a CUDA call of a CPU-only kind
       throw std::logic_error(std::string(kKindNames[kind]) + ": no CUDA kernel");
   }

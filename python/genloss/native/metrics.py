@@ -1,5 +1,5 @@
 r"""Evaluation metrics on the native engine: ``prdc`` on the tiled k-nearest-neighbour kernel
-(cpp/src/knn_cpu.cpp, CPU) and ``cmmd`` on the tiled MMD^2 kernel.
+(cpp/src/knn_cpu.cpp on CPU, cuda/knn.cu on CUDA) and ``cmmd`` on the tiled MMD^2 kernel.
 
 ``prdc(real, fake, k=5)`` returns the reference's dict of Python floats (a metric: no
 gradient); ``cmmd(x, y, need_grad=True)`` returns ``(value, grads)`` like every native loss.
@@ -16,7 +16,21 @@ from .. import _checks as C
 from ..reference import metrics as _ref
 from ..reference.metrics import CMMD_SCALE, CMMD_SIGMA, PRDC_NOT_FINITE, check_prdc_k, prdc_from_counts
 from ._compose import inputs, needs
-from ._engine import CPU, Buf, _p, as_input, capturing, empty, ran, run_call, skip_checks, stream_of
+from ._engine import (
+    _DTYPE_NAMES,
+    CPU,
+    FLOAT32,
+    FLOAT64,
+    Buf,
+    _p,
+    as_input,
+    capturing,
+    empty,
+    ran,
+    run_call,
+    skip_checks,
+    stream_of,
+)
 from .divergence import _points, mmd2
 
 
@@ -38,12 +52,12 @@ def prdc(real: Any, fake: Any, k: int = 5) -> dict[str, float]:
     GEMM expansion |x|^2 + |y|^2 - 2 x.y in the inputs' precision (MET.28); every pair whose
     expanded distance lies within its rounding bound (MET.29) of a k-th neighbour or a radius it
     is compared with is recomputed exactly (float64 sums of the differences, in order), so the
-    radii and counts equal ``genloss.reference.prdc``'s, not merely close (MET.30, MET.31). CPU
-    only: CUDA tensors go through ``genloss.torch.prdc``.
+    radii and counts equal ``genloss.reference.prdc``'s, not merely close (MET.30, MET.31).
+    CUDA arrays (torch, CuPy): cuda/knn.cu computes every pair's exact float64 squared distance
+    in the same order, so the radii equal the CPU kernel's bit for bit and the counts exactly;
+    radii and counts stay on the device until the one read-back of the four counts.
     """
     rb, fb = inputs(["real", "fake"], [real, fake])
-    if rb.device != CPU:
-        raise ValueError("prdc: no CUDA kernel yet; use genloss.torch.prdc on CUDA tensors")
     with C.named_errors("prdc"):
         n, d = _points("real", rb)
         m, d2 = _points("fake", fb)
@@ -51,17 +65,52 @@ def prdc(real: Any, fake: Any, k: int = 5) -> dict[str, float]:
             raise ValueError(f"fake must have the {d} features of real, got shape {tuple(fb.shape)}")
     if n < 1 or m < 1:
         raise ValueError(f"prdc: {'real' if n < 1 else 'fake'} has no samples")
+    if rb.dtype not in (FLOAT32, FLOAT64):  # CUDA float16 / bfloat16 (the CPU refuses them as inputs)
+        raise TypeError(
+            f"prdc: real has dtype {_DTYPE_NAMES[rb.dtype]}; the k-NN kernel takes float32 or float64 "
+            "(genloss.torch.prdc widens float16 and bfloat16 to float32)"
+        )
     k = check_prdc_k("prdc", k, n, m)
+    if capturing(rb):
+        raise ValueError(
+            "prdc returns Python floats (its finiteness check and counts are read back to the host), which "
+            "CUDA graph capture forbids: call it outside capture"
+        )
     for name, b in (("real", rb), ("fake", fb)):
         if not _finite(b):
             raise ValueError(f"prdc: {name} {PRDC_NOT_FINITE}")
-    real_r2, fake_r2 = np.empty(n), np.empty(m)
-    counts = np.zeros(4, dtype=np.int64)
+    if rb.device == CPU:
+        real_r2, fake_r2 = np.empty(n), np.empty(m)
+        counts = np.zeros(4, dtype=np.int64)
+        ran(run_call(
+            kind="knn_prdc", dtype=rb.dtype, real=rb.ptr, fake=fb.ptr, N=n, M=m, D=d, k=k,
+            real_r2=real_r2.ctypes.data, fake_r2=fake_r2.ctypes.data, counts=counts.ctypes.data,
+        ))  # fmt: skip
+        return prdc_from_counts(counts, n, m, k)
+    (real_r2, fake_r2, counts), ptrs = _device_arrays(rb, [(n, "float64"), (m, "float64"), (4, "int64")])
     ran(run_call(
-        kind="knn_prdc", dtype=rb.dtype, real=rb.ptr, fake=fb.ptr, N=n, M=m, D=d, k=k, real_r2=real_r2.ctypes.data,
-        fake_r2=fake_r2.ctypes.data, counts=counts.ctypes.data,
+        kind="knn_prdc", device=rb.device, device_id=rb.device_id, stream=stream_of(rb), dtype=rb.dtype, real=rb.ptr,
+        fake=fb.ptr, N=n, M=m, D=d, k=k, real_r2=ptrs[0], fake_r2=ptrs[1], counts=ptrs[2],
     ))  # fmt: skip
-    return prdc_from_counts(counts, n, m, k)
+    host = counts.tolist() if rb.kind == "torch" else counts.get().tolist()  # the one read-back
+    return prdc_from_counts(host, n, m, k)
+
+
+def _device_arrays(like: Buf, specs: list[tuple[int, str]]) -> tuple[list[Any], list[int]]:
+    """Uninitialised 1-D arrays ``(size, dtype name)`` on ``like``'s CUDA device, in its kind
+    (torch or CuPy), and their addresses."""
+    if like.kind == "torch":
+        import torch
+
+        ts = [like.arr.new_empty((size,), dtype=getattr(torch, dt)) for size, dt in specs]
+        return ts, [t.data_ptr() for t in ts]
+    if like.kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device_id):
+            cs = [cupy.empty((size,), dtype=dt) for size, dt in specs]
+        return cs, [c.data.ptr for c in cs]
+    raise TypeError("prdc: genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
 
 
 # ---------------------------------------------------------------- (MET.17)

@@ -133,7 +133,7 @@ CASES = (
     _mcase("sliced_wasserstein", _sw_draw, (Out("sw", grad=True),), differentiable=(0, 1),
            backward=lambda a, kw, up: list(_metrics.sliced_wasserstein_backward(a[0], a[1], up[0], **kw))),
     _mcase("prdc", _prdc_draw, tuple(Out(n, "equal") for n in ("precision", "recall", "density", "coverage")),
-           native=native_value("prdc")),
+           native=native_value("prdc"), native_cuda=True),
     # value only: the torch gradient w.r.t. the features has no reference backward (tests/test_metrics.py
     # checks it by gradcheck)
     _mcase("frechet_distance", _fd_draw, (Out("d2", scale=_fd_scale),)),

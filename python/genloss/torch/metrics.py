@@ -401,77 +401,26 @@ __all__ += ["sinkhorn_divergence", "ot_coupling"]
 
 
 # ============================================================================= prdc, sliced Wasserstein, CMMD
-# prdc (MET.10-MET.13): CPU tensors run the native tiled k-NN kernel (through DLPack, no copy);
-# CUDA tensors the tiled torch version below. sliced_wasserstein (MET.14-MET.16): torch autograd
+# prdc (MET.10-MET.13): the native k-NN kernel on CPU and CUDA tensors alike (cpp/src/knn_cpu.cpp,
+# cuda/knn.cu; through DLPack, no copy). sliced_wasserstein (MET.14-MET.16): torch autograd
 # through the sort, with the reference's seeded directions. cmmd (MET.17): the native MMD kernel.
-
-_PRDC_ROWS, _PRDC_COLS = 1024, 4096  # a tile of the torch prdc: 32 MiB of float64 distances
 
 
 def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]:
     r"""Precision, recall, density, coverage (the dict of Python floats of
     ``genloss.reference.prdc``; no gradient).  (MET.10-MET.13)
 
-    CPU tensors: the native tiled k-NN kernel, identical counts to the reference (float16 and
-    bfloat16 are widened to float32 first). CUDA tensors: :func:`_prdc_tiled`, tiles of
-    ``torch.cdist`` by differences (``donot_use_mm_for_euclid_dist``) and ``topk``, memory
-    O(tile + (N + M) k), never N x M. The tie rule is ``<=`` in both; the CUDA path compares
-    distances (roots of the difference sums), the kernel squared distances, which can only
-    differ where a distance equals a radius to within the rounding of a square root.
+    CPU and CUDA tensors: the native k-NN kernel (``genloss.native.prdc``: cpp/src/knn_cpu.cpp,
+    cuda/knn.cu), identical counts to the reference on both devices (float16 and bfloat16 are
+    widened to float32 first), memory O((N + M) k), never N x M; the tie rule is ``<=``.
     """
     op = "prdc"
     _points(op, "real", real)
     _points(op, "fake", fake, real.shape[1])
     if fake.device != real.device:
         raise ValueError(f"{op}: fake is on {fake.device}, real on {real.device}")
-    if real.is_cuda:
-        return _prdc_tiled(real, fake, k)
     dtype = torch.promote_types(torch.promote_types(real.dtype, fake.dtype), torch.float32)
     return _native_ot.prdc(real.detach().to(dtype), fake.detach().to(dtype), k)
-
-
-def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Distance to the k-th other point (the (k+1)-th smallest, self included), running top-(k+1)."""
-    out = []
-    for i in range(0, x.shape[0], _PRDC_ROWS):
-        best = None
-        for j in range(0, x.shape[0], _PRDC_COLS):
-            d = torch.cdist(
-                x[i : i + _PRDC_ROWS], x[j : j + _PRDC_COLS], compute_mode="donot_use_mm_for_euclid_dist"
-            )
-            cand = d if best is None else torch.cat([best, d], dim=1)
-            best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values  # (MET.10)
-        assert best is not None
-        out.append(best.amax(dim=1))
-    return torch.cat(out)
-
-
-def _prdc_tiled(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
-    """prdc on the tensors' device in float64 by tiles (the CUDA path; runs on CPU tensors too)."""
-    op = "prdc"
-    n, m = real.shape[0], fake.shape[0]
-    k = _ref_ot.check_prdc_k(op, k, n, m)
-    x, y = real.detach().to(torch.float64), fake.detach().to(torch.float64)
-    for name, t in (("real", x), ("fake", y)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{op}: {name} {_ref_ot.PRDC_NOT_FINITE}")
-    rr, fr = _knn_radii(x, k), _knn_radii(y, k)
-    hit = torch.zeros(m, dtype=torch.bool, device=x.device)
-    recalled = torch.zeros(n, dtype=torch.bool, device=x.device)
-    covered = torch.zeros(n, dtype=torch.bool, device=x.device)
-    pairs = torch.zeros((), dtype=torch.int64, device=x.device)
-    for i in range(0, n, _PRDC_ROWS):
-        rows = slice(i, i + _PRDC_ROWS)
-        for j in range(0, m, _PRDC_COLS):
-            cols = slice(j, j + _PRDC_COLS)
-            d = torch.cdist(x[rows], y[cols], compute_mode="donot_use_mm_for_euclid_dist")
-            inside = d <= rr[rows, None]  # (MET.11) the <= tie rule
-            hit[cols] |= inside.any(dim=0)
-            pairs += inside.sum()  # (MET.12)
-            covered[rows] |= inside.any(dim=1)  # (MET.13)
-            recalled[rows] |= (d <= fr[None, cols]).any(dim=1)  # (MET.11)
-    counts = torch.stack([hit.sum(), recalled.sum(), pairs, covered.sum()]).tolist()  # one transfer
-    return _ref_ot.prdc_from_counts(counts, n, m, k)
 
 
 class _AbsPow(torch.autograd.Function):
