@@ -627,3 +627,218 @@ def test_peer_lfq_entropy():
     np.testing.assert_allclose(terms[1], exact, rtol=1e-12)
     np.testing.assert_allclose(float(peer.batch_entropy), float(clamped), rtol=1e-5)
     assert float(peer.batch_entropy) < exact - 5e-5
+
+
+# ============================================================================= native on CUDA (cuda/quant.cu)
+# Native CUDA against native CPU on the same data: the index, z_q and the EMA outputs bitwise (the CPU defines
+# exact rules for them), the losses and gradients within tests/tolerances.py ("cuda").
+from tolerances import assert_close  # noqa: E402
+
+_VQ_SIZES = [
+    (1, 1, 1),
+    (1, 5, 3),
+    (127, 63, 32),  # float64 D=32: the rows staged, tiles of 64 codes (K below, at and past one tile)
+    (129, 64, 32),
+    (257, 129, 32),
+    (1000, 300, 7),
+    (300, 40, 64),  # float64 D=64: rows not staged, codes staged
+    (70, 9, 2000),  # a few codes per tile
+    (20, 3, 7000),  # float64: codes read from global memory (no tile fits)
+    (4000, 1000, 16),
+]
+
+
+def _vq_both(z: np.ndarray, e: np.ndarray, dev, beta=0.25):
+    cpu = gn.vector_quantize(torch.from_numpy(z), torch.from_numpy(e), beta)
+    zc, ec = torch.from_numpy(z).to(dev), torch.from_numpy(e).to(dev)
+    cuda = gn.vector_quantize(zc, ec, beta)
+    return cpu, cuda
+
+
+def _vq_compare(cpu, cuda, dtype, what):
+    (zq, idx, c, b), (gz, ge) = cpu
+    (zq2, idx2, c2, b2), (gz2, ge2) = cuda
+    for t in (zq2, idx2, c2, b2, gz2, ge2):
+        assert t.is_cuda, f"{what}: an output is not on the device"
+    i1, i2 = idx.numpy(), idx2.cpu().numpy()
+    bad = np.flatnonzero(i1 != i2)
+    assert bad.size == 0, (
+        f"{what}: {bad.size} indices differ, first rows {bad[:5].tolist()}: cpu {i1[bad[:5]]} cuda {i2[bad[:5]]}"
+    )
+    assert torch.equal(zq, zq2.cpu()), f"{what}: z_q differs from the CPU's bits"
+    for name, a, w in (
+        ("commitment", c2, c),
+        ("codebook_loss", b2, b),
+        ("grad_z", gz2, gz),
+        ("grad_codebook", ge2, ge),
+    ):
+        assert_close(a.cpu().numpy(), w.numpy(), "cuda", dtype, f"{what}: {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,k,d", _VQ_SIZES)
+def test_vq_native_cuda_equals_cpu(cuda_device, dtype, n, k, d):
+    rng = np.random.default_rng(n * 7 + k + d)
+    z = rng.standard_normal((n, d)).astype(dtype)
+    e = rng.standard_normal((k, d)).astype(dtype)
+    _vq_compare(*_vq_both(z, e, cuda_device), dtype, f"N={n} K={k} D={d}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vq_native_cuda_ties_and_nan(cuda_device, dtype):
+    rng = np.random.default_rng(21)
+    base = rng.standard_normal((70, 8))
+    e = np.concatenate([base, base, base[:5]]).astype(dtype)  # every code twice or three times: ties
+    e[3] = np.nan  # a NaN code is never chosen while another code has a number
+    pick = rng.integers(0, 70, 500)
+    pick[pick == 3] = 4  # (code 3 is NaN: its rows' nearest code would be its copy 73)
+    z = (base[pick] + 1e-3 * rng.standard_normal((500, 8))).astype(dtype)
+    z[7] = np.nan  # a NaN row: index 0, NaN losses
+    z[400, 2] = np.nan
+    cpu, cuda = _vq_both(z, e, cuda_device)
+    (_, idx, c, b), _ = cpu
+    (_, idx2, c2, b2), (gz2, _) = cuda
+    assert int(idx2[7]) == 0 and int(idx2[400]) == 0
+    assert bool(torch.isnan(c2).item()) and bool(torch.isnan(b2).item())
+    assert torch.isnan(gz2[7]).all()
+    i2 = idx2.cpu().numpy()
+    assert not np.any(i2 == 3), "a NaN code was chosen"
+    assert np.all(i2[np.isfinite(z).all(1)] < 70), "a tie did not go to the lowest index"
+    assert np.array_equal(idx.numpy(), i2)
+    # the same without the NaN rows: finite losses within tolerance
+    keep = np.isfinite(z).all(1)
+    _vq_compare(*_vq_both(z[keep], e, cuda_device), dtype, "ties")
+
+
+@pytest.mark.cuda
+def test_vq_native_cuda_repeatable_and_stream(cuda_device):
+    rng = np.random.default_rng(22)
+    z = torch.from_numpy(rng.standard_normal((3000, 24)).astype(np.float32)).to(cuda_device)
+    e = torch.from_numpy(rng.standard_normal((700, 24)).astype(np.float32)).to(cuda_device)
+    (a1, a2, a3, a4), (a5, a6) = gn.vector_quantize(z, e, 0.3)
+    s = torch.cuda.Stream(cuda_device)
+    s.wait_stream(torch.cuda.current_stream(cuda_device))
+    with torch.cuda.stream(s):
+        (b1, b2, b3, b4), (b5, b6) = gn.vector_quantize(z, e, 0.3)
+    s.synchronize()
+    for name, x, y in zip(("z_q", "indices", "commitment", "codebook", "grad_z", "grad_codebook"),
+                          (a1, a2, a3, a4, a5, a6), (b1, b2, b3, b4, b5, b6), strict=True):  # fmt: skip
+        assert torch.equal(x, y), f"{name} differs between two calls"
+
+
+def _ema_both(z, idx, cs, es, dev, decay=0.9, eps=1e-5):
+    cpu = gn.vq_ema_update(*(torch.from_numpy(a) for a in (z, idx, cs, es)), decay, eps)
+    cuda = gn.vq_ema_update(*(torch.from_numpy(a).to(dev) for a in (z, idx, cs, es)), decay, eps)
+    return cpu, cuda
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("itype", [np.int64, np.int32])
+@pytest.mark.parametrize("n,k,d", [(0, 3, 2), (1, 1, 1), (5000, 1500, 16), (300, 40, 45), (2049, 2, 3)])
+def test_ema_native_cuda_bitwise_equals_cpu(cuda_device, dtype, itype, n, k, d):
+    """K past one block of the serial count (1024), D past one warp (32), N = 0."""
+    rng = np.random.default_rng(n + k + d)
+    z = rng.standard_normal((n, d)).astype(dtype)
+    idx = rng.integers(0, max(1, k - 1), n).astype(itype)  # the last code unused
+    cs = rng.uniform(0, 3, k).astype(dtype)
+    es = rng.standard_normal((k, d)).astype(dtype)
+    cpu, cuda = _ema_both(z, idx, cs, es, cuda_device)
+    for name, a, w in zip(("cluster_size", "embed_sum", "codebook"), cuda, cpu, strict=True):
+        assert a.is_cuda and a.dtype == w.dtype
+        diff = np.flatnonzero(a.cpu().numpy().ravel() != w.numpy().ravel())
+        assert diff.size == 0, (
+            f"{name}: {diff.size} entries differ from the CPU's bits, first at flat {diff[:5].tolist()}"
+        )
+    again = gn.vq_ema_update(*(torch.from_numpy(a).to(cuda_device) for a in (z, idx, cs, es)), 0.9, 1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(cuda, again, strict=True)), "two calls differ"
+
+
+@pytest.mark.cuda
+def test_ema_native_cuda_index_checks(cuda_device):
+    rng = np.random.default_rng(23)
+    z = rng.standard_normal((50, 4))
+    idx = rng.integers(0, 6, 50)
+    cs, es = rng.uniform(0, 2, 6), rng.standard_normal((6, 4))
+    bad = idx.copy()
+    bad[[3, 17]] = [6, -1]
+    args = [torch.from_numpy(a).to(cuda_device) for a in (z, bad, cs, es)]
+    with pytest.raises(ValueError, match=r"^vq_ema_update: indices must lie in \[0, 6\)"):
+        gn.vq_ema_update(*args)
+    with gn.options(check_data=False):  # unchecked: the kernel ignores the rows of an out-of-range index
+        got = gn.vq_ema_update(*args)
+    keep = (bad >= 0) & (bad < 6)
+    want = gn.vq_ema_update(z[keep], bad[keep], cs, es)
+    for name, a, w in zip(("cluster_size", "embed_sum", "codebook"), got, want, strict=True):
+        assert np.array_equal(a.cpu().numpy(), w), f"{name}: the out-of-range rows were not ignored"
+
+
+_LFQ_CASES = [(1, 1), (33, 1), (33, 2), (1, 5), (100, 5), (257, 10), (65, 11), (40, 15), (9, 20), (1000, 8)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,d", _LFQ_CASES)
+def test_lfq_native_cuda_equals_cpu(cuda_device, dtype, n, d):
+    rng = np.random.default_rng(100 * n + d)
+    for tau, scale, cw in ((1.0, 1.0, 1.3), (3.0, 0.3, 0.7), (100.0, 0.02, 1.0), (2.0, 0.5, 0.0)):
+        z = (scale * rng.standard_normal((n, d))).astype(dtype)
+        t_cpu, t_cuda = np.zeros(2), np.zeros(2)
+        v, (g,) = gn.lfq_entropy_loss(torch.from_numpy(z), tau, 0.9, cw, terms=t_cpu)
+        v2, (g2,) = gn.lfq_entropy_loss(torch.from_numpy(z).to(cuda_device), tau, 0.9, cw, terms=t_cuda)
+        what = f"N={n} d={d} tau={tau} cw={cw}"
+        assert v2.is_cuda and g2.is_cuda
+        assert_close(v2.cpu().numpy(), v.numpy(), "cuda", dtype, f"{what}: value")
+        assert_close(g2.cpu().numpy(), g.numpy(), "cuda", dtype, f"{what}: grad")
+        assert_close(t_cuda, t_cpu, "cuda", np.float64, f"{what}: terms")
+        v3, (g3,) = gn.lfq_entropy_loss(torch.from_numpy(z).to(cuda_device), tau, 0.9, cw)
+        assert torch.equal(v2, v3) and torch.equal(g2, g3), f"{what}: two calls differ"
+
+
+@pytest.mark.cuda
+def test_lfq_native_cuda_nan(cuda_device):
+    z = np.random.default_rng(24).standard_normal((40, 6))
+    z[5, 2] = np.nan
+    v, (g,) = gn.lfq_entropy_loss(torch.from_numpy(z).to(cuda_device), 2.0)
+    v0, (g0,) = gn.lfq_entropy_loss(z, 2.0)
+    assert bool(torch.isnan(v).item()) and np.isnan(v0)
+    assert np.array_equal(np.isnan(g.cpu().numpy()), np.isnan(g0)), (
+        "NaN gradients at other places than the CPU's"
+    )
+
+
+@pytest.mark.cuda
+def test_quant_native_cuda_graph_capture(cuda_device):
+    """The three kernels captured in a CUDA graph (no host sync, scratch stream-ordered), replayed on new data."""
+    rng = np.random.default_rng(25)
+    z = torch.from_numpy(rng.standard_normal((500, 12))).to(cuda_device)
+    e = torch.from_numpy(rng.standard_normal((90, 12))).to(cuda_device)
+    idx = torch.from_numpy(rng.integers(0, 90, 500)).to(cuda_device)
+    cs = torch.from_numpy(rng.uniform(0, 2, 90)).to(cuda_device)
+    x = torch.from_numpy(rng.standard_normal((300, 10))).to(cuda_device)
+
+    def run():
+        (zq, i, c, b), (gz, ge) = gn.vector_quantize(z, e, 0.25)
+        ema = gn.vq_ema_update(z, idx, cs, e, 0.9)
+        v, (g,) = gn.lfq_entropy_loss(x, 3.0)
+        return (zq, i, c, b, gz, ge, *ema, v, g)
+
+    s = torch.cuda.Stream(cuda_device)
+    s.wait_stream(torch.cuda.current_stream(cuda_device))
+    with torch.cuda.stream(s):
+        run()  # warm-up
+    torch.cuda.current_stream(cuda_device).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for fresh in range(2):
+        z.copy_(torch.from_numpy(rng.standard_normal((500, 12))))
+        idx.copy_(torch.from_numpy(rng.integers(0, 90, 500)))
+        x.copy_(torch.from_numpy(rng.standard_normal((300, 10))))
+        graph.replay()
+        torch.cuda.synchronize(cuda_device)
+        want = run()
+        for j, (a, w) in enumerate(zip(outs, want, strict=True)):
+            assert torch.equal(a, w), f"replay {fresh}: output {j} differs from an eager call"

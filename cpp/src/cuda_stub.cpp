@@ -5,6 +5,7 @@
 #include "genloss/cuda_info.h"
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
+#include "quant_cpu.h"
 
 namespace genloss {
 namespace cuda {
@@ -42,6 +43,15 @@ void gmm(const GmmArgs&, void*) {
   unavailable();
 }
 void mmd(const MmdArgs&, void*) {
+  unavailable();
+}
+void vector_quantize(const cpu::VqArgs&, void*) {
+  unavailable();
+}
+void vq_ema_update(const cpu::VqEmaArgs&, void*) {
+  unavailable();
+}
+void lfq_entropy(const cpu::LfqArgs&, void*) {
   unavailable();
 }
 }  // namespace cuda

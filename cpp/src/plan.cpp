@@ -367,7 +367,7 @@ enum Kind : int {
   kRowLse,
   kGmm,
   kMmd,
-  kVectorQuantize,  // the CPU-only kernels of the quant and metrics families from here on
+  kVectorQuantize,  // the kernels with their own checks from here on: quant (CPU and CUDA), metrics (CPU only)
   kVqEmaUpdate,
   kLfqEntropy,
   kKnnPrdc,
@@ -378,8 +378,11 @@ enum Kind : int {
 const char* const kKindNames[kNumKinds] = {"map_reduce", "row_scale", "col_sum",         "col_broadcast", "row_lse",
                                            "gmm",        "mmd",       "vector_quantize", "vq_ema_update", "lfq_entropy",
                                            "knn_prdc",   "sinkhorn",  "assignment"};
-constexpr bool cpu_only(int kind) {
+constexpr bool own_checks(int kind) {  // the kinds check_cpu_kind checks
   return kind >= kVectorQuantize;
+}
+constexpr bool has_cuda(int kind) {  // quant: cuda/quant.cu
+  return kind < kKnnPrdc;
 }
 
 union KernelArgs {  // the Args of a kind other than map_reduce (a union's members start at its start)
@@ -756,10 +759,11 @@ std::string kernel_field_list(int kind) {
   return s;
 }
 
-// The checks of the CPU-only kinds (the sizes their kernels assume; the ops' own checks, with
-// the argument names users know, run first in python/genloss/native).
+// The checks of the kinds from kVectorQuantize on (the sizes their kernels assume; the ops' own
+// checks, with the argument names users know, run first in python/genloss/native). The quant
+// kinds run on CUDA too (cuda/quant.cu), the metrics kinds on the CPU only.
 void check_cpu_kind(const std::string& who, const Call& c, int dtype) {
-  if (c.device != 0) throw py::value_error(who + ": CPU only (no CUDA kernel of this kind yet)");
+  if (c.device != 0 && !has_cuda(c.kind)) throw py::value_error(who + ": CPU only (no CUDA kernel of this kind yet)");
   const bool f64_only = c.kind == kSinkhorn || c.kind == kAssignment;
   if (f64_only ? dtype != kFloat64 : dtype != kFloat32 && dtype != kFloat64)
     throw py::type_error(who +
@@ -883,7 +887,7 @@ Call make_kernel_call(int kind, Fields fields) {
   std::memcpy(&dtype, &c.k, sizeof dtype);  // every Args struct starts with its dtype
   if (dtype < 0 || dtype > 3)
     throw py::value_error(who + ": dtype must be 0-3 (engine.h), got " + std::to_string(dtype));
-  if (cpu_only(kind)) check_cpu_kind(who, c, dtype);
+  if (own_checks(kind)) check_cpu_kind(who, c, dtype);
   if (kind == kRowLse) {
     const RowLseArgs& a = c.k.row_lse;
     if (a.mode < ops::kLseLabel || a.mode > ops::kLseRealLabel)
@@ -1096,6 +1100,12 @@ void run_cuda(int kind, const MapReduceArgs& a, const KernelArgs& k, void* strea
       return cuda::gmm(k.gmm, stream);
     case kMmd:
       return cuda::mmd(k.mmd, stream);
+    case kVectorQuantize:
+      return cuda::vector_quantize(k.vector_quantize, stream);
+    case kVqEmaUpdate:
+      return cuda::vq_ema_update(k.vq_ema_update, stream);
+    case kLfqEntropy:
+      return cuda::lfq_entropy(k.lfq_entropy, stream);
     default:  // unreachable: check_cpu_kind refuses a CUDA call of a CPU-only kind
       throw std::logic_error(std::string(kKindNames[kind]) + ": no CUDA kernel");
   }
