@@ -294,24 +294,6 @@ def test_vq_memory_is_linear():
     assert grown_kib < 32 * 1024, f"peak RSS grew {grown_kib} KiB; an N x K float32 matrix is 262144 KiB"
 
 
-def test_vq_cuda_fallback_matches_native_on_cpu():
-    """The torch implementation the CUDA path runs (tiled, sort-based segment sums), on CPU tensors."""
-    from genloss.torch import quant as TQ
-
-    torch.manual_seed(3)
-    z = torch.randn(100, 5, dtype=torch.float64)
-    e = torch.randn(33, 5, dtype=torch.float64)
-    old = TQ._VQ_TILE_ELEMS
-    TQ._VQ_TILE_ELEMS = 100 * 7  # several tiles of 7 codes
-    try:
-        zq, idx, c, b, gz, ge = TQ._vq_torch(z, e, 0.25, True)
-    finally:
-        TQ._VQ_TILE_ELEMS = old
-    (nzq, nidx, nc, nb), (ngz, nge) = gn.vector_quantize(z, e, 0.25)
-    assert torch.equal(idx, nidx) and torch.equal(zq, nzq)
-    torch.testing.assert_close((c, b, gz, ge), (nc, nb, ngz, nge), rtol=1e-12, atol=1e-15)
-
-
 # ============================================================================= vq_ema_update
 
 
@@ -373,16 +355,13 @@ def test_ema_bitwise_across_thread_counts():
         assert np.array_equal(a, b)
 
 
-def test_ema_torch_fallback_and_compile():
-    from genloss.torch import quant as TQ
-
+def test_ema_torch_compile():
     rng = np.random.default_rng(8)
     z = torch.from_numpy(rng.standard_normal((50, 4)))
     idx = torch.from_numpy(rng.integers(0, 9, 50))
     cs = torch.from_numpy(rng.uniform(0, 2, 9))
     es = torch.from_numpy(rng.standard_normal((9, 4)))
     want = gt.vq_ema_update(z, idx, cs, es, 0.8)
-    torch.testing.assert_close(TQ._ema_torch(z, idx, cs, es, 0.8, 1e-5), want, rtol=1e-12, atol=1e-14)
     got = torch.compile(lambda *a: gt.vq_ema_update(*a, 0.8), fullgraph=True, backend="aot_eager")(
         z, idx, cs, es
     )
@@ -524,8 +503,6 @@ def test_lfq_low_precision_finite():
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_lfq_torch_op_checks():
-    from genloss.torch import quant as TQ
-
     torch.manual_seed(5)
     z = (0.3 * torch.randn(9, 5, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a: gt.lfq_entropy_loss(a, 2.0, 0.5, 1.5), (z,))
@@ -539,10 +516,6 @@ def test_lfq_torch_op_checks():
     f(a).backward()
     gt.lfq_entropy_loss(b, 2.0).backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
-    # the CUDA fallback (torch, autograd of per-chunk surrogates) on CPU tensors
-    v, (g,) = TQ._lfq_torch(z.detach(), 2.0, 0.5, 1.5, True)
-    nv, (ng,) = gn.lfq_entropy_loss(z.detach(), 2.0, 0.5, 1.5)
-    torch.testing.assert_close((v, g), (nv, ng), rtol=1e-10, atol=1e-13)
 
 
 def test_lfq_nan_and_bad_input():
@@ -842,3 +815,98 @@ def test_quant_native_cuda_graph_capture(cuda_device):
         want = run()
         for j, (a, w) in enumerate(zip(outs, want, strict=True)):
             assert torch.equal(a, w), f"replay {fresh}: output {j} differs from an eager call"
+
+
+# ============================================================================= genloss.torch on CUDA (the native kernels)
+_TORCH_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", _TORCH_DTYPES)
+def test_torch_quantizers_cuda_equal_cpu(cuda_device, dtype):
+    """genloss.torch on CUDA tensors equals genloss.torch on the same CPU tensors: the same native rules
+    (float16/bfloat16 computed in float32 on both)."""
+    g = torch.Generator().manual_seed(26)
+    z = torch.randn(333, 16, generator=g).to(dtype)
+    e = torch.randn(150, 16, generator=g).to(dtype)
+    outs = {}
+    for dev in ("cpu", cuda_device):
+        zr = z.to(dev).requires_grad_(True)
+        er = e.to(dev).requires_grad_(True)
+        zq, idx, c, cb = gt.vector_quantize(zr, er, 0.25)
+        (zq.float().square().sum() + 2 * c + 3 * cb).backward()
+        outs[str(dev)] = [t.detach().cpu() for t in (zq, idx, c, cb, zr.grad, er.grad)]
+    cpu, cuda = outs["cpu"], outs[str(cuda_device)]
+    assert torch.equal(cpu[1], cuda[1]), "indices differ"
+    assert torch.equal(cpu[0], cuda[0]), "z_q differs"
+    for name, a, w in zip(
+        ("commitment", "codebook_loss", "grad z", "grad codebook"), cuda[2:], cpu[2:], strict=True
+    ):
+        assert a.dtype == w.dtype, f"{name}: dtype {a.dtype} != {w.dtype}"
+        assert_close(a.float().numpy(), w.double().numpy(), "cuda", dtype, name)
+    idx = cpu[1]
+    cs = torch.rand(150, generator=g).to(dtype)
+    ema_cpu = gt.vq_ema_update(z, idx, cs, e, 0.9)
+    ema_cuda = gt.vq_ema_update(
+        z.to(cuda_device), idx.to(cuda_device), cs.to(cuda_device), e.to(cuda_device), 0.9
+    )
+    for name, a, w in zip(("cluster_size", "embed_sum", "codebook"), ema_cuda, ema_cpu, strict=True):
+        assert a.is_cuda and a.dtype == w.dtype and torch.equal(a.cpu(), w), f"vq_ema_update {name} differs"
+    x = (0.3 * torch.randn(200, 12, generator=g)).to(dtype)
+    vals = {}
+    for dev in ("cpu", cuda_device):
+        xr = x.to(dev).requires_grad_(True)
+        v = gt.lfq_entropy_loss(xr, 3.0, 1.0, 1.0)
+        v.backward()
+        vals[str(dev)] = (v.detach().cpu(), xr.grad.cpu())
+    (v0, g0), (v1, g1) = vals["cpu"], vals[str(cuda_device)]
+    assert v1.dtype == v0.dtype and g1.dtype == g0.dtype
+    assert_close(v1.float().numpy(), v0.double().numpy(), "cuda", dtype, "lfq value")
+    assert_close(g1.float().numpy(), g0.double().numpy(), "cuda", dtype, "lfq grad")
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore:The AccumulateGrad node's stream:UserWarning")
+def test_torch_quantizers_cuda_graph_capture(cuda_device):
+    """genloss.torch.vector_quantize (fwd + bwd), vq_ema_update and lfq_entropy_loss (fwd + bwd) captured
+    once and replayed on new data equal eager calls on that data."""
+    g = torch.Generator().manual_seed(27)
+    z = torch.randn(400, 8, generator=g, dtype=torch.float64).to(cuda_device)
+    e = torch.randn(70, 8, generator=g, dtype=torch.float64).to(cuda_device)
+    idx = torch.randint(0, 70, (400,), generator=g).to(cuda_device)
+    cs = torch.rand(70, generator=g, dtype=torch.float64).to(cuda_device)
+    x = (0.3 * torch.randn(300, 9, generator=g, dtype=torch.float64)).to(cuda_device)
+
+    def step():
+        zr, er, xr = (
+            z.detach().requires_grad_(True),
+            e.detach().requires_grad_(True),
+            x.detach().requires_grad_(True),
+        )
+        zq, i, c, cb = gt.vector_quantize(zr, er, 0.25)
+        loss = zq.square().sum() + c + cb
+        gz, ge = torch.autograd.grad(loss, (zr, er))
+        ema = gt.vq_ema_update(z, idx, cs, e, 0.9)
+        v = gt.lfq_entropy_loss(xr, 2.0)
+        (gx,) = torch.autograd.grad(v, (xr,))
+        return (zq.detach(), i, c.detach(), cb.detach(), gz, ge, *ema, v.detach(), gx)
+
+    side = torch.cuda.Stream(device=cuda_device)
+    side.wait_stream(torch.cuda.current_stream(cuda_device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(cuda_device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for rep in range(2):
+        with torch.no_grad():
+            z.copy_(torch.randn(400, 8, generator=g, dtype=torch.float64))
+            idx.copy_(torch.randint(0, 70, (400,), generator=g))
+            x.copy_(0.3 * torch.randn(300, 9, generator=g, dtype=torch.float64))
+        graph.replay()
+        torch.cuda.synchronize(cuda_device)
+        want = step()
+        for j, (a, w) in enumerate(zip(outs, want, strict=True)):
+            assert torch.equal(a, w), f"replay {rep}: output {j} differs from an eager call"
