@@ -678,11 +678,6 @@ def test_kernel_kinds_compute_by_named_fields():
             TypeError,
             r"dtype must be 1 \(float64",
         ),
-        (  # (assignment, sinkhorn and knn_prdc have CUDA kernels: cuda/ot.cu, cuda/knn.cu)
-            dict(kind="lfq_entropy", z=8, N=2, d=3, inv_temperature=1.0, out_value=8, device=1),
-            ValueError,
-            "CPU only",
-        ),
         (
             dict(kind="knn_prdc", real=8, fake=8, N=3, M=5, D=2, k=3, real_r2=8, fake_r2=8, counts=8),
             ValueError,

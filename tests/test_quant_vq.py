@@ -294,24 +294,6 @@ def test_vq_memory_is_linear():
     assert grown_kib < 32 * 1024, f"peak RSS grew {grown_kib} KiB; an N x K float32 matrix is 262144 KiB"
 
 
-def test_vq_cuda_fallback_matches_native_on_cpu():
-    """The torch implementation the CUDA path runs (tiled, sort-based segment sums), on CPU tensors."""
-    from genloss.torch import quant as TQ
-
-    torch.manual_seed(3)
-    z = torch.randn(100, 5, dtype=torch.float64)
-    e = torch.randn(33, 5, dtype=torch.float64)
-    old = TQ._VQ_TILE_ELEMS
-    TQ._VQ_TILE_ELEMS = 100 * 7  # several tiles of 7 codes
-    try:
-        zq, idx, c, b, gz, ge = TQ._vq_torch(z, e, 0.25, True)
-    finally:
-        TQ._VQ_TILE_ELEMS = old
-    (nzq, nidx, nc, nb), (ngz, nge) = gn.vector_quantize(z, e, 0.25)
-    assert torch.equal(idx, nidx) and torch.equal(zq, nzq)
-    torch.testing.assert_close((c, b, gz, ge), (nc, nb, ngz, nge), rtol=1e-12, atol=1e-15)
-
-
 # ============================================================================= vq_ema_update
 
 
@@ -373,16 +355,13 @@ def test_ema_bitwise_across_thread_counts():
         assert np.array_equal(a, b)
 
 
-def test_ema_torch_fallback_and_compile():
-    from genloss.torch import quant as TQ
-
+def test_ema_torch_compile():
     rng = np.random.default_rng(8)
     z = torch.from_numpy(rng.standard_normal((50, 4)))
     idx = torch.from_numpy(rng.integers(0, 9, 50))
     cs = torch.from_numpy(rng.uniform(0, 2, 9))
     es = torch.from_numpy(rng.standard_normal((9, 4)))
     want = gt.vq_ema_update(z, idx, cs, es, 0.8)
-    torch.testing.assert_close(TQ._ema_torch(z, idx, cs, es, 0.8, 1e-5), want, rtol=1e-12, atol=1e-14)
     got = torch.compile(lambda *a: gt.vq_ema_update(*a, 0.8), fullgraph=True, backend="aot_eager")(
         z, idx, cs, es
     )
@@ -524,8 +503,6 @@ def test_lfq_low_precision_finite():
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_lfq_torch_op_checks():
-    from genloss.torch import quant as TQ
-
     torch.manual_seed(5)
     z = (0.3 * torch.randn(9, 5, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a: gt.lfq_entropy_loss(a, 2.0, 0.5, 1.5), (z,))
@@ -539,10 +516,6 @@ def test_lfq_torch_op_checks():
     f(a).backward()
     gt.lfq_entropy_loss(b, 2.0).backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
-    # the CUDA fallback (torch, autograd of per-chunk surrogates) on CPU tensors
-    v, (g,) = TQ._lfq_torch(z.detach(), 2.0, 0.5, 1.5, True)
-    nv, (ng,) = gn.lfq_entropy_loss(z.detach(), 2.0, 0.5, 1.5)
-    torch.testing.assert_close((v, g), (nv, ng), rtol=1e-10, atol=1e-13)
 
 
 def test_lfq_nan_and_bad_input():
@@ -627,3 +600,313 @@ def test_peer_lfq_entropy():
     np.testing.assert_allclose(terms[1], exact, rtol=1e-12)
     np.testing.assert_allclose(float(peer.batch_entropy), float(clamped), rtol=1e-5)
     assert float(peer.batch_entropy) < exact - 5e-5
+
+
+# ============================================================================= native on CUDA (cuda/quant.cu)
+# Native CUDA against native CPU on the same data: the index, z_q and the EMA outputs bitwise (the CPU defines
+# exact rules for them), the losses and gradients within tests/tolerances.py ("cuda").
+from tolerances import assert_close  # noqa: E402
+
+_VQ_SIZES = [
+    (1, 1, 1),
+    (1, 5, 3),
+    (127, 63, 32),  # float64 D=32: the rows staged, tiles of 64 codes (K below, at and past one tile)
+    (129, 64, 32),
+    (257, 129, 32),
+    (1000, 300, 7),
+    (300, 40, 64),  # float64 D=64: rows not staged, codes staged
+    (70, 9, 2000),  # a few codes per tile
+    (20, 3, 7000),  # float64: codes read from global memory (no tile fits)
+    (4000, 1000, 16),
+]
+
+
+def _vq_both(z: np.ndarray, e: np.ndarray, dev, beta=0.25):
+    cpu = gn.vector_quantize(torch.from_numpy(z), torch.from_numpy(e), beta)
+    zc, ec = torch.from_numpy(z).to(dev), torch.from_numpy(e).to(dev)
+    cuda = gn.vector_quantize(zc, ec, beta)
+    return cpu, cuda
+
+
+def _vq_compare(cpu, cuda, dtype, what):
+    (zq, idx, c, b), (gz, ge) = cpu
+    (zq2, idx2, c2, b2), (gz2, ge2) = cuda
+    for t in (zq2, idx2, c2, b2, gz2, ge2):
+        assert t.is_cuda, f"{what}: an output is not on the device"
+    i1, i2 = idx.numpy(), idx2.cpu().numpy()
+    bad = np.flatnonzero(i1 != i2)
+    assert bad.size == 0, (
+        f"{what}: {bad.size} indices differ, first rows {bad[:5].tolist()}: cpu {i1[bad[:5]]} cuda {i2[bad[:5]]}"
+    )
+    assert torch.equal(zq, zq2.cpu()), f"{what}: z_q differs from the CPU's bits"
+    for name, a, w in (
+        ("commitment", c2, c),
+        ("codebook_loss", b2, b),
+        ("grad_z", gz2, gz),
+        ("grad_codebook", ge2, ge),
+    ):
+        assert_close(a.cpu().numpy(), w.numpy(), "cuda", dtype, f"{what}: {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,k,d", _VQ_SIZES)
+def test_vq_native_cuda_equals_cpu(cuda_device, dtype, n, k, d):
+    rng = np.random.default_rng(n * 7 + k + d)
+    z = rng.standard_normal((n, d)).astype(dtype)
+    e = rng.standard_normal((k, d)).astype(dtype)
+    _vq_compare(*_vq_both(z, e, cuda_device), dtype, f"N={n} K={k} D={d}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vq_native_cuda_ties_and_nan(cuda_device, dtype):
+    rng = np.random.default_rng(21)
+    base = rng.standard_normal((70, 8))
+    e = np.concatenate([base, base, base[:5]]).astype(dtype)  # every code twice or three times: ties
+    e[3] = np.nan  # a NaN code is never chosen while another code has a number
+    pick = rng.integers(0, 70, 500)
+    pick[pick == 3] = 4  # (code 3 is NaN: its rows' nearest code would be its copy 73)
+    z = (base[pick] + 1e-3 * rng.standard_normal((500, 8))).astype(dtype)
+    z[7] = np.nan  # a NaN row: index 0, NaN losses
+    z[400, 2] = np.nan
+    cpu, cuda = _vq_both(z, e, cuda_device)
+    (_, idx, c, b), _ = cpu
+    (_, idx2, c2, b2), (gz2, _) = cuda
+    assert int(idx2[7]) == 0 and int(idx2[400]) == 0
+    assert bool(torch.isnan(c2).item()) and bool(torch.isnan(b2).item())
+    assert torch.isnan(gz2[7]).all()
+    i2 = idx2.cpu().numpy()
+    assert not np.any(i2 == 3), "a NaN code was chosen"
+    assert np.all(i2[np.isfinite(z).all(1)] < 70), "a tie did not go to the lowest index"
+    assert np.array_equal(idx.numpy(), i2)
+    # the same without the NaN rows: finite losses within tolerance
+    keep = np.isfinite(z).all(1)
+    _vq_compare(*_vq_both(z[keep], e, cuda_device), dtype, "ties")
+
+
+@pytest.mark.cuda
+def test_vq_native_cuda_repeatable_and_stream(cuda_device):
+    rng = np.random.default_rng(22)
+    z = torch.from_numpy(rng.standard_normal((3000, 24)).astype(np.float32)).to(cuda_device)
+    e = torch.from_numpy(rng.standard_normal((700, 24)).astype(np.float32)).to(cuda_device)
+    (a1, a2, a3, a4), (a5, a6) = gn.vector_quantize(z, e, 0.3)
+    s = torch.cuda.Stream(cuda_device)
+    s.wait_stream(torch.cuda.current_stream(cuda_device))
+    with torch.cuda.stream(s):
+        (b1, b2, b3, b4), (b5, b6) = gn.vector_quantize(z, e, 0.3)
+    s.synchronize()
+    for name, x, y in zip(("z_q", "indices", "commitment", "codebook", "grad_z", "grad_codebook"),
+                          (a1, a2, a3, a4, a5, a6), (b1, b2, b3, b4, b5, b6), strict=True):  # fmt: skip
+        assert torch.equal(x, y), f"{name} differs between two calls"
+
+
+def _ema_both(z, idx, cs, es, dev, decay=0.9, eps=1e-5):
+    cpu = gn.vq_ema_update(*(torch.from_numpy(a) for a in (z, idx, cs, es)), decay, eps)
+    cuda = gn.vq_ema_update(*(torch.from_numpy(a).to(dev) for a in (z, idx, cs, es)), decay, eps)
+    return cpu, cuda
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("itype", [np.int64, np.int32])
+@pytest.mark.parametrize("n,k,d", [(0, 3, 2), (1, 1, 1), (5000, 1500, 16), (300, 40, 45), (2049, 2, 3)])
+def test_ema_native_cuda_bitwise_equals_cpu(cuda_device, dtype, itype, n, k, d):
+    """K past one block of the serial count (1024), D past one warp (32), N = 0."""
+    rng = np.random.default_rng(n + k + d)
+    z = rng.standard_normal((n, d)).astype(dtype)
+    idx = rng.integers(0, max(1, k - 1), n).astype(itype)  # the last code unused
+    cs = rng.uniform(0, 3, k).astype(dtype)
+    es = rng.standard_normal((k, d)).astype(dtype)
+    cpu, cuda = _ema_both(z, idx, cs, es, cuda_device)
+    for name, a, w in zip(("cluster_size", "embed_sum", "codebook"), cuda, cpu, strict=True):
+        assert a.is_cuda and a.dtype == w.dtype
+        diff = np.flatnonzero(a.cpu().numpy().ravel() != w.numpy().ravel())
+        assert diff.size == 0, (
+            f"{name}: {diff.size} entries differ from the CPU's bits, first at flat {diff[:5].tolist()}"
+        )
+    again = gn.vq_ema_update(*(torch.from_numpy(a).to(cuda_device) for a in (z, idx, cs, es)), 0.9, 1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(cuda, again, strict=True)), "two calls differ"
+
+
+@pytest.mark.cuda
+def test_ema_native_cuda_index_checks(cuda_device):
+    rng = np.random.default_rng(23)
+    z = rng.standard_normal((50, 4))
+    idx = rng.integers(0, 6, 50)
+    cs, es = rng.uniform(0, 2, 6), rng.standard_normal((6, 4))
+    bad = idx.copy()
+    bad[[3, 17]] = [6, -1]
+    args = [torch.from_numpy(a).to(cuda_device) for a in (z, bad, cs, es)]
+    with pytest.raises(ValueError, match=r"^vq_ema_update: indices must lie in \[0, 6\)"):
+        gn.vq_ema_update(*args)
+    with gn.options(check_data=False):  # unchecked: the kernel ignores the rows of an out-of-range index
+        got = gn.vq_ema_update(*args)
+    keep = (bad >= 0) & (bad < 6)
+    want = gn.vq_ema_update(z[keep], bad[keep], cs, es)
+    for name, a, w in zip(("cluster_size", "embed_sum", "codebook"), got, want, strict=True):
+        assert np.array_equal(a.cpu().numpy(), w), f"{name}: the out-of-range rows were not ignored"
+
+
+_LFQ_CASES = [(1, 1), (33, 1), (33, 2), (1, 5), (100, 5), (257, 10), (65, 11), (40, 15), (9, 20), (1000, 8)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,d", _LFQ_CASES)
+def test_lfq_native_cuda_equals_cpu(cuda_device, dtype, n, d):
+    rng = np.random.default_rng(100 * n + d)
+    for tau, scale, cw in ((1.0, 1.0, 1.3), (3.0, 0.3, 0.7), (100.0, 0.02, 1.0), (2.0, 0.5, 0.0)):
+        z = (scale * rng.standard_normal((n, d))).astype(dtype)
+        t_cpu, t_cuda = np.zeros(2), np.zeros(2)
+        v, (g,) = gn.lfq_entropy_loss(torch.from_numpy(z), tau, 0.9, cw, terms=t_cpu)
+        v2, (g2,) = gn.lfq_entropy_loss(torch.from_numpy(z).to(cuda_device), tau, 0.9, cw, terms=t_cuda)
+        what = f"N={n} d={d} tau={tau} cw={cw}"
+        assert v2.is_cuda and g2.is_cuda
+        assert_close(v2.cpu().numpy(), v.numpy(), "cuda", dtype, f"{what}: value")
+        assert_close(g2.cpu().numpy(), g.numpy(), "cuda", dtype, f"{what}: grad")
+        assert_close(t_cuda, t_cpu, "cuda", np.float64, f"{what}: terms")
+        v3, (g3,) = gn.lfq_entropy_loss(torch.from_numpy(z).to(cuda_device), tau, 0.9, cw)
+        assert torch.equal(v2, v3) and torch.equal(g2, g3), f"{what}: two calls differ"
+
+
+@pytest.mark.cuda
+def test_lfq_native_cuda_nan(cuda_device):
+    z = np.random.default_rng(24).standard_normal((40, 6))
+    z[5, 2] = np.nan
+    v, (g,) = gn.lfq_entropy_loss(torch.from_numpy(z).to(cuda_device), 2.0)
+    v0, (g0,) = gn.lfq_entropy_loss(z, 2.0)
+    assert bool(torch.isnan(v).item()) and np.isnan(v0)
+    assert np.array_equal(np.isnan(g.cpu().numpy()), np.isnan(g0)), (
+        "NaN gradients at other places than the CPU's"
+    )
+
+
+@pytest.mark.cuda
+def test_quant_native_cuda_graph_capture(cuda_device):
+    """The three kernels captured in a CUDA graph (no host sync, scratch stream-ordered), replayed on new data."""
+    rng = np.random.default_rng(25)
+    z = torch.from_numpy(rng.standard_normal((500, 12))).to(cuda_device)
+    e = torch.from_numpy(rng.standard_normal((90, 12))).to(cuda_device)
+    idx = torch.from_numpy(rng.integers(0, 90, 500)).to(cuda_device)
+    cs = torch.from_numpy(rng.uniform(0, 2, 90)).to(cuda_device)
+    x = torch.from_numpy(rng.standard_normal((300, 10))).to(cuda_device)
+
+    def run():
+        (zq, i, c, b), (gz, ge) = gn.vector_quantize(z, e, 0.25)
+        ema = gn.vq_ema_update(z, idx, cs, e, 0.9)
+        v, (g,) = gn.lfq_entropy_loss(x, 3.0)
+        return (zq, i, c, b, gz, ge, *ema, v, g)
+
+    s = torch.cuda.Stream(cuda_device)
+    s.wait_stream(torch.cuda.current_stream(cuda_device))
+    with torch.cuda.stream(s):
+        run()  # warm-up
+    torch.cuda.current_stream(cuda_device).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for fresh in range(2):
+        z.copy_(torch.from_numpy(rng.standard_normal((500, 12))))
+        idx.copy_(torch.from_numpy(rng.integers(0, 90, 500)))
+        x.copy_(torch.from_numpy(rng.standard_normal((300, 10))))
+        graph.replay()
+        torch.cuda.synchronize(cuda_device)
+        want = run()
+        for j, (a, w) in enumerate(zip(outs, want, strict=True)):
+            assert torch.equal(a, w), f"replay {fresh}: output {j} differs from an eager call"
+
+
+# ============================================================================= genloss.torch on CUDA (the native kernels)
+_TORCH_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", _TORCH_DTYPES)
+def test_torch_quantizers_cuda_equal_cpu(cuda_device, dtype):
+    """genloss.torch on CUDA tensors equals genloss.torch on the same CPU tensors: the same native rules
+    (float16/bfloat16 computed in float32 on both)."""
+    g = torch.Generator().manual_seed(26)
+    z = torch.randn(333, 16, generator=g).to(dtype)
+    e = torch.randn(150, 16, generator=g).to(dtype)
+    outs = {}
+    for dev in ("cpu", cuda_device):
+        zr = z.to(dev).requires_grad_(True)
+        er = e.to(dev).requires_grad_(True)
+        zq, idx, c, cb = gt.vector_quantize(zr, er, 0.25)
+        (zq.float().square().sum() + 2 * c + 3 * cb).backward()
+        outs[str(dev)] = [t.detach().cpu() for t in (zq, idx, c, cb, zr.grad, er.grad)]
+    cpu, cuda = outs["cpu"], outs[str(cuda_device)]
+    assert torch.equal(cpu[1], cuda[1]), "indices differ"
+    assert torch.equal(cpu[0], cuda[0]), "z_q differs"
+    for name, a, w in zip(
+        ("commitment", "codebook_loss", "grad z", "grad codebook"), cuda[2:], cpu[2:], strict=True
+    ):
+        assert a.dtype == w.dtype, f"{name}: dtype {a.dtype} != {w.dtype}"
+        assert_close(a.float().numpy(), w.double().numpy(), "cuda", dtype, name)
+    idx = cpu[1]
+    cs = torch.rand(150, generator=g).to(dtype)
+    ema_cpu = gt.vq_ema_update(z, idx, cs, e, 0.9)
+    ema_cuda = gt.vq_ema_update(
+        z.to(cuda_device), idx.to(cuda_device), cs.to(cuda_device), e.to(cuda_device), 0.9
+    )
+    for name, a, w in zip(("cluster_size", "embed_sum", "codebook"), ema_cuda, ema_cpu, strict=True):
+        assert a.is_cuda and a.dtype == w.dtype and torch.equal(a.cpu(), w), f"vq_ema_update {name} differs"
+    x = (0.3 * torch.randn(200, 12, generator=g)).to(dtype)
+    vals = {}
+    for dev in ("cpu", cuda_device):
+        xr = x.to(dev).requires_grad_(True)
+        v = gt.lfq_entropy_loss(xr, 3.0, 1.0, 1.0)
+        v.backward()
+        vals[str(dev)] = (v.detach().cpu(), xr.grad.cpu())
+    (v0, g0), (v1, g1) = vals["cpu"], vals[str(cuda_device)]
+    assert v1.dtype == v0.dtype and g1.dtype == g0.dtype
+    assert_close(v1.float().numpy(), v0.double().numpy(), "cuda", dtype, "lfq value")
+    assert_close(g1.float().numpy(), g0.double().numpy(), "cuda", dtype, "lfq grad")
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore:The AccumulateGrad node's stream:UserWarning")
+def test_torch_quantizers_cuda_graph_capture(cuda_device):
+    """genloss.torch.vector_quantize (fwd + bwd), vq_ema_update and lfq_entropy_loss (fwd + bwd) captured
+    once and replayed on new data equal eager calls on that data."""
+    g = torch.Generator().manual_seed(27)
+    z = torch.randn(400, 8, generator=g, dtype=torch.float64).to(cuda_device)
+    e = torch.randn(70, 8, generator=g, dtype=torch.float64).to(cuda_device)
+    idx = torch.randint(0, 70, (400,), generator=g).to(cuda_device)
+    cs = torch.rand(70, generator=g, dtype=torch.float64).to(cuda_device)
+    x = (0.3 * torch.randn(300, 9, generator=g, dtype=torch.float64)).to(cuda_device)
+
+    def step():
+        zr, er, xr = (
+            z.detach().requires_grad_(True),
+            e.detach().requires_grad_(True),
+            x.detach().requires_grad_(True),
+        )
+        zq, i, c, cb = gt.vector_quantize(zr, er, 0.25)
+        loss = zq.square().sum() + c + cb
+        gz, ge = torch.autograd.grad(loss, (zr, er))
+        ema = gt.vq_ema_update(z, idx, cs, e, 0.9)
+        v = gt.lfq_entropy_loss(xr, 2.0)
+        (gx,) = torch.autograd.grad(v, (xr,))
+        return (zq.detach(), i, c.detach(), cb.detach(), gz, ge, *ema, v.detach(), gx)
+
+    side = torch.cuda.Stream(device=cuda_device)
+    side.wait_stream(torch.cuda.current_stream(cuda_device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(cuda_device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for rep in range(2):
+        with torch.no_grad():
+            z.copy_(torch.randn(400, 8, generator=g, dtype=torch.float64))
+            idx.copy_(torch.randint(0, 70, (400,), generator=g))
+            x.copy_(0.3 * torch.randn(300, 9, generator=g, dtype=torch.float64))
+        graph.replay()
+        torch.cuda.synchronize(cuda_device)
+        want = step()
+        for j, (a, w) in enumerate(zip(outs, want, strict=True)):
+            assert torch.equal(a, w), f"replay {rep}: output {j} differs from an eager call"

@@ -7,6 +7,7 @@
 #include "genloss/mmd.h"
 #include "genloss/ot.h"
 #include "knn.h"
+#include "quant_cpu.h"
 
 namespace genloss {
 namespace cuda {
@@ -53,6 +54,15 @@ void assignment(const AssignArgs&, void*) {
   unavailable();
 }
 void knn_prdc(const KnnArgs&, void*) {
+  unavailable();
+}
+void vector_quantize(const cpu::VqArgs&, void*) {
+  unavailable();
+}
+void vq_ema_update(const cpu::VqEmaArgs&, void*) {
+  unavailable();
+}
+void lfq_entropy(const cpu::LfqArgs&, void*) {
   unavailable();
 }
 }  // namespace cuda

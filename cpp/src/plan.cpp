@@ -367,7 +367,7 @@ enum Kind : int {
   kRowLse,
   kGmm,
   kMmd,
-  kVectorQuantize,  // the quant and metrics families from here on: CPU only, but for the has_cuda kinds
+  kVectorQuantize,  // the kernels with their own checks (check_kind) from here on: quant and metrics
   kVqEmaUpdate,
   kLfqEntropy,
   kKnnPrdc,
@@ -378,14 +378,9 @@ enum Kind : int {
 const char* const kKindNames[kNumKinds] = {"map_reduce", "row_scale", "col_sum",         "col_broadcast", "row_lse",
                                            "gmm",        "mmd",       "vector_quantize", "vq_ema_update", "lfq_entropy",
                                            "knn_prdc",   "sinkhorn",  "assignment"};
-constexpr bool cpu_only(int kind) {
+constexpr bool own_checks(int kind) {  // the kinds check_kind checks
   return kind >= kVectorQuantize;
 }
-// The kinds of the quant and metrics families that have a CUDA kernel too.
-constexpr bool has_cuda(int kind) {
-  return kind == kKnnPrdc || kind == kSinkhorn || kind == kAssignment;
-}
-
 union KernelArgs {  // the Args of a kind other than map_reduce (a union's members start at its start)
   RowScaleArgs row_scale;
   ColSumArgs col_sum;
@@ -760,10 +755,9 @@ std::string kernel_field_list(int kind) {
   return s;
 }
 
-// The checks of the quant and metrics kinds (the sizes their kernels assume; the ops' own checks,
-// with the argument names users know, run first in python/genloss/native): CPU only but for has_cuda.
-void check_cpu_kind(const std::string& who, const Call& c, int dtype) {
-  if (c.device != 0 && !has_cuda(c.kind)) throw py::value_error(who + ": CPU only (no CUDA kernel of this kind yet)");
+// The checks of the kinds from kVectorQuantize on (the sizes their kernels assume, on the CPU and
+// CUDA alike; the ops' own checks, with the argument names users know, run first in python/genloss/native).
+void check_kind(const std::string& who, const Call& c, int dtype) {
   const bool f64_only = c.kind == kSinkhorn || c.kind == kAssignment;
   if (f64_only ? dtype != kFloat64 : dtype != kFloat32 && dtype != kFloat64)
     throw py::type_error(who +
@@ -887,7 +881,7 @@ Call make_kernel_call(int kind, Fields fields) {
   std::memcpy(&dtype, &c.k, sizeof dtype);  // every Args struct starts with its dtype
   if (dtype < 0 || dtype > 3)
     throw py::value_error(who + ": dtype must be 0-3 (engine.h), got " + std::to_string(dtype));
-  if (cpu_only(kind)) check_cpu_kind(who, c, dtype);
+  if (own_checks(kind)) check_kind(who, c, dtype);
   if (kind == kRowLse) {
     const RowLseArgs& a = c.k.row_lse;
     if (a.mode < ops::kLseLabel || a.mode > ops::kLseRealLabel)
@@ -1102,12 +1096,16 @@ void run_cuda(int kind, const MapReduceArgs& a, const KernelArgs& k, void* strea
       return cuda::mmd(k.mmd, stream);
     case kSinkhorn:  // eps (Call::reals) stays a host array: the loop is driven from the host
       return cuda::sinkhorn(k.sinkhorn, stream);
-    case kAssignment:
-      return cuda::assignment(k.assignment, stream);
     case kKnnPrdc:
       return cuda::knn_prdc(k.knn_prdc, stream);
-    default:  // unreachable: check_cpu_kind refuses a CUDA call of a CPU-only kind
-      throw std::logic_error(std::string(kKindNames[kind]) + ": no CUDA kernel");
+    case kVectorQuantize:
+      return cuda::vector_quantize(k.vector_quantize, stream);
+    case kVqEmaUpdate:
+      return cuda::vq_ema_update(k.vq_ema_update, stream);
+    case kLfqEntropy:
+      return cuda::lfq_entropy(k.lfq_entropy, stream);
+    default:
+      return cuda::assignment(k.assignment, stream);
   }
 }
 
@@ -1255,7 +1253,7 @@ int64_t work_of(const Call& c) {
       return c.k.gmm.N * c.k.gmm.K * c.k.gmm.D;
     case kMmd:
       return (c.k.mmd.N + c.k.mmd.M) * (c.k.mmd.N + c.k.mmd.M) * c.k.mmd.D;
-    default:  // the CPU-only kinds: long enough to release the GIL whatever their size
+    default:  // the quant and metrics kinds: long enough to release the GIL whatever their size
       return int64_t(1) << 62;
   }
 }

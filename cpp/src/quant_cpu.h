@@ -74,4 +74,13 @@ GENLOSS_QUANT_DECLARE(avx512)
 #undef GENLOSS_QUANT_DECLARE
 
 }  // namespace cpu
+
+// The same kernels on CUDA (cuda/quant.cu; cuda_stub.cpp without nvcc): the Args' pointers are device addresses
+// (LfqArgs::terms included), launched on `stream`, capturable in a CUDA graph. vq_ema_update ignores an index
+// outside [0, K) (the caller checks them: python/genloss/native/quant.py).
+namespace cuda {
+void vector_quantize(const cpu::VqArgs& a, void* stream);
+void vq_ema_update(const cpu::VqEmaArgs& a, void* stream);
+void lfq_entropy(const cpu::LfqArgs& a, void* stream);
+}  // namespace cuda
 }  // namespace genloss

@@ -38,12 +38,12 @@ class Call:
     gradient offset when the call runs (``params`` still names that parameter). Such calls
     are not recorded in a plan.
     Another kind ("row_scale", "col_sum", "col_broadcast", "row_lse", "gmm", "mmd",
-    "knn_prdc", and the CPU-only "vector_quantize", "vq_ema_update", "lfq_entropy", "sinkhorn",
-    "assignment"): the fields of its Args struct (engine.h, mmd.h, quant_cpu.h, knn.h, ot.h)
+    "vector_quantize", "vq_ema_update", "lfq_entropy", "knn_prdc", "sinkhorn", "assignment"): the
+    fields of its Args struct (engine.h, mmd.h, quant_cpu.h, knn.h, ot.h)
     by their names (e.g. row_lse's ``logits``, ``mode``, ``rows``, ``K``, ``out_value``,
     ``grad``; mmd's ``bandwidths`` and sinkhorn's ``eps``, lists), read back from
     ``.fields``; with ``device``, ``device_id`` and ``stream`` as for map_reduce. An unknown
-    or missing field is a TypeError naming the kind; a CPU-only kind on CUDA a ValueError."""
+    or missing field is a TypeError naming the kind."""
 
     @overload
     def __init__(

@@ -487,8 +487,9 @@ def options(**kw: Any) -> Options:
         ValueError naming the argument. On CUDA each one waits for the GPU (a read-back):
         False skips them on CUDA, as ``torch.distributions``' ``validate_args=False`` does:
         an invalid value then gives NaN (an out-of-range timestep: that row's value and
-        gradients), a wrong result, or where a torch fallback indexes with it (VQ's EMA
-        update) a CUDA device-side assert, instead of a ValueError naming it. CPU data is
+        gradients), a wrong result (VQ's EMA update: an out-of-range index's row counts
+        for no code), or where a torch fallback indexes with it a CUDA device-side
+        assert, instead of a ValueError naming it. CPU data is
         always checked (no wait there); shapes, dtypes and hyperparameters always. Under
         CUDA graph capture the value checks are skipped whatever this says (nothing may be
         read back then). Also read by ``genloss.torch``.

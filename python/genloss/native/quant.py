@@ -3,9 +3,10 @@ r"""The quant family's quantizers on the native engine: vector_quantize, vq_ema_
 Same conventions as ``genloss.native.gan``: ``(value, grads)`` with the gradients of the sum of the
 LOSS values w.r.t. the differentiable inputs (``need_grad`` a bool or one bool per input; ``()`` when
 none is asked).  Signatures follow ``genloss.reference.quant``; the kernels are in
-cpp/src/quant_cpu.cpp, derived in derivations/quant.md (QNT.1-QNT.9).  CPU arrays (float32/float64)
-only this release: a CUDA array raises a ValueError naming the op (``genloss.torch`` runs a torch
-implementation on CUDA tensors).
+cpp/src/quant_cpu.cpp (CPU) and cuda/quant.cu (CUDA: the same rules, launched on the array's current
+stream, capturable in a CUDA graph), derived in derivations/quant.md (QNT.1-QNT.9).  float32/float64
+arrays, CPU or CUDA; on CUDA the index, z_q and the EMA outputs are the CPU's bits, the loss values and
+gradients equal them within rounding (fixed-order sums: bitwise repeatable).
 
 * ``vector_quantize(z, codebook, beta)``: value ``(z_q, indices, commitment, codebook_loss)``; grads
   ``(d commitment / dz, d codebook_loss / dcodebook)``, the only non-zero derivatives of the two loss
@@ -23,12 +24,26 @@ import numpy as np
 from .. import _checks as C
 from ..reference import quant as _R
 from ._compose import grads_out, inputs, needs
-from ._engine import CPU, INT32, INT64, Buf, _p, as_input, empty, int_range, ran, run_call, same_place
+from ._engine import (
+    CPU,
+    INT32,
+    INT64,
+    Buf,
+    _p,
+    as_input,
+    empty,
+    int_range,
+    ran,
+    run_call,
+    same_place,
+    stream_of,
+    zeros64,
+)
 
 
-def _cpu(op: str, b: Buf) -> None:
-    if b.device != CPU:
-        raise ValueError(f"{op}: no CUDA kernel yet; use genloss.torch.{op} on CUDA tensors")
+def _where(b: Buf) -> dict[str, int]:
+    """The device fields of a Call that runs where ``b`` is (CUDA: on the current stream)."""
+    return {"device": b.device, "device_id": b.device_id, "stream": stream_of(b)}
 
 
 def _rows(op: str, name: str, b: Buf, what: str) -> tuple[int, int]:
@@ -44,14 +59,33 @@ def _rows(op: str, name: str, b: Buf, what: str) -> tuple[int, int]:
 
 
 def _index_empty(like: Buf, n: int) -> tuple[Any, int]:
-    """An int64 (n,) array of ``like``'s kind, and its address."""
+    """An int64 (n,) array of ``like``'s kind on its device, and its address."""
     if like.kind == "torch":
         import torch
 
-        t = torch.empty(n, dtype=torch.int64)
+        t = (
+            torch.empty(n, dtype=torch.int64)
+            if like.device == CPU
+            else like.arr.new_empty(n, dtype=torch.int64)
+        )
         return t, t.data_ptr()
-    a = np.empty(n, dtype=np.int64)
-    return a, a.__array_interface__["data"][0]
+    if like.device == CPU:
+        a = np.empty(n, dtype=np.int64)
+        return a, a.__array_interface__["data"][0]
+    if like.kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device_id):
+            c = cupy.empty(n, dtype=cupy.int64)
+        return c, c.data.ptr
+    raise TypeError("genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
+
+
+def _to_host(b: Buf) -> np.ndarray:
+    """A small CUDA array's values in NumPy (a synchronising copy)."""
+    if b.kind == "torch":
+        return np.asarray(b.arr.cpu().numpy())
+    return np.asarray(b.arr.get())
 
 
 # ============================================================================= vector_quantize (QNT.1-QNT.4)
@@ -67,7 +101,6 @@ def vector_quantize(z, codebook, beta=0.25, *, need_grad=True):
     with C.named_errors(op):
         b = C.nonnegative("beta", beta)
         zb, eb = inputs(["z", "codebook"], [z, codebook])
-    _cpu(op, zb)
     n, d = _rows(op, "z", zb, "N, D")
     k, de = _rows(op, "codebook", eb, "K, D")
     if de != d:
@@ -79,7 +112,7 @@ def vector_quantize(z, codebook, beta=0.25, *, need_grad=True):
     gz = empty(zb, (n, d)) if flags[0] else None
     ge = empty(eb, (k, d)) if flags[1] else None
     ran(run_call(
-        kind="vector_quantize", dtype=zb.dtype, z=zb.ptr, codebook=eb.ptr, N=n, K=k, D=d, beta=b, z_q=zq.ptr,
+        kind="vector_quantize", **_where(zb), dtype=zb.dtype, z=zb.ptr, codebook=eb.ptr, N=n, K=k, D=d, beta=b, z_q=zq.ptr,
         indices=idx_ptr, out_commitment=commit.ptr, out_codebook=cb.ptr, grad_z=_p(gz), grad_codebook=_p(ge),
     ))  # fmt: skip
     return (zq.arr, idx, commit.arr, cb.arr), grads_out([gz, ge], flags)
@@ -104,8 +137,7 @@ def vq_ema_update(z, indices, cluster_size, embed_sum, decay=0.99, eps=1e-5):
         ib = as_input(indices, "indices", integer=True)
         same_place(eb, "embed_sum", zb, "z")
         same_place(eb, "embed_sum", csb, "cluster_size")
-    _cpu(op, eb)
-    if ib.device != CPU:
+    if (ib.device, ib.device_id) != (eb.device, eb.device_id):
         raise ValueError(f"{op}: indices must be on the device of embed_sum")
     if len(eb.shape) != 2 or 0 in eb.shape:
         raise ValueError(f"{op}: embed_sum must have shape (K, D) with K, D >= 1, got shape {eb.shape}")
@@ -119,13 +151,14 @@ def vq_ema_update(z, indices, cluster_size, embed_sum, decay=0.99, eps=1e-5):
     n = zb.shape[0]
     if ib.shape != (n,):
         raise ValueError(f"{op}: indices must have shape ({n},) (one per row of z), got {ib.shape}")
-    if n:
+    if n:  # CUDA: a wait for the GPU, skipped by check_data=False or under capture (the kernel then ignores
+        # an index outside [0, K): its row counts for no code)
         r = int_range(ib)
         if r is not None and (r[0] < 0 or r[1] >= k):
             raise ValueError(f"{op}: indices must lie in [0, {k}), got values in [{r[0]}, {r[1]}]")
     ocs, oes, ocb = empty(eb, (k,)), empty(eb, (k, d)), empty(eb, (k, d))
     ran(run_call(
-        kind="vq_ema_update", dtype=eb.dtype, index_dtype=INT64 if ib.dtype == INT64 else INT32, z=zb.ptr,
+        kind="vq_ema_update", **_where(eb), dtype=eb.dtype, index_dtype=INT64 if ib.dtype == INT64 else INT32, z=zb.ptr,
         indices=ib.ptr, N=n, K=k, D=d, cluster_size=csb.ptr, embed_sum=eb.ptr, decay=dec, eps=ep,
         out_cluster_size=ocs.ptr, out_embed_sum=oes.ptr, out_codebook=ocb.ptr,
     ))  # fmt: skip
@@ -143,7 +176,8 @@ def lfq_entropy_loss(z, inv_temperature=100.0, sample_weight=1.0, codebook_weigh
 
     The per-sample entropy is the sum of d bit entropies (O(N d)); the codebook entropy streams 2^d
     float64 accumulators (d <= 20, no N x 2^d array; skipped when codebook_weight == 0).  ``terms``: an
-    optional float64 NumPy array of 2 that receives (mean per-sample entropy, codebook entropy).
+    optional float64 NumPy array of 2 that receives (mean per-sample entropy, codebook entropy) (for
+    a CUDA z: a synchronising copy).
     Differentiable input: z.
     """
     op = "lfq_entropy_loss"
@@ -152,7 +186,6 @@ def lfq_entropy_loss(z, inv_temperature=100.0, sample_weight=1.0, codebook_weigh
         sw = C.finite("sample_weight", sample_weight)
         cw = C.finite("codebook_weight", codebook_weight)
         (zb,) = inputs(["z"], [z])
-    _cpu(op, zb)
     n, d = _rows(op, "z", zb, "N, d")
     if d > LFQ_MAX_BITS:
         raise ValueError(
@@ -169,8 +202,13 @@ def lfq_entropy_loss(z, inv_temperature=100.0, sample_weight=1.0, codebook_weigh
     flags = needs(need_grad, 1)
     out = empty(zb, ())
     gz = empty(zb, (n, d)) if flags[0] else None
+    dev_terms = zeros64(zb, 2) if terms is not None and zb.device != CPU else None
+    terms_ptr = None if terms is None else (terms.ctypes.data if dev_terms is None else dev_terms.ptr)
     ran(run_call(
-        kind="lfq_entropy", dtype=zb.dtype, z=zb.ptr, N=n, d=d, inv_temperature=tau, sample_weight=sw,
-        codebook_weight=cw, out_value=out.ptr, terms=None if terms is None else terms.ctypes.data, grad_z=_p(gz),
+        kind="lfq_entropy", **_where(zb), dtype=zb.dtype, z=zb.ptr, N=n, d=d, inv_temperature=tau,
+        sample_weight=sw, codebook_weight=cw, out_value=out.ptr, terms=terms_ptr, grad_z=_p(gz),
     ))  # fmt: skip
+    if dev_terms is not None:
+        assert terms is not None
+        terms[:] = _to_host(dev_terms)
     return out.arr, grads_out([gz], flags)

@@ -16,8 +16,8 @@ from ._op import device_constant, eager_checks, lib, with_reference_doc
 # ============================================================================= quantizers (QNT.1-QNT.9)
 # Custom ops (torch.library): ``genloss::vector_quantize_fwd`` (4 outputs + the two saved loss gradients, autograd
 # registered), ``genloss::vq_ema_update`` (a state update, no autograd) and ``lfq_entropy_loss`` through the LossOp
-# glue of _op.py.  CPU tensors run the native kernels (float16/bfloat16 computed in float32); CUDA tensors a torch
-# implementation below (tiled where memory matters: no N x K or N x 2^d tensor).
+# glue of _op.py.  CPU and CUDA tensors run the native kernels (cpp/src/quant_cpu.cpp, cuda/quant.cu; float16 /
+# bfloat16 computed in float32), on the current stream, capturable in a CUDA graph.
 _QUANTIZER_NAMES: list[str] = ["vector_quantize", "vq_ema_update", "lfq_entropy_loss"]
 
 from ..native import quant as _qnative  # noqa: E402
@@ -25,7 +25,6 @@ from ._op import LossOp as _LossOp  # noqa: E402
 from ._op import public as _public  # noqa: E402
 
 _QLOW = (torch.float16, torch.bfloat16)
-_VQ_TILE_ELEMS = 1 << 26  # CUDA fallback: distance tiles of at most this many elements (N x codes)
 
 
 def _qup(x: torch.Tensor) -> torch.Tensor:
@@ -41,46 +40,6 @@ def _qtensor(op: str, name: str, x: object) -> torch.Tensor:
     return x
 
 
-def _segment_sums(x: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counts (K,), sums (K, D) float64) without float atomics: a stable sort by code, a float64 cumsum,
-    differences at the segment ends (QNT.5).  The CUDA fallback of the native segment sums."""
-    order = torch.sort(idx, stable=True).indices
-    counts = torch.bincount(idx, minlength=k)
-    ends = torch.cumsum(counts, 0)
-    csum = torch.cat([x.new_zeros((1, x.shape[1]), dtype=torch.float64), torch.cumsum(x[order].double(), 0)])
-    sums = csum[ends] - csum[ends - counts]
-    return counts, sums
-
-
-def _vq_torch(z: torch.Tensor, e: torch.Tensor, beta: float, need_grad: bool) -> tuple:
-    """vector_quantize on CUDA in torch: K in tiles with a running (best, index) per row (QNT.2).  Unlike the CPU
-    kernel it does not recheck near ties in float64: the argmin is that of the expansion
-    ||e||^2 - 2 z.e in the compute dtype (ties within its rounding may pick either code)."""
-    n, d = z.shape
-    k = e.shape[0]
-    e2 = (e.double() ** 2).sum(1).to(z.dtype)
-    inf = torch.tensor(float("inf"), dtype=z.dtype, device=z.device)
-    best = inf.expand(n).clone()
-    idx = torch.zeros(n, dtype=torch.int64, device=z.device)
-    step = max(1, _VQ_TILE_ELEMS // max(n, 1))
-    for k0 in range(0, k, step):
-        f = e2[k0 : k0 + step] - 2.0 * (z @ e[k0 : k0 + step].T)
-        v, j = torch.where(torch.isnan(f), inf, f).min(dim=1)  # first minimum: ties to the lowest index
-        better = v < best  # strict: an earlier tile keeps a tie
-        best = torch.where(better, v, best)
-        idx = torch.where(better, j + k0, idx)
-    zq = e[idx]
-    diff = z.double() - zq.double()
-    mean = (diff * diff).sum() / (n * d)  # (QNT.1)
-    commit, cb = (beta * mean).to(z.dtype), mean.to(z.dtype)
-    if not need_grad:
-        return zq, idx, commit, cb, z.new_empty(0), e.new_empty(0)
-    counts, sums = _segment_sums(z, idx, k)
-    gz = (2.0 * beta / (n * d) * diff).to(z.dtype)  # (QNT.4)
-    ge = (2.0 / (n * d) * (counts[:, None] * e.double() - sums)).to(e.dtype)
-    return zq, idx, commit, cb, gz, ge
-
-
 @torch.library.custom_op("genloss::vector_quantize_fwd", mutates_args=())
 def _vector_quantize_fwd(
     z: torch.Tensor, codebook: torch.Tensor, beta: float, need_grad: bool
@@ -88,11 +47,8 @@ def _vector_quantize_fwd(
     """(z_q, indices, commitment, codebook_loss, d commitment/dz, d codebook_loss/dcodebook); the last two are
     empty when need_grad is False.  z_q comes back in the codebook's dtype (its rows, exactly)."""
     zc, ec = _qup(z), _qup(codebook)
-    if zc.is_cuda:
-        zq, idx, c, b, gz, ge = _vq_torch(zc, ec, beta, need_grad)
-    else:
-        (zq, idx, c, b), grads = _qnative.vector_quantize(zc, ec, beta, need_grad=need_grad)
-        gz, ge = grads if need_grad else (zc.new_empty(0), ec.new_empty(0))
+    (zq, idx, c, b), grads = _qnative.vector_quantize(zc, ec, beta, need_grad=need_grad)
+    gz, ge = grads if need_grad else (zc.new_empty(0), ec.new_empty(0))
     if zq.dtype != codebook.dtype:
         zq = zq.to(codebook.dtype)
     return zq, idx, c, b, gz, ge
@@ -162,17 +118,6 @@ def vector_quantize(
 vector_quantize.__doc__ = ref.vector_quantize.__doc__
 
 
-def _ema_torch(z, idx, cs, es, decay, eps):
-    """vq_ema_update in torch (CUDA fallback), float64, the sort-based segment sums (QNT.5, QNT.6)."""
-    k = es.shape[0]
-    counts, sums = _segment_sums(z, idx, k)
-    ncs = decay * cs.double() + (1.0 - decay) * counts.double()
-    nes = decay * es.double() + (1.0 - decay) * sums
-    n = ncs.sum()
-    smoothed = (ncs + eps) / (n + k * eps) * n
-    return ncs.to(es.dtype), nes.to(es.dtype), (nes / smoothed[:, None]).to(es.dtype)
-
-
 @torch.library.custom_op("genloss::vq_ema_update", mutates_args=())
 def _vq_ema_update_op(
     z: torch.Tensor, indices: torch.Tensor, cluster_size: torch.Tensor, embed_sum: torch.Tensor, decay: float,
@@ -180,10 +125,7 @@ def _vq_ema_update_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     dt = embed_sum.dtype
     zc, csc, esc = _qup(z), _qup(cluster_size), _qup(embed_sum)
-    if esc.is_cuda:
-        out = _ema_torch(zc, indices.long(), csc, esc, decay, eps)
-    else:
-        out = _qnative.vq_ema_update(zc, indices, csc, esc, decay, eps)
+    out = _qnative.vq_ema_update(zc, indices, csc, esc, decay, eps)
     return tuple(o.to(dt) for o in out)
 
 
@@ -234,80 +176,11 @@ def vq_ema_update(
 vq_ema_update.__doc__ = ref.vq_ema_update.__doc__
 
 
-def _product_tables_t(q: torch.Tensor, qm: torch.Tensor) -> torch.Tensor:
-    """(n, 2^m) product tables (bit 0 lowest), differentiable (QNT.7)."""
-    tab = q.new_ones((q.shape[0], 1))
-    for j in range(q.shape[1]):
-        tab = torch.cat([tab * qm[:, j : j + 1], tab * q[:, j : j + 1]], dim=1)
-    return tab
-
-
-def _lfq_torch(z: torch.Tensor, tau: float, sw: float, cw: float, need: bool) -> tuple[torch.Tensor, list]:
-    """lfq_entropy_loss in torch (the CUDA fallback), float64, rows in chunks: the value from the streamed 2^d
-    means; the gradient by autograd of per-chunk surrogates with log P held fixed: d H / dz =
-    d/dz (-sum_c log P(c) P(c; z)) because sum_c P(c) = 1 (QNT.9)."""
-    n, d = z.shape
-    dl = d - d // 2
-    x = 2.0 * tau * z.double()
-    chunk = ref._LFQ_CHUNK
-    ax = x.abs()
-    per_sample = (torch.log1p(torch.exp(-ax)) + ax * torch.sigmoid(-ax)).sum() / n  # (QNT.8)
-    p = None
-    if cw != 0.0:
-        for i in range(0, n, chunk):
-            xc = x[i : i + chunk]
-            q, qm = torch.sigmoid(xc), torch.sigmoid(-xc)
-            t = _product_tables_t(q[:, dl:], qm[:, dl:]).T @ _product_tables_t(q[:, :dl], qm[:, :dl])
-            p = t if p is None else p + t
-        assert p is not None
-        p = p / n
-        h = -torch.where(
-            p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), torch.where(p.isnan(), p, 0.0)
-        ).sum()
-        value = sw * per_sample - cw * h
-    else:
-        value = sw * per_sample
-    if not need:
-        return value.to(z.dtype), []
-    tiny = torch.finfo(torch.float64).smallest_normal * 2.0**-52
-    m = None if p is None else torch.log(torch.where(p == 0, tiny, p))
-    grad = torch.empty_like(x)
-    for i in range(0, n, chunk):
-        xc = x[i : i + chunk].detach().requires_grad_(True)
-        with torch.enable_grad():
-            axc = xc.abs()
-            s = sw * (torch.log1p(torch.exp(-axc)) + axc * torch.sigmoid(-axc)).sum() / n
-            if m is not None:
-                q, qm = torch.sigmoid(xc), torch.sigmoid(-xc)
-                a = _product_tables_t(q[:, dl:], qm[:, dl:])
-                b = _product_tables_t(q[:, :dl], qm[:, :dl])
-                s = s + cw * ((a @ m) * b).sum() / n  # -cw * d(-sum log P * P)
-            (gx,) = torch.autograd.grad(s, xc)
-        grad[i : i + chunk] = gx * (2.0 * tau)
-    return value.to(z.dtype), [grad.to(z.dtype)]
-
-
-def _lfq_kernel(z, inv_temperature=100.0, sample_weight=1.0, codebook_weight=1.0, *, need_grad=True):
-    """The native kernel on CPU tensors, the torch implementation on CUDA ones (same (value, grads))."""
-    if isinstance(z, torch.Tensor) and z.is_cuda:
-        with C.named_errors("lfq_entropy_loss"):
-            tau = C.positive("inv_temperature", inv_temperature)
-            sw = C.finite("sample_weight", sample_weight)
-            cw = C.finite("codebook_weight", codebook_weight)
-        if z.dim() != 2 or 0 in z.shape or z.shape[1] > ref.LFQ_MAX_BITS:
-            raise ValueError(
-                f"lfq_entropy_loss: z must have shape (N, d), N >= 1, 1 <= d <= 20, got {tuple(z.shape)}"
-            )
-        need = need_grad if isinstance(need_grad, bool) else bool(need_grad[0])
-        return _lfq_torch(z, tau, sw, cw, need)
-    return _qnative.lfq_entropy_loss(z, inv_temperature, sample_weight, codebook_weight, need_grad=need_grad)
-
-
 lfq_entropy_loss = _public(
     _LossOp(
         "lfq_entropy_loss",
         "Tensor z, float inv_temperature=100.0, float sample_weight=1.0, float codebook_weight=1.0",
-        _lfq_kernel,
+        _qnative.lfq_entropy_loss,
         differentiable=("z",),
         doc=ref.lfq_entropy_loss.__doc__,
     ),
