@@ -696,8 +696,13 @@ def test_cuda_tiled_half(kernel, d, dt):
     v, (gx, gy) = gn.mmd2(xc, yc, kernel, bws, "unbiased")
     assert gx.dtype == xc.dtype and gy.dtype == yc.dtype
     rv, _, _, s = _cuda_ref(xc.double().cpu().numpy(), yc.double().cpu().numpy(), kernel, "unbiased", bws)
-    err = abs(float(v) - rv) / s
-    assert err <= 1e-4, f"{kernel} D={d} {dt}: value {float(v)!r} vs CPU {rv!r}: error {err:.3e} S"
+    # the value itself is stored in dt: its rounding (eps |rv|: up to one unit in the last place) comes on
+    # top of the float32 computation's 1e-4 S (seen on an H200: bfloat16 values 0.1-0.6 % off, all rounding)
+    eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7}[dt]
+    err = abs(float(v) - rv)
+    assert err <= 1e-4 * s + eps * abs(rv), (
+        f"{kernel} D={d} {dt}: value {float(v)!r} vs CPU {rv!r}: error {err:.3e} (S = {s:.3e})"
+    )
 
 
 @pytest.mark.cuda

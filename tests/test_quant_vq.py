@@ -831,8 +831,9 @@ def test_torch_quantizers_cuda_equal_cpu(cuda_device, dtype):
     e = torch.randn(150, 16, generator=g).to(dtype)
     outs = {}
     for dev in ("cpu", cuda_device):
-        zr = z.to(dev).requires_grad_(True)
-        er = e.to(dev).requires_grad_(True)
+        # clone: z.to("cpu") IS z, which must stay a leaf without grad for the CUDA round and the EMA below
+        zr = z.to(dev).clone().requires_grad_(True)
+        er = e.to(dev).clone().requires_grad_(True)
         zq, idx, c, cb = gt.vector_quantize(zr, er, 0.25)
         (zq.float().square().sum() + 2 * c + 3 * cb).backward()
         outs[str(dev)] = [t.detach().cpu() for t in (zq, idx, c, cb, zr.grad, er.grad)]
