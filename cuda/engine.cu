@@ -7,6 +7,13 @@
 // tree, and rows by one more block. No floating-point atomics anywhere, so the
 // result is bitwise the same on every run. Every launch goes on the caller's
 // stream (torch's current stream), never the default one.
+//
+// Scratch (partial sums, per-row values) comes from the call's workspace, allocated by
+// the caller's own allocator for the bytes each kind's *_scratch function reports (see
+// cuda/scratch.cuh and engine.h): no cudaMalloc per call, no host sync, capturable.
+// row_lse is a warp per row, col_sum several threads per column over row slices,
+// gmm's value an online log-sum-exp per point (no N x K array unless a gradient or the
+// responsibilities are asked for); each combines its partials in a fixed order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
