@@ -7,10 +7,18 @@
 // tree, and rows by one more block. No floating-point atomics anywhere, so the
 // result is bitwise the same on every run. Every launch goes on the caller's
 // stream (torch's current stream), never the default one.
+//
+// Scratch (partial sums, per-row values) comes from the call's workspace, allocated by
+// the caller's own allocator for the bytes each kind's *_scratch function reports (see
+// cuda/scratch.cuh and engine.h): no cudaMalloc per call, no host sync, capturable.
+// row_lse is a warp per row, col_sum several threads per column over row slices,
+// gmm's value an online log-sum-exp per point (no N x K array unless a gradient or the
+// responsibilities are asked for); each combines its partials in a fixed order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -217,14 +225,30 @@ __global__ void finalize(double* rowv, int64_t rows, const double* dparts, int64
     }
 }
 
+// map_reduce's task layout: rows of cols elements (one row of everything when no per-row
+// output is asked for), cut into cpr chunks each.
+struct MrShape {
+  int64_t rows, cols, cpr, ntask;
+};
+MrShape mr_shape(const MapReduceArgs& a) {
+  const bool per_row = a.out_rows || a.out_rows_raw || a.table || a.row_weight;
+  MrShape m;
+  m.rows = per_row ? a.rows : 1;
+  m.cols = per_row ? a.cols : a.rows * a.cols;
+  m.cpr = ceil_div(m.cols, kChunk);
+  m.ntask = m.rows * m.cpr;
+  return m;
+}
+// Partials (2 per task), row sums, the two totals.
+size_t mr_scratch_raw(const MrShape& m) {
+  return sizeof(double) * static_cast<size_t>(2 * m.ntask + m.rows + 2);
+}
+
 template <class F, class S, bool WG>
 void map_reduce_t(const MapReduceArgs& a, cudaStream_t st) {
-  const bool per_row = a.out_rows || a.out_rows_raw || a.table || a.row_weight;
-  const int64_t rows = per_row ? a.rows : 1;
-  const int64_t cols = per_row ? a.cols : a.rows * a.cols;
-  const int64_t cpr = ceil_div(cols, kChunk);
-  const int64_t ntask = rows * cpr;
-  const Scratch scratch(sizeof(double) * (2 * ntask + rows + 2), st);
+  const MrShape m = mr_shape(a);
+  const int64_t rows = m.rows, cols = m.cols, cpr = m.cpr, ntask = m.ntask;
+  const Scratch scratch(mr_scratch_raw(m), st);
   double* part = scratch.as<double>();
   double* dpart = part + ntask;
   double* rowv = dpart + ntask;
@@ -295,14 +319,56 @@ __global__ void row_scale_kernel(RowScaleArgs a) {
   }
 }
 
+// ---- col_sum: several threads per column (issue 16, item 7) ------------------------
+// A block is kColX consecutive columns (a warp's coalesced reads) by kColY row strides;
+// grid.y cuts the rows into `slices` contiguous slices. Thread (x, y) of slice s sums rows
+// s*L + y, s*L + y + kColY, ... (in order, double), the block combines its kColY sums in
+// y order, and with several slices a second kernel adds the slices' partials in slice
+// order. Every order depends on the shape only: bitwise the same on every run.
+constexpr int kColX = 32, kColY = 8;
+
+// Row slices of col_sum: enough blocks to fill the GPU (~1024 in all) with at least 64
+// rows a slice, at most 65535 (the grid's y limit). A function of the shape only.
+int64_t col_sum_slices(const ColSumArgs& a) {
+  if (a.rows <= 0 || a.cols <= 0) return 1;
+  const int64_t col_blocks = ceil_div(a.cols, kColX);
+  int64_t s = ceil_div(a.rows, 64);
+  const int64_t want = ceil_div(1024, col_blocks);
+  if (s > want) s = want;
+  if (s > 65535) s = 65535;
+  return s < 1 ? 1 : s;
+}
+
+// part null: one slice, the block writes scale * sum to out; else slice s's sums to part[s, :].
 template <class S>
-__global__ void col_sum_kernel(ColSumArgs a) {
+__global__ void col_sum_kernel(ColSumArgs a, int64_t slice_rows, double* part) {
+  __shared__ double sh[kColY][kColX];
   const S* x = static_cast<const S*>(a.x);
-  S* out = static_cast<S*>(a.out);
+  const int64_t j = blockIdx.x * int64_t(kColX) + threadIdx.x;
+  const int64_t r0 = blockIdx.y * slice_rows;
+  const int64_t r1 = r0 + slice_rows < a.rows ? r0 + slice_rows : a.rows;
+  double acc = 0.0;
+  if (j < a.cols)
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kColY) acc += static_cast<double>(load(x, r * a.cols + j));
+  sh[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < a.cols) {
+    double t = 0.0;
+    for (int y = 0; y < kColY; ++y) t += sh[y][threadIdx.x];
+    if (part)
+      part[blockIdx.y * a.cols + j] = t;
+    else
+      store(static_cast<S*>(a.out), j, static_cast<typename Acc<S>::type>(a.scale * t));
+  }
+}
+
+// The slices' partials of each column, in slice order.
+template <class S>
+__global__ void col_sum_combine(ColSumArgs a, int64_t slices, const double* part) {
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < a.cols; j += int64_t(gridDim.x) * blockDim.x) {
-    double s = 0.0;  // rows in order: deterministic
-    for (int64_t r = 0; r < a.rows; ++r) s += static_cast<double>(load(x, r * a.cols + j));
-    store(out, j, static_cast<typename Acc<S>::type>(a.scale * s));
+    double t = 0.0;
+    for (int64_t s = 0; s < slices; ++s) t += part[s * a.cols + j];
+    store(static_cast<S*>(a.out), j, static_cast<typename Acc<S>::type>(a.scale * t));
   }
 }
 
@@ -319,10 +385,25 @@ __global__ void col_broadcast_kernel(ColBroadcastArgs a) {
   }
 }
 
-// One thread per row (K is small for the (C+1)-class critic); double statistics,
-// the math of ops::LseRow (shared with the CPU engine).      (GAN.15, GAN.19)
+// ---- row_lse: one warp per row (issue 16, item 7) --------------------------------------
+// Lane i takes the row's entries i, i+32, ... (in order) into its own ops::LseRow (the
+// math shared with the CPU engine: double statistics). The lanes' maxima are merged by
+// an xor butterfly (max with NaN winning is exact: any order gives the same bits), each
+// lane then sums exp(x - max) over its entries, and the 32 sums are added by the same
+// butterfly (a fixed tree; a + b == b + a, so every lane holds the same bits). Every lane
+// finishes the row (the same value, sigma) and writes the gradients of its entries.
+// Deterministic: the order depends only on K.                       (GAN.15, GAN.19)
+constexpr int kLseWarps = kThreads / 32;  // rows per block
+
+// LseRow::max's rule for two partial maxima: NaN wins, an unseen side is ignored.
+__device__ __forceinline__ void max_merge(double& m, bool& seen, double m2, bool seen2) {
+  if (!seen2) return;
+  if (!seen || m2 != m2 || (m == m && m2 > m)) m = m2;
+  seen = true;
+}
+
 template <class S>
-__device__ void row_lse_one(const RowLseArgs& a, int64_t r, double* rowv) {
+__device__ void row_lse_warp(const RowLseArgs& a, int64_t r, int lane, double* rowv) {
   const int64_t K = a.K;
   const S* l = static_cast<const S*>(a.logits) + r * K;
   int64_t target = a.index;
@@ -330,22 +411,34 @@ __device__ void row_lse_one(const RowLseArgs& a, int64_t r, double* rowv) {
     target =
         a.label_type == kInt32 ? static_cast<const int32_t*>(a.labels)[r] : static_cast<const int64_t*>(a.labels)[r];
   ops::LseRow row;
-  for (int64_t k = 0; k < K; ++k) row.max(ops::lse_role(a.mode, k, K, target), static_cast<double>(load(l, k)));
-  for (int64_t k = 0; k < K; ++k) row.add(ops::lse_role(a.mode, k, K, target), static_cast<double>(load(l, k)));
-  rowv[r] = row.finish(a.mode, K);
+  for (int64_t k = lane; k < K; k += 32) row.max(ops::lse_role(a.mode, k, K, target), static_cast<double>(load(l, k)));
+  for (int q = 0; q < 2; ++q)
+    for (int o = 16; o > 0; o >>= 1) {
+      const double m2 = __shfl_xor_sync(0xffffffffu, row.m[q], o);
+      const bool seen2 = __shfl_xor_sync(0xffffffffu, static_cast<int>(row.seen[q]), o) != 0;
+      max_merge(row.m[q], row.seen[q], m2, seen2);
+    }
+  for (int64_t k = lane; k < K; k += 32) row.add(ops::lse_role(a.mode, k, K, target), static_cast<double>(load(l, k)));
+  for (int q = 0; q < 2; ++q)
+    for (int o = 16; o > 0; o >>= 1) row.s[q] += __shfl_xor_sync(0xffffffffu, row.s[q], o);
+  const double v = row.finish(a.mode, K);
+  if (lane == 0) rowv[r] = v;
   if (a.grad) {
     S* g = static_cast<S*>(a.grad) + r * K;
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = lane; k < K; k += 32) {
       const double gk = row.grad(a.mode, ops::lse_role(a.mode, k, K, target), static_cast<double>(load(l, k)));
       store(g, k, static_cast<typename Acc<S>::type>(a.grad_scale * gk));
     }
   }
 }
 
+// Warp w of the grid takes rows w, w + (warps in the grid), ...: the loop bound is the
+// same for the 32 lanes of a warp, so the full-mask shuffles are safe.
 template <class S>
 __global__ void row_lse_kernel(RowLseArgs a, double* rowv) {
-  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x)
-    row_lse_one<S>(a, r, rowv);
+  const int lane = threadIdx.x & 31;
+  const int64_t w = blockIdx.x * int64_t(kLseWarps) + (threadIdx.x >> 5);
+  for (int64_t r = w; r < a.rows; r += int64_t(gridDim.x) * kLseWarps) row_lse_warp<S>(a, r, lane, rowv);
 }
 
 // ---- Gaussian mixtures (VAE.11): three passes, no N x K x D intermediate ----------
@@ -383,27 +476,44 @@ __global__ void gmm_prep(GmmArgs a, double* mu, double* iv, double* cst, double*
   }
 }
 
-// One thread per point: log-likelihood, responsibilities (into r), grad_x.
+// One thread per point. The log-likelihood is an ONLINE log-sum-exp over the components
+// (a running maximum and a rescaled sum in registers: no K-sized array per point), with
+// the CPU's special cases kept (its two-pass form gives NaN when a component is NaN or
+// +inf, or when every component is -inf; a -inf component adds exactly 0). When a
+// gradient or the responsibilities are asked for, the point's log-probabilities go to
+// r (N x K, needed by gmm_params across points) and become responsibilities there; a
+// value-only call has no r at all (issue 16, item 5: 5 GB at N = 1e7, K = 64).
 template <class S>
 __device__ void gmm_point(const GmmArgs& a, int64_t n, const double* mu, const double* iv, const double* cst,
                           double* rowv, double* r) {
   const int64_t K = a.K, D = a.D;
   const S* xn = static_cast<const S*>(a.x) + n * D;
-  double* rn = r + n * K;
-  double m = -INFINITY;
+  double* rn = r ? r + n * K : nullptr;
+  double m = -INFINITY, s = 0.0;
+  bool nan = false;
   for (int64_t k = 0; k < K; ++k) {
     double q = 0.0;
     for (int64_t d = 0; d < D; ++d) {
       const double diff = static_cast<double>(load(xn, d)) - mu[k * D + d];
       q += diff * diff * iv[k * D + d];
     }
-    rn[k] = cst[k] - 0.5 * q;
-    m = fmax(m, rn[k]);
+    const double lp = cst[k] - 0.5 * q;
+    if (rn) rn[k] = lp;
+    if (lp == -INFINITY) continue;  // exp(-inf - m) = 0
+    if (!(lp < INFINITY)) {         // NaN or +inf: the CPU's exp(lp - m) is NaN
+      nan = true;
+      continue;
+    }
+    if (lp > m) {
+      s = s * exp(m - lp) + 1.0;  // (m = -inf: 0 * 0 + 1)
+      m = lp;
+    } else {
+      s += exp(lp - m);
+    }
   }
-  double s = 0.0;
-  for (int64_t k = 0; k < K; ++k) s += exp(rn[k] - m);
-  const double ll = m + log(s);
+  const double ll = nan || m == -INFINITY ? static_cast<double>(NAN) : m + log(s);
   rowv[n] = ll;
+  if (!rn) return;
   for (int64_t k = 0; k < K; ++k) {
     rn[k] = exp(rn[k] - ll);
     if (a.resp) store(static_cast<S*>(a.resp) + n * K, k, static_cast<typename Acc<S>::type>(rn[k]));
@@ -454,32 +564,56 @@ __global__ void gmm_params(GmmArgs a, const double* mu, const double* r, double*
     }
 }
 
-// Combine chunk partials in chunk order and write the parameter gradients.
+// Each of the stride sums S0[K], U[K*D], V[K*D] once: its chunk partials in chunk order.
+__global__ void gmm_totals(const double* part, int64_t nch, int64_t stride, double* tot) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < stride; e += int64_t(gridDim.x) * blockDim.x) {
+    double t = 0.0;
+    for (int64_t c = 0; c < nch; ++c) t += part[c * stride + e];
+    tot[e] = t;
+  }
+}
+
+// One block: the parameter gradients from the totals. sum_n w_n = sum_k S0_k (the
+// responsibilities sum to 1) is computed ONCE, by thread 0 in k order, and shared.
 template <class S>
-__global__ void gmm_finish(GmmArgs a, const double* part, int64_t nch, const double* iv, const double* logpi) {
+__global__ void gmm_finish(GmmArgs a, const double* tot, const double* iv, const double* logpi) {
   using A = typename Acc<S>::type;
-  const int64_t K = a.K, D = a.D, stride = K + 2 * K * D;
-  double wsum = 0.0;  // sum_n w_n = sum_k S0_k (responsibilities sum to 1)
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t c = 0; c < nch; ++c) wsum += part[c * stride + k];
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < K + K * D;
-       e += int64_t(gridDim.x) * blockDim.x) {
+  const int64_t K = a.K, D = a.D;
+  __shared__ double wsum;
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int64_t k = 0; k < K; ++k) t += tot[k];
+    wsum = t;
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < K + K * D; e += blockDim.x) {
     if (e < K) {
-      double s0 = 0.0;
-      for (int64_t c = 0; c < nch; ++c) s0 += part[c * stride + e];
-      if (a.grad_logits) store(static_cast<S*>(a.grad_logits), e, static_cast<A>(s0 - wsum * exp(logpi[e])));
+      if (a.grad_logits) store(static_cast<S*>(a.grad_logits), e, static_cast<A>(tot[e] - wsum * exp(logpi[e])));
     } else {
       const int64_t kd = e - K;
-      double s0 = 0.0, u = 0.0, v = 0.0;
-      for (int64_t c = 0; c < nch; ++c) {
-        s0 += part[c * stride + kd / D];
-        u += part[c * stride + K + kd];
-        v += part[c * stride + K + K * D + kd];
-      }
+      const double s0 = tot[kd / D], u = tot[K + kd], v = tot[K + K * D + kd];
       if (a.grad_means) store(static_cast<S*>(a.grad_means), kd, static_cast<A>(u * iv[kd]));
       if (a.grad_logvars) store(static_cast<S*>(a.grad_logvars), kd, static_cast<A>(0.5 * (v * iv[kd] - s0)));
     }
   }
+}
+
+// gmm's scratch, in doubles: mu, 1/var (K*D each), the constants and log pi (K each), the
+// log-likelihoods (N), the responsibilities (N*K, only when asked for or needed by a
+// gradient), the chunk partials and their totals (parameter gradients only).
+struct GmmLayout {
+  int64_t nch, stride, n_r, n_part, total;
+};
+GmmLayout gmm_layout(const GmmArgs& a) {
+  const int64_t K = a.K, D = a.D, N = a.N;
+  const bool pgrad = a.grad_means || a.grad_logvars || a.grad_logits;
+  GmmLayout g;
+  g.nch = ceil_div(N, kGmmChunk);
+  g.stride = K + 2 * K * D;
+  g.n_r = pgrad || a.grad_x || a.resp ? N * K : 0;
+  g.n_part = pgrad ? (g.nch + 1) * g.stride : 0;
+  g.total = 2 * K * D + 2 * K + N + g.n_r + g.n_part;
+  return g;
 }
 
 unsigned grid_for(int64_t n) {
@@ -491,6 +625,57 @@ unsigned grid_for(int64_t n) {
 
 bool built() {
   return true;
+}
+
+// ---- the call's workspace (engine.h; Scratch in scratch.cuh carves from it) ----------
+
+namespace {
+thread_local WorkspaceArena* t_arena = nullptr;
+std::atomic<int64_t> g_fallbacks{0};
+}  // namespace
+
+WorkspaceArena* current_arena() {
+  return t_arena;
+}
+void note_scratch_fallback() {
+  g_fallbacks.fetch_add(1, std::memory_order_relaxed);
+}
+int64_t scratch_fallbacks() {
+  return g_fallbacks.load(std::memory_order_relaxed);
+}
+
+Workspace::Workspace(void* base, size_t bytes) : previous_(t_arena) {
+  // Scratch pointers must be kScratchAlign-aligned (torch's and CuPy's blocks are 512-byte
+  // aligned: this trims nothing there).
+  const uintptr_t p = reinterpret_cast<uintptr_t>(base);
+  const uintptr_t q = (p + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+  if (base != nullptr && q - p <= bytes) {
+    arena_.base = reinterpret_cast<char*>(q);
+    arena_.size = bytes - (q - p);
+    t_arena = &arena_;
+  } else {
+    t_arena = nullptr;  // no workspace: every Scratch of this call falls back
+  }
+}
+Workspace::~Workspace() {
+  t_arena = previous_;
+}
+
+// The size functions: the same arithmetic as each launcher's Scratch (one Scratch alive at
+// a time in each kind), rounded as a Scratch rounds.
+size_t map_reduce_scratch(const MapReduceArgs& a) {
+  return scratch_round(mr_scratch_raw(mr_shape(a)));
+}
+size_t col_sum_scratch(const ColSumArgs& a) {
+  const int64_t slices = col_sum_slices(a);
+  if (a.cols == 0 || slices == 1) return 0;  // no Scratch
+  return scratch_round(sizeof(double) * static_cast<size_t>(slices * a.cols));
+}
+size_t row_lse_scratch(const RowLseArgs& a) {
+  return scratch_round(sizeof(double) * static_cast<size_t>(a.rows));
+}
+size_t gmm_scratch(const GmmArgs& a) {
+  return scratch_round(sizeof(double) * static_cast<size_t>(gmm_layout(a).total));
 }
 
 RuntimeInfo runtime_info() {
@@ -551,11 +736,23 @@ void row_scale(const RowScaleArgs& a, void* stream) {
 void col_sum(const ColSumArgs& a, void* stream) {
   if (a.cols == 0) return;  // no column to write; rows == 0 writes zero sums, as on the CPU
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int64_t slices = col_sum_slices(a);
+  const int64_t slice_rows = ceil_div(a.rows, slices);
+  const dim3 grid(grid_exact(a.cols, kColX), static_cast<unsigned>(slices));
+  const dim3 block(kColX, kColY);
   dispatch_storage(a.dtype, [&](auto s) {
     using S = decltype(s);
-    col_sum_kernel<S><<<grid_blocks(a.cols, kThreads), kThreads, 0, st>>>(a);
+    if (slices == 1) {
+      col_sum_kernel<S><<<grid, block, 0, st>>>(a, slice_rows, nullptr);
+      check_cuda(cudaGetLastError(), "col_sum launch");
+      return;
+    }
+    const Scratch scratch(sizeof(double) * static_cast<size_t>(slices * a.cols), st);
+    col_sum_kernel<S><<<grid, block, 0, st>>>(a, slice_rows, scratch.as<double>());
+    check_cuda(cudaGetLastError(), "col_sum launch");
+    col_sum_combine<S><<<grid_for(a.cols), kThreads, 0, st>>>(a, slices, scratch.as<double>());
+    check_cuda(cudaGetLastError(), "col_sum combine launch");
   });
-  check_cuda(cudaGetLastError(), "col_sum launch");
 }
 
 void col_broadcast(const ColBroadcastArgs& a, void* stream) {
@@ -570,12 +767,12 @@ void col_broadcast(const ColBroadcastArgs& a, void* stream) {
 
 void row_lse(const RowLseArgs& a, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const Scratch scratch(sizeof(double) * a.rows, st);
+  const Scratch scratch(sizeof(double) * static_cast<size_t>(a.rows), st);
   double* rowv = scratch.as<double>();
   dispatch_storage(a.dtype, [&](auto s) {
     using S = decltype(s);
     if (a.rows > 0) {  // no row: finalize alone writes the zero total, as on the CPU
-      row_lse_kernel<S><<<grid_blocks(a.rows, kThreads), kThreads, 0, st>>>(a, rowv);
+      row_lse_kernel<S><<<grid_blocks(a.rows, kLseWarps), kThreads, 0, st>>>(a, rowv);
       check_cuda(cudaGetLastError(), "row_lse launch");
     }
     finalize<S><<<1, kThreads, 0, st>>>(rowv, a.rows, nullptr, 0, a.value_scale, static_cast<S*>(a.out_value),
@@ -586,29 +783,31 @@ void row_lse(const RowLseArgs& a, void* stream) {
 
 void gmm(const GmmArgs& a, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const int64_t K = a.K, D = a.D, N = a.N, stride = K + 2 * K * D;
-  const bool pgrad = a.grad_means || a.grad_logvars || a.grad_logits;
-  const int64_t nch = ceil_div(N, kGmmChunk);
-  const int64_t ndouble = 3 * K * D + 2 * K + N + N * K + (pgrad ? nch * stride : 0);
-  // N x K responsibilities in float64 (5 GB at N = 1e7, K = 64): the CPU keeps them
-  // per thread; doing the same here is issue 16, item 5 (not done yet).
-  const Scratch scratch(sizeof(double) * ndouble, st);
+  const int64_t K = a.K, D = a.D, N = a.N;
+  const GmmLayout g = gmm_layout(a);
+  const Scratch scratch(sizeof(double) * static_cast<size_t>(g.total), st);
   double* mu = scratch.as<double>();
   double* iv = mu + K * D;
   double* cst = iv + K * D;
   double* logpi = cst + K;
   double* rowv = logpi + K;
-  double* r = rowv + N;
-  double* part = r + N * K;
+  double* r = g.n_r ? rowv + N : nullptr;  // value only: no N x K array
+  double* part = rowv + N + g.n_r;
+  double* tot = part + g.nch * g.stride;
   dispatch_storage(a.dtype, [&](auto s) {
     using S = decltype(s);
     gmm_prep<S><<<1, kThreads, 0, st>>>(a, mu, iv, cst, logpi);
     if (N > 0) gmm_points<S><<<grid_blocks(N, 128), 128, 0, st>>>(a, mu, iv, cst, rowv, r);
     finalize<S><<<1, kThreads, 0, st>>>(rowv, N, nullptr, 0, a.value_scale, static_cast<S*>(a.out_value), 0,
                                         static_cast<S*>(a.out_rows), nullptr);
-    if (pgrad) {
-      if (nch > 0) gmm_params<S><<<grid_blocks(nch, 1), 128, 0, st>>>(a, mu, r, part);
-      gmm_finish<S><<<grid_for(K + K * D), kThreads, 0, st>>>(a, part, nch, iv, logpi);
+    if (g.n_part) {
+      if (g.nch > 0) {
+        gmm_params<S><<<grid_blocks(g.nch, 1), 128, 0, st>>>(a, mu, r, part);
+        gmm_totals<<<grid_blocks(g.stride, kThreads), kThreads, 0, st>>>(part, g.nch, g.stride, tot);
+      } else {  // no point: zero totals (the gradients of an empty sum)
+        check_cuda(cudaMemsetAsync(tot, 0, sizeof(double) * static_cast<size_t>(g.stride), st), "gmm zero");
+      }
+      gmm_finish<S><<<1, kThreads, 0, st>>>(a, tot, iv, logpi);
     }
   });
   check_cuda(cudaGetLastError(), "gmm launch");

@@ -1,5 +1,5 @@
-// scratch.cuh — what engine.cu and mmd.cu share about launches: per-call scratch
-// memory that is freed on every path, and grid sizes that never overflow.
+// scratch.cuh — what the CUDA kernels share about launches: per-call scratch memory
+// that is released on every path, and grid sizes that never overflow.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,6 +9,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "genloss/engine.h"  // cuda::Workspace, scratch_round
+
 namespace genloss {
 namespace cuda {
 
@@ -16,21 +18,49 @@ inline void check_cuda(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("genloss CUDA: ") + what + ": " + cudaGetErrorString(e));
 }
 
-// Stream-ordered scratch from the device's default memory pool, released (in stream
-// order) when the owner leaves scope, so a failed launch or a throwing check no
-// longer leaks it. Still outside torch's caching allocator (issue 16, item 5): a
-// call can fail with "out of memory" while torch holds free cached blocks; the
-// cure is a workspace allocated by the caller, not done yet.
+// The workspace of the call running on this thread (engine.cu: set by a cuda::Workspace
+// in run_one for the duration of one Call; null when the call has none).
+WorkspaceArena* current_arena();
+// Counts each Scratch that had to fall back to cudaMallocAsync (cuda::scratch_fallbacks()).
+void note_scratch_fallback();
+
+// Stream-ordered scratch for the duration of a scope (RAII: released on every path, a
+// throwing check or a failed launch included).
+//
+// Where it comes from (issue 16, item 5): the CALL's WORKSPACE, a uint8 array the
+// caller's own allocator made for this call (torch.empty: torch's caching allocator on
+// the launch stream, or the CUDA graph's private pool while capturing; cupy.empty for
+// CuPy), sized by the kind's pure `*_scratch` function next to its kernel (engine.cu)
+// and handed over by run_call (plan.cpp). A Scratch carves its bytes from that arena
+// like a stack (kScratchAlign-aligned; released in reverse order of construction, which
+// scopes guarantee) — no allocation, no host sync, nothing outside the caller's pool.
+// Only when the call has no workspace (a kind whose size function does not exist yet,
+// a Call built with _C.Call and run with _C.run, a DLPack producer that is neither
+// torch nor CuPy) or when it is too small does it fall back to cudaMallocAsync from the
+// device's default pool, counted by note_scratch_fallback so tests can see it.
 class Scratch {
  public:
   Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    // At least one byte: a zero-size request may return null, which reads as "absent".
-    check_cuda(cudaMallocAsync(&ptr_, bytes > 0 ? bytes : 1, stream), "scratch alloc");
+    const size_t need = scratch_round(bytes);  // >= 1 byte: null would read as "absent"
+    WorkspaceArena* a = current_arena();
+    if (a != nullptr && a->size - a->used >= need) {
+      arena_ = a;
+      mark_ = a->used;
+      ptr_ = a->base + a->used;
+      a->used += need;
+      return;
+    }
+    note_scratch_fallback();
+    check_cuda(cudaMallocAsync(&ptr_, need, stream), "scratch alloc");
   }
   ~Scratch() {
-    // A destructor cannot throw; a failed free means the context is already broken,
-    // and the next call's checks report that.
-    if (ptr_) (void)cudaFreeAsync(ptr_, stream_);
+    if (arena_ != nullptr) {
+      arena_->used = mark_;  // stream order makes the bytes reusable by the next launch
+    } else if (ptr_ != nullptr) {
+      // A destructor cannot throw; a failed free means the context is already broken,
+      // and the next call's checks report that.
+      (void)cudaFreeAsync(ptr_, stream_);
+    }
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -42,6 +72,8 @@ class Scratch {
  private:
   void* ptr_ = nullptr;
   cudaStream_t stream_;
+  WorkspaceArena* arena_ = nullptr;
+  size_t mark_ = 0;
 };
 
 // The x-dimension grid limit (2^31 - 1 blocks). Kernels that may need more blocks

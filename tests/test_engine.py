@@ -272,3 +272,28 @@ def test_options_reject_bad_values(name, value, error):
         good = {"stream_min_bytes": 999} if name != "stream_min_bytes" else {"threads": 1}
         gn.options(**good, **{name: value})  # nothing is set when one value is bad
     assert gn.options() == before
+
+
+def test_workspace_field_is_for_cuda_calls_only():
+    """``workspace=`` (the CUDA scratch allocator, _engine.workspace) is accepted by run_call
+    and _C.Call of every kind, and a CPU call never calls it; the fallback counter of CUDA
+    scratch exists (0 without CUDA calls)."""
+    from genloss import _C
+
+    def alloc(device_id, nbytes):
+        raise AssertionError("a CPU call asked for a CUDA workspace")
+
+    x = np.arange(6, dtype=np.float64).reshape(2, 3)
+    out = np.zeros(1)
+    _C.run_call(
+        functor="Linear", params={}, dtype=1, ins=[x.ctypes.data], rows=2, cols=3, out_value=out.ctypes.data,
+        workspace=alloc,
+    )  # fmt: skip
+    assert out[0] == 15.0
+    col = np.zeros(3)
+    c = _C.Call(
+        kind="col_sum", dtype=1, x=x.ctypes.data, out=col.ctypes.data, rows=2, cols=3, workspace=alloc
+    )
+    _C.run(c)
+    assert col.tolist() == [3.0, 5.0, 7.0]
+    assert isinstance(_C.cuda_scratch_fallbacks(), int)

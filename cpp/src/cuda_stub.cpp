@@ -65,5 +65,22 @@ void vq_ema_update(const cpu::VqEmaArgs&, void*) {
 void lfq_entropy(const cpu::LfqArgs&, void*) {
   unavailable();
 }
+size_t map_reduce_scratch(const MapReduceArgs&) {
+  return 0;
+}
+size_t col_sum_scratch(const ColSumArgs&) {
+  return 0;
+}
+size_t row_lse_scratch(const RowLseArgs&) {
+  return 0;
+}
+size_t gmm_scratch(const GmmArgs&) {
+  return 0;
+}
+Workspace::Workspace(void*, size_t) {}
+Workspace::~Workspace() = default;
+int64_t scratch_fallbacks() {
+  return 0;
+}
 }  // namespace cuda
 }  // namespace genloss

@@ -551,6 +551,12 @@ struct Call {
   bool want_totals = false;
   double totals[2] = {0.0, 0.0};
   std::vector<double> reals;  // a kTReals field's values (k points to them only while it runs)
+  // workspace=: the caller's allocator of CUDA scratch, alloc(device_id, nbytes) ->
+  // (address, owner) (_engine.py). Borrowed from run_call's arguments, so used and cleared
+  // within run_call; a Call built by _C.Call has none (its scratch falls back).
+  PyObject* alloc = nullptr;
+  std::uintptr_t workspace = 0;  // the workspace's address and size, set only while it runs
+  size_t workspace_bytes = 0;
   Call() { std::memset(&k, 0, sizeof k); }
 };
 
@@ -657,6 +663,7 @@ enum Field {
   kParamScale,
   kOffsetFrom,
   kOffsetScale,
+  kWorkspace,
   kNumFields
 };
 const char* const kFieldNames[kNumFields] = {
@@ -664,7 +671,7 @@ const char* const kFieldNames[kNumFields] = {
     "stream",       "rows",        "cols",         "value_scale", "grad_scale", "grad_offset", "out_value",
     "out_rows",     "out_elems",   "out_rows_raw", "accumulate",  "totals",     "table",       "table_rows",
     "table_stride", "index",       "index_type",   "row_weight",  "kind",       "totals_out",  "param_from",
-    "param_scale",  "offset_from", "offset_scale"};
+    "param_scale",  "offset_from", "offset_scale", "workspace"};
 
 // The field a keyword names (interned: keywords written in Python source compare by
 // identity), or -1.
@@ -826,10 +833,14 @@ Call make_kernel_call(int kind, Fields fields) {
       c.stream = as_ptr(v, "stream");
       continue;
     }
+    if (common == kWorkspace) {
+      c.alloc = v;
+      continue;
+    }
     const int j = kernel_field(kind, k);
     if (j < 0)
       throw py::type_error(who + ": unknown field " + std::string(py::repr(k)) +
-                           " (its fields: " + kernel_field_list(kind) + ", device, device_id, stream)");
+                           " (its fields: " + kernel_field_list(kind) + ", device, device_id, stream, workspace)");
     const KernelField& f = info.fields[j];
     given |= 1u << j;
     char* p = field_at(c.k, f);
@@ -1022,6 +1033,9 @@ Call make_call(Fields fields) {
       case kOffsetScale:
         a.offset_scale = as_real(v, "offset_scale");
         break;
+      case kWorkspace:
+        c.alloc = v;
+        break;
       default:
         throw py::type_error("Call: unknown field " + std::string(py::repr(k)));
     }
@@ -1121,8 +1135,49 @@ void run_one(Call& c) {
     }
   } else {
     const cuda::DeviceGuard guard(c.device_id);
+    const cuda::Workspace workspace(reinterpret_cast<void*>(c.workspace), c.workspace_bytes);
     run_cuda(c.kind, a, k, reinterpret_cast<void*>(c.stream));
   }
+}
+
+// The scratch bytes a CUDA call takes from its workspace (engine.cu's size functions,
+// next to the kernels); 0: none, or a kind that does not report its size yet (mmd and the
+// newer kinds: their Scratch falls back to cudaMallocAsync until they add a case here).
+size_t cuda_scratch_bytes(const Call& c) {
+  switch (c.kind) {
+    case kMapReduce:
+      return cuda::map_reduce_scratch(c.a);
+    case kColSum:
+      return cuda::col_sum_scratch(c.k.col_sum);
+    case kRowLse:
+      return cuda::row_lse_scratch(c.k.row_lse);
+    case kGmm:
+      return cuda::gmm_scratch(c.k.gmm);
+    default:
+      return 0;
+  }
+}
+
+// A CUDA call's workspace from the caller's allocator (workspace=alloc: alloc(device_id,
+// nbytes) -> (address, owner)), with the GIL held, before the launch. The owner (a torch
+// or CuPy array) is returned to be dropped AFTER the launch: the caller's allocator then
+// reuses the bytes only for work queued after ours on the same stream (torch's caching
+// allocator and CuPy's pool are stream-ordered), so there is no sync; while a CUDA graph
+// is captured, torch allocates from the graph's private pool, which replay keeps.
+py::object take_workspace(Call& c) {
+  PyObject* alloc = c.alloc;
+  c.alloc = nullptr;  // borrowed from the arguments: never kept past this run_call
+  if (c.device != 1 || alloc == nullptr || alloc == Py_None) return py::object();
+  const size_t n = cuda_scratch_bytes(c);
+  if (n == 0) return py::object();
+  py::object r =
+      py::reinterpret_steal<py::object>(PyObject_CallFunction(alloc, "in", c.device_id, static_cast<Py_ssize_t>(n)));
+  if (!r) throw py::error_already_set();
+  if (!PyTuple_Check(r.ptr()) || PyTuple_GET_SIZE(r.ptr()) != 2)
+    throw py::type_error("Call: workspace(device_id, nbytes) must return (address, owner)");
+  c.workspace = as_ptr(PyTuple_GET_ITEM(r.ptr(), 0), "workspace address");
+  c.workspace_bytes = c.workspace ? n : 0;
+  return r;
 }
 
 // THE entry point: a Call or a sequence of Calls, in order, with the GIL released.
@@ -1148,10 +1203,13 @@ PyObject* run_call(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject*
     f.args = args;
     f.kwnames = kwnames;
     Call c = make_call(f);
+    const py::object owner = take_workspace(c);  // released after the launch, on every path
     {
       py::gil_scoped_release nogil;
       run_one(c);
     }
+    c.workspace = 0;
+    c.workspace_bytes = 0;
     return py::cast(std::move(c), py::return_value_policy::move).release().ptr();
   } catch (py::error_already_set& e) {
     e.restore();
@@ -1829,7 +1887,9 @@ void bind_plan(py::module_& m) {
       .def(py::init([](const py::kwargs& kw) {
         Fields f;
         f.dict = kw.ptr();
-        return make_call(f);
+        Call c = make_call(f);
+        c.alloc = nullptr;  // workspace= serves run_call only (a borrowed reference)
+        return c;
       }))
       .def_property_readonly("kind", [](const Call& c) { return std::string(kKindNames[c.kind]); })
       .def_property_readonly("fields", &call_fields)
@@ -1897,4 +1957,6 @@ void bind_plan(py::module_& m) {
   Py_DECREF(run);
   m.attr("HOST_CACHE_MIN_BYTES") = kHostCacheMinBytes;
   m.attr("LFQ_MAX_BITS") = cpu::kLfqMaxBits;
+  m.def("cuda_scratch_fallbacks", &cuda::scratch_fallbacks,
+        "How many CUDA scratch buffers fell back to cudaMallocAsync (the call had no workspace from its caller).");
 }

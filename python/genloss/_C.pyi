@@ -124,7 +124,14 @@ class Call:
 
 def run_call(**fields: Any) -> Call:
     """``Call(**fields)``, run as ``run`` runs it, and returned (one C call, no dict:
-    the hot path of the compositions no plan serves)."""
+    the hot path of the compositions no plan serves). On CUDA, ``workspace=alloc``
+    (``alloc(device_id, nbytes) -> (address, owner)``, _engine.py) gives the call its
+    scratch from the caller's allocator; without it the scratch falls back to
+    cudaMallocAsync (``cuda_scratch_fallbacks``)."""
+
+def cuda_scratch_fallbacks() -> int:
+    """How many CUDA scratch buffers fell back to cudaMallocAsync in this process (a call
+    without a workspace from its caller, or a kind that does not report its size)."""
 
 def run(calls: Call | Sequence[Call]) -> None:
     """Run a Call or a sequence of Calls in order with the GIL released: the one entry

@@ -9,6 +9,7 @@
 // result is bitwise the same for any thread count (CPU) or grid (CUDA).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -307,6 +308,46 @@ void col_sum(const ColSumArgs& a, void* stream);
 void col_broadcast(const ColBroadcastArgs& a, void* stream);
 void row_lse(const RowLseArgs& a, void* stream);
 void gmm(const GmmArgs& a, void* stream);
+
+// ---- The call's workspace (issue 16, item 5) -----------------------------------------
+// A CUDA kernel's scratch comes from a workspace the CALLER allocated for the call with
+// its own allocator (torch's caching allocator, CuPy's pool: _engine.py's workspace
+// allocators), never from a per-call cudaMalloc. Each kind that takes scratch reports
+// how many bytes it needs for its Args (a pure function of the sizes and of which
+// outputs are asked for, defined next to its kernel in engine.cu; 0 without nvcc);
+// run_call (plan.cpp) asks the caller's allocator for that many bytes and runs the
+// call inside a Workspace, from which cuda::Scratch (cuda/scratch.cuh) carves.
+constexpr size_t kScratchAlign = 256;
+// The bytes one Scratch of `bytes` takes from a workspace: at least 1, kScratchAlign-rounded.
+constexpr size_t scratch_round(size_t bytes) {
+  return ((bytes > 0 ? bytes : 1) + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+}
+size_t map_reduce_scratch(const MapReduceArgs& a);
+size_t col_sum_scratch(const ColSumArgs& a);
+size_t row_lse_scratch(const RowLseArgs& a);
+size_t gmm_scratch(const GmmArgs& a);
+struct WorkspaceArena {
+  char* base = nullptr;
+  size_t size = 0;
+  size_t used = 0;  // a stack: each Scratch gives its bytes back when it leaves scope
+};
+// Makes [base, base + bytes) this thread's workspace for its lifetime (null: none, every
+// Scratch then falls back to cudaMallocAsync), and restores the previous one after.
+class Workspace {
+ public:
+  Workspace(void* base, size_t bytes);
+  ~Workspace();
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+
+ private:
+  WorkspaceArena arena_;
+  WorkspaceArena* previous_ = nullptr;
+};
+// How many Scratches fell back to cudaMallocAsync in this process (tests: a kind that
+// reports its size never does).
+int64_t scratch_fallbacks();
+
 // Makes `device` current for the guard's lifetime and gives the caller back its own
 // current device after (on error paths too): a call on cuda:1 must not leave a
 // multi-GPU program allocating on cuda:1.

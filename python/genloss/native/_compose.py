@@ -22,6 +22,7 @@ from ._engine import (
     run_call,
     same_place,
     stream_of,
+    workspace,
 )
 
 
@@ -98,6 +99,7 @@ def run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, gr
     grads: list[Buf | None] = [None] * n_grads
     out, rows = value_out(ref, reduction)
     stream = stream_of(ref)
+    ws = workspace(ref)  # CUDA scratch from the inputs' allocator (nothing on the CPU)
     for i, t in enumerate(terms):
         x = t.x
         ins: tuple[Buf, ...] = (x,) if t.y is None else (x, t.y)
@@ -115,7 +117,7 @@ def run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, gr
             functor=t.functor, params=t.params, dtype=x.dtype, device=x.device, device_id=x.device_id,
             stream=stream, ins=[b.ptr for b in ins], grads=[0 if g is None else g.ptr for g in gbufs],
             rows=x.rows, cols=x.cols, value_scale=s, grad_scale=s, accumulate=i > 0,
-            out_value=0 if out is None else out.ptr, out_rows=0 if rows is None else rows.ptr,
+            out_value=0 if out is None else out.ptr, out_rows=0 if rows is None else rows.ptr, **ws,
         ))  # fmt: skip
     value = out if rows is None else rows
     assert value is not None  # value_out gives exactly one of them

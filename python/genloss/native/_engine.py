@@ -708,6 +708,50 @@ def _p(b: Buf | None) -> int:
     return 0 if b is None else b.ptr
 
 
+# ---- CUDA scratch: a workspace from the inputs' own allocator (issue 16, item 5) --------
+#
+# A CUDA kernel that needs scratch (map_reduce's partial sums, row_lse's and gmm's per-row
+# values, col_sum's row-slice partials) takes it from a uint8 workspace allocated for the
+# call by the library the inputs came from, never by a cudaMalloc of its own: run_call,
+# given ``workspace=alloc``, asks the kind's size function (engine.cu) for the bytes,
+# calls ``alloc(device_id, nbytes) -> (address, owner)`` before the launch and drops the
+# owner after it. torch.empty takes the bytes from torch's caching allocator on the
+# current stream (the launch stream; during CUDA graph capture, from the graph's private
+# pool), so a call does not fail with "out of memory" while torch holds free cached
+# blocks, and nothing is returned to the driver at a sync; freeing right after the
+# launch is safe because that allocator hands the bytes out again only to work queued
+# later on the same stream. CuPy's pool is stream-ordered the same way. Other DLPack
+# producers pass no allocator: the engine then falls back to cudaMallocAsync
+# (_C.cuda_scratch_fallbacks() counts those).
+
+
+def _torch_workspace(device_id: int, nbytes: int) -> tuple[int, Any]:
+    t = _torch.empty(nbytes, dtype=_torch.uint8, device=_torch.device("cuda", device_id))
+    return t.data_ptr(), t
+
+
+def _cupy_workspace(device_id: int, nbytes: int) -> tuple[int, Any]:
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        a = cupy.empty(nbytes, dtype=cupy.uint8)
+    return int(a.data.ptr), a
+
+
+_WORKSPACE = {"torch": _torch_workspace, "cupy": _cupy_workspace}
+_NO_FIELDS: dict[str, Any] = {}  # never mutated: ** of it passes nothing
+
+
+def workspace(b: Buf) -> dict[str, Any]:
+    """The ``workspace=`` field of a call on ``b``'s device: the allocator of ``b``'s library
+    on CUDA (none for another producer), nothing at all on the CPU (its hot path pays no
+    keyword)."""
+    if b.device == CPU:
+        return _NO_FIELDS
+    alloc = _WORKSPACE.get(b.kind)
+    return _NO_FIELDS if alloc is None else {"workspace": alloc}
+
+
 # ---- the one execution path of the engine: a typed Call, run by _C.run --------------
 #
 # While a composition records its plan (_compose.cached), every Call it runs is appended
@@ -873,6 +917,8 @@ def map_reduce(
             extra.update(param_from=param_from[0].ptr + 8 * param_from[1], param_scale=param_from[2])
         if offset_from is not None:
             extra.update(offset_from=offset_from[0].ptr + 8 * offset_from[1], offset_scale=offset_from[2])
+    if x.device != CPU:
+        extra.update(workspace(x))
     call = run_call(
         functor=functor, params=params, dtype=x.dtype, device=x.device, device_id=x.device_id,
         stream=stream_of(x), ins=ins, grads=[_p(g) for g in grads], rows=rows, cols=cols, value_scale=value_scale,
@@ -903,7 +949,7 @@ def col_sum(x: Buf, out: Buf, *, scale: float = 1.0) -> None:
     rows, cols = x.rows_cols()
     ran(run_call(
         kind="col_sum", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, x=x.ptr,
-        out=out.ptr, rows=rows, cols=cols, scale=scale,
+        out=out.ptr, rows=rows, cols=cols, scale=scale, **workspace(x),
     ))  # fmt: skip
 
 
@@ -935,7 +981,7 @@ def row_lse(
         kind="row_lse", device=logits.device, device_id=logits.device_id, stream=stream_of(logits),
         dtype=logits.dtype, logits=logits.ptr, labels=_p(labels), label_type=0 if labels is None else labels.dtype,
         mode=mode, index=index, rows=rows, K=k, value_scale=value_scale, out_value=_p(out), accumulate=accumulate,
-        out_rows=_p(rows_out), grad_scale=grad_scale, grad=_p(grad),
+        out_rows=_p(rows_out), grad_scale=grad_scale, grad=_p(grad), **workspace(logits),
     ))  # fmt: skip
 
 
@@ -961,7 +1007,7 @@ def gmm(
         logits=logits.ptr, means=means.ptr, logvars=logvars.ptr, N=x.shape[0], K=logits.shape[0], D=x.shape[1],
         value_scale=value_scale, out_value=_p(out), out_rows=_p(rows_out), resp=_p(resp),
         row_weights=_p(row_weights), grad_scale=grad_scale, grad_x=gx, grad_logits=gl, grad_means=gm,
-        grad_logvars=gv,
+        grad_logvars=gv, **workspace(x),
     ))  # fmt: skip
 
 
