@@ -644,18 +644,19 @@ int64_t scratch_fallbacks() {
   return g_fallbacks.load(std::memory_order_relaxed);
 }
 
-Workspace::Workspace(void* base, size_t bytes) : previous_(t_arena) {
+Workspace::Workspace(void* base, size_t bytes, ScratchMore more, void* more_ctx) : previous_(t_arena) {
   // Scratch pointers must be kScratchAlign-aligned (torch's and CuPy's blocks are 512-byte
   // aligned: this trims nothing there).
   const uintptr_t p = reinterpret_cast<uintptr_t>(base);
   const uintptr_t q = (p + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+  arena_.more = more;
+  arena_.more_ctx = more_ctx;
   if (base != nullptr && q - p <= bytes) {
     arena_.base = reinterpret_cast<char*>(q);
     arena_.size = bytes - (q - p);
-    t_arena = &arena_;
-  } else {
-    t_arena = nullptr;  // no workspace: every Scratch of this call falls back
   }
+  // no workspace and no allocator: every Scratch of this call falls back
+  t_arena = (arena_.base != nullptr || more != nullptr) ? &arena_ : nullptr;
 }
 Workspace::~Workspace() {
   t_arena = previous_;

@@ -34,10 +34,12 @@ void note_scratch_fallback();
 // and handed over by run_call (plan.cpp). A Scratch carves its bytes from that arena
 // like a stack (kScratchAlign-aligned; released in reverse order of construction, which
 // scopes guarantee) — no allocation, no host sync, nothing outside the caller's pool.
-// Only when the call has no workspace (a kind whose size function does not exist yet,
-// a Call built with _C.Call and run with _C.run, a DLPack producer that is neither
-// torch nor CuPy) or when it is too small does it fall back to cudaMallocAsync from the
-// device's default pool, counted by note_scratch_fallback so tests can see it.
+// A kind with no size function (its Scratches depend on the launcher's path: mmd, quant,
+// knn, ot), or a workspace too small, asks the caller's allocator for one more block per
+// Scratch (WorkspaceArena::more, kept until the call returns). Only a call with no
+// allocator at all (a Call built with _C.Call and run with _C.run, a DLPack producer that
+// is neither torch nor CuPy) falls back to cudaMallocAsync from the device's default
+// pool, counted by note_scratch_fallback so tests can see it.
 class Scratch {
  public:
   Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
@@ -50,13 +52,20 @@ class Scratch {
       a->used += need;
       return;
     }
+    if (a != nullptr && a->more != nullptr) {  // a block of the caller's allocator, kept by the call
+      ptr_ = a->more(a->more_ctx, need);
+      if (ptr_ != nullptr) {
+        borrowed_ = true;
+        return;
+      }
+    }
     note_scratch_fallback();
     check_cuda(cudaMallocAsync(&ptr_, need, stream), "scratch alloc");
   }
   ~Scratch() {
     if (arena_ != nullptr) {
       arena_->used = mark_;  // stream order makes the bytes reusable by the next launch
-    } else if (ptr_ != nullptr) {
+    } else if (ptr_ != nullptr && !borrowed_) {
       // A destructor cannot throw; a failed free means the context is already broken,
       // and the next call's checks report that.
       (void)cudaFreeAsync(ptr_, stream_);
@@ -74,6 +83,7 @@ class Scratch {
   cudaStream_t stream_;
   WorkspaceArena* arena_ = nullptr;
   size_t mark_ = 0;
+  bool borrowed_ = false;  // from the caller's allocator (WorkspaceArena::more): the call releases it
 };
 
 // The x-dimension grid limit (2^31 - 1 blocks). Kernels that may need more blocks

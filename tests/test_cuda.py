@@ -535,3 +535,39 @@ def test_scratch_comes_from_torch_and_capture_replays(cuda_device):
     for i, (c, e) in enumerate(zip(captured[:-1], eager[:-1], strict=True)):
         _same_bits(c, e, f"engine output {i}: replay vs eager")  # the same kernels on the same data
     assert_close(captured[-1].cpu(), eager[-1].cpu(), "cuda", torch.float64, "l1_loss replayed")
+
+
+def test_family_kernels_take_scratch_from_torch(cuda_device):
+    """The kinds whose scratch depends on their launcher's path (mmd, vector_quantize,
+    vq_ema_update, lfq_entropy, knn_prdc, sinkhorn, assignment: no size function) ask
+    torch's allocator for each block they need (plan.cpp more_scratch): the engine's
+    cudaMallocAsync fallback count does not move while every one of them runs, forward and
+    backward, and torch's allocator sees the blocks."""
+    E = _engine()
+    g = torch.Generator(device=cuda_device).manual_seed(4)
+
+    def randn(*shape, dtype=torch.float32, grad=False):
+        return torch.randn(*shape, device=cuda_device, generator=g, dtype=dtype).requires_grad_(grad)
+
+    z, book = randn(500, 8, grad=True), randn(300, 8, grad=True)
+    steps = {
+        "mmd2": lambda: gt.mmd2(randn(300, 9, grad=True), randn(200, 9, grad=True)).backward(),
+        "vector_quantize": lambda: sum(v.sum() for v in gt.vector_quantize(z, book) if v.is_floating_point()).backward(),
+        "vq_ema_update": lambda: gt.vq_ema_update(
+            z.detach(), torch.arange(500, device=cuda_device) % 300, torch.ones(300, device=cuda_device),
+            book.detach().clone(),
+        ),
+        "lfq_entropy_loss": lambda: gt.lfq_entropy_loss(randn(200, 10, grad=True)).backward(),
+        "prdc": lambda: gt.prdc(randn(400, 6), randn(300, 6), 4),
+        "ot_coupling": lambda: gt.ot_coupling(randn(64, 3), randn(64, 3)),
+        "sinkhorn_divergence": lambda: gt.sinkhorn_divergence(
+            randn(80, 2, dtype=torch.float64, grad=True), randn(70, 2, dtype=torch.float64), 0.5
+        ).backward(),
+    }  # fmt: skip
+    for name, step in steps.items():
+        before = E._C.cuda_scratch_fallbacks()
+        allocs = torch.cuda.memory_stats(cuda_device)["allocation.all.allocated"]
+        step()
+        torch.cuda.synchronize(cuda_device)
+        assert E._C.cuda_scratch_fallbacks() == before, f"{name}: scratch outside torch's allocator"
+        assert torch.cuda.memory_stats(cuda_device)["allocation.all.allocated"] > allocs, name

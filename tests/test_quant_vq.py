@@ -856,7 +856,7 @@ def test_torch_quantizers_cuda_equal_cpu(cuda_device, dtype):
     x = (0.3 * torch.randn(200, 12, generator=g)).to(dtype)
     vals = {}
     for dev in ("cpu", cuda_device):
-        xr = x.to(dev).requires_grad_(True)
+        xr = x.to(dev).clone().requires_grad_(True)  # a leaf on both devices (x.to("cpu") IS x)
         v = gt.lfq_entropy_loss(xr, 3.0, 1.0, 1.0)
         v.backward()
         vals[str(dev)] = (v.detach().cpu(), xr.grad.cpu())

@@ -77,7 +77,7 @@ size_t row_lse_scratch(const RowLseArgs&) {
 size_t gmm_scratch(const GmmArgs&) {
   return 0;
 }
-Workspace::Workspace(void*, size_t) {}
+Workspace::Workspace(void*, size_t, ScratchMore, void*) {}
 Workspace::~Workspace() = default;
 int64_t scratch_fallbacks() {
   return 0;

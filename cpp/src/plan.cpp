@@ -1123,7 +1123,34 @@ void run_cuda(int kind, const MapReduceArgs& a, const KernelArgs& k, void* strea
   }
 }
 
-void run_one(Call& c) {
+// The caller's allocator for the Scratches that a call's workspace cannot serve (engine.h,
+// ScratchMore): alloc(device_id, nbytes) -> (address, owner) with the GIL taken for that
+// moment; the owners live until the run_call that made this returns (stream order makes
+// that safe, as for the workspace itself). Null on any failure: the Scratch then falls back.
+struct MoreScratch {
+  PyObject* alloc;  // borrowed from run_call's arguments
+  int device_id;
+  std::vector<py::object> owners;
+};
+void* more_scratch(void* ctx, size_t bytes) {
+  auto* m = static_cast<MoreScratch*>(ctx);
+  py::gil_scoped_acquire gil;
+  py::object r = py::reinterpret_steal<py::object>(
+      PyObject_CallFunction(m->alloc, "in", m->device_id, static_cast<Py_ssize_t>(bytes)));
+  if (!r || !PyTuple_Check(r.ptr()) || PyTuple_GET_SIZE(r.ptr()) != 2) {
+    PyErr_Clear();  // e.g. torch's out-of-memory: cudaMallocAsync gets its chance, and its error is raised
+    return nullptr;
+  }
+  const unsigned long long p = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(r.ptr(), 0));
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  m->owners.push_back(std::move(r));
+  return reinterpret_cast<void*>(static_cast<std::uintptr_t>(p));
+}
+
+void run_one(Call& c, MoreScratch* more = nullptr) {
   MapReduceArgs a = c.a;
   a.totals = c.want_totals ? c.totals : nullptr;
   const KernelArgs k = with_reals(c.kind, c.k, c.reals);
@@ -1135,14 +1162,15 @@ void run_one(Call& c) {
     }
   } else {
     const cuda::DeviceGuard guard(c.device_id);
-    const cuda::Workspace workspace(reinterpret_cast<void*>(c.workspace), c.workspace_bytes);
+    const cuda::Workspace workspace(reinterpret_cast<void*>(c.workspace), c.workspace_bytes,
+                                    more ? &more_scratch : nullptr, more);
     run_cuda(c.kind, a, k, reinterpret_cast<void*>(c.stream));
   }
 }
 
 // The scratch bytes a CUDA call takes from its workspace (engine.cu's size functions,
-// next to the kernels); 0: none, or a kind that does not report its size yet (mmd and the
-// newer kinds: their Scratch falls back to cudaMallocAsync until they add a case here).
+// next to the kernels); 0: none, or a kind whose Scratches depend on its launcher's path
+// (mmd, quant, knn, ot): each of those asks the caller's allocator itself (more_scratch).
 size_t cuda_scratch_bytes(const Call& c) {
   switch (c.kind) {
     case kMapReduce:
@@ -1164,9 +1192,7 @@ size_t cuda_scratch_bytes(const Call& c) {
 // reuses the bytes only for work queued after ours on the same stream (torch's caching
 // allocator and CuPy's pool are stream-ordered), so there is no sync; while a CUDA graph
 // is captured, torch allocates from the graph's private pool, which replay keeps.
-py::object take_workspace(Call& c) {
-  PyObject* alloc = c.alloc;
-  c.alloc = nullptr;  // borrowed from the arguments: never kept past this run_call
+py::object take_workspace(Call& c, PyObject* alloc) {
   if (c.device != 1 || alloc == nullptr || alloc == Py_None) return py::object();
   const size_t n = cuda_scratch_bytes(c);
   if (n == 0) return py::object();
@@ -1203,10 +1229,15 @@ PyObject* run_call(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject*
     f.args = args;
     f.kwnames = kwnames;
     Call c = make_call(f);
-    const py::object owner = take_workspace(c);  // released after the launch, on every path
+    PyObject* alloc = c.alloc;
+    c.alloc = nullptr;  // borrowed from the arguments: never kept past this run_call
+    const bool has_alloc = c.device == 1 && alloc != nullptr && alloc != Py_None;
+    // both released after the launch (GIL held again), on every path
+    const py::object owner = take_workspace(c, alloc);
+    MoreScratch more{alloc, c.device_id, {}};
     {
       py::gil_scoped_release nogil;
-      run_one(c);
+      run_one(c, has_alloc ? &more : nullptr);
     }
     c.workspace = 0;
     c.workspace_bytes = 0;

@@ -326,16 +326,24 @@ size_t map_reduce_scratch(const MapReduceArgs& a);
 size_t col_sum_scratch(const ColSumArgs& a);
 size_t row_lse_scratch(const RowLseArgs& a);
 size_t gmm_scratch(const GmmArgs& a);
+// A kind without a size function (mmd, quant, knn, ot: their Scratches depend on the
+// path the launcher takes) still takes its scratch from the caller: `more` asks the
+// caller's allocator for one block per Scratch that the workspace cannot serve
+// (plan.cpp: alloc(device_id, nbytes) with the GIL taken for that moment; the block is
+// kept until the call returns). Null `more`: such a Scratch falls back to cudaMallocAsync.
+using ScratchMore = void* (*)(void* ctx, size_t bytes);
 struct WorkspaceArena {
   char* base = nullptr;
   size_t size = 0;
   size_t used = 0;  // a stack: each Scratch gives its bytes back when it leaves scope
+  ScratchMore more = nullptr;
+  void* more_ctx = nullptr;
 };
-// Makes [base, base + bytes) this thread's workspace for its lifetime (null: none, every
-// Scratch then falls back to cudaMallocAsync), and restores the previous one after.
+// Makes [base, base + bytes) this thread's workspace for its lifetime (null and no `more`:
+// none, every Scratch then falls back to cudaMallocAsync), and restores the previous one after.
 class Workspace {
  public:
-  Workspace(void* base, size_t bytes);
+  Workspace(void* base, size_t bytes, ScratchMore more = nullptr, void* more_ctx = nullptr);
   ~Workspace();
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
@@ -344,8 +352,8 @@ class Workspace {
   WorkspaceArena arena_;
   WorkspaceArena* previous_ = nullptr;
 };
-// How many Scratches fell back to cudaMallocAsync in this process (tests: a kind that
-// reports its size never does).
+// How many Scratches fell back to cudaMallocAsync in this process (tests: a call through
+// run_call with a workspace allocator never does).
 int64_t scratch_fallbacks();
 
 // Makes `device` current for the guard's lifetime and gives the caller back its own

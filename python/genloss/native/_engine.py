@@ -1028,7 +1028,7 @@ def mmd(
     ran(run_call(
         kind="mmd", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, kernel=kernel,
         estimator=estimator, x=x.ptr, y=y.ptr, N=x.shape[0], M=y.shape[0], D=x.shape[1], bandwidths=list(bandwidths),
-        out_value=out.ptr, grad_scale=grad_scale, grad_x=gx, grad_y=gy,
+        out_value=out.ptr, grad_scale=grad_scale, grad_x=gx, grad_y=gy, **workspace(x),
     ))  # fmt: skip
 
 

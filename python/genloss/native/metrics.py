@@ -30,6 +30,7 @@ from ._engine import (
     run_call,
     skip_checks,
     stream_of,
+    workspace,
 )
 from .divergence import _points, mmd2
 
@@ -90,7 +91,7 @@ def prdc(real: Any, fake: Any, k: int = 5) -> dict[str, float]:
     (real_r2, fake_r2, counts), ptrs = _device_arrays(rb, [(n, "float64"), (m, "float64"), (4, "int64")])
     ran(run_call(
         kind="knn_prdc", device=rb.device, device_id=rb.device_id, stream=stream_of(rb), dtype=rb.dtype, real=rb.ptr,
-        fake=fb.ptr, N=n, M=m, D=d, k=k, real_r2=ptrs[0], fake_r2=ptrs[1], counts=ptrs[2],
+        fake=fb.ptr, N=n, M=m, D=d, k=k, real_r2=ptrs[0], fake_r2=ptrs[1], counts=ptrs[2], **workspace(rb),
     ))  # fmt: skip
     host = counts.tolist() if rb.kind == "torch" else counts.get().tolist()  # the one read-back
     return prdc_from_counts(host, n, m, k)
@@ -208,7 +209,7 @@ def _dev_like(b: Buf, a: Buf) -> Any:
 def _dev_sinkhorn(x: Buf, y: Buf, eps_list: list[float], **fields: Any) -> None:
     ran(run_call(
         kind="sinkhorn", device=x.device, device_id=x.device_id, stream=stream_of(x), x=x.ptr, y=y.ptr,
-        N=x.shape[0], M=y.shape[0], D=x.shape[1], eps=eps_list, **fields,
+        N=x.shape[0], M=y.shape[0], D=x.shape[1], eps=eps_list, **fields, **workspace(x),
     ))  # fmt: skip
 
 
@@ -283,7 +284,7 @@ def _coupling_cuda(op, ab, bb, e, tol, max_iter):
             ptr = out.data.ptr
         ran(run_call(
             kind="assignment", device=a.device, device_id=a.device_id, stream=stream_of(a), x0=a.ptr, x1=b.ptr,
-            B=n, D=d, perm=ptr,
+            B=n, D=d, perm=ptr, **workspace(a),
         ))  # fmt: skip
         return out
     if capturing(a):

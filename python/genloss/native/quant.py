@@ -37,13 +37,15 @@ from ._engine import (
     run_call,
     same_place,
     stream_of,
+    workspace,
     zeros64,
 )
 
 
-def _where(b: Buf) -> dict[str, int]:
-    """The device fields of a Call that runs where ``b`` is (CUDA: on the current stream)."""
-    return {"device": b.device, "device_id": b.device_id, "stream": stream_of(b)}
+def _where(b: Buf) -> dict[str, Any]:
+    """The device fields of a Call that runs where ``b`` is (CUDA: on the current stream, scratch from
+    ``b``'s allocator)."""
+    return {"device": b.device, "device_id": b.device_id, "stream": stream_of(b), **workspace(b)}
 
 
 def _rows(op: str, name: str, b: Buf, what: str) -> tuple[int, int]:
