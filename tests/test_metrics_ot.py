@@ -510,3 +510,27 @@ def test_cuda_sinkhorn_nan_and_capture(cuda_device):
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(ValueError, match="CUDA graph capture"), torch.cuda.graph(graph, stream=side):
         NM.sinkhorn_divergence(x, x + 1, 0.5)
+
+
+@pytest.mark.parametrize("layer", ["reference", "native", "torch"])
+def test_overflowing_spread_is_a_clear_error_not_a_hang(layer):
+    """Finite points whose bounding-box diameter (or its p-th power) overflows float64 made the
+    epsilon schedule start at inf, and inf * scaling never drops below eps: the loop never
+    ended. Now every layer says which op and why (the costs overflow too)."""
+    x = np.array([[1e155, 0.0], [-1e155, 1.0]])  # diameter^2 = 4e310: inf
+    y = np.array([[0.0, 0.0], [1.0, 2.0]])
+    big = np.array([[1e200, 0.0], [-1e200, 1.0]])  # diameter finite (2e200), diameter^2 overflows
+    for pts in (x, big):
+        with pytest.raises(ValueError, match="sinkhorn_divergence: the points' spread"):
+            if layer == "reference":
+                RM.sinkhorn_divergence(pts, y, 0.5)
+            elif layer == "native":
+                gn.sinkhorn_divergence(pts, y, 0.5)
+            else:
+                T.sinkhorn_divergence(torch.from_numpy(pts), torch.from_numpy(y), 0.5)
+        if layer != "reference":
+            with pytest.raises(ValueError, match="ot_coupling: the points' spread"):
+                if layer == "native":
+                    gn.ot_coupling(pts, y, method="sinkhorn")
+                else:
+                    T.ot_coupling(torch.from_numpy(pts), torch.from_numpy(y), method="sinkhorn")

@@ -295,7 +295,7 @@ def _coupling_cuda(op, ab, bb, e, tol, max_iter):
     f, g, value = empty(a, (n,)), empty(a, (n,)), empty(a, ())
     diameter, _ = _dev_bounds(a, b)
     _dev_sinkhorn(
-        a, b, _ref.eps_schedule(diameter, 2.0, 0.5 * e, 0.5), p=2.0, tol=tol, max_iter=max_iter, value=value.ptr,
+        a, b, _ref.eps_schedule(diameter, 2.0, 0.5 * e, 0.5, op), p=2.0, tol=tol, max_iter=max_iter, value=value.ptr,
         f=f.ptr, g=g.ptr,
     )  # fmt: skip
     x0, x1 = a.arr, b.arr
@@ -328,7 +328,7 @@ def ot_coupling(x0, x1, method="exact", eps=0.1, tol=1e-8, max_iter=1000):
         )  # (MET.26)
     else:  # C = r^2 = 2 (r^2 / 2): the plan of cost r^2/2 (p = 2) at eps/2  (MET.27)
         f, g, value = np.empty(n), np.empty(n), np.empty(())
-        eps_list = _ref.eps_schedule(_ref.bbox_diameter(a, b), 2.0, 0.5 * e, 0.5)
+        eps_list = _ref.eps_schedule(_ref.bbox_diameter(a, b), 2.0, 0.5 * e, 0.5, op)
         ran(run_call(
             kind="sinkhorn", x=a.ctypes.data, y=b.ctypes.data, N=n, M=n, D=d, p=2.0, eps=eps_list, tol=tol,
             max_iter=max_iter, value=value.ctypes.data, f=f.ctypes.data, g=g.ctypes.data,

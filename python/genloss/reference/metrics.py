@@ -20,6 +20,7 @@ equations.  Conventions:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -340,7 +341,9 @@ def check_sinkhorn_args(op: str, eps, p, scaling, tol, max_iter) -> tuple[float,
     return vals["eps"], vals["p"], vals["scaling"], vals["tol"], int(max_iter)
 
 
-def eps_schedule(diameter: float, p: float, eps: float, scaling: float) -> list[float]:
+def eps_schedule(
+    diameter: float, p: float, eps: float, scaling: float, op: str = "sinkhorn_divergence"
+) -> list[float]:
     r"""The annealing schedule of :math:`\varepsilon`.  (MET.22)
 
     :math:`\varepsilon_0 = \operatorname{diam}^p`, :math:`\varepsilon_{k+1} = \text{scaling}\cdot\varepsilon_k`
@@ -349,7 +352,15 @@ def eps_schedule(diameter: float, p: float, eps: float, scaling: float) -> list[
     distance, so the first scale sees a nearly flat kernel whose solution is easy).
     """
     out = []
-    e = float(diameter) ** p
+    try:
+        e = float(diameter) ** p
+    except OverflowError:  # a finite diameter whose p-th power is past float64
+        e = math.inf
+    if e == math.inf:  # every scale would be inf: the loop below would never end
+        raise ValueError(
+            f"{op}: the points' spread (bounding-box diameter {float(diameter):.3g}) to the power p={p:g} "
+            "overflows float64, so the costs do too; rescale the inputs"
+        )
     while e > eps:
         out.append(e)
         e *= scaling
@@ -361,7 +372,8 @@ def bbox_diameter(x: np.ndarray, y: np.ndarray) -> float:
     """Diagonal of the bounding box of the rows of x and y together."""
     lo = np.minimum(x.min(axis=0), y.min(axis=0))
     hi = np.maximum(x.max(axis=0), y.max(axis=0))
-    return float(np.sqrt(np.sum((hi - lo) ** 2)))
+    with np.errstate(over="ignore"):  # inf: eps_schedule says what it means
+        return float(np.sqrt(np.sum((hi - lo) ** 2)))
 
 
 def sinkhorn_loop(softmin, eps_list, log_a, log_b, tol, max_iter, debias=True):
