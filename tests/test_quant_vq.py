@@ -844,7 +844,7 @@ def test_torch_quantizers_cuda_equal_cpu(cuda_device, dtype):
         ("commitment", "codebook_loss", "grad z", "grad codebook"), cuda[2:], cpu[2:], strict=True
     ):
         assert a.dtype == w.dtype, f"{name}: dtype {a.dtype} != {w.dtype}"
-        assert_close(a.float().numpy(), w.double().numpy(), "cuda", dtype, name)
+        assert_close(a.double().numpy(), w.double().numpy(), "cuda", dtype, name)
     idx = cpu[1]
     cs = torch.rand(150, generator=g).to(dtype)
     ema_cpu = gt.vq_ema_update(z, idx, cs, e, 0.9)
@@ -862,8 +862,8 @@ def test_torch_quantizers_cuda_equal_cpu(cuda_device, dtype):
         vals[str(dev)] = (v.detach().cpu(), xr.grad.cpu())
     (v0, g0), (v1, g1) = vals["cpu"], vals[str(cuda_device)]
     assert v1.dtype == v0.dtype and g1.dtype == g0.dtype
-    assert_close(v1.float().numpy(), v0.double().numpy(), "cuda", dtype, "lfq value")
-    assert_close(g1.float().numpy(), g0.double().numpy(), "cuda", dtype, "lfq grad")
+    assert_close(v1.double().numpy(), v0.double().numpy(), "cuda", dtype, "lfq value")
+    assert_close(g1.double().numpy(), g0.double().numpy(), "cuda", dtype, "lfq grad")
 
 
 @pytest.mark.cuda
