@@ -3,23 +3,31 @@
 //
 // Rows: every point p (x rows first, then y rows) owns its row of the kernel sums
 // (value) and its own gradient, so no two threads ever write the same float64
-// accumulator. The row values are then summed by one block with a fixed tree. The
-// CPU engine's symmetry (each pair of K_xx once) is not used: every pair of K_xx /
-// K_yy is evaluated twice, once by each of its points; y rows skip the cross pairs
-// when grad_y is not requested (their value is in x's rows). float16/bfloat16 are
-// stored, float32 computed; float sums are flushed to float64 accumulators per tile.
+// accumulator. The row values are then summed by one block with a fixed tree. y rows
+// skip the cross pairs when grad_y is not requested (their value is in x's rows).
+// float16/bfloat16 are stored, float32 computed; float sums are flushed to float64
+// accumulators per tile.
 //
 // D <= 4 (rows_small): one thread per point, coordinates and gradient in registers,
 // tiles of 32 other points in shared memory.
-// D > 4 (rows_tiled): a SIMT GEMM. A block of 256 threads owns 128 rows (float; 64
-// for double) and walks tiles of 64 other points; each thread accumulates an 8 x 4
-// (4 x 4) sub-tile of squared distances (exact differences, or dot products for the
-// polynomial) over D from shared-memory slices, evaluates the kernel, and the
-// gradient sum_q w_pq (a_p - b_q) is a second register-blocked product against the
-// tile's points staged in shared memory. Every accumulator has one owning thread
-// and a fixed order of tiles: bitwise repeatable. See rows_tiled for the layout.
-// Speed at N = M = 65,536, D = 64 on an H200: not yet run (the previous design,
-// one thread per point re-reading both points from global memory, took 4.5 s).
+// D > 4 (rows_tiled): a SIMT GEMM. A pre-pass centres the points on their pooled
+// mean (fixed-order float64 reduction on the device) and takes their squared norms,
+// as the CPU's blocked body (mmd_cpu.cpp). A block of 256 threads owns 128 rows
+// (float; 64 for double) and walks tiles of 64 other points; each thread accumulates
+// an 8 x 4 (4 x 4) sub-tile of dot products a.b over D from shared-memory slices (one
+// FMA per coordinate), r2 = |a|^2 + |b|^2 - 2 a.b is clamped at 0, exactly 0 from a
+// point to itself, and pairs with r2 < (|a|^2 + |b|^2) / 16 (coincident or close
+// points, where r2 is mostly rounding) are re-evaluated from the differences of the
+// input rows, as on the CPU. The gradient sum_q w_pq (a_p - b_q) is a second
+// register-blocked product against the tile's input points (exact differences)
+// staged in shared memory. Same-side pairs enter the value once, in the row of the
+// smaller index (weight 2, diagonal 1): without that side's gradient the tiles below
+// a block's rows are skipped (value only: 2 N^2 pairs instead of 3 N^2 at N = M).
+// Every accumulator has one owning thread and a fixed order of tiles: bitwise
+// repeatable. See rows_tiled for the layout. Measured on an H200 before the dot-product
+// form (exact differences, every same-side pair in both rows), D = 64, rbf, float32,
+// biased: N = M = 16,384 14.5 ms; N = M = 65,536 0.199 s value only, 0.519 s with
+// both gradients (torch.cdist in blocks: 16.7 ms, 0.256 s).
 //
 // Row p = x_i (a = x_i):  value_p = a_w sum_{b in x} k(a, b) + c sum_{b in y} k(a, b)
 //                          grad_p  = 2 a_w sum_{b in x} dk/da + c sum_{b in y} dk/da
@@ -187,6 +195,83 @@ __device__ __forceinline__ void eval_pair(int kernel, A s, const Coefs<A>& cv, i
   }
 }
 
+// ---- pre-pass (D > 4): the points centred on their pooled mean, and squared norms ----
+// Distance kernels are translation invariant; the tiles' r2 = |a|^2 + |b|^2 - 2 a.b is
+// taken on centred coordinates (as the CPU's blocked body), which shrinks the
+// cancellation to ~eps |z - mean|^2. The mean is a fixed-order float64 reduction:
+// chunks of kMeanChunk points summed in order (mean_partial), then per coordinate a
+// strided sum and a fixed tree (mean_finish). No host synchronisation: capturable.
+constexpr int kMeanChunk = 128;  // points per partial sum
+constexpr int kPrepThreads = 128;
+
+template <class S>
+__global__ void mean_partial(const S* __restrict__ x, const S* __restrict__ y, int64_t N, int64_t M, int64_t D,
+                             double* partial) {
+  const int64_t c = blockIdx.x, total = N + M, p0 = c * kMeanChunk;
+  const int64_t p1 = p0 + kMeanChunk < total ? p0 + kMeanChunk : total;
+  for (int64_t d = threadIdx.x; d < D; d += kPrepThreads) {
+    double s = 0.0;
+    for (int64_t p = p0; p < p1; ++p) s += static_cast<double>(p < N ? load(x, p * D + d) : load(y, (p - N) * D + d));
+    partial[c * D + d] = s;
+  }
+}
+
+__global__ void mean_finish(const double* partial, int64_t chunks, int64_t D, int64_t total, double* mean) {
+  __shared__ double sh[kSumThreads];
+  for (int64_t d = blockIdx.x; d < D; d += gridDim.x) {
+    double acc = 0.0;
+    for (int64_t c = threadIdx.x; c < chunks; c += kSumThreads) acc += partial[c * D + d];
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = kSumThreads / 2; s > 0; s >>= 1) {
+      if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) mean[d] = sh[0] / static_cast<double>(total);
+    __syncthreads();  // sh is reused for the next coordinate
+  }
+}
+
+// One warp per point (x rows first, then y): zc = compute-type (z - mean) (z itself
+// without a mean: the polynomial), nrm = |zc|^2 summed in float64 (lane-strided, then
+// an xor butterfly: fixed order) and rounded once.
+template <class S>
+__global__ void centre(const S* __restrict__ x, const S* __restrict__ y, int64_t N, int64_t M, int64_t D,
+                       const double* __restrict__ mean, typename Acc<S>::type* zc, typename Acc<S>::type* nrm) {
+  using A = typename Acc<S>::type;
+  const int lane = threadIdx.x % 32;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * (kPrepThreads / 32) + threadIdx.x / 32;
+  if (p >= N + M) return;  // the whole warp: p is uniform in it
+  const S* src = p < N ? x + p * D : y + (p - N) * D;
+  double q = 0.0;
+  for (int64_t d = lane; d < D; d += 32) {
+    const A v = mean ? static_cast<A>(static_cast<double>(load(src, d)) - mean[d]) : load(src, d);
+    zc[p * D + d] = v;
+    q += static_cast<double>(v) * static_cast<double>(v);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+  if (lane == 0) nrm[p] = static_cast<A>(q);
+}
+
+// The exact squared distance of two input rows (near pairs of the tiles).
+template <class S>
+__device__ __forceinline__ typename Acc<S>::type exact_r2(const S* a, const S* b, int64_t D) {
+  using A = typename Acc<S>::type;
+  A s = A(0);
+#pragma unroll 4
+  for (int64_t d = 0; d < D; ++d) {
+    const A df = load(a, d) - load(b, d);
+    s += df * df;
+  }
+  return s;
+}
+
+// A pair is "near" when its expanded r2 < kNearPair (|a|^2 + |b|^2) (centred): there the
+// expansion's rounding (~eps (|a|^2 + |b|^2)) is a large part of r2, and the pair is
+// re-evaluated from the differences of the input rows. As the CPU (mmd_cpu.cpp).
+constexpr double kNearPair = 1.0 / 16.0;
+
 // The row tile's side and first row from the block index (x tiles first).
 struct RowTile {
   int side;
@@ -199,11 +284,13 @@ __device__ __forceinline__ RowTile row_tile(const RowCtx& r, int tm) {
 }
 
 // Per block, for each side of other points and each tile of kTN of them, in order:
-//  1. r2 (or the dot product) of the TM x kTN pairs, accumulated over D in registers
-//     from shared-memory slices of kDK1 coordinates (each value reused RM or kRN times);
-//     exact differences (a - b)^2, no |a|^2 + |b|^2 - 2 a.b cancellation.
-//  2. k and w per pair; the row sums of k (16-lane shuffle, fixed order) into the row's
-//     float64 value; gw w kept in shared memory (XOR-swizzled: conflict-free stores).
+//  1. the dot products of the TM x kTN pairs (centred points for distance kernels),
+//     accumulated over D in registers from shared-memory slices of kDK1 coordinates
+//     (each value reused RM or kRN times).
+//  2. r2 from the norms (near pairs from the input rows' differences), k and w per
+//     pair; the row sums of k (same side: the triangle weights) (16-lane shuffle, fixed
+//     order) into the row's float64 value; gw w kept in shared memory (XOR-swizzled:
+//     conflict-free stores).
 //  3. Gradient (rows with a requested gradient only): slices of DK2 coordinates of the
 //     tile's points in shared memory, sum_q gw w_pq (a_p - b_q) (or gw w_pq b_q) over the
 //     kTN points in float registers, added to the row's float64 accumulators (the float
@@ -212,8 +299,9 @@ __device__ __forceinline__ RowTile row_tile(const RowCtx& r, int tm) {
 // only, in the fixed tile order: the result is bitwise repeatable.
 template <class S>
 __global__ void __launch_bounds__(kTileThreads, 2)
-    rows_tiled(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, Coefs<typename Acc<S>::type> cv,
-               double* rowv, double* gacc, bool grad_x, bool grad_y) {
+    rows_tiled(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const typename Acc<S>::type* __restrict__ zc,
+               const typename Acc<S>::type* __restrict__ nrm, Coefs<typename Acc<S>::type> cv, double* rowv,
+               double* gacc, bool grad_x, bool grad_y) {
   using A = typename Acc<S>::type;
   constexpr int RM = TileShape<A>::RM, GD = TileShape<A>::GD;
   constexpr int TM = 16 * RM, DK2 = 16 * GD;
@@ -229,6 +317,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   const RowTile rt = row_tile(r, TM);
   const S* rsrc = rt.side == 0 ? x : y;
   const int64_t D = r.D;
+  const A* zrow = zc + (rt.side == 0 ? 0 : r.N) * D;
+  const A* nrow = nrm + (rt.side == 0 ? 0 : r.N);
+  const A near_frac = static_cast<A>(kNearPair);
   const A inv_d = A(1) / static_cast<A>(D);
   const bool dist = r.kernel != kMmdPolynomial;
   const bool my_grad = gacc && (rt.side == 0 ? grad_x : grad_y);
@@ -250,9 +341,17 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     if (vw == 0.0 && !do_grad) continue;  // y rows x other x points: only the gradient needs them
     const int64_t n = side == 0 ? r.N : r.M;
     const S* csrc = side == 0 ? x : y;
+    const A* zcol = zc + (side == 0 ? 0 : r.N) * D;
+    const A* ncol = nrm + (side == 0 ? 0 : r.N);
     const int64_t ntiles = (n + kTN - 1) / kTN;
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t q0 = t * kTN;
+      // Same side: the value counts each pair once, in the row of its smaller index (weight
+      // 2, the diagonal 1), so a tile wholly below the block's rows adds nothing to it and,
+      // without this side's gradient, is skipped. With the gradient it is evaluated for
+      // the gradient only: the value's bits do not depend on need_grad.
+      const bool tile_val = !(same && q0 + kTN <= rt.row0);
+      if (!tile_val && !do_grad) continue;
       // 1. distances (or dot products), accumulated over D.
       A acc[RM][kRN];
 #pragma unroll
@@ -264,43 +363,25 @@ __global__ void __launch_bounds__(kTileThreads, 2)
         for (int e = threadIdx.x; e < TM * kDK1; e += kTileThreads) {
           const int rr = e / kDK1, dd = e % kDK1;
           const int64_t row = rt.row0 + rr, d = d0 + dd;
-          ash[dd * (TM + kPad1) + rr] = row < rt.n && d < D ? load(rsrc, row * D + d) : A(0);
+          ash[dd * (TM + kPad1) + rr] = row < rt.n && d < D ? zrow[row * D + d] : A(0);
         }
         for (int e = threadIdx.x; e < kTN * kDK1; e += kTileThreads) {
           const int qq = e / kDK1, dd = e % kDK1;
           const int64_t q = q0 + qq, d = d0 + dd;
-          csh[dd * (kTN + kPad1) + qq] = q < n && d < D ? load(csrc, q * D + d) : A(0);
+          csh[dd * (kTN + kPad1) + qq] = q < n && d < D ? zcol[q * D + d] : A(0);
         }
         __syncthreads();
-        if (dist) {
 #pragma unroll 2
-          for (int dd = 0; dd < kDK1; ++dd) {
-            A av[RM], bv[kRN];
+        for (int dd = 0; dd < kDK1; ++dd) {
+          A av[RM], bv[kRN];
 #pragma unroll
-            for (int i = 0; i < RM; ++i) av[i] = ash[dd * (TM + kPad1) + ty + 16 * i];
+          for (int i = 0; i < RM; ++i) av[i] = ash[dd * (TM + kPad1) + ty + 16 * i];
 #pragma unroll
-            for (int j = 0; j < kRN; ++j) bv[j] = csh[dd * (kTN + kPad1) + tx + 16 * j];
+          for (int j = 0; j < kRN; ++j) bv[j] = csh[dd * (kTN + kPad1) + tx + 16 * j];
 #pragma unroll
-            for (int i = 0; i < RM; ++i)
+          for (int i = 0; i < RM; ++i)
 #pragma unroll
-              for (int j = 0; j < kRN; ++j) {
-                const A df = av[i] - bv[j];
-                acc[i][j] += df * df;
-              }
-          }
-        } else {
-#pragma unroll 2
-          for (int dd = 0; dd < kDK1; ++dd) {
-            A av[RM], bv[kRN];
-#pragma unroll
-            for (int i = 0; i < RM; ++i) av[i] = ash[dd * (TM + kPad1) + ty + 16 * i];
-#pragma unroll
-            for (int j = 0; j < kRN; ++j) bv[j] = csh[dd * (kTN + kPad1) + tx + 16 * j];
-#pragma unroll
-            for (int i = 0; i < RM; ++i)
-#pragma unroll
-              for (int j = 0; j < kRN; ++j) acc[i][j] += av[i] * bv[j];
-          }
+            for (int j = 0; j < kRN; ++j) acc[i][j] += av[i] * bv[j];
         }
       }
       __syncthreads();  // the slices are dead: the weights overwrite them
@@ -315,11 +396,14 @@ __global__ void __launch_bounds__(kTileThreads, 2)
           const int q = tx + 16 * j, row = ty + 16 * i;
           wsh[q * TM + (row ^ (2 * (q % 16)))] = acc[i][j];
         }
-      // 2. kernel values and weights.
+      // 2. kernel values and weights. Distance kernels: r2 = |a|^2 + |b|^2 - 2 a.b,
+      // clamped at 0 (rounding), exactly 0 from a point to itself; near pairs from the
+      // input rows' differences (exact for coincident points: the energy kernel's w = 0).
 #pragma unroll 1
       for (int i = 0; i < RM; ++i) {
         const int row = ty + 16 * i;
         const int64_t grow = rt.row0 + row;
+        const A na = dist && grow < rt.n ? nrow[grow] : A(0);
         A vs = A(0);
 #pragma unroll
         for (int j = 0; j < kRN; ++j) {
@@ -327,15 +411,28 @@ __global__ void __launch_bounds__(kTileThreads, 2)
           const int64_t gq = q0 + q;
           A* slot = &wsh[q * TM + (row ^ (2 * (q % 16)))];
           A k = A(0), w = A(0);
-          if (grow < rt.n && gq < n && !(same && r.unbiased && gq == grow))
-            eval_pair<A>(r.kernel, *slot, cv, r.nbw, inv_d, k, w);
-          vs += k;
+          if (grow < rt.n && gq < n && !(same && r.unbiased && gq == grow)) {
+            A sv = *slot;
+            if (dist) {
+              const A rr = na + ncol[gq];
+              sv = rr - A(2) * sv;
+              sv = sv < A(0) ? A(0) : sv;  // a distance is never negative (NaN stays NaN)
+              if (same && gq == grow)
+                sv = A(0);
+              else if (sv < near_frac * rr)
+                sv = exact_r2(rsrc + grow * D, csrc + gq * D, D);
+            }
+            eval_pair<A>(r.kernel, sv, cv, r.nbw, inv_d, k, w);
+          }
+          // value weight of the pair in this row: the triangle of the same side (see tile_val)
+          vs += !same || gq > grow ? (same ? A(2) * k : k) : (gq == grow ? k : A(0));
           *slot = gw * w;
         }
         // Sum over the 16 lanes of this row (xor butterfly: every lane gets the same bits).
 #pragma unroll
         for (int o = 8; o > 0; o >>= 1) vs += __shfl_xor_sync(0xffffffffu, vs, o);
-        if (tx == 0 && grow < rt.n && vw != 0.0) rowv[rt.side == 0 ? grow : r.N + grow] += vw * static_cast<double>(vs);
+        if (tx == 0 && grow < rt.n && vw != 0.0 && tile_val)
+          rowv[rt.side == 0 ? grow : r.N + grow] += vw * static_cast<double>(vs);
       }
       if (!do_grad) continue;
       // 3. gradient, slice by slice of DK2 coordinates.
@@ -481,7 +578,14 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
   const bool generic = !linear && a.D > 4;
   const bool grad = a.grad_x || a.grad_y;
   const int64_t nacc = generic && grad ? (a.N + a.M) * a.D : 0;
-  // One allocation: coefficients, row values, float64 gradient rows (generic path).
+  // Generic path: the pooled mean (distance kernels) and its partial sums, float64; the
+  // centred points and their squared norms in the compute type.
+  const bool centred = generic && a.kernel != kMmdPolynomial;
+  const int64_t chunks = centred ? (a.N + a.M + kMeanChunk - 1) / kMeanChunk : 0;
+  const int64_t nmean = centred ? (chunks + 1) * a.D : 0;
+  const int64_t nzc = generic ? (a.N + a.M) * (a.D + 1) : 0;
+  // One allocation: coefficients, row values, float64 gradient rows, mean (generic path),
+  // then the compute-type centred points (all offsets multiples of 8 bytes).
   const bool by_value = cs.size() <= static_cast<size_t>(kMaxByValue);
   Coefs<A> cv{};
   for (size_t s = 0; by_value && s < cs.size(); ++s) cv.c[s] = cs[s];
@@ -493,11 +597,15 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
                                   " bandwidths cannot be captured in a CUDA graph");
   }
   const size_t cbytes = by_value ? 0 : ((cs.size() * sizeof(A) + 15) / 16) * 16;
-  const size_t bytes = cbytes + sizeof(double) * (rows + nacc);
+  const size_t bytes = cbytes + sizeof(double) * (rows + nacc + nmean) + sizeof(A) * nzc;
   const Scratch scratch(bytes, stream);
   char* buf = scratch.as<char>();
   double* rowv = reinterpret_cast<double*>(buf + cbytes);
   double* gacc = nacc ? rowv + rows : nullptr;
+  double* mean = nmean ? rowv + rows + nacc : nullptr;
+  double* partial = nmean ? mean + a.D : nullptr;
+  A* zc = nzc ? reinterpret_cast<A*>(rowv + rows + nacc + nmean) : nullptr;
+  A* nrm = nzc ? zc + (a.N + a.M) * a.D : nullptr;
   if (!by_value) {
     cv.dev = reinterpret_cast<A*>(buf);
     check_mmd(cudaMemcpyAsync(buf, cs.data(), cs.size() * sizeof(A), cudaMemcpyHostToDevice, stream), "copy");
@@ -532,7 +640,17 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
         rows_small<S, 4><<<blocks, kRowThreads, 0, stream>>>(r, x, y, c, rowv, gx, gy);
         break;
       default:
-        rows_tiled<S><<<tiled_blocks, kTileThreads, 0, stream>>>(r, x, y, c, rowv, gacc, gx != nullptr, gy != nullptr);
+        if (centred) {
+          mean_partial<S><<<grid_exact(a.N + a.M, kMeanChunk), kPrepThreads, 0, stream>>>(x, y, a.N, a.M, a.D, partial);
+          check_mmd(cudaGetLastError(), "mean launch");
+          mean_finish<<<grid_blocks(a.D, 1), kSumThreads, 0, stream>>>(partial, chunks, a.D, a.N + a.M, mean);
+          check_mmd(cudaGetLastError(), "mean launch");
+        }
+        centre<S>
+            <<<grid_exact(a.N + a.M, kPrepThreads / 32), kPrepThreads, 0, stream>>>(x, y, a.N, a.M, a.D, mean, zc, nrm);
+        check_mmd(cudaGetLastError(), "centre launch");
+        rows_tiled<S>
+            <<<tiled_blocks, kTileThreads, 0, stream>>>(r, x, y, zc, nrm, c, rowv, gacc, gx != nullptr, gy != nullptr);
         if (gacc) {
           const int64_t total = (a.N + a.M) * a.D;
           write_grads<S><<<grid_exact(total, 256), 256, 0, stream>>>(r, gacc, gx, gy);

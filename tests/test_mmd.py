@@ -724,6 +724,58 @@ def test_cuda_tiled_bitwise_repeatable(d, dt):
     assert gy3 is None
     assert float(v3) == float(outs[0][0]), "the value depends on need_grad"
     assert torch.equal(gx3, outs[0][1][0]), "grad_x depends on whether grad_y is requested"
+    # value only: the same-side tiles below the diagonal are skipped, not just weighted 0
+    v4, _ = gn.mmd2(xc, yc, "rbf", (1.0, 6.0), need_grad=False)
+    assert float(v4) == float(outs[0][0]), "the value-only call differs from the value with gradients"
+
+
+# The tiled CUDA body computes r2 = |a|^2 + |b|^2 - 2 a.b on points centred on their pooled
+# mean (as the CPU's blocked body) and takes the near pairs (r2 < (|a|^2 + |b|^2) / 16) from the
+# input rows' differences: coincident points give r2 = 0 exactly (energy: w = 0, no 1/rounding).
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["energy", "rbf"])
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+@pytest.mark.parametrize("d", [9, 64])
+def test_cuda_tiled_coincident_points(kernel, estimator, d):
+    """x holds exact copies of y rows and duplicated x rows: value and both gradients against the
+    CPU in float64 on the same inputs; every gradient finite; value-only gives the same bits."""
+    rng = np.random.default_rng(d)
+    x, y = samples(rng, 300, 200, d)
+    x[:60] = y[:60]  # x-y coincident pairs, in several column tiles
+    x[150:190] = x[100:140]  # x-x duplicates (row tile 0 against row tile 1 in float32)
+    x[200] = x[201]  # a duplicate inside one row block
+    y[150:170] = y[10:30]  # y-y duplicates, which are also x rows
+    bws = (0.8, math.sqrt(2.0 * d)) if kernel == "rbf" else None
+    for dt, tol, gtol in ((torch.float64, F64_TOL, F64_GRAD_TOL), (torch.float32, F32_TOL, F32_GRAD_TOL)):
+        xc = torch.tensor(x, dtype=dt, device="cuda")
+        yc = torch.tensor(y, dtype=dt, device="cuda")
+        ref = _cuda_ref(xc.cpu().numpy(), yc.cpu().numpy(), kernel, estimator, bws)
+        v, grads = gn.mmd2(xc, yc, kernel, bws, estimator)
+        what = f"coincident {kernel}/{estimator} D={d} {dt}"
+        for g, name in zip(grads, ("grad_x", "grad_y"), strict=True):
+            assert bool(torch.isfinite(g).all()), f"{what}: non-finite {name}"
+        _cuda_check(what, float(v), grads, ref, tol, gtol)
+        v0, _ = gn.mmd2(xc, yc, kernel, bws, estimator, need_grad=False)
+        assert float(v0) == float(v), f"{what}: value-only {float(v0)!r} != {float(v)!r}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["rbf", "imq", "energy"])
+@pytest.mark.parametrize("d", [17, 64])
+def test_cuda_tiled_large_offset(kernel, d):
+    """Points around 1e3 with spread 1: uncentred, |a|^2 + |b|^2 - 2 a.b would lose ~eps 1e6 D of
+    r2 ~ 2 D in float32 (a few per cent); centred on the pooled mean it stays at the tolerance."""
+    rng = np.random.default_rng(d + 5)
+    x, y = samples(rng, 300, 200, d)
+    x += 1e3
+    y += 1e3
+    bws = (0.8, math.sqrt(2.0 * d)) if kernel == "rbf" else BWS[kernel]
+    for dt, tol, gtol in ((torch.float64, F64_TOL, F64_GRAD_TOL), (torch.float32, F32_TOL, F32_GRAD_TOL)):
+        xc = torch.tensor(x, dtype=dt, device="cuda")
+        yc = torch.tensor(y, dtype=dt, device="cuda")
+        ref = _cuda_ref(xc.cpu().numpy(), yc.cpu().numpy(), kernel, "unbiased", bws)
+        v, grads = gn.mmd2(xc, yc, kernel, bws, "unbiased")
+        _cuda_check(f"offset 1e3 {kernel} D={d} {dt}", float(v), grads, ref, tol, gtol)
 
 
 @pytest.mark.cuda
