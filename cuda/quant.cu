@@ -375,26 +375,6 @@ void ema_run(const cpu::VqEmaArgs& a, cudaStream_t st) {
 }
 
 // ============================================================================= lfq_entropy
-// q = sigmoid(x), qm = sigmoid(-x) = 1 - q without cancellation (the CPU's sigmoid2).
-__device__ __forceinline__ void sigmoid2(double x, double& q, double& qm) {
-  const double t = exp(-fabs(x));
-  const double s = 1.0 / (1.0 + t);
-  if (x >= 0) {
-    q = s;
-    qm = t * s;
-  } else {
-    q = t * s;
-    qm = s;
-  }
-  if (isnan(x)) q = qm = x;
-}
-
-// binary entropy of sigmoid(x) in nats (QNT.8).
-__device__ __forceinline__ double bin_entropy(double x) {
-  const double ax = fabs(x);
-  const double t = exp(-ax);
-  return log1p(t) + ax * t / (1.0 + t);
-}
 
 // Entry c of the product table of m bits: prod_j (bit j of c ? q_j : qm_j), in the CPU's order (j ascending).
 __device__ __forceinline__ double table_entry(const double* q, const double* qm, int m, int64_t c) {
@@ -412,8 +392,8 @@ __global__ void lfq_prep(const T* __restrict__ z, int64_t N, int d, double tau2,
     for (int j = 0; j < d; ++j) {
       const int64_t p = i * d + j;
       const double x = tau2 * static_cast<double>(z[p]);
-      sigmoid2(x, q[p], qm[p]);
-      h += bin_entropy(x);  // (QNT.8)
+      cpu::sigmoid2(x, q[p], qm[p]);  // quant_cpu.h: the CPU's own definition
+      h += cpu::bin_entropy(x);       // (QNT.8)
     }
     rowH[i] = h;
   }

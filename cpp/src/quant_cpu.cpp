@@ -282,26 +282,6 @@ void ema_impl(const VqEmaArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------------------- lfq_entropy
-// q = sigmoid(x), qm = sigmoid(-x) = 1 - q without cancellation.
-inline void sigmoid2(double x, double& q, double& qm) {
-  const double t = std::exp(-std::fabs(x));
-  const double s = 1.0 / (1.0 + t);
-  if (x >= 0) {
-    q = s;
-    qm = t * s;
-  } else {
-    q = t * s;
-    qm = s;
-  }
-  if (std::isnan(x)) q = qm = x;
-}
-
-// binary entropy of sigmoid(x) in nats: log1p(e^-|x|) + |x| sigmoid(-|x|) (QNT.8), finite for every finite x.
-inline double bin_entropy(double x) {
-  const double ax = std::fabs(x);
-  const double t = std::exp(-ax);
-  return std::log1p(t) + ax * t / (1.0 + t);
-}
 
 // tab[c] = prod_j (bit j of c ? q[j] : qm[j]) over m bits, by doubling.
 inline void product_table(const double* q, const double* qm, int m, double* tab) {

@@ -5,8 +5,31 @@
 
 #include <cstdint>
 
+#include "genloss/common.h"
+
 namespace genloss {
 namespace cpu {
+
+// q = sigmoid(x), qm = sigmoid(-x) = 1 - q without cancellation (QNT.7): the per-bit
+// probabilities of lfq_entropy; this and bin_entropy: one definition for the CPU kernel and cuda/quant.cu.
+GENLOSS_HD void sigmoid2(double x, double& q, double& qm) {
+  const double t = gl_exp(-gl_abs(x));
+  const double s = 1.0 / (1.0 + t);
+  if (x >= 0) {
+    q = s;
+    qm = t * s;
+  } else {
+    q = t * s;
+    qm = s;
+  }
+  if (x != x) q = qm = x;  // NaN in, NaN out
+}
+// binary entropy of sigmoid(x) in nats: log1p(e^-|x|) + |x| sigmoid(-|x|) (QNT.8), finite for every finite x.
+GENLOSS_HD double bin_entropy(double x) {
+  const double ax = gl_abs(x);
+  const double t = gl_exp(-ax);
+  return gl_log1p(t) + ax * t / (1.0 + t);
+}
 
 // vector_quantize (QNT.1-QNT.4): nearest code per row of z (N, D) among the K rows of codebook, ties to the lowest
 // index, without an N x K matrix. Writes z_q (N, D), indices (N, int64), the commitment beta * S / (N D) and the
