@@ -13,7 +13,8 @@ batches in every case, so every case sees the same data):
 * ``stream``   two ``genloss.torch.GaussianMoments`` fed ``--batch`` rows at a time (Chan's
                merge in float64, MET.1): the state is one mean and one d x d scatter per set,
                whatever n is. Peak memory beyond the start: the two states, one batch and
-               its float64 centred copy.
+               its float64 centred copy (and what torch's GEMM and the generator hold);
+               ``stream_n_over_5`` is the same at n / 5: a bounded stream peaks alike.
 * ``distance`` ``genloss.torch.frechet_distance(m_real, m_fake)``: the symmetric eigenproblem
                of MET.3 on the two covariances (value only).
 * ``dense``    what FID code usually does (pytorch-fid's ``calculate_frechet_distance``
@@ -87,6 +88,9 @@ def main() -> None:
     load_before = os.getloadavg()
     gen = measure(lambda: sum(1 for s in (1, 2) for _ in batches(a.n, a.d, a.batch, s)))
     rows: dict[str, Any] = {"generate_only": gen}
+    # the same stream at a fifth of n: a bounded stream peaks at the same memory for both
+    rows["stream_n_over_5"] = measure(lambda: stream(a.n // 5, a.d, a.batch))
+    rows["stream_n_over_5"].pop("value")
     rows["stream"] = measure(lambda: stream(a.n, a.d, a.batch))
     real, fake = rows["stream"].pop("value")
     rows["distance"] = measure(lambda: float(gt.frechet_distance(real, fake)))
@@ -98,7 +102,7 @@ def main() -> None:
         peak = r["peak_extra_bytes"]
         value = r.get("value")
         shown = f"{value:.6f}" if isinstance(value, float) else ""
-        print(f"  {name:13s} {r['wall_s']:8.2f} s wall {r['cpu_s']:8.2f} s CPU   peak extra "
+        print(f"  {name:16s} {r['wall_s']:8.2f} s wall {r['cpu_s']:8.2f} s CPU   peak extra "
               f"{'?' if peak is None else f'{peak / MIB:8.0f} MiB'}"
               f"{'' if peak is None else f' ({peak / cov_bytes:.1f} covariances)'}  {shown}")  # fmt: skip
     if "dense" in rows:

@@ -170,8 +170,8 @@ class GaussianMoments:
     def cov(self) -> torch.Tensor:
         if self.n < 2:
             raise ValueError(f"{self._op}.cov: the unbiased covariance needs n >= 2 samples, have {self.n}")
-        m2 = self.m2 / (self.n - 1)
-        return 0.5 * (m2 + m2.T)
+        c = self.m2 + self.m2.T  # symmetric to the last bit, one d x d array
+        return c.mul_(0.5 / (self.n - 1))
 
     def __repr__(self) -> str:
         return f"GaussianMoments(n={self.n}, dim={self.dim}, device={self.device})"
@@ -229,12 +229,18 @@ def _qr(a: torch.Tensor):
 
 def _sqrt_factor(op: str, name: str, cov: torch.Tensor) -> torch.Tensor:
     """V_r Lambda_r^(1/2), eigenvalues at or below d eps lambda_max dropped (MET.4)."""
-    lam, v = torch.linalg.eigh(0.5 * (cov + cov.T))
+    # value only (the moments form refuses grad), so in place where it saves a d x d array:
+    # at d = 2,048 each is 32 MiB (bench/bench_frechet.py)
+    sym = cov + cov.T
+    lam, v = torch.linalg.eigh(sym.mul_(0.5))
+    del sym
     top = float(lam[-1].clamp(min=0))
     if float(lam[0]) < -1e-8 * max(top, torch.finfo(torch.float64).tiny):
         raise ValueError(f"{op}: {name} is not positive semi-definite (eigenvalue {float(lam[0]):.3g})")
     keep = lam > cov.shape[0] * torch.finfo(torch.float64).eps * top
-    return v[:, keep] * lam[keep].sqrt()
+    if not bool(keep.all()):
+        v, lam = v[:, keep], lam[keep]
+    return v.mul_(lam.sqrt())
 
 
 def frechet_distance(*args) -> torch.Tensor:
@@ -272,10 +278,17 @@ def frechet_distance(*args) -> torch.Tensor:
             raise ValueError(
                 f"{op}: mu2 must have the dimension of mu1 (d={mu1.shape[0]}), got {tuple(mu2.shape)}"
             )
-        f1, f2 = _sqrt_factor(op, "cov1", cov1), _sqrt_factor(op, "cov2", cov2)
-        tsqrt = torch.linalg.svdvals(f1.T @ f2).sum() if f1.shape[1] and f2.shape[1] else mu1.new_zeros(())
         diff = mu1 - mu2
-        return diff @ diff + torch.diagonal(cov1).sum() + torch.diagonal(cov2).sum() - 2.0 * tsqrt  # (MET.2)
+        rest = diff @ diff + torch.diagonal(cov1).sum() + torch.diagonal(cov2).sum()
+        # the GaussianMoments form's covariances are ours: no reference left but cov1 / cov2,
+        # each freed once it is factored
+        del args, t, mu, cov
+        f1 = _sqrt_factor(op, "cov1", cov1)
+        del cov1
+        f2 = _sqrt_factor(op, "cov2", cov2)
+        del cov2
+        tsqrt = torch.linalg.svdvals(f1.T @ f2).sum() if f1.shape[1] and f2.shape[1] else mu1.new_zeros(())
+        return rest - 2.0 * tsqrt  # (MET.2)
     if len(args) != 2:
         raise TypeError(
             f"{op}: takes (x, y) features, two GaussianMoments, or (mu1, cov1, mu2, cov2); got {len(args)} arguments"
