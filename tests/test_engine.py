@@ -297,3 +297,23 @@ def test_workspace_field_is_for_cuda_calls_only():
     _C.run(c)
     assert col.tolist() == [3.0, 5.0, 7.0]
     assert isinstance(_C.cuda_scratch_fallbacks(), int)
+
+
+def test_device_empty_and_to_host_helpers():
+    """The two helpers the CUDA compositions share (outputs of another dtype than the input's;
+    one read-back): device_empty follows the input's kind (checked here on a CPU torch tensor,
+    the same call on CUDA), refuses a producer it cannot allocate for, and to_host gives the
+    values of every kind."""
+    torch = pytest.importorskip("torch")
+    from genloss.native import _engine as E
+
+    like = E.as_input(torch.zeros(3, 2), "x")
+    out, ptr = E.device_empty(like, (5,), "int64")
+    assert out.dtype == torch.int64 and out.shape == (5,) and ptr == out.data_ptr()
+    out, ptr = E.device_empty(like, (2, 3), "float64")
+    assert out.dtype == torch.float64 and out.shape == (2, 3) and ptr == out.data_ptr()
+    with pytest.raises(TypeError, match="torch or CuPy"):
+        E.device_empty(E.as_input(np.zeros((3, 2)), "x"), (5,), "int64")
+    a = np.arange(4.0)
+    for x in (a, torch.from_numpy(a), torch.from_numpy(a).requires_grad_()):
+        np.testing.assert_array_equal(E.to_host(x), a)

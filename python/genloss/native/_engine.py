@@ -610,6 +610,32 @@ def zeros64(like: Buf, n: int) -> Buf:
     raise TypeError("genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
 
 
+def device_empty(like: Buf, shape: tuple[int, ...], dtype: str) -> tuple[Any, int]:
+    """An uninitialised array of ``dtype`` ("float64", "int64", ...) on ``like``'s CUDA device,
+    of its kind (torch or CuPy), and its address: the outputs of a CUDA kernel whose dtype is
+    not the input's (indices, counts, float64 radii)."""
+    if like.kind == "torch":
+        t = like.arr.new_empty(shape, dtype=getattr(_torch, dtype))
+        return t, t.data_ptr()
+    if like.kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device_id):
+            c = cupy.empty(shape, dtype=dtype)
+        return c, c.data.ptr
+    raise TypeError("genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
+
+
+def to_host(a: Any) -> np.ndarray:
+    """An array's values in NumPy: a torch tensor or a CuPy array copied to the host (from CUDA:
+    a read-back, which waits for the device), a NumPy array as it is."""
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    if hasattr(a, "get"):
+        return a.get()
+    return np.asarray(a)
+
+
 def broadcast(b: Buf, shape: tuple[int, ...], name: str) -> Buf:
     """``b`` materialised (contiguous) at a broadcast ``shape``; itself if it has it."""
     if b.shape == tuple(shape):

@@ -40,6 +40,7 @@ from ._engine import (
     same_place,
     skip_checks,
     sum_to,
+    to_host,
 )
 
 PREDICTIONS = _R.PREDICTIONS
@@ -99,19 +100,11 @@ def _timesteps(t: Any, ref: Buf, ref_name: str, num_timesteps: int) -> Buf:
     return tb
 
 
-def _host(a: Any) -> np.ndarray:
-    if hasattr(a, "detach"):
-        return a.detach().cpu().numpy()
-    if hasattr(a, "get"):
-        return a.get()
-    return np.asarray(a)
-
-
 def _require_signal(schedule: _R.DiffusionSchedule, tb: Buf, attr: str, what: str) -> None:
     """As the reference: refuse steps where the eps parameterisation divides by zero."""
     # only schedules with zero terminal SNR pay the copy (none when skip_checks)
     if np.any(getattr(schedule, attr) == 0.0) and not skip_checks(tb):
-        _R._require_signal(schedule, _host(tb.arr), attr, what)
+        _R._require_signal(schedule, to_host(tb.arr), attr, what)
 
 
 def _batched(names, arrays, reduction="none"):
@@ -239,8 +232,8 @@ def _finite_rows(tab: Buf, tb: Buf, attr: str, what: str) -> None:
     xp = _xp(tab)
     if bool(xp.isfinite(tab.arr).all()):
         return
-    rows_ok = _host(xp.isfinite(tab.arr).all(axis=1) if xp is not np else np.isfinite(tab.arr).all(axis=1))
-    steps = _host(tb.arr)
+    rows_ok = to_host(xp.isfinite(tab.arr).all(axis=1) if xp is not np else np.isfinite(tab.arr).all(axis=1))
+    steps = to_host(tb.arr)
     bad = steps[~rows_ok[steps]]
     if bad.size:
         raise ValueError(
@@ -501,7 +494,7 @@ def vlb_term(
     x = as_input(x0, "x0")
     if np.any(sched.alphas == 0.0):  # the reference's check and message (only such schedules pay it)
         _R._require_signal(
-            sched, _host(_timesteps(t, x, "x0", sched.num_timesteps).arr), "alphas", "the model mean"
+            sched, to_host(_timesteps(t, x, "x0", sched.num_timesteps).arr), "alphas", "the model mean"
         )
     table = _table(sched, "vlb", x, _vlb_table)
     return vlb_with_table(

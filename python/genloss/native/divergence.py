@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import _checks as C
 from ._compose import cached, grads_out, inputs, needs
-from ._engine import _C, Buf, as_input, capturing, data_used, empty, map_reduce, mmd
+from ._engine import _C, Buf, as_input, capturing, data_used, empty, map_reduce, mmd, to_host
 
 KERNELS: tuple[str, ...] = tuple(_C.MMD_KERNELS)  # order = enum MmdKernel in genloss/mmd.h
 ESTIMATORS: tuple[str, ...] = tuple(_C.MMD_ESTIMATORS)  # order = enum MmdEstimator
@@ -147,11 +147,7 @@ def _median_bandwidth(x: Any, y: Any, max_points: int) -> float:
         z = torch.cat([xb.arr.detach(), yb.arr.detach().to(xb.arr.device)]).to(torch.float64)[::step]
         med = _median_torch(torch, z)
     else:
-
-        def host(b: Buf) -> np.ndarray:
-            return b.arr.get() if b.kind == "cupy" else np.asarray(b.arr)
-
-        zn = np.concatenate([host(xb), host(yb)]).astype(np.float64)[::step]
+        zn = np.concatenate([to_host(xb.arr), to_host(yb.arr)]).astype(np.float64)[::step]
         med = _median_numpy(zn)
     if not math.isfinite(med):  # the reference's messages: NaN is not "repeated points"
         raise ValueError(f"x, y: the median pairwise distance is {med} (non-finite data)")

@@ -23,8 +23,8 @@ import numpy as np
 from .. import _checks as C
 from ..reference import flow as _R
 from ._compose import loss_scale, needs
-from ._engine import FLOAT32, Buf, as_input, empty, float_range, map_reduce, skip_checks
-from .diffusion import _batched, _host, _result, _row_vector, _run, _value_out, _xp
+from ._engine import FLOAT32, Buf, as_input, empty, float_range, map_reduce, skip_checks, to_host
+from .diffusion import _batched, _result, _row_vector, _run, _value_out, _xp
 
 FLOW_WEIGHTINGS = _R.FLOW_WEIGHTINGS
 
@@ -231,7 +231,7 @@ def consistency_training_loss(f_student, f_target, sigma_i, sigma_next, c=None, 
         lo = _f64(_row_vector("sigma_i", sigma_i, fs, "f_student"))
         hi = _f64(_row_vector("sigma_next", sigma_next, fs, "f_student"))
         if not skip_checks(fs):  # the checks (0 <= sigma_i < sigma_next), with their messages
-            _R.ct_weight(_host(lo), _host(hi))
+            _R.ct_weight(to_host(lo), to_host(hi))
         (flag,) = needs(need_grad, 1)
     lam = _like(1.0 / (hi - lo), fs, "sigma_next")  # (FLOW.24) on the device
     out, rows, grads, _ = _pseudo_huber(fs, ft, c, lam, reduction, (flag, False), False)

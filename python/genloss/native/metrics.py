@@ -25,11 +25,13 @@ from ._engine import (
     _p,
     as_input,
     capturing,
+    device_empty,
     empty,
     ran,
     run_call,
     skip_checks,
     stream_of,
+    to_host,
     workspace,
 )
 from .divergence import _points, mmd2
@@ -88,30 +90,14 @@ def prdc(real: Any, fake: Any, k: int = 5) -> dict[str, float]:
             real_r2=real_r2.ctypes.data, fake_r2=fake_r2.ctypes.data, counts=counts.ctypes.data,
         ))  # fmt: skip
         return prdc_from_counts(counts, n, m, k)
-    (real_r2, fake_r2, counts), ptrs = _device_arrays(rb, [(n, "float64"), (m, "float64"), (4, "int64")])
+    (real_r2, r_ptr), (fake_r2, f_ptr), (counts, c_ptr) = (
+        device_empty(rb, (size,), dt) for size, dt in ((n, "float64"), (m, "float64"), (4, "int64"))
+    )
     ran(run_call(
         kind="knn_prdc", device=rb.device, device_id=rb.device_id, stream=stream_of(rb), dtype=rb.dtype, real=rb.ptr,
-        fake=fb.ptr, N=n, M=m, D=d, k=k, real_r2=ptrs[0], fake_r2=ptrs[1], counts=ptrs[2], **workspace(rb),
+        fake=fb.ptr, N=n, M=m, D=d, k=k, real_r2=r_ptr, fake_r2=f_ptr, counts=c_ptr, **workspace(rb),
     ))  # fmt: skip
-    host = counts.tolist() if rb.kind == "torch" else counts.get().tolist()  # the one read-back
-    return prdc_from_counts(host, n, m, k)
-
-
-def _device_arrays(like: Buf, specs: list[tuple[int, str]]) -> tuple[list[Any], list[int]]:
-    """Uninitialised 1-D arrays ``(size, dtype name)`` on ``like``'s CUDA device, in its kind
-    (torch or CuPy), and their addresses."""
-    if like.kind == "torch":
-        import torch
-
-        ts = [like.arr.new_empty((size,), dtype=getattr(torch, dt)) for size, dt in specs]
-        return ts, [t.data_ptr() for t in ts]
-    if like.kind == "cupy":
-        import cupy
-
-        with cupy.cuda.Device(like.device_id):
-            cs = [cupy.empty((size,), dtype=dt) for size, dt in specs]
-        return cs, [c.data.ptr for c in cs]
-    raise TypeError("prdc: genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
+    return prdc_from_counts(to_host(counts).tolist(), n, m, k)  # the one read-back
 
 
 # ---------------------------------------------------------------- (MET.17)
@@ -180,11 +166,6 @@ def _dev64(op: str, name: str, b: Buf, dim: int | None = None) -> Buf:
     return as_input(a, name)
 
 
-def _to_host(b: Buf, a: Any) -> np.ndarray:
-    """One read-back of a small device array (waits for the device)."""
-    return a.cpu().numpy() if b.kind == "torch" else a.get()
-
-
 def _dev_bounds(x: Buf, y: Buf) -> tuple[float, bool]:
     """(bbox_diameter(x, y), whether x and y are finite) with one read-back: the bounding box's
     corners (exact min/max, so the diameter has the CPU's bits); NaN or inf in x or y reaches a
@@ -196,7 +177,7 @@ def _dev_bounds(x: Buf, y: Buf) -> tuple[float, bool]:
     else:
         lo = xp.minimum(x.arr.min(axis=0), y.arr.min(axis=0))
         hi = xp.maximum(x.arr.max(axis=0), y.arr.max(axis=0))
-    corners = _to_host(x, xp.concatenate((lo, hi)))
+    corners = to_host(xp.concatenate((lo, hi)))
     lo_h, hi_h = corners[:d], corners[d:]
     return float(np.sqrt(np.sum((hi_h - lo_h) ** 2))), bool(np.isfinite(corners).all())
 
@@ -270,18 +251,12 @@ def _coupling_cuda(op, ab, bb, e, tol, max_iter):
         raise ValueError(f"{op}: x1 must have as many rows as x0 (B={n}), got shape {b.shape}")
     xp = _xp(a)
     if not skip_checks(a):  # one read-back; none under capture or check_data=False (MET.26)
-        ok = _to_host(a, xp.stack((xp.isfinite(a.arr).all(), xp.isfinite(b.arr).all())))
+        ok = to_host(xp.stack((xp.isfinite(a.arr).all(), xp.isfinite(b.arr).all())))
         for name, good in (("x0", ok[0]), ("x1", ok[1])):
             if not good:
                 raise ValueError(f"{op}: {name} must be finite (a NaN or inf has no optimal pairing)")
     if e is None:  # no host synchronisation: CUDA-graph capturable
-        if a.kind == "torch":
-            out = a.arr.new_empty((n,), dtype=xp.int64)
-            ptr = out.data_ptr()
-        else:
-            with xp.cuda.Device(a.device_id):
-                out = xp.empty((n,), dtype=xp.int64)
-            ptr = out.data.ptr
+        out, ptr = device_empty(a, (n,), "int64")
         ran(run_call(
             kind="assignment", device=a.device, device_id=a.device_id, stream=stream_of(a), x0=a.ptr, x1=b.ptr,
             B=n, D=d, perm=ptr, **workspace(a),

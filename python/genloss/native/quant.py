@@ -31,12 +31,14 @@ from ._engine import (
     Buf,
     _p,
     as_input,
+    device_empty,
     empty,
     int_range,
     ran,
     run_call,
     same_place,
     stream_of,
+    to_host,
     workspace,
     zeros64,
 )
@@ -62,32 +64,15 @@ def _rows(op: str, name: str, b: Buf, what: str) -> tuple[int, int]:
 
 def _index_empty(like: Buf, n: int) -> tuple[Any, int]:
     """An int64 (n,) array of ``like``'s kind on its device, and its address."""
+    if like.device != CPU:
+        return device_empty(like, (n,), "int64")
     if like.kind == "torch":
         import torch
 
-        t = (
-            torch.empty(n, dtype=torch.int64)
-            if like.device == CPU
-            else like.arr.new_empty(n, dtype=torch.int64)
-        )
+        t = torch.empty(n, dtype=torch.int64)
         return t, t.data_ptr()
-    if like.device == CPU:
-        a = np.empty(n, dtype=np.int64)
-        return a, a.__array_interface__["data"][0]
-    if like.kind == "cupy":
-        import cupy
-
-        with cupy.cuda.Device(like.device_id):
-            c = cupy.empty(n, dtype=cupy.int64)
-        return c, c.data.ptr
-    raise TypeError("genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
-
-
-def _to_host(b: Buf) -> np.ndarray:
-    """A small CUDA array's values in NumPy (a synchronising copy)."""
-    if b.kind == "torch":
-        return np.asarray(b.arr.cpu().numpy())
-    return np.asarray(b.arr.get())
+    a = np.empty(n, dtype=np.int64)
+    return a, a.__array_interface__["data"][0]
 
 
 # ============================================================================= vector_quantize (QNT.1-QNT.4)
@@ -212,5 +197,5 @@ def lfq_entropy_loss(z, inv_temperature=100.0, sample_weight=1.0, codebook_weigh
     ))  # fmt: skip
     if dev_terms is not None:
         assert terms is not None
-        terms[:] = _to_host(dev_terms)
+        terms[:] = to_host(dev_terms.arr)
     return out.arr, grads_out([gz], flags)
