@@ -1132,22 +1132,30 @@ struct MoreScratch {
   int device_id;
   std::vector<py::object> owners;
 };
+// alloc(device_id, nbytes) -> (address, owner), GIL held: the pair, and the address in *addr;
+// a Python error (alloc raised, or not such a pair) is raised as such.
+py::object call_alloc(PyObject* alloc, int device_id, size_t bytes, std::uintptr_t* addr) {
+  py::object r =
+      py::reinterpret_steal<py::object>(PyObject_CallFunction(alloc, "in", device_id, static_cast<Py_ssize_t>(bytes)));
+  if (!r) throw py::error_already_set();
+  if (!PyTuple_Check(r.ptr()) || PyTuple_GET_SIZE(r.ptr()) != 2)
+    throw py::type_error("Call: workspace(device_id, nbytes) must return (address, owner)");
+  *addr = as_ptr(PyTuple_GET_ITEM(r.ptr(), 0), "workspace address");
+  return r;
+}
+
 void* more_scratch(void* ctx, size_t bytes) {
   auto* m = static_cast<MoreScratch*>(ctx);
   py::gil_scoped_acquire gil;
-  py::object r = py::reinterpret_steal<py::object>(
-      PyObject_CallFunction(m->alloc, "in", m->device_id, static_cast<Py_ssize_t>(bytes)));
-  if (!r || !PyTuple_Check(r.ptr()) || PyTuple_GET_SIZE(r.ptr()) != 2) {
-    PyErr_Clear();  // e.g. torch's out-of-memory: cudaMallocAsync gets its chance, and its error is raised
+  // A failure (e.g. torch's out-of-memory) is dropped here, GIL held: the Scratch falls back to
+  // cudaMallocAsync, whose own error is the one raised if that fails too.
+  try {
+    std::uintptr_t p = 0;
+    m->owners.push_back(call_alloc(m->alloc, m->device_id, bytes, &p));
+    return reinterpret_cast<void*>(p);
+  } catch (const std::exception&) {
     return nullptr;
   }
-  const unsigned long long p = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(r.ptr(), 0));
-  if (PyErr_Occurred()) {
-    PyErr_Clear();
-    return nullptr;
-  }
-  m->owners.push_back(std::move(r));
-  return reinterpret_cast<void*>(static_cast<std::uintptr_t>(p));
 }
 
 void run_one(Call& c, MoreScratch* more = nullptr) {
@@ -1196,12 +1204,7 @@ py::object take_workspace(Call& c, PyObject* alloc) {
   if (c.device != 1 || alloc == nullptr || alloc == Py_None) return py::object();
   const size_t n = cuda_scratch_bytes(c);
   if (n == 0) return py::object();
-  py::object r =
-      py::reinterpret_steal<py::object>(PyObject_CallFunction(alloc, "in", c.device_id, static_cast<Py_ssize_t>(n)));
-  if (!r) throw py::error_already_set();
-  if (!PyTuple_Check(r.ptr()) || PyTuple_GET_SIZE(r.ptr()) != 2)
-    throw py::type_error("Call: workspace(device_id, nbytes) must return (address, owner)");
-  c.workspace = as_ptr(PyTuple_GET_ITEM(r.ptr(), 0), "workspace address");
+  py::object r = call_alloc(alloc, c.device_id, n, &c.workspace);
   c.workspace_bytes = c.workspace ? n : 0;
   return r;
 }
