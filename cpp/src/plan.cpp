@@ -73,6 +73,9 @@ struct Torch {
   PyObject* i32 = nullptr;          // torch.int32
   PyObject* empty_like = nullptr;   // torch.empty_like
   PyObject* from_dlpack = nullptr;  // torch._C._from_dlpack
+  // 0-d float32 / float64 CPU tensors: empty_like of one is the cheapest new scalar result
+  // (~0.4 us less than new_empty(()), whose size argument torch parses on every call)
+  PyObject* scalar[2] = {nullptr, nullptr};
 };
 
 // Interned attribute names, created once.
@@ -106,7 +109,17 @@ const Torch* torch_objects() {
   t.empty_like = PyObject_GetAttrString(torch, "empty_like");
   t.from_dlpack = c ? PyObject_GetAttrString(c, "_from_dlpack") : nullptr;
   Py_XDECREF(c);
-  if (!t.tensor_type || !t.f32 || !t.f64 || !t.i64 || !t.i32 || !t.empty_like || !t.from_dlpack) {
+  PyObject* empty = PyObject_GetAttrString(torch, "empty");
+  for (int k = 0; k < 2 && empty != nullptr && t.f32 != nullptr && t.f64 != nullptr; ++k) {
+    PyObject* args = Py_BuildValue("(())");
+    PyObject* kw = Py_BuildValue("{s:O}", "dtype", k == 0 ? t.f32 : t.f64);
+    if (args != nullptr && kw != nullptr) t.scalar[k] = PyObject_Call(empty, args, kw);
+    Py_XDECREF(args);
+    Py_XDECREF(kw);
+  }
+  Py_XDECREF(empty);
+  if (!t.tensor_type || !t.f32 || !t.f64 || !t.i64 || !t.i32 || !t.empty_like || !t.from_dlpack || !t.scalar[0] ||
+      !t.scalar[1]) {
     PyErr_Clear();
     return nullptr;
   }
@@ -207,6 +220,8 @@ py::object alloc(const Torch& t, const Input& like, const std::vector<int64_t>& 
     out = PyObject_CallOneArg(t.from_dlpack, cap.ptr());
   } else if (shape == like.shape) {
     out = PyObject_CallOneArg(t.empty_like, like.obj);
+  } else if (shape.empty() && !like.integer) {
+    out = PyObject_CallOneArg(t.empty_like, t.scalar[like.code]);
   } else {
     PyObject* sh = PyTuple_New(static_cast<Py_ssize_t>(shape.size()));
     if (sh == nullptr) throw py::error_already_set();

@@ -271,6 +271,7 @@ class LossOp:
         self.unit_ok = self.diff_first and not self.elementwise
         k = len(self.tensor_idx)
         self.split = k if self.tensor_idx == list(range(k)) else None
+        self.lean = self.direct and self.split is not None  # forward_setup's one-step case
         self.none_tail = (None,) * (len(self.args) - self.n_diff + 2)  # + the need and route slots
         plain = ", ".join(f"{a[0]} {a[1]}" for a in self.args)  # no defaults: need_grad follows
         lib.define(f"{name}_fwd({plain}, bool[] need_grad) -> (Tensor, Tensor?[])")
@@ -412,10 +413,7 @@ class LossOp:
         class Fn(torch.autograd.Function):
             @staticmethod
             def forward(ctx: Any, *inputs: Any) -> torch.Tensor:
-                op = _LIVE[name]
-                value, grads = op.forward(inputs)
-                op.setup(ctx, inputs, grads)
-                return value
+                return _LIVE[name].forward_setup(ctx, inputs)
 
             @staticmethod
             def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
@@ -454,55 +452,83 @@ class LossOp:
             need = (False,) * self.n_diff
         return self.run(args, need, route)
 
+    def forward_setup(self, ctx: Any, inputs: Sequence[Any]) -> torch.Tensor:
+        """``forward`` then ``setup``, in one step for the common case (a plain call, tensors
+        first): what ``setup`` would store, without computing it twice."""
+        args, need, route = inputs[:-2], inputs[-2], inputs[-1]
+        if route == PLAIN and self.lean:
+            value, grads = self.native(*args, need_grad=need)
+            per_sample = self.red_idx is not None and args[self.red_idx] == "none"
+            ctx.grads = grads or None  # see setup
+            ctx.st = (
+                self.unit_ok and not per_sample,
+                need,
+                PLAIN,
+                per_sample,
+                False,
+                None,
+                args[self.split :],
+                0,
+            )
+            ctx.save_for_backward(*args[: self.split])
+            return value
+        value, grads = self.forward(inputs)
+        self.setup(ctx, inputs, grads)
+        return value
+
     def setup(self, ctx: Any, inputs: Sequence[Any], grads: Sequence[Any]) -> None:
-        args, route = inputs[:-2], inputs[-1]
-        ctx.need, ctx.route = inputs[-2], route
-        ctx.per_sample = per_sample = self.red_idx is not None and args[self.red_idx] == "none"
-        ctx.rerun = self.shared_params and per_sample
+        """What backward needs, in one tuple ``ctx.st`` (one attribute set: a batch-256 loss
+        costs about as much as its Python steps) and the gradients in ``ctx.grads``."""
+        args, need, route = inputs[:-2], inputs[-2], inputs[-1]
+        per_sample = self.red_idx is not None and args[self.red_idx] == "none"
+        rerun = self.shared_params and per_sample
         # gradients come back in the inputs' dtypes (float16/bfloat16 are computed in float32)
-        ctx.dtypes = (
+        dtypes = (
             None if route == PLAIN else [None if args[i] is None else args[i].dtype for i in self.diff_idx]
         )
         if self.split is not None:  # tensors first, then the rest: two slices
-            tensors, ctx.others = args[: self.split], args[self.split :]
+            tensors, others = args[: self.split], args[self.split :]
         else:
             tensors = [args[i] for i in self.tensor_idx]
-            ctx.others = [args[i] for i in self.other_idx]
-        if route != TRACED and not ctx.rerun:
+            others = [args[i] for i in self.other_idx]
+        # backward may hand the saved gradients over as they are when grad_output is 1
+        unit = self.unit_ok and route == PLAIN and not per_sample
+        if route != TRACED and not rerun:
             # The gradients wait on ctx, not in save_for_backward, so the first backward hands
             # them to autograd as the only reference: AccumulateGrad adopts them instead of
             # copying (a 64 MiB copy per input of an image loss).
-            ctx.grads = list(grads) or None
+            ctx.grads = grads or None
+            ctx.st = (unit, need, route, per_sample, rerun, dtypes, others, 0)
             ctx.save_for_backward(*tensors)
         else:  # traced: everything through save_for_backward
             ctx.grads = None
-            ctx.n_grads = len(grads)
+            ctx.st = (unit, need, route, per_sample, rerun, dtypes, others, len(grads))
             ctx.save_for_backward(*tensors, *grads)
 
     def backward(self, ctx: Any, grad_output: torch.Tensor) -> tuple:
         grads = ctx.grads
+        st = ctx.st
         if grads is not None:  # the first backward of a direct call
             ctx.grads = None
             if (  # loss.backward() on a CPU scalar loss: the gradients as they are
-                self.unit_ok
-                and ctx.dtypes is None
-                and not ctx.per_sample
+                st[0]
                 and type(grad_output) is torch.Tensor
                 and grad_output.is_cpu
                 and not torch.is_grad_enabled()
                 and grad_output.item() == 1.0
             ):
                 return (*grads, *self.none_tail)
+        _unit, need, route, _per_sample, rerun, _dtypes, others, n_grads = st
         nt = len(self.tensor_idx)
         saved = ctx.saved_tensors
-        args = self.inputs_of(ctx.others, saved[:nt])
-        if ctx.rerun:
-            _, grads = self.wfwd(*args, grad_output, list(ctx.need))
+        args = self.inputs_of(others, saved[:nt])
+        if rerun:
+            _, grads = self.wfwd(*args, grad_output, list(need))
             return self.finish_backward(ctx, grads, None, args)
-        if ctx.route == TRACED:
-            grads = saved[nt : nt + ctx.n_grads]
+        if route == TRACED:
+            grads = saved[nt : nt + n_grads]
         elif grads is None:  # the graph was retained and is run again: same bits
-            _, grads = self.run(args, ctx.need, ctx.route)
+            _, grads = self.run(args, need, route)
         return self.finish_backward(ctx, grads, grad_output, args)
 
     def inputs_of(self, others: Sequence[Any], tensors: Sequence[Any]) -> list:
@@ -521,7 +547,7 @@ class LossOp:
     ) -> tuple[torch.Tensor | None, ...]:
         """The gradients of every argument: the saved ones times grad_output (None: as they are)."""
         out: list[torch.Tensor | None] = [None] * (len(self.args) + 2)
-        per_sample = ctx.per_sample
+        per_sample, dtypes = ctx.st[3], ctx.st[5]
         if grad_output is not None and self.is_unit(grad_output, per_sample):
             # d loss/d grad_output = 1 exactly (loss.backward() on a CPU scalar):
             # hand the saved gradient over instead of a multiply pass.
@@ -537,8 +563,8 @@ class LossOp:
                     g = g * grad_output.reshape((-1,) + (1,) * (g.dim() - 1))
                 else:  # scalar, or elementwise (same shape)
                     g = g * grad_output
-            if ctx.dtypes is not None and g.dtype != ctx.dtypes[k]:
-                g = g.to(ctx.dtypes[k])
+            if dtypes is not None and g.dtype != dtypes[k]:
+                g = g.to(dtypes[k])
             if twice:  # create_graph: differentiating this gradient again must raise
                 g = _RejectDoubleBackward.apply(g.detach(), args[i], self.name)
             out[i] = g
@@ -597,11 +623,7 @@ class LossOp:
                     f"w.r.t. {self.names[i]} (differentiable: {', '.join(self.names[j] for j in self.diff_idx)}); "
                     f"pass {self.names[i]}.detach()"
                 )
-        need = []
-        for i in self.diff_idx:
-            a = bound[i]
-            need.append(a is not None and a.requires_grad)
-        return tuple(need)
+        return tuple([bound[i] is not None and bound[i].requires_grad for i in self.diff_idx])
 
     def distinct(self, bound: list) -> None:
         """One tensor passed to two inputs (``gan_d_loss(x, x)``): the second gets an alias
@@ -614,6 +636,11 @@ class LossOp:
                 bound[idx[k]] = a.view_as(a)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.call(args, kwargs)
+
+    def call(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The op on ``args``/``kwargs`` as given (``public``'s function passes them on
+        without unpacking them into another call)."""
         n = len(args)
         if kwargs or self.prepare is not None or not self.n_required <= n <= len(self.args):
             bound = self.bind(args, kwargs)
@@ -645,11 +672,11 @@ def public(op: LossOp, module: str) -> Callable[..., torch.Tensor]:
     reference's docstring (``help()`` and ``inspect.signature`` show them). It names the op in
     its ValueError / TypeError messages itself (as ``_checks.op_errors`` would, one call frame
     fewer: a batch-256 loss costs about as much as its Python calls)."""
-    call, name = op.__call__, op.name
+    call, name = op.call, op.name
 
     def fn(*args: Any, **kwargs: Any) -> torch.Tensor:
         try:
-            return call(*args, **kwargs)
+            return call(args, kwargs)
         except (ValueError, TypeError) as err:
             name_error(err, name)
             raise
