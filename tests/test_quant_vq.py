@@ -729,6 +729,42 @@ def test_ema_native_cuda_bitwise_equals_cpu(cuda_device, dtype, itype, n, k, d):
     assert all(torch.equal(x, y) for x, y in zip(cuda, again, strict=True)), "two calls differ"
 
 
+def test_ema_torch_checks_indices_once(monkeypatch):
+    """genloss.torch.vq_ema_update reads the range of its indices once (the native kernel's
+    check; on CUDA each check is a wait for the GPU), and still names the op and the argument."""
+    calls = []
+    real = NQ.int_range
+
+    def counted(b):
+        calls.append(b.shape)
+        return real(b)
+
+    monkeypatch.setattr(NQ, "int_range", counted)
+    rng = np.random.default_rng(29)
+    z, cs, es = (torch.from_numpy(a) for a in (rng.standard_normal((40, 3)), rng.uniform(0, 2, 5),
+                                               rng.standard_normal((5, 3))))  # fmt: skip
+    idx = torch.from_numpy(rng.integers(0, 5, 40))
+    got = gt.vq_ema_update(z, idx, cs, es, 0.9, 1e-5)
+    want = RQ.vq_ema_update(z.numpy(), idx.numpy(), cs.numpy(), es.numpy(), 0.9, 1e-5)
+    for a, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.numpy(), w, rtol=1e-12, atol=1e-12)
+    assert calls == [(40,)], calls
+    bad = idx.clone()
+    bad[7] = 5
+    with pytest.raises(
+        ValueError, match=r"^vq_ema_update: indices must lie in \[0, 5\), got values in \[0, 5\]"
+    ):
+        gt.vq_ema_update(z, bad, cs, es)
+    assert len(calls) == 2, calls
+    # No other check in between: with the native read-back answering "not checked" (as on CUDA
+    # under capture), the CPU kernel's own bounds check is the one that raises.
+    monkeypatch.setattr(NQ, "int_range", lambda b: None)
+    with pytest.raises(
+        ValueError, match=r"^vq_ema_update: indices must lie in \[0, K\) with K = 5, got 5 at"
+    ):
+        gt.vq_ema_update(z, bad, cs, es)
+
+
 @pytest.mark.cuda
 def test_ema_native_cuda_index_checks(cuda_device):
     rng = np.random.default_rng(23)
