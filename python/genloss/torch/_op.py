@@ -402,9 +402,10 @@ class LossOp:
     # -- autograd -----------------------------------------------------------------
     def _functions(self) -> tuple[type[torch.autograd.Function], type[torch.autograd.Function]]:
         """The one autograd path, in two shells of the same three steps (``forward``, ``setup``,
-        ``backward`` below): ``Fn`` in the classic form (ctx in forward), which
-        ``Function.apply`` runs without binding its arguments by signature on every call (the
-        cost of a batch-256 loss is Python overhead), and ``FnT`` in the setup_context form,
+        ``backward`` below; ``Fn`` runs the first two as ``forward_setup``): ``Fn`` in the
+        classic form (ctx in forward), which ``Function.apply`` runs without binding its
+        arguments by signature on every call (the cost of a batch-256 loss is Python
+        overhead), and ``FnT`` in the setup_context form,
         which functorch transforms (``torch.func.grad``, ``vjp``) require; ``Fn.apply`` refuses
         to run under a transform and ``__call__`` then takes ``FnT``."""
         name = self.name  # the op is looked up in a module global: Dynamo traces forward,
