@@ -227,6 +227,30 @@ def test_a_plan_serves_only_its_hyperparameters_and_dtype(plans):
     assert len(plans) == 6
 
 
+def test_plan_scalar_results_are_fresh_tensors(plans):
+    """A plan makes a 0-d result as a new tensor each call (empty_like of a kept 0-d tensor of
+    its dtype): never the kept one, never shared between calls, ordinary (not an inference
+    tensor) even when the first call ran under inference_mode."""
+    import genloss.native as gn
+
+    for dtype in (torch.float64, torch.float32):
+        x = _plain(16, dtype)
+        with torch.inference_mode():
+            first, _ = gn.wgan_g_loss(x)
+        values = [gn.wgan_g_loss(x)[0] for _ in range(3)]
+        assert len(plans) == 1 if dtype == torch.float64 else len(plans) == 2
+        want = -x.double().mean()
+        for v in (first, *values):
+            assert v.shape == () and v.dtype == dtype and not v.requires_grad
+            torch.testing.assert_close(v.double(), want)
+        assert not any(v.is_inference() for v in values)
+        assert len({v.data_ptr() for v in values}) == 3  # alive together: three buffers
+        values[0].fill_(123.0)  # a caller writing into its result changes nothing else
+        again, _ = gn.wgan_g_loss(x)
+        torch.testing.assert_close(again.double(), want)
+        torch.testing.assert_close(values[1].double(), want)
+
+
 def test_recordings_that_cannot_be_replayed_are_not_kept(plans):
     """A composition that reads the data in Python (a total feeding the next call, a range
     check) or runs a primitive that is not a Call leaves no plan."""
