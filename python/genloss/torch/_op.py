@@ -460,8 +460,8 @@ class LossOp:
         if route == PLAIN and self.lean:
             value, grads = self.native(*args, need_grad=need)
             per_sample = self.red_idx is not None and args[self.red_idx] == "none"
-            ctx.grads = grads or None  # see setup
-            ctx.st = (
+            ctx.grads = grads or None  # as setup does, and setup's ctx.st layout:
+            ctx.st = (  # (unit, need, route, per_sample, rerun, dtypes, others, n_grads)
                 self.unit_ok and not per_sample,
                 need,
                 PLAIN,
@@ -494,17 +494,15 @@ class LossOp:
             others = [args[i] for i in self.other_idx]
         # backward may hand the saved gradients over as they are when grad_output is 1
         unit = self.unit_ok and route == PLAIN and not per_sample
-        if route != TRACED and not rerun:
-            # The gradients wait on ctx, not in save_for_backward, so the first backward hands
-            # them to autograd as the only reference: AccumulateGrad adopts them instead of
-            # copying (a 64 MiB copy per input of an image loss).
-            ctx.grads = grads or None
-            ctx.st = (unit, need, route, per_sample, rerun, dtypes, others, 0)
-            ctx.save_for_backward(*tensors)
-        else:  # traced: everything through save_for_backward
-            ctx.grads = None
-            ctx.st = (unit, need, route, per_sample, rerun, dtypes, others, len(grads))
-            ctx.save_for_backward(*tensors, *grads)
+        # The gradients of a direct call wait on ctx, not in save_for_backward, so the first
+        # backward hands them to autograd as the only reference: AccumulateGrad adopts them
+        # instead of copying (a 64 MiB copy per input of an image loss). Traced calls (and
+        # re-runs) keep everything in save_for_backward: n_grads of them after the inputs.
+        direct = route != TRACED and not rerun
+        ctx.grads = (grads or None) if direct else None
+        n_grads = 0 if direct else len(grads)
+        ctx.st = (unit, need, route, per_sample, rerun, dtypes, others, n_grads)
+        ctx.save_for_backward(*tensors, *([] if direct else grads))
 
     def backward(self, ctx: Any, grad_output: torch.Tensor) -> tuple:
         grads = ctx.grads
@@ -548,7 +546,7 @@ class LossOp:
     ) -> tuple[torch.Tensor | None, ...]:
         """The gradients of every argument: the saved ones times grad_output (None: as they are)."""
         out: list[torch.Tensor | None] = [None] * (len(self.args) + 2)
-        per_sample, dtypes = ctx.st[3], ctx.st[5]
+        _unit, _need, _route, per_sample, _rerun, dtypes, _others, _n = ctx.st
         if grad_output is not None and self.is_unit(grad_output, per_sample):
             # d loss/d grad_output = 1 exactly (loss.backward() on a CPU scalar):
             # hand the saved gradient over instead of a multiply pass.
