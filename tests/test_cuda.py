@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from genloss import registry as R
-from strategies import seed_of
-from tolerances import assert_close, value_scale
+from native_storage import LOW, check_native_storage
+from tolerances import assert_close
 
 torch = pytest.importorskip("torch")
 gt = pytest.importorskip("genloss.torch")
@@ -168,66 +168,19 @@ def test_cupy_inputs_are_exported_for_the_launch_stream(cuda_device):
 # ----------------------------------------------------------------------------- fp16/bf16 storage
 NATIVE_CASES = [(r, v, red) for r, v, red in R.cases() if r.has_native]
 NATIVE_IDS = [f"{r.name}-{v.id}-{red}" for r, v, red in NATIVE_CASES]
-LOW = ("float16", "bfloat16")
-FP16_SCRATCH = ("gradient_penalty_from_grads", "denoiser_loss", "scm_loss", "vdm_discrete_loss")
-
-
-def _rounded(x, dtype):
-    """The float64 oracle rounded to ``dtype`` (inf where it overflows): the best a kernel
-    that stores ``dtype`` can return."""
-    return torch.from_numpy(np.asarray(x, dtype=np.float64)).to(dtype).double().numpy()
 
 
 @pytest.mark.parametrize("low", LOW)
 @pytest.mark.parametrize(("record", "variant", "reduction"), NATIVE_CASES, ids=NATIVE_IDS)
-def test_native_low_precision_storage(record, variant, reduction, low, cuda_device, request):
+def test_native_low_precision_storage(record, variant, reduction, low, cuda_device):
     """``genloss.native`` on float16/bfloat16 CUDA tensors runs the storage kernels (load the
     low dtype, compute in float32, accumulate in float64, store the low dtype); genloss.torch
     widens to float32 first, so only this reaches them. Oracle: the reference on the exactly
     widened inputs, value and gradients rounded to the storage dtype. An op whose native
-    version has no low-precision CUDA kernel must refuse with an error naming the dtype."""
-    if low == "float16" and record.name in FP16_SCRATCH:
-        # Seen on an H200 (bench/results/gpu-nvidia-h200-check.json): 2-7 float16 ulps off in one
-        # gradient entry, because these compositions keep a per-row intermediate (a squared
-        # norm, a weight) in the storage dtype between two engine calls. bfloat16's tolerance
-        # covers it; float32 scratch for low-precision storage is issue 16 work.
-        why = f"{record.name}: a per-row intermediate is rounded to float16 between engine calls"
-        request.applymarker(pytest.mark.xfail(reason=why, strict=False))
+    version has no low-precision CUDA kernel must refuse with an error naming the dtype. The
+    compositions of FLOAT32_PATH compute in float32 (on an H200 their float16 storage was 2-7
+    ulps off in one gradient entry while they kept intermediates in it): exact here too."""
     check_native_storage(record, variant, reduction, low, cuda_device)
-
-
-def check_native_storage(record, variant, reduction, low, device):
-    """The body of the test above for any storage dtype and device (float32 on the CPU checks
-    the oracle logic itself where no GPU is present)."""
-    dtype = getattr(torch, low)
-    rng = np.random.default_rng(seed_of(record.name, variant.id, low))
-    arrays = R.make_inputs(record, rng, np.float64, R.ODD_SIZES[0], variant)
-    ts = [torch.from_numpy(np.array(x, copy=True)).to(device) for x in arrays]
-    ts = [t.to(dtype) if t.is_floating_point() else t for t in ts]
-    kwargs = R.call_kwargs(record, variant, reduction)
-    try:
-        value, grads = record.native(*ts, **kwargs)
-    except (TypeError, ValueError) as e:
-        assert low in str(e) or "CUDA" in str(e), f"{record.name}: refused {low} without naming it: {e}"
-        pytest.skip(f"no {low} CUDA kernel: {e}")
-    x64 = tuple(t.cpu().double().numpy() if t.is_floating_point() else t.cpu().numpy() for t in ts)
-    ref = record.reference(*x64, **kwargs)
-    ref_value = np.asarray(ref if record.value_index is None else ref[record.value_index])
-    label = f"{record.name}({variant.id}, {reduction}) [{low} storage]"
-    assert value.dtype == dtype and value.device == ts[0].device, (
-        f"{label}: value {value.dtype} on {value.device}"
-    )
-    scale = value_scale(x64, reduction, ref_value)
-    assert_close(value.cpu(), _rounded(ref_value, dtype), "cuda", low, label + " value", scale=scale)
-    if record.reference_backward is None:
-        return
-    ones = np.ones(ref_value.shape) if ref_value.ndim else 1.0
-    ref_grads = record.reference_backward(*x64, ones, **kwargs)
-    assert len(grads) == len(ref_grads) == len(record.differentiable), label
-    for name, g, rg in zip(record.differentiable, grads, ref_grads, strict=True):
-        assert g.dtype == dtype, f"{label} d/d{name}: {g.dtype}"
-        gs = R.grad_scale(record, name, x64, reduction, rg)
-        assert_close(g.cpu(), _rounded(rg, dtype), "cuda", low, f"{label} d/d{name}", scale=gs)
 
 
 # ----------------------------------------------------------------------------- streams, repeatability

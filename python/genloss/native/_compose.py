@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .. import _checks as C
 from ._engine import (
     _C,
     Buf,
     Recording,
     _local,
+    _torch_mod,
     as_input,
     empty,
     ran,
@@ -44,6 +47,45 @@ def inputs(names: Sequence[str], arrays: Sequence[Any]) -> list[Buf]:
     for n, b in zip(names[1:], bufs[1:], strict=True):
         same_place(bufs[0], names[0], b, n)
     return bufs
+
+
+# ---- float16/bfloat16 storage of compositions with intermediates -------------------------
+# The engine's kernels load float16/bfloat16, compute in float32 and store the storage dtype.
+# A composition that hands an intermediate from one engine call to the next (a per-row norm,
+# a weight, a full-size scratch array) would round it to the storage dtype in between: 2-7
+# float16 ulps off in a gradient entry on an H200. Those compositions run on float32 copies
+# of their inputs instead (the float32 kernels) and round only their results.
+
+
+def _low_cuda(x: Any) -> bool:
+    """A float16/bfloat16 CUDA torch tensor or CuPy array (what the storage kernels take)."""
+    t = _torch_mod()
+    if t is not None and isinstance(x, t.Tensor):
+        return x.is_cuda and x.dtype in (t.float16, t.bfloat16)
+    return type(x).__module__.startswith("cupy") and getattr(x, "dtype", None) == np.float16
+
+
+def low_storage(arrays: Sequence[Any]) -> bool:
+    """Whether an op's floating inputs (None: an absent optional one) are float16/bfloat16 CUDA
+    arrays of one dtype: those :func:`computed_in_float32` takes. Anything else (a mixed dtype,
+    another device) takes the op's own path, which names what is wrong."""
+    if not _low_cuda(arrays[0]):
+        return False
+    dt = arrays[0].dtype
+    return all(a is None or (_low_cuda(a) and a.dtype == dt) for a in arrays[1:])
+
+
+def _astype(a: Any, dtype: Any) -> Any:
+    return a.to(dtype) if hasattr(a, "is_cuda") else a.astype(dtype)
+
+
+def computed_in_float32(call: Callable[..., tuple], arrays: Sequence[Any]) -> tuple:
+    """``call(*arrays)`` on float32 copies of ``arrays`` (None stays None), its value and every
+    gradient rounded to the inputs' storage dtype: ``(value, grads)`` as the op returns it."""
+    low = arrays[0].dtype
+    f32 = _torch_mod().float32 if hasattr(arrays[0], "is_cuda") else np.float32
+    value, grads = call(*(None if a is None else _astype(a, f32) for a in arrays))
+    return _astype(value, low), tuple(None if g is None else _astype(g, low) for g in grads)
 
 
 # ---- THE reduction rule of every native loss -------------------------------------------

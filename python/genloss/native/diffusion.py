@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import _checks as C
 from ..reference import diffusion as _R
-from ._compose import cached, inputs, loss_scale, needs, value_out
+from ._compose import cached, computed_in_float32, inputs, loss_scale, low_storage, needs, value_out
 from ._engine import (
     CPU,
     FLOAT64,
@@ -611,8 +611,15 @@ def vdm_continuous_loss(eps, eps_pred, dgamma_dt, reduction="mean", *, need_grad
 def vdm_discrete_loss(eps, eps_pred, gamma_t, gamma_s, T, reduction="mean", *, need_grad=True):
     r"""Per sample T/2 expm1(gamma_t - gamma_s) ||eps - eps_pred||^2.  (DIF.17)
 
-    Differentiable inputs: eps, eps_pred, gamma_t, gamma_s.
+    Differentiable inputs: eps, eps_pred, gamma_t, gamma_s. float16/bfloat16 CUDA inputs are
+    computed in float32 (the weights and the per-sample sums pass between steps); value and
+    gradients in their dtype.
     """
+    if low_storage((eps, eps_pred, gamma_t, gamma_s)):
+        return computed_in_float32(
+            lambda e, p, g_t, g_s: vdm_discrete_loss(e, p, g_t, g_s, T, reduction, need_grad=need_grad),
+            (eps, eps_pred, gamma_t, gamma_s),
+        )
     C.reduction(reduction)
     T = C.positive_int("T", T)
     e, p = _batched(("eps", "eps_pred"), (eps, eps_pred), reduction)

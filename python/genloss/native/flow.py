@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import _checks as C
 from ..reference import flow as _R
-from ._compose import loss_scale, needs
+from ._compose import computed_in_float32, loss_scale, low_storage, needs
 from ._engine import FLOAT32, Buf, as_input, empty, float_range, map_reduce, skip_checks, to_host
 from .diffusion import _batched, _result, _row_vector, _run, _value_out, _xp
 
@@ -256,8 +256,16 @@ def denoiser_loss(
     logvar needs a gradient, the unweighted per-sample mean squares.  The sigma-gradient also
     needs sum_i r dF_tgt/dsigma = sum_i r (a' x0 + b' noise) per sample: one more pass
     (``DenoiserSigmaDot``), only when asked.  No x_sigma, D or target array.  Differentiable inputs: F, x0, noise, sigma, logvar
-    (when given).
+    (when given). float16/bfloat16 CUDA inputs are computed in float32 (the per-sample means
+    and the sigma dot products pass between engine calls); value and gradients in their dtype.
     """
+    if low_storage((F, x0, noise, sigma, logvar)):
+        return computed_in_float32(
+            lambda f, x, n, s, u: denoiser_loss(
+                f, x, n, s, sigma_data, weighting, gamma, u, reduction, need_grad=need_grad
+            ),
+            (F, x0, noise, sigma, logvar),
+        )
     with _R.named_errors("denoiser_loss"):
         C.reduction(reduction)
         weighting = C.choice("weighting", weighting, DENOISER_WEIGHTINGS)
@@ -355,8 +363,16 @@ def scm_loss(F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data=0.5, r=1.0, c=0.1, lo
     5. ``DiffusionMSE`` (F, G, H) with the per-row table (1, -k): r = F - F^- - k (G - H), the
        value (row weight e^{-u}), d/dF and the raw per-sample means for d/dlogvar.
 
-    Differentiable inputs: F, logvar (when given).
+    Differentiable inputs: F, logvar (when given). float16/bfloat16 CUDA inputs are computed in
+    float32 (G and H are full-size intermediates); value and gradients in their dtype.
     """
+    if low_storage((F, F_minus, dF_dt, x_t, dxt_dt, t, logvar)):
+        return computed_in_float32(
+            lambda f, fm, dfm, xt, dxt, tt, u: scm_loss(
+                f, fm, dfm, xt, dxt, tt, sigma_data, r, c, u, reduction, need_grad=need_grad
+            ),
+            (F, F_minus, dF_dt, x_t, dxt_dt, t, logvar),
+        )
     names = ("F", "F_minus", "dF_dt", "x_t", "dxt_dt")
     with _R.named_errors("scm_loss"):
         C.reduction(reduction)

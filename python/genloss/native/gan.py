@@ -21,8 +21,10 @@ from ._compose import (
     Term,
     batch_scale,
     cached,
+    computed_in_float32,
     grads_out,
     inputs,
+    low_storage,
     needs,
     one_population,
     run_terms,
@@ -216,7 +218,17 @@ def relativistic_g_loss(real_logits, fake_logits, average=True, reduction="mean"
 # ---------------------------------------------------------------- (GAN.12, GAN.13)
 def gradient_penalty_from_grads(grads, lambda_=10.0, center=1.0, one_sided=False, reduction="mean", *,
                                 need_grad=True):  # fmt: skip
-    """lambda * mean_b (||g_b|| - center)^2; gradient 0 at g_b = 0.  (GAN.12)"""
+    """lambda * mean_b (||g_b|| - center)^2; gradient 0 at g_b = 0.  (GAN.12)
+
+    float16/bfloat16 CUDA inputs are computed in float32 (the per-row norms would otherwise be
+    rounded to the storage dtype between two engine calls); value and gradient in their dtype."""
+    if low_storage((grads,)):
+        return computed_in_float32(
+            lambda g: gradient_penalty_from_grads(
+                g, lambda_, center, one_sided, reduction, need_grad=need_grad
+            ),
+            (grads,),
+        )
     lam, c = C.finite("lambda_", lambda_), C.finite("center", center)
     one_sided = C.flag("one_sided", one_sided)
 
