@@ -193,9 +193,10 @@ __global__ void sum_segments(const double* in, int64_t rows, int64_t n, double* 
 
 // One block: total over rows, scaled outputs, optional totals for the host.
 // Row weights (if any) scale each row sum here; out_rows_raw gets it unweighted.
-template <class S>
+// V: the value outputs' type, S or float (MapReduceArgs::value_f32).
+template <class S, class V = S>
 __global__ void finalize(double* rowv, int64_t rows, const double* dparts, int64_t ndp, double value_scale,
-                         S* out_value, int accumulate, S* out_rows, double* totals, const S* row_weight = nullptr,
+                         V* out_value, int accumulate, V* out_rows, double* totals, const S* row_weight = nullptr,
                          S* out_rows_raw = nullptr) {
   using A = typename Acc<S>::type;
   __shared__ double sh[kThreads];
@@ -261,10 +262,16 @@ void map_reduce_t(const MapReduceArgs& a, cudaStream_t st) {
     check_cuda(cudaGetLastError(), "map_reduce launch");
   }
   if (rows > 0) sum_segments<<<grid_blocks(rows, 1), kThreads, 0, st>>>(part, rows, cpr, rowv);
-  finalize<S><<<1, kThreads, 0, st>>>(rowv, rows, dpart, WG ? ntask : 0, a.value_scale, static_cast<S*>(a.out_value),
-                                      a.accumulate, static_cast<S*>(a.out_rows),
-                                      a.totals || a.totals_out ? dev_totals : nullptr,
-                                      static_cast<const S*>(a.row_weight), static_cast<S*>(a.out_rows_raw));
+  double* tot = a.totals || a.totals_out ? dev_totals : nullptr;
+  const S* rw = static_cast<const S*>(a.row_weight);
+  if (a.value_f32)  // a float16/bfloat16 call whose value is float32
+    finalize<S, float><<<1, kThreads, 0, st>>>(
+        rowv, rows, dpart, WG ? ntask : 0, a.value_scale, static_cast<float*>(a.out_value), a.accumulate,
+        static_cast<float*>(a.out_rows), tot, rw, static_cast<S*>(a.out_rows_raw));
+  else
+    finalize<S><<<1, kThreads, 0, st>>>(rowv, rows, dpart, WG ? ntask : 0, a.value_scale, static_cast<S*>(a.out_value),
+                                        a.accumulate, static_cast<S*>(a.out_rows), tot, rw,
+                                        static_cast<S*>(a.out_rows_raw));
   check_cuda(cudaGetLastError(), "finalize launch");
   if (a.totals) {
     check_cuda(cudaMemcpyAsync(a.totals, dev_totals, 2 * sizeof(double), cudaMemcpyDeviceToHost, st), "totals");

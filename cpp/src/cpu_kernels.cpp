@@ -32,6 +32,7 @@ __attribute__((simd("notinbranch"))) float tanhf(float) noexcept;
 #endif
 
 #include "cpu_config.h"
+#include "cpu_half.h"
 #include "cpu_table.h"
 #include "genloss/engine.h"
 
@@ -144,13 +145,14 @@ inline void put(T* dst, const T* src, bool nt) {
 enum Store : int { kDirect = 0, kBuffered = 1 };
 
 // One chunk of map_reduce: returns the sum of f over [0, n) and writes the
-// gradients (and elementwise values) that are asked for.
-template <class F, class T, bool WG, int S>
-double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, bool nt,
+// gradients (and elementwise values) that are asked for. St: the storage type, T the compute
+// type (float32 for float16/bfloat16 storage: cpu_half.h).
+template <class F, class St, bool WG, int S, class T = typename Compute<St>::type>
+double chunk(const St* const* in, St* const* grad, St* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, bool nt,
              double* dsum) {
   constexpr int N = F::arity;
-  const T* __restrict x[N];
-  T* __restrict g[N];
+  const St* __restrict x[N];
+  St* __restrict g[N];
   for (int a = 0; a < N; ++a) {
     x[a] = in[a];
     g[a] = grad[a];
@@ -158,16 +160,16 @@ double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<
   T accv[kLanes] = {};
   T accd[kLanes] = {};
   // element k into lane j; its outputs go to gd[a][o] and ed[o]
-  auto body = [&](int64_t k, int j, auto* gd, T* ed, int64_t o) __attribute__((always_inline)) {
+  auto body = [&](int64_t k, int j, auto* gd, St* ed, int64_t o) __attribute__((always_inline)) {
     T xs[N], d[N], v;
-    for (int a = 0; a < N; ++a) xs[a] = x[a][k];
+    for (int a = 0; a < N; ++a) xs[a] = load(x[a][k]);
     eval_n<F>(xs, p, v, d);
     accv[j] += v;
-    if (ed) ed[o] = v * vs;
+    if (ed) ed[o] = store_as<St>(v * vs);
     if constexpr (WG) {
       accd[j] += d[0];
       for (int a = 0; a < N; ++a)
-        if (gd[a]) gd[a][o] = d[a] * gs + go;
+        if (gd[a]) gd[a][o] = store_as<St>(d[a] * gs + go);
     }
   };
   int64_t i = 0;
@@ -178,11 +180,12 @@ double chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<
       for (int j = 0; j < kLanes; ++j) body(i + j, j, g, ev, i + j);
     }
   } else {
-    alignas(kStreamAlign) T gb[N][kLanes];
-    alignas(kStreamAlign) T eb[kLanes];
-    T* __restrict gbp[N];
+    static_assert(sizeof(St) >= 4, "16-bit storage takes the direct loop (whole 64-byte blocks only)");
+    alignas(kStreamAlign) St gb[N][kLanes];
+    alignas(kStreamAlign) St eb[kLanes];
+    St* __restrict gbp[N];
     for (int a = 0; a < N; ++a) gbp[a] = (WG && g[a]) ? gb[a] : nullptr;
-    T* ebp = ev ? eb : nullptr;
+    St* ebp = ev ? eb : nullptr;
     for (; i + kLanes <= n; i += kLanes) {
       for (int a = 0; a < N; ++a) prefetch_block(x[a] + i);
 #pragma omp simd
@@ -224,27 +227,43 @@ const double* table_row(const MapReduceArgs& a, int64_t r) {
 }
 
 // One chunk with the functor the row asks for (F, or F::Alt where flagged).
-template <class F, class T, bool WG, int S>
-double row_chunk(const T* const* in, T* const* grad, T* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, bool nt,
+template <class F, class St, bool WG, int S, class T = typename Compute<St>::type>
+double row_chunk(const St* const* in, St* const* grad, St* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, bool nt,
                  double* dsum) {
   if constexpr (has_alt<F>::value) {
     if (p.rp && p.rp[F::alt_flag] != 0.0)
-      return chunk<typename F::Alt, T, WG, S>(in, grad, ev, n, p, vs, gs, go, nt, dsum);
+      return chunk<typename F::Alt, St, WG, S>(in, grad, ev, n, p, vs, gs, go, nt, dsum);
   }
-  return chunk<F, T, WG, S>(in, grad, ev, n, p, vs, gs, go, nt, dsum);
+  return chunk<F, St, WG, S>(in, grad, ev, n, p, vs, gs, go, nt, dsum);
+}
+
+// One value output (out_value, out_rows): float32 where the call asks for it (value_f32: a
+// float16/bfloat16 call whose loss is returned in float32), else the storage type.
+template <class St>
+double value_at(const void* o, int64_t i, bool f32) {
+  return f32 ? static_cast<double>(cptr<float>(o)[i]) : static_cast<double>(load(cptr<St>(o)[i]));
+}
+template <class St>
+void set_value(void* o, int64_t i, double v, bool f32) {
+  if (f32)
+    ptr<float>(o)[i] = static_cast<float>(v);
+  else
+    ptr<St>(o)[i] = store_as<St>(static_cast<typename Compute<St>::type>(v));
 }
 
 bool stream_aligned(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & (kStreamAlign - 1)) == 0;
 }
 
-template <class F, class T, bool WG>
+template <class F, class St, bool WG>
 void map_reduce_t(const MapReduceArgs& a) {
+  using T = typename Compute<St>::type;
+  constexpr bool kHalf = sizeof(St) == 2;  // float16 / bfloat16 storage: the direct loop only
   const Params<T> p0{T(first_param(a)), T(a.pb), T(a.pc), a.mode, nullptr};
   constexpr int N = F::arity;
-  T* ev = ptr<T>(a.out_elems);
+  St* ev = ptr<St>(a.out_elems);
   const T vs = T(a.value_scale), gs = T(a.grad_scale), go = T(grad_offset_of(a));
-  const T* w = cptr<T>(a.row_weight);
+  const St* w = cptr<St>(a.row_weight);
   // Without per-row output or per-row inputs the whole tensor is one long row: fewer partials.
   const bool per_row = a.out_rows || a.out_rows_raw || a.table || w;
   const int64_t rows = per_row ? a.rows : 1;
@@ -262,8 +281,8 @@ void map_reduce_t(const MapReduceArgs& a) {
   int outputs = ev ? 1 : 0;
   for (int q = 0; q < N; ++q) outputs += (WG && a.grad[q]) ? 1 : 0;
   const int64_t min_bytes = stream_min_bytes();
-  const bool large = min_bytes >= 0 && outputs > 0 &&
-                     static_cast<double>(outputs) * static_cast<double>(rows * cols) * sizeof(T) >= double(min_bytes);
+  const bool large = !kHalf && min_bytes >= 0 && outputs > 0 &&
+                     static_cast<double>(outputs) * static_cast<double>(rows * cols) * sizeof(St) >= double(min_bytes);
   const bool stream = large && nt_stores();
   std::atomic<bool> streamed{false};  // some chunk streamed (64-byte aligned outputs)
 #pragma omp parallel for schedule(static) num_threads(threads()) if (par)
@@ -271,43 +290,42 @@ void map_reduce_t(const MapReduceArgs& a) {
     const int64_t r = t / cpr, c = t % cpr;
     const int64_t begin = r * cols + c * kChunk;
     const int64_t len = std::min(kChunk, cols - c * kChunk);
-    const T* xs[N];
-    T* gs_[N];
+    const St* xs[N];
+    St* gs_[N];
     bool aligned = stream && (!ev || stream_aligned(ev + begin));
     for (int q = 0; q < N; ++q) {
-      xs[q] = cptr<T>(a.in[q]) + begin;
-      gs_[q] = a.grad[q] ? ptr<T>(a.grad[q]) + begin : nullptr;
+      xs[q] = cptr<St>(a.in[q]) + begin;
+      gs_[q] = a.grad[q] ? ptr<St>(a.grad[q]) + begin : nullptr;
       aligned = aligned && (!gs_[q] || stream_aligned(gs_[q]));
     }
     Params<T> p = p0;
     p.rp = table_row(a, r);
-    const T wr = w ? w[r] : T(1);
+    const T wr = w ? load(w[r]) : T(1);
     double ds = 0.0;
-    T* e = ev ? ev + begin : nullptr;
+    St* e = ev ? ev + begin : nullptr;
     if (aligned) streamed.store(true, std::memory_order_relaxed);
-    part[t] = large ? row_chunk<F, T, WG, kBuffered>(xs, gs_, e, len, p, vs * wr, gs * wr, go, aligned, &ds)
-                    : row_chunk<F, T, WG, kDirect>(xs, gs_, e, len, p, vs * wr, gs * wr, go, false, &ds);
+    if constexpr (kHalf)
+      part[t] = row_chunk<F, St, WG, kDirect>(xs, gs_, e, len, p, vs * wr, gs * wr, go, false, &ds);
+    else
+      part[t] = large ? row_chunk<F, St, WG, kBuffered>(xs, gs_, e, len, p, vs * wr, gs * wr, go, aligned, &ds)
+                      : row_chunk<F, St, WG, kDirect>(xs, gs_, e, len, p, vs * wr, gs * wr, go, false, &ds);
     dpart[t] = ds * static_cast<double>(wr);
   }
   if (streamed.load(std::memory_order_relaxed)) count_streamed_call();
   for (int64_t r = 0; r < rows; ++r) rowv[r] = pairwise(part + r * cpr, cpr);
-  if (a.out_rows_raw) {
-    T* o = ptr<T>(a.out_rows_raw);
-    for (int64_t r = 0; r < rows; ++r) o[r] = static_cast<T>(a.value_scale * rowv[r]);
-  }
+  if (a.out_rows_raw)
+    for (int64_t r = 0; r < rows; ++r) set_value<St>(a.out_rows_raw, r, a.value_scale * rowv[r], false);
   if (w)
-    for (int64_t r = 0; r < rows; ++r) rowv[r] *= static_cast<double>(w[r]);
+    for (int64_t r = 0; r < rows; ++r) rowv[r] *= static_cast<double>(load(w[r]));
   const double total = pairwise(rowv, rows);
-  if (a.out_value) {
-    T* o = ptr<T>(a.out_value);
-    const double prev = a.accumulate ? static_cast<double>(o[0]) : 0.0;
-    o[0] = static_cast<T>(prev + a.value_scale * total);
-  }
-  if (a.out_rows) {
-    T* o = ptr<T>(a.out_rows);
+  const bool f32 = a.value_f32 != 0;
+  if (a.out_value)
+    set_value<St>(a.out_value, 0, (a.accumulate ? value_at<St>(a.out_value, 0, f32) : 0.0) + a.value_scale * total,
+                  f32);
+  if (a.out_rows)
     for (int64_t r = 0; r < rows; ++r)
-      o[r] = static_cast<T>((a.accumulate ? static_cast<double>(o[r]) : 0.0) + a.value_scale * rowv[r]);
-  }
+      set_value<St>(a.out_rows, r, (a.accumulate ? value_at<St>(a.out_rows, r, f32) : 0.0) + a.value_scale * rowv[r],
+                    f32);
   for (double* t : {a.totals, a.totals_out}) {
     if (t == nullptr) continue;
     t[0] = total;
@@ -315,14 +333,14 @@ void map_reduce_t(const MapReduceArgs& a) {
   }
 }
 
-template <class F, class T>
+template <class F, class St>
 void map_reduce_g(const MapReduceArgs& a) {
   bool any = false;  // each gradient may be skipped when not needed
   for (int q = 0; q < F::arity; ++q) any = any || a.grad[q] != nullptr;
   if (any)
-    map_reduce_t<F, T, true>(a);
+    map_reduce_t<F, St, true>(a);
   else
-    map_reduce_t<F, T, false>(a);
+    map_reduce_t<F, St, false>(a);
 }
 
 void map_reduce(const MapReduceArgs& a) {
@@ -331,8 +349,12 @@ void map_reduce(const MapReduceArgs& a) {
   case id:                           \
     if (a.dtype == kFloat32)         \
       map_reduce_g<type, float>(a);  \
-    else                             \
+    else if (a.dtype == kFloat64)    \
       map_reduce_g<type, double>(a); \
+    else if (a.dtype == kBFloat16)   \
+      map_reduce_g<type, BF16>(a);   \
+    else                             \
+      map_reduce_g<type, F16>(a);    \
     return;
     GENLOSS_FUNCTORS(GENLOSS_CASE)
 #undef GENLOSS_CASE
@@ -341,40 +363,52 @@ void map_reduce(const MapReduceArgs& a) {
   }
 }
 
-template <class T>
+// The simple kernels on any storage type St (float16/bfloat16: loaded to float32, stored back).
+template <class St>
 void row_scale_t(const RowScaleArgs& a) {
-  const T* x = cptr<T>(a.x);
-  const T* coef = cptr<T>(a.coef);
-  T* out = ptr<T>(a.out);
+  using T = typename Compute<St>::type;
+  const St* x = cptr<St>(a.x);
+  const St* coef = cptr<St>(a.coef);
+  St* out = ptr<St>(a.out);
   const int64_t n = a.rows * a.cols;
   const T s = T(a.scale);
   const bool acc = a.accumulate != 0;
 #pragma omp parallel for schedule(static) num_threads(threads()) if (n >= kParallelMin)
   for (int64_t r = 0; r < a.rows; ++r) {
-    const T c = coef ? s * coef[r] : s;
-    const T* xr = x + r * a.cols;
-    T* orow = out + r * a.cols;
+    const T c = coef ? s * load(coef[r]) : s;
+    const St* xr = x + r * a.cols;
+    St* orow = out + r * a.cols;
     if (acc) {
 #pragma omp simd
-      for (int64_t j = 0; j < a.cols; ++j) orow[j] += c * xr[j];
+      for (int64_t j = 0; j < a.cols; ++j) orow[j] = store_as<St>(load(orow[j]) + c * load(xr[j]));
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < a.cols; ++j) orow[j] = c * xr[j];
+      for (int64_t j = 0; j < a.cols; ++j) orow[j] = store_as<St>(c * load(xr[j]));
     }
   }
 }
 
+// One of the simple kernels on a.dtype's storage type.
+#define GENLOSS_BY_DTYPE(fn, a)      \
+  do {                               \
+    if ((a).dtype == kFloat32)       \
+      fn<float>(a);                  \
+    else if ((a).dtype == kFloat64)  \
+      fn<double>(a);                 \
+    else if ((a).dtype == kBFloat16) \
+      fn<BF16>(a);                   \
+    else                             \
+      fn<F16>(a);                    \
+  } while (0)
+
 void row_scale(const RowScaleArgs& a) {
-  if (a.dtype == kFloat32)
-    row_scale_t<float>(a);
-  else
-    row_scale_t<double>(a);
+  GENLOSS_BY_DTYPE(row_scale_t, a);
 }
 
-template <class T>
+template <class St>
 void col_sum_t(const ColSumArgs& a) {
-  const T* x = cptr<T>(a.x);
-  T* out = ptr<T>(a.out);
+  const St* x = cptr<St>(a.x);
+  St* out = ptr<St>(a.out);
   // Blocks of columns in parallel; each column sums its rows in order in double.
   constexpr int64_t kColBlock = 64;
   const int64_t nb = ceil_div(a.cols, kColBlock);
@@ -383,43 +417,40 @@ void col_sum_t(const ColSumArgs& a) {
     const int64_t j0 = b * kColBlock, j1 = std::min(a.cols, j0 + kColBlock);
     double acc[kColBlock] = {};
     for (int64_t r = 0; r < a.rows; ++r) {
-      const T* xr = x + r * a.cols;
-      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += static_cast<double>(xr[j]);
+      const St* xr = x + r * a.cols;
+      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += static_cast<double>(load(xr[j]));
     }
-    for (int64_t j = j0; j < j1; ++j) out[j] = static_cast<T>(a.scale * acc[j - j0]);
+    for (int64_t j = j0; j < j1; ++j)
+      out[j] = store_as<St>(static_cast<typename Compute<St>::type>(a.scale * acc[j - j0]));
   }
 }
 
 void col_sum(const ColSumArgs& a) {
-  if (a.dtype == kFloat32)
-    col_sum_t<float>(a);
-  else
-    col_sum_t<double>(a);
+  GENLOSS_BY_DTYPE(col_sum_t, a);
 }
 
-template <class T>
+template <class St>
 void col_broadcast_t(const ColBroadcastArgs& a) {
-  const T* v = cptr<T>(a.v);
-  T* out = ptr<T>(a.out);
+  using T = typename Compute<St>::type;
+  const St* v = cptr<St>(a.v);
+  St* out = ptr<St>(a.out);
   const T s = T(a.scale);
   const bool acc = a.accumulate != 0;
 #pragma omp parallel for schedule(static) num_threads(threads()) if (a.rows * a.cols >= kParallelMin)
   for (int64_t r = 0; r < a.rows; ++r) {
-    T* orow = out + r * a.cols;
+    St* orow = out + r * a.cols;
     if (acc) {
-      for (int64_t j = 0; j < a.cols; ++j) orow[j] += s * v[j];
+      for (int64_t j = 0; j < a.cols; ++j) orow[j] = store_as<St>(load(orow[j]) + s * load(v[j]));
     } else {
-      for (int64_t j = 0; j < a.cols; ++j) orow[j] = s * v[j];
+      for (int64_t j = 0; j < a.cols; ++j) orow[j] = store_as<St>(s * load(v[j]));
     }
   }
 }
 
 void col_broadcast(const ColBroadcastArgs& a) {
-  if (a.dtype == kFloat32)
-    col_broadcast_t<float>(a);
-  else
-    col_broadcast_t<double>(a);
+  GENLOSS_BY_DTYPE(col_broadcast_t, a);
 }
+#undef GENLOSS_BY_DTYPE
 
 int64_t label_at(const RowLseArgs& a, int64_t r) {
   return a.label_type == kInt32 ? static_cast<const int32_t*>(a.labels)[r] : static_cast<const int64_t*>(a.labels)[r];

@@ -679,6 +679,7 @@ enum Field {
   kOffsetFrom,
   kOffsetScale,
   kWorkspace,
+  kValueF32,
   kNumFields
 };
 const char* const kFieldNames[kNumFields] = {
@@ -686,7 +687,7 @@ const char* const kFieldNames[kNumFields] = {
     "stream",       "rows",        "cols",         "value_scale", "grad_scale", "grad_offset", "out_value",
     "out_rows",     "out_elems",   "out_rows_raw", "accumulate",  "totals",     "table",       "table_rows",
     "table_stride", "index",       "index_type",   "row_weight",  "kind",       "totals_out",  "param_from",
-    "param_scale",  "offset_from", "offset_scale", "workspace"};
+    "param_scale",  "offset_from", "offset_scale", "workspace",   "value_f32"};
 
 // The field a keyword names (interned: keywords written in Python source compare by
 // identity), or -1.
@@ -907,6 +908,12 @@ Call make_kernel_call(int kind, Fields fields) {
   std::memcpy(&dtype, &c.k, sizeof dtype);  // every Args struct starts with its dtype
   if (dtype < 0 || dtype > 3)
     throw py::value_error(who + ": dtype must be 0-3 (engine.h), got " + std::to_string(dtype));
+  if (c.device == 0 && (dtype == kFloat16 || dtype == kBFloat16) && kind != kRowScale && kind != kColSum &&
+      kind != kColBroadcast)
+    throw py::type_error(std::string("float16/bfloat16 inputs on the CPU are computed by the elementwise kernels "
+                                     "only (map_reduce, row_scale, col_sum, col_broadcast), and this op also runs ") +
+                         kKindNames[kind] +
+                         ": pass float32 or float64 (genloss.torch computes float16/bfloat16 CPU tensors in float32)");
   if (own_checks(kind)) check_kind(who, c, dtype);
   if (kind == kRowLse) {
     const RowLseArgs& a = c.k.row_lse;
@@ -1051,6 +1058,12 @@ Call make_call(Fields fields) {
       case kWorkspace:
         c.alloc = v;
         break;
+      case kValueF32: {
+        const int b = PyObject_IsTrue(v);
+        if (b < 0) throw py::error_already_set();
+        a.value_f32 = b;
+        break;
+      }
       default:
         throw py::type_error("Call: unknown field " + std::string(py::repr(k)));
     }
@@ -1072,6 +1085,9 @@ Call make_call(Fields fields) {
     throw py::type_error(std::string("Call: param_from: functor ") + f.name + " has no parameter");
   if (a.rows < 0 || a.cols < 0) throw py::value_error("Call: rows and cols must be >= 0");
   if (c.device != 0 && c.device != 1) throw py::value_error("Call: device must be 0 (CPU) or 1 (CUDA)");
+  if (a.dtype < 0 || a.dtype > 3)
+    throw py::value_error("Call: dtype must be 0-3 (engine.h), got " + std::to_string(a.dtype));
+  if (a.value_f32 && a.dtype == kFloat64) throw py::value_error("Call: value_f32 needs a float32/16-bit dtype");
   return c;
 }
 

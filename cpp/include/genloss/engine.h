@@ -195,6 +195,9 @@ struct MapReduceArgs {
   double param_scale;
   const double* offset_from;
   double offset_scale;
+  // out_value and out_rows hold float32 instead of dtype: a float16/bfloat16 call whose loss
+  // is returned in float32 (genloss.torch's bfloat16 pass-through). The other outputs keep dtype.
+  int value_f32;
 };
 
 // The functor's first parameter and the gradient offset, read where the kernel runs.

@@ -15,6 +15,7 @@ import numpy as np
 from .. import _checks as C
 from ._engine import (
     _C,
+    FLOAT64,
     Buf,
     Recording,
     _local,
@@ -25,6 +26,7 @@ from ._engine import (
     run_call,
     same_place,
     stream_of,
+    value_f32,
     workspace,
 )
 
@@ -57,22 +59,22 @@ def inputs(names: Sequence[str], arrays: Sequence[Any]) -> list[Buf]:
 # of their inputs instead (the float32 kernels) and round only their results.
 
 
-def _low_cuda(x: Any) -> bool:
-    """A float16/bfloat16 CUDA torch tensor or CuPy array (what the storage kernels take)."""
+def _low(x: Any) -> bool:
+    """A float16/bfloat16 torch tensor, or a float16 NumPy or CuPy array."""
     t = _torch_mod()
     if t is not None and isinstance(x, t.Tensor):
-        return x.is_cuda and x.dtype in (t.float16, t.bfloat16)
-    return type(x).__module__.startswith("cupy") and getattr(x, "dtype", None) == np.float16
+        return x.dtype in (t.float16, t.bfloat16)
+    return isinstance(getattr(x, "dtype", None), np.dtype) and x.dtype == np.float16
 
 
 def low_storage(arrays: Sequence[Any]) -> bool:
-    """Whether an op's floating inputs (None: an absent optional one) are float16/bfloat16 CUDA
-    arrays of one dtype: those :func:`computed_in_float32` takes. Anything else (a mixed dtype,
-    another device) takes the op's own path, which names what is wrong."""
-    if not _low_cuda(arrays[0]):
+    """Whether an op's floating inputs (None: an absent optional one) are float16/bfloat16
+    arrays of one dtype and one kind: those :func:`computed_in_float32` takes. Anything else
+    (a mixed dtype) takes the op's own path, which names what is wrong."""
+    if not _low(arrays[0]):
         return False
-    dt = arrays[0].dtype
-    return all(a is None or (_low_cuda(a) and a.dtype == dt) for a in arrays[1:])
+    dt = arrays[0].dtype  # (a torch dtype never equals a NumPy one: one kind of array)
+    return all(a is None or (_low(a) and a.dtype == dt) for a in arrays[1:])
 
 
 def _astype(a: Any, dtype: Any) -> Any:
@@ -81,11 +83,14 @@ def _astype(a: Any, dtype: Any) -> Any:
 
 def computed_in_float32(call: Callable[..., tuple], arrays: Sequence[Any]) -> tuple:
     """``call(*arrays)`` on float32 copies of ``arrays`` (None stays None), its value and every
-    gradient rounded to the inputs' storage dtype: ``(value, grads)`` as the op returns it."""
+    gradient rounded to the inputs' storage dtype (the value stays float32 under
+    ``_engine.float32_values``): ``(value, grads)`` as the op returns it."""
     low = arrays[0].dtype
     f32 = _torch_mod().float32 if hasattr(arrays[0], "is_cuda") else np.float32
     value, grads = call(*(None if a is None else _astype(a, f32) for a in arrays))
-    return _astype(value, low), tuple(None if g is None else _astype(g, low) for g in grads)
+    if not _local.f32_values:
+        value = _astype(value, low)
+    return value, tuple(None if g is None else _astype(g, low) for g in grads)
 
 
 # ---- THE reduction rule of every native loss -------------------------------------------
@@ -108,10 +113,12 @@ def loss_scale(reduction: str, x: Buf, *, per_sample_mean: bool = False, coef: f
 
 
 def value_out(like: Buf, reduction: str) -> tuple[Buf | None, Buf | None]:
-    """(scalar output, per-sample output): one of them, by the reduction."""
+    """(scalar output, per-sample output): one of them, by the reduction; float32 for a
+    float16/bfloat16 ``like`` under ``_engine.float32_values``."""
+    f32 = _local.f32_values
     if reduction == "none":
-        return None, empty(like, (like.rows,))
-    return empty(like, ()), None
+        return None, empty(like, (like.rows,), f32=f32)
+    return empty(like, (), f32=f32), None
 
 
 def needs(need_grad: bool | Sequence[bool], n: int) -> tuple[bool, ...]:
@@ -155,6 +162,8 @@ def run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, gr
             if sl is not None:
                 grads[sl] = g
         s = loss_scale(reduction, x, per_sample_mean=t.per_sample_mean, coef=t.coef)
+        if x.dtype > FLOAT64 and value_f32(x, out, rows):
+            ws = {**ws, "value_f32": True}
         ran(run_call(
             functor=t.functor, params=t.params, dtype=x.dtype, device=x.device, device_id=x.device_id,
             stream=stream, ins=[b.ptr for b in ins], grads=[0 if g is None else g.ptr for g in gbufs],
@@ -190,6 +199,8 @@ def cached(key: Any, arrays: Sequence[Any], compose: Callable[[], Any]) -> Any:
     """
     if _local.rec is not None:  # inside another composition's recording: its calls are its own
         return compose()
+    if _local.f32_values:  # its value dtype is part of the plan
+        key = (key, "f32_values")
     fast = PLANS.run(key, arrays)
     if fast is not None:
         return fast

@@ -32,7 +32,7 @@ FLOAT32, FLOAT64, FLOAT16, BFLOAT16 = 0, 1, 2, 3
 INT64, INT32 = 0, 1
 CPU, CUDA = 0, 1
 
-_NP_FLOAT = {np.dtype(np.float32): FLOAT32, np.dtype(np.float64): FLOAT64}
+_NP_FLOAT = {np.dtype(np.float32): FLOAT32, np.dtype(np.float64): FLOAT64, np.dtype(np.float16): FLOAT16}
 _NP_INT = {np.dtype(np.int64): INT64, np.dtype(np.int32): INT32}
 _DTYPE_NAMES = {FLOAT32: "float32", FLOAT64: "float64", FLOAT16: "float16", BFLOAT16: "bfloat16"}
 
@@ -128,14 +128,8 @@ def _err(cls: type[Exception], msg: str) -> Exception:
 def _dtype_error(name: str, got: object, integer: bool, device: int) -> Exception:
     if integer:
         want = "int64 or int32"
-    elif device == CUDA:
-        want = "float32, float64, float16 or bfloat16"
     else:
-        # genloss.torch upcasts CPU float16/bfloat16 tensors itself before calling here
-        want = (
-            "float32 or float64 on CPU (float16/bfloat16: on CUDA, or through genloss.torch, "
-            "which computes CPU float16/bfloat16 tensors in float32)"
-        )
+        want = "float32, float64, float16 or bfloat16"
     return _err(TypeError, f"{name} must be {want}, got {got}")
 
 
@@ -222,8 +216,6 @@ def _from_torch(x: Any, name: str, integer: bool) -> Buf:
         device, did = CUDA, x.get_device()
     elif x.is_cpu:
         device, did = CPU, 0
-        if code in (FLOAT16, BFLOAT16):
-            code = None
     else:
         raise _err(TypeError, f"{name} is on device {x.device}; genloss.native supports cpu and cuda")
     if code is None:
@@ -344,7 +336,7 @@ def same_place(ref: Buf, ref_name: str, other: Buf, name: str) -> None:
         )
 
 
-_NP_OF = {FLOAT32: np.float32, FLOAT64: np.float64}
+_NP_OF = {FLOAT32: np.float32, FLOAT64: np.float64, FLOAT16: np.float16}
 
 # Fresh CPU torch outputs of at least this many bytes come from genloss's block cache
 # (cpp/src/host_cache.cpp: 2 MiB-aligned huge-page blocks, freed blocks reused with
@@ -554,8 +546,10 @@ def cache_info() -> dict:
     return dict(_C.host_cache_info())
 
 
-def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None) -> Buf:
-    """A new contiguous array of ``like``'s kind, device and dtype."""
+def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None, f32: bool = False) -> Buf:
+    """A new contiguous array of ``like``'s kind, device and dtype (``f32``: float32 instead)."""
+    if f32 and like.dtype != FLOAT32:
+        return _empty_f32(like, shape)
     if fill is not None:
         data_used()  # a recorded plan allocates its outputs uninitialised
     if like.kind == "torch":  # the input's dtype and device
@@ -589,6 +583,52 @@ def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None) -> Bu
             )
         return Buf(a, a.data.ptr, tuple(shape), like.dtype, CUDA, like.device_id, "cupy")
     raise TypeError("genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
+
+
+def _empty_f32(like: Buf, shape: tuple[int, ...]) -> Buf:
+    """A float32 array where ``like`` is (the float32 value of a float16/bfloat16 call)."""
+    if like.kind == "torch":
+        a = _torch.empty(shape, dtype=_torch.float32, device=like.arr.device)
+        rec = _local.rec
+        if rec is not None:
+            rec.allocs.append(a)
+        return Buf(a, a.data_ptr(), shape, FLOAT32, like.device, like.device_id, "torch")
+    if like.device == CPU:
+        n = np.empty(shape, np.float32)
+        return Buf(n, n.__array_interface__["data"][0], tuple(shape), FLOAT32, CPU, 0, "numpy")
+    arr, addr = device_empty(like, shape, "float32")
+    return Buf(arr, addr, tuple(shape), FLOAT32, CUDA, like.device_id, like.kind)
+
+
+LOW = (FLOAT16, BFLOAT16)
+
+
+def value_f32(x: Buf, *outs: Buf | None) -> bool:
+    """Whether a call on ``x`` writes float32 value outputs (``outs``: its value buffers): a
+    float16/bfloat16 call whose value buffer ``value_out`` made float32 (``float32_values``).
+    Raises TypeError for a value buffer of any other dtype than x's and float32."""
+    if x.dtype not in LOW:
+        return False
+    f32 = False
+    for o in outs:
+        if o is not None and o.dtype != x.dtype:
+            if o.dtype != FLOAT32:
+                raise TypeError(
+                    f"a {_DTYPE_NAMES[x.dtype]} call cannot write a {_DTYPE_NAMES[o.dtype]} value"
+                )
+            f32 = True
+    return f32
+
+
+def same_dtype_outputs(kind: str, x: Buf, *outs: Buf | None) -> None:
+    """The kernels other than map_reduce write their value outputs in the inputs' dtype only:
+    a float32 value buffer for a float16/bfloat16 call (``float32_values``) is refused (the
+    caller, genloss.torch, then computes the op in float32) instead of written in 16 bits."""
+    for o in outs:
+        if o is not None and o.dtype != x.dtype:
+            raise TypeError(
+                f"{kind} writes its value in the inputs' dtype ({_DTYPE_NAMES[x.dtype]}), not {_DTYPE_NAMES[o.dtype]}"
+            )
 
 
 def zeros64(like: Buf, n: int) -> Buf:
@@ -791,9 +831,25 @@ def workspace(b: Buf) -> dict[str, Any]:
 
 class _Local(threading.local):
     rec: Recording | None = None  # a class default: a thread that never set it reads None, no exception
+    f32_values: bool = False  # float32_values() is active on this thread
 
 
 _local = _Local()
+
+
+class float32_values:
+    """Within it, on this thread, a float16/bfloat16 op returns its value (the loss, or the
+    per-sample losses) in float32 where it can: ``value_out`` allocates float32 and the
+    elementwise engine writes it so (``MapReduceArgs::value_f32``); gradients stay in the
+    inputs' dtype. An op whose value comes from another kernel raises a TypeError instead
+    (``same_dtype_outputs``). genloss.torch's bfloat16 pass-through runs ops in it."""
+
+    def __enter__(self) -> None:
+        self.prev = _local.f32_values
+        _local.f32_values = True
+
+    def __exit__(self, *exc: object) -> None:
+        _local.f32_values = self.prev
 
 
 class Recording:
@@ -943,6 +999,8 @@ def map_reduce(
             extra.update(param_from=param_from[0].ptr + 8 * param_from[1], param_scale=param_from[2])
         if offset_from is not None:
             extra.update(offset_from=offset_from[0].ptr + 8 * offset_from[1], offset_scale=offset_from[2])
+    if x.dtype > FLOAT64 and value_f32(x, out, rows_out):
+        extra["value_f32"] = True
     if x.device != CPU:
         extra.update(workspace(x))
     call = run_call(
@@ -1002,6 +1060,7 @@ def row_lse(
     grad_scale: float = 1.0,
 ) -> None:
     """Row-wise log-sum-exp losses over (rows, K) logits (engine.h RowLseArgs, its modes)."""
+    same_dtype_outputs("row_lse", logits, out, rows_out)
     rows, k = logits.shape
     ran(run_call(
         kind="row_lse", device=logits.device, device_id=logits.device_id, stream=stream_of(logits),
@@ -1027,6 +1086,7 @@ def gmm(
 ) -> None:
     """The fused diagonal Gaussian mixture (engine.h GmmArgs); ``grads``: of x, logits,
     means, logvars (None: not written)."""
+    same_dtype_outputs("gmm", x, out, rows_out)
     gx, gl, gm, gv = (_p(g) for g in grads)
     ran(run_call(
         kind="gmm", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, x=x.ptr,
@@ -1050,6 +1110,7 @@ def mmd(
 ) -> None:
     """The tiled MMD^2 kernel (genloss/mmd.h MmdArgs; kernel, estimator: their enums'
     indices); ``grads``: of x and y (None: not written)."""
+    same_dtype_outputs("mmd", x, out)
     gx, gy = (_p(g) for g in grads)
     ran(run_call(
         kind="mmd", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, kernel=kernel,

@@ -114,8 +114,17 @@ def flow_matching_loss(
     gradients w.r.t. pred, x0 and noise that are asked for and, when t or weights need a
     gradient, the unweighted per-sample mean squares m_b (B numbers) that give
     d/dt_b = w_b lambda'(t_b) m_b and d/dw_b = lambda(t_b) m_b.  No x_t or target array.
-    Differentiable inputs: pred, x0, noise, t, weights (when given).
+    Differentiable inputs: pred, x0, noise, t, weights (when given). float16/bfloat16 inputs with a
+    per-sample weight (``weighting`` or ``weights``) are computed in float32 (the weight, formed in
+    float64, would be rounded to the storage dtype); without one, in their dtype.
     """
+    if (weighting != "none" or weights is not None) and low_storage((pred, x0, noise, t, weights)):
+        return computed_in_float32(
+            lambda p_, x_, n_, t_, w_: flow_matching_loss(
+                p_, x_, n_, t_, weighting, sigma_min, w_, reduction, need_grad=need_grad
+            ),
+            (pred, x0, noise, t, weights),
+        )
     with _R.named_errors("flow_matching_loss"):
         C.reduction(reduction)
         weighting = C.choice("weighting", weighting, FLOW_WEIGHTINGS)
@@ -203,7 +212,13 @@ def pseudo_huber_loss(x, y, c=None, weights=None, reduction="mean", *, need_grad
 
     Fused: one read of x and y for the squared norms, one more (reading x and y, writing the
     gradients) only when d/dx or d/dy is asked.  Differentiable inputs: x, y, weights (when given).
+    float16/bfloat16 inputs are computed in float32 (the squared norms pass between two calls).
     """
+    if low_storage((x, y, weights)):
+        return computed_in_float32(
+            lambda x_, y_, w_: pseudo_huber_loss(x_, y_, c, w_, reduction, need_grad=need_grad),
+            (x, y, weights),
+        )
     with _R.named_errors("pseudo_huber_loss"):
         C.reduction(reduction)
         xb, yb = _batched(("x", "y"), (x, y), reduction)
@@ -223,7 +238,13 @@ def consistency_training_loss(f_student, f_target, sigma_i, sigma_next, c=None, 
     The pseudo-Huber kernel with iCT's lambda = 1 / (sigma_next - sigma_i) (formed in float64
     from the B noise levels) as its row weight.  Differentiable input: f_student only
     (f_target is a stop-gradient target; the noise levels are points of the discretization).
+    float16/bfloat16 inputs are computed in float32 (as pseudo_huber_loss).
     """
+    if low_storage((f_student, f_target, sigma_i, sigma_next)):
+        return computed_in_float32(
+            lambda a, b, lo, hi: consistency_training_loss(a, b, lo, hi, c, reduction, need_grad=need_grad),
+            (f_student, f_target, sigma_i, sigma_next),
+        )
     with _R.named_errors("consistency_training_loss"):
         C.reduction(reduction)
         fs, ft = _batched(("f_student", "f_target"), (f_student, f_target), reduction)
@@ -435,8 +456,16 @@ def meanflow_loss(u, v, du_dt, t, r, p=1.0, eps=1e-3, reduction="mean", *, need_
     Two ``DiffusionMSE`` passes over (u, v, du_dt) with the per-row table (1, r - t) (the target
     built in registers; at r = t du_dt is not read): the row sums delta_b, then w_b = (delta_b +
     eps)^-p in float64 as the row weight of the value and of d/du = 2 w (u - u_tgt).  No target
-    array.  Differentiable input: u (the surrogate's gradient, w frozen).
+    array.  Differentiable input: u (the surrogate's gradient, w frozen). float16/bfloat16 inputs
+    are computed in float32 (delta passes between the two calls, w is a per-sample weight).
     """
+    if low_storage((u, v, du_dt, t, r)):
+        return computed_in_float32(
+            lambda u_, v_, d_, t_, r_: meanflow_loss(
+                u_, v_, d_, t_, r_, p, eps, reduction, need_grad=need_grad
+            ),
+            (u, v, du_dt, t, r),
+        )
     with _R.named_errors("meanflow_loss"):
         C.reduction(reduction)
         p, eps = _R.meanflow_params(p, eps)
@@ -463,7 +492,12 @@ def vsd_loss(x, x0_fake, x0_real, reduction="mean", *, need_grad=True):
     x0_real) with the row weight w^2/2 gives the value; when asked, ``RowAffine`` (x0_fake,
     x0_real) with the per-row table (s w/n, -s w/n) writes d/dx = w (x0_fake - x0_real)/n.
     Differentiable input: x (the surrogate's gradient: x enters the value only through the frozen w).
+    float16/bfloat16 inputs are computed in float32 (the row means pass between calls).
     """
+    if low_storage((x, x0_fake, x0_real)):
+        return computed_in_float32(
+            lambda a, b, c_: vsd_loss(a, b, c_, reduction, need_grad=need_grad), (x, x0_fake, x0_real)
+        )
     with _R.named_errors("vsd_loss"):
         C.reduction(reduction)
         xb, fb, rb = _batched(("x", "x0_fake", "x0_real"), (x, x0_fake, x0_real), reduction)

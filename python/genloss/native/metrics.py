@@ -118,7 +118,9 @@ def cmmd(x: Any, y: Any, *, need_grad: Any = True) -> tuple[Any, tuple]:
 
 def _host64(b: Buf) -> np.ndarray:
     """A CPU buffer as a contiguous float64 NumPy array (the OT kernels are float64 only)."""
-    a = b.arr.detach().numpy() if b.kind == "torch" else np.asarray(b.arr)
+    a = (
+        b.arr.detach().double().numpy() if b.kind == "torch" else np.asarray(b.arr)
+    )  # (bfloat16 has no NumPy dtype)
     return np.ascontiguousarray(a, dtype=np.float64)
 
 

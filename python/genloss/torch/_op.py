@@ -24,7 +24,12 @@ missing gradient.
 
 Low precision: float16/bfloat16 inputs are computed in float32 (the value is
 float32, gradients come back in the input's dtype), as torch's autocast does
-for its own losses. Double backward raises a clear error (the saved gradients
+for its own losses. bfloat16 tensors of an eager call go to the kernels as they
+are (loaded as bfloat16, computed in float32, the value written in float32, the
+gradients in bfloat16: no widened copies), where the op's kernels can write a
+float32 value; the others, and float16, whose gradients must be scaled by the
+upstream gradient (a loss scale) before they are rounded, run on float32
+copies. Double backward raises a clear error (the saved gradients
 are not functions of the inputs in the autograd graph).
 """
 
@@ -272,6 +277,9 @@ class LossOp:
         k = len(self.tensor_idx)
         self.split = k if self.tensor_idx == list(range(k)) else None
         self.lean = self.direct and self.split is not None  # forward_setup's one-step case
+        # bfloat16 inputs go to the kernels as they are (see _native); turned off for good the
+        # first time the op's kernels cannot write its value in float32
+        self.bf16_direct = not self.elementwise and not shared_params
         self.none_tail = (None,) * (len(self.args) - self.n_diff + 2)  # + the need and route slots
         plain = ", ".join(f"{a[0]} {a[1]}" for a in self.args)  # no defaults: need_grad follows
         lib.define(f"{name}_fwd({plain}, bool[] need_grad) -> (Tensor, Tensor?[])")
@@ -307,8 +315,24 @@ class LossOp:
         )
 
     # -- the primitive ----------------------------------------------------------
-    def _native(self, args: Sequence[Any], need_grad: Sequence[bool], **extra: Any) -> tuple[Any, Sequence]:
-        """The native function; float16/bfloat16 tensors computed in float32."""
+    def _native(
+        self, args: Sequence[Any], need_grad: Sequence[bool], direct: bool = False, **extra: Any
+    ) -> tuple[Any, Sequence]:
+        """The native function; float16/bfloat16 tensors computed in float32. ``direct`` (an
+        eager call): bfloat16 tensors are passed as they are where the op's kernels write a
+        float32 value (``_engine.float32_values``); the same value, and gradients rounded once
+        from the same float32 numbers, without the float32 copies."""
+        if direct and self.bf16_direct and not extra and self._all_bf16(args):
+            try:
+                with _engine.float32_values():
+                    value, grads = self._call(args, tuple(need_grad))
+                if value.dtype == torch.float32:
+                    return value, grads
+            except TypeError:  # a kernel that writes its value in bfloat16 only
+                pass
+            value, grads = self._native(args, need_grad)  # user errors are raised here, as always
+            self.bf16_direct = False  # and it is not tried again for this op
+            return value, grads
         for i in self.tensor_idx:
             a = args[i]
             if a is not None and a.dtype in _LOW:
@@ -323,6 +347,14 @@ class LossOp:
                 args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in _LOW else a for a in args]
                 break
         return self._call(args, tuple(need_grad), **extra)
+
+    def _all_bf16(self, args: Sequence[Any]) -> bool:
+        """Every floating tensor argument is bfloat16 (a float16 one, or a float32 table, is not)."""
+        for i in self.tensor_idx:
+            a = args[i]
+            if a is not None and a.is_floating_point() and a.dtype != torch.bfloat16:
+                return False
+        return True
 
     def _call(self, args: Sequence[Any], need_grad: tuple, **extra: Any) -> tuple[Any, Sequence]:
         """The native function on float32/float64 arguments; one gradient slot per differentiable arg."""
@@ -396,7 +428,7 @@ class LossOp:
         if route == PLAIN:
             return self._call(args, tuple(need))
         if route == LOW:
-            return self._native(args, need)
+            return self._native(args, need, direct=True)
         return self.fwd(*args, list(need))
 
     # -- autograd -----------------------------------------------------------------
