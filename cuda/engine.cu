@@ -73,11 +73,10 @@ __device__ __forceinline__ const double* table_row(const MapReduceArgs& a, int64
 // One element k of functor F: value and derivatives from the loaded inputs xs, summed into
 // (sv, sd) and written (elementwise output, gradients).
 template <class F, class S, bool WG>
-__device__ __forceinline__ void element(const MapReduceArgs& a, const Params<typename Acc<S>::type>& p, int64_t k,
-                                        typename Acc<S>::type (&xs)[F::arity], typename Acc<S>::type vs,
-                                        typename Acc<S>::type gs, typename Acc<S>::type go, typename Acc<S>::type& sv,
-                                        typename Acc<S>::type& sd) {
-  using A = typename Acc<S>::type;
+__device__ __forceinline__ void element(const MapReduceArgs& a, const Params<compute_t<S>>& p, int64_t k,
+                                        compute_t<S> (&xs)[F::arity], compute_t<S> vs, compute_t<S> gs, compute_t<S> go,
+                                        compute_t<S>& sv, compute_t<S>& sd) {
+  using A = compute_t<S>;
   constexpr int N = F::arity;
   A d[N], v;
   eval_n<F>(xs, p, v, d);
@@ -96,11 +95,10 @@ __device__ __forceinline__ void element(const MapReduceArgs& a, const Params<typ
 // plain loop keeps ONE load in flight per thread, ~1/3 of the bandwidth (issue 16, item 7).
 // The same elements are added in the same order either way: the same bits.
 template <class F, class S, bool WG>
-__device__ __forceinline__ void chunk_body(const MapReduceArgs& a, const Params<typename Acc<S>::type>& p,
-                                           int64_t begin, int64_t len, typename Acc<S>::type vs,
-                                           typename Acc<S>::type gs, typename Acc<S>::type& sv,
-                                           typename Acc<S>::type& sd) {
-  using A = typename Acc<S>::type;
+__device__ __forceinline__ void chunk_body(const MapReduceArgs& a, const Params<compute_t<S>>& p, int64_t begin,
+                                           int64_t len, compute_t<S> vs, compute_t<S> gs, compute_t<S>& sv,
+                                           compute_t<S>& sd) {
+  using A = compute_t<S>;
   constexpr int N = F::arity;
   const A go = A(grad_offset_of(a));  // (from device memory when offset_from is set)
   // float64 keeps the plain loop (rare on GPUs; each unrolled copy of every functor costs
@@ -134,7 +132,7 @@ __device__ __forceinline__ void chunk_body(const MapReduceArgs& a, const Params<
 template <class F, class S, bool WG>
 __device__ __forceinline__ void map_reduce_task(const MapReduceArgs& a, int64_t t, int64_t cols, int64_t cpr,
                                                 double* part, double* dpart, double* sh) {
-  using A = typename Acc<S>::type;
+  using A = compute_t<S>;
   const int64_t r = t / cpr, c = t % cpr;
   const int64_t begin = r * cols + c * kChunk;
   const int64_t len = cols - c * kChunk < kChunk ? cols - c * kChunk : kChunk;
@@ -198,7 +196,7 @@ template <class S, class V = S>
 __global__ void finalize(double* rowv, int64_t rows, const double* dparts, int64_t ndp, double value_scale,
                          V* out_value, int accumulate, V* out_rows, double* totals, const S* row_weight = nullptr,
                          S* out_rows_raw = nullptr) {
-  using A = typename Acc<S>::type;
+  using A = compute_t<S>;
   __shared__ double sh[kThreads];
   double s = 0.0, d = 0.0;
   for (int64_t i = threadIdx.x; i < rows; i += kThreads) {
@@ -312,7 +310,7 @@ void dispatch_storage(int dtype, Fn&& fn) {
 
 template <class S>
 __global__ void row_scale_kernel(RowScaleArgs a) {
-  using A = typename Acc<S>::type;
+  using A = compute_t<S>;
   const int64_t n = a.rows * a.cols;
   const S* x = static_cast<const S*>(a.x);
   const S* coef = static_cast<const S*>(a.coef);
@@ -365,7 +363,7 @@ __global__ void col_sum_kernel(ColSumArgs a, int64_t slice_rows, double* part) {
     if (part)
       part[blockIdx.y * a.cols + j] = t;
     else
-      store(static_cast<S*>(a.out), j, static_cast<typename Acc<S>::type>(a.scale * t));
+      store(static_cast<S*>(a.out), j, static_cast<compute_t<S>>(a.scale * t));
   }
 }
 
@@ -375,13 +373,13 @@ __global__ void col_sum_combine(ColSumArgs a, int64_t slices, const double* part
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < a.cols; j += int64_t(gridDim.x) * blockDim.x) {
     double t = 0.0;
     for (int64_t s = 0; s < slices; ++s) t += part[s * a.cols + j];
-    store(static_cast<S*>(a.out), j, static_cast<typename Acc<S>::type>(a.scale * t));
+    store(static_cast<S*>(a.out), j, static_cast<compute_t<S>>(a.scale * t));
   }
 }
 
 template <class S>
 __global__ void col_broadcast_kernel(ColBroadcastArgs a) {
-  using A = typename Acc<S>::type;
+  using A = compute_t<S>;
   const int64_t n = a.rows * a.cols;
   const S* v = static_cast<const S*>(a.v);
   S* out = static_cast<S*>(a.out);
@@ -434,7 +432,7 @@ __device__ void row_lse_warp(const RowLseArgs& a, int64_t r, int lane, double* r
     S* g = static_cast<S*>(a.grad) + r * K;
     for (int64_t k = lane; k < K; k += 32) {
       const double gk = row.grad(a.mode, ops::lse_role(a.mode, k, K, target), static_cast<double>(load(l, k)));
-      store(g, k, static_cast<typename Acc<S>::type>(a.grad_scale * gk));
+      store(g, k, static_cast<compute_t<S>>(a.grad_scale * gk));
     }
   }
 }
@@ -523,7 +521,7 @@ __device__ void gmm_point(const GmmArgs& a, int64_t n, const double* mu, const d
   if (!rn) return;
   for (int64_t k = 0; k < K; ++k) {
     rn[k] = exp(rn[k] - ll);
-    if (a.resp) store(static_cast<S*>(a.resp) + n * K, k, static_cast<typename Acc<S>::type>(rn[k]));
+    if (a.resp) store(static_cast<S*>(a.resp) + n * K, k, static_cast<compute_t<S>>(rn[k]));
   }
   if (a.grad_x) {
     const double w =
@@ -532,7 +530,7 @@ __device__ void gmm_point(const GmmArgs& a, int64_t n, const double* mu, const d
       const double xd = static_cast<double>(load(xn, d));
       double g = 0.0;
       for (int64_t k = 0; k < K; ++k) g += rn[k] * (mu[k * D + d] - xd) * iv[k * D + d];
-      store(static_cast<S*>(a.grad_x) + n * D, d, static_cast<typename Acc<S>::type>(w * g));
+      store(static_cast<S*>(a.grad_x) + n * D, d, static_cast<compute_t<S>>(w * g));
     }
   }
 }
@@ -584,7 +582,7 @@ __global__ void gmm_totals(const double* part, int64_t nch, int64_t stride, doub
 // responsibilities sum to 1) is computed ONCE, by thread 0 in k order, and shared.
 template <class S>
 __global__ void gmm_finish(GmmArgs a, const double* tot, const double* iv, const double* logpi) {
-  using A = typename Acc<S>::type;
+  using A = compute_t<S>;
   const int64_t K = a.K, D = a.D;
   __shared__ double wsum;
   if (threadIdx.x == 0) {

@@ -85,9 +85,9 @@ struct RowCtx {
 
 // Small D: coordinates and gradient in registers; tiles of other points in shared memory.
 template <class S, int DIM>
-__global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, Coefs<typename Acc<S>::type> cv,
+__global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, Coefs<compute_t<S>> cv,
                            double* rowv, S* gx, S* gy) {
-  using A = typename Acc<S>::type;
+  using A = compute_t<S>;
   const A* c = cv.ptr();
   __shared__ A tile[kTileB][DIM];
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
@@ -237,8 +237,8 @@ __global__ void mean_finish(const double* partial, int64_t chunks, int64_t D, in
 // an xor butterfly: fixed order) and rounded once.
 template <class S>
 __global__ void centre(const S* __restrict__ x, const S* __restrict__ y, int64_t N, int64_t M, int64_t D,
-                       const double* __restrict__ mean, typename Acc<S>::type* zc, typename Acc<S>::type* nrm) {
-  using A = typename Acc<S>::type;
+                       const double* __restrict__ mean, compute_t<S>* zc, compute_t<S>* nrm) {
+  using A = compute_t<S>;
   const int lane = threadIdx.x % 32;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * (kPrepThreads / 32) + threadIdx.x / 32;
   if (p >= N + M) return;  // the whole warp: p is uniform in it
@@ -256,8 +256,8 @@ __global__ void centre(const S* __restrict__ x, const S* __restrict__ y, int64_t
 
 // The exact squared distance of two input rows (near pairs of the tiles).
 template <class S>
-__device__ __forceinline__ typename Acc<S>::type exact_r2(const S* a, const S* b, int64_t D) {
-  using A = typename Acc<S>::type;
+__device__ __forceinline__ compute_t<S> exact_r2(const S* a, const S* b, int64_t D) {
+  using A = compute_t<S>;
   A s = A(0);
 #pragma unroll 4
   for (int64_t d = 0; d < D; ++d) {
@@ -299,10 +299,10 @@ __device__ __forceinline__ RowTile row_tile(const RowCtx& r, int tm) {
 // only, in the fixed tile order: the result is bitwise repeatable.
 template <class S>
 __global__ void __launch_bounds__(kTileThreads, 2)
-    rows_tiled(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const typename Acc<S>::type* __restrict__ zc,
-               const typename Acc<S>::type* __restrict__ nrm, Coefs<typename Acc<S>::type> cv, double* rowv,
-               double* gacc, bool grad_x, bool grad_y) {
-  using A = typename Acc<S>::type;
+    rows_tiled(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const compute_t<S>* __restrict__ zc,
+               const compute_t<S>* __restrict__ nrm, Coefs<compute_t<S>> cv, double* rowv, double* gacc, bool grad_x,
+               bool grad_y) {
+  using A = compute_t<S>;
   constexpr int RM = TileShape<A>::RM, GD = TileShape<A>::GD;
   constexpr int TM = 16 * RM, DK2 = 16 * GD;
   // Union: the distance slices (phase 1) live where the kernel weights go (phase 2).
@@ -500,9 +500,9 @@ __global__ void write_grads(RowCtx r, const double* gacc, S* gx, S* gy) {
 // Linear estimator: thread i owns the pairs (x_2i, x_2i+1), (y_2i, y_2i+1),
 // (x_2i, y_2i+1), (x_2i+1, y_2i) and the four points' gradients.
 template <class S>
-__global__ void linear_pairs(RowCtx r, const S* __restrict__ x, const S* __restrict__ y,
-                             Coefs<typename Acc<S>::type> cv, double* rowv, S* gx, S* gy) {
-  using A = typename Acc<S>::type;
+__global__ void linear_pairs(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, Coefs<compute_t<S>> cv,
+                             double* rowv, S* gx, S* gy) {
+  using A = compute_t<S>;
   const A* c = cv.ptr();
   const int64_t n = r.N / 2;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -559,7 +559,7 @@ __global__ void sum_rows(const double* rowv, int64_t n, double scale, S* out) {
 
 template <class S>
 void mmd_s(const MmdArgs& a, cudaStream_t stream) {
-  using A = typename Acc<S>::type;
+  using A = compute_t<S>;
   RowCtx r{};
   r.kernel = a.kernel;
   r.unbiased = a.estimator == kMmdUnbiased;

@@ -8,26 +8,14 @@
 
 #include <cstdint>
 
+#include "genloss/common.h"  // compute_t
+
 namespace genloss {
 namespace cuda {
 
-// The compute (accumulation) type of a storage type.
 template <class S>
-struct Acc {
-  using type = S;
-};
-template <>
-struct Acc<__half> {
-  using type = float;
-};
-template <>
-struct Acc<__nv_bfloat16> {
-  using type = float;
-};
-
-template <class S>
-__device__ __forceinline__ typename Acc<S>::type load(const S* p, int64_t i) {
-  return static_cast<typename Acc<S>::type>(p[i]);
+__device__ __forceinline__ compute_t<S> load(const S* p, int64_t i) {
+  return static_cast<compute_t<S>>(p[i]);
 }
 template <>
 __device__ __forceinline__ float load(const __half* p, int64_t i) {

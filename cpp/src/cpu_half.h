@@ -20,20 +20,6 @@ struct F16 {
   uint16_t bits;
 };
 
-// The compute type of a storage type: itself for float32 / float64, float32 for the 16-bit ones.
-template <class S>
-struct Compute {
-  using type = S;
-};
-template <>
-struct Compute<BF16> {
-  using type = float;
-};
-template <>
-struct Compute<F16> {
-  using type = float;
-};
-
 inline float bits_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);

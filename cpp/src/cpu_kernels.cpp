@@ -147,7 +147,7 @@ enum Store : int { kDirect = 0, kBuffered = 1 };
 // One chunk of map_reduce: returns the sum of f over [0, n) and writes the
 // gradients (and elementwise values) that are asked for. St: the storage type, T the compute
 // type (float32 for float16/bfloat16 storage: cpu_half.h).
-template <class F, class St, bool WG, int S, class T = typename Compute<St>::type>
+template <class F, class St, bool WG, int S, class T = compute_t<St>>
 double chunk(const St* const* in, St* const* grad, St* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, bool nt,
              double* dsum) {
   constexpr int N = F::arity;
@@ -227,7 +227,7 @@ const double* table_row(const MapReduceArgs& a, int64_t r) {
 }
 
 // One chunk with the functor the row asks for (F, or F::Alt where flagged).
-template <class F, class St, bool WG, int S, class T = typename Compute<St>::type>
+template <class F, class St, bool WG, int S, class T = compute_t<St>>
 double row_chunk(const St* const* in, St* const* grad, St* ev, int64_t n, const Params<T>& p, T vs, T gs, T go, bool nt,
                  double* dsum) {
   if constexpr (has_alt<F>::value) {
@@ -248,7 +248,7 @@ void set_value(void* o, int64_t i, double v, bool f32) {
   if (f32)
     ptr<float>(o)[i] = static_cast<float>(v);
   else
-    ptr<St>(o)[i] = store_as<St>(static_cast<typename Compute<St>::type>(v));
+    ptr<St>(o)[i] = store_as<St>(static_cast<compute_t<St>>(v));
 }
 
 bool stream_aligned(const void* p) {
@@ -257,7 +257,7 @@ bool stream_aligned(const void* p) {
 
 template <class F, class St, bool WG>
 void map_reduce_t(const MapReduceArgs& a) {
-  using T = typename Compute<St>::type;
+  using T = compute_t<St>;
   constexpr bool kHalf = sizeof(St) == 2;  // float16 / bfloat16 storage: the direct loop only
   const Params<T> p0{T(first_param(a)), T(a.pb), T(a.pc), a.mode, nullptr};
   constexpr int N = F::arity;
@@ -366,7 +366,7 @@ void map_reduce(const MapReduceArgs& a) {
 // The simple kernels on any storage type St (float16/bfloat16: loaded to float32, stored back).
 template <class St>
 void row_scale_t(const RowScaleArgs& a) {
-  using T = typename Compute<St>::type;
+  using T = compute_t<St>;
   const St* x = cptr<St>(a.x);
   const St* coef = cptr<St>(a.coef);
   St* out = ptr<St>(a.out);
@@ -420,8 +420,7 @@ void col_sum_t(const ColSumArgs& a) {
       const St* xr = x + r * a.cols;
       for (int64_t j = j0; j < j1; ++j) acc[j - j0] += static_cast<double>(load(xr[j]));
     }
-    for (int64_t j = j0; j < j1; ++j)
-      out[j] = store_as<St>(static_cast<typename Compute<St>::type>(a.scale * acc[j - j0]));
+    for (int64_t j = j0; j < j1; ++j) out[j] = store_as<St>(static_cast<compute_t<St>>(a.scale * acc[j - j0]));
   }
 }
 
@@ -431,7 +430,7 @@ void col_sum(const ColSumArgs& a) {
 
 template <class St>
 void col_broadcast_t(const ColBroadcastArgs& a) {
-  using T = typename Compute<St>::type;
+  using T = compute_t<St>;
   const St* v = cptr<St>(a.v);
   St* out = ptr<St>(a.out);
   const T s = T(a.scale);

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define GENLOSS_HD __host__ __device__ __forceinline__
@@ -19,6 +20,12 @@
 #endif
 
 namespace genloss {
+
+// The compute type of a storage type, on both engines: float32 and float64 compute as
+// themselves, the 16-bit storage types (float16, bfloat16: CPU cpu_half.h, CUDA storage.cuh)
+// are widened to float32 on load and rounded on store.
+template <class S>
+using compute_t = std::conditional_t<sizeof(S) == 2, float, S>;
 
 // Hyperparameters of one functor call. Held in the compute type T so the
 // inner loop does no conversions. ``rp`` points at the current row's entry of a
