@@ -23,6 +23,7 @@ path, except in speed:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 
@@ -151,6 +152,63 @@ def test_fast_path_equals_python_path(spy, record, variant, reduction, dtype):
         _same(label, fast, slow)
         if need is True:
             check_against_reference(record, variant, reduction, inputs, dtype, values=(fast[0], fast[1:]))
+
+
+# The plan ops whose compositions run 16-bit CPU inputs through plans (elementwise kernels
+# only: the others refuse them, gradient_penalty_from_grads computes them on float32 copies).
+REFUSE_16 = ("ssgan_critic_loss", "ssgan_g_loss", "iwae_bound", "gmm_log_likelihood", "mmd2")
+COPIES_16 = ("gradient_penalty_from_grads",)
+LOW_CASES = [
+    (r, v, red)
+    for r, v, red in CASES
+    if r.name in PLAN_OPS and r.name not in REFUSE_16 and v is r.variants[0] and red in (None, "mean", "none")
+]
+
+
+@pytest.mark.parametrize("f32_values", [False, True], ids=["value16", "value32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    ("record", "variant", "reduction"), LOW_CASES, ids=[f"{r.name}-{v.id}-{red}" for r, v, red in LOW_CASES]
+)
+def test_16bit_plans_equal_the_python_path(spy, record, variant, reduction, dtype, f32_values):
+    """float16/bfloat16 CPU tensors (and, under float32_values, the float32 value of a 16-bit
+    call) are served by plans: bit for bit what the Python path gives, in the same dtypes."""
+    inputs = R.make_inputs(record, np.random.default_rng(5), np.float32, R.ODD_SIZES[0], variant)
+    tensors = tuple(
+        torch.from_numpy(x).to(dtype) if x.dtype == np.float32 else torch.from_numpy(x) for x in inputs
+    )
+    kwargs = R.call_kwargs(record, variant, reduction)
+    n = len(record.differentiable)
+    for need in [True, False, tuple(j == 0 for j in range(n))] if n else [True]:
+        fast_spy = spy(off=False)
+        with _engine.float32_values() if f32_values else contextlib.nullcontext():
+            first = _run(record, tensors, kwargs, need)
+            fast = _run(record, tensors, kwargs, need)
+            spy(off=True)
+            slow = _run(record, tensors, kwargs, need)
+        label = f"{record.name}({variant.id}, {reduction}, {dtype}) need_grad={need}"
+        if record.name not in COPIES_16 and _expect_fast(record, tensors, kwargs):
+            assert fast_spy.served > 0, f"{label}: the fast path was not taken"
+        # (float32_values: float32 where the value kernel can write it; feature_matching's comes
+        # from col_sum and stays 16-bit, which genloss.torch's pass-through then declines)
+        assert slow[0].dtype in ((torch.float32, dtype) if f32_values else (dtype,)), label
+        assert all(g is None or g.dtype == dtype for g in slow[1:]), label
+        _same(label, first, slow)
+        _same(label, fast, slow)
+
+
+def test_16bit_plans_refuse_as_the_python_path_does(plans):
+    """An op that also runs a kernel without CPU 16-bit storage (row_lse) raises the same
+    TypeError whether or not a plan exists for its float32 inputs."""
+    import genloss.native as gn
+
+    logits = torch.randn(6, 4)
+    gn.ssgan_g_loss(logits)  # a float32 plan
+    assert len(plans) == 1
+    for _ in range(2):
+        with pytest.raises(TypeError, match="ssgan_g_loss.*row_lse"):
+            gn.ssgan_g_loss(logits.bfloat16())
+    assert len(plans) == 1
 
 
 def _plain(n=8, dtype=torch.float32):
@@ -473,6 +531,37 @@ def test_a_failed_guard_gives_the_python_paths_error(plans, label, over, match):
     with pytest.raises(ValueError, match=match):
         _diffusion.diffusion_mse_with_table(**_mse_args(**over))
     assert len(plans) == 1, label  # and records nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_16bit_guards_read_16bit_bits(plans, dtype):
+    """The weights' guard on 16-bit data: -0 and the smallest subnormal pass (served), a
+    negative, NaN or infinite weight declines and the Python path names it."""
+    low = {k: v.to(dtype) if v.dtype == torch.float32 else v for k, v in _mse_args().items()}
+    _diffusion.diffusion_mse_with_table(**low)  # records the plan
+    assert len(plans) == 1
+    tiny = torch.finfo(dtype).smallest_normal / 4  # a subnormal of the dtype
+    for w, served in (
+        ([1.0, 1, 1, 1, 1, -0.0], True),
+        ([1.0, 1, 1, 1, 1, tiny], True),
+        ([1.0, 1, 1, 1, 1, -tiny], False),
+        ([1.0, 1, 1, 1, 1, float("nan")], False),
+        ([1.0, 1, 1, 1, 1, -float("nan")], False),
+        ([1.0, 1, 1, 1, 1, float("inf")], False),
+    ):
+        args = {**low, "weights": torch.tensor(w, dtype=dtype)}
+        assert args["weights"][5].item() != 0 or w[5] == 0  # the subnormal is representable
+        out = plans.run(MSE_KEY, _mse_arrays(args))
+        assert (out is not None) == served, (w, out)
+        if served:  # the Python path's result, the plans off
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(_compose, "PLANS", Spy(off=True))
+                want = _diffusion.diffusion_mse_with_table(**args)
+            _same(f"weights {w}", [out[0], *out[1]], [want[0], *want[1]])
+        else:
+            with pytest.raises(ValueError, match="weights must be"):
+                _diffusion.diffusion_mse_with_table(**args)
+    assert len(plans) == 1
 
 
 def test_vlb_plan_guards_the_rows_used_and_the_value(plans):

@@ -69,10 +69,13 @@ struct Torch {
   PyObject* tensor_type = nullptr;  // torch.Tensor (exact type only: no subclasses)
   PyObject* f32 = nullptr;          // torch.float32
   PyObject* f64 = nullptr;          // torch.float64
+  PyObject* f16 = nullptr;          // torch.float16
+  PyObject* bf16 = nullptr;         // torch.bfloat16
   PyObject* i64 = nullptr;          // torch.int64
   PyObject* i32 = nullptr;          // torch.int32
   PyObject* empty_like = nullptr;   // torch.empty_like
   PyObject* from_dlpack = nullptr;  // torch._C._from_dlpack
+  PyObject* dtype_key = nullptr;    // "dtype" (new_empty's keyword)
   // 0-d float32 / float64 CPU tensors: empty_like of one is the cheapest new scalar result
   // (~0.4 us less than new_empty(()), whose size argument torch parses on every call)
   PyObject* scalar[2] = {nullptr, nullptr};
@@ -104,6 +107,9 @@ const Torch* torch_objects() {
   t.tensor_type = PyObject_GetAttrString(torch, "Tensor");
   t.f32 = PyObject_GetAttrString(torch, "float32");
   t.f64 = PyObject_GetAttrString(torch, "float64");
+  t.f16 = PyObject_GetAttrString(torch, "float16");
+  t.bf16 = PyObject_GetAttrString(torch, "bfloat16");
+  t.dtype_key = PyUnicode_InternFromString("dtype");
   t.i64 = PyObject_GetAttrString(torch, "int64");
   t.i32 = PyObject_GetAttrString(torch, "int32");
   t.empty_like = PyObject_GetAttrString(torch, "empty_like");
@@ -118,8 +124,8 @@ const Torch* torch_objects() {
     Py_XDECREF(kw);
   }
   Py_XDECREF(empty);
-  if (!t.tensor_type || !t.f32 || !t.f64 || !t.i64 || !t.i32 || !t.empty_like || !t.from_dlpack || !t.scalar[0] ||
-      !t.scalar[1]) {
+  if (!t.tensor_type || !t.f32 || !t.f64 || !t.f16 || !t.bf16 || !t.dtype_key || !t.i64 || !t.i32 || !t.empty_like ||
+      !t.from_dlpack || !t.scalar[0] || !t.scalar[1]) {
     PyErr_Clear();
     return nullptr;
   }
@@ -130,14 +136,20 @@ const Torch* torch_objects() {
 struct Input {
   PyObject* obj = nullptr;
   void* ptr = nullptr;
-  int code = -1;  // float: 0 float32, 1 float64; integer: 0 int64, 1 int32 (engine codes)
+  int code = -1;  // float: the engine's DType (0 f32, 1 f64, 2 f16, 3 bf16); integer: 0 int64, 1 int32
   bool integer = false;
   std::vector<int64_t> shape;
   int64_t rows = 0, cols = 0, numel = 0;
 };
 
 size_t elem_bytes(int code, bool integer) {
-  return integer ? (code == 0 ? 8 : 4) : (code == 0 ? 4 : 8);
+  if (integer) return code == 0 ? 8 : 4;
+  return code == kFloat64 ? 8 : code == kFloat32 ? 4 : 2;
+}
+
+PyObject* float_dtype(const Torch& t, int code) {
+  PyObject* const by_code[] = {t.f32, t.f64, t.f16, t.bf16};
+  return by_code[code];
 }
 size_t itemsize(const Input& x) {
   return elem_bytes(x.code, x.integer);
@@ -163,7 +175,9 @@ bool read_input(const Torch& t, PyObject* o, Input& in, Want want = kFloat, bool
   if (dt == nullptr) return PyErr_Clear(), false;
   int code = -1;
   bool integer = false;
-  if (want != kInt) code = dt == t.f32 ? 0 : dt == t.f64 ? 1 : -1;
+  if (want != kInt)
+    for (int c = kFloat32; c <= kBFloat16 && code < 0; ++c)
+      if (dt == float_dtype(t, c)) code = c;
   if (code < 0 && want != kFloat) {
     code = dt == t.i64 ? 0 : dt == t.i32 ? 1 : -1;
     integer = true;
@@ -207,27 +221,40 @@ bool read_input(const Torch& t, PyObject* o, Input& in, Want want = kFloat, bool
   return true;
 }
 
-// A new CPU tensor of `like`'s dtype: `shape` (empty: 0-d); outputs of 4 MiB or more from
-// the output cache, as _engine.empty (so a gradient block is reused step after step).
+// A new CPU tensor of `like`'s dtype, or of float dtype `code` (-1: like's; a 16-bit call's
+// float32 value): `shape` (empty: 0-d); float32/float64 outputs of 4 MiB or more from the
+// output cache, as _engine.empty (so a gradient block is reused step after step).
 // Sets *ptr. Throws on a Python error (allocation failure).
-py::object alloc(const Torch& t, const Input& like, const std::vector<int64_t>& shape, void** ptr) {
+py::object alloc(const Torch& t, const Input& like, const std::vector<int64_t>& shape, void** ptr, int code = -1) {
+  const bool same = code < 0 || code == like.code;
+  if (code < 0) code = like.code;
   int64_t n = 1;
   for (int64_t s : shape) n *= s;
   PyObject* out = nullptr;
-  if (!like.integer && cpu::huge_pages() &&
-      n * static_cast<int64_t>(itemsize(like)) >= kHostCacheMinBytes) {  // as _engine.empty
-    py::capsule cap = cached_empty(shape, like.code);
+  if (!like.integer && code <= kFloat64 && cpu::huge_pages() &&
+      n * static_cast<int64_t>(elem_bytes(code, false)) >= kHostCacheMinBytes) {  // as _engine.empty
+    py::capsule cap = cached_empty(shape, code);
     out = PyObject_CallOneArg(t.from_dlpack, cap.ptr());
-  } else if (shape == like.shape) {
+  } else if (same && shape == like.shape) {
     out = PyObject_CallOneArg(t.empty_like, like.obj);
-  } else if (shape.empty() && !like.integer) {
-    out = PyObject_CallOneArg(t.empty_like, t.scalar[like.code]);
+  } else if (shape.empty() && !like.integer && code <= kFloat64) {
+    out = PyObject_CallOneArg(t.empty_like, t.scalar[code]);
   } else {
     PyObject* sh = PyTuple_New(static_cast<Py_ssize_t>(shape.size()));
     if (sh == nullptr) throw py::error_already_set();
     for (size_t d = 0; d < shape.size(); ++d)
       PyTuple_SET_ITEM(sh, static_cast<Py_ssize_t>(d), PyLong_FromLongLong(shape[d]));
-    out = PyObject_CallMethodOneArg(like.obj, names().new_empty, sh);
+    if (same) {
+      out = PyObject_CallMethodOneArg(like.obj, names().new_empty, sh);
+    } else {  // like.new_empty(shape, dtype=...)
+      PyObject* method = PyObject_GetAttr(like.obj, names().new_empty);
+      PyObject* kw = method ? PyDict_New() : nullptr;
+      PyObject* args = kw && PyDict_SetItem(kw, t.dtype_key, float_dtype(t, code)) == 0 ? PyTuple_Pack(1, sh) : nullptr;
+      out = args ? PyObject_Call(method, args, kw) : nullptr;
+      Py_XDECREF(args);
+      Py_XDECREF(kw);
+      Py_XDECREF(method);
+    }
     Py_DECREF(sh);
   }
   if (out == nullptr) throw py::error_already_set();
@@ -1417,9 +1444,9 @@ struct Guard {
   bool nonnegative = false;
 };
 
-// The engine's float and integer codes of an Input, as one: 0 f32, 1 f64, 2 i64, 3 i32.
+// The engine's float and integer codes of an Input, as one: 0 f32, 1 f64, 2 f16, 3 bf16, 4 i64, 5 i32.
 int kind_of(const Input& x) {
-  return x.code + (x.integer ? 2 : 0);
+  return x.code + (x.integer ? 4 : 0);
 }
 
 struct Plan {
@@ -1428,7 +1455,8 @@ struct Plan {
   std::vector<int> in_kinds;  // kind_of each input
   std::vector<std::vector<int64_t>> in_shapes;
   std::vector<std::vector<int64_t>> out_shapes;      // [0] the value, [1 + j] gradient j
-  std::vector<int> out_like;                         // the input an output takes its dtype (and maybe shape) from
+  std::vector<int> out_like;                         // the input an output takes its device (and maybe shape) from
+  std::vector<int> out_code;                         // each output's float dtype (engine DType)
   std::vector<char> out_present;                     // gradient j returned (else None)
   bool grads_empty;                                  // the result's gradients are ()
   std::vector<std::vector<int64_t>> scratch_shapes;  // allocated afresh on every run
@@ -1556,6 +1584,35 @@ bool any_nan(const void* p, int64_t n) {
   return false;
 }
 
+// A 16-bit float (`inf`: the bits of +inf) is finite when its bits past the sign are below
+// inf's, NaN when above, negative when its sign is set and it is not zero.
+bool all_finite16(const void* p, int64_t n, bool nonnegative, uint16_t inf) {
+  const uint16_t* v = static_cast<const uint16_t*>(p);
+  for (int64_t i = 0; i < n; ++i)
+    if ((v[i] & 0x7fffu) >= inf || (nonnegative && (v[i] & 0x8000u) && (v[i] & 0x7fffu))) return false;
+  return true;
+}
+
+bool any_nan16(const void* p, int64_t n, uint16_t inf) {
+  const uint16_t* v = static_cast<const uint16_t*>(p);
+  for (int64_t i = 0; i < n; ++i)
+    if ((v[i] & 0x7fffu) > inf) return true;
+  return false;
+}
+
+bool any_nan_of(int code, const void* p, int64_t n) {
+  switch (code) {
+    case kFloat32:
+      return any_nan<float>(p, n);
+    case kFloat64:
+      return any_nan<double>(p, n);
+    case kFloat16:
+      return any_nan16(p, n, 0x7c00u);
+    default:
+      return any_nan16(p, n, 0x7f80u);
+  }
+}
+
 template <class I>
 bool rows_finite(const double* table, int64_t cols, const void* index, int64_t n) {
   const I* v = static_cast<const I*>(index);
@@ -1579,8 +1636,14 @@ bool pass(const Guard& g, const std::vector<Input>& in) {
                          : rows_finite<int32_t>(tab, x.cols, y.ptr, y.numel);
     }
     case kFinite:
-      return x.code == 0 ? all_finite<float>(x.ptr, x.numel, g.nonnegative)
-                         : all_finite<double>(x.ptr, x.numel, g.nonnegative);
+      switch (x.code) {
+        case kFloat32:
+          return all_finite<float>(x.ptr, x.numel, g.nonnegative);
+        case kFloat64:
+          return all_finite<double>(x.ptr, x.numel, g.nonnegative);
+        default:
+          return all_finite16(x.ptr, x.numel, g.nonnegative, x.code == kFloat16 ? 0x7c00u : 0x7f80u);
+      }
     default:
       return true;  // kNoNaN: after the calls
   }
@@ -1611,11 +1674,13 @@ class PlanCache {
     // while they run, and another thread may add plans meanwhile).
     const size_t n_out = plan->out_shapes.size();
     std::vector<void*> optr(n_out, nullptr);
-    py::object value = alloc(*t, in[static_cast<size_t>(plan->out_like[0])], plan->out_shapes[0], &optr[0]);
+    py::object value =
+        alloc(*t, in[static_cast<size_t>(plan->out_like[0])], plan->out_shapes[0], &optr[0], plan->out_code[0]);
     py::tuple grads(plan->grads_empty ? 0 : n_out - 1);
     for (size_t j = 1; j < n_out && !plan->grads_empty; ++j) {
       if (plan->out_present[j]) {
-        grads[j - 1] = alloc(*t, in[static_cast<size_t>(plan->out_like[j])], plan->out_shapes[j], &optr[j]);
+        grads[j - 1] =
+            alloc(*t, in[static_cast<size_t>(plan->out_like[j])], plan->out_shapes[j], &optr[j], plan->out_code[j]);
       } else {
         grads[j - 1] = py::none();
       }
@@ -1682,8 +1747,7 @@ class PlanCache {
       if (g.kind != kNoNaN) continue;
       const size_t j = static_cast<size_t>(g.x.index);
       const int64_t n = numel_of(plan->out_shapes[j]);
-      const int code = in[static_cast<size_t>(plan->out_like[j])].code;
-      if (code == 0 ? any_nan<float>(optr[j], n) : any_nan<double>(optr[j], n)) return py::none();
+      if (any_nan_of(plan->out_code[j], optr[j], n)) return py::none();
     }
     return py::make_tuple(value, grads);
   }
@@ -1831,15 +1895,18 @@ class PlanCache {
     p.grads_empty = n_grads == 0;
     for (size_t j = 0; j < out.size(); ++j) {
       p.out_shapes.push_back(p.out_present[j] ? out[j].shape : std::vector<int64_t>{});
-      // The input whose dtype the output has: one of its shape if any (empty_like), else
-      // any (new_empty); an absent gradient needs none.
+      // The input the output is allocated like: one of its dtype and shape if any
+      // (empty_like), else one of its dtype (new_empty), else (a 16-bit call's float32
+      // value) any float input (new_empty with the dtype); an absent gradient needs none.
       int like = -1;
-      for (int pass_ = 0; pass_ < 2 && like < 0; ++pass_)
+      for (int pass_ = 0; pass_ < 3 && like < 0; ++pass_)
         for (size_t i = 0; i < in.size() && like < 0; ++i)
-          if (kind_of(in[i]) == out[j].code && !in[i].integer && (pass_ == 1 || in[i].shape == out[j].shape))
+          if (!in[i].integer &&
+              (pass_ == 2 || (in[i].code == out[j].code && (pass_ == 1 || in[i].shape == out[j].shape))))
             like = static_cast<int>(i);
       if (like < 0 && p.out_present[j]) return false;
       p.out_like.push_back(like < 0 ? 0 : like);
+      p.out_code.push_back(p.out_present[j] ? out[j].code : kFloat32);
     }
     if (count_ >= kMaxPlans) clear();
     plans_[p.hash].push_back(std::move(p));
