@@ -56,6 +56,8 @@ PLAN_OPS = (
     "cycle_consistency_loss",
     "gaussian_kl",
     "diffusion_mse_loss",  # with guards: the timesteps' range, the weights' sign
+    "eps_mse_loss",  # with a guard: the weights' sign
+    "flow_matching_loss",  # unweighted, t not asked for; with a guard: t in [0, 1]
     "vlb_term",  # and the table rows used, the value's NaNs
     # the engine's other kernels, kinds of the same Call (plan.cpp, Kind):
     "gradient_penalty_from_grads",  # map_reduce + row_scale, with scratch (the norms, coefficients)
@@ -101,12 +103,16 @@ def spy(monkeypatch):
     return install
 
 
-def _expect_fast(record, tensors, kwargs):
+def _expect_fast(record, tensors, kwargs, need=True):
     """The plans serve FAST_OPS on same-shape inputs (a broadcast model_log_variance is
-    materialised by the Python path: a derived array, no plan), and mmd2 where its
-    bandwidths do not come from the data."""
+    materialised by the Python path: a derived array, no plan), mmd2 where its
+    bandwidths do not come from the data, and flow_matching_loss without per-sample weights
+    (formed in float64) and without d/dt (a derived array)."""
     if record.name not in FAST_OPS:
         return False
+    if record.name == "flow_matching_loss":
+        wants_t = need is True or (need is not False and need[3])
+        return kwargs.get("weighting", "none") == "none" and len(tensors) == 4 and not wants_t
     if record.name == "vlb_term":
         shapes = {tuple(t.shape) for t in tensors if t.is_floating_point()}
         return len(shapes) == 1
@@ -146,7 +152,7 @@ def test_fast_path_equals_python_path(spy, record, variant, reduction, dtype):
         spy(off=True)
         slow = _run(record, tensors, kwargs, need)
         label = f"{record.name}({variant.id}, {reduction}) need_grad={need}"
-        if _expect_fast(record, tensors, kwargs):
+        if _expect_fast(record, tensors, kwargs, need):
             assert fast_spy.served > 0, f"{label}: the fast path was not taken"
         _same(label, first, slow)
         _same(label, fast, slow)
@@ -187,7 +193,7 @@ def test_16bit_plans_equal_the_python_path(spy, record, variant, reduction, dtyp
             spy(off=True)
             slow = _run(record, tensors, kwargs, need)
         label = f"{record.name}({variant.id}, {reduction}, {dtype}) need_grad={need}"
-        if record.name not in COPIES_16 and _expect_fast(record, tensors, kwargs):
+        if record.name not in COPIES_16 and _expect_fast(record, tensors, kwargs, need):
             assert fast_spy.served > 0, f"{label}: the fast path was not taken"
         # (float32_values: float32 where the value kernel can write it; feature_matching's comes
         # from col_sum and stays 16-bit, which genloss.torch's pass-through then declines)
@@ -561,6 +567,42 @@ def test_16bit_guards_read_16bit_bits(plans, dtype):
         else:
             with pytest.raises(ValueError, match="weights must be"):
                 _diffusion.diffusion_mse_with_table(**args)
+    assert len(plans) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_flow_matching_plan_guards_t(plans, dtype):
+    """flow_matching_loss's plan re-checks t in [0, 1] (the end points included): outside it,
+    or NaN, the plan declines and the Python path names t; inside, the plan's result is the
+    Python path's."""
+    import genloss.native as gn
+
+    g = torch.Generator().manual_seed(3)
+    pred, x0, noise = (torch.randn(5, 4, generator=g).to(dtype) for _ in range(3))
+    t = torch.tensor([0.5, 0.25, 0.0, 1.0, 0.75], dtype=dtype)
+    gn.flow_matching_loss(pred, x0, noise, t, need_grad=(True, False, False, False))  # records
+    assert len(plans) == 1
+    key = ("flow_matching", 0.0, "mean", (True, False, False, False))
+    for t5, served in (
+        (0.0, True),
+        (1.0, True),
+        (-0.0, True),
+        (1.0 + torch.finfo(dtype).eps, False),
+        (-torch.finfo(dtype).tiny, False),
+        (float("nan"), False),
+    ):
+        tt = t.clone()
+        tt[4] = t5
+        out = plans.run(key, (pred, x0, noise, tt))
+        assert (out is not None) == served, t5
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(_compose, "PLANS", Spy(off=True))
+            if served:
+                want = gn.flow_matching_loss(pred, x0, noise, tt, need_grad=(True, False, False, False))
+                _same(f"t = {t5}", [out[0], *out[1]], [want[0], *want[1]])
+            else:
+                with pytest.raises(ValueError, match="t must"):
+                    gn.flow_matching_loss(pred, x0, noise, tt, need_grad=(True, False, False, False))
     assert len(plans) == 1
 
 

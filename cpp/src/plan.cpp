@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "cpu_config.h"
+#include "cpu_half.h"
 #include "genloss/engine.h"
 #include "genloss/mmd.h"
 #include "genloss/ot.h"
@@ -1431,10 +1432,11 @@ struct Step {
 // A check of the data that the Python path made while it recorded (_engine.guard), re-run
 // on every call the plan serves. Each passes exactly when the Python path's check passes.
 enum GuardKind {
-  kIndexRange,  // int input `x`: every value in [0, limit)              (diffusion._timesteps)
-  kRowsFinite,  // float64 (T, k) input `x`: rows int input `y` finite    (diffusion._finite_rows)
-  kFinite,      // float input `x`: finite, and >= 0 when `nonnegative`   (diffusion._row_vector)
-  kNoNaN,       // output `x` (after the calls): no NaN                    (_engine.check_if_nan)
+  kIndexRange,    // int input `x`: every value in [0, limit)              (diffusion._timesteps)
+  kRowsFinite,    // float64 (T, k) input `x`: rows int input `y` finite    (diffusion._finite_rows)
+  kFinite,        // float input `x`: finite, and >= 0 when `nonnegative`   (diffusion._row_vector)
+  kNoNaN,         // output `x` (after the calls): no NaN                    (_engine.check_if_nan)
+  kUnitInterval,  // float input `x`: in [0, 1], or (0, 1] when `open_zero`  (flow._times)
 };
 
 struct Guard {
@@ -1442,6 +1444,7 @@ struct Guard {
   Ref x, y;
   int64_t limit = 0;
   bool nonnegative = false;
+  bool open_zero = false;
 };
 
 // The engine's float and integer codes of an Input, as one: 0 f32, 1 f64, 2 f16, 3 bf16, 4 i64, 5 i32.
@@ -1613,6 +1616,17 @@ bool any_nan_of(int code, const void* p, int64_t n) {
   }
 }
 
+// Every value in [0, 1] (NaN fails), and not 0 when `open_zero` (16-bit values widened).
+template <class S>
+bool in_unit_interval(const void* p, int64_t n, bool open_zero) {
+  const S* v = static_cast<const S*>(p);
+  for (int64_t i = 0; i < n; ++i) {
+    const auto x = cpu::load(v[i]);
+    if (!(x >= 0 && x <= 1) || (open_zero && x == 0)) return false;
+  }
+  return true;
+}
+
 template <class I>
 bool rows_finite(const double* table, int64_t cols, const void* index, int64_t n) {
   const I* v = static_cast<const I*>(index);
@@ -1643,6 +1657,17 @@ bool pass(const Guard& g, const std::vector<Input>& in) {
           return all_finite<double>(x.ptr, x.numel, g.nonnegative);
         default:
           return all_finite16(x.ptr, x.numel, g.nonnegative, x.code == kFloat16 ? 0x7c00u : 0x7f80u);
+      }
+    case kUnitInterval:
+      switch (x.code) {
+        case kFloat32:
+          return in_unit_interval<float>(x.ptr, x.numel, g.open_zero);
+        case kFloat64:
+          return in_unit_interval<double>(x.ptr, x.numel, g.open_zero);
+        case kFloat16:
+          return in_unit_interval<cpu::F16>(x.ptr, x.numel, g.open_zero);
+        default:
+          return in_unit_interval<cpu::BF16>(x.ptr, x.numel, g.open_zero);
       }
     default:
       return true;  // kNoNaN: after the calls
@@ -1967,6 +1992,9 @@ class PlanCache {
     } else if (PyUnicode_CompareWithASCIIString(kind, "finite") == 0 && n == 1 && input(r[0], false)) {
       g.kind = kFinite;
       g.nonnegative = arg != 0.0;
+    } else if (PyUnicode_CompareWithASCIIString(kind, "unit_interval") == 0 && n == 1 && input(r[0], false)) {
+      g.kind = kUnitInterval;
+      g.open_zero = arg != 0.0;
     } else if (PyUnicode_CompareWithASCIIString(kind, "no_nan") == 0 && n == 1 && r[0].kind == 2) {
       g.kind = kNoNaN;
     } else {

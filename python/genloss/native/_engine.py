@@ -889,8 +889,9 @@ def guard(kind: str, bufs: Sequence[Buf], arg: float = 0.0) -> None:
     """The composition being recorded (if any) checked the data of ``bufs`` in Python in a way
     its plan can re-run on every call (cpp/src/plan.cpp, GuardKind): 'index_range' (an integer
     input in [0, arg)), 'rows_finite' (the rows of a float64 table input that an integer input
-    picks are finite), 'finite' (a float input is finite; arg != 0: and >= 0), 'no_nan' (an
-    output has no NaN, checked after the calls). The plan declines when one fails, and the
+    picks are finite), 'finite' (a float input is finite; arg != 0: and >= 0), 'unit_interval'
+    (a float input in [0, 1]; arg != 0: and not 0), 'no_nan' (an output has no NaN, checked
+    after the calls). The plan declines when one fails, and the
     Python path runs, raises and names the argument."""
     rec = _local.rec
     if rec is not None:

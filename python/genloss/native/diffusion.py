@@ -336,17 +336,23 @@ def eps_mse_loss(eps_pred, eps, weights=None, reduction="mean", *, need_grad=Tru
     r"""Per sample w_b mean_i (eps - eps_pred)^2 (L_simple).  (DIF.12)
 
     Differentiable inputs: eps_pred, eps and, when given, weights."""
-    C.reduction(reduction)
-    p, e = _batched(("eps_pred", "eps"), (eps_pred, eps), reduction)
-    w = (
-        None
-        if weights is None
-        else _row_vector("weights", weights, p, "eps_pred", nonnegative=True, cast=True)
-    )
-    flags = needs(need_grad, 2 if weights is None else 3)  # weights: the unweighted row term
-    want_w = len(flags) == 3 and flags[2]
-    out, rows, grads, raw = _squared_diff(p, e, w, reduction, 1.0 / p.cols, flags, want_raw=want_w)
-    return _result(out, rows, [*grads, raw][: len(flags)], flags)
+
+    def compose():
+        C.reduction(reduction)
+        p, e = _batched(("eps_pred", "eps"), (eps_pred, eps), reduction)
+        w = (
+            None
+            if weights is None
+            else _row_vector("weights", weights, p, "eps_pred", nonnegative=True, cast=True)
+        )
+        flags = needs(need_grad, 2 if weights is None else 3)  # weights: the unweighted row term
+        want_w = len(flags) == 3 and flags[2]
+        out, rows, grads, raw = _squared_diff(p, e, w, reduction, 1.0 / p.cols, flags, want_raw=want_w)
+        return _result(out, rows, [*grads, raw][: len(flags)], flags)
+
+    # A cached plan (plain CPU tensors) re-checks the weights (finite, >= 0) and runs the one Call.
+    arrays = (eps_pred, eps) if weights is None else (eps_pred, eps, weights)
+    return cached(("eps_mse", reduction, need_grad, weights is None), arrays, compose)
 
 
 _TARGETS = {  # (coefficient of x0, coefficient of noise) per step (DIF.14)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import _checks as C
 from ..reference import flow as _R
-from ._compose import computed_in_float32, loss_scale, low_storage, needs
+from ._compose import cached, computed_in_float32, loss_scale, low_storage, needs
 from ._engine import FLOAT32, Buf, as_input, empty, float_range, map_reduce, skip_checks, to_host
 from .diffusion import _batched, _result, _row_vector, _run, _value_out, _xp
 
@@ -46,7 +46,7 @@ def _times(t: Any, like: Buf, like_name: str, weighting: str) -> Buf:
     """t: (B,), the dtype and place of ``like``, in [0, 1]; the weighting's end point refused,
     with the reference's messages (_R.check_times on the range)."""
     tb = _row_vector("t", t, like, like_name)  # shape, place, dtype, finite (NaN refused)
-    r = float_range(tb)
+    r = float_range(tb, ("unit_interval", (tb,), float(weighting == "sigma_sqrt")))
     if r is not None:
         _R.check_times(np.array(r), weighting)
     return tb
@@ -125,46 +125,53 @@ def flow_matching_loss(
             ),
             (pred, x0, noise, t, weights),
         )
-    with _R.named_errors("flow_matching_loss"):
-        C.reduction(reduction)
-        weighting = C.choice("weighting", weighting, FLOW_WEIGHTINGS)
-        c = 1.0 - _R.sigma_min_value(sigma_min)
-        p, x, n = _batched(("pred", "x0", "noise"), (pred, x0, noise), reduction)
-        tb = _times(t, p, "pred", weighting)
-        wb = None if weights is None else _row_vector("weights", weights, p, "pred", nonnegative=True)
-        flags = needs(need_grad, 4 if wb is None else 5)
-    t64 = _f64(tb)
-    if weighting == "none":
-        lam = dlam = None
-    else:
-        lam, dlam = _R.weight_and_slope(t64, weighting)  # (FLOW.3) B values in float64
-    w64 = None if wb is None else _f64(wb)
-    row = lam if w64 is None else (w64 if lam is None else w64 * lam)
-    row_w = None
-    if row is not None:
-        if weighting == "sigma_sqrt" and not skip_checks(p):
-            with _R.named_errors("flow_matching_loss"):
-                _finite_weight(lam, p)
-        row_w = _like(row, p, "weights")
-    out, rows = _value_out(p, reduction)
-    grads = [empty(b, b.shape) if f else None for b, f in zip((p, x, n), flags[:3], strict=True)]
-    raw = empty(p, (p.rows,)) if any(flags[3:]) else None
-    s = loss_scale(reduction, p, per_sample_mean=True)
-    _run(
-        "FlowMatchingMSE", [p, x, n], grads, params={"x0_coef": c}, value_scale=s, out=out, rows_out=rows,
-        grad_scale=s, row_weight=row_w, rows_raw=raw,
-    )  # fmt: skip
-    value, gs = _result(out, rows, grads, flags)
-    if not gs:
-        return value, ()
-    m = None if raw is None else _f64(raw)  # s * sum_i r^2 (the reduction's weight included)
-    grad_t = grad_w = None
-    if flags[3] and m is not None:  # m is set when flags[3] (raw is)
-        slope = m * 0.0 if dlam is None else dlam * m  # (FLOW.2) d/dt through lambda(t)
-        grad_t = _like(slope if w64 is None else w64 * slope, tb, "t").arr
-    if wb is not None and flags[4]:
-        grad_w = _like(m if lam is None else lam * m, wb, "weights").arr  # (FLOW.2) d/dw
-    return value, (*gs[:3], grad_t) if wb is None else (*gs[:3], grad_t, grad_w)
+
+    def compose():
+        with _R.named_errors("flow_matching_loss"):
+            C.reduction(reduction)
+            wt = C.choice("weighting", weighting, FLOW_WEIGHTINGS)
+            c = 1.0 - _R.sigma_min_value(sigma_min)
+            p, x, n = _batched(("pred", "x0", "noise"), (pred, x0, noise), reduction)
+            tb = _times(t, p, "pred", wt)
+            wb = None if weights is None else _row_vector("weights", weights, p, "pred", nonnegative=True)
+            flags = needs(need_grad, 4 if wb is None else 5)
+        if wt == "none":
+            lam = dlam = None
+        else:
+            lam, dlam = _R.weight_and_slope(_f64(tb), wt)  # (FLOW.3) B values in float64
+        w64 = None if wb is None else _f64(wb)
+        row = lam if w64 is None else (w64 if lam is None else w64 * lam)
+        row_w = None
+        if row is not None:
+            if wt == "sigma_sqrt" and not skip_checks(p):
+                with _R.named_errors("flow_matching_loss"):
+                    _finite_weight(lam, p)
+            row_w = _like(row, p, "weights")
+        out, rows = _value_out(p, reduction)
+        grads = [empty(b, b.shape) if f else None for b, f in zip((p, x, n), flags[:3], strict=True)]
+        raw = empty(p, (p.rows,)) if any(flags[3:]) else None
+        s = loss_scale(reduction, p, per_sample_mean=True)
+        _run(
+            "FlowMatchingMSE", [p, x, n], grads, params={"x0_coef": c}, value_scale=s, out=out, rows_out=rows,
+            grad_scale=s, row_weight=row_w, rows_raw=raw,
+        )  # fmt: skip
+        value, gs = _result(out, rows, grads, flags)
+        if not gs:
+            return value, ()
+        m = None if raw is None else _f64(raw)  # s * sum_i r^2 (the reduction's weight included)
+        grad_t = grad_w = None
+        if flags[3] and m is not None:  # m is set when flags[3] (raw is)
+            slope = m * 0.0 if dlam is None else dlam * m  # (FLOW.2) d/dt through lambda(t)
+            grad_t = _like(slope if w64 is None else w64 * slope, tb, "t").arr
+        if wb is not None and flags[4]:
+            grad_w = _like(m if lam is None else lam * m, wb, "weights").arr  # (FLOW.2) d/dw
+        return value, (*gs[:3], grad_t) if wb is None else (*gs[:3], grad_t, grad_w)
+
+    if weighting != "none" or weights is not None:  # row weights formed in float64: no plan
+        return compose()
+    # A cached plan (plain CPU tensors, t not asked for) re-checks t (finite, in [0, 1]) and
+    # runs the one Call; else this Python path.
+    return cached(("flow_matching", sigma_min, reduction, need_grad), (pred, x0, noise, t), compose)
 
 
 def _finite_weight(lam: Any, like: Buf) -> None:
