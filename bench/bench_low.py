@@ -110,7 +110,10 @@ def main() -> int:
             "bytes": nbytes,
             **{k: {**bh.summary(v), "GBps": nbytes / med[k] / 1e9} for k, v in times.items()},
         }
-        row = " ".join(f"{med[k] * 1e3:8.2f}ms" for k in ("direct", "widened", "float32", "eager", "copy"))
+        row = " ".join(
+            f"{med[k] * 1e3:8.2f}ms" if med[k] >= 1e-3 else f"{med[k] * 1e6:8.1f}us"
+            for k in ("direct", "widened", "float32", "eager", "copy")
+        )
         print(f"{name:<20} {row}  {med['widened'] / med['direct']:.2f}x")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
