@@ -196,6 +196,28 @@ def test_bfloat16_goes_to_the_kernels_as_it_is(monkeypatch):
     assert torch.equal(x.grad, x32.grad.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "widened"])
+def test_bfloat16_gradients_are_handed_over_only_when_in_the_inputs_dtype(monkeypatch, direct):
+    """loss.backward() on a direct bfloat16 call hands the kernel's bfloat16 gradient over as it
+    is (no multiply, no conversion pass); the widened path's float32 gradient still goes through
+    the conversion. Both give the float32 path's gradient rounded once."""
+    gt = pytest.importorskip("genloss.torch")
+    from genloss.torch._op import _LIVE
+
+    op = _LIVE["eps_mse_loss"]
+    monkeypatch.setattr(op, "bf16_direct", direct)
+    finished = []
+    real = op.finish_backward
+    monkeypatch.setattr(op, "finish_backward", lambda *a: finished.append(1) or real(*a))
+    x, y = _pair(torch.bfloat16, seed=2)
+    gt.eps_mse_loss(x, y).backward()
+    assert (len(finished) == 0) == direct, finished
+    x32 = x.detach().float().requires_grad_(True)
+    gt.eps_mse_loss(x32, y.float()).backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.equal(x.grad, x32.grad.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_bfloat16_direct_call_scales_by_the_upstream_gradient(reduction):
     """A non-unit upstream gradient multiplies the 16-bit gradient (rounded twice: within one

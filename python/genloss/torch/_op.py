@@ -524,8 +524,13 @@ class LossOp:
         else:
             tensors = [args[i] for i in self.tensor_idx]
             others = [args[i] for i in self.other_idx]
-        # backward may hand the saved gradients over as they are when grad_output is 1
-        unit = self.unit_ok and route == PLAIN and not per_sample
+        # backward may hand the saved gradients over as they are when grad_output is 1, if they
+        # are in the inputs' dtypes (a float16/bfloat16 call: when it went straight to the kernels)
+        unit = self.unit_ok and not per_sample
+        if unit and route != PLAIN:
+            unit = route == LOW and all(
+                g is None or g.dtype == args[i].dtype for g, i in zip(grads, self.diff_idx, strict=False)
+            )
         # The gradients of a direct call wait on ctx, not in save_for_backward, so the first
         # backward hands them to autograd as the only reference: AccumulateGrad adopts them
         # instead of copying (a 64 MiB copy per input of an image loss). Traced calls (and
