@@ -55,6 +55,8 @@ PLAN_OPS = (
     "pix2pix_g_loss",
     "cycle_consistency_loss",
     "gaussian_kl",
+    "bernoulli_nll",  # with a guard: no NaN in the value (x off [0, 1] makes one)
+    "gaussian_nll",  # logvar of mean's shape (a broadcast one is a derived array)
     "diffusion_mse_loss",  # with guards: the timesteps' range, the weights' sign
     "eps_mse_loss",  # with a guard: the weights' sign
     "flow_matching_loss",  # unweighted, t not asked for; with a guard: t in [0, 1]
@@ -110,6 +112,8 @@ def _expect_fast(record, tensors, kwargs, need=True):
     (formed in float64) and without d/dt (a derived array)."""
     if record.name not in FAST_OPS:
         return False
+    if record.name == "gaussian_nll":
+        return tensors[2].shape == tensors[0].shape
     if record.name == "flow_matching_loss":
         wants_t = need is True or (need is not False and need[3])
         return kwargs.get("weighting", "none") == "none" and len(tensors) == 4 and not wants_t
@@ -324,8 +328,8 @@ def test_recordings_that_cannot_be_replayed_are_not_kept(plans):
     with _engine.Recording() as rec:
         gn.relativistic_d_loss(r, f)  # the means pass between calls through memory
     assert not rec.ok
-    with _engine.Recording() as rec:
-        gn.bernoulli_nll(_plain(16), torch.rand(16))  # the NaN check reads the value
+    with _engine.Recording() as rec:  # the median heuristic reads the data for its bandwidth
+        gn.mmd2(_plain(16).reshape(8, 2), _plain(16).reshape(8, 2) * 0.5)
     assert not rec.ok
     value = gn.wgan_g_loss(r)
     calls: list = []  # a call whose pointers are neither inputs nor outputs: refused
@@ -603,6 +607,31 @@ def test_flow_matching_plan_guards_t(plans, dtype):
             else:
                 with pytest.raises(ValueError, match="t must"):
                     gn.flow_matching_loss(pred, x0, noise, tt, need_grad=(True, False, False, False))
+    assert len(plans) == 1
+
+
+def test_bernoulli_plan_declines_on_a_nan_value(plans):
+    """bernoulli_nll's plan checks its value for NaN after the call: a target off [0, 1] makes
+    one, the plan declines and the Python path names x; a NaN logit makes one too, and the
+    Python path returns it (NaN propagates, no error)."""
+    import genloss.native as gn
+
+    g = torch.Generator().manual_seed(4)
+    logits, x = torch.randn(4, 6, generator=g), torch.rand(4, 6, generator=g)
+    gn.bernoulli_nll(logits, x)  # records
+    assert len(plans) == 1
+    key = ("bernoulli_nll", "mean", True)
+    assert plans.run(key, (logits, x)) is not None
+    bad_x = x.clone()
+    bad_x[2, 3] = 1.5
+    assert plans.run(key, (logits, bad_x)) is None
+    with pytest.raises(ValueError, match="x must lie in"):
+        gn.bernoulli_nll(logits, bad_x)
+    nan_logits = logits.clone()
+    nan_logits[1, 1] = float("nan")
+    assert plans.run(key, (nan_logits, x)) is None
+    value, (g_l, _) = gn.bernoulli_nll(nan_logits, x)
+    assert value.isnan() and g_l[1, 1].isnan()
     assert len(plans) == 1
 
 

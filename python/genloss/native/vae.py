@@ -44,8 +44,9 @@ def _unit_interval(b, name):
 
 
 def _unit_interval_after(value, b, name):
-    """The BernoulliNLL functor makes the value NaN where a target is outside [0, 1]."""
-    check_if_nan(value, lambda: _unit_interval(b, name))
+    """The BernoulliNLL functor makes the value NaN where a target is outside [0, 1]: only then
+    read the targets again (a plan repeats the NaN test on the value and declines on one)."""
+    check_if_nan(value, lambda: _unit_interval(b, name), as_input(value, "value"))
 
 
 def _broadcastable(name, b, target_name, shape):
@@ -99,25 +100,33 @@ def normal_kl(mean1, logvar1, mean2, logvar2, *, need_grad=True):
 # ---------------------------------------------------------------- (VAE.6, VAE.7)
 def bernoulli_nll(logits, x, reduction="mean", *, need_grad=True):
     """sum softplus(l) - x l per sample; x in [0, 1].  (VAE.6)"""
-    C.reduction(reduction)
-    lg, xb = _pair(("logits", "x"), (logits, x), reduction)
-    value, grads = run_terms([Term("BernoulliNLL", lg, y=xb)], reduction, need_grad, 2, [0])
-    _unit_interval_after(value, xb, "x")
-    return value, grads
+
+    def compose():
+        C.reduction(reduction)
+        lg, xb = _pair(("logits", "x"), (logits, x), reduction)
+        value, grads = run_terms([Term("BernoulliNLL", lg, y=xb)], reduction, need_grad, 2, [0])
+        _unit_interval_after(value, xb, "x")
+        return value, grads
+
+    return cached(("bernoulli_nll", reduction, need_grad), (logits, x), compose)
 
 
 def gaussian_nll(mean, x, logvar, reduction="mean", *, need_grad=True):
     """sum 1/2 (log 2 pi + logvar + (x - mean)^2 e^-logvar) per sample; logvar broadcasts.  (VAE.7)"""
-    C.reduction(reduction)
-    m, xb = _pair(("mean", "x"), (mean, x), reduction)
-    lv = as_input(logvar, "logvar")
-    same_place(m, "mean", lv, "logvar")
-    _broadcastable("logvar", lv, "mean", m.shape)
-    full = broadcast(lv, m.shape, "logvar")
-    value, grads = run_terms([Term("GaussianNLL", m, y=xb, more=(full,))], reduction, need_grad, 3, [0])
-    if grads and grads[2] is not None:
-        grads = (grads[0], grads[1], sum_to(grads[2], lv.shape, lv.kind))
-    return value, grads
+
+    def compose():
+        C.reduction(reduction)
+        m, xb = _pair(("mean", "x"), (mean, x), reduction)
+        lv = as_input(logvar, "logvar")
+        same_place(m, "mean", lv, "logvar")
+        _broadcastable("logvar", lv, "mean", m.shape)
+        full = broadcast(lv, m.shape, "logvar")  # a broadcast logvar is a derived array: no plan
+        value, grads = run_terms([Term("GaussianNLL", m, y=xb, more=(full,))], reduction, need_grad, 3, [0])
+        if grads and grads[2] is not None:
+            grads = (grads[0], grads[1], sum_to(grads[2], lv.shape, lv.kind))
+        return value, grads
+
+    return cached(("gaussian_nll", reduction, need_grad), (mean, x, logvar), compose)
 
 
 def negative_elbo(
