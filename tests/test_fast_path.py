@@ -60,6 +60,10 @@ PLAN_OPS = (
     "diffusion_mse_loss",  # with guards: the timesteps' range, the weights' sign
     "eps_mse_loss",  # with a guard: the weights' sign
     "flow_matching_loss",  # unweighted, t not asked for; with a guard: t in [0, 1]
+    "q_sample",  # the schedule's table an input; with a guard: the timesteps' range
+    "v_target",
+    "predict_x0_from_eps",  # (a zero-terminal-SNR schedule: reads t, no plan)
+    "posterior_mean_from_eps",
     "vlb_term",  # and the table rows used, the value's NaNs
     # the engine's other kernels, kinds of the same Call (plan.cpp, Kind):
     "gradient_penalty_from_grads",  # map_reduce + row_scale, with scratch (the norms, coefficients)
@@ -633,6 +637,34 @@ def test_bernoulli_plan_declines_on_a_nan_value(plans):
     value, (g_l, _) = gn.bernoulli_nll(nan_logits, x)
     assert value.isnan() and g_l[1, 1].isnan()
     assert len(plans) == 1
+
+
+def test_linear_map_plans_follow_the_schedule_and_its_checks(plans):
+    """predict_x0_from_eps: schedules of one length share a plan (the table is an input), a
+    zero-terminal-SNR one too: its plan re-checks that the table rows the timesteps pick are
+    finite, so a step where the map is undefined is refused on every call."""
+    import genloss.native as gn
+    from genloss.reference import diffusion as RD
+
+    g = torch.Generator().manual_seed(6)
+    x_t, eps = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    t = torch.tensor([0, 3, 9, 5])
+    a, b = RD.DiffusionSchedule(RD.linear_betas(10)), RD.DiffusionSchedule(RD.cosine_betas(10))
+    for sched in (a, b, a, b):
+        got, _ = gn.predict_x0_from_eps(x_t, t, eps, sched)
+        abar = torch.tensor(sched.alpha_bar)[t].float().reshape(-1, 1)
+        torch.testing.assert_close(got, (x_t - (1 - abar).sqrt() * eps) / abar.sqrt())
+    assert len(plans) == 1
+    zero = RD.DiffusionSchedule(np.append(RD.linear_betas(9, 0.01, 0.2), 1.0))
+    spy = Spy(off=False)
+    spy.plans = plans
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_compose, "PLANS", spy)
+        gn.predict_x0_from_eps(x_t, torch.tensor([0, 3, 8, 5]), eps, zero)  # valid steps: served
+    assert spy.served == 1 and len(plans) == 1
+    for _ in range(2):
+        with pytest.raises(ValueError, match="zero terminal SNR"):
+            gn.predict_x0_from_eps(x_t, t, eps, zero)  # step 9: alpha_bar = 0
 
 
 def test_vlb_plan_guards_the_rows_used_and_the_value(plans):

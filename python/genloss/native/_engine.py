@@ -668,7 +668,9 @@ def device_empty(like: Buf, shape: tuple[int, ...], dtype: str) -> tuple[Any, in
 
 def to_host(a: Any) -> np.ndarray:
     """An array's values in NumPy: a torch tensor or a CuPy array copied to the host (from CUDA:
-    a read-back, which waits for the device), a NumPy array as it is."""
+    a read-back, which waits for the device), a NumPy array as it is. A composition being
+    recorded that reads values this way gets no plan (a plan would skip what it checks)."""
+    data_used()
     if hasattr(a, "detach"):
         return a.detach().cpu().numpy()
     if hasattr(a, "get"):

@@ -100,13 +100,6 @@ def _timesteps(t: Any, ref: Buf, ref_name: str, num_timesteps: int) -> Buf:
     return tb
 
 
-def _require_signal(schedule: _R.DiffusionSchedule, tb: Buf, attr: str, what: str) -> None:
-    """As the reference: refuse steps where the eps parameterisation divides by zero."""
-    # only schedules with zero terminal SNR pay the copy (none when skip_checks)
-    if np.any(getattr(schedule, attr) == 0.0) and not skip_checks(tb):
-        _R._require_signal(schedule, to_host(tb.arr), attr, what)
-
-
 def _batched(names, arrays, reduction="none"):
     bufs = inputs(names, arrays)
     for n, b in zip(names, bufs, strict=True):
@@ -186,11 +179,18 @@ def _squared_diff(a: Buf, b: Buf, w: Buf | None, reduction: str, coef: float, fl
 def _linear(names, arrays, t, schedule, table_name, build, need_grad, signal=None):
     """a_t * first + b_t * second, elementwise, with (a, b) from a per-step table."""
     sched = _schedule(schedule)
-    x, _ = _batched(names, arrays)
-    tb = _timesteps(t, x, names[0], sched.num_timesteps)
-    if signal is not None:
-        _require_signal(sched, tb, *signal)
-    return linear_with_table(names, arrays, tb, _table(sched, table_name, x, build), need_grad)
+    tab = _table(sched, table_name, as_input(arrays[0], names[0]), build)
+
+    def compose():
+        x, _ = _batched(names, arrays)
+        tb = _timesteps(t, x, names[0], sched.num_timesteps)
+        # ``signal``: the eps parameterisation divides by zero at zero terminal SNR, where the
+        # table row is not finite: refused by the rows the timesteps pick (a guard)
+        return linear_with_table(names, arrays, tb, tab, need_grad, what=signal)
+
+    # A cached plan (plain CPU tensors) re-checks the timesteps' range (and the table rows they
+    # pick) and runs the one Call on the schedule's table, an input of the plan like the others.
+    return cached(("linear", table_name, need_grad), (*arrays, t, tab.arr), compose)
 
 
 def linear_with_table(names, arrays, t, table, need_grad, what=None):
