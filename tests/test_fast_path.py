@@ -57,6 +57,7 @@ PLAN_OPS = (
     "gaussian_kl",
     "bernoulli_nll",  # with a guard: no NaN in the value (x off [0, 1] makes one)
     "gaussian_nll",  # logvar of mean's shape (a broadcast one is a derived array)
+    "normal_kl",  # four inputs of one shape (broadcast ones are derived arrays)
     "diffusion_mse_loss",  # with guards: the timesteps' range, the weights' sign
     "eps_mse_loss",  # with a guard: the weights' sign
     "flow_matching_loss",  # unweighted, t not asked for; with a guard: t in [0, 1]
@@ -118,6 +119,8 @@ def _expect_fast(record, tensors, kwargs, need=True):
         return False
     if record.name == "gaussian_nll":
         return tensors[2].shape == tensors[0].shape
+    if record.name == "normal_kl":
+        return len({t.shape for t in tensors}) == 1
     if record.name == "flow_matching_loss":
         wants_t = need is True or (need is not False and need[3])
         return kwargs.get("weighting", "none") == "none" and len(tensors) == 4 and not wants_t

@@ -74,27 +74,37 @@ def gaussian_kl(mu, logvar, reduction="mean", *, need_grad=True):
 
 def normal_kl(mean1, logvar1, mean2, logvar2, *, need_grad=True):
     """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), broadcasting.  (VAE.5)"""
-    names = ("mean1", "logvar1", "mean2", "logvar2")
-    bufs = inputs(names, (mean1, logvar1, mean2, logvar2))
-    try:
-        shape = tuple(np.broadcast_shapes(*(b.shape for b in bufs)))
-    except ValueError:
-        got = ", ".join(f"{n} {b.shape}" for n, b in zip(names, bufs, strict=True))
-        raise ValueError(f"mean1, logvar1, mean2, logvar2 must broadcast together, got {got}") from None
-    if math.prod(shape) == 0:
-        raise ValueError(f"the broadcast shape {shape} has no elements")
-    full = [broadcast(b, shape, n) for b, n in zip(bufs, names, strict=True)]
-    flags = needs(need_grad, 4)
-    out = empty(full[0], shape)
-    grads = [empty(f, shape) if fl else None for f, fl in zip(full, flags, strict=True)]
-    n = math.prod(shape)
-    x0, *rest = full
-    map_reduce("NormalKL", x0, more=rest, params={}, shape2d=(1, n), elems_out=out, grads=grads)
-    if not any(flags):
-        return out.arr, ()
-    return out.arr, tuple(
-        None if g is None else sum_to(g.arr, b.shape, b.kind) for g, b in zip(grads, bufs, strict=True)
-    )
+    arrays = (mean1, logvar1, mean2, logvar2)
+
+    def compose():
+        names = ("mean1", "logvar1", "mean2", "logvar2")
+        bufs = inputs(names, arrays)
+        try:
+            shape = tuple(np.broadcast_shapes(*(b.shape for b in bufs)))
+        except ValueError:
+            got = ", ".join(f"{n} {b.shape}" for n, b in zip(names, bufs, strict=True))
+            raise ValueError(f"mean1, logvar1, mean2, logvar2 must broadcast together, got {got}") from None
+        if math.prod(shape) == 0:
+            raise ValueError(f"the broadcast shape {shape} has no elements")
+        full = [broadcast(b, shape, n) for b, n in zip(bufs, names, strict=True)]
+        flags = needs(need_grad, 4)
+        out = empty(full[0], shape)
+        grads = [empty(f, shape) if fl else None for f, fl in zip(full, flags, strict=True)]
+        n = math.prod(shape)
+        x0, *rest = full
+        map_reduce("NormalKL", x0, more=rest, params={}, shape2d=(1, n), elems_out=out, grads=grads)
+        if not any(flags):
+            return out.arr, ()
+        return out.arr, tuple(
+            None if g is None else sum_to(g.arr, b.shape, b.kind) for g, b in zip(grads, bufs, strict=True)
+        )
+
+    # Same-shape tensors (the usual call): a cached plan runs the one Call. Broadcast ones are
+    # materialised (derived arrays, no plan): they take the Python path without recording.
+    shapes = {getattr(a, "shape", None) for a in arrays}
+    if len(shapes) == 1:
+        return cached(("normal_kl", need_grad), arrays, compose)
+    return compose()
 
 
 # ---------------------------------------------------------------- (VAE.6, VAE.7)
