@@ -1571,55 +1571,27 @@ bool indices_in_range(const void* p, int64_t n, int64_t limit) {
   return true;
 }
 
-template <class T>
-bool all_finite(const void* p, int64_t n, bool nonnegative) {
-  const T* v = static_cast<const T*>(p);
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(v[i]) || (nonnegative && v[i] < T(0))) return false;
-  return true;
-}
-
-template <class T>
-bool any_nan(const void* p, int64_t n) {
-  const T* v = static_cast<const T*>(p);
-  for (int64_t i = 0; i < n; ++i)
-    if (std::isnan(v[i])) return true;
-  return false;
-}
-
-// A 16-bit float (`inf`: the bits of +inf) is finite when its bits past the sign are below
-// inf's, NaN when above, negative when its sign is set and it is not zero.
-bool all_finite16(const void* p, int64_t n, bool nonnegative, uint16_t inf) {
-  const uint16_t* v = static_cast<const uint16_t*>(p);
-  for (int64_t i = 0; i < n; ++i)
-    if ((v[i] & 0x7fffu) >= inf || (nonnegative && (v[i] & 0x8000u) && (v[i] & 0x7fffu))) return false;
-  return true;
-}
-
-bool any_nan16(const void* p, int64_t n, uint16_t inf) {
-  const uint16_t* v = static_cast<const uint16_t*>(p);
-  for (int64_t i = 0; i < n; ++i)
-    if ((v[i] & 0x7fffu) > inf) return true;
-  return false;
-}
-
-bool any_nan_of(int code, const void* p, int64_t n) {
-  switch (code) {
-    case kFloat32:
-      return any_nan<float>(p, n);
-    case kFloat64:
-      return any_nan<double>(p, n);
-    case kFloat16:
-      return any_nan16(p, n, 0x7c00u);
-    default:
-      return any_nan16(p, n, 0x7f80u);
-  }
-}
-
-// Every value in [0, 1] (NaN fails), and not 0 when `open_zero` (16-bit values widened).
+// The data checks, on an array of any float storage type S (cpu_half.h's load widens the
+// 16-bit ones exactly, so a check means the same in every dtype).
 template <class S>
-bool in_unit_interval(const void* p, int64_t n, bool open_zero) {
-  const S* v = static_cast<const S*>(p);
+bool all_finite(const S* v, int64_t n, bool nonnegative) {
+  for (int64_t i = 0; i < n; ++i) {
+    const auto x = cpu::load(v[i]);
+    if (!std::isfinite(x) || (nonnegative && x < 0)) return false;
+  }
+  return true;
+}
+
+template <class S>
+bool any_nan(const S* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(cpu::load(v[i]))) return true;
+  return false;
+}
+
+// Every value in [0, 1] (NaN fails), and not 0 when `open_zero`.
+template <class S>
+bool in_unit_interval(const S* v, int64_t n, bool open_zero) {
   for (int64_t i = 0; i < n; ++i) {
     const auto x = cpu::load(v[i]);
     if (!(x >= 0 && x <= 1) || (open_zero && x == 0)) return false;
@@ -1627,11 +1599,26 @@ bool in_unit_interval(const void* p, int64_t n, bool open_zero) {
   return true;
 }
 
+// check(v) with v the float array `p` of engine DType `code`, typed by its storage type.
+template <class Check>
+bool by_dtype(int code, const void* p, const Check& check) {
+  switch (code) {
+    case kFloat32:
+      return check(static_cast<const float*>(p));
+    case kFloat64:
+      return check(static_cast<const double*>(p));
+    case kFloat16:
+      return check(static_cast<const cpu::F16*>(p));
+    default:
+      return check(static_cast<const cpu::BF16*>(p));
+  }
+}
+
 template <class I>
 bool rows_finite(const double* table, int64_t cols, const void* index, int64_t n) {
   const I* v = static_cast<const I*>(index);
   for (int64_t r = 0; r < n; ++r)
-    if (!all_finite<double>(table + static_cast<int64_t>(v[r]) * cols, cols, false)) return false;
+    if (!all_finite(table + static_cast<int64_t>(v[r]) * cols, cols, false)) return false;
   return true;
 }
 
@@ -1650,25 +1637,9 @@ bool pass(const Guard& g, const std::vector<Input>& in) {
                          : rows_finite<int32_t>(tab, x.cols, y.ptr, y.numel);
     }
     case kFinite:
-      switch (x.code) {
-        case kFloat32:
-          return all_finite<float>(x.ptr, x.numel, g.nonnegative);
-        case kFloat64:
-          return all_finite<double>(x.ptr, x.numel, g.nonnegative);
-        default:
-          return all_finite16(x.ptr, x.numel, g.nonnegative, x.code == kFloat16 ? 0x7c00u : 0x7f80u);
-      }
+      return by_dtype(x.code, x.ptr, [&](auto v) { return all_finite(v, x.numel, g.nonnegative); });
     case kUnitInterval:
-      switch (x.code) {
-        case kFloat32:
-          return in_unit_interval<float>(x.ptr, x.numel, g.open_zero);
-        case kFloat64:
-          return in_unit_interval<double>(x.ptr, x.numel, g.open_zero);
-        case kFloat16:
-          return in_unit_interval<cpu::F16>(x.ptr, x.numel, g.open_zero);
-        default:
-          return in_unit_interval<cpu::BF16>(x.ptr, x.numel, g.open_zero);
-      }
+      return by_dtype(x.code, x.ptr, [&](auto v) { return in_unit_interval(v, x.numel, g.open_zero); });
     default:
       return true;  // kNoNaN: after the calls
   }
@@ -1772,7 +1743,7 @@ class PlanCache {
       if (g.kind != kNoNaN) continue;
       const size_t j = static_cast<size_t>(g.x.index);
       const int64_t n = numel_of(plan->out_shapes[j]);
-      if (any_nan_of(plan->out_code[j], optr[j], n)) return py::none();
+      if (by_dtype(plan->out_code[j], optr[j], [n](auto v) { return any_nan(v, n); })) return py::none();
     }
     return py::make_tuple(value, grads);
   }
