@@ -63,7 +63,7 @@ PLAN_OPS = (
     "flow_matching_loss",  # unweighted, t not asked for; with a guard: t in [0, 1]
     "q_sample",  # the schedule's table an input; with a guard: the timesteps' range
     "v_target",
-    "predict_x0_from_eps",  # (a zero-terminal-SNR schedule: reads t, no plan)
+    "predict_x0_from_eps",  # and the table rows the timesteps pick (zero terminal SNR)
     "posterior_mean_from_eps",
     "vlb_term",  # and the table rows used, the value's NaNs
     # the engine's other kernels, kinds of the same Call (plan.cpp, Kind):

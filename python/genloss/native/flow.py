@@ -118,7 +118,8 @@ def flow_matching_loss(
     per-sample weight (``weighting`` or ``weights``) are computed in float32 (the weight, formed in
     float64, would be rounded to the storage dtype); without one, in their dtype.
     """
-    if (weighting != "none" or weights is not None) and low_storage((pred, x0, noise, t, weights)):
+    weighted = weighting != "none" or weights is not None  # per-sample weights formed in float64
+    if weighted and low_storage((pred, x0, noise, t, weights)):
         return computed_in_float32(
             lambda p_, x_, n_, t_, w_: flow_matching_loss(
                 p_, x_, n_, t_, weighting, sigma_min, w_, reduction, need_grad=need_grad
@@ -167,7 +168,7 @@ def flow_matching_loss(
             grad_w = _like(m if lam is None else lam * m, wb, "weights").arr  # (FLOW.2) d/dw
         return value, (*gs[:3], grad_t) if wb is None else (*gs[:3], grad_t, grad_w)
 
-    if weighting != "none" or weights is not None:  # row weights formed in float64: no plan
+    if weighted:  # the row weights are derived arrays: no plan
         return compose()
     # A cached plan (plain CPU tensors, t not asked for) re-checks t (finite, in [0, 1]) and
     # runs the one Call; else this Python path.
