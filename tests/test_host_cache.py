@@ -168,3 +168,49 @@ def test_numpy_outputs_stay_numpy():
     _, (ga, _gb) = gn.l1_loss(a, b)
     assert isinstance(ga, np.ndarray) and ga.flags.c_contiguous
     np.testing.assert_array_equal(ga, np.sign(a - b).astype(np.float32) / np.float32(N))
+
+
+@pytest.mark.parametrize("low", ["bfloat16", "float16"])
+def test_16bit_outputs_come_from_the_cache(cache, low):
+    """A 16-bit gradient of 4 MiB or more is a cached block too (a fresh one page-faults on
+    every call), reused by the next call, with the float32 path's values rounded once."""
+    dt = getattr(torch, low)
+    n = E.HOST_CACHE_MIN_BYTES // 2 + 1000  # 16-bit elements: just above the threshold
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(n, generator=g).to(dt) for _ in range(2))
+    want = (torch.sign(a.float() - b.float()) / n).to(dt)  # d/da of mean |a - b|, rounded once
+    ptrs = []
+    for _ in range(2):
+        v, (ga, _) = gn.l1_loss(a, b, need_grad=(True, False))
+        assert ga.dtype == dt
+        torch.testing.assert_close(ga, want, rtol=0, atol=0)
+        ptrs.append(ga.data_ptr())
+        del v, ga
+    info = E.cache_info()
+    assert ptrs[0] == ptrs[1] and info["hits"] >= 1 and info["cached_blocks"] == 1, info
+
+
+def test_a_finished_phase_does_not_crowd_out_the_next():
+    """In a fresh process with the default bound: after a phase of outputs of one size, a
+    phase of larger outputs reuses its own blocks after its first call; the first phase's
+    blocks, no longer asked for, go instead (oldest first). Before, the bound kept them and
+    dropped each freshly freed block: two misses (two fresh 10 MiB blocks) per call."""
+    code = (
+        "import json, torch, genloss.native as gn\n"
+        "from genloss.native import _engine as E\n"
+        f"a = torch.randn({N}); b = torch.randn({N})\n"
+        f"a2 = torch.randn({2 * N}); b2 = torch.randn({2 * N})\n"
+        "for _ in range(4):\n"
+        "    gn.l1_loss(a, b)\n"
+        "gn.l1_loss(a2, b2)\n"
+        "first = E.cache_info()\n"
+        "for _ in range(4):\n"
+        "    gn.l1_loss(a2, b2)\n"
+        "print(json.dumps([first, E.cache_info()]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GENLOSS_HOST_CACHE_MB", "GENLOSS_HUGE_PAGES")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    first, later = json.loads(out.stdout)
+    assert later["misses"] == first["misses"] and later["hits"] == first["hits"] + 8, (first, later)
+    block2 = -(-8 * N // HUGE) * HUGE
+    assert later["cached_blocks"] == 2 and later["cached_bytes"] == 2 * block2, later

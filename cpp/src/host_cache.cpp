@@ -17,7 +17,11 @@
 // min(physical memory / 8, 4 GiB). A training loop's gradients of step k are all
 // alive together before zero_grad, so step k+1 finds every block it needs; a phase
 // that used more (a larger evaluation batch) stops pinning memory two windows after
-// it ends. genloss.native.options(host_cache_mb=...) (GENLOSS_HOST_CACHE_MB) sets a
+// it ends. Over the bound, the block freed longest ago goes first: a freed block is the one
+// the next step most likely asks for again, and blocks of a size no longer asked for (a
+// phase that ended, another dtype) must not crowd it out (they did when the largest went
+// first and a freed block over the bound was dropped: one miss per call, for good).
+// genloss.native.options(host_cache_mb=...) (GENLOSS_HOST_CACHE_MB) sets a
 // fixed bound instead (0: no reuse); genloss.native.empty_cache() frees every block.
 // Thread-safe: the deleter may run on any thread, without the GIL.
 #include <pybind11/pybind11.h>
@@ -30,10 +34,12 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <string>
 #include <vector>
 
 #include "cpu_config.h"
 #include "dlpack.h"
+#include "genloss/common.h"  // DType codes
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -77,10 +83,16 @@ std::size_t auto_cap() {
 
 struct Cache {
   std::mutex m;
-  std::multimap<std::size_t, void*> free_blocks;  // rounded size -> block
-  std::size_t cached = 0;                         // bytes in free_blocks
-  std::size_t live = 0;                           // bytes handed out and not yet released
-  std::size_t peak = 0, peak_prev = 0;            // most bytes live: this window, the last one
+  struct Free {
+    std::size_t bytes;
+    void* p;
+  };
+  std::map<uint64_t, Free> by_age;               // the free blocks by when freed (the oldest first)
+  std::multimap<std::size_t, uint64_t> by_size;  // rounded size -> its key in by_age
+  uint64_t clock = 0;                            // keys of by_age
+  std::size_t cached = 0;                        // bytes in by_age
+  std::size_t live = 0;                          // bytes handed out and not yet released
+  std::size_t peak = 0, peak_prev = 0;           // most bytes live: this window, the last one
   int64_t requests = 0, hits = 0, misses = 0;
   const std::size_t cap = auto_cap();
 
@@ -91,16 +103,25 @@ struct Cache {
     return std::min(std::max(peak, peak_prev), cap);
   }
 
-  // Takes free blocks out until the cached bytes fit the bound (m held); the caller
+  // Takes out the free block freed longest ago, into `drop` (m held).
+  void drop_oldest(std::vector<void*>& drop) {
+    const auto old = by_age.begin();
+    const auto same = by_size.equal_range(old->second.bytes);
+    for (auto it = same.first; it != same.second; ++it)
+      if (it->second == old->first) {
+        by_size.erase(it);
+        break;
+      }
+    cached -= old->second.bytes;
+    drop.push_back(old->second.p);
+    by_age.erase(old);
+  }
+
+  // Takes free blocks out until `extra` more bytes fit the bound (m held); the caller
   // frees them after unlocking.
-  void trim(std::vector<void*>& drop) {
+  void trim(std::vector<void*>& drop, std::size_t extra = 0) {
     const std::size_t lim = limit();
-    while (cached > lim && !free_blocks.empty()) {
-      auto it = std::prev(free_blocks.end());  // the largest first: fewest frees
-      cached -= it->first;
-      drop.push_back(it->second);
-      free_blocks.erase(it);
-    }
+    while (cached + extra > lim && !by_age.empty()) drop_oldest(drop);
   }
 
   void* acquire(std::size_t bytes) {
@@ -115,10 +136,12 @@ struct Cache {
       }
       live += bytes;
       peak = std::max(peak, live);
-      auto it = free_blocks.find(bytes);
-      if (it != free_blocks.end()) {
-        p = it->second;
-        free_blocks.erase(it);
+      const auto same = by_size.equal_range(bytes);
+      if (same.first != same.second) {
+        const auto it = std::prev(same.second);  // the one freed last (warmest)
+        p = by_age[it->second].p;
+        by_age.erase(it->second);
+        by_size.erase(it);
         cached -= bytes;
         ++hits;
       } else {
@@ -138,16 +161,19 @@ struct Cache {
   }
 
   void release(void* p, std::size_t bytes) {
+    std::vector<void*> drop{p};
     {
       std::lock_guard<std::mutex> g(m);
       live -= bytes;
-      if (cached + bytes <= limit()) {
-        free_blocks.emplace(bytes, p);
+      if (bytes <= limit()) {
+        trim(drop, bytes);
+        drop.front() = nullptr;  // kept
+        by_size.emplace(bytes, clock);
+        by_age.emplace(clock++, Free{bytes, p});
         cached += bytes;
-        return;
       }
     }
-    std::free(p);
+    for (void* q : drop) std::free(q);
   }
 
   void apply_limit() {
@@ -160,13 +186,14 @@ struct Cache {
   }
 
   void clear() {
-    std::multimap<std::size_t, void*> blocks;
+    std::map<uint64_t, Free> blocks;
     {
       std::lock_guard<std::mutex> g(m);
-      blocks.swap(free_blocks);
+      blocks.swap(by_age);
+      by_size.clear();
       cached = 0;
     }
-    for (auto& kv : blocks) std::free(kv.second);
+    for (auto& kv : blocks) std::free(kv.second.p);
   }
 };
 
@@ -197,17 +224,18 @@ void capsule_destructor(PyObject* cap) {
 
 }  // namespace
 
-// A C-contiguous CPU float tensor of `shape` (dtype code 0: float32, 1: float64) as
-// an unconsumed DLPack capsule; its memory comes from the cache. (Also used by
-// plan.cpp.)
+// A C-contiguous CPU float tensor of `shape` (engine DType code: 0 float32, 1 float64,
+// 2 float16, 3 bfloat16) as an unconsumed DLPack capsule; its memory comes from the cache.
+// (Also used by plan.cpp.)
 py::capsule cached_empty(const std::vector<int64_t>& shape, int dtype) {
-  if (dtype != 0 && dtype != 1) throw py::type_error("cached_empty: dtype must be float32 (0) or float64 (1)");
+  if (dtype < kFloat32 || dtype > kBFloat16)
+    throw py::type_error("cached_empty: dtype must be an engine DType code (0-3), got " + std::to_string(dtype));
   int64_t n = 1;
   for (int64_t s : shape) {
     if (s < 0) throw py::value_error("cached_empty: negative dimension");
     n *= s;
   }
-  const std::size_t item = dtype == 0 ? 4 : 8;
+  const std::size_t item = dtype == kFloat32 ? 4 : dtype == kFloat64 ? 8 : 2;
   const std::size_t bytes = ((static_cast<std::size_t>(n) * item + kHuge - 1) / kHuge) * kHuge;
   auto* h = new Holder();
   h->shape = shape;
@@ -223,7 +251,7 @@ py::capsule cached_empty(const std::vector<int64_t>& shape, int dtype) {
   t.data = p;
   t.device = {kDLCPU, 0};
   t.ndim = static_cast<int32_t>(shape.size());
-  t.dtype = {static_cast<uint8_t>(kDLFloat), static_cast<uint8_t>(item * 8), 1};
+  t.dtype = {static_cast<uint8_t>(dtype == kBFloat16 ? kDLBfloat : kDLFloat), static_cast<uint8_t>(item * 8), 1};
   t.shape = h->shape.data();
   t.strides = nullptr;  // C-contiguous
   t.byte_offset = 0;
@@ -244,7 +272,7 @@ py::dict cache_info() {
   std::lock_guard<std::mutex> g(c.m);
   py::dict d;
   d["cached_bytes"] = c.cached;
-  d["cached_blocks"] = c.free_blocks.size();
+  d["cached_blocks"] = c.by_age.size();
   d["limit_bytes"] = c.limit();
   d["sized_by_use"] = cpu::host_cache_mb() < 0;
   d["live_bytes"] = c.live;

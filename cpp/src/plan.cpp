@@ -223,8 +223,8 @@ bool read_input(const Torch& t, PyObject* o, Input& in, Want want = kFloat, bool
 }
 
 // A new CPU tensor of `like`'s dtype, or of float dtype `code` (-1: like's; a 16-bit call's
-// float32 value): `shape` (empty: 0-d); float32/float64 outputs of 4 MiB or more from the
-// output cache, as _engine.empty (so a gradient block is reused step after step).
+// float32 value): `shape` (empty: 0-d); float outputs of 4 MiB or more from the output cache,
+// as _engine.empty (so a gradient block is reused step after step).
 // Sets *ptr. Throws on a Python error (allocation failure).
 py::object alloc(const Torch& t, const Input& like, const std::vector<int64_t>& shape, void** ptr, int code = -1) {
   const bool same = code < 0 || code == like.code;
@@ -232,7 +232,7 @@ py::object alloc(const Torch& t, const Input& like, const std::vector<int64_t>& 
   int64_t n = 1;
   for (int64_t s : shape) n *= s;
   PyObject* out = nullptr;
-  if (!like.integer && code <= kFloat64 && cpu::huge_pages() &&
+  if (!like.integer && cpu::huge_pages() &&
       n * static_cast<int64_t>(elem_bytes(code, false)) >= kHostCacheMinBytes) {  // as _engine.empty
     py::capsule cap = cached_empty(shape, code);
     out = PyObject_CallOneArg(t.from_dlpack, cap.ptr());

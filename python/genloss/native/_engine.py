@@ -509,9 +509,16 @@ def options(**kw: Any) -> Options:
     return Options(_settings(), previous)
 
 
-def _torch_cpu_empty(shape: tuple[int, ...], dtype: Any, code: int) -> Any:
-    if _huge_pages and code in (FLOAT32, FLOAT64):
-        nbytes = math.prod(shape) * (4 if code == FLOAT32 else 8)
+_ITEM_BYTES = {FLOAT32: 4, FLOAT64: 8, FLOAT16: 2, BFLOAT16: 2}
+
+
+def _torch_cpu_empty(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A CPU tensor of torch dtype ``dtype``: float outputs of HOST_CACHE_MIN_BYTES or more
+    from the output cache (16-bit ones too: a fresh 8 MiB bfloat16 gradient page-faults on
+    every call, a cached one is reused)."""
+    code = _TORCH_FLOAT.get(dtype)  # (integer codes share 0/1 with float32/float64)
+    if _huge_pages and code is not None:
+        nbytes = math.prod(shape) * _ITEM_BYTES[code]
         if nbytes >= HOST_CACHE_MIN_BYTES:
             return _torch.from_dlpack(_C.cached_empty(list(shape), code))
     return _torch.empty(shape, dtype=dtype)  # cheaper than new_empty
@@ -556,7 +563,7 @@ def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None, f32: 
         if fill is not None:
             a = like.arr.new_full(shape, fill)
         elif like.device == CPU:
-            a = _torch_cpu_empty(shape, like.arr.dtype, like.dtype)
+            a = _torch_cpu_empty(shape, like.arr.dtype)
         else:
             a = like.arr.new_empty(shape)
         rec = _local.rec
@@ -588,7 +595,10 @@ def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None, f32: 
 def _empty_f32(like: Buf, shape: tuple[int, ...]) -> Buf:
     """A float32 array where ``like`` is (the float32 value of a float16/bfloat16 call)."""
     if like.kind == "torch":
-        a = _torch.empty(shape, dtype=_torch.float32, device=like.arr.device)
+        if like.device == CPU:
+            a = _torch_cpu_empty(shape, _torch.float32)
+        else:
+            a = _torch.empty(shape, dtype=_torch.float32, device=like.arr.device)
         rec = _local.rec
         if rec is not None:
             rec.allocs.append(a)
