@@ -190,27 +190,48 @@ def test_16bit_outputs_come_from_the_cache(cache, low):
     assert ptrs[0] == ptrs[1] and info["hits"] >= 1 and info["cached_blocks"] == 1, info
 
 
-def test_a_finished_phase_does_not_crowd_out_the_next():
-    """In a fresh process with the default bound: after a phase of outputs of one size, a
-    phase of larger outputs reuses its own blocks after its first call; the first phase's
-    blocks, no longer asked for, go instead (oldest first). Before, the bound kept them and
-    dropped each freshly freed block: two misses (two fresh 10 MiB blocks) per call."""
+def test_over_the_bound_the_block_freed_longest_ago_goes(cache):
+    """After a phase of outputs of one size, a phase of larger outputs reuses its own blocks
+    after its first call: over the bound, the first phase's blocks, no longer asked for, go
+    (oldest first). Before, the bound kept them and dropped each freshly freed block: two
+    misses (two fresh 10 MiB blocks) per call, for good."""
+    a, b = _pair(4)
+    a2, b2 = torch.cat([a, a]), torch.cat([b, b])
+    block2 = -(-8 * N // HUGE) * HUGE
+    with gn.options(host_cache_mb=(2 * block2) >> 20):  # room for the second phase's two blocks
+        for _ in range(4):
+            gn.l1_loss(a, b)
+        assert E.cache_info()["cached_blocks"] == 2
+        gn.l1_loss(a2, b2)
+        first = E.cache_info()
+        for _ in range(4):
+            gn.l1_loss(a2, b2)
+        later = E.cache_info()
+    assert later["misses"] == first["misses"] and later["hits"] == first["hits"] + 8, (first, later)
+    assert later["cached_blocks"] == 2 and later["cached_bytes"] == 2 * block2, later
+
+
+def test_default_bound_keeps_the_blocks_of_sizes_that_take_turns():
+    """In a fresh process with the default bound: two losses of different sizes, each call's
+    outputs freed before the next call (each with its own backward), never hold more than one
+    call's blocks at once, but each needs its own: after one round, every call reuses blocks.
+    Bounded by the most bytes live at once, every call of the smaller one dropped the larger
+    one's blocks and vice versa (page faults on every call)."""
     code = (
         "import json, torch, genloss.native as gn\n"
         "from genloss.native import _engine as E\n"
         f"a = torch.randn({N}); b = torch.randn({N})\n"
-        f"a2 = torch.randn({2 * N}); b2 = torch.randn({2 * N})\n"
-        "for _ in range(4):\n"
-        "    gn.l1_loss(a, b)\n"
-        "gn.l1_loss(a2, b2)\n"
+        "a2 = torch.cat([a, a]); b2 = torch.cat([b, b])\n"
+        "for _ in range(2):\n"
+        "    gn.l1_loss(a, b); gn.l1_loss(a2, b2)\n"
         "first = E.cache_info()\n"
         "for _ in range(4):\n"
-        "    gn.l1_loss(a2, b2)\n"
+        "    gn.l1_loss(a, b); gn.l1_loss(a2, b2)\n"
         "print(json.dumps([first, E.cache_info()]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("GENLOSS_HOST_CACHE_MB", "GENLOSS_HUGE_PAGES")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     first, later = json.loads(out.stdout)
-    assert later["misses"] == first["misses"] and later["hits"] == first["hits"] + 8, (first, later)
+    assert later["misses"] == first["misses"] and later["hits"] == first["hits"] + 16, (first, later)
     block2 = -(-8 * N // HUGE) * HUGE
-    assert later["cached_blocks"] == 2 and later["cached_bytes"] == 2 * block2, later
+    assert later["limit_bytes"] == 2 * BLOCK + 2 * block2, later

@@ -13,12 +13,15 @@
 //    zero_grad(set_to_none=True) and step k+1 takes the same blocks back.
 // Bound on the free blocks kept, by default sized by use: the largest working set of
 // recent calls, i.e. the most bytes of cached-size outputs alive at once during the
-// current and the previous window of kWindow block requests, capped at
-// min(physical memory / 8, 4 GiB). A training loop's gradients of step k are all
+// current and the previous window of kWindow block requests, or, if more, the blocks that
+// recurring sizes need (each size asked for twice or more in those windows, times the most
+// of its blocks alive at once: two losses of different sizes, each with its own backward,
+// never hold both blocks at once but need both), capped at min(physical memory / 8,
+// 4 GiB). A training loop's gradients of step k are all
 // alive together before zero_grad, so step k+1 finds every block it needs; a phase
 // that used more (a larger evaluation batch) stops pinning memory two windows after
-// it ends. Over the bound, the block freed longest ago goes first: a freed block is the one
-// the next step most likely asks for again, and blocks of a size no longer asked for (a
+// it ends; sizes seen once (variable shapes) do not raise the bound. Over the bound, the block freed longest ago goes
+// first: a freed block is the one the next step most likely asks for again, and blocks of a size no longer asked for (a
 // phase that ended, another dtype) must not crowd it out (they did when the largest went
 // first and a freed block over the bound was dropped: one miss per call, for good).
 // genloss.native.options(host_cache_mb=...) (GENLOSS_HOST_CACHE_MB) sets a
@@ -95,12 +98,42 @@ struct Cache {
   std::size_t peak = 0, peak_prev = 0;           // most bytes live: this window, the last one
   int64_t requests = 0, hits = 0, misses = 0;
   const std::size_t cap = auto_cap();
+  // Per block size: blocks live now, most live at once and requests in this window and the last.
+  struct Use {
+    int64_t live = 0, most = 0, most_prev = 0, asked = 0, asked_prev = 0;
+  };
+  std::map<std::size_t, Use> use;
+
+  // The bytes that sizes asked for more than once in this window and the last need at once:
+  // each such size times the most of its blocks live together. Two losses of different sizes
+  // whose outputs are freed one before the other's call (each with its own backward) need
+  // both blocks, though no more than one is live at any time (m held).
+  std::size_t recurring() const {
+    std::size_t n = 0;
+    for (const auto& [bytes, u] : use)
+      if (u.asked + u.asked_prev >= 2) n += bytes * static_cast<std::size_t>(std::max(u.most, u.most_prev));
+    return n;
+  }
 
   // The bound on cached bytes now (m held).
   std::size_t limit() const {
     const int64_t mb = cpu::host_cache_mb();
     if (mb >= 0) return static_cast<std::size_t>(mb) << 20;
-    return std::min(std::max(peak, peak_prev), cap);
+    return std::min(std::max({peak, peak_prev, recurring()}), cap);
+  }
+
+  // A new window (m held): the older window's counts are forgotten.
+  void next_window() {
+    peak_prev = peak;
+    peak = live;
+    for (auto it = use.begin(); it != use.end();) {
+      Use& u = it->second;
+      u.most_prev = u.most;
+      u.most = u.live;
+      u.asked_prev = u.asked;
+      u.asked = 0;
+      it = (u.live == 0 && u.most_prev == 0 && u.asked_prev == 0) ? use.erase(it) : std::next(it);
+    }
   }
 
   // Takes out the free block freed longest ago, into `drop` (m held).
@@ -129,13 +162,15 @@ struct Cache {
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> g(m);
-      if (++requests % kWindow == 0) {  // a new window: forget the older peak
-        peak_prev = peak;
-        peak = live;
+      if (++requests % kWindow == 0) {  // a new window: forget the older counts
+        next_window();
         trim(drop);
       }
       live += bytes;
       peak = std::max(peak, live);
+      Use& u = use[bytes];
+      ++u.asked;
+      u.most = std::max(u.most, ++u.live);
       const auto same = by_size.equal_range(bytes);
       if (same.first != same.second) {
         const auto it = std::prev(same.second);  // the one freed last (warmest)
@@ -154,6 +189,7 @@ struct Cache {
     if (p == nullptr) {
       std::lock_guard<std::mutex> g(m);
       live -= bytes;
+      --use[bytes].live;
       throw std::bad_alloc();
     }
     advise(p, bytes);
@@ -165,6 +201,7 @@ struct Cache {
     {
       std::lock_guard<std::mutex> g(m);
       live -= bytes;
+      --use[bytes].live;
       if (bytes <= limit()) {
         trim(drop, bytes);
         drop.front() = nullptr;  // kept
