@@ -17,7 +17,12 @@ Competitors, round-robin (``harness.run_round_robin``), per case, fwd+bwd, ``los
   bfloat16 kernels);
 * ``copy``: ``dst.copy_(src)`` of bfloat16 tensors moving the case's minimal bytes.
 
-Bytes counted (GB/s): the bfloat16 inputs read once, the one gradient written once. Cases
+``--native``: the same cases through ``genloss.native`` (value and the first input's gradient,
+one call, no autograd) on float32, bfloat16 and float16 tensors, and ``copy`` of the 16-bit
+bytes: what the CPU engine's 16-bit loop costs against its float32 loop (since session 18 it
+converts float16 by F16C and bfloat16 by vector shifts, a 16-element block at a time).
+
+Bytes counted (GB/s): the inputs read once, the one gradient written once. Cases
 (B = 16 rows): ``l1_loss`` (x, y; grad of x), ``flow_matching_loss`` (pred, x0, noise, t,
 no weighting; grad of pred), ``eps_mse_loss`` (eps_pred, eps; grad of eps_pred).
 """
@@ -65,6 +70,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=21)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--native", action="store_true", help="genloss.native on float32 / bfloat16 / float16")
     args = ap.parse_args()
     device = torch.device(args.device)
     clock = bh.Clock(device)
@@ -76,6 +82,61 @@ def main() -> int:
         "size": args.size,
         "cases": {},
     }
+    if args.native:
+        native(args, device, clock, result)
+    else:
+        through_torch(args, device, clock, result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _fmt(t: float) -> str:
+    return f"{t * 1e3:8.2f}ms" if t >= 1e-3 else f"{t * 1e6:8.1f}us"
+
+
+def _store(result: dict, name: str, times: dict, nbytes: dict) -> dict:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result["cases"][name] = {
+        k: {**bh.summary(v), "bytes": nbytes[k], "GBps": nbytes[k] / med[k] / 1e9} for k, v in times.items()
+    }
+    return med
+
+
+def native(args, device, clock, result) -> None:
+    import genloss.native as gn
+
+    kinds = ("float32", "bfloat16", "float16")
+    print(
+        f"genloss.native value + first gradient, {args.size} elements per tensor, {device}, median of {args.reps}"
+    )
+    print(
+        f"{'case':<20} "
+        + " ".join(f"{k:>10}" for k in (*kinds, "copy16"))
+        + "  float32/float16 float32/bfloat16"
+    )
+    for name, ins32, _op, _eager, nbytes_per_el in cases(args.size, device):
+        fn = getattr(gn, name)
+        need = (True,) + (False,) * (len(ins32) - 1)  # (each case's inputs: the op's differentiable ones)
+        runners, nbytes = [], {}
+        for k in kinds:
+            ins = [a.to(getattr(torch, k)) for a in ins32]
+            runners.append(bh.Runner(k, lambda fn=fn, ins=ins, need=need: fn(*ins, need_grad=need)))
+            nbytes[k] = nbytes_per_el * ins32[0].numel() * ins[0].element_size()
+        src = torch.empty(nbytes["float16"] // 4, dtype=torch.float16, device=device)
+        dst = torch.empty_like(src)
+        runners.append(bh.Runner("copy16", lambda dst=dst, src=src: dst.copy_(src)))
+        nbytes["copy16"] = nbytes["float16"]
+        med = _store(result, name, bh.run_round_robin(clock, runners, args.reps, 2), nbytes)
+        row = " ".join(_fmt(med[k]) for k in (*kinds, "copy16"))
+        print(
+            f"{name:<20} {row}  {med['float32'] / med['float16']:.2f}x {med['float32'] / med['bfloat16']:.2f}x"
+        )
+
+
+def through_torch(args, device, clock, result) -> None:
     print(f"bfloat16 fwd+bwd, {args.size} elements per tensor, {device}, median of {args.reps}")
     print(
         f"{'case':<20} {'direct':>10} {'widened':>10} {'float32':>10} {'eager':>10} {'copy':>10}  widened/direct"
@@ -105,21 +166,9 @@ def main() -> int:
         ]
         times = bh.run_round_robin(clock, runners, args.reps, 2)
         record.bf16_direct = True
-        med = {k: statistics.median(v) for k, v in times.items()}
-        result["cases"][name] = {
-            "bytes": nbytes,
-            **{k: {**bh.summary(v), "GBps": nbytes / med[k] / 1e9} for k, v in times.items()},
-        }
-        row = " ".join(
-            f"{med[k] * 1e3:8.2f}ms" if med[k] >= 1e-3 else f"{med[k] * 1e6:8.1f}us"
-            for k in ("direct", "widened", "float32", "eager", "copy")
-        )
+        med = _store(result, name, times, dict.fromkeys(times, nbytes))
+        row = " ".join(_fmt(med[k]) for k in ("direct", "widened", "float32", "eager", "copy"))
         print(f"{name:<20} {row}  {med['widened'] / med['direct']:.2f}x")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

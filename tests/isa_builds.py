@@ -31,7 +31,8 @@ def run_under_isa(isa: str, script: str, drop_env: tuple[str, ...] = ()) -> dict
     env = dict(os.environ, GENLOSS_ISA=isa)
     for k in drop_env:
         env.pop(k, None)
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"GENLOSS_ISA={isa}: the script failed:\n{res.stderr[-4000:]}"
     out = json.loads(res.stdout)
     assert out["isa"] == isa
     return out

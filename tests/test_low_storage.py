@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,7 @@ import genloss.native as gn  # noqa: E402
 from genloss import registry as R  # noqa: E402
 from genloss.native import _compose, diffusion, flow, gan  # noqa: E402
 from genloss.native import _engine as E  # noqa: E402
+from isa_builds import ISAS, run_under_isa  # noqa: E402
 from native_storage import FLOAT32_PATH, LOW, check_native_storage  # noqa: E402
 
 NATIVE_CASES = [(r, v, red) for r, v, red in R.cases() if r.has_native]
@@ -105,7 +108,13 @@ def _bits(t):
 def test_conversions_match_torch(low):
     """cpu_half.h's widen (every 16-bit pattern) and narrow (float32 values on and around every
     rounding boundary, subnormals, overflow, infinities, NaN) against torch's conversions, bit
-    for bit (NaN: a NaN), through engine calls (_roundtrip_to_f32, _narrow)."""
+    for bit (NaN: a NaN), through engine calls (_roundtrip_to_f32, _narrow). The avx2 and
+    avx512 builds convert a vector at a time (cpu_kernels.cpp, widen_block), the sse2 build an
+    element at a time: test_every_isa_build_converts_and_computes_as_float32 runs this on each."""
+    check_conversions(low)
+
+
+def check_conversions(low):
     dt = getattr(torch, low)
     every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dt)
     wide = _roundtrip_to_f32(every)
@@ -127,6 +136,60 @@ def test_conversions_match_torch(low):
     gn_, en = torch.isnan(got.float()), torch.isnan(expect.float())
     assert torch.equal(gn_, en)  # (a NaN's sign and payload are not specified)
     assert np.array_equal(_bits(got[~gn_]), _bits(expect[~en]))
+
+
+# Ops whose 16-bit native call is one map_reduce (the block loop of cpu_kernels.cpp's chunk):
+# (name, the call on inputs (x, y, z, t)).
+ONE_CALL = [
+    ("l1_loss", lambda x, y, z, t, red: gn.l1_loss(x, y, reduction=red)),
+    ("eps_mse_loss", lambda x, y, z, t, red: gn.eps_mse_loss(x, y, reduction=red)),
+    ("flow_matching_loss", lambda x, y, z, t, red: gn.flow_matching_loss(x, y, z, t, reduction=red)),
+]
+
+
+@pytest.mark.parametrize("low", LOW)
+def test_16bit_calls_are_the_float32_call_rounded(low):
+    """A float16/bfloat16 call computes in float32 from the widened inputs (whole 16-element
+    blocks, a partial one, a row shorter than one), so it is the float32 call on the widened
+    inputs with its results rounded once: bit for bit, value and gradients."""
+    check_float32_rounded(low)
+
+
+def check_float32_rounded(low):
+    dt = getattr(torch, low)
+    g = torch.Generator().manual_seed(7)
+    for shape in [(3, 16 * 37 + 5), (5, 7), (2, 4096 * 3 + 17)]:
+        x, y, z = (torch.randn(*shape, generator=g).to(dt) for _ in range(3))
+        x[0, :3] = torch.tensor([0.0, -0.0, 1e-7]).to(dt)  # signed zeros and a subnormal (float16)
+        t = torch.rand(shape[0], generator=g).to(dt)
+        for name, call in ONE_CALL:
+            for red in ("mean", "none"):
+                v16, g16 = call(x, y, z, t, red)
+                v32, g32 = call(x.float(), y.float(), z.float(), t.float(), red)
+                label = f"{name}({low}, {shape}, {red})"
+                assert v16.dtype == dt and torch.equal(v16.view(torch.int16), v32.to(dt).view(torch.int16)), (
+                    label
+                )
+                for a, b in zip(g16, g32, strict=True):
+                    assert a.dtype == dt and torch.equal(a.view(torch.int16), b.to(dt).view(torch.int16)), (
+                        label
+                    )
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_isa_build_converts_and_computes_as_float32(isa):
+    """The conversion and the float32-rounded checks above under each instruction-set build
+    (the sse2 build converts element by element, avx2 and avx512 a vector at a time)."""
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import genloss.native as gn, test_low_storage as T\n"
+        "for low in T.LOW:\n"
+        "    T.check_conversions(low)\n"
+        "    T.check_float32_rounded(low)\n"
+        "print(json.dumps({'isa': gn.options()['isa']['running']}))\n"
+    )
+    run_under_isa(isa, script)
 
 
 def _roundtrip_to_f32(x16):

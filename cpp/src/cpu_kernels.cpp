@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -131,6 +132,66 @@ inline void put(T* dst, const T* src, bool nt) {
     put_block<false>(dst, src);
 }
 
+// kLanes float16 values (the first m of src; the rest read as 0) widened to float32, and m
+// float32 values narrowed into dst, by F16C a vector at a time (vcvtph2ps / vcvtps2ph, round
+// to nearest even whatever MXCSR says): the bits of cpu_half.h's widen / narrow, as torch's
+// CPU conversions. GCC vectorises neither the portable conversion nor _cvtsh_ss in chunk's
+// loop: element by element a float16 loss took 3x its float32 time (bench/README.md, "float16
+// a vector at a time"). bfloat16 stays element by element: its shifts vectorise, and an
+// explicit vector version measured no faster.
+#if defined(__F16C__)
+constexpr bool kVecConvert = true;
+
+inline void widen16(const F16* s, float* d) {
+#if defined(__AVX512F__)
+  _mm512_store_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s))));
+#else
+  _mm256_store_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))));
+  _mm256_store_ps(d + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 8))));
+#endif
+}
+inline void narrow16(const float* s, F16* d) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtps_ph(_mm512_load_ps(s), kRound));
+#else
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm256_cvtps_ph(_mm256_load_ps(s), kRound));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 8), _mm256_cvtps_ph(_mm256_load_ps(s + 8), kRound));
+#endif
+}
+#else
+constexpr bool kVecConvert = false;  // (the sse2 build: chunk converts element by element)
+inline void widen16(const F16*, float*) {}
+inline void narrow16(const float*, F16*) {}
+#endif
+
+template <class St>  // (St: F16)
+inline void widen_block(const St* src, float* dst, int m) {
+  static_assert(kLanes % 16 == 0, "a block is whole 16-element vectors");
+  alignas(64) St pad[kLanes];
+  if (m < kLanes) {
+    std::memset(pad, 0, sizeof pad);
+    std::memcpy(pad, src, static_cast<size_t>(m) * sizeof(St));
+    src = pad;
+  }
+  if constexpr (kVecConvert)
+    for (int o = 0; o < kLanes; o += 16) widen16(src + o, dst + o);
+}
+
+template <class St>  // (St: F16)
+inline void narrow_block(const float* src, St* dst, int m) {
+  alignas(64) St out[kLanes];
+  St* o16 = m < kLanes ? out : dst;
+  if constexpr (kVecConvert)
+    for (int o = 0; o < kLanes; o += 16) narrow16(src + o, o16 + o);
+  if (m < kLanes) std::memcpy(dst, out, static_cast<size_t>(m) * sizeof(St));
+}
+
+// Whether chunk() converts storage type St a block at a time (widen_block / narrow_block)
+// rather than element by element in its loop: float16 where the build has F16C.
+template <class St>
+constexpr bool kTiles = kVecConvert && std::is_same_v<St, F16>;
+
 // How a chunk writes its outputs. kDirect (calls below the streaming threshold):
 // each lane stores its results where they belong. kBuffered (calls above it): each
 // block of kLanes results is computed into local buffers, then put to memory with
@@ -173,14 +234,45 @@ double chunk(const St* const* in, St* const* grad, St* ev, int64_t n, const Para
     }
   };
   int64_t i = 0;
-  if constexpr (S == kDirect) {
+  if constexpr (kTiles<St>) {
+    // float16 / bfloat16: each block widened into float32 tiles, computed as a float32 call
+    // (lane j of a block, the tail included, sums into accumulator j, as below), its results
+    // narrowed a block at a time.
+    (void)nt;
+    alignas(64) float xf[N][kLanes], gf[N][kLanes], ef[kLanes];
+    auto tile = [&](int j) __attribute__((always_inline)) {
+      T xs[N], d[N], v;
+      for (int a = 0; a < N; ++a) xs[a] = xf[a][j];
+      eval_n<F>(xs, p, v, d);
+      accv[j] += v;
+      ef[j] = v * vs;
+      if constexpr (WG) {
+        accd[j] += d[0];
+        for (int a = 0; a < N; ++a) gf[a][j] = d[a] * gs + go;
+      }
+    };
+    for (; i < n; i += kLanes) {
+      const int m = static_cast<int>(std::min<int64_t>(kLanes, n - i));
+      for (int a = 0; a < N; ++a) widen_block(x[a] + i, xf[a], m);
+      if (m == kLanes) {
+#pragma omp simd
+        for (int j = 0; j < kLanes; ++j) tile(j);
+      } else {
+        for (int j = 0; j < m; ++j) tile(j);
+      }
+      if (ev) narrow_block(ef, ev + i, m);
+      if constexpr (WG)
+        for (int a = 0; a < N; ++a)
+          if (g[a]) narrow_block(gf[a], g[a] + i, m);
+    }
+  } else if constexpr (S == kDirect) {
     (void)nt;
     for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
       for (int j = 0; j < kLanes; ++j) body(i + j, j, g, ev, i + j);
     }
   } else {
-    static_assert(sizeof(St) >= 4, "16-bit storage takes the direct loop (whole 64-byte blocks only)");
+    static_assert(sizeof(St) >= 4, "16-bit storage takes the block loop above");
     alignas(kStreamAlign) St gb[N][kLanes];
     alignas(kStreamAlign) St eb[kLanes];
     St* __restrict gbp[N];
@@ -196,7 +288,8 @@ double chunk(const St* const* in, St* const* grad, St* ev, int64_t n, const Para
     }
     if (nt) stream_fence();
   }
-  for (int j = 0; i < n; ++i, ++j) body(i, j, g, ev, i);
+  if constexpr (!kTiles<St>)
+    for (int j = 0; i < n; ++i, ++j) body(i, j, g, ev, i);
   if (WG && dsum) *dsum = lanes_sum(accd);
   return lanes_sum(accv);
 }
