@@ -2,9 +2,11 @@
 // them, computes in float32 and stores them, as the CUDA storage kernels do (cuda/storage.cuh).
 // The conversions are written with integer and float32 operations only (no _Float16, no F16C):
 // one definition on every compiler and instruction set, round to nearest even, infinities and
-// NaNs kept (a NaN stays a quiet NaN of its sign), float16 subnormals exact. tests/test_engine.py
-// checks both directions against torch's conversions on every 16-bit pattern and on float32
-// values around every rounding boundary.
+// NaNs kept (a NaN stays a quiet NaN of its sign), float16 subnormals exact. map_reduce's float16
+// loop in the avx2/avx512 builds converts a block at a time with F16C instead (cpu_kernels.cpp,
+// widen_block), to the same bits. tests/test_low_storage.py checks both directions, under every
+// ISA build, against torch's conversions on every 16-bit pattern and on float32 values around
+// every rounding boundary.
 #pragma once
 
 #include <cstdint>
