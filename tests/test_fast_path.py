@@ -60,7 +60,7 @@ PLAN_OPS = (
     "normal_kl",  # four inputs of one shape (broadcast ones are derived arrays)
     "diffusion_mse_loss",  # with guards: the timesteps' range, the weights' sign
     "eps_mse_loss",  # with a guard: the weights' sign
-    "flow_matching_loss",  # unweighted, t not asked for; with a guard: t in [0, 1]
+    "flow_matching_loss",  # no lambda(t), t and weights not asked for; guards: t in [0, 1], weights >= 0
     "q_sample",  # the schedule's table an input; with a guard: the timesteps' range
     "v_target",
     "predict_x0_from_eps",  # and the table rows the timesteps pick (zero terminal SNR)
@@ -113,17 +113,17 @@ def spy(monkeypatch):
 def _expect_fast(record, tensors, kwargs, need=True):
     """The plans serve FAST_OPS on same-shape inputs (a broadcast model_log_variance is
     materialised by the Python path: a derived array, no plan), mmd2 where its
-    bandwidths do not come from the data, and flow_matching_loss without per-sample weights
-    (formed in float64) and without d/dt (a derived array)."""
+    bandwidths do not come from the data, and flow_matching_loss without a weighting lambda(t)
+    (formed in float64) and without d/dt or d/dweights (derived arrays)."""
     if record.name not in FAST_OPS:
         return False
     if record.name == "gaussian_nll":
         return tensors[2].shape == tensors[0].shape
     if record.name == "normal_kl":
         return len({t.shape for t in tensors}) == 1
-    if record.name == "flow_matching_loss":
-        wants_t = need is True or (need is not False and need[3])
-        return kwargs.get("weighting", "none") == "none" and len(tensors) == 4 and not wants_t
+    if record.name == "flow_matching_loss":  # d/dt and d/dweights are derived arrays
+        wants_tw = need is True or (need is not False and any(need[3:]))
+        return kwargs.get("weighting", "none") == "none" and not wants_tw
     if record.name == "vlb_term":
         shapes = {tuple(t.shape) for t in tensors if t.is_floating_point()}
         return len(shapes) == 1
@@ -593,7 +593,7 @@ def test_flow_matching_plan_guards_t(plans, dtype):
     t = torch.tensor([0.5, 0.25, 0.0, 1.0, 0.75], dtype=dtype)
     gn.flow_matching_loss(pred, x0, noise, t, need_grad=(True, False, False, False))  # records
     assert len(plans) == 1
-    key = ("flow_matching", 0.0, "mean", (True, False, False, False))
+    key = ("flow_matching", 0.0, "mean", (True, False, False, False), True)
     for t5, served in (
         (0.0, True),
         (1.0, True),
@@ -614,6 +614,52 @@ def test_flow_matching_plan_guards_t(plans, dtype):
             else:
                 with pytest.raises(ValueError, match="t must"):
                     gn.flow_matching_loss(pred, x0, noise, tt, need_grad=(True, False, False, False))
+    assert len(plans) == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_flow_matching_plan_takes_the_weights_as_given(plans, reduction):
+    """flow_matching_loss with per-sample weights (no lambda(t)) runs on a plan: the weights go
+    to the kernel as given, the plan re-checks them (finite, >= 0; else it declines and the
+    Python path names them), and its result is the Python path's bit for bit, and the
+    closed form's: sum_b w_b mean_i r^2 / B (reduction 'mean')."""
+    import genloss.native as gn
+
+    g = torch.Generator().manual_seed(5)
+    pred, x0, noise = (torch.randn(6, 3, 5, generator=g) for _ in range(3))
+    t = torch.rand(6, generator=g)
+    w = torch.rand(6, generator=g) * 2
+    need = (True, True, False, False, False)
+
+    def call(ww):
+        return gn.flow_matching_loss(pred, x0, noise, t, weights=ww, reduction=reduction, need_grad=need)
+
+    first = call(w)  # records
+    assert len(plans) == 1
+    key = ("flow_matching", 0.0, reduction, need, False)
+    r = (pred - (noise - x0)).double().reshape(6, -1)
+    per = w.double() * r.square().mean(1)
+    want = per.mean() if reduction == "mean" else per
+    torch.testing.assert_close(first[0].double(), want, rtol=1e-6, atol=0)
+    for w0, served in (
+        (0.0, True),
+        (3.0, True),
+        (-1e-30, False),
+        (float("nan"), False),
+        (float("inf"), False),
+    ):
+        ww = w.clone()
+        ww[2] = w0
+        out = plans.run(key, (pred, x0, noise, t, ww))
+        assert (out is not None) == served, w0
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(_compose, "PLANS", Spy(off=True))
+            if served:
+                slow = call(ww)
+                _same(f"w = {w0}", [out[0], *out[1]], [slow[0], *slow[1]])
+            else:
+                with pytest.raises(ValueError, match="weights must"):
+                    call(ww)
     assert len(plans) == 1
 
 

@@ -142,8 +142,8 @@ def flow_matching_loss(
             lam, dlam = _R.weight_and_slope(_f64(tb), wt)  # (FLOW.3) B values in float64
         w64 = None if wb is None else _f64(wb)
         row = lam if w64 is None else (w64 if lam is None else w64 * lam)
-        row_w = None
-        if row is not None:
+        row_w = wb if lam is None else None  # user weights alone: as given (the dtype of pred)
+        if lam is not None:
             if wt == "sigma_sqrt" and not skip_checks(p):
                 with _R.named_errors("flow_matching_loss"):
                     _finite_weight(lam, p)
@@ -168,11 +168,12 @@ def flow_matching_loss(
             grad_w = _like(m if lam is None else lam * m, wb, "weights").arr  # (FLOW.2) d/dw
         return value, (*gs[:3], grad_t) if wb is None else (*gs[:3], grad_t, grad_w)
 
-    if weighted:  # the row weights are derived arrays: no plan
+    if weighting != "none":  # lambda(t)'s row weights are derived arrays: no plan
         return compose()
-    # A cached plan (plain CPU tensors, t not asked for) re-checks t (finite, in [0, 1]) and
-    # runs the one Call; else this Python path.
-    return cached(("flow_matching", sigma_min, reduction, need_grad), (pred, x0, noise, t), compose)
+    # A cached plan (plain CPU tensors, t and weights not asked for) re-checks t (finite, in
+    # [0, 1]) and the weights (finite, >= 0) and runs the one Call; else this Python path.
+    arrays = (pred, x0, noise, t) if weights is None else (pred, x0, noise, t, weights)
+    return cached(("flow_matching", sigma_min, reduction, need_grad, weights is None), arrays, compose)
 
 
 def _finite_weight(lam: Any, like: Buf) -> None:
