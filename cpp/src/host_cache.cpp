@@ -1,5 +1,5 @@
 // host_cache.cpp — large CPU outputs (gradients of 16M-element losses) from a small
-// cache of huge-page blocks, handed to torch as DLPack tensors.
+// cache of huge-page blocks, handed to torch as DLPack tensors or to NumPy as arrays.
 //
 // Why: a fresh 64 MiB output is served by glibc with a fresh mmap, and the kernel's
 // first write to it costs 16k page faults: on the 2-core VM of bench/README.md
@@ -27,6 +27,7 @@
 // genloss.native.options(host_cache_mb=...) (GENLOSS_HOST_CACHE_MB) sets a
 // fixed bound instead (0: no reuse); genloss.native.empty_cache() frees every block.
 // Thread-safe: the deleter may run on any thread, without the GIL.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -259,24 +260,38 @@ void capsule_destructor(PyObject* cap) {
   }
 }
 
+// The bytes of the block for `shape` of engine DType `dtype` (its size rounded up to 2 MiB,
+// at least one), and the item size; `who` names the caller in errors.
+std::size_t block_bytes(const std::vector<int64_t>& shape, int dtype, int last, const char* who, std::size_t* item) {
+  if (dtype < kFloat32 || dtype > last)
+    throw py::type_error(std::string(who) + ": dtype must be an engine DType code (0-" + std::to_string(last) +
+                         "), got " + std::to_string(dtype));
+  int64_t n = 1;
+  for (int64_t s : shape) {
+    if (s < 0) throw py::value_error(std::string(who) + ": negative dimension");
+    n *= s;
+  }
+  *item = dtype == kFloat32 ? 4 : dtype == kFloat64 ? 8 : 2;
+  const std::size_t bytes = ((static_cast<std::size_t>(n) * *item + kHuge - 1) / kHuge) * kHuge;
+  return bytes == 0 ? kHuge : bytes;
+}
+
+struct Block {
+  void* p;
+  std::size_t bytes;
+};
+
 }  // namespace
 
 // A C-contiguous CPU float tensor of `shape` (engine DType code: 0 float32, 1 float64,
 // 2 float16, 3 bfloat16) as an unconsumed DLPack capsule; its memory comes from the cache.
 // (Also used by plan.cpp.)
 py::capsule cached_empty(const std::vector<int64_t>& shape, int dtype) {
-  if (dtype < kFloat32 || dtype > kBFloat16)
-    throw py::type_error("cached_empty: dtype must be an engine DType code (0-3), got " + std::to_string(dtype));
-  int64_t n = 1;
-  for (int64_t s : shape) {
-    if (s < 0) throw py::value_error("cached_empty: negative dimension");
-    n *= s;
-  }
-  const std::size_t item = dtype == kFloat32 ? 4 : dtype == kFloat64 ? 8 : 2;
-  const std::size_t bytes = ((static_cast<std::size_t>(n) * item + kHuge - 1) / kHuge) * kHuge;
+  std::size_t item = 0;
+  const std::size_t bytes = block_bytes(shape, dtype, kBFloat16, "cached_empty", &item);
   auto* h = new Holder();
   h->shape = shape;
-  h->bytes = bytes == 0 ? kHuge : bytes;
+  h->bytes = bytes;
   void* p = nullptr;
   try {
     p = cache().acquire(h->bytes);
@@ -300,6 +315,28 @@ py::capsule cached_empty(const std::vector<int64_t>& shape, int dtype) {
     throw py::error_already_set();
   }
   return py::reinterpret_steal<py::capsule>(cap);
+}
+
+// The same block as a writeable C-contiguous NumPy array (float32, float64 or float16: NumPy has
+// no bfloat16), its base a capsule that gives the block back to the cache when the array dies.
+// (np.from_dlpack would do, but marks the array read-only.)
+py::array cached_empty_numpy(const std::vector<int64_t>& shape, int dtype) {
+  std::size_t item = 0;
+  const std::size_t bytes = block_bytes(shape, dtype, kFloat16, "cached_empty_numpy", &item);
+  auto* b = new Block{nullptr, bytes};
+  try {
+    b->p = cache().acquire(bytes);
+  } catch (...) {
+    delete b;
+    throw;
+  }
+  py::capsule base(b, [](void* q) {
+    auto* k = static_cast<Block*>(q);
+    cache().release(k->p, k->bytes);
+    delete k;
+  });
+  const char* name = dtype == kFloat32 ? "float32" : dtype == kFloat64 ? "float64" : "float16";
+  return py::array(py::dtype(name), shape, b->p, base);
 }
 
 namespace {
@@ -333,12 +370,7 @@ using namespace genloss;
 
 void bind_host_cache(py::module_& m) {
   m.def("cached_empty", &cached_empty, py::arg("shape"), py::arg("dtype"));
+  m.def("cached_empty_numpy", &cached_empty_numpy, py::arg("shape"), py::arg("dtype"));
   m.def("host_cache_info", &cache_info);
   m.def("host_cache_clear", [] { cache().clear(); });
-  m.def(
-      "advise_huge_pages",
-      [](std::uintptr_t ptr, int64_t nbytes) {
-        return nbytes > 0 ? advise(reinterpret_cast<void*>(ptr), static_cast<std::size_t>(nbytes)) : 0;
-      },
-      py::arg("ptr"), py::arg("nbytes"));
 }

@@ -216,6 +216,9 @@ def cached_empty(shape: Sequence[int], dtype: int) -> CapsuleType:
     """A DLPack capsule of a new C-contiguous CPU array from the block cache (dtype: an engine
     DType code, 0 float32, 1 float64, 2 float16, 3 bfloat16)."""
 
+def cached_empty_numpy(shape: Sequence[int], dtype: int) -> Any:
+    """A new writeable C-contiguous NumPy array from the block cache (dtype 0 float32, 1 float64,
+    2 float16); the block returns to the cache when the array dies."""
+
 def host_cache_info() -> _HostCacheInfo: ...
 def host_cache_clear() -> None: ...
-def advise_huge_pages(ptr: int, nbytes: int) -> int: ...

@@ -530,6 +530,8 @@ _ALIGN_MIN_BYTES = 1 << 16  # NumPy outputs from this size on start on a 64-byte
 def _numpy_empty(shape: tuple[int, ...], code: int) -> np.ndarray:
     dtype = np.dtype(_NP_OF[code])
     nbytes = math.prod(shape) * dtype.itemsize
+    if _huge_pages and nbytes >= HOST_CACHE_MIN_BYTES:  # as torch outputs: a reused block
+        return _C.cached_empty_numpy(list(shape), code)
     if nbytes >= _ALIGN_MIN_BYTES:
         # np.empty's large blocks sit 16 bytes past a page: start on a cache line, so the
         # engine's streaming stores (64-byte aligned, see options(stream_min_bytes)) apply
@@ -538,8 +540,6 @@ def _numpy_empty(shape: tuple[int, ...], code: int) -> np.ndarray:
         a = raw[off : off + nbytes].view(dtype).reshape(shape)
     else:
         a = np.empty(shape, dtype=dtype)
-    if _huge_pages and a.nbytes >= HOST_CACHE_MIN_BYTES:
-        _C.advise_huge_pages(a.__array_interface__["data"][0], a.nbytes)
     return a
 
 
