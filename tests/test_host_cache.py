@@ -103,14 +103,24 @@ def test_explicit_limit_is_respected(cache):
     assert gn.options()["host_cache_mb"] is None and E.cache_info()["sized_by_use"]
 
 
+def _default_bound_run(body: str) -> list:
+    """What ``body`` prints (JSON), run in a fresh process with the default bound, after
+    ``a, b``: two float32 tensors of N elements."""
+    code = (
+        "import json, torch, genloss.native as gn\n"
+        "from genloss.native import _engine as E\n"
+        f"a = torch.randn({N}); b = torch.randn({N})\n" + body
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GENLOSS_HOST_CACHE_MB", "GENLOSS_HUGE_PAGES")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
 def test_default_bound_follows_the_recent_working_set():
     """In a fresh process with the default rule: k outputs alive at once make the bound k
     blocks (all k freed blocks are kept); after two windows of requests that hold one
     block at a time, the bound is one block and the cache keeps one."""
-    code = (
-        "import json, os, torch, genloss.native as gn\n"
-        "from genloss.native import _engine as E\n"
-        f"a = torch.randn({N}); b = torch.randn({N})\n"
+    held, freed, later = _default_bound_run(
         "outs = [gn.l1_loss(a, b)[1] for _ in range(3)]\n"
         "held = E.cache_info()\n"
         "del outs\n"
@@ -119,9 +129,6 @@ def test_default_bound_follows_the_recent_working_set():
         "    gn.l1_loss(a, b, need_grad=(True, False))\n"
         "print(json.dumps([held, freed, E.cache_info()]))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("GENLOSS_HOST_CACHE_MB", "GENLOSS_HUGE_PAGES")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    held, freed, later = json.loads(out.stdout)
     cap = min(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8, 4 << 30)
     assert held["cap_bytes"] == cap and held["sized_by_use"], held
     assert held["live_bytes"] == 6 * BLOCK and held["limit_bytes"] == min(6 * BLOCK, cap), held
@@ -241,10 +248,7 @@ def test_default_bound_keeps_the_blocks_of_sizes_that_take_turns():
     call's blocks at once, but each needs its own: after one round, every call reuses blocks.
     Bounded by the most bytes live at once, every call of the smaller one dropped the larger
     one's blocks and vice versa (page faults on every call)."""
-    code = (
-        "import json, torch, genloss.native as gn\n"
-        "from genloss.native import _engine as E\n"
-        f"a = torch.randn({N}); b = torch.randn({N})\n"
+    first, later = _default_bound_run(
         "a2 = torch.cat([a, a]); b2 = torch.cat([b, b])\n"
         "for _ in range(2):\n"
         "    gn.l1_loss(a, b); gn.l1_loss(a2, b2)\n"
@@ -253,9 +257,6 @@ def test_default_bound_keeps_the_blocks_of_sizes_that_take_turns():
         "    gn.l1_loss(a, b); gn.l1_loss(a2, b2)\n"
         "print(json.dumps([first, E.cache_info()]))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("GENLOSS_HOST_CACHE_MB", "GENLOSS_HUGE_PAGES")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    first, later = json.loads(out.stdout)
     assert later["misses"] == first["misses"] and later["hits"] == first["hits"] + 16, (first, later)
     block2 = -(-8 * N // HUGE) * HUGE
     assert later["limit_bytes"] == 2 * BLOCK + 2 * block2, later
