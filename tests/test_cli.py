@@ -237,6 +237,28 @@ def test_verify_fails_on_a_broken_kernel(monkeypatch, capsys):
 # ------------------------------------------------------------------ bench
 
 
+def test_bench_cases_time_the_same_loss():
+    """Each ``genloss bench`` case's eager composite (what it times genloss against) is the same
+    loss as the genloss op: value and gradients of the case's own inputs agree (a peer's
+    formula, written as users write it: EDM's c_skip/c_out/lambda form, MMD^2 through cdist)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("genloss._C")
+    cases = bench._cases(torch)
+    assert {"gan", "vae", "diffusion", "flow", "metrics"} <= {c.family for c in cases}
+    for c in cases:
+        torch.manual_seed(0)
+        ts = c.make(torch, "cpu")
+        leaves = [t for t in ts if t.requires_grad]
+        ours = c.ours(*ts)
+        eager = c.eager(*ts)
+        g_ours = torch.autograd.grad(ours, leaves)
+        g_eager = torch.autograd.grad(eager, leaves)
+        torch.testing.assert_close(ours.double(), eager.double(), rtol=2e-5, atol=1e-7, msg=c.name)
+        for a, b in zip(g_ours, g_eager, strict=True):
+            scale = b.abs().max().item()
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * scale, msg=c.name)
+
+
 def test_bench_quartiles_interpolate_within_the_times():
     rng = np.random.default_rng(0)
     for n in (2, 3, 7, 10):

@@ -131,6 +131,46 @@ def _cases(torch: Any) -> list[Case]:
         comp = -0.5 * ((x[:, None, :] - m) ** 2 * torch.exp(-lv) + lv + 1.8378770664093453).sum(-1)
         return torch.logsumexp(comp + torch.log_softmax(lg, 0), dim=1).mean()
 
+    def edm_inputs(shape, sigma_data=0.5):
+        b = shape[0]
+        return lambda t, d: (
+            t.randn(*shape, device=d, requires_grad=True),
+            t.randn(*shape, device=d) * sigma_data,
+            t.randn(*shape, device=d),
+            (t.randn(b, device=d) * 1.2 - 1.2).exp(),  # EDM's lognormal sigma (P_mean -1.2, P_std 1.2)
+        )
+
+    def eager_edm(Fx, x0, n, s, sd=0.5):  # EDM's training loss as its reference code writes it
+        sb = s.reshape(-1, *([1] * (Fx.ndim - 1)))
+        c_skip = sd**2 / (sb**2 + sd**2)
+        c_out = sb * sd / (sb**2 + sd**2).sqrt()
+        lam = (sb**2 + sd**2) / (sb * sd) ** 2
+        D = c_skip * (x0 + sb * n) + c_out * Fx
+        return (lam * (D - x0) ** 2).mean()
+
+    def flow_inputs(shape):
+        return lambda t, d: (
+            t.randn(*shape, device=d, requires_grad=True),
+            t.randn(*shape, device=d),
+            t.randn(*shape, device=d),
+            t.rand(shape[0], device=d),
+        )
+
+    def samples(n, dd):
+        return lambda t, d: (t.randn(n, dd, device=d, requires_grad=True), t.randn(n, dd, device=d) + 0.5)
+
+    def eager_mmd(x, y):  # unbiased rbf MMD^2, bandwidth 8, through cdist
+        def k(a, b):
+            return torch.exp(-torch.cdist(a, b).square() / 128.0)
+
+        kxx, kyy = k(x, x), k(y, y)
+        n, m = x.shape[0], y.shape[0]
+        return (
+            (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+            + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+            - 2.0 * k(x, y).mean()
+        )
+
     def four(ts: tuple) -> int:  # inputs read once + gradients written once
         read = sum(t.numel() * t.element_size() for t in ts)
         return read + sum(t.numel() * t.element_size() for t in ts if t.requires_grad)
@@ -149,6 +189,14 @@ def _cases(torch: Any) -> list[Case]:
             Case("vae", "gmm_log_likelihood N=20000 K=16 D=8", gmm_inputs(20000, 16, 8), gl.gmm_log_likelihood,
                  eager_gmm, four),
         ]  # fmt: skip
+    cases += [
+        Case("diffusion", "eps_mse_loss 4M", images((16, 4, 256, 256)), gl.eps_mse_loss, F.mse_loss, four),
+        Case("flow", "flow_matching_loss 4M", flow_inputs((16, 4, 256, 256)), gl.flow_matching_loss,
+             lambda p, x0, n, t: (p - (n - x0)).square().mean(), four),
+        Case("flow", "denoiser_loss (EDM) 4M", edm_inputs((16, 4, 256, 256)), gl.denoiser_loss, eager_edm, four),
+        Case("metrics", "mmd2 rbf N=M=2048 D=64", samples(2048, 64),
+             lambda x, y: gl.mmd2(x, y, bandwidths=[8.0]), eager_mmd, four),
+    ]  # fmt: skip
     return cases
 
 
@@ -230,8 +278,9 @@ def format_table(result: dict) -> str:
     times = ("genloss", "eager", "compile")
     cells = [[_spread(r, n) for n in times] for r in result["rows"]]
     w = [max([len(n) + 3] + [len(c[j]) for c in cells]) for j, n in enumerate(times)]
+    fw = max([6] + [len(r["family"]) for r in result["rows"]])
     head = (
-        f"{'family':7s} {'case':38s} "
+        f"{'family':{fw}s} {'case':38s} "
         + " ".join(f"{n + ' ms':>{w[j]}s}" for j, n in enumerate(times))
         + f" {'x eager':>8s} {'x compile':>9s} {'GB/s':>7s} {'% copy':>7s}"
     )
@@ -243,7 +292,7 @@ def format_table(result: dict) -> str:
     for r, c in zip(result["rows"], cells, strict=True):
         vc = "-" if r["vs_compile"] is None else f"{r['vs_compile']:.2f}"
         lines.append(
-            f"{r['family']:7s} {r['case']:38s} "
+            f"{r['family']:{fw}s} {r['case']:38s} "
             + " ".join(f"{c[j]:>{w[j]}s}" for j in range(len(times)))
             + f" {r['vs_eager']:8.2f} {vc:>9s} {r['genloss_gbps']:7.2f} {100 * r['genloss_gbps'] / bw:6.1f}%"
         )
