@@ -195,6 +195,23 @@ class OpRecord:
         return next(a for a in self.args if a.name == name)
 
     @property
+    def layout_free(self) -> bool:
+        """The op only sees each sample's non-batch entries as one flattened run (the library's
+        convention for ``('B', '...')`` arrays): every array is ``(batch, '...')`` with the one
+        trailing symbol, or one value per sample, none broadcasts, and it returns one result.
+        A permutation of the non-batch dims applied to every such array alike then changes
+        nothing but the order of each sample's sums, so the torch layer hands channels_last
+        tensors over as permuted contiguous views instead of copying them (torch/_op.py)."""
+        shapes = [tuple(a.shape) for a in self.args]
+        trailing = {s[1] for s in shapes if len(s) == 2}
+        return (
+            self.value_index is None
+            and not any(a.broadcast for a in self.args)
+            and trailing == {"..."}
+            and all(len(s) == 1 or (len(s) == 2 and s[1] == "...") for s in shapes)
+        )
+
+    @property
     def float_args(self) -> tuple[Arg, ...]:
         return tuple(a for a in self.args if DOMAINS[a.domain].kind == "float")
 

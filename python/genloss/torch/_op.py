@@ -117,6 +117,40 @@ def _parse(schema: str) -> list[tuple[str, str, Any, bool]]:
     return out
 
 
+def _layout_free(name: str) -> bool:
+    """The op's registry record says it is ``layout_free`` (an op without a record: no)."""
+    from .. import registry
+
+    try:
+        return registry.by_name(name).layout_free
+    except KeyError:
+        return False
+
+
+def dense_order(tensors: Sequence[Any]) -> list[int] | None:
+    """The dims order ``p`` (batch first) that makes every tensor of 2 or more dims in
+    ``tensors`` a contiguous ``t.permute(p)``, when they share one non-contiguous dense layout
+    (channels_last, or any permutation of the non-batch dims; their batch sizes may differ);
+    None when one is contiguous already, or their layouts differ, or one is not dense (a
+    broadcast or sliced view): those are copied as before."""
+    ref = None
+    p: list[int] = []
+    for t in tensors:
+        if t is None or t.ndim < 2:
+            continue
+        if ref is None:
+            if t.is_contiguous():
+                return None
+            st = t.stride()
+            p = [0, *sorted(range(1, t.ndim), key=lambda d: (-st[d], d))]
+            ref = t
+        elif t.ndim != ref.ndim or t.shape[1:] != ref.shape[1:] or t.stride()[1:] != ref.stride()[1:]:
+            return None
+        if not t.permute(p).is_contiguous():
+            return None
+    return p if ref is not None else None
+
+
 def record_differentiable(name: str) -> tuple[str, ...]:
     """The differentiable arguments of op ``name`` as its registry record states them."""
     from .. import registry
@@ -254,6 +288,9 @@ class LossOp:
             i for i in self.tensor_idx if i not in self.diff_idx and self.names[i] not in constants
         ]
         self.red_idx = self.names.index("reduction") if "reduction" in self.names else None
+        # channels_last (any dense permuted layout) inputs as permuted contiguous views, not copies
+        self.data_idx = [i for i in self.tensor_idx if self.names[i] not in constants]
+        self.layout_free = bool(self.data_idx) and _layout_free(name)
         # the native function itself, not its op_errors wrapper: the public function names the op
         self.native = getattr(native, "__wrapped__", native)
         self.prepare = prepare
@@ -688,6 +725,21 @@ class LossOp:
             route = self.route(bound)
             if route == TRACED:
                 self.check_tensors(bound)
+        if self.layout_free and route != TRACED:
+            first = bound[self.data_idx[0]]
+            if first is not None and first.ndim > 2 and not first.is_contiguous():
+                p = dense_order([bound[i] for i in self.data_idx])
+                if p is not None:  # autograd's permute backward gives the gradients their layout
+                    for i in self.data_idx:
+                        a = bound[i]
+                        if a is not None and a.ndim > 1:
+                            bound[i] = a.permute(p)
+                    value = self.finish(bound, route)
+                    return value.permute(_inverse(p)) if value.ndim == len(p) else value
+        return self.finish(bound, route)
+
+    def finish(self, bound: list, route: int) -> torch.Tensor:
+        """``call``'s work once the arguments are bound and routed."""
         need = self.needs(bound) if torch.is_grad_enabled() else self.no_need
         if True not in need:
             # no_grad / inference_mode / nothing to differentiate: the value only
@@ -701,6 +753,13 @@ class LossOp:
             if "functorch transforms" not in str(e):
                 raise
         return self.fn_transforms.apply(*bound, need, route)[0]
+
+
+def _inverse(p: Sequence[int]) -> list[int]:
+    q = [0] * len(p)
+    for i, d in enumerate(p):
+        q[d] = i
+    return q
 
 
 def public(op: LossOp, module: str) -> Callable[..., torch.Tensor]:
