@@ -106,6 +106,12 @@ def _cases(torch: Any) -> list[Case]:
     def images(shape):
         return lambda t, d: (t.randn(*shape, device=d, requires_grad=True), t.randn(*shape, device=d))
 
+    def channels_last(make):
+        return lambda t, d: tuple(
+            x.detach().contiguous(memory_format=t.channels_last).requires_grad_(x.requires_grad)
+            for x in make(t, d)
+        )
+
     def elbo(b, dx, dz):
         return lambda t, d: (
             t.randn(b, dx, device=d, requires_grad=True),
@@ -181,6 +187,8 @@ def _cases(torch: Any) -> list[Case]:
         Case("gan", "gan_d_loss B=256", logits(256), gl.gan_d_loss,
              lambda r, f: F.softplus(-r).mean() + F.softplus(f).mean(), four),
         Case("gan", "l1_loss 4M", images((4, 4, 512, 512)), gl.l1_loss, F.l1_loss, four),
+        Case("gan", "l1_loss 4M channels_last", channels_last(images((4, 4, 512, 512))), gl.l1_loss, F.l1_loss,
+             four),
     ]  # fmt: skip
     if hasattr(gl, "negative_elbo"):
         cases += [
