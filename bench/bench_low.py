@@ -20,7 +20,7 @@ Competitors, round-robin (``harness.run_round_robin``), per case, fwd+bwd, ``los
 ``--native``: the same cases through ``genloss.native`` (value and the first input's gradient,
 one call, no autograd) on float32, bfloat16 and float16 tensors, and ``copy`` of the 16-bit
 bytes: what the CPU engine's 16-bit loop costs against its float32 loop (since session 18 it
-converts float16 by F16C and bfloat16 by vector shifts, a 16-element block at a time).
+converts float16 by F16C a 16-element block at a time; bfloat16 element by element).
 
 Bytes counted (GB/s): the inputs read once, the one gradient written once. Cases
 (B = 16 rows): ``l1_loss`` (x, y; grad of x), ``flow_matching_loss`` (pred, x0, noise, t,

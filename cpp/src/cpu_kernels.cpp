@@ -235,7 +235,7 @@ double chunk(const St* const* in, St* const* grad, St* ev, int64_t n, const Para
   };
   int64_t i = 0;
   if constexpr (kTiles<St>) {
-    // float16 / bfloat16: each block widened into float32 tiles, computed as a float32 call
+    // float16 with F16C: each block widened into float32 tiles, computed as a float32 call
     // (lane j of a block, the tail included, sums into accumulator j, as below), its results
     // narrowed a block at a time.
     (void)nt;

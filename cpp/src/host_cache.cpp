@@ -16,12 +16,12 @@
 // current and the previous window of kWindow block requests, or, if more, the blocks that
 // recurring sizes need (each size asked for twice or more in those windows, times the most
 // of its blocks alive at once: two losses of different sizes, each with its own backward,
-// never hold both blocks at once but need both), capped at min(physical memory / 8,
-// 4 GiB). A training loop's gradients of step k are all
-// alive together before zero_grad, so step k+1 finds every block it needs; a phase
-// that used more (a larger evaluation batch) stops pinning memory two windows after
-// it ends; sizes seen once (variable shapes) do not raise the bound. Over the bound, the block freed longest ago goes
-// first: a freed block is the one the next step most likely asks for again, and blocks of a size no longer asked for (a
+// never hold both blocks at once but need both), capped at min(physical memory / 8, 4 GiB).
+// A training loop's gradients of step k are all alive together before zero_grad, so step
+// k+1 finds every block it needs; a phase that used more (a larger evaluation batch) stops
+// pinning memory two windows after it ends; sizes seen once (variable shapes) do not raise
+// the bound. Over the bound, the block freed longest ago goes first: a freed block is the
+// one the next step most likely asks for again, and blocks of a size no longer asked for (a
 // phase that ended, another dtype) must not crowd it out (they did when the largest went
 // first and a freed block over the bound was dropped: one miss per call, for good).
 // genloss.native.options(host_cache_mb=...) (GENLOSS_HOST_CACHE_MB) sets a
@@ -85,13 +85,15 @@ std::size_t auto_cap() {
   return cap;
 }
 
+// A block of the cache: its address and its (rounded) size.
+struct Block {
+  void* p;
+  std::size_t bytes;
+};
+
 struct Cache {
   std::mutex m;
-  struct Free {
-    std::size_t bytes;
-    void* p;
-  };
-  std::map<uint64_t, Free> by_age;               // the free blocks by when freed (the oldest first)
+  std::map<uint64_t, Block> by_age;              // the free blocks by when freed (the oldest first)
   std::multimap<std::size_t, uint64_t> by_size;  // rounded size -> its key in by_age
   uint64_t clock = 0;                            // keys of by_age
   std::size_t cached = 0;                        // bytes in by_age
@@ -198,19 +200,21 @@ struct Cache {
   }
 
   void release(void* p, std::size_t bytes) {
-    std::vector<void*> drop{p};
+    std::vector<void*> drop;
+    bool kept = false;
     {
       std::lock_guard<std::mutex> g(m);
       live -= bytes;
       --use[bytes].live;
       if (bytes <= limit()) {
         trim(drop, bytes);
-        drop.front() = nullptr;  // kept
+        kept = true;
         by_size.emplace(bytes, clock);
-        by_age.emplace(clock++, Free{bytes, p});
+        by_age.emplace(clock++, Block{p, bytes});
         cached += bytes;
       }
     }
+    if (!kept) drop.push_back(p);
     for (void* q : drop) std::free(q);
   }
 
@@ -224,7 +228,7 @@ struct Cache {
   }
 
   void clear() {
-    std::map<uint64_t, Free> blocks;
+    std::map<uint64_t, Block> blocks;
     {
       std::lock_guard<std::mutex> g(m);
       blocks.swap(by_age);
@@ -275,11 +279,6 @@ std::size_t block_bytes(const std::vector<int64_t>& shape, int dtype, int last, 
   const std::size_t bytes = ((static_cast<std::size_t>(n) * *item + kHuge - 1) / kHuge) * kHuge;
   return bytes == 0 ? kHuge : bytes;
 }
-
-struct Block {
-  void* p;
-  std::size_t bytes;
-};
 
 }  // namespace
 

@@ -203,12 +203,11 @@ class OpRecord:
         nothing but the order of each sample's sums, so the torch layer hands channels_last
         tensors over as permuted contiguous views instead of copying them (torch/_op.py)."""
         shapes = [tuple(a.shape) for a in self.args]
-        trailing = {s[1] for s in shapes if len(s) == 2}
         return (
             self.value_index is None
             and not any(a.broadcast for a in self.args)
-            and trailing == {"..."}
             and all(len(s) == 1 or (len(s) == 2 and s[1] == "...") for s in shapes)
+            and any(len(s) == 2 for s in shapes)
         )
 
     @property
