@@ -771,6 +771,36 @@ void col_broadcast(const ColBroadcastArgs& a, void* stream) {
   check_cuda(cudaGetLastError(), "col_broadcast launch");
 }
 
+// ---- row_map: B per-sample coefficients, float64 math (engine.h row_map_at) -----------
+template <class F, class S>
+__global__ void row_map_kernel(RowMapArgs a) {
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x)
+    row_map_at<F, S>(a, r);
+}
+
+void row_map(const RowMapArgs& a, void* stream) {
+  if (a.rows == 0) return;  // nothing to write (as on the CPU)
+  if (a.dtype != kFloat32 && a.dtype != kFloat64)
+    throw std::invalid_argument("genloss CUDA: row_map takes float32 or float64");
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  dispatch_storage(a.dtype, [&](auto s) {
+    using S = decltype(s);
+    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+      switch (a.functor) {
+#define GENLOSS_CASE(id, type)                                         \
+  case id:                                                             \
+    row_map_kernel<type, S><<<grid_for(a.rows), kThreads, 0, st>>>(a); \
+    return;
+        GENLOSS_ROW_FUNCTORS(GENLOSS_CASE)
+#undef GENLOSS_CASE
+        default:
+          throw std::invalid_argument("genloss CUDA: unknown row functor");
+      }
+    }
+  });
+  check_cuda(cudaGetLastError(), "row_map launch");
+}
+
 void row_lse(const RowLseArgs& a, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const Scratch scratch(sizeof(double) * static_cast<size_t>(a.rows), st);

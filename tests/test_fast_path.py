@@ -60,7 +60,10 @@ PLAN_OPS = (
     "normal_kl",  # four inputs of one shape (broadcast ones are derived arrays)
     "diffusion_mse_loss",  # with guards: the timesteps' range, the weights' sign
     "eps_mse_loss",  # with a guard: the weights' sign
-    "flow_matching_loss",  # no lambda(t), t and weights not asked for; guards: t in [0, 1], weights >= 0
+    "flow_matching_loss",  # lambda(t) by row_map; guards: t in [0, 1] (above 'sigma_sqrt''s end point), weights >= 0
+    "denoiser_loss",  # row_map (EDM's coefficients, the sigma and logvar gradients); guard: sigma in (0, 1e50]
+    "consistency_training_loss",  # row_map (iCT's weight), pseudo-Huber; guard: 0 <= sigma_i < sigma_next
+    "pseudo_huber_loss",  # SquaredDiff, PseudoHuberOfSqNorm, SquaredDiff with row weights
     "q_sample",  # the schedule's table an input; with a guard: the timesteps' range
     "v_target",
     "predict_x0_from_eps",  # and the table rows the timesteps pick (zero terminal SNR)
@@ -112,18 +115,14 @@ def spy(monkeypatch):
 
 def _expect_fast(record, tensors, kwargs, need=True):
     """The plans serve FAST_OPS on same-shape inputs (a broadcast model_log_variance is
-    materialised by the Python path: a derived array, no plan), mmd2 where its
-    bandwidths do not come from the data, and flow_matching_loss without a weighting lambda(t)
-    (formed in float64) and without d/dt or d/dweights (derived arrays)."""
+    materialised by the Python path: a derived array, no plan) and mmd2 where its
+    bandwidths do not come from the data."""
     if record.name not in FAST_OPS:
         return False
     if record.name == "gaussian_nll":
         return tensors[2].shape == tensors[0].shape
     if record.name == "normal_kl":
         return len({t.shape for t in tensors}) == 1
-    if record.name == "flow_matching_loss":  # d/dt and d/dweights are derived arrays
-        wants_tw = need is True or (need is not False and any(need[3:]))
-        return kwargs.get("weighting", "none") == "none" and not wants_tw
     if record.name == "vlb_term":
         shapes = {tuple(t.shape) for t in tensors if t.is_floating_point()}
         return len(shapes) == 1
@@ -593,7 +592,7 @@ def test_flow_matching_plan_guards_t(plans, dtype):
     t = torch.tensor([0.5, 0.25, 0.0, 1.0, 0.75], dtype=dtype)
     gn.flow_matching_loss(pred, x0, noise, t, need_grad=(True, False, False, False))  # records
     assert len(plans) == 1
-    key = ("flow_matching", 0.0, "mean", (True, False, False, False), True)
+    key = ("flow_matching", "none", 0.0, "mean", (True, False, False, False), True)
     for t5, served in (
         (0.0, True),
         (1.0, True),
@@ -636,7 +635,7 @@ def test_flow_matching_plan_takes_the_weights_as_given(plans, reduction):
 
     first = call(w)  # records
     assert len(plans) == 1
-    key = ("flow_matching", 0.0, reduction, need, False)
+    key = ("flow_matching", "none", 0.0, reduction, need, False)
     r = (pred - (noise - x0)).double().reshape(6, -1)
     per = w.double() * r.square().mean(1)
     want = per.mean() if reduction == "mean" else per
@@ -660,6 +659,126 @@ def test_flow_matching_plan_takes_the_weights_as_given(plans, reduction):
             else:
                 with pytest.raises(ValueError, match="weights must"):
                     call(ww)
+    assert len(plans) == 1
+
+
+def _served_or_named(plans, key, call, arrays_of, cases, match):
+    """For each (value put into the inputs, served): the plan serves exactly the cases it
+    should (the result then the Python path's, bit for bit); elsewhere it declines and the
+    Python path raises ValueError matching ``match``."""
+    for v, served in cases:
+        arrays = arrays_of(v)
+        out = plans.run(key, arrays)
+        assert (out is not None) == served, v
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(_compose, "PLANS", Spy(off=True))
+            if served:
+                want = call(*arrays)
+                _same(f"{v}", [out[0], *out[1]], [want[0], *want[1]])
+            else:
+                with pytest.raises(ValueError, match=match):
+                    call(*arrays)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_denoiser_plan_guards_sigma(plans, dtype):
+    """denoiser_loss runs on a plan (row_map forms EDM's coefficients and the sigma and logvar
+    gradients): it re-checks sigma in (0, 1e50] and declines outside (the Python path names
+    the end point), and serves the range's extremes with the Python path's bits."""
+    import genloss.native as gn
+
+    g = torch.Generator().manual_seed(8)
+    F, x0, noise = (torch.randn(4, 3, 2, generator=g, dtype=dtype) for _ in range(3))
+    sigma = torch.tensor([0.2, 1.0, 5.0, 80.0], dtype=dtype)
+    lv = torch.randn(4, generator=g, dtype=dtype)
+    need = (True, False, False, True, True)
+
+    def call(*a):
+        return gn.denoiser_loss(*a[:4], weighting="min_snr", logvar=a[4], need_grad=need)
+
+    call(F, x0, noise, sigma, lv)  # records
+    assert len(plans) == 1
+    key = ("denoiser", 0.5, "min_snr", 5.0, "mean", need, False)
+    top = float(torch.finfo(dtype).max) if dtype == torch.float32 else 1e50
+
+    def arrays_of(v):
+        s = sigma.clone()
+        s[2] = v
+        return (F, x0, noise, s, lv)
+
+    cases = [
+        (float(torch.finfo(dtype).tiny), True),
+        (top, True),
+        (0.0, False),
+        (-1.0, False),
+        (float("nan"), False),
+    ]
+    if dtype == torch.float64:
+        cases.append((1.0000000000000002e50, False))
+    _served_or_named(plans, key, call, arrays_of, cases, "sigma must")
+    assert len(plans) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_sigma_sqrt_plan_guards_the_end_point(plans, dtype):
+    """flow_matching_loss(weighting='sigma_sqrt') runs on a plan that declines at t = 0 and
+    where t^-2 would overflow the dtype (the Python path names t); a t just above its floor
+    (the guard's margin) is served with the Python path's bits."""
+    import genloss.native as gn
+
+    g = torch.Generator().manual_seed(9)
+    pred, x0, noise = (torch.randn(3, 4, generator=g, dtype=dtype) for _ in range(3))
+    t = torch.tensor([0.5, 0.25, 0.75], dtype=dtype)
+    need = (True, False, False, True)
+
+    def call(*a):
+        return gn.flow_matching_loss(*a, weighting="sigma_sqrt", need_grad=need)
+
+    call(pred, x0, noise, t)  # records
+    key = ("flow_matching", "sigma_sqrt", 0.0, "mean", need, True)
+    root = math.sqrt(float(torch.finfo(dtype).max))
+    floor = 1.001 / root  # t^-2 < max / 1.002: served
+
+    def arrays_of(v):
+        tt = t.clone()
+        tt[1] = v
+        return (pred, x0, noise, tt)
+
+    cases = [(floor, True), (1.0, True), (0.0, False), (0.5 / root, False), (-0.1, False)]
+    _served_or_named(plans, key, call, arrays_of, cases, "t = 0 is the end point|t is so close|t must")
+    assert len(plans) == 1
+
+
+def test_consistency_plan_guards_the_noise_levels(plans):
+    """consistency_training_loss runs on a plan (row_map: iCT's 1 / (sigma_next - sigma_i) in
+    float64) that declines unless 0 <= sigma_i < sigma_next row by row; the Python path names
+    the argument. Served results are the Python path's, and the closed form's."""
+    import genloss.native as gn
+
+    g = torch.Generator().manual_seed(10)
+    fs, ft = (torch.randn(3, 5, generator=g) for _ in range(2))
+    lo = torch.tensor([0.0, 0.5, 2.0])
+    hi = torch.tensor([0.1, 0.6, 2.5])
+
+    def call(*a):
+        return gn.consistency_training_loss(*a, need_grad=True)
+
+    first = call(fs, ft, lo, hi)  # records
+    c = 0.00054 * math.sqrt(5)
+    d2 = (fs - ft).double().square().sum(1)
+    want = ((d2 + c * c).sqrt() - c) / (hi.double() - lo.double())
+    torch.testing.assert_close(first[0].double(), want.mean(), rtol=1e-5, atol=0)
+    key = ("consistency_training", None, "mean", True)
+
+    def arrays_of(v):
+        lo2 = lo.clone()
+        lo2[1] = v
+        return (fs, ft, lo2, hi)
+
+    cases = [(0.0, True), (0.59, True), (0.6, False), (0.7, False), (-1e-30, False), (float("nan"), False)]
+    _served_or_named(
+        plans, key, call, arrays_of, cases, "sigma_next must be > sigma_i|sigma_i must|must be finite"
+    )
     assert len(plans) == 1
 
 
@@ -949,6 +1068,17 @@ def test_kernel_kinds_compute_by_named_fields():
             "1 <= k < N",
         ),  # fmt: skip
         (dict(kind="lfq_entropy", z=8, N=2, d=21, inv_temperature=1.0, out_value=8), ValueError, "d <= 20"),
+        (dict(kind="row_map", functor=99, x0=8, rows=2), ValueError, "functor must be 0-"),
+        (dict(kind="row_map", functor=4, x0=8, x2=8, rows=2), ValueError, "CtWeight takes 2 inputs"),
+        (dict(kind="row_map", functor=4, x0=8, rows=2, table=8), ValueError, "CtWeight writes no table"),
+        (dict(kind="row_map", functor=4, x0=8, rows=2, out1=8), ValueError, r"one output \(out0\)"),
+        (dict(kind="row_map", functor=4, x0=0, rows=2), ValueError, "x0 must be an address"),
+        (
+            dict(kind="row_map", dtype=3, functor=4, x0=8, rows=2),
+            TypeError,
+            "float16/bfloat16 inputs on the CPU",
+        ),
+        (dict(kind="row_map", dtype=3, functor=4, x0=8, rows=2, device=1), TypeError, "dtype must be 0 or 1"),
         (
             dict(
                 kind="vector_quantize",
@@ -990,6 +1120,62 @@ def test_kernel_kinds_compute_by_named_fields():
 def test_kernel_calls_name_their_fields(fields, error, match):
     with pytest.raises(error, match=match):
         _C.Call(**fields)
+
+
+def test_row_map_computes_the_reference_coefficients():
+    """row_map's row functors (ops/flow.h) against the reference's formulas in float64
+    (reference/flow.py: denoiser_rows, weight_and_slope, ct_weight), each weighting; a
+    float32 call computes in float64 and rounds once: its outputs are the float64 call's
+    rounded, bit for bit. _engine.row_map names the functor's parameters."""
+    from genloss.native import _engine as E
+    from genloss.reference import flow as RF
+
+    g = np.random.default_rng(4)
+    sigma = np.concatenate([np.exp(g.uniform(-12, 12, 20)), [1e-30, 1e30, 1e50, 0.5]])  # both tails
+    u = g.normal(size=sigma.size)
+    m, dot = g.uniform(0, 3, sigma.size), g.normal(size=sigma.size)
+
+    def rows(functor, ins, n_table, n_out, dtype=np.float64, **params):
+        bufs = [None if a is None else E.as_input(np.ascontiguousarray(a, dtype), "x") for a in ins]
+        tab = np.full((sigma.size, n_table), np.nan) if n_table else None
+        outs = [np.full(len(ins[0]), np.nan, dtype) for _ in range(n_out)]
+        E.row_map(functor, bufs, table=None if tab is None else E.as_input(tab, "table"),
+                  outs=[E.as_input(o, "out") for o in outs], params=params)  # fmt: skip
+        return tab, outs
+
+    for name, mode in (("edm", 0), ("snr", 1), ("soft_min_snr", 2), ("min_snr", 3)):
+        a, b, w, dw, k = RF.denoiser_rows(sigma, 0.5, name, 5.0)
+        p = {"sigma_data": 0.5, "gamma": 5.0, "weighting": mode}
+        tab, (rw,) = rows("DenoiserRows", [sigma, u], 4, 1, **p)
+        np.testing.assert_allclose(tab, np.stack([a, b, k, k * sigma], 1), rtol=1e-15, atol=0)
+        np.testing.assert_allclose(rw, w * np.exp(-u), rtol=1e-15, atol=0)
+        _, (gs, gu) = rows("DenoiserGrads", [sigma, u, m, dot], 0, 2, **p, value_weight=0.25)
+        np.testing.assert_allclose(gs, np.exp(-u) * (dw * m - 2 * w * dot), rtol=1e-13, atol=1e-300)
+        np.testing.assert_allclose(gu, 0.25 - np.exp(-u) * w * m, rtol=1e-13, atol=1e-15)
+        # no logvar: u = 0, e^{-u} = 1 exactly
+        _, (rw0,) = rows("DenoiserRows", [sigma, None], 0, 1, **p)
+        np.testing.assert_array_equal(rw0, w)
+        s32 = sigma[sigma < 1e38].astype(np.float32)
+        _, (r32,) = rows("DenoiserRows", [s32], 0, 1, np.float32, **p)
+        _, (r64,) = rows("DenoiserRows", [s32.astype(np.float64)], 0, 1, **p)
+        np.testing.assert_array_equal(r32, r64.astype(np.float32))
+    t = np.concatenate([g.uniform(0, 1, 30), [1e-100, 0.5, 1.0]])
+    wts, mm = g.uniform(0, 2, t.size), g.uniform(0, 3, t.size)
+    for name, mode in (("sigma_sqrt", 1), ("cosmap", 2)):
+        lam, dlam = RF.weight_and_slope(t, name)
+        _, (rw,) = rows("FlowWeightRows", [t, wts], 0, 1, weighting=mode)
+        np.testing.assert_allclose(rw, wts * lam, rtol=1e-15, atol=0)
+        _, (gt, gw) = rows("FlowWeightGrads", [t, wts, mm], 0, 2, weighting=mode)
+        np.testing.assert_allclose(gt, wts * dlam * mm, rtol=1e-15, atol=0)
+        np.testing.assert_allclose(gw, lam * mm, rtol=1e-15, atol=0)
+    lo = g.uniform(0, 80, 16)
+    hi = lo + np.exp(g.uniform(-30, 3, 16))
+    _, (lam,) = rows("CtWeight", [lo, hi], 0, 1)
+    np.testing.assert_array_equal(lam, RF.ct_weight(lo, hi))
+    with pytest.raises(TypeError, match="DenoiserRows: missing parameter 'gamma'"):
+        rows("DenoiserRows", [sigma], 0, 1, sigma_data=0.5, weighting=0)
+    with pytest.raises(TypeError, match="CtWeight: unknown parameter 'c'"):
+        rows("CtWeight", [lo, hi], 0, 1, c=1.0)
 
 
 def test_cpu_only_kinds_compute_by_named_fields():

@@ -44,6 +44,9 @@ void row_lse(const RowLseArgs&, void*) {
 void gmm(const GmmArgs&, void*) {
   unavailable();
 }
+void row_map(const RowMapArgs&, void*) {
+  unavailable();
+}
 void mmd(const MmdArgs&, void*) {
   unavailable();
 }

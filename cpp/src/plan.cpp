@@ -282,6 +282,19 @@ const FunctorInfo kFunctors[] = {
 #undef GENLOSS_INFO
 };
 
+// The row functors of kind row_map (engine.h GENLOSS_ROW_FUNCTORS, ops/flow.h).
+struct RowFunctorInfo {
+  const char* name;
+  int n_in, n_table, n_out;
+  ParamNames params;
+};
+
+const RowFunctorInfo kRowFunctors[] = {
+#define GENLOSS_INFO(id, type) {#id + 1, type::n_in, type::n_table, type::n_out, param_names<type>()},
+    GENLOSS_ROW_FUNCTORS(GENLOSS_INFO)
+#undef GENLOSS_INFO
+};
+
 // -1: not a functor name.
 int functor_id(PyObject* name) {
   const char* s = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : nullptr;
@@ -410,6 +423,7 @@ enum Kind : int {
   kRowLse,
   kGmm,
   kMmd,
+  kRowMap,
   kVectorQuantize,  // the kernels with their own checks (check_kind) from here on: quant and metrics
   kVqEmaUpdate,
   kLfqEntropy,
@@ -418,9 +432,9 @@ enum Kind : int {
   kAssignment,
   kNumKinds
 };
-const char* const kKindNames[kNumKinds] = {"map_reduce", "row_scale", "col_sum",         "col_broadcast", "row_lse",
-                                           "gmm",        "mmd",       "vector_quantize", "vq_ema_update", "lfq_entropy",
-                                           "knn_prdc",   "sinkhorn",  "assignment"};
+const char* const kKindNames[kNumKinds] = {"map_reduce",  "row_scale", "col_sum",  "col_broadcast",   "row_lse",
+                                           "gmm",         "mmd",       "row_map",  "vector_quantize", "vq_ema_update",
+                                           "lfq_entropy", "knn_prdc",  "sinkhorn", "assignment"};
 constexpr bool own_checks(int kind) {  // the kinds check_kind checks
   return kind >= kVectorQuantize;
 }
@@ -431,6 +445,7 @@ union KernelArgs {  // the Args of a kind other than map_reduce (a union's membe
   RowLseArgs row_lse;
   GmmArgs gmm;
   MmdArgs mmd;
+  RowMapArgs row_map;
   cpu::VqArgs vector_quantize;  // quant_cpu.h
   cpu::VqEmaArgs vq_ema_update;
   cpu::LfqArgs lfq_entropy;
@@ -510,6 +525,14 @@ const KernelField kMmdFields[] = {GENLOSS_FIELD(MmdArgs, dtype, kTInt, false, 0)
                                   GENLOSS_FIELD(MmdArgs, grad_scale, kTReal, false, 1),
                                   GENLOSS_FIELD(MmdArgs, grad_x, kTAddr, false, 0),
                                   GENLOSS_FIELD(MmdArgs, grad_y, kTAddr, false, 0)};
+const KernelField kRowMapFields[] = {
+    GENLOSS_FIELD(RowMapArgs, dtype, kTInt, false, 0), GENLOSS_FIELD(RowMapArgs, functor, kTInt, true, 0),
+    GENLOSS_FIELD(RowMapArgs, a, kTReal, false, 0),    GENLOSS_FIELD(RowMapArgs, b, kTReal, false, 0),
+    GENLOSS_FIELD(RowMapArgs, c, kTReal, false, 0),    GENLOSS_FIELD(RowMapArgs, mode, kTInt, false, 0),
+    GENLOSS_FIELD(RowMapArgs, x0, kTAddr, true, 0),    GENLOSS_FIELD(RowMapArgs, x1, kTAddr, false, 0),
+    GENLOSS_FIELD(RowMapArgs, x2, kTAddr, false, 0),   GENLOSS_FIELD(RowMapArgs, x3, kTAddr, false, 0),
+    GENLOSS_FIELD(RowMapArgs, rows, kTSize, true, 0),  GENLOSS_FIELD(RowMapArgs, table, kTAddr, false, 0),
+    GENLOSS_FIELD(RowMapArgs, out0, kTAddr, false, 0), GENLOSS_FIELD(RowMapArgs, out1, kTAddr, false, 0)};
 const KernelField kVqFields[] = {GENLOSS_FIELD(cpu::VqArgs, dtype, kTInt, false, 0),
                                  GENLOSS_FIELD(cpu::VqArgs, z, kTAddr, true, 0),
                                  GENLOSS_FIELD(cpu::VqArgs, codebook, kTAddr, true, 0),
@@ -578,9 +601,9 @@ constexpr KindInfo info(const KernelField (&f)[N]) {
   return {f, static_cast<int>(N)};
 }
 const KindInfo kKinds[kNumKinds] = {
-    {nullptr, 0},     info(kRowScaleFields), info(kColSumFields), info(kColBroadcastFields), info(kRowLseFields),
-    info(kGmmFields), info(kMmdFields),      info(kVqFields),     info(kVqEmaFields),        info(kLfqFields),
-    info(kKnnFields), info(kSinkhornFields), info(kAssignFields)};
+    {nullptr, 0},     info(kRowScaleFields), info(kColSumFields),   info(kColBroadcastFields), info(kRowLseFields),
+    info(kGmmFields), info(kMmdFields),      info(kRowMapFields),   info(kVqFields),           info(kVqEmaFields),
+    info(kLfqFields), info(kKnnFields),      info(kSinkhornFields), info(kAssignFields)};
 constexpr int kMaxKernelFields = 18;  // gmm's
 constexpr int kMaxKernelAddrs = 12;   // gmm's address fields
 
@@ -955,6 +978,22 @@ Call make_kernel_call(int kind, Fields fields) {
     if (a.mode == ops::kLseIndex && a.index >= a.K)
       throw py::value_error(who + ": index must be < K = " + std::to_string(a.K) + ", got " + std::to_string(a.index));
   }
+  if (kind == kRowMap) {
+    const RowMapArgs& a = c.k.row_map;
+    if (dtype != kFloat32 && dtype != kFloat64) throw py::type_error(who + ": dtype must be 0 or 1 (float32, float64)");
+    if (a.functor < 0 || a.functor >= kNumRowFunctors)
+      throw py::value_error(who + ": functor must be 0-" + std::to_string(kNumRowFunctors - 1) +
+                            " (_C.ROW_FUNCTORS), got " + std::to_string(a.functor));
+    const RowFunctorInfo& f = kRowFunctors[a.functor];
+    const void* const xs[kMaxArity] = {a.x0, a.x1, a.x2, a.x3};
+    for (int q = f.n_in; q < kMaxArity; ++q)
+      if (xs[q] != nullptr)
+        throw py::value_error(who + ": row functor " + f.name + " takes " + std::to_string(f.n_in) + " inputs");
+    if (a.table != nullptr && f.n_table == 0)
+      throw py::value_error(who + ": row functor " + f.name + " writes no table");
+    if (a.out1 != nullptr && f.n_out < 2)
+      throw py::value_error(who + ": row functor " + f.name + " writes one output (out0)");
+  }
   if (kind == kMmd) {
     const MmdArgs& a = c.k.mmd;
     if (a.kernel < kMmdRbf || a.kernel > kMmdEnergy)
@@ -1136,6 +1175,8 @@ void run_cpu(int kind, const MapReduceArgs& a, const KernelArgs& k) {
       return cpu::gmm(k.gmm);
     case kMmd:
       return cpu::mmd(k.mmd);
+    case kRowMap:
+      return cpu::row_map(k.row_map);
     case kVectorQuantize:
       return cpu::vector_quantize(k.vector_quantize);
     case kVqEmaUpdate:
@@ -1167,6 +1208,8 @@ void run_cuda(int kind, const MapReduceArgs& a, const KernelArgs& k, void* strea
       return cuda::gmm(k.gmm, stream);
     case kMmd:
       return cuda::mmd(k.mmd, stream);
+    case kRowMap:
+      return cuda::row_map(k.row_map, stream);
     case kSinkhorn:  // eps (Call::reals) stays a host array: the loop is driven from the host
       return cuda::sinkhorn(k.sinkhorn, stream);
     case kKnnPrdc:
@@ -1404,6 +1447,8 @@ int64_t work_of(const Call& c) {
       return c.k.gmm.N * c.k.gmm.K * c.k.gmm.D;
     case kMmd:
       return (c.k.mmd.N + c.k.mmd.M) * (c.k.mmd.N + c.k.mmd.M) * c.k.mmd.D;
+    case kRowMap:
+      return c.k.row_map.rows;
     default:  // the quant and metrics kinds: long enough to release the GIL whatever their size
       return int64_t(1) << 62;
   }
@@ -1436,7 +1481,9 @@ enum GuardKind {
   kRowsFinite,    // float64 (T, k) input `x`: rows int input `y` finite    (diffusion._finite_rows)
   kFinite,        // float input `x`: finite, and >= 0 when `nonnegative`   (diffusion._row_vector)
   kNoNaN,         // output `x` (after the calls): no NaN                    (_engine.check_if_nan)
-  kUnitInterval,  // float input `x`: in [0, 1], or (0, 1] when `open_zero`  (flow._times)
+  kUnitInterval,  // float input `x`: in [bound, 1] (bound >= 0)              (flow._times)
+  kPositive,      // float input `x`: in (0, bound]                             (flow.denoiser_loss's sigma)
+  kOrdered,       // float inputs `x`, `y`: 0 <= x < y row by row               (flow, iCT's noise levels)
 };
 
 struct Guard {
@@ -1444,7 +1491,7 @@ struct Guard {
   Ref x, y;
   int64_t limit = 0;
   bool nonnegative = false;
-  bool open_zero = false;
+  double bound = 0.0;
 };
 
 // The engine's float and integer codes of an Input, as one: 0 f32, 1 f64, 2 f16, 3 bf16, 4 i64, 5 i32.
@@ -1463,7 +1510,8 @@ struct Plan {
   std::vector<char> out_present;                     // gradient j returned (else None)
   bool grads_empty;                                  // the result's gradients are ()
   std::vector<std::vector<int64_t>> scratch_shapes;  // allocated afresh on every run
-  std::vector<int> scratch_like;                     // the input whose dtype each has
+  std::vector<int> scratch_like;                     // the input it is allocated like
+  std::vector<int> scratch_code;                     // its float dtype when no input has it, else -1
   std::vector<Step> steps;
   std::vector<Guard> guards;
   int64_t work;
@@ -1589,12 +1637,22 @@ bool any_nan(const S* v, int64_t n) {
   return false;
 }
 
-// Every value in [0, 1] (NaN fails), and not 0 when `open_zero`.
+// Every value in [lo, hi] (NaN fails), and not 0 when `open_zero`.
 template <class S>
-bool in_unit_interval(const S* v, int64_t n, bool open_zero) {
+bool in_interval(const S* v, int64_t n, double lo, double hi, bool open_zero) {
   for (int64_t i = 0; i < n; ++i) {
-    const auto x = cpu::load(v[i]);
-    if (!(x >= 0 && x <= 1) || (open_zero && x == 0)) return false;
+    const double x = static_cast<double>(cpu::load(v[i]));
+    if (!(x >= lo && x <= hi) || (open_zero && x == 0)) return false;
+  }
+  return true;
+}
+
+// 0 <= x[i] < y[i] for every i (NaN fails), both of storage type S.
+template <class S>
+bool ordered(const S* x, const S* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = static_cast<double>(cpu::load(x[i])), b = static_cast<double>(cpu::load(y[i]));
+    if (!(a >= 0 && a < b)) return false;
   }
   return true;
 }
@@ -1639,7 +1697,13 @@ bool pass(const Guard& g, const std::vector<Input>& in) {
     case kFinite:
       return by_dtype(x.code, x.ptr, [&](auto v) { return all_finite(v, x.numel, g.nonnegative); });
     case kUnitInterval:
-      return by_dtype(x.code, x.ptr, [&](auto v) { return in_unit_interval(v, x.numel, g.open_zero); });
+      return by_dtype(x.code, x.ptr, [&](auto v) { return in_interval(v, x.numel, g.bound, 1.0, false); });
+    case kPositive:
+      return by_dtype(x.code, x.ptr, [&](auto v) { return in_interval(v, x.numel, 0.0, g.bound, true); });
+    case kOrdered: {
+      const Input& y = in[static_cast<size_t>(g.y.index)];
+      return by_dtype(x.code, x.ptr, [&](auto v) { return ordered(v, static_cast<decltype(v)>(y.ptr), x.numel); });
+    }
     default:
       return true;  // kNoNaN: after the calls
   }
@@ -1692,9 +1756,11 @@ class PlanCache {
     size_t block = 0;
     for (size_t j = 0; j < n_scratch; ++j) {
       const Input& like = in[static_cast<size_t>(plan->scratch_like[j])];
-      const size_t bytes = static_cast<size_t>(numel_of(plan->scratch_shapes[j])) * itemsize(like);
+      const int code = plan->scratch_code[j];
+      const size_t bytes = static_cast<size_t>(numel_of(plan->scratch_shapes[j])) *
+                           (code < 0 ? itemsize(like) : elem_bytes(code, false));
       if (bytes >= static_cast<size_t>(kHostCacheMinBytes)) {
-        scratch[j] = alloc(*t, like, plan->scratch_shapes[j], &sptr[j]);
+        scratch[j] = alloc(*t, like, plan->scratch_shapes[j], &sptr[j], code);
       } else {
         offset[j] = block;
         block += (bytes + 63) / 64 * 64;  // 64-byte aligned slices
@@ -1833,13 +1899,16 @@ class PlanCache {
         if (scratch[j]->ptr != ptr) continue;
         if (scratch_slot[j] < 0) {
           if (p.scratch_shapes.size() >= 64) return false;
-          int like = -1;  // an input of its dtype (alloc takes the dtype from one)
+          int like = -1, code = -1;  // an input of its dtype (alloc takes the dtype from one)
           for (size_t i = 0; i < in.size() && like < 0; ++i)
             if (kind_of(in[i]) == kind_of(*scratch[j])) like = static_cast<int>(i);
+          for (size_t i = 0; i < in.size() && like < 0 && !scratch[j]->integer; ++i)
+            if (!in[i].integer) like = static_cast<int>(i), code = scratch[j]->code;  // float64 coefficients
           if (like < 0) return false;
           scratch_slot[j] = static_cast<int>(p.scratch_shapes.size());
           p.scratch_shapes.push_back(scratch[j]->shape);
           p.scratch_like.push_back(like);
+          p.scratch_code.push_back(code);
         }
         return r = Ref{3, static_cast<int8_t>(scratch_slot[j])}, true;
       }
@@ -1963,9 +2032,18 @@ class PlanCache {
     } else if (PyUnicode_CompareWithASCIIString(kind, "finite") == 0 && n == 1 && input(r[0], false)) {
       g.kind = kFinite;
       g.nonnegative = arg != 0.0;
-    } else if (PyUnicode_CompareWithASCIIString(kind, "unit_interval") == 0 && n == 1 && input(r[0], false)) {
+    } else if (PyUnicode_CompareWithASCIIString(kind, "unit_interval") == 0 && n == 1 && input(r[0], false) &&
+               arg >= 0.0) {
       g.kind = kUnitInterval;
-      g.open_zero = arg != 0.0;
+      g.bound = arg;
+    } else if (PyUnicode_CompareWithASCIIString(kind, "positive") == 0 && n == 1 && input(r[0], false)) {
+      g.kind = kPositive;
+      g.bound = arg;
+    } else if (PyUnicode_CompareWithASCIIString(kind, "ordered") == 0 && n == 2 && input(r[0], false) &&
+               input(r[1], false) &&
+               kind_of(in[static_cast<size_t>(r[0].index)]) == kind_of(in[static_cast<size_t>(r[1].index)]) &&
+               in[static_cast<size_t>(r[0].index)].numel == in[static_cast<size_t>(r[1].index)].numel) {
+      g.kind = kOrdered;
     } else if (PyUnicode_CompareWithASCIIString(kind, "no_nan") == 0 && n == 1 && r[0].kind == 2) {
       g.kind = kNoNaN;
     } else {
@@ -2075,6 +2153,17 @@ void bind_plan(py::module_& m) {
     slots[kFunctors[i].name] = py::tuple(names);
   }
   m.attr("FUNCTOR_SLOTS") = slots;
+  py::dict rows;  // name -> (id, (a, b, c, mode) names or None, n_in, n_table, n_out): kind row_map
+  for (int i = 0; i < kNumRowFunctors; ++i) {
+    const RowFunctorInfo& f = kRowFunctors[i];
+    py::list names;
+    for (int q = 0; q < 4; ++q) {
+      const char* n = slot_name(f.params, q);
+      names.append(n ? py::object(py::str(n)) : py::object(py::none()));
+    }
+    rows[f.name] = py::make_tuple(i, py::tuple(names), f.n_in, f.n_table, f.n_out);
+  }
+  m.attr("ROW_FUNCTORS") = rows;
   py::class_<PlanCache> plans(m, "PlanCache", "Recorded compositions, replayed on new plain CPU torch tensors.");
   plans.def(py::init<>())
       .def("add", &PlanCache::add, py::arg("key"), py::arg("arrays"), py::arg("calls"), py::arg("result"),

@@ -18,6 +18,9 @@ from typing_extensions import CapsuleType
 FUNCTORS: dict[str, int]  # functor name -> id (GENLOSS_FUNCTORS in genloss/engine.h)
 FUNCTOR_PARAMS: dict[str, tuple[str, ...]]  # functor name -> its parameter names (ParamNames, ops/*.h)
 FUNCTOR_SLOTS: dict[str, tuple[str | None, ...]]  # functor name -> the names of Params a, b, c, mode
+# row functor name -> (id, names of its parameters a, b, c, mode or None, n_in, n_table, n_out):
+# the row functors of kind "row_map" (GENLOSS_ROW_FUNCTORS in genloss/engine.h, ops/flow.h)
+ROW_FUNCTORS: dict[str, tuple[int, tuple[str | None, ...], int, int, int]]
 MMD_TILE: int  # kMmdTile, genloss/mmd.h
 MMD_KERNELS: tuple[str, ...]  # index = enum MmdKernel
 MMD_ESTIMATORS: tuple[str, ...]  # index = enum MmdEstimator
@@ -37,7 +40,7 @@ class Call:
     gives, times ``param_scale`` / ``offset_scale``, the functor's first parameter / the
     gradient offset when the call runs (``params`` still names that parameter). Such calls
     are not recorded in a plan.
-    Another kind ("row_scale", "col_sum", "col_broadcast", "row_lse", "gmm", "mmd",
+    Another kind ("row_scale", "col_sum", "col_broadcast", "row_lse", "gmm", "mmd", "row_map",
     "vector_quantize", "vq_ema_update", "lfq_entropy", "knn_prdc", "sinkhorn", "assignment"): the
     fields of its Args struct (engine.h, mmd.h, quant_cpu.h, knn.h, ot.h)
     by their names (e.g. row_lse's ``logits``, ``mode``, ``rows``, ``K``, ``out_value``,
@@ -92,6 +95,7 @@ class Call:
             "row_lse",
             "gmm",
             "mmd",
+            "row_map",
             "vector_quantize",
             "vq_ema_update",
             "lfq_entropy",

@@ -57,6 +57,12 @@ namespace genloss {
 //   prior_kl                                 map_reduce PriorKL
 //   density_ratio_from_logits                map_reduce Exp (elementwise)
 //   mmd2                                     the tiled pairwise kernels of mmd.h
+//   denoiser_loss                            row_map DenoiserRows, map_reduce DiffusionMSE
+//                                            (+ DenoiserSigmaDot, row_map DenoiserGrads)
+//   flow_matching_loss with lambda(t)        row_map FlowWeightRows, map_reduce
+//                                            FlowMatchingMSE (+ row_map FlowWeightGrads)
+//   consistency_training_loss                row_map CtWeight, map_reduce SquaredDiff,
+//                                            PseudoHuberOfSqNorm
 //
 // X-macro of every functor the engines instantiate: (enum id, type).
 #define GENLOSS_FUNCTORS(X)                             \
@@ -293,6 +299,57 @@ struct GmmArgs {
   void* grad_logvars;
 };
 
+// Per-row coefficients by a row functor (ops/flow.h): for r < rows,
+//   (table[r, 0..F::n_table), out_j[r]) = F(x0[r], x1[r], ...)
+// computed in float64 from inputs of the call's dtype (float32/float64; an absent input
+// reads as F::fallback(q)), the table in float64, each out_j rounded to the dtype (each
+// output may be null). B numbers: what a composition needs per sample, made by the engine
+// so that it is engine calls only (a plan replays it).
+#define GENLOSS_ROW_FUNCTORS(X)             \
+  X(kDenoiserRows, ops::DenoiserRows)       \
+  X(kDenoiserGrads, ops::DenoiserGrads)     \
+  X(kFlowWeightRows, ops::FlowWeightRows)   \
+  X(kFlowWeightGrads, ops::FlowWeightGrads) \
+  X(kCtWeight, ops::CtWeight)
+
+enum RowFunctorId : int {
+#define GENLOSS_ENUM(id, type) id,
+  GENLOSS_ROW_FUNCTORS(GENLOSS_ENUM)
+#undef GENLOSS_ENUM
+      kNumRowFunctors
+};
+
+struct RowMapArgs {
+  int dtype;
+  int functor;  // RowFunctorId
+  double a, b, c;
+  int mode;
+  const void* x0;
+  const void* x1;
+  const void* x2;
+  const void* x3;
+  int64_t rows;
+  double* table;  // (rows, F::n_table), may be null
+  void* out0;
+  void* out1;
+};
+
+// Row r of a row_map on storage type S (float or double): the one body of the CPU loop and
+// the CUDA kernel.
+template <class F, class S>
+GENLOSS_HD void row_map_at(const RowMapArgs& a, int64_t r) {
+  const Params<double> p{a.a, a.b, a.c, a.mode, nullptr};
+  const void* const xs[kMaxArity] = {a.x0, a.x1, a.x2, a.x3};
+  double in[kMaxArity] = {0.0, 0.0, 0.0, 0.0};
+  for (int q = 0; q < F::n_in; ++q) in[q] = xs[q] ? double(static_cast<const S*>(xs[q])[r]) : F::fallback(q);
+  double tab[ops::kMaxRowTable] = {0.0, 0.0, 0.0, 0.0}, out[ops::kMaxRowOut] = {0.0, 0.0};
+  F::eval(in, p, tab, out);
+  if (a.table)
+    for (int j = 0; j < F::n_table; ++j) a.table[r * F::n_table + j] = tab[j];
+  if (a.out0) static_cast<S*>(a.out0)[r] = S(out[0]);
+  if (F::n_out > 1 && a.out1) static_cast<S*>(a.out1)[r] = S(out[1]);
+}
+
 namespace cpu {
 void map_reduce(const MapReduceArgs& a);
 void row_scale(const RowScaleArgs& a);
@@ -300,6 +357,7 @@ void col_sum(const ColSumArgs& a);
 void col_broadcast(const ColBroadcastArgs& a);
 void row_lse(const RowLseArgs& a);
 void gmm(const GmmArgs& a);
+void row_map(const RowMapArgs& a);
 // The CPU engine's tuning, runtime settings and test hooks: cpp/src/cpu_config.h.
 }  // namespace cpu
 
@@ -311,6 +369,7 @@ void col_sum(const ColSumArgs& a, void* stream);
 void col_broadcast(const ColBroadcastArgs& a, void* stream);
 void row_lse(const RowLseArgs& a, void* stream);
 void gmm(const GmmArgs& a, void* stream);
+void row_map(const RowMapArgs& a, void* stream);
 
 // ---- The call's workspace (issue 16, item 5) -----------------------------------------
 // A CUDA kernel's scratch comes from a workspace the CALLER allocated for the call with

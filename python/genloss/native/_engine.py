@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -553,10 +553,13 @@ def cache_info() -> dict:
     return dict(_C.host_cache_info())
 
 
-def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None, f32: bool = False) -> Buf:
-    """A new contiguous array of ``like``'s kind, device and dtype (``f32``: float32 instead)."""
-    if f32 and like.dtype != FLOAT32:
-        return _empty_f32(like, shape)
+def empty(
+    like: Buf, shape: tuple[int, ...], *, fill: float | None = None, f32: bool = False, f64: bool = False
+) -> Buf:
+    """A new contiguous array of ``like``'s kind, device and dtype (``f32``/``f64``: float32 or
+    float64 instead: a 16-bit call's float32 value, a per-row float64 table)."""
+    if (f32 or f64) and like.dtype != (FLOAT32 if f32 else FLOAT64):
+        return _empty_of(like, shape, FLOAT32 if f32 else FLOAT64)
     if fill is not None:
         data_used()  # a recorded plan allocates its outputs uninitialised
     if like.kind == "torch":  # the input's dtype and device
@@ -592,22 +595,23 @@ def empty(like: Buf, shape: tuple[int, ...], *, fill: float | None = None, f32: 
     raise TypeError("genloss.native allocates CUDA outputs with torch or CuPy; pass one of those")
 
 
-def _empty_f32(like: Buf, shape: tuple[int, ...]) -> Buf:
-    """A float32 array where ``like`` is (the float32 value of a float16/bfloat16 call)."""
+def _empty_of(like: Buf, shape: tuple[int, ...], dtype: int) -> Buf:
+    """A float32 or float64 array where ``like`` is."""
+    name = "float32" if dtype == FLOAT32 else "float64"
     if like.kind == "torch":
         if like.device == CPU:
-            a = _torch_cpu_empty(shape, _torch.float32)
+            a = _torch_cpu_empty(shape, getattr(_torch, name))
         else:
-            a = _torch.empty(shape, dtype=_torch.float32, device=like.arr.device)
+            a = _torch.empty(shape, dtype=getattr(_torch, name), device=like.arr.device)
         rec = _local.rec
         if rec is not None:
             rec.allocs.append(a)
-        return Buf(a, a.data_ptr(), shape, FLOAT32, like.device, like.device_id, "torch")
+        return Buf(a, a.data_ptr(), shape, dtype, like.device, like.device_id, "torch")
     if like.device == CPU:
-        n = np.empty(shape, np.float32)
-        return Buf(n, n.__array_interface__["data"][0], tuple(shape), FLOAT32, CPU, 0, "numpy")
-    arr, addr = device_empty(like, shape, "float32")
-    return Buf(arr, addr, tuple(shape), FLOAT32, CUDA, like.device_id, like.kind)
+        n = np.empty(shape, name)
+        return Buf(n, n.__array_interface__["data"][0], tuple(shape), dtype, CPU, 0, "numpy")
+    arr, addr = device_empty(like, shape, name)
+    return Buf(arr, addr, tuple(shape), dtype, CUDA, like.device_id, like.kind)
 
 
 LOW = (FLOAT16, BFLOAT16)
@@ -681,11 +685,24 @@ def to_host(a: Any) -> np.ndarray:
     a read-back, which waits for the device), a NumPy array as it is. A composition being
     recorded that reads values this way gets no plan (a plan would skip what it checks)."""
     data_used()
+    return _host(a)
+
+
+def _host(a: Any) -> np.ndarray:
     if hasattr(a, "detach"):
         return a.detach().cpu().numpy()
     if hasattr(a, "get"):
         return a.get()
     return np.asarray(a)
+
+
+def checked_values(bufs: Sequence[Buf], replay: tuple) -> list[np.ndarray] | None:
+    """The values of ``bufs`` on the host, for a check that a plan repeats as ``replay``
+    (``guard``'s arguments), or None when ``skip_checks`` (as ``float_range``)."""
+    _checked(replay)
+    if skip_checks(bufs[0]):
+        return None
+    return [_host(b.arr) for b in bufs]
 
 
 def broadcast(b: Buf, shape: tuple[int, ...], name: str) -> Buf:
@@ -902,9 +919,11 @@ def guard(kind: str, bufs: Sequence[Buf], arg: float = 0.0) -> None:
     its plan can re-run on every call (cpp/src/plan.cpp, GuardKind): 'index_range' (an integer
     input in [0, arg)), 'rows_finite' (the rows of a float64 table input that an integer input
     picks are finite), 'finite' (a float input is finite; arg != 0: and >= 0), 'unit_interval'
-    (a float input in [0, 1]; arg != 0: and not 0), 'no_nan' (an output has no NaN, checked
-    after the calls). The plan declines when one fails, and the
-    Python path runs, raises and names the argument."""
+    (a float input in [arg, 1], arg >= 0), 'positive' (a float input in (0, arg]), 'ordered'
+    (two float inputs x, y of one dtype and size: 0 <= x < y entry by entry), 'no_nan' (an
+    output has no NaN, checked after the calls). A guard may decline more than the Python
+    check refuses (that call then takes the Python path), never less. The plan declines
+    when one fails, and the Python path runs, raises and names the argument."""
     rec = _local.rec
     if rec is not None:
         rec.guards.append((kind, tuple(b.ptr for b in bufs), float(arg)))
@@ -1056,6 +1075,40 @@ def col_broadcast(v: Buf, out: Buf, *, scale: float = 1.0, accumulate: bool = Fa
     ran(run_call(
         kind="col_broadcast", device=v.device, device_id=v.device_id, stream=stream_of(v), dtype=v.dtype, v=v.ptr,
         out=out.ptr, rows=rows, cols=cols, scale=scale, accumulate=accumulate,
+    ))  # fmt: skip
+
+
+def row_map(
+    functor: str,
+    ins: Sequence[Buf | None],
+    *,
+    table: Buf | None = None,
+    outs: Sequence[Buf | None] = (),
+    params: Mapping[str, float] | None = None,
+) -> None:
+    """Per-row coefficients (engine.h RowMapArgs): row functor ``functor`` (ops/flow.h,
+    ``_C.ROW_FUNCTORS``) on the (B,) inputs ``ins`` (None: absent, read as the functor's
+    fallback), writing its float64 ``table`` (B, n_table) and its per-row ``outs`` in the
+    inputs' dtype. ``params`` by the names the functor declares; a wrong or missing one is
+    a TypeError naming it."""
+    fid, names, n_in, _, n_out = _C.ROW_FUNCTORS[functor]
+    given = dict(params or {})
+    slots: dict[str, float] = {}
+    for slot, name in zip(("a", "b", "c", "mode"), names, strict=True):
+        if name is not None:
+            if name not in given:
+                raise TypeError(f"row functor {functor}: missing parameter {name!r}")
+            slots[slot] = given.pop(name)
+    if given:
+        raise TypeError(f"row functor {functor}: unknown parameter {next(iter(given))!r}")
+    if len(ins) > n_in or len(outs) > n_out:
+        raise ValueError(f"row functor {functor} takes {n_in} inputs and writes {n_out} outputs")
+    x = next(b for b in ins if b is not None)
+    addrs = {f"x{q}": _p(b) for q, b in enumerate(ins)}
+    addrs.update({f"out{j}": _p(b) for j, b in enumerate(outs)})
+    ran(run_call(
+        kind="row_map", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, functor=fid,
+        rows=x.shape[0], table=_p(table), **slots, **addrs,
     ))  # fmt: skip
 
 

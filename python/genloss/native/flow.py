@@ -16,6 +16,7 @@ functor is in cpp/include/genloss/ops/flow.h, derived in derivations/flow.md.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,17 @@ import numpy as np
 from .. import _checks as C
 from ..reference import flow as _R
 from ._compose import cached, computed_in_float32, loss_scale, low_storage, needs
-from ._engine import FLOAT32, Buf, as_input, empty, float_range, map_reduce, skip_checks, to_host
+from ._engine import (
+    FLOAT32,
+    Buf,
+    as_input,
+    checked_values,
+    empty,
+    float_range,
+    map_reduce,
+    row_map,
+    skip_checks,
+)
 from .diffusion import _batched, _result, _row_vector, _run, _value_out, _xp
 
 FLOW_WEIGHTINGS = _R.FLOW_WEIGHTINGS
@@ -42,13 +53,34 @@ def _like(a: Any, like: Buf, name: str) -> Buf:
         return as_input(_xp(like).ascontiguousarray(a.astype(like.arr.dtype)), name)
 
 
+# The row functors' modes (ops/flow.h: flow_weight, DenoiserWeighting).
+_FLOW_MODE = {"none": 0, "sigma_sqrt": 1, "cosmap": 2}
+_DENOISER_MODE = {"edm": 0, "karras": 0, "snr": 1, "soft_min_snr": 2, "min_snr": 3}
+
+
+def _t_floor(like: Buf) -> float:
+    """The least t a plan takes for 'sigma_sqrt' (its guard): t^-2 is then at most the dtype's
+    largest value with a margin (the Python path decides the few t just below it)."""
+    return (1.0 + 2.0**-20) / math.sqrt(
+        float(np.finfo(np.float32 if like.dtype == FLOAT32 else np.float64).max)
+    )
+
+
 def _times(t: Any, like: Buf, like_name: str, weighting: str) -> Buf:
     """t: (B,), the dtype and place of ``like``, in [0, 1]; the weighting's end point refused,
-    with the reference's messages (_R.check_times on the range)."""
+    with the reference's messages (_R.check_times on the range), and for 'sigma_sqrt' a t so
+    close to 0 that t^-2 overflows the inputs' dtype."""
     tb = _row_vector("t", t, like, like_name)  # shape, place, dtype, finite (NaN refused)
-    r = float_range(tb, ("unit_interval", (tb,), float(weighting == "sigma_sqrt")))
+    floor = _t_floor(like) if weighting == "sigma_sqrt" else 0.0
+    r = float_range(tb, ("unit_interval", (tb,), floor))
     if r is not None:
         _R.check_times(np.array(r), weighting)
+        big = np.finfo(np.float32 if like.dtype == FLOAT32 else np.float64).max
+        if weighting == "sigma_sqrt" and 1.0 / (r[0] * r[0]) > float(big):
+            raise ValueError(
+                "t is so close to the end point t = 0 that weighting='sigma_sqrt' (t^-2) overflows "
+                "the inputs' dtype"
+            )
     return tb
 
 
@@ -136,18 +168,11 @@ def flow_matching_loss(
             tb = _times(t, p, "pred", wt)
             wb = None if weights is None else _row_vector("weights", weights, p, "pred", nonnegative=True)
             flags = needs(need_grad, 4 if wb is None else 5)
-        if wt == "none":
-            lam = dlam = None
-        else:
-            lam, dlam = _R.weight_and_slope(_f64(tb), wt)  # (FLOW.3) B values in float64
-        w64 = None if wb is None else _f64(wb)
-        row = lam if w64 is None else (w64 if lam is None else w64 * lam)
-        row_w = wb if lam is None else None  # user weights alone: as given (the dtype of pred)
-        if lam is not None:
-            if wt == "sigma_sqrt" and not skip_checks(p):
-                with _R.named_errors("flow_matching_loss"):
-                    _finite_weight(lam, p)
-            row_w = _like(row, p, "weights")
+        mode = {"weighting": _FLOW_MODE[wt]}
+        row_w = wb  # user weights alone: as given (the dtype of pred)
+        if wt != "none":  # (FLOW.3) w_b lambda(t_b), formed in float64
+            row_w = empty(p, (p.rows,))
+            row_map("FlowWeightRows", [tb, wb], outs=[row_w], params=mode)
         out, rows = _value_out(p, reduction)
         grads = [empty(b, b.shape) if f else None for b, f in zip((p, x, n), flags[:3], strict=True)]
         raw = empty(p, (p.rows,)) if any(flags[3:]) else None
@@ -159,30 +184,26 @@ def flow_matching_loss(
         value, gs = _result(out, rows, grads, flags)
         if not gs:
             return value, ()
-        m = None if raw is None else _f64(raw)  # s * sum_i r^2 (the reduction's weight included)
+        # (FLOW.2) d/dt = w lambda'(t) m, d/dw = lambda(t) m; m = raw = s sum_i r^2 (the
+        # reduction's weight included), set when either is asked
         grad_t = grad_w = None
-        if flags[3] and m is not None:  # m is set when flags[3] (raw is)
-            slope = m * 0.0 if dlam is None else dlam * m  # (FLOW.2) d/dt through lambda(t)
-            grad_t = _like(slope if w64 is None else w64 * slope, tb, "t").arr
-        if wb is not None and flags[4]:
-            grad_w = _like(m if lam is None else lam * m, wb, "weights").arr  # (FLOW.2) d/dw
-        return value, (*gs[:3], grad_t) if wb is None else (*gs[:3], grad_t, grad_w)
+        if raw is not None:
+            grad_t = empty(tb, (tb.rows,)) if flags[3] else None
+            if wt == "none":  # lambda = 1: d/dt = 0 m (a NaN kept; any dtype), d/dw = m itself
+                if grad_t is not None:
+                    map_reduce("Linear", raw, value_scale=0.0, elems_out=grad_t)
+                grad_w = raw if wb is not None and flags[4] else None
+            else:
+                grad_w = empty(wb, (wb.rows,)) if wb is not None and flags[4] else None
+                row_map("FlowWeightGrads", [tb, wb, raw], outs=[grad_t, grad_w], params=mode)
+        gt = None if grad_t is None else grad_t.arr
+        return value, (*gs[:3], gt) if wb is None else (*gs[:3], gt, None if grad_w is None else grad_w.arr)
 
-    if weighting != "none":  # lambda(t)'s row weights are derived arrays: no plan
-        return compose()
-    # A cached plan (plain CPU tensors, t and weights not asked for) re-checks t (finite, in
-    # [0, 1]) and the weights (finite, >= 0) and runs the one Call; else this Python path.
+    # A cached plan (plain CPU tensors) re-checks t (finite, in [0, 1], and above the end point
+    # of 'sigma_sqrt') and the weights (finite, >= 0) and runs the Calls; else this Python path.
     arrays = (pred, x0, noise, t) if weights is None else (pred, x0, noise, t, weights)
-    return cached(("flow_matching", sigma_min, reduction, need_grad, weights is None), arrays, compose)
-
-
-def _finite_weight(lam: Any, like: Buf) -> None:
-    """t^-2 beyond the inputs' dtype (t below ~5e-20 in float32): refused, naming t."""
-    if float(lam.max()) > float(np.finfo(np.float32 if like.dtype == FLOAT32 else np.float64).max):
-        raise ValueError(
-            "t is so close to the end point t = 0 that weighting='sigma_sqrt' (t^-2) overflows "
-            "the inputs' dtype"
-        )
+    key = ("flow_matching", weighting, sigma_min, reduction, need_grad, weights is None)
+    return cached(key, arrays, compose)
 
 
 # ============================================================================= pseudo-Huber (FLOW.20, FLOW.24)
@@ -228,15 +249,20 @@ def pseudo_huber_loss(x, y, c=None, weights=None, reduction="mean", *, need_grad
             lambda x_, y_, w_: pseudo_huber_loss(x_, y_, c, w_, reduction, need_grad=need_grad),
             (x, y, weights),
         )
-    with _R.named_errors("pseudo_huber_loss"):
-        C.reduction(reduction)
-        xb, yb = _batched(("x", "y"), (x, y), reduction)
-        c = _R.huber_c(c, xb.cols)
-        wb = None if weights is None else _row_vector("weights", weights, xb, "x", nonnegative=True)
-        flags = needs(need_grad, 2 if wb is None else 3)
-    want_w = len(flags) == 3 and flags[2]
-    out, rows, grads, raw = _pseudo_huber(xb, yb, c, wb, reduction, flags[:2], want_w)
-    return _result(out, rows, [*grads, raw][: len(flags)], flags)
+
+    def compose():
+        with _R.named_errors("pseudo_huber_loss"):
+            C.reduction(reduction)
+            xb, yb = _batched(("x", "y"), (x, y), reduction)
+            hc = _R.huber_c(c, xb.cols)
+            wb = None if weights is None else _row_vector("weights", weights, xb, "x", nonnegative=True)
+            flags = needs(need_grad, 2 if wb is None else 3)
+        want_w = len(flags) == 3 and flags[2]
+        out, rows, grads, raw = _pseudo_huber(xb, yb, hc, wb, reduction, flags[:2], want_w)
+        return _result(out, rows, [*grads, raw][: len(flags)], flags)
+
+    arrays = (x, y) if weights is None else (x, y, weights)
+    return cached(("pseudo_huber", c, reduction, need_grad, weights is None), arrays, compose)
 
 
 def consistency_training_loss(f_student, f_target, sigma_i, sigma_next, c=None, reduction="mean", *,
@@ -254,18 +280,25 @@ def consistency_training_loss(f_student, f_target, sigma_i, sigma_next, c=None, 
             lambda a, b, lo, hi: consistency_training_loss(a, b, lo, hi, c, reduction, need_grad=need_grad),
             (f_student, f_target, sigma_i, sigma_next),
         )
-    with _R.named_errors("consistency_training_loss"):
-        C.reduction(reduction)
-        fs, ft = _batched(("f_student", "f_target"), (f_student, f_target), reduction)
-        c = _R.huber_c(c, fs.cols)
-        lo = _f64(_row_vector("sigma_i", sigma_i, fs, "f_student"))
-        hi = _f64(_row_vector("sigma_next", sigma_next, fs, "f_student"))
-        if not skip_checks(fs):  # the checks (0 <= sigma_i < sigma_next), with their messages
-            _R.ct_weight(to_host(lo), to_host(hi))
-        (flag,) = needs(need_grad, 1)
-    lam = _like(1.0 / (hi - lo), fs, "sigma_next")  # (FLOW.24) on the device
-    out, rows, grads, _ = _pseudo_huber(fs, ft, c, lam, reduction, (flag, False), False)
-    return _result(out, rows, grads[:1], (flag,))
+
+    def compose():
+        with _R.named_errors("consistency_training_loss"):
+            C.reduction(reduction)
+            fs, ft = _batched(("f_student", "f_target"), (f_student, f_target), reduction)
+            hc = _R.huber_c(c, fs.cols)
+            lo = _row_vector("sigma_i", sigma_i, fs, "f_student")
+            hi = _row_vector("sigma_next", sigma_next, fs, "f_student")
+            values = checked_values((lo, hi), ("ordered", (lo, hi)))
+            if values is not None:  # the checks (0 <= sigma_i < sigma_next), with their messages
+                _R.ct_weight(values[0].astype(np.float64), values[1].astype(np.float64))
+            (flag,) = needs(need_grad, 1)
+        lam = empty(fs, (fs.rows,))
+        row_map("CtWeight", [lo, hi], outs=[lam])  # (FLOW.24) 1 / (sigma_next - sigma_i) in float64
+        out, rows, grads, _ = _pseudo_huber(fs, ft, hc, lam, reduction, (flag, False), False)
+        return _result(out, rows, grads[:1], (flag,))
+
+    key = ("consistency_training", c, reduction, need_grad)
+    return cached(key, (f_student, f_target, sigma_i, sigma_next), compose)
 
 
 # ============================================================================= EDM denoiser loss (FLOW.21-FLOW.23)
@@ -280,14 +313,16 @@ def denoiser_loss(
     r"""Per sample lambda(sigma) mean_i (D - x0)^2 in F-space: W(sigma) mean_i (F - (a x0 + b noise))^2
     (+ EDM2's e^-u ... + u with ``logvar``).  (FLOW.21-FLOW.23)
 
-    ONE pass (``DiffusionMSE`` with the per-row table (a_b, b_b, a'_b, b'_b) and the row weight
-    W_b e^{-u_b}, both formed in float64 from the B noise levels): reads F, x0 and noise once
-    and writes the value, the gradients w.r.t. F, x0 and noise that are asked and, when sigma or
-    logvar needs a gradient, the unweighted per-sample mean squares.  The sigma-gradient also
-    needs sum_i r dF_tgt/dsigma = sum_i r (a' x0 + b' noise) per sample: one more pass
-    (``DenoiserSigmaDot``), only when asked.  No x_sigma, D or target array.  Differentiable inputs: F, x0, noise, sigma, logvar
-    (when given). float16/bfloat16 CUDA inputs are computed in float32 (the per-sample means
-    and the sigma dot products pass between engine calls); value and gradients in their dtype.
+    ONE pass over the data (``DiffusionMSE`` with the per-row table (a_b, b_b, a'_b, b'_b) and the
+    row weight W_b e^{-u_b}, both formed in float64 from the B noise levels by the row functor
+    ``DenoiserRows``): reads F, x0 and noise once and writes the value, the gradients w.r.t. F,
+    x0 and noise that are asked and, when sigma or logvar needs a gradient, the unweighted
+    per-sample mean squares.  The sigma-gradient also needs sum_i r dF_tgt/dsigma = sum_i r (a' x0
+    + b' noise) per sample: one more pass (``DenoiserSigmaDot``), only when asked; ``DenoiserGrads``
+    forms the B gradients.  No x_sigma, D or target array; engine calls only, so a cached plan
+    serves plain CPU tensors.  Differentiable inputs: F, x0, noise, sigma, logvar (when given).
+    float16/bfloat16 CUDA inputs are computed in float32 (the per-sample means and the sigma
+    dot products pass between engine calls); value and gradients in their dtype.
     """
     if low_storage((F, x0, noise, sigma, logvar)):
         return computed_in_float32(
@@ -296,51 +331,69 @@ def denoiser_loss(
             ),
             (F, x0, noise, sigma, logvar),
         )
-    with _R.named_errors("denoiser_loss"):
-        C.reduction(reduction)
-        weighting = C.choice("weighting", weighting, DENOISER_WEIGHTINGS)
-        sd = C.positive("sigma_data", sigma_data)
-        gamma = C.positive("gamma", gamma)
-        f, x, n = _batched(("F", "x0", "noise"), (F, x0, noise), reduction)
-        sb = _row_vector("sigma", sigma, f, "F")
-        r = float_range(sb)
-        if r is not None:
-            _R.check_sigmas(np.array(r))  # sigma = 0 and sigma -> inf refused, named
-        ub = None if logvar is None else _row_vector("logvar", logvar, f, "F")
-        flags = needs(need_grad, 4 if ub is None else 5)
-    s64 = _f64(sb)
-    a, b, w, dw, k = _R.denoiser_rows(s64, sd, weighting, gamma)  # (FLOW.21, FLOW.22) B values, float64
-    eu = None if ub is None else _xp(f).exp(-_f64(ub))  # EDM2: e^{-u}
-    row = w if eu is None else w * eu
-    row_w = None if weighting in ("edm", "karras") and eu is None else _like(row, f, "sigma")
-    tab = _table([a, b, k, k * s64], f)  # F_tgt = a x0 + b noise; dF_tgt/dsigma = k x0 + k sigma noise
-    out, rows = _value_out(f, reduction)
-    grads = [empty(q, q.shape) if on else None for q, on in zip((f, x, n), flags[:3], strict=True)]
-    want_rows = any(flags[3:])
-    raw = empty(f, (f.rows,)) if want_rows else None
-    vs = loss_scale(reduction, f, per_sample_mean=True)
-    # (FLOW.21, FLOW.23) r = F - (a x0 + b noise) in registers: the value and 2 r, -2 a r, -2 b r
-    _run(
-        "DiffusionMSE", [f, x, n], grads, value_scale=vs, out=out, rows_out=rows, grad_scale=vs, table=tab,
-        stride=4, row_weight=row_w, rows_raw=raw,
-    )  # fmt: skip
-    if ub is not None:  # (FLOW.23) + u_b per sample, accumulated in the engine's fixed order
-        map_reduce("Linear", ub, value_scale=f.cols * vs, out=out, rows_out=rows, accumulate=True)
-    value, _ = _result(out, rows, [], ())
-    if not any(flags):
-        return value, ()
-    gs = [None if g is None else g.arr for g in grads]
-    m = None if raw is None else _f64(raw)  # g_b m_b (the reduction's weight included)
-    grad_s = grad_u = None
-    if flags[3]:  # (FLOW.23) g e^{-u} (W' m - 2 W sum_i r dF_tgt/dsigma / n)
-        dot = empty(f, (f.rows,))
-        nothing = [None, None, None]  # a value only: g sum_i r (k x0 + k sigma noise) / n per sample
-        _run("DenoiserSigmaDot", [f, x, n], nothing, value_scale=vs, rows_out=dot, table=tab, stride=4)
-        slope = dw * m - 2.0 * w * _f64(dot)
-        grad_s = _like(slope if eu is None else eu * slope, sb, "sigma").arr
-    if ub is not None and flags[4]:  # (FLOW.23) g (1 - e^{-u} W m)
-        grad_u = _like(f.cols * vs - eu * w * m, ub, "logvar").arr
-    return value, (*gs[:3], grad_s) if ub is None else (*gs[:3], grad_s, grad_u)
+
+    def compose():
+        with _R.named_errors("denoiser_loss"):
+            C.reduction(reduction)
+            wt = C.choice("weighting", weighting, DENOISER_WEIGHTINGS)
+            sd = C.positive("sigma_data", sigma_data)
+            g = C.positive("gamma", gamma)
+            f, x, n = _batched(("F", "x0", "noise"), (F, x0, noise), reduction)
+            sb = _row_vector("sigma", sigma, f, "F")
+            r = float_range(sb, ("positive", (sb,), _R.SIGMA_MAX))
+            if r is not None:
+                _R.check_sigmas(np.array(r))  # sigma = 0 and sigma -> inf refused, named
+            ub = None if logvar is None else _row_vector("logvar", logvar, f, "F")
+            flags = needs(need_grad, 4 if ub is None else 5)
+        vs = loss_scale(reduction, f, per_sample_mean=True)
+        params = {"sigma_data": sd, "gamma": g, "weighting": _DENOISER_MODE[wt]}
+        # (FLOW.21, FLOW.22) F_tgt = a x0 + b noise, dF_tgt/dsigma = k x0 + k sigma noise, W e^{-u}
+        tab = empty(f, (f.rows, 4), f64=True)
+        row_w = None if params["weighting"] == 0 and ub is None else empty(f, (f.rows,))  # W = 1: none
+        row_map("DenoiserRows", [sb, ub], table=tab, outs=[row_w], params=params)
+        out, rows = _value_out(f, reduction)
+        grads = [empty(q, q.shape) if on else None for q, on in zip((f, x, n), flags[:3], strict=True)]
+        raw = empty(f, (f.rows,)) if any(flags[3:]) else None
+        # (FLOW.21, FLOW.23) r = F - (a x0 + b noise) in registers: the value and 2 r, -2 a r, -2 b r
+        _run(
+            "DiffusionMSE", [f, x, n], grads, value_scale=vs, out=out, rows_out=rows, grad_scale=vs, table=tab,
+            stride=4, row_weight=row_w, rows_raw=raw,
+        )  # fmt: skip
+        if ub is not None:  # (FLOW.23) + u_b per sample, accumulated in the engine's fixed order
+            map_reduce("Linear", ub, value_scale=f.cols * vs, out=out, rows_out=rows, accumulate=True)
+        value, _ = _result(out, rows, [], ())
+        if not any(flags):
+            return value, ()
+        gs = [None if q is None else q.arr for q in grads]
+        grad_s = empty(sb, (sb.rows,)) if flags[3] else None
+        grad_u = empty(ub, (ub.rows,)) if ub is not None and flags[4] else None
+        dot = None
+        if flags[3]:  # g sum_i r (k x0 + k sigma noise) / n per sample: a value only
+            dot = empty(f, (f.rows,))
+            _run(
+                "DenoiserSigmaDot",
+                [f, x, n],
+                [None, None, None],
+                value_scale=vs,
+                rows_out=dot,
+                table=tab,
+                stride=4,
+            )
+        if raw is not None:  # (FLOW.23) g e^{-u} (W' m - 2 W dot) and g (1 - e^{-u} W m), raw = g m
+            row_map(
+                "DenoiserGrads",
+                [sb, ub, raw, dot],
+                outs=[grad_s, grad_u],
+                params={**params, "value_weight": f.cols * vs},
+            )
+        grad_s_arr = None if grad_s is None else grad_s.arr
+        if ub is None:
+            return value, (*gs[:3], grad_s_arr)
+        return value, (*gs[:3], grad_s_arr, None if grad_u is None else grad_u.arr)
+
+    arrays = (F, x0, noise, sigma) if logvar is None else (F, x0, noise, sigma, logvar)
+    key = ("denoiser", sigma_data, weighting, gamma, reduction, need_grad, logvar is None)
+    return cached(key, arrays, compose)
 
 
 # ============================================================================= distillation (FLOW.30-FLOW.34)

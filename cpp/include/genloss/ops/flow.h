@@ -1,8 +1,8 @@
 // genloss/ops/flow.h — per-element (value, derivative) functors of the
 // continuous-time family. Tags (FLOW.n) point to derivations/flow.md.
 //
-// Time-dependent weights lambda(t) are per sample: Python forms the B values
-// w_b lambda(t_b) and hands them to the engine as row weights (MapReduceArgs::
+// Time-dependent weights lambda(t) are per sample: a row functor (below) forms the
+// B values w_b lambda(t_b) and the engine reads them as row weights (MapReduceArgs::
 // row_weight), so the per-element functor sees only constants.
 #pragma once
 
@@ -60,6 +60,146 @@ struct DenoiserSigmaDot {
     const T a = T(p.rp[0]), b = T(p.rp[1]), da = T(p.rp[2]), db = T(p.rp[3]);
     v = (in[0] - (a * in[1] + b * in[2])) * (da * in[1] + db * in[2]);
     d[0] = d[1] = d[2] = T(0);
+  }
+};
+
+// ---- Row functors: per-sample coefficients (engine.h RowMapArgs, kind row_map) --------
+// The B numbers a loss needs per sample (EDM's coefficients of sigma_b, lambda(t_b), iCT's
+// 1 / (sigma_next - sigma_i)) and the per-sample gradients formed from the row sums of a
+// map_reduce pass, computed in float64 by the engine from (B,) inputs of the call's dtype.
+// So these compositions are engine calls only, which the plan cache replays (plan.cpp).
+// A row functor declares n_in inputs (widened to double; an absent one reads as
+// fallback(q)), n_table float64 columns of a per-row table it writes (a map_reduce table),
+// n_out per-row outputs rounded to the call's dtype, and its parameters (ParamNames).
+
+constexpr int kMaxRowTable = 4;  // table columns a row functor may write
+constexpr int kMaxRowOut = 2;    // per-row outputs of the call's dtype
+
+// The weightings lambda(sigma) of denoiser_loss (the mode of DenoiserRows/DenoiserGrads).
+enum DenoiserWeighting : int { kDenoiseEdm = 0, kDenoiseSnr = 1, kDenoiseSoftMinSnr = 2, kDenoiseMinSnr = 3 };
+
+// EDM's per-sample coefficients at noise level s (FLOW.21-FLOW.23), rho = sqrt(s^2 + sd^2):
+// F_tgt = a x0 + b noise with a = s / (sd rho), b = -sd / rho; k = sd / rho^3 = da/ds
+// (db/ds = k s); W = lambda c_out^2 the weight of the F-space mean square, and W' = dW/ds.
+// Every one is bounded for s in (0, 1e50] (the range check_sigmas admits).
+struct DenoiserCoef {
+  double a, b, k, w, dw;
+  GENLOSS_HD DenoiserCoef(double s, double sd, double gamma, int weighting) {
+    const double sd2 = sd * sd, s2 = s * s, p2 = s2 + sd2, rho = gl_sqrt(p2);
+    a = s / (sd * rho);
+    b = -sd / rho;
+    k = sd / (p2 * rho);
+    const double snr_w = sd2 / p2, snr_dw = -2.0 * s * sd2 / (p2 * p2);  // lambda = 1 / s^2
+    switch (weighting) {
+      case kDenoiseSnr:
+        w = snr_w;
+        dw = snr_dw;
+        break;
+      case kDenoiseSoftMinSnr:  // lambda = 1 / (s^2 + sd^2)
+        w = s2 * sd2 / (p2 * p2);
+        dw = 2.0 * s * sd2 * (sd2 - s2) / (p2 * p2 * p2);
+        break;
+      case kDenoiseMinSnr:  // lambda = min(1 / s^2, gamma): gamma where gamma s^2 < 1
+        if (gamma * s2 < 1.0) {
+          w = gamma * s2 * snr_w;
+          dw = 2.0 * gamma * s * sd2 * sd2 / (p2 * p2);
+        } else {
+          w = snr_w;
+          dw = snr_dw;
+        }
+        break;
+      default:  // 'edm' / 'karras': lambda = 1 / c_out^2, W = 1
+        w = 1.0;
+        dw = 0.0;
+    }
+  }
+};
+
+// denoiser_loss's rows: (sigma, logvar) -> the table (a, b, k, k sigma) that DiffusionMSE
+// and DenoiserSigmaDot read, and the row weight W e^{-u} (no logvar: u = 0).  (FLOW.21-23)
+struct DenoiserRows {
+  static constexpr int n_in = 2, n_table = 4, n_out = 1;
+  static constexpr ParamNames params{"sigma_data", "gamma", nullptr, "weighting"};
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double* tab, double* out) {
+    const DenoiserCoef c(in[0], p.a, p.b, p.mode);
+    tab[0] = c.a;
+    tab[1] = c.b;
+    tab[2] = c.k;
+    tab[3] = c.k * in[0];
+    out[0] = c.w * gl_exp(-in[1]);
+  }
+};
+
+// denoiser_loss's per-sample gradients from m = g mean_i r^2 (the raw rows of DiffusionMSE,
+// the reduction's weight g included) and dot = g sum_i r dF_tgt/dsigma / n (DenoiserSigmaDot):
+// d/dsigma = e^{-u} (W' m - 2 W dot), d/dlogvar = value_weight - e^{-u} W m, value_weight
+// = g per sample (FLOW.23). Inputs (sigma, logvar, m, dot).
+struct DenoiserGrads {
+  static constexpr int n_in = 4, n_table = 0, n_out = 2;
+  static constexpr ParamNames params{"sigma_data", "gamma", "value_weight", "weighting"};
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double*, double* out) {
+    const DenoiserCoef c(in[0], p.a, p.b, p.mode);
+    const double eu = gl_exp(-in[1]);
+    out[0] = eu * (c.dw * in[2] - 2.0 * c.w * in[3]);
+    out[1] = p.c - eu * c.w * in[2];
+  }
+};
+
+// lambda(t) of flow matching and its derivative (FLOW.3): mode 0 'none' 1, mode 1
+// 'sigma_sqrt' t^-2, mode 2 'cosmap' 2 / (pi ((1 - t)^2 + t^2)), its denominator a sum of
+// squares (no cancellation).
+GENLOSS_HD void flow_weight(double t, int mode, double& w, double& dw) {
+  if (mode == 0) {
+    w = 1.0;
+    dw = 0.0;
+    return;
+  }
+  if (mode == 1) {
+    w = 1.0 / (t * t);
+    dw = -2.0 * w / t;
+    return;
+  }
+  constexpr double kPi = 3.141592653589793;
+  const double s = (1.0 - t) * (1.0 - t) + t * t;
+  w = 2.0 / (kPi * s);
+  dw = 4.0 * (1.0 - 2.0 * t) / (kPi * s * s);
+}
+
+// flow_matching_loss's row weight w_b lambda(t_b). Inputs (t, weights; absent: 1).
+struct FlowWeightRows {
+  static constexpr int n_in = 2, n_table = 0, n_out = 1;
+  static constexpr ParamNames params{nullptr, nullptr, nullptr, "weighting"};
+  GENLOSS_HD static double fallback(int q) { return q == 1 ? 1.0 : 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double*, double* out) {
+    double w, dw;
+    flow_weight(in[0], p.mode, w, dw);
+    out[0] = in[1] * w;
+  }
+};
+
+// flow_matching_loss's gradients w.r.t. t and the weights from m = g mean_i r^2 (the raw rows):
+// d/dt = w lambda'(t) m, d/dw = lambda(t) m (FLOW.2). Inputs (t, weights; absent: 1, m).
+struct FlowWeightGrads {
+  static constexpr int n_in = 3, n_table = 0, n_out = 2;
+  static constexpr ParamNames params{nullptr, nullptr, nullptr, "weighting"};
+  GENLOSS_HD static double fallback(int q) { return q == 1 ? 1.0 : 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double*, double* out) {
+    double w, dw;
+    flow_weight(in[0], p.mode, w, dw);
+    out[0] = in[1] * (dw * in[2]);
+    out[1] = w * in[2];
+  }
+};
+
+// iCT's lambda = 1 / (sigma_next - sigma_i), the difference formed in float64 (FLOW.24).
+// Inputs (sigma_i, sigma_next).
+struct CtWeight {
+  static constexpr int n_in = 2, n_table = 0, n_out = 1;
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>&, double*, double* out) {
+    out[0] = 1.0 / (in[1] - in[0]);
   }
 };
 
