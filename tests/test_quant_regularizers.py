@@ -268,7 +268,10 @@ def test_adaptive_weight_matches_taming():
     assert rel_err(T.adaptive_gan_weight([r, rb], [g, gb]), both) < REL
     # the clamps: a vanishing GAN gradient gives ||r|| / eps, clamped to max_weight
     # (the norm summed in another order than torch.norm's: equal to rounding, not bit for bit)
-    assert rel_err(T.adaptive_gan_weight(r, torch.zeros_like(g)), min(float(r.detach().norm()) / 1e-4, 1e4)) < REL
+    assert (
+        rel_err(T.adaptive_gan_weight(r, torch.zeros_like(g)), min(float(r.detach().norm()) / 1e-4, 1e4))
+        < REL
+    )
     assert float(T.adaptive_gan_weight(100 * r, torch.zeros_like(g))) == 1e4
     assert float(T.adaptive_gan_weight(r, g, max_weight=0.01)) == 0.01
     small = torch.full((3,), 1e-9, dtype=F64)
