@@ -64,6 +64,8 @@ PLAN_OPS = (
     "denoiser_loss",  # row_map (EDM's coefficients, the sigma and logvar gradients); guard: sigma in (0, 1e50]
     "consistency_training_loss",  # row_map (iCT's weight), pseudo-Huber; guard: 0 <= sigma_i < sigma_next
     "pseudo_huber_loss",  # SquaredDiff, PseudoHuberOfSqNorm, SquaredDiff with row weights
+    "meanflow_loss",  # row_map (the (1, r - t) table, the adaptive weight); guards: t, r in [0, 1]
+    "vsd_loss",  # AbsDiff row means, row_map (DMD2's normaliser), SquaredDiff, RowAffine
     "q_sample",  # the schedule's table an input; with a guard: the timesteps' range
     "v_target",
     "predict_x0_from_eps",  # and the table rows the timesteps pick (zero terminal SNR)
@@ -782,6 +784,40 @@ def test_consistency_plan_guards_the_noise_levels(plans):
     assert len(plans) == 1
 
 
+def test_meanflow_plan_guards_t_and_r(plans):
+    """meanflow_loss runs on a plan (row_map: the (1, r - t) table and the adaptive weight) that
+    re-checks t and r in [0, 1] and declines outside them (the Python path names the argument);
+    r = t (du_dt not read) and the end points are served with the Python path's bits."""
+    import genloss.native as gn
+
+    g = torch.Generator().manual_seed(12)
+    u, v, du = (torch.randn(3, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0.9, 0.5, 0.3])
+    r = torch.tensor([0.1, 0.5, 0.2])
+
+    def call(*a):
+        return gn.meanflow_loss(*a, need_grad=True)
+
+    call(u, v, du, t, r)  # records
+    key = ("meanflow", 1.0, 1e-3, "mean", True)
+
+    def arrays_of(v_):
+        rr = r.clone()
+        rr[2] = v_
+        return (u, v, du, t, rr)
+
+    cases = [
+        (0.0, True),
+        (0.3, True),
+        (1.0, True),
+        (1.0 + 2**-23, False),
+        (-1e-30, False),
+        (float("nan"), False),
+    ]
+    _served_or_named(plans, key, call, arrays_of, cases, "r must")
+    assert len(plans) == 1
+
+
 def test_bernoulli_plan_declines_on_a_nan_value(plans):
     """bernoulli_nll's plan checks its value for NaN after the call: a target off [0, 1] makes
     one, the plan declines and the Python path names x; a NaN logit makes one too, and the
@@ -1072,6 +1108,7 @@ def test_kernel_kinds_compute_by_named_fields():
         (dict(kind="row_map", functor=4, x0=8, x2=8, rows=2), ValueError, "CtWeight takes 2 inputs"),
         (dict(kind="row_map", functor=4, x0=8, rows=2, table=8), ValueError, "CtWeight writes no table"),
         (dict(kind="row_map", functor=4, x0=8, rows=2, out1=8), ValueError, r"one output \(out0\)"),
+        (dict(kind="row_map", functor=5, x0=8, rows=2, out0=8), ValueError, "MeanflowRows writes no output"),
         (dict(kind="row_map", functor=4, x0=0, rows=2), ValueError, "x0 must be an address"),
         (
             dict(kind="row_map", dtype=3, functor=4, x0=8, rows=2),
@@ -1137,7 +1174,7 @@ def test_row_map_computes_the_reference_coefficients():
 
     def rows(functor, ins, n_table, n_out, dtype=np.float64, **params):
         bufs = [None if a is None else E.as_input(np.ascontiguousarray(a, dtype), "x") for a in ins]
-        tab = np.full((sigma.size, n_table), np.nan) if n_table else None
+        tab = np.full((len(ins[0]), n_table), np.nan) if n_table else None
         outs = [np.full(len(ins[0]), np.nan, dtype) for _ in range(n_out)]
         E.row_map(functor, bufs, table=None if tab is None else E.as_input(tab, "table"),
                   outs=[E.as_input(o, "out") for o in outs], params=params)  # fmt: skip
@@ -1172,6 +1209,16 @@ def test_row_map_computes_the_reference_coefficients():
     hi = lo + np.exp(g.uniform(-30, 3, 16))
     _, (lam,) = rows("CtWeight", [lo, hi], 0, 1)
     np.testing.assert_array_equal(lam, RF.ct_weight(lo, hi))
+    d = g.uniform(0, 4, 12)
+    _, (w,) = rows("MeanflowWeight", [d], 0, 1, p=0.75, eps=1e-3)
+    np.testing.assert_allclose(w, (d + 1e-3) ** -0.75, rtol=1e-15, atol=0)
+    tab, (hw,) = rows("VsdRows", [d], 2, 1, scale=0.125, eps=RF.VSD_EPS)
+    wv = RF.vsd_weight(d)
+    np.testing.assert_allclose(tab, np.stack([0.125 * wv, -0.125 * wv], 1), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(hw, 0.5 * wv * wv, rtol=1e-15, atol=0)
+    tr = g.uniform(0, 1, (2, 12))
+    tab, _ = rows("MeanflowRows", [tr[0], tr[1]], 2, 0)
+    np.testing.assert_array_equal(tab, np.stack([np.ones(12), tr[1] - tr[0]], 1))
     with pytest.raises(TypeError, match="DenoiserRows: missing parameter 'gamma'"):
         rows("DenoiserRows", [sigma], 0, 1, sigma_data=0.5, weighting=0)
     with pytest.raises(TypeError, match="CtWeight: unknown parameter 'c'"):

@@ -991,6 +991,7 @@ Call make_kernel_call(int kind, Fields fields) {
         throw py::value_error(who + ": row functor " + f.name + " takes " + std::to_string(f.n_in) + " inputs");
     if (a.table != nullptr && f.n_table == 0)
       throw py::value_error(who + ": row functor " + f.name + " writes no table");
+    if (a.out0 != nullptr && f.n_out < 1) throw py::value_error(who + ": row functor " + f.name + " writes no output");
     if (a.out1 != nullptr && f.n_out < 2)
       throw py::value_error(who + ": row functor " + f.name + " writes one output (out0)");
   }

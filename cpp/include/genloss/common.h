@@ -84,6 +84,9 @@ GENLOSS_HD float gl_sqrt(float x) {
 GENLOSS_HD double gl_sqrt(double x) {
   return ::sqrt(x);
 }
+GENLOSS_HD double gl_pow(double x, double y) {
+  return ::pow(x, y);
+}
 GENLOSS_HD float gl_tanh(float x) {
   return ::tanhf(x);
 }

@@ -63,6 +63,10 @@ namespace genloss {
 //                                            FlowMatchingMSE (+ row_map FlowWeightGrads)
 //   consistency_training_loss                row_map CtWeight, map_reduce SquaredDiff,
 //                                            PseudoHuberOfSqNorm
+//   meanflow_loss                            row_map MeanflowRows, MeanflowWeight,
+//                                            map_reduce DiffusionMSE (twice)
+//   vsd_loss                                 map_reduce AbsDiff, row_map VsdRows,
+//                                            map_reduce SquaredDiff, RowAffine
 //
 // X-macro of every functor the engines instantiate: (enum id, type).
 #define GENLOSS_FUNCTORS(X)                             \
@@ -310,7 +314,10 @@ struct GmmArgs {
   X(kDenoiserGrads, ops::DenoiserGrads)     \
   X(kFlowWeightRows, ops::FlowWeightRows)   \
   X(kFlowWeightGrads, ops::FlowWeightGrads) \
-  X(kCtWeight, ops::CtWeight)
+  X(kCtWeight, ops::CtWeight)               \
+  X(kMeanflowRows, ops::MeanflowRows)       \
+  X(kMeanflowWeight, ops::MeanflowWeight)   \
+  X(kVsdRows, ops::VsdRows)
 
 enum RowFunctorId : int {
 #define GENLOSS_ENUM(id, type) id,
@@ -346,7 +353,7 @@ GENLOSS_HD void row_map_at(const RowMapArgs& a, int64_t r) {
   F::eval(in, p, tab, out);
   if (a.table)
     for (int j = 0; j < F::n_table; ++j) a.table[r * F::n_table + j] = tab[j];
-  if (a.out0) static_cast<S*>(a.out0)[r] = S(out[0]);
+  if (F::n_out > 0 && a.out0) static_cast<S*>(a.out0)[r] = S(out[0]);
   if (F::n_out > 1 && a.out1) static_cast<S*>(a.out1)[r] = S(out[1]);
 }
 

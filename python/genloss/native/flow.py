@@ -271,7 +271,7 @@ def consistency_training_loss(f_student, f_target, sigma_i, sigma_next, c=None, 
     (FLOW.24)
 
     The pseudo-Huber kernel with iCT's lambda = 1 / (sigma_next - sigma_i) (formed in float64
-    from the B noise levels) as its row weight.  Differentiable input: f_student only
+    from the B noise levels by the row functor ``CtWeight``) as its row weight.  Differentiable input: f_student only
     (f_target is a stop-gradient target; the noise levels are points of the discretization).
     float16/bfloat16 inputs are computed in float32 (as pseudo_huber_loss).
     """
@@ -503,7 +503,7 @@ def scm_loss(F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data=0.5, r=1.0, c=0.1, lo
 def _unit_rows(name: str, value: Any, like: Buf) -> Buf:
     """A (B,) vector of times in [0, 1] in ``like``'s place and dtype (NaN refused, named)."""
     b = _row_vector(name, value, like, "u")
-    r = float_range(b)
+    r = float_range(b, ("unit_interval", (b,), 0.0))
     if r is not None and (r[0] < 0.0 or r[1] > 1.0):
         raise ValueError(
             f"{name} must lie in [0, 1] (t = 0 data, t = 1 noise), got {r[0] if r[0] < 0.0 else r[1]}"
@@ -515,10 +515,10 @@ def meanflow_loss(u, v, du_dt, t, r, p=1.0, eps=1e-3, reduction="mean", *, need_
     r"""MeanFlow: per sample sg(w) ||u - u_tgt||^2, u_tgt = v - (t - r) du_dt, w = (sg(delta) + eps)^-p.
     (FLOW.33)
 
-    Two ``DiffusionMSE`` passes over (u, v, du_dt) with the per-row table (1, r - t) (the target
-    built in registers; at r = t du_dt is not read): the row sums delta_b, then w_b = (delta_b +
-    eps)^-p in float64 as the row weight of the value and of d/du = 2 w (u - u_tgt).  No target
-    array.  Differentiable input: u (the surrogate's gradient, w frozen). float16/bfloat16 inputs
+    Two ``DiffusionMSE`` passes over (u, v, du_dt) with the per-row table (1, r - t) (the row
+    functor ``MeanflowRows``; the target built in registers; at r = t du_dt is not read): the row
+    sums delta_b, then w_b = (delta_b + eps)^-p in float64 (``MeanflowWeight``) as the row weight
+    of the value and of d/du = 2 w (u - u_tgt).  No target array.  Differentiable input: u (the surrogate's gradient, w frozen). float16/bfloat16 inputs
     are computed in float32 (delta passes between the two calls, w is a per-sample weight).
     """
     if low_storage((u, v, du_dt, t, r)):
@@ -528,29 +528,35 @@ def meanflow_loss(u, v, du_dt, t, r, p=1.0, eps=1e-3, reduction="mean", *, need_
             ),
             (u, v, du_dt, t, r),
         )
-    with _R.named_errors("meanflow_loss"):
-        C.reduction(reduction)
-        p, eps = _R.meanflow_params(p, eps)
-        ub, vb, db = _batched(("u", "v", "du_dt"), (u, v, du_dt), reduction)
-        tb, rb = _unit_rows("t", t, ub), _unit_rows("r", r, ub)
-        (flag,) = needs(need_grad, 1)
-    t64 = _f64(tb)
-    tab = _table([t64 * 0.0 + 1.0, _f64(rb) - t64], ub)  # r - t formed in float64 (0 exactly at r = t)
-    delta = empty(ub, (ub.rows,))
-    _run("DiffusionMSE", [ub, vb, db], [None, None, None], rows_out=delta, table=tab, stride=2)
-    w = (_f64(delta) + eps) ** -p  # (FLOW.33) the adaptive weight, no gradient
-    out, rows = _value_out(ub, reduction)
-    grads = [empty(ub, ub.shape) if flag else None, None, None]
-    s = loss_scale(reduction, ub)
-    _run("DiffusionMSE", [ub, vb, db], grads, value_scale=s, out=out, rows_out=rows, grad_scale=s, table=tab,
-         stride=2, row_weight=_like(w, ub, "u"))  # fmt: skip
-    return _result(out, rows, grads[:1], (flag,))
+
+    def compose():
+        with _R.named_errors("meanflow_loss"):
+            C.reduction(reduction)
+            pw, e = _R.meanflow_params(p, eps)
+            ub, vb, db = _batched(("u", "v", "du_dt"), (u, v, du_dt), reduction)
+            tb, rb = _unit_rows("t", t, ub), _unit_rows("r", r, ub)
+            (flag,) = needs(need_grad, 1)
+        tab = empty(ub, (ub.rows, 2), f64=True)
+        row_map("MeanflowRows", [tb, rb], table=tab)  # (1, r - t), r - t in float64 (0 exactly at r = t)
+        delta = empty(ub, (ub.rows,))
+        _run("DiffusionMSE", [ub, vb, db], [None, None, None], rows_out=delta, table=tab, stride=2)
+        w = empty(ub, (ub.rows,))
+        row_map("MeanflowWeight", [delta], outs=[w], params={"p": pw, "eps": e})  # (FLOW.33) no gradient
+        out, rows = _value_out(ub, reduction)
+        grads = [empty(ub, ub.shape) if flag else None, None, None]
+        s = loss_scale(reduction, ub)
+        _run("DiffusionMSE", [ub, vb, db], grads, value_scale=s, out=out, rows_out=rows, grad_scale=s, table=tab,
+             stride=2, row_weight=w)  # fmt: skip
+        return _result(out, rows, grads[:1], (flag,))
+
+    return cached(("meanflow", p, eps, reduction, need_grad), (u, v, du_dt, t, r), compose)
 
 
 def vsd_loss(x, x0_fake, x0_real, reduction="mean", *, need_grad=True):
     r"""DMD2: per sample 1/2 mean_i (w (x0_fake - x0_real))^2, w = 1/(mean|x - x0_real| + 1e-6).  (FLOW.34)
 
-    ``AbsDiff`` (x, x0_real) row means give w (float64, no gradient); ``SquaredDiff`` (x0_fake,
+    ``AbsDiff`` (x, x0_real) row means give w (float64, no gradient: the row functor ``VsdRows``,
+    which also writes the row weight and the gradient's table); ``SquaredDiff`` (x0_fake,
     x0_real) with the row weight w^2/2 gives the value; when asked, ``RowAffine`` (x0_fake,
     x0_real) with the per-row table (s w/n, -s w/n) writes d/dx = w (x0_fake - x0_real)/n.
     Differentiable input: x (the surrogate's gradient: x enters the value only through the frozen w).
@@ -560,19 +566,25 @@ def vsd_loss(x, x0_fake, x0_real, reduction="mean", *, need_grad=True):
         return computed_in_float32(
             lambda a, b, c_: vsd_loss(a, b, c_, reduction, need_grad=need_grad), (x, x0_fake, x0_real)
         )
-    with _R.named_errors("vsd_loss"):
-        C.reduction(reduction)
-        xb, fb, rb = _batched(("x", "x0_fake", "x0_real"), (x, x0_fake, x0_real), reduction)
-        (flag,) = needs(need_grad, 1)
-    a = empty(xb, (xb.rows,))
-    _run("AbsDiff", [xb, rb], [None, None], value_scale=1.0 / xb.cols, rows_out=a)
-    w = _R.vsd_weight(_f64(a))  # (FLOW.34)
-    out, rows = _value_out(xb, reduction)
-    s = loss_scale(reduction, xb, per_sample_mean=True)
-    _run("SquaredDiff", [fb, rb], [None, None], value_scale=s, out=out, rows_out=rows,
-         row_weight=_like(0.5 * w * w, xb, "x"))  # fmt: skip
-    if not flag:
-        return _result(out, rows, [], ())
-    grad = empty(xb, xb.shape)
-    _run("RowAffine", [fb, rb], [None, None], elems_out=grad, table=_table([s * w, -s * w], xb), stride=2)
-    return _result(out, rows, [grad], (flag,))
+
+    def compose():
+        with _R.named_errors("vsd_loss"):
+            C.reduction(reduction)
+            xb, fb, rb = _batched(("x", "x0_fake", "x0_real"), (x, x0_fake, x0_real), reduction)
+            (flag,) = needs(need_grad, 1)
+        a = empty(xb, (xb.rows,))
+        _run("AbsDiff", [xb, rb], [None, None], value_scale=1.0 / xb.cols, rows_out=a)
+        s = loss_scale(reduction, xb, per_sample_mean=True)
+        # (FLOW.34) w = 1 / (a + eps): the row weight w^2 / 2 and the gradient's table (s w, -s w)
+        tab = empty(xb, (xb.rows, 2), f64=True)
+        half_w2 = empty(xb, (xb.rows,))
+        row_map("VsdRows", [a], table=tab, outs=[half_w2], params={"scale": s, "eps": _R.VSD_EPS})
+        out, rows = _value_out(xb, reduction)
+        _run("SquaredDiff", [fb, rb], [None, None], value_scale=s, out=out, rows_out=rows, row_weight=half_w2)
+        if not flag:
+            return _result(out, rows, [], ())
+        grad = empty(xb, xb.shape)
+        _run("RowAffine", [fb, rb], [None, None], elems_out=grad, table=tab, stride=2)
+        return _result(out, rows, [grad], (flag,))
+
+    return cached(("vsd", reduction, need_grad), (x, x0_fake, x0_real), compose)

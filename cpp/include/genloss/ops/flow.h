@@ -203,5 +203,41 @@ struct CtWeight {
   }
 };
 
+// MeanFlow's per-row table (1, r - t) for DiffusionMSE (u_tgt = v - (t - r) du/dt), r - t
+// formed in float64: exactly 0 at r = t, where du/dt is not read. Inputs (t, r). (FLOW.33)
+struct MeanflowRows {
+  static constexpr int n_in = 2, n_table = 2, n_out = 0;
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>&, double* tab, double*) {
+    tab[0] = 1.0;
+    tab[1] = in[1] - in[0];
+  }
+};
+
+// MeanFlow's adaptive weight w = (delta + eps)^-p from the row sums delta. (FLOW.33)
+struct MeanflowWeight {
+  static constexpr int n_in = 1, n_table = 0, n_out = 1;
+  static constexpr ParamNames params{"p", "eps"};
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double*, double* out) {
+    out[0] = gl_pow(in[0] + p.b, -p.a);
+  }
+};
+
+// DMD2's normaliser w = 1 / (mean|x - x0_real| + eps) from the row means: the row weight
+// w^2 / 2 of the value and the per-row table (s w, -s w) of the gradient, s = scale (the
+// loss scale over n). Input: the row means.                                 (FLOW.34)
+struct VsdRows {
+  static constexpr int n_in = 1, n_table = 2, n_out = 1;
+  static constexpr ParamNames params{"scale", "eps"};
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double* tab, double* out) {
+    const double w = 1.0 / (in[0] + p.b);
+    tab[0] = p.a * w;
+    tab[1] = -p.a * w;
+    out[0] = 0.5 * w * w;
+  }
+};
+
 }  // namespace ops
 }  // namespace genloss
