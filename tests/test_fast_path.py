@@ -72,6 +72,8 @@ PLAN_OPS = (
     "posterior_mean_from_eps",
     "vlb_term",  # and the table rows used, the value's NaNs
     # the engine's other kernels, kinds of the same Call (plan.cpp, Kind):
+    "relativistic_d_loss",  # the means passed between calls in a float64 scratch (totals_out, param_from)
+    "relativistic_g_loss",
     "gradient_penalty_from_grads",  # map_reduce + row_scale, with scratch (the norms, coefficients)
     "feature_matching_loss",  # col_sum into scratch means, col_broadcast
     "ssgan_critic_loss",  # row_lse, with a guard: the labels' range
@@ -328,14 +330,15 @@ def test_plan_scalar_results_are_fresh_tensors(plans):
 
 
 def test_recordings_that_cannot_be_replayed_are_not_kept(plans):
-    """A composition that reads the data in Python (a total feeding the next call, a range
-    check) or runs a primitive that is not a Call leaves no plan."""
+    """A composition that reads the data in Python (a total read back, the data's median) or
+    runs a primitive that is not a Call leaves no plan; sums passed between calls through
+    float64 memory that it allocated itself are kept (relativistic_d_loss's means)."""
     import genloss.native as gn
 
     r, f = _plain(16), _plain(16) * 0.5
     with _engine.Recording() as rec:
-        gn.relativistic_d_loss(r, f)  # the means pass between calls through memory
-    assert not rec.ok
+        gn.relativistic_d_loss(r, f)  # the means pass between calls through its float64 scratch
+    assert rec.ok
     with _engine.Recording() as rec:  # the median heuristic reads the data for its bandwidth
         gn.mmd2(_plain(16).reshape(8, 2), _plain(16).reshape(8, 2) * 0.5)
     assert not rec.ok
@@ -350,9 +353,15 @@ def test_recordings_that_cannot_be_replayed_are_not_kept(plans):
     assert not plans.add(("aliased",), (r, r), [aliased], value)
     totals = _C.Call(functor="Linear", ins=[r.data_ptr()], rows=16, cols=1, totals=True)
     assert not plans.add(("totals",), (r,), [totals], value)
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64)  # float64 memory the composition did not allocate
     kept = _C.Call(functor="Linear", ins=[r.data_ptr()], rows=16, cols=1, totals_out=sums.data_ptr())
     assert not plans.add(("totals_out",), (r,), [kept], value)
+    own = torch.zeros(3)  # its own scratch, but float32: no float64 slot
+    kept = _C.Call(functor="Linear", ins=[r.data_ptr()], rows=16, cols=1, totals_out=own.data_ptr())
+    assert not plans.add(("f32 slot",), (r,), [kept], value, allocs=[own])
+    own = torch.zeros(2, dtype=torch.float64)  # a slot past its end
+    kept = _C.Call(functor="Linear", ins=[r.data_ptr()], rows=16, cols=1, totals_out=own.data_ptr() + 16)
+    assert not plans.add(("past the end",), (r,), [kept], value, allocs=[own])
 
 
 def test_large_outputs_come_from_the_output_cache(plans):

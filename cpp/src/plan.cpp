@@ -1463,6 +1463,8 @@ int64_t work_of(const Call& c) {
 struct Ref {
   int8_t kind = 0;  // 0 none, 1 input, 2 output, 3 scratch
   int8_t index = 0;
+  int32_t offset =
+      0;  // bytes into a scratch array (a float64 slot of map_reduce's totals_out, param_from, offset_from)
 };
 
 struct Step {
@@ -1471,8 +1473,9 @@ struct Step {
   KernelArgs k;     // another kind; pointers cleared likewise
   Ref in[kMaxArity], grad[kMaxArity];
   Ref out_value, out_rows, out_elems, out_rows_raw, table, index, row_weight;
-  Ref addr[kMaxKernelAddrs];  // another kind: its address fields, in the order kKinds lists them
-  std::vector<double> reals;  // its kTReals field (Call::reals)
+  Ref totals_out, param_from, offset_from;  // scalars one call leaves for the next (float64 scratch)
+  Ref addr[kMaxKernelAddrs];                // another kind: its address fields, in the order kKinds lists them
+  std::vector<double> reals;                // its kTReals field (Call::reals)
 };
 
 // A check of the data that the Python path made while it recorded (_engine.guard), re-run
@@ -1777,7 +1780,7 @@ class PlanCache {
     const auto bind = [&](const Ref& r) -> void* {
       if (r.kind == 1) return in[static_cast<size_t>(r.index)].ptr;
       if (r.kind == 2) return optr[static_cast<size_t>(r.index)];
-      if (r.kind == 3) return sptr[static_cast<size_t>(r.index)];
+      if (r.kind == 3) return static_cast<char*>(sptr[static_cast<size_t>(r.index)]) + r.offset;
       return nullptr;
     };
     std::vector<std::vector<double>> reals;  // copies: no pointer into the plan while the GIL is released
@@ -1798,6 +1801,9 @@ class PlanCache {
         a.table = bind(s.table);
         a.index = bind(s.index);
         a.row_weight = bind(s.row_weight);
+        a.totals_out = static_cast<double*>(bind(s.totals_out));
+        a.param_from = static_cast<const double*>(bind(s.param_from));
+        a.offset_from = static_cast<const double*>(bind(s.offset_from));
       } else {
         const KindInfo& info = kKinds[s.kind];
         for (int j = 0, q = 0; j < info.n; ++j)
@@ -1824,7 +1830,8 @@ class PlanCache {
   // totals (the Python path used the data), a returned array that it did not allocate
   // (a derived array), a pointer that is neither an input nor one of its allocations (a
   // copy or another derived array). An allocation that is not returned is scratch: the
-  // plan allocates it afresh on every run.
+  // plan allocates it afresh on every run. Scalars that one call leaves for the next
+  // (map_reduce's totals_out, param_from, offset_from) are float64 slots of a scratch array.
   //
   // Addresses identify buffers only while those buffers are alive: a scratch freed
   // before the composition ends, and an output later allocated at its address, would
@@ -1889,15 +1896,20 @@ class PlanCache {
       for (size_t j = i + 1; j < seen.size(); ++j)
         if (seen[i] == seen[j]) return false;           // aliased: a slot would be ambiguous
     std::vector<int> scratch_slot(scratch.size(), -1);  // its index in p.scratch_shapes, once used
-    const auto ref = [&](const void* ptr, Ref& r) -> bool {
+    // `slot`: a float64 scalar inside a float64 scratch array (totals_out, param_from,
+    // offset_from) rather than the start of an array.
+    const auto ref = [&](const void* ptr, Ref& r, bool slot = false) -> bool {
       r = Ref{};
       if (ptr == nullptr) return true;
-      for (size_t i = 0; i < in.size(); ++i)
+      for (size_t i = 0; i < in.size() && !slot; ++i)
         if (in[i].ptr == ptr) return r = Ref{1, static_cast<int8_t>(i)}, true;
-      for (size_t j = 0; j < out.size(); ++j)
+      for (size_t j = 0; j < out.size() && !slot; ++j)
         if (p.out_present[j] && out[j].ptr == ptr) return r = Ref{2, static_cast<int8_t>(j)}, true;
       for (size_t j = 0; j < scratch.size(); ++j) {
-        if (scratch[j]->ptr != ptr) continue;
+        const Input& sc = *scratch[j];
+        const auto at =
+            static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(ptr) - reinterpret_cast<std::uintptr_t>(sc.ptr));
+        if (slot ? sc.integer || sc.code != kFloat64 || at < 0 || at % 8 != 0 || at >= sc.numel * 8 : at != 0) continue;
         if (scratch_slot[j] < 0) {
           if (p.scratch_shapes.size() >= 64) return false;
           int like = -1, code = -1;  // an input of its dtype (alloc takes the dtype from one)
@@ -1911,7 +1923,7 @@ class PlanCache {
           p.scratch_like.push_back(like);
           p.scratch_code.push_back(code);
         }
-        return r = Ref{3, static_cast<int8_t>(scratch_slot[j])}, true;
+        return r = Ref{3, static_cast<int8_t>(scratch_slot[j]), static_cast<int32_t>(at)}, true;
       }
       return false;
     };
@@ -1923,8 +1935,9 @@ class PlanCache {
     for (py::handle h : calls) {
       if (!py::isinstance<Call>(h)) return false;
       const Call& c = h.cast<const Call&>();
-      // (totals, and scalars passed between calls through memory: not part of a plan)
-      if (c.device != 0 || c.want_totals || c.a.totals_out || c.a.param_from || c.a.offset_from) return false;
+      // (totals read back to the host: not part of a plan; scalars passed between calls
+      // through float64 scratch are)
+      if (c.device != 0 || c.want_totals) return false;
       Step s{};
       s.kind = c.kind;
       s.a = c.a;
@@ -1935,10 +1948,13 @@ class PlanCache {
         for (int q = 0; q < kMaxArity; ++q) ok = ok && ref(c.a.in[q], s.in[q]) && ref(c.a.grad[q], s.grad[q]);
         ok = ok && ref(c.a.out_value, s.out_value) && ref(c.a.out_rows, s.out_rows) &&
              ref(c.a.out_elems, s.out_elems) && ref(c.a.out_rows_raw, s.out_rows_raw) && ref(c.a.table, s.table) &&
-             ref(c.a.index, s.index) && ref(c.a.row_weight, s.row_weight);
+             ref(c.a.index, s.index) && ref(c.a.row_weight, s.row_weight) && ref(c.a.totals_out, s.totals_out, true) &&
+             ref(c.a.param_from, s.param_from, true) && ref(c.a.offset_from, s.offset_from, true);
         for (int q = 0; q < kMaxArity; ++q) s.a.in[q] = s.a.grad[q] = nullptr;
         s.a.out_value = s.a.out_rows = s.a.out_elems = s.a.out_rows_raw = nullptr;
         s.a.table = s.a.index = s.a.row_weight = nullptr;
+        s.a.totals_out = nullptr;
+        s.a.param_from = s.a.offset_from = nullptr;
         s.a.totals = nullptr;
       } else {
         const KindInfo& info = kKinds[c.kind];

@@ -907,6 +907,11 @@ class Recording:
         _local.rec = None
 
 
+def recording() -> bool:
+    """Whether a composition is being recorded for a plan (in this thread)."""
+    return _local.rec is not None
+
+
 def data_used() -> None:
     """The composition being recorded (if any) read its inputs' values in Python: no plan."""
     rec = _local.rec
@@ -1024,7 +1029,7 @@ def map_reduce(
             index_type=0 if index is None else index.dtype, row_weight=_p(row_weight), out_rows_raw=_p(rows_raw),
         )  # fmt: skip
     if totals_out is not None or param_from is not None or offset_from is not None:
-        data_used()  # scalars passed between calls through memory: no plan (cpp/src/plan.cpp)
+        # scalars passed between calls through memory: a plan keeps them in float64 scratch
         if totals_out is not None:
             extra["totals_out"] = totals_out[0].ptr + 8 * totals_out[1]
         if param_from is not None:

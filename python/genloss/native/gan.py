@@ -40,10 +40,10 @@ from ._engine import (
     empty,
     int_range,
     map_reduce,
+    recording,
     row_lse,
     row_scale,
     same_place,
-    zeros64,
 )
 
 FGAN_DIVERGENCES = (
@@ -132,7 +132,9 @@ class _Sums:
     stream never waits for the host, and a CUDA graph captures the loss)."""
 
     def __init__(self, like: Buf, memory: bool) -> None:
-        self.buf = zeros64(like, 8) if memory else None
+        # every slot is written (totals_out) before a later pass reads it: no zeros needed,
+        # and an array of _engine.empty is one a plan allocates afresh as scratch
+        self.buf = empty(like, (8,), f64=True) if memory else None
         self.host = [0.0] * 8
 
     def into(self, i: int) -> dict:
@@ -162,7 +164,8 @@ def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad, m
     D: pos = real, neg = fake.  G: pos = fake, neg = real. The means depend on
     the other population, so each gradient gets a constant cross term
     (GAN.11): d/dn_j of the first sum is -s_p * sum(dp) / numel(n). ``memory``: where the
-    sums between passes live (``_Sums``); None: in memory on CUDA, on the host on the CPU.
+    sums between passes live (``_Sums``); None: in memory on CUDA and while a plan records
+    (the plan replays the passes with the sums in its float64 scratch), else on the host.
     """
     C.reduction(reduction, C.TWO_POPULATION)
     average = C.flag("average", average)
@@ -173,7 +176,7 @@ def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad, m
         C.same_shape(pos_name, p.shape, neg_name, n.shape)
         terms = [Term("SoftplusNegDiff", p, y=n)]
         return run_terms(terms, reduction, need_grad, 2, [0])
-    s = _Sums(p, p.device != CPU if memory is None else memory)
+    s = _Sums(p, (p.device != CPU or recording()) if memory is None else memory)
     s.keep(0, map_reduce("Linear", p, params={}, **s.into(0)))  # slots 0-1: sum(p); 2-3: sum(n)
     s.keep(2, map_reduce("Linear", n, params={}, **s.into(2)))
     sp, sn = batch_scale(reduction, bp), batch_scale(reduction, bn)
@@ -202,17 +205,25 @@ def _relativistic(pos, neg, pos_name, neg_name, average, reduction, need_grad, m
 
 def relativistic_d_loss(real_logits, fake_logits, average=True, reduction="mean", *, need_grad=True):
     """RaGAN / RSGAN discriminator loss.  (GAN.11)"""
-    value, grads = _relativistic(real_logits, fake_logits, "real_logits", "fake_logits", average, reduction,
-                                 need_grad)  # fmt: skip
-    return value, grads
+
+    def compose():
+        return _relativistic(
+            real_logits, fake_logits, "real_logits", "fake_logits", average, reduction, need_grad
+        )
+
+    return cached(("relativistic_d", average, reduction, need_grad), (real_logits, fake_logits), compose)
 
 
 def relativistic_g_loss(real_logits, fake_logits, average=True, reduction="mean", *, need_grad=True):
     """RaGAN / RSGAN generator loss: the discriminator loss with the roles swapped.  (GAN.11)"""
     flags = need_grad if isinstance(need_grad, (bool, int)) else tuple(need_grad)[::-1]
-    value, grads = _relativistic(fake_logits, real_logits, "fake_logits", "real_logits", average, reduction,
-                                 flags)  # fmt: skip
-    return value, grads[::-1] if grads else ()
+
+    def compose():
+        value, grads = _relativistic(fake_logits, real_logits, "fake_logits", "real_logits", average, reduction,
+                                     flags)  # fmt: skip
+        return value, grads[::-1] if grads else ()
+
+    return cached(("relativistic_g", average, reduction, need_grad), (real_logits, fake_logits), compose)
 
 
 # ---------------------------------------------------------------- (GAN.12, GAN.13)
