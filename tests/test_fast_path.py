@@ -81,6 +81,12 @@ PLAN_OPS = (
     "iwae_bound",  # row_lse
     "gmm_log_likelihood",  # gmm
     "mmd2",  # mmd, with bandwidths given (the median heuristic reads the data: no plan)
+    "flow_interpolant",  # row_map (the path's coefficients), RowAffine; guard: t in [0, 1]
+    "vdm_continuous_loss",  # SquaredDiff with row weights; guard: dgamma_dt finite
+    "vdm_discrete_loss",  # row_map (T/2 expm1(gamma_t - gamma_s) and its gradients), SquaredDiff
+    "negative_elbo",  # two map_reduce terms per sample; guard: no NaN in the value (x off [0, 1])
+    "discretized_gaussian_log_likelihood",  # same shapes; guard: x in [-1, 1]
+    "density_ratio_from_logits",  # map_reduce Exp, elementwise
 )
 FAST_OPS = PLAN_OPS
 NATIVE_RECORDS = tuple(r for r in R.RECORDS if r.has_native)
@@ -125,8 +131,10 @@ def _expect_fast(record, tensors, kwargs, need=True):
         return False
     if record.name == "gaussian_nll":
         return tensors[2].shape == tensors[0].shape
-    if record.name == "normal_kl":
+    if record.name in ("normal_kl", "discretized_gaussian_log_likelihood"):
         return len({t.shape for t in tensors}) == 1
+    if record.name == "negative_elbo":  # a broadcast recon_logvar is a derived array
+        return len(tensors) == 4 or tensors[4].shape == tensors[0].shape
     if record.name == "vlb_term":
         shapes = {tuple(t.shape) for t in tensors if t.is_floating_point()}
         return len(shapes) == 1
@@ -824,6 +832,32 @@ def test_meanflow_plan_guards_t_and_r(plans):
         (float("nan"), False),
     ]
     _served_or_named(plans, key, call, arrays_of, cases, "r must")
+    assert len(plans) == 1
+
+
+def test_discretized_plan_guards_x(plans):
+    """discretized_gaussian_log_likelihood runs on a plan (same-shape inputs) that re-checks x
+    in [-1, 1]: the end points are served with the Python path's bits; outside, or NaN, the
+    plan declines and the Python path names x."""
+    import genloss.native as gn
+
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(2, 5, generator=g) * 2 - 1
+    means, log_scales = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g) * 0.1 - 2
+
+    def call(*a):
+        return gn.discretized_gaussian_log_likelihood(*a, need_grad=True)
+
+    call(x, means, log_scales)  # records
+    key = ("discretized_gll", 8, "exact", True)
+
+    def arrays_of(v):
+        xx = x.clone()
+        xx[1, 3] = v
+        return (xx, means, log_scales)
+
+    cases = [(-1.0, True), (1.0, True), (1.0 + 2**-23, False), (-1.5, False), (float("nan"), False)]
+    _served_or_named(plans, key, call, arrays_of, cases, "x must lie in")
     assert len(plans) == 1
 
 

@@ -1488,6 +1488,7 @@ enum GuardKind {
   kUnitInterval,  // float input `x`: in [bound, 1] (bound >= 0)              (flow._times)
   kPositive,      // float input `x`: in (0, bound]                             (flow.denoiser_loss's sigma)
   kOrdered,       // float inputs `x`, `y`: 0 <= x < y row by row               (flow, iCT's noise levels)
+  kWithin,        // float input `x`: in [-bound, bound]                        (discretized data in [-1, 1])
 };
 
 struct Guard {
@@ -1704,6 +1705,8 @@ bool pass(const Guard& g, const std::vector<Input>& in) {
       return by_dtype(x.code, x.ptr, [&](auto v) { return in_interval(v, x.numel, g.bound, 1.0, false); });
     case kPositive:
       return by_dtype(x.code, x.ptr, [&](auto v) { return in_interval(v, x.numel, 0.0, g.bound, true); });
+    case kWithin:
+      return by_dtype(x.code, x.ptr, [&](auto v) { return in_interval(v, x.numel, -g.bound, g.bound, false); });
     case kOrdered: {
       const Input& y = in[static_cast<size_t>(g.y.index)];
       return by_dtype(x.code, x.ptr, [&](auto v) { return ordered(v, static_cast<decltype(v)>(y.ptr), x.numel); });
@@ -2052,6 +2055,9 @@ class PlanCache {
     } else if (PyUnicode_CompareWithASCIIString(kind, "unit_interval") == 0 && n == 1 && input(r[0], false) &&
                arg >= 0.0) {
       g.kind = kUnitInterval;
+      g.bound = arg;
+    } else if (PyUnicode_CompareWithASCIIString(kind, "within") == 0 && n == 1 && input(r[0], false)) {
+      g.kind = kWithin;
       g.bound = arg;
     } else if (PyUnicode_CompareWithASCIIString(kind, "positive") == 0 && n == 1 && input(r[0], false)) {
       g.kind = kPositive;

@@ -50,6 +50,7 @@ namespace genloss {
 //   posterior_mean_from_eps, q_posterior     map_reduce RowAffine (schedule table, elementwise)
 //   eps_mse_loss, vdm_continuous_loss,
 //   vdm_discrete_loss                        map_reduce SquaredDiff with row weights
+//                                            (row_map VdmDiscreteRows, VdmDiscreteGrads)
 //   diffusion_mse_loss                       map_reduce DiffusionMSE (schedule table, row weights)
 //   discretized_gaussian_log_likelihood      map_reduce DiscretizedGaussianLL (elementwise)
 //   vlb_term                                 map_reduce VlbKL / VlbKLLearned, rows with t = 0
@@ -67,6 +68,7 @@ namespace genloss {
 //                                            map_reduce DiffusionMSE (twice)
 //   vsd_loss                                 map_reduce AbsDiff, row_map VsdRows,
 //                                            map_reduce SquaredDiff, RowAffine
+//   flow_interpolant                         row_map InterpolantRows, map_reduce RowAffine
 //
 // X-macro of every functor the engines instantiate: (enum id, type).
 #define GENLOSS_FUNCTORS(X)                             \
@@ -317,7 +319,10 @@ struct GmmArgs {
   X(kCtWeight, ops::CtWeight)               \
   X(kMeanflowRows, ops::MeanflowRows)       \
   X(kMeanflowWeight, ops::MeanflowWeight)   \
-  X(kVsdRows, ops::VsdRows)
+  X(kVsdRows, ops::VsdRows)                 \
+  X(kInterpolantRows, ops::InterpolantRows) \
+  X(kVdmDiscreteRows, ops::VdmDiscreteRows) \
+  X(kVdmDiscreteGrads, ops::VdmDiscreteGrads)
 
 enum RowFunctorId : int {
 #define GENLOSS_ENUM(id, type) id,

@@ -924,7 +924,8 @@ def guard(kind: str, bufs: Sequence[Buf], arg: float = 0.0) -> None:
     its plan can re-run on every call (cpp/src/plan.cpp, GuardKind): 'index_range' (an integer
     input in [0, arg)), 'rows_finite' (the rows of a float64 table input that an integer input
     picks are finite), 'finite' (a float input is finite; arg != 0: and >= 0), 'unit_interval'
-    (a float input in [arg, 1], arg >= 0), 'positive' (a float input in (0, arg]), 'ordered'
+    (a float input in [arg, 1], arg >= 0), 'positive' (a float input in (0, arg]), 'within'
+    (a float input in [-arg, arg]), 'ordered'
     (two float inputs x, y of one dtype and size: 0 <= x < y entry by entry), 'no_nan' (an
     output has no NaN, checked after the calls). A guard may decline more than the Python
     check refuses (that call then takes the Python path), never less. The plan declines

@@ -37,6 +37,7 @@ from ._engine import (
     guard,
     int_range,
     map_reduce,
+    row_map,
     same_place,
     skip_checks,
     sum_to,
@@ -426,7 +427,7 @@ def _bits(bits) -> int:
 
 
 def _unit_box(b: Buf, name: str, what: str) -> None:
-    r = float_range(b)
+    r = float_range(b, ("within", (b,), 1.0))
     if r is not None and not (r[0] >= -1.0 and r[1] <= 1.0):  # NaN fails too
         raise ValueError(f"{name} must lie in [-1, 1] ({what}), got values in [{r[0]}, {r[1]}]")
 
@@ -436,29 +437,35 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, bits=8, cdf="exact
 
     Differentiable inputs: means, log_scales (x is data).  (DIF.9-DIF.11)
     """
-    cdf = C.choice("cdf", cdf, ("exact", "tanh"))
-    bits = _bits(bits)
-    names = ("x", "means", "log_scales")
-    bufs = inputs(names, (x, means, log_scales))
-    try:
-        shape = tuple(np.broadcast_shapes(*(b.shape for b in bufs)))
-    except ValueError:
-        got = ", ".join(f"{n} {b.shape}" for n, b in zip(names, bufs, strict=True))
-        raise ValueError(f"x, means, log_scales must broadcast together, got {got}") from None
-    _unit_box(bufs[0], "x", "discretized data")
-    full = [broadcast(b, shape, n) for b, n in zip(bufs, names, strict=True)]
-    flags = needs(need_grad, 2)
-    out = empty(full[0], shape)
-    grads = [None] + [empty(f, shape) if fl else None for f, fl in zip(full[1:], flags, strict=True)]
-    n = math.prod(shape)
-    params = {"bin_width": _bin_width(bits), "tanh_cdf": cdf == "tanh"}
-    _run("DiscretizedGaussianLL", full, grads, params=params, shape2d=(1, n), elems_out=out)
-    if not any(flags):
-        return out.arr, ()
-    return out.arr, tuple(
-        None if g is None else sum_to(g.arr, b.shape, b.kind)
-        for g, b in zip(grads[1:], bufs[1:], strict=True)
-    )
+
+    def compose():
+        cdf_ = C.choice("cdf", cdf, ("exact", "tanh"))
+        bits_ = _bits(bits)
+        names = ("x", "means", "log_scales")
+        bufs = inputs(names, (x, means, log_scales))
+        try:
+            shape = tuple(np.broadcast_shapes(*(b.shape for b in bufs)))
+        except ValueError:
+            got = ", ".join(f"{n} {b.shape}" for n, b in zip(names, bufs, strict=True))
+            raise ValueError(f"x, means, log_scales must broadcast together, got {got}") from None
+        _unit_box(bufs[0], "x", "discretized data")
+        full = [broadcast(b, shape, n) for b, n in zip(bufs, names, strict=True)]  # same shapes: themselves
+        flags = needs(need_grad, 2)
+        out = empty(full[0], shape)
+        grads = [None] + [empty(f, shape) if fl else None for f, fl in zip(full[1:], flags, strict=True)]
+        n = math.prod(shape)
+        params = {"bin_width": _bin_width(bits_), "tanh_cdf": cdf_ == "tanh"}
+        _run("DiscretizedGaussianLL", full, grads, params=params, shape2d=(1, n), elems_out=out)
+        if not any(flags):
+            return out.arr, ()
+        return out.arr, tuple(
+            None if g is None else sum_to(g.arr, b.shape, b.kind)
+            for g, b in zip(grads[1:], bufs[1:], strict=True)
+        )
+
+    # Same-shape arrays (the usual call) run on a cached plan, which re-checks x in [-1, 1];
+    # broadcast ones are derived arrays (materialised): the Python path each time.
+    return cached(("discretized_gll", bits, cdf, need_grad), (x, means, log_scales), compose)
 
 
 def _vlb_table(s: _R.DiffusionSchedule) -> np.ndarray:
@@ -606,12 +613,16 @@ def vdm_continuous_loss(eps, eps_pred, dgamma_dt, reduction="mean", *, need_grad
     Differentiable inputs: eps, eps_pred, dgamma_dt (d/d gamma' = 1/2 ||eps - eps_pred||^2,
     the kernel's unweighted row sums).
     """
-    C.reduction(reduction)
-    e, p = _batched(("eps", "eps_pred"), (eps, eps_pred), reduction)
-    w = _row_vector("dgamma_dt", dgamma_dt, e, "eps")
-    flags = needs(need_grad, 3)
-    out, rows, grads, raw = _squared_diff(e, p, w, reduction, 0.5, flags, want_raw=flags[2])
-    return _result(out, rows, [*grads, raw], flags)
+
+    def compose():
+        C.reduction(reduction)
+        e, p = _batched(("eps", "eps_pred"), (eps, eps_pred), reduction)
+        w = _row_vector("dgamma_dt", dgamma_dt, e, "eps")
+        flags = needs(need_grad, 3)
+        out, rows, grads, raw = _squared_diff(e, p, w, reduction, 0.5, flags, want_raw=flags[2])
+        return _result(out, rows, [*grads, raw], flags)
+
+    return cached(("vdm_continuous", reduction, need_grad), (eps, eps_pred, dgamma_dt), compose)
 
 
 def vdm_discrete_loss(eps, eps_pred, gamma_t, gamma_s, T, reduction="mean", *, need_grad=True):
@@ -626,22 +637,24 @@ def vdm_discrete_loss(eps, eps_pred, gamma_t, gamma_s, T, reduction="mean", *, n
             lambda e, p, g_t, g_s: vdm_discrete_loss(e, p, g_t, g_s, T, reduction, need_grad=need_grad),
             (eps, eps_pred, gamma_t, gamma_s),
         )
-    C.reduction(reduction)
-    T = C.positive_int("T", T)
-    e, p = _batched(("eps", "eps_pred"), (eps, eps_pred), reduction)
-    gt = _row_vector("gamma_t", gamma_t, e, "eps")
-    gs = _row_vector("gamma_s", gamma_s, e, "eps")
-    xp = _xp(e)
-    w = as_input(0.5 * T * xp.expm1(gt.arr - gs.arr), "weights")  # (DIF.17) T/2 expm1, B values
-    flags = needs(need_grad, 4)
-    out, rows, grads, raw = _squared_diff(e, p, w, reduction, 1.0, flags, want_raw=flags[2] or flags[3])
-    value, _ = _result(out, rows, [], ())
-    if not any(flags):
-        return value, ()
-    g_t = None if raw is None else 0.5 * T * xp.exp(gt.arr - gs.arr) * raw.arr  # (DIF.17)
-    return value, (
-        None if grads[0] is None else grads[0].arr,
-        None if grads[1] is None else grads[1].arr,
-        g_t if flags[2] else None,
-        None if g_t is None or not flags[3] else -g_t,  # g_t is set when flags[2] or flags[3]
-    )
+
+    def compose():
+        C.reduction(reduction)
+        half_t = {"half_T": 0.5 * C.positive_int("T", T)}
+        e, p = _batched(("eps", "eps_pred"), (eps, eps_pred), reduction)
+        gt = _row_vector("gamma_t", gamma_t, e, "eps")
+        gs = _row_vector("gamma_s", gamma_s, e, "eps")
+        w = empty(e, (e.rows,))
+        row_map("VdmDiscreteRows", [gt, gs], outs=[w], params=half_t)  # (DIF.17) T/2 expm1, in float64
+        flags = needs(need_grad, 4)
+        out, rows, grads, raw = _squared_diff(e, p, w, reduction, 1.0, flags, want_raw=flags[2] or flags[3])
+        value, _ = _result(out, rows, [], ())
+        if not any(flags):
+            return value, ()
+        g_t = empty(gt, (gt.rows,)) if flags[2] else None
+        g_s = empty(gs, (gs.rows,)) if flags[3] else None
+        if raw is not None:  # (DIF.17) d/dgamma_t = T/2 e^{gamma_t - gamma_s} m = -d/dgamma_s
+            row_map("VdmDiscreteGrads", [gt, gs, raw], outs=[g_t, g_s], params=half_t)
+        return value, tuple(None if g is None else g.arr for g in (*grads[:2], g_t, g_s))
+
+    return cached(("vdm_discrete", T, reduction, need_grad), (eps, eps_pred, gamma_t, gamma_s), compose)

@@ -317,9 +317,13 @@ def density_ratio_from_logits(logits, *, need_grad=True):
     r"""Elementwise :math:`D/(1-D) = e^{l}` for a classifier's logits, and its gradient
     :math:`e^{l}` (of the sum).  +inf where :math:`e^l` exceeds the dtype (l > 88.7 in
     float32): the ratio itself is out of range there.  (DIV.1)"""
-    (b,) = inputs(["logits"], [logits])
-    flags = needs(need_grad, 1)
-    out = empty(b, b.shape)
-    grad = empty(b, b.shape) if flags[0] else None
-    map_reduce("Exp", b, params={}, shape2d=(1, b.numel), elems_out=out, grads=[grad])
-    return out.arr, grads_out([grad], flags)
+
+    def compose():
+        (b,) = inputs(["logits"], [logits])
+        flags = needs(need_grad, 1)
+        out = empty(b, b.shape)
+        grad = empty(b, b.shape) if flags[0] else None
+        map_reduce("Exp", b, params={}, shape2d=(1, b.numel), elems_out=out, grads=[grad])
+        return out.arr, grads_out([grad], flags)
+
+    return cached(("density_ratio", need_grad), (logits,), compose)

@@ -101,28 +101,39 @@ def flow_interpolant(x0, noise, t, sigma_min=0.0, *, need_grad=True):
     r"""x_t = (1 - (1 - sigma_min) t) x0 + t noise, elementwise.  (FLOW.1)
 
     Differentiable inputs: x0, noise, t.  One pass (RowAffine with the per-row table
-    (1 - c t_b, t_b)); d/dt = sum_i (noise - c x0) per sample takes a second pass over
-    x0 and noise, only when asked.
+    (1 - c t_b, t_b), the row functor ``InterpolantRows``); d/dt = sum_i (noise - c x0) per
+    sample takes a second pass over x0 and noise, only when asked. float16/bfloat16 inputs are
+    computed on float32 copies (the 16-bit kernel would compute the same float32 numbers; the
+    row coefficients are formed from float32/float64 t), each result rounded once.
     """
-    with _R.named_errors("flow_interpolant"):
-        c = 1.0 - _R.sigma_min_value(sigma_min)
-        x, n = _batched(("x0", "noise"), (x0, noise))
-        tb = _times(t, x, "x0", "none")
-    flags = needs(need_grad, 3)
-    t64 = _f64(tb)
-    table = _table([1.0 - c * t64, t64], tb)  # (FLOW.1) the coefficients of x0 and noise
-    out = empty(x, x.shape)
-    grads = [empty(b, b.shape) if f else None for b, f in zip((x, n), flags[:2], strict=True)]
-    _run("RowAffine", [x, n], grads, elems_out=out, table=table, stride=2)  # (FLOW.1)
-    if not any(flags):
-        return out.arr, ()
-    grad_t = None
-    if flags[2]:  # (FLOW.1) d/dt_b = sum_i (noise - c x0): the same functor with rows (-c, 1)
-        vel = _table([t64 * 0.0 - c, t64 * 0.0 + 1.0], tb)
-        rows = empty(x, (x.rows,))
-        _run("RowAffine", [x, n], [None, None], rows_out=rows, table=vel, stride=2)
-        grad_t = rows.arr
-    return out.arr, (*(None if g is None else g.arr for g in grads), grad_t)
+    if low_storage((x0, noise, t)):
+        return computed_in_float32(
+            lambda x_, n_, t_: flow_interpolant(x_, n_, t_, sigma_min, need_grad=need_grad), (x0, noise, t)
+        )
+
+    def compose():
+        with _R.named_errors("flow_interpolant"):
+            c = 1.0 - _R.sigma_min_value(sigma_min)
+            x, n = _batched(("x0", "noise"), (x0, noise))
+            tb = _times(t, x, "x0", "none")
+        flags = needs(need_grad, 3)
+        table = empty(tb, (tb.rows, 2), f64=True)  # (FLOW.1) the coefficients of x0 and noise
+        row_map("InterpolantRows", [tb], table=table, params={"x0_coef": c, "velocity": 0})
+        out = empty(x, x.shape)
+        grads = [empty(b, b.shape) if f else None for b, f in zip((x, n), flags[:2], strict=True)]
+        _run("RowAffine", [x, n], grads, elems_out=out, table=table, stride=2)  # (FLOW.1)
+        if not any(flags):
+            return out.arr, ()
+        grad_t = None
+        if flags[2]:  # (FLOW.1) d/dt_b = sum_i (noise - c x0): the same functor with rows (-c, 1)
+            vel = empty(tb, (tb.rows, 2), f64=True)
+            row_map("InterpolantRows", [tb], table=vel, params={"x0_coef": c, "velocity": 1})
+            rows = empty(x, (x.rows,))
+            _run("RowAffine", [x, n], [None, None], rows_out=rows, table=vel, stride=2)
+            grad_t = rows.arr
+        return out.arr, (*(None if g is None else g.arr for g in grads), grad_t)
+
+    return cached(("flow_interpolant", sigma_min, need_grad), (x0, noise, t), compose)
 
 
 # ============================================================================= the loss (FLOW.2, FLOW.3)

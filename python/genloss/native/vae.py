@@ -156,6 +156,16 @@ def negative_elbo(
     Differentiable inputs: recon, mu, logvar (and recon_logvar when given); x is data.
     One pass over recon and x, one over mu and logvar, accumulating per sample.
     """
+
+    def compose():
+        return _negative_elbo(recon, x, mu, logvar, beta, likelihood, recon_logvar, reduction, need_grad)
+
+    arrays = (recon, x, mu, logvar) if recon_logvar is None else (recon, x, mu, logvar, recon_logvar)
+    key = ("negative_elbo", beta, likelihood, recon_logvar is None, reduction, need_grad)
+    return cached(key, arrays, compose)
+
+
+def _negative_elbo(recon, x, mu, logvar, beta, likelihood, recon_logvar, reduction, need_grad):
     beta = C.nonnegative("beta", beta)
     C.choice("likelihood", likelihood, LIKELIHOODS)
     C.reduction(reduction)

@@ -274,5 +274,28 @@ struct VlbKLT {
 using VlbKL = VlbKLT<false>;
 using VlbKLLearned = VlbKLT<true>;
 
+// VDM's discrete-time weight T/2 expm1(gamma_t - gamma_s) per sample (row functor of kind
+// row_map, engine.h), in float64. Inputs (gamma_t, gamma_s).                 (DIF.17)
+struct VdmDiscreteRows {
+  static constexpr int n_in = 2, n_table = 0, n_out = 1;
+  static constexpr ParamNames params{"half_T"};
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double*, double* out) {
+    out[0] = p.a * gl_expm1(in[0] - in[1]);
+  }
+};
+
+// Its gradients from the raw row sums m = g ||eps - eps_pred||^2: d/dgamma_t =
+// T/2 e^{gamma_t - gamma_s} m = -d/dgamma_s. Inputs (gamma_t, gamma_s, m).   (DIF.17)
+struct VdmDiscreteGrads {
+  static constexpr int n_in = 3, n_table = 0, n_out = 2;
+  static constexpr ParamNames params{"half_T"};
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double*, double* out) {
+    out[0] = p.a * gl_exp(in[0] - in[1]) * in[2];
+    out[1] = -out[0];
+  }
+};
+
 }  // namespace ops
 }  // namespace genloss

@@ -203,6 +203,18 @@ struct CtWeight {
   }
 };
 
+// The path's per-row table (FLOW.1): (1 - c t, t), the coefficients of x0 and noise in x_t;
+// with `velocity` set, (-c, 1), those of dx_t/dt = noise - c x0 (t not used). Input (t).
+struct InterpolantRows {
+  static constexpr int n_in = 1, n_table = 2, n_out = 0;
+  static constexpr ParamNames params{"x0_coef", nullptr, nullptr, "velocity"};
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double* tab, double*) {
+    tab[0] = p.mode ? -p.a : 1.0 - p.a * in[0];
+    tab[1] = p.mode ? 1.0 : in[0];
+  }
+};
+
 // MeanFlow's per-row table (1, r - t) for DiffusionMSE (u_tgt = v - (t - r) du/dt), r - t
 // formed in float64: exactly 0 at r = t, where du/dt is not read. Inputs (t, r). (FLOW.33)
 struct MeanflowRows {
