@@ -87,6 +87,9 @@ PLAN_OPS = (
     "negative_elbo",  # two map_reduce terms per sample; guard: no NaN in the value (x off [0, 1])
     "discretized_gaussian_log_likelihood",  # same shapes; guard: x in [-1, 1]
     "density_ratio_from_logits",  # map_reduce Exp, elementwise
+    "prior_kl",  # map_reduce PriorKL (alpha_bar_T in the key)
+    "gmm_responsibilities",  # gmm, the (N, K) responsibilities only
+    "scm_loss",  # row_map (sCM's tables, ||g||, e^{-u}); guards: t in [0, pi/2], no row rescaled (after)
 )
 FAST_OPS = PLAN_OPS
 NATIVE_RECORDS = tuple(r for r in R.RECORDS if r.has_native)
@@ -184,7 +187,14 @@ def test_fast_path_equals_python_path(spy, record, variant, reduction, dtype):
 
 # The plan ops whose compositions run 16-bit CPU inputs through plans (elementwise kernels
 # only: the others refuse them, gradient_penalty_from_grads computes them on float32 copies).
-REFUSE_16 = ("ssgan_critic_loss", "ssgan_g_loss", "iwae_bound", "gmm_log_likelihood", "mmd2")
+REFUSE_16 = (
+    "ssgan_critic_loss",
+    "ssgan_g_loss",
+    "iwae_bound",
+    "gmm_log_likelihood",
+    "gmm_responsibilities",
+    "mmd2",
+)
 COPIES_16 = ("gradient_penalty_from_grads",)
 LOW_CASES = [
     (r, v, red)
@@ -861,6 +871,49 @@ def test_discretized_plan_guards_x(plans):
     assert len(plans) == 1
 
 
+def test_scm_plan_declines_where_a_norm_needs_rescaling(plans):
+    """scm_loss runs on a plan whose ||g|| comes from the float32 row sums; a row whose sum
+    overflows (or falls below 2^-64) is redone by the Python path on a scaled copy. The plan
+    re-checks the sums after its calls (guard 'rows_normal') and declines there: the Python
+    path's value is then finite and equals the float64 formula; on ordinary data the plan
+    serves the Python path's bits. t out of [0, pi/2] declines too, and is named."""
+    import genloss.native as gn
+
+    g = torch.Generator().manual_seed(14)
+    F, fm, dfm, xt, dxt = (torch.randn(3, 8, generator=g) for _ in range(5))
+    t = torch.tensor([0.3, 1.0, 1.4])
+
+    def call(*a):
+        return gn.scm_loss(*a, need_grad=True)
+
+    call(F, fm, dfm, xt, dxt, t)  # records
+    assert len(plans) == 1
+    key = ("scm", 0.5, 1.0, 0.1, True, "mean", True)
+    out = plans.run(key, (F, fm, dfm, xt, dxt, t))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_compose, "PLANS", Spy(off=True))
+        want = call(F, fm, dfm, xt, dxt, t)
+    _same("ordinary", [out[0], *out[1]], [want[0], *want[1]])
+    for big in (1e25, 1e-25):  # ||g||^2 over float32's range / below 2^-64 (F^- kept: r bounded)
+        scaled = (fm if big > 1 else fm * big, dfm * big, xt * big, dxt * big)
+        assert plans.run(key, (F, *scaled, t)) is None, big
+        value, _ = call(F, *scaled, t)
+        d = [a.double() for a in (F, *scaled)]
+        ct, st = t.double().cos()[:, None], t.double().sin()[:, None]
+        alpha, beta = -(ct * ct), -ct * st
+        gg = alpha * (0.5 * d[1] - d[4]) + beta * (d[3] + 0.5 * d[2])
+        k = 1.0 / (gg.norm(dim=1, keepdim=True) + 0.1)
+        ref = ((d[0] - d[1] - k * gg) ** 2).mean(1).mean()
+        assert math.isfinite(float(value)), big
+        torch.testing.assert_close(value.double(), ref, rtol=1e-5, atol=0)
+    tt = t.clone()
+    tt[1] = 1.6  # above pi/2
+    assert plans.run(key, (F, fm, dfm, xt, dxt, tt)) is None
+    with pytest.raises(ValueError, match="TrigFlow angle"):
+        call(F, fm, dfm, xt, dxt, tt)
+    assert len(plans) == 1
+
+
 def test_bernoulli_plan_declines_on_a_nan_value(plans):
     """bernoulli_nll's plan checks its value for NaN after the call: a target off [0, 1] makes
     one, the plan declines and the Python path names x; a NaN logit makes one too, and the
@@ -1266,6 +1319,14 @@ def test_row_map_computes_the_reference_coefficients():
         rows("DenoiserRows", [sigma], 0, 1, sigma_data=0.5, weighting=0)
     with pytest.raises(TypeError, match="CtWeight: unknown parameter 'c'"):
         rows("CtWeight", [lo, hi], 0, 1, c=1.0)
+    # raw addresses: the sizes the kernel will touch are checked before the call
+    b16 = E.as_input(np.zeros(16), "x")
+    with pytest.raises(ValueError, match=r"table must be a float64 \(16, 2\)"):
+        E.row_map("MeanflowRows", [b16, b16], table=E.as_input(np.zeros((16, 3)), "t"))
+    with pytest.raises(ValueError, match="every input and output must be a"):
+        E.row_map("CtWeight", [b16, b16], outs=[E.as_input(np.zeros(15), "o")])
+    with pytest.raises(ValueError, match="every input and output must be a"):
+        E.row_map("CtWeight", [b16, E.as_input(np.zeros(16, np.float32), "y")])
 
 
 def test_cpu_only_kinds_compute_by_named_fields():

@@ -526,13 +526,14 @@ const KernelField kMmdFields[] = {GENLOSS_FIELD(MmdArgs, dtype, kTInt, false, 0)
                                   GENLOSS_FIELD(MmdArgs, grad_x, kTAddr, false, 0),
                                   GENLOSS_FIELD(MmdArgs, grad_y, kTAddr, false, 0)};
 const KernelField kRowMapFields[] = {
-    GENLOSS_FIELD(RowMapArgs, dtype, kTInt, false, 0), GENLOSS_FIELD(RowMapArgs, functor, kTInt, true, 0),
-    GENLOSS_FIELD(RowMapArgs, a, kTReal, false, 0),    GENLOSS_FIELD(RowMapArgs, b, kTReal, false, 0),
-    GENLOSS_FIELD(RowMapArgs, c, kTReal, false, 0),    GENLOSS_FIELD(RowMapArgs, mode, kTInt, false, 0),
-    GENLOSS_FIELD(RowMapArgs, x0, kTAddr, true, 0),    GENLOSS_FIELD(RowMapArgs, x1, kTAddr, false, 0),
-    GENLOSS_FIELD(RowMapArgs, x2, kTAddr, false, 0),   GENLOSS_FIELD(RowMapArgs, x3, kTAddr, false, 0),
-    GENLOSS_FIELD(RowMapArgs, rows, kTSize, true, 0),  GENLOSS_FIELD(RowMapArgs, table, kTAddr, false, 0),
-    GENLOSS_FIELD(RowMapArgs, out0, kTAddr, false, 0), GENLOSS_FIELD(RowMapArgs, out1, kTAddr, false, 0)};
+    GENLOSS_FIELD(RowMapArgs, dtype, kTInt, false, 0),  GENLOSS_FIELD(RowMapArgs, functor, kTInt, true, 0),
+    GENLOSS_FIELD(RowMapArgs, a, kTReal, false, 0),     GENLOSS_FIELD(RowMapArgs, b, kTReal, false, 0),
+    GENLOSS_FIELD(RowMapArgs, c, kTReal, false, 0),     GENLOSS_FIELD(RowMapArgs, mode, kTInt, false, 0),
+    GENLOSS_FIELD(RowMapArgs, x0, kTAddr, true, 0),     GENLOSS_FIELD(RowMapArgs, x1, kTAddr, false, 0),
+    GENLOSS_FIELD(RowMapArgs, x2, kTAddr, false, 0),    GENLOSS_FIELD(RowMapArgs, x3, kTAddr, false, 0),
+    GENLOSS_FIELD(RowMapArgs, wide, kTInt, false, 0),   GENLOSS_FIELD(RowMapArgs, rows, kTSize, true, 0),
+    GENLOSS_FIELD(RowMapArgs, table, kTAddr, false, 0), GENLOSS_FIELD(RowMapArgs, out0, kTAddr, false, 0),
+    GENLOSS_FIELD(RowMapArgs, out1, kTAddr, false, 0)};
 const KernelField kVqFields[] = {GENLOSS_FIELD(cpu::VqArgs, dtype, kTInt, false, 0),
                                  GENLOSS_FIELD(cpu::VqArgs, z, kTAddr, true, 0),
                                  GENLOSS_FIELD(cpu::VqArgs, codebook, kTAddr, true, 0),
@@ -604,7 +605,7 @@ const KindInfo kKinds[kNumKinds] = {
     {nullptr, 0},     info(kRowScaleFields), info(kColSumFields),   info(kColBroadcastFields), info(kRowLseFields),
     info(kGmmFields), info(kMmdFields),      info(kRowMapFields),   info(kVqFields),           info(kVqEmaFields),
     info(kLfqFields), info(kKnnFields),      info(kSinkhornFields), info(kAssignFields)};
-constexpr int kMaxKernelFields = 18;  // gmm's
+constexpr int kMaxKernelFields = 18;  // gmm's (row_map: 15)
 constexpr int kMaxKernelAddrs = 12;   // gmm's address fields
 
 struct Call {
@@ -1463,8 +1464,7 @@ int64_t work_of(const Call& c) {
 struct Ref {
   int8_t kind = 0;  // 0 none, 1 input, 2 output, 3 scratch
   int8_t index = 0;
-  int32_t offset =
-      0;  // bytes into a scratch array (a float64 slot of map_reduce's totals_out, param_from, offset_from)
+  int32_t offset = 0;  // bytes into a scratch array: a float64 slot (totals_out, param_from, offset_from)
 };
 
 struct Step {
@@ -1489,6 +1489,8 @@ enum GuardKind {
   kPositive,      // float input `x`: in (0, bound]                             (flow.denoiser_loss's sigma)
   kOrdered,       // float inputs `x`, `y`: 0 <= x < y row by row               (flow, iCT's noise levels)
   kWithin,        // float input `x`: in [-bound, bound]                        (discretized data in [-1, 1])
+  kBounded,       // float input `x`: in [0, bound]                             (scm_loss's angles)
+  kRowsNormal,    // scratch `x` (after the calls): no entry inf or < bound     (flow._norm_rows: no rescaling)
 };
 
 struct Guard {
@@ -1652,6 +1654,16 @@ bool in_interval(const S* v, int64_t n, double lo, double hi, bool open_zero) {
   return true;
 }
 
+// No entry +inf or below `lo` (NaN passes: the Python path does not rescale a NaN row either).
+template <class S>
+bool rows_normal(const S* v, int64_t n, double lo) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(cpu::load(v[i]));
+    if (x == HUGE_VAL || x < lo) return false;
+  }
+  return true;
+}
+
 // 0 <= x[i] < y[i] for every i (NaN fails), both of storage type S.
 template <class S>
 bool ordered(const S* x, const S* y, int64_t n) {
@@ -1688,6 +1700,7 @@ bool rows_finite(const double* table, int64_t cols, const void* index, int64_t n
 // Guard g on the inputs `in`: true when the Python path's check passes. (A rows_finite
 // guard runs after the index_range guard recorded before it, so its rows exist.)
 bool pass(const Guard& g, const std::vector<Input>& in) {
+  if (g.kind == kNoNaN || g.kind == kRowsNormal) return true;  // after the calls (on an output, a scratch)
   const Input& x = in[static_cast<size_t>(g.x.index)];
   switch (g.kind) {
     case kIndexRange:
@@ -1707,12 +1720,14 @@ bool pass(const Guard& g, const std::vector<Input>& in) {
       return by_dtype(x.code, x.ptr, [&](auto v) { return in_interval(v, x.numel, 0.0, g.bound, true); });
     case kWithin:
       return by_dtype(x.code, x.ptr, [&](auto v) { return in_interval(v, x.numel, -g.bound, g.bound, false); });
+    case kBounded:
+      return by_dtype(x.code, x.ptr, [&](auto v) { return in_interval(v, x.numel, 0.0, g.bound, false); });
     case kOrdered: {
       const Input& y = in[static_cast<size_t>(g.y.index)];
       return by_dtype(x.code, x.ptr, [&](auto v) { return ordered(v, static_cast<decltype(v)>(y.ptr), x.numel); });
     }
     default:
-      return true;  // kNoNaN: after the calls
+      return true;
   }
 }
 
@@ -1816,10 +1831,17 @@ class PlanCache {
     }
     run_all(calls, plan->work);
     for (const Guard& g : plan->guards) {
-      if (g.kind != kNoNaN) continue;
       const size_t j = static_cast<size_t>(g.x.index);
-      const int64_t n = numel_of(plan->out_shapes[j]);
-      if (by_dtype(plan->out_code[j], optr[j], [n](auto v) { return any_nan(v, n); })) return py::none();
+      if (g.kind == kNoNaN) {
+        const int64_t n = numel_of(plan->out_shapes[j]);
+        if (by_dtype(plan->out_code[j], optr[j], [n](auto v) { return any_nan(v, n); })) return py::none();
+      } else if (g.kind == kRowsNormal) {  // the Python path would have rescaled a row: it runs instead
+        const int64_t n = numel_of(plan->scratch_shapes[j]);
+        const int code =
+            plan->scratch_code[j] < 0 ? in[static_cast<size_t>(plan->scratch_like[j])].code : plan->scratch_code[j];
+        const double lo = g.bound;
+        if (by_dtype(code, sptr[j], [n, lo](auto v) { return !rows_normal(v, n, lo); })) return py::none();
+      }
     }
     return py::make_tuple(value, grads);
   }
@@ -2055,6 +2077,12 @@ class PlanCache {
     } else if (PyUnicode_CompareWithASCIIString(kind, "unit_interval") == 0 && n == 1 && input(r[0], false) &&
                arg >= 0.0) {
       g.kind = kUnitInterval;
+      g.bound = arg;
+    } else if (PyUnicode_CompareWithASCIIString(kind, "bounded") == 0 && n == 1 && input(r[0], false)) {
+      g.kind = kBounded;
+      g.bound = arg;
+    } else if (PyUnicode_CompareWithASCIIString(kind, "rows_normal") == 0 && n == 1 && r[0].kind == 3) {
+      g.kind = kRowsNormal;
       g.bound = arg;
     } else if (PyUnicode_CompareWithASCIIString(kind, "within") == 0 && n == 1 && input(r[0], false)) {
       g.kind = kWithin;

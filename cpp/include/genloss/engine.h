@@ -69,6 +69,9 @@ namespace genloss {
 //   vsd_loss                                 map_reduce AbsDiff, row_map VsdRows,
 //                                            map_reduce SquaredDiff, RowAffine
 //   flow_interpolant                         row_map InterpolantRows, map_reduce RowAffine
+//   scm_loss                                 row_map ScmRows, RowAffine (G, H), SquaredDiff
+//                                            (row_map SqrtRows: ||g||), DiffusionMSE,
+//                                            row_map UncertaintyRows with logvar
 //
 // X-macro of every functor the engines instantiate: (enum id, type).
 #define GENLOSS_FUNCTORS(X)                             \
@@ -305,24 +308,28 @@ struct GmmArgs {
   void* grad_logvars;
 };
 
-// Per-row coefficients by a row functor (ops/flow.h): for r < rows,
+// Per-row coefficients by a row functor (ops/flow.h, ops/diffusion.h): for r < rows,
 //   (table[r, 0..F::n_table), out_j[r]) = F(x0[r], x1[r], ...)
-// computed in float64 from inputs of the call's dtype (float32/float64; an absent input
-// reads as F::fallback(q)), the table in float64, each out_j rounded to the dtype (each
+// computed in float64 from inputs of the call's dtype (float32/float64), or float64 where
+// bit q of `wide` is set (a per-sample float64 value an earlier step made); an absent input
+// reads as F::fallback(q); the table in float64, each out_j rounded to the dtype (each
 // output may be null). B numbers: what a composition needs per sample, made by the engine
 // so that it is engine calls only (a plan replays it).
-#define GENLOSS_ROW_FUNCTORS(X)             \
-  X(kDenoiserRows, ops::DenoiserRows)       \
-  X(kDenoiserGrads, ops::DenoiserGrads)     \
-  X(kFlowWeightRows, ops::FlowWeightRows)   \
-  X(kFlowWeightGrads, ops::FlowWeightGrads) \
-  X(kCtWeight, ops::CtWeight)               \
-  X(kMeanflowRows, ops::MeanflowRows)       \
-  X(kMeanflowWeight, ops::MeanflowWeight)   \
-  X(kVsdRows, ops::VsdRows)                 \
-  X(kInterpolantRows, ops::InterpolantRows) \
-  X(kVdmDiscreteRows, ops::VdmDiscreteRows) \
-  X(kVdmDiscreteGrads, ops::VdmDiscreteGrads)
+#define GENLOSS_ROW_FUNCTORS(X)               \
+  X(kDenoiserRows, ops::DenoiserRows)         \
+  X(kDenoiserGrads, ops::DenoiserGrads)       \
+  X(kFlowWeightRows, ops::FlowWeightRows)     \
+  X(kFlowWeightGrads, ops::FlowWeightGrads)   \
+  X(kCtWeight, ops::CtWeight)                 \
+  X(kMeanflowRows, ops::MeanflowRows)         \
+  X(kMeanflowWeight, ops::MeanflowWeight)     \
+  X(kVsdRows, ops::VsdRows)                   \
+  X(kInterpolantRows, ops::InterpolantRows)   \
+  X(kVdmDiscreteRows, ops::VdmDiscreteRows)   \
+  X(kVdmDiscreteGrads, ops::VdmDiscreteGrads) \
+  X(kSqrtRows, ops::SqrtRows)                 \
+  X(kScmRows, ops::ScmRows)                   \
+  X(kUncertaintyRows, ops::UncertaintyRows)
 
 enum RowFunctorId : int {
 #define GENLOSS_ENUM(id, type) id,
@@ -340,6 +347,7 @@ struct RowMapArgs {
   const void* x1;
   const void* x2;
   const void* x3;
+  int wide;  // bit q: input q is float64 whatever the dtype
   int64_t rows;
   double* table;  // (rows, F::n_table), may be null
   void* out0;
@@ -353,7 +361,12 @@ GENLOSS_HD void row_map_at(const RowMapArgs& a, int64_t r) {
   const Params<double> p{a.a, a.b, a.c, a.mode, nullptr};
   const void* const xs[kMaxArity] = {a.x0, a.x1, a.x2, a.x3};
   double in[kMaxArity] = {0.0, 0.0, 0.0, 0.0};
-  for (int q = 0; q < F::n_in; ++q) in[q] = xs[q] ? double(static_cast<const S*>(xs[q])[r]) : F::fallback(q);
+  for (int q = 0; q < F::n_in; ++q) {
+    if (xs[q] == nullptr)
+      in[q] = F::fallback(q);
+    else
+      in[q] = (a.wide >> q) & 1 ? static_cast<const double*>(xs[q])[r] : double(static_cast<const S*>(xs[q])[r]);
+  }
   double tab[ops::kMaxRowTable] = {0.0, 0.0, 0.0, 0.0}, out[ops::kMaxRowOut] = {0.0, 0.0};
   F::eval(in, p, tab, out);
   if (a.table)

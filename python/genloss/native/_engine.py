@@ -925,11 +925,13 @@ def guard(kind: str, bufs: Sequence[Buf], arg: float = 0.0) -> None:
     input in [0, arg)), 'rows_finite' (the rows of a float64 table input that an integer input
     picks are finite), 'finite' (a float input is finite; arg != 0: and >= 0), 'unit_interval'
     (a float input in [arg, 1], arg >= 0), 'positive' (a float input in (0, arg]), 'within'
-    (a float input in [-arg, arg]), 'ordered'
-    (two float inputs x, y of one dtype and size: 0 <= x < y entry by entry), 'no_nan' (an
-    output has no NaN, checked after the calls). A guard may decline more than the Python
-    check refuses (that call then takes the Python path), never less. The plan declines
-    when one fails, and the Python path runs, raises and names the argument."""
+    (a float input in [-arg, arg]), 'bounded' (a float input in [0, arg]), 'ordered' (two
+    float inputs x, y of one dtype and size: 0 <= x < y entry by entry), 'no_nan' (an output
+    has no NaN) and 'rows_normal' (a scratch array has no +inf and nothing below arg), both
+    checked after the calls. A
+    guard may decline more than the Python check refuses (that call then takes the Python
+    path), never less. The plan declines when one fails, and the Python path runs, raises and
+    names the argument."""
     rec = _local.rec
     if rec is not None:
         rec.guards.append((kind, tuple(b.ptr for b in bufs), float(arg)))
@@ -1094,10 +1096,11 @@ def row_map(
 ) -> None:
     """Per-row coefficients (engine.h RowMapArgs): row functor ``functor`` (ops/flow.h,
     ``_C.ROW_FUNCTORS``) on the (B,) inputs ``ins`` (None: absent, read as the functor's
-    fallback), writing its float64 ``table`` (B, n_table) and its per-row ``outs`` in the
-    inputs' dtype. ``params`` by the names the functor declares; a wrong or missing one is
+    fallback; of the first one's dtype, or float64: a (B,) or (B, 1) float64 value an earlier
+    step made), writing its float64 ``table`` (B, n_table) and its per-row ``outs`` in the
+    first input's dtype. ``params`` by the names the functor declares; a wrong or missing one is
     a TypeError naming it."""
-    fid, names, n_in, _, n_out = _C.ROW_FUNCTORS[functor]
+    fid, names, n_in, n_table, n_out = _C.ROW_FUNCTORS[functor]
     given = dict(params or {})
     slots: dict[str, float] = {}
     for slot, name in zip(("a", "b", "c", "mode"), names, strict=True):
@@ -1110,11 +1113,30 @@ def row_map(
     if len(ins) > n_in or len(outs) > n_out:
         raise ValueError(f"row functor {functor} takes {n_in} inputs and writes {n_out} outputs")
     x = next(b for b in ins if b is not None)
+    rows = x.shape[0]
+    wide = sum(1 << q for q, b in enumerate(ins) if b is not None and b.dtype == FLOAT64 != x.dtype)
+    # the kernel reads and writes B entries of each (raw addresses: sizes are checked here)
+    for q, b in enumerate((*ins, *outs)):
+        is_in = q < len(ins)  # an input may be a (B, 1) column (a one-column table), as contiguous
+        if b is not None and (
+            b.shape not in ((rows,), (rows, 1) if is_in else (rows,))
+            or (b.dtype != x.dtype and not (is_in and (wide >> q) & 1))
+            or (b.device, b.device_id) != (x.device, x.device_id)
+        ):
+            raise ValueError(
+                f"row functor {functor}: every input and output must be a ({rows},) array like the first"
+            )
+    if table is not None and (
+        table.shape != (rows, n_table) or table.dtype != FLOAT64 or table.device != x.device
+    ):
+        raise ValueError(
+            f"row functor {functor}: table must be a float64 ({rows}, {n_table}) array where the inputs are"
+        )
     addrs = {f"x{q}": _p(b) for q, b in enumerate(ins)}
     addrs.update({f"out{j}": _p(b) for j, b in enumerate(outs)})
     ran(run_call(
         kind="row_map", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, functor=fid,
-        rows=x.shape[0], table=_p(table), **slots, **addrs,
+        rows=rows, table=_p(table), wide=wide, **slots, **addrs,
     ))  # fmt: skip
 
 

@@ -585,23 +585,27 @@ def prior_kl_from_alpha_bar(x0, alpha_bar_T, reduction="none", *, need_grad=True
     a = C.finite("alpha_bar_T", alpha_bar_T)
     if not 0.0 <= a < 1.0:
         raise ValueError(f"alpha_bar_T must lie in [0, 1), got {a}")
-    (x,) = _batched(("x0",), (x0,), reduction)
-    const = 0.5 * float(_R._neg_log1m_minus(np.float64(a)))
-    flags = needs(need_grad, 1)
-    out, rows = _value_out(x, reduction)
-    grads = [empty(x, x.shape) if flags[0] else None]
-    s = loss_scale(reduction, x)
-    _run(
-        "PriorKL",
-        [x],
-        grads,
-        params={"constant": const, "half_alpha_bar": 0.5 * a},
-        value_scale=s,
-        out=out,
-        rows_out=rows,
-        grad_scale=s,
-    )
-    return _result(out, rows, grads, flags)
+
+    def compose():
+        (x,) = _batched(("x0",), (x0,), reduction)
+        const = 0.5 * float(_R._neg_log1m_minus(np.float64(a)))
+        flags = needs(need_grad, 1)
+        out, rows = _value_out(x, reduction)
+        grads = [empty(x, x.shape) if flags[0] else None]
+        s = loss_scale(reduction, x)
+        _run(
+            "PriorKL",
+            [x],
+            grads,
+            params={"constant": const, "half_alpha_bar": 0.5 * a},
+            value_scale=s,
+            out=out,
+            rows_out=rows,
+            grad_scale=s,
+        )
+        return _result(out, rows, grads, flags)
+
+    return cached(("prior_kl", a, reduction, need_grad), (x0,), compose)
 
 
 # ============================================================================= VDM (DIF.16, 17)

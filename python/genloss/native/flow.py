@@ -31,6 +31,7 @@ from ._engine import (
     checked_values,
     empty,
     float_range,
+    guard,
     map_reduce,
     row_map,
     skip_checks,
@@ -418,21 +419,28 @@ def denoiser_loss(
 _RESCALE = {32: (2.0**-96, 2.0**64, 2.0**-64), 64: (2.0**-768, 2.0**512, 2.0**-512)}
 
 
-def _norm_rows(a: Buf, b: Buf) -> Any:
-    r"""||a_b - b_b|| per sample, float64 (B,) on the device, accurate to the dtype's rounding for
-    any magnitude (FLOW.31).  One SquaredDiff pass (per-lane sums in the dtype, chunks combined
-    pairwise in float64); a row whose sum overflowed (inf) or fell below 2^-64 (float32) is summed
-    again (``Square``) on the difference scaled by an exact power of two (2^-96 / 2^64), so no square
-    overflows and none that matters underflows.  That extra pass runs only when such a row exists."""
+def _norm_rows(a: Buf, b: Buf) -> Buf:
+    r"""||a_b - b_b|| per sample, a float64 (B, 1) or (B,) array on the device, accurate to the
+    dtype's rounding for any magnitude (FLOW.31).  One SquaredDiff pass (per-lane sums in the
+    dtype, chunks combined pairwise in float64) and the row functor ``SqrtRows``; a row whose sum
+    overflowed (inf) or fell below 2^-64 (float32) is summed again (``Square``) on the difference
+    scaled by an exact power of two (2^-96 / 2^64), so no square overflows and none that matters
+    underflows.  That extra pass runs only when such a row exists (a plan re-checks the sums
+    after its calls and declines then: the guard 'rows_normal')."""
     s = empty(a, (a.rows,))
     _run("SquaredDiff", [a, b], [None, None], rows_out=s)
-    s64 = _f64(s)
     down, up, tiny = _RESCALE[32 if a.dtype == FLOAT32 else 64]
-    over, under = s64 == float("inf"), s64 < tiny
     # Without read-backs (CUDA graph capture, check_data=False) the test is not read: always
     # take the rescaled pass (k = 1 on ordinary rows, so the same values).
-    if not skip_checks(a) and not bool((over | under).any()):
-        return s64**0.5
+    if not skip_checks(a):
+        guard("rows_normal", (s,), tiny)
+        s64 = _f64(s)
+        if not bool(((s64 == float("inf")) | (s64 < tiny)).any()):
+            norm = empty(a, (a.rows, 1), f64=True)
+            row_map("SqrtRows", [s], table=norm)
+            return norm
+    s64 = _f64(s)
+    over, under = s64 == float("inf"), s64 < tiny
     k = _xp(a).ones_like(s64)  # float64 (a bool-times-float product would be float32 in torch)
     k[over] = down
     k[under] = up
@@ -440,7 +448,7 @@ def _norm_rows(a: Buf, b: Buf) -> Any:
     _run("RowAffine", [a, b], [None, None], elems_out=scaled, table=_table([k, -k], a), stride=2)
     s2 = empty(a, (a.rows,))
     _run("Square", [scaled], [None], rows_out=s2)
-    return _f64(s2) ** 0.5 / k
+    return as_input(_f64(s2) ** 0.5 / k, "norm")
 
 
 def scm_loss(F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data=0.5, r=1.0, c=0.1, logvar=None, reduction="mean", *,
@@ -468,47 +476,62 @@ def scm_loss(F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data=0.5, r=1.0, c=0.1, lo
             (F, F_minus, dF_dt, x_t, dxt_dt, t, logvar),
         )
     names = ("F", "F_minus", "dF_dt", "x_t", "dxt_dt")
-    with _R.named_errors("scm_loss"):
-        C.reduction(reduction)
-        sd, rr, c = _R.scm_params(sigma_data, r, c)
-        f, fm, dfm, xt, dxt = _batched(names, (F, F_minus, dF_dt, x_t, dxt_dt), reduction)
-        tb = _row_vector("t", t, f, "F")
-        r = float_range(tb)
-        if r is not None:
-            _R.check_angles(np.array(r))
-        ub = None if logvar is None else _row_vector("logvar", logvar, f, "F")
-        flags = needs(need_grad, 1 if ub is None else 2)
-    t64, xp = _f64(tb), _xp(f)
-    alpha, beta = _R.scm_rows(xp.cos(t64), xp.sin(t64), rr)  # (FLOW.31)
-    G, H = empty(f, f.shape), empty(f, f.shape)
-    _run("RowAffine", [fm, dxt], [None, None], elems_out=G, table=_table([alpha * sd, -alpha], f), stride=2)
-    _run("RowAffine", [xt, dfm], [None, None], elems_out=H, table=_table([-beta, -beta * sd], f), stride=2)
-    k = 1.0 / (_norm_rows(G, H) + c)  # (FLOW.31) the normalisation
-    _run("RowAffine", [fm, dxt], [None, None], elems_out=G, table=_table([1.0 + k * alpha * sd, -k * alpha], f),
-         stride=2)  # fmt: skip
-    eu = None if ub is None else xp.exp(-_f64(ub))
-    out, rows = _value_out(f, reduction)
-    grads = [empty(f, f.shape) if flags[0] else None, None, None]
-    raw = empty(f, (f.rows,)) if ub is not None and flags[1] else None
-    vs = loss_scale(reduction, f, per_sample_mean=True)
-    # (FLOW.32) r = F - F^- - k (G - H) in registers: the value, d/dF = 2 e^{-u} r / n, the raw means
-    _run(
-        "DiffusionMSE", [f, G, H], grads, value_scale=vs, out=out, rows_out=rows, grad_scale=vs,
-        table=_table([k * 0.0 + 1.0, -k], f), stride=2, row_weight=None if eu is None else _like(eu, f, "logvar"),
-        rows_raw=raw,
-    )  # fmt: skip
-    if ub is not None:  # (FLOW.32) + u_b per sample, as denoiser_loss
-        map_reduce("Linear", ub, value_scale=f.cols * vs, out=out, rows_out=rows, accumulate=True)
-    value, _ = _result(out, rows, [], ())
-    if not any(flags):
-        return value, ()
-    grad_F = None if grads[0] is None else grads[0].arr
-    if ub is None:
-        return value, (grad_F,)
-    grad_u = None
-    if raw is not None:  # (FLOW.32) g (1 - e^{-u} m), raw = g m (set when flags[1])
-        grad_u = _like(f.cols * vs - eu * _f64(raw), ub, "logvar").arr
-    return value, (grad_F, grad_u)
+
+    def compose():
+        with _R.named_errors("scm_loss"):
+            C.reduction(reduction)
+            sd, rr, cc = _R.scm_params(sigma_data, r, c)
+            f, fm, dfm, xt, dxt = _batched(names, (F, F_minus, dF_dt, x_t, dxt_dt), reduction)
+            tb = _row_vector("t", t, f, "F")
+            span = float_range(tb, ("bounded", (tb,), _R._T_MAX_ROUNDED))
+            if span is not None:
+                _R.check_angles(np.array(span))
+            ub = None if logvar is None else _row_vector("logvar", logvar, f, "F")
+            flags = needs(need_grad, 1 if ub is None else 2)
+        p = {"sigma_data": sd, "r": rr, "c": cc}
+
+        def table(mode: int, norm: Buf | None = None) -> Buf:  # (FLOW.31) ScmRows' two columns
+            tab = empty(tb, (tb.rows, 2), f64=True)
+            row_map("ScmRows", [tb, norm], table=tab, params={**p, "mode": mode})
+            return tab
+
+        G, H = empty(f, f.shape), empty(f, f.shape)
+        _run("RowAffine", [fm, dxt], [None, None], elems_out=G, table=table(0), stride=2)
+        _run("RowAffine", [xt, dfm], [None, None], elems_out=H, table=table(1), stride=2)
+        norm = _norm_rows(G, H)  # (FLOW.31) ||g||, then k = 1 / (||g|| + c) in ScmRows
+        _run("RowAffine", [fm, dxt], [None, None], elems_out=G, table=table(2, norm), stride=2)
+        ew = None
+        if ub is not None:  # EDM2's e^{-u} as the row weight
+            ew = empty(f, (f.rows,))
+            row_map("UncertaintyRows", [ub], outs=[ew], params={"value_weight": 0.0})
+        out, rows = _value_out(f, reduction)
+        grads = [empty(f, f.shape) if flags[0] else None, None, None]
+        raw = empty(f, (f.rows,)) if ub is not None and flags[1] else None
+        vs = loss_scale(reduction, f, per_sample_mean=True)
+        # (FLOW.32) r = F - F^- - k (G - H) in registers: the value, d/dF = 2 e^{-u} r / n, the raw means
+        _run(
+            "DiffusionMSE", [f, G, H], grads, value_scale=vs, out=out, rows_out=rows, grad_scale=vs,
+            table=table(3, norm), stride=2, row_weight=ew, rows_raw=raw,
+        )  # fmt: skip
+        if ub is not None:  # (FLOW.32) + u_b per sample, as denoiser_loss
+            map_reduce("Linear", ub, value_scale=f.cols * vs, out=out, rows_out=rows, accumulate=True)
+        value, _ = _result(out, rows, [], ())
+        if not any(flags):
+            return value, ()
+        grad_F = None if grads[0] is None else grads[0].arr
+        if ub is None:
+            return value, (grad_F,)
+        grad_u = None
+        if raw is not None:  # (FLOW.32) g (1 - e^{-u} m), raw = g m (set when flags[1])
+            gu = empty(ub, (ub.rows,))
+            row_map("UncertaintyRows", [ub, raw], outs=[None, gu], params={"value_weight": f.cols * vs})
+            grad_u = gu.arr
+        return value, (grad_F, grad_u)
+
+    arrays = (
+        (F, F_minus, dF_dt, x_t, dxt_dt, t) if logvar is None else (F, F_minus, dF_dt, x_t, dxt_dt, t, logvar)
+    )
+    return cached(("scm", sigma_data, r, c, logvar is None, reduction, need_grad), arrays, compose)
 
 
 def _unit_rows(name: str, value: Any, like: Buf) -> Buf:

@@ -262,7 +262,11 @@ def gmm_log_likelihood(x, logits, means, logvars, reduction="mean", *, need_grad
 
 def gmm_responsibilities(x, logits, means, logvars):
     """(N, K) posterior over components, the E-step.  (VAE.12)"""
-    xb, lg, mb, vb = _gmm_inputs(x, logits, means, logvars, "sum")
-    resp = empty(xb, (xb.shape[0], lg.shape[0]))
-    gmm(xb, lg, mb, vb, resp=resp)
-    return resp.arr
+
+    def compose():
+        xb, lg, mb, vb = _gmm_inputs(x, logits, means, logvars, "sum")
+        resp = empty(xb, (xb.shape[0], lg.shape[0]))
+        gmm(xb, lg, mb, vb, resp=resp)
+        return resp.arr, ()
+
+    return cached(("gmm_responsibilities",), (x, logits, means, logvars), compose)[0]

@@ -215,6 +215,60 @@ struct InterpolantRows {
   }
 };
 
+// sqrt(s) in float64 as a one-column table (a per-sample norm from its squared row sum).
+struct SqrtRows {
+  static constexpr int n_in = 1, n_table = 1, n_out = 0;
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>&, double* tab, double*) {
+    tab[0] = gl_sqrt(in[0]);
+  }
+};
+
+// sCM's per-row tables (FLOW.31) from the TrigFlow angle t and, for modes 2-3, the float64
+// norm ||g|| of the tangent: alpha = -cos^2 t, beta = -r cos t sin t, k = 1 / (||g|| + c):
+// mode 0 (alpha sd, -alpha): G = alpha sd F^- - alpha dx_t/dt; mode 1 (-beta, -beta sd):
+// H = -beta x_t - beta sd dF^-/dt; mode 2 (1 + k alpha sd, -k alpha): F^- + k G; mode 3
+// (1, -k): the DiffusionMSE table of r = F - (F^- + k G) + k H. Inputs (t, ||g||).
+struct ScmRows {
+  static constexpr int n_in = 2, n_table = 2, n_out = 0;
+  static constexpr ParamNames params{"sigma_data", "r", "c", "mode"};
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double* tab, double*) {
+    const double ct = ::cos(in[0]), st = ::sin(in[0]);
+    const double alpha = -(ct * ct), beta = -p.b * ct * st, k = 1.0 / (in[1] + p.c);
+    switch (p.mode) {
+      case 0:
+        tab[0] = alpha * p.a;
+        tab[1] = -alpha;
+        break;
+      case 1:
+        tab[0] = -beta;
+        tab[1] = -beta * p.a;
+        break;
+      case 2:
+        tab[0] = 1.0 + k * alpha * p.a;
+        tab[1] = -k * alpha;
+        break;
+      default:
+        tab[0] = 1.0;
+        tab[1] = -k;
+    }
+  }
+};
+
+// EDM2's uncertainty weighting per sample (FLOW.23, FLOW.32): the row weight e^{-u}, and
+// d/du = value_weight - e^{-u} m from the raw row means m. Inputs (logvar u, m).
+struct UncertaintyRows {
+  static constexpr int n_in = 2, n_table = 0, n_out = 2;
+  static constexpr ParamNames params{"value_weight"};
+  GENLOSS_HD static double fallback(int) { return 0.0; }
+  GENLOSS_HD static void eval(const double* in, const Params<double>& p, double*, double* out) {
+    const double eu = gl_exp(-in[0]);
+    out[0] = eu;
+    out[1] = p.a - eu * in[1];
+  }
+};
+
 // MeanFlow's per-row table (1, r - t) for DiffusionMSE (u_tgt = v - (t - r) du/dt), r - t
 // formed in float64: exactly 0 at r = t, where du/dt is not read. Inputs (t, r). (FLOW.33)
 struct MeanflowRows {
