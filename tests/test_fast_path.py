@@ -1301,6 +1301,11 @@ def test_row_map_computes_the_reference_coefficients():
         _, (gt, gw) = rows("FlowWeightGrads", [t, wts, mm], 0, 2, weighting=mode)
         np.testing.assert_allclose(gt, wts * dlam * mm, rtol=1e-15, atol=0)
         np.testing.assert_allclose(gw, lam * mm, rtol=1e-15, atol=0)
+    _, (rw,) = rows("FlowWeightRows", [t, wts], 0, 1, weighting=0)  # 'none': lambda = 1
+    np.testing.assert_array_equal(rw, wts)
+    _, (gt, gw) = rows("FlowWeightGrads", [t, wts, mm], 0, 2, weighting=0)
+    np.testing.assert_array_equal(gt, np.zeros_like(mm))
+    np.testing.assert_array_equal(gw, mm)
     lo = g.uniform(0, 80, 16)
     hi = lo + np.exp(g.uniform(-30, 3, 16))
     _, (lam,) = rows("CtWeight", [lo, hi], 0, 1)

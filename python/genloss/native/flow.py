@@ -46,25 +46,14 @@ def _f64(b: Buf) -> Any:
     return b.arr.double() if b.kind == "torch" else b.arr.astype(_xp(b).float64)
 
 
-def _like(a: Any, like: Buf, name: str) -> Buf:
-    """A float64 (B,) vector in ``like``'s dtype (and place), as an engine input."""
-    if like.kind == "torch":
-        return as_input(a.to(like.arr.dtype).contiguous(), name)
-    with np.errstate(over="ignore"):  # a product beyond the dtype: inf, the true value out of range
-        return as_input(_xp(like).ascontiguousarray(a.astype(like.arr.dtype)), name)
-
-
 # The row functors' modes (ops/flow.h: flow_weight, DenoiserWeighting).
 _FLOW_MODE = {"none": 0, "sigma_sqrt": 1, "cosmap": 2}
 _DENOISER_MODE = {"edm": 0, "karras": 0, "snr": 1, "soft_min_snr": 2, "min_snr": 3}
 
 
-def _t_floor(like: Buf) -> float:
-    """The least t a plan takes for 'sigma_sqrt' (its guard): t^-2 is then at most the dtype's
-    largest value with a margin (the Python path decides the few t just below it)."""
-    return (1.0 + 2.0**-20) / math.sqrt(
-        float(np.finfo(np.float32 if like.dtype == FLOAT32 else np.float64).max)
-    )
+def _dtype_max(like: Buf) -> float:
+    """The largest finite value of ``like``'s dtype (float32 or float64)."""
+    return float(np.finfo(np.float32 if like.dtype == FLOAT32 else np.float64).max)
 
 
 def _times(t: Any, like: Buf, like_name: str, weighting: str) -> Buf:
@@ -72,12 +61,13 @@ def _times(t: Any, like: Buf, like_name: str, weighting: str) -> Buf:
     with the reference's messages (_R.check_times on the range), and for 'sigma_sqrt' a t so
     close to 0 that t^-2 overflows the inputs' dtype."""
     tb = _row_vector("t", t, like, like_name)  # shape, place, dtype, finite (NaN refused)
-    floor = _t_floor(like) if weighting == "sigma_sqrt" else 0.0
+    # a plan's guard for 'sigma_sqrt': t at least a floor where t^-2 stays below the dtype's
+    # largest value with a margin (the Python path decides the few t just below it)
+    floor = (1.0 + 2.0**-20) / math.sqrt(_dtype_max(like)) if weighting == "sigma_sqrt" else 0.0
     r = float_range(tb, ("unit_interval", (tb,), floor))
     if r is not None:
         _R.check_times(np.array(r), weighting)
-        big = np.finfo(np.float32 if like.dtype == FLOAT32 else np.float64).max
-        if weighting == "sigma_sqrt" and 1.0 / (r[0] * r[0]) > float(big):
+        if weighting == "sigma_sqrt" and 1.0 / (r[0] * r[0]) > _dtype_max(like):
             raise ValueError(
                 "t is so close to the end point t = 0 that weighting='sigma_sqrt' (t^-2) overflows "
                 "the inputs' dtype"
@@ -283,9 +273,9 @@ def consistency_training_loss(f_student, f_target, sigma_i, sigma_next, c=None, 
     (FLOW.24)
 
     The pseudo-Huber kernel with iCT's lambda = 1 / (sigma_next - sigma_i) (formed in float64
-    from the B noise levels by the row functor ``CtWeight``) as its row weight.  Differentiable input: f_student only
-    (f_target is a stop-gradient target; the noise levels are points of the discretization).
-    float16/bfloat16 inputs are computed in float32 (as pseudo_huber_loss).
+    from the B noise levels by the row functor ``CtWeight``) as its row weight.  Differentiable
+    input: f_student only (f_target is a stop-gradient target; the noise levels are points of
+    the discretization). float16/bfloat16 inputs are computed in float32 (as pseudo_huber_loss).
     """
     if low_storage((f_student, f_target, sigma_i, sigma_next)):
         return computed_in_float32(
@@ -432,15 +422,14 @@ def _norm_rows(a: Buf, b: Buf) -> Buf:
     down, up, tiny = _RESCALE[32 if a.dtype == FLOAT32 else 64]
     # Without read-backs (CUDA graph capture, check_data=False) the test is not read: always
     # take the rescaled pass (k = 1 on ordinary rows, so the same values).
+    s64 = _f64(s)
+    over, under = s64 == float("inf"), s64 < tiny
     if not skip_checks(a):
         guard("rows_normal", (s,), tiny)
-        s64 = _f64(s)
-        if not bool(((s64 == float("inf")) | (s64 < tiny)).any()):
+        if not bool((over | under).any()):
             norm = empty(a, (a.rows, 1), f64=True)
             row_map("SqrtRows", [s], table=norm)
             return norm
-    s64 = _f64(s)
-    over, under = s64 == float("inf"), s64 < tiny
     k = _xp(a).ones_like(s64)  # float64 (a bool-times-float product would be float32 in torch)
     k[over] = down
     k[under] = up
