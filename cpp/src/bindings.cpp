@@ -129,6 +129,11 @@ py::dict build_info() {
 #else
   d["cuda_archs"] = std::string();
 #endif
+#ifdef GENLOSS_CUDA_EMULATOR
+  d["cuda_emulator"] = true;  // _C.cuda_emulator: the CUDA engine's kernels, emulated on the host
+#else
+  d["cuda_emulator"] = false;
+#endif
   d["compiler"] = std::string(__VERSION__);
   return d;
 }

@@ -38,6 +38,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -59,9 +60,24 @@
 
 namespace py = pybind11;
 
+#ifdef GENLOSS_CUDA_EMULATOR
+namespace genloss_emulated {  // cuda/emulator/bridge.cpp
+void run_emulated(int kind, const void* a, const void* k, size_t a_bytes, size_t k_bytes);
+}
+namespace genloss_emulator {  // cuda/emulator/emulator.cpp
+uint64_t launch_count();
+}
+#endif
+
 namespace genloss {
 
 py::capsule cached_empty(const std::vector<int64_t>& shape, int dtype);  // host_cache.cpp
+
+#ifdef GENLOSS_CUDA_EMULATOR
+// The host emulation of the CUDA engine (cuda/emulator/, a test build's option): while on,
+// every CPU call runs on the CUDA engine's kernels instead, so the suite checks them.
+std::atomic<bool> g_emulate{false};
+#endif
 
 using cpu::kHostCacheMinBytes;  // outputs from the output cache from this size on
 
@@ -923,8 +939,13 @@ Call make_kernel_call(int kind, Fields fields) {
   std::memcpy(&dtype, &c.k, sizeof dtype);  // every Args struct starts with its dtype
   if (dtype < 0 || dtype > 3)
     throw py::value_error(who + ": dtype must be 0-3 (engine.h), got " + std::to_string(dtype));
-  if (c.device == 0 && (dtype == kFloat16 || dtype == kBFloat16) && kind != kRowScale && kind != kColSum &&
-      kind != kColBroadcast)
+#ifdef GENLOSS_CUDA_EMULATOR
+  const bool cpu_kernels = !g_emulate.load(std::memory_order_relaxed);  // the CUDA kernels take 16-bit data
+#else
+  const bool cpu_kernels = true;
+#endif
+  if (c.device == 0 && cpu_kernels && (dtype == kFloat16 || dtype == kBFloat16) && kind != kRowScale &&
+      kind != kColSum && kind != kColBroadcast)
     throw py::type_error(std::string("float16/bfloat16 inputs on the CPU are computed by the elementwise kernels "
                                      "only (map_reduce, row_scale, col_sum, col_broadcast), and this op also runs ") +
                          kKindNames[kind] +
@@ -1123,8 +1144,17 @@ Call make_call(Fields fields) {
   return c;
 }
 
-// One kernel on the CPU, by its kind.
+// One kernel on the CPU, by its kind (on the emulated CUDA engine while _C.cuda_emulator is on).
 void run_cpu(int kind, const MapReduceArgs& a, const KernelArgs& k) {
+#ifdef GENLOSS_CUDA_EMULATOR
+  if (g_emulate.load(std::memory_order_relaxed))
+    return genloss_emulated::run_emulated(kind, &a, &k, sizeof(MapReduceArgs), sizeof(KernelArgs));
+  int dtype;
+  std::memcpy(&dtype, &k, sizeof dtype);  // a Call built while emulating, run after: make_kernel_call's check
+  if (kind != kMapReduce && kind != kRowScale && kind != kColSum && kind != kColBroadcast &&
+      (dtype == kFloat16 || dtype == kBFloat16))
+    throw std::invalid_argument(std::string(kKindNames[kind]) + ": float16/bfloat16 data needs the CUDA emulator on");
+#endif
   switch (kind) {
     case kMapReduce:
       return cpu::map_reduce(a);
@@ -1795,6 +1825,11 @@ class PlanCache {
   // until this returns, so no two buffers seen here can share an address.
   bool add(py::handle key, py::handle arrays, py::handle calls, py::handle result, py::handle guards,
            py::handle allocs) {
+#ifdef GENLOSS_CUDA_EMULATOR
+    // Calls made while emulating may hold what only the CUDA kernels take (16-bit row_lse,
+    // gmm, mmd): such a plan would hand them to the CPU engine once the emulator is off.
+    if (g_emulate.load(std::memory_order_relaxed)) return false;
+#endif
     const Torch* t = torch_objects();
     if (t == nullptr) return false;
     Plan p;
@@ -2158,6 +2193,14 @@ void bind_plan(py::module_& m) {
   Py_DECREF(run);
   m.attr("HOST_CACHE_MIN_BYTES") = kHostCacheMinBytes;
   m.attr("LFQ_MAX_BITS") = cpu::kLfqMaxBits;
+#ifdef GENLOSS_CUDA_EMULATOR
+  m.def(
+      "cuda_emulator", [](bool on) { return g_emulate.exchange(on); }, py::arg("on"),
+      "Run every CPU call on the host emulation of the CUDA engine (on=True) or on the CPU engine; returns the "
+      "previous setting. Only in builds with GENLOSS_CUDA_EMULATOR=ON (tests).");
+  m.def("cuda_emulator_launches", &genloss_emulator::launch_count,
+        "How many kernel launches the CUDA emulator ran in this process.");
+#endif
   m.def("cuda_scratch_fallbacks", &cuda::scratch_fallbacks,
         "How many CUDA scratch buffers fell back to cudaMallocAsync (the call had no workspace from its caller).");
 }

@@ -133,6 +133,15 @@ def run_call(**fields: Any) -> Call:
     scratch from the caller's allocator; without it the scratch falls back to
     cudaMallocAsync (``cuda_scratch_fallbacks``)."""
 
+# Only in builds with -Ccmake.define.GENLOSS_CUDA_EMULATOR=ON (build_info()["cuda_emulator"]):
+def cuda_emulator(on: bool) -> bool:
+    """Run every CPU engine call on the host emulation of the CUDA engine's kernels (True) or
+    on the CPU engine (False); returns the previous setting. For tests
+    (tests/test_cuda_emulated.py, cuda/emulator/emulator.h)."""
+
+def cuda_emulator_launches() -> int:
+    """How many kernel launches the CUDA emulator ran in this process."""
+
 def cuda_scratch_fallbacks() -> int:
     """How many CUDA scratch buffers fell back to cudaMallocAsync in this process (a call
     without a workspace from its caller, or a kind that does not report its size)."""

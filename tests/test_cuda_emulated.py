@@ -1,0 +1,203 @@
+r"""The CUDA engine's kernels (cuda/*.cu), run on the host emulator (cuda/emulator/), against
+the float64 reference and the CPU engine: the checks a GPU run would make of the kernels'
+logic (indexing, chunking, the reduction trees, warp shuffles, barriers, 16-bit storage),
+on every machine, without a GPU.
+
+A build with ``-Ccmake.define.GENLOSS_CUDA_EMULATOR=ON`` compiles the .cu sources a second
+time with the host compiler, in a namespace of their own; ``_C.cuda_emulator(True)`` then
+routes every CPU call of the engine (plan.cpp run_one and the plan cache's replays) to those
+kernels. The native compositions run unchanged on CPU arrays, so every registry case reaches
+the CUDA kernels exactly as a CUDA tensor would (the same Calls; only the Python glue that
+differs by device, such as the workspace from torch's allocator, is not exercised).
+
+* every native record, variant and reduction, float32 and float64, on the registry's odd
+  shapes (B = 1, trailing (3, 2, 5), two populations 41 / 13): value and every gradient equal
+  the reference, and in float64 equal the CPU engine to 1e-11 (the kernels' math is the
+  functors', shared with the CPU engine; only the summation order and libm differ);
+* rows longer than a chunk (4,099 elements): the multi-chunk combine, the per-row segment
+  sums and, in float32, the batched-load path of whole chunks;
+* float16 and bfloat16 storage: the kernels that load, widen, accumulate and round 16-bit
+  data (the same oracle as tests/test_cuda.py's storage test);
+* MMD's tiled kernel on several tiles, col_sum over several row slices, row_lse on rows
+  wider than a warp;
+* the emulator itself: its launches are counted, so each test above asserts that the CUDA
+  kernels really ran (a change to a kernel's indexing or to block_sum's shuffle offsets made
+  over a thousand of these cases fail when it was tried).
+
+What the emulator cannot show (races, memory ordering, speed, the GPU's own libm and FMA
+contraction) is left to bench/gpu_check.sh on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+import genloss
+from genloss import registry as R
+from strategies import seed_of
+from tolerances import value_scale
+
+torch = pytest.importorskip("torch")
+_C = pytest.importorskip("genloss._C")
+if not genloss.build_info().get("cuda_emulator"):
+    pytest.skip(
+        "genloss was built without the CUDA emulator (-Ccmake.define.GENLOSS_CUDA_EMULATOR=ON)",
+        allow_module_level=True,
+    )
+
+import genloss.native as gn  # noqa: E402
+from native_storage import LOW, check_native_storage  # noqa: E402
+from test_native import LONG, check_against_reference  # noqa: E402
+
+NATIVE_CASES = list(R.cases(tuple(r for r in R.RECORDS if r.has_native)))
+CASE_IDS = [f"{r.name}-{v.id}-{red}" for r, v, red in NATIVE_CASES]
+# each record's first case (its record specialised to that variant), for the larger inputs
+FIRST_CASES = list({r.name: (r, v, red) for r, v, red in reversed(NATIVE_CASES)}.values())[::-1]
+FIRST_IDS = [r.name for r, _, _ in FIRST_CASES]
+
+
+@contextlib.contextmanager
+def emulated():
+    """Every engine call in the block runs on the emulated CUDA kernels; asserts some did."""
+    before = _C.cuda_emulator_launches()
+    previous = _C.cuda_emulator(True)
+    try:
+        yield
+    finally:
+        _C.cuda_emulator(previous)
+    assert _C.cuda_emulator_launches() > before, "no kernel ran on the emulator"
+
+
+def _close_to_cpu(record, variant, reduction, inputs, got):
+    """The emulated (value, grads) against the CPU engine's on the same float64 inputs."""
+    kwargs = R.call_kwargs(record, variant, reduction)
+    value, grads = record.native(*inputs, **kwargs)
+    label = f"{record.name}({variant.id}, {reduction})"
+    pairs = [("value", got[0], value)] + [
+        (f"d/d{n}", a, b) for n, a, b in zip(record.differentiable, got[1], grads, strict=True)
+    ]
+    for what, a, b in pairs:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = value_scale(inputs, reduction, b)
+        bad = ~(np.abs(a - b) <= 1e-11 * (scale + np.abs(b))) & ~(np.isnan(a) & np.isnan(b))
+        bad &= ~((a == b) & np.isinf(b))
+        assert not bad.any(), f"{label} {what}: emulated CUDA {a[bad][:3]} vs CPU engine {b[bad][:3]}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("record", "variant", "reduction"), NATIVE_CASES, ids=CASE_IDS)
+def test_emulated_kernels_match_reference(record, variant, reduction, dtype):
+    kwargs = R.call_kwargs(record, variant, reduction)
+    for i, sizes in enumerate(R.ODD_SIZES):
+        inputs = R.make_inputs(record, np.random.default_rng(seed_of(record.name, i)), dtype, sizes, variant)
+        with emulated():
+            got = record.native(*inputs, **kwargs)
+        check_against_reference(
+            record, variant, reduction, inputs, dtype, what=" [emulated CUDA]", values=got
+        )
+        if dtype == np.float64:
+            _close_to_cpu(record, variant, reduction, inputs, got)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("record", "variant", "reduction"), FIRST_CASES, ids=FIRST_IDS)
+def test_emulated_kernels_on_long_rows(record, variant, reduction, dtype):
+    sizes = R.capped(record, LONG)
+    inputs = R.make_inputs(record, np.random.default_rng(seed_of(record.name, "long")), dtype, sizes, variant)
+    with emulated():
+        got = record.native(*inputs, **R.call_kwargs(record, variant, reduction))
+    check_against_reference(
+        record, variant, reduction, inputs, dtype, what=" [emulated CUDA, long]", values=got
+    )
+
+
+@pytest.mark.parametrize("low", LOW)
+@pytest.mark.parametrize(("record", "variant", "reduction"), FIRST_CASES, ids=FIRST_IDS)
+def test_emulated_16bit_storage(record, variant, reduction, low):
+    with emulated():
+        check_native_storage(record, variant, reduction, low, "cpu")
+
+
+def test_mmd_tiled_kernel_over_several_tiles():
+    """N = M = 300, D = 64: the centred tiled path with several tiles of each population and
+    ragged last tiles, value and both gradients, against the CPU engine (float64) and the
+    float64 pairwise formula (float32)."""
+    rng = np.random.default_rng(3)
+    for dtype in (np.float64, np.float32):
+        x = rng.standard_normal((300, 64)).astype(dtype)
+        y = (rng.standard_normal((287, 64)) + 0.3).astype(dtype)
+        with emulated():
+            v, (gx, gy) = gn.mmd2(x, y, kernel="rbf", bandwidths=(4.0, 8.0))
+        v0, (gx0, gy0) = gn.mmd2(x, y, kernel="rbf", bandwidths=(4.0, 8.0))
+        tol = 1e-11 if dtype == np.float64 else 2e-4
+        for a, b in ((v, v0), (gx, gx0), (gy, gy0)):
+            np.testing.assert_allclose(np.float64(a), np.float64(b), rtol=tol, atol=tol * np.abs(b).max())
+
+
+def test_col_sum_and_row_lse_over_slices_and_lanes():
+    """feature_matching_loss's column means over 3000 rows (several row slices, then their
+    combine) and iwae_bound's log-sum-exp over rows of 1000 weights (32 lanes each, xor
+    butterflies): against the reference's float64 value and gradients."""
+    rng = np.random.default_rng(4)
+    rf, ff = rng.standard_normal((3000, 40)), rng.standard_normal((2500, 40))
+    with emulated():
+        v, (gr, gf) = gn.feature_matching_loss(rf, ff)
+    d = rf.mean(0) - ff.mean(0)
+    np.testing.assert_allclose(v, np.sum(d**2), rtol=1e-12)  # ||mean f_r - mean f_f||^2 (GAN.14)
+    np.testing.assert_allclose(gr, np.broadcast_to(2 * d / len(rf), rf.shape), rtol=1e-10)
+    np.testing.assert_allclose(gf, np.broadcast_to(-2 * d / len(ff), ff.shape), rtol=1e-10)
+    lw = rng.standard_normal((7, 1000)) * 3
+    with emulated():
+        v, (g,) = gn.iwae_bound(lw)
+    m = lw.max(1, keepdims=True)
+    lse = (m[:, 0] + np.log(np.exp(lw - m).sum(1))) - np.log(lw.shape[1])
+    np.testing.assert_allclose(v, lse.mean(), rtol=1e-12)
+    w = np.exp(lw - m)
+    np.testing.assert_allclose(g, w / w.sum(1, keepdims=True) / len(lw), rtol=1e-10, atol=1e-16)
+
+
+def test_row_map_writes_every_row_of_a_partial_last_block():
+    """row_map over 1,000 rows (one thread per row: three whole blocks of 256 and a partial
+    one) writes every row's table entries as the CPU loop does (the same float64 functor), in
+    exactly one emulated launch."""
+    from genloss.native import _engine as E
+
+    t = E.as_input(np.linspace(0.05, 0.95, 1000), "t")
+    tables = []
+    for on in (False, True):
+        table = E.empty(t, (1000, 2))
+        before = _C.cuda_emulator_launches()
+        previous = _C.cuda_emulator(on)
+        try:
+            E.row_map("InterpolantRows", [t], table=table, params={"x0_coef": 0.75, "velocity": 0})
+        finally:
+            _C.cuda_emulator(previous)
+        assert _C.cuda_emulator_launches() == before + on
+        tables.append(np.asarray(table.arr))
+    np.testing.assert_array_equal(tables[1], tables[0])
+    np.testing.assert_array_equal(tables[1], np.stack([1 - 0.75 * t.arr, t.arr], axis=1))
+
+
+def test_no_plan_is_recorded_while_emulating():
+    """A composition run while emulating records no plan (its Calls may hold 16-bit data that
+    only the CUDA kernels take): after an emulated bfloat16 call of gmm_responsibilities on CPU
+    tensors, the same call with the emulator off still refuses bfloat16 (the CPU engine has no
+    16-bit gmm kernel) instead of replaying the emulated Calls."""
+    from genloss.native import _compose
+
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.standard_normal((9, 3))).bfloat16()
+    means = torch.from_numpy(rng.standard_normal((4, 3))).bfloat16()
+    logvars = torch.zeros(4, 3).bfloat16()
+    logits = torch.zeros(4).bfloat16()
+    plans = len(_compose.PLANS)
+    with emulated():
+        for _ in range(2):
+            r = gn.gmm_responsibilities(x, logits, means, logvars)
+    assert len(_compose.PLANS) == plans
+    assert r.dtype == torch.bfloat16 and torch.allclose(r.float().sum(1), torch.ones(9), atol=1e-2)
+    with pytest.raises(TypeError, match="bfloat16"):
+        gn.gmm_responsibilities(x, logits, means, logvars)
