@@ -109,6 +109,26 @@ def test_vq_near_ties_pick_the_exact_nearest():
     )
 
 
+def test_vq_values_near_the_float_range_pick_the_exact_nearest():
+    """|z|, |e| ~ 3e19 in float32: ||e||^2 overflows float32, so the filter's expansion is inf or
+    NaN for the true nearest code; such rows are searched exactly over every code (the float64
+    brute force, whose distances stay finite). Also one infinite code among finite ones, and
+    float64 inputs near 3e153."""
+    big = np.array([[3e19, 0.0], [-3e19, 2.0]])
+    e = np.array([[0.0, 0.0], [3e19, 1.0], [-3e19, 1.0], [1.0, 1.0]])
+    cases = [(big.astype(np.float32), e.astype(np.float32))]
+    e_inf = np.array([[np.inf, 0.0], [0.5, 0.5], [-0.5, 0.25]], np.float32)
+    cases.append((np.array([[0.4, 0.4], [-1.0, 0.0]], np.float32), e_inf))
+    cases.append(((big * 1e134), (e * 1e134)))
+    for z, cb in cases:
+        want = brute_argmin(z, cb)
+        (zq, idx, _, _), _ = gn.vector_quantize(z, cb, need_grad=False)
+        np.testing.assert_array_equal(idx, want)
+        np.testing.assert_array_equal(zq, cb[want])
+        np.testing.assert_array_equal(RQ.vector_quantize(z, cb)[1], want)
+    assert brute_argmin(*cases[0]).tolist() == [1, 2]  # the float64 distances: 1 and 1
+
+
 def test_vq_native_matches_reference():
     rng = np.random.default_rng(3)
     z = rng.standard_normal((50, 6))

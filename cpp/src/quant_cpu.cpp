@@ -157,6 +157,10 @@ void vq_impl(const VqArgs& a) {
   const double u = std::numeric_limits<T>::epsilon() / 2;
   // (QNT.3) twice the rounding bound of f~, with room for the higher-order terms
   const double bound = 2.5 * static_cast<double>(D + 2) * u;
+  // A row whose expansion could leave T's range (|z|, |e| near sqrt of T's largest value, or an
+  // infinite code) is searched exactly over every code: there f~ would be inf or NaN and the
+  // filter would drop the true nearest code.
+  const double f_safe = static_cast<double>(std::numeric_limits<T>::max()) / 16;
   std::vector<double> rowdist(static_cast<size_t>(N));
   const double cz = 2.0 * a.beta / (static_cast<double>(N) * static_cast<double>(D));
   T* zq = static_cast<T*>(a.z_q);
@@ -168,6 +172,7 @@ void vq_impl(const VqArgs& a) {
     std::vector<T> zb(static_cast<size_t>(Rb * D)), f(static_cast<size_t>(R * W));
     double thr[Rb], best_f[Rb], best_x[Rb], margin[Rb];
     int64_t best_k[Rb];
+    bool exact_row[Rb];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < nblocks; ++b) {
       const int64_t i0 = b * Rb;
@@ -178,7 +183,9 @@ void vq_impl(const VqArgs& a) {
       for (int r = 0; r < nr; ++r) {
         double s = 0.0;
         for (int64_t d = 0; d < D; ++d) s += static_cast<double>(zb[r * D + d]) * static_cast<double>(zb[r * D + d]);
-        margin[r] = bound * (e2max + 2.0 * std::sqrt(s) * E);
+        const double scale = e2max + 2.0 * std::sqrt(s) * E;  // bounds every partial sum of f~
+        exact_row[r] = !(scale <= f_safe);
+        margin[r] = bound * scale;
         thr[r] = best_f[r] = best_x[r] = std::numeric_limits<double>::infinity();
         best_k[r] = -1;
       }
@@ -189,6 +196,7 @@ void vq_impl(const VqArgs& a) {
           micro_tile<T, R, W>(zb.data() + rr * D, ep, np_, D, f.data());
           for (int r = 0; r < R && rr + r < nr; ++r) {
             const int row = rr + r;
+            if (exact_row[row]) continue;
             const T* fr = f.data() + r * W;
             // the threshold in T, rounded up (a superset of the candidates, each rechecked in double below)
             T th0 = static_cast<T>(std::min(thr[row], static_cast<double>(std::numeric_limits<T>::max())));
@@ -216,6 +224,13 @@ void vq_impl(const VqArgs& a) {
       }
       for (int r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
+        for (int64_t c = 0; exact_row[r] && c < K; ++c) {  // the brute force, ascending: ties keep the lowest
+          const double x = exact_dist(z + i * D, e + c * D, D);
+          if (x < best_x[r]) {
+            best_x[r] = x;
+            best_k[r] = c;
+          }
+        }
         int64_t k = best_k[r];
         if (k < 0) {  // every distance NaN (a NaN in z_i): index 0, its NaN distance makes the losses NaN
           k = 0;
