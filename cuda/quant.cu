@@ -2,12 +2,15 @@
 // cpp/src/quant_cpu.h; the math in derivations/quant.md, QNT.1-QNT.9). Deterministic: no floating-point atomics, every
 // float sum in a fixed order; no host synchronisation (capturable in a CUDA graph; scratch through Scratch).
 //
-// vector_quantize: a brute-force search. One thread per row of z, the block's rows staged (transposed) in shared
-// memory, the codes in shared-memory tiles; every (row, code) distance is the exact float64 sum_d (z_d - e_d)^2 in
-// order d = 0..D-1 with __dsub_rn/__dmul_rn/__dadd_rn (never contracted into an FMA), codes scanned in ascending order
-// with a strict <: the index is the CPU's (the float64 brute-force argmin, ties to the lowest index), bit for bit. A
-// row whose distances are all NaN gets index 0 (the CPU's rule). z_q and grad_z elementwise; the loss is the sum of
-// the row distances by a fixed tree (the CPU sums them serially: equal within rounding).
+// vector_quantize: the CPU's filter and recheck (QNT.3). One thread per row of z, the block's rows staged (transposed)
+// in shared memory, the codes in shared-memory tiles; for every code the expansion f~ = ||e_k||^2 - 2 z.e_k in the
+// input's type (float32: D FMAs, where the brute force took 3 D float64 operations), and for the few codes whose f~
+// is below the running threshold the exact float64 sum_d (z_d - e_d)^2 in order d = 0..D-1 with
+// __dsub_rn/__dmul_rn/__dadd_rn (never contracted into an FMA), codes scanned in ascending order with a strict <: the
+// index is the CPU's (the float64 brute-force argmin, ties to the lowest index), bit for bit. A row whose expansion
+// could overflow is searched exactly over every code; a row whose distances are all NaN gets index 0 (the CPU's rule).
+// z_q and grad_z elementwise; the loss is the sum of the row distances by a fixed tree (the CPU sums them serially:
+// equal within rounding).
 //
 // Segment sums (the codebook gradient, vq_ema_update): the indices become 32-bit keys (an index outside [0, K) the
 // key K, ignored), a stable radix sort of (key, row) (CUB: deterministic) gives every code its rows in ascending
@@ -25,6 +28,7 @@
 #include <climits>
 #include <cstdint>
 #include <cub/device/device_radix_sort.cuh>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -165,11 +169,58 @@ unsigned code_blocks(int64_t K) {
 }
 
 // ============================================================================= vector_quantize
-// One thread per row; kStageZ: the block's rows in shared memory as [d][row]; kStageE: codes in tiles of kt.
+// ||e_k||^2 in float64 (order d = 0..D-1, rounded step by step: the CPU's sum), kept in float64 and rounded to T for
+// the filter.
+template <class T>
+__global__ void vq_norms(const T* __restrict__ e, int64_t K, int64_t D, T* __restrict__ nrm, double* __restrict__ n64) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < K;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double s = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double v = static_cast<double>(e[k * D + d]);
+      s = __dadd_rn(s, __dmul_rn(v, v));
+    }
+    nrm[k] = static_cast<T>(s);
+    n64[k] = s;
+  }
+}
+
+// *emax = max(0, max_k n64[k]), NaN skipped (the CPU's e2max). One block of kSumThreads; a max is exact in any order.
+__global__ void __launch_bounds__(kSumThreads) vq_emax(const double* __restrict__ n64, int64_t K, double* emax) {
+  __shared__ double buf[kSumThreads];
+  const int t = static_cast<int>(threadIdx.x);
+  double m = 0.0;
+  for (int64_t k = t; k < K; k += kSumThreads) m = fmax(m, n64[k]);
+  buf[t] = m;
+  __syncthreads();
+  for (int w = kSumThreads / 2; w > 0; w >>= 1) {
+    if (t < w) buf[t] = fmax(buf[t], buf[t + w]);
+    __syncthreads();
+  }
+  if (t == 0) *emax = buf[0];
+}
+
+// sum_d (z_d - e_d)^2 in float64, order d, rounded step by step: the exact distance of QNT.3 (the CPU's exact_dist).
+template <class T, bool kStageZ>
+__device__ __forceinline__ double exact_dist(const T* zs, const T* zr, int tid, const T* ec, int64_t D) {
+  double s = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const T zv = kStageZ ? zs[d * kSearchRows + tid] : zr[d];
+    s = add_sq_diff(s, static_cast<double>(zv), static_cast<double>(ec[d]));
+  }
+  return s;
+}
+
+// One thread per row; kStageZ: the block's rows in shared memory as [d][row]; kStageE: codes in tiles of kt. The CPU's
+// filter and recheck (QNT.3, quant_cpu.cpp vq_impl): f~ = ||e_k||^2 - 2 z.e_k in T for every code, the exact float64
+// distance only for a code whose f~ is below the running threshold (best f~ + 2.5 delta_i), codes in ascending order,
+// a strictly smaller exact distance wins: the float64 brute-force argmin, the CPU's index bit for bit. A row whose
+// expansion could leave T's range (or with a NaN: no candidate either way) is searched exactly over every code.
 template <class T, bool kStageZ, bool kStageE>
 __global__ void __launch_bounds__(kSearchRows)
-    vq_search(const T* __restrict__ z, const T* __restrict__ e, int64_t N, int64_t K, int64_t D, int kt,
-              int64_t* __restrict__ idx, double* __restrict__ rowdist) {
+    vq_search(const T* __restrict__ z, const T* __restrict__ e, const T* __restrict__ nrm,
+              const double* __restrict__ emax, int64_t N, int64_t K, int64_t D, int kt, int64_t* __restrict__ idx,
+              double* __restrict__ rowdist) {
   extern __shared__ double smem[];
   T* zs = reinterpret_cast<T*>(smem);
   T* es = zs + (kStageZ ? D * kSearchRows : 0);
@@ -185,7 +236,18 @@ __global__ void __launch_bounds__(kSearchRows)
       zs[d * kSearchRows + r] = z[i0 * D + q];
     }
   }
-  double best = __longlong_as_double(0x7ff0000000000000LL);  // +inf
+  const double inf = __longlong_as_double(0x7ff0000000000000LL);
+  double sz = 0.0;  // ||z_i||^2, float64, order d
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = static_cast<double>(zr[d]);
+    sz = __dadd_rn(sz, __dmul_rn(v, v));
+  }
+  const double e2max = *emax;
+  const double scale = __dadd_rn(e2max, __dmul_rn(__dmul_rn(2.0, sqrt(sz)), sqrt(e2max)));  // >= |partial sums|
+  const bool exact_row = !(scale <= static_cast<double>(std::numeric_limits<T>::max()) / 16);
+  const double bound = 2.5 * static_cast<double>(D + 2) * (static_cast<double>(std::numeric_limits<T>::epsilon()) / 2);
+  const double margin = __dmul_rn(bound, scale);
+  double thr = inf, best_f = inf, best = inf;
   int64_t bk = -1;
   const int64_t step = kStageE ? kt : K;
   for (int64_t k0 = 0; k0 < K; k0 += step) {
@@ -195,27 +257,31 @@ __global__ void __launch_bounds__(kSearchRows)
       for (int64_t q = tid; q < nc * D; q += kSearchRows) es[q] = e[k0 * D + q];
     }
     __syncthreads();  // the tile (and the staged rows) are in place
-    if (live) {
-      for (int64_t c = 0; c < nc; ++c) {
-        const T* ec = kStageE ? es + c * D : e + (k0 + c) * D;
-        double s = 0.0;
-        for (int64_t d = 0; d < D; ++d) {
-          const T zv = kStageZ ? zs[d * kSearchRows + tid] : zr[d];
-          s = add_sq_diff(s, static_cast<double>(zv), static_cast<double>(ec[d]));
-        }
-        if (s < best) {  // ascending codes, strict: a tie keeps the lowest index; NaN never wins
-          best = s;
-          bk = k0 + c;
-        }
+    if (!live) continue;
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* ec = kStageE ? es + c * D : e + (k0 + c) * D;
+      double fv = -inf;  // exact rows: every code is a candidate
+      if (!exact_row) {
+        T f = nrm[k0 + c];
+        for (int64_t d = 0; d < D; ++d) f += T(-2) * ec[d] * (kStageZ ? zs[d * kSearchRows + tid] : zr[d]);
+        fv = static_cast<double>(f);
+        if (!(fv < thr)) continue;  // NaN: never a candidate
+      }
+      const double x = exact_dist<T, kStageZ>(zs, zr, tid, ec, D);  // (QNT.3) the exact recheck
+      if (x < best) {  // ascending codes, strict: a tie keeps the lowest index; NaN never wins
+        best = x;
+        bk = k0 + c;
+      }
+      if (fv < best_f) {
+        best_f = fv;
+        thr = fv + margin;
       }
     }
   }
   if (live) {
     if (bk < 0) {  // every distance NaN (a NaN in z_i): index 0, its NaN distance makes the losses NaN (the CPU's)
       bk = 0;
-      double s = 0.0;
-      for (int64_t d = 0; d < D; ++d) s = add_sq_diff(s, static_cast<double>(zr[d]), static_cast<double>(e[d]));
-      best = s;
+      best = exact_dist<T, false>(nullptr, zr, tid, e, D);
     }
     idx[i] = bk;
     rowdist[i] = best;
@@ -272,14 +338,25 @@ void vq_run(const cpu::VqArgs& a, cudaStream_t st) {
   const bool stage_e = kt >= 1;
   const size_t smem = static_cast<size_t>((stage_z ? zbytes : 0) + (stage_e ? kt * D * tb : 0));
   Scratch rowdist(sizeof(double) * static_cast<size_t>(N), st), S(sizeof(double), st);
+  // the codes' norms: float64 (K), then in T (K, padded to 8 bytes), then the largest (1)
+  const int64_t tpad = (K * tb + 7) / 8;
+  Scratch norms(sizeof(double) * static_cast<size_t>(K + tpad + 1), st);
+  double* n64 = norms.as<double>();
+  T* nrm = reinterpret_cast<T*>(n64 + K);
+  double* emax = n64 + K + tpad;
+  vq_norms<T><<<blocks_for(K, kThreads), kThreads, 0, st>>>(e, K, D, nrm, n64);
+  launched("vector_quantize norms");
+  vq_emax<<<1, kSumThreads, 0, st>>>(n64, K, emax);
+  launched("vector_quantize largest norm");
   const unsigned grid = grid_exact(N, kSearchRows);
   const int kti = static_cast<int>(kt);
+  double* rd = rowdist.as<double>();
   if (stage_z && stage_e)
-    vq_search<T, true, true><<<grid, kSearchRows, smem, st>>>(z, e, N, K, D, kti, a.indices, rowdist.as<double>());
+    vq_search<T, true, true><<<grid, kSearchRows, smem, st>>>(z, e, nrm, emax, N, K, D, kti, a.indices, rd);
   else if (stage_e)
-    vq_search<T, false, true><<<grid, kSearchRows, smem, st>>>(z, e, N, K, D, kti, a.indices, rowdist.as<double>());
+    vq_search<T, false, true><<<grid, kSearchRows, smem, st>>>(z, e, nrm, emax, N, K, D, kti, a.indices, rd);
   else
-    vq_search<T, false, false><<<grid, kSearchRows, smem, st>>>(z, e, N, K, D, kti, a.indices, rowdist.as<double>());
+    vq_search<T, false, false><<<grid, kSearchRows, smem, st>>>(z, e, nrm, emax, N, K, D, kti, a.indices, rd);
   launched("vector_quantize search");
   const double nd = static_cast<double>(N) * static_cast<double>(D);
   const double cz = 2.0 * a.beta / nd;

@@ -201,3 +201,62 @@ def test_no_plan_is_recorded_while_emulating():
     assert r.dtype == torch.bfloat16 and torch.allclose(r.float().sum(1), torch.ones(9), atol=1e-2)
     with pytest.raises(TypeError, match="bfloat16"):
         gn.gmm_responsibilities(x, logits, means, logvars)
+
+
+def _vq_emulated_equals_cpu(z, e, what, beta=0.25):
+    """vector_quantize's CUDA kernels (the expansion filter and the float64 recheck) against the
+    CPU engine's on the same inputs: the same indices and z_q bit for bit (both are the float64
+    brute-force argmin, ties to the lowest index), the losses within rounding of the two sums'
+    orders, and the float64 brute force itself."""
+    zt, et = torch.from_numpy(z), torch.from_numpy(e)
+    (zq, idx, c, b), (gz, ge) = gn.vector_quantize(zt, et, beta)
+    with emulated():
+        (zq2, idx2, c2, b2), (gz2, ge2) = gn.vector_quantize(zt, et, beta)
+    bad = np.flatnonzero(idx.numpy() != idx2.numpy())
+    assert bad.size == 0, (
+        f"{what}: rows {bad[:5].tolist()}: CPU {idx.numpy()[bad[:5]]}, CUDA {idx2.numpy()[bad[:5]]}"
+    )
+    d = ((z.astype(np.float64)[:, None, :] - e.astype(np.float64)[None, :, :]) ** 2).sum(-1)
+    finite = np.isfinite(z).all(1)
+    d[np.isnan(d)] = np.inf  # a NaN code is never chosen while another has a number (np.argmin would)
+    np.testing.assert_array_equal(idx2.numpy()[finite], np.argmin(d, axis=1)[finite], err_msg=what)
+    assert torch.equal(zq, zq2), f"{what}: z_q"
+    for name, a, w in (
+        ("commitment", c2, c),
+        ("codebook", b2, b),
+        ("grad_z", gz2, gz),
+        ("grad_codebook", ge2, ge),
+    ):
+        np.testing.assert_allclose(
+            a.double().numpy(), w.double().numpy(), rtol=1e-6, atol=0, err_msg=f"{what} {name}"
+        )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_vector_quantize_filter_equals_cpu(dtype):
+    """Random data over the search kernel's staging variants (the rows staged in shared memory
+    or not: D = 100 float32 rows do not fit beside a code tile; several code tiles; a partial
+    last block of rows), near ties that defeat the float32 expansion, exact ties and NaN rows,
+    and rows near the float range (searched exactly)."""
+    rng = np.random.default_rng(7)
+    for n, k, d in ((1, 1, 1), (37, 5, 3), (300, 700, 16), (130, 40, 100)):
+        z, e = rng.standard_normal((n, d)).astype(dtype), rng.standard_normal((k, d)).astype(dtype)
+        _vq_emulated_equals_cpu(z, e, f"N={n} K={k} D={d}")
+    center = np.full(8, 1000.0)  # near ties: tests/test_quant_vq.py's data
+    e = (center + 0.5 * rng.standard_normal((64, 8))).astype(dtype)
+    z = (center + 0.5 * rng.standard_normal((256, 8))).astype(dtype)
+    _vq_emulated_equals_cpu(z, e, "near ties")
+    base = rng.standard_normal((70, 8))
+    e = np.concatenate([base, base, base[:5]]).astype(dtype)  # every code twice or three times
+    e[3] = np.nan
+    z = (base[rng.integers(4, 70, 300)] + 1e-3 * rng.standard_normal((300, 8))).astype(dtype)
+    z[7] = np.nan
+    _vq_emulated_equals_cpu(z[np.isfinite(z).all(1)], e, "ties")
+    zt, et = torch.from_numpy(z), torch.from_numpy(e)
+    with emulated():
+        (_, idx, c, _), _ = gn.vector_quantize(zt, et, 0.25)
+    assert int(idx[7]) == 0 and bool(torch.isnan(c))  # a NaN row: index 0, NaN losses
+    big = 3e19 if dtype == np.float32 else 3e153
+    z = np.array([[big, 0.0], [-big, 2.0]], dtype)
+    e = np.array([[0.0, 0.0], [big, 1.0], [-big, 1.0], [1.0, 1.0]], dtype)
+    _vq_emulated_equals_cpu(z, e, "near the float range")
