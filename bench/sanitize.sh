@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# bench/sanitize.sh — the CPU engine under AddressSanitizer + UndefinedBehaviorSanitizer,
-# on a subset of the test suite. Not in .ci/run: the instrumented build of the three ISA
+# bench/sanitize.sh — the CPU engine, and the CUDA engine's kernels on the host emulator
+# (cuda/emulator/), under AddressSanitizer + UndefinedBehaviorSanitizer, on a subset of the
+# test suite (tests/test_cuda_emulated.py whole: every kernel's reads and writes checked, as
+# compute-sanitizer memcheck would on a GPU). Not in .ci/run: the instrumented build of the three ISA
 # kernels and the slowed-down tests take tens of minutes on 2 cores (bench/README.md).
 #
 #   bench/sanitize.sh                 # build (incremental after the first run) and test
@@ -32,10 +34,11 @@ fi
 # cmake and ninja of the base environment (its bin/ is not on the venv's PATH)
 export PATH="$VENV/bin:$(dirname "$BASE_PY"):$PATH"
 
-echo "sanitize: building the CPU engine with $FLAGS into $SAN_DIR/build" >&2
+echo "sanitize: building the CPU engine and the CUDA emulator with $FLAGS into $SAN_DIR/build" >&2
 (cd "$ROOT" && "$VENV/bin/python" -m pip install --no-build-isolation --no-deps -q . \
   -Cbuild-dir="$SAN_DIR/build" \
   -Ccmake.define.GENLOSS_CUDA=OFF \
+  -Ccmake.define.GENLOSS_CUDA_EMULATOR=ON \
   -Ccmake.build-type=RelWithDebInfo \
   "-Ccmake.define.CMAKE_CXX_FLAGS=$FLAGS" \
   "-Ccmake.define.CMAKE_SHARED_LINKER_FLAGS=-fsanitize=address,undefined")
@@ -58,5 +61,5 @@ cd "$ROOT"
 LD_PRELOAD="$PRELOAD" "$VENV/bin/python" -m pytest -q -x -p no:cacheprovider \
   tests/test_native.py "$@"
 LD_PRELOAD="$PRELOAD" "$VENV/bin/python" -m pytest -q -x -p no:cacheprovider \
-  tests/test_engine.py tests/test_bad_input.py tests/test_processes.py
+  tests/test_engine.py tests/test_bad_input.py tests/test_processes.py tests/test_cuda_emulated.py
 echo "sanitize: clean" >&2

@@ -9,6 +9,9 @@
 // often a hang) and raises.
 #include "emulator.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -141,6 +144,35 @@ struct Stacks {
   }
 };
 
+// AddressSanitizer must be told of every switch between stacks (bench/sanitize.sh runs the
+// emulated kernels under it); without it these are no-ops.
+#if defined(__SANITIZE_ADDRESS__)
+thread_local const void* t_sched_bottom = nullptr;  // the scheduler's stack, learnt at a fiber's entry
+thread_local size_t t_sched_size = 0;
+inline void asan_start(void** fake, const void* bottom, size_t size) {
+  __sanitizer_start_switch_fiber(fake, bottom, size);
+}
+inline void asan_finish(void* fake, bool learn_scheduler) {
+  __sanitizer_finish_switch_fiber(fake, learn_scheduler ? &t_sched_bottom : nullptr,
+                                  learn_scheduler ? &t_sched_size : nullptr);
+}
+inline const void* sched_bottom() {
+  return t_sched_bottom;
+}
+inline size_t sched_size() {
+  return t_sched_size;
+}
+#else
+inline void asan_start(void**, const void*, size_t) {}
+inline void asan_finish(void*, bool) {}
+inline const void* sched_bottom() {
+  return nullptr;
+}
+inline size_t sched_size() {
+  return 0;
+}
+#endif
+
 thread_local Block* t_block = nullptr;
 thread_local Fiber* t_fiber = nullptr;
 thread_local cudaError_t t_last = cudaSuccess;
@@ -148,8 +180,12 @@ thread_local std::vector<char> t_dynamic;
 thread_local Stacks t_stacks;
 std::atomic<uint64_t> g_launches{0};
 
-void yield_to_scheduler() {
+// final: the fiber has returned and is never resumed (its fake stack, under ASan, is dropped).
+void yield_to_scheduler(bool final = false) {
+  void* fake = nullptr;
+  asan_start(final ? nullptr : &fake, sched_bottom(), sched_size());
   switch_context(t_fiber->ctx, t_block->sched);
+  asan_finish(fake, true);
 }
 
 void release_warp(Warp& w) {
@@ -173,6 +209,7 @@ void thread_exit(Fiber& f) {
 }
 
 [[noreturn]] void fiber_entry() {
+  asan_finish(nullptr, true);
   Fiber& f = *t_fiber;
   try {
     t_block->body(t_block->body_ctx);
@@ -180,7 +217,7 @@ void thread_exit(Fiber& f) {
     if (!t_block->error) t_block->error = std::current_exception();
   }
   thread_exit(f);
-  yield_to_scheduler();  // a finished fiber is never resumed
+  yield_to_scheduler(true);  // a finished fiber is never resumed
   std::abort();
 }
 
@@ -195,17 +232,24 @@ bool runnable(const Block& b, const Fiber& f) {
   }
 }
 
-void run_block(Block& b, int nthreads) {
+// reverse: resume the fibers from the last thread to the first. Launches alternate the two
+// orders, so a kernel that reads what another thread wrote without a barrier (which one
+// order can hide: the writer happens to run first) gives a wrong answer in the other.
+void run_block(Block& b, int nthreads, bool reverse) {
   for (int i = 0; i < nthreads; ++i)
     make_context(b.fibers[i].ctx, t_stacks.get(static_cast<size_t>(i)), kStackBytes, fiber_entry);
   while (b.live > 0) {
     bool progressed = false;
-    for (int i = 0; i < nthreads; ++i) {
+    for (int j = 0; j < nthreads; ++j) {
+      const int i = reverse ? nthreads - 1 - j : j;
       Fiber& f = b.fibers[i];
       if (f.done || !runnable(b, f)) continue;
       f.wait = kRunnable;
       t_fiber = &f;
+      void* fake = nullptr;
+      asan_start(&fake, t_stacks.get(static_cast<size_t>(i)), kStackBytes);
       switch_context(b.sched, f.ctx);
+      asan_finish(fake, false);
       t_fiber = nullptr;
       progressed = true;
       if (b.error) std::rethrow_exception(b.error);  // the other fibers are abandoned (no resources)
@@ -284,7 +328,7 @@ void launch_grid(void (*body)(void*), void* ctx, dim3 grid, dim3 block, size_t s
     return;
   }
   if (t_block != nullptr) throw std::logic_error("genloss CUDA emulator: a launch from inside a kernel");
-  g_launches.fetch_add(1, std::memory_order_relaxed);
+  const bool reverse = (g_launches.fetch_add(1, std::memory_order_relaxed) & 1) != 0;
   t_dynamic.assign(shmem, 0);
   Block b;
   b.fibers.resize(static_cast<size_t>(nthreads));
@@ -318,7 +362,7 @@ void launch_grid(void (*body)(void*), void* ctx, dim3 grid, dim3 block, size_t s
               f.warp = static_cast<int>(i / 32);
               f.lane = static_cast<int>(i % 32);
             }
-        run_block(b, static_cast<int>(nthreads));
+        run_block(b, static_cast<int>(nthreads), reverse);
       }
 }
 

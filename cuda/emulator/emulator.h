@@ -16,8 +16,10 @@
 // threads they name exactly as the hardware does. Device memory is host memory; streams are
 // ignored (everything is synchronous, which is one valid order of a CUDA stream).
 //
-// What it cannot show: races between threads that do not synchronise (a fiber runs until
-// it waits), memory-model and coalescing effects, speed, and the last bits of float math
+// What it cannot show: most races between threads that do not synchronise (a fiber runs
+// until it waits; launches alternate the order in which a block's fibers are resumed, which
+// exposes a read that relies on the writer having run first), memory-model and coalescing
+// effects, speed, and the last bits of float math
 // (host libm and no FMA contraction, where the GPU uses libdevice and contracts a * b + c).
 // Those need the GPU run (bench/gpu_check.sh).
 //
