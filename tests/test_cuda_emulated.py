@@ -260,3 +260,34 @@ def test_vector_quantize_filter_equals_cpu(dtype):
     z = np.array([[big, 0.0], [-big, 2.0]], dtype)
     e = np.array([[0.0, 0.0], [big, 1.0], [-big, 1.0], [1.0, 1.0]], dtype)
     _vq_emulated_equals_cpu(z, e, "near the float range")
+
+
+@pytest.mark.parametrize("low", LOW)
+@pytest.mark.parametrize(("record", "variant", "reduction"), FIRST_CASES, ids=FIRST_IDS)
+def test_emulated_float32_value_of_16bit_calls(record, variant, reduction, low):
+    """Under ``float32_values`` a float16/bfloat16 call's value comes back in float32
+    (MapReduceArgs::value_f32: engine.cu's finalize<S, float>, which no GPU run has reached):
+    the emulated kernels' float32 value equals the CPU engine's, within the rounding of two
+    summation orders. Ops whose value another kernel writes refuse on both (skipped)."""
+    from genloss.native import _engine as E
+
+    dtype = getattr(torch, low)
+    arrays = R.make_inputs(
+        record, np.random.default_rng(seed_of(record.name, low)), np.float64, R.ODD_SIZES[0], variant
+    )
+    ts = [torch.from_numpy(np.array(a, copy=True)) for a in arrays]
+    ts = [t.to(dtype) if t.is_floating_point() else t for t in ts]
+    kwargs = R.call_kwargs(record, variant, reduction)
+    try:
+        with E.float32_values():
+            want, _ = record.native(*ts, **kwargs)
+    except TypeError as e:
+        pytest.skip(f"no float32 value for {low} here: {e}")
+    with emulated(), E.float32_values():
+        got, _ = record.native(*ts, **kwargs)
+    assert got.dtype == want.dtype == torch.float32 or got.dtype == want.dtype == dtype
+    w = want.double().numpy()
+    scale = value_scale(
+        [t.double().numpy() if t.is_floating_point() else t.numpy() for t in ts], reduction, w
+    )
+    np.testing.assert_allclose(got.double().numpy(), w, rtol=2.0**-22, atol=1e-6 * scale, err_msg=record.name)
