@@ -18,8 +18,12 @@ differs by device, such as the workspace from torch's allocator, is not exercise
   sums and, in float32, the batched-load path of whole chunks;
 * float16 and bfloat16 storage: the kernels that load, widen, accumulate and round 16-bit
   data (the same oracle as tests/test_cuda.py's storage test);
+* a float16/bfloat16 call's float32 value (``float32_values``: finalize<S, float>);
 * MMD's tiled kernel on several tiles, col_sum over several row slices, row_lse on rows
-  wider than a warp;
+  wider than a warp, row_map over a partial last block;
+* vector_quantize's expansion filter and float64 recheck: the CPU's indices bit for bit
+  (near ties, exact ties, NaN rows and codes, values near the float range);
+* no plan cache entry is recorded while emulating;
 * the emulator itself: its launches are counted, so each test above asserts that the CUDA
   kernels really ran (a change to a kernel's indexing or to block_sum's shuffle offsets made
   over a thousand of these cases fail when it was tried).
