@@ -57,9 +57,10 @@ if [ $# -eq 0 ]; then
 fi
 cd "$ROOT"
 # `import genloss` is the instrumented install (tests/conftest.py falls back to python/
-# only when genloss is not installed)
-LD_PRELOAD="$PRELOAD" "$VENV/bin/python" -m pytest -q -x -p no:cacheprovider \
+# only when genloss is not installed). -s: a sanitizer report goes to stderr, which pytest
+# would capture and lose when the report ends the process (the run then died silently).
+LD_PRELOAD="$PRELOAD" "$VENV/bin/python" -m pytest -q -x -s -p no:cacheprovider \
   tests/test_native.py "$@"
-LD_PRELOAD="$PRELOAD" "$VENV/bin/python" -m pytest -q -x -p no:cacheprovider \
+LD_PRELOAD="$PRELOAD" "$VENV/bin/python" -m pytest -q -x -s -p no:cacheprovider \
   tests/test_engine.py tests/test_bad_input.py tests/test_processes.py tests/test_cuda_emulated.py
 echo "sanitize: clean" >&2

@@ -10,6 +10,7 @@
 #include "emulator.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 #include <sys/mman.h>
@@ -34,7 +35,7 @@ constexpr size_t kMaxSharedDynamic = 48 * 1024;
 enum Wait { kRunnable, kBlockBarrier, kWarpCollective };
 
 #if defined(__x86_64__)
-// switch_stack(&save, to): pushes the callee-saved registers (and the SSE/x87 control words),
+// genloss_emulator_switch(&save, to): pushes the callee-saved registers (and the SSE/x87 control words),
 // stores the stack pointer in save, loads `to` and pops what was pushed there.
 extern "C" void genloss_emulator_switch(void** save, void* to);
 asm(R"(
@@ -128,17 +129,21 @@ struct Block {
   void* body_ctx = nullptr;
 };
 
-// Fiber stacks, kept per OS thread across launches (mmap: pages are touched only when used).
+// Fiber stacks, kept per OS thread across launches (mmap: pages are touched only when used),
+// each above a guard page: a kernel that overflows its stack faults instead of writing over
+// its neighbour's.
+constexpr size_t kGuardBytes = 4096;
 struct Stacks {
   std::vector<char*> stacks;
   ~Stacks() {
-    for (char* s : stacks) munmap(s, kStackBytes);
+    for (char* s : stacks) munmap(s - kGuardBytes, kStackBytes + kGuardBytes);
   }
   char* get(size_t i) {
     while (stacks.size() <= i) {
-      void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (p == MAP_FAILED) throw std::runtime_error("genloss CUDA emulator: no memory for a thread's stack");
-      stacks.push_back(static_cast<char*>(p));
+      void* p = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED || mprotect(p, kGuardBytes, PROT_NONE) != 0)
+        throw std::runtime_error("genloss CUDA emulator: no memory for a thread's stack");
+      stacks.push_back(static_cast<char*>(p) + kGuardBytes);
     }
     return stacks[i];
   }
@@ -156,6 +161,11 @@ inline void asan_finish(void* fake, bool learn_scheduler) {
   __sanitizer_finish_switch_fiber(fake, learn_scheduler ? &t_sched_bottom : nullptr,
                                   learn_scheduler ? &t_sched_size : nullptr);
 }
+// A stack reused for a new fiber: the frames the previous one left (it never unwound them)
+// are still poisoned.
+inline void asan_fresh_stack(char* stack, size_t size) {
+  __asan_unpoison_memory_region(stack, size);
+}
 inline const void* sched_bottom() {
   return t_sched_bottom;
 }
@@ -165,6 +175,7 @@ inline size_t sched_size() {
 #else
 inline void asan_start(void**, const void*, size_t) {}
 inline void asan_finish(void*, bool) {}
+inline void asan_fresh_stack(char*, size_t) {}
 inline const void* sched_bottom() {
   return nullptr;
 }
@@ -236,8 +247,11 @@ bool runnable(const Block& b, const Fiber& f) {
 // orders, so a kernel that reads what another thread wrote without a barrier (which one
 // order can hide: the writer happens to run first) gives a wrong answer in the other.
 void run_block(Block& b, int nthreads, bool reverse) {
-  for (int i = 0; i < nthreads; ++i)
-    make_context(b.fibers[i].ctx, t_stacks.get(static_cast<size_t>(i)), kStackBytes, fiber_entry);
+  for (int i = 0; i < nthreads; ++i) {
+    char* stack = t_stacks.get(static_cast<size_t>(i));
+    asan_fresh_stack(stack, kStackBytes);
+    make_context(b.fibers[i].ctx, stack, kStackBytes, fiber_entry);
+  }
   while (b.live > 0) {
     bool progressed = false;
     for (int j = 0; j < nthreads; ++j) {
