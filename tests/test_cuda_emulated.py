@@ -23,6 +23,8 @@ differs by device, such as the workspace from torch's allocator, is not exercise
   wider than a warp, row_map over a partial last block;
 * vector_quantize's expansion filter and float64 recheck: the CPU's indices bit for bit
   (near ties, exact ties, NaN rows and codes, values near the float range);
+* empty inputs (an empty batch, empty trailing dims) and 40 chunks through genloss.torch, as
+  tests/test_cuda.py checks them on a GPU;
 * no plan cache entry is recorded while emulating;
 * the emulator itself: its launches are counted, so each test above asserts that the CUDA
   kernels really ran (a change to a kernel's indexing or to block_sum's shuffle offsets made
@@ -53,7 +55,9 @@ if not genloss.build_info().get("cuda_emulator"):
     )
 
 import genloss.native as gn  # noqa: E402
+import genloss.torch as gt  # noqa: E402
 from native_storage import LOW, check_native_storage  # noqa: E402
+from test_cuda import EMPTY_CASES, EMPTY_IDS, EMPTY_SIZES, empty_inputs, run_op  # noqa: E402
 from test_native import LONG, check_against_reference  # noqa: E402
 
 NATIVE_CASES = list(R.cases(tuple(r for r in R.RECORDS if r.has_native)))
@@ -64,7 +68,7 @@ FIRST_IDS = [r.name for r, _, _ in FIRST_CASES]
 
 
 @contextlib.contextmanager
-def emulated():
+def emulated(expect_launches: bool = True):
     """Every engine call in the block runs on the emulated CUDA kernels; asserts some did."""
     before = _C.cuda_emulator_launches()
     previous = _C.cuda_emulator(True)
@@ -72,7 +76,7 @@ def emulated():
         yield
     finally:
         _C.cuda_emulator(previous)
-    assert _C.cuda_emulator_launches() > before, "no kernel ran on the emulator"
+    assert not expect_launches or _C.cuda_emulator_launches() > before, "no kernel ran on the emulator"
 
 
 def _close_to_cpu(record, variant, reduction, inputs, got):
@@ -295,3 +299,45 @@ def test_emulated_float32_value_of_16bit_calls(record, variant, reduction, low):
         [t.double().numpy() if t.is_floating_point() else t.numpy() for t in ts], reduction, w
     )
     np.testing.assert_allclose(got.double().numpy(), w, rtol=2.0**-22, atol=1e-6 * scale, err_msg=record.name)
+
+
+@pytest.mark.parametrize("which", sorted(EMPTY_SIZES))
+@pytest.mark.parametrize(("record", "variant", "reduction"), EMPTY_CASES, ids=EMPTY_IDS)
+def test_emulated_empty_inputs_match_cpu(record, variant, reduction, which):
+    """tests/test_cuda.py's empty-input check through genloss.torch with the emulated kernels:
+    the CPU engine's result or its error. An empty grid is an invalid launch on a GPU, and the
+    emulator refuses it as the hardware does, so a launcher that forgot its early return fails
+    here."""
+    arrays = empty_inputs(record, variant, EMPTY_SIZES[which])
+    cpu = run_op(record, variant, reduction, arrays, "cpu")
+    with emulated(expect_launches=False):
+        emu = run_op(record, variant, reduction, arrays, "cpu")
+    label = f"{record.name}({variant.id}, {reduction}) on {which}-empty inputs"
+    assert cpu[0] == emu[0], f"{label}: CPU gave {cpu}, emulated CUDA {emu}"
+    if cpu[0] == "error":
+        assert cpu[1] == emu[1], f"{label}: CPU raised {cpu[1].__name__}, emulated CUDA {emu[1].__name__}"
+        return
+    torch.testing.assert_close(emu[1], cpu[1], equal_nan=True, msg=f"{label}: value")
+    for g_emu, g_cpu in zip(emu[2], cpu[2], strict=True):
+        assert (g_emu is None) == (g_cpu is None), label
+        if g_cpu is not None:
+            torch.testing.assert_close(g_emu, g_cpu, equal_nan=True, msg=f"{label}: gradient")
+
+
+@pytest.mark.parametrize("numel", [3 * 4096 + 1, 40 * 4096 + 7])
+def test_emulated_many_chunks_match_float64(numel):
+    """tests/test_cuda.py's many-chunk check (one whole-tensor reduction, then per-row sums of
+    several chunks each) with the emulated kernels, against float64 sums."""
+    g = torch.Generator().manual_seed(numel)
+    cols = -(-numel // 3)
+    x64 = torch.randn(3, cols, generator=g, dtype=torch.float64)
+    y64 = torch.randn(3, cols, generator=g, dtype=torch.float64)
+    x, y = x64.float().requires_grad_(True), y64.float()
+    xe, ye = x.detach().double(), y.double()
+    with emulated():
+        value = gt.l1_loss(x, y)
+        value.backward()
+        per_row = gt.l1_loss(x.detach(), y, reduction="none")
+    torch.testing.assert_close(value.double(), (xe - ye).abs().sum() / xe.numel(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad.double(), torch.sign(xe - ye) / xe.numel(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(per_row.double(), (xe - ye).abs().mean(dim=1), rtol=1e-6, atol=0)
