@@ -64,23 +64,34 @@ __device__ __forceinline__ double add_sq_diff(double s, double a, double b) {
   return __dadd_rn(s, __dmul_rn(t, t));
 }
 
-// *out = sum of x[0..n), a fixed order: thread t sums t, t + 1024, ... then a fixed tree. One block of kSumThreads.
-__global__ void __launch_bounds__(kSumThreads) sum_fixed(const double* __restrict__ x, int64_t n, double* out) {
+// The fixed-tree reductions below: float64 sums rounded step by step, and maxima (exact in any order).
+struct AddRn {
+  __device__ double operator()(double a, double b) const { return __dadd_rn(a, b); }
+};
+struct MaxNum {  // NaN skipped (fmax), as the CPU's `if (s > m) m = s`
+  __device__ double operator()(double a, double b) const { return fmax(a, b); }
+};
+
+// *out = op-reduction of init and x[0..n), a fixed order: thread t folds t, t + 1024, ... then a fixed tree. One
+// block of kSumThreads.
+template <class Op>
+__global__ void __launch_bounds__(kSumThreads)
+    reduce_fixed(const double* __restrict__ x, int64_t n, double init, Op op, double* out) {
   __shared__ double buf[kSumThreads];
   const int t = static_cast<int>(threadIdx.x);
-  double s = 0.0;
-  for (int64_t q = t; q < n; q += kSumThreads) s = __dadd_rn(s, x[q]);
+  double s = init;
+  for (int64_t q = t; q < n; q += kSumThreads) s = op(s, x[q]);
   buf[t] = s;
   __syncthreads();
   for (int w = kSumThreads / 2; w > 0; w >>= 1) {
-    if (t < w) buf[t] = __dadd_rn(buf[t], buf[t + w]);
+    if (t < w) buf[t] = op(buf[t], buf[t + w]);
     __syncthreads();
   }
   if (t == 0) *out = buf[0];
 }
 
 void launch_sum(const double* x, int64_t n, double* out, cudaStream_t st) {
-  sum_fixed<<<1, kSumThreads, 0, st>>>(x, n, out);
+  reduce_fixed<<<1, kSumThreads, 0, st>>>(x, n, 0.0, AddRn{}, out);
   launched("quant sum");
 }
 
@@ -183,21 +194,6 @@ __global__ void vq_norms(const T* __restrict__ e, int64_t K, int64_t D, T* __res
     nrm[k] = static_cast<T>(s);
     n64[k] = s;
   }
-}
-
-// *emax = max(0, max_k n64[k]), NaN skipped (the CPU's e2max). One block of kSumThreads; a max is exact in any order.
-__global__ void __launch_bounds__(kSumThreads) vq_emax(const double* __restrict__ n64, int64_t K, double* emax) {
-  __shared__ double buf[kSumThreads];
-  const int t = static_cast<int>(threadIdx.x);
-  double m = 0.0;
-  for (int64_t k = t; k < K; k += kSumThreads) m = fmax(m, n64[k]);
-  buf[t] = m;
-  __syncthreads();
-  for (int w = kSumThreads / 2; w > 0; w >>= 1) {
-    if (t < w) buf[t] = fmax(buf[t], buf[t + w]);
-    __syncthreads();
-  }
-  if (t == 0) *emax = buf[0];
 }
 
 // sum_d (z_d - e_d)^2 in float64, order d, rounded step by step: the exact distance of QNT.3 (the CPU's exact_dist).
@@ -346,7 +342,7 @@ void vq_run(const cpu::VqArgs& a, cudaStream_t st) {
   double* emax = n64 + K + tpad;
   vq_norms<T><<<blocks_for(K, kThreads), kThreads, 0, st>>>(e, K, D, nrm, n64);
   launched("vector_quantize norms");
-  vq_emax<<<1, kSumThreads, 0, st>>>(n64, K, emax);
+  reduce_fixed<<<1, kSumThreads, 0, st>>>(n64, K, 0.0, MaxNum{}, emax);  // e2max = max(0, max_k ||e_k||^2)
   launched("vector_quantize largest norm");
   const unsigned grid = grid_exact(N, kSearchRows);
   const int kti = static_cast<int>(kt);

@@ -341,3 +341,39 @@ def test_emulated_many_chunks_match_float64(numel):
     torch.testing.assert_close(value.double(), (xe - ye).abs().sum() / xe.numel(), rtol=1e-6, atol=0)
     torch.testing.assert_close(x.grad.double(), torch.sign(xe - ye) / xe.numel(), rtol=1e-6, atol=0)
     torch.testing.assert_close(per_row.double(), (xe - ye).abs().mean(dim=1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("low", LOW)
+def test_emulated_16bit_conversions(low):
+    """The emulator's own float16/bfloat16 conversions (what cuda_fp16.h / cuda_bf16.h do on a
+    GPU), through the CUDA kernels' load and store: widening is exact and narrowing rounds to
+    nearest even like torch, on every 64th bit pattern plus the special values (zeros,
+    subnormals, the largest finite values, infinities, NaN) and on the ties and near-ties
+    between neighbours (tests/test_low_storage.py's check, on a sample: one block per row)."""
+    from test_low_storage import _bits, _narrow, _roundtrip_to_f32
+
+    dt = getattr(torch, low)
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    special = torch.tensor(
+        [0, 1, 2, 0x3FF, 0x400, 0x7BFF, 0x7C00, 0x7C01, 0x7F7F, 0x7F80, 0x7FC0], dtype=torch.int32
+    )
+    patterns = torch.cat([patterns[::64], special.to(torch.int16), (-special - 1).to(torch.int16)])
+    every = patterns.view(dt)
+    with emulated():
+        wide = _roundtrip_to_f32(every)
+    exp = every.float()
+    nan = torch.isnan(exp)
+    assert torch.equal(torch.isnan(wide), nan)
+    assert torch.equal(wide[~nan], exp[~nan])
+    f = exp[~nan].double()
+    f = f[torch.isfinite(f)].sort().values.unique()
+    mids = (f[1:] + f[:-1]) / 2
+    cand = torch.cat([f, mids, mids.nextafter(torch.tensor(np.inf)), mids.nextafter(torch.tensor(-np.inf))])
+    cand = torch.cat([cand, torch.tensor([np.inf, -np.inf, np.nan, 3e38, -3e38, 1e-45, -1e-45, 0.0, -0.0])])
+    x32 = cand.float()
+    with emulated():
+        got = _narrow(x32, dt)
+    expect = x32.to(dt)
+    gn_, en = torch.isnan(got.float()), torch.isnan(expect.float())
+    assert torch.equal(gn_, en)
+    assert np.array_equal(_bits(got[~gn_]), _bits(expect[~en]))

@@ -458,18 +458,13 @@ float __half2float(__half h) {
   } else if (exp != 0) {
     bits = sign | ((exp + 112u) << 23) | (man << 13);
   } else {  // zero or subnormal: man * 2^-24, exact in float
-    const float v = std::ldexp(static_cast<float>(man), -24);
-    std::memcpy(&bits, &v, sizeof bits);
-    bits |= sign;
+    bits = __builtin_bit_cast(uint32_t, std::ldexp(static_cast<float>(man), -24)) | sign;
   }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+  return __builtin_bit_cast(float, bits);
 }
 
 __half __float2half_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, sizeof x);
+  const uint32_t x = __builtin_bit_cast(uint32_t, f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7fffffffu;
   __half h;
@@ -478,9 +473,7 @@ __half __float2half_rn(float f) {
   } else if (ax >= 0x47800000u) {
     h.bits = sign | 0x7c00u;      // >= 2^16: infinity (65520 and up round there below too)
   } else if (ax < 0x38800000u) {  // under 2^-14: a subnormal, man = round(|f| 2^24)
-    float a;
-    std::memcpy(&a, &ax, sizeof a);
-    h.bits = sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));
+    h.bits = sign | static_cast<uint16_t>(std::nearbyint(__builtin_bit_cast(float, ax) * 16777216.0f));
   } else {
     const uint32_t man = ax & 0x7fffffu, rem = man & 0x1fffu;
     uint32_t r = (((ax >> 23) - 112u) << 10) | (man >> 13);
@@ -491,15 +484,11 @@ __half __float2half_rn(float f) {
 }
 
 float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t bits = uint32_t(h.bits) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+  return __builtin_bit_cast(float, uint32_t(h.bits) << 16);
 }
 
 __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, sizeof x);
+  const uint32_t x = __builtin_bit_cast(uint32_t, f);
   __nv_bfloat16 h;
   if ((x & 0x7fffffffu) > 0x7f800000u)
     h.bits = static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN stays NaN (quiet)
