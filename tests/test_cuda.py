@@ -72,16 +72,11 @@ def run_op(record, variant, reduction, arrays, device):
     return ("value", value.detach().cpu(), [None if g is None else g.cpu() for g in grads])
 
 
-@pytest.mark.parametrize("which", sorted(EMPTY_SIZES))
-@pytest.mark.parametrize(("record", "variant", "reduction"), EMPTY_CASES, ids=EMPTY_IDS)
-def test_empty_inputs_match_cpu(record, variant, reduction, which, cuda_device):
-    arrays = empty_inputs(record, variant, EMPTY_SIZES[which])
-    cpu = run_op(record, variant, reduction, arrays, "cpu")
-    dev = run_op(record, variant, reduction, arrays, cuda_device)
-    label = f"{record.name}({variant.id}, {reduction}) on {which}-empty inputs"
-    assert cpu[0] == dev[0], f"{label}: CPU gave {cpu[0]} {cpu[1:] if cpu[0] == 'error' else ''}, CUDA {dev}"
+def assert_same_outcome(cpu, dev, label, who="CUDA"):
+    """Two ``run_op`` outcomes: the same error type, or the same value and gradients."""
+    assert cpu[0] == dev[0], f"{label}: CPU gave {cpu[0]} {cpu[1:] if cpu[0] == 'error' else ''}, {who} {dev}"
     if cpu[0] == "error":
-        assert cpu[1] == dev[1], f"{label}: CPU raised {cpu[1].__name__}, CUDA {dev[1].__name__}"
+        assert cpu[1] == dev[1], f"{label}: CPU raised {cpu[1].__name__}, {who} {dev[1].__name__}"
         return
     torch.testing.assert_close(dev[1], cpu[1], equal_nan=True, msg=f"{label}: value")
     for g_dev, g_cpu in zip(dev[2], cpu[2], strict=True):
@@ -89,6 +84,15 @@ def test_empty_inputs_match_cpu(record, variant, reduction, which, cuda_device):
             assert g_dev is None, label
         else:
             torch.testing.assert_close(g_dev, g_cpu, equal_nan=True, msg=f"{label}: gradient")
+
+
+@pytest.mark.parametrize("which", sorted(EMPTY_SIZES))
+@pytest.mark.parametrize(("record", "variant", "reduction"), EMPTY_CASES, ids=EMPTY_IDS)
+def test_empty_inputs_match_cpu(record, variant, reduction, which, cuda_device):
+    arrays = empty_inputs(record, variant, EMPTY_SIZES[which])
+    cpu = run_op(record, variant, reduction, arrays, "cpu")
+    dev = run_op(record, variant, reduction, arrays, cuda_device)
+    assert_same_outcome(cpu, dev, f"{record.name}({variant.id}, {reduction}) on {which}-empty inputs")
 
 
 def test_current_device_unchanged_after_a_call(cuda_device):

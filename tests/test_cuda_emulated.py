@@ -57,7 +57,7 @@ if not genloss.build_info().get("cuda_emulator"):
 import genloss.native as gn  # noqa: E402
 import genloss.torch as gt  # noqa: E402
 from native_storage import LOW, check_native_storage  # noqa: E402
-from test_cuda import EMPTY_CASES, EMPTY_IDS, EMPTY_SIZES, empty_inputs, run_op  # noqa: E402
+from test_cuda import EMPTY_CASES, EMPTY_IDS, EMPTY_SIZES, assert_same_outcome, empty_inputs, run_op  # noqa: E402
 from test_native import LONG, check_against_reference  # noqa: E402
 
 NATIVE_CASES = list(R.cases(tuple(r for r in R.RECORDS if r.has_native)))
@@ -313,15 +313,7 @@ def test_emulated_empty_inputs_match_cpu(record, variant, reduction, which):
     with emulated(expect_launches=False):
         emu = run_op(record, variant, reduction, arrays, "cpu")
     label = f"{record.name}({variant.id}, {reduction}) on {which}-empty inputs"
-    assert cpu[0] == emu[0], f"{label}: CPU gave {cpu}, emulated CUDA {emu}"
-    if cpu[0] == "error":
-        assert cpu[1] == emu[1], f"{label}: CPU raised {cpu[1].__name__}, emulated CUDA {emu[1].__name__}"
-        return
-    torch.testing.assert_close(emu[1], cpu[1], equal_nan=True, msg=f"{label}: value")
-    for g_emu, g_cpu in zip(emu[2], cpu[2], strict=True):
-        assert (g_emu is None) == (g_cpu is None), label
-        if g_cpu is not None:
-            torch.testing.assert_close(g_emu, g_cpu, equal_nan=True, msg=f"{label}: gradient")
+    assert_same_outcome(cpu, emu, label, who="emulated CUDA")
 
 
 @pytest.mark.parametrize("numel", [3 * 4096 + 1, 40 * 4096 + 7])
