@@ -25,6 +25,8 @@ differs by device, such as the workspace from torch's allocator, is not exercise
   (near ties, exact ties, NaN rows and codes, values near the float range);
 * empty inputs (an empty batch, empty trailing dims) and 40 chunks through genloss.torch, as
   tests/test_cuda.py checks them on a GPU;
+* the kernels no registry case reaches: vq_ema_update, lfq_entropy_loss, prdc's k-NN, the exact
+  coupling and Sinkhorn;
 * no plan cache entry is recorded while emulating;
 * the emulator itself: its launches are counted, so each test above asserts that the CUDA
   kernels really ran (a change to a kernel's indexing or to block_sum's shuffle offsets made
@@ -369,3 +371,45 @@ def test_emulated_16bit_conversions(low):
     gn_, en = torch.isnan(got.float()), torch.isnan(expect.float())
     assert torch.equal(gn_, en)
     assert np.array_equal(_bits(got[~gn_]), _bits(expect[~en]))
+
+
+def test_quant_and_metrics_kernels_equal_cpu():
+    """The kernels no registry case reaches, emulated, against the CPU engine on the same data:
+    vq_ema_update (segment sums by a stable radix sort then one warp per code, in the CPU's
+    order: the same bits), lfq_entropy_loss (the tiled rank-N update and its gradient: within
+    rounding), prdc's k-NN radii and counts (the same counts), ot_coupling 'exact' (the same
+    permutation) and 'sinkhorn' (the same plan within the tolerance)."""
+    rng = np.random.default_rng(8)
+    for dtype in (np.float32, np.float64):
+        z = rng.standard_normal((700, 12)).astype(dtype)
+        idx = rng.integers(0, 40, 700)
+        cs, es = rng.random(40).astype(dtype), rng.standard_normal((40, 12)).astype(dtype)
+        want = gn.vq_ema_update(z, idx, cs, es, 0.9, 1e-5)
+        with emulated():
+            got = gn.vq_ema_update(z, idx, cs, es, 0.9, 1e-5)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+        zl = rng.standard_normal((300, 10)).astype(dtype)
+        v0, (g0,) = gn.lfq_entropy_loss(zl, 2.0)
+        with emulated():
+            v1, (g1,) = gn.lfq_entropy_loss(zl, 2.0)
+        tol = 1e-12 if dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(v1, v0, rtol=tol)
+        np.testing.assert_allclose(g1, g0, rtol=tol, atol=tol * np.abs(g0).max())
+
+        real, fake = rng.standard_normal((400, 7)).astype(dtype), rng.standard_normal((300, 7)).astype(dtype)
+        want_p = gn.prdc(real, fake, 5)
+        with emulated():
+            got_p = gn.prdc(real, fake, 5)
+        assert got_p == want_p, (got_p, want_p)
+
+        x0, x1 = rng.standard_normal((64, 3)).astype(dtype), rng.standard_normal((64, 3)).astype(dtype)
+        perm = gn.ot_coupling(x0, x1)
+        with emulated():
+            np.testing.assert_array_equal(gn.ot_coupling(x0, x1), perm)
+        plan = gn.ot_coupling(x0, x1, method="sinkhorn", eps=0.5)
+        with emulated():
+            np.testing.assert_allclose(
+                gn.ot_coupling(x0, x1, method="sinkhorn", eps=0.5), plan, rtol=1e-9, atol=1e-12
+            )
