@@ -6,7 +6,7 @@
 // runnable fiber in thread order; a fiber runs until it returns or waits at a barrier or a warp collective, and a wait
 // ends when every live thread it names has arrived (bumping that barrier's generation). A pass in which no fiber can
 // run while some are still waiting is a deadlock (threads waiting at different barriers: undefined behaviour on a GPU,
-// often a hang) and raises.
+// often a hang) and raises, as does a block whose threads meet at two different __syncthreads() (synccheck's finding).
 #include "emulator.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -125,6 +125,7 @@ struct Block {
   std::exception_ptr error;  // thrown in a fiber (an emulator check): re-raised by the launch
   int live = 0, arrived = 0;
   uint64_t gen = 0;
+  const char* site = nullptr;  // the barrier the waiting threads are at
   void (*body)(void*) = nullptr;
   void* body_ctx = nullptr;
 };
@@ -294,9 +295,15 @@ int lane_id() {
   return t_fiber->lane;
 }
 
-void syncthreads() {
+void syncthreads(const char* site) {
   Block& b = *t_block;
   Fiber& f = *t_fiber;
+  if (b.arrived == 0) {
+    b.site = site;
+  } else if (std::strcmp(b.site, site) != 0) {
+    throw std::logic_error(std::string("genloss CUDA emulator: threads of one block at different __syncthreads() (") +
+                           b.site + " and " + site + ")");
+  }
   const uint64_t g = b.gen;
   if (++b.arrived == b.live) {
     b.arrived = 0;

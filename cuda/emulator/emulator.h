@@ -64,7 +64,10 @@ void* dynamic_shared();  // `extern __shared__` storage: the launch's shmem byte
 
 // Block barrier and warp collectives: they return once every live thread they name has
 // arrived (a thread that returned counts as arrived, as on Volta and later GPUs).
-void syncthreads();
+// site: where the barrier is in the source (__syncthreads() below is a macro that names it):
+// live threads of a block meeting at two different barriers is undefined behaviour on a GPU
+// (compute-sanitizer's synccheck reports it) and raises here.
+void syncthreads(const char* site);
 void syncwarp(unsigned mask);
 // The 64-bit words the lanes in `mask` put in, after all arrived (indexed by lane).
 const uint64_t* warp_exchange(unsigned mask, uint64_t mine);
@@ -133,9 +136,9 @@ inline double rsqrt(double x) {
 inline float rsqrt(float x) {
   return 1.0f / std::sqrt(x);
 }
-inline void __syncthreads() {
-  syncthreads();
-}
+#define GENLOSS_EMULATOR_STR2(x) #x
+#define GENLOSS_EMULATOR_STR(x) GENLOSS_EMULATOR_STR2(x)
+#define __syncthreads() ::genloss_emulator::syncthreads(__FILE__ ":" GENLOSS_EMULATOR_STR(__LINE__))
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   syncwarp(mask);
 }
