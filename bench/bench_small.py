@@ -4,7 +4,7 @@ same loss written in torch eager and under ``torch.compile``, hot, as in a train
 
 One command, one process::
 
-    python bench/bench_small.py [--rows B] [--cols N] [--reps R] [--block K] [--json OUT]
+    python bench/bench_small.py [--rows B] [--cols N] [--reps R] [--block K] [--only TEXT] [--json OUT]
 
 At B = 16 samples of N = 16 elements (the defaults) no loss is bandwidth-bound: the time is
 the per-call overhead of each route (Python, autograd, the allocator, the plan cache), which
@@ -20,6 +20,10 @@ of ``bench_flow.py`` for ``flow_matching_loss`` (cosmap), ``denoiser_loss`` (EDM
 too), iCT's ``consistency_training_loss``, ``meanflow_loss`` and DMD2's ``vsd_loss``, each as
 its paper's code writes it. Before timing, every composite's value and first gradient are
 checked against the op's (``check`` in the JSON): a ratio compares the same loss.
+
+Then two ``genloss.native`` calls with a per-feature (N,) log-variance broadcast over the batch
+(``gaussian_nll``, ``normal_kl``: value and every gradient in one call) against the eager and
+compiled fwd+bwd of the same loss; the value and the (N,) gradient are checked the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+import genloss.native as gn
 import genloss.torch as gt
 import harness as bh
 from bench_flow import SIGMA_DATA, _col, _rest, denoiser_composite, flow_composite, huber_composite
@@ -135,6 +140,73 @@ def check(op: Callable, comp: Callable, ins: tuple, logvar: bool) -> dict[str, f
     return out
 
 
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _gnll_eager(m, x, lv):
+    """A VAE decoder's Gaussian NLL with a learned per-feature log-variance, per sample, mean."""
+    return (0.5 * (LOG_2PI + lv + (x - m) ** 2 * torch.exp(-lv))).sum(1).mean()
+
+
+def _nkl_eager(m1, lv1, m2, lv2):
+    """Elementwise KL(N(m1, e^lv1) || N(m2, e^lv2)) with a per-feature lv1, summed."""
+    return (0.5 * (lv2 - lv1 + torch.exp(lv1 - lv2) + (m1 - m2) ** 2 * torch.exp(-lv2) - 1.0)).sum()
+
+
+def broadcast_cases(b: int, n: int) -> list[tuple[str, tuple, Callable, Callable, Callable]]:
+    """genloss.native with a per-feature (N,) log-variance (a trailing broadcast, which the engine
+    broadcasts and reduces), value and every gradient in one call, against the eager fwd+bwd of the
+    same loss (its (N,) gradient summed by autograd): (name, inputs, native call, eager loss,
+    the native value and gradient to check)."""
+    g = torch.Generator().manual_seed(1)
+    m, x, lv = (
+        torch.randn(b, n, generator=g),
+        torch.randn(b, n, generator=g),
+        0.3 * torch.randn(n, generator=g),
+    )
+    m2, lv2 = torch.randn(b, n, generator=g), 0.3 * torch.randn(b, n, generator=g)
+    return [
+        ("gaussian_nll, logvar (N,)", (m, x, lv), lambda a, c, d: gn.gaussian_nll(a, c, d), _gnll_eager,
+         lambda a, c, d: (gn.gaussian_nll(a, c, d)[0], gn.gaussian_nll(a, c, d)[1][2])),
+        ("normal_kl, logvar1 (N,)", (m, lv, m2, lv2), lambda *a: gn.normal_kl(*a), _nkl_eager,
+         lambda *a: (gn.normal_kl(*a)[0].sum(), gn.normal_kl(*a)[1][1])),
+    ]  # fmt: skip
+
+
+def _broadcast_runners(ins: tuple, op: Callable, eager: Callable, compiled: Callable | None) -> list:
+    """The native call (value and gradients) and the eager / compiled fwd+bwd, on the same data
+    (the first input and the (N,) log-variance require grad in the latter)."""
+    k = 2 if len(ins) == 3 else 1  # the log-variance's place
+    leaves = [t.detach().clone().requires_grad_(i in (0, k)) for i, t in enumerate(ins)]
+
+    def step(fn):
+        def call():
+            leaves[0].grad = leaves[k].grad = None
+            fn(*leaves).backward()
+
+        return call
+
+    runners = [bh.Runner("op", lambda: op(*ins)), bh.Runner("eager", step(eager))]
+    if compiled is not None:
+        runners.append(bh.Runner("compile", step(compiled)))
+    return runners
+
+
+def _broadcast_check(ins: tuple, eager: Callable, checked: Callable) -> dict[str, float]:
+    """Relative differences of the value and of the (N,) log-variance gradient, float64."""
+    k = 2 if len(ins) == 3 else 1
+    d = [t.double() for t in ins]
+    v, gk = checked(*d)
+    leaves = [t.clone().requires_grad_(i == k) for i, t in enumerate(d)]
+    ve = eager(*leaves)
+    ve.backward()
+    ref = leaves[k].grad
+    return {
+        "value": abs(float(v) - float(ve.detach())) / max(abs(float(ve.detach())), 1e-300),
+        "grad": float((torch.as_tensor(gk) - ref).norm() / max(float(ref.norm()), 1e-300)),
+    }
+
+
 def _cell(s: dict) -> str:
     """median [q1-q3] in microseconds, 20 wide."""
     text = f"{s['median_s'] * 1e6:.1f} us [{s['q1_s'] * 1e6:.0f}-{s['q3_s'] * 1e6:.0f}]"
@@ -148,6 +220,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=400)
     ap.add_argument("--block", type=int, default=25, help="consecutive timed calls per turn (default 25)")
     ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    ap.add_argument("--only", default="", help="run the cases whose name contains this text")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     clock = bh.Clock(torch.device("cpu"))
@@ -169,6 +242,8 @@ def main() -> int:
         + "  compile/op" * (not args.no_compile) + "  check (value, grad)"
     )  # fmt: skip
     for name, ins, op, comp, _ in cases(args.rows, args.cols):
+        if args.only not in name:
+            continue
         logvar = name.endswith("+logvar")
         fns = {"op": op, "eager": comp}
         if not args.no_compile:
@@ -184,6 +259,24 @@ def main() -> int:
         )
         chk = result["cases"][name]["check"]
         print(f"{name:<22}{cells}{ratios}  {chk['value']:.0e}, {chk['grad']:.0e}")
+    print("genloss.native, value and gradients in one call (op) vs the eager / compiled fwd+bwd")
+    for name, ins, op, comp, checked in broadcast_cases(args.rows, args.cols):
+        if args.only not in name:
+            continue
+        compiled = None if args.no_compile else torch.compile(comp, fullgraph=False, dynamic=False)
+        times = bh.run_round_robin(
+            clock, _broadcast_runners(ins, op, comp, compiled), args.reps, 20, block=args.block
+        )
+        stats = {k: bh.summary(v) for k, v in times.items()}
+        result["cases"][name] = {"times": stats, "check": _broadcast_check(ins, comp, checked)}
+        med = {k: s["median_s"] for k, s in stats.items()}
+        ratios = f"{med['eager'] / med['op']:10.2f}x" + (
+            f"{med['compile'] / med['op']:11.2f}x" if "compile" in med else ""
+        )
+        chk = result["cases"][name]["check"]
+        print(
+            f"{name:<22}{''.join(_cell(stats[k]) for k in kinds)}{ratios}  {chk['value']:.0e}, {chk['grad']:.0e}"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

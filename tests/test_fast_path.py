@@ -56,8 +56,8 @@ PLAN_OPS = (
     "cycle_consistency_loss",
     "gaussian_kl",
     "bernoulli_nll",  # with a guard: no NaN in the value (x off [0, 1] makes one)
-    "gaussian_nll",  # logvar of mean's shape (a broadcast one is a derived array)
-    "normal_kl",  # four inputs of one shape (broadcast ones are derived arrays)
+    "gaussian_nll",  # logvar of mean's shape, or per-feature (col_broadcast, col_sum)
+    "normal_kl",  # four inputs of one shape or trailing broadcasts ((B, 1) ones are derived arrays)
     "diffusion_mse_loss",  # with guards: the timesteps' range, the weights' sign
     "eps_mse_loss",  # with a guard: the weights' sign
     "flow_matching_loss",  # lambda(t) by row_map; guards: t in [0, 1] (above 'sigma_sqrt''s end point), weights >= 0
@@ -126,21 +126,33 @@ def spy(monkeypatch):
     return install
 
 
+def _repeats_rows(small, full):
+    """``small`` broadcast to ``full`` is ``full``'s rows each equal to ``small`` (leading 1s
+    dropped, ``small`` is ``full``'s trailing dims; a scalar too)."""
+    small = list(small)
+    while small and small[0] == 1:
+        small.pop(0)
+    return not small or tuple(full[-len(small) :]) == tuple(small)
+
+
 def _expect_fast(record, tensors, kwargs, need=True):
-    """The plans serve FAST_OPS on same-shape inputs (a broadcast model_log_variance is
-    materialised by the Python path: a derived array, no plan) and mmd2 where its
-    bandwidths do not come from the data."""
+    """The plans serve FAST_OPS on same-shape inputs and on trailing broadcasts (a per-feature
+    log-variance: broadcast and reduced by the engine; a 0-d one is declined, as every 0-d
+    input); any other broadcast (a (B, 1)
+    mean stretched over F) is materialised by the Python path (a derived array, no plan); and
+    mmd2 where its bandwidths do not come from the data."""
     if record.name not in FAST_OPS:
         return False
-    if record.name == "gaussian_nll":
-        return tensors[2].shape == tensors[0].shape
-    if record.name in ("normal_kl", "discretized_gaussian_log_likelihood"):
-        return len({t.shape for t in tensors}) == 1
-    if record.name == "negative_elbo":  # a broadcast recon_logvar is a derived array
-        return len(tensors) == 4 or tensors[4].shape == tensors[0].shape
-    if record.name == "vlb_term":
-        shapes = {tuple(t.shape) for t in tensors if t.is_floating_point()}
-        return len(shapes) == 1
+    if record.name in (
+        "gaussian_nll",
+        "normal_kl",
+        "discretized_gaussian_log_likelihood",
+        "negative_elbo",
+        "vlb_term",
+    ):
+        shapes = [tuple(t.shape) for t in tensors if t.is_floating_point()]
+        full = np.broadcast_shapes(*shapes)
+        return all(s and _repeats_rows(s, full) for s in shapes)  # (plans decline 0-d inputs)
     if record.name == "mmd2":
         return kwargs.get("bandwidths") is not None or kwargs.get("kernel") in ("polynomial", "energy")
     return True

@@ -705,11 +705,37 @@ def checked_values(bufs: Sequence[Buf], replay: tuple) -> list[np.ndarray] | Non
     return [_host(b.arr) for b in bufs]
 
 
+def trailing_cols(small: tuple[int, ...], shape: tuple[int, ...]) -> int | None:
+    """The block length when ``small`` broadcast to ``shape`` repeats one contiguous block:
+    ``small`` is ``shape``'s last dims after any leading 1s (a scalar: a block of 1), so the
+    broadcast array is (rows, cols) with every row ``small``; None for any other broadcast (an
+    inner dim stretched, as (B, 1) to (B, F))."""
+    s = tuple(small)
+    while s and s[0] == 1:
+        s = s[1:]
+    if len(s) > len(shape) or tuple(shape[len(shape) - len(s) :]) != s:
+        return None
+    return math.prod(s)
+
+
+def _as_2d(b: Buf, rows: int, cols: int) -> Buf:
+    """``b`` addressed as (rows, cols) (the same contiguous data)."""
+    return Buf(b.arr, b.ptr, (rows, cols), b.dtype, b.device, b.device_id, b.kind, b.keep)
+
+
 def broadcast(b: Buf, shape: tuple[int, ...], name: str) -> Buf:
-    """``b`` materialised (contiguous) at a broadcast ``shape``; itself if it has it."""
+    """``b`` materialised (contiguous) at a broadcast ``shape``; itself if it has it. A trailing
+    broadcast (a per-feature or scalar log-variance) is written by the engine (col_broadcast)
+    into an array ``empty`` allocates, so a composition using it can still run on a cached
+    plan; any other broadcast is a derived array (no plan)."""
     if b.shape == tuple(shape):
         return b
     check_copy_size(name, shape, b.arr.itemsize, "broadcast to a shape")
+    cols = trailing_cols(b.shape, tuple(shape))
+    if cols:  # (the callers broadcast floating arrays only)
+        out = empty(b, tuple(shape))
+        col_broadcast(b, _as_2d(out, out.numel // cols, cols))
+        return out
     if b.kind == "torch":
         a = b.arr.expand(shape).contiguous()
     elif b.kind == "cupy":
@@ -719,6 +745,21 @@ def broadcast(b: Buf, shape: tuple[int, ...], name: str) -> Buf:
     else:
         a = np.ascontiguousarray(np.broadcast_to(b.arr, shape))
     return as_input(a, name)
+
+
+def reduce_to(g: Buf, shape: tuple[int, ...]) -> Any:
+    """The backward of ``broadcast``: ``g`` summed down to ``shape``; a trailing broadcast's by
+    the engine (col_sum, float64 sums in row order, into an array ``empty`` allocates: a cached
+    plan can replay it), any other by ``sum_to``."""
+    shape = tuple(shape)
+    if tuple(g.shape) == shape:
+        return g.arr
+    cols = trailing_cols(shape, tuple(g.shape))
+    if cols:
+        out = empty(g, shape)
+        col_sum(_as_2d(g, g.numel // cols, cols), out)
+        return out.arr
+    return sum_to(g.arr, shape, g.kind)
 
 
 def sum_to(g: Any, shape: tuple[int, ...], kind: str) -> Any:

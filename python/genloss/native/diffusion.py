@@ -37,10 +37,10 @@ from ._engine import (
     guard,
     int_range,
     map_reduce,
+    reduce_to,
     row_map,
     same_place,
     skip_checks,
-    sum_to,
     to_host,
 )
 
@@ -459,12 +459,12 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, bits=8, cdf="exact
         if not any(flags):
             return out.arr, ()
         return out.arr, tuple(
-            None if g is None else sum_to(g.arr, b.shape, b.kind)
-            for g, b in zip(grads[1:], bufs[1:], strict=True)
+            None if g is None else reduce_to(g, b.shape) for g, b in zip(grads[1:], bufs[1:], strict=True)
         )
 
-    # Same-shape arrays (the usual call) run on a cached plan, which re-checks x in [-1, 1];
-    # broadcast ones are derived arrays (materialised): the Python path each time.
+    # Same-shape arrays (the usual call) and trailing broadcasts (broadcast, reduce_to) run on a
+    # cached plan, which re-checks x in [-1, 1]; other broadcasts are derived arrays: the Python
+    # path each time.
     return cached(("discretized_gll", bits, cdf, need_grad), (x, means, log_scales), compose)
 
 
@@ -568,7 +568,7 @@ def _vlb(x0, x_t, t, eps_pred, table, model_log_variance, reduction, bits, need_
         return value, ()
     grads: tuple = (None if g_eps is None else g_eps.arr,)
     if v is not None:
-        grads += (None if g_v is None else sum_to(g_v.arr, vb.shape, vb.kind),)
+        grads += (None if g_v is None else reduce_to(g_v, vb.shape),)
     return value, grads
 
 

@@ -22,9 +22,10 @@ from ._engine import (
     float_range,
     gmm,
     map_reduce,
+    reduce_to,
     row_lse,
     same_place,
-    sum_to,
+    trailing_cols,
 )
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -96,13 +97,18 @@ def normal_kl(mean1, logvar1, mean2, logvar2, *, need_grad=True):
         if not any(flags):
             return out.arr, ()
         return out.arr, tuple(
-            None if g is None else sum_to(g.arr, b.shape, b.kind) for g, b in zip(grads, bufs, strict=True)
+            None if g is None else reduce_to(g, b.shape) for g, b in zip(grads, bufs, strict=True)
         )
 
-    # Same-shape tensors (the usual call): a cached plan runs the one Call. Broadcast ones are
-    # materialised (derived arrays, no plan): they take the Python path without recording.
-    shapes = {getattr(a, "shape", None) for a in arrays}
-    if len(shapes) == 1:
+    # Same-shape tensors and trailing broadcasts (a per-feature or scalar log-variance, which the
+    # engine broadcasts and reduces: broadcast, reduce_to) run on a cached plan. Any other
+    # broadcast is materialised by torch/NumPy (a derived array): the Python path, not recorded.
+    shapes = [tuple(getattr(a, "shape", ())) for a in arrays]
+    try:
+        full = tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        return compose()  # (raises, naming the shapes)
+    if all(s == full or trailing_cols(s, full) for s in shapes):
         return cached(("normal_kl", need_grad), arrays, compose)
     return compose()
 
@@ -130,10 +136,10 @@ def gaussian_nll(mean, x, logvar, reduction="mean", *, need_grad=True):
         lv = as_input(logvar, "logvar")
         same_place(m, "mean", lv, "logvar")
         _broadcastable("logvar", lv, "mean", m.shape)
-        full = broadcast(lv, m.shape, "logvar")  # a broadcast logvar is a derived array: no plan
+        full = broadcast(lv, m.shape, "logvar")  # (a stretched inner dim: a derived array, no plan)
         value, grads = run_terms([Term("GaussianNLL", m, y=xb, more=(full,))], reduction, need_grad, 3, [0])
         if grads and grads[2] is not None:
-            grads = (grads[0], grads[1], sum_to(grads[2], lv.shape, lv.kind))
+            grads = (grads[0], grads[1], reduce_to(as_input(grads[2], "logvar"), lv.shape))
         return value, grads
 
     return cached(("gaussian_nll", reduction, need_grad), (mean, x, logvar), compose)
@@ -193,7 +199,7 @@ def _negative_elbo(recon, x, mu, logvar, beta, likelihood, recon_logvar, reducti
     if likelihood == "bernoulli":
         _unit_interval_after(value, xb, "x")
     if n_grads == 4 and grads and grads[3] is not None:
-        grads = (*grads[:3], sum_to(grads[3], rlv.shape, rlv.kind))
+        grads = (*grads[:3], reduce_to(as_input(grads[3], "recon_logvar"), rlv.shape))
     return value, grads
 
 
