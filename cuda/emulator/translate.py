@@ -62,6 +62,10 @@ def translate(src: str) -> str:
     src = EXTERN_SHARED.sub(r"\1* \2 = static_cast<\1*>(::genloss_emulator::dynamic_shared());", src)
     out, pos = [], 0
     while (k := src.find("<<<", pos)) >= 0:
+        if "//" in src[src.rfind("\n", 0, k) + 1 : k]:  # in a line comment: not a launch
+            out.append(src[pos : k + 3])
+            pos = k + 3
+            continue
         start = _template_start(src, k)
         cfg_end = src.index(">>>", k)
         p = src.index("(", cfg_end)
