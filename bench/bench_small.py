@@ -21,7 +21,7 @@ too), iCT's ``consistency_training_loss``, ``meanflow_loss`` and DMD2's ``vsd_lo
 its paper's code writes it. Before timing, every composite's value and first gradient are
 checked against the op's (``check`` in the JSON): a ratio compares the same loss.
 
-Then two ``genloss.native`` calls with a per-feature (N,) log-variance broadcast over the batch
+Then three ``genloss.native`` calls with a per-feature (N,) or per-sample (B, 1) log-variance
 (``gaussian_nll``, ``normal_kl``: value and every gradient in one call) against the eager and
 compiled fwd+bwd of the same loss; the value and the (N,) gradient are checked the same way.
 """
@@ -144,7 +144,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _gnll_eager(m, x, lv):
-    """A VAE decoder's Gaussian NLL with a learned per-feature log-variance, per sample, mean."""
+    """A VAE decoder's Gaussian NLL with a learned (broadcast) log-variance, per sample, mean."""
     return (0.5 * (LOG_2PI + lv + (x - m) ** 2 * torch.exp(-lv))).sum(1).mean()
 
 
@@ -154,8 +154,8 @@ def _nkl_eager(m1, lv1, m2, lv2):
 
 
 def broadcast_cases(b: int, n: int) -> list[tuple[str, tuple, Callable, Callable, Callable]]:
-    """genloss.native with a per-feature (N,) log-variance (a trailing broadcast, which the engine
-    broadcasts and reduces), value and every gradient in one call, against the eager fwd+bwd of the
+    """genloss.native with a per-feature (N,) or per-sample (B, 1) log-variance (broadcasts the
+    engine makes and reduces), value and every gradient in one call, against the eager fwd+bwd of the
     same loss (its (N,) gradient summed by autograd): (name, inputs, native call, eager loss,
     the native value and gradient to check)."""
     g = torch.Generator().manual_seed(1)
@@ -165,11 +165,14 @@ def broadcast_cases(b: int, n: int) -> list[tuple[str, tuple, Callable, Callable
         0.3 * torch.randn(n, generator=g),
     )
     m2, lv2 = torch.randn(b, n, generator=g), 0.3 * torch.randn(b, n, generator=g)
+    lvb = 0.3 * torch.randn(b, 1, generator=g)  # a per-sample log-variance
     return [
         ("gaussian_nll, logvar (N,)", (m, x, lv), lambda a, c, d: gn.gaussian_nll(a, c, d), _gnll_eager,
          lambda a, c, d: (gn.gaussian_nll(a, c, d)[0], gn.gaussian_nll(a, c, d)[1][2])),
         ("normal_kl, logvar1 (N,)", (m, lv, m2, lv2), lambda *a: gn.normal_kl(*a), _nkl_eager,
          lambda *a: (gn.normal_kl(*a)[0].sum(), gn.normal_kl(*a)[1][1])),
+        ("gaussian_nll, logvar (B,1)", (m, x, lvb), lambda a, c, d: gn.gaussian_nll(a, c, d), _gnll_eager,
+         lambda a, c, d: (gn.gaussian_nll(a, c, d)[0], gn.gaussian_nll(a, c, d)[1][2])),
     ]  # fmt: skip
 
 

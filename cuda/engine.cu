@@ -318,7 +318,7 @@ __global__ void row_scale_kernel(RowScaleArgs a) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     A c = A(a.scale);
     if (coef) c *= load(coef, i / a.cols);
-    A v = c * load(x, i);
+    A v = x ? c * load(x, i) : c;  // x null: ones (a per-row broadcast)
     if (a.accumulate) v += load(out, i);
     store(out, i, v);
   }

@@ -56,8 +56,8 @@ PLAN_OPS = (
     "cycle_consistency_loss",
     "gaussian_kl",
     "bernoulli_nll",  # with a guard: no NaN in the value (x off [0, 1] makes one)
-    "gaussian_nll",  # logvar of mean's shape, or per-feature (col_broadcast, col_sum)
-    "normal_kl",  # four inputs of one shape or trailing broadcasts ((B, 1) ones are derived arrays)
+    "gaussian_nll",  # logvar of mean's shape, per-feature (col_broadcast, col_sum) or per-sample (row_scale)
+    "normal_kl",  # four inputs of one shape, or per-feature / per-sample broadcasts
     "diffusion_mse_loss",  # with guards: the timesteps' range, the weights' sign
     "eps_mse_loss",  # with a guard: the weights' sign
     "flow_matching_loss",  # lambda(t) by row_map; guards: t in [0, 1] (above 'sigma_sqrt''s end point), weights >= 0
@@ -135,6 +135,14 @@ def _repeats_rows(small, full):
     return not small or tuple(full[-len(small) :]) == tuple(small)
 
 
+def _leading(small, full):
+    """``small`` broadcast to ``full`` is ``full``'s rows, each one of ``small``'s entries
+    repeated ((B, 1) over (B, F)): after right-aligning, ``full``'s first dims then 1s."""
+    s = (1,) * (len(full) - len(small)) + tuple(small)
+    k = max((i for i in range(len(full) + 1) if s[:i] == tuple(full[:i])), default=0)
+    return k > 0 and all(d == 1 for d in s[k:])
+
+
 def _expect_fast(record, tensors, kwargs, need=True):
     """The plans serve FAST_OPS on same-shape inputs and on trailing broadcasts (a per-feature
     log-variance: broadcast and reduced by the engine; a 0-d one is declined, as every 0-d
@@ -152,7 +160,7 @@ def _expect_fast(record, tensors, kwargs, need=True):
     ):
         shapes = [tuple(t.shape) for t in tensors if t.is_floating_point()]
         full = np.broadcast_shapes(*shapes)
-        return all(s and _repeats_rows(s, full) for s in shapes)  # (plans decline 0-d inputs)
+        return all(s and (_repeats_rows(s, full) or _leading(s, full)) for s in shapes)  # (plans decline 0-d)
     if record.name == "mmd2":
         return kwargs.get("bandwidths") is not None or kwargs.get("kernel") in ("polynomial", "energy")
     return True
@@ -1161,6 +1169,16 @@ def test_kernel_kinds_compute_by_named_fields():
     _C.run(_C.Call(kind="row_scale", dtype=1, x=x.data_ptr(), coef=coef.data_ptr(), out=s.data_ptr(), rows=5,
                    cols=3, scale=3.0))  # fmt: skip
     torch.testing.assert_close(s, 3.0 * coef[:, None] * x)
+    _C.run(
+        _C.Call(kind="row_scale", dtype=1, coef=coef.data_ptr(), out=s.data_ptr(), rows=5, cols=3, scale=3.0)
+    )
+    torch.testing.assert_close(s, 3.0 * coef[:, None].expand(5, 3))  # no x: ones (a per-row broadcast)
+    _C.run(
+        _C.Call(
+            kind="row_scale", dtype=1, coef=coef.data_ptr(), out=s.data_ptr(), rows=5, cols=3, accumulate=True
+        )
+    )
+    torch.testing.assert_close(s, 4.0 * coef[:, None].expand(5, 3))
     out, grad = torch.empty((), dtype=torch.float64), torch.empty(5, 3, dtype=torch.float64)
     call = _C.run_call(kind="row_lse", dtype=1, logits=x.data_ptr(), mode=1, index=2, rows=5, K=3,
                        value_scale=0.25, out_value=out.data_ptr(), grad=grad.data_ptr(), grad_scale=0.25)  # fmt: skip
@@ -1509,3 +1527,38 @@ def test_returned_arrays_must_be_the_compositions_own(plans):
     copy = _C.Call(functor="Linear", ins=[scratch.data_ptr()], rows=8, cols=1, out_value=out.data_ptr())
     assert not plans.add(("unknown scratch",), (x,), [copy], (out, ()), None, [out])
     assert plans.add(("known scratch",), (x,), [copy], (out, ()), None, [out, scratch])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_broadcast_parameters_run_on_plans(spy, dtype):
+    """Per-feature (F,) and per-sample (B, 1) parameters, which the engine broadcasts (col_broadcast,
+    row_scale of ones) and whose gradients it sums back (col_sum, per-row sums): the second call is
+    served by the plan, both equal the Python path bit for bit, and the reference."""
+    rng = np.random.default_rng(3)
+    b, f = 9, 5
+
+    def r(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+
+    by_name = {(rec.name, v.id, red): (rec, v, red) for rec, v, red in CASES}
+    cases = [
+        (("gaussian_nll", "default", "mean"), (r(b, f), r(b, f), r(b, 1, scale=0.3))),
+        (("gaussian_nll", "default", "none"), (r(b, f), r(b, f), r(1, f, scale=0.3))),
+        (("normal_kl", "default", None), (r(b, 1), r(f, scale=0.3), r(b, f), r(b, 1, scale=0.3))),
+        (("discretized_gaussian_log_likelihood", "default", None),
+         (np.clip(r(b, f), -1, 1), r(b, f, scale=0.5), r(b, 1, scale=0.3) - 3)),
+    ]  # fmt: skip
+    for key, inputs in cases:
+        record, variant, reduction = by_name[key]
+        tensors = tuple(torch.from_numpy(x) for x in inputs)
+        kwargs = R.call_kwargs(record, variant, reduction)
+        fast_spy = spy(off=False)
+        first = _run(record, tensors, kwargs, True)
+        fast = _run(record, tensors, kwargs, True)
+        spy(off=True)
+        slow = _run(record, tensors, kwargs, True)
+        label = f"{key} shapes {[x.shape for x in inputs]}"
+        assert fast_spy.served == 1, f"{label}: the plan did not serve the second call"
+        _same(label, first, slow)
+        _same(label, fast, slow)
+        check_against_reference(record, variant, reduction, inputs, dtype, values=(fast[0], fast[1:]))

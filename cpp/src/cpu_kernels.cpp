@@ -469,8 +469,12 @@ void row_scale_t(const RowScaleArgs& a) {
 #pragma omp parallel for schedule(static) num_threads(threads()) if (n >= kParallelMin)
   for (int64_t r = 0; r < a.rows; ++r) {
     const T c = coef ? s * load(coef[r]) : s;
-    const St* xr = x + r * a.cols;
     St* orow = out + r * a.cols;
+    if (!x) {  // ones: the row's value broadcast
+      for (int64_t j = 0; j < a.cols; ++j) orow[j] = store_as<St>(acc ? load(orow[j]) + c : c);
+      continue;
+    }
+    const St* xr = x + r * a.cols;
     if (acc) {
 #pragma omp simd
       for (int64_t j = 0; j < a.cols; ++j) orow[j] = store_as<St>(load(orow[j]) + c * load(xr[j]));

@@ -450,7 +450,7 @@ struct KernelField {
     #member, type, offsetof(S, member), required, fallback \
   }
 const KernelField kRowScaleFields[] = {
-    GENLOSS_FIELD(RowScaleArgs, dtype, kTInt, false, 0),  GENLOSS_FIELD(RowScaleArgs, x, kTAddr, true, 0),
+    GENLOSS_FIELD(RowScaleArgs, dtype, kTInt, false, 0),  GENLOSS_FIELD(RowScaleArgs, x, kTAddr, false, 0),
     GENLOSS_FIELD(RowScaleArgs, coef, kTAddr, false, 0),  GENLOSS_FIELD(RowScaleArgs, out, kTAddr, true, 0),
     GENLOSS_FIELD(RowScaleArgs, rows, kTSize, true, 0),   GENLOSS_FIELD(RowScaleArgs, cols, kTSize, true, 0),
     GENLOSS_FIELD(RowScaleArgs, scale, kTReal, false, 1), GENLOSS_FIELD(RowScaleArgs, accumulate, kTFlag, false, 0)};

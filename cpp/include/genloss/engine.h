@@ -223,8 +223,8 @@ GENLOSS_HD double grad_offset_of(const MapReduceArgs& a) {
   return a.offset_from ? a.offset_scale * a.offset_from[0] : a.grad_offset;
 }
 
-// out[r, j] = scale * coef[r] * x[r, j]   (coef may be null: out = scale * x)
-//           (+ out[r, j] if accumulate)
+// out[r, j] = scale * coef[r] * x[r, j]   (coef may be null: out = scale * x; x may be null:
+//           (+ out[r, j] if accumulate)      read as ones, out = scale * coef[r], a per-row broadcast)
 struct RowScaleArgs {
   int dtype;
   const void* x;

@@ -718,6 +718,23 @@ def trailing_cols(small: tuple[int, ...], shape: tuple[int, ...]) -> int | None:
     return math.prod(s)
 
 
+def leading_rows(small: tuple[int, ...], shape: tuple[int, ...]) -> int | None:
+    """The row count when ``small`` broadcast to ``shape`` repeats each of its entries over one
+    contiguous block: ``small`` (right-aligned) is ``shape``'s first k dims then 1s, as (B, 1) or
+    (B, 1, 1) over (B, C, H), so the broadcast array is (rows, cols) with row r all ``small``'s
+    entry r; None otherwise."""
+    n = len(shape)
+    if len(small) > n:
+        return None
+    s = (1,) * (n - len(small)) + tuple(small)
+    k = n
+    while k > 0 and s[k - 1] == 1 and shape[k - 1] != 1:
+        k -= 1
+    if k == 0 or s[:k] != tuple(shape[:k]) or any(d != 1 for d in s[k:]):
+        return None
+    return math.prod(shape[:k])
+
+
 def _as_2d(b: Buf, rows: int, cols: int) -> Buf:
     """``b`` addressed as (rows, cols) (the same contiguous data)."""
     return Buf(b.arr, b.ptr, (rows, cols), b.dtype, b.device, b.device_id, b.kind, b.keep)
@@ -725,9 +742,10 @@ def _as_2d(b: Buf, rows: int, cols: int) -> Buf:
 
 def broadcast(b: Buf, shape: tuple[int, ...], name: str) -> Buf:
     """``b`` materialised (contiguous) at a broadcast ``shape``; itself if it has it. A trailing
-    broadcast (a per-feature or scalar log-variance) is written by the engine (col_broadcast)
-    into an array ``empty`` allocates, so a composition using it can still run on a cached
-    plan; any other broadcast is a derived array (no plan)."""
+    broadcast (a per-feature or scalar log-variance: col_broadcast) and a leading one (a
+    per-sample value, (B, 1) over (B, F): row_scale of ones) are written by the engine into an
+    array ``empty`` allocates, so a composition using them can still run on a cached plan; any
+    other broadcast is a derived array (no plan)."""
     if b.shape == tuple(shape):
         return b
     check_copy_size(name, shape, b.arr.itemsize, "broadcast to a shape")
@@ -735,6 +753,11 @@ def broadcast(b: Buf, shape: tuple[int, ...], name: str) -> Buf:
     if cols:  # (the callers broadcast floating arrays only)
         out = empty(b, tuple(shape))
         col_broadcast(b, _as_2d(out, out.numel // cols, cols))
+        return out
+    rows = leading_rows(b.shape, tuple(shape))
+    if rows:  # a per-sample value over the sample's elements: row_scale of ones
+        out = empty(b, tuple(shape))
+        row_scale(None, _as_2d(out, rows, out.numel // rows), coef=b)
         return out
     if b.kind == "torch":
         a = b.arr.expand(shape).contiguous()
@@ -748,9 +771,10 @@ def broadcast(b: Buf, shape: tuple[int, ...], name: str) -> Buf:
 
 
 def reduce_to(g: Buf, shape: tuple[int, ...]) -> Any:
-    """The backward of ``broadcast``: ``g`` summed down to ``shape``; a trailing broadcast's by
-    the engine (col_sum, float64 sums in row order, into an array ``empty`` allocates: a cached
-    plan can replay it), any other by ``sum_to``."""
+    """The backward of ``broadcast``: ``g`` summed down to ``shape``; a trailing broadcast's
+    (col_sum: float64 sums in row order) and a leading one's (per-row sums: float64, in order) by
+    the engine into an array ``empty`` allocates (a cached plan can replay it), any other by
+    ``sum_to``."""
     shape = tuple(shape)
     if tuple(g.shape) == shape:
         return g.arr
@@ -758,6 +782,11 @@ def reduce_to(g: Buf, shape: tuple[int, ...]) -> Any:
     if cols:
         out = empty(g, shape)
         col_sum(_as_2d(g, g.numel // cols, cols), out)
+        return out.arr
+    rows = leading_rows(shape, tuple(g.shape))
+    if rows:  # each row's sum (float64, in order)
+        out = empty(g, shape)
+        map_reduce("Linear", _as_2d(g, rows, g.numel // rows), params={}, rows_out=out)
         return out.arr
     return sum_to(g.arr, shape, g.kind)
 
@@ -1099,13 +1128,15 @@ def map_reduce(
 
 
 def row_scale(
-    x: Buf, out: Buf, *, coef: Buf | None = None, scale: float = 1.0, accumulate: bool = False
+    x: Buf | None, out: Buf, *, coef: Buf | None = None, scale: float = 1.0, accumulate: bool = False
 ) -> None:
-    """out[r, j] = scale * coef[r] * x[r, j] (coef None: 1) (+ out if accumulate)."""
-    rows, cols = x.rows_cols()
+    """out[r, j] = scale * coef[r] * x[r, j] (coef None: 1; x None: ones, over out's (rows, cols))
+    (+ out if accumulate)."""
+    ref = out if x is None else x
+    rows, cols = ref.rows_cols()
     ran(run_call(
-        kind="row_scale", device=x.device, device_id=x.device_id, stream=stream_of(x), dtype=x.dtype, x=x.ptr,
-        coef=_p(coef), out=out.ptr, rows=rows, cols=cols, scale=scale, accumulate=accumulate,
+        kind="row_scale", device=ref.device, device_id=ref.device_id, stream=stream_of(ref), dtype=ref.dtype,
+        x=_p(x), coef=_p(coef), out=out.ptr, rows=rows, cols=cols, scale=scale, accumulate=accumulate,
     ))  # fmt: skip
 
 

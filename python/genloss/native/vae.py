@@ -21,6 +21,7 @@ from ._engine import (
     empty,
     float_range,
     gmm,
+    leading_rows,
     map_reduce,
     reduce_to,
     row_lse,
@@ -100,15 +101,16 @@ def normal_kl(mean1, logvar1, mean2, logvar2, *, need_grad=True):
             None if g is None else reduce_to(g, b.shape) for g, b in zip(grads, bufs, strict=True)
         )
 
-    # Same-shape tensors and trailing broadcasts (a per-feature or scalar log-variance, which the
-    # engine broadcasts and reduces: broadcast, reduce_to) run on a cached plan. Any other
-    # broadcast is materialised by torch/NumPy (a derived array): the Python path, not recorded.
+    # Same-shape tensors, trailing broadcasts (a per-feature log-variance) and leading ones (a
+    # per-sample (B, 1) value), which the engine broadcasts and reduces (broadcast, reduce_to), run
+    # on a cached plan. Any other broadcast is materialised by torch/NumPy (a derived array): the
+    # Python path, not recorded.
     shapes = [tuple(getattr(a, "shape", ())) for a in arrays]
     try:
         full = tuple(np.broadcast_shapes(*shapes))
     except ValueError:
         return compose()  # (raises, naming the shapes)
-    if all(s == full or trailing_cols(s, full) for s in shapes):
+    if all(s == full or trailing_cols(s, full) or leading_rows(s, full) for s in shapes):
         return cached(("normal_kl", need_grad), arrays, compose)
     return compose()
 
