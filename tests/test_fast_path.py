@@ -87,6 +87,7 @@ PLAN_OPS = (
     "negative_elbo",  # two map_reduce terms per sample; guard: no NaN in the value (x off [0, 1])
     "discretized_gaussian_log_likelihood",  # same shapes; guard: x in [-1, 1]
     "density_ratio_from_logits",  # map_reduce Exp, elementwise
+    "jsd_estimate",  # row_scale without x writes log(4)/2, two map_reduce accumulate onto it
     "prior_kl",  # map_reduce PriorKL (alpha_bar_T in the key)
     "gmm_responsibilities",  # gmm, the (N, K) responsibilities only
     "scm_loss",  # row_map (sCM's tables, ||g||, e^{-u}); guards: t in [0, pi/2], no row rescaled (after)

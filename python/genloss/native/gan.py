@@ -461,16 +461,21 @@ def fgan_g_loss(fake_v, divergence, mode="nonsaturating", reduction="mean", *, n
 
 def jsd_estimate(real_logits, fake_logits, *, need_grad=True):
     """(log 4 - gan_d_loss) / 2, the JSD at the optimal discriminator.  (GAN.6)"""
-    r, f = inputs(["real_logits", "fake_logits"], [real_logits, fake_logits])
-    C.batched("real_logits", r.shape)
-    C.batched("fake_logits", f.shape)
-    out = empty(r, (), fill=math.log(4.0) / 2.0)
-    flags = needs(need_grad, 2)
-    gr = empty(r, r.shape) if flags[0] else None
-    gf = empty(f, f.shape) if flags[1] else None
-    sr, sf = batch_scale("mean", r.shape[0], coef=-0.5), batch_scale("mean", f.shape[0], coef=-0.5)
-    map_reduce("SoftplusNeg", r, params=_NO_SHIFT, value_scale=sr, out=out, accumulate=True, grads=[gr],
-               grad_scale=sr)  # fmt: skip
-    map_reduce("Softplus", f, params=_NO_SHIFT, value_scale=sf, out=out, accumulate=True, grads=[gf],
-               grad_scale=sf)  # fmt: skip
-    return out.arr, grads_out([gr, gf], flags)
+
+    def compose():
+        r, f = inputs(["real_logits", "fake_logits"], [real_logits, fake_logits])
+        C.batched("real_logits", r.shape)
+        C.batched("fake_logits", f.shape)
+        out = empty(r, ())
+        row_scale(None, out, scale=math.log(4.0) / 2.0)  # the constant, by an engine Call: a plan replays it
+        flags = needs(need_grad, 2)
+        gr = empty(r, r.shape) if flags[0] else None
+        gf = empty(f, f.shape) if flags[1] else None
+        sr, sf = batch_scale("mean", r.shape[0], coef=-0.5), batch_scale("mean", f.shape[0], coef=-0.5)
+        map_reduce("SoftplusNeg", r, params=_NO_SHIFT, value_scale=sr, out=out, accumulate=True, grads=[gr],
+                   grad_scale=sr)  # fmt: skip
+        map_reduce("Softplus", f, params=_NO_SHIFT, value_scale=sf, out=out, accumulate=True, grads=[gf],
+                   grad_scale=sf)  # fmt: skip
+        return out.arr, grads_out([gr, gf], flags)
+
+    return cached(("jsd_estimate", need_grad), (real_logits, fake_logits), compose)
