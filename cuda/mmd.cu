@@ -1,44 +1,53 @@
 // mmd.cu — the MMD^2 kernel on CUDA: value and both gradients in one pass,
 // O((N + M) D) memory, deterministic (no floating-point atomics).
 //
-// Rows: every point p (x rows first, then y rows) owns its row of the kernel sums
-// (value) and its own gradient, so no two threads ever write the same float64
-// accumulator. The row values are then summed by one block with a fixed tree. y rows
-// skip the cross pairs when grad_y is not requested (their value is in x's rows).
-// float16/bfloat16 are stored, float32 computed; float sums are flushed to float64
-// accumulators per tile.
+// Every float64 accumulator (a point's value row, its gradient, a column buffer) has one
+// owning thread and a fixed order of additions, so no two threads ever write the same
+// accumulator and the result is bitwise repeatable. The row values are then summed by one
+// block with a fixed tree. float16/bfloat16 are stored, float32 computed; float sums are
+// flushed to float64 accumulators per tile.
 //
-// D <= 4 (rows_small): one thread per point, coordinates and gradient in registers,
-// tiles of 32 other points in shared memory.
-// D > 4 (rows_tiled): a SIMT GEMM. A pre-pass centres the points on their pooled
-// mean (fixed-order float64 reduction on the device) and takes their squared norms,
-// as the CPU's blocked body (mmd_cpu.cpp). A block of 256 threads owns 128 rows
-// (float; 64 for double) and walks tiles of 64 other points; each thread accumulates
-// an 8 x 4 (4 x 4) sub-tile of dot products a.b over D from shared-memory slices (one
-// FMA per coordinate), r2 = |a|^2 + |b|^2 - 2 a.b is clamped at 0, exactly 0 from a
-// point to itself, and pairs with r2 < (|a|^2 + |b|^2) / 16 (coincident or close
-// points, where r2 is mostly rounding) are re-evaluated from the differences of the
-// input rows, as on the CPU. The gradient sum_q w_pq (a_p - b_q) is a second
-// register-blocked product against the tile's input points (exact differences)
-// staged in shared memory. Same-side pairs enter the value once, in the row of the
-// smaller index (weight 2, diagonal 1): without that side's gradient the tiles below
-// a block's rows are skipped (value only: 2 N^2 pairs instead of 3 N^2 at N = M).
-// Every accumulator has one owning thread and a fixed order of tiles: bitwise
-// repeatable. See rows_tiled for the layout. Measured on an H200 before the dot-product
-// form (exact differences, every same-side pair in both rows), D = 64, rbf, float32,
-// biased: N = M = 16,384 14.5 ms; N = M = 65,536 0.199 s value only, 0.519 s with
-// both gradients (torch.cdist in blocks: 16.7 ms, 0.256 s).
+// The value counts each unordered pair once: a same-side pair {p, q} with weight 2 (the
+// diagonal 1), a cross pair once. Work per call at N = M (pairs evaluated, in units of N^2):
+//                      value only   grad_x only   both gradients
+//   rows_small (D<=4)      2           2.5             4
+//   rows_tiled (D>4)       2            2              2   (each evaluated pair feeds
+//                                                          the gradients of both points)
+// (issue 16, item 7: before, rows_tiled evaluated 2.5 with grad_x, 4 with both, and
+// rows_small 4 always.)
 //
-// Row p = x_i (a = x_i):  value_p = a_w sum_{b in x} k(a, b) + c sum_{b in y} k(a, b)
-//                          grad_p  = 2 a_w sum_{b in x} dk/da + c sum_{b in y} dk/da
-// Row p = y_j:            value_p = b_w sum_{b in y} k(a, b)       (the cross term is in x's rows)
-//                          grad_p  = 2 b_w sum_{b in y} dk/da + c sum_{b in x} dk/da
+// D <= 4 (rows_small): one thread per point (x rows first, then y rows), coordinates and
+// gradient in registers, tiles of 32 other points in shared memory. A point's value takes
+// the pairs with the points after it (its own side) and, for an x point, all of y; a point
+// whose gradient is requested sums over all pairs; the tiles no point of a block needs are
+// skipped (__syncthreads_or).
+// D > 4 (rows_tiled): a SIMT GEMM over tiles of 128 points (float; 64 for double). A
+// pre-pass centres the points on their pooled mean (fixed-order float64 reduction on the
+// device) and takes their squared norms, as the CPU's blocked body (mmd_cpu.cpp). Each
+// unordered pair of tiles is one block's work in one sweep (see pair_live). Per pair, each
+// thread accumulates an 8 x 4 (4 x 4) sub-tile of dot products a.b over D from shared-memory
+// slices (one FMA per coordinate), r2 = |a|^2 + |b|^2 - 2 a.b is clamped at 0, exactly 0
+// from a point to itself, and pairs with r2 < (|a|^2 + |b|^2) / 16 (coincident or close
+// points, where r2 is mostly rounding) are re-evaluated from the differences of the input
+// rows, as on the CPU. The gradients sum_q w_pq (a_p - b_q) of the row tile and
+// sum_p w_pq (b_q - a_p) of the column tile are register-blocked products against the
+// input points (exact differences) staged in shared memory. Measured on an H200 before the
+// dot-product form (exact differences, every pair in both rows), D = 64, rbf, float32,
+// biased: N = M = 16,384 14.5 ms; N = M = 65,536 0.199 s value only, 0.519 s with both
+// gradients (torch.cdist in blocks: 16.7 ms, 0.256 s). The sweeps are not yet measured on a GPU.
+//
+// Per point (rows_small's rows; rows_tiled adds each pair's value to its row tile's rows):
+// Point a = x_i:  value = a_w sum_{b in x} k(a, b) + c sum_{b in y} k(a, b)
+//                 grad  = 2 a_w sum_{b in x} dk/da + c sum_{b in y} dk/da
+// Point a = y_j:  value = b_w sum_{b in y} k(a, b)       (the cross term is in x's rows)
+//                 grad  = 2 b_w sum_{b in y} dk/da + c sum_{b in x} dk/da
 // (diagonal b == a skipped for the unbiased estimator), with dk/da = w (a - b) for
-// distance kernels and w b for the polynomial (genloss/mmd.h).
+// distance kernels and w b for the polynomial (genloss/mmd.h); dk/db mirrors it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -102,6 +111,7 @@ __global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restric
   double value = 0.0;
   double g[DIM];
   for (int d = 0; d < DIM; ++d) g[d] = 0.0;
+  const bool my_grad = live && (my_side == 0 ? gx : gy) != nullptr;
   for (int side = 0; side < 2; ++side) {
     const int64_t n = side == 0 ? r.N : r.M;
     const bool same = side == my_side;
@@ -110,21 +120,30 @@ __global__ void rows_small(RowCtx r, const S* __restrict__ x, const S* __restric
     const S* src = side == 0 ? x : y;
     for (int64_t q0 = 0; q0 < n; q0 += kTileB) {
       const int64_t nb = n - q0 < kTileB ? n - q0 : kTileB;
-      __syncthreads();
+      // The value counts each same-side pair once, in the row of its smaller index (weight
+      // 2, the diagonal 1), and each cross pair in the x row: a point without a requested
+      // gradient needs only the tiles that reach its value. A tile no point of the block
+      // needs is skipped (y rows skip x unless grad_y is requested; without its side's
+      // gradient a block skips the tiles below its rows). The barrier also tells the
+      // previous tile's readers are done.
+      const bool want = my_grad || (live && vw != 0.0 && !(same && q0 + nb <= me));
+      if (!__syncthreads_or(want)) continue;
       for (int e = threadIdx.x; e < kTileB * DIM; e += kRowThreads) {
         const int64_t q = q0 + e / DIM;
         tile[e / DIM][e % DIM] = q < n ? load(src, q * DIM + e % DIM) : A(0);
       }
       __syncthreads();
+      if (!want) continue;
       A vs = 0, gs[DIM];
       for (int d = 0; d < DIM; ++d) gs[d] = 0;
       for (int b = 0; b < nb; ++b) {
-        if (same && r.unbiased && q0 + b == me) continue;
+        const int64_t q = q0 + b;
+        if (same && r.unbiased && q == me) continue;
         A s = 0;
         for (int d = 0; d < DIM; ++d) s += dist ? (a[d] - tile[b][d]) * (a[d] - tile[b][d]) : a[d] * tile[b][d];
         A k, w;
         mmd::eval<A>(r.kernel, s, c, r.nbw, inv_d, k, w);
-        vs += k;
+        vs += !same ? k : (q > me ? A(2) * k : (q == me ? k : A(0)));
         for (int d = 0; d < DIM; ++d) gs[d] += w * (dist ? a[d] - tile[b][d] : tile[b][d]);
       }
       value += vw * static_cast<double>(vs);
@@ -153,7 +172,7 @@ struct TileShape<float> {
 template <>
 struct TileShape<double> {
   static constexpr int RM = 4;  // TM = 64
-  static constexpr int GD = 2;  // DK2 = 32
+  static constexpr int GD = 1;  // DK2 = 16 (with 32, the shared memory exceeds 48 KiB)
 };
 constexpr int kTileThreads = 256;
 constexpr int kTN = 64;   // other points per tile
@@ -272,49 +291,84 @@ __device__ __forceinline__ compute_t<S> exact_r2(const S* a, const S* b, int64_t
 // re-evaluated from the differences of the input rows. As the CPU (mmd_cpu.cpp).
 constexpr double kNearPair = 1.0 / 16.0;
 
-// The row tile's side and first row from the block index (x tiles first).
+// The tiles of TM points: x tiles first, then y tiles (each population's last tile may be
+// ragged). Tile t's side, first point and population size.
 struct RowTile {
   int side;
   int64_t row0, n;
 };
-__device__ __forceinline__ RowTile row_tile(const RowCtx& r, int tm) {
+__device__ __forceinline__ RowTile tile_of(const RowCtx& r, int64_t t, int tm) {
   const int64_t bx = (r.N + tm - 1) / tm;
-  const int64_t b = blockIdx.x;
-  return b < bx ? RowTile{0, b * tm, r.N} : RowTile{1, (b - bx) * tm, r.M};
+  return t < bx ? RowTile{0, t * tm, r.N} : RowTile{1, (t - bx) * tm, r.M};
+}
+__host__ __device__ inline int64_t tile_count(int64_t N, int64_t M, int64_t tm) {
+  return (N + tm - 1) / tm + (M + tm - 1) / tm;
 }
 
-// Per block, for each side of other points and each tile of kTN of them, in order:
+// The schedule of tile pairs (issue 16, item 7: every pair evaluated once). With T tiles,
+// the sweep at offset k (0 <= k <= T / 2) gives tile b the pair (b, (b + k) mod T): over
+// the sweeps each unordered pair {I, J} comes exactly once, I == J at k = 0 and, for even
+// T, the pairs at k = T / 2 twice (kept for b < T / 2 only). Within a sweep every tile is
+// the row tile of exactly one pair and the column tile of exactly one other, so the block
+// of tile b owns the value and gradient rows of its tile, and the gradients of the column
+// tile go to a buffer of its own (colbuf) that add_cols then adds to their rows, in
+// sweep order: no two blocks write one accumulator, and every sum has a fixed order.
+__host__ __device__ inline bool pair_live(int64_t b, int64_t k, int64_t T) {
+  return !(2 * k == T && b >= k);
+}
+
+// Per block b, for each sweep k in [k0, k1) (its pair (b, c)) and each chunk of kTN
+// points of tile c, in order:
 //  1. the dot products of the TM x kTN pairs (centred points for distance kernels),
 //     accumulated over D in registers from shared-memory slices of kDK1 coordinates
 //     (each value reused RM or kRN times).
 //  2. r2 from the norms (near pairs from the input rows' differences), k and w per
-//     pair; the row sums of k (same side: the triangle weights) (16-lane shuffle, fixed
-//     order) into the row's float64 value; gw w kept in shared memory (XOR-swizzled:
-//     conflict-free stores).
-//  3. Gradient (rows with a requested gradient only): slices of DK2 coordinates of the
-//     tile's points in shared memory, sum_q gw w_pq (a_p - b_q) (or gw w_pq b_q) over the
-//     kTN points in float registers, added to the row's float64 accumulators (the float
-//     sums live only during this step: keeping them over several tiles spilled registers).
-// Every float64 accumulator (rowv[p], gacc[p][d]) is read and written by one thread
-// only, in the fixed tile order: the result is bitwise repeatable.
+//     pair; the row sums of k, weighted so that each unordered pair counts once (the
+//     diagonal tile: its upper triangle twice and its diagonal once; another tile of the
+//     same side: twice) (16-lane shuffle, fixed order) into the row's float64 value;
+//     gw w kept in shared memory (XOR-swizzled: conflict-free stores).
+//  3. The row tile's gradient (when its side's is requested): slices of DK2 coordinates
+//     of the chunk's points in shared memory, sum_q gw w_pq (a_p - b_q) (or gw w_pq b_q)
+//     over the kTN points in float registers, added to the row's float64 accumulators
+//     (the float sums live only during this step: keeping them over several chunks
+//     spilled registers).
+//  4. The column tile's gradient (k > 0, its side's requested): the same product
+//     transposed, sum_p gw w_pq (b_q - a_p) (or gw w_pq a_p) over the TM rows staged in
+//     kTN-row slices, stored to the block's colbuf slot of sweep k (float64).
+// Every float64 accumulator (rowv[p], gacc[p][d], a colbuf entry) is written by one
+// thread only, in the fixed sweep order: the result is bitwise repeatable, and the value
+// does not depend on which gradients are requested (the value-only call runs all sweeps
+// in one launch, k1 = T / 2 + 1; with gradients, a few sweeps per launch, then add_cols).
+// A pair's facts, kept in shared memory (see rows_tiled).
+template <class A>
+struct PairSh {
+  int64_t row0, end;  // the column tile's points [row0, end)
+  double vw;          // the value's weight
+  A gw;               // the gradients' weight
+  int side;           // the column tile's population
+  bool same, col_grad;
+};
 template <class S>
 __global__ void __launch_bounds__(kTileThreads, 2)
     rows_tiled(RowCtx r, const S* __restrict__ x, const S* __restrict__ y, const compute_t<S>* __restrict__ zc,
-               const compute_t<S>* __restrict__ nrm, Coefs<compute_t<S>> cv, double* rowv, double* gacc, bool grad_x,
-               bool grad_y) {
+               const compute_t<S>* __restrict__ nrm, Coefs<compute_t<S>> cv, double* rowv, double* gacc, double* colbuf,
+               int k0, int k1, bool grad_x, bool grad_y) {
   using A = compute_t<S>;
   constexpr int RM = TileShape<A>::RM, GD = TileShape<A>::GD;
-  constexpr int TM = 16 * RM, DK2 = 16 * GD;
+  constexpr int TM = 16 * RM, DK2 = 16 * GD, CM = kTN / 16;
   // Union: the distance slices (phase 1) live where the kernel weights go (phase 2).
   constexpr int kSlice = kDK1 * (TM + kPad1) + kDK1 * (kTN + kPad1);
   constexpr int kW = kTN * TM;
   static_assert(kSlice <= kW, "distance slices fit in the weight tile");
+  static_assert(TM % kTN == 0, "the rows stage in kTN-row slices for the column gradient");
   __shared__ A wsh[kW];
   __shared__ A bsh[kTN * DK2];
+  __shared__ PairSh<A> pair_sh;
   A* ash = wsh;                        // [kDK1][TM + kPad1]
   A* csh = wsh + kDK1 * (TM + kPad1);  // [kDK1][kTN + kPad1]
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const RowTile rt = row_tile(r, TM);
+  const int b = blockIdx.x, T = gridDim.x;
+  const RowTile rt = tile_of(r, b, TM);
   const S* rsrc = rt.side == 0 ? x : y;
   const int64_t D = r.D;
   const A* zrow = zc + (rt.side == 0 ? 0 : r.N) * D;
@@ -324,8 +378,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   const bool dist = r.kernel != kMmdPolynomial;
   const bool my_grad = gacc && (rt.side == 0 ? grad_x : grad_y);
   const int64_t nslices = (D + DK2 - 1) / DK2;
-  // The thread's rows: value (tx == 0) and gradient accumulators start at 0.
-  for (int i = 0; i < RM; ++i) {
+  // The first sweep starts the block's rows: value (tx == 0) and gradient accumulators at 0.
+  for (int i = 0; k0 == 0 && i < RM; ++i) {
     const int64_t row = rt.row0 + ty + 16 * i;
     if (row >= rt.n) continue;
     const int64_t p = rt.side == 0 ? row : r.N + row;
@@ -333,25 +387,33 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     if (my_grad)
       for (int64_t d = tx; d < D; d += 16) gacc[p * D + d] = 0.0;
   }
-  for (int side = 0; side < 2; ++side) {
-    const bool same = side == rt.side;
-    const double vw = same ? (rt.side == 0 ? r.wx : r.wy) : (rt.side == 0 ? r.wc : 0.0);
-    const A gw = static_cast<A>(same ? 2.0 * (rt.side == 0 ? r.wx : r.wy) : r.wc);
-    const bool do_grad = my_grad;
-    if (vw == 0.0 && !do_grad) continue;  // y rows x other x points: only the gradient needs them
-    const int64_t n = side == 0 ? r.N : r.M;
-    const S* csrc = side == 0 ? x : y;
-    const A* zcol = zc + (side == 0 ? 0 : r.N) * D;
-    const A* ncol = nrm + (side == 0 ? 0 : r.N);
-    const int64_t ntiles = (n + kTN - 1) / kTN;
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const int64_t q0 = t * kTN;
-      // Same side: the value counts each pair once, in the row of its smaller index (weight
-      // 2, the diagonal 1), so a tile wholly below the block's rows adds nothing to it and,
-      // without this side's gradient, is skipped. With the gradient it is evaluated for
-      // the gradient only: the value's bits do not depend on need_grad.
-      const bool tile_val = !(same && q0 + kTN <= rt.row0);
-      if (!tile_val && !do_grad) continue;
+  for (int k = k0; k < k1; ++k) {
+    if (!pair_live(b, k, T)) continue;
+    const int64_t c = static_cast<int64_t>(b) + k;  // (b + k) mod T, k <= T / 2
+    const RowTile ct = tile_of(r, c < T ? c : c - T, TM);
+    const bool same = ct.side == rt.side;
+    const double vw = same ? (rt.side == 0 ? r.wx : r.wy) : r.wc;
+    const bool col_grad = colbuf && k > 0 && (ct.side == 0 ? grad_x : grad_y);
+    if (vw == 0.0 && !my_grad && !col_grad) continue;
+    // The pair's facts go through shared memory, re-read after each barrier: so they hold
+    // no registers through the products (128 registers, no spills).
+    __syncthreads();  // the previous pair's readers are done
+    if (threadIdx.x == 0) {
+      pair_sh.row0 = ct.row0;
+      pair_sh.end = ct.row0 + TM < ct.n ? ct.row0 + TM : ct.n;
+      pair_sh.vw = vw;
+      pair_sh.gw = static_cast<A>(same ? 2.0 * (rt.side == 0 ? r.wx : r.wy) : r.wc);
+      pair_sh.side = ct.side;
+      pair_sh.same = same;
+      pair_sh.col_grad = col_grad;
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int ch = 0; ch < TM / kTN; ++ch) {
+      const auto q0 = [&] { return pair_sh.row0 + ch * kTN; };
+      const auto cend = [&] { return pair_sh.end; };
+      const auto csrc = [&] { return pair_sh.side == 0 ? x : y; };
+      if (q0() >= cend()) break;
       // 1. distances (or dot products), accumulated over D.
       A acc[RM][kRN];
 #pragma unroll
@@ -367,8 +429,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
         }
         for (int e = threadIdx.x; e < kTN * kDK1; e += kTileThreads) {
           const int qq = e / kDK1, dd = e % kDK1;
-          const int64_t q = q0 + qq, d = d0 + dd;
-          csh[dd * (kTN + kPad1) + qq] = q < n && d < D ? zcol[q * D + d] : A(0);
+          const int64_t q = q0() + qq, d = d0 + dd;
+          csh[dd * (kTN + kPad1) + qq] = q < cend() && d < D ? zc[((pair_sh.side == 0 ? 0 : r.N) + q) * D + d] : A(0);
         }
         __syncthreads();
 #pragma unroll 2
@@ -408,41 +470,41 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 #pragma unroll
         for (int j = 0; j < kRN; ++j) {
           const int q = tx + 16 * j;
-          const int64_t gq = q0 + q;
+          const int64_t gq = q0() + q;
           A* slot = &wsh[q * TM + (row ^ (2 * (q % 16)))];
-          A k = A(0), w = A(0);
-          if (grow < rt.n && gq < n && !(same && r.unbiased && gq == grow)) {
+          A kv = A(0), w = A(0);
+          if (grow < rt.n && gq < cend() && !(k == 0 && r.unbiased && gq == grow)) {
             A sv = *slot;
             if (dist) {
-              const A rr = na + ncol[gq];
+              const A rr = na + nrm[(pair_sh.side == 0 ? 0 : r.N) + gq];
               sv = rr - A(2) * sv;
               sv = sv < A(0) ? A(0) : sv;  // a distance is never negative (NaN stays NaN)
-              if (same && gq == grow)
+              if (k == 0 && gq == grow)
                 sv = A(0);
               else if (sv < near_frac * rr)
-                sv = exact_r2(rsrc + grow * D, csrc + gq * D, D);
+                sv = exact_r2(rsrc + grow * D, csrc() + gq * D, D);
             }
-            eval_pair<A>(r.kernel, sv, cv, r.nbw, inv_d, k, w);
+            eval_pair<A>(r.kernel, sv, cv, r.nbw, inv_d, kv, w);
           }
-          // value weight of the pair in this row: the triangle of the same side (see tile_val)
-          vs += !same || gq > grow ? (same ? A(2) * k : k) : (gq == grow ? k : A(0));
-          *slot = gw * w;
+          // each unordered pair once: the diagonal tile's upper triangle twice and its
+          // diagonal once, another tile of the same side twice, a cross pair once
+          vs += k == 0 ? (gq > grow ? A(2) * kv : (gq == grow ? kv : A(0))) : (pair_sh.same ? A(2) * kv : kv);
+          *slot = pair_sh.gw * w;
         }
         // Sum over the 16 lanes of this row (xor butterfly: every lane gets the same bits).
 #pragma unroll
         for (int o = 8; o > 0; o >>= 1) vs += __shfl_xor_sync(0xffffffffu, vs, o);
-        if (tx == 0 && grow < rt.n && vw != 0.0 && tile_val)
-          rowv[rt.side == 0 ? grow : r.N + grow] += vw * static_cast<double>(vs);
+        if (tx == 0 && grow < rt.n && pair_sh.vw != 0.0)
+          rowv[rt.side == 0 ? grow : r.N + grow] += pair_sh.vw * static_cast<double>(vs);
       }
-      if (!do_grad) continue;
-      // 3. gradient, slice by slice of DK2 coordinates.
-      for (int64_t sl = 0; sl < nslices; ++sl) {
+      // 3. the row tile's gradient, slice by slice of DK2 coordinates.
+      for (int64_t sl = 0; my_grad && sl < nslices; ++sl) {
         const int64_t dbase = sl * DK2;
         __syncthreads();  // the weights are all written; the previous slice's readers are done
         for (int e = threadIdx.x; e < kTN * DK2; e += kTileThreads) {
           const int qq = e / DK2, dd = e % DK2;
-          const int64_t q = q0 + qq, d = dbase + dd;
-          bsh[e] = q < n && d < D ? load(csrc, q * D + d) : A(0);
+          const int64_t q = q0() + qq, d = dbase + dd;
+          bsh[e] = q < cend() && d < D ? load(csrc(), q * D + d) : A(0);
         }
         __syncthreads();
         A av[RM][GD], gs[RM][GD];
@@ -454,7 +516,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
             av[i][j] = dist && row < rt.n && d < D ? load(rsrc, row * D + d) : A(0);
             gs[i][j] = A(0);
           }
-#pragma unroll 2
+#pragma unroll 1  // unrolled twice, the kernel spilled registers (nvcc 13, sm_90)
         for (int q = 0; q < kTN; ++q) {
           A wv[RM], bv[GD];
 #pragma unroll
@@ -481,7 +543,83 @@ __global__ void __launch_bounds__(kTileThreads, 2)
             if (row < rt.n && d < D) gacc[(rt.side == 0 ? row : r.N + row) * D + d] += static_cast<double>(gs[i][j]);
           }
       }
+      // 4. the column tile's gradient: thread (ty, tx) owns the chunk's points ty + 16 i
+      // (i < CM) and coordinates tx + 16 j; the rows stream through bsh kTN at a time.
+      // Its reads of w (column q = ty + 16 i, so q % 16 == ty) are broadcasts over tx.
+      for (int64_t sl = 0; pair_sh.col_grad && sl < nslices; ++sl) {
+        const int64_t dbase = sl * DK2;
+        A bq[CM][GD], gc[CM][GD];
+#pragma unroll
+        for (int i = 0; i < CM; ++i)
+#pragma unroll
+          for (int j = 0; j < GD; ++j) {
+            const int64_t q = q0() + ty + 16 * i, d = dbase + tx + 16 * j;
+            bq[i][j] = dist && q < cend() && d < D ? load(csrc(), q * D + d) : A(0);
+            gc[i][j] = A(0);
+          }
+#pragma unroll 1
+        for (int rh = 0; rh < TM; rh += kTN) {
+          __syncthreads();  // the weights are all written; bsh's previous readers are done
+          for (int e = threadIdx.x; e < kTN * DK2; e += kTileThreads) {
+            const int pp = e / DK2, dd = e % DK2;
+            const int64_t row = rt.row0 + rh + pp, d = dbase + dd;
+            bsh[e] = row < rt.n && d < D ? load(rsrc, row * D + d) : A(0);
+          }
+          __syncthreads();
+#pragma unroll 2
+          for (int pp = 0; pp < kTN; ++pp) {
+            A wv[CM], av[GD];
+#pragma unroll
+            for (int i = 0; i < CM; ++i) wv[i] = wsh[(ty + 16 * i) * TM + ((rh + pp) ^ (2 * ty))];
+#pragma unroll
+            for (int j = 0; j < GD; ++j) av[j] = bsh[pp * DK2 + tx + 16 * j];
+            if (dist) {
+#pragma unroll
+              for (int i = 0; i < CM; ++i)
+#pragma unroll
+                for (int j = 0; j < GD; ++j) gc[i][j] += wv[i] * (bq[i][j] - av[j]);
+            } else {
+#pragma unroll
+              for (int i = 0; i < CM; ++i)
+#pragma unroll
+                for (int j = 0; j < GD; ++j) gc[i][j] += wv[i] * av[j];
+            }
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < CM; ++i)
+#pragma unroll
+          for (int j = 0; j < GD; ++j) {
+            const int64_t q = q0() + ty + 16 * i, d = dbase + tx + 16 * j;
+            if (q < cend() && d < D)
+              colbuf[((static_cast<int64_t>(k - k0) * T + b) * TM + (q - pair_sh.row0)) * D + d] =
+                  static_cast<double>(gc[i][j]);
+          }
+      }
     }
+  }
+}
+
+// After the sweeps [k0, k1): each point's column gradients, added to its row in sweep
+// order (thread e owns one coordinate of one point: no two threads write one accumulator).
+template <class A>
+__global__ void add_cols(RowCtx r, const double* __restrict__ colbuf, double* gacc, int64_t k0, int64_t k1, bool grad_x,
+                         bool grad_y) {
+  constexpr int TM = 16 * TileShape<A>::RM;
+  const int64_t T = tile_count(r.N, r.M, TM), total = (r.N + r.M) * r.D;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = e / r.D, d = e % r.D;
+    const int side = p < r.N ? 0 : 1;
+    if (!(side == 0 ? grad_x : grad_y)) continue;
+    const int64_t row = side == 0 ? p : p - r.N;
+    const int64_t c = (side == 0 ? 0 : (r.N + TM - 1) / TM) + row / TM;  // the point's tile
+    double g = gacc[e];
+    for (int64_t k = k0 > 0 ? k0 : 1; k < k1; ++k) {
+      const int64_t b = (c - k + T) % T;  // the row tile whose sweep-k pair had c as its column
+      if (pair_live(b, k, T)) g += colbuf[(((k - k0) * T + b) * TM + row % TM) * r.D + d];
+    }
+    gacc[e] = g;
   }
 }
 
@@ -584,6 +722,16 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
   const int64_t chunks = centred ? (a.N + a.M + kMeanChunk - 1) / kMeanChunk : 0;
   const int64_t nmean = centred ? (chunks + 1) * a.D : 0;
   const int64_t nzc = generic ? (a.N + a.M) * (a.D + 1) : 0;
+  // Generic path with gradients: the column gradients of up to `sweeps` sweeps per launch
+  // (rows_tiled), one slot of T TM-point tiles each, float64. More sweeps per launch mean
+  // fewer launches (each costs a few microseconds, and a sweep of a 16k-point problem only
+  // tens of them), within a budget of 256 MiB.
+  constexpr int64_t tm = 16 * TileShape<A>::RM;
+  const int64_t T = generic ? tile_count(a.N, a.M, tm) : 0;
+  const int64_t nsweeps = T / 2 + 1;
+  const int64_t slot = T * tm * a.D;
+  const int64_t sweeps = nacc ? std::max<int64_t>(1, std::min<int64_t>({4, nsweeps, (int64_t{1} << 25) / slot})) : 0;
+  const int64_t ncol = sweeps * slot;
   // One allocation: coefficients, row values, float64 gradient rows, mean (generic path),
   // then the compute-type centred points (all offsets multiples of 8 bytes).
   const bool by_value = cs.size() <= static_cast<size_t>(kMaxByValue);
@@ -597,14 +745,15 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
                                   " bandwidths cannot be captured in a CUDA graph");
   }
   const size_t cbytes = by_value ? 0 : ((cs.size() * sizeof(A) + 15) / 16) * 16;
-  const size_t bytes = cbytes + sizeof(double) * (rows + nacc + nmean) + sizeof(A) * nzc;
+  const size_t bytes = cbytes + sizeof(double) * (rows + nacc + nmean + ncol) + sizeof(A) * nzc;
   const Scratch scratch(bytes, stream);
   char* buf = scratch.as<char>();
   double* rowv = reinterpret_cast<double*>(buf + cbytes);
   double* gacc = nacc ? rowv + rows : nullptr;
   double* mean = nmean ? rowv + rows + nacc : nullptr;
   double* partial = nmean ? mean + a.D : nullptr;
-  A* zc = nzc ? reinterpret_cast<A*>(rowv + rows + nacc + nmean) : nullptr;
+  double* colbuf = ncol ? rowv + rows + nacc + nmean : nullptr;
+  A* zc = nzc ? reinterpret_cast<A*>(rowv + rows + nacc + nmean + ncol) : nullptr;
   A* nrm = nzc ? zc + (a.N + a.M) * a.D : nullptr;
   if (!by_value) {
     cv.dev = reinterpret_cast<A*>(buf);
@@ -624,8 +773,7 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
   } else {
     // rows = N + M >= 2 here (the bindings refuse empty inputs).
     const unsigned blocks = grid_exact(rows, kRowThreads);
-    constexpr int64_t tm = 16 * TileShape<A>::RM;
-    const unsigned tiled_blocks = generic ? grid_exact((a.N + tm - 1) / tm + (a.M + tm - 1) / tm, 1) : 0;
+    const unsigned tiled_blocks = generic ? grid_exact(T, 1) : 0;
     switch (generic ? 0 : static_cast<int>(a.D)) {
       case 1:
         rows_small<S, 1><<<blocks, kRowThreads, 0, stream>>>(r, x, y, c, rowv, gx, gy);
@@ -649,9 +797,20 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
         centre<S>
             <<<grid_exact(a.N + a.M, kPrepThreads / 32), kPrepThreads, 0, stream>>>(x, y, a.N, a.M, a.D, mean, zc, nrm);
         check_mmd(cudaGetLastError(), "centre launch");
-        rows_tiled<S>
-            <<<tiled_blocks, kTileThreads, 0, stream>>>(r, x, y, zc, nrm, c, rowv, gacc, gx != nullptr, gy != nullptr);
-        if (gacc) {
+        if (!gacc) {  // value only: every sweep in one launch (no column gradients to hand over)
+          rows_tiled<S><<<tiled_blocks, kTileThreads, 0, stream>>>(r, x, y, zc, nrm, c, rowv, nullptr, nullptr, 0,
+                                                                   static_cast<int>(nsweeps), false, false);
+        } else {
+          for (int64_t k0 = 0; k0 < nsweeps; k0 += sweeps) {
+            const int64_t k1 = std::min(nsweeps, k0 + sweeps);
+            rows_tiled<S><<<tiled_blocks, kTileThreads, 0, stream>>>(r, x, y, zc, nrm, c, rowv, gacc, colbuf,
+                                                                     static_cast<int>(k0), static_cast<int>(k1),
+                                                                     gx != nullptr, gy != nullptr);
+            check_mmd(cudaGetLastError(), "tiles launch");
+            add_cols<A><<<grid_blocks((a.N + a.M) * a.D, 256), 256, 0, stream>>>(r, colbuf, gacc, k0, k1, gx != nullptr,
+                                                                                 gy != nullptr);
+          }
+          check_mmd(cudaGetLastError(), "column launch");
           const int64_t total = (a.N + a.M) * a.D;
           write_grads<S><<<grid_exact(total, 256), 256, 0, stream>>>(r, gacc, gx, gy);
         }

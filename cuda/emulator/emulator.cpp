@@ -125,6 +125,7 @@ struct Block {
   std::exception_ptr error;  // thrown in a fiber (an emulator check): re-raised by the launch
   int live = 0, arrived = 0;
   uint64_t gen = 0;
+  int vote[2] = {0, 0};        // __syncthreads_or's OR, per barrier generation's parity
   const char* site = nullptr;  // the barrier the waiting threads are at
   void (*body)(void*) = nullptr;
   void* body_ctx = nullptr;
@@ -313,6 +314,18 @@ void syncthreads(const char* site) {
   f.wait = kBlockBarrier;
   f.wait_gen = g;
   yield_to_scheduler();
+}
+
+int syncthreads_or(const char* site, int pred) {
+  Block& b = *t_block;
+  // The slot of this generation is cleared by its first arrival; it is read by each thread
+  // as it leaves this barrier, before any can arrive at the barrier after next (which
+  // clears it again): fibers switch only at barriers and collectives.
+  int& v = b.vote[b.gen & 1];
+  if (b.arrived == 0) v = 0;
+  v |= pred != 0;
+  syncthreads(site);
+  return v;
 }
 
 const uint64_t* warp_exchange(unsigned mask, uint64_t mine) {

@@ -68,6 +68,7 @@ void* dynamic_shared();  // `extern __shared__` storage: the launch's shmem byte
 // live threads of a block meeting at two different barriers is undefined behaviour on a GPU
 // (compute-sanitizer's synccheck reports it) and raises here.
 void syncthreads(const char* site);
+int syncthreads_or(const char* site, int pred);  // a barrier; nonzero when any live thread passed pred != 0
 void syncwarp(unsigned mask);
 // The 64-bit words the lanes in `mask` put in, after all arrived (indexed by lane).
 const uint64_t* warp_exchange(unsigned mask, uint64_t mine);
@@ -139,6 +140,7 @@ inline float rsqrt(float x) {
 #define GENLOSS_EMULATOR_STR2(x) #x
 #define GENLOSS_EMULATOR_STR(x) GENLOSS_EMULATOR_STR2(x)
 #define __syncthreads() ::genloss_emulator::syncthreads(__FILE__ ":" GENLOSS_EMULATOR_STR(__LINE__))
+#define __syncthreads_or(pred) ::genloss_emulator::syncthreads_or(__FILE__ ":" GENLOSS_EMULATOR_STR(__LINE__), (pred))
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   syncwarp(mask);
 }
