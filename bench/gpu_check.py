@@ -310,8 +310,9 @@ def mmd_rows(torch: Any, gt: Any, dev: Any) -> list[dict]:
     """MMD^2 (rbf, one bandwidth, biased) at D = 64, N = M = 16,384 then 65,536 (the speed goal's
     size), against the same estimate from torch.cdist in 8,192-row blocks (float64 block sums).
     Forward only (genloss_s, cdist_s); genloss_fwd_bwd_s adds the value with both gradients
-    (the op's one pass, then backward), which has no cdist counterpart here (autograd through
-    the blocks would keep every block's distance matrix). The larger size is skipped when the
+    (the op's one pass, then backward) and genloss_fwd_bwd_x_s with d/dx only (a generator's
+    step), which have no cdist counterpart here (autograd through the blocks would keep every
+    block's distance matrix). The larger size is skipped when the
     smaller already took > 1.5 s."""
     rows = []
     bw = 8.0  # ~ the median distance of two N(0, I_64) points (sqrt(128) = 11.3)
@@ -343,6 +344,12 @@ def mmd_rows(torch: Any, gt: Any, dev: Any) -> list[dict]:
                 gt.mmd2(xg, yg, "rbf", [bw], "biased").backward()
 
             row["genloss_fwd_bwd_s"] = statistics.median(time_events(torch, ours_fwd_bwd, 3, warmup=1))
+
+            def ours_fwd_bwd_x(xg=xg, y=y):  # a generator's step: the gradient of the samples only
+                xg.grad = None
+                gt.mmd2(xg, y, "rbf", [bw], "biased").backward()
+
+            row["genloss_fwd_bwd_x_s"] = statistics.median(time_events(torch, ours_fwd_bwd_x, 3, warmup=1))
             a, b = float(ours()), float(cdist_blocks())
             row["rel_diff_vs_cdist"] = abs(a - b) / max(abs(b), 1e-30)
         except Exception as e:
