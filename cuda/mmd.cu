@@ -31,10 +31,10 @@
 // points, where r2 is mostly rounding) are re-evaluated from the differences of the input
 // rows, as on the CPU. The gradients sum_q w_pq (a_p - b_q) of the row tile and
 // sum_p w_pq (b_q - a_p) of the column tile are register-blocked products against the
-// input points (exact differences) staged in shared memory. Measured on an H200 before the
-// dot-product form (exact differences, every pair in both rows), D = 64, rbf, float32,
-// biased: N = M = 16,384 14.5 ms; N = M = 65,536 0.199 s value only, 0.519 s with both
-// gradients (torch.cdist in blocks: 16.7 ms, 0.256 s). The sweeps are not yet measured on a GPU.
+// input points (exact differences) staged in shared memory. Measured on an H200, D = 64,
+// rbf, float32, biased, N = M = 65,536, before the sweeps (bench/README.md): 0.136 s value
+// only, 0.532 s with both gradients (every pair in both rows); torch.cdist in blocks
+// 0.256 s. The sweeps are not yet timed on a GPU.
 //
 // Per point (rows_small's rows; rows_tiled adds each pair's value to its row tile's rows):
 // Point a = x_i:  value = a_w sum_{b in x} k(a, b) + c sum_{b in y} k(a, b)
