@@ -169,10 +169,10 @@ def test_mmd_kernels_evaluate_pairs_once(n, m, d, dtype, kernel, estimator):
     """The tiled kernel (D > 4) visits each unordered pair of tiles once (issue 16, item 7):
     the same-side pairs and, with both gradients, the cross pairs feed the gradients of both
     their points; the small-D kernel skips the tiles no requested output needs. Against the
-    CPU engine (its own tile list and order) for every choice of
-    gradients: value and the requested gradients to 1e-11 in float64 (2e-4 in float32), the
-    gradients not requested absent, and the value's bits the same whichever are requested
-    (each row's sums keep one order)."""
+    CPU engine (its own tile list and order) for every choice of gradients: value and the
+    requested gradients to 1e-11 in float64 (2e-4 in float32), the gradients not requested
+    absent, and the value's bits the same whichever are requested (each row's sums keep one
+    order)."""
     rng = np.random.default_rng(seed_of(kernel, estimator, n, m))
     x = rng.standard_normal((n, d)).astype(dtype)
     y = (0.8 * rng.standard_normal((m, d)) + 0.2).astype(dtype)
