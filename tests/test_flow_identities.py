@@ -19,6 +19,7 @@ import pytest
 import genloss.native as gn
 from fd import check_fd, grad_output
 from genloss.reference import flow as R
+from peers import peer
 from tolerances import assert_close
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -320,9 +321,8 @@ def test_end_points_in_float32():
 def test_diffusers_sd3_weighting_and_loss():
     """(FLOW.3) diffusers' ``compute_loss_weighting_for_sd3`` and the SD3 training loss as
     diffusers' train_dreambooth_sd3 script writes it (sigmas = t, target = noise - x0)."""
-    pytest.importorskip("diffusers")
     torch = pytest.importorskip("torch")
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
+    compute_loss_weighting_for_sd3 = peer("diffusers.training_utils").compute_loss_weighting_for_sd3
 
     rng = np.random.default_rng(9)
     B = 6
@@ -399,8 +399,11 @@ def test_torchcfm_direction_mapping():
     ours with pred' = -pred); TargetConditionalFlowMatcher(sigma) is our sigma_min path with
     its noise slot holding the data."""
     torch = pytest.importorskip("torch")
-    pytest.importorskip("torchcfm")
-    from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, TargetConditionalFlowMatcher
+    cfm_mod = peer("torchcfm.conditional_flow_matching")
+    ConditionalFlowMatcher, TargetConditionalFlowMatcher = (
+        cfm_mod.ConditionalFlowMatcher,
+        cfm_mod.TargetConditionalFlowMatcher,
+    )
 
     rng = np.random.default_rng(12)
     B = 7

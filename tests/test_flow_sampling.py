@@ -18,6 +18,7 @@ import pytest
 
 from genloss.reference import diffusion as RD
 from genloss.reference import flow as R
+from peers import peer
 
 stats = pytest.importorskip("scipy.stats")
 special = pytest.importorskip("scipy.special")
@@ -673,7 +674,7 @@ def test_diffusers_timestep_sampling():
     which the cosmap CDF rejects (the peer is not the paper: SD3 Eq. 21); and the examples' recipe
     turns a logit-normal location m into -m on the noise level."""
     torch = pytest.importorskip("torch")
-    training_utils = pytest.importorskip("diffusers.training_utils")
+    training_utils = peer("diffusers.training_utils")
     draw = training_utils.compute_density_for_timestep_sampling
     gen = torch.Generator().manual_seed(0)
     u = draw("logit_normal", N_DRAWS, logit_mean=0.3, logit_std=0.8, generator=gen).double().numpy()
@@ -689,7 +690,7 @@ def test_diffusers_timestep_sampling():
     assert _ks(ours, lambda t: R.timestep_cdf(t, "cosmap")) < KS_CRITICAL
     # diffusers' SD3 / Flux training examples index the scheduler's DESCENDING sigmas with u
     # (timesteps[(u * 1000).long()]): the noise level is ~1 - u, so logit_mean m acts as -m on sigma
-    schedulers = pytest.importorskip("diffusers.schedulers.scheduling_flow_match_euler_discrete")
+    schedulers = peer("diffusers.schedulers.scheduling_flow_match_euler_discrete")
     table = schedulers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).sigmas
     u = draw("logit_normal", N_DRAWS, logit_mean=0.3, logit_std=0.8, generator=gen)
     sigma = table[(u * 1000).long()].double().numpy()  # the examples' recipe
@@ -702,7 +703,7 @@ def test_diffusers_flow_match_shift():
     """(FLOW.9) diffusers' FlowMatchEulerDiscreteScheduler: the static shift of its training sigmas
     and its dynamic (Flux) time_shift at calculate_shift's mu equal shift_timesteps."""
     torch = pytest.importorskip("torch")
-    schedulers = pytest.importorskip("diffusers.schedulers.scheduling_flow_match_euler_discrete")
+    schedulers = peer("diffusers.schedulers.scheduling_flow_match_euler_discrete")
     plain = schedulers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     shifted = schedulers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     base = plain.sigmas.double().numpy()

@@ -16,6 +16,7 @@ from scipy.optimize import linear_sum_assignment
 import genloss.native as gn
 from genloss.native import metrics as NM
 from genloss.reference import metrics as RM
+from peers import peer
 from tolerances import assert_close
 
 torch = pytest.importorskip("torch")
@@ -43,7 +44,7 @@ def exact_ot(x, y):
 
 def pot_ot_eps(a_pts, b_pts, eps):
     """OT_eps = <P, C> + eps KL(P | a x b) of POT's log-domain plan (MET.23): sinkhorn2 alone is <P, C>."""
-    ot = pytest.importorskip("ot")
+    ot = peer("ot")
     c = half_sq(a_pts, b_pts)
     a = np.full(len(a_pts), 1.0 / len(a_pts))
     b = np.full(len(b_pts), 1.0 / len(b_pts))
@@ -270,8 +271,8 @@ def test_exact_coupling_ties():
 
 
 def test_exact_coupling_vs_torchcfm():
-    pytest.importorskip("ot")
-    cfm = pytest.importorskip("torchcfm.optimal_transport")
+    peer("ot")
+    cfm = peer("torchcfm.optimal_transport")
     x0, x1 = clouds(32, 32, 4, seed=1)
     pi = cfm.OTPlanSampler("exact").get_map(torch.from_numpy(x0), torch.from_numpy(x1))
     c = np.sum((x0[:, None] - x1[None]) ** 2, axis=-1)
@@ -281,7 +282,7 @@ def test_exact_coupling_vs_torchcfm():
 
 def test_sinkhorn_coupling_plan():
     """(MET.27) the 'sinkhorn' plan = POT's ot.sinkhorn plan of C = |x0 - x1|^2 at reg eps; all layers."""
-    ot = pytest.importorskip("ot")
+    ot = peer("ot")
     x0, x1 = clouds(12, 12, 3, seed=2)
     eps = 0.5
     c = np.sum((x0[:, None] - x1[None]) ** 2, axis=-1)

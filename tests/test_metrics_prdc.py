@@ -27,6 +27,7 @@ from genloss.native import _engine as NE
 from genloss.native.divergence import kid_indices
 from genloss.reference import divergence as RD
 from genloss.reference import metrics as RM
+from peers import peer
 
 # ============================================================================= prdc
 
@@ -107,7 +108,7 @@ def test_prdc_tie_rule_closed_ball(layer):
 def test_prdc_package_strict_rule_differs_only_at_ties():
     """The prdc package writes `<`: on the tie example its precision, density and coverage are 0; on continuous data
     (no distance equals a radius) it gives our values."""
-    prdc = pytest.importorskip("prdc")
+    prdc = peer("prdc")
     real, fake, _ = tie_example()
     strict = prdc.compute_prdc(real, fake, 2)
     assert [float(strict[key]) for key in ("precision", "recall", "density", "coverage")] == [
@@ -556,7 +557,7 @@ def test_sw_exact_formula(n, m, p):
 
 @pytest.mark.parametrize("p", [1.0, 2.0])
 def test_sw_matches_pot(p):
-    ot = pytest.importorskip("ot")
+    ot = peer("ot")
     rng = np.random.default_rng(10)
     x, y = rng.standard_normal((40, 5)), rng.standard_normal((25, 5)) * 0.7
     theta = RM.sliced_wasserstein_projections(5, 32, seed=3)
@@ -716,7 +717,7 @@ def test_kid_subsets_match_torchmetrics_poly_mmd():
     """KID's subsets mode = the mean and ddof-0 std of torchmetrics' per-subset `poly_mmd` on the SAME
     subsets (torchmetrics draws them with torch.randperm, which cannot be aligned with NumPy's
     generator: the per-subset formula is what is compared)."""
-    kid_mod = pytest.importorskip("torchmetrics.image.kid")
+    kid_mod = peer("torchmetrics.image.kid")
     rng = np.random.default_rng(14)
     real, fake = rng.standard_normal((120, 8)), rng.standard_normal((90, 8)) * 1.1 + 0.1
     subsets, size, seed = 6, 40, 3

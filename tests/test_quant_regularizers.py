@@ -21,6 +21,7 @@ import pytest
 from genloss.reference import gan as RG
 from genloss.reference import quant as RQ
 from gloo_workers import init_gloo, run_workers
+from peers import peer
 
 torch = pytest.importorskip("torch")
 import genloss.torch as T  # noqa: E402
@@ -199,8 +200,8 @@ def test_fsq_matches_vector_quantize_pytorch():
     artanh where the paper's uses (1 - eps) and tan: the codes agree wherever both bounded values
     are clear of a rounding boundary (by 0.01), the gradients to (1 + eps)/(1 - eps) - 1 ~ 2e-3;
     codes_to_indices / indices_to_codes = fsq_indices / fsq_codes exactly."""
-    pytest.importorskip("einops")
-    vqp = pytest.importorskip("vector_quantize_pytorch")
+    peer("einops")
+    vqp = peer("vector_quantize_pytorch")
     levels = [8, 5, 5, 5]
     fsq = vqp.FSQ(levels).double()
     z = torch.randn(64, 4, generator=torch.Generator().manual_seed(3), dtype=F64) * 2

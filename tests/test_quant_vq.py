@@ -24,6 +24,7 @@ import genloss.torch as gt
 from genloss import _C
 from genloss.native import quant as NQ
 from genloss.reference import quant as RQ
+from peers import peer
 
 # ============================================================================= helpers (independent math)
 
@@ -562,7 +563,7 @@ def test_lfq_nan_and_bad_input():
 
 def test_peer_vector_quantize_pytorch_ema():
     """VectorQuantize (EMA codebook, training mode): indices, commitment loss and the EMA state equal ours."""
-    vqp = pytest.importorskip("vector_quantize_pytorch")
+    vqp = peer("vector_quantize_pytorch")
     torch.manual_seed(6)
     n, d, k, decay, beta = 256, 8, 32, 0.9, 0.25
     vq = vqp.VectorQuantize(dim=d, codebook_size=k, decay=decay, commitment_weight=beta, kmeans_init=False)
@@ -586,7 +587,7 @@ def test_peer_lfq_entropy():
     """vector-quantize-pytorch's LFQ: logits 2 t <z, c> (t its inv_temperature), so its per-sample and codebook
     entropies are ours at inv_temperature = 2 t, up to its log clamp at 1e-5 (QNT.7): equal where no probability
     is below 1e-5, and the test shows the clamp's bias where many are."""
-    vqp = pytest.importorskip("vector_quantize_pytorch")
+    vqp = peer("vector_quantize_pytorch")
     torch.manual_seed(7)
     d, t = 6, 0.5
     lfq = vqp.LFQ(dim=d, codebook_size=2**d, entropy_loss_weight=1.0, diversity_gamma=1.0,
@@ -611,15 +612,15 @@ def test_peer_lfq_entropy():
                    commitment_loss_weight=0.0)  # fmt: skip
     lfq2.train()
     x2 = 0.5 * torch.randn(1, 16, d2)
-    peer = lfq2(x2, inv_temperature=t2, return_loss_breakdown=True)[-1]
+    theirs = lfq2(x2, inv_temperature=t2, return_loss_breakdown=True)[-1]
     codes2 = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=d2)), dtype=torch.float64)
     p2 = torch.softmax(2 * t2 * x2[0].double() @ codes2.T, 1)
     clamped = -(p2.mean(0) * torch.log(p2.mean(0).clamp_min(1e-5))).sum()
     gn.lfq_entropy_loss(x2[0].double().numpy(), 2 * t2, need_grad=False, terms=terms)
     exact = float(lfq_brute(x2[0].double(), 2 * t2)[1])
     np.testing.assert_allclose(terms[1], exact, rtol=1e-12)
-    np.testing.assert_allclose(float(peer.batch_entropy), float(clamped), rtol=1e-5)
-    assert float(peer.batch_entropy) < exact - 5e-5
+    np.testing.assert_allclose(float(theirs.batch_entropy), float(clamped), rtol=1e-5)
+    assert float(theirs.batch_entropy) < exact - 5e-5
 
 
 # ============================================================================= native on CUDA (cuda/quant.cu)

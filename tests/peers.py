@@ -1,0 +1,30 @@
+"""Optional peer packages (diffusers, k-diffusion, torchcfm, torchmetrics, POT, prdc,
+vector-quantize-pytorch, pytorch-fid): a test that compares with one imports it through
+``peer`` and is skipped, saying why, where the peer cannot be used.
+
+``pytest.importorskip`` skips only when the module is missing. A peer that is installed
+but does not import must skip too, because its failure is not genloss's. The common case
+is torchvision from PyPI (built against the CUDA torch) next to the CPU torch: its
+``import`` raises ``RuntimeError: operator torchvision::nms does not exist``, and every
+peer that imports torchvision fails the same way (k-diffusion, pytorch-fid, torchmetrics'
+image metrics). A peer's import-time warnings are silenced: the suite turns warnings into
+errors, and a deprecation inside a peer says nothing about genloss.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+
+import pytest
+
+
+def peer(module: str) -> ModuleType:
+    """``module`` imported, or the calling test skipped with the import's error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(module)
+    except Exception as e:  # any failure: ImportError, RuntimeError from a broken build, ...
+        pytest.skip(f"peer {module!r} does not import here: {type(e).__name__}: {e}")
