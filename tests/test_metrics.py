@@ -20,6 +20,7 @@ import pytest
 from genloss.reference import divergence as RD
 from genloss.reference import metrics as RM
 from gloo_workers import init_gloo, run_workers
+from peers import peer
 
 torch = pytest.importorskip("torch")
 import genloss.torch as T  # noqa: E402
@@ -255,6 +256,129 @@ def test_frechet_identical_data_is_zero(n, d):
 
 
 # ============================================================================= MET.5
+
+
+# ============================================================================= FID vs pytorch-fid and torchmetrics
+
+
+def _peer_fids(mu1, c1, mu2, c2):
+    """pytorch-fid's ``calculate_frechet_distance`` and torchmetrics' FID formula (``_compute_fid``, what
+    its ``FrechetInceptionDistance.compute`` returns) on the same moments, each where it imports."""
+    import contextlib
+    import io
+    import warnings
+
+    out = {}
+    try:
+        fid_score = peer("pytorch_fid.fid_score")
+    except pytest.skip.Exception:
+        fid_score = None
+    if fid_score is not None:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter(
+                "ignore"
+            )  # scipy's deprecation of sqrtm's `disp`; its singular-product note
+            out["pytorch-fid"] = float(fid_score.calculate_frechet_distance(mu1, c1, mu2, c2))
+    try:
+        fid = peer("torchmetrics.image.fid")
+    except pytest.skip.Exception:
+        fid = None
+    if fid is not None:
+        out["torchmetrics"] = float(fid._compute_fid(*(torch.from_numpy(a) for a in (mu1, c1, mu2, c2))))
+    if not out:
+        pytest.skip("neither pytorch-fid nor torchmetrics imports here")
+    return out
+
+
+def _mp_trace_sqrt_from_data(x, y):
+    """(MET.3, MET.4) tr sqrt(S1 S2) of the sample covariances of x and y at 40 digits: the nuclear norm
+    of A B^T (A, B the centred data; its n1 x n1 Gram when n1 <= d), or for n1 > d the eigenvalues of the
+    symmetric L^T (B^T B) L with A^T A = L L^T (Cholesky), d x d: the same non-zero spectrum."""
+    import mpmath as mp
+
+    a, b = x - x.mean(0), y - y.mean(0)
+    norm = np.sqrt((len(x) - 1) * (len(y) - 1))
+    if len(x) <= x.shape[1]:
+        return _mp_trace_sqrt_from_factor_product(a @ b.T) / norm
+    with mp.workdps(40):
+        am, bm = mp.matrix(a.tolist()), mp.matrix(b.tolist())
+        lower = mp.cholesky(am.T * am)
+        ev = mp.eigsy(lower.T * (bm.T * bm) * lower, eigvals_only=True)
+        return float(mp.fsum(mp.sqrt(max(e, 0)) for e in ev)) / norm
+
+
+def test_frechet_matches_fid_peers():
+    """(MET.2) pytorch-fid and torchmetrics take the square root of the NON-symmetric S1 S2 (scipy's
+    ``sqrtm``; the square roots of ``torch.linalg.eigvals``). Well-conditioned covariances: they agree with
+    the 40-digit value, as ours does, to 1e-9 of the scale (tr S1 + tr S2 + |mu1 - mu2|^2). Rank-deficient
+    covariances (n < d, as FID on few samples): a null direction's eigenvalue is rounded to about
+    eps * lambda_max, and its square root, about 1e-8 sqrt(lambda_max), is added to the trace term, so
+    their value is off by about 3e-8 relative (here n = 20, d = 64: -1.5e-4 on 5240), and identical
+    data give -3.3e-5 and -3.7e-5 instead of 0 (pytorch-fid 0.3.0, torchmetrics 1.9.0). The
+    test shows the correct values (the 40-digit nuclear norm of MET.4, and 0) and ours at 1e-12 of the
+    scale; there the peers are held only to 1e-6, the size of their rounding of the square root."""
+    pytest.importorskip("mpmath")
+    rng = np.random.default_rng(31)
+    cases = (
+        ("well-conditioned", rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12)) + 1.0,
+         rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12)), 1e-12, 1e-9),
+        ("n < d", rng.normal(size=(20, 64)) @ rng.normal(size=(64, 64)) + 1.0,
+         rng.normal(size=(20, 64)) @ rng.normal(size=(64, 64)), 1e-12, 1e-6),
+    )  # fmt: skip
+    for name, x, y, our_rtol, peer_rtol in cases:
+        mu1, mu2, c1, c2 = x.mean(0), y.mean(0), np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+        scale = np.trace(c1) + np.trace(c2) + np.sum((mu1 - mu2) ** 2)
+        exact = scale - 2 * _mp_trace_sqrt_from_data(x, y)
+        assert abs(float(RM.frechet_distance(x, y)) - exact) <= our_rtol * scale, name
+        for who, got in _peer_fids(mu1, c1, mu2, c2).items():
+            assert abs(got - exact) <= peer_rtol * scale, (name, who, got, exact)
+    # identical rank-deficient data: 0, which ours returns to rounding and the peers to about 1e-8 relative
+    x = rng.normal(size=(50, 64)) @ rng.normal(size=(64, 64)) + 1.0
+    c = np.cov(x, rowvar=False)
+    assert abs(float(RM.frechet_distance(x, x))) <= 1e-12 * 2 * np.trace(c)
+    for who, got in _peer_fids(x.mean(0), c, x.mean(0), c).items():
+        assert abs(got) <= 1e-6 * 2 * np.trace(c), (who, got)
+
+
+def test_frechet_matches_torchmetrics_fid_metric():
+    """(MET.1) torchmetrics' ``FrechetInceptionDistance`` (public API, with a feature module that passes
+    the features through) accumulates sum(x x^T) and forms the covariance as (sum x x^T - n mu mu^T)/(n - 1),
+    which loses log10(mean^2 / spread^2) digits. FID is invariant to shifting both sets by one vector, so
+    the correct value at mean 1e6 is ours on the data shifted back (exactly: Sterbenz's lemma). Ours,
+    streamed through ``GaussianMoments`` (Chan's update, MET.1), matches it to 1e-9 of the scale
+    (tr S1 + tr S2 + |mu1 - mu2|^2) at every shift. torchmetrics matches at mean 0, and at mean 1e6 it is
+    off by 1.3e-3 relative (torchmetrics 1.9.0, float64 states); the test holds it to MET.1's bound for
+    the one-pass formula, about eps * mean^2 per covariance entry (spread 1)."""
+    fid = peer("torchmetrics.image.fid")
+
+    class Features(torch.nn.Module):  # the features are the input: FID of given features
+        def __init__(self, d):
+            super().__init__()
+            self.num_features = d
+
+        def forward(self, v):
+            return v
+
+    rng = np.random.default_rng(32)
+    d, n = 8, 2000
+    x0, y0 = rng.normal(size=(n, d)), 1.1 * rng.normal(size=(n, d)) + 0.1
+    for shift in (0.0, 1e6):
+        x, y = x0 + shift, y0 + shift
+        back_x, back_y = x - shift, y - shift  # exact: the rounded data, shifted back
+        truth = float(RM.frechet_distance(back_x, back_y))
+        scale = np.trace(np.cov(back_x, rowvar=False)) + np.trace(np.cov(back_y, rowvar=False)) + truth
+        mine = RM.GaussianMoments(), RM.GaussianMoments()
+        metric = fid.FrechetInceptionDistance(feature=Features(d))
+        metric.set_dtype(torch.float64)
+        for part_x, part_y in zip(np.array_split(x, 10), np.array_split(y, 10), strict=True):
+            metric.update(torch.from_numpy(part_x), real=True)
+            metric.update(torch.from_numpy(part_y), real=False)
+            mine[0].update(part_x)
+            mine[1].update(part_y)
+        assert abs(float(RM.frechet_distance(*mine)) - truth) <= 1e-9 * scale, shift
+        theirs = float(metric.compute())
+        # MET.1: each covariance entry loses about eps * shift^2 (the rounding of sum x x^T ~ n shift^2, / n)
+        assert abs(theirs - truth) <= max(1e-9 * scale, 10 * d * 2.0**-52 * shift**2), (shift, theirs, truth)
 
 
 @pytest.mark.parametrize(("n1", "n2", "d"), [(6, 5, 4), (3, 4, 7), (9, 12, 3)])
