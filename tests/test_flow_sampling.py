@@ -514,6 +514,34 @@ def test_prediction_convert_end_points():
         )
 
 
+def test_torch_prediction_convert_takes_the_torch_schedule():
+    """(FLOW.11) ``genloss.torch.prediction_convert`` takes the schedule torch users hold, a
+    ``genloss.torch.DiffusionSchedule`` (it refused one with a TypeError, accepting only the NumPy
+    schedule): every pair equals the reference's conversion on the same schedule, in eager and
+    compiled; out-of-range timesteps are refused naming the op."""
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    sched = RD.DiffusionSchedule(RD.cosine_betas(50))
+    module = gt.DiffusionSchedule(sched)
+    rng = np.random.default_rng(23)
+    pred, x_t = rng.standard_normal((2, 6, 3, 2))
+    steps = np.array([0, 1, 7, 25, 48, 49])
+    compiled = torch.compile(gt.prediction_convert, fullgraph=True)
+    args = (torch.from_numpy(pred), torch.from_numpy(x_t), torch.from_numpy(steps))
+    for source, target in itertools.product(R.PREDICTIONS, repeat=2):
+        want = R.prediction_convert(pred, x_t, steps, source, target, sched, 0.5)
+        fns = [gt.prediction_convert]
+        if (source, target) in (("eps", "x0"), ("v", "edm_F")):  # compiled too: one graph per pair
+            fns.append(compiled)
+        for fn in fns:
+            got = fn(*args, source, target, module)
+            np.testing.assert_allclose(
+                got.numpy(), want, rtol=1e-13, atol=1e-13, err_msg=f"{source}->{target}"
+            )
+    with pytest.raises(ValueError, match=r"prediction_convert: t_or_sigma"):
+        gt.prediction_convert(*args[:2], torch.from_numpy(steps + 1), "eps", "x0", module)
+
+
 # ============================================================================= FLOW.12 iCT
 
 

@@ -26,6 +26,7 @@ from ..native import flow as native
 from ..native._compose import needs
 from ..reference import flow as ref
 from ._op import LossOp, eager_checks, kept_on, public, schema_of
+from .diffusion import DiffusionSchedule as _TorchSchedule
 
 __all__ = [
     "consistency_training_loss",
@@ -254,8 +255,12 @@ edm_preconditioning.__doc__ = ref.edm_preconditioning.__doc__
 
 
 def _path(t_or_sigma: Any, schedule: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) per sample in float64, as ``reference.path_coefs`` (which checks the values in eager)."""
+    """(a, b) per sample in float64, as ``reference.path_coefs`` (which checks the values in eager).
+    A ``genloss.torch.DiffusionSchedule`` is read from its own buffers (they follow ``.to(device)``)."""
     op = "prediction_convert"
+    module = schedule if isinstance(schedule, _TorchSchedule) else None
+    if module is not None:
+        schedule = module.reference  # the NumPy schedule: the checks below, the same (a, b)
     pair = isinstance(schedule, str) and schedule == "alpha_sigma"
     parts = tuple(t_or_sigma) if pair and isinstance(t_or_sigma, (tuple, list)) else (t_or_sigma,)
     for x in parts:
@@ -272,6 +277,11 @@ def _path(t_or_sigma: Any, schedule: Any, batch: int) -> tuple[torch.Tensor, tor
         )
         with ref.named_errors(op):
             ref.path_coefs(vals if pair else vals[0], schedule, batch)
+    if module is not None:
+        t = parts[0]
+        return module.gather("sqrt_alpha_bar", t, torch.float64), module.gather(
+            "sqrt_one_minus_alpha_bar", t, torch.float64
+        )
     if isinstance(schedule, ref._dif.DiffusionSchedule):
         t = parts[0]
 
