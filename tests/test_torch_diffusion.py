@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 
+from peers import peer
+
 torch = pytest.importorskip("torch")
 gt = pytest.importorskip("genloss.torch")
 
@@ -149,3 +151,94 @@ def test_zero_terminal_snr_is_refused_where_eps_cannot_determine_the_mean():
     # v-prediction is fine there
     out = gt.diffusion_mse_loss(x, x, x + 1, t, ZERO_SNR, "v")
     assert torch.isfinite(out)
+
+
+# ============================================================================= diffusers (optional peer)
+
+
+def _diffusers_scheduler(**config):
+    """A diffusers ``DDPMScheduler`` and the genloss schedule with the SAME alpha_bar: diffusers keeps
+    its table in float32 (betas, then a float32 cumprod), so genloss's betas are recovered from that
+    table, beta_t = 1 - abar_t / abar_(t-1) in float64, whose float64 cumprod is diffusers' alpha_bar to
+    1e-15 relative. The formulas are then compared, not the two precisions of the table."""
+    ddpm = peer("diffusers.schedulers.scheduling_ddpm")
+    scheduler = ddpm.DDPMScheduler(num_train_timesteps=1000, clip_sample=False, **config)
+    abar = scheduler.alphas_cumprod.double()
+    betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    schedule = gt.DiffusionSchedule(betas)
+    np.testing.assert_allclose(schedule.alpha_bar.numpy(), abar.numpy(), rtol=1e-13)
+    return scheduler, schedule
+
+
+def test_diffusers_betas_are_ours_in_float32():
+    """(DIF.1, DIF.15) diffusers' 'linear' and 'squaredcos_cap_v2' betas = ``linear_betas`` and
+    ``cosine_betas`` rounded to float32 (within 2 float32 ulps: diffusers' ``linspace`` runs in float32).
+    Its alpha_bar, a float32 cumprod, is off from the float64 product of its own betas by up to
+    2 (t + 1) u relative (u = 2^-24: one rounding of 1 - beta and one of each product), and its SNR by
+    that over 1 - alpha_bar: 5e-4 relative at t = 0 of the cosine schedule (measured with diffusers
+    0.42.1). The test holds diffusers to those bounds; genloss's float64 table is the correct value."""
+    ddpm = peer("diffusers.schedulers.scheduling_ddpm")
+    u = 2.0**-24
+    t = torch.arange(1000, dtype=torch.float64)
+    for name, ours in (("linear", gt.linear_betas(1000)), ("squaredcos_cap_v2", gt.cosine_betas(1000))):
+        theirs = ddpm.DDPMScheduler(num_train_timesteps=1000, beta_schedule=name)
+        assert theirs.betas.dtype == torch.float32
+        assert torch.all((theirs.betas.double() - ours).abs() <= 4 * u * ours), name
+        exact = gt.DiffusionSchedule(theirs.betas.double())  # float64 products of diffusers' own betas
+        rel = (theirs.alphas_cumprod.double() - exact.alpha_bar).abs() / exact.alpha_bar
+        assert torch.all(rel <= 2 * (t + 1) * u), name
+        snr = theirs.alphas_cumprod.double() / (1 - theirs.alphas_cumprod.double())
+        rel_snr = (snr - exact.snr).abs() / exact.snr
+        assert torch.all(rel_snr <= 2 * (t + 1) * u / exact.one_minus_alpha_bar + 4 * u), name
+
+
+def test_diffusers_forward_process_and_targets():
+    """(DIF.2, DIF.14, DIF.15) ``add_noise`` = ``q_sample`` and ``get_velocity`` = ``v_target`` (diffusers casts its
+    table to the float64 inputs: equal to 1e-12); ``training_utils.compute_snr`` = the schedule's SNR (diffusers
+    computes it in float32: 1e-6); the min-SNR weights of diffusers' training scripts (train_text_to_image:
+    min(snr, gamma) / snr for epsilon, / (snr + 1) for v_prediction) = ``snr_weights('min_snr')``."""
+    training_utils = peer("diffusers.training_utils")
+    scheduler, schedule = _diffusers_scheduler(beta_schedule="squaredcos_cap_v2")
+    g = torch.Generator().manual_seed(21)
+    x0, noise = (torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([0, 1, 2, 10, 500, 900, 998, 999])
+    torch.testing.assert_close(
+        scheduler.add_noise(x0, noise, t), gt.q_sample(x0, t, noise, schedule), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        scheduler.get_velocity(x0, noise, t), gt.v_target(x0, t, noise, schedule), rtol=1e-12, atol=1e-12
+    )
+    snr = training_utils.compute_snr(scheduler, t).double()
+    torch.testing.assert_close(snr, schedule.snr[t], rtol=1e-6, atol=0)
+    gamma = 5.0
+    for prediction, denominator in (("eps", snr), ("v", snr + 1)):
+        theirs = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0] / denominator
+        ours = gt.snr_weights(t, schedule, "min_snr", prediction=prediction, gamma=gamma, dtype=torch.float64)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusers_ddpm_step_is_the_posterior(prediction_type):
+    """(DIF.3, DIF.7, DIF.8) One ancestral step of diffusers' ``DDPMScheduler.step`` (variance 'fixed_small') =
+    the posterior mean of x0 predicted from the model output, plus sqrt(posterior variance) times the
+    step's noise (drawn again from the same generator seed); t = 0 adds no noise. diffusers forms its
+    coefficients in float32, beta_t as 1 - abar_t / abar_(t-1): a cancellation whose relative error is
+    about u / beta_t (u = 2^-24), 5e-4 at t = 1 of the linear schedule (its posterior variance there is
+    off by 1e-4 relative, the sample by 1.7e-4: diffusers 0.42.1). Compared within 8 u / beta_t."""
+    scheduler, schedule = _diffusers_scheduler(
+        beta_schedule="linear", variance_type="fixed_small", prediction_type=prediction_type
+    )
+    g = torch.Generator().manual_seed(22)
+    x_t, out = (torch.randn(4, 3, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    for step in (999, 500, 37, 1, 0):
+        t = torch.full((4,), step)
+        got = scheduler.step(out, step, x_t, generator=torch.Generator().manual_seed(step)).prev_sample
+        if prediction_type == "epsilon":
+            mean = gt.posterior_mean_from_eps(x_t, t, out, schedule)
+        else:
+            x0 = gt.prediction_convert(out, x_t, t, "v", "x0", schedule)
+            mean = gt.q_posterior(x0, x_t, t, schedule)[0]
+        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        want = mean + (schedule.posterior_variance[step].sqrt() * z if step > 0 else 0.0)
+        tol = 8 * 2.0**-24 / float(schedule.betas[step])
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"t = {step}")
