@@ -560,6 +560,23 @@ def test_karras_sigmas():
         R.karras_sigmas(5, 1.0, 0.5)
 
 
+def test_k_diffusion_karras_sigmas_and_preconditioning():
+    """(FLOW.10, FLOW.12) k-diffusion (optional peer): ``sampling.get_sigmas_karras`` = ``karras_sigmas``
+    descending with a 0 appended (k-diffusion computes it in float32: 1e-6), and ``layers.Denoiser``'s
+    ``get_scalings`` (c_skip, c_out, c_in) = ``edm_preconditioning`` in float64."""
+    k_diffusion = peer("k_diffusion")
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    theirs = k_diffusion.sampling.get_sigmas_karras(18, 0.002, 80.0, rho=7.0).double().numpy()
+    assert theirs[-1] == 0.0
+    np.testing.assert_allclose(theirs[:-1], R.karras_sigmas(18, 0.002, 80.0, 7.0)[::-1], rtol=1e-6)
+    sigma = torch.from_numpy(np.exp(np.random.default_rng(24).uniform(-7.0, 5.0, size=9)))
+    denoiser = k_diffusion.layers.Denoiser(lambda x, s: x, sigma_data=0.5)
+    ours = gt.edm_preconditioning(sigma, 0.5)[:3]
+    for name, want, got in zip(("c_skip", "c_out", "c_in"), denoiser.get_scalings(sigma), ours, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=0, msg=name)
+
+
 def test_ict_num_steps_known_values():
     """(FLOW.12) iCT's curriculum at known steps: K = 400k gives K' = 50k and N = 11, 21, ..., 641, 1281."""
     K = 400_000

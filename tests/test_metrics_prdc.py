@@ -731,3 +731,33 @@ def test_kid_subsets_match_torchmetrics_poly_mmd():
     nmean, nstd = gn.kid(real, fake, subsets, size, seed)
     assert nmean == pytest.approx(float(theirs.mean()), rel=1e-10)
     assert nstd == pytest.approx(float(theirs.std(unbiased=False)), rel=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
+def test_kid_full_sets_match_torchmetrics_metric():
+    """KID through torchmetrics' public ``KernelInceptionDistance`` (a feature module that passes the
+    features through), with one subset of every row (its random permutation then changes nothing): its
+    mean is the unbiased cubic-polynomial MMD^2 of the full sets, ours with ``subsets=None`` (and with one
+    full subset), and its std is 0."""
+    kid_mod = peer("torchmetrics.image.kid")
+
+    class Features(torch.nn.Module):  # the features are the input: KID of given features
+        def __init__(self, d):
+            super().__init__()
+            self.num_features = d
+
+        def forward(self, v):
+            return v
+
+    rng = np.random.default_rng(15)
+    n, d = 64, 8
+    real, fake = rng.standard_normal((n, d)), rng.standard_normal((n, d)) * 1.2 + 0.2
+    metric = kid_mod.KernelInceptionDistance(feature=Features(d), subsets=1, subset_size=n)
+    metric.set_dtype(torch.float64)
+    metric.update(torch.from_numpy(real), real=True)
+    metric.update(torch.from_numpy(fake), real=False)
+    mean, std = (float(v) for v in metric.compute())
+    assert float(RD.kid(real, fake, subsets=None)[0]) == pytest.approx(mean, rel=1e-10)
+    assert float(RD.kid(real, fake, subsets=1, subset_size=n)[0]) == pytest.approx(mean, rel=1e-10)
+    assert float(gn.kid(real, fake, subsets=None)[0]) == pytest.approx(mean, rel=1e-10)
+    assert std == 0.0
