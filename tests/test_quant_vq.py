@@ -254,6 +254,50 @@ def test_vq_low_precision_computed_in_float32():
         assert c.item() == c32.item() and cb.item() == cb32.item()
 
 
+def test_vq_mixed_dtypes_as_under_autocast():
+    """A VQ-VAE step under ``torch.autocast``: the encoder gives a bfloat16 z, the codebook and the EMA state
+    stay float32. vector_quantize computes in float32 on z's exact float32 values (it raised a TypeError):
+    the same indices and losses as the float32 call on z.float(), gradients in each input's dtype (z's the
+    float32 one rounded to bfloat16), z_q the codebook's rows; vq_ema_update takes z into the state's dtype,
+    exactly the update of z.float(). float32 z with a float64 codebook computes in float64."""
+    torch.manual_seed(3)
+    enc = torch.nn.Linear(4, 8)
+    x = torch.randn(40, 4)
+    e = torch.randn(16, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = enc(x)
+    assert z.dtype == torch.bfloat16
+    zq, idx, c, cb = gt.vector_quantize(z, e, 0.3)
+    (zq.sum() + c + cb).backward()
+    z32 = z.detach().float().requires_grad_(True)
+    e32 = e.detach().clone().requires_grad_(True)
+    zq2, idx2, c2, cb2 = gt.vector_quantize(z32, e32, 0.3)
+    (zq2.sum() + c2 + cb2).backward()
+    assert torch.equal(idx, idx2) and torch.equal(zq, zq2) and zq.dtype == torch.float32
+    assert c.item() == c2.item() and cb.item() == cb2.item()
+    assert torch.equal(e.grad, e32.grad)
+    assert enc.weight.grad is not None and enc.weight.grad.dtype == torch.float32
+    zl = z.detach().requires_grad_(True)
+    (zg,) = torch.autograd.grad(gt.vector_quantize(zl, e.detach(), 0.3)[2], zl)
+    (zg32,) = torch.autograd.grad(gt.vector_quantize(z32, e.detach(), 0.3)[2], z32)
+    assert zg.dtype == torch.bfloat16 and torch.equal(zg, zg32.to(torch.bfloat16))
+    cluster, embed_sum = torch.ones(16), torch.randn(16, 8)
+    got = gt.vq_ema_update(z.detach(), idx, cluster, embed_sum, 0.9)
+    want = gt.vq_ema_update(z.detach().float(), idx, cluster, embed_sum, 0.9)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    # float32 z, float64 codebook: float64 throughout, z's gradient back in float32
+    z1 = torch.randn(12, 8, requires_grad=True)
+    e64 = torch.randn(5, 8, dtype=torch.float64)
+    zq, idx, c, _ = gt.vector_quantize(z1, e64)
+    (zq.sum() + c).backward()
+    (_, idx64, c64, _), _ = gn.vector_quantize(z1.detach().double().numpy(), e64.numpy(), need_grad=False)
+    assert c.dtype == torch.float64 and c.item() == c64 and np.array_equal(idx.numpy(), idx64)
+    assert z1.grad.dtype == torch.float32
+    with pytest.raises(TypeError, match=r"vq_ema_update: cluster_size must have the dtype of embed_sum"):
+        gt.vq_ema_update(z1.detach(), idx, torch.ones(5, dtype=torch.float64), torch.zeros(5, 8), 0.9)
+
+
 def test_vq_nan_row_gets_index_zero():
     rng = np.random.default_rng(5)
     z = rng.standard_normal((4, 3))

@@ -91,9 +91,14 @@ def _vq_backward(ctx: Any, g_zq: Any, _g_idx: Any, g_c: Any, g_b: Any, _g_gz: An
 _vector_quantize_fwd.register_autograd(_vq_backward, setup_context=_vq_setup)
 
 
+@with_reference_doc
 def vector_quantize(
     z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_q, indices, commitment, codebook_loss) with autograd (QNT.1-QNT.4). z and codebook may differ in
+    dtype: they compute in the promoted one, float16/bfloat16 in float32 (a bfloat16 z from autocast with a
+    float32 codebook: float32); each gradient comes back in its input's dtype and z_q has the codebook's
+    (its rows, exactly)."""
     op = "vector_quantize"
     z, codebook = _qtensor(op, "z", z), _qtensor(op, "codebook", codebook)
     if z.dim() != 2 or codebook.dim() != 2:
@@ -106,16 +111,17 @@ def vector_quantize(
         )
     if z.shape[0] == 0 or codebook.shape[0] == 0 or z.shape[1] == 0:
         raise ValueError(f"{op}: z {tuple(z.shape)} and codebook {tuple(codebook.shape)} must not be empty")
-    if z.dtype != codebook.dtype:
-        raise TypeError(f"{op}: codebook must have the dtype of z ({z.dtype}), got {codebook.dtype}")
+    # Mixed dtypes compute in the promoted one (a bfloat16 z from autocast with a float32 codebook: float32,
+    # as the kernels compute 16-bit inputs anyway); the casts are autograd's, so each gradient comes back
+    # in its input's dtype. z_q has the codebook's dtype (its rows, exactly).
+    dt = torch.promote_types(_qup(z).dtype, _qup(codebook).dtype)
+    z = z if _qup(z).dtype == dt else z.to(dt)
+    codebook = codebook if _qup(codebook).dtype == dt else codebook.to(dt)
     with C.named_errors(op):
         b = C.nonnegative("beta", beta)
     need = torch.is_grad_enabled() and (z.requires_grad or codebook.requires_grad)
     zq, idx, c, cb, _, _ = torch.ops.genloss.vector_quantize_fwd(z, codebook, b, need)
     return zq, idx, c, cb
-
-
-vector_quantize.__doc__ = ref.vector_quantize.__doc__
 
 
 @torch.library.custom_op("genloss::vq_ema_update", mutates_args=())
@@ -138,17 +144,21 @@ def _(z, indices, cluster_size, embed_sum, decay, eps):
     )
 
 
+@with_reference_doc
 def vq_ema_update(
     z: torch.Tensor, indices: torch.Tensor, cluster_size: torch.Tensor, embed_sum: torch.Tensor,
     decay: float = 0.99, eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The EMA codebook update (QNT.5, QNT.6), without autograd. The state (cluster_size, embed_sum) sets the
+    dtype: z is converted to it (a bfloat16 z from autocast with a float32 state, exactly)."""
     op = "vq_ema_update"
     for name, a in (("z", z), ("cluster_size", cluster_size), ("embed_sum", embed_sum)):
         _qtensor(op, name, a)
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: indices must be an int64 or int32 torch.Tensor")
-    if z.dtype != embed_sum.dtype or cluster_size.dtype != embed_sum.dtype:
-        raise TypeError(f"{op}: z and cluster_size must have the dtype of embed_sum ({embed_sum.dtype})")
+    if cluster_size.dtype != embed_sum.dtype:
+        raise TypeError(f"{op}: cluster_size must have the dtype of embed_sum ({embed_sum.dtype}), "
+                        f"got {cluster_size.dtype}")  # fmt: skip
     if embed_sum.dim() != 2 or 0 in embed_sum.shape:
         raise ValueError(
             f"{op}: embed_sum must have shape (K, D) with K, D >= 1, got {tuple(embed_sum.shape)}"
@@ -168,11 +178,9 @@ def vq_ema_update(
     # The range of indices is checked once, by the native kernel this op runs (a read-back on
     # CUDA, skipped under capture or check_data=False as everywhere): a second check here
     # would make a CUDA call wait for the GPU twice.
-    with torch.no_grad():
+    with torch.no_grad():  # z in the state's dtype (a bfloat16 z from autocast, a float32 state: exact)
+        z = z if z.dtype == embed_sum.dtype else z.to(embed_sum.dtype)
         return torch.ops.genloss.vq_ema_update(z, indices, cluster_size, embed_sum, dec, ep)
-
-
-vq_ema_update.__doc__ = ref.vq_ema_update.__doc__
 
 
 lfq_entropy_loss = _public(
