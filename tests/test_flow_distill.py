@@ -366,7 +366,6 @@ def test_bad_input_names_op_and_argument(name, change, arg):
             fn(*args, **kwargs)
 
 
-@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 def test_compile_matches_eager():
     """torch.compile(fullgraph=True) of sds_loss (a custom op on a torch kernel, with a fake kernel) =
     eager, value and gradient.  (One op: the others are custom ops on native kernels, the pattern the

@@ -496,7 +496,6 @@ def test_native_matches_reference_every_gradient(dtype, reduction):
 # ============================================================================= torch.compile
 
 
-@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 @pytest.mark.parametrize("name", ["pseudo_huber_loss", "denoiser_loss", "consistency_training_loss"])
 def test_compile_matches_reference(name):
     """(FLOW.20-FLOW.24) torch.compile(fullgraph=True) of each op (its last variant: weights, logvar

@@ -295,6 +295,23 @@ def test_sinkhorn_coupling_plan():
         np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-12)
 
 
+def test_coupling_compiles_fullgraph():
+    """(MET.25, MET.27) an OT-CFM step compiled with ``fullgraph=True`` (ot_coupling is a custom op; its
+    argument checks are plain Python on Python numbers): the same permutation and plan as eager."""
+    x0, x1 = clouds(10, 10, 3, seed=6)
+    a, b = torch.from_numpy(x0), torch.from_numpy(x1)
+    for method in ("exact", "sinkhorn"):
+
+        def pair(u, v, method=method):
+            return T.ot_coupling(u, v, method, 0.5)
+
+        compiled = torch.compile(pair, fullgraph=True, backend="aot_eager")
+        want = pair(a, b)
+        torch.testing.assert_close(compiled(a, b), want, rtol=0, atol=0)
+        np.testing.assert_allclose(want.numpy(), RM.ot_coupling(x0, x1, method, 0.5), rtol=1e-10, atol=0)
+    torch.library.opcheck(torch.ops.genloss.ot_coupling.default, (a, b, "exact", 0.1, 1e-8, 1000))
+
+
 def test_sinkhorn_coupling_marginals_without_pot():
     x0, x1 = clouds(9, 9, 2, seed=4)
     plan = NM.ot_coupling(x0, x1, "sinkhorn", 1.0)  # converges well within max_iter

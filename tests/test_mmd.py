@@ -560,8 +560,6 @@ def test_opcheck(kernel, bws):
 
 
 # torch 2.13's own warnings under -W error (see tests/test_torch_ops.py TORCH_INTERNAL_WARNINGS).
-@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile(backend):
     rng = np.random.default_rng(8)

@@ -565,8 +565,6 @@ def test_lfq_low_precision_finite():
 
 
 # torch's own deprecation warnings inside Dynamo's tracing of an autograd.Function (as tests/test_torch_ops.py)
-@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_lfq_torch_op_checks():
     torch.manual_seed(5)
     z = (0.3 * torch.randn(9, 5, dtype=torch.float64)).requires_grad_(True)

@@ -91,7 +91,6 @@ def _compile_cases():
         yield r, v, (r.reductions or (None,))[-1]
 
 
-@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 @pytest.mark.parametrize(
     ("record", "variant", "reduction"),
     list(_compile_cases()),
@@ -212,7 +211,6 @@ def test_schedule_first_seen_under_functorch_grad():
     _train_step(s)
 
 
-@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 def test_schedule_first_seen_inside_compiled_region():
     s = _fresh()
     torch._dynamo.reset()
@@ -261,7 +259,6 @@ def test_helpers_refuse_bad_arguments_before_any_work():
         gt.gmm_responsibilities(meta, torch.randn(3), torch.randn(3, 2), torch.randn(3, 2))
 
 
-@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 @pytest.mark.parametrize(
     ("name", "kwargs"),
     [

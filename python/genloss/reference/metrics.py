@@ -322,19 +322,20 @@ def _ot_points(op: str, name: str, x: object, dim: int | None = None) -> np.ndar
 
 
 def check_sinkhorn_args(op: str, eps, p, scaling, tol, max_iter) -> tuple[float, float, float, float, int]:
-    """The hyperparameters of the Sinkhorn ops as floats/int; ValueError naming the bad one."""
+    """The hyperparameters of the Sinkhorn ops as floats/int; ValueError naming the bad one.
+    (``math.isfinite``, not NumPy's: torch.compile traces these checks of Python numbers.)"""
     vals = {}
     for name, v in (("eps", eps), ("p", p), ("scaling", scaling), ("tol", tol)):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
         vals[name] = float(v)
-    if not (np.isfinite(vals["eps"]) and vals["eps"] > 0):
+    if not (math.isfinite(vals["eps"]) and vals["eps"] > 0):
         raise ValueError(f"{op}: eps must be finite and > 0, got {eps!r}")
-    if not (np.isfinite(vals["p"]) and vals["p"] >= 1):
+    if not (math.isfinite(vals["p"]) and vals["p"] >= 1):
         raise ValueError(f"{op}: p must be finite and >= 1, got {p!r}")
     if not 0 < vals["scaling"] < 1:
         raise ValueError(f"{op}: scaling must lie in (0, 1), got {scaling!r}")
-    if not (np.isfinite(vals["tol"]) and vals["tol"] > 0):
+    if not (math.isfinite(vals["tol"]) and vals["tol"] > 0):
         raise ValueError(f"{op}: tol must be finite and > 0, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"{op}: max_iter must be an int >= 1, got {max_iter!r}")
@@ -542,7 +543,7 @@ def check_coupling_args(op: str, method, eps) -> float | None:
         return None
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
         raise TypeError(f"{op}: eps must be a real number for method 'sinkhorn', got {type(eps).__name__}")
-    if not (np.isfinite(eps) and eps > 0):
+    if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"{op}: eps must be finite and > 0, got {eps!r}")
     return float(eps)
 
@@ -745,16 +746,21 @@ def prdc(real, fake, k=5):
     return prdc_from_counts((hit_fake.sum(), recalled, pairs, covered), real.shape[0], fake.shape[0], k)
 
 
-def sliced_wasserstein_projections(d: int, n_projections: int = 128, seed: int = 0) -> np.ndarray:
-    r"""The directions of :func:`sliced_wasserstein`: ``(n_projections, d)`` unit vectors, uniform on
-    the sphere, drawn as normalised standard normals by ``np.random.default_rng(seed)`` in float64.
-    Every layer uses these same directions (the torch layer moves them to the data's device)."""
+def check_sw_ints(d, n_projections, seed) -> None:
+    """``d``, ``n_projections`` and ``seed`` of :func:`sliced_wasserstein` (shared by every layer)."""
     op = "sliced_wasserstein"
     for name, v, lo in (("d", d, 1), ("n_projections", n_projections, 1), ("seed", seed, 0)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
         if v < lo:
             raise ValueError(f"{op}: {name} must be >= {lo}, got {v}")
+
+
+def sliced_wasserstein_projections(d: int, n_projections: int = 128, seed: int = 0) -> np.ndarray:
+    r"""The directions of :func:`sliced_wasserstein`: ``(n_projections, d)`` unit vectors, uniform on
+    the sphere, drawn as normalised standard normals by ``np.random.default_rng(seed)`` in float64.
+    Every layer uses these same directions (the torch layer moves them to the data's device)."""
+    check_sw_ints(d, n_projections, seed)
     g = np.random.default_rng(int(seed)).standard_normal((int(n_projections), int(d)))
     return g / np.linalg.norm(g, axis=1, keepdims=True)  # (MET.15) a zero draw has probability 0
 

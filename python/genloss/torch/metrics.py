@@ -426,7 +426,20 @@ def ot_coupling(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", eps: 
     if x1.device != x0.device:
         raise ValueError(f"{op}: x1 is on {x1.device}, x0 on {x0.device}")
     a, b = x0.detach().to(torch.float64), x1.detach().to(torch.float64)
-    return _native_ot.ot_coupling(a, b, method, eps, tol, max_iter)  # checks that a and b are finite
+    return torch.ops.genloss.ot_coupling(a, b, method, float(eps), float(tol), int(max_iter))
+
+
+@torch.library.custom_op("genloss::ot_coupling", mutates_args=())
+def _ot_coupling_op(x0: torch.Tensor, x1: torch.Tensor, method: str, eps: float, tol: float,
+                    max_iter: int) -> torch.Tensor:  # fmt: skip
+    """The native coupling as a custom op, so that torch.compile(fullgraph=True) keeps it in the graph."""
+    return _native_ot.ot_coupling(x0, x1, method, eps, tol, max_iter)  # checks that x0 and x1 are finite
+
+
+@_ot_coupling_op.register_fake
+def _(x0, x1, method, eps, tol, max_iter):
+    b = x0.shape[0]
+    return x0.new_empty((b,), dtype=torch.int64) if method == "exact" else x0.new_empty((b, b))
 
 
 __all__ += ["sinkhorn_divergence", "ot_coupling"]
@@ -472,6 +485,28 @@ class _AbsPow(torch.autograd.Function):
         return g * ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0), None
 
 
+@torch.library.custom_op("genloss::sliced_wasserstein_directions", mutates_args=())
+def _sw_directions(like: torch.Tensor, d: int, n_projections: int, seed: int) -> torch.Tensor:
+    """The reference's seeded directions (NumPy) on ``like``'s device and dtype: a custom op, so that
+    torch.compile(fullgraph=True) does not trace the NumPy generator."""
+    theta = _ref_ot.sliced_wasserstein_projections(d, n_projections, seed)
+    return torch.from_numpy(theta).to(device=like.device, dtype=like.dtype)
+
+
+@_sw_directions.register_fake
+def _(like, d, n_projections, seed):
+    return like.new_empty((n_projections, d))
+
+
+def _quantile_grid(n: int, m: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """``reference.quantile_grid`` in torch ops (traceable, static size n + m): the left ends of the
+    intervals in units of 1/(nm), integers, so the grid is exact. Where i m = j n both sets start an
+    interval there: one of the two is empty (w = 0), which the reference's union drops."""
+    left = torch.cat([torch.arange(n, device=device) * m, torch.arange(m, device=device) * n]).sort().values
+    right = torch.cat([left[1:], left.new_full((1,), n * m)])
+    return ((right - left).double() / (n * m)).to(dtype), left // m, left // n  # w as the reference rounds it
+
+
 def sliced_wasserstein(
     x: torch.Tensor, y: torch.Tensor, n_projections: int = 128, p: float = 2.0, seed: int = 0
 ) -> torch.Tensor:
@@ -491,15 +526,17 @@ def sliced_wasserstein(
     if y.device != x.device:
         raise ValueError(f"{op}: y is on {y.device}, x on {x.device}")
     p = _ref_ot.check_sw_p(p)
-    theta_np = _ref_ot.sliced_wasserstein_projections(x.shape[1], n_projections, seed)
+    _ref_ot.check_sw_ints(x.shape[1], n_projections, seed)
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-    theta = torch.from_numpy(theta_np).to(device=x.device, dtype=dtype)
-    w_np, iu_np, iv_np = _ref_ot.quantile_grid(x.shape[0], y.shape[0])
-    w = torch.from_numpy(w_np).to(device=x.device, dtype=dtype)
-    iu, iv = torch.from_numpy(iu_np).to(x.device), torch.from_numpy(iv_np).to(x.device)
+    theta = torch.ops.genloss.sliced_wasserstein_directions(
+        x.new_empty(0, dtype=dtype), x.shape[1], int(n_projections), int(seed)
+    )
+    w, iu, iv = _quantile_grid(x.shape[0], y.shape[0], x.device, dtype)
     us = torch.sort(x.to(dtype) @ theta.T, dim=0, stable=True).values
     vs = torch.sort(y.to(dtype) @ theta.T, dim=0, stable=True).values
-    mean = (w[:, None] * _AbsPow.apply(us[iu] - vs[iv], p)).sum(dim=0).mean()  # (MET.14, MET.15)
+    cost = _AbsPow.apply(us[iu] - vs[iv], p)
+    # (MET.14, MET.15); the grid's empty intervals (w = 0) add nothing, even where a cost overflows
+    mean = torch.where(w[:, None] > 0, w[:, None] * cost, 0.0).sum(dim=0).mean()
     zero = mean == 0
     safe = torch.where(zero, torch.ones_like(mean), mean)  # NaN stays NaN; the root's slope at 0 is not taken
     return torch.where(zero, mean * 0.0, safe ** (1.0 / p))  # (MET.16) gradient 0 at SW = 0
