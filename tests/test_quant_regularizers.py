@@ -193,6 +193,22 @@ def test_fsq_torch_op_matches_reference_opcheck_compile():
     out.square().sum().backward()
     outc.square().sum().backward()
     assert torch.equal(z.grad, zc.grad)
+    # a tokenizer's forward, compiled whole: codes -> indices -> codes (the int64 size check in plain
+    # Python: it went through NumPy and broke the graph)
+    tokens = torch.compile(
+        lambda x: T.fsq_codes(T.fsq_indices(T.fsq_quantize(x, levels), levels), levels, dtype=F64),
+        fullgraph=True, backend="aot_eager",
+    )  # fmt: skip
+    assert torch.equal(tokens(z64), T.fsq_quantize(z64, levels))
+    huge = [RQ.FSQ_MAX_LEVEL] * 7  # 1000^7 > 2^63 - 1
+    for call in (
+        lambda: T.fsq_indices(torch.zeros(1, 7), huge),
+        lambda: T.fsq_codes(torch.zeros(1, dtype=torch.int64), huge),
+    ):
+        with pytest.raises(
+            ValueError, match=r"fsq_(indices|codes): levels: the codebook size .* does not fit in int64"
+        ):
+            call()
 
 
 def test_fsq_matches_vector_quantize_pytorch():

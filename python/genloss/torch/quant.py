@@ -5,6 +5,7 @@ The math is the reference's (``genloss.reference.quant``, ``derivations/quant.md
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -295,6 +296,15 @@ def fsq_quantize(z: torch.Tensor, levels: Any) -> torch.Tensor:
     return torch.ops.genloss.fsq_quantize(z, lv)
 
 
+def _fsq_size(op: str, levels: list[int]) -> int:
+    """prod(levels), the codebook size, which must fit in int64 (``reference.fsq_basis``'s check, in plain
+    Python: torch.compile traces it, and not NumPy's int64 arrays)."""
+    size = math.prod(levels)
+    if size > 2**63 - 1:
+        raise ValueError(f"{op}: levels: the codebook size prod(levels) = {size} does not fit in int64")
+    return size
+
+
 def _fsq_grid(levels: list[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L, basis, w) as int64 tensors (QNT.11): channel 0 varies fastest."""
     L = device_constant(tuple(levels), torch.int64, like)
@@ -307,8 +317,7 @@ def fsq_indices(codes: torch.Tensor, levels: Any) -> torch.Tensor:
     r"""int64 indices of FSQ codes (no gradient).  (QNT.11)"""
     op = "fsq_indices"
     lv = _fsq_level_list(op, levels)
-    with C.named_errors(op):
-        ref.fsq_basis(lv, op)  # the int64 range check of prod(levels)
+    _fsq_size(op, lv)  # the int64 range check of prod(levels)
     codes = _qtensor(op, "codes", codes)
     if codes.dim() < 1 or codes.shape[-1] != len(lv):
         raise ValueError(f"{op}: codes must have {len(lv)} channels last (one per level), got shape "
@@ -325,8 +334,7 @@ def fsq_codes(indices: torch.Tensor, levels: Any, dtype: torch.dtype = torch.flo
     r"""The codes of int64 FSQ indices, in ``dtype`` (float32 by default).  (QNT.11)"""
     op = "fsq_codes"
     lv = _fsq_level_list(op, levels)
-    with C.named_errors(op):
-        _, _, size = ref.fsq_basis(lv, op)
+    size = _fsq_size(op, lv)
     if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
         raise TypeError(f"{op}: indices must be an integer torch.Tensor")
     idx = indices.long()
