@@ -183,7 +183,10 @@ def sample_timesteps(
 ) -> torch.Tensor:  # fmt: skip
     r"""``genloss.reference.sample_timesteps`` with uniform draws from a CPU ``torch.Generator`` (or an
     int seed): the inverse CDF in float64, returned in ``dtype`` (float32 by default) on ``device``.
-    (FLOW.6-FLOW.8)"""
+    (FLOW.6-FLOW.8)
+
+    It draws on the host and is not traced by ``torch.compile``: call it outside the compiled step, or
+    compile ``timestep_quantile(u, kind, ...)`` of your own uniform draws ``u`` (a custom op)."""
     with ref.named_errors("sample_timesteps"):
         ref._timestep_params(kind, m, s, scale, p_mean, p_std)
         n = C.positive_int("n", n)
@@ -200,24 +203,59 @@ def sample_timesteps(
     return torch.from_numpy(t).to(device=device, dtype=dtype)
 
 
-def _via_reference(fn: Callable[..., np.ndarray], op: str, name: str) -> Callable[..., torch.Tensor]:
+_TIMESTEP_FNS: dict[str, Callable[..., np.ndarray]] = {
+    "timestep_density": ref.timestep_density,
+    "timestep_cdf": ref.timestep_cdf,
+    "timestep_quantile": ref.timestep_quantile,
+}
+
+
+@torch.library.custom_op("genloss::timestep_fn", mutates_args=())
+def _timestep_fn(x: torch.Tensor, fn: str, kind: str, m: float, s: float, scale: float, p_mean: float,
+                 p_std: float) -> torch.Tensor:  # fmt: skip
+    """The reference's float64 function ``fn`` of x, as a custom op (torch.compile keeps it in the graph,
+    not tracing NumPy); the value in x's dtype (float32 for float16 / bfloat16) on its device."""
+    out = _TIMESTEP_FNS[fn](x.detach().cpu().double().numpy(), kind, m, s, scale, p_mean, p_std)
+    return torch.from_numpy(out).to(device=x.device, dtype=_out_dtype(x))
+
+
+@_timestep_fn.register_fake
+def _(x, fn, kind, m, s, scale, p_mean, p_std):
+    return x.new_empty(x.shape, dtype=_out_dtype(x))
+
+
+def _via_reference(op: str, name: str) -> Callable[..., torch.Tensor]:
     """A reference function of one float vector, on a tensor: float64 values, returned in the
     tensor's dtype (float32 for float16 / bfloat16) on its device (no gradient: a density is data)."""
 
-    def call(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def call(x: torch.Tensor, kind: str = "uniform", m: float = 0.0, s: float = 1.0, scale: float = 1.29,
+             p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:  # fmt: skip
         x = _tensor(op, name, x)
-        out = fn(x.detach().cpu().double().numpy(), *args, **kwargs)
-        return torch.from_numpy(out).to(device=x.device, dtype=_out_dtype(x))
+        with ref.named_errors(op):
+            kind, params = ref._timestep_params(kind, m, s, scale, p_mean, p_std)
+        return torch.ops.genloss.timestep_fn(
+            x.detach(), op, kind, params["m"], params["s"], params["scale"], params["p_mean"], params["p_std"]
+        )
 
     call.__name__ = call.__qualname__ = op
-    call.__doc__ = fn.__doc__
+    call.__doc__ = _TIMESTEP_FNS[op].__doc__
     return call
 
 
-timestep_density = _via_reference(ref.timestep_density, "timestep_density", "t")
-timestep_cdf = _via_reference(ref.timestep_cdf, "timestep_cdf", "t")
-timestep_quantile = _via_reference(ref.timestep_quantile, "timestep_quantile", "u")
-ict_sigma_probs = _via_reference(ref.ict_sigma_probs, "ict_sigma_probs", "sigmas")
+timestep_density = _via_reference("timestep_density", "t")
+timestep_cdf = _via_reference("timestep_cdf", "t")
+timestep_quantile = _via_reference("timestep_quantile", "u")
+
+
+def ict_sigma_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    """The reference's float64 probabilities of the adjacent pairs of ``sigmas``, in their dtype (float32 for
+    float16 / bfloat16) on their device: a table computed once per curriculum stage, on the host."""
+    sigmas = _tensor("ict_sigma_probs", "sigmas", sigmas)
+    out = ref.ict_sigma_probs(sigmas.detach().cpu().double().numpy(), p_mean, p_std)
+    return torch.from_numpy(out).to(device=sigmas.device, dtype=_out_dtype(sigmas))
+
+
+ict_sigma_probs.__doc__ = ref.ict_sigma_probs.__doc__
 
 
 def shift_timesteps(
