@@ -28,3 +28,19 @@ def peer(module: str) -> ModuleType:
             return importlib.import_module(module)
     except Exception as e:  # any failure: ImportError, RuntimeError from a broken build, ...
         pytest.skip(f"peer {module!r} does not import here: {type(e).__name__}: {e}")
+
+
+def given_features(d: int):
+    """A ``torch.nn.Module`` that returns its input, with ``num_features = d``: torchmetrics' FID and KID
+    metrics take it as their ``feature`` extractor, so they are computed on features the test gives."""
+    import torch
+
+    class GivenFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_features = d
+
+        def forward(self, v):
+            return v
+
+    return GivenFeatures()

@@ -20,7 +20,7 @@ import pytest
 from genloss.reference import divergence as RD
 from genloss.reference import metrics as RM
 from gloo_workers import init_gloo, run_workers
-from peers import peer
+from peers import given_features, peer
 
 torch = pytest.importorskip("torch")
 import genloss.torch as T  # noqa: E402
@@ -351,14 +351,6 @@ def test_frechet_matches_torchmetrics_fid_metric():
     the one-pass formula, about eps * mean^2 per covariance entry (spread 1)."""
     fid = peer("torchmetrics.image.fid")
 
-    class Features(torch.nn.Module):  # the features are the input: FID of given features
-        def __init__(self, d):
-            super().__init__()
-            self.num_features = d
-
-        def forward(self, v):
-            return v
-
     rng = np.random.default_rng(32)
     d, n = 8, 2000
     x0, y0 = rng.normal(size=(n, d)), 1.1 * rng.normal(size=(n, d)) + 0.1
@@ -368,7 +360,7 @@ def test_frechet_matches_torchmetrics_fid_metric():
         truth = float(RM.frechet_distance(back_x, back_y))
         scale = np.trace(np.cov(back_x, rowvar=False)) + np.trace(np.cov(back_y, rowvar=False)) + truth
         mine = RM.GaussianMoments(), RM.GaussianMoments()
-        metric = fid.FrechetInceptionDistance(feature=Features(d))
+        metric = fid.FrechetInceptionDistance(feature=given_features(d))
         metric.set_dtype(torch.float64)
         for part_x, part_y in zip(np.array_split(x, 10), np.array_split(y, 10), strict=True):
             metric.update(torch.from_numpy(part_x), real=True)

@@ -28,7 +28,7 @@ from genloss.native.divergence import kid_indices
 from genloss.reference import divergence as RD
 from genloss.reference import metrics as RM
 from genloss.torch import metrics as gt_metrics
-from peers import peer
+from peers import given_features, peer
 
 # ============================================================================= prdc
 
@@ -773,18 +773,10 @@ def test_kid_full_sets_match_torchmetrics_metric():
     full subset), and its std is 0."""
     kid_mod = peer("torchmetrics.image.kid")
 
-    class Features(torch.nn.Module):  # the features are the input: KID of given features
-        def __init__(self, d):
-            super().__init__()
-            self.num_features = d
-
-        def forward(self, v):
-            return v
-
     rng = np.random.default_rng(15)
     n, d = 64, 8
     real, fake = rng.standard_normal((n, d)), rng.standard_normal((n, d)) * 1.2 + 0.2
-    metric = kid_mod.KernelInceptionDistance(feature=Features(d), subsets=1, subset_size=n)
+    metric = kid_mod.KernelInceptionDistance(feature=given_features(d), subsets=1, subset_size=n)
     metric.set_dtype(torch.float64)
     metric.update(torch.from_numpy(real), real=True)
     metric.update(torch.from_numpy(fake), real=False)
