@@ -426,12 +426,20 @@ def fsq_quantize_backward(z, grad_output, levels):
     return (g * (1.0 - t * t) * (half_l / half_width),)  # (QNT.10) the round passes the gradient
 
 
+def fsq_codebook_size(levels: tuple[int, ...] | list[int]) -> int:
+    """prod(levels) of checked levels, which must fit in int64 (plain Python: the torch layer's
+    torch.compile traces it)."""
+    size = math.prod(levels)
+    if size > 2**63 - 1:
+        raise ValueError(f"levels: the codebook size prod(levels) = {size} does not fit in int64")
+    return size
+
+
 def fsq_basis(levels, op):
     with _checks.named_errors(op):
-        L = np.asarray(fsq_levels(levels), dtype=np.int64)
-        size = math.prod(int(v) for v in L)
-        if size > np.iinfo(np.int64).max:
-            raise ValueError(f"levels: the codebook size prod(levels) = {size} does not fit in int64")
+        lv = fsq_levels(levels)
+        size = fsq_codebook_size(lv)
+    L = np.asarray(lv, dtype=np.int64)
     basis = np.concatenate(([1], np.cumprod(L[:-1]))).astype(np.int64)  # channel 0 varies fastest
     return L, basis, size
 

@@ -5,7 +5,6 @@ The math is the reference's (``genloss.reference.quant``, ``derivations/quant.md
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -297,12 +296,8 @@ def fsq_quantize(z: torch.Tensor, levels: Any) -> torch.Tensor:
 
 
 def _fsq_size(op: str, levels: list[int]) -> int:
-    """prod(levels), the codebook size, which must fit in int64 (``reference.fsq_basis``'s check, in plain
-    Python: torch.compile traces it, and not NumPy's int64 arrays)."""
-    size = math.prod(levels)
-    if size > 2**63 - 1:
-        raise ValueError(f"{op}: levels: the codebook size prod(levels) = {size} does not fit in int64")
-    return size
+    with C.named_errors(op):
+        return ref.fsq_codebook_size(levels)
 
 
 def _fsq_grid(levels: list[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
