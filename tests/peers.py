@@ -20,14 +20,23 @@ from types import ModuleType
 import pytest
 
 
-def peer(module: str) -> ModuleType:
-    """``module`` imported, or the calling test skipped with the import's error."""
+def try_peer(module: str) -> ModuleType | Exception:
+    """``module`` imported, or the exception its import raised (any: ImportError, a RuntimeError from a
+    broken build, ...)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return importlib.import_module(module)
-    except Exception as e:  # any failure: ImportError, RuntimeError from a broken build, ...
-        pytest.skip(f"peer {module!r} does not import here: {type(e).__name__}: {e}")
+    except Exception as e:
+        return e
+
+
+def peer(module: str) -> ModuleType:
+    """``module`` imported, or the calling test skipped with the import's error."""
+    got = try_peer(module)
+    if isinstance(got, Exception):
+        pytest.skip(f"peer {module!r} does not import here: {type(got).__name__}: {got}")
+    return got
 
 
 def given_features(d: int):

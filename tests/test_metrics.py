@@ -20,7 +20,7 @@ import pytest
 from genloss.reference import divergence as RD
 from genloss.reference import metrics as RM
 from gloo_workers import init_gloo, run_workers
-from peers import given_features, peer
+from peers import given_features, peer, try_peer
 
 torch = pytest.importorskip("torch")
 import genloss.torch as T  # noqa: E402
@@ -269,21 +269,13 @@ def _peer_fids(mu1, c1, mu2, c2):
     import warnings
 
     out = {}
-    try:
-        fid_score = peer("pytorch_fid.fid_score")
-    except pytest.skip.Exception:
-        fid_score = None
-    if fid_score is not None:
+    fid_score, fid = try_peer("pytorch_fid.fid_score"), try_peer("torchmetrics.image.fid")
+    if not isinstance(fid_score, Exception):
+        # silenced: scipy's deprecation of sqrtm's `disp`, and pytorch-fid's printed singular-product note
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter(
-                "ignore"
-            )  # scipy's deprecation of sqrtm's `disp`; its singular-product note
+            warnings.simplefilter("ignore")
             out["pytorch-fid"] = float(fid_score.calculate_frechet_distance(mu1, c1, mu2, c2))
-    try:
-        fid = peer("torchmetrics.image.fid")
-    except pytest.skip.Exception:
-        fid = None
-    if fid is not None:
+    if not isinstance(fid, Exception):
         out["torchmetrics"] = float(fid._compute_fid(*(torch.from_numpy(a) for a in (mu1, c1, mu2, c2))))
     if not out:
         pytest.skip("neither pytorch-fid nor torchmetrics imports here")
