@@ -1,6 +1,8 @@
 """Every op under CUDA graph capture: fwd+bwd captured once, replayed on new inputs, equal to
-the eager result on those inputs (issue 16, items 6 and 9). A host synchronisation inside
-an op (a value read back for a check, a blocking copy) makes capture fail here.
+the eager result on those inputs (issue 16, items 6 and 9): the ops with a registry record, and
+the ops without one through their ``genloss verify`` cases (genloss.registry.VERIFY_CASES). A host
+synchronisation inside an op (a value read back for a check, a blocking copy) makes capture fail
+here; the ops whose result must be read on the host refuse capture with a ValueError saying why.
 
 Its own file, run after the other CUDA tests (bench/gpu_check.py orders it last): a capture
 that fails part-way must not disturb the cases that do not capture.
@@ -68,3 +70,116 @@ def test_capture_and_replay(record, variant, reduction, cuda_device):
     assert_close(value, eager_value.detach(), "cuda", "float32", label + " value")
     for n, a, b in zip(record.differentiable, grads, eager_grads, strict=True):
         assert_close(a, b, "cuda", "float32", f"{label} d/d{n}")
+
+
+# ------------------------------------------------------------------ the ops without a record
+
+
+def case_refuses_capture(case, kwargs) -> bool:
+    """The ops without a record whose result is read on the host: Python floats (kid, prdc),
+    torch.linalg's status of its decompositions (frechet_distance), a convergence test
+    (ot_coupling's Sinkhorn plan). 'exact' ot_coupling captures (the one-block Hungarian port)."""
+    if case.name == "ot_coupling":
+        return kwargs.get("method", "exact") == "sinkhorn"
+    return case.name in ("kid", "prdc", "frechet_distance")
+
+
+def _on(device, a):
+    """A draw's argument on the device: float arrays as float32, integer ones as int64, lists
+    element by element, anything else (levels, seeds) as it is."""
+    if isinstance(a, list):
+        return [_on(device, x) for x in a]
+    if not isinstance(a, np.ndarray):
+        return a
+    t = torch.from_numpy(np.array(a, copy=True)).to(device)
+    return t.float() if t.is_floating_point() else t.long()
+
+
+def _flat(args) -> list:
+    out: list = []
+    for a in args:
+        out += _flat(a) if isinstance(a, list) else ([a] if isinstance(a, torch.Tensor) else [])
+    return out
+
+
+def _case_step(case, args, kwargs, leaves, upstream):
+    """The op's outputs and the gradient of sum(upstream * output) w.r.t. the leaves."""
+    outs = case.outputs_of(case.torch_fn(*args, **kwargs))
+    if not leaves:
+        return outs, ()
+    total = sum((u * o).sum() for o, u in zip(outs, upstream, strict=True) if u is not None)
+    return outs, torch.autograd.grad(total, leaves, allow_unused=True)
+
+
+def _same(a, b, label):
+    if a is None or b is None:
+        assert a is None and b is None, f"{label}: a gradient is missing on one side"
+    elif a.is_floating_point():
+        assert_close(a, b.detach(), "cuda", "float32", label)
+    else:
+        assert torch.equal(a, b), f"{label}: differs"
+
+
+VERIFY_CALLS = [(c, i) for c in R.VERIFY_CASES for i in range(len(c.draw(np.random.default_rng(1))))]
+
+
+@pytest.mark.filterwarnings("ignore:The AccumulateGrad node's stream:UserWarning")
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty:UserWarning")
+@pytest.mark.parametrize(("case", "call"), VERIFY_CALLS, ids=[f"{c.name}-{i}" for c, i in VERIFY_CALLS])
+def test_capture_and_replay_ops_without_record(case, call, cuda_device):
+    """Each call of each verify case: captured after a warm-up (fwd and the backward of a random
+    weighting of the differentiable outputs), replayed on new data in the same buffers (every
+    tensor reversed along its first dimension: the same domain, other values), equal to eager on
+    that data; or refused with a ValueError naming CUDA graph capture."""
+    rng = np.random.default_rng(1)
+    raw, kwargs = case.draw(rng)[call]
+    if case.dtype_kw:
+        kwargs = {**kwargs, case.dtype_kw: torch.float32}
+    args = [_on(cuda_device, a) for a in raw]
+    leaves = []
+    for i in case.differentiable:
+        leaves += args[i] if isinstance(args[i], list) else [args[i]]
+    for t in leaves:
+        t.requires_grad_(True)
+    upstream = []  # the weights of the differentiable outputs (a case with gradients has no ``post``)
+    if leaves:
+        ref = case.outputs_of(case.reference(*raw, **kwargs))
+        upstream = [
+            torch.from_numpy(rng.standard_normal(np.shape(r))).float().to(cuda_device) if o.grad else None
+            for o, r in zip(case.outputs, ref, strict=True)
+        ]
+    side = torch.cuda.Stream(device=cuda_device)
+    side.wait_stream(torch.cuda.current_stream(cuda_device))
+    graph = torch.cuda.CUDAGraph()
+    label = f"{case.name}[{call}] replayed"
+    if case_refuses_capture(case, kwargs):
+        with pytest.raises(ValueError, match="CUDA graph capture"), torch.cuda.graph(graph):
+            _case_step(case, args, kwargs, leaves, upstream)
+        return
+    with torch.cuda.stream(side):  # warm-up (kept directions, constants) off the capture
+        for _ in range(2):
+            _case_step(case, args, kwargs, leaves, upstream)
+    torch.cuda.current_stream(cuda_device).wait_stream(side)
+    with torch.cuda.graph(graph):
+        outs, grads = _case_step(case, args, kwargs, leaves, upstream)
+    with torch.no_grad():
+        for t in _flat(args):
+            if t.dim():
+                t.copy_(t.flip(0))
+    graph.replay()
+    torch.cuda.synchronize(cuda_device)
+    eager_outs, eager_grads = _case_step(case, args, kwargs, leaves, upstream)
+    for k, (a, b) in enumerate(zip(outs, eager_outs, strict=True)):
+        _same(a, b, f"{label} output {k}")
+    for k, (a, b) in enumerate(zip(grads, eager_grads, strict=True)):
+        _same(a, b, f"{label} gradient {k}")
+
+
+def test_median_bandwidth_refuses_capture(cuda_device):
+    """A Python float (the median, read back on the host): refused under capture, before any work."""
+    import genloss.torch as gt
+
+    x = torch.randn(20, 3, device=cuda_device)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="median_bandwidth: .*CUDA graph capture"), torch.cuda.graph(graph):
+        gt.median_bandwidth(x, x + 1.0)

@@ -632,6 +632,38 @@ def test_sw_torch_compiles_fullgraph():
         assert float(w.sum()) == pytest.approx(1.0, rel=1e-15)
 
 
+def test_sw_directions_are_drawn_once_per_seed_and_kept(monkeypatch):
+    """The directions are drawn (NumPy) and moved to the device once per (D, n_projections, seed,
+    dtype, device), not at every call: a host-to-device copy per call is a transfer each step and
+    is what CUDA graph capture refuses. One entry per configuration: a new seed replaces it; the
+    result equals the reference's every time."""
+    rng = np.random.default_rng(21)
+    x, y = rng.standard_normal((7, 4)), rng.standard_normal((5, 4))
+    want = {seed: float(RM.sliced_wasserstein(x, y, 9, 2.0, seed)) for seed in (11, 12)}  # before the patch
+    drawn = []
+    real = RM.sliced_wasserstein_projections
+
+    def counting(*args):
+        drawn.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(gt_metrics._ref_ot, "sliced_wasserstein_projections", counting)
+    monkeypatch.setattr(gt_metrics, "_SW_LAST", {})
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for seed in (11, 11, 11, 12, 12, 11):
+        v = gt.sliced_wasserstein(xt, yt, 9, 2.0, seed=seed)
+        assert float(v) == pytest.approx(want[seed], rel=1e-12)
+    assert drawn == [(4, 9, 11), (4, 9, 12), (4, 9, 11)]
+    gt.sliced_wasserstein(xt.float(), yt.float(), 9, 2.0, seed=11)  # another dtype: its own entry
+    assert drawn[-1] == (4, 9, 11) and len(drawn) == 4
+    assert len(gt_metrics._SW_LAST) == 2
+    # the kept array is never handed out: changing an op's output leaves the next call right
+    theta = torch.ops.genloss.sliced_wasserstein_directions(xt.new_empty(0), 4, 9, 11)
+    theta.fill_(0.0)
+    v = gt.sliced_wasserstein(xt, yt, 9, 2.0, seed=11)
+    assert float(v) == pytest.approx(want[11], rel=1e-12)
+
+
 def test_sw_identical_nan_and_float32():
     rng = np.random.default_rng(13)
     x = rng.standard_normal((10, 3))

@@ -818,6 +818,14 @@ def capturing(b: Buf) -> bool:
     return b.device != CPU and b.kind == "torch" and bool(_torch.cuda.is_current_stream_capturing())
 
 
+def refuse_capture(b: Buf, op: str, why: str) -> None:
+    """ValueError under CUDA graph capture for an op whose result needs device data read back on
+    the host (``why`` says which, and what to do instead), before anything runs: a read-back
+    inside capture would fail in the CUDA runtime and invalidate the whole capture."""
+    if capturing(b):
+        raise ValueError(f"{op}: {why}, which CUDA graph capture forbids")
+
+
 def skip_checks(b: Buf) -> bool:
     """Whether the checks of the data of CUDA array ``b`` (``float_range``, ``int_range``,
     ``check_if_nan``: they then return None), each a wait for the GPU, are skipped:

@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import _checks as C
 from ._compose import cached, grads_out, inputs, needs
-from ._engine import _C, Buf, as_input, capturing, data_used, empty, map_reduce, mmd, to_host
+from ._engine import _C, Buf, as_input, data_used, empty, map_reduce, mmd, refuse_capture, to_host
 
 KERNELS: tuple[str, ...] = tuple(_C.MMD_KERNELS)  # order = enum MmdKernel in genloss/mmd.h
 ESTIMATORS: tuple[str, ...] = tuple(_C.MMD_ESTIMATORS)  # order = enum MmdEstimator
@@ -140,6 +140,7 @@ def _median_bandwidth(x: Any, y: Any, max_points: int) -> float:
     total = xb.shape[0] + yb.shape[0]
     if total < 2:
         raise ValueError(f"x, y: the median heuristic needs at least 2 pooled points, got {total}")
+    refuse_capture(xb, "median_bandwidth", "it returns a Python float (the median is read back to the host)")
     step = math.ceil(total / max_points) if total > max_points else 1
     if xb.kind == "torch":
         import torch
@@ -183,11 +184,8 @@ def mmd2(x, y, kernel="rbf", bandwidths=None, estimator="unbiased", *, need_grad
         gy = empty(yb, yb.shape) if flags[1] else None
         b = bws
         if b is None:
-            if capturing(xb):
-                raise ValueError(
-                    "bandwidths=None takes the median distance of the data on the host, which CUDA graph "
-                    "capture forbids: pass the bandwidths (median_bandwidth(x, y) once, before capture)"
-                )
+            refuse_capture(xb, "mmd2", "bandwidths=None takes the median distance of the data on the host "
+                           "(pass the bandwidths: median_bandwidth(x, y) once, before capture)")  # fmt: skip
             data_used()  # the median of the data: a plan could not follow it
             b = (median_bandwidth(xb.arr, yb.arr),)
         mmd(xb, yb, kernel=KERNELS.index(kernel), estimator=ESTIMATORS.index(estimator), bandwidths=b, out=out,
@@ -295,6 +293,7 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0) -> 
         raise ValueError(
             f"fake_features must have the dimension of real_features (D={d}), got {tuple(fb.shape)}"
         )
+    refuse_capture(rb, "kid", "it returns Python floats (each subset's MMD^2 is read back to the host)")
     if subsets is None:  # the full sets and the closed-form standard deviation  (DIV.16)
         return kid_full_set(rb, fb)
     check_kid(n_r, n_f, subsets, subset_size)

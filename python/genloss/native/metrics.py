@@ -24,10 +24,10 @@ from ._engine import (
     Buf,
     _p,
     as_input,
-    capturing,
     device_empty,
     empty,
     ran,
+    refuse_capture,
     run_call,
     skip_checks,
     stream_of,
@@ -74,11 +74,9 @@ def prdc(real: Any, fake: Any, k: int = 5) -> dict[str, float]:
             "(genloss.torch.prdc widens float16 and bfloat16 to float32)"
         )
     k = check_prdc_k("prdc", k, n, m)
-    if capturing(rb):
-        raise ValueError(
-            "prdc returns Python floats (its finiteness check and counts are read back to the host), which "
-            "CUDA graph capture forbids: call it outside capture"
-        )
+    refuse_capture(
+        rb, "prdc", "it returns Python floats (its finiteness check and counts are read back to the host)"
+    )
     for name, b in (("real", rb), ("fake", fb)):
         if not _finite(b):
             raise ValueError(f"prdc: {name} {PRDC_NOT_FINITE}")
@@ -197,11 +195,7 @@ def _dev_sinkhorn(x: Buf, y: Buf, eps_list: list[float], **fields: Any) -> None:
 
 
 def _sinkhorn_cuda(op, xb, yb, eps, p, scaling, tol, max_iter, flags):
-    if capturing(xb):
-        raise ValueError(
-            f"{op}: the iterations stop when the potentials converge (a test read on the host), "
-            "which CUDA graph capture forbids"
-        )
+    refuse_capture(xb, op, "the iterations stop when the potentials converge (a test read on the host)")
     x64 = _dev64(op, "x", xb)
     y64 = _dev64(op, "y", yb, x64.shape[1])
     value = empty(x64, (), fill=np.nan)
@@ -264,11 +258,7 @@ def _coupling_cuda(op, ab, bb, e, tol, max_iter):
             B=n, D=d, perm=ptr, **workspace(a),
         ))  # fmt: skip
         return out
-    if capturing(a):
-        raise ValueError(
-            f"{op}: method 'sinkhorn' stops when the potentials converge (a test read on the host), "
-            "which CUDA graph capture forbids"
-        )
+    refuse_capture(a, op, "method 'sinkhorn' stops when the potentials converge (a test read on the host)")
     f, g, value = empty(a, (n,)), empty(a, (n,)), empty(a, ())
     diameter, _ = _dev_bounds(a, b)
     _dev_sinkhorn(

@@ -64,6 +64,14 @@ def eager_checks(x: torch.Tensor) -> bool:
     return not x.is_cuda or (_engine._check_data and not torch.cuda.is_current_stream_capturing())
 
 
+def refuse_capture(x: torch.Tensor, op: str, why: str) -> None:
+    """ValueError, before anything runs, when ``x`` is a CUDA tensor and a CUDA graph is captured
+    on the current stream, for an op that must read device data back on the host (``why``): the
+    read-back would fail in the CUDA runtime and invalidate the whole capture."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"{op}: {why}, which CUDA graph capture forbids")
+
+
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 

@@ -259,6 +259,10 @@ def frechet_distance(*args) -> torch.Tensor:
     op = "frechet_distance"
     if len(args) == 2 and all(isinstance(a, GaussianMoments) for a in args):
         args = (args[0].mean, args[0].cov, args[1].mean, args[1].cov)
+    for t in args:
+        if isinstance(t, torch.Tensor):
+            refuse_capture(t, op, "torch.linalg's eigen- and singular-value decompositions read their status back "
+                           "to the host on CUDA")  # fmt: skip
     if len(args) == 4:
         names = ("mu1", "cov1", "mu2", "cov2")
         for name, t in zip(names, args, strict=True):
@@ -368,7 +372,7 @@ def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
 
 from ..native import metrics as _native_ot  # noqa: E402
 from ..reference import metrics as _ref_ot  # noqa: E402
-from ._op import LossOp, public, schema_of  # noqa: E402
+from ._op import LossOp, public, refuse_capture, schema_of  # noqa: E402
 
 
 def _points(op: str, name: str, t: object, dim: int | None = None) -> torch.Tensor:
@@ -387,11 +391,9 @@ def _points(op: str, name: str, t: object, dim: int | None = None) -> torch.Tens
 
 def _sinkhorn_kernel(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, *, need_grad=True):
     """The op's kernel, ``(value, grads)``: the native kernel on the tensors' device (CPU or CUDA)."""
-    if isinstance(x, torch.Tensor) and x.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise ValueError(
-            "sinkhorn_divergence: the iterations stop when the potentials converge (a test read on the host), "
-            "which CUDA graph capture forbids"
-        )
+    if isinstance(x, torch.Tensor):
+        refuse_capture(x, "sinkhorn_divergence", "the iterations stop when the potentials converge (a test read "
+                       "on the host)")  # fmt: skip
     return _native_ot.sinkhorn_divergence(x, y, eps, p, scaling, tol, max_iter, need_grad=need_grad)
 
 
@@ -485,12 +487,41 @@ class _AbsPow(torch.autograd.Function):
         return g * ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0), None
 
 
+# The directions on the device, so that a call does not copy them from the host each time (a
+# transfer per call, and a host-to-device copy that CUDA graph capture refuses). One entry per
+# (D, n_projections, dtype, device): the last seed's, so that a seed changed at every step holds
+# one array, not one per step. A graph captured with a seed reads its array on every replay, so
+# the arrays that a capture read are kept for good (one per captured configuration).
+_SW_LAST: dict[tuple, tuple[int, torch.Tensor]] = {}
+_SW_CAPTURED: dict[tuple, torch.Tensor] = {}
+
+
 @torch.library.custom_op("genloss::sliced_wasserstein_directions", mutates_args=())
 def _sw_directions(like: torch.Tensor, d: int, n_projections: int, seed: int) -> torch.Tensor:
-    """The reference's seeded directions (NumPy) on ``like``'s device and dtype: a custom op, so that
-    torch.compile(fullgraph=True) does not trace the NumPy generator."""
-    theta = _ref_ot.sliced_wasserstein_projections(d, n_projections, seed)
-    return torch.from_numpy(theta).to(device=like.device, dtype=like.dtype)
+    """The reference's seeded directions (NumPy) on ``like``'s device and dtype, made once per
+    (configuration, seed) and kept (``_SW_LAST``): a custom op, so that torch.compile(fullgraph=True)
+    does not trace the NumPy generator."""
+    key = (d, n_projections, like.dtype, like.device)
+    capturing = like.is_cuda and torch.cuda.is_current_stream_capturing()
+    hit = _SW_LAST.get(key)
+    if hit is None or hit[0] != seed:
+        kept = _SW_CAPTURED.get((*key, seed))
+        if kept is not None:
+            hit = (seed, kept)
+        elif capturing:
+            raise ValueError(
+                f"sliced_wasserstein: the directions of seed {seed} (D={d}, n_projections={n_projections}) are "
+                "not on the device yet, and CUDA graph capture forbids copying them from the host: call "
+                "it once with these arguments before capture (the warm-up)"
+            )
+        else:
+            theta = _ref_ot.sliced_wasserstein_projections(d, n_projections, seed)
+            with torch.inference_mode(False):  # kept for later calls, which may save it for backward
+                hit = (seed, torch.from_numpy(theta).to(device=like.device, dtype=like.dtype))
+        _SW_LAST[key] = hit
+    if capturing:
+        _SW_CAPTURED[(*key, seed)] = hit[1]
+    return hit[1].clone()  # a new tensor, as a custom op's output must be (a device copy, captured)
 
 
 @_sw_directions.register_fake
@@ -515,8 +546,8 @@ def sliced_wasserstein(
     A 0-d tensor differentiable w.r.t. ``x`` and ``y``.  (MET.14-MET.16)
 
     The directions are ``genloss.reference.sliced_wasserstein_projections(D, n_projections,
-    seed)`` (NumPy float64, moved to the data's device and dtype), so every layer uses the same
-    ones; the 1-D costs are exact on the merged quantile grid; the p-th root of the mean over
+    seed)`` (NumPy float64, moved to the data's device and dtype once and kept there, so a CUDA
+    graph captures the call after one warm-up call), so every layer uses the same ones; the 1-D costs are exact on the merged quantile grid; the p-th root of the mean over
     directions (POT's convention). Autograd through ``sort`` and the gather gives the gradient of
     MET.16 (0 at SW = 0); computed in the promoted dtype of x and y (at least float32). NaN in, NaN out.
     """

@@ -409,9 +409,9 @@ def path_length_penalty(
                              "pl_mean.detach()")  # fmt: skip
         a = pl_mean.to(dtype=g.dtype, device=g.device)
     elif isinstance(pl_mean, (int, float)) and not isinstance(pl_mean, bool):
-        a = torch.tensor(
-            float(pl_mean), dtype=g.dtype, device=g.device
-        )  # NaN in, NaN out: no finiteness check
+        # NaN in, NaN out: no finiteness check. A fill, not torch.tensor: no host-to-device copy (a
+        # CUDA graph captures it, the value as the fill kernel's argument)
+        a = torch.full((), float(pl_mean), dtype=g.dtype, device=g.device)
     else:
         raise TypeError(f"{op}: pl_mean must be a float or a 0-d torch.Tensor, got {type(pl_mean).__name__}")
     # (QNT.13) stylegan2-ada: pl_grads.square().sum(2).mean(1).sqrt(), the mean over every middle dim

@@ -186,7 +186,7 @@ class LearnedSNRSchedule(torch.nn.Module):
         if not torch.is_tensor(t):
             if isinstance(t, bool) or not isinstance(t, (int, float)):
                 raise TypeError(f"t must be a floating-point tensor or a float, got {type(t).__name__}")
-            t = torch.tensor(float(t), dtype=ref.dtype, device=ref.device)
+            t = torch.full((), float(t), dtype=ref.dtype, device=ref.device)  # a fill: no host-to-device copy
         if not t.is_floating_point():
             raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
         if t.device != ref.device:
