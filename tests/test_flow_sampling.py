@@ -196,6 +196,41 @@ def test_mode_scale_range():
             R.timestep_density(np.array([0.5]), "mode", scale=c)
 
 
+def _mode_q(u, c):
+    """Q(u) = (1 + c) u - c sin^2(pi u / 2) (FLOW.7) in 60-digit mpmath: the backward error's yardstick
+    (as (1 + c) u - ..., since u - c (sin^2 - u) cancels past 60 digits too at c = -1, u = 1e-150)."""
+    import mpmath
+
+    with mpmath.workdps(60):
+        u = mpmath.mpf(float(u))
+        return (1 + c) * u - c * mpmath.sin(mpmath.pi * u / 2) ** 2
+
+
+def test_mode_cdf_to_the_last_digits_from_zero_to_one():
+    """(FLOW.7) F = Q^-1 by MODE_NEWTON_STEPS safeguarded Newton steps, for every scale of the range:
+    F(0) = 0 and F(1) = 1 exactly; scale 0 is the identity; at scale -1, Q = sin^2(pi u / 2), so
+    F(t) = (2 / pi) asin(sqrt t), to 1e-15 relative down to t = 1e-300 (the paper's u - c (sin^2 - u)
+    cancels to 0 there, and a Newton start at t takes hundreds of halvings to reach sqrt t); and for
+    each scale Q(F(t)) = t to a few ulps of t (in 60 digits), t from 1e-300 to 1 - 1e-16."""
+    mpmath = pytest.importorskip("mpmath")
+    lo, hi = R.MODE_SCALE_RANGE
+    t = np.concatenate([[0.0, 1.0], np.geomspace(1e-300, 1e-3, 60), np.linspace(0.0, 1.0, 41)[1:-1],
+                        0.5 + np.geomspace(1e-16, 1e-2, 8), 1.0 - np.geomspace(1e-16, 1e-3, 8)])  # fmt: skip
+    np.testing.assert_array_equal(R.timestep_cdf(t, "mode", scale=0.0), t)
+    tiny = t[2:62]
+    np.testing.assert_allclose(
+        R.timestep_cdf(tiny, "mode", scale=lo), 2.0 / math.pi * np.arcsin(np.sqrt(tiny)), rtol=1e-15
+    )
+    for c in (lo, -0.999, -0.5, 0.5, 1.29, 1.75, hi):
+        u = R.timestep_cdf(t, "mode", scale=c)
+        assert u[0] == 0.0 and u[1] == 1.0, c
+        assert np.all((u >= 0.0) & (u <= 1.0))
+        back = np.array([float(_mode_q(x, mpmath.mpf(c))) for x in u])
+        np.testing.assert_allclose(back[2:], t[2:], rtol=4e-15, atol=0, err_msg=f"scale {c}")
+        if lo < c < hi:  # at the limits the density is infinite at t = 0, 1 (c = -1) or 1/2
+            assert np.all(np.isfinite(R.timestep_density(t, "mode", scale=c)))
+
+
 # ============================================================================= FLOW.8 stratified
 
 

@@ -385,28 +385,50 @@ def _timestep_params(kind, m, s, scale, p_mean, p_std):
     return kind, dict(m=m, s=s, scale=scale, p_mean=p_mean, p_std=p_std)
 
 
+MODE_NEWTON_STEPS = 32  # (FLOW.7) enough for every scale of the range (the measurement: derivations/flow.md)
+
+
 def _mode_map(u, scale):
-    r"""(FLOW.7) the quantile of SD3's mode density, :math:`Q(u) = u - s(\sin^2(\pi u/2) - u) = 1 - f_{\rm mode}(u)`,
-    and its slope :math:`Q'(u) = 1 + s - s\frac\pi2\sin(\pi u)`."""
+    r"""(FLOW.7) the quantile of SD3's mode density, :math:`Q(u) = (1 + s)u - s\sin^2(\pi u/2) = 1 - f_{\rm mode}(u)`,
+    and its slope :math:`Q'(u) = 1 + s - s\frac\pi2\sin(\pi u)`. Written ``(1 + s) u - s sin^2``, not the
+    paper's ``u - s (sin^2 - u)``: for s near -1 and small u that difference cancels (Q(1e-17) would be 0)."""
     sin_half = np.sin(0.5 * math.pi * u)
-    return u - scale * (sin_half * sin_half - u), 1.0 + scale - scale * 0.5 * math.pi * np.sin(math.pi * u)
+    return (1.0 + scale) * u - scale * (sin_half * sin_half), 1.0 + scale - scale * 0.5 * math.pi * np.sin(
+        math.pi * u
+    )
+
+
+def _mode_start(t, scale):
+    r"""(FLOW.7) where Newton starts: t for scale >= 0 (Q(u) = u + O(scale u^2)); for scale < 0 the root of
+    Q's second-order expansion at the nearer end, :math:`(1+s)u - s\frac{\pi^2}4u^2 = t`, in the form
+    :math:`2t/(a + \sqrt{a^2 + 4bt})` (no cancellation; exact for s = -1 to first order, where
+    Q(u) ~ (pi u / 2)^2 and a start at t would take hundreds of halvings to reach sqrt(t))."""
+    if scale >= 0.0:
+        return t.copy()
+    a, b = 1.0 + scale, -scale * math.pi**2 / 4.0
+
+    def near_zero(x):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(x > 0.0, 2.0 * x / (a + np.sqrt(a * a + 4.0 * b * x)), 0.0)
+
+    return np.where(t <= 0.5, near_zero(t), 1.0 - near_zero(1.0 - t))  # Q(1 - u) = 1 - Q(u)
 
 
 def _mode_cdf(t, scale):
-    r"""(FLOW.7) :math:`Q^{-1}(t)`: Newton's method safeguarded by bisection on [0, 1] (Q increasing)."""
+    r"""(FLOW.7) :math:`Q^{-1}(t)`: ``MODE_NEWTON_STEPS`` Newton steps safeguarded by bisection on the
+    bracket [lo, hi] (Q increasing), a fixed count (the torch layer runs the same steps on the device).
+    An exact root is kept (Q(0) = 0: the CDF at 0 is 0), and a step landing ON the bracket's end is taken:
+    a converged point's step is itself, and refusing it would bisect away from the root."""
     lo, hi = np.zeros_like(t), np.ones_like(t)
-    u = t.copy()  # Q(u) = u + O(scale): a close start
-    for _ in range(100):
+    u = _mode_start(t, scale)
+    for _ in range(MODE_NEWTON_STEPS):
         q, slope = _mode_map(u, scale)
         above = q > t
         hi, lo = np.where(above, u, hi), np.where(above, lo, u)
         with np.errstate(divide="ignore", invalid="ignore"):
             step = u - (q - t) / slope
-        inside = (step > lo) & (step < hi) & np.isfinite(step)
-        new = np.where(inside, step, 0.5 * (lo + hi))
-        if np.all(np.abs(new - u) <= 4e-16 * np.maximum(np.abs(u), 1e-300)) or np.all(hi - lo <= 0.0):
-            return np.where(q == t, u, new)
-        u = new
+        inside = (step >= lo) & (step <= hi) & np.isfinite(step)
+        u = np.where(q == t, u, np.where(inside, step, 0.5 * (lo + hi)))
     return u
 
 
