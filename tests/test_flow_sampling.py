@@ -683,26 +683,50 @@ def test_torch_layer_matches_reference():
         np.testing.assert_array_equal(
             strat.numpy(), R.timestep_quantile(RD.low_discrepancy_times(6, u0, 1, 3), kind, **params)
         )
+        # the same lines (reference.timestep_map) in torch ops: equal up to the last bits of torch's
+        # sin / erfc / ndtri against NumPy's and the reference's
         t = torch.from_numpy(want)
-        np.testing.assert_array_equal(
-            gt.timestep_density(t, kind, **params).numpy(), R.timestep_density(want, kind, **params)
-        )
-        np.testing.assert_array_equal(
-            gt.timestep_cdf(t, kind, **params).numpy(), R.timestep_cdf(want, kind, **params)
-        )
-    # a loss reweighted by the density of its times, compiled whole (timestep_density is a custom op: the
-    # NumPy inside it broke the graph); 'logit_normal' only: the op takes one graph per set of arguments
-    kind, params = _kind("logit_normal")
-    t = torch.rand(20, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    x = torch.randn(20, 3, dtype=torch.float64, requires_grad=True)
-    compiled = torch.compile(
-        lambda a, b: ((a * a).sum(1) / gt.timestep_density(b, kind, **params)).mean(), fullgraph=True,
-        backend="aot_eager",
-    )  # fmt: skip
-    torch.testing.assert_close(
-        compiled(x, t),
-        ((x * x).sum(1) / torch.from_numpy(R.timestep_density(t.numpy(), kind, **params))).mean(),
-    )
+        for fn, x in (("quantile", u), ("cdf", want), ("density", want)):
+            got = getattr(gt, f"timestep_{fn}")(torch.from_numpy(x), kind, **params)
+            assert got.dtype == torch.float64
+            np.testing.assert_allclose(
+                got.numpy(), getattr(R, f"timestep_{fn}")(x, kind, **params), rtol=1e-13, atol=0, err_msg=fn
+            )
+            assert (
+                getattr(gt, f"timestep_{fn}")(torch.from_numpy(x).half(), kind, **params).dtype
+                == torch.float32
+            )
+    # 'mode': the fixed Newton steps on tensors, from t = 0 (exactly 0) to 1, tiny t included
+    t = np.concatenate([[0.0, 1.0], np.geomspace(1e-300, 1e-3, 30), np.linspace(0.0, 1.0, 101)])
+    for c in (-1.0, -0.4, 1.29, R.MODE_SCALE_RANGE[1]):
+        for fn in ("cdf", "density"):
+            got = getattr(gt, f"timestep_{fn}")(torch.from_numpy(t), "mode", scale=c).numpy()
+            want = getattr(R, f"timestep_{fn}")(t, "mode", scale=c)
+            # at the upper limit the root near t = 1/2 is cubic: ~eps^(1/3) apart whatever the steps
+            rtol = 1e-4 if c == R.MODE_SCALE_RANGE[1] else 1e-13
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=0, err_msg=f"{fn} scale {c}")
+        assert float(gt.timestep_cdf(torch.zeros(1, dtype=torch.float64), "mode", scale=c)) == 0.0
+    # a loss reweighted by the density of its times, compiled whole (torch ops: traced, the 32 Newton
+    # steps of 'mode' too)
+    for name in ("logit_normal", "mode"):
+        kind, params = _kind(name)
+        t = torch.rand(20, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+        x = torch.randn(20, 3, dtype=torch.float64, requires_grad=True)
+        compiled = torch.compile(
+            lambda a, b, kind=kind, params=params: ((a * a).sum(1) / gt.timestep_density(b, kind, **params)).mean(),
+            fullgraph=True, backend="aot_eager",
+        )  # fmt: skip
+        torch.testing.assert_close(
+            compiled(x, t),
+            ((x * x).sum(1) / torch.from_numpy(R.timestep_density(t.numpy(), kind, **params))).mean(),
+            rtol=1e-13, atol=0,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"timestep_cdf: t must lie in \[0, 1\]"):
+        gt.timestep_cdf(torch.tensor([0.5, 1.5]), "mode")
+    with pytest.raises(ValueError, match=r"timestep_quantile: u must lie in \[0, 1\]"):
+        gt.timestep_quantile(torch.tensor([-0.1]), "lognormal_sigma")
+    with pytest.raises(ValueError, match=r"timestep_density: t must be noise levels"):
+        gt.timestep_density(torch.tensor([-0.1]), "lognormal_sigma")
     t = torch.rand(50, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
     ts, jac = gt.shift_timesteps(t, shift=3.0)
     rts, rjac = R.shift_timesteps(t.detach().numpy(), shift=3.0)

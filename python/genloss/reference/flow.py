@@ -26,6 +26,7 @@ equations.  Conventions:
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -385,51 +386,103 @@ def _timestep_params(kind, m, s, scale, p_mean, p_std):
     return kind, dict(m=m, s=s, scale=scale, p_mean=p_mean, p_std=p_std)
 
 
+# The array functions of ``timestep_map``: NumPy's, this module's Phi^-1, Phi and sigmoid, and ``quiet``
+# (the floating-point warnings of log 0, 1/0 and underflow off: those limits are the values wanted).
+NUMPY_OPS = SimpleNamespace(
+    sin=np.sin, cos=np.cos, sqrt=np.sqrt, exp=np.exp, log=np.log, log1p=np.log1p, arctan2=np.arctan2,
+    isfinite=np.isfinite, where=np.where, zeros_like=np.zeros_like, ones_like=np.ones_like, ndtri=ndtri,
+    ndtr=ndtr, sigmoid=sigmoid, quiet=lambda: np.errstate(divide="ignore", invalid="ignore", under="ignore"),
+)  # fmt: skip
+
+
 MODE_NEWTON_STEPS = 32  # (FLOW.7) enough for every scale of the range (the measurement: derivations/flow.md)
 
 
-def _mode_map(u, scale):
+def _mode_map(u, scale, xp=NUMPY_OPS):
     r"""(FLOW.7) the quantile of SD3's mode density, :math:`Q(u) = (1 + s)u - s\sin^2(\pi u/2) = 1 - f_{\rm mode}(u)`,
     and its slope :math:`Q'(u) = 1 + s - s\frac\pi2\sin(\pi u)`. Written ``(1 + s) u - s sin^2``, not the
-    paper's ``u - s (sin^2 - u)``: for s near -1 and small u that difference cancels (Q(1e-17) would be 0)."""
-    sin_half = np.sin(0.5 * math.pi * u)
-    return (1.0 + scale) * u - scale * (sin_half * sin_half), 1.0 + scale - scale * 0.5 * math.pi * np.sin(
-        math.pi * u
-    )
+    paper's ``u - s (sin^2 - u)``: for s near -1 and small u that difference cancels (Q(1e-17) would be 0).
+    ``xp``: the array functions (NumPy's; the torch layer passes torch's, see ``timestep_map``)."""
+    sin_half = xp.sin(0.5 * math.pi * u)
+    slope = 1.0 + scale - scale * 0.5 * math.pi * xp.sin(math.pi * u)
+    return (1.0 + scale) * u - scale * (sin_half * sin_half), slope
 
 
-def _mode_start(t, scale):
+def _mode_start(t, scale, xp=NUMPY_OPS):
     r"""(FLOW.7) where Newton starts: t for scale >= 0 (Q(u) = u + O(scale u^2)); for scale < 0 the root of
     Q's second-order expansion at the nearer end, :math:`(1+s)u - s\frac{\pi^2}4u^2 = t`, in the form
     :math:`2t/(a + \sqrt{a^2 + 4bt})` (no cancellation; exact for s = -1 to first order, where
     Q(u) ~ (pi u / 2)^2 and a start at t would take hundreds of halvings to reach sqrt(t))."""
     if scale >= 0.0:
-        return t.copy()
+        return t + 0.0  # a copy
     a, b = 1.0 + scale, -scale * math.pi**2 / 4.0
 
     def near_zero(x):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(x > 0.0, 2.0 * x / (a + np.sqrt(a * a + 4.0 * b * x)), 0.0)
+        return xp.where(x > 0.0, 2.0 * x / (a + xp.sqrt(a * a + 4.0 * b * x)), 0.0)
 
-    return np.where(t <= 0.5, near_zero(t), 1.0 - near_zero(1.0 - t))  # Q(1 - u) = 1 - Q(u)
+    with xp.quiet():
+        return xp.where(t <= 0.5, near_zero(t), 1.0 - near_zero(1.0 - t))  # Q(1 - u) = 1 - Q(u)
 
 
-def _mode_cdf(t, scale):
+def _mode_cdf(t, scale, xp=NUMPY_OPS):
     r"""(FLOW.7) :math:`Q^{-1}(t)`: ``MODE_NEWTON_STEPS`` Newton steps safeguarded by bisection on the
-    bracket [lo, hi] (Q increasing), a fixed count (the torch layer runs the same steps on the device).
-    An exact root is kept (Q(0) = 0: the CDF at 0 is 0), and a step landing ON the bracket's end is taken:
-    a converged point's step is itself, and refusing it would bisect away from the root."""
-    lo, hi = np.zeros_like(t), np.ones_like(t)
-    u = _mode_start(t, scale)
+    bracket [lo, hi] (Q increasing), a fixed count (no exit on the data: the torch layer runs the same
+    steps on the device, capturable). An exact root is kept (Q(0) = 0: the CDF at 0 is 0), and a step
+    landing ON the bracket's end is taken: a converged point's step is itself, and refusing it would
+    bisect away from the root."""
+    lo, hi = xp.zeros_like(t), xp.ones_like(t)
+    u = _mode_start(t, scale, xp)
     for _ in range(MODE_NEWTON_STEPS):
-        q, slope = _mode_map(u, scale)
+        q, slope = _mode_map(u, scale, xp)
         above = q > t
-        hi, lo = np.where(above, u, hi), np.where(above, lo, u)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        hi, lo = xp.where(above, u, hi), xp.where(above, lo, u)
+        with xp.quiet():
             step = u - (q - t) / slope
-        inside = (step >= lo) & (step <= hi) & np.isfinite(step)
-        u = np.where(q == t, u, np.where(inside, step, 0.5 * (lo + hi)))
+        inside = (step >= lo) & (step <= hi) & xp.isfinite(step)
+        u = xp.where(q == t, u, xp.where(inside, step, 0.5 * (lo + hi)))
     return u
+
+
+def timestep_map(fn, x, kind, p, xp=NUMPY_OPS):
+    r"""The value of ``fn`` ('quantile', 'cdf' or 'density') of the timestep density ``kind`` with the
+    checked parameters ``p`` (``_timestep_params``) at the checked float64 array ``x``, by arithmetic
+    and ``xp``'s functions only (``sin``, ``cos``, ``sqrt``, ``exp``, ``log``, ``log1p``, ``arctan2``,
+    ``isfinite``, ``where``, ``zeros_like``, ``ones_like``, ``ndtri``, ``ndtr``, ``sigmoid``), so that the
+    torch layer evaluates these same lines on the device (FLOW.3, FLOW.6, FLOW.7)."""
+    if kind == "uniform":
+        return xp.ones_like(x) if fn == "density" else x + 0.0
+    if kind == "cosmap":
+        if fn == "quantile":
+            sn, cs = xp.sin(0.5 * math.pi * x), xp.cos(0.5 * math.pi * x)
+            return sn / (sn + cs)  # (FLOW.3) tan/(tan + 1), finite at u = 1
+        if fn == "cdf":
+            return 2.0 / math.pi * xp.arctan2(x, 1.0 - x)  # (FLOW.3)
+        return weight_and_slope(x, "cosmap")[0]  # (FLOW.3)
+    if kind == "mode":
+        if fn == "quantile":
+            return _mode_map(x, p["scale"], xp)[0]  # (FLOW.7)
+        u = _mode_cdf(x, p["scale"], xp)  # (FLOW.7)
+        if fn == "cdf":
+            return u
+        with xp.quiet():
+            return 1.0 / _mode_map(u, p["scale"], xp)[1]  # (FLOW.7)
+    logit = kind == "logit_normal"
+    loc, spread = (p["m"], p["s"]) if logit else (p["p_mean"], p["p_std"])
+    if fn == "quantile":  # (FLOW.6)
+        z = loc + spread * xp.ndtri(x)
+        return xp.sigmoid(z) if logit else xp.exp(z)
+    if fn == "cdf":  # (FLOW.6)
+        with xp.quiet():  # log 0 = -inf: the CDF's limit 0 (and 1 at t = 1)
+            logx = (xp.log(x) - xp.log1p(-x)) if logit else xp.log(x)
+            return xp.ndtr((logx - loc) / spread)
+    inner = (x > 0.0) & (x < 1.0) if logit else (x > 0.0) & xp.isfinite(x)
+    xi = xp.where(inner, x, 0.5)  # the density's limit 0 at the ends, without log 0
+    logx = (xp.log(xi) - xp.log1p(-xi)) if logit else xp.log(xi)
+    jac = xi * (1.0 - xi) if logit else xi  # d logx / dx = 1 / jac
+    with xp.quiet():
+        z = (logx - loc) / spread
+        dens = xp.exp(-0.5 * z * z) / (spread * _SQRT_2PI * jac)  # (FLOW.6)
+    return xp.where(inner, dens, 0.0)
 
 
 def _unit_or_sigma(kind, x, name):
@@ -478,16 +531,7 @@ def timestep_quantile(u, kind="uniform", m=0.0, s=1.0, scale=1.29, p_mean=-1.2, 
     with named_errors("timestep_quantile"):
         kind, p = _timestep_params(kind, m, s, scale, p_mean, p_std)
         u = _unit_or_sigma("uniform", as_float64("u", u), "u")
-    if kind == "uniform":
-        return result(u)
-    if kind == "logit_normal":
-        return result(sigmoid(p["m"] + p["s"] * ndtri(u)))  # (FLOW.6)
-    if kind == "mode":
-        return result(_mode_map(u, p["scale"])[0])  # (FLOW.7)
-    if kind == "cosmap":
-        sn, cs = np.sin(0.5 * math.pi * u), np.cos(0.5 * math.pi * u)
-        return result(sn / (sn + cs))  # (FLOW.3) tan/(tan + 1), finite at u = 1
-    return result(np.exp(p["p_mean"] + p["p_std"] * ndtri(u)))  # (FLOW.6)
+    return result(timestep_map("quantile", u, kind, p))
 
 
 def timestep_cdf(t, kind="uniform", m=0.0, s=1.0, scale=1.29, p_mean=-1.2, p_std=1.2):
@@ -508,16 +552,7 @@ def timestep_cdf(t, kind="uniform", m=0.0, s=1.0, scale=1.29, p_mean=-1.2, p_std
     with named_errors("timestep_cdf"):
         kind, p = _timestep_params(kind, m, s, scale, p_mean, p_std)
         t = _unit_or_sigma(kind, as_float64("t", t), "t")
-    if kind == "uniform":
-        return result(t)
-    with np.errstate(divide="ignore"):
-        if kind == "logit_normal":
-            return result(ndtr((np.log(t) - np.log1p(-t) - p["m"]) / p["s"]))  # (FLOW.6)
-        if kind == "lognormal_sigma":
-            return result(ndtr((np.log(t) - p["p_mean"]) / p["p_std"]))  # (FLOW.6)
-    if kind == "mode":
-        return result(_mode_cdf(t, p["scale"]))  # (FLOW.7)
-    return result(2.0 / math.pi * np.arctan2(t, 1.0 - t))  # (FLOW.3)
+    return result(timestep_map("cdf", t, kind, p))
 
 
 def timestep_density(t, kind="uniform", m=0.0, s=1.0, scale=1.29, p_mean=-1.2, p_std=1.2):
@@ -548,23 +583,7 @@ def timestep_density(t, kind="uniform", m=0.0, s=1.0, scale=1.29, p_mean=-1.2, p
     with named_errors("timestep_density"):
         kind, p = _timestep_params(kind, m, s, scale, p_mean, p_std)
         t = _unit_or_sigma(kind, as_float64("t", t), "t")
-    if kind == "uniform":
-        return result(np.ones_like(t))
-    if kind == "cosmap":
-        return result(weight_and_slope(t, "cosmap")[0])  # (FLOW.3)
-    if kind == "mode":
-        with np.errstate(divide="ignore"):
-            return result(1.0 / _mode_map(_mode_cdf(t, p["scale"]), p["scale"])[1])  # (FLOW.7)
-    inner = (t > 0.0) & (t < 1.0) if kind == "logit_normal" else (t > 0.0) & np.isfinite(t)
-    ti = np.where(inner, t, 0.5)
-    with np.errstate(under="ignore"):
-        if kind == "logit_normal":
-            z = (np.log(ti) - np.log1p(-ti) - p["m"]) / p["s"]
-            dens = np.exp(-0.5 * z * z) / (p["s"] * _SQRT_2PI * ti * (1.0 - ti))  # (FLOW.6)
-        else:
-            z = (np.log(ti) - p["p_mean"]) / p["p_std"]
-            dens = np.exp(-0.5 * z * z) / (p["p_std"] * _SQRT_2PI * ti)  # (FLOW.6)
-    return result(np.where(inner, dens, 0.0))
+    return result(timestep_map("density", t, kind, p))
 
 
 def _generator(generator, op):

@@ -14,8 +14,10 @@ requires grad is refused, named (FLOW.30).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -186,7 +188,8 @@ def sample_timesteps(
     (FLOW.6-FLOW.8)
 
     It draws on the host and is not traced by ``torch.compile``: call it outside the compiled step, or
-    compile ``timestep_quantile(u, kind, ...)`` of your own uniform draws ``u`` (a custom op)."""
+    use ``timestep_quantile(u, kind, ...)`` of your own uniform draws ``u`` (torch ops on u's device:
+    compiled, or captured in a CUDA graph, with the step)."""
     with ref.named_errors("sample_timesteps"):
         ref._timestep_params(kind, m, s, scale, p_mean, p_std)
         n = C.positive_int("n", n)
@@ -203,48 +206,42 @@ def sample_timesteps(
     return torch.from_numpy(t).to(device=device, dtype=dtype)
 
 
-_TIMESTEP_FNS: dict[str, Callable[..., np.ndarray]] = {
-    "timestep_density": ref.timestep_density,
-    "timestep_cdf": ref.timestep_cdf,
-    "timestep_quantile": ref.timestep_quantile,
-}
+# The array functions of ``reference.timestep_map`` on tensors: the same lines of FLOW.3, FLOW.6 and
+# FLOW.7 run on the data's device (no host round trip; a CUDA graph captures them, torch.compile
+# traces them). Phi by erfc: torch.special.ndtr computes 1 + erf and returns 0 below z ~ -8.3.
+_SQRT_HALF = math.sqrt(0.5)
+_TORCH_OPS = SimpleNamespace(
+    sin=torch.sin, cos=torch.cos, sqrt=torch.sqrt, exp=torch.exp, log=torch.log, log1p=torch.log1p,
+    arctan2=torch.atan2, isfinite=torch.isfinite, where=torch.where, zeros_like=torch.zeros_like,
+    ones_like=torch.ones_like, ndtri=torch.special.ndtri, ndtr=lambda z: 0.5 * torch.special.erfc(-z * _SQRT_HALF),
+    sigmoid=torch.sigmoid, quiet=contextlib.nullcontext,
+)  # fmt: skip
 
 
-@torch.library.custom_op("genloss::timestep_fn", mutates_args=())
-def _timestep_fn(x: torch.Tensor, fn: str, kind: str, m: float, s: float, scale: float, p_mean: float,
-                 p_std: float) -> torch.Tensor:  # fmt: skip
-    """The reference's float64 function ``fn`` of x, as a custom op (torch.compile keeps it in the graph,
-    not tracing NumPy); the value in x's dtype (float32 for float16 / bfloat16) on its device."""
-    out = _TIMESTEP_FNS[fn](x.detach().cpu().double().numpy(), kind, m, s, scale, p_mean, p_std)
-    return torch.from_numpy(out).to(device=x.device, dtype=_out_dtype(x))
-
-
-@_timestep_fn.register_fake
-def _(x, fn, kind, m, s, scale, p_mean, p_std):
-    return x.new_empty(x.shape, dtype=_out_dtype(x))
-
-
-def _via_reference(op: str, name: str) -> Callable[..., torch.Tensor]:
-    """A reference function of one float vector, on a tensor: float64 values, returned in the
-    tensor's dtype (float32 for float16 / bfloat16) on its device (no gradient: a density is data)."""
+def _timestep_op(op: str, name: str) -> Callable[..., torch.Tensor]:
+    """``reference.<op>`` on a tensor: float64 on its device, returned in its dtype (float32 for float16 /
+    bfloat16); no gradient (a density is data). The values are checked as the reference checks them
+    where ``eager_checks`` allows (not under torch.compile or CUDA graph capture)."""
+    fn = op.removeprefix("timestep_")
 
     def call(x: torch.Tensor, kind: str = "uniform", m: float = 0.0, s: float = 1.0, scale: float = 1.29,
              p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:  # fmt: skip
         x = _tensor(op, name, x)
         with ref.named_errors(op):
             kind, params = ref._timestep_params(kind, m, s, scale, p_mean, p_std)
-        return torch.ops.genloss.timestep_fn(
-            x.detach(), op, kind, params["m"], params["s"], params["scale"], params["p_mean"], params["p_std"]
-        )
+            domain = kind if name == "t" else "uniform"  # u: probabilities; t: times, or sigmas
+            _eager_check(lambda a: ref._unit_or_sigma(domain, a, name), x)
+        out = ref.timestep_map(fn, x.detach().double(), kind, params, _TORCH_OPS)
+        return out.to(_out_dtype(x))
 
     call.__name__ = call.__qualname__ = op
-    call.__doc__ = _TIMESTEP_FNS[op].__doc__
+    call.__doc__ = getattr(ref, op).__doc__
     return call
 
 
-timestep_density = _via_reference("timestep_density", "t")
-timestep_cdf = _via_reference("timestep_cdf", "t")
-timestep_quantile = _via_reference("timestep_quantile", "u")
+timestep_density = _timestep_op("timestep_density", "t")
+timestep_cdf = _timestep_op("timestep_cdf", "t")
+timestep_quantile = _timestep_op("timestep_quantile", "u")
 
 
 def ict_sigma_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
