@@ -175,14 +175,22 @@ def test_capture_and_replay_ops_without_record(case, call, cuda_device):
         _same(a, b, f"{label} gradient {k}")
 
 
-def test_median_bandwidth_refuses_capture(cuda_device):
-    """A Python float (the median, read back on the host): refused under capture, before any work."""
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty:UserWarning")
+@pytest.mark.parametrize("helper", ["median_bandwidth", "GaussianMoments.update"])
+def test_host_valued_helpers_refuse_capture(helper, cuda_device):
+    """A Python float (the median) or a Python count (the streaming moments' n, which a replay would
+    not advance): refused under capture with a ValueError naming it, before any work."""
     import genloss.torch as gt
 
     x = torch.randn(20, 3, device=cuda_device)
+    moments = gt.GaussianMoments().update(x)  # eager: fine
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(ValueError, match="median_bandwidth: .*CUDA graph capture"), torch.cuda.graph(graph):
-        gt.median_bandwidth(x, x + 1.0)
+    with pytest.raises(ValueError, match=rf"{helper}: .*CUDA graph capture"), torch.cuda.graph(graph):
+        if helper == "median_bandwidth":
+            gt.median_bandwidth(x, x + 1.0)
+        else:
+            moments.update(x)
+    assert moments.n == 20
 
 
 @pytest.mark.parametrize("fn", ["quantile", "cdf", "density"])
@@ -206,3 +214,28 @@ def test_timestep_maps_capture_and_replay(fn, kind, cuda_device):
     torch.testing.assert_close(out, op(x, kind), rtol=0, atol=0)
     want = getattr(RF, f"timestep_{fn}")(x.cpu().numpy(), kind)
     np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-12, atol=0)
+
+
+def test_sample_timesteps_on_a_cuda_generator_captures(cuda_device):
+    """(FLOW.6, FLOW.8) a generator on the GPU: draws and the inverse CDF on the device, captured in a
+    CUDA graph with the generator registered; each replay draws anew, from the logit-normal law
+    (the reference's CDF of the draws is uniform: Kolmogorov-Smirnov, 4096 draws)."""
+    import genloss.torch as gt
+    from genloss.reference import flow as RF
+
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        pytest.skip("this torch cannot register a generator with a CUDA graph")
+    gen = torch.Generator(device=cuda_device).manual_seed(7)
+    assert gt.sample_timesteps(8, "logit_normal", gen).device.type == "cuda"  # eager warm-up
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(gen)
+    with torch.cuda.graph(graph):
+        out = gt.sample_timesteps(4096, "logit_normal", gen, dtype=torch.float64)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)
+    for draws in (first, out):
+        u = np.sort(RF.timestep_cdf(draws.cpu().numpy(), "logit_normal"))
+        ks = np.max(np.maximum(np.arange(1, 4097) / 4096 - u, u - np.arange(4096) / 4096))
+        assert ks < 1.95 / np.sqrt(4096)  # the 0.1 % critical value

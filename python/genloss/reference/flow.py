@@ -447,8 +447,9 @@ def timestep_map(fn, x, kind, p, xp=NUMPY_OPS):
     r"""The value of ``fn`` ('quantile', 'cdf' or 'density') of the timestep density ``kind`` with the
     checked parameters ``p`` (``_timestep_params``) at the checked float64 array ``x``, by arithmetic
     and ``xp``'s functions only (``sin``, ``cos``, ``sqrt``, ``exp``, ``log``, ``log1p``, ``arctan2``,
-    ``isfinite``, ``where``, ``zeros_like``, ``ones_like``, ``ndtri``, ``ndtr``, ``sigmoid``), so that the
-    torch layer evaluates these same lines on the device (FLOW.3, FLOW.6, FLOW.7)."""
+    ``isfinite``, ``where``, ``zeros_like``, ``ones_like``, ``ndtri``, ``ndtr``, ``sigmoid``, and ``quiet``:
+    a context without floating-point warnings), so that the torch layer evaluates these same lines on
+    the device (FLOW.3, FLOW.6, FLOW.7)."""
     if kind == "uniform":
         return xp.ones_like(x) if fn == "density" else x + 0.0
     if kind == "cosmap":
@@ -472,7 +473,7 @@ def timestep_map(fn, x, kind, p, xp=NUMPY_OPS):
         z = loc + spread * xp.ndtri(x)
         return xp.sigmoid(z) if logit else xp.exp(z)
     if fn == "cdf":  # (FLOW.6)
-        with xp.quiet():  # log 0 = -inf: the CDF's limit 0 (and 1 at t = 1)
+        with xp.quiet():  # log 0 = -inf: the CDF's limit 0 (and the logit's 1 at t = 1)
             logx = (xp.log(x) - xp.log1p(-x)) if logit else xp.log(x)
             return xp.ndtr((logx - loc) / spread)
     inner = (x > 0.0) & (x < 1.0) if logit else (x > 0.0) & xp.isfinite(x)

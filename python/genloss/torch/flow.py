@@ -20,7 +20,6 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 
 from .. import _checks as C
@@ -183,32 +182,39 @@ def sample_timesteps(
     p_mean: float = -1.2, p_std: float = 1.2, stratified: bool = False, rank: int = 0, world_size: int = 1,
     *, device: Any = None, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:  # fmt: skip
-    r"""``genloss.reference.sample_timesteps`` with uniform draws from a CPU ``torch.Generator`` (or an
-    int seed): the inverse CDF in float64, returned in ``dtype`` (float32 by default) on ``device``.
-    (FLOW.6-FLOW.8)
+    r"""``genloss.reference.sample_timesteps`` with uniform draws from a ``torch.Generator`` (an int seed:
+    a CPU one; None: torch's global CPU generator), mapped by the inverse CDF in float64 torch ops on
+    the generator's device (``reference.timestep_map``), returned in ``dtype`` (float32 by default) on
+    ``device`` (default: the generator's).  (FLOW.6-FLOW.8)
 
-    It draws on the host and is not traced by ``torch.compile``: call it outside the compiled step, or
-    use ``timestep_quantile(u, kind, ...)`` of your own uniform draws ``u`` (torch ops on u's device:
-    compiled, or captured in a CUDA graph, with the step)."""
+    A generator on the GPU (``torch.Generator(device='cuda')``) draws and maps there: no host round
+    trip, and a CUDA graph captures the call (register the generator with the graph, as for any
+    random op). A CPU generator gives the reference's uniform draws exactly (the same seed, the same
+    u; the times to the last bits of torch's functions). torch.compile does not trace the generator:
+    call it outside the compiled step, or compile ``timestep_quantile(u, kind, ...)`` of your own
+    draws ``u``."""
     with ref.named_errors("sample_timesteps"):
-        ref._timestep_params(kind, m, s, scale, p_mean, p_std)
+        kind, params = ref._timestep_params(kind, m, s, scale, p_mean, p_std)
         n = C.positive_int("n", n)
         if C.flag("stratified", stratified) and world_size != 1 and generator is None:
             raise ValueError("generator must be given (the same seed on every rank) for stratified draws")
+        ref._dif.low_discrepancy_times(1, 0.0, rank, world_size)  # the checks of rank and world_size
         g = _torch_generator(generator)
-        if stratified:
-            u0 = float(torch.rand((), generator=g, dtype=torch.float64))
-            u = ref._dif.low_discrepancy_times(n, u0, rank, world_size)  # (DIF.18)
-        else:
-            ref._dif.low_discrepancy_times(1, 0.0, rank, world_size)  # the same checks of rank, world_size
-            u = torch.rand(n, generator=g, dtype=torch.float64).numpy()
-    t = ref.timestep_quantile(np.clip(u, ref._U_LOW, ref._U_HIGH), kind, m, s, scale, p_mean, p_std)
-    return torch.from_numpy(t).to(device=device, dtype=dtype)
+    where = g.device if g is not None else torch.device("cpu")
+    if stratified:  # (DIF.18) one u0 shared by the ranks, then the job's grid (u0 + j / k) mod 1
+        u0 = torch.rand((), generator=g, device=where, dtype=torch.float64)
+        j = rank * n + torch.arange(n, device=where, dtype=torch.float64)
+        u = torch.remainder(u0 + j / (n * world_size), 1.0)
+    else:
+        u = torch.rand(n, generator=g, device=where, dtype=torch.float64)
+    t = ref.timestep_map("quantile", u.clamp(ref._U_LOW, ref._U_HIGH), kind, params, _TORCH_OPS)  # (FLOW.8)
+    return t.to(device=where if device is None else device, dtype=dtype)
 
 
 # The array functions of ``reference.timestep_map`` on tensors: the same lines of FLOW.3, FLOW.6 and
 # FLOW.7 run on the data's device (no host round trip; a CUDA graph captures them, torch.compile
-# traces them). Phi by erfc: torch.special.ndtr computes 1 + erf and returns 0 below z ~ -8.3.
+# traces them). Phi by erfc: torch.special.ndtr computes 1 + erf and returns 0 below z ~ -8.5
+# (derivations FLOW.6).
 _SQRT_HALF = math.sqrt(0.5)
 _TORCH_OPS = SimpleNamespace(
     sin=torch.sin, cos=torch.cos, sqrt=torch.sqrt, exp=torch.exp, log=torch.log, log1p=torch.log1p,

@@ -82,6 +82,8 @@ class GaussianMoments:
             self.device = x.device
         if x.shape[0] == 0:
             return self
+        refuse_capture(x, f"{self._op}.update", "the sample count is a Python int that a replay would not "
+                       "advance, and the finiteness check reads a value back")  # fmt: skip
         a = x.detach().to(device=self.device, dtype=torch.float64)
         if not bool(torch.isfinite(a).all()):
             raise ValueError(
@@ -547,8 +549,9 @@ def sliced_wasserstein(
 
     The directions are ``genloss.reference.sliced_wasserstein_projections(D, n_projections,
     seed)`` (NumPy float64, moved to the data's device and dtype once and kept there, so a CUDA
-    graph captures the call after one warm-up call), so every layer uses the same ones; the 1-D costs are exact on the merged quantile grid; the p-th root of the mean over
-    directions (POT's convention). Autograd through ``sort`` and the gather gives the gradient of
+    graph captures the call after one warm-up call), so every layer uses the same ones; the 1-D
+    costs are exact on the merged quantile grid; the p-th root of the mean over directions (POT's
+    convention). Autograd through ``sort`` and the gather gives the gradient of
     MET.16 (0 at SW = 0); computed in the promoted dtype of x and y (at least float32). NaN in, NaN out.
     """
     op = "sliced_wasserstein"
