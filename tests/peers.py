@@ -9,11 +9,16 @@ is torchvision from PyPI (built against the CUDA torch) next to the CPU torch: i
 peer that imports torchvision fails the same way (k-diffusion, pytorch-fid, torchmetrics'
 image metrics). A peer's import-time warnings are silenced: the suite turns warnings into
 errors, and a deprecation inside a peer says nothing about genloss.
+
+``GENLOSS_REQUIRE_PEERS``: comma-separated top-level module names (``torchmetrics,ot``) whose
+import failure fails the test instead of skipping it. CI installs those peers and sets it, so a
+cross-check that should run cannot skip unnoticed.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from types import ModuleType
 
@@ -28,6 +33,10 @@ def try_peer(module: str) -> ModuleType | Exception:
             warnings.simplefilter("ignore")
             return importlib.import_module(module)
     except Exception as e:
+        required = {n.strip() for n in os.environ.get("GENLOSS_REQUIRE_PEERS", "").split(",") if n.strip()}
+        if module.split(".")[0] in required:
+            pytest.fail(f"peer {module!r} is required here (GENLOSS_REQUIRE_PEERS) but does not import: "
+                        f"{type(e).__name__}: {e}")  # fmt: skip
         return e
 
 
