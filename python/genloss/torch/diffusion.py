@@ -571,13 +571,24 @@ def low_discrepancy_times(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     r"""Stratified times in [0, 1) across data-parallel ranks, as ``genloss.reference.low_discrepancy_times``
-    (computed in float64), returned in ``dtype`` on ``device``.  Rounding to float32 never yields 1.0:
-    such a time is mapped to the largest float below 1.  (DIF.18)"""
-    times = torch.from_numpy(R.low_discrepancy_times(batch_size, u0, rank, world_size))
-    out = times.to(dtype)
-    below_one = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype))
-    out = torch.where(out >= 1.0, below_one, out)
-    return out if device is None else out.to(device)
+    (computed in float64 on ``device``, bit for bit the reference's), returned in ``dtype``.  Rounding to
+    float32 never yields 1.0: such a time is mapped to the largest float below 1.  (DIF.18)"""
+    R.low_discrepancy_times(1, u0, rank, world_size)  # the reference's checks of u0, rank and world_size
+    batch_size = C.positive_int("batch_size", batch_size)
+    out = _stratified_grid(u0, batch_size, rank, world_size, device).to(dtype)
+    below_one = float(torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
+    return torch.where(out >= 1.0, below_one, out)  # a Python float: exact in dtype, no host copy
+
+
+def _stratified_grid(
+    u0: Any, batch_size: int, rank: int, world_size: int, device: Any = None
+) -> torch.Tensor:
+    """(DIF.18) rank ``rank``'s share :math:`(u_0 + j/k) \bmod 1`, j = rank B, ..., rank B + B - 1, k = B W,
+    in float64 on ``device`` (``u0``: a float, or a 0-d float64 tensor there): the reference's two
+    operations, so the same u0 gives its grid bit for bit, made where it is used (no host copy).
+    The arguments are the caller's to check."""
+    j = rank * batch_size + torch.arange(batch_size, device=device, dtype=torch.float64)
+    return torch.remainder(u0 + j / (batch_size * world_size), 1.0)
 
 
 @with_reference_doc

@@ -28,6 +28,7 @@ from ..native._compose import needs
 from ..reference import flow as ref
 from ._op import LossOp, eager_checks, kept_on, public, schema_of
 from .diffusion import DiffusionSchedule as _TorchSchedule
+from .diffusion import _stratified_grid
 
 __all__ = [
     "consistency_training_loss",
@@ -201,10 +202,9 @@ def sample_timesteps(
         ref._dif.low_discrepancy_times(1, 0.0, rank, world_size)  # the checks of rank and world_size
         g = _torch_generator(generator)
     where = g.device if g is not None else torch.device("cpu")
-    if stratified:  # (DIF.18) one u0 shared by the ranks, then the job's grid (u0 + j / k) mod 1
+    if stratified:  # (DIF.18) one u0 shared by the ranks, then this rank's share of the job's grid
         u0 = torch.rand((), generator=g, device=where, dtype=torch.float64)
-        j = rank * n + torch.arange(n, device=where, dtype=torch.float64)
-        u = torch.remainder(u0 + j / (n * world_size), 1.0)
+        u = _stratified_grid(u0, n, rank, world_size, where)
     else:
         u = torch.rand(n, generator=g, device=where, dtype=torch.float64)
     t = ref.timestep_map("quantile", u.clamp(ref._U_LOW, ref._U_HIGH), kind, params, _TORCH_OPS)  # (FLOW.8)
