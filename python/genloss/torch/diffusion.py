@@ -583,7 +583,7 @@ def low_discrepancy_times(
 def _stratified_grid(
     u0: Any, batch_size: int, rank: int, world_size: int, device: Any = None
 ) -> torch.Tensor:
-    """(DIF.18) rank ``rank``'s share :math:`(u_0 + j/k) \bmod 1`, j = rank B, ..., rank B + B - 1, k = B W,
+    r"""(DIF.18) rank ``rank``'s share :math:`(u_0 + j/k) \bmod 1`, j = rank B, ..., rank B + B - 1, k = B W,
     in float64 on ``device`` (``u0``: a float, or a 0-d float64 tensor there): the reference's two
     operations, so the same u0 gives its grid bit for bit, made where it is used (no host copy).
     The arguments are the caller's to check."""
