@@ -366,6 +366,21 @@ def test_bad_input_names_op_and_argument(name, change, arg):
             fn(*args, **kwargs)
 
 
+def test_torch_sds_takes_one_floating_dtype():
+    """sds_loss (a torch kernel, no native checks) refuses an integer input or a second dtype as the
+    native ops do: an int64 x once truncated the weights to 0 (value and gradient 0, silently), and a
+    float32 x with float64 weights was promoted."""
+    x, eps_pred, noise, w = (torch.tensor(a) for a in _op_inputs("sds_loss", _rng(41)))
+    for args, arg in (
+        ((x.float(), eps_pred, noise, w), "eps_pred"),
+        ((x, eps_pred, noise, w.float()), "weights"),
+    ):
+        with pytest.raises(TypeError, match=rf"sds_loss: {arg} must have the dtype of x"):
+            gt.sds_loss(*args)
+    with pytest.raises(TypeError, match="sds_loss: x must be a floating tensor"):
+        gt.sds_loss(x.long(), eps_pred, noise, w)
+
+
 def test_compile_matches_eager():
     """torch.compile(fullgraph=True) of sds_loss (a custom op on a torch kernel, with a fake kernel) =
     eager, value and gradient.  (One op: the others are custom ops on native kernels, the pattern the

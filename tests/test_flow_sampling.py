@@ -513,6 +513,51 @@ def test_prediction_convert_against_definitions(sd):
     np.testing.assert_allclose(F, -v_vp, rtol=1e-12, atol=1e-13)
 
 
+def test_extreme_scales_stay_finite():
+    """(FLOW.9, FLOW.11) finite answers where the math is finite at extreme but valid scales:
+    the shift's Jacobian alpha / den^2 (den^2 alone overflows or underflows) and the edm_F
+    coefficients at sigma = 1e160 and at a, b = 1e-170 (the squares under rho do); against
+    the formulas in 50-digit mpmath, in both layers."""
+    mpmath = pytest.importorskip("mpmath")
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    mpmath.mp.dps = 50
+    t = np.array([0.0, 0.5, 1.0])
+    for kw, alpha in (({"mu": -500.0}, mpmath.exp(-500)), ({"shift": 1e-200}, mpmath.mpf(1e-200)),
+                      ({"shift": 1e200}, mpmath.mpf(1e200))):  # fmt: skip
+        want = [float(alpha / (alpha * mpmath.mpf(x) + (1 - mpmath.mpf(x))) ** 2) for x in t]
+        np.testing.assert_allclose(R.shift_timesteps(t, **kw)[1], want, rtol=1e-14)
+        np.testing.assert_allclose(gt.shift_timesteps(torch.from_numpy(t), **kw)[1].numpy(), want, rtol=1e-14)
+    pred, xt, sd = np.array([[0.7, -1.3]]), np.array([[2.0, 0.5]]), mpmath.mpf(0.5)
+
+    def exact(a, b, source, target):  # solve [a b; p_x p_e] [x0; eps] = [x_t; pred], then the target
+        rho = mpmath.sqrt(b * b + sd * sd * a * a)
+        coefs = {"x0": (1, 0), "edm_F": (b / (sd * rho), -sd * a / rho)}
+        (px, pe), (qx, qe) = coefs[source], coefs[target]
+        out = []
+        det = a * pe - b * px
+        for p_, x_ in zip(map(mpmath.mpf, pred[0]), map(mpmath.mpf, xt[0]), strict=True):  # Cramer's rule
+            x0, eps = (x_ * pe - b * p_) / det, (a * p_ - px * x_) / det
+            out.append(float(qx * x0 + qe * eps))
+        return [out]
+
+    cases = [
+        ((1.0, 1e160), np.array([1e160]), "ve"),
+        ((1e-170, 1e-170), (np.array([1e-170]),) * 2, "alpha_sigma"),
+    ]
+    for (a, b), tos, schedule in cases:
+        for source, target in (("x0", "edm_F"), ("edm_F", "x0")):
+            want = exact(mpmath.mpf(a), mpmath.mpf(b), source, target)
+            got = R.prediction_convert(pred, xt, tos, source, target, schedule=schedule)
+            np.testing.assert_allclose(got, want, rtol=1e-13)
+            ttos = (
+                tuple(torch.from_numpy(v) for v in tos) if isinstance(tos, tuple) else torch.from_numpy(tos)
+            )
+            tgot = gt.prediction_convert(torch.from_numpy(pred), torch.from_numpy(xt), ttos, source, target,
+                                         schedule=schedule)  # fmt: skip
+            np.testing.assert_allclose(tgot.numpy(), want, rtol=1e-13)
+
+
 def test_prediction_convert_end_points():
     """(FLOW.11) 'eps' at a = 0 (t = 1) and 'x0' at b = 0 (t = 0, sigma = 0) are refused naming the end
     point; 'v', 'flow', 'edm_F' convert at both ends (edm_F = x0/sigma_d at pure noise); the torch layer
@@ -595,6 +640,19 @@ def test_karras_sigmas():
         R.karras_sigmas(5, 1.0, 0.5)
 
 
+@pytest.mark.parametrize(
+    "n,lo,hi,rho", [(5, 0.002, 80.0, 0.005), (5, 1.0, 1e200, 0.5), (7, 1e-300, 1e300, 3.0)]
+)
+def test_karras_sigmas_where_the_papers_powers_overflow(n, lo, hi, rho):
+    """(FLOW.12) finite for every valid (sigma_min, sigma_max, rho), where EDM's Eq. 5 taken literally
+    overflows (80^(1/rho) for rho < 0.0062): against that equation in 50-digit mpmath."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    a, b = mpmath.mpf(lo) ** (1 / mpmath.mpf(rho)), mpmath.mpf(hi) ** (1 / mpmath.mpf(rho))
+    want = [float((a + mpmath.mpf(i) / (n - 1) * (b - a)) ** mpmath.mpf(rho)) for i in range(n)]
+    np.testing.assert_allclose(R.karras_sigmas(n, lo, hi, rho), want, rtol=1e-13)
+
+
 def test_k_diffusion_karras_sigmas_and_preconditioning():
     """(FLOW.10, FLOW.12) k-diffusion (optional peer): ``sampling.get_sigmas_karras`` = ``karras_sigmas``
     descending with a 0 appended (k-diffusion computes it in float32: 1e-6), and ``layers.Denoiser``'s
@@ -656,6 +714,26 @@ def test_ict_sigma_probs():
         ValueError, match="ict_sigma_probs: sigmas must be finite, > 0 and strictly increasing"
     ):
         R.ict_sigma_probs(np.array([1.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize("p_mean,p_std", [(-1.1, 0.05), (10.0, 0.2), (-12.0, 0.1)])
+def test_ict_sigma_probs_when_every_pair_is_far_in_a_tail(p_mean, p_std):
+    """(FLOW.12) every pair's mass underflows (the lognormal sits far from all the sigmas, on either
+    side): the probabilities are still the normalised masses, not 0/0, against normal CDF
+    differences in 60-digit mpmath."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    s = R.karras_sigmas(6, sigma_min=10.0, sigma_max=80.0)
+    z = [(mpmath.log(mpmath.mpf(x)) - p_mean) / p_std for x in s]
+    # each difference on its small side (the CDFs near 1 would cancel even in 60 digits)
+    mass = [
+        mpmath.ncdf(-a) - mpmath.ncdf(-b) if a >= 0 else mpmath.ncdf(b) - mpmath.ncdf(a)
+        for a, b in zip(z[:-1], z[1:], strict=True)
+    ]
+    want = [float(m / sum(mass)) for m in mass]
+    got = R.ict_sigma_probs(s, p_mean, p_std)
+    assert np.all(np.isfinite(got)) and got.sum() == pytest.approx(1.0, abs=1e-15)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
 
 
 # ============================================================================= torch layer
@@ -786,6 +864,47 @@ def test_bad_input_names_op_and_argument():
     for fn, exc, text in cases:
         with pytest.raises(exc, match=text):
             fn()
+
+
+def test_torch_helpers_refuse_what_they_cannot_do():
+    """The torch helpers computed in torch ops: a dtype they cannot return, an input whose gradient
+    they do not compute (SPEC: refused at forward time, never silently dropped), and seeds a
+    torch.Generator cannot take are ValueError / TypeError naming the op and the argument; the
+    interpolant takes the native ops' dtypes (no integer inputs, no silent promotion)."""
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    t = torch.tensor([0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    for name in ("timestep_density", "timestep_cdf", "timestep_quantile"):
+        with pytest.raises(ValueError, match=rf"{name}: (t|u) requires grad"):
+            getattr(gt, name)(t, "logit_normal")
+        with torch.no_grad():  # nothing to refuse there
+            assert torch.equal(
+                getattr(gt, name)(t, "logit_normal"), getattr(gt, name)(t.detach(), "logit_normal")
+            )
+    with pytest.raises(ValueError, match="ict_sigma_probs: sigmas requires grad"):
+        gt.ict_sigma_probs(gt.karras_sigmas(5, dtype=torch.float64).requires_grad_())
+    for fn in (
+        lambda: gt.sample_timesteps(3, dtype=torch.int64),
+        lambda: gt.karras_sigmas(5, dtype=torch.int64),
+    ):
+        with pytest.raises(TypeError, match=r"(sample_timesteps|karras_sigmas): dtype must be a floating"):
+            fn()
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match="sample_timesteps: generator, an int seed"):
+            gt.sample_timesteps(3, generator=seed)
+    with pytest.raises(ValueError, match="sample_timesteps: generator, an int seed, must be >= 0"):
+        R.sample_timesteps(3, generator=-1)
+    x0, noise, tt = (
+        torch.ones(3, 4, dtype=torch.float64),
+        torch.zeros(3, 4, dtype=torch.float64),
+        torch.rand(3),
+    )
+    with pytest.raises(TypeError, match=r"flow_interpolant: t must have the dtype of x0"):
+        gt.flow_interpolant(x0, noise, tt)
+    with pytest.raises(TypeError, match=r"flow_interpolant: x0 must be a floating tensor"):
+        gt.flow_interpolant(x0.long(), noise.long(), tt.double())
+    with pytest.raises(ValueError, match=r"flow_interpolant: x0 has no elements"):
+        gt.flow_interpolant(x0[:0], noise[:0], tt.double()[:0])
 
 
 # ============================================================================= peers (optional)

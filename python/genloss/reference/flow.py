@@ -38,6 +38,7 @@ from ._common import (
     as_float64,
     batch_broadcast,
     labels_array,
+    log_diff_ndtr,
     reduce_mean,
     reduce_sum,
     result,
@@ -591,6 +592,8 @@ def _generator(generator, op):
     if isinstance(generator, np.random.Generator):
         return generator
     if generator is None or (isinstance(generator, (int, np.integer)) and not isinstance(generator, bool)):
+        if generator is not None and generator < 0:
+            raise ValueError(f"{op}: generator, an int seed, must be >= 0, got {generator}")
         return np.random.default_rng(generator)
     raise TypeError(f"{op}: generator must be a numpy.random.Generator, an int seed or None, "
                     f"got {type(generator).__name__}")  # fmt: skip
@@ -690,7 +693,8 @@ def shift_timesteps(t, shift=None, mu=None):
         t = as_float64("t", t)
         check_times(t)
     den = alpha * t + (1.0 - t)  # (FLOW.9) in [min(1, alpha), max(1, alpha)]: no cancellation
-    return result(alpha * t / den), result(alpha / (den * den))
+    # alpha / den is in [min(1, alpha), max(1, alpha)] too; den * den alone could overflow or underflow
+    return result(alpha * t / den), result(alpha / den / den)
 
 
 def _shift_factor(shift, mu):
@@ -824,7 +828,11 @@ def prediction_coefs(kind, a, b, sigma_data):
         return -b, a
     if kind == "flow":
         return -one, one
-    rho = (b * b + (sigma_data * a) ** 2) ** 0.5
+    # rho as m sqrt((b/m)^2 + (sigma_d a/m)^2), m = |b| + |sigma_d a|: no square overflows (sigma
+    # ~1e160) or underflows (a, b ~1e-170) where rho and the coefficients are finite (abs, not
+    # hypot: the same line serves NumPy arrays and torch tensors)
+    m = abs(b) + abs(sigma_data * a)
+    rho = m * ((b / m) ** 2 + (sigma_data * a / m) ** 2) ** 0.5
     return b / (sigma_data * rho), -sigma_data * a / rho
 
 
@@ -989,8 +997,11 @@ def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
         rho = _checks.positive("rho", rho)
         if not hi > lo:
             raise ValueError(f"sigma_max must be > sigma_min, got {hi} <= {lo}")
-    a, b = lo ** (1.0 / rho), hi ** (1.0 / rho)
-    out = (a + np.arange(n) / (n - 1) * (b - a)) ** rho  # (FLOW.12)
+    # (FLOW.12) divided through by sigma_max^(1/rho): sigma_i = sigma_max (r + f_i (1 - r))^rho with
+    # r = (sigma_min / sigma_max)^(1/rho) in (0, 1), so no power overflows (80^(1/rho) does for
+    # rho < 0.0062); r underflowing to 0 only loses sigma_0, which is set exactly below
+    r = (lo / hi) ** (1.0 / rho)
+    out = hi * (r + np.arange(n) / (n - 1) * (1.0 - r)) ** rho
     out[0], out[-1] = lo, hi
     return out
 
@@ -1032,6 +1043,9 @@ def ict_num_steps(k, K, s0=10, s1=1280):
     return (s1 if doublings >= (s1 // s0).bit_length() else min(s0 * 2**doublings, s1)) + 1
 
 
+_FULL_PRECISION = 2.0**-969  # 2^53 times float64's smallest normal: a sum above it has normal terms
+
+
 def ict_sigma_probs(sigmas, p_mean=-1.1, p_std=2.0):
     r"""iCT's discrete lognormal over adjacent noise-level pairs (Song & Dhariwal 2023) (FLOW.12).
 
@@ -1064,6 +1078,15 @@ def ict_sigma_probs(sigmas, p_mean=-1.1, p_std=2.0):
     # (FLOW.12) erf(hi) - erf(lo) = erfc(lo) - erfc(hi) = erfc(-hi) - erfc(-lo): the erfcs of the small side
     upper = lo >= 0.0
     mass = np.where(upper, _erfc(lo) - _erfc(hi), _erfc(-hi) - _erfc(-lo))
+    if mass.sum() > _FULL_PRECISION:
+        return result(mass / mass.sum())
+    # Every pair far in one tail (the erfcs underflow or are subnormal): the same masses in logs
+    # (DIF.10's log(Phi(b) - Phi(a)), on the small side), normalised by the largest before
+    # exponentiating.
+    w = z * math.sqrt(2.0)  # standard normal arguments
+    with np.errstate(divide="ignore"):  # a pair whose mass is 0 beside the others': log 0 = -inf
+        log_mass = log_diff_ndtr(w[:-1], w[1:])
+    mass = np.exp(log_mass - log_mass.max())
     return result(mass / mass.sum())
 
 

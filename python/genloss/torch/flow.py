@@ -10,6 +10,10 @@ The distillation losses ``scm_loss``, ``meanflow_loss`` and ``vsd_loss`` are cus
 their native compositions, ``sds_loss`` a custom op on a torch kernel (no native one):
 differentiable w.r.t. the student's output only (and sCM's ``logvar``); a target that
 requires grad is refused, named (FLOW.30).
+
+The samplers' densities, CDFs and quantiles (``timestep_density`` / ``_cdf`` / ``_quantile``) and
+``ict_sigma_probs`` are data for sampling and weighting, not differentiated: an input that requires
+grad is refused (SPEC: never a silently dropped gradient).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ def _sds_kernel(
 ) -> tuple[torch.Tensor, tuple]:  # fmt: skip
     """sds_loss's kernel (SPEC asks no native one): torch arithmetic on any device, in the
     ``(value, grads)`` form of ``genloss.native``, so the op is a custom op like the fused losses."""
+    _same_floats("sds_loss", (("x", x), ("eps_pred", eps_pred), ("noise", noise), ("weights", weights)))
     with ref.named_errors("sds_loss"):
         C.reduction(reduction)
         for name, a in (("x", x), ("eps_pred", eps_pred), ("noise", noise)):
@@ -120,13 +125,13 @@ def flow_interpolant(
 ) -> torch.Tensor:
     with ref.named_errors("flow_interpolant"):
         c = 1.0 - ref.sigma_min_value(sigma_min)
-        for name, a in (("x0", x0), ("noise", noise), ("t", t)):
-            if not isinstance(a, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
+        _same_floats("flow_interpolant", (("x0", x0), ("noise", noise), ("t", t)))
         if noise.shape != x0.shape:
             raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
         if x0.dim() < 1 or tuple(t.shape) != (x0.shape[0],):
             raise ValueError(f"t must have shape ({x0.shape[0] if x0.dim() else '?'},) (one time per sample)")
+        if x0.numel() == 0:
+            raise ValueError(f"x0 has no elements (shape {tuple(x0.shape)})")
         if eager_checks(t):  # a data-dependent check: eager only
             lo, hi = (float(v) for v in t.detach().aminmax()) if t.numel() else (0.0, 0.0)
             ref.check_times(torch.tensor([lo, hi], dtype=torch.float64).numpy())
@@ -159,6 +164,35 @@ def _tensor(op: str, name: str, x: Any) -> torch.Tensor:
     return x
 
 
+def _same_floats(op: str, named: tuple[tuple[str, Any], ...]) -> None:
+    """Floating tensors of one dtype on one device, as genloss.native asks of a fused loss's inputs
+    (for the ops computed in torch here: no silent promotion, no integer truncation)."""
+    first_name, first = named[0][0], _tensor(op, *named[0])
+    for name, a in named[1:]:
+        if _tensor(op, name, a).dtype != first.dtype:
+            raise TypeError(
+                f"{op}: {name} must have the dtype of {first_name} ({first.dtype}), got {a.dtype}"
+            )
+        if a.device != first.device:
+            raise ValueError(
+                f"{op}: {name} must be on the device of {first_name} ({first.device}), got {a.device}"
+            )
+
+
+def _no_grad_input(op: str, name: str, x: torch.Tensor) -> torch.Tensor:
+    """SPEC: a gradient is given or refused at forward time, never silently dropped."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: {name} requires grad, but {op} is not differentiable (its values are "
+                         f"data for sampling and weighting); pass {name}.detach()")  # fmt: skip
+    return x
+
+
+def _float_dtype(op: str, dtype: Any) -> torch.dtype:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{op}: dtype must be a floating torch.dtype, got {dtype}")
+    return dtype
+
+
 def _eager_check(fn: Callable[..., Any], *tensors: torch.Tensor, **kwargs: Any) -> None:
     """Run the reference's argument checks on the values (data-dependent: when ``eager_checks``)."""
     if all(eager_checks(t) for t in tensors):
@@ -173,6 +207,10 @@ def _torch_generator(generator: Any) -> torch.Generator | None:
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, int) and not isinstance(generator, bool):
+        if not 0 <= generator < 2**64:  # a torch.Generator's seed is 64 bits
+            raise ValueError(
+                f"sample_timesteps: generator, an int seed, must be in [0, 2**64), got {generator}"
+            )
         return torch.Generator().manual_seed(generator)
     raise TypeError(f"sample_timesteps: generator must be a torch.Generator, an int seed or None, "
                     f"got {type(generator).__name__}")  # fmt: skip
@@ -194,6 +232,7 @@ def sample_timesteps(
     u; the times to the last bits of torch's functions). torch.compile does not trace the generator:
     call it outside the compiled step, or compile ``timestep_quantile(u, kind, ...)`` of your own
     draws ``u``."""
+    dtype = _float_dtype("sample_timesteps", dtype)
     with ref.named_errors("sample_timesteps"):
         kind, params = ref._timestep_params(kind, m, s, scale, p_mean, p_std)
         n = C.positive_int("n", n)
@@ -226,13 +265,14 @@ _TORCH_OPS = SimpleNamespace(
 
 def _timestep_op(op: str, name: str) -> Callable[..., torch.Tensor]:
     """``reference.<op>`` on a tensor: float64 on its device, returned in its dtype (float32 for float16 /
-    bfloat16); no gradient (a density is data). The values are checked as the reference checks them
-    where ``eager_checks`` allows (not under torch.compile or CUDA graph capture)."""
+    bfloat16); not differentiable (a density is data): an input that requires grad is refused. The
+    values are checked as the reference checks them where ``eager_checks`` allows (not under
+    torch.compile or CUDA graph capture)."""
     fn = op.removeprefix("timestep_")
 
     def call(x: torch.Tensor, kind: str = "uniform", m: float = 0.0, s: float = 1.0, scale: float = 1.29,
              p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:  # fmt: skip
-        x = _tensor(op, name, x)
+        x = _no_grad_input(op, name, _tensor(op, name, x))
         with ref.named_errors(op):
             kind, params = ref._timestep_params(kind, m, s, scale, p_mean, p_std)
             domain = kind if name == "t" else "uniform"  # u: probabilities; t: times, or sigmas
@@ -253,7 +293,7 @@ timestep_quantile = _timestep_op("timestep_quantile", "u")
 def ict_sigma_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
     """The reference's float64 probabilities of the adjacent pairs of ``sigmas``, in their dtype (float32 for
     float16 / bfloat16) on their device: a table computed once per curriculum stage, on the host."""
-    sigmas = _tensor("ict_sigma_probs", "sigmas", sigmas)
+    sigmas = _no_grad_input("ict_sigma_probs", "sigmas", _tensor("ict_sigma_probs", "sigmas", sigmas))
     out = ref.ict_sigma_probs(sigmas.detach().cpu().double().numpy(), p_mean, p_std)
     return torch.from_numpy(out).to(device=sigmas.device, dtype=_out_dtype(sigmas))
 
@@ -272,7 +312,7 @@ def shift_timesteps(
     t64 = t.double()
     den = alpha * t64 + (1.0 - t64)  # (FLOW.9)
     dtype = _out_dtype(t)
-    return (alpha * t64 / den).to(dtype), (alpha / (den * den)).to(dtype)
+    return (alpha * t64 / den).to(dtype), (alpha / den / den).to(dtype)  # den * den could overflow
 
 
 shift_timesteps.__doc__ = ref.shift_timesteps.__doc__
@@ -370,4 +410,5 @@ def karras_sigmas(
     *, device: Any = None, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:  # fmt: skip
     r"""``genloss.reference.karras_sigmas`` (float64, ascending) in ``dtype`` on ``device``.  (FLOW.12)"""
+    dtype = _float_dtype("karras_sigmas", dtype)
     return torch.from_numpy(ref.karras_sigmas(n, sigma_min, sigma_max, rho)).to(device=device, dtype=dtype)
