@@ -305,7 +305,8 @@ __global__ void vq_finish(const double* S, double nd, double beta, T* commit, T*
   *cb = static_cast<T>(mean);
 }
 
-// grad_codebook[k, d] = c (count_k e_kd - sum_{idx = k} z_id) (QNT.4), the CPU's rounding steps.
+// grad_codebook[k, d] = c (count_k e_kd - sum_{idx = k} z_id) (QNT.4), the CPU's rounding steps; 0 for a code no
+// row picked (as the CPU: the loss does not depend on it).
 template <class T>
 struct VqGradCodebook {
   const T* e;
@@ -314,8 +315,9 @@ struct VqGradCodebook {
   int64_t D;
   __device__ void operator()(int64_t k, int64_t d, int64_t count, double s) const {
     const int64_t q = k * D + d;
-    ge[q] =
-        static_cast<T>(__dmul_rn(c, __dsub_rn(__dmul_rn(static_cast<double>(count), static_cast<double>(e[q])), s)));
+    ge[q] = count == 0 ? static_cast<T>(0.0)
+                       : static_cast<T>(__dmul_rn(
+                             c, __dsub_rn(__dmul_rn(static_cast<double>(count), static_cast<double>(e[q])), s)));
   }
 };
 

@@ -327,8 +327,9 @@ def test_vector_quantize_filter_equals_cpu(dtype):
     _vq_emulated_equals_cpu(z[np.isfinite(z).all(1)], e, "ties")
     zt, et = torch.from_numpy(z), torch.from_numpy(e)
     with emulated():
-        (_, idx, c, _), _ = gn.vector_quantize(zt, et, 0.25)
+        (_, idx, c, _), (_, ge) = gn.vector_quantize(zt, et, 0.25)
     assert int(idx[7]) == 0 and bool(torch.isnan(c))  # a NaN row: index 0, NaN losses
+    assert not bool((idx == 3).any()) and bool((ge[3] == 0).all())  # the NaN code, unpicked: gradient 0
     big = 3e19 if dtype == np.float32 else 3e153
     z = np.array([[big, 0.0], [-big, 2.0]], dtype)
     e = np.array([[0.0, 0.0], [big, 1.0], [-big, 1.0], [1.0, 1.0]], dtype)

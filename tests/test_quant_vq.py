@@ -211,6 +211,53 @@ def test_vq_losses_and_grads_equal_autograd_composite(dtype):
     torch.testing.assert_close(ge, ge2, **tol)
 
 
+def test_vq_double_backward_equals_autograd_composite():
+    """Differentiating the backward again (create_graph: a gradient penalty on the encoder) gives the
+    true second derivatives (once a silent 0): those of the autograd composite, and in closed form
+    (QNT.4) d/dz of g_c d commitment/dz = g_c 2 beta/(N D) I, d/de_k of g_b d codebook/de_k =
+    g_b 2 n_k/(N D) I, with n_k the rows that picked code k."""
+    torch.manual_seed(5)
+    n, k, d, beta = 12, 5, 3, 0.3
+    z0, e0 = torch.randn(n, d, dtype=torch.float64), torch.randn(k, d, dtype=torch.float64)
+    w, vz, ve = (
+        torch.randn(n, d, dtype=torch.float64),
+        torch.randn(n, d, dtype=torch.float64),
+        torch.randn(k, d),
+    )
+    out = []
+    for fn in (gt.vector_quantize, vq_composite):
+        z, e = z0.clone().requires_grad_(True), e0.clone().requires_grad_(True)
+        zq, idx, c, cb = fn(z, e, beta)
+        gz, ge = torch.autograd.grad((zq * w).sum() + 0.7 * c + 1.9 * cb, (z, e), create_graph=True)
+        s = (gz * vz).sum() + (ge * ve.double()).sum()
+        out.append((idx, *torch.autograd.grad(s, (z, e), allow_unused=True, materialize_grads=True)))
+    (idx, hz, he), (idx2, hz2, he2) = out
+    assert torch.equal(idx, idx2)
+    torch.testing.assert_close(hz, hz2, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(he, he2, rtol=1e-12, atol=1e-15)
+    counts = torch.bincount(idx, minlength=k).double()
+    torch.testing.assert_close(hz, 0.7 * 2 * beta / (n * d) * vz, rtol=1e-12, atol=0)
+    torch.testing.assert_close(he, 1.9 * 2 / (n * d) * counts[:, None] * ve.double(), rtol=1e-12, atol=0)
+
+
+def test_vq_unused_code_gets_zero_gradient():
+    """(QNT.4) the codebook loss does not depend on a code no row picked: its gradient is 0 in every
+    layer, also when that code holds inf or NaN (count_k e_k was 0 * inf = NaN in the kernel)."""
+    z = np.array([[0.0, 0.0], [1.0, 1.0]])
+    e = np.array([[0.0, 0.1], [1.0, 0.9], [np.nan, 5.0], [np.inf, 1.0]])
+    want = np.zeros_like(e)
+    want[:2] = 2.0 / 4.0 * (e[:2] - z)  # one row each
+    (_, idx, _, b), (_, ge) = NQ.vector_quantize(z, e, 0.25)
+    assert idx.tolist() == [0, 1] and np.isfinite(b)
+    np.testing.assert_allclose(ge, want, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(
+        RQ.vector_quantize_backward(z, e, np.zeros_like(z), 0.0, 1.0)[1], want, rtol=1e-15, atol=0
+    )
+    et = torch.tensor(e, requires_grad=True)
+    gt.vector_quantize(torch.tensor(z), et, 0.25)[3].backward()
+    np.testing.assert_allclose(et.grad.numpy(), want, rtol=1e-15, atol=0)
+
+
 def test_vq_torch_op_checks():
     """gradcheck (float64) of each loss term in the argument it depends on, opcheck, compile(fullgraph)."""
     torch.manual_seed(1)

@@ -258,10 +258,13 @@ void vq_impl(const VqArgs& a) {
     segment_sums<T, int64_t>(z, a.indices, N, K, D, count, sums);
     T* ge = static_cast<T*>(a.grad_codebook);
     const double c = 2.0 / (static_cast<double>(N) * static_cast<double>(D));
+    // A code no row picked gets 0: the loss does not depend on it (0 * e_k would be NaN at an inf or NaN e_k).
     for (int64_t k = 0; k < K; ++k)
       for (int64_t d = 0; d < D; ++d)
-        ge[k * D + d] =
-            static_cast<T>(c * (static_cast<double>(count[k]) * static_cast<double>(e[k * D + d]) - sums[k * D + d]));
+        ge[k * D + d] = count[k] == 0
+                            ? T(0)
+                            : static_cast<T>(c * (static_cast<double>(count[k]) * static_cast<double>(e[k * D + d]) -
+                                                  sums[k * D + d]));
   }
 }
 

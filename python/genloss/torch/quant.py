@@ -70,13 +70,30 @@ def _(z: torch.Tensor, codebook: torch.Tensor, beta: float, need_grad: bool) -> 
 
 
 def _vq_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    ctx.save_for_backward(output[4], output[5])
+    ctx.save_for_backward(output[4], output[5], inputs[0], inputs[1], output[1])
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.beta = inputs[2]
+
+
+def _vq_loss_grads(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(QNT.4) d commitment/dz = 2 beta (z - sg(e_k)) / (N D) and d codebook_loss/de_k = 2 sum_{k_i = k}
+    (e_k - sg(z_i)) / (N D) (0 for a code no row picked) in torch ops, for a backward that is differentiated
+    again (create_graph): their derivatives w.r.t. z and the codebook are then autograd's, exact."""
+    _, _, z, e, idx = ctx.saved_tensors
+    z, e = _qup(z), _qup(e)
+    scale = 2.0 / (z.shape[0] * z.shape[1])
+    gz = (ctx.beta * scale) * (z - e.detach()[idx])
+    ge = scale * torch.zeros_like(e).index_add(0, idx, e[idx] - z.detach())
+    return gz, ge
 
 
 def _vq_backward(ctx: Any, g_zq: Any, _g_idx: Any, g_c: Any, g_b: Any, _g_gz: Any, _g_ge: Any) -> tuple:
-    """(QNT.4) grad_z = g_zq (straight-through) + g_c d commitment/dz; grad_codebook = g_b d codebook_loss/de."""
-    gz, ge = ctx.saved_tensors
+    """(QNT.4) grad_z = g_zq (straight-through) + g_c d commitment/dz; grad_codebook = g_b d codebook_loss/de.
+    The kernel's gradients (saved by the forward), or, under create_graph, the same in differentiable torch
+    ops (double backward: the second derivatives 2 beta/(N D) and 2 n_k/(N D), not a silent 0)."""
+    gz, ge = ctx.saved_tensors[:2]
+    if torch.is_grad_enabled():
+        gz, ge = _vq_loss_grads(ctx)
     grad_z = grad_e = None
     if ctx.needs_input_grad[0]:
         grad_z = gz * g_c if g_c is not None else torch.zeros_like(gz)
@@ -235,7 +252,9 @@ lib.define("fsq_quantize(Tensor z, int[] levels) -> Tensor")
 def _fsq_bound_parts(z: torch.Tensor, levels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(tanh(z + s), h / w) per channel in float64 (QNT.10).  The bound is taken in float64 so the
     code of a float32 / float16 z is the reference's: a float32 bound would flip the rounding of the
-    entries within ~1e-7 of a half-integer, i.e. give another token than the same z in float64."""
+    entries within ~1e-7 of a half-integer, i.e. give another token than the same z in float64. A float64 z
+    within about an ulp of a rounding boundary can still round either way between the layers: torch's and
+    NumPy's tanh differ by an ulp on some float64 inputs (neither is the correctly rounded one everywhere)."""
     half_l, _, shift, half_width = ref.fsq_constants(levels)
     t = torch.tanh(z.double() + _f64(shift, z))
     return t, _f64(half_l / half_width, z)
