@@ -283,26 +283,34 @@ double tile_direct(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, T* 
 }
 
 // ---- blocked body (D > 4) ----------------------------------------------------
+// The micro-kernel's vectors are the build's own registers (kVecBytes: zmm, ymm, xmm). A GCC
+// vector wider than the instruction set's is lowered piecewise through memory: 64-byte
+// vectors on the AVX2 build ran this GEMM at 1.6 GFLOP/s against 12.6 with 32-byte ones
+// (one core, bench/README.md "MMD on AVX2"), and made mmd2 with D > 4 slower than torch there.
+// The vector width changes no result: each C entry sums its k terms in order either way.
 template <class T>
 struct VecOf;
 template <>
 struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64), aligned(4)));
+  typedef float type __attribute__((vector_size(kVecBytes), aligned(4)));
 };
 template <>
 struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64), aligned(8)));
+  typedef double type __attribute__((vector_size(kVecBytes), aligned(8)));
 };
+// gemm_acc's column step, two vectors: the padding of the tile's columns and of D.
+template <class T>
+constexpr int64_t kPanel = 2 * kVecBytes / static_cast<int64_t>(sizeof(T));
 
 // C[m, n] += sum_k A(m, k) B[k, n], A(m, k) = A[m * am + k * ak], B and C row-major.
-// m a multiple of 4, n a multiple of 2 vectors (64-byte GCC vectors: one zmm on
-// AVX-512, split in halves or quarters on narrower builds). 4 x 2 vector
-// accumulators in registers; the k order is fixed.
+// m a multiple of 4, n a multiple of kPanel (2 vectors). 4 x 2 vector accumulators in
+// registers (8 of the 16 ymm / xmm registers of AVX2 / SSE2, of the 32 zmm of AVX-512);
+// the k order is fixed.
 template <class T>
 void gemm_acc(int64_t m, int64_t n, int64_t kk, const T* A, int64_t am, int64_t ak, const T* B, int64_t ldb, T* C,
               int64_t ldc) {
   using V = typename VecOf<T>::type;
-  constexpr int64_t L = 64 / sizeof(T);
+  constexpr int64_t L = kVecBytes / sizeof(T);
   for (int64_t i = 0; i < m; i += 4) {
     for (int64_t j = 0; j < n; j += 2 * L) {
       V c[4][2];
@@ -380,7 +388,7 @@ double tile_blocked(const Ctx<T>& cx, const Tile& t, double* gacc, bool grad, Sc
   const int64_t i0 = t.bi * kT, j0 = t.bj * kT;
   const int64_t ni = std::min(kT, cx.n[t.si] - i0), nj = std::min(kT, cx.n[t.sj] - j0);
   const int64_t ni4 = round_up(ni, 4), nj4 = round_up(nj, 4);
-  const int64_t njv = round_up(nj, 2 * 64 / static_cast<int64_t>(sizeof(T)));
+  const int64_t njv = round_up(nj, kPanel<T>);
   const T* Xr = cx.zr[t.si].data() + i0 * Dp;
   const T* Zr = cx.zr[t.sj].data() + j0 * Dp;
   const T* Zt = cx.zt[t.sj].data() + j0;
@@ -608,7 +616,7 @@ void mmd_t(const MmdArgs& a) {
   }
   const int64_t D = a.D;
   const bool direct = D <= kDirectMaxD;
-  cx.Dp = round_up(D, 2 * 64 / static_cast<int64_t>(sizeof(T)));
+  cx.Dp = round_up(D, kPanel<T>);
   cx.n[0] = a.N;
   cx.n[1] = a.M;
   const T* src[2] = {static_cast<const T*>(a.x), static_cast<const T*>(a.y)};
