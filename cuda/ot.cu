@@ -488,6 +488,8 @@ void sinkhorn(const SinkhornArgs& a, void* stream) {
     set_i64<<<1, 1, 0, s>>>(a.rounds, rounds);
     check_cuda(cudaGetLastError(), "sinkhorn rounds launch");
   }
+  if (a.change && rounds > 0)  // chg[0]: the last round's largest x-y change, on the device
+    check_cuda(cudaMemcpyAsync(a.change, chg, sizeof(double), cudaMemcpyDeviceToDevice, s), "sinkhorn change copy");
   if (a.debias) {  // GeomLoss's final plain step of the self potentials, then (MET.23)
     k.softmin(X, X, e, la, fa, ft);
     k.softmin(Y, Y, e, lb, gb, gt);

@@ -304,6 +304,7 @@ void sinkhorn(const SinkhornArgs& a) {
   }
   e = a.eps[a.n_eps - 1];
   int64_t rounds = 0;
+  double last_change = 0.0;
   bool self_done = !a.debias;
   while (rounds < a.max_iter) {  // (MET.21) alternating x-y updates, averaged self updates
     ++rounds;
@@ -312,6 +313,7 @@ void sinkhorn(const SinkhornArgs& a) {
     logw(hx, la, &ft, e);
     softmin(Y, X, D, a.p, e, hx.data(), gt.data());
     const double change = std::max(max_change(ft, f), max_change(gt, g));
+    last_change = change;
     f.swap(ft);
     g.swap(gt);
     if (!self_done) {  // the self problems converge at rate <= 1/2: usually first, then left alone
@@ -326,6 +328,7 @@ void sinkhorn(const SinkhornArgs& a) {
     if (!(change > a.tol * e) && self_done) break;  // NaN stops too
   }
   if (a.rounds) *a.rounds = rounds;
+  if (a.change) *a.change = last_change;
   double value = 0.0;
   for (int64_t i = 0; i < N; ++i) value += f[i] / double(N);
   for (int64_t j = 0; j < M; ++j) value += g[j] / double(M);

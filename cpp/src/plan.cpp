@@ -565,7 +565,7 @@ const KernelField kSinkhornFields[] = {
     GENLOSS_FIELD(SinkhornArgs, debias, kTFlag, false, 0), GENLOSS_FIELD(SinkhornArgs, value, kTAddr, true, 0),
     GENLOSS_FIELD(SinkhornArgs, f, kTAddr, false, 0),      GENLOSS_FIELD(SinkhornArgs, g, kTAddr, false, 0),
     GENLOSS_FIELD(SinkhornArgs, grad_x, kTAddr, false, 0), GENLOSS_FIELD(SinkhornArgs, grad_y, kTAddr, false, 0),
-    GENLOSS_FIELD(SinkhornArgs, rounds, kTAddr, false, 0)};
+    GENLOSS_FIELD(SinkhornArgs, rounds, kTAddr, false, 0), GENLOSS_FIELD(SinkhornArgs, change, kTAddr, false, 0)};
 const KernelField kAssignFields[] = {
     GENLOSS_FIELD(AssignArgs, dtype, kTInt, false, 0), GENLOSS_FIELD(AssignArgs, x0, kTAddr, true, 0),
     GENLOSS_FIELD(AssignArgs, x1, kTAddr, true, 0),    GENLOSS_FIELD(AssignArgs, B, kTSize, true, 0),

@@ -144,6 +144,19 @@ def positive_int(name: str, value: object) -> int:
     return value
 
 
+def seed(name: str, value: object, below: int | None = None) -> int:
+    """A seed: an int >= 0 (NumPy's ``default_rng`` takes no negative one), and < ``below`` where it
+    travels as a torch op's int argument (signed 64 bits)."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    v = value.__index__()  # type: ignore[attr-defined]
+    if v < 0 or (below is not None and v >= below):
+        raise ValueError(
+            f"{name} must be >= 0" + (f" and < {below}" if below is not None else "") + f", got {v}"
+        )
+    return int(v)
+
+
 def batched(name: str, shape: Sequence[int], reduction_: str = "mean", min_ndim: int = 1) -> int:
     """A tensor with a batch dimension first; returns the batch size.
 

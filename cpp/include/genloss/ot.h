@@ -26,6 +26,8 @@ struct SinkhornArgs {
   double* grad_x;     // out, optional (N, D): dvalue/dx                     (MET.24)
   double* grad_y;     // out, optional (M, D)
   int64_t* rounds;    // out, optional (1): rounds run at the last eps
+  double* change;     // out, optional (1): the last round's largest x-y potential change (converged:
+                      // <= tol * eps; change / eps estimates the relative error of the row marginals)
 };
 
 // ot_coupling's exact pairing of two batches of B points.                  (MET.26)

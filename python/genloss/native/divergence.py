@@ -266,8 +266,9 @@ def kid_full_set(real: Buf, fake: Buf) -> tuple[float, float]:
     return value, math.sqrt(max(mmd2_u_variance(n, m, g), 0.0))
 
 
-def check_kid(n_real: int, n_fake: int, subsets: Any, subset_size: Any) -> None:
+def check_kid(n_real: int, n_fake: int, subsets: Any, subset_size: Any, seed: Any = 0) -> None:
     C.positive_int("subsets", subsets)
+    C.seed("seed", seed)  # the reference's rule: a reproducible subset draw (no None, no negative seed)
     if isinstance(subset_size, bool) or not isinstance(subset_size, int):
         raise TypeError(f"subset_size must be an int, got {type(subset_size).__name__}")
     if subset_size < 2:
@@ -296,7 +297,7 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0) -> 
     refuse_capture(rb, "kid", "it returns Python floats (each subset's MMD^2 is read back to the host)")
     if subsets is None:  # the full sets and the closed-form standard deviation  (DIV.16)
         return kid_full_set(rb, fb)
-    check_kid(n_r, n_f, subsets, subset_size)
+    check_kid(n_r, n_f, subsets, subset_size, seed)
     values = []
     for idx_r, idx_f in kid_indices(n_r, n_f, subsets, subset_size, seed):
         if rb.kind == "torch":

@@ -204,8 +204,10 @@ def _sinkhorn_cuda(op, xb, yb, eps, p, scaling, tol, max_iter, flags):
     diameter, finite = _dev_bounds(x64, y64)
     if finite:  # NaN in, NaN out (every entry)
         eps_list = _ref.eps_schedule(diameter, p, eps, scaling)  # (MET.22)
+        change = empty(x64, ())
         _dev_sinkhorn(x64, y64, eps_list, p=p, tol=tol, max_iter=max_iter, debias=True, value=value.ptr,
-                      grad_x=_p(gx), grad_y=_p(gy))  # fmt: skip
+                      grad_x=_p(gx), grad_y=_p(gy), change=change.ptr)  # fmt: skip
+        _ref.check_converged(op, float(to_host(change.arr)), tol, max_iter, eps, eps)
     if not any(flags):
         return _dev_like(xb, value), ()
     return _dev_like(xb, value), tuple(None if g is None else _dev_like(xb, g) for g in (gx, gy))
@@ -229,11 +231,14 @@ def sinkhorn_divergence(x, y, eps, p=2.0, scaling=0.5, tol=1e-8, max_iter=1000, 
     gy = np.full(y64.shape, np.nan) if flags[1] else None
     if np.isfinite(x64).all() and np.isfinite(y64).all():  # NaN in, NaN out (every entry)
         eps_list = _ref.eps_schedule(_ref.bbox_diameter(x64, y64), p, eps, scaling)  # (MET.22)
+        change = np.zeros(())
         ran(run_call(
             kind="sinkhorn", x=x64.ctypes.data, y=y64.ctypes.data, N=x64.shape[0], M=y64.shape[0],
             D=x64.shape[1], p=p, eps=eps_list, tol=tol, max_iter=max_iter, debias=True, value=value.ctypes.data,
             grad_x=None if gx is None else gx.ctypes.data, grad_y=None if gy is None else gy.ctypes.data,
+            change=change.ctypes.data,
         ))  # fmt: skip
+        _ref.check_converged(op, float(change), tol, max_iter, eps, eps)
     if not any(flags):
         return _like(xb, value), ()
     return _like(xb, value), tuple(None if g is None else _like(xb, g) for g in (gx, gy))
@@ -261,10 +266,12 @@ def _coupling_cuda(op, ab, bb, e, tol, max_iter):
     refuse_capture(a, op, "method 'sinkhorn' stops when the potentials converge (a test read on the host)")
     f, g, value = empty(a, (n,)), empty(a, (n,)), empty(a, ())
     diameter, _ = _dev_bounds(a, b)
+    change = empty(a, ())
     _dev_sinkhorn(
         a, b, _ref.eps_schedule(diameter, 2.0, 0.5 * e, 0.5, op), p=2.0, tol=tol, max_iter=max_iter, value=value.ptr,
-        f=f.ptr, g=g.ptr,
+        f=f.ptr, g=g.ptr, change=change.ptr,
     )  # fmt: skip
+    _ref.check_converged(op, float(to_host(change.arr)), tol, max_iter, e, 0.5 * e)
     x0, x1 = a.arr, b.arr
     r2 = (x0[:, None, 0] - x1[None, :, 0]) ** 2  # C = r^2 / 2 from the differences, summed over d in order
     for k in range(1, d):
@@ -294,12 +301,13 @@ def ot_coupling(x0, x1, method="exact", eps=0.1, tol=1e-8, max_iter=1000):
             run_call(kind="assignment", x0=a.ctypes.data, x1=b.ctypes.data, B=n, D=d, perm=out.ctypes.data)
         )  # (MET.26)
     else:  # C = r^2 = 2 (r^2 / 2): the plan of cost r^2/2 (p = 2) at eps/2  (MET.27)
-        f, g, value = np.empty(n), np.empty(n), np.empty(())
+        f, g, value, change = np.empty(n), np.empty(n), np.empty(()), np.zeros(())
         eps_list = _ref.eps_schedule(_ref.bbox_diameter(a, b), 2.0, 0.5 * e, 0.5, op)
         ran(run_call(
             kind="sinkhorn", x=a.ctypes.data, y=b.ctypes.data, N=n, M=n, D=d, p=2.0, eps=eps_list, tol=tol,
-            max_iter=max_iter, value=value.ctypes.data, f=f.ctypes.data, g=g.ctypes.data,
+            max_iter=max_iter, value=value.ctypes.data, f=f.ctypes.data, g=g.ctypes.data, change=change.ctypes.data,
         ))  # fmt: skip
+        _ref.check_converged(op, float(change), tol, max_iter, e, 0.5 * e)
         la = -np.log(n)
         out = np.exp(2.0 * la + (f[:, None] + g[None, :] - _ref.ot_cost_matrix(a, b, 2.0)) / (0.5 * e))
     if ab.kind == "torch":

@@ -521,10 +521,7 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0):
         return result(value), result(math.sqrt(max(var, 0.0)))
     subsets = _checks.positive_int("subsets", subsets)
     subset_size = _checks.positive_int("subset_size", subset_size)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    seed = _checks.seed("seed", seed)
     if subset_size < 2:
         raise ValueError(f"subset_size must be >= 2 (the unbiased estimator), got {subset_size}")
     for name, a in (("real_features", real), ("fake_features", fake)):

@@ -21,6 +21,7 @@ equations.  Conventions:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -389,8 +390,9 @@ def sinkhorn_loop(softmin, eps_list, log_a, log_b, tol, max_iter, debias=True):
     self potentials by the averaged update (until their own change is at most ``tol * eps``, after
     which they are left alone), until the largest change of the x-y potentials is at most
     ``tol * eps`` too (a marginal error of about ``tol``) or ``max_iter`` rounds; then one plain
-    step of the self potentials (GeomLoss's final extrapolation).  Returns ``(f, g, f_aa, g_bb, rounds)``
-    (self potentials None without ``debias``).
+    step of the self potentials (GeomLoss's final extrapolation).  Returns ``(f, g, f_aa, g_bb, change)``
+    (self potentials None without ``debias``), where ``change`` is the last round's largest x-y
+    potential change: at most ``tol * eps`` when converged (see :func:`check_converged`).
     """
     e = eps_list[0]
     f, g = softmin(e, "xy", log_b), softmin(e, "yx", log_a)
@@ -419,7 +421,30 @@ def sinkhorn_loop(softmin, eps_list, log_a, log_b, tol, max_iter, debias=True):
             break
     if debias:
         fa, gb = softmin(e, "xx", log_a + fa / e), softmin(e, "yy", log_b + gb / e)
-    return f, g, fa, gb, rounds
+    return f, g, fa, gb, change
+
+
+# The loop's last change over eps estimates the relative error of the plan's row marginals
+# (f_new - f = -eps log(row sum / a)). Below this (and below tol) a run stopped by max_iter is
+# accurate for use: the gradients (envelope theorem) to about that relative error, the value
+# (a stationary dual objective) to about its square.
+UNCONVERGED_WARN = 1e-3
+
+
+def check_converged(op: str, change: float, tol: float, max_iter: int, eps: float, solver_eps: float) -> None:
+    """A RuntimeWarning when the loop stopped at ``max_iter`` with its last change above
+    ``max(tol, UNCONVERGED_WARN) * solver_eps``: the potentials are then far from optimal, the value
+    is not S_eps (it can fall below a bound it cannot cross) and the plan's row marginals are off
+    by about ``change / solver_eps``. Small eps converges slowly (the contraction rate tends to 1)."""
+    err = change / solver_eps
+    if err > max(tol, UNCONVERGED_WARN):  # NaN (NaN inputs) is not > anything: no warning
+        warnings.warn(
+            f"{op}: the Sinkhorn iterations did not converge in max_iter={max_iter} rounds at eps={eps:g}: "
+            f"the plan's marginals are off by about {err:.1e} (relative) and the result is not the converged "
+            "one; raise max_iter, or eps",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def ot_cost_matrix(a: np.ndarray, b: np.ndarray, p: float) -> np.ndarray:
@@ -446,12 +471,16 @@ def transport_grad(a, b, f, g, log_wa, log_wb, e, p):
     return np.einsum("ij,ijd->id", w, diff)
 
 
-def _sinkhorn_solve(x, y, eps, p, scaling, tol, max_iter, debias=True):
+def _sinkhorn_solve(
+    x, y, eps, p, scaling, tol, max_iter, debias=True, op="sinkhorn_divergence", user_eps=None
+):
     n, m = x.shape[0], y.shape[0]
     log_a, log_b = np.full(n, -np.log(n)), np.full(m, -np.log(m))
     eps_list = eps_schedule(bbox_diameter(x, y), p, eps, scaling)
     softmin = _np_softmin({"x": x, "y": y}, p)
-    return sinkhorn_loop(softmin, eps_list, log_a, log_b, tol, max_iter, debias), log_a, log_b
+    out = sinkhorn_loop(softmin, eps_list, log_a, log_b, tol, max_iter, debias)
+    check_converged(op, out[4], tol, max_iter, eps if user_eps is None else user_eps, eps)
+    return out, log_a, log_b
 
 
 def _sinkhorn_prepare(x, y, eps, p, scaling, tol, max_iter):
@@ -591,7 +620,9 @@ def ot_coupling(x0, x1, method="exact", eps=0.1, tol=1e-8, max_iter=1000):
         perm[rows] = cols
         return perm
     # C = r^2 is 2 x (r^2 / 2): the same plan as cost r^2/2 (p = 2) at eps/2  (MET.27)
-    (f, g, _, _, _), la, lb = _sinkhorn_solve(a, b, 0.5 * eps, 2.0, 0.5, tol, max_iter, debias=False)
+    (f, g, _, _, _), la, lb = _sinkhorn_solve(
+        a, b, 0.5 * eps, 2.0, 0.5, tol, max_iter, debias=False, op="ot_coupling", user_eps=eps
+    )
     c = ot_cost_matrix(a, b, 2.0)
     return result(np.exp(la[:, None] + lb[None, :] + (f[:, None] + g[None, :] - c) / (0.5 * eps)))
 
@@ -749,11 +780,13 @@ def prdc(real, fake, k=5):
 def check_sw_ints(d, n_projections, seed) -> None:
     """``d``, ``n_projections`` and ``seed`` of :func:`sliced_wasserstein` (shared by every layer)."""
     op = "sliced_wasserstein"
-    for name, v, lo in (("d", d, 1), ("n_projections", n_projections, 1), ("seed", seed, 0)):
+    for name, v in (("d", d), ("n_projections", n_projections)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
-        if v < lo:
-            raise ValueError(f"{op}: {name} must be >= {lo}, got {v}")
+        if v < 1:
+            raise ValueError(f"{op}: {name} must be >= 1, got {v}")
+    with _checks.named_errors(op):
+        _checks.seed("seed", seed, below=2**63)  # the torch op takes it as a signed 64-bit int
 
 
 def sliced_wasserstein_projections(d: int, n_projections: int = 128, seed: int = 0) -> np.ndarray:

@@ -42,7 +42,7 @@ def kid(
     fake_features: torch.Tensor,
     subsets: int | None = 100,
     subset_size: int = 1000,
-    seed: int | None = 0,
+    seed: int = 0,
 ) -> tuple[float, float]:
     r"""Kernel Inception Distance: (mean, std ddof=0) of the unbiased cubic-polynomial MMD^2
     over ``subsets`` random subsets drawn by ``np.random.default_rng(seed)``; Python floats.  (DIV.13)
