@@ -415,6 +415,24 @@ def test_torch_frechet_gradient_at_repeated_and_vanishing_singular_values():
 # ============================================================================= DIV.16
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_frechet_non_finite_input_is_named_in_both_layers(bad):
+    """A NaN or inf feature: the reference's ValueError naming the op and the argument in the torch
+    layer too (it failed inside LAPACK: torch._C._LinAlgError from the SVD); the moments form too."""
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(12, 3, dtype=torch.float64)
+    for _layer, fn in (("reference", lambda *a: RM.frechet_distance(*(t.numpy() for t in a))),
+                      ("torch", T.frechet_distance)):  # fmt: skip
+        for which in (0, 1):
+            xs, ys = x.clone(), y.clone()
+            (xs, ys)[which][0, 0] = bad
+            with pytest.raises(ValueError, match=rf"frechet_distance: {'xy'[which]} must be finite"):
+                fn(xs, ys)
+        mu, cov = x.mean(0), torch.cov(x.T)
+        cov[0, 1] = bad
+        with pytest.raises(ValueError, match="frechet_distance: mu1 and cov1 must be finite"):
+            fn(mu, cov, y.mean(0), torch.cov(y.T))
+
+
 def test_kid_variance_is_exactly_unbiased():
     """Exact enumeration: p on 2 atoms, q on 3 atoms (1-D), N=4, M=5. The mean of the variance
     estimate over all 2^4 * 3^5 samples equals the exact Var of the full-set MMD^2_u (DIV.16)."""
@@ -535,10 +553,20 @@ def _worker(rank, port, out_dir):
         theta_grad = theta.grad.clone()
         dist.all_reduce(theta_grad)  # DDP: average the parameter gradients over the ranks
         theta_grad /= WORLD
+        errors = []  # ranks that cannot merge: a ValueError on every rank (once an abort, or a hang)
+        for bad in (
+            T.GaussianMoments().update(x[lo:hi, : 3 - rank]),
+            T.GaussianMoments(dim=D if rank else None),
+        ):
+            try:
+                bad.all_reduce()
+                errors.append(None)
+            except ValueError as err:
+                errors.append(str(err))
         torch.save(
             {
                 "n": g.n, "mean": g.mean, "cov": g.cov, "gathered": xg.detach(), "loss": loss.detach(), "terms": terms,
-                "grad_x": xs.grad, "grad_y": ys.grad, "theta_grad": theta_grad,
+                "grad_x": xs.grad, "grad_y": ys.grad, "theta_grad": theta_grad, "errors": errors,
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )  # fmt: skip
@@ -582,3 +610,6 @@ def test_distributed_gloo_two_ranks():
         assert rel_err(got["grad_x"], RM.gathered_gradient([xt.grad.numpy()] * WORLD, N_PER_RANK, r)) < 1e-10
         assert rel_err(got["grad_y"], WORLD * yv.grad[lo:hi]) < 1e-10
         assert abs(float(got["theta_grad"]) - float(theta.grad)) <= 1e-10 * abs(float(theta.grad))
+        dims, nodim = got["errors"]
+        assert dims is not None and "the ranks' dims differ ([3, 2], in rank order)" in dims
+        assert nodim is not None and "rank(s) [0] of the group have no data and no dim" in nodim

@@ -688,6 +688,7 @@ BAD_SW = [
     (dict(p=0.5), ValueError, "p"), (dict(p=float("nan")), ValueError, "p"), (dict(n_projections=0), ValueError, "n_projections"),
     (dict(seed=-1), ValueError, "seed"), (dict(seed=1.5), TypeError, "seed"), (dict(dim_y=2), ValueError, "y"),
     (dict(n=0), ValueError, "x"),
+    (dict(seed=2**63), ValueError, "seed"),  # the torch op's int is int64: once a schema error there
 ]  # fmt: skip
 
 

@@ -477,6 +477,23 @@ def test_bad_kid_and_median():
 
 
 @pytest.mark.parametrize("layer", ["reference", "native", "torch"])
+def test_kid_seed_is_one_rule_in_every_layer(layer):
+    """An int >= 0 everywhere, refused by name otherwise: the native and torch layers took None (a
+    fresh, irreproducible draw each call) and gave NumPy's unnamed error for -1."""
+    r, f = np.random.default_rng(0).random((10, 3)), np.random.default_rng(1).random((8, 3))
+    call = {
+        "reference": R.kid,
+        "native": gn.kid,
+        "torch": lambda a, b, **k: gt.kid(torch.tensor(a), torch.tensor(b), **k),
+    }[layer]
+    for seed, err in ((None, TypeError), (-1, ValueError), (1.0, TypeError)):
+        with pytest.raises(err, match="^kid: seed must be"):
+            call(r, f, subsets=2, subset_size=4, seed=seed)
+    a = call(r, f, subsets=2, subset_size=4, seed=np.int64(3))
+    assert a == call(r, f, subsets=2, subset_size=4, seed=3)
+
+
+@pytest.mark.parametrize("layer", ["reference", "native", "torch"])
 def test_median_bandwidth_names_nan_data_as_such(layer):
     """NaN features are non-finite data, not "repeated points": every layer says so, naming the op."""
     x, y = np.random.default_rng(0).random((6, 3)), np.random.default_rng(1).random((5, 3))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..reference.metrics import chan_merge
+from ._op import eager_checks
 
 __all__ = ["GaussianMoments", "frechet_distance", "gather_with_grad"]
 
@@ -132,8 +133,9 @@ class GaussianMoments:
     def all_reduce(self, group=None) -> GaussianMoments:
         r"""Replace this rank's state by the merge of every rank's state (in place; returns ``self``).
 
-        One ``all_gather`` of the packed ``(n, mean, M2)`` (``1 + d + d^2`` float64 values per
-        rank), then every rank merges the W states itself in the same fixed order, a
+        One ``all_gather`` of every rank's d (a rank without data and dim, or ranks of different d,
+        raise a ValueError on every rank), one of the packed ``(n, mean, M2)`` (``1 + d + d^2``
+        float64 values per rank), then every rank merges the W states itself in the same fixed order, a
         pairwise tree over rank numbers (MET.1): the result is bitwise the same on every rank
         and equals one process merging the same parts.  Call it once per evaluation (a
         second call would count every sample W times).  A rank without data contributes
@@ -141,10 +143,23 @@ class GaussianMoments:
         """
         op = f"{self._op}.all_reduce"
         dist, world, _ = _distributed(op, group)
-        if self.dim is None:
-            raise ValueError(f"{op}: this rank has no data and no dim; construct with GaussianMoments(dim=d)")
-        d = self.dim
         device = self.device if self.device is not None else torch.device("cpu")
+        # Every rank's d first (-1: no data, no dim): a rank that cannot take part, or ranks whose
+        # messages would differ in size, are a ValueError on EVERY rank (one rank raising alone
+        # left its peers blocked in all_gather, and unequal sizes aborted the gloo process).
+        dims = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        mine = torch.tensor([-1 if self.dim is None else self.dim], dtype=torch.int64, device=device)
+        dist.all_gather(dims, mine, group=group)
+        ds = [int(t.item()) for t in dims]
+        if -1 in ds:
+            ranks = [r for r, v in enumerate(ds) if v == -1]
+            raise ValueError(f"{op}: rank(s) {ranks} of the group have no data and no dim; construct with "
+                             f"GaussianMoments(dim=d)")  # fmt: skip
+        if len(set(ds)) > 1:
+            raise ValueError(
+                f"{op}: the ranks' dims differ ({ds}, in rank order); every rank needs the same d"
+            )
+        d = ds[0]
         packed = torch.zeros(1 + d + d * d, dtype=torch.float64, device=device)
         if self.n:
             packed[0] = self.n
@@ -229,6 +244,11 @@ def _qr(a: torch.Tensor):
     return torch.linalg.qr(a, mode="reduced")
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """All finite, where a data check may read the device (eager_checks); else assumed."""
+    return not eager_checks(t) or bool(torch.isfinite(t).all())
+
+
 def _sqrt_factor(op: str, name: str, cov: torch.Tensor) -> torch.Tensor:
     """V_r Lambda_r^(1/2), eigenvalues at or below d eps lambda_max dropped (MET.4)."""
     # value only (the moments form refuses grad), so in place where it saves a d x d array:
@@ -280,6 +300,8 @@ def frechet_distance(*args) -> torch.Tensor:
                 raise ValueError(
                     f"{op}: mu{k} must have shape (d,) and cov{k} (d, d), got {tuple(mu.shape)}, {tuple(cov.shape)}"
                 )
+            if not (_finite(mu) and _finite(cov)):  # as the reference (LAPACK would fail on them)
+                raise ValueError(f"{op}: mu{k} and cov{k} must be finite")
         if mu1.shape != mu2.shape:
             raise ValueError(
                 f"{op}: mu2 must have the dimension of mu1 (d={mu1.shape[0]}), got {tuple(mu2.shape)}"
@@ -306,6 +328,8 @@ def frechet_distance(*args) -> torch.Tensor:
             raise ValueError(
                 f"{op}: {name} needs at least 2 samples (the unbiased covariance), got {t.shape[0]}"
             )
+        if not _finite(t):  # as the reference: the SVD would fail with LAPACK's error
+            raise ValueError(f"{op}: {name} must be finite")
     x, y = x.to(torch.float64), y.to(torch.float64)
     n1, n2 = x.shape[0], y.shape[0]
     mu1, mu2 = x.mean(dim=0), y.mean(dim=0)
