@@ -142,6 +142,33 @@ def test_public_functions_have_signature_and_reference_doc(name):
     assert ref_doc and ref_doc.splitlines()[0] in (inspect.getdoc(fn) or ""), f"{name}: reference doc missing"
 
 
+# Where a torch function's argument is another kind of object than the reference's, so named
+# for what it takes: a torch.Generator where the reference takes a numpy Generator.
+RENAMED = {"full_bound": {"rng": "generator"}}
+
+
+def test_every_torch_function_takes_the_references_argument_names():
+    """The functions without a record too (samplers, metrics, quantizers, helpers): the reference's
+    argument names, in its order, so keyword calls work in both layers (the torch layer may add
+    arguments after them: device, dtype, a process group). timestep_density(t=...) once failed."""
+    import genloss.reference as ref
+
+    names = sorted(n for n in set(gt.__all__) & set(dir(ref)) if inspect.isfunction(getattr(gt, n)))
+    assert len(names) > 80
+    for name in names:
+
+        def positional(f):
+            kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
+            return [p.name for p in inspect.signature(f).parameters.values() if p.kind in kinds]
+
+        want = [RENAMED.get(name, {}).get(a, a) for a in positional(getattr(ref, name))]
+        got = positional(getattr(gt, name))
+        assert got[: len(want)] == want, f"genloss.torch.{name}{got} vs the reference's {want}"
+    t = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    assert torch.equal(gt.timestep_density(t=t, kind="cosmap"), gt.timestep_density(t, "cosmap"))
+    assert torch.equal(gt.timestep_quantile(u=t, kind="mode"), gt.timestep_quantile(t, "mode"))
+
+
 def test_bad_calls_name_the_public_function():
     x = torch.randn(2, 3)
     t = torch.zeros(2, dtype=torch.long)

@@ -263,31 +263,38 @@ _TORCH_OPS = SimpleNamespace(
 )  # fmt: skip
 
 
-def _timestep_op(op: str, name: str) -> Callable[..., torch.Tensor]:
+def _timestep_map(op: str, name: str, x: torch.Tensor, kind: str, params: tuple) -> torch.Tensor:
     """``reference.<op>`` on a tensor: float64 on its device, returned in its dtype (float32 for float16 /
     bfloat16); not differentiable (a density is data): an input that requires grad is refused. The
     values are checked as the reference checks them where ``eager_checks`` allows (not under
     torch.compile or CUDA graph capture)."""
-    fn = op.removeprefix("timestep_")
-
-    def call(x: torch.Tensor, kind: str = "uniform", m: float = 0.0, s: float = 1.0, scale: float = 1.29,
-             p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:  # fmt: skip
-        x = _no_grad_input(op, name, _tensor(op, name, x))
-        with ref.named_errors(op):
-            kind, params = ref._timestep_params(kind, m, s, scale, p_mean, p_std)
-            domain = kind if name == "t" else "uniform"  # u: probabilities; t: times, or sigmas
-            _eager_check(lambda a: ref._unit_or_sigma(domain, a, name), x)
-        out = ref.timestep_map(fn, x.detach().double(), kind, params, _TORCH_OPS)
-        return out.to(_out_dtype(x))
-
-    call.__name__ = call.__qualname__ = op
-    call.__doc__ = getattr(ref, op).__doc__
-    return call
+    x = _no_grad_input(op, name, _tensor(op, name, x))
+    with ref.named_errors(op):
+        kind, p = ref._timestep_params(kind, *params)
+        domain = kind if name == "t" else "uniform"  # u: probabilities; t: times, or sigmas
+        _eager_check(lambda a: ref._unit_or_sigma(domain, a, name), x)
+    out = ref.timestep_map(op.removeprefix("timestep_"), x.detach().double(), kind, p, _TORCH_OPS)
+    return out.to(_out_dtype(x))
 
 
-timestep_density = _timestep_op("timestep_density", "t")
-timestep_cdf = _timestep_op("timestep_cdf", "t")
-timestep_quantile = _timestep_op("timestep_quantile", "u")
+# The reference's argument names (t, or u for the quantile), so keyword calls work in every layer.
+def timestep_density(t: torch.Tensor, kind: str = "uniform", m: float = 0.0, s: float = 1.0, scale: float = 1.29,
+                     p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:  # fmt: skip
+    return _timestep_map("timestep_density", "t", t, kind, (m, s, scale, p_mean, p_std))
+
+
+def timestep_cdf(t: torch.Tensor, kind: str = "uniform", m: float = 0.0, s: float = 1.0, scale: float = 1.29,
+                 p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:  # fmt: skip
+    return _timestep_map("timestep_cdf", "t", t, kind, (m, s, scale, p_mean, p_std))
+
+
+def timestep_quantile(u: torch.Tensor, kind: str = "uniform", m: float = 0.0, s: float = 1.0, scale: float = 1.29,
+                      p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:  # fmt: skip
+    return _timestep_map("timestep_quantile", "u", u, kind, (m, s, scale, p_mean, p_std))
+
+
+for _fn in (timestep_density, timestep_cdf, timestep_quantile):
+    _fn.__doc__ = getattr(ref, _fn.__name__).__doc__
 
 
 def ict_sigma_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
