@@ -93,6 +93,8 @@ def test_quick_run_writes_figure_tables_and_provenance(quick_run):
     for name in QUICK_METHODS:
         assert f"| {name} |" in md and f"- `{name}`:" in md  # a row and its stated hyperparameters
     assert f"source hash `{demo.source_hash()}`" in md and "genloss demo --quick --seed 3" in md
+    # the Methods text gives the full run's step counts: the --quick run says it trained a tenth of them
+    assert "The step counts below are the full run's; this run trained for 0.1 of them" in md
     with (out / "genloss-demo.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["dataset"], r["method"]) for r in rows] == [
@@ -111,6 +113,25 @@ def test_rerun_into_the_same_folder_says_it_overwrites(quick_run, capsys):
     )
     err = capsys.readouterr().err
     assert f"will overwrite {', '.join(demo.FILES)} in {out}" in err
+    md = (out / "genloss-demo.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| lsgan |") or line.startswith("| data |")]
+    assert "one seed (no spread)" in md and rows and not any("±" in r for r in rows), md  # no measured spread
+    assert "this run trained for 3 steps" in md
+
+
+def test_an_unwritable_output_is_refused_before_any_training(tmp_path, capsys):
+    """A path that cannot hold the outputs is a ValueError (rc 2 from the command) up front: it once
+    failed with a traceback after the whole run had trained."""
+    from genloss.apps import cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for bad in (afile, afile / "sub"):
+        with pytest.raises(ValueError, match="run_demo: cannot write the outputs to"):
+            demo.run_demo(bad, methods=["lsgan"], datasets="ring", seeds=1, steps=3, workers=1, progress=True)
+        assert "[1/" not in capsys.readouterr().err  # nothing trained
+    assert cli.main(["demo", "--methods", "lsgan", "--steps", "3", "--seeds", "1", "--out", str(afile)]) == 2
+    assert "genloss demo: run_demo: cannot write the outputs to" in capsys.readouterr().err
 
 
 def test_same_seed_same_numbers_alone_in_process_or_in_workers():

@@ -59,6 +59,11 @@ def test_cli_rows_of_a_case(capsys):
     assert cli.main(["verify", "--seed", "2", "--ops", "prdc"]) == 0
     out = capsys.readouterr().out
     assert any(line.startswith("prdc ") and line.count("ok") == 2 for line in out.splitlines())
+    # prdc has no gradient: its gradient cells say so ("-", null), not a measured 0
+    assert any(line.startswith("prdc ") and line.count("/       - ok") == 2 for line in out.splitlines()), out
+    assert cli.main(["verify", "--seed", "2", "--ops", "prdc", "kid", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows and all(r["grad_rel_err"] is None and r["grad_vs_tol"] is None and r["ok"] for r in rows)
 
 
 def test_a_case_reruns_on_the_same_inputs():

@@ -127,6 +127,7 @@ def check(
     worst_v = worst_g = 0.0
     rel_v = rel_g = 0.0
     error = None
+    compared = False  # whether any gradient was compared (an op without one shows "-", not 0)
     for variant in record.variants:
         record = record.at(variant)  # the arguments of this variant's call
         for reduction in record.reductions or (None,):
@@ -155,21 +156,28 @@ def check(
                     if g is None:
                         continue
                     eg, rg_ = _excess(g, rg, kind, dtype, R.grad_scale(record, n, x64, reduction, rg))
-                    worst_g, rel_g = max(worst_g, eg), max(rel_g, rg_)
-    return _row(record.name, name, rel_v, rel_g, worst_v, worst_g, error)
+                    worst_g, rel_g, compared = max(worst_g, eg), max(rel_g, rg_), True
+    return _row(record.name, name, rel_v, rel_g if compared else None, worst_v, worst_g, error)
 
 
 def _row(
-    op: str, backend: str, rel_v: float, rel_g: float, worst_v: float, worst_g: float, error: str | None
+    op: str,
+    backend: str,
+    rel_v: float,
+    rel_g: float | None,
+    worst_v: float,
+    worst_g: float,
+    error: str | None,
 ) -> dict:
-    """One cell of the report (a record's or a case's)."""
+    """One cell of the report (a record's or a case's); ``rel_g`` None: the op has no gradient to
+    compare (the gradient fields are then None: null in the JSON, "-" in the table)."""
     return {
         "op": op,
         "backend": backend,
         "value_rel_err": rel_v,
         "grad_rel_err": rel_g,
         "value_vs_tol": worst_v,
-        "grad_vs_tol": worst_g,
+        "grad_vs_tol": None if rel_g is None else worst_g,
         "ok": error is None and worst_v <= 1.0 and worst_g <= 1.0,
         "error": error,
     }
@@ -262,6 +270,7 @@ def check_case(
     call = _case_native if name.startswith("native") else _case_torch
     worst_v = worst_g = rel_v = rel_g = 0.0
     error = None
+    compared = False
     for dtype in dtypes:
         for args, kwargs in case.draw(rng):
             args = tuple(_cast(a, dtype) for a in args)  # the backend's inputs; the reference gets
@@ -296,8 +305,8 @@ def check_case(
                     g = np.zeros(np.shape(rg))
                 scale = None if case.grad_scale is None else case.grad_scale(x64, to_numpy(rg), upstream)
                 eg, rg_ = _excess(g, rg, kind, dtype, scale)
-                worst_g, rel_g = max(worst_g, eg), max(rel_g, rg_)
-    return _row(case.name, name, rel_v, rel_g, worst_v, worst_g, error)
+                worst_g, rel_g, compared = max(worst_g, eg), max(rel_g, rg_), True
+    return _row(case.name, name, rel_v, rel_g if compared else None, worst_v, worst_g, error)
 
 
 def fresh_seed() -> int:
@@ -389,12 +398,14 @@ def format_table(report: dict) -> str:
                 cells.append(f"{'ERROR':>24s}")
             else:
                 mark = "ok " if r["ok"] else "FAIL"
-                cells.append(f"{r['value_rel_err']:9.1e} / {r['grad_rel_err']:7.1e} {mark}")
+                grad = "-" if r["grad_rel_err"] is None else f"{r['grad_rel_err']:7.1e}"
+                cells.append(f"{r['value_rel_err']:9.1e} / {grad:>7s} {mark}")
         lines.append(f"{op:32s} " + " ".join(cells))
     bad = [r for r in rows if not r["ok"]]
     lines.append(f"{len(rows) - len(bad)} of {len(rows)} cells pass" + (":" if bad else "."))
     for r in bad:
-        why = r["error"] or f"value {r['value_vs_tol']:.3g}x tol, gradient {r['grad_vs_tol']:.3g}x tol"
+        grad = "" if r["grad_vs_tol"] is None else f", gradient {r['grad_vs_tol']:.3g}x tol"
+        why = r["error"] or f"value {r['value_vs_tol']:.3g}x tol{grad}"
         lines.append(f"  FAIL {r['op']} on {r['backend']}: {why}")
     if bad:
         lines.append(reproduce_line(report))

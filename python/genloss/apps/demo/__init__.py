@@ -141,6 +141,7 @@ def run_demo(
         raise ValueError(f"run_demo: device={device!r} asked for, but torch sees no CUDA device")
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
+        _writable_dir(out)  # before the training, not after it: a bad path would lose the whole run
         existing = [f for f in FILES if (out / f).exists()]
         if existing and progress is not None:
             print(f"genloss demo: will overwrite {', '.join(existing)} in {out}", file=sys.stderr)
@@ -193,6 +194,20 @@ def run_demo(
     }
     files = [] if out is None else write_outputs(out, runs, summary, skipped, meta)
     return {"meta": meta, "summary": summary, "runs": runs, "skipped": skipped, "files": files}
+
+
+def _writable_dir(out: Path) -> None:
+    """Create ``out`` (and its parents) and check a file can be written there: ValueError naming it if not."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"run_demo: cannot write the outputs to {str(out)!r}: {err.strerror or err}"
+        ) from None
 
 
 def _version() -> str:

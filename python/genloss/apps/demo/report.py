@@ -59,17 +59,22 @@ def _cell(row: dict[str, Any], key: str) -> str:
     v, sd = row.get(key), row.get(key + "_sd") or 0.0
     if v is None:
         return "–"
+    spread = row["seeds"] > 1  # one seed has no spread to show (not a measured 0)
+
+    def pm(scale: float, digits: int, unit: str = "") -> str:
+        return f"{scale * v:.{digits}f}" + (f" ± {scale * sd:.{digits}f}" if spread else "") + unit
+
     if key == "modes_covered":
-        return f"{v:.1f} ± {sd:.1f} / {row['n_modes']}"
+        return pm(1.0, 1, f" / {row['n_modes']}")
     if key == "mmd2":
-        return f"{1e3 * v:.2f} ± {1e3 * sd:.2f}"
+        return pm(1e3, 2)
     if key in ("high_quality", "codebook_usage"):
-        return f"{100 * v:.0f} ± {100 * sd:.0f}%"
+        return pm(100.0, 0, "%")
     if key == "perplexity":
-        return f"{v:.1f} ± {sd:.1f}"
+        return pm(1.0, 1)
     if key == "cpu_s":
         return f"{v:.1f}"
-    return f"{v:.2f} ± {sd:.2f}"
+    return pm(1.0, 2)
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -87,7 +92,8 @@ def markdown_tables(
         rows = [r for r in summary if r["dataset"] == d]
         if not rows:
             continue
-        out.append(f"**{DATASETS[d].title}** (`{d}`), mean ± std over {seeds} seeds")
+        over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed (no spread)"
+        out.append(f"**{DATASETS[d].title}** (`{d}`), {over}")
         out.append("")
         cols = _columns(rows)
         out.append("| method | steps | " + " | ".join(c[1] for c in cols) + " |")
@@ -112,6 +118,13 @@ def markdown_tables(
     out.append("")
     out.append("Methods (what each is, then its hyperparameters: the paper's, and the demo's):")
     out.append("")
+    cfg = meta["config"]
+    if cfg.get("steps") is not None or cfg.get("steps_scale", 1.0) != 1.0:
+        ran = (f"{cfg['steps']} steps" if cfg.get("steps") is not None
+               else f"{cfg['steps_scale']:g} of them (at least 10)")  # fmt: skip
+        out.append(f"(The step counts below are the full run's; this run trained for {ran}, pretraining "
+                   "included: the steps column.)")  # fmt: skip
+        out.append("")
     for name, about in meta["about"].items():
         out.append(f"- `{name}`: {about}. {meta['hparams'][name]}.")
     out.append("")
