@@ -385,6 +385,22 @@ def test_unconverged_sinkhorn_warns_in_every_layer():
             call(0.5)  # converges well within the default max_iter
 
 
+def test_eps_below_the_costs_resolution_warns_in_every_layer():
+    """eps = 1e-300 against costs ~1: the plan's exponents (f + g - C) / eps are all rounding, and the
+    loop once stopped "converged" with a value 5 % below the bound OT_0 - eps/2 (log n + log m) it
+    cannot cross; now a RuntimeWarning naming the op says so (every layer shares eps_schedule)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 3)), rng.normal(size=(5, 3)) + 0.5
+    for call in (lambda: RM.sinkhorn_divergence(x, y, 1e-300), lambda: NM.sinkhorn_divergence(x, y, 1e-300),
+                 lambda: T.sinkhorn_divergence(torch.tensor(x), torch.tensor(y), 1e-300)):  # fmt: skip
+        with pytest.warns(
+            RuntimeWarning, match=r"sinkhorn_divergence: eps=1e-300 is below float64's resolution"
+        ):
+            call()
+    with pytest.warns(RuntimeWarning, match=r"ot_coupling: eps=5e-301 is below float64's resolution"):
+        NM.ot_coupling(x, x[::-1] + 0.5, "sinkhorn", 1e-300)
+
+
 @UNCONVERGED
 def test_sinkhorn_extreme_inputs_finite():
     """Inputs of magnitude 1e4 (C / eps ~ 1e8): finite value and gradients, close to the reference."""

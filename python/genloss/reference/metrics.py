@@ -363,11 +363,25 @@ def eps_schedule(
             f"{op}: the points' spread (bounding-box diameter {float(diameter):.3g}) to the power p={p:g} "
             "overflows float64, so the costs do too; rescale the inputs"
         )
+    if eps < EPS_RESOLUTION * e / p:  # e / p = diam^p / p bounds every cost
+        warnings.warn(
+            f"{op}: eps={eps:g} is below float64's resolution of the costs (up to {e / p:.3g}): the plan "
+            "exp((f + g - C) / eps) then carries rounding errors of about 2^-52 C / eps in its exponent, "
+            "so the potentials cannot resolve it and the result is unreliable; raise eps or rescale the inputs",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     while e > eps:
         out.append(e)
         e *= scaling
     out.append(eps)
     return out
+
+
+# eps below this times the largest cost: the exponents (f + g - C) / eps of the plan have rounding
+# errors above 2^-52 / 1e-12 ~ 2e-4, and at eps = 1e-300 the loop "converged" on meaningless
+# potentials (S_eps 5.6 % below a bound it cannot cross) without a sign.
+EPS_RESOLUTION = 1e-12
 
 
 def bbox_diameter(x: np.ndarray, y: np.ndarray) -> float:
