@@ -592,9 +592,9 @@ def _generator(generator, op):
     if isinstance(generator, np.random.Generator):
         return generator
     if generator is None or (isinstance(generator, (int, np.integer)) and not isinstance(generator, bool)):
-        if generator is not None and generator < 0:
-            raise ValueError(f"{op}: generator, an int seed, must be >= 0, got {generator}")
-        return np.random.default_rng(generator)
+        with named_errors(op):
+            seed = None if generator is None else _checks.seed("generator", generator)
+        return np.random.default_rng(seed)
     raise TypeError(f"{op}: generator must be a numpy.random.Generator, an int seed or None, "
                     f"got {type(generator).__name__}")  # fmt: skip
 

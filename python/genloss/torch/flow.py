@@ -207,11 +207,8 @@ def _torch_generator(generator: Any) -> torch.Generator | None:
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, int) and not isinstance(generator, bool):
-        if not 0 <= generator < 2**64:  # a torch.Generator's seed is 64 bits
-            raise ValueError(
-                f"sample_timesteps: generator, an int seed, must be in [0, 2**64), got {generator}"
-            )
-        return torch.Generator().manual_seed(generator)
+        with ref.named_errors("sample_timesteps"):  # a torch.Generator's seed is 64 bits
+            return torch.Generator().manual_seed(C.seed("generator", generator, below=2**64))
     raise TypeError(f"sample_timesteps: generator must be a torch.Generator, an int seed or None, "
                     f"got {type(generator).__name__}")  # fmt: skip
 
