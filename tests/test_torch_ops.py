@@ -17,8 +17,8 @@ Registry-driven, for every record:
 * float16 / bfloat16 CPU inputs: computed in float32 (float32 value), gradients in the input
   dtype, finite, equal to the reference on the rounded inputs;
 * CUDA = reference and CUDA = CPU (marked ``cuda``: skipped where no GPU is present);
-* value-only ops (``gmm_responsibilities``): the value as above, and differentiating it raises
-  a clear error.
+* value-only ops (``gmm_responsibilities``): the value as above, an input that requires grad is
+  refused at forward time (naming it), and the raw op's backward raises a clear error.
 
 Records are specialised to each variant (``record.at(variant)``): the arguments of that call,
 passed positionally to ``record.torch`` (which routes keyword arrays such as ``recon_logvar``).
@@ -493,17 +493,28 @@ VALUE_ONLY = [r for r in R.RECORDS if not r.differentiable]
 
 @pytest.mark.parametrize("record", VALUE_ONLY, ids=lambda r: r.name)
 def test_value_only_ops_refuse_differentiation(record):
-    """An op with no gradient (the E-step posterior) computes its value from inputs that require
-    grad, and differentiating it raises a clear RuntimeError, never a silent zero."""
+    """An op with no gradient (the E-step posterior) refuses, at forward time and by name, each
+    input that requires grad (SPEC: a gradient is given or refused at forward time, never silently
+    missing); under no_grad it computes the reference's value from the same tensors; the raw
+    torch.ops call, which skips the wrapper, raises in backward rather than return a zero."""
     variant = record.variants[0]
     record = record.at(variant)
     arrays = R.make_inputs(record, np.random.default_rng(13), np.float64, R.ODD_SIZES[2], variant)
-    tensors = [t.requires_grad_(True) for t in to_torch(record, arrays, torch.float64)]
-    value = loss_of(record, record.torch(*tensors))
     ref = loss_of(record, record.reference(*arrays))
-    assert_close(value, ref, "torch", torch.float64, f"{record.name} with inputs requiring grad")
+    for i, name in enumerate(record.arg_names):
+        tensors = to_torch(record, arrays, torch.float64)
+        tensors[i].requires_grad_(True)
+        with pytest.raises(ValueError, match=f"{record.name}: {name} requires grad"):
+            record.torch(*tensors)
+        with torch.no_grad():
+            value = loss_of(record, record.torch(*tensors))
+        assert_close(
+            value, ref, "torch", torch.float64, f"{record.name} under no_grad, {name} requiring grad"
+        )
+    tensors = [t.requires_grad_(True) for t in to_torch(record, arrays, torch.float64)]
+    raw = getattr(torch.ops.genloss, record.name)(*tensors)
     with pytest.raises(RuntimeError, match="not differentiable"):
-        value.sum().backward()
+        raw.sum().backward()
 
 
 # ----------------------------------------------------------------------------- no_grad, low precision

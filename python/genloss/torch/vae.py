@@ -108,6 +108,8 @@ def _responsibilities_fake(x, logits, means, logvars):
 
 lib.impl("gmm_responsibilities", _responsibilities_kernel, "CPU")
 lib.impl("gmm_responsibilities", _responsibilities_kernel, "CUDA")
+# No autograd formula: the wrapper refuses inputs that require grad at forward time (SPEC), so a
+# gradient is never silently missing; a direct torch.ops call that tracks grad still raises in backward.
 torch.library.register_autograd(
     "genloss::gmm_responsibilities",
     lambda ctx, grad: (_ for _ in ()).throw(
@@ -121,16 +123,24 @@ torch.library.register_autograd(
 def gmm_responsibilities(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor):
     r"""(N, K) posterior over components, :math:`r_{nk} = \operatorname{softmax}_k(\log\pi_k + \log\mathcal N(x_n))`.
 
-    The E-step; not differentiable (use ``gmm_log_likelihood`` to train). (VAE.12)
+    The E-step; not differentiable (use ``gmm_log_likelihood`` to train): with grad enabled, an
+    input that requires grad is refused at forward time (call it under ``torch.no_grad()`` or pass
+    detached tensors). (VAE.12)
     """
-    C.ndim("x", tuple(x.shape), 2)
-    for name, t in (("logits", logits), ("means", means), ("logvars", logvars)):
+    for name, t in (("x", x), ("logits", logits), ("means", means), ("logvars", logvars)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"gmm_responsibilities: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != x.device:
             raise ValueError(
                 f"gmm_responsibilities: {name} must be on the device of x ({x.device}), got {t.device}"
             )
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"gmm_responsibilities: {name} requires grad, but the responsibilities are not "
+                f"differentiable (the E-step posterior); call it under torch.no_grad() or pass "
+                f"{name}.detach(), and train with gmm_log_likelihood"
+            )
+    C.ndim("x", tuple(x.shape), 2)
     return torch.ops.genloss.gmm_responsibilities(x, logits, means, logvars)
 
 
