@@ -725,7 +725,9 @@ void mmd_s(const MmdArgs& a, cudaStream_t stream) {
   // Generic path with gradients: the column gradients of up to `sweeps` sweeps per launch
   // (rows_tiled), one slot of T TM-point tiles each, float64. More sweeps per launch mean
   // fewer launches (each costs a few microseconds, and a sweep of a 16k-point problem only
-  // tens of them), within a budget of 256 MiB.
+  // tens of them), within a budget of 256 MiB. One sweep is the floor: where a single slot
+  // ((N + M) D doubles, rounded up to whole tiles) exceeds the budget, it is allocated anyway,
+  // so the gradient's scratch is then about twice nacc (N = M = 1e6, D = 512: 8 GB on top).
   constexpr int64_t tm = 16 * TileShape<A>::RM;
   const int64_t T = generic ? tile_count(a.N, a.M, tm) : 0;
   const int64_t nsweeps = T / 2 + 1;
