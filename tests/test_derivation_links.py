@@ -271,3 +271,16 @@ def test_tags_cited_in_native_and_torch_code_exist():
     ]
     problems = _dangling(files)
     assert not problems, "\n".join(problems)
+
+
+DOCS = sorted(DERIVATIONS.glob("*.md")) + sorted((ROOT / "notes").glob("*.md")) + [ROOT / "README.md"]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_hold_no_control_characters(path):
+    """No tab, carriage return or other control character in the Markdown: each is a LaTeX
+    escape that a Python string literal ate (``"\\times"`` holds a tab, ``"\\bar"`` a
+    backspace), so the rendered equation silently loses its command ("5 imes", "ar")."""
+    text = path.read_bytes().decode("utf-8")
+    bad = [(i + 1, repr(ch)) for i, line in enumerate(text.split("\n")) for ch in line if ch < " "]
+    assert not bad, f"{path.name}: control characters at (line, char) {bad[:10]}"
