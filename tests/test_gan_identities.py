@@ -251,6 +251,35 @@ def test_jsd_estimate_at_optimal_logits(seed):
     np.testing.assert_allclose(sat, LOG2 - _softplus(-40.0), rtol=0, atol=1e-15)
 
 
+def test_jsd_estimate_averages_over_every_logit():
+    """(GAN.6) A patch discriminator's logits are each a draw of V's expectations: at chance
+    (all logits 0, p = q) the estimate is 0 whatever the logits' shape (summing a sample's 900
+    logits would give (log 4 - 900 log 4)/2), and in every layer it equals the estimate of the
+    same logits as one logit per row, with that gradient reshaped."""
+    import torch
+
+    from genloss import native as N
+    from genloss import torch as T
+
+    assert abs(_g(R.jsd_estimate(np.zeros((8, 1, 30, 30)), np.zeros((5, 1, 30, 30))))) < 1e-15
+    rng = np.random.default_rng(7)
+    r, f = rng.normal(size=(4, 3, 5)), rng.normal(size=(6, 3, 5))
+    flat = _g(R.jsd_estimate(r.reshape(-1), f.reshape(-1)))
+    jr, jf = R.jsd_estimate_backward(r.reshape(-1), f.reshape(-1), grad_output=np.float64(1.0))
+    np.testing.assert_allclose(_g(R.jsd_estimate(r, f)), flat, **TIGHT)
+    gr, gf = R.jsd_estimate_backward(r, f, grad_output=np.float64(1.0))
+    np.testing.assert_allclose(gr, jr.reshape(r.shape), **TIGHT)
+    np.testing.assert_allclose(gf, jf.reshape(f.shape), **TIGHT)
+    value, (nr, nf) = N.jsd_estimate(r, f)
+    np.testing.assert_allclose(_g(value), flat, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(nr, gr, rtol=1e-14, atol=1e-17)
+    np.testing.assert_allclose(nf, gf, rtol=1e-14, atol=1e-17)
+    tr, tf = (torch.tensor(a, requires_grad=True) for a in (r, f))
+    T.jsd_estimate(tr, tf).backward()
+    np.testing.assert_allclose(tr.grad.numpy(), gr, rtol=1e-14, atol=1e-17)
+    np.testing.assert_allclose(tf.grad.numpy(), gf, rtol=1e-14, atol=1e-17)
+
+
 # ============================================================================= GAN.7
 
 

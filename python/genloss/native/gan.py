@@ -471,7 +471,11 @@ def jsd_estimate(real_logits, fake_logits, *, need_grad=True):
         flags = needs(need_grad, 2)
         gr = empty(r, r.shape) if flags[0] else None
         gf = empty(f, f.shape) if flags[1] else None
-        sr, sf = batch_scale("mean", r.shape[0], coef=-0.5), batch_scale("mean", f.shape[0], coef=-0.5)
+        # The mean over every logit, not over the batch (reference.jsd_estimate: a PatchGAN's patches)
+        sr, sf = (
+            batch_scale("mean", r.rows * r.cols, coef=-0.5),
+            batch_scale("mean", f.rows * f.cols, coef=-0.5),
+        )
         map_reduce("SoftplusNeg", r, params=_NO_SHIFT, value_scale=sr, out=out, accumulate=True, grads=[gr],
                    grad_scale=sr)  # fmt: skip
         map_reduce("Softplus", f, params=_NO_SHIFT, value_scale=sf, out=out, accumulate=True, grads=[gf],

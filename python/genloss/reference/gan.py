@@ -248,7 +248,11 @@ def jsd_estimate(real_logits, fake_logits):
         \widehat{\mathrm{JSD}} = \tfrac12\big(V(D, G) + \log 4\big)
             = \tfrac12\big(\log 4 - L_D\big)
 
-    with :math:`L_D` = :func:`gan_d_loss` (batch means).  At the optimal
+    with :math:`L_D` = :func:`gan_d_loss` over every logit: the mean over all the logits of
+    each population, so that a discriminator with several logits per sample (a PatchGAN's
+    patches, each a draw of the same expectation :math:`V`) estimates the JSD, and a
+    chance-level one (all logits 0) gives 0 (summing a sample's logits, as ``gan_d_loss``
+    does, would give :math:`\tfrac12(\log 4 - n\log 4)` for :math:`n` logits).  At the optimal
     discriminator :math:`D^* = p/(p+q)` (GAN.5), :math:`V(D^*, G) = 2\,\mathrm{JSD} - \log 4`
     (GAN.6), so the estimate equals :math:`\mathrm{JSD}(p\,\|\,q)`; for any other
     :math:`D` it is a lower bound in expectation.
@@ -267,16 +271,25 @@ def jsd_estimate(real_logits, fake_logits):
     -----
     Inherits the softplus form of :func:`gan_d_loss`: finite for any finite logit.
     """
-    # (GAN.6)
-    return result((_LOG4 - gan_d_loss(real_logits, fake_logits, "mean")) / 2.0)
+    r, f = _every_logit(real_logits, fake_logits)
+    return result((_LOG4 - gan_d_loss(r, f, "mean")) / 2.0)  # (GAN.6)
+
+
+def _every_logit(real_logits, fake_logits):
+    """Both populations as one logit per row (jsd_estimate averages over every logit)."""
+    r = batch_array("real_logits", real_logits, "mean")
+    f = batch_array("fake_logits", fake_logits, "mean")
+    return r.reshape(-1), f.reshape(-1)
 
 
 def jsd_estimate_backward(real_logits, fake_logits, grad_output):
     r"""Gradient of :func:`jsd_estimate`: :math:`-\tfrac12` times that of :func:`gan_d_loss`.
 
     .. math::
-        \frac{\partial \widehat{\mathrm{JSD}}}{\partial l^r} = \frac{g}{2B_r}\sigma(-l^r), \qquad
-        \frac{\partial \widehat{\mathrm{JSD}}}{\partial l^f} = -\frac{g}{2B_f}\sigma(l^f)
+        \frac{\partial \widehat{\mathrm{JSD}}}{\partial l^r} = \frac{g}{2n_r}\sigma(-l^r), \qquad
+        \frac{\partial \widehat{\mathrm{JSD}}}{\partial l^f} = -\frac{g}{2n_f}\sigma(l^f)
+
+    with :math:`n_r, n_f` the numbers of logits (:math:`B_r, B_f` for one logit per sample).
 
     Parameters
     ----------
@@ -293,8 +306,9 @@ def jsd_estimate_backward(real_logits, fake_logits, grad_output):
     Bounded sigmoids: finite for any finite logit.
     """
     g = scalar_grad("grad_output", grad_output)
-    # (GAN.6), (GAN.4)
-    return gan_d_loss_backward(real_logits, fake_logits, -0.5 * g, "mean")
+    r, f = _every_logit(real_logits, fake_logits)
+    gr, gf = gan_d_loss_backward(r, f, -0.5 * g, "mean")  # (GAN.6), (GAN.4)
+    return gr.reshape(np.shape(real_logits)), gf.reshape(np.shape(fake_logits))
 
 
 # ============================================================================= LSGAN, WGAN, hinge
