@@ -442,6 +442,10 @@ def test_double_backward_raises_clearly(record, api):
             assert_close(g, ref, "torch", torch.float64, f"{record.name} d/d{name} (create_graph=True)")
         with pytest.raises(RuntimeError, match="double backward"):
             _differentiate_again(api, grads, diff)
+        # across inputs: d/dy of dL/dx (a mixed second derivative) raises too, not None
+        for a, b in [(0, -1), (-1, 0)] if len(diff) > 1 else []:
+            with pytest.raises(RuntimeError, match="double backward"):
+                _differentiate_again(api, [grads[a]], [diff[b]])
 
 
 def test_spectral_norm_second_order_matches_frozen_composite():

@@ -228,19 +228,19 @@ def with_reference_doc(fn: Callable[..., Any]) -> Callable[..., Any]:
 class _RejectDoubleBackward(torch.autograd.Function):
     """Passes a gradient through and raises if anyone differentiates it again.
 
-    Its inputs are the gradient and the input it is the gradient of, so the node
-    has an edge back to that input: both ``.backward()`` and
-    ``torch.autograd.grad(..., inputs)`` reach it and raise, instead of finding no
-    path and returning zeros.
+    Its inputs are the gradient and every differentiable input of the op, so the node
+    has an edge back to each: ``.backward()`` and ``torch.autograd.grad(..., inputs)``
+    reach it and raise, for the same input and across inputs (d/dy of dL/dx), instead
+    of finding no path and returning zeros (or None with ``allow_unused``).
     """
 
     @staticmethod
-    def forward(grad: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    def forward(grad: torch.Tensor, name: str, *inputs: torch.Tensor) -> torch.Tensor:
         return grad.view_as(grad)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        ctx.name = inputs[2]
+        ctx.name = inputs[1]
 
     @staticmethod
     def backward(ctx: Any, _grad: torch.Tensor) -> tuple:
@@ -635,6 +635,11 @@ class LossOp:
             grad_output = None
         nig = ctx.needs_input_grad
         twice = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        linked = []  # every input the gradients depend on (a plain loop: dynamo traces this code)
+        if twice:
+            for j in self.diff_idx:
+                if isinstance(args[j], torch.Tensor) and args[j].requires_grad:
+                    linked.append(args[j])
         for k, i in enumerate(self.diff_idx):
             g = grads[k] if k < len(grads) else None
             if g is None or not nig[i]:
@@ -647,7 +652,7 @@ class LossOp:
             if dtypes is not None and g.dtype != dtypes[k]:
                 g = g.to(dtypes[k])
             if twice:  # create_graph: differentiating this gradient again must raise
-                g = _RejectDoubleBackward.apply(g.detach(), args[i], self.name)
+                g = _RejectDoubleBackward.apply(g.detach(), self.name, *linked)
             out[i] = g
         return tuple(out)
 
