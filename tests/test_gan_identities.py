@@ -581,6 +581,22 @@ def test_feature_matching():
     np.testing.assert_allclose(_g(R.feature_matching_loss(fr, fr[::-1])), 0.0, atol=1e-28)
 
 
+def test_feature_matching_takes_feature_vectors_in_every_layer():
+    """(GAN.14) Features are (B, F) in every layer (SPEC): feature maps of one shape on both
+    sides are refused by name, not flattened by one layer and refused by the other."""
+    import torch
+
+    from genloss import native as N
+    from genloss import torch as T
+
+    maps = np.zeros((3, 2, 2))
+    for fn in (R.feature_matching_loss, N.feature_matching_loss):
+        with pytest.raises(ValueError, match=r"feature_matching_loss: real_features must have 2 dim"):
+            fn(maps, maps)
+    with pytest.raises(ValueError, match=r"feature_matching_loss: real_features must have 2 dim"):
+        T.feature_matching_loss(torch.tensor(maps), torch.tensor(maps))
+
+
 # ============================================================================= GAN.15
 
 

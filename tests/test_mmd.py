@@ -241,6 +241,21 @@ def test_default_bandwidth_is_the_median():
         assert vt.item() == pytest.approx(float(v), rel=1e-12)
 
 
+def test_the_read_back_paths_take_mixed_array_kinds():
+    """median_bandwidth, mmd2 with the median default and kid's full-set path read their data
+    back; a torch x with a NumPy y (or the other way) gives the reference's numbers, as the
+    engine's own ops do, not an AttributeError ('ndarray' has no 'detach')."""
+    rng = np.random.default_rng(5)
+    x, y = samples(rng, 30, 24, 4)
+    med = float(R.median_bandwidth(x, y))
+    kid_ref = R.kid(x, y, subsets=None)
+    for a, b in ((torch.tensor(x), y), (x, torch.tensor(y))):
+        assert gn.median_bandwidth(a, b) == pytest.approx(med, rel=1e-12)
+        v, _ = gn.mmd2(a, b, "rbf")
+        assert float(v) == pytest.approx(float(R.mmd2(x, y, "rbf", (med,))), rel=1e-12)
+        np.testing.assert_allclose(gn.kid(a, b, subsets=None), kid_ref, rtol=1e-10, atol=1e-15)
+
+
 # ---------------------------------------------------------------- tile boundaries
 SIZES = [2, TILE - 1, TILE, TILE + 1, 301]
 

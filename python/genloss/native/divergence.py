@@ -145,7 +145,7 @@ def _median_bandwidth(x: Any, y: Any, max_points: int) -> float:
     if xb.kind == "torch":
         import torch
 
-        z = torch.cat([xb.arr.detach(), yb.arr.detach().to(xb.arr.device)]).to(torch.float64)[::step]
+        z = torch.cat([xb.arr.detach(), _torch_like(xb, yb)]).to(torch.float64)[::step]
         med = _median_torch(torch, z)
     else:
         zn = np.concatenate([to_host(xb.arr), to_host(yb.arr)]).astype(np.float64)[::step]
@@ -212,6 +212,15 @@ def kid_indices(n_real: int, n_fake: int, subsets: int, subset_size: int, seed: 
 _KID_TILE = 1024  # rows per tile of the full-set variance sums: memory O(_KID_TILE * (N + M))
 
 
+def _torch_like(like: Buf, b: Buf) -> Any:
+    """``b``'s values as a detached torch tensor on ``like``'s device (``b`` may be NumPy, CuPy,
+    any DLPack array: the ops that read their data back accept mixed kinds, as the engine's do)."""
+    import torch
+
+    t = b.arr.detach() if b.kind == "torch" else torch.as_tensor(to_host(b.arr))
+    return t.to(like.arr.device)
+
+
 def kid_full_set(real: Buf, fake: Buf) -> tuple[float, float]:
     r"""(full-set unbiased polynomial MMD^2, sqrt of the unbiased estimate of its variance).  (DIV.16)
 
@@ -224,9 +233,11 @@ def kid_full_set(real: Buf, fake: Buf) -> tuple[float, float]:
     if real.kind == "torch":
         import torch
 
-        x, y = real.arr.detach().to(torch.float64), fake.arr.detach().to(torch.float64)
-    else:
+        x, y = real.arr.detach().to(torch.float64), _torch_like(real, fake).to(torch.float64)
+    elif fake.kind == real.kind:  # NumPy, or CuPy on its device
         x, y = real.arr.astype(np.float64), fake.arr.astype(np.float64)
+    else:  # mixed kinds (a NumPy x with a torch y, ...): both on the host
+        x, y = to_host(real.arr).astype(np.float64), to_host(fake.arr).astype(np.float64)
     n, d = x.shape
     m = y.shape[0]
     for name, k in (("real_features", n), ("fake_features", m)):

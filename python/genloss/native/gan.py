@@ -279,6 +279,8 @@ def feature_matching_loss(real_features, fake_features, *, need_grad=True):
         r, f = inputs(["real_features", "fake_features"], [real_features, fake_features])
         br = C.batched("real_features", r.shape, "mean", min_ndim=2)
         bf = C.batched("fake_features", f.shape, "mean", min_ndim=2)
+        C.ndim("real_features", r.shape, 2)  # (B, F), as SPEC and the reference: flatten feature maps first
+        C.ndim("fake_features", f.shape, 2)
         if r.shape[1:] != f.shape[1:]:
             raise ValueError(
                 f"fake_features must have the feature shape of real_features {r.shape[1:]}, got {f.shape[1:]}"

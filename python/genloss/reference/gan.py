@@ -10,8 +10,9 @@ equations.  Conventions (``notes/API.md``):
   ``reduction`` = ``'mean'`` | ``'sum'`` | ``'none'`` over the batch.  Two-population
   losses (real and fake batches, sizes may differ) reduce each population over its
   own batch and add; they take ``'mean'`` | ``'sum'`` only.  The L1 family
-  (``l1_loss``, the L1 term of ``pix2pix_g_loss``, ``cycle_consistency_loss``) takes
-  the MEAN over the non-batch dims instead (as ``torch.nn.L1Loss``).
+  (``l1_loss``, ``pix2pix_g_loss`` (both its terms: the adversarial one over the PatchGAN
+  map, the L1 one over the image), ``cycle_consistency_loss``) takes the MEAN over the
+  non-batch dims instead (as ``torch.nn.L1Loss``); ``jsd_estimate`` averages over every logit.
 * ``name(...)`` returns a float64 ndarray (0-d, or ``(B,)`` for ``'none'``);
   ``name_backward(*inputs, grad_output, **kwargs)`` returns a tuple with the gradient
   of ``sum(grad_output * name(...))`` w.r.t. each differentiable input, in order.
