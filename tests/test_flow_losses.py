@@ -117,6 +117,33 @@ def test_pseudo_huber_float32_no_cancellation():
     assert np.max(np.abs(naive / want - 1.0)) > 0.5  # the cancelling form: wrong at these sizes
 
 
+def test_pseudo_huber_at_extreme_magnitudes():
+    """(FLOW.20) The reference forms no square: ||x - y|| = 2e160 gives h = ||x - y|| - c (to
+    float64's rounding) and the gradient (x - y)/q = 1/2 per element, not NaN and 0; a c whose
+    square underflows float64 gives the gradient 0 at x = y (closed form), not NaN. The kernels
+    form c^2 in the data's dtype: float32 refuses such a c by name, float64 takes c = 1e-150."""
+    x, y = np.full((1, 4), 1e160), np.zeros((1, 4))
+    np.testing.assert_allclose(R.pseudo_huber_loss(x, y, c=1.0), 2e160, rtol=1e-15)
+    np.testing.assert_allclose(R.pseudo_huber_loss_backward(x, y, 1.0, c=1.0)[0], 0.5, rtol=1e-15)
+    ones = np.ones((2, 4))
+    np.testing.assert_array_equal(R.pseudo_huber_loss_backward(ones, ones, 1.0, c=1e-200)[0], 0.0)
+    assert R.pseudo_huber_loss(np.full((1, 4), np.inf), y) == np.inf
+    for bad in (1e-30, 1e20):
+        with pytest.raises(ValueError, match=r"pseudo_huber_loss: c must lie in \[1.08e-19, 1.84e\+19\]"):
+            gn.pseudo_huber_loss(ones.astype(np.float32), ones.astype(np.float32), c=bad)
+        with pytest.raises(ValueError, match=r"consistency_training_loss: c must lie in"):
+            gn.consistency_training_loss(
+                ones.astype(np.float32),
+                ones.astype(np.float32),
+                np.zeros(2, np.float32),
+                np.ones(2, np.float32),
+                c=bad,
+            )
+    value, (gx, _gy) = gn.pseudo_huber_loss(ones, ones, c=1e-150)
+    assert float(value) == 0.0
+    np.testing.assert_array_equal(gx, 0.0)
+
+
 # ============================================================================= FLOW.21, FLOW.22 the denoiser loss
 
 
@@ -253,6 +280,25 @@ def test_denoiser_logvar_optimum():
         np.testing.assert_allclose(grads[4], 0.0, atol=1e-9)
         _, ng = gn.denoiser_loss(F, x0, noise, sigma, SD, weighting, logvar=u, reduction="none")
         np.testing.assert_allclose(ng[4], 0.0, atol=1e-9)
+
+
+def test_logvar_beyond_the_dtype_is_refused_by_name():
+    """(FLOW.23) The kernels round the row weight e^-u to the data's dtype: float32 refuses
+    u < -88.7 (e^90 overflows; times a zero residual it was NaN) and u > 88.7, naming logvar;
+    inside, a zero residual gives exactly u per sample (closed form: e^-u 0 + u)."""
+    z = np.zeros((2, 3), np.float32)
+    sigma, t = np.ones(2, np.float32), np.full(2, 0.5, np.float32)
+    for u in (-90.0, 90.0):
+        lv = np.full(2, u, np.float32)
+        with pytest.raises(ValueError, match=r"denoiser_loss: logvar must lie in \[-88.72, 88.72\]"):
+            gn.denoiser_loss(z, z, z, sigma, logvar=lv)
+        with pytest.raises(ValueError, match=r"scm_loss: logvar must lie in \[-88.72, 88.72\]"):
+            gn.scm_loss(z, z, z, z, z, t, logvar=lv)
+    lv = np.full(2, -80.0, np.float32)
+    value, _ = gn.denoiser_loss(z, z, z, sigma, logvar=lv, reduction="none")
+    np.testing.assert_array_equal(value, lv)
+    value, _ = gn.scm_loss(z, z, z, z, z, t, logvar=lv, reduction="none")
+    np.testing.assert_array_equal(value, lv)
 
 
 def test_k_diffusion_formulas():

@@ -4,8 +4,9 @@ Same conventions as ``genloss.native.gan``: each function returns ``(value, grad
 with the gradients of ``sum(value)`` w.r.t. the differentiable inputs (``need_grad``
 a bool or one bool per differentiable input; ``()`` when none is asked).  Signatures
 follow ``genloss.reference.flow``; every float input is differentiable, ``t`` and
-``weights`` included, except in the distillation losses (``scm_loss``, ``meanflow_loss``,
-``vsd_loss``: the student's output only, and sCM's ``logvar``; FLOW.30).
+``weights`` included, except in ``consistency_training_loss`` (``f_student`` only) and the
+distillation losses (``scm_loss``, ``meanflow_loss``, ``vsd_loss``: the student's output
+only, and sCM's ``logvar``; FLOW.30).
 
 The per-sample factors (the weighting :math:`\lambda(t_b)` times ``weights``, or the
 path's coefficients) are B numbers formed in float64 where the inputs live (NumPy,
@@ -239,6 +240,36 @@ def _pseudo_huber(x: Buf, y: Buf, c: float, row_w: Buf | None, reduction: str, f
     return out, rows, grads, raw
 
 
+def _logvar_rows(logvar: Any, f: Buf) -> Buf:
+    """EDM2's per-sample log-variance u, within +-log(max) of the data's dtype: the row weight
+    e^-u is formed in that dtype, and an e^-u that overflows times a zero mean square would be
+    a NaN where the value e^-u m + u is finite (float32: u >= -88.7). Checked by the plan too."""
+    ub = _row_vector("logvar", logvar, f, "F")
+    bound = math.log(_dtype_max(f))
+    r = float_range(ub, ("within", (ub,), bound))
+    if r is not None and (r[0] < -bound or r[1] > bound):  # NaN compares False: it propagates
+        kind = "float32" if f.dtype == FLOAT32 else "float64"
+        raise ValueError(
+            f"logvar must lie in [-{bound:.4g}, {bound:.4g}] for {kind} data (the weight e^-logvar is "
+            f"formed in it), got values in [{r[0]:g}, {r[1]:g}]"
+        )
+    return ub
+
+
+def _huber_c(c: Any, n: int, like: Buf) -> float:
+    """The pseudo-Huber constant (reference.huber_c) within what the kernel's dtype represents:
+    PseudoHuberOfSqNorm forms c^2 in it, and a c^2 that underflows makes q = 0 at x = y (a NaN
+    gradient) or one that overflows makes the value 0. The reference (float64, hypot) takes any c."""
+    hc = _R.huber_c(c, n)
+    info = np.finfo(np.float32 if like.dtype == FLOAT32 else np.float64)
+    lo, hi = math.sqrt(float(info.tiny)), math.sqrt(float(info.max))
+    if not lo <= hc <= hi:
+        raise ValueError(
+            f"c must lie in [{lo:.3g}, {hi:.3g}] for {info.dtype} data (c^2 must be a normal {info.dtype}), got {hc:g}"
+        )
+    return hc
+
+
 def pseudo_huber_loss(x, y, c=None, weights=None, reduction="mean", *, need_grad=True):
     r"""Per sample w_b (sqrt(||x_b - y_b||^2 + c^2) - c), c = 0.00054 sqrt(n) by default.  (FLOW.20)
 
@@ -256,7 +287,7 @@ def pseudo_huber_loss(x, y, c=None, weights=None, reduction="mean", *, need_grad
         with _R.named_errors("pseudo_huber_loss"):
             C.reduction(reduction)
             xb, yb = _batched(("x", "y"), (x, y), reduction)
-            hc = _R.huber_c(c, xb.cols)
+            hc = _huber_c(c, xb.cols, xb)
             wb = None if weights is None else _row_vector("weights", weights, xb, "x", nonnegative=True)
             flags = needs(need_grad, 2 if wb is None else 3)
         want_w = len(flags) == 3 and flags[2]
@@ -287,7 +318,7 @@ def consistency_training_loss(f_student, f_target, sigma_i, sigma_next, c=None, 
         with _R.named_errors("consistency_training_loss"):
             C.reduction(reduction)
             fs, ft = _batched(("f_student", "f_target"), (f_student, f_target), reduction)
-            hc = _R.huber_c(c, fs.cols)
+            hc = _huber_c(c, fs.cols, fs)
             lo = _row_vector("sigma_i", sigma_i, fs, "f_student")
             hi = _row_vector("sigma_next", sigma_next, fs, "f_student")
             values = checked_values((lo, hi), ("ordered", (lo, hi)))
@@ -345,7 +376,7 @@ def denoiser_loss(
             r = float_range(sb, ("positive", (sb,), _R.SIGMA_MAX))
             if r is not None:
                 _R.check_sigmas(np.array(r))  # sigma = 0 and sigma -> inf refused, named
-            ub = None if logvar is None else _row_vector("logvar", logvar, f, "F")
+            ub = None if logvar is None else _logvar_rows(logvar, f)
             flags = needs(need_grad, 4 if ub is None else 5)
         vs = loss_scale(reduction, f, per_sample_mean=True)
         params = {"sigma_data": sd, "gamma": g, "weighting": _DENOISER_MODE[wt]}
@@ -475,7 +506,7 @@ def scm_loss(F, F_minus, dF_dt, x_t, dxt_dt, t, sigma_data=0.5, r=1.0, c=0.1, lo
             span = float_range(tb, ("bounded", (tb,), _R._T_MAX_ROUNDED))
             if span is not None:
                 _R.check_angles(np.array(span))
-            ub = None if logvar is None else _row_vector("logvar", logvar, f, "F")
+            ub = None if logvar is None else _logvar_rows(logvar, f)
             flags = needs(need_grad, 1 if ub is None else 2)
         p = {"sigma_data": sd, "r": rr, "c": cc}
 

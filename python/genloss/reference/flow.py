@@ -15,8 +15,10 @@ equations.  Conventions:
   on the batch.
 * ``name(...)`` returns float64 ndarrays; ``name_backward(*arrays, grad_output, **kw)``
   returns the gradient of ``sum(grad_output * name(...))`` w.r.t. EVERY floating array
-  input, in order (``t`` and ``weights`` included: FLOW.2) -- except the distillation
-  losses (``scm_loss``, ``meanflow_loss``, ``vsd_loss``, ``sds_loss``), whose targets are
+  input, in order (``t`` and ``weights`` included: FLOW.2) -- except
+  ``consistency_training_loss`` (``f_student`` only: ``f_target`` is the stop-gradient
+  target, the noise levels points of the discretization) and the distillation losses
+  (``scm_loss``, ``meanflow_loss``, ``vsd_loss``, ``sds_loss``), whose targets are
   stop-gradient by definition: only the student's output (and sCM's ``logvar``), and for
   the three surrogates the prescribed update, not the value's derivative (FLOW.30).
 * Bad input raises ``ValueError`` / ``TypeError`` whose message starts with the op's
@@ -1107,10 +1109,17 @@ def pseudo_huber_rows(d: np.ndarray, c: float):
     :math:`s_b = \lVert d_b\rVert^2`, and :math:`q_b = \sqrt{s_b + c^2}` (FLOW.20).
 
     :math:`h` is evaluated as :math:`s/(q + c)`: the same number, without the cancellation of
-    :math:`q - c` when :math:`s \ll c^2` (there :math:`h \approx s/2c`)."""
-    s = (d * d).reshape(d.shape[0], -1).sum(axis=1)
-    q = np.sqrt(s + c * c)
-    return s / (q + c), q
+    :math:`q - c` when :math:`s \ll c^2` (there :math:`h \approx s/2c`). The squares are never
+    formed: with the scaled norm :math:`r = \lVert d_b\rVert` (:func:`row_norm`),
+    :math:`q = \operatorname{hypot}(r, c)` and :math:`h = r\,(r/(q + c))`, so neither
+    :math:`s` overflowing (:math:`r > 10^{154}`) nor :math:`c^2` underflowing (a tiny ``c``,
+    where :math:`q = 0` at :math:`d = 0` would make the gradient :math:`d/q` NaN) loses a
+    finite answer. :math:`r = \infty` gives :math:`h = \infty` (not :math:`\infty/\infty`)."""
+    r = row_norm(d)
+    q = np.hypot(r, c)
+    with np.errstate(invalid="ignore"):  # r = inf: inf / inf, replaced below
+        h = r * (r / (q + c))
+    return np.where(np.isinf(r), r, h), q
 
 
 def _huber_inputs(x, y, c, weights, reduction):

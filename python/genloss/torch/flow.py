@@ -225,8 +225,9 @@ def sample_timesteps(
 
     A generator on the GPU (``torch.Generator(device='cuda')``) draws and maps there: no host round
     trip, and a CUDA graph captures the call (register the generator with the graph, as for any
-    random op). A CPU generator gives the reference's uniform draws exactly (the same seed, the same
-    u; the times to the last bits of torch's functions). torch.compile does not trace the generator:
+    random op). Given the same uniform draws u, the times equal the reference's to the last bits of
+    torch's functions; the draws themselves come from torch's generator, not NumPy's, so one seed
+    gives different times here and in ``reference.sample_timesteps``. torch.compile does not trace the generator:
     call it outside the compiled step, or compile ``timestep_quantile(u, kind, ...)`` of your own
     draws ``u``."""
     dtype = _float_dtype("sample_timesteps", dtype)
