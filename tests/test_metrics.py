@@ -240,6 +240,50 @@ def test_frechet_rank_deficient_is_real_and_nonnegative(n1, n2):
     assert float(moments) >= -1e-10 * scale and abs(float(moments) - exact) <= 1e-7 * scale
 
 
+def test_frechet_float32_statistics_of_rank_deficient_features():
+    """(MET.4) float32 (mu, cov) of n < d features (the way FID statistics are often stored): the
+    cov's d - n + 1 zero eigenvalues carry float32 rounding (about -2.5e-8 at lambda_max 2.4, far
+    below float64's -1e-8 lambda_max test), so they must be taken as zero by the input dtype's
+    epsilon, not refused.  Both layers = the features form on the same (float32) features, to the
+    float32 rounding of the statistics (each entry 6e-8 relative: 1e-5 of the traces leaves room)."""
+    rng = np.random.default_rng(40)
+    x = np.abs(rng.standard_normal((100, 256))).astype(np.float32)
+    y = np.abs(rng.standard_normal((120, 256))).astype(np.float32)
+    want = float(RM.frechet_distance(x, y))
+    stats = [
+        x.mean(0, dtype=np.float64),
+        np.cov(x, rowvar=False),
+        y.mean(0, dtype=np.float64),
+        np.cov(y, rowvar=False),
+    ]
+    stats = [s.astype(np.float32) for s in stats]
+    lam = np.linalg.eigvalsh(stats[1].astype(np.float64))
+    assert lam[0] < -1e-8 * lam[-1]  # the case: the old fixed float64 test refused it
+    scale = float(np.trace(stats[1].astype(np.float64)) + np.trace(stats[3].astype(np.float64)))
+    for got in (RM.frechet_distance(*stats), T.frechet_distance(*(torch.from_numpy(s) for s in stats))):
+        assert abs(float(got) - want) <= 1e-5 * scale, (float(got), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_frechet_indefinite_covariance_is_refused(dtype):
+    """(MET.4) an eigenvalue of -1e-3 lambda_max is no rounding (float32's band at d = 64 is
+    4 d eps = 3e-5): refused by both layers, in float32 and float64; float64 input keeps the strict
+    -1e-8 lambda_max test (-1e-6 is refused)."""
+    rng = np.random.default_rng(41)
+    d = 64
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    lam = np.linspace(0.1, 1.0, d)
+    mu = np.zeros(d, dtype=dtype)
+    good = ((q * lam) @ q.T).astype(dtype)
+    for neg in (-1e-3, -1e-6) if dtype == np.float64 else (-1e-3,):
+        lam[0] = neg
+        bad = ((q * lam) @ q.T).astype(dtype)
+        with pytest.raises(ValueError, match=r"frechet_distance: cov2 is not positive semi-definite"):
+            RM.frechet_distance(mu, good, mu, bad)
+        with pytest.raises(ValueError, match=r"frechet_distance: cov2 is not positive semi-definite"):
+            T.frechet_distance(*(torch.from_numpy(a) for a in (mu, good, mu, bad)))
+
+
 @pytest.mark.parametrize(("n", "d"), [(5, 32), (50, 8)])
 def test_frechet_identical_data_is_zero(n, d):
     """Identical data: 0 up to rounding on every path, including rank-deficient covariances (MET.2, MET.4)."""

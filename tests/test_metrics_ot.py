@@ -261,6 +261,20 @@ def test_exact_coupling_matches_scipy(b):
     assert total_cost(x0, x1, tp.numpy()) == pytest.approx(total_cost(x0, x1, want), rel=1e-6)
 
 
+def test_exact_coupling_takes_eps_none_in_every_layer():
+    """'exact' ignores eps, so eps=None is accepted by the reference, native and torch layers alike,
+    and all three give scipy's permutation (no ties)."""
+    x0, x1 = clouds(9, 9, 3, seed=4)
+    _, want = linear_sum_assignment(np.sum((x0[:, None] - x1[None]) ** 2, axis=-1))
+    np.testing.assert_array_equal(RM.ot_coupling(x0, x1, "exact", eps=None), want)
+    np.testing.assert_array_equal(NM.ot_coupling(x0, x1, "exact", eps=None), want)
+    tp = T.ot_coupling(torch.from_numpy(x0), torch.from_numpy(x1), "exact", eps=None)
+    assert tp.dtype == torch.int64
+    np.testing.assert_array_equal(tp.numpy(), want)
+    with pytest.raises(TypeError, match="ot_coupling: eps"):  # 'sinkhorn' still needs a number
+        T.ot_coupling(torch.from_numpy(x0), torch.from_numpy(x1), "sinkhorn", eps=None)
+
+
 def test_exact_coupling_ties():
     """Tied costs (repeated points, a symmetric square): an optimal permutation, the same every call."""
     rng = np.random.default_rng(0)

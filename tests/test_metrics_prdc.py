@@ -684,6 +684,44 @@ def test_sw_identical_nan_and_float32():
     assert float(v32) == pytest.approx(float(RM.sliced_wasserstein(x, y)), rel=1e-5)
 
 
+def test_sw_autocast_float16_is_float32():
+    """Under float16 autocast the projections and costs are computed in float32 with autocast off:
+    features ~1e3 (float16's max is 65504; their squared gaps ~1e6) gave inf; now the value = the
+    float64 reference on the same float32 inputs, and = the call without autocast."""
+    rng = np.random.default_rng(30)
+    x, y = rng.standard_normal((256, 64)) * 1000, rng.standard_normal((256, 64)) * 1000 + 200
+    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float()
+    plain = gt.sliced_wasserstein(xt, yt)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = gt.sliced_wasserstein(xt, yt)
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    assert torch.equal(got, plain)
+    want = float(RM.sliced_wasserstein(xt.double().numpy(), yt.double().numpy()))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("scale, p", [(1e20, 2.0), (1e-25, 2.0), (1e3, 12.0), (1.0, 3.0)])
+def test_sw_float32_extreme_scales_match_reference(scale, p):
+    """float32 inputs whose |gap|^p over- or underflows float32 (1e40, 1e-50, 1e36 for the
+    gaps ~1e3 at p = 12) while the gaps and SW themselves are representable: value and gradient =
+    the float64 reference (MET.14-MET.16) on the same float32 inputs, to float32 rounding; it was
+    inf, or 0 with a zero gradient."""
+    rng = np.random.default_rng(31)
+    x = (rng.standard_normal((40, 6)) * scale).astype(np.float32)
+    y = ((rng.standard_normal((33, 6)) + 0.3) * scale).astype(np.float32)
+    xt, yt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(y).requires_grad_()
+    v = gt.sliced_wasserstein(xt, yt, 16, p, seed=2)
+    v.backward()
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    want = float(RM.sliced_wasserstein(x64, y64, 16, p, seed=2))
+    assert v.dtype == torch.float32 and float(v.detach()) == pytest.approx(want, rel=2e-5)
+    gx, gy = RM.sliced_wasserstein_backward(x64, y64, 1.0, 16, p, seed=2)
+    for got, ref_g in ((xt.grad, gx), (yt.grad, gy)):
+        assert np.abs(ref_g).max() > 0
+        rel = np.linalg.norm(got.double().numpy() - ref_g) / np.linalg.norm(ref_g)
+        assert rel < 1e-4, rel
+
+
 BAD_SW = [
     (dict(p=0.5), ValueError, "p"), (dict(p=float("nan")), ValueError, "p"), (dict(n_projections=0), ValueError, "n_projections"),
     (dict(seed=-1), ValueError, "seed"), (dict(seed=1.5), TypeError, "seed"), (dict(dim_y=2), ValueError, "y"),

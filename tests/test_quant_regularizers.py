@@ -163,6 +163,23 @@ def test_fsq_indices_are_a_bijection():
         T.fsq_codes(torch.tensor([n]), list(levels))
 
 
+def test_fsq_indices_refuses_off_grid_codes_like_the_reference():
+    """(QNT.11) a code between grid points (0.3 with L=5: w*code + w = 2.6) is refused by torch as
+    by the reference, with the same message; rounding it to the nearest point would silently give
+    a wrong token.  Codes one float32 rounding off the grid (fsq_quantize's float32 output) pass."""
+    levels = [5, 5]
+    bad = np.array([[0.3, 0.0]])
+    with pytest.raises(ValueError) as want:
+        RQ.fsq_indices(bad, levels)
+    for dtype in (F64, torch.float32):
+        with pytest.raises(ValueError) as got:
+            T.fsq_indices(torch.tensor(bad, dtype=dtype), levels)
+        assert str(got.value) == str(want.value)
+        assert str(got.value).startswith("fsq_indices: codes must lie on the FSQ grid")
+    on_grid = RQ.fsq_codes(np.arange(7 * 3), [7, 3]).astype(np.float32)  # 1/3 etc. rounded once
+    assert np.array_equal(T.fsq_indices(torch.from_numpy(on_grid), [7, 3]).numpy(), np.arange(21))
+
+
 def test_fsq_torch_op_matches_reference_opcheck_compile():
     """(QNT.10) the custom op: float32 / float64 / float16 / bfloat16 values = the reference on the
     widened input (the bound in float64: the same codes whatever the dtype), the gradient in z's
@@ -557,6 +574,46 @@ def test_lpips_identical_zero_and_low_precision():
         assert got.dtype == torch.float32
         want = T.lpips_head([t.float() for t in xl], [t.float() for t in yl], [w.float() for w in wl])
         assert torch.equal(got, want)
+
+
+def test_lpips_autocast_and_mixed_dtypes():
+    """(QNT.15) under float16 autocast the head is computed in float32 with autocast off: with 4096
+    positions and weights 50 the spatial sum (~1.4e5) exceeds float16's 65504, which gave inf;
+    now the value = the float64 reference (float32 rounding) and = the float32 call without
+    autocast, bit for bit; bfloat16 autocast returns float32 too.  Mixed float64 / float32 inputs
+    are promoted (float64), their gradients in each input's dtype."""
+    g = torch.Generator().manual_seed(20)
+    x = torch.relu(torch.randn(2, 8, 64, 64, generator=g))
+    y = torch.relu(torch.randn(2, 8, 64, 64, generator=g))
+    w = torch.full((8,), 50.0)
+    want = RQ.lpips_head([x.double().numpy()], [y.double().numpy()], [w.double().numpy()])
+    plain = T.lpips_head([x], [y], [w])
+    for low in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=low):
+            got = T.lpips_head([x], [y], [w])
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), low
+        assert torch.equal(got, plain), low
+        assert rel_err(got, want) < 1e-5, low
+    xs = [torch.tensor(a, requires_grad=True) for a in _lpips_inputs(seed=14)[0]]
+    ys = [torch.tensor(a) for a in _lpips_inputs(seed=15)[0]]
+    ws = [torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in _lpips_inputs(seed=14)[2]]
+    got = T.lpips_head(xs, ys, ws)
+    assert got.dtype == F64
+    ws64 = [w.detach().double() for w in ws]
+    assert (
+        rel_err(
+            got,
+            RQ.lpips_head(
+                [a.detach().numpy() for a in xs], [a.numpy() for a in ys], [w.numpy() for w in ws64]
+            ),
+        )
+        < REL
+    )
+    gws = torch.autograd.grad(got.sum(), ws)
+    rgw = RQ.lpips_head_backward([a.detach().numpy() for a in xs], [a.numpy() for a in ys],
+                                 [w.numpy() for w in ws64], np.ones(2))[2]  # fmt: skip
+    for gw, r in zip(gws, rgw, strict=True):
+        assert gw.dtype == torch.float32 and rel_err(gw.double(), r) < 1e-6
 
 
 # ============================================================================= bad input, NaN (QNT.16)

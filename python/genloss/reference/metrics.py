@@ -165,17 +165,46 @@ class GaussianMoments:
 # ============================================================================= Fréchet distance
 
 
-def _sqrt_factor(op: str, name: str, cov: np.ndarray) -> np.ndarray:
+_EPS64 = float(np.finfo(np.float64).eps)
+# machine epsilon of the float dtypes a covariance may arrive in (numpy, torch, ... by name)
+_DTYPE_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": _EPS64}
+
+
+def dtype_eps(a: object) -> float:
+    """Machine epsilon of the dtype ``a`` was given in (NumPy or torch dtype names); float64's for
+    float64, integers and anything without a float dtype (exact, or as precise as float64)."""
+    return _DTYPE_EPS.get(str(getattr(a, "dtype", "")).rsplit(".", 1)[-1], _EPS64)
+
+
+def psd_bands(d: int, eps_in: float) -> tuple[float, float]:
+    r"""``(refuse, drop)``, relative to :math:`\lambda_{\max}`, for the eigenvalues of a symmetric
+    :math:`d\times d` covariance given in a dtype of machine epsilon ``eps_in`` (MET.4).
+
+    The matrix is rounding away from PSD: rounding each entry to the input dtype moves every
+    eigenvalue by at most :math:`\lVert E\rVert_F\le\sqrt d\,\varepsilon_{in}\lambda_{\max}/2`, and
+    eigh adds :math:`\approx d\,\varepsilon_{64}\lambda_{\max}`.  Eigenvalues at or below ``drop`` =
+    :math:`d\,\varepsilon_{in}` are rounding of zero (a float32 covariance of n < d samples has
+    d - n + 1 of them, of either sign: -1.1e-8 relative at d = 256 where ``drop`` is 3e-5); below
+    ``-refuse`` the matrix is not PSD.  ``refuse`` is 4x ``drop`` (the covariance was also
+    computed, not only stored, in that dtype), and never less than :math:`10^{-8}`, so float64
+    input keeps its fixed :math:`-10^{-8}\lambda_{\max}` test for any d below 10^7."""
+    drop = d * max(eps_in, _EPS64)
+    return max(1e-8, 4.0 * drop), drop
+
+
+def _sqrt_factor(op: str, name: str, cov: np.ndarray, eps_in: float = _EPS64) -> np.ndarray:
     r"""A factor :math:`F` with :math:`FF^\top = \Sigma` (MET.4): :math:`V_r\Lambda_r^{1/2}` from the
-    symmetric eigendecomposition, eigenvalues at or below :math:`d\,\varepsilon\,\lambda_{\max}`
-    dropped (they are rounding of zero; keeping them would add :math:`\sqrt{\varepsilon}` each)."""
+    symmetric eigendecomposition, eigenvalues at or below :math:`d\,\varepsilon_{in}\,\lambda_{\max}`
+    dropped (they are rounding of zero in the input's dtype, :func:`psd_bands`; keeping them would
+    add :math:`\sqrt{\varepsilon}` each)."""
     lam, v = np.linalg.eigh(0.5 * (cov + cov.T))
     top = max(float(lam[-1]), 0.0)
-    if lam[0] < -1e-8 * max(top, np.finfo(np.float64).tiny):
+    refuse, drop = psd_bands(cov.shape[0], eps_in)
+    if lam[0] < -refuse * max(top, np.finfo(np.float64).tiny):
         raise ValueError(
             f"{op}: {name} is not positive semi-definite (eigenvalue {lam[0]:.3g}, largest {top:.3g})"
         )
-    keep = lam > cov.shape[0] * np.finfo(np.float64).eps * top
+    keep = lam > drop * top
     return v[:, keep] * np.sqrt(lam[keep])
 
 
@@ -210,7 +239,9 @@ def _moments_args(op, args):
                 raise ValueError(f"{op}: mu{name} and cov{name} must be finite")
         if mu1.size != mu2.size:
             raise ValueError(f"{op}: mu2 must have the dimension of mu1 (d={mu1.size}), got {mu2.shape}")
-        f1, f2 = _sqrt_factor(op, "cov1", cov1), _sqrt_factor(op, "cov2", cov2)
+        # the tolerances follow the dtype the covariances came in, not the float64 they are held in
+        f1 = _sqrt_factor(op, "cov1", cov1, dtype_eps(args[1]))
+        f2 = _sqrt_factor(op, "cov2", cov2, dtype_eps(args[3]))
         return mu1, np.trace(cov1), mu2, np.trace(cov2), f1, f2
     if len(args) != 2:
         raise TypeError(
@@ -256,7 +287,10 @@ def frechet_distance(*args):
         Their means and covariances (streamed features in bounded memory).
     ``frechet_distance(mu1, cov1, mu2, cov2)`` : ndarray shape [d], [d, d], [d], [d, d]
         Factors :math:`V\Lambda^{1/2}` of the symmetric eigendecompositions, eigenvalues
-        below :math:`d\varepsilon\lambda_{\max}` dropped as rounding of zero (MET.4).
+        at or below :math:`d\varepsilon\lambda_{\max}` dropped as rounding of zero, with
+        :math:`\varepsilon` the machine epsilon of the dtype each covariance is given in
+        (float32 statistics of n < d samples are accepted); an eigenvalue below
+        :math:`-\max(10^{-8}, 4d\varepsilon)\lambda_{\max}` is refused (MET.4, :func:`psd_bands`).
 
     Returns
     -------

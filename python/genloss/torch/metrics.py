@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
-from ..reference.metrics import chan_merge
+from ..reference.metrics import chan_merge, psd_bands
 from ._op import eager_checks
+
+_EPS64 = torch.finfo(torch.float64).eps
 
 __all__ = ["GaussianMoments", "frechet_distance", "gather_with_grad"]
 
@@ -249,17 +251,22 @@ def _finite(t: torch.Tensor) -> bool:
     return not eager_checks(t) or bool(torch.isfinite(t).all())
 
 
-def _sqrt_factor(op: str, name: str, cov: torch.Tensor) -> torch.Tensor:
-    """V_r Lambda_r^(1/2), eigenvalues at or below d eps lambda_max dropped (MET.4)."""
+def _sqrt_factor(op: str, name: str, cov: torch.Tensor, eps_in: float) -> torch.Tensor:
+    """V_r Lambda_r^(1/2), eigenvalues at or below d eps_in lambda_max dropped, below
+    -max(1e-8, 4 d eps_in) lambda_max refused: the reference's ``psd_bands``, eps_in the machine
+    epsilon of the dtype cov was given in (MET.4)."""
     # value only (the moments form refuses grad), so in place where it saves a d x d array:
     # at d = 2,048 each is 32 MiB (bench/bench_frechet.py)
     sym = cov + cov.T
     lam, v = torch.linalg.eigh(sym.mul_(0.5))
     del sym
     top = float(lam[-1].clamp(min=0))
-    if float(lam[0]) < -1e-8 * max(top, torch.finfo(torch.float64).tiny):
-        raise ValueError(f"{op}: {name} is not positive semi-definite (eigenvalue {float(lam[0]):.3g})")
-    keep = lam > cov.shape[0] * torch.finfo(torch.float64).eps * top
+    refuse, drop = psd_bands(cov.shape[0], eps_in)
+    if float(lam[0]) < -refuse * max(top, torch.finfo(torch.float64).tiny):
+        raise ValueError(
+            f"{op}: {name} is not positive semi-definite (eigenvalue {float(lam[0]):.3g}, largest {top:.3g})"
+        )
+    keep = lam > drop * top
     if not bool(keep.all()):
         v, lam = v[:, keep], lam[keep]
     return v.mul_(lam.sqrt())
@@ -294,6 +301,11 @@ def frechet_distance(*args) -> torch.Tensor:
                 raise ValueError(
                     f"{op}: {name} requires grad; the moments form is value-only (differentiate the features form)"
                 )
+        # the PSD tolerances follow the dtype the covariances came in (MET.4): a float32 covariance
+        # of n < d samples has zero eigenvalues of float32 rounding size, of either sign
+        eps1, eps2 = (
+            torch.finfo(c.dtype).eps if c.is_floating_point() else _EPS64 for c in (args[1], args[3])
+        )
         mu1, cov1, mu2, cov2 = (t.to(torch.float64) for t in args)
         for k, (mu, cov) in enumerate(((mu1, cov1), (mu2, cov2)), 1):
             if mu.dim() != 1 or tuple(cov.shape) != (mu.shape[0], mu.shape[0]):
@@ -311,9 +323,9 @@ def frechet_distance(*args) -> torch.Tensor:
         # the GaussianMoments form's covariances are ours: no reference left but cov1 / cov2,
         # each freed once it is factored
         del args, t, mu, cov
-        f1 = _sqrt_factor(op, "cov1", cov1)
+        f1 = _sqrt_factor(op, "cov1", cov1, eps1)
         del cov1
-        f2 = _sqrt_factor(op, "cov2", cov2)
+        f2 = _sqrt_factor(op, "cov2", cov2, eps2)
         del cov2
         tsqrt = torch.linalg.svdvals(f1.T @ f2).sum() if f1.shape[1] and f2.shape[1] else mu1.new_zeros(())
         return rest - 2.0 * tsqrt  # (MET.2)
@@ -443,7 +455,7 @@ def ot_coupling(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", eps: 
     (``torch.multinomial(plan.flatten(), B)``).  No gradient.
     """
     op = "ot_coupling"
-    _ref_ot.check_coupling_args(op, method, eps)
+    e = _ref_ot.check_coupling_args(op, method, eps)  # None for 'exact', which ignores eps
     _ref_ot.check_sinkhorn_args(op, 1.0, 2.0, 0.5, tol, max_iter)  # tol and max_iter
     _points(op, "x0", x0)
     _points(op, "x1", x1, x0.shape[1])
@@ -454,7 +466,9 @@ def ot_coupling(x0: torch.Tensor, x1: torch.Tensor, method: str = "exact", eps: 
     if x1.device != x0.device:
         raise ValueError(f"{op}: x1 is on {x1.device}, x0 on {x0.device}")
     a, b = x0.detach().to(torch.float64), x1.detach().to(torch.float64)
-    return torch.ops.genloss.ot_coupling(a, b, method, float(eps), float(tol), int(max_iter))
+    # the custom op's schema takes a float: 'exact' never reads it, so any finite stand-in does
+    e = 1.0 if e is None else e
+    return torch.ops.genloss.ot_coupling(a, b, method, e, float(tol), int(max_iter))
 
 
 @torch.library.custom_op("genloss::ot_coupling", mutates_args=())
@@ -586,18 +600,28 @@ def sliced_wasserstein(
     p = _ref_ot.check_sw_p(p)
     _ref_ot.check_sw_ints(x.shape[1], n_projections, seed)
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-    theta = torch.ops.genloss.sliced_wasserstein_directions(
-        x.new_empty(0, dtype=dtype), x.shape[1], int(n_projections), int(seed)
-    )
-    w, iu, iv = _quantile_grid(x.shape[0], y.shape[0], x.device, dtype)
-    us = torch.sort(x.to(dtype) @ theta.T, dim=0, stable=True).values
-    vs = torch.sort(y.to(dtype) @ theta.T, dim=0, stable=True).values
-    cost = _AbsPow.apply(us[iu] - vs[iv], p)
-    # (MET.14, MET.15); the grid's empty intervals (w = 0) add nothing, even where a cost overflows
-    mean = torch.where(w[:, None] > 0, w[:, None] * cost, 0.0).sum(dim=0).mean()
-    zero = mean == 0
-    safe = torch.where(zero, torch.ones_like(mean), mean)  # NaN stays NaN; the root's slope at 0 is not taken
-    return torch.where(zero, mean * 0.0, safe ** (1.0 / p))  # (MET.16) gradient 0 at SW = 0
+    # autocast off: under float16 autocast the projection matmul ran in float16 and overflowed
+    with torch.autocast(x.device.type, enabled=False):
+        theta = torch.ops.genloss.sliced_wasserstein_directions(
+            x.new_empty(0, dtype=dtype), x.shape[1], int(n_projections), int(seed)
+        )
+        w, iu, iv = _quantile_grid(x.shape[0], y.shape[0], x.device, dtype)
+        us = torch.sort(x.to(dtype) @ theta.T, dim=0, stable=True).values
+        vs = torch.sort(y.to(dtype) @ theta.T, dim=0, stable=True).values
+        delta = us[iu] - vs[iv]
+        # |delta|^p over- or underflows float32 long before delta does (1e20^2, 1e-25^2, 1e3^12):
+        # scale by the largest gap m, SW = m (mean |delta / m|^p)^(1/p).  m is detached: the scaled
+        # form equals the plain one for every constant m, so its gradient is the plain gradient.
+        # A non-finite or zero m scales by 1 (inf and NaN propagate as before; 0 is the SW = 0 case).
+        m = delta.detach().abs().amax()
+        m = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+        cost = _AbsPow.apply(delta / m, p)
+        # (MET.14, MET.15); the grid's empty intervals (w = 0) add nothing, even where a cost overflows
+        mean = torch.where(w[:, None] > 0, w[:, None] * cost, 0.0).sum(dim=0).mean()
+        zero = mean == 0
+        # NaN stays NaN; the root's slope at 0 is not taken
+        safe = torch.where(zero, torch.ones_like(mean), mean)
+        return torch.where(zero, mean * 0.0, m * safe ** (1.0 / p))  # (MET.16) gradient 0 at SW = 0
 
 
 cmmd = public(LossOp("cmmd", "Tensor x, Tensor y", _native_ot.cmmd, differentiable=("x", "y")), __name__)

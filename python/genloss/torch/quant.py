@@ -337,8 +337,13 @@ def fsq_indices(codes: torch.Tensor, levels: Any) -> torch.Tensor:
         raise ValueError(f"{op}: codes must have {len(lv)} channels last (one per level), got shape "
                          f"{tuple(codes.shape)}")  # fmt: skip
     L, basis, w = _fsq_grid(lv, codes)
-    k = torch.round(codes.detach().double() * w + w).long()
-    if eager_checks(k) and bool(((k < 0) | (k >= L)).any()):  # data-dependent: eager
+    kf = codes.detach().double() * w + w
+    k = torch.round(kf)
+    # the reference's test (QNT.11): codes are k/w rounded once, so w*code is within a few ulp of
+    # an integer; rounding alone would silently index an off-grid code by its nearest neighbour
+    off_grid = (kf - k).abs() > 1e-6 * torch.clamp(w, min=1).double()
+    k = k.long()
+    if eager_checks(k) and bool((off_grid | (k < 0) | (k >= L)).any()):  # data-dependent: eager
         raise ValueError(f"{op}: codes must lie on the FSQ grid of levels (outputs of fsq_quantize)")
     return (k * basis).sum(-1)
 
@@ -452,13 +457,19 @@ def _unit_channels(x: torch.Tensor) -> torch.Tensor:
 @with_reference_doc
 def lpips_head(features_x: Any, features_y: Any, weights: Any) -> torch.Tensor:
     r"""LPIPS from the backbone's features, a composite of torch ops (differentiable w.r.t. the
-    features and the weights); float16 / bfloat16 computed in float32.  (QNT.15)"""
+    features and the weights).  Computed in the promoted dtype of all the features and weights, at
+    least float32 (float16 / bfloat16 in float32, mixed float32 / float64 in float64, as
+    :func:`vector_quantize` promotes), with autocast off: the value is returned in that dtype, the
+    gradients in each input's own dtype.  (QNT.15)"""
     op = "lpips_head"
     fx, fy = _tensor_list(op, "features_x", features_x), _tensor_list(op, "features_y", features_y)
     ws = _tensor_list(op, "weights", weights)
     if not len(fx) == len(fy) == len(ws):
         raise ValueError(f"{op}: features_x, features_y and weights must have one entry per layer, got "
                          f"{len(fx)}, {len(fy)}, {len(ws)}")  # fmt: skip
+    dt = torch.float32
+    for t in (*fx, *fy, *ws):
+        dt = torch.promote_types(dt, t.dtype)
     total: torch.Tensor | None = None
     for i, (x, y, w) in enumerate(zip(fx, fy, ws, strict=True)):
         if x.dim() != 4 or x.numel() == 0:
@@ -476,9 +487,14 @@ def lpips_head(features_x: Any, features_y: Any, weights: Any) -> torch.Tensor:
                              f"{tuple(w.shape)}")  # fmt: skip
         if eager_checks(w) and bool((w.detach() < 0).any()):  # data-dependent: eager
             raise ValueError(f"{op}: weights[{i}] must be >= 0 (LPIPS's linear heads are nonnegative)")
-        x, y, w = _qup(x), _qup(y), _qup(w).reshape(-1)
-        d = _unit_channels(x) - _unit_channels(y)
-        layer = torch.einsum("bchw,c->b", d * d, w) / (x.shape[2] * x.shape[3])  # (QNT.15)
+        # autocast off: under float16 autocast the einsum ran in float16, whose sum over H*W positions
+        # overflowed (and bfloat16 autocast returned bfloat16), where the contract is float32 compute
+        with torch.autocast(x.device.type, enabled=False):
+            x, y, w = x.to(dt), y.to(dt), w.to(dt).reshape(-1)
+            d = _unit_channels(x) - _unit_channels(y)
+            # (QNT.15) the spatial mean first, then the channel-weighted sum: each term is at most
+            # 4 w_c, so nothing grows with H*W
+            layer = (d * d).mean(dim=(2, 3)) @ w
         total = layer if total is None else total + layer
     assert total is not None
     return total
