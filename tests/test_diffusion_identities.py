@@ -920,3 +920,75 @@ def test_tanh_upper_tail_has_no_cancellation():
         0.5 * (math.tanh(float(c * (zhi + k * zhi**3))) - math.tanh(float(c * (zlo + k * zlo**3))))
     )
     assert abs(plain - exact) > 1e3 * abs(got - exact)
+
+
+def _mp_log_bin(mpmath, x, mean, log_scale, h):
+    """log P(bin) for an interior bin from mpmath's erf (no cancellation at 50 digits: the two erfs
+    of the narrow bins below differ in their leading digits)."""
+    s = mpmath.exp(mpmath.mpf(log_scale))
+    lo = (mpmath.mpf(x) - mpmath.mpf(mean) - h) / s
+    hi = (mpmath.mpf(x) - mpmath.mpf(mean) + h) / s
+    r2 = mpmath.sqrt(2)
+    return mpmath.log((mpmath.erf(hi / r2) - mpmath.erf(lo / r2)) / 2)
+
+
+@pytest.mark.parametrize("log_scale", [20.0, 30.0, 35.0, 50.0])
+def test_discretized_likelihood_at_large_log_scales(log_scale):
+    """(DIF.9, DIF.10) a Gaussian far wider than a bin: the bin is a sliver of width 2h e^{-s}
+    around z ~ 0, and P = erf(h e^{-s}/sqrt2) = 2 h e^{-s} phi(0) (1 + O(e^{-2s})) at mean = x, so
+    log P = log(2 h phi(0)) - s, d/dmean = 0 (symmetry), d/ds = -1 + O(e^{-2s}).  Forming
+    Phi(hi) - Phi(lo) from two numbers near 1/2 lost digits from s ~ 10 and gave -inf (NaN slope)
+    from s ~ 32.  A mean 0.3 off x is checked against 50-digit mpmath: value, d/ds, and d/dmean
+    (~ -0.3 e^{-2s}) to eps/h absolute (the rounding of phi(z) near phi(0))."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    h = 1.0 / 255
+    x = np.array([0.0, _grid_levels(8)[200]])
+    closed = math.log(2 * h / math.sqrt(2 * math.pi)) - log_scale
+    s = np.full_like(x, log_scale)
+    logp = R.discretized_gaussian_log_likelihood(x, x, s)
+    np.testing.assert_allclose(logp, closed, rtol=1e-15)
+    g_mean, g_s = R.discretized_gaussian_log_likelihood_backward(x, x, s, np.ones_like(x))
+    np.testing.assert_array_equal(g_mean, 0.0)
+    np.testing.assert_allclose(g_s, -1.0, rtol=1e-14)
+    mean = x + 0.3
+    mh = mpmath.mpf(1) / 255
+    logp = R.discretized_gaussian_log_likelihood(x, mean, s)
+    g_mean, g_s = R.discretized_gaussian_log_likelihood_backward(x, mean, s, np.ones_like(x))
+    for i in range(x.size):
+        exact = _mp_log_bin(mpmath, x[i], mean[i], log_scale, mh)
+        # relative error of P ~ eps (|x - mean| + h) / (2h) ~ 40 eps: an absolute error of log P
+        np.testing.assert_allclose(logp[i], float(exact), rtol=0, atol=2e-14)
+        d_s = mpmath.diff(lambda v, i=i: _mp_log_bin(mpmath, x[i], mean[i], v, mh), mpmath.mpf(log_scale))
+        np.testing.assert_allclose(g_s[i], float(d_s), rtol=1e-13)
+        d_mean = mpmath.diff(lambda m, i=i: _mp_log_bin(mpmath, x[i], m, log_scale, mh), mpmath.mpf(mean[i]))
+        # ~ (x - mean) e^{-2s}, beneath the rounding of e^{-s} (phi(z+) - phi(z-)) / P: an ulp of
+        # phi(0) over 2h phi(0), ~ 3e-14
+        np.testing.assert_allclose(g_mean[i], float(d_mean), rtol=0, atol=1e-13)
+
+
+def test_log_diff_ndtr_on_both_sides_of_the_erf_cut():
+    """(DIF.10) log(Phi(b) - Phi(a)) against 50-digit mpmath for bins inside (-1, 1) (the erf
+    difference), straddling |z| = 1 and outside it (the log form), wide and narrow: the absolute
+    error of the log is within 8 eps / ((b - a) phi(max |z|)), the bound of either form there."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    pairs = [
+        (-1e-20, 1e-20),  # centred, far narrower than eps: exact only by the erf difference
+        (0.3, 0.3 + 1e-9),
+        (-0.5, 0.4),
+        (-0.999, 0.999),
+        (-0.9999999, -0.9999998),
+        (-1.0000001, -0.9999999),  # straddles the cut: the log form
+        (0.99, 1.01),
+        (-2.0, -1.5),
+        (1.5, 1.5 + 1e-6),
+        (-3.0, 0.5),
+    ]
+    for a, b in pairs:
+        am, bm = mpmath.mpf(a), mpmath.mpf(b)
+        exact = float(mpmath.log(mpmath.ncdf(bm) - mpmath.ncdf(am)))
+        got = float(R.log_diff_ndtr(np.array(a), np.array(b)))
+        zmax = max(abs(a), abs(b))
+        bound = 8 * 2.2e-16 / ((b - a) * math.exp(-0.5 * zmax * zmax) / math.sqrt(2 * math.pi))
+        assert abs(got - exact) <= bound, (a, b, got, exact, bound)

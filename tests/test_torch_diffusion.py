@@ -242,3 +242,84 @@ def test_diffusers_ddpm_step_is_the_posterior(prediction_type):
         want = mean + (schedule.posterior_variance[step].sqrt() * z if step > 0 else 0.0)
         tol = 8 * 2.0**-24 / float(schedule.betas[step])
         torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"t = {step}")
+
+
+# ============================================================================= the exact decoder at extremes
+
+
+def _mp_log_bin(mpmath, x, mean, log_scale):
+    """log P(bin of x) (interior, 8 bits) from mpmath's erf at its working precision."""
+    h, sd, r2 = mpmath.mpf(1) / 255, mpmath.exp(log_scale), mpmath.sqrt(2)
+    lo, hi = (mpmath.mpf(x) - mean - h) / sd, (mpmath.mpf(x) - mean + h) / sd
+    return mpmath.log((mpmath.erf(hi / r2) - mpmath.erf(lo / r2)) / 2)
+
+
+@pytest.mark.parametrize("log_scale", [20.0, 30.0, 35.0, 50.0])
+def test_discretized_decoder_at_large_log_scales(log_scale):
+    """(DIF.9, DIF.10) the engine's decoder for a Gaussian far wider than a bin, float64: at
+    mean = x the closed form log(2h phi(0)) - s with d/dmean = 0 (symmetry) and d/ds = -1 (the
+    bin mass is 2h e^{-s} phi(0) (1 + O(e^{-2s}))); a mean 0.3 off x agrees with 50-digit
+    mpmath (value, and both derivatives by mpmath's numerical differentiation).  The engine
+    formed Phi(hi) - Phi(lo) from two numbers near 1/2 and returned -inf and a NaN slope at s = 35."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    h = 1.0 / 255
+    x = torch.tensor([0.0, -1.0 + 400.0 / 255], dtype=torch.float64)
+    closed = math.log(2 * h / math.sqrt(2 * math.pi)) - log_scale
+    for offset in (0.0, 0.3):
+        mean = (x + offset).requires_grad_()
+        s = torch.full_like(x, log_scale, requires_grad=True)
+        logp = gt.discretized_gaussian_log_likelihood(x, mean, s)
+        logp.sum().backward()
+        if offset == 0.0:
+            np.testing.assert_allclose(logp.detach().numpy(), closed, rtol=1e-15)
+            np.testing.assert_array_equal(mean.grad.numpy(), 0.0)
+            np.testing.assert_allclose(s.grad.numpy(), -1.0, rtol=1e-14)
+            continue
+        v0 = mpmath.mpf(log_scale)
+        for xi, mi, lp, gm, gs in zip(
+            x.tolist(), mean.tolist(), logp.tolist(), mean.grad, s.grad, strict=True
+        ):
+            m0 = mpmath.mpf(mi)
+            # relative error of the bin mass ~ eps (|x - mean| + h) / (2h) ~ 40 eps
+            np.testing.assert_allclose(lp, float(_mp_log_bin(mpmath, xi, m0, v0)), rtol=0, atol=2e-14)
+            d_s = mpmath.diff(lambda v, xi=xi, m0=m0: _mp_log_bin(mpmath, xi, m0, v), v0)
+            np.testing.assert_allclose(gs.item(), float(d_s), rtol=1e-13)
+            # d/dmean ~ -0.3 e^{-2s}: zero to the rounding of phi near phi(0), an ulp over 2h
+            d_mean = mpmath.diff(lambda m, xi=xi, v0=v0: _mp_log_bin(mpmath, xi, m, v0), m0)
+            np.testing.assert_allclose(gm.item(), float(d_mean), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("cdf", ["exact", "tanh"])
+def test_discretized_decoder_on_empty_input_is_empty_in_every_layer(cdf):
+    """An input with no element gives the empty result of the broadcast shape in the reference,
+    the native engine and the torch op (the engine's range check of x used to reach aminmax of an
+    empty tensor); a non-empty input broadcast into it gets a zero gradient of its own shape."""
+    from genloss.native import diffusion as N
+
+    shapes = [((0, 3), (0, 3), (0, 3)), ((0, 3), (1, 3), ())]
+    for sx, sm, ss in shapes:
+        ref = R.discretized_gaussian_log_likelihood(np.zeros(sx), np.zeros(sm), np.zeros(ss), cdf=cdf)
+        assert ref.shape == (0, 3) and ref.dtype == np.float64
+        ref_g = R.discretized_gaussian_log_likelihood_backward(
+            np.zeros(sx), np.zeros(sm), np.zeros(ss), np.zeros((0, 3)), cdf=cdf
+        )
+        assert [g.shape for g in ref_g] == [sm, ss]
+        np.testing.assert_array_equal(ref_g[0], 0.0)
+        for dtype in (np.float32, np.float64):
+            value, grads = N.discretized_gaussian_log_likelihood(
+                np.zeros(sx, dtype), np.zeros(sm, dtype), np.zeros(ss, dtype), cdf=cdf
+            )
+            assert value.shape == (0, 3) and value.dtype == dtype
+            assert [g.shape for g in grads] == [sm, ss]
+            for g, r in zip(grads, ref_g, strict=True):
+                np.testing.assert_array_equal(g, r)
+        for dtype in (torch.float32, torch.float64):
+            m = torch.zeros(sm, dtype=dtype, requires_grad=True)
+            s = torch.zeros(ss, dtype=dtype, requires_grad=True)
+            value = gt.discretized_gaussian_log_likelihood(torch.zeros(sx, dtype=dtype), m, s, cdf=cdf)
+            assert tuple(value.shape) == (0, 3) and value.dtype == dtype
+            value.sum().backward()
+            for t, r in zip((m, s), ref_g, strict=True):
+                assert tuple(t.grad.shape) == r.shape and t.grad.dtype == dtype
+                np.testing.assert_array_equal(t.grad.numpy(), r)

@@ -650,3 +650,56 @@ def test_bernoulli_target_outside_unit_interval_raises(fn, reduction):
     xz[0, 0] = -0.0
     xz[0, 1] = 1.0
     assert np.isfinite(np.asarray(call(logits, xz))).all()
+
+
+# ============================================================================= all -inf rows: reference == engine
+
+
+def test_iwae_all_neg_inf_row_gradient_is_uniform_in_every_layer():
+    """(VAE.10) a row of only -inf log-weights: value -inf, gradient w/K per entry, the limit of
+    softmax(a - L) as L -> inf (every normalised-weight row sums to 1); the reference and the torch
+    op (native engine) agree, and each row of the gradient sums to its upstream weight."""
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    lw = np.array([[-np.inf] * 4, [0.0, 1.0, 2.0, -np.inf], [-np.inf, -np.inf, 3.0, -np.inf]])
+    up = np.array([2.0, 3.0, 0.5])
+    # the limit, written here: a row of equal finite entries has softmax exactly 1/K
+    expected = np.array(
+        [[0.5] * 4, np.r_[np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum() * 3, 0], [0, 0, 0.5, 0]]
+    )
+    (ref,) = R.iwae_bound_backward(lw, up, "none")
+    np.testing.assert_allclose(ref, expected, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(ref.sum(axis=1), up, rtol=1e-15)
+    t = torch.tensor(lw, requires_grad=True)
+    value = gt.iwae_bound(t, reduction="none")
+    assert value[0].item() == -math.inf
+    value.backward(torch.tensor(up))
+    np.testing.assert_allclose(t.grad.numpy(), ref, rtol=1e-15, atol=0)
+
+
+def test_gmm_all_neg_inf_logits_backward_matches_its_forward():
+    """(VAE.11) every mixing logit -inf: the forward is the uniform mixture (its log-softmax shifts
+    the maximum by exactly 0), so the logit gradient is sum_n w_n (r_nk - 1/K) and sums to 0 —
+    the same as for any equal finite logits; the torch op agrees."""
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    x = np.zeros((2, 1))
+    means = np.array([[0.0], [1.0]])
+    logvars = np.zeros((2, 1))
+    neg = np.array([-np.inf, -np.inf])
+    # responsibilities of the uniform mixture by Bayes' rule: r_0 = 1 / (1 + e^{-1/2}) at x = 0
+    r0 = 1.0 / (1.0 + math.exp(-0.5))
+    expected = 2 * np.array([r0 - 0.5, 0.5 - r0])
+    for reduction, scale in (("sum", 1.0), ("mean", 0.5)):
+        grads = R.gmm_log_likelihood_backward(x, neg, means, logvars, 1.0, reduction)
+        np.testing.assert_allclose(grads[1], scale * expected, rtol=1e-14)
+        assert abs(grads[1].sum()) <= 1e-15
+        # equal finite logits are the same mixture: every gradient equal
+        for g, g0 in zip(
+            grads, R.gmm_log_likelihood_backward(x, np.zeros(2), means, logvars, 1.0, reduction), strict=True
+        ):
+            np.testing.assert_allclose(g, g0, rtol=1e-15, atol=1e-16)
+        ts = [torch.tensor(a, requires_grad=True) for a in (x, neg, means, logvars)]
+        gt.gmm_log_likelihood(*ts, reduction=reduction).backward()
+        for name, tt, g in zip(("x", "logits", "means", "logvars"), ts, grads, strict=True):
+            np.testing.assert_allclose(tt.grad.numpy(), g, rtol=1e-13, atol=1e-15, err_msg=name)

@@ -617,11 +617,17 @@ def iwae_bound_backward(log_weights, grad_output, reduction="mean"):
 
     Notes
     -----
-    Entries in [0, w]; a row of all ``-inf`` (value ``-inf``) gets gradient 0.
+    Entries in [0, w], each row summing to w.  A row of all ``-inf`` (value ``-inf``)
+    gets w/K per entry: the limit of the softmax as every entry goes to :math:`-L`,
+    :math:`L\to\infty`, together (the weights of a normalised importance sampler sum to 1),
+    and the native engine's convention (its shift of an all ``-inf`` row is 0).
     """
     lw, reduction = _iwae_inputs(log_weights, reduction)
     w = grad_sum(grad_output, reduction, lw.shape)
-    return (w * _normalized_exp(lw, axis=1),)  # (VAE.10) softmax of the log-weights
+    soft = _normalized_exp(lw, axis=1)  # (VAE.10) softmax of the log-weights
+    # _normalized_exp gives a massless row 0; its limit (and the engine's value) is uniform
+    soft = np.where(np.all(np.isneginf(lw), axis=1, keepdims=True), 1.0 / lw.shape[1], soft)
+    return (w * soft,)
 
 
 # ============================================================================= Gaussian mixtures
@@ -727,12 +733,14 @@ def gmm_log_likelihood_backward(x, logits, means, logvars, grad_output, reductio
     """
     reduction = _checks.reduction(reduction, _ALL)
     x, logits, means, logvars = _gmm_inputs(x, logits, means, logvars, reduction)
-    joint, _, diff, inv_var, sq = _gmm_joint(x, logits, means, logvars)
+    joint, log_pi, diff, inv_var, sq = _gmm_joint(x, logits, means, logvars)
     w = grad_sum(grad_output, reduction, (x.shape[0],))  # (N,) weight of each point
     wr = w[:, None] * _normalized_exp(joint, axis=1)  # (VAE.12) w_n r_nk, (N, K)
     pull = wr[:, :, None] * diff * inv_var  # w_n r_nk (x_n - m_k) e^{-v_k}, (N, K, D)
     grad_x = -pull.sum(axis=1)  # (VAE.11)
-    grad_logits = wr.sum(axis=0) - w.sum() * _normalized_exp(logits, axis=0)  # (VAE.11) r - pi
+    # (VAE.11) r - pi, pi the forward's own softmax (all -inf logits: uniform, so the logit
+    # gradients still sum to 0; a softmax of its own would make that pi 0)
+    grad_logits = wr.sum(axis=0) - w.sum() * np.exp(log_pi)
     grad_means = pull.sum(axis=0)  # (VAE.11)
     grad_logvars = 0.5 * (wr[:, :, None] * (sq - 1.0)).sum(axis=0)  # (VAE.11)
     return grad_x, grad_logits, grad_means, grad_logvars
