@@ -104,6 +104,26 @@ def test_normal_kl_matches_monte_carlo_and_direct_formula():
     assert np.all(np.abs(terms.mean(axis=0) - kl) < Z_MC * se)
 
 
+def test_normal_kl_on_empty_input_is_empty_in_every_layer():
+    """(VAE.5) Elementwise: a broadcast shape with no element gives an empty KL in every layer
+    (the reference's), and an input broadcast into it a zero gradient of its own shape."""
+    import torch
+
+    import genloss.native as N
+    import genloss.torch as T
+
+    e, lv = np.zeros((0, 3)), np.zeros(3)
+    assert R.normal_kl(e, lv, e, lv).shape == (0, 3)
+    value, grads = N.normal_kl(e, lv, e, lv)
+    assert value.shape == (0, 3) and [g.shape for g in grads] == [(0, 3), (3,), (0, 3), (3,)]
+    np.testing.assert_array_equal(grads[1], 0.0)
+    a, b = torch.zeros(0, 3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    out = T.normal_kl(a, b, a, b)
+    out.sum().backward()
+    assert out.shape == (0, 3) and a.grad.shape == (0, 3)
+    np.testing.assert_array_equal(b.grad.numpy(), 0.0)
+
+
 def test_normal_kl_zero_iff_equal_and_reduces_to_gaussian_kl():
     """(VAE.5) KL = 0 exactly when the Gaussians agree, > 0 when either parameter differs;
     (VAE.4) with N2 = N(0, 1) and summed per sample it is gaussian_kl."""
