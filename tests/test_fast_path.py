@@ -1563,3 +1563,60 @@ def test_broadcast_parameters_run_on_plans(spy, dtype):
         _same(label, first, slow)
         _same(label, fast, slow)
         check_against_reference(record, variant, reduction, inputs, dtype, values=(fast[0], fast[1:]))
+
+
+_RACE = """
+import sys, threading, time
+import torch
+import genloss.native as gn
+
+torch.manual_seed(0)
+real, fake = torch.randn(64), torch.randn(64)
+want_v, want_g = gn.gan_d_loss(real, fake)
+want_v, want_g = want_v.clone(), [g.clone() for g in want_g]
+stop, bad = False, [0]
+
+
+def replay():  # one plan, replayed
+    while not stop:
+        v, g = gn.gan_d_loss(real, fake)
+        if not (torch.equal(v, want_v) and all(torch.equal(a, b) for a, b in zip(g, want_g))):
+            bad[0] += 1
+
+
+def churn():  # more than kMaxPlans shapes: add() keeps clearing the cache
+    k = 1
+    while not stop:
+        gn.wgan_g_loss(torch.zeros(k), "mean", need_grad=False)
+        k = k + 1 if k < 3000 else 1
+
+
+threads = [threading.Thread(target=replay), threading.Thread(target=churn)]
+for t in threads:
+    t.start()
+time.sleep(float(sys.argv[1]))
+stop = True
+for t in threads:
+    t.join()
+print("bad", bad[0])
+"""
+
+
+def test_a_plan_outlives_a_concurrent_clear(tmp_path):
+    """A replay holds its plan for the whole call: torch's allocations release the GIL, and
+    another thread's add() may clear the cache (past 1,024 plans) meanwhile. When run() held a
+    raw pointer, this freed the plan under it: wrong values (seen as 1.5e16 for 1.59 with
+    MALLOC_PERTURB_) and then a segfault. Run in a child so that a crash is a failure here."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "race.py"
+    script.write_text(_RACE)
+    # freed memory overwritten at once (no tcache): a use-after-free reads garbage, not old bits
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "MALLOC_PERTURB_": "165"}
+    done = subprocess.run(
+        [sys.executable, str(script), "6"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, f"child died (rc {done.returncode}): {done.stderr[-2000:]}"
+    assert done.stdout.split()[-2:] == ["bad", "0"], done.stdout

@@ -1708,7 +1708,9 @@ class PlanCache {
     std::vector<Input> in;
     uint64_t h;
     if (!read_call(*t, key, arrays, in, h)) return py::none();
-    const Plan* plan = find(h, key, in);
+    // A shared owner for the whole call: torch's allocations and run_all release the GIL, and
+    // another thread's add() may clear() the cache (or grow this plan's bucket) meanwhile.
+    const std::shared_ptr<const Plan> plan = find(h, key, in);
     if (plan == nullptr) return py::none();
     for (const Guard& g : plan->guards)
       if (!pass(g, in)) return py::none();
@@ -1981,7 +1983,8 @@ class PlanCache {
       p.out_code.push_back(p.out_present[j] ? out[j].code : kFloat32);
     }
     if (count_ >= kMaxPlans) clear();
-    plans_[p.hash].push_back(std::move(p));
+    const uint64_t hash = p.hash;
+    plans_[hash].push_back(std::make_shared<const Plan>(std::move(p)));
     ++count_;
     return true;
   }
@@ -1993,15 +1996,16 @@ class PlanCache {
   size_t size() const { return count_; }
 
  private:
-  const Plan* find(uint64_t h, PyObject* key, const std::vector<Input>& in) const {
+  std::shared_ptr<const Plan> find(uint64_t h, PyObject* key, const std::vector<Input>& in) const {
     auto it = plans_.find(h);
     if (it == plans_.end()) return nullptr;
-    for (const Plan& p : it->second) {
+    for (const std::shared_ptr<const Plan>& pp : it->second) {
+      const Plan& p = *pp;
       if (p.in_shapes.size() != in.size()) continue;
       bool same = true;
       for (size_t i = 0; i < in.size() && same; ++i)
         same = p.in_kinds[i] == kind_of(in[i]) && p.in_shapes[i] == in[i].shape;
-      if (same && same_key(p.key.ptr(), key)) return &p;
+      if (same && same_key(p.key.ptr(), key)) return pp;
     }
     return nullptr;
   }
@@ -2069,7 +2073,7 @@ class PlanCache {
     return true;
   }
 
-  std::unordered_map<uint64_t, std::vector<Plan>> plans_;
+  std::unordered_map<uint64_t, std::vector<std::shared_ptr<const Plan>>> plans_;
   size_t count_ = 0;
 };
 
