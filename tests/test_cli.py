@@ -4,9 +4,11 @@ the load warning), demo writing its figure."""
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,33 @@ def test_info_is_json():
     assert {"cuda", "isa", "openmp"} <= set(info)
 
 
+def test_a_closed_pipe_ends_quietly():
+    """`genloss info | head -0`: the reader is gone before the first write; no BrokenPipeError traceback."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "genloss", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    p.stdout.close()  # before the interpreter has even started: its first write meets a closed pipe
+    with p.stderr:
+        err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141  # 128 + SIGPIPE, as a tool killed by the signal
+    assert err == ""
+
+
+def test_demo_help_names_the_extra_methods_as_accepted():
+    from genloss.apps.demo.methods import METHODS
+
+    text = " ".join(run("demo", "--help", check=True).stdout.split())  # argparse wraps lines
+    extra = [m.name for m in METHODS if not m.default]
+    assert extra and f"the others: {', '.join(extra)})" in text
+
+
+def test_an_empty_out_is_refused():
+    res = run("demo", "--out", "", "--steps", "1")
+    assert res.returncode == 2
+    assert "argument --out: expected a folder name, got an empty string" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 # ------------------------------------------------------------------ missing packages
 
 
@@ -163,6 +192,47 @@ def test_verify_runs_without_torch_and_says_what_it_skipped():
     assert [(r["op"], r["backend"], r["ok"]) for r in report["rows"]] == [("gan_d_loss", "native-cpu", True)]
 
 
+def test_verify_of_torch_only_ops_without_torch_is_an_error_not_a_pass():
+    """No cell can run: not '0 of 0 cells pass.' and exit 0, but one line saying why, exit 2."""
+    res = run_cli_without({"torch"}, "verify", "--ops", "spectral_norm_sigma", "frechet_distance")
+    assert res.returncode == 2, res.stdout
+    assert res.stderr.splitlines() == [
+        "genloss verify: nothing to check: spectral_norm_sigma, frechet_distance have no native kernel and "
+        "need torch, which is not installed (pip install 'genloss[torch]')"
+    ]
+    assert res.stdout == ""
+
+
+def test_verify_without_torch_says_which_ops_it_skipped():
+    res = run_cli_without({"torch"}, "verify", "--seed", "1", "--ops", "gan_d_loss", "spectral_norm_sigma")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[1] == (
+        "not checked: 1 op (spectral_norm_sigma) has no native kernel and needs torch, which is not "
+        "installed (pip install 'genloss[torch]')"
+    )
+    assert lines[-1] == "1 of 1 cells pass (1 op skipped: no native kernel, no torch)."
+    res = run_cli_without(
+        {"torch"}, "verify", "--json", "--seed", "1", "--ops", "gan_d_loss", "spectral_norm_sigma"
+    )
+    report = json.loads(res.stdout)
+    assert report["skipped"] == {"spectral_norm_sigma": "no native kernel; torch not installed"}
+    assert [r["op"] for r in report["rows"]] == ["gan_d_loss"]
+
+
+def test_verify_table_column_fits_the_longest_op_name():
+    names = ["discretized_gaussian_log_likelihood", "l1_loss"]
+    rows = [verify._row(n, "native-cpu", 1e-8, 1e-8, 0.1, 0.1, None) for n in names]
+    status = {"cpu": True, "torch": True, "cuda": "not built"}
+    lines = verify.format_table({"seed": 0, "version": "x", "backends": status, "rows": rows}).splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("op "))
+    table = lines[head : head + 1 + len(names)]
+    assert [ln.split()[0] for ln in table[1:]] == names
+    # the op column as wide as the longest name (+ 1 space): the long name's cells line up with the rest
+    assert len(table[1]) == len(table[2]), table
+    assert table[0] == "op".ljust(len(names[0])) + " " + "native-cpu".rjust(24)
+
+
 # ------------------------------------------------------------------ verify
 
 VERIFY_OPS = ("gan_d_loss", "l1_loss", "ssgan_critic_loss")
@@ -182,8 +252,9 @@ def test_verify_passes_and_json_is_one_object():
     res = run("verify", "--json", "--seed", "3", "--ops", *VERIFY_OPS)
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads(res.stdout)
-    assert set(report) == {"seed", "version", "backends", "rows"}
+    assert set(report) == {"seed", "version", "backends", "rows", "skipped"}
     assert report["seed"] == 3 and report["version"] == genloss.__version__
+    assert report["skipped"] == {}  # with torch every op has a backend
     assert report["backends"] == expected_backends()
     rows = report["rows"]
     assert {r["op"] for r in rows} == set(VERIFY_OPS)
@@ -324,3 +395,142 @@ def test_demo_writes_its_figure(tmp_path):
     png = tmp_path / "genloss-demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "gan-ns" in res.stdout
+
+
+def test_an_output_name_taken_by_a_folder_is_refused_before_any_training(tmp_path, capsys):
+    """It once trained the whole run, then failed writing with an IsADirectoryError traceback."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    (tmp_path / "genloss-demo.json").mkdir()
+    args = [
+        "demo",
+        "--methods",
+        "vae",
+        "--steps",
+        "10",
+        "--seeds",
+        "1",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"genloss demo: run_demo: cannot write the outputs to {str(tmp_path)!r}: "
+        f"{str(tmp_path / 'genloss-demo.json')!r} is a folder"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["genloss-demo.json"]  # nothing trained, written
+
+
+def test_a_write_failure_at_the_end_keeps_the_old_outputs_and_prints_the_table(tmp_path, capsys, monkeypatch):
+    """The disk fills while the JSON is written: the table still reaches the terminal, one line says what
+    failed (exit 1), the previous outputs are untouched and no half-written or temporary file is left."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from genloss.apps.demo import FILES, report
+
+    for f in FILES:
+        (tmp_path / f).write_text("old")
+
+    def full(_doc):
+        raise OSError(28, "No space left on device", str(tmp_path / "genloss-demo.json"))
+
+    monkeypatch.setattr(report, "_jsonable", full)
+    args = ["demo", "--methods", "vae", "--steps", "3", "--seeds", "1", "--workers", "1", "--no-progress"]
+    assert cli.main([*args, "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "| vae |" in captured.out
+    errors = [ln for ln in captured.err.splitlines() if not ln.startswith("genloss demo: will overwrite")]
+    assert errors == [
+        f"genloss demo: cannot write the outputs to {str(tmp_path)!r}: No space left on device; nothing was replaced"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)
+    assert all((tmp_path / f).read_text() == "old" for f in FILES)
+
+
+def test_a_method_named_twice_runs_once(tmp_path):
+    pytest.importorskip("torch")
+    from genloss.apps.demo import run_demo, runner
+
+    assert [m.name for m in runner.resolve_methods(["vae", "ddpm", "vae"])] == ["vae", "ddpm"]
+    assert runner.resolve_datasets(["ring", "eight_gaussians", "grid", "ring"]) == ["ring", "grid"]
+    res = run_demo(None, methods=["vae", "vae"], steps=3, seeds=1, workers=1, progress=False, n_eval=50)
+    vae = [r for r in res["summary"] if r["method"] == "vae"]
+    assert len(vae) == 1 and vae[0]["seeds"] == 1  # not a second run counted as a second seed
+    assert sum(r["method"] == "vae" for r in res["runs"]) == 1
+
+
+def _group_alive(pgid):
+    """The live (not zombie) processes of process group ``pgid``, from /proc."""
+    alive = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(d.name))
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc and process groups")
+def test_ctrl_c_stops_the_demo_at_once_without_traceback_or_workers(tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the whole process group (the command and its workers) while
+    the workers train. It once took 7 s and printed a KeyboardInterrupt traceback (and, with SIGINT
+    to the parent only, finished every queued run first)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "genloss", "demo", "--methods", "vae", "--steps", "100000", "--seeds", "2",
+           "--workers", "2", "--out", str(out)]  # fmt: skip
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # pytest's SIGINT handling aside
+    )
+    try:
+        # working: both workers started (spawned interpreters, children of the command)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None:
+            workers = [q for q in _group_alive(p.pid) if q != p.pid and "spawn_main" in _cmdline(q)]
+            if len(workers) == 2:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(
+                f"the demo's workers did not start: {p.poll()=} {p.stderr.read() if p.poll() else ''}"
+            )
+        time.sleep(1.0)  # into the work (a Ctrl-C while they boot is handled as well)
+        t0 = time.monotonic()
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, err
+    assert took < 15, took  # ~1 s idle; generous for a loaded 2-core CI machine
+    assert err.splitlines()[-1:] == ["genloss demo: interrupted; nothing written"], err
+    assert "Traceback" not in err
+    assert not out.exists()  # the folder it made for the outputs is gone again
+    deadline = time.monotonic() + 10  # the resource tracker exits once it sees its parent gone
+    while _group_alive(p.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _group_alive(p.pid) == []  # no orphaned worker still training
+
+
+def _cmdline(pid):
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -58,6 +59,12 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _folder(text: str) -> str:
+    if not text.strip():  # Path("") is the current folder: writing there unasked is a surprise
+        raise argparse.ArgumentTypeError("expected a folder name, got an empty string")
+    return text
+
+
 def _device(text: str) -> str:
     if text not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"device must be 'cpu' or 'cuda', got {text!r}")
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "matplotlib, tqdm)",
         description="Train small MLPs with genloss's torch ops: GANs under four objectives (non-saturating, "
         "hinge, LSGAN, WGAN-GP) on the ring of 8 Gaussians and two of them on the grid of 25 (--methods names "
-        "the others: minimax, f-GAN JS, RaGAN); a VAE, DDPM, rectified flow, EDM, a one-step consistency model "
+        "the others: gan-minimax, fgan-js, ragan); a VAE, DDPM, rectified flow, EDM, a one-step consistency model "
         "distilled from the EDM teacher and a VQ-VAE on a swiss roll; 3 seeds each (about 3 minutes on 2 cores; --quick: "
         "under 40 s). Writes into --out a figure (samples, density heatmaps, metric-vs-step curves) and the "
         "tables as Markdown, CSV and JSON (modes covered, high-quality fraction, MMD^2 to held-out data with the "
@@ -90,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--out",
+        type=_folder,
         default="genloss-demo",
         help="output folder (default: %(default)s; existing outputs are replaced, with a line saying so)",
     )
@@ -132,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="For every registered op and every available backend (native CPU, torch CPU, and CUDA where "
         "present) compare value and gradients against the float64 NumPy reference on fresh random inputs; print "
         "the seed, then op x backend with the worst relative errors and pass/fail against the tolerance table; "
-        "exit 1 on any failure (rerun with the printed --seed to reproduce it). --json prints one object: "
-        "seed, version, backends, rows.",
+        "exit 1 on any failure (rerun with the printed --seed to reproduce it), 2 when no chosen op can run here "
+        "(torch-only ops without torch). --json prints one object: seed, version, backends, rows, skipped.",
     )
     v.add_argument("--json", action="store_true", help="print JSON instead of a table")
     v.add_argument(
@@ -166,6 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        status = _run(args, argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe then raises where it is caught
+        return status
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, the shell's status for SIGINT, no traceback; the demo has stopped
+        # its workers and writes its outputs only after the last run (all four, or none)
+        more = "; nothing written" if args.command == "demo" else ""
+        print(f"genloss {args.command}: interrupted{more}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`genloss info | head -1`): stop quietly, as a tool killed by
+        # SIGPIPE would; stdout to devnull so the interpreter's final flush cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.command == "info":
         import genloss
 
@@ -202,6 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:  # e.g. an unknown method name
             print(f"genloss demo: {err}", file=sys.stderr)
             return 2
+        except demo.OutputError as err:  # trained and scored, but not written: show the tables anyway
+            print(demo.format_table(err.result))
+            sys.stdout.flush()
+            print(f"genloss demo: {err}", file=sys.stderr)
+            return 1
         print(demo.format_table(results))
         return 0
     if args.command == "verify":

@@ -324,8 +324,10 @@ def run_verify(seed: int | None = None, ops: Sequence[str] | None = None, progre
     """Check every op of ``ops`` (default: all) on every available backend.
 
     Returns ``{"seed": int, "version": str, "backends": {...} (see :func:`backends`),
-    "rows": [one dict per op x backend cell]}``; ``seed=None`` draws a fresh seed,
-    reported in ``"seed"``.
+    "rows": [one dict per op x backend cell], "skipped": {op: why} (ops no backend here
+    runs: torch-only ops without torch)}``; ``seed=None`` draws a fresh seed, reported in
+    ``"seed"``. ValueError when no op of ``ops`` can be checked here (checking nothing is
+    not a pass).
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
@@ -350,10 +352,16 @@ def run_verify(seed: int | None = None, ops: Sequence[str] | None = None, progre
 
     every: tuple[R.OpRecord | R.VerifyCase, ...] = (*records, *cases)
     todo = [(op, b) for op in every for b in available if runs(op, b[0])]
+    # ops no backend here can run: torch-only ops (no native kernel) when torch is missing
+    skipped = {op.name: _skip_reason(status) for op in every if not any(o is op for o, _ in todo)}
+    if not todo:  # checking nothing is not a pass
+        names = ", ".join(skipped) or "none"
+        raise ValueError(f"nothing to check: {names} {_need_torch(status, len(skipped))}")
+    width = max(len(op.name) for op, _ in todo)
     for i, (op, backend) in enumerate(todo):
         if progress and sys.stderr.isatty():
             print(
-                f"\r[{i + 1}/{len(todo)}] {op.name:32s} {backend[0]:12s}",
+                f"\r[{i + 1}/{len(todo)}] {op.name:{width}s} {backend[0]:12s}",
                 end="",
                 file=sys.stderr,
                 flush=True,
@@ -362,7 +370,26 @@ def run_verify(seed: int | None = None, ops: Sequence[str] | None = None, progre
         rows.append(cell(op, backend, op_rng(seed, op.name), ("float64", "float32")))  # type: ignore[arg-type]
     if progress and sys.stderr.isatty():
         print(file=sys.stderr)
-    return {"seed": seed, "version": genloss.__version__, "backends": status, "rows": rows}
+    return {
+        "seed": seed,
+        "version": genloss.__version__,
+        "backends": status,
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+def _skip_reason(status: dict[str, Any]) -> str:
+    return "no native kernel; torch " + (
+        "not installed" if status.get("torch") is not True else "gave no backend"
+    )
+
+
+def _need_torch(status: dict[str, Any], n: int) -> str:
+    """Why ``n`` ops had no backend, for the one-line error and the table's header."""
+    have, need = ("has", "needs") if n == 1 else ("have", "need")
+    why = "is not installed" if status.get("torch") is not True else "gave no backend"
+    return f"{have} no native kernel and {need} torch, which {why} (pip install 'genloss[torch]')"
 
 
 def reproduce_line(report: dict) -> str:
@@ -375,6 +402,13 @@ def _status_text(status: dict[str, Any]) -> str:
     return ", ".join(f"{k} {'ran' if v is True else v}" for k, v in status.items())
 
 
+def _skipped_text(report: dict) -> str:
+    """'not checked: N op(s) (names) have no native kernel and need torch, which is not installed (...)'."""
+    skipped = list(report.get("skipped") or {})
+    n = len(skipped)
+    return f"not checked: {n} op{'s' * (n != 1)} ({', '.join(skipped)}) {_need_torch(report['backends'], n)}"
+
+
 def format_table(report: dict) -> str:
     """The report of :func:`run_verify` as text: seed and backends, the op x backend table,
     then the failing cells and the command that reproduces them."""
@@ -382,9 +416,15 @@ def format_table(report: dict) -> str:
     names = sorted({r["backend"] for r in rows}, key=lambda b: ("cuda" in b, b))
     by = {(r["op"], r["backend"]): r for r in rows}
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    head = f"{'op':32s} " + " ".join(f"{b:>24s}" for b in names)
+    width = max([len("op"), *(len(op) for op in ops)])  # the longest name, not a guess at it
+    skipped = report.get("skipped") or {}
+    head = f"{'op':{width}s} " + " ".join(f"{b:>24s}" for b in names)
     lines = [
         f"genloss {report['version']} verify, seed {report['seed']}; backends: {_status_text(report['backends'])}",
+    ]
+    if skipped:
+        lines.append(_skipped_text(report))
+    lines += [
         "worst relative error of value / gradient vs the float64 reference (f32 and f64 inputs)",
         head,
     ]
@@ -400,9 +440,12 @@ def format_table(report: dict) -> str:
                 mark = "ok " if r["ok"] else "FAIL"
                 grad = "-" if r["grad_rel_err"] is None else f"{r['grad_rel_err']:7.1e}"
                 cells.append(f"{r['value_rel_err']:9.1e} / {grad:>7s} {mark}")
-        lines.append(f"{op:32s} " + " ".join(cells))
+        lines.append(f"{op:{width}s} " + " ".join(cells))
     bad = [r for r in rows if not r["ok"]]
-    lines.append(f"{len(rows) - len(bad)} of {len(rows)} cells pass" + (":" if bad else "."))
+    summary = f"{len(rows) - len(bad)} of {len(rows)} cells pass"
+    if skipped:
+        summary += f" ({len(skipped)} op{'s' * (len(skipped) != 1)} skipped: no native kernel, no torch)"
+    lines.append(summary + (":" if bad else "."))
     for r in bad:
         grad = "" if r["grad_vs_tol"] is None else f", gradient {r['grad_vs_tol']:.3g}x tol"
         why = r["error"] or f"value {r['value_vs_tol']:.3g}x tol{grad}"

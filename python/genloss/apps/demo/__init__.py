@@ -1,8 +1,8 @@
 r"""The ``genloss demo``: generative-model objectives compared on 2-D toy data, with spread.
 
 Small MLPs are trained with nothing but ``genloss.torch`` for their losses: a GAN under
-four objectives with a known story (non-saturating, hinge, LSGAN, WGAN-GP; minimax, f-GAN
-JS and RaGAN run when named) on the ring of 8 Gaussians and the 5x5 grid of 25 (where
+four objectives with a known story (non-saturating, hinge, LSGAN, WGAN-GP; ``gan-minimax``,
+``fgan-js`` and ``ragan`` run when named) on the ring of 8 Gaussians and the 5x5 grid of 25 (where
 mode dropping shows), and a VAE, a DDPM, rectified flow, EDM, a one-step consistency
 model (distilled from an EDM teacher trained in the same run) and (when genloss has
 ``vector_quantize``) a VQ-VAE on a swiss roll. Every method runs with 3 seeds and is
@@ -51,7 +51,7 @@ from .runner import (
 __all__ = [
     "DATASETS", "Dataset", "ring", "grid", "swiss_roll", "ring_centers", "grid_centers", "METHODS", "Method",
     "N_SIGMA", "MIN_SHARE", "MMD_BANDWIDTHS", "mode_coverage", "mmd2_rbf", "COLUMNS", "FILES", "source_hash",
-    "Config", "FULL", "QUICK", "REQUIRES", "missing_dependencies", "run_demo", "format_table",
+    "Config", "FULL", "QUICK", "REQUIRES", "missing_dependencies", "run_demo", "format_table", "OutputError",
 ]  # fmt: skip
 
 # What the demo imports beyond genloss and numpy: the ``demo`` extra of pyproject.toml.
@@ -69,6 +69,15 @@ def missing_dependencies() -> str | None:
     if not missing:
         return None
     return f"genloss demo needs {' and '.join(missing)}: pip install 'genloss[demo]'"
+
+
+class OutputError(RuntimeError):
+    """The run finished but its outputs could not be written; ``result`` holds it (nothing
+    was replaced: each file is written whole, or not at all)."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def _command(quick: bool, seed: int, out: Path | None, **opts: Any) -> str:
@@ -139,7 +148,10 @@ def run_demo(
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"run_demo: device={device!r} asked for, but torch sees no CUDA device")
+    if isinstance(out_dir, str) and not out_dir.strip():  # Path("") is the current folder: say so, not guess
+        raise ValueError("run_demo: out_dir is empty: name a folder (or None to write nothing)")
     out = None if out_dir is None else Path(out_dir)
+    created = out is not None and not out.exists()
     if out is not None:
         _writable_dir(out)  # before the training, not after it: a bad path would lose the whole run
         existing = [f for f in FILES if (out / f).exists()]
@@ -173,6 +185,13 @@ def run_demo(
     try:
         runs = [r for d in dict.fromkeys(d for d, _ in pairs) for r in data_rows(cfg, d)]
         runs += run_all(cfg, pairs, workers, progress)
+    except BaseException:  # Ctrl-C or a failed run: leave no trace of this run behind
+        if created and out is not None:
+            try:
+                out.rmdir()  # the empty folder made above; never one that holds anything
+            except OSError:
+                pass
+        raise
     finally:
         torch.set_num_threads(before)
     order = list(DATASETS)
@@ -192,12 +211,22 @@ def run_demo(
         "hparams": {m.name: m.hparams for m in chosen},
         "about": {m.name: m.about for m in chosen},
     }
-    files = [] if out is None else write_outputs(out, runs, summary, skipped, meta)
-    return {"meta": meta, "summary": summary, "runs": runs, "skipped": skipped, "files": files}
+    result: dict[str, Any] = {"meta": meta, "summary": summary, "runs": runs, "skipped": skipped, "files": []}
+    if out is not None:
+        try:
+            result["files"] = write_outputs(out, runs, summary, skipped, meta)
+        except OSError as err:  # e.g. the disk filled during the run: the caller still gets the tables
+            # the folder, not err.filename: that is the temporary name the file was being written under
+            raise OutputError(
+                f"cannot write the outputs to {str(out)!r}: {err.strerror or err}; nothing was replaced",
+                result,
+            ) from err
+    return result
 
 
 def _writable_dir(out: Path) -> None:
-    """Create ``out`` (and its parents) and check a file can be written there: ValueError naming it if not."""
+    """Create ``out`` (and its parents) and check a file can be written there and each of ``FILES``
+    can be (re)placed: ValueError naming the path if not."""
     import tempfile
 
     try:
@@ -208,6 +237,12 @@ def _writable_dir(out: Path) -> None:
         raise ValueError(
             f"run_demo: cannot write the outputs to {str(out)!r}: {err.strerror or err}"
         ) from None
+    # a folder (or a fifo, ...) under an output's name would only fail when the run is written
+    for name in FILES:
+        path = out / name
+        if path.exists() and not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise ValueError(f"run_demo: cannot write the outputs to {str(out)!r}: {str(path)!r} is {kind}")
 
 
 def _version() -> str:

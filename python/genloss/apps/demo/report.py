@@ -8,6 +8,10 @@ import csv
 import hashlib
 import json
 import math
+import os
+import secrets
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -264,24 +268,50 @@ def write_outputs(
     meta: dict[str, Any],
 ) -> list[Path]:
     """The figure, the Markdown tables, the CSV (one row per dataset x method, mean and std
-    columns) and the JSON (config, provenance, summary, every run with its curves)."""
+    columns) and the JSON (config, provenance, summary, every run with its curves).
+
+    Each file is written under a temporary name in ``out`` and renamed over its final name
+    only once all four are written: a failure (a full disk, Ctrl-C) leaves the previous
+    outputs as they were and no half-written file."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f for f in FILES]
-    plot(runs, summary, paths[0], meta)
-    paths[1].write_text(markdown_tables(summary, skipped, meta), encoding="utf-8")
-    keys = sorted({k for r in summary for k in r})
-    front = ["dataset", "method", "family", "seeds", "steps"]
-    with paths[2].open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=front + [k for k in keys if k not in front])
-        w.writeheader()
-        for r in summary:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    doc = {
-        "meta": meta,
-        "columns": {k: t for k, _, t in COLUMNS},
-        "summary": summary,
-        "skipped": skipped,
-        "runs": runs,
-    }
-    paths[3].write_text(json.dumps(_jsonable(doc), indent=1) + "\n", encoding="utf-8")
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    # the same suffix: matplotlib picks the figure's format from it
+    tmps = [p.with_name(f".{p.stem}.tmp-{token}{p.suffix}") for p in paths]
+    try:
+        plot(runs, summary, tmps[0], meta)
+        tmps[1].write_text(markdown_tables(summary, skipped, meta), encoding="utf-8")
+        keys = sorted({k for r in summary for k in r})
+        front = ["dataset", "method", "family", "seeds", "steps"]
+        with tmps[2].open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=front + [k for k in keys if k not in front])
+            w.writeheader()
+            for r in summary:
+                w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+        doc = {
+            "meta": meta,
+            "columns": {k: t for k, _, t in COLUMNS},
+            "summary": summary,
+            "skipped": skipped,
+            "runs": runs,
+        }
+        tmps[3].write_text(json.dumps(_jsonable(doc), indent=1) + "\n", encoding="utf-8")
+        _replace_all(tmps, paths)
+    finally:
+        for t in tmps:  # after a failure: the files written so far; after success: none left
+            t.unlink(missing_ok=True)
     return paths
+
+
+def _replace_all(tmps: Sequence[Path], paths: Sequence[Path]) -> None:
+    """Rename each of ``tmps`` over its ``paths``, with Ctrl-C held off (where this is the main
+    thread) so that an interrupt does not leave a mix of this run's files and the last one's."""
+    held = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    if held:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for t, p in zip(tmps, paths, strict=True):
+            os.replace(t, p)
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -10,12 +10,15 @@ the same numbers, run after run (genloss's reductions are deterministic).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
+import signal
 import sys
+import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -60,7 +63,8 @@ def resolve_datasets(names: Sequence[str] | str | None) -> list[str] | None:
         return None
     if isinstance(names, str):
         names = [names]
-    out = [ALIASES.get(n, n) for n in names]
+    # a name given twice (or under its old alias too) is one dataset, not a second run of it
+    out = list(dict.fromkeys(ALIASES.get(n, n) for n in names))
     unknown = [n for n in out if n not in DATASETS]
     if unknown:
         raise ValueError(f"datasets: unknown {unknown}; known: {sorted(DATASETS)}")
@@ -76,7 +80,8 @@ def resolve_methods(names: Sequence[str] | str | None) -> list[_methods.Method]:
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; known: {sorted(by_name)}")
-    return [by_name[n] for n in names]
+    # a name given twice is one method: run twice, its runs would count as extra seeds of one row
+    return [by_name[n] for n in dict.fromkeys(names)]
 
 
 def plan(
@@ -315,11 +320,24 @@ def run_all(
             # spawn: a fresh interpreter per worker (forking a process that has started
             # OpenMP threads is not safe)
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
-                futures = [pool.submit(run_group, t) for t in tasks]
+            pool = None
+            try:
+                with _sigint_held():  # the workers start (on submit) with Ctrl-C held off
+                    pool = ProcessPoolExecutor(
+                        max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_ignore_sigint
+                    )
+                    futures = [pool.submit(run_group, t) for t in tasks]
                 for f in as_completed(futures):
                     for r in f.result():
                         done(r)
+            except BaseException:
+                # Ctrl-C (or a failed run): the pool's own exit would wait for every queued
+                # run to finish, only for the results to be thrown away. Drop the queue and
+                # stop the workers now; the caller sees the exception.
+                if pool is not None:
+                    _stop(pool)
+                raise
+            pool.shutdown(wait=True)
     finally:
         bar.close()
     order = {
@@ -328,6 +346,46 @@ def run_all(
     }
     out.sort(key=lambda r: order[(r["dataset"], r["method"], r["rep"])])
     return out
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Block SIGINT in this (main) thread meanwhile; a Ctrl-C then is delivered on leaving.
+    The workers spawned meanwhile inherit the block, so a Ctrl-C while they boot (before
+    ``_ignore_sigint`` runs) cannot interrupt their imports with a traceback."""
+    held = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if held:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _ignore_sigint() -> None:
+    """Worker initialiser: Ctrl-C reaches the whole process group, but only the parent acts
+    on it (it stops the workers); a worker interrupted mid-run would print a traceback and
+    report KeyboardInterrupt as its result. Ignored first, then unblocked (see
+    ``_sigint_held``): a Ctrl-C pending since the worker started is dropped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued runs and terminate the workers (no orphans, no waiting for them)."""
+    # the worker processes, read before shutdown() forgets them (no public accessor)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():  # a worker that ignores SIGTERM (stuck in native code)
+            p.kill()
+            p.join(timeout=1)
 
 
 def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
