@@ -12,7 +12,7 @@ DIVERGENCE_RECORDS: tuple[OpRecord, ...] = (
     # e^l overflows for l > 88.7 in float32 (the ratio itself is out of range): no extreme inputs
     _divrec("density_ratio_from_logits", [Arg("logits", "scores", ("B", "..."), broadcast=True)], ("logits",), (),
             1, elementwise=True, extreme_finite=False),
-    _divrec("mmd2", [Arg("x", "features", ("Br", "F")), Arg("y", "features", ("Bf", "F"))], ("x", "y"), (), 9,
+    _divrec("mmd2", [Arg("x", "features", ("Br", "F")), Arg("y", "features", ("Bf", "F"))], ("x", "y"), (), 6,
             hypers=(Hyper("kernel", "choice", _div.KERNELS), Hyper("estimator", "choice", _div.MMD_ESTIMATORS),
                     Hyper("bandwidths", "bandwidths")),
             # the blocked (D > 4) body is covered by tests/test_mmd.py at D = 9, not at +-1e4 entries
