@@ -241,6 +241,17 @@ def test_default_bandwidth_is_the_median():
         assert vt.item() == pytest.approx(float(v), rel=1e-12)
 
 
+def test_median_bandwidth_refuses_inf_data_in_every_layer():
+    """An inf coordinate: every layer refuses by name (the engine's centred form makes the
+    median NaN; the reference once returned a number for it)."""
+    rng = np.random.default_rng(6)
+    x, y = samples(rng, 10, 10, 3)
+    x[0, 1] = np.inf
+    for fn in (R.median_bandwidth, gn.median_bandwidth, lambda a, b: gn.median_bandwidth(torch.tensor(a), b)):
+        with pytest.raises(ValueError, match=r"^median_bandwidth: x, y: the median pairwise distance is nan"):
+            fn(x, y)
+
+
 def test_the_read_back_paths_take_mixed_array_kinds():
     """median_bandwidth, mmd2 with the median default and kid's full-set path read their data
     back; a torch x with a NumPy y (or the other way) gives the reference's numbers, as the

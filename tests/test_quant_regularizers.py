@@ -700,3 +700,14 @@ def test_nan_in_nan_out():
         T.lpips_head(*([torch.tensor(a) for a in arrs] for arrs in (fx, fy, ws))).numpy(),
     ):
         assert np.isnan(d[0]) and np.isfinite(d[1])
+
+
+def test_fsq_codes_takes_integer_indices_and_gives_float_codes():
+    """fsq_codes: bool indices are refused as the reference refuses them, and an integer dtype
+    for the codes (which truncated the +-0.5 codes of even levels to 0) is refused by name."""
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    with pytest.raises(TypeError, match="^fsq_codes: indices must be an integer torch.Tensor"):
+        gt.fsq_codes(torch.tensor([True, False]), [4, 5])
+    with pytest.raises(TypeError, match="^fsq_codes: dtype must be a floating torch.dtype"):
+        gt.fsq_codes(torch.tensor([1, 2]), [4, 5], dtype=torch.int64)

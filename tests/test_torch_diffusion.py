@@ -91,6 +91,29 @@ def test_snr_weights_bad_arguments():
         gt.snr_weights(torch.tensor([10]), s)
     with pytest.raises(TypeError, match="t must be"):
         gt.snr_weights(torch.tensor([1.0]), s)
+    # an integer dtype would truncate every weight to 0 (or 1): refused, as karras_sigmas does
+    with pytest.raises(TypeError, match="snr_weights: dtype must be a floating torch.dtype"):
+        gt.snr_weights(t, s, dtype=torch.int64)
+
+
+def test_schedule_gather_checks_its_timesteps():
+    """DiffusionSchedule.gather is public: a negative t once wrapped around to the end of the
+    schedule and a float t was truncated, silently; both are refused by name, as is t = T and
+    an unknown array name."""
+    ref = R.DiffusionSchedule(R.cosine_betas(30))
+    s = gt.DiffusionSchedule(ref)
+    for t, exc, msg in [
+        (torch.tensor([-1]), ValueError, r"t must lie in \[0, 30\), got range \[-1, -1\]"),
+        (torch.tensor([30]), ValueError, r"t must lie in \[0, 30\)"),
+        (torch.tensor([2.7]), TypeError, "t must be an integer"),
+        (torch.tensor([True]), TypeError, "t must be an integer"),
+    ]:
+        with pytest.raises(exc, match=f"^DiffusionSchedule.gather: {msg}"):
+            s.gather("alpha_bar", t)
+    with pytest.raises(ValueError, match="^DiffusionSchedule.gather: name must be one of"):
+        s.gather("nope", torch.tensor([1]))
+    np.testing.assert_array_equal(s.gather("alpha_bar", torch.tensor([0, 29]), torch.float64).numpy(),
+                                  ref.alpha_bar[[0, 29]])  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,8 @@ def check_sizes(estimator: str, n: int, m: int) -> None:
 
 # ---------------------------------------------------------------- (DIV.12)
 def _median_numpy(z: np.ndarray) -> float:
+    if not np.isfinite(z).all():  # the centred form below would be NaN (inf - inf), with a warning
+        return float("nan")
     z = z - z.mean(axis=0)  # distances are translation invariant; centring shrinks cancellation
     sq = np.einsum("ij,ij->i", z, z)
     d2 = sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)

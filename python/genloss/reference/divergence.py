@@ -398,6 +398,8 @@ def _median_bandwidth(x, y, max_points):
         z = z[:: math.ceil(len(z) / max_points)]  # (DIV.12) strided subsample
     if len(z) < 2:
         raise ValueError(f"x, y: the median heuristic needs at least 2 pooled points, got {len(z)}")
+    if not np.isfinite(z).all():  # as the engine's centred form, which makes it NaN: refused the same way
+        raise ValueError("x, y: the median pairwise distance is nan (non-finite data)")
     sq = np.empty((len(z), len(z)))
     for rows in _row_blocks(len(z), len(z), z.shape[1]):
         diff = z[rows, None, :] - z[None, :, :]

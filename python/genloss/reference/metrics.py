@@ -149,7 +149,7 @@ class GaussianMoments:
     def mean(self) -> np.ndarray:
         if self.n < 1:
             raise ValueError(f"{self._op}.mean: no samples yet")
-        return result(self._mean)
+        return result(self._mean.copy())  # a copy: the caller's in-place edit must not change the state
 
     @property
     def cov(self) -> np.ndarray:

@@ -251,6 +251,24 @@ class _RejectDoubleBackward(torch.autograd.Function):
         )
 
 
+def once_differentiable_grads(name: str, grads: Sequence[Any], inputs: Sequence[Any]) -> tuple:
+    """The gradients an autograd.Function's backward computed (without a graph), each made to
+    raise 'double backward' if differentiated again: in the backward of a create_graph=True
+    pass (grad mode on there) they are linked to every input that requires grad. torch's
+    ``once_differentiable`` raises only when the incoming gradient requires grad; when it
+    does not (a gradient penalty's first derivatives), the second derivative was silently 0."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return tuple(grads)
+    linked = []  # a plain loop: dynamo traces this code
+    for a in inputs:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            linked.append(a)
+    return tuple(
+        g if not isinstance(g, torch.Tensor) else _RejectDoubleBackward.apply(g.detach(), name, *linked)
+        for g in grads
+    )
+
+
 TRACED, PLAIN, LOW = 0, 1, 2  # LossOp.route
 _LIVE: dict[str, LossOp] = {}  # name -> op, for the autograd Functions (see LossOp._function)
 

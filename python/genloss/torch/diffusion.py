@@ -143,7 +143,34 @@ class DiffusionSchedule(torch.nn.Module):
         return self._placed("_table_" + name, tab, like)
 
     def gather(self, name: str, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``self.<name>[t]`` in ``dtype`` (float32 by default), on ``t``'s device."""
+        """``self.<name>[t]`` in ``dtype`` (float32 by default), on ``t``'s device. ``t``: integer
+        timesteps in [0, T) (checked where data checks run, ``eager_checks``: a negative one
+        would otherwise wrap around to the end of the schedule, silently)."""
+        if name not in R.DiffusionSchedule._ARRAYS:
+            raise ValueError(
+                f"DiffusionSchedule.gather: name must be one of {R.DiffusionSchedule._ARRAYS}, got {name!r}"
+            )
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.is_floating_point()
+            or t.is_complex()
+            or t.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"DiffusionSchedule.gather: t must be an integer torch.Tensor, got {getattr(t, 'dtype', type(t))}"
+            )
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"DiffusionSchedule.gather: dtype must be a floating torch.dtype, got {dtype}")
+        if eager_checks(t) and t.numel() and t.device.type != "meta":  # meta: no data to check
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= self.num_timesteps:
+                raise ValueError(
+                    f"DiffusionSchedule.gather: t must lie in [0, {self.num_timesteps}), got range [{lo}, {hi}]"
+                )
+        return self._gather(name, t, dtype)
+
+    def _gather(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``gather`` for the ops' own use, whose ``t`` they have checked (no second read-back)."""
         values = self._placed(name, getattr(self, name), t)
         return values[t.long()].to(dtype)
 
@@ -386,8 +413,8 @@ def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: 
     mean = _q_posterior_mean(x0, t, x_t, s)
     view = (-1,) + (1,) * (x0.dim() - 1)
     dt = mean.dtype
-    variance = s.gather("posterior_variance", t, dt).reshape(view).expand(x0.shape)
-    log_variance = s.gather("posterior_log_variance_clipped", t, dt).reshape(view).expand(x0.shape)
+    variance = s._gather("posterior_variance", t, dt).reshape(view).expand(x0.shape)
+    log_variance = s._gather("posterior_log_variance_clipped", t, dt).reshape(view).expand(x0.shape)
     return mean, variance, log_variance
 
 
@@ -539,6 +566,8 @@ def snr_weights(
     kind = C.choice("kind", kind, R.SNR_WEIGHTINGS)
     prediction = C.choice("prediction", prediction, R.PREDICTIONS)
     log_gamma = math.log(C.positive("gamma", gamma))
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # int64 weights would be 0s
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype}")
     t = _tensor("t", t)
     if t.dim() != 1:
         raise ValueError(f"t must be 1-D (one timestep per sample), got shape {tuple(t.shape)}")
@@ -549,7 +578,7 @@ def snr_weights(
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= s.num_timesteps:
             raise ValueError(f"t must lie in [0, {s.num_timesteps}), got range [{lo}, {hi}]")
-    lam = s.gather("log_snr", t, torch.float64)
+    lam = s._gather("log_snr", t, torch.float64)
     w = torch.exp(_log_weight(lam, log_gamma, kind, prediction))
     if eager:
         if not bool(torch.isfinite(w).all()):

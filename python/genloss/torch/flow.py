@@ -365,7 +365,8 @@ def _path(t_or_sigma: Any, schedule: Any, batch: int) -> tuple[torch.Tensor, tor
             ref.path_coefs(vals if pair else vals[0], schedule, batch)
     if module is not None:
         t = parts[0]
-        return module.gather("sqrt_alpha_bar", t, torch.float64), module.gather(
+        # t checked just above (path_coefs): the unchecked gather, no second read-back
+        return module._gather("sqrt_alpha_bar", t, torch.float64), module._gather(
             "sqrt_one_minus_alpha_bar", t, torch.float64
         )
     if isinstance(schedule, ref._dif.DiffusionSchedule):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..reference.metrics import chan_merge, psd_bands
-from ._op import eager_checks
+from ._op import eager_checks, once_differentiable_grads
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -183,7 +183,7 @@ class GaussianMoments:
     def mean(self) -> torch.Tensor:
         if self.n < 1:
             raise ValueError(f"{self._op}.mean: no samples yet")
-        return self._mean
+        return self._mean.clone()  # a copy: the caller's in-place edit must not change the state
 
     @property
     def cov(self) -> torch.Tensor:
@@ -211,7 +211,8 @@ class _TraceSqrt(torch.autograd.Function):
     at repeated non-zero singular values; at vanishing ones the minimum-norm element of the
     subdifferential, i.e. the null directions get 0), and
     :math:`\partial t/\partial A = Q_A U_r V_r^\top R_B`, :math:`\partial t/\partial B = Q_B V_r U_r^\top R_A`.
-    No inverse of R appears, so rank-deficient data are fine.  Once differentiable.
+    No inverse of R appears, so rank-deficient data are fine.  Once differentiable: a second
+    derivative raises (``once_differentiable_grads``), never a silent 0.
     """
 
     @staticmethod
@@ -219,24 +220,24 @@ class _TraceSqrt(torch.autograd.Function):
         qa, ra = _qr(a)
         qb, rb = _qr(b)
         u, s, vh = torch.linalg.svd(ra @ rb.T, full_matrices=False)
-        ctx.save_for_backward(qa, ra, qb, rb, u, s, vh)
+        ctx.save_for_backward(a, b, qa, ra, qb, rb, u, s, vh)
         ctx.size = max(a.shape[0], b.shape[0], a.shape[1])
         return s.sum()  # (MET.3)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        qa, ra, qb, rb, u, s, vh = ctx.saved_tensors
-        keep = (s > ctx.size * torch.finfo(s.dtype).eps * s.max()).to(s.dtype)
-        polar = (u * keep) @ vh  # U_r V_r^T in the reduced coordinates  (MET.5)
-        ga = gb = None
-        if ctx.needs_input_grad[0]:
-            ga = g * (polar @ rb)
-            ga = ga if qa is None else qa @ ga
-        if ctx.needs_input_grad[1]:
-            gb = g * (polar.T @ ra)
-            gb = gb if qb is None else qb @ gb
-        return ga, gb
+        a, b, qa, ra, qb, rb, u, s, vh = ctx.saved_tensors
+        with torch.no_grad():
+            keep = (s > ctx.size * torch.finfo(s.dtype).eps * s.max()).to(s.dtype)
+            polar = (u * keep) @ vh  # U_r V_r^T in the reduced coordinates  (MET.5)
+            ga = gb = None
+            if ctx.needs_input_grad[0]:
+                ga = g * (polar @ rb)
+                ga = ga if qa is None else qa @ ga
+            if ctx.needs_input_grad[1]:
+                gb = g * (polar.T @ ra)
+                gb = gb if qb is None else qb @ gb
+        return once_differentiable_grads("frechet_distance", (ga, gb), (a, b))
 
 
 def _qr(a: torch.Tensor):
@@ -521,10 +522,12 @@ class _AbsPow(torch.autograd.Function):
         return d.abs() ** p
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         (d,) = ctx.saved_tensors
-        return g * ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0), None
+        with torch.no_grad():
+            gd = g * ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0)
+        # once differentiable: a second derivative of sliced_wasserstein raises, never a silent 0
+        return once_differentiable_grads("sliced_wasserstein", (gd,), (d,))[0], None
 
 
 # The directions on the device, so that a call does not copy them from the host each time (a

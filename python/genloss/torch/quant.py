@@ -354,8 +354,15 @@ def fsq_codes(indices: torch.Tensor, levels: Any, dtype: torch.dtype = torch.flo
     op = "fsq_codes"
     lv = _fsq_level_list(op, levels)
     size = _fsq_size(op, lv)
-    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
+    if (
+        not isinstance(indices, torch.Tensor)
+        or indices.is_floating_point()
+        or indices.is_complex()
+        or indices.dtype == torch.bool
+    ):
         raise TypeError(f"{op}: indices must be an integer torch.Tensor")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # integer codes would truncate
+        raise TypeError(f"{op}: dtype must be a floating torch.dtype, got {dtype}")
     idx = indices.long()
     if eager_checks(idx) and idx.numel() and bool(((idx < 0) | (idx >= size)).any()):
         raise ValueError(f"{op}: indices must lie in [0, {size}) (prod(levels))")
