@@ -350,24 +350,29 @@ def run_all(
 
 @contextlib.contextmanager
 def _sigint_held() -> Iterator[None]:
-    """Block SIGINT in this (main) thread meanwhile; a Ctrl-C then is delivered on leaving.
-    The workers spawned meanwhile inherit the block, so a Ctrl-C while they boot (before
-    ``_ignore_sigint`` runs) cannot interrupt their imports with a traceback."""
+    """SIGINT ignored, and blocked, in this (main) thread meanwhile. The workers spawned
+    meanwhile start with it ignored (an ignored disposition survives exec, and Python then
+    installs no KeyboardInterrupt handler; a blocked mask does not survive multiprocessing's
+    spawn), so a Ctrl-C while they import torch cannot print their traceback. Blocked as well,
+    so that a Ctrl-C meanwhile is not discarded here: it stays pending and is delivered, to the
+    restored handler, on leaving."""
     held = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
     if held:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         if held:
+            signal.signal(signal.SIGINT, previous)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _ignore_sigint() -> None:
     """Worker initialiser: Ctrl-C reaches the whole process group, but only the parent acts
     on it (it stops the workers); a worker interrupted mid-run would print a traceback and
-    report KeyboardInterrupt as its result. Ignored first, then unblocked (see
-    ``_sigint_held``): a Ctrl-C pending since the worker started is dropped."""
+    report KeyboardInterrupt as its result. (Already ignored since the worker started, by
+    ``_sigint_held``; said again here, and unblocked, for a worker started any other way.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
