@@ -346,3 +346,14 @@ def test_discretized_decoder_on_empty_input_is_empty_in_every_layer(cdf):
             for t, r in zip((m, s), ref_g, strict=True):
                 assert tuple(t.grad.shape) == r.shape and t.grad.dtype == dtype
                 np.testing.assert_array_equal(t.grad.numpy(), r)
+
+
+def test_prior_kl_compiles_with_a_fresh_reference_schedule():
+    """torch.compile(fullgraph=True) of prior_kl with a reference schedule the torch layer has not
+    converted yet: the conversion runs inside the trace, where alpha_bar_T, computed from the
+    traced arrays, was an unbacked SymFloat that the op's float argument refused (it passed only
+    when an earlier eager call had converted, and cached, the schedule)."""
+    ref = R.DiffusionSchedule(R.linear_betas(40, 1e-4, 0.2))
+    x0 = torch.randn(3, 2, 5, dtype=torch.float64)
+    compiled = torch.compile(lambda a: gt.prior_kl(a, ref, "none"), fullgraph=True, backend="eager")
+    np.testing.assert_allclose(compiled(x0).numpy(), R.prior_kl(x0.numpy(), ref, "none"), rtol=1e-12)

@@ -97,6 +97,22 @@ def test_gradient_penalty_bad_input():
         gl.gradient_penalty_from_grads(torch.randn(2, 3), lambda_=float("nan"))
 
 
+@pytest.mark.parametrize("penalty", ["gradient_penalty", "r1_penalty"])
+def test_penalty_of_a_critic_that_ignores_its_input_is_refused(penalty):
+    """A critic whose output does not depend on x (a detach() inside, a constant) has no input
+    gradient to penalise: a ValueError naming the op and saying so, not autograd's 'appears to not
+    have been used in the graph' (nor a silent lambda c^2); a grad_scaler that is not one: TypeError."""
+    lin = torch.nn.Linear(3, 1)
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    call = (lambda c, **kw: gl.gradient_penalty(c, x, y, **kw)) if penalty == "gradient_penalty" else (
+        lambda c, **kw: gl.r1_penalty(c, x, **kw))  # fmt: skip
+    for critic in (lambda z: lin(z.detach()), lambda z: torch.ones(4, 1)):
+        with pytest.raises(ValueError, match=f"^{penalty}: the critic's output does not depend on its input"):
+            call(critic)
+    with pytest.raises(TypeError, match=f"^{penalty}: grad_scaler must be a torch.amp.GradScaler"):
+        call(lin, grad_scaler=object())
+
+
 def test_no_grad_computes_no_gradient(monkeypatch):
     """Under no_grad / inference_mode the kernel is asked for the value only, even
     when the inputs require grad (a forward-only call must not write gradients)."""

@@ -260,6 +260,10 @@ class DiffusionSchedule:
             self.snr = np.exp(self.log_snr)
         for name in self._ARRAYS:
             getattr(self, name).setflags(write=False)
+        # a Python float made here, at construction: the torch layer passes it to prior_kl's op,
+        # and under torch.compile a float derived from the arrays inside the traced region would
+        # be an unbacked SymFloat, which the op's float argument refuses
+        self.alpha_bar_T = float(self.alpha_bar[-1])
 
     def __len__(self):
         return self.num_timesteps

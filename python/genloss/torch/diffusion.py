@@ -121,7 +121,7 @@ class DiffusionSchedule(torch.nn.Module):
             ref = R.DiffusionSchedule(betas)
         self.reference = ref
         self.num_timesteps = ref.num_timesteps
-        self.alpha_bar_T = float(ref.alpha_bar[-1])  # a Python constant (prior_kl's op argument)
+        self.alpha_bar_T = ref.alpha_bar_T  # a Python constant (prior_kl's op argument), not traced
         for name in R.DiffusionSchedule._ARRAYS:
             self.register_buffer(name, torch.from_numpy(np.array(getattr(ref, name))), persistent=False)
         for name, build in _TABLES.items():

@@ -122,10 +122,24 @@ def _input_grads(
     out = critic(x)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the critic must return a torch.Tensor, got {type(out).__name__}")
+    unused = (
+        "the critic's output does not depend on its input (a detach() or torch.no_grad() inside it?): "
+        "the penalty is of d critic(x) / dx"
+    )
+    if not out.requires_grad:
+        raise ValueError(unused)
     total = out.sum()
     if grad_scaler is not None:
+        if not callable(getattr(grad_scaler, "scale", None)) or not callable(
+            getattr(grad_scaler, "get_scale", None)
+        ):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler (or None), got {type(grad_scaler).__name__}"
+            )
         total = grad_scaler.scale(total)  # type: ignore[attr-defined]
-    (g,) = torch.autograd.grad(total, x, create_graph=True)
+    (g,) = torch.autograd.grad(total, x, create_graph=True, allow_unused=True)
+    if g is None:
+        raise ValueError(unused)
     if grad_scaler is not None:
         # The scaler multiplied the inner gradient by its scale: undo it before
         # the norm, or the penalty would see a gradient thousands of times larger.
