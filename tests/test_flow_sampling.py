@@ -339,6 +339,9 @@ def test_flux_mu_line():
     assert R.flux_mu(1000, 100, 1100, 0.0, 1.0) == pytest.approx(0.9, rel=1e-15)
     with pytest.raises(ValueError, match="flux_mu: max_seq_len must differ"):
         R.flux_mu(10, 256, 256)
+    for length in (0, -5):  # a token count: the line continued below 0 is no shift anyone asked for
+        with pytest.raises(ValueError, match="flux_mu: image_seq_len must be > 0"):
+            R.flux_mu(length)
 
 
 # ============================================================================= FLOW.10 EDM

@@ -711,3 +711,20 @@ def test_fsq_codes_takes_integer_indices_and_gives_float_codes():
         gt.fsq_codes(torch.tensor([True, False]), [4, 5])
     with pytest.raises(TypeError, match="^fsq_codes: dtype must be a floating torch.dtype"):
         gt.fsq_codes(torch.tensor([1, 2]), [4, 5], dtype=torch.int64)
+
+
+def test_lpips_head_float32_features_of_any_magnitude():
+    """(QNT.15) The head is scale invariant: float32 features of 1e19 and 1e20 (whose squares
+    overflow float32) give the reference's value at scale 1, as they did below 1e19 (they gave
+    0.47 and then 0, for 0.56)."""
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    from genloss.reference import quant as RQ
+
+    g = torch.Generator().manual_seed(0)
+    x, y = ([torch.randn(2, 8, 4, 4, generator=g)] for _ in range(2))
+    w = [torch.rand(8, generator=g)]
+    want = RQ.lpips_head([x[0].double().numpy()], [y[0].double().numpy()], [w[0].double().numpy()])
+    for scale in (1e19, 1e20, 1e30):
+        got = gt.lpips_head([x[0] * scale], [y[0] * scale], w)
+        np.testing.assert_allclose(got.numpy(), want, rtol=2e-6)

@@ -724,7 +724,7 @@ def flux_mu(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, m
     float
     """
     with named_errors("flux_mu"):
-        length = _checks.finite("image_seq_len", image_seq_len)
+        length = _checks.positive("image_seq_len", image_seq_len)  # a token count: > 0
         base, top = _checks.finite("base_seq_len", base_seq_len), _checks.finite("max_seq_len", max_seq_len)
         lo, hi = _checks.finite("base_shift", base_shift), _checks.finite("max_shift", max_shift)
         if top == base:

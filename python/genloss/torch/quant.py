@@ -457,8 +457,13 @@ lazy_regularization = ref.lazy_regularization  # (QNT.14) Python floats in, Pyth
 
 # ----------------------------------------------------------------------------- lpips_head (QNT.15)
 def _unit_channels(x: torch.Tensor) -> torch.Tensor:
-    """x / (||x||_c + 1e-10) per position (QNT.15); the derivative of the norm at 0 is taken as 0."""
-    return x / (_safe_sqrt(x.square().sum(1, keepdim=True)) + ref.LPIPS_EPS)
+    """x / (||x||_c + 1e-10) per position (QNT.15); the derivative of the norm at 0 is taken as 0.
+    The norm is m ||x / m|| with m the position's largest |x_c| (detached: for a constant m the
+    same function, so the same gradient): x^2 overflowed float32 for features of 1e19, and the
+    head, which is scale invariant, returned 0."""
+    m = x.detach().abs().amax(1, keepdim=True)
+    m = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))  # 0, inf, NaN: unscaled
+    return x / (m * _safe_sqrt((x / m).square().sum(1, keepdim=True)) + ref.LPIPS_EPS)
 
 
 @with_reference_doc
