@@ -699,3 +699,25 @@ def test_moments_mean_is_a_copy(layer):
     mu = a.mean
     mu -= b.mean
     assert float(fd(a, b)) == pytest.approx(4.0, rel=1e-9)  # same covariance, means 1 apart in 4 dims
+
+
+def test_frechet_moments_form_refuses_d0_and_complex_covariances():
+    """d = 0 moments: a ValueError naming mu1 in both layers (an IndexError before); a complex or
+    bool covariance: the torch layer refuses it as the reference does (it dropped the imaginary
+    part silently)."""
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    z = np.zeros((0,)), np.zeros((0, 0))
+    with pytest.raises(
+        ValueError, match=r"^frechet_distance: mu1 must have shape \(d,\) and cov1 \(d, d\), d >= 1"
+    ):
+        RM.frechet_distance(z[0], z[1], z[0], z[1])
+    zt = [torch.tensor(a) for a in (*z, *z)]
+    with pytest.raises(
+        ValueError, match=r"^frechet_distance: mu1 must have shape \(d,\) and cov1 \(d, d\), d >= 1"
+    ):
+        gt.frechet_distance(*zt)
+    mu, eye = torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    for bad in (eye.to(torch.complex128), eye.bool()):
+        with pytest.raises(TypeError, match="^frechet_distance: cov1 must be a real tensor"):
+            gt.frechet_distance(mu, bad, mu, eye)

@@ -231,9 +231,9 @@ def _moments_args(op, args):
             as_float64(name, a) for name, a in zip(("mu1", "cov1", "mu2", "cov2"), args, strict=True)
         )
         for name, mu, cov in (("1", mu1, cov1), ("2", mu2, cov2)):
-            if mu.ndim != 1 or cov.shape != (mu.size, mu.size):
+            if mu.ndim != 1 or mu.size == 0 or cov.shape != (mu.size, mu.size):
                 raise ValueError(
-                    f"{op}: mu{name} must have shape (d,) and cov{name} (d, d), got {mu.shape}, {cov.shape}"
+                    f"{op}: mu{name} must have shape (d,) and cov{name} (d, d), d >= 1, got {mu.shape}, {cov.shape}"
                 )
             if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
                 raise ValueError(f"{op}: mu{name} and cov{name} must be finite")

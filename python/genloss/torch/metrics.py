@@ -298,6 +298,8 @@ def frechet_distance(*args) -> torch.Tensor:
         for name, t in zip(names, args, strict=True):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.is_complex() or t.dtype == torch.bool:  # as the reference: .to(float64) would drop
+                raise TypeError(f"{op}: {name} must be a real tensor, got {t.dtype}")  # the imaginary part
             if t.requires_grad:
                 raise ValueError(
                     f"{op}: {name} requires grad; the moments form is value-only (differentiate the features form)"
@@ -309,9 +311,9 @@ def frechet_distance(*args) -> torch.Tensor:
         )
         mu1, cov1, mu2, cov2 = (t.to(torch.float64) for t in args)
         for k, (mu, cov) in enumerate(((mu1, cov1), (mu2, cov2)), 1):
-            if mu.dim() != 1 or tuple(cov.shape) != (mu.shape[0], mu.shape[0]):
+            if mu.dim() != 1 or mu.shape[0] == 0 or tuple(cov.shape) != (mu.shape[0], mu.shape[0]):
                 raise ValueError(
-                    f"{op}: mu{k} must have shape (d,) and cov{k} (d, d), got {tuple(mu.shape)}, {tuple(cov.shape)}"
+                    f"{op}: mu{k} must have shape (d,) and cov{k} (d, d), d >= 1, got {tuple(mu.shape)}, {tuple(cov.shape)}"
                 )
             if not (_finite(mu) and _finite(cov)):  # as the reference (LAPACK would fail on them)
                 raise ValueError(f"{op}: mu{k} and cov{k} must be finite")
