@@ -862,7 +862,7 @@ def test_bad_arguments_name_the_argument():
         (lambda: R.full_bound(ok, lambda x, t: x, s, 0), TypeError, "rng"),
     ]
     for call, exc, name in cases:
-        with pytest.raises(exc, match=rf"^([a-z_0-9]+: )?{name}"):
+        with pytest.raises(exc, match=rf"^([A-Za-z_0-9]+: )?{name}"):
             call()
 
 

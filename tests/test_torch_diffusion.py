@@ -357,3 +357,13 @@ def test_prior_kl_compiles_with_a_fresh_reference_schedule():
     x0 = torch.randn(3, 2, 5, dtype=torch.float64)
     compiled = torch.compile(lambda a: gt.prior_kl(a, ref, "none"), fullgraph=True, backend="eager")
     np.testing.assert_allclose(compiled(x0).numpy(), R.prior_kl(x0.numpy(), ref, "none"), rtol=1e-12)
+
+
+def test_schedule_constructors_name_themselves():
+    """Bad betas: the message starts with 'DiffusionSchedule:' in both layers (it named only the
+    argument, so a traceback-less log line did not say which call failed)."""
+    for make in (R.DiffusionSchedule, lambda b: gt.DiffusionSchedule(torch.tensor(b))):
+        with pytest.raises(ValueError, match=r"^DiffusionSchedule: betas must lie in \(0, 1\]"):
+            make([0.1, 1.5])
+        with pytest.raises(ValueError, match="^DiffusionSchedule: betas must be finite"):
+            make([0.1, float("nan")])

@@ -226,15 +226,16 @@ class DiffusionSchedule:
     )
 
     def __init__(self, betas):
-        b = as_float64("betas", betas)
-        if b.ndim != 1:
-            raise ValueError(f"betas must be 1-D (one beta per step), got shape {b.shape}")
-        if b.shape[0] < 2:
-            raise ValueError(f"betas must have at least 2 steps, got {b.shape[0]}")
-        if not np.all(np.isfinite(b)):
-            raise ValueError("betas must be finite")
-        if not np.all((b > 0.0) & (b <= 1.0)):
-            raise ValueError(f"betas must lie in (0, 1], got values in [{b.min()}, {b.max()}]")
+        with _checks.named_errors("DiffusionSchedule"):  # the messages say which constructor
+            b = as_float64("betas", betas)
+            if b.ndim != 1:
+                raise ValueError(f"betas must be 1-D (one beta per step), got shape {b.shape}")
+            if b.shape[0] < 2:
+                raise ValueError(f"betas must have at least 2 steps, got {b.shape[0]}")
+            if not np.all(np.isfinite(b)):
+                raise ValueError("betas must be finite")
+            if not np.all((b > 0.0) & (b <= 1.0)):
+                raise ValueError(f"betas must lie in (0, 1], got values in [{b.min()}, {b.max()}]")
         b = b.copy()
         self.num_timesteps = int(b.shape[0])
         self.betas = b
