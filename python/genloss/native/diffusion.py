@@ -27,6 +27,7 @@ from ..reference import diffusion as _R
 from ._compose import cached, computed_in_float32, inputs, loss_scale, low_storage, needs, value_out
 from ._engine import (
     CPU,
+    FLOAT32,
     FLOAT64,
     Buf,
     as_input,
@@ -122,10 +123,18 @@ def _xp(b: Buf):
 
 
 def _row_vector(
-    name: str, value: Any, like: Buf, like_name: str, *, nonnegative: bool = False, cast: bool = False
+    name: str,
+    value: Any,
+    like: Buf,
+    like_name: str,
+    *,
+    nonnegative: bool = False,
+    cast: bool = False,
+    within: float | None = None,
 ) -> Buf:
     """A finite per-sample vector (B,) in ``like``'s place and dtype (``cast``: converted to it, for
-    constant weights; else a differentiable input must match, as every other input)."""
+    constant weights; else a differentiable input must match, as every other input). ``within``:
+    also in [-within, within], checked by the same read-back (one wait for a GPU, not two)."""
     b = as_input(value, name)
     if b.shape != (like.rows,):
         raise ValueError(f"{name} must have shape ({like.rows},) (one value per sample), got {b.shape}")
@@ -135,11 +144,17 @@ def _row_vector(
         same_place(like, like_name, b, name)
     if b.dtype != like.dtype:  # a float64 weight vector for float32 data: cast the B values
         b = as_input(b.arr.to(like.arr.dtype) if b.kind == "torch" else b.arr.astype(like.arr.dtype), name)
-    r = float_range(b, ("finite", (b,), float(nonnegative)))
+    guard = ("finite", (b,), float(nonnegative)) if within is None else ("within", (b,), within)
+    r = float_range(b, guard)
     if r is not None and not (math.isfinite(r[0]) and math.isfinite(r[1])):
         raise ValueError(f"{name} must be finite")
     if r is not None and nonnegative and r[0] < 0:
         raise ValueError(f"{name} must be >= 0, got min {r[0]}")
+    if r is not None and within is not None and (r[0] < -within or r[1] > within):
+        kind = "float32" if like.dtype == FLOAT32 else "float64"
+        raise ValueError(
+            f"{name} must lie in [-{within:.4g}, {within:.4g}] for {kind} data, got values in [{r[0]:g}, {r[1]:g}]"
+        )
     return b
 
 
