@@ -139,6 +139,17 @@ def grads_out(grads: Sequence[Buf | None], flags: tuple[bool, ...]) -> tuple:
     return tuple(None if g is None else g.arr for g in grads)
 
 
+def empty_elementwise(
+    like: Buf, shape: tuple[int, ...], diff: Sequence[Buf], flags: tuple[bool, ...]
+) -> tuple:
+    """``(value, grads)`` of an elementwise op whose broadcast ``shape`` has no element: an empty
+    value (the reference's ``[]``; the engine has nothing to run) and, for each differentiable
+    input ``diff`` asked by ``flags``, a zero gradient of its own shape (an input broadcast into
+    nothing contributes nothing)."""
+    zeros = [empty(b, b.shape, fill=0.0) if fl else None for b, fl in zip(diff, flags, strict=True)]
+    return empty(like, shape).arr, grads_out(zeros, flags)
+
+
 def run_terms(terms: Sequence[Term], reduction: str, need_grad, n_grads: int, grad_of: Sequence[int]):
     """Sum of terms; term i's inputs write gradient outputs grad_of[i], grad_of[i] + 1, ...
     (or ``Term.slots``). Every gradient output belongs to one input of one term,

@@ -24,7 +24,16 @@ import numpy as np
 
 from .. import _checks as C
 from ..reference import diffusion as _R
-from ._compose import cached, computed_in_float32, inputs, loss_scale, low_storage, needs, value_out
+from ._compose import (
+    cached,
+    computed_in_float32,
+    empty_elementwise,
+    inputs,
+    loss_scale,
+    low_storage,
+    needs,
+    value_out,
+)
 from ._engine import (
     CPU,
     FLOAT32,
@@ -463,16 +472,8 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, bits=8, cdf="exact
         except ValueError:
             got = ", ".join(f"{n} {b.shape}" for n, b in zip(names, bufs, strict=True))
             raise ValueError(f"x, means, log_scales must broadcast together, got {got}") from None
-        if math.prod(shape) == 0:
-            # No element: the reference's empty result (the range check's min/max, and the
-            # engine, have nothing to run on); an input broadcast into it gets a zero gradient.
-            out = empty(bufs[0], shape)
-            flags = needs(need_grad, 2)
-            if not any(flags):
-                return out.arr, ()
-            return out.arr, tuple(
-                empty(b, b.shape, fill=0.0).arr if fl else None for b, fl in zip(bufs[1:], flags, strict=True)
-            )
+        if math.prod(shape) == 0:  # before the range check's min/max, which has nothing to read
+            return empty_elementwise(bufs[0], shape, bufs[1:], needs(need_grad, 2))
         _unit_box(bufs[0], "x", "discretized data")
         full = [broadcast(b, shape, n) for b, n in zip(bufs, names, strict=True)]  # same shapes: themselves
         flags = needs(need_grad, 2)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .. import _checks as C
-from ._compose import Term, batch_scale, cached, inputs, needs, run_terms, value_out
+from ._compose import Term, batch_scale, cached, empty_elementwise, inputs, needs, run_terms, value_out
 from ._engine import (
     as_input,
     broadcast,
@@ -87,12 +87,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2, *, need_grad=True):
             got = ", ".join(f"{n} {b.shape}" for n, b in zip(names, bufs, strict=True))
             raise ValueError(f"mean1, logvar1, mean2, logvar2 must broadcast together, got {got}") from None
         flags = needs(need_grad, 4)
-        if math.prod(shape) == 0:  # elementwise: no element in, none out (the reference's [])
-            out = empty(bufs[0], shape)  # an input broadcast into it gets a zero gradient
-            zeros = tuple(
-                empty(b, b.shape, fill=0.0).arr if fl else None for b, fl in zip(bufs, flags, strict=True)
-            )
-            return out.arr, zeros if any(flags) else ()
+        if math.prod(shape) == 0:
+            return empty_elementwise(bufs[0], shape, bufs, flags)
         full = [broadcast(b, shape, n) for b, n in zip(bufs, names, strict=True)]
         out = empty(full[0], shape)
         grads = [empty(f, shape) if fl else None for f, fl in zip(full, flags, strict=True)]

@@ -64,6 +64,23 @@ def eager_checks(x: torch.Tensor) -> bool:
     return not x.is_cuda or (_engine._check_data and not torch.cuda.is_current_stream_capturing())
 
 
+def float_dtype(op: str, dtype: Any) -> torch.dtype:
+    """``dtype`` when it is a floating torch.dtype; else a TypeError naming the op (an integer
+    dtype for weights, times or codes would truncate them)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{op}: dtype must be a floating torch.dtype, got {dtype}")
+    return dtype
+
+
+def _requiring_grad(tensors: Sequence[Any]) -> list:
+    """The tensors among ``tensors`` that require grad (a plain loop: dynamo traces this code)."""
+    out = []
+    for a in tensors:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            out.append(a)
+    return out
+
+
 def refuse_capture(x: torch.Tensor, op: str, why: str) -> None:
     """ValueError, before anything runs, when ``x`` is a CUDA tensor and a CUDA graph is captured
     on the current stream, for an op that must read device data back on the host (``why``): the
@@ -259,10 +276,7 @@ def once_differentiable_grads(name: str, grads: Sequence[Any], inputs: Sequence[
     does not (a gradient penalty's first derivatives), the second derivative was silently 0."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return tuple(grads)
-    linked = []  # a plain loop: dynamo traces this code
-    for a in inputs:
-        if isinstance(a, torch.Tensor) and a.requires_grad:
-            linked.append(a)
+    linked = _requiring_grad(inputs)
     return tuple(
         g if not isinstance(g, torch.Tensor) else _RejectDoubleBackward.apply(g.detach(), name, *linked)
         for g in grads
@@ -653,11 +667,9 @@ class LossOp:
             grad_output = None
         nig = ctx.needs_input_grad
         twice = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        linked = []  # every input the gradients depend on (a plain loop: dynamo traces this code)
-        if twice:
-            for j in self.diff_idx:
-                if isinstance(args[j], torch.Tensor) and args[j].requires_grad:
-                    linked.append(args[j])
+        linked = (
+            _requiring_grad([args[j] for j in self.diff_idx]) if twice else []
+        )  # every input of the gradients
         for k, i in enumerate(self.diff_idx):
             g = grads[k] if k < len(grads) else None
             if g is None or not nig[i]:

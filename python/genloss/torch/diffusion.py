@@ -29,7 +29,7 @@ import torch
 from .. import _checks as C
 from ..native import diffusion as native
 from ..reference import diffusion as R
-from ._op import LossOp, eager_checks, kept_on, reference_doc, with_reference_doc
+from ._op import LossOp, eager_checks, float_dtype, kept_on, reference_doc, with_reference_doc
 
 __all__ = [
     "DiffusionSchedule",
@@ -159,8 +159,7 @@ class DiffusionSchedule(torch.nn.Module):
             raise TypeError(
                 f"DiffusionSchedule.gather: t must be an integer torch.Tensor, got {getattr(t, 'dtype', type(t))}"
             )
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"DiffusionSchedule.gather: dtype must be a floating torch.dtype, got {dtype}")
+        float_dtype("DiffusionSchedule.gather", dtype)
         if eager_checks(t) and t.numel() and t.device.type != "meta":  # meta: no data to check
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= self.num_timesteps:
@@ -566,8 +565,7 @@ def snr_weights(
     kind = C.choice("kind", kind, R.SNR_WEIGHTINGS)
     prediction = C.choice("prediction", prediction, R.PREDICTIONS)
     log_gamma = math.log(C.positive("gamma", gamma))
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # int64 weights would be 0s
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype}")
+    float_dtype("snr_weights", dtype)  # int64 weights would be 0s
     t = _tensor("t", t)
     if t.dim() != 1:
         raise ValueError(f"t must be 1-D (one timestep per sample), got shape {tuple(t.shape)}")

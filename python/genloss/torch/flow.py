@@ -30,7 +30,7 @@ from .. import _checks as C
 from ..native import flow as native
 from ..native._compose import needs
 from ..reference import flow as ref
-from ._op import LossOp, eager_checks, kept_on, public, schema_of
+from ._op import LossOp, eager_checks, float_dtype, kept_on, public, schema_of
 from .diffusion import DiffusionSchedule as _TorchSchedule
 from .diffusion import _stratified_grid
 
@@ -187,12 +187,6 @@ def _no_grad_input(op: str, name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _float_dtype(op: str, dtype: Any) -> torch.dtype:
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"{op}: dtype must be a floating torch.dtype, got {dtype}")
-    return dtype
-
-
 def _eager_check(fn: Callable[..., Any], *tensors: torch.Tensor, **kwargs: Any) -> None:
     """Run the reference's argument checks on the values (data-dependent: when ``eager_checks``)."""
     if all(eager_checks(t) for t in tensors):
@@ -230,7 +224,7 @@ def sample_timesteps(
     gives different times here and in ``reference.sample_timesteps``. torch.compile does not trace the generator:
     call it outside the compiled step, or compile ``timestep_quantile(u, kind, ...)`` of your own
     draws ``u``."""
-    dtype = _float_dtype("sample_timesteps", dtype)
+    dtype = float_dtype("sample_timesteps", dtype)
     with ref.named_errors("sample_timesteps"):
         kind, params = ref._timestep_params(kind, m, s, scale, p_mean, p_std)
         n = C.positive_int("n", n)
@@ -416,5 +410,5 @@ def karras_sigmas(
     *, device: Any = None, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:  # fmt: skip
     r"""``genloss.reference.karras_sigmas`` (float64, ascending) in ``dtype`` on ``device``.  (FLOW.12)"""
-    dtype = _float_dtype("karras_sigmas", dtype)
+    dtype = float_dtype("karras_sigmas", dtype)
     return torch.from_numpy(ref.karras_sigmas(n, sigma_min, sigma_max, rho)).to(device=device, dtype=dtype)

@@ -13,10 +13,8 @@ from typing import Any
 
 import torch
 
-from ..reference.metrics import chan_merge, psd_bands
+from ..reference.metrics import chan_merge, dtype_eps, psd_bands
 from ._op import eager_checks, once_differentiable_grads
-
-_EPS64 = torch.finfo(torch.float64).eps
 
 __all__ = ["GaussianMoments", "frechet_distance", "gather_with_grad"]
 
@@ -306,9 +304,7 @@ def frechet_distance(*args) -> torch.Tensor:
                 )
         # the PSD tolerances follow the dtype the covariances came in (MET.4): a float32 covariance
         # of n < d samples has zero eigenvalues of float32 rounding size, of either sign
-        eps1, eps2 = (
-            torch.finfo(c.dtype).eps if c.is_floating_point() else _EPS64 for c in (args[1], args[3])
-        )
+        eps1, eps2 = dtype_eps(args[1]), dtype_eps(args[3])
         mu1, cov1, mu2, cov2 = (t.to(torch.float64) for t in args)
         for k, (mu, cov) in enumerate(((mu1, cov1), (mu2, cov2)), 1):
             if mu.dim() != 1 or mu.shape[0] == 0 or tuple(cov.shape) != (mu.shape[0], mu.shape[0]):

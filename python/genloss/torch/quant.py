@@ -11,7 +11,7 @@ import torch
 
 from .. import _checks as C
 from ..reference import quant as ref
-from ._op import device_constant, eager_checks, lib, with_reference_doc
+from ._op import device_constant, eager_checks, float_dtype, lib, with_reference_doc
 
 # ============================================================================= quantizers (QNT.1-QNT.9)
 # Custom ops (torch.library): ``genloss::vector_quantize_fwd`` (4 outputs + the two saved loss gradients, autograd
@@ -361,8 +361,7 @@ def fsq_codes(indices: torch.Tensor, levels: Any, dtype: torch.dtype = torch.flo
         or indices.dtype == torch.bool
     ):
         raise TypeError(f"{op}: indices must be an integer torch.Tensor")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # integer codes would truncate
-        raise TypeError(f"{op}: dtype must be a floating torch.dtype, got {dtype}")
+    float_dtype(op, dtype)  # integer codes would truncate
     idx = indices.long()
     if eager_checks(idx) and idx.numel() and bool(((idx < 0) | (idx >= size)).any()):
         raise ValueError(f"{op}: indices must lie in [0, {size}) (prod(levels))")
