@@ -71,6 +71,28 @@ GENLOSS_HD double log_diff_ndtr(double a, double b) {
   return log_hi + ::log1p(-::exp(log_ndtr(lo) - log_hi));
 }
 
+// The slopes of log_diff_ndtr for finite a < b: da = -phi(a)/P, db = phi(b)/P.
+// On the lower side, with r = log Phi(lo) - log Phi(hi) <= 0, each is an
+// inverse Mills ratio over a factor: phi(hi)/P = m(hi) / -expm1(r) and
+// phi(lo)/P = m(lo) / expm1(-r). exp(log phi - log P) would subtract two
+// numbers ~ z^2/2 (every digit lost at a decoder log-scale of -18). Inside
+// (-1, 1), where log P is the erf difference and r can round to 0, the
+// exponent form is exact and kept.                                   (DIF.10)
+GENLOSS_HD void log_diff_ndtr_grad(double a, double b, double logp, double& da, double& db) {
+  if (gl_abs(a) < kErfBelow && gl_abs(b) < kErfBelow) {
+    da = -::exp(log_normal_pdf(a) - logp);
+    db = ::exp(log_normal_pdf(b) - logp);
+    return;
+  }
+  const bool flip = a + b > 0.0;
+  const double lo = flip ? -b : a, hi = flip ? -a : b;
+  const double r = log_ndtr(lo) - log_ndtr(hi);
+  const double d_hi = log_ndtr_grad(hi) / -::expm1(r);
+  const double d_lo = log_ndtr_grad(lo) / ::expm1(-r);
+  da = -(flip ? d_hi : d_lo);  // Phi(b) - Phi(a) = Phi(-a) - Phi(-b): a flipped pair swaps roles
+  db = flip ? d_lo : d_hi;
+}
+
 // improved-diffusion's tanh approximation of Phi and its derivative.  (DIF.11)
 constexpr double kTanhC = 0.79788456080286535588;  // sqrt(2/pi)
 constexpr double kTanhK = 0.044715;
@@ -119,10 +141,9 @@ GENLOSS_HD void discretized_ll(double x, double mean, double log_scale, double h
   } else if (highest) {  // log Phi(-lo)
     logp = log_ndtr(-zlo);
     d_lo = -log_ndtr_grad(-zlo);
-  } else {  // (DIF.10) d/dhi = phi(hi)/P, d/dlo = -phi(lo)/P, as exponentials of logs
+  } else {  // (DIF.10) d/dhi = phi(hi)/P, d/dlo = -phi(lo)/P
     logp = log_diff_ndtr(zlo, zhi);
-    d_hi = ::exp(log_normal_pdf(zhi) - logp);
-    d_lo = -::exp(log_normal_pdf(zlo) - logp);
+    log_diff_ndtr_grad(zlo, zhi, logp, d_lo, d_hi);
   }
   dmean = -inv_s * (d_hi + d_lo);           // dz/dmean = -e^{-s}
   dlog_scale = -(d_hi * zhi + d_lo * zlo);  // dz/ds = -z
