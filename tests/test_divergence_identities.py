@@ -705,10 +705,12 @@ BAD = [
         "grad_output must be a scalar",
     ),
     (lambda: R.median_bandwidth(X, Y, max_points=1), ValueError, "max_points must be >= 2"),
+    (lambda: R.median_bandwidth(X, Y, max_points=0), ValueError, "max_points must be >= 2"),  # not ">= 1"
     (lambda: R.median_bandwidth(X, Y, max_points=2.0), TypeError, "max_points must be an int"),
     (lambda: R.kid(X, Y, subset_size=5), ValueError, "exceeds the 4 samples of real_features"),
     (lambda: R.kid(Y, X, subset_size=5), ValueError, "exceeds the 4 samples of fake_features"),
     (lambda: R.kid(X, Y, subset_size=1), ValueError, "subset_size must be >= 2"),
+    (lambda: R.kid(X, Y, subset_size=0), ValueError, "subset_size must be >= 2"),
     (lambda: R.kid(X, Y, subsets=0, subset_size=2), ValueError, "subsets must be >= 1"),
     (lambda: R.kid(X, Y, subset_size=2, seed=-1), ValueError, "seed must be >= 0"),
     (lambda: R.kid(X, Y, subset_size=2, seed=1.5), TypeError, "seed must be an int"),

@@ -637,8 +637,9 @@ def test_karras_sigmas():
     edm = (80.0 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7  # EDM's descending form
     np.testing.assert_allclose(s, edm[::-1], rtol=1e-14)
     np.testing.assert_allclose(R.karras_sigmas(5, 1.0, 3.0, 1.0), [1.0, 1.5, 2.0, 2.5, 3.0], rtol=1e-15)
-    with pytest.raises(ValueError, match="karras_sigmas: n must be >= 2"):
-        R.karras_sigmas(1)
+    for n in (0, 1):  # one bound for both: a 0 was told ">= 1", then a 1 ">= 2"
+        with pytest.raises(ValueError, match="karras_sigmas: n must be >= 2"):
+            R.karras_sigmas(n)
     with pytest.raises(ValueError, match="karras_sigmas: sigma_max must be > sigma_min"):
         R.karras_sigmas(5, 1.0, 0.5)
 
@@ -963,3 +964,46 @@ def test_diffusers_flow_match_shift():
     np.testing.assert_allclose(
         R.shift_timesteps(t.numpy(), mu=mu)[0], dyn.time_shift(mu, 1.0, t).numpy(), rtol=1e-14
     )
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_lognormal_sigma_draws_stay_finite_and_nonzero(dtype):
+    """'lognormal_sigma' draws sigma = exp(p_mean + p_std z) with z = Phi^-1(u), u kept in
+    [2^-54, 1 - 2^-53] (z within about +-8.3, from the standard library's inverse CDF here). An EDM
+    p_mean of 1e3 drew inf everywhere and -1e3 drew 0; the sampler now refuses parameters whose extreme
+    draw leaves the output dtype's range (largest finite, smallest subnormal), and accepts them just
+    inside, where the extreme quantiles are still finite and nonzero in that dtype. (Below, a draw
+    rounds to 0 only under half the smallest subnormal: the refused example there is one e-fold out.)"""
+    import statistics
+
+    torch = pytest.importorskip("torch") if dtype != "float64" else None
+    z_lo, z_hi = (statistics.NormalDist().inv_cdf(u) for u in (2.0**-54, 1.0 - 2.0**-53))
+    info = np.finfo(dtype)
+    log_max, log_least = math.log(float(info.max)), math.log(float(info.smallest_subnormal))
+
+    def sample(p_mean):
+        if torch is None:
+            return R.sample_timesteps(64, "lognormal_sigma", 0, p_mean=p_mean, p_std=1.0)
+        from genloss import torch as gt
+
+        out = gt.sample_timesteps(
+            64, "lognormal_sigma", 0, p_mean=p_mean, p_std=1.0, dtype=getattr(torch, dtype)
+        )
+        return out.double().numpy()
+
+    for inside, outside in (
+        (log_max - z_hi - 0.01, log_max - z_hi + 0.01),
+        (log_least - z_lo + 0.01, log_least - z_lo - 1),
+    ):
+        assert np.all(np.isfinite(sample(inside)) & (sample(inside) > 0))
+        ends = R.timestep_quantile(
+            np.array([2.0**-54, 1.0 - 2.0**-53]), "lognormal_sigma", p_mean=inside, p_std=1.0
+        )
+        assert np.all(np.isfinite(ends.astype(dtype)) & (ends.astype(dtype) > 0))
+        with np.errstate(over="ignore", under="ignore"):  # the draw the refusal prevents: inf or 0
+            bad = R.timestep_quantile(
+                np.array([2.0**-54, 1.0 - 2.0**-53]), "lognormal_sigma", p_mean=outside, p_std=1.0
+            )
+            assert not np.all(np.isfinite(bad.astype(dtype)) & (bad.astype(dtype) > 0))
+        with pytest.raises(ValueError, match=f"sample_timesteps: p_mean = .* outside {dtype}'s range"):
+            sample(outside)

@@ -490,8 +490,12 @@ def test_bad_kid_and_median():
     r, f = np.ones((10, 3)), np.ones((8, 3))
     with pytest.raises(ValueError, match=r"^[a-z_0-9]+: subset_size"):
         gn.kid(r, f, subsets=2, subset_size=9)
-    with pytest.raises(ValueError, match=r"^[a-z_0-9]+: subset_size"):
-        gn.kid(r, f, subsets=2, subset_size=1)
+    for size in (0, 1):
+        with pytest.raises(ValueError, match=r"^[a-z_0-9]+: subset_size must be >= 2"):
+            gn.kid(r, f, subsets=2, subset_size=size)
+    for points in (0, 1):
+        with pytest.raises(ValueError, match=r"^median_bandwidth: max_points must be >= 2"):
+            gn.median_bandwidth(r, f, max_points=points)
     with pytest.raises(ValueError, match=r"^[a-z_0-9]+: subsets"):
         gn.kid(r, f, subsets=0, subset_size=4)
     with pytest.raises(ValueError, match=r"^[a-z_0-9]+: fake_features must have the dimension"):

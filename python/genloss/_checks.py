@@ -136,11 +136,13 @@ def nonnegative(name: str, value: object) -> float:
     return v
 
 
-def positive_int(name: str, value: object) -> int:
+def positive_int(name: str, value: object, least: int = 1, why: str = "") -> int:
+    """An int >= ``least`` (1 unless the argument needs more); ``why`` says why, in the message, so
+    that the bound a 0 is refused with is the one a 1 would be."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}{f' ({why})' if why else ''}, got {value}")
     return value
 
 

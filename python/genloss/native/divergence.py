@@ -130,10 +130,7 @@ def median_bandwidth(x: Any, y: Any, max_points: int = 2000) -> float:
 
 
 def _median_bandwidth(x: Any, y: Any, max_points: int) -> float:
-    if isinstance(max_points, bool) or not isinstance(max_points, int):
-        raise TypeError(f"max_points must be an int, got {type(max_points).__name__}")
-    if max_points < 2:
-        raise ValueError(f"max_points must be >= 2, got {max_points}")
+    C.positive_int("max_points", max_points, 2)
     xb, yb = as_input(x, "x"), as_input(y, "y")
     _, d = _points("x", xb)
     _, dy = _points("y", yb)
@@ -282,10 +279,7 @@ def kid_full_set(real: Buf, fake: Buf) -> tuple[float, float]:
 def check_kid(n_real: int, n_fake: int, subsets: Any, subset_size: Any, seed: Any = 0) -> None:
     C.positive_int("subsets", subsets)
     C.seed("seed", seed)  # the reference's rule: a reproducible subset draw (no None, no negative seed)
-    if isinstance(subset_size, bool) or not isinstance(subset_size, int):
-        raise TypeError(f"subset_size must be an int, got {type(subset_size).__name__}")
-    if subset_size < 2:
-        raise ValueError(f"subset_size must be >= 2 (the unbiased estimator), got {subset_size}")
+    C.positive_int("subset_size", subset_size, 2, "the unbiased estimator")
     if subset_size > n_real:
         raise ValueError(f"subset_size must be <= the number of real_features ({n_real}), got {subset_size}")
     if subset_size > n_fake:

@@ -390,9 +390,7 @@ def median_bandwidth(x, y, max_points=2000):
 
 def _median_bandwidth(x, y, max_points):
     x, y = _samples(x, y, allow_empty=True)
-    max_points = _checks.positive_int("max_points", max_points)
-    if max_points < 2:
-        raise ValueError(f"max_points must be >= 2, got {max_points}")
+    max_points = _checks.positive_int("max_points", max_points, 2)
     z = np.concatenate([x, y], axis=0)
     if len(z) > max_points:
         z = z[:: math.ceil(len(z) / max_points)]  # (DIV.12) strided subsample
@@ -522,10 +520,8 @@ def kid(real_features, fake_features, subsets=100, subset_size=1000, seed=0):
         var = mmd2_u_variance(real.shape[0], fake.shape[0], _polynomial_sums(real, fake))  # (DIV.16)
         return result(value), result(math.sqrt(max(var, 0.0)))
     subsets = _checks.positive_int("subsets", subsets)
-    subset_size = _checks.positive_int("subset_size", subset_size)
+    subset_size = _checks.positive_int("subset_size", subset_size, 2, "the unbiased estimator")
     seed = _checks.seed("seed", seed)
-    if subset_size < 2:
-        raise ValueError(f"subset_size must be >= 2 (the unbiased estimator), got {subset_size}")
     for name, a in (("real_features", real), ("fake_features", fake)):
         if subset_size > a.shape[0]:
             raise ValueError(f"subset_size ({subset_size}) exceeds the {a.shape[0]} samples of {name}")

@@ -375,10 +375,15 @@ def ndtr(z) -> np.ndarray:
     return 0.5 * _erfc(-np.asarray(z, dtype=np.float64) * _SQRT_HALF)
 
 
-def _timestep_params(kind, m, s, scale, p_mean, p_std):
+def _timestep_params(kind, m, s, scale, p_mean, p_std, draws_in=None):
+    """The checked parameters; ``draws_in``: the finfo (NumPy's or torch's) of the dtype a sampler
+    returns, whose range must hold every 'lognormal_sigma' draw (the quantile map itself gives
+    exp(p_mean + p_std z) of any u, inf included)."""
     kind = _checks.choice("kind", kind, TIMESTEP_KINDS)
     m, p_mean = _checks.finite("m", m), _checks.finite("p_mean", p_mean)
     s, p_std = _checks.positive("s", s), _checks.positive("p_std", p_std)
+    if kind == "lognormal_sigma" and draws_in is not None:
+        _lognormal_draws_fit(p_mean, p_std, draws_in)
     scale = _checks.finite("scale", scale)
     lo, hi = MODE_SCALE_RANGE
     if not lo <= scale <= hi:
@@ -657,9 +662,25 @@ def sample_timesteps(
     ndarray, shape [n], float64
     """
     with named_errors("sample_timesteps"):
-        _timestep_params(kind, m, s, scale, p_mean, p_std)
+        _timestep_params(kind, m, s, scale, p_mean, p_std, draws_in=np.finfo(np.float64))
     u = uniform_draws(n, generator, stratified, rank, world_size)
     return timestep_quantile(u, kind, m, s, scale, p_mean, p_std)
+
+
+def _lognormal_draws_fit(p_mean, p_std, info):
+    """Every draw sigma = exp(p_mean + p_std z) of the kept uniforms (z within Phi^-1 of [_U_LOW, _U_HIGH],
+    about +-8.3) is finite and nonzero in the output dtype (at least its smallest subnormal, tiny eps):
+    an EDM p_mean of 1e3 drew inf everywhere, and -1e3 drew sigma = 0 (a noise level no loss accepts)."""
+    z_lo, z_hi = float(ndtri(np.float64(_U_LOW))), float(ndtri(np.float64(_U_HIGH)))
+    lo, hi = p_mean + p_std * z_lo, p_mean + p_std * z_hi
+    least = float(info.tiny) * float(info.eps)
+    log_least, log_max = math.log(least), math.log(float(info.max))
+    if not (log_least <= lo and hi <= log_max):
+        raise ValueError(
+            f"p_mean = {p_mean:g}, p_std = {p_std:g} draw noise levels exp(p_mean + p_std z), z in "
+            f"[{z_lo:.2f}, {z_hi:.2f}], outside {info.dtype}'s range [{least:.3g}, {float(info.max):.3g}]: "
+            f"need p_mean + {z_hi:.2f} p_std <= {log_max:.1f} and p_mean - {-z_lo:.2f} p_std >= {log_least:.1f}"
+        )
 
 
 # ============================================================================= shifts (FLOW.9)
@@ -992,9 +1013,7 @@ def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     ndarray, shape [n], float64, strictly increasing
     """
     with named_errors("karras_sigmas"):
-        n = _checks.positive_int("n", n)
-        if n < 2:
-            raise ValueError(f"n must be >= 2 (both end points), got {n}")
+        n = _checks.positive_int("n", n, 2, "both end points")
         lo, hi = _checks.positive("sigma_min", sigma_min), _checks.positive("sigma_max", sigma_max)
         rho = _checks.positive("rho", rho)
         if not hi > lo:

@@ -226,7 +226,7 @@ def sample_timesteps(
     draws ``u``."""
     dtype = float_dtype("sample_timesteps", dtype)
     with ref.named_errors("sample_timesteps"):
-        kind, params = ref._timestep_params(kind, m, s, scale, p_mean, p_std)
+        kind, params = ref._timestep_params(kind, m, s, scale, p_mean, p_std, draws_in=torch.finfo(dtype))
         n = C.positive_int("n", n)
         if C.flag("stratified", stratified) and world_size != 1 and generator is None:
             raise ValueError("generator must be given (the same seed on every rank) for stratified draws")
