@@ -121,6 +121,22 @@ def test_moments_errors_name_the_op_and_argument():
         g.update(np.full((1, 3), np.nan))
     with pytest.raises(TypeError, match=r"GaussianMoments\.merge: other"):
         g.merge(np.ones(3))
+
+
+@pytest.mark.parametrize("layer", ["reference", "torch"])
+def test_moments_dim_and_merge_checks(layer):
+    """dim: a TypeError for a non-int (2.0 was a ValueError), a ValueError below 1; merge refuses a
+    state of another d even when it is empty (an empty d=4 state merged into a d=3 one was accepted)."""
+    cls = RM.GaussianMoments if layer == "reference" else pytest.importorskip("genloss.torch").GaussianMoments
+    with pytest.raises(TypeError, match=r"GaussianMoments: dim must be an int, got float"):
+        cls(dim=2.0)
+    with pytest.raises(TypeError, match=r"GaussianMoments: dim must be an int, got bool"):
+        cls(dim=True)
+    with pytest.raises(ValueError, match=r"GaussianMoments: dim must be >= 1, got 0"):
+        cls(dim=0)
+    with pytest.raises(ValueError, match=r"GaussianMoments\.merge: other has d=4, this state d=3"):
+        cls(dim=3).merge(cls(dim=4))
+    assert cls(dim=3).merge(cls()).dim == 3  # a state that has not seen data yet has no d to disagree
     with pytest.raises(ValueError, match=r"frechet_distance: y must have 3 features"):
         RM.frechet_distance(np.ones((4, 3)), np.ones((4, 2)))
     with pytest.raises(ValueError, match=r"frechet_distance: cov1 is not positive semi-definite"):
@@ -721,3 +737,29 @@ def test_frechet_moments_form_refuses_d0_and_complex_covariances():
     for bad in (eye.to(torch.complex128), eye.bool()):
         with pytest.raises(TypeError, match="^frechet_distance: cov1 must be a real tensor"):
             gt.frechet_distance(mu, bad, mu, eye)
+
+
+def test_frechet_of_features_beyond_the_square_range():
+    """(MET.2) features past 2^450 are divided by a power of two s and the value multiplied by s^2,
+    exact: at 2^500 the distance is 2^1000 times the distance of the unscaled features (both layers,
+    and the torch gradient 2^500 times), where the scatter's squares overflowed before; at 1e200 the
+    distance is beyond float64, inf as any overflow (the reference returned NaN, torch raised LAPACK's
+    LinAlgError)."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((40, 5)), rng.standard_normal((30, 5)) + 0.3
+    base = float(RM.frechet_distance(x, y))
+    big = 2.0**500
+    np.testing.assert_allclose(float(RM.frechet_distance(x * big, y * big)), base * 2.0**1000, rtol=1e-12)
+    with np.errstate(all="raise"):  # no overflow on the way, no NaN
+        assert float(RM.frechet_distance(x * 1e200, y * 1e200)) == np.inf
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    xt = torch.tensor(x, requires_grad=True)
+    gt.frechet_distance(xt, torch.tensor(y)).backward()
+    g_base = xt.grad.clone()
+    xt = torch.tensor(x * big, requires_grad=True)
+    value = gt.frechet_distance(xt, torch.tensor(y * big))
+    value.backward()
+    np.testing.assert_allclose(float(value.detach()), base * 2.0**1000, rtol=1e-12)
+    np.testing.assert_allclose(xt.grad.numpy(), g_base.numpy() * big, rtol=1e-10, atol=1e-12 * big)
+    assert float(gt.frechet_distance(torch.tensor(x * 1e200), torch.tensor(y * 1e200))) == np.inf

@@ -367,3 +367,29 @@ def test_schedule_constructors_name_themselves():
             make([0.1, 1.5])
         with pytest.raises(ValueError, match="^DiffusionSchedule: betas must be finite"):
             make([0.1, float("nan")])
+
+
+def test_every_layer_takes_either_layers_schedule():
+    """A reference schedule and the torch layer's wrapper of it are interchangeable in all three
+    layers (the reference refused the torch one with "must be a DiffusionSchedule, got
+    DiffusionSchedule"); anything else is named with its module."""
+    from genloss import native as gn
+
+    ref = R.DiffusionSchedule(R.cosine_betas(50))
+    wrapped = gt.DiffusionSchedule(ref)
+    x0 = np.random.default_rng(0).standard_normal((3, 4))
+    want = R.prior_kl(x0, ref, reduction="none")
+    for schedule in (ref, wrapped):
+        np.testing.assert_allclose(R.prior_kl(x0, schedule, reduction="none"), want, rtol=0, atol=0)
+        np.testing.assert_allclose(gn.prior_kl(x0, schedule, reduction="none")[0], want, rtol=1e-14)
+        got = gt.prior_kl(torch.from_numpy(x0), schedule, reduction="none")
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-14)
+    for call in (
+        lambda: R.prior_kl(x0, "cosine"),
+        lambda: gn.prior_kl(x0, "cosine"),
+        lambda: gt.prior_kl(torch.from_numpy(x0), "cosine"),
+    ):
+        with pytest.raises(
+            TypeError, match=r"prior_kl: schedule must be a DiffusionSchedule, got builtins\.str"
+        ):
+            call()

@@ -334,3 +334,26 @@ def test_tables_placed_on_a_device_are_kept_and_made_outside_inference_mode():
     assert sched.table("q_sample", like) is first  # kept, not copied again
     assert gathered.device.type == "meta"
     assert sched.table("q_sample", torch.empty(3)) is sched._buffers["_table_q_sample"]  # same device: itself
+
+
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("karras_sigmas", lambda device: gt.karras_sigmas(5, device=device)),
+        ("sample_timesteps", lambda device: gt.sample_timesteps(5, generator=0, device=device)),
+        ("low_discrepancy_times", lambda device: gt.low_discrepancy_times(4, 0.25, device=device)),
+        ("GaussianMoments", lambda device: gt.GaussianMoments(3, device=device)),
+        ("LearnedSNRSchedule", lambda device: gt.LearnedSNRSchedule(hidden_size=2, device=device)),
+    ],
+)
+def test_device_arguments_are_checked_by_name(name, call):
+    """A device string torch cannot parse was torch's RuntimeError listing every backend; now a
+    ValueError naming the function, a non-device a TypeError; a valid one still works."""
+    with pytest.raises(ValueError, match=f"^{name}: device must name a torch device .* got 'gpu'"):
+        call("gpu")
+    with pytest.raises(
+        TypeError, match=f"^{name}: device must be a torch.device, a string or an int, got float"
+    ):
+        call(0.5)
+    for device in ("cpu", torch.device("cpu")):
+        call(device)

@@ -63,7 +63,8 @@ _ALL = C.REDUCTIONS
 def _schedule(schedule: Any) -> _R.DiffusionSchedule:
     ref = getattr(schedule, "reference", schedule)
     if not isinstance(ref, _R.DiffusionSchedule):
-        raise TypeError(f"schedule must be a DiffusionSchedule, got {type(schedule).__name__}")
+        kind = type(schedule)
+        raise TypeError(f"schedule must be a DiffusionSchedule, got {kind.__module__}.{kind.__qualname__}")
     return ref
 
 

@@ -278,9 +278,12 @@ class DiffusionSchedule:
 
 
 def _schedule(schedule):
-    if not isinstance(schedule, DiffusionSchedule):
-        raise TypeError(f"schedule must be a DiffusionSchedule, got {type(schedule).__name__}")
-    return schedule
+    """A DiffusionSchedule, or the torch layer's (its float64 ``reference``): each layer takes either."""
+    ref = getattr(schedule, "reference", schedule)
+    if not isinstance(ref, DiffusionSchedule):
+        kind = type(schedule)
+        raise TypeError(f"schedule must be a DiffusionSchedule, got {kind.__module__}.{kind.__qualname__}")
+    return ref
 
 
 def _timesteps(t, batch, schedule):

@@ -106,8 +106,10 @@ class GaussianMoments:
 
     def __init__(self, dim: int | None = None):
         if dim is not None:
-            if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-                raise ValueError(f"{self._op}: dim must be a positive int, got {dim!r}")
+            if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+                raise TypeError(f"{self._op}: dim must be an int, got {type(dim).__name__}")
+            if dim < 1:
+                raise ValueError(f"{self._op}: dim must be >= 1, got {dim}")
             dim = int(dim)
         self.dim = dim
         self.n = 0
@@ -131,10 +133,10 @@ class GaussianMoments:
         """Fold another state (same ``d``) into this one; returns ``self``; ``other`` is unchanged."""
         if not isinstance(other, GaussianMoments):
             raise TypeError(f"{self._op}.merge: other must be a GaussianMoments, got {type(other).__name__}")
+        if None not in (self.dim, other.dim) and other.dim != self.dim:  # an empty state's d counts too
+            raise ValueError(f"{self._op}.merge: other has d={other.dim}, this state d={self.dim}")
         if other.n == 0:
             return self
-        if self.dim is not None and other.dim != self.dim:
-            raise ValueError(f"{self._op}.merge: other has d={other.dim}, this state d={self.dim}")
         self.dim = other.dim
         self._merge(other.n, other._mean, other.m2)
         return self
@@ -224,8 +226,26 @@ def trace_sqrt_product(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(np.linalg.svd(f1.T @ f2, compute_uv=False).sum())  # (MET.3)
 
 
+_SCALE_BEYOND = 450  # features beyond 2^+-450: their squares (and n d of them summed) leave float64
+
+
+def feature_scale(amax: float) -> float:
+    """The power of two s that features of largest magnitude ``amax`` are divided by before the
+    distance is formed (then d^2 = s^2 d^2(x/s, y/s), exact: a power of two only moves exponents):
+    1 for magnitudes within 2^+-450, where every square and sum of n d squares is a normal float64;
+    beyond, 2^k with amax in [2^(k-1), 2^k). Features at 1e200 gave NaN (inf - inf) or LAPACK's error,
+    where the distance is finite whenever it fits (x close to y) and inf, as any overflow, when not.
+    The torch layer's gradient, s^2 (1/s) grad d^2(x/s), forms s^2 first: beyond 2^511 (features
+    above ~1e154) it is inf or NaN even where the value is finite."""
+    if amax == 0.0 or not math.isfinite(amax):
+        return 1.0
+    k = math.frexp(amax)[1]
+    return math.ldexp(1.0, k) if abs(k) > _SCALE_BEYOND else 1.0
+
+
 def _moments_args(op, args):
-    """(mu1, tr cov1, mu2, tr cov2, f1, f2) from the 2- or 4-argument forms."""
+    """(mu1, tr cov1, mu2, tr cov2, f1, f2, s) from the 2- or 4-argument forms; the features form's
+    moments are of the features over ``feature_scale`` s (the value's factor is s^2)."""
     if len(args) == 4:
         mu1, cov1, mu2, cov2 = (
             as_float64(name, a) for name, a in zip(("mu1", "cov1", "mu2", "cov2"), args, strict=True)
@@ -242,7 +262,7 @@ def _moments_args(op, args):
         # the tolerances follow the dtype the covariances came in, not the float64 they are held in
         f1 = _sqrt_factor(op, "cov1", cov1, dtype_eps(args[1]))
         f2 = _sqrt_factor(op, "cov2", cov2, dtype_eps(args[3]))
-        return mu1, np.trace(cov1), mu2, np.trace(cov2), f1, f2
+        return mu1, np.trace(cov1), mu2, np.trace(cov2), f1, f2, 1.0
     if len(args) != 2:
         raise TypeError(
             f"{op}: takes (x, y) features, two GaussianMoments, or (mu1, cov1, mu2, cov2); got {len(args)} arguments"
@@ -256,13 +276,15 @@ def _moments_args(op, args):
             raise ValueError(
                 f"{op}: {name} needs at least 2 samples (the unbiased covariance), got {a.shape[0]}"
             )
+    s = feature_scale(max(float(np.abs(x).max(initial=0.0)), float(np.abs(y).max(initial=0.0))))
+    x, y = x / s, y / s
     mu1, mu2 = x.mean(axis=0), y.mean(axis=0)
     a, b = x - mu1, y - mu2
     f1 = _data_factor(a) / np.sqrt(x.shape[0] - 1)
     f2 = _data_factor(b) / np.sqrt(y.shape[0] - 1)
     tr1 = np.sum(a * a) / (x.shape[0] - 1)  # tr(A^T A) without the d x d product
     tr2 = np.sum(b * b) / (y.shape[0] - 1)
-    return mu1, tr1, mu2, tr2, f1, f2
+    return mu1, tr1, mu2, tr2, f1, f2, s
 
 
 def frechet_distance(*args):
@@ -301,10 +323,11 @@ def frechet_distance(*args):
         value of either sign.
     """
     op = "frechet_distance"
-    mu1, tr1, mu2, tr2, f1, f2 = _moments_args(op, args)
+    mu1, tr1, mu2, tr2, f1, f2, s = _moments_args(op, args)
     diff = mu1 - mu2
     value = diff @ diff + tr1 + tr2 - 2.0 * trace_sqrt_product(f1, f2)  # (MET.2)
-    return result(value)
+    with np.errstate(over="ignore", under="ignore"):  # a distance beyond float64 is inf, as any overflow
+        return result(value * s * s)  # not s^2 (inf beyond 2^512) times a small value
 
 
 # ============================================================================= gather convention

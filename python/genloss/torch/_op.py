@@ -72,6 +72,23 @@ def float_dtype(op: str, dtype: Any) -> torch.dtype:
     return dtype
 
 
+def device_arg(op: str, device: Any) -> torch.device | None:
+    """``device`` as a torch.device (None stays None). A string torch cannot parse ('gpu', 'cdua')
+    was torch's RuntimeError listing every backend; here it is a ValueError naming the op."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(
+            f"{op}: device must be a torch.device, a string or an int, got {type(device).__name__}"
+        )
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"{op}: device must name a torch device (such as 'cpu' or 'cuda:0'), got {device!r}"
+        ) from None
+
+
 def _requiring_grad(tensors: Sequence[Any]) -> list:
     """The tensors among ``tensors`` that require grad (a plain loop: dynamo traces this code)."""
     out = []

@@ -29,7 +29,7 @@ import torch
 from .. import _checks as C
 from ..native import diffusion as native
 from ..reference import diffusion as R
-from ._op import LossOp, eager_checks, float_dtype, kept_on, reference_doc, with_reference_doc
+from ._op import LossOp, device_arg, eager_checks, float_dtype, kept_on, reference_doc, with_reference_doc
 
 __all__ = [
     "DiffusionSchedule",
@@ -205,7 +205,8 @@ def _as_schedule(schedule: Any) -> DiffusionSchedule:
             if all(type(b) is torch.Tensor and not b.is_inference() for b in cached.buffers()):
                 schedule.__dict__["_genloss_torch"] = cached
         return cached
-    raise TypeError(f"schedule must be a DiffusionSchedule, got {type(schedule).__name__}")
+    kind = type(schedule)
+    raise TypeError(f"schedule must be a DiffusionSchedule, got {kind.__module__}.{kind.__qualname__}")
 
 
 def _tensor(name: str, x: Any) -> torch.Tensor:
@@ -602,6 +603,8 @@ def low_discrepancy_times(
     float32 never yields 1.0: such a time is mapped to the largest float below 1.  (DIF.18)"""
     R.low_discrepancy_times(1, u0, rank, world_size)  # the reference's checks of u0, rank and world_size
     batch_size = C.positive_int("batch_size", batch_size)
+    device = device_arg("low_discrepancy_times", device)
+    dtype = float_dtype("low_discrepancy_times", dtype)
     out = _stratified_grid(u0, batch_size, rank, world_size, device).to(dtype)
     below_one = float(torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
     return torch.where(out >= 1.0, below_one, out)  # a Python float: exact in dtype, no host copy

@@ -30,7 +30,7 @@ from .. import _checks as C
 from ..native import flow as native
 from ..native._compose import needs
 from ..reference import flow as ref
-from ._op import LossOp, eager_checks, float_dtype, kept_on, public, schema_of
+from ._op import LossOp, device_arg, eager_checks, float_dtype, kept_on, public, schema_of
 from .diffusion import DiffusionSchedule as _TorchSchedule
 from .diffusion import _stratified_grid
 
@@ -224,7 +224,7 @@ def sample_timesteps(
     gives different times here and in ``reference.sample_timesteps``. torch.compile does not trace the generator:
     call it outside the compiled step, or compile ``timestep_quantile(u, kind, ...)`` of your own
     draws ``u``."""
-    dtype = float_dtype("sample_timesteps", dtype)
+    dtype, device = float_dtype("sample_timesteps", dtype), device_arg("sample_timesteps", device)
     with ref.named_errors("sample_timesteps"):
         kind, params = ref._timestep_params(kind, m, s, scale, p_mean, p_std, draws_in=torch.finfo(dtype))
         n = C.positive_int("n", n)
@@ -410,5 +410,5 @@ def karras_sigmas(
     *, device: Any = None, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:  # fmt: skip
     r"""``genloss.reference.karras_sigmas`` (float64, ascending) in ``dtype`` on ``device``.  (FLOW.12)"""
-    dtype = float_dtype("karras_sigmas", dtype)
+    dtype, device = float_dtype("karras_sigmas", dtype), device_arg("karras_sigmas", device)
     return torch.from_numpy(ref.karras_sigmas(n, sigma_min, sigma_max, rho)).to(device=device, dtype=dtype)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..reference.metrics import chan_merge, dtype_eps, psd_bands
-from ._op import eager_checks, once_differentiable_grads
+from ..reference.metrics import chan_merge, dtype_eps, feature_scale, psd_bands
+from ._op import device_arg, eager_checks, once_differentiable_grads
 
 __all__ = ["GaussianMoments", "frechet_distance", "gather_with_grad"]
 
@@ -66,11 +66,14 @@ class GaussianMoments:
     _op = "GaussianMoments"
 
     def __init__(self, dim: int | None = None, device=None):
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
-            raise ValueError(f"{self._op}: dim must be a positive int, got {dim!r}")
+        if dim is not None:
+            if isinstance(dim, bool) or not isinstance(dim, int):
+                raise TypeError(f"{self._op}: dim must be an int, got {type(dim).__name__}")
+            if dim < 1:
+                raise ValueError(f"{self._op}: dim must be >= 1, got {dim}")
         self.dim = dim
         self.n = 0
-        self.device = None if device is None else torch.device(device)
+        self.device = device_arg(self._op, device)
         self._mean: Any = None  # float64 tensors once the first batch arrives
         self.m2: Any = None
 
@@ -110,10 +113,10 @@ class GaussianMoments:
         """Fold another state (same ``d``) into this one; returns ``self``."""
         if not isinstance(other, GaussianMoments):
             raise TypeError(f"{self._op}.merge: other must be a GaussianMoments, got {type(other).__name__}")
+        if None not in (self.dim, other.dim) and other.dim != self.dim:  # an empty state's d counts too
+            raise ValueError(f"{self._op}.merge: other has d={other.dim}, this state d={self.dim}")
         if other.n == 0:
             return self
-        if self.dim is not None and other.dim != self.dim:
-            raise ValueError(f"{self._op}.merge: other has d={other.dim}, this state d={self.dim}")
         self.dim = other.dim
         if self.device is None:
             self.device = other.device
@@ -342,12 +345,18 @@ def frechet_distance(*args) -> torch.Tensor:
         if not _finite(t):  # as the reference: the SVD would fail with LAPACK's error
             raise ValueError(f"{op}: {name} must be finite")
     x, y = x.to(torch.float64), y.to(torch.float64)
+    # features beyond 2^+-450 are divided by a power of two s and the value multiplied by s^2 (exact;
+    # autograd carries the factor): at 1e200 the scatter overflowed and the SVD raised LAPACK's error
+    s = feature_scale(float(torch.maximum(x.detach().abs().amax(), y.detach().abs().amax())))
+    if s != 1.0:
+        x, y = x / s, y / s
     n1, n2 = x.shape[0], y.shape[0]
     mu1, mu2 = x.mean(dim=0), y.mean(dim=0)
     a, b = x - mu1, y - mu2
     diff = mu1 - mu2
     tsqrt = _TraceSqrt.apply(a, b) / ((n1 - 1) * (n2 - 1)) ** 0.5  # (MET.4)
-    return diff @ diff + (a * a).sum() / (n1 - 1) + (b * b).sum() / (n2 - 1) - 2.0 * tsqrt  # (MET.2)
+    value = diff @ diff + (a * a).sum() / (n1 - 1) + (b * b).sum() / (n2 - 1) - 2.0 * tsqrt  # (MET.2)
+    return value if s == 1.0 else value * s * s  # (feature_scale: the gradient needs s^2 finite)
 
 
 # ============================================================================= gather_with_grad

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as C
-from ._op import eager_checks
+from ._op import device_arg, eager_checks, float_dtype
 
 __all__ = [
     "LearnedSNRSchedule",
@@ -147,15 +147,15 @@ class LearnedSNRSchedule(torch.nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        g0 = C.finite("gamma_0", gamma_0)
-        g1 = C.finite("gamma_1", gamma_1)
-        if not g0 < g1:
-            raise ValueError(f"gamma_0 must be < gamma_1 (gamma increases with t), got {g0} and {g1}")
-        H = C.positive_int("hidden_size", hidden_size)
-        learn_endpoints = C.flag("learn_endpoints", learn_endpoints)
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        with C.named_errors("LearnedSNRSchedule"):
+            g0 = C.finite("gamma_0", gamma_0)
+            g1 = C.finite("gamma_1", gamma_1)
+            if not g0 < g1:
+                raise ValueError(f"gamma_0 must be < gamma_1 (gamma increases with t), got {g0} and {g1}")
+            H = C.positive_int("hidden_size", hidden_size)
+            learn_endpoints = C.flag("learn_endpoints", learn_endpoints)
+            dtype = None if dtype is None else float_dtype("LearnedSNRSchedule", dtype)
+        kw: dict[str, Any] = {"device": device_arg("LearnedSNRSchedule", device), "dtype": dtype}
         self.hidden_size = H
         for name, value in (("gamma_0", g0), ("gamma_1", g1)):
             v = torch.tensor(value, **kw)
@@ -185,17 +185,21 @@ class LearnedSNRSchedule(torch.nn.Module):
         ref = self.raw_linear
         if not torch.is_tensor(t):
             if isinstance(t, bool) or not isinstance(t, (int, float)):
-                raise TypeError(f"t must be a floating-point tensor or a float, got {type(t).__name__}")
+                raise TypeError(
+                    f"LearnedSNRSchedule: t must be a floating-point tensor or a float, got {type(t).__name__}"
+                )
             t = torch.full((), float(t), dtype=ref.dtype, device=ref.device)  # a fill: no host-to-device copy
         if not t.is_floating_point():
-            raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
+            raise TypeError(f"LearnedSNRSchedule: t must be a floating-point tensor, got dtype {t.dtype}")
         if t.device != ref.device:
-            raise ValueError(f"t is on {t.device} but the schedule's parameters are on {ref.device}")
+            raise ValueError(
+                f"LearnedSNRSchedule: t is on {t.device} but the schedule's parameters are on {ref.device}"
+            )
         if eager_checks(t):
             td = t.detach()
             if td.numel() and not bool(((td >= 0) & (td <= 1)).all()):
                 bad = td[~((td >= 0) & (td <= 1))].flatten()[0].item()
-                raise ValueError(f"t must lie in [0, 1], got {bad}")
+                raise ValueError(f"LearnedSNRSchedule: t must lie in [0, 1], got {bad}")
         dtype = torch.promote_types(torch.promote_types(t.dtype, ref.dtype), torch.float32)
         return t.to(dtype)
 
