@@ -856,3 +856,17 @@ def test_nan_in_gives_nan_value(D, kernel, dtype):
     assert np.isnan(np.asarray(gx)[0, 0])
     tv = gt.mmd2(torch.from_numpy(x), torch.from_numpy(y), kernel=kernel, bandwidths=bw)
     assert torch.isnan(tv)
+
+
+@pytest.mark.parametrize("dt", ["float16", "bfloat16"])
+@pytest.mark.parametrize("subsets", [3, None])
+def test_torch_kid_takes_low_precision_features(dt, subsets):
+    """kid of float16/bfloat16 features is computed in float32 (as mmd2 and cmmd): it refused them,
+    with a message that pointed to genloss.torch for exactly that. The value equals the reference's
+    kid of the same stored values in float64, to float32 rounding."""
+    rng = np.random.default_rng(4)
+    real = torch.from_numpy(rng.standard_normal((24, 6))).to(getattr(torch, dt))
+    fake = torch.from_numpy(rng.standard_normal((20, 6)) + 0.3).to(getattr(torch, dt))
+    got = gt.kid(real, fake, subsets=subsets, subset_size=8, seed=2)
+    want = R.kid(real.double().numpy(), fake.double().numpy(), subsets=subsets, subset_size=8, seed=2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -47,12 +47,17 @@ def kid(
     r"""Kernel Inception Distance: (mean, std ddof=0) of the unbiased cubic-polynomial MMD^2
     over ``subsets`` random subsets drawn by ``np.random.default_rng(seed)``; Python floats.  (DIV.13)
     ``subsets=None``: (full-set MMD^2, the square root of the unbiased estimate of its
-    variance), row tiles in float64 on the features' device.  (DIV.16)"""
+    variance), row tiles in float64 on the features' device.  (DIV.16) float16/bfloat16 features
+    are computed in float32, as the losses and ``cmmd`` do."""
     for name, t in (("real_features", real_features), ("fake_features", fake_features)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    low = (torch.float16, torch.bfloat16)
+    real, fake = (
+        t.detach().float() if t.dtype in low else t.detach() for t in (real_features, fake_features)
+    )
     with torch.no_grad():
-        return native.kid(real_features.detach(), fake_features.detach(), subsets, subset_size, seed)
+        return native.kid(real, fake, subsets, subset_size, seed)
 
 
 __all__ = ["mmd2", "median_bandwidth", "kid", "density_ratio_from_logits"]
