@@ -462,6 +462,25 @@ def test_a_write_failure_at_the_end_keeps_the_old_outputs_and_prints_the_table(t
     assert all((tmp_path / f).read_text() == "old" for f in FILES)
 
 
+def test_a_write_failure_removes_the_folder_the_demo_made(tmp_path, capsys, monkeypatch):
+    """The same failure into a folder that did not exist: the demo made it for the outputs, and it is
+    gone again (it stayed behind empty), while a parent that existed is left alone."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from genloss.apps.demo import report
+
+    def full(_doc):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "_jsonable", full)
+    out = tmp_path / "new"
+    args = ["demo", "--methods", "vae", "--steps", "3", "--seeds", "1", "--workers", "1", "--no-progress"]
+    assert cli.main([*args, "--out", str(out)]) == 1
+    assert "No space left on device; nothing was replaced" in capsys.readouterr().err
+    assert not out.exists()
+    assert tmp_path.is_dir()
+
+
 def test_a_method_named_twice_runs_once(tmp_path):
     pytest.importorskip("torch")
     from genloss.apps.demo import run_demo, runner

@@ -186,11 +186,7 @@ def run_demo(
         runs = [r for d in dict.fromkeys(d for d, _ in pairs) for r in data_rows(cfg, d)]
         runs += run_all(cfg, pairs, workers, progress)
     except BaseException:  # Ctrl-C or a failed run: leave no trace of this run behind
-        if created and out is not None:
-            try:
-                out.rmdir()  # the empty folder made above; never one that holds anything
-            except OSError:
-                pass
+        _drop_if_made(out, created)
         raise
     finally:
         torch.set_num_threads(before)
@@ -215,13 +211,26 @@ def run_demo(
     if out is not None:
         try:
             result["files"] = write_outputs(out, runs, summary, skipped, meta)
-        except OSError as err:  # e.g. the disk filled during the run: the caller still gets the tables
-            # the folder, not err.filename: that is the temporary name the file was being written under
+        except BaseException as err:  # the temporary files are gone: the folder too, if this run made it
+            _drop_if_made(out, created)
+            if not isinstance(err, OSError):  # Ctrl-C while writing
+                raise
+            # e.g. the disk filled during the run: the caller still gets the tables. The folder, not
+            # err.filename: that is the temporary name the file was being written under
             raise OutputError(
                 f"cannot write the outputs to {str(out)!r}: {err.strerror or err}; nothing was replaced",
                 result,
             ) from err
     return result
+
+
+def _drop_if_made(out: Path | None, created: bool) -> None:
+    """Remove ``out`` when this run created it and it is still empty (never a folder that holds anything)."""
+    if created and out is not None:
+        try:
+            out.rmdir()
+        except OSError:
+            pass
 
 
 def _writable_dir(out: Path) -> None:
