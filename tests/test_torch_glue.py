@@ -357,3 +357,41 @@ def test_device_arguments_are_checked_by_name(name, call):
         call(0.5)
     for device in ("cpu", torch.device("cpu")):
         call(device)
+
+
+def _fused(record):
+    return getattr(record.torch, "op", None) is not None
+
+
+@pytest.mark.parametrize(
+    ("record", "variant"),
+    [(r, r.variants[-1]) for r in TORCH_RECORDS if _fused(r)],
+    ids=lambda x: getattr(x, "name", None) or getattr(x, "id", ""),
+)
+def test_vmap_and_per_sample_gradients(record, variant):
+    """torch.func.vmap over a fused op (two independent calls stacked on a new leading dim) gives the
+    two calls' values, and vmap(grad) their gradients, for every differentiable input: the kernels
+    cannot read vmap's batched tensors (it failed with "Cannot access data pointer of Tensor that
+    doesn't have storage"), so each entry runs as an ordinary call through the op's vmap rule."""
+    spec = record.at(variant)
+    reduction = (spec.reductions or (None,))[-1]
+    kwargs = R.call_kwargs(spec, variant, reduction)
+    calls = [
+        _tensors(R.make_inputs(spec, np.random.default_rng(s), np.float64, SIZES, variant)) for s in (7, 8)
+    ]
+    stacked = [torch.stack([c[k] for c in calls]) for k in range(len(spec.args))]
+
+    def loss(*a):
+        return _loss(spec, spec.torch(*a, **kwargs))
+
+    want = torch.stack([loss(*c) for c in calls])
+    assert_close(torch.func.vmap(loss)(*stacked), want.numpy(), "torch", torch.float64, f"{spec.name} vmap")
+    for name in spec.differentiable:
+        k = spec.arg_names.index(name)
+        per_sample = torch.func.vmap(torch.func.grad(lambda *a: loss(*a).sum(), argnums=k))(*stacked)
+        for b, c in enumerate(calls):
+            x = c[k].clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(loss(*c[:k], x, *c[k + 1 :]).sum(), x)
+            assert_close(
+                per_sample[b], g.numpy(), "torch", torch.float64, f"{spec.name} vmap(grad) d/d{name}"
+            )

@@ -31,6 +31,10 @@ float32 value; the others, and float16, whose gradients must be scaled by the
 upstream gradient (a loss scale) before they are rounded, run on float32
 copies. Double backward raises a clear error (the saved gradients
 are not functions of the inputs in the autograd graph).
+
+``torch.func``: ``grad``/``vjp`` take the setup_context form of the Function; ``vmap`` (and
+``jacrev``, per-sample gradients ``vmap(grad(...))``) runs the op once per batch entry through
+``<name>_fwd``'s vmap rule, since vmap's batched tensors have no memory for the kernels to read.
 """
 
 from __future__ import annotations
@@ -268,6 +272,8 @@ class _RejectDoubleBackward(torch.autograd.Function):
     of finding no path and returning zeros (or None with ``allow_unused``).
     """
 
+    generate_vmap_rule = True  # a view: vmap runs it per batch as it is
+
     @staticmethod
     def forward(grad: torch.Tensor, name: str, *inputs: torch.Tensor) -> torch.Tensor:
         return grad.view_as(grad)
@@ -381,11 +387,13 @@ class LossOp:
         lib.impl(f"{name}_fwd", self._kernel, "CPU")
         lib.impl(f"{name}_fwd", self._kernel, "CUDA")
         torch.library.register_fake(f"genloss::{name}_fwd", self._fake, lib=lib)
+        torch.library.register_vmap(f"genloss::{name}_fwd", self._vmap, lib=lib)
         if shared_params:
             lib.define(f"{name}_wfwd({plain}, Tensor row_weights, bool[] need_grad) -> (Tensor, Tensor?[])")
             lib.impl(f"{name}_wfwd", self._wkernel, "CPU")
             lib.impl(f"{name}_wfwd", self._wkernel, "CUDA")
             torch.library.register_fake(f"genloss::{name}_wfwd", self._wfake, lib=lib)
+            torch.library.register_vmap(f"genloss::{name}_wfwd", self._vmap, lib=lib)
             self.wfwd = getattr(torch.ops.genloss, f"{name}_wfwd").default
         lib.impl(name, self.__call__, "CompositeImplicitAutograd")
         self.fwd = getattr(torch.ops.genloss, f"{name}_fwd").default
@@ -496,6 +504,26 @@ class LossOp:
         ]
         return value, grads
 
+    def _vmap(self, info: Any, in_dims: tuple, *args: Any) -> tuple:
+        """``torch.func.vmap`` of ``<name>_fwd`` (or ``_wfwd``): the op once per batch entry, stacked.
+        The kernels read real memory, which vmap's batched tensors do not have; each entry is an
+        ordinary slice. A loop of B calls: for speed, give the op the whole batch instead
+        (reduction='none' gives per-sample losses)."""
+        *ins, need_grad = args
+        dims = in_dims[:-1]
+        fwd = self.fwd if len(ins) == len(self.args) else self.wfwd
+        values, grads = [], []
+        for b in range(info.batch_size):
+            v, g = fwd(
+                *[a if d is None else a.select(d, b) for a, d in zip(ins, dims, strict=True)], need_grad
+            )
+            values.append(v)
+            grads.append(g)
+        stacked = [
+            None if grads[0][k] is None else torch.stack([g[k] for g in grads]) for k in range(len(grads[0]))
+        ]
+        return (torch.stack(values), stacked), (0, [None if g is None else 0 for g in stacked])
+
     def _wfake(self, *args: Any) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         *args, _row_weights, need_grad = args  # type: ignore[assignment]
         return self._fake(*args, need_grad)
@@ -547,6 +575,10 @@ class LossOp:
                 return _LIVE[name].backward(ctx, grad_output)
 
         class FnT(torch.autograd.Function):
+            # under torch.func.vmap: forward and backward run on batched tensors, the kernel
+            # through <name>_fwd's vmap rule (``call`` routes a batched call TRACED)
+            generate_vmap_rule = True
+
             @staticmethod
             def forward(*inputs: Any) -> tuple:
                 value, grads = _LIVE[name].forward(inputs)
@@ -677,8 +709,9 @@ class LossOp:
     ) -> tuple[torch.Tensor | None, ...]:
         """The gradients of every argument: the saved ones times grad_output (None: as they are)."""
         out: list[torch.Tensor | None] = [None] * (len(self.args) + 2)
-        _unit, _need, _route, per_sample, _rerun, dtypes, _others, _n = ctx.st
-        if grad_output is not None and self.is_unit(grad_output, per_sample):
+        _unit, _need, route, per_sample, _rerun, dtypes, _others, _n = ctx.st
+        # (not TRACED: a traced or vmapped grad_output has no value to compare with 1 here)
+        if grad_output is not None and route != TRACED and self.is_unit(grad_output, per_sample):
             # d loss/d grad_output = 1 exactly (loss.backward() on a CPU scalar):
             # hand the saved gradient over instead of a multiply pass.
             grad_output = None
@@ -803,7 +836,12 @@ class LossOp:
         need = self.needs(bound) if torch.is_grad_enabled() else self.no_need
         if True not in need:
             # no_grad / inference_mode / nothing to differentiate: the value only
-            value, _ = self.run(bound, need, route)
+            try:
+                value, _ = self.run(bound, need, route)
+            except RuntimeError:  # found here, not checked first: the eager call pays nothing
+                if route == TRACED or not _batched(bound, self.tensor_idx):
+                    raise
+                value, _ = self.run(bound, need, TRACED)  # vmap: through <name>_fwd and its vmap rule
             return value
         if route == TRACED and torch.compiler.is_compiling():
             self.distinct(bound)
@@ -812,7 +850,22 @@ class LossOp:
         except RuntimeError as e:  # under a functorch transform: the setup_context form
             if "functorch transforms" not in str(e):
                 raise
+        if route != TRACED and _batched(bound, self.tensor_idx):
+            route = TRACED  # vmap (or grad's wrappers): through <name>_fwd, and its vmap rule
         return self.fn_transforms.apply(*bound, need, route)[0]
+
+
+def _batched(bound: Sequence[Any], tensor_idx: Sequence[int]) -> bool:
+    """Whether a tensor argument is one of torch.func.vmap's batched tensors, which have no storage
+    for the kernels to read (public APIs only: a plain tensor, even an empty one, has storage)."""
+    for i in tensor_idx:
+        a = bound[i]
+        if a is not None:
+            try:
+                a.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                return True
+    return False
 
 
 def _inverse(p: Sequence[int]) -> list[int]:
