@@ -61,11 +61,22 @@ def eager_checks(x: torch.Tensor) -> bool:
     """Whether a check of the data of ``x`` (which reads values back to the host) may run: not
     while torch.compile traces, and on CUDA not with ``genloss.native.options(check_data=False)``
     nor while a CUDA graph is captured on the current stream (its eager warm-up call runs the
-    checks; a replay runs no Python, so replayed data is not checked). CPU data is always
-    checked: there a check costs no wait."""
-    if torch.compiler.is_compiling():
+    checks; a replay runs no Python, so replayed data is not checked), nor under a torch.func
+    transform (vmap's batched tensors cannot be read back; grad's wrappers are skipped alike, as
+    a tensor without memory is all either shows). CPU data is always checked: there a check
+    costs no wait."""
+    if torch.compiler.is_compiling() or not has_storage(x):
         return False
     return not x.is_cuda or (_engine._check_data and not torch.cuda.is_current_stream_capturing())
+
+
+def has_storage(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds memory: False for torch.func's wrappers (vmap's batched tensors, grad's)."""
+    try:
+        x.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def float_dtype(op: str, dtype: Any) -> torch.dtype:
@@ -858,14 +869,7 @@ class LossOp:
 def _batched(bound: Sequence[Any], tensor_idx: Sequence[int]) -> bool:
     """Whether a tensor argument is one of torch.func.vmap's batched tensors, which have no storage
     for the kernels to read (public APIs only: a plain tensor, even an empty one, has storage)."""
-    for i in tensor_idx:
-        a = bound[i]
-        if a is not None:
-            try:
-                a.untyped_storage()
-            except (RuntimeError, NotImplementedError):
-                return True
-    return False
+    return any(bound[i] is not None and not has_storage(bound[i]) for i in tensor_idx)
 
 
 def _inverse(p: Sequence[int]) -> list[int]:

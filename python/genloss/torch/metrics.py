@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..reference.metrics import chan_merge, dtype_eps, feature_scale, psd_bands
-from ._op import device_arg, eager_checks, once_differentiable_grads
+from ._op import device_arg, eager_checks, has_storage, once_differentiable_grads
 
 __all__ = ["GaussianMoments", "frechet_distance", "gather_with_grad"]
 
@@ -218,27 +218,60 @@ class _TraceSqrt(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b):
-        qa, ra = _qr(a)
-        qb, rb = _qr(b)
-        u, s, vh = torch.linalg.svd(ra @ rb.T, full_matrices=False)
-        ctx.save_for_backward(a, b, qa, ra, qb, rb, u, s, vh)
-        ctx.size = max(a.shape[0], b.shape[0], a.shape[1])
-        return s.sum()  # (MET.3)
+        parts = _trace_sqrt_parts(a, b)
+        ctx.save_for_backward(a, b, *parts)
+        return parts[-2].sum()  # (MET.3)
 
     @staticmethod
     def backward(ctx, g):
-        a, b, qa, ra, qb, rb, u, s, vh = ctx.saved_tensors
-        with torch.no_grad():
-            keep = (s > ctx.size * torch.finfo(s.dtype).eps * s.max()).to(s.dtype)
-            polar = (u * keep) @ vh  # U_r V_r^T in the reduced coordinates  (MET.5)
-            ga = gb = None
-            if ctx.needs_input_grad[0]:
-                ga = g * (polar @ rb)
-                ga = ga if qa is None else qa @ ga
-            if ctx.needs_input_grad[1]:
-                gb = g * (polar.T @ ra)
-                gb = gb if qb is None else qb @ gb
-        return once_differentiable_grads("frechet_distance", (ga, gb), (a, b))
+        a, b, *parts = ctx.saved_tensors
+        return _trace_sqrt_grads(ctx, g, a, b, parts)
+
+
+class _TraceSqrtTransforms(torch.autograd.Function):
+    """``_TraceSqrt`` in the form torch.func transforms take (grad, vmap: ``apply`` picks it for
+    their wrapped tensors): only inputs and outputs may be saved there, so backward factors again."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, b):
+        ra, rb = _qr(a)[1], _qr(b)[1]
+        return torch.linalg.svdvals(ra @ rb.T).sum()  # (MET.3)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return _trace_sqrt_grads(ctx, g, a, b, _trace_sqrt_parts(a, b))
+
+
+def _trace_sqrt_parts(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """(Q_A, R_A, Q_B, R_B, U, S, V^T) of MET.5 (a Q is None where R is the matrix itself)."""
+    qa, ra = _qr(a)
+    qb, rb = _qr(b)
+    u, s, vh = torch.linalg.svd(ra @ rb.T, full_matrices=False)
+    return qa, ra, qb, rb, u, s, vh
+
+
+def _trace_sqrt_grads(ctx, g, a, b, parts) -> tuple:
+    """MET.5: g Q_A U_r V_r^T R_B and g Q_B V_r U_r^T R_A, once differentiable."""
+    qa, ra, qb, rb, u, s, vh = parts
+    size = max(a.shape[0], b.shape[0], a.shape[1])
+    with torch.no_grad():
+        keep = (s > size * torch.finfo(s.dtype).eps * s.max()).to(s.dtype)
+        polar = (u * keep) @ vh  # U_r V_r^T in the reduced coordinates  (MET.5)
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = g * (polar @ rb)
+            ga = ga if qa is None else qa @ ga
+        if ctx.needs_input_grad[1]:
+            gb = g * (polar.T @ ra)
+            gb = gb if qb is None else qb @ gb
+    return once_differentiable_grads("frechet_distance", (ga, gb), (a, b))
 
 
 def _qr(a: torch.Tensor):
@@ -347,14 +380,20 @@ def frechet_distance(*args) -> torch.Tensor:
     x, y = x.to(torch.float64), y.to(torch.float64)
     # features beyond 2^+-450 are divided by a power of two s and the value multiplied by s^2 (exact;
     # autograd carries the factor): at 1e200 the scatter overflowed and the SVD raised LAPACK's error
-    s = feature_scale(float(torch.maximum(x.detach().abs().amax(), y.detach().abs().amax())))
+    plain = has_storage(x) and has_storage(y)  # not a torch.func transform's wrapper (no read-back there)
+    s = (
+        feature_scale(float(torch.maximum(x.detach().abs().amax(), y.detach().abs().amax())))
+        if plain
+        else 1.0
+    )
     if s != 1.0:
         x, y = x / s, y / s
     n1, n2 = x.shape[0], y.shape[0]
     mu1, mu2 = x.mean(dim=0), y.mean(dim=0)
     a, b = x - mu1, y - mu2
     diff = mu1 - mu2
-    tsqrt = _TraceSqrt.apply(a, b) / ((n1 - 1) * (n2 - 1)) ** 0.5  # (MET.4)
+    trace_sqrt = _TraceSqrt if plain else _TraceSqrtTransforms
+    tsqrt = trace_sqrt.apply(a, b) / ((n1 - 1) * (n2 - 1)) ** 0.5  # (MET.4)
     value = diff @ diff + (a * a).sum() / (n1 - 1) + (b * b).sum() / (n2 - 1) - 2.0 * tsqrt  # (MET.2)
     return value if s == 1.0 else value * s * s  # (feature_scale: the gradient needs s^2 finite)
 
@@ -520,13 +559,19 @@ def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]
 
 class _AbsPow(torch.autograd.Function):
     """|d|^p with the slope p |d|^(p-1) sign(d) of MET.16, NaN kept: torch.sign(NaN) is 0 and
-    NaN^0 is 1, so autograd's abs()**1 would give a NaN entry a finite gradient."""
+    NaN^0 is 1, so autograd's abs()**1 would give a NaN entry a finite gradient. In the
+    setup_context form, which torch.func transforms (grad, vmap) take."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, d, p):
-        ctx.save_for_backward(d)
-        ctx.p = p
+    def forward(d, p):
         return d.abs() ** p
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        d, ctx.p = inputs
+        ctx.save_for_backward(d)
 
     @staticmethod
     def backward(ctx, g):

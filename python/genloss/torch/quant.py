@@ -11,7 +11,7 @@ import torch
 
 from .. import _checks as C
 from ..reference import quant as ref
-from ._op import device_constant, eager_checks, float_dtype, lib, with_reference_doc
+from ._op import device_constant, eager_checks, float_dtype, has_storage, lib, with_reference_doc
 
 # ============================================================================= quantizers (QNT.1-QNT.9)
 # Custom ops (torch.library): ``genloss::vector_quantize_fwd`` (4 outputs + the two saved loss gradients, autograd
@@ -295,6 +295,30 @@ lib.impl("fsq_quantize", _fsq_kernel, "CUDA")
 torch.library.register_autograd("genloss::fsq_quantize", _fsq_backward, setup_context=_fsq_setup, lib=lib)
 
 
+def _fsq_vmap(info: Any, in_dims: tuple, z: torch.Tensor, levels: list[int]) -> tuple[torch.Tensor, int]:
+    """torch.func.vmap: FSQ is elementwise over every dim but the last (the channels), so the
+    vmapped dim, moved first, is one more leading dim of one call."""
+    return torch.ops.genloss.fsq_quantize(z.movedim(in_dims[0], 0), levels), 0
+
+
+torch.library.register_vmap("genloss::fsq_quantize", _fsq_vmap, lib=lib)
+
+
+class _FsqTransforms(torch.autograd.Function):
+    """The op's autograd (the same setup and backward) in the form torch.func transforms take:
+    the Function torch.library generates from register_autograd refuses grad and vmap (it has
+    no setup_context)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: torch.Tensor, levels: list[int]) -> torch.Tensor:
+        return torch.ops.genloss.fsq_quantize(z, levels)
+
+    setup_context = staticmethod(_fsq_setup)
+    backward = staticmethod(_fsq_backward)
+
+
 def _fsq_level_list(op: str, levels: Any) -> list[int]:
     with C.named_errors(op):
         return list(ref.fsq_levels(levels))
@@ -311,6 +335,8 @@ def fsq_quantize(z: torch.Tensor, levels: Any) -> torch.Tensor:
         raise ValueError(
             f"{op}: z must have {len(lv)} channels last (one per level), got shape {tuple(z.shape)}"
         )
+    if not has_storage(z):  # a torch.func transform's wrapper (grad, vmap)
+        return _FsqTransforms.apply(z, lv)
     return torch.ops.genloss.fsq_quantize(z, lv)
 
 
