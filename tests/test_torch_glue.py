@@ -392,3 +392,26 @@ def test_vmap_and_per_sample_gradients(record, variant):
             assert_close(
                 per_sample[b], g.numpy(), "torch", torch.float64, f"{spec.name} vmap(grad) d/d{name}"
             )
+
+
+def test_jit_trace_is_refused_and_export_records_the_op():
+    """torch.jit.trace recorded the native call's bookkeeping instead of the op: with its check the
+    trace failed ("Graphs differed"), without it the traced function returned garbage (-1.5e-31 for
+    2.32) on new inputs. It is refused by name; torch.export records the op and replays it right."""
+    import warnings
+
+    x, y = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    for check in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's own warnings
+            with pytest.raises(RuntimeError, match=r"^gan_d_loss: torch\.jit\.trace cannot record"):
+                torch.jit.trace(lambda a, b: gt.gan_d_loss(a, b), (x, y), check_trace=check)
+
+    class Loss(torch.nn.Module):
+        def forward(self, a, b):
+            return gt.gan_d_loss(a, b)
+
+    program = torch.export.export(Loss(), (x, y))
+    x2, y2 = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    want = torch.nn.functional.softplus(-x2).mean() + torch.nn.functional.softplus(y2).mean()
+    assert_close(program.module()(x2, y2), want.numpy(), "torch", torch.float64, "exported gan_d_loss")

@@ -546,6 +546,11 @@ class LossOp:
         float16/bfloat16 input, computed in float32."""
         if torch.compiler.is_compiling():
             return TRACED
+        if torch.jit.is_tracing():  # it recorded the native call's bookkeeping: garbage on replay
+            raise RuntimeError(
+                f"{self.name}: torch.jit.trace cannot record genloss's fused ops (a trace made without its "
+                f"check returned garbage); use torch.export.export or torch.compile, which record the op"
+            )
         code = PLAIN
         for i, optional in self.tensor_slots:
             a = args[i]
