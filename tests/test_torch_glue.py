@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import pathlib
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -369,7 +370,8 @@ def test_vmap_and_per_sample_gradients(record, variant):
     calls' values, and vmap(grad) their gradients, for every differentiable input. The kernels cannot
     read vmap's batched tensors (it failed with "Cannot access data pointer of Tensor that doesn't
     have storage"), so each entry of a fused op runs as an ordinary call through the op's vmap rule;
-    the composites' data checks (which read values back: ".item() on a Tensor") are skipped there."""
+    the composites' data checks (which read values back: ".item() on a Tensor") are skipped there.
+    torch.func.jvp of a fused op raises (it returned a zero tangent)."""
     spec = record.at(variant)
     reduction = (spec.reductions or (None,))[-1]
     kwargs = R.call_kwargs(spec, variant, reduction)
@@ -392,14 +394,20 @@ def test_vmap_and_per_sample_gradients(record, variant):
             assert_close(
                 per_sample[b], g.numpy(), "torch", torch.float64, f"{spec.name} vmap(grad) d/d{name}"
             )
+    if getattr(spec.torch, "op", None) is not None and spec.differentiable:
+        # forward mode has no formula in the fused ops: a clear error, where the op alone gave jvp and
+        # jacfwd a zero tangent, silently
+        k = spec.arg_names.index(spec.differentiable[0])
+        tangent = torch.ones_like(calls[0][k])
+        with warnings.catch_warnings(), pytest.raises(NotImplementedError, match="jvp"):
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.func.jvp's own jit.script use
+            torch.func.jvp(lambda v: loss(*calls[0][:k], v, *calls[0][k + 1 :]), (calls[0][k],), (tangent,))
 
 
 def test_jit_trace_is_refused_and_export_records_the_op():
     """torch.jit.trace recorded the native call's bookkeeping instead of the op: with its check the
     trace failed ("Graphs differed"), without it the traced function returned garbage (-1.5e-31 for
     2.32) on new inputs. It is refused by name; torch.export records the op and replays it right."""
-    import warnings
-
     x, y = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     for check in (True, False):
         with warnings.catch_warnings():

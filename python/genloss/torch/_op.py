@@ -852,12 +852,12 @@ class LossOp:
         need = self.needs(bound) if torch.is_grad_enabled() else self.no_need
         if True not in need:
             # no_grad / inference_mode / nothing to differentiate: the value only
-            try:
-                value, _ = self.run(bound, need, route)
-            except RuntimeError:  # found here, not checked first: the eager call pays nothing
-                if route == TRACED or not _batched(bound, self.tensor_idx):
-                    raise
-                value, _ = self.run(bound, need, TRACED)  # vmap: through <name>_fwd and its vmap rule
+            if route != TRACED and _batched(bound, self.tensor_idx):  # ~55 ns a tensor
+                # a torch.func transform's wrappers: through the Function, which vmap runs per entry
+                # (<name>_fwd's vmap rule) and jvp refuses (no forward-mode formula): the op alone
+                # gave jvp and jacfwd a zero tangent, silently
+                return self.fn_transforms.apply(*bound, need, TRACED)[0]
+            value, _ = self.run(bound, need, route)
             return value
         if route == TRACED and torch.compiler.is_compiling():
             self.distinct(bound)
@@ -872,8 +872,9 @@ class LossOp:
 
 
 def _batched(bound: Sequence[Any], tensor_idx: Sequence[int]) -> bool:
-    """Whether a tensor argument is one of torch.func.vmap's batched tensors, which have no storage
-    for the kernels to read (public APIs only: a plain tensor, even an empty one, has storage)."""
+    """Whether a tensor argument is a torch.func transform's wrapper (vmap's batched tensors, jvp's
+    and grad's), which has no storage for the kernels to read (public APIs only: a plain tensor,
+    even an empty one, has storage)."""
     return any(bound[i] is not None and not has_storage(bound[i]) for i in tensor_idx)
 
 
