@@ -870,3 +870,15 @@ def test_torch_kid_takes_low_precision_features(dt, subsets):
     got = gt.kid(real, fake, subsets=subsets, subset_size=8, seed=2)
     want = R.kid(real.double().numpy(), fake.double().numpy(), subsets=subsets, subset_size=8, seed=2)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_kid_promotes_mixed_float_features():
+    """float32 real features with float64 fake ones (a cached array beside a model's output) are
+    computed in float64, as frechet_distance, prdc and sliced_wasserstein take them; kid refused
+    them. The value equals the reference's on the same numbers."""
+    rng = np.random.default_rng(5)
+    real = torch.from_numpy(rng.standard_normal((24, 6))).float()
+    fake = torch.from_numpy(rng.standard_normal((20, 6)) + 0.3)
+    got = gt.kid(real, fake, subsets=3, subset_size=8, seed=1)
+    want = R.kid(real.double().numpy(), fake.numpy(), subsets=3, subset_size=8, seed=1)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)

@@ -48,7 +48,8 @@ def kid(
     over ``subsets`` random subsets drawn by ``np.random.default_rng(seed)``; Python floats.  (DIV.13)
     ``subsets=None``: (full-set MMD^2, the square root of the unbiased estimate of its
     variance), row tiles in float64 on the features' device.  (DIV.16) float16/bfloat16 features
-    are computed in float32, as the losses and ``cmmd`` do."""
+    are computed in float32, as the losses and ``cmmd`` do, and float32 with float64 in float64, as
+    ``frechet_distance``, ``prdc`` and ``sliced_wasserstein`` do."""
     for name, t in (("real_features", real_features), ("fake_features", fake_features)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -56,6 +57,9 @@ def kid(
     real, fake = (
         t.detach().float() if t.dtype in low else t.detach() for t in (real_features, fake_features)
     )
+    if real.is_floating_point() and fake.is_floating_point() and real.dtype != fake.dtype:
+        dtype = torch.promote_types(real.dtype, fake.dtype)
+        real, fake = real.to(dtype), fake.to(dtype)
     with torch.no_grad():
         return native.kid(real, fake, subsets, subset_size, seed)
 
