@@ -792,3 +792,22 @@ def test_feature_metrics_under_torch_func(name):
     np.testing.assert_allclose(torch.func.vmap(f)(xs).numpy(), want_v, rtol=1e-10, atol=1e-13)
     per_call = torch.func.vmap(torch.func.grad(f))(xs)
     np.testing.assert_allclose(per_call.numpy(), torch.stack(want_g).numpy(), rtol=1e-10, atol=1e-13)
+
+
+def test_torch_cmmd_promotes_mixed_float_features():
+    """cmmd of float32 features beside float64 ones is computed in float64 (it refused them, while
+    frechet_distance, prdc, sliced_wasserstein and kid take them): the value equals the all-float64
+    call on the same numbers, and the float32 input's gradient comes back in float32."""
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("genloss.torch")
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(rng.standard_normal((12, 4))).float().requires_grad_(True)
+    y = torch.from_numpy(rng.standard_normal((10, 4)) + 0.2)
+    value = gt.cmmd(x, y)
+    value.backward()
+    x64 = x.detach().double().requires_grad_(True)
+    want = gt.cmmd(x64, y)
+    want.backward()
+    np.testing.assert_allclose(float(value.detach()), float(want.detach()), rtol=1e-13)
+    assert x.grad.dtype == torch.float32
+    np.testing.assert_allclose(x.grad.numpy(), x64.grad.float().numpy(), rtol=1e-6, atol=1e-9)

@@ -679,6 +679,21 @@ def sliced_wasserstein(
         return torch.where(zero, mean * 0.0, m * safe ** (1.0 / p))  # (MET.16) gradient 0 at SW = 0
 
 
-cmmd = public(LossOp("cmmd", "Tensor x, Tensor y", _native_ot.cmmd, differentiable=("x", "y")), __name__)
+def _float64_if_mixed(bound: list) -> list:
+    """float32 beside float64 features in float64 (autograd returns each gradient in its input's
+    dtype), as frechet_distance, prdc, sliced_wasserstein and kid take them; the kernels need one."""
+    x, y = bound
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and {x.dtype, y.dtype} == _F32_F64:
+        return [x.to(torch.float64), y.to(torch.float64)]
+    return bound
+
+
+_F32_F64 = {torch.float32, torch.float64}
+cmmd = public(
+    LossOp(
+        "cmmd", "Tensor x, Tensor y", _native_ot.cmmd, differentiable=("x", "y"), prepare=_float64_if_mixed
+    ),
+    __name__,
+)
 
 __all__ += ["prdc", "sliced_wasserstein", "cmmd"]
