@@ -371,7 +371,8 @@ def test_vmap_and_per_sample_gradients(record, variant):
     read vmap's batched tensors (it failed with "Cannot access data pointer of Tensor that doesn't
     have storage"), so each entry of a fused op runs as an ordinary call through the op's vmap rule;
     the composites' data checks (which read values back: ".item() on a Tensor") are skipped there.
-    torch.func.jvp of a fused op raises (it returned a zero tangent)."""
+    torch.func.jvp of a fused op with a scalar value is the gradients' inner product with the
+    tangents (it returned a zero tangent), and raises for a per-sample or elementwise value."""
     spec = record.at(variant)
     reduction = (spec.reductions or (None,))[-1]
     kwargs = R.call_kwargs(spec, variant, reduction)
@@ -395,13 +396,43 @@ def test_vmap_and_per_sample_gradients(record, variant):
                 per_sample[b], g.numpy(), "torch", torch.float64, f"{spec.name} vmap(grad) d/d{name}"
             )
     if getattr(spec.torch, "op", None) is not None and spec.differentiable:
-        # forward mode has no formula in the fused ops: a clear error, where the op alone gave jvp and
-        # jacfwd a zero tangent, silently
-        k = spec.arg_names.index(spec.differentiable[0])
-        tangent = torch.ones_like(calls[0][k])
-        with warnings.catch_warnings(), pytest.raises(NotImplementedError, match="jvp"):
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.func.jvp's own jit.script use
-            torch.func.jvp(lambda v: loss(*calls[0][:k], v, *calls[0][k + 1 :]), (calls[0][k],), (tangent,))
+        # forward mode of a fused op: for a scalar value, sum_k <dL/dx_k, t_k> from the kernel's
+        # gradients (the op alone gave jvp and jacfwd a zero tangent, silently); else a clear error
+        ks = [spec.arg_names.index(n) for n in spec.differentiable]
+        gen = torch.Generator().manual_seed(9)
+        tangents = [torch.randn(calls[0][k].shape, generator=gen, dtype=calls[0][k].dtype) for k in ks]
+
+        def at_reduction(red):
+            kw = R.call_kwargs(spec, variant, red)
+
+            def at(*vs):
+                args = list(calls[0])
+                for k, v in zip(ks, vs, strict=True):
+                    args[k] = v
+                return _loss(spec, spec.torch(*args, **kw))
+
+            return at
+
+        for red in spec.reductions or (None,):
+            at = at_reduction(red)
+            primals = tuple(calls[0][k] for k in ks)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch.func.jvp's own jit.script use
+                if at(*primals).dim() == 0:
+                    _, tangent_out = torch.func.jvp(at, primals, tuple(tangents))
+                    xs = [p.clone().requires_grad_(True) for p in primals]
+                    grads = torch.autograd.grad(at(*xs), xs)
+                    pairs = list(zip(grads, tangents, strict=True))
+                    expected = sum(float((g * t).sum()) for g, t in pairs)
+                    scale = 1.0 + sum(float(g.abs().sum() * t.abs().max()) for g, t in pairs)
+                    assert abs(float(tangent_out) - expected) <= 1e-12 * scale, (
+                        red,
+                        float(tangent_out),
+                        expected,
+                    )
+                else:
+                    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                        torch.func.jvp(at, primals, tuple(tangents))
 
 
 def test_jit_trace_is_refused_and_export_records_the_op():
@@ -423,3 +454,20 @@ def test_jit_trace_is_refused_and_export_records_the_op():
     x2, y2 = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     want = torch.nn.functional.softplus(-x2).mean() + torch.nn.functional.softplus(y2).mean()
     assert_close(program.module()(x2, y2), want.numpy(), "torch", torch.float64, "exported gan_d_loss")
+
+
+def test_jvp_refuses_a_tangent_on_a_non_differentiable_input():
+    """meanflow_loss differentiates u only: a tangent on v (data) is named, not dropped; a zero
+    tangent there (what torch.func passes for inputs that are not primals) is accepted."""
+    import warnings
+
+    g = torch.Generator().manual_seed(2)
+    u, v, d = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.rand(3, generator=g, dtype=torch.float64)
+    r = t * 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.func.jvp's own jit.script use
+        with pytest.raises(ValueError, match=r"meanflow_loss: v is not differentiable; it has no tangent"):
+            torch.func.jvp(lambda v_: gt.meanflow_loss(u, v_, d, t, r), (v,), (torch.ones_like(v),))
+        _, zero = torch.func.jvp(lambda v_: gt.meanflow_loss(u, v_, d, t, r), (v,), (torch.zeros_like(v),))
+    assert float(zero) == 0.0

@@ -34,7 +34,8 @@ are not functions of the inputs in the autograd graph).
 
 ``torch.func``: ``grad``/``vjp`` take the setup_context form of the Function; ``vmap`` (and
 ``jacrev``, per-sample gradients ``vmap(grad(...))``) runs the op once per batch entry through
-``<name>_fwd``'s vmap rule, since vmap's batched tensors have no memory for the kernels to read.
+``<name>_fwd``'s vmap rule, since vmap's batched tensors have no memory for the kernels to read;
+``jvp``/``jacfwd`` of a scalar value is the gradients' inner product with the tangents.
 """
 
 from __future__ import annotations
@@ -611,6 +612,10 @@ class LossOp:
             def backward(ctx: Any, grad_output: torch.Tensor, *_ignored: Any) -> tuple:
                 return _LIVE[name].backward(ctx, grad_output)
 
+            @staticmethod
+            def jvp(ctx: Any, *tangents: Any) -> tuple:
+                return _LIVE[name].jvp(ctx, tangents)
+
         Fn.__name__ = f"{self.name}_autograd"
         FnT.__name__ = f"{self.name}_autograd_transforms"
         return Fn, FnT
@@ -682,6 +687,8 @@ class LossOp:
         n_grads = 0 if direct else len(grads)
         ctx.st = (unit, need, route, per_sample, rerun, dtypes, others, n_grads)
         ctx.save_for_backward(*tensors, *([] if direct else grads))
+        if route == TRACED and not torch.compiler.is_compiling():  # for jvp (torch.func's wrappers)
+            ctx.save_for_forward(*grads)
 
     def backward(self, ctx: Any, grad_output: torch.Tensor) -> tuple:
         grads = ctx.grads
@@ -708,6 +715,31 @@ class LossOp:
         elif grads is None:  # the graph was retained and is run again: same bits
             _, grads = self.run(args, need, route)
         return self.finish_backward(ctx, grads, grad_output, args)
+
+    def jvp(self, ctx: Any, tangents: Sequence[Any]) -> tuple:
+        """Forward mode for a scalar value: the tangent sum_k <dL/dx_k, t_k> from the gradients the
+        kernel computed (``call`` asks for every one on a transform's wrappers). A per-sample or
+        elementwise value would need per-entry derivatives the kernel sums away: refused."""
+        per_sample = ctx.st[3]
+        if per_sample or self.elementwise:
+            raise NotImplementedError(
+                f"{self.name}: forward-mode AD (torch.func.jvp, jacfwd) takes a scalar value (reduction "
+                f"'mean' or 'sum'); this call's value is per-sample or elementwise"
+            )
+        grads = ctx.saved_tensors
+        total = None
+        for i in self.tensor_idx:
+            t = tangents[i]
+            if t is None:
+                continue
+            if i not in self.diff_idx:  # torch.func passes zeros for the inputs that are not primals
+                if bool(t.ne(0).any()):  # (a read-back: forward mode is not a training hot path)
+                    raise ValueError(f"{self.name}: {self.names[i]} is not differentiable; it has no tangent")
+                continue
+            g = grads[self.diff_idx.index(i)]
+            term = (g * t).sum()
+            total = term if total is None else total + term
+        return (total, *([None] * len(grads)))
 
     def inputs_of(self, others: Sequence[Any], tensors: Sequence[Any]) -> list:
         """The arguments of the forward call (unpacking raises if one was modified in place)."""
@@ -854,9 +886,9 @@ class LossOp:
             # no_grad / inference_mode / nothing to differentiate: the value only
             if route != TRACED and _batched(bound, self.tensor_idx):  # ~55 ns a tensor
                 # a torch.func transform's wrappers: through the Function, which vmap runs per entry
-                # (<name>_fwd's vmap rule) and jvp refuses (no forward-mode formula): the op alone
-                # gave jvp and jacfwd a zero tangent, silently
-                return self.fn_transforms.apply(*bound, need, TRACED)[0]
+                # (<name>_fwd's vmap rule) and jvp differentiates (every gradient asked: jvp's
+                # tangents do not show as requires_grad); the op alone gave jvp a zero tangent
+                return self.fn_transforms.apply(*bound, (True,) * self.n_diff, TRACED)[0]
             value, _ = self.run(bound, need, route)
             return value
         if route == TRACED and torch.compiler.is_compiling():
