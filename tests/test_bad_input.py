@@ -363,3 +363,30 @@ def test_cuda_input_is_refused_with_the_reason_when_the_engine_cannot_run():
     with pytest.raises(RuntimeError, match=r"^wgan_g_loss: fake_scores is a CUDA array, but ") as info:
         gn.wgan_g_loss(fake)
     assert problem in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "nested"])
+def test_sparse_and_nested_tensors_are_named(kind):
+    """A sparse or nested tensor reached torch's own errors ("unsupported memory format option
+    Contiguous", "NestedTensorImpl doesn't support sizes", or the dispatcher's "Could not run ...
+    SparseCPU"): now a TypeError naming the op and the argument, in the native and torch layers."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    import genloss.native as gn
+    import genloss.torch as gt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors are a prototype API
+        x = {
+            "sparse_coo": lambda: torch.randn(2, 3).to_sparse(),
+            "sparse_csr": lambda: torch.randn(2, 3).to_sparse_csr(),
+            "nested": lambda: torch.nested.nested_tensor([torch.randn(3), torch.randn(3)]),
+        }[kind]()
+    y = torch.randn(2, 3)
+    want = "a nested tensor" if kind == "nested" else f"layout torch.{kind}"
+    for call in (lambda: gn.gan_d_loss(x, y), lambda: gt.gan_d_loss(x, y), lambda: gt.mmd2(x, y)):
+        with pytest.raises(
+            TypeError, match=rf"^[a-z_0-9]+: (real_logits|x) must be a dense \(strided\) tensor, got {want}"
+        ):
+            call()

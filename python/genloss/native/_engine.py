@@ -199,6 +199,13 @@ def _require_cuda(name: str) -> None:
         raise _err(RuntimeError, f"{name} is a CUDA array, but {_CUDA_PROBLEM[0]}")
 
 
+def not_dense(x: Any) -> str:
+    """What a torch tensor the kernels cannot read is ('a nested tensor', 'layout torch.sparse_coo'), or ''."""
+    if x.is_nested:
+        return "a nested tensor"
+    return "" if x.layout == _torch_mod().strided else f"layout {x.layout}"
+
+
 def _from_torch(x: Any, name: str, integer: bool) -> Buf:
     # data_ptr() needs no detach (only __dlpack__ refuses tensors that require grad).
     if not x.is_contiguous():
@@ -266,7 +273,13 @@ def as_input(x: Any, name: str, *, integer: bool = False) -> Buf:
     """A view of ``x`` for the engine; copies only to make it contiguous (or aligned)."""
     t = _torch_mod()
     if t is not None and isinstance(x, t.Tensor):
-        return _from_torch(x, name, integer)
+        try:
+            return _from_torch(x, name, integer)
+        except RuntimeError:  # a sparse or nested tensor: torch's "unsupported memory format", "sizes"
+            kind = not_dense(x)
+            if kind:
+                raise _err(TypeError, f"{name} must be a dense (strided) tensor, got {kind}") from None
+            raise
     if isinstance(x, np.ndarray):
         return _from_numpy(x, name, integer)
     if not hasattr(x, "__dlpack__") or not hasattr(x, "__dlpack_device__"):
