@@ -471,3 +471,20 @@ def test_jvp_refuses_a_tangent_on_a_non_differentiable_input():
             torch.func.jvp(lambda v_: gt.meanflow_loss(u, v_, d, t, r), (v,), (torch.ones_like(v),))
         _, zero = torch.func.jvp(lambda v_: gt.meanflow_loss(u, v_, d, t, r), (v,), (torch.zeros_like(v),))
     assert float(zero) == 0.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect (session 27): under torch.compile, Dynamo shows the op a torch.func.grad input "
+    "as not requiring grad, so the op asks its kernel for no gradient and the gradient comes back 0. "
+    "Routing through the autograd Function there needs either Dynamo support for a setup_context "
+    "Function under functorch (it raised 'AutogradFunctionContextVariable has no attribute proxy') or "
+    "a private check of the functorch stack. Eager torch.func.grad and torch.compile of .backward() "
+    "are right (tested above).",
+)
+def test_compile_of_func_grad_gives_the_gradient():
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    torch._dynamo.reset()
+    got = torch.compile(torch.func.grad(lambda a: gt.gan_d_loss(a, y)), fullgraph=True, backend="eager")(x)
+    want = -torch.sigmoid(-x) / x.shape[0]  # d/dx mean softplus(-x): the real term alone
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
