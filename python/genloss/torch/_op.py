@@ -884,7 +884,7 @@ class LossOp:
         need = self.needs(bound) if torch.is_grad_enabled() else self.no_need
         if True not in need:
             # no_grad / inference_mode / nothing to differentiate: the value only
-            if route != TRACED and _batched(bound, self.tensor_idx, self):  # ~55 ns a tensor
+            if route != TRACED and _wrapped(bound, self.tensor_idx, self):  # ~55 ns a tensor
                 # a torch.func transform's wrappers: through the Function, which vmap runs per entry
                 # (<name>_fwd's vmap rule) and jvp differentiates (every gradient asked: jvp's
                 # tangents do not show as requires_grad); the op alone gave jvp a zero tangent
@@ -898,12 +898,12 @@ class LossOp:
         except RuntimeError as e:  # under a functorch transform: the setup_context form
             if "functorch transforms" not in str(e):
                 raise
-        if route != TRACED and _batched(bound, self.tensor_idx, self):
+        if route != TRACED and _wrapped(bound, self.tensor_idx, self):
             route = TRACED  # vmap (or grad's wrappers): through <name>_fwd, and its vmap rule
         return self.fn_transforms.apply(*bound, need, route)[0]
 
 
-def _batched(bound: Sequence[Any], tensor_idx: Sequence[int], op: LossOp) -> bool:
+def _wrapped(bound: Sequence[Any], tensor_idx: Sequence[int], op: LossOp) -> bool:
     """Whether a tensor argument is a torch.func transform's wrapper (vmap's batched tensors, jvp's
     and grad's), which has no storage for the kernels to read (public APIs only: a plain tensor,
     even an empty one, has storage). A sparse or nested tensor has none either: refused by name."""
