@@ -488,3 +488,23 @@ def test_compile_of_func_grad_gives_the_gradient():
     got = torch.compile(torch.func.grad(lambda a: gt.gan_d_loss(a, y)), fullgraph=True, backend="eager")(x)
     want = -torch.sigmoid(-x) / x.shape[0]  # d/dx mean softplus(-x): the real term alone
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_nested_vmap_and_per_sample_gradients():
+    """vmap(vmap(...)) of a fused op: the outer level's slices are still batched at the inner one
+    (they failed with "Cannot access data pointer"), and vmap(vmap(grad)) gives each entry's gradient."""
+    g = torch.Generator().manual_seed(4)
+    x, y = (torch.randn(3, 2, 5, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def f(a, b):
+        return gt.gan_d_loss(a[None], b[None])
+
+    values = torch.func.vmap(torch.func.vmap(f))(x, y)
+    grads = torch.func.vmap(torch.func.vmap(torch.func.grad(f)))(x, y)
+    for i in range(3):
+        for j in range(2):
+            a = x[i, j].clone().requires_grad_(True)
+            v = f(a, y[i, j])
+            v.backward()
+            assert_close(values[i, j], v.detach().numpy(), "torch", torch.float64, "nested vmap value")
+            assert_close(grads[i, j], a.grad.numpy(), "torch", torch.float64, "nested vmap(vmap(grad))")

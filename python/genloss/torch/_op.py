@@ -545,7 +545,9 @@ class LossOp:
         outs = []
         for b in range(info.batch_size):
             sl = [a if d is None else a.select(d, b) for a, d in zip(inputs[:-2], dims, strict=True)]
-            value, grads = self.forward((*sl, inputs[-2], self.route(sl)))
+            # (under a nested vmap a slice is still batched: through <name>_fwd and its rule)
+            route = TRACED if _wrapped(sl, self.tensor_idx, self) else self.route(sl)
+            value, grads = self.forward((*sl, inputs[-2], route))
             outs.append((value, *grads))
         stacked = tuple(
             None if outs[0][k] is None else torch.stack([o[k] for o in outs]) for k in range(len(outs[0]))
