@@ -1057,3 +1057,27 @@ def test_torch_quantizers_cuda_graph_capture(cuda_device):
         want = step()
         for j, (a, w) in enumerate(zip(outs, want, strict=True)):
             assert torch.equal(a, w), f"replay {rep}: output {j} differs from an eager call"
+
+
+def test_vector_quantize_under_torch_func():
+    """torch.func.grad of vector_quantize raised ("must override the setup_context staticmethod": the
+    Function torch.library generates); now grad and vmap(grad) give each call's autograd gradients,
+    for z and for the codebook, and vmap runs without torch's batching fallback."""
+    import genloss.torch as gt
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
+    codebook = torch.randn(4, 3, generator=g, dtype=torch.float64)
+
+    def f(zz, e):
+        zq, _, commitment, codebook_loss = gt.vector_quantize(zz, e, 0.3)
+        return commitment + codebook_loss + (zq * zq).sum()
+
+    for argnums in (0, 1):
+        per_call = torch.func.vmap(torch.func.grad(f, argnums=argnums), in_dims=(0, None))(z, codebook)
+        for i in range(3):
+            zz, e = z[i].clone().requires_grad_(True), codebook.clone().requires_grad_(True)
+            f(zz, e).backward()
+            np.testing.assert_allclose(
+                per_call[i].numpy(), (zz, e)[argnums].grad.numpy(), rtol=1e-13, atol=1e-15
+            )

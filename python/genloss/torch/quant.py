@@ -108,6 +108,43 @@ def _vq_backward(ctx: Any, g_zq: Any, _g_idx: Any, g_c: Any, g_b: Any, _g_gz: An
 _vector_quantize_fwd.register_autograd(_vq_backward, setup_context=_vq_setup)
 
 
+@_vector_quantize_fwd.register_vmap
+def _vq_vmap(
+    info: Any, in_dims: tuple, z: torch.Tensor, codebook: torch.Tensor, beta: float, need: bool
+) -> tuple:
+    """torch.func.vmap: one call per batch entry (each its own codebook search and losses), stacked."""
+    outs = [
+        _vector_quantize_fwd(
+            z if in_dims[0] is None else z.select(in_dims[0], b),
+            codebook if in_dims[1] is None else codebook.select(in_dims[1], b),
+            beta,
+            need,
+        )
+        for b in range(info.batch_size)
+    ]
+    return tuple(torch.stack([o[k] for o in outs]) for k in range(6)), (0,) * 6
+
+
+class _VqTransforms(torch.autograd.Function):
+    """The op's autograd (the same setup and backward) in the form torch.func transforms take: the
+    Function torch.library generates from register_autograd refuses grad (no setup_context)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: torch.Tensor, codebook: torch.Tensor, beta: float, need: bool) -> tuple:
+        return torch.ops.genloss.vector_quantize_fwd(z, codebook, beta, need)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.mark_non_differentiable(output[1], output[4], output[5])
+        _vq_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:
+        return _vq_backward(ctx, *grads)
+
+
 @with_reference_doc
 def vector_quantize(
     z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25
@@ -137,6 +174,9 @@ def vector_quantize(
     with C.named_errors(op):
         b = C.nonnegative("beta", beta)
     need = torch.is_grad_enabled() and (z.requires_grad or codebook.requires_grad)
+    if not (has_storage(z) and has_storage(codebook)):  # a torch.func transform's wrappers (grad, vmap)
+        zq, idx, c, cb, _, _ = _VqTransforms.apply(z, codebook, b, need)
+        return zq, idx, c, cb
     zq, idx, c, cb, _, _ = torch.ops.genloss.vector_quantize_fwd(z, codebook, b, need)
     return zq, idx, c, cb
 
