@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -792,6 +793,12 @@ def test_feature_metrics_under_torch_func(name):
     np.testing.assert_allclose(torch.func.vmap(f)(xs).numpy(), want_v, rtol=1e-10, atol=1e-13)
     per_call = torch.func.vmap(torch.func.grad(f))(xs)
     np.testing.assert_allclose(per_call.numpy(), torch.stack(want_g).numpy(), rtol=1e-10, atol=1e-13)
+    # forward mode: the tangent is the gradient's inner product with the direction (it raised)
+    direction = torch.from_numpy(rng.standard_normal((20, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.func.jvp's own jit.script use
+        _, tangent = torch.func.jvp(f, (xs[0],), (direction,))
+    np.testing.assert_allclose(float(tangent), float((want_g[0] * direction).sum()), rtol=1e-10, atol=1e-13)
 
 
 def test_torch_cmmd_promotes_mixed_float_features():

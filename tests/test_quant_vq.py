@@ -1081,3 +1081,24 @@ def test_vector_quantize_under_torch_func():
             np.testing.assert_allclose(
                 per_call[i].numpy(), (zz, e)[argnums].grad.numpy(), rtol=1e-13, atol=1e-15
             )
+
+
+def test_fsq_quantize_forward_mode():
+    """torch.func.jvp of fsq_quantize (a straight-through op) is its backward's slope times the tangent:
+    it raised (no jvp); the tangent equals autograd's gradient inner product with the direction."""
+    import warnings
+
+    import genloss.torch as gt
+
+    g = torch.Generator().manual_seed(1)
+    z, direction = (torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def f(a):
+        return (gt.fsq_quantize(a, [3, 4, 5]) ** 2).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.func.jvp's own jit.script use
+        _, tangent = torch.func.jvp(f, (z,), (direction,))
+    a = z.clone().requires_grad_(True)
+    f(a).backward()
+    np.testing.assert_allclose(float(tangent), float((a.grad * direction).sum()), rtol=1e-12)

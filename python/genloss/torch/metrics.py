@@ -242,11 +242,25 @@ class _TraceSqrtTransforms(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
         return _trace_sqrt_grads(ctx, g, a, b, _trace_sqrt_parts(a, b))
+
+    @staticmethod
+    def jvp(ctx, t_a, t_b):  # forward mode: <dt/dA, t_A> + <dt/dB, t_B> with MET.5's gradients
+        a, b = ctx.saved_tensors
+        qa, ra, qb, rb, u, s, vh = _trace_sqrt_parts(a, b)
+        size = max(a.shape[0], b.shape[0], a.shape[1])
+        polar = (u * (s > size * torch.finfo(s.dtype).eps * s.max()).to(s.dtype)) @ vh
+        out = None
+        for t, g, q in ((t_a, polar @ rb, qa), (t_b, polar.T @ ra, qb)):
+            if t is not None:
+                term = (t * (g if q is None else q @ g)).sum()
+                out = term if out is None else out + term
+        return out
 
 
 def _trace_sqrt_parts(a: torch.Tensor, b: torch.Tensor) -> tuple:
@@ -572,6 +586,12 @@ class _AbsPow(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         d, ctx.p = inputs
         ctx.save_for_backward(d)
+        ctx.save_for_forward(d)
+
+    @staticmethod
+    def jvp(ctx, t_d, _t_p):  # forward mode (torch.func.jvp, jacfwd): the same slope times the tangent
+        (d,) = ctx.saved_tensors
+        return ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0) * t_d
 
     @staticmethod
     def backward(ctx, g):

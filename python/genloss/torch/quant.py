@@ -355,8 +355,20 @@ class _FsqTransforms(torch.autograd.Function):
     def forward(z: torch.Tensor, levels: list[int]) -> torch.Tensor:
         return torch.ops.genloss.fsq_quantize(z, levels)
 
-    setup_context = staticmethod(_fsq_setup)
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        _fsq_setup(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
+
     backward = staticmethod(_fsq_backward)
+
+    @staticmethod
+    def jvp(ctx: Any, t_z: torch.Tensor, _t_levels: Any) -> torch.Tensor:
+        """Forward mode: the straight-through slope of the backward (QNT.10) times the tangent."""
+        (z,) = ctx.saved_tensors
+        t, scale = _fsq_bound_parts(z, ctx.levels)
+        out_dtype = torch.float32 if z.dtype in _QLOW else z.dtype
+        return (t_z.double() * (1.0 - t * t) * scale).to(out_dtype)
 
 
 def _fsq_level_list(op: str, levels: Any) -> list[int]:
