@@ -586,12 +586,6 @@ class _AbsPow(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         d, ctx.p = inputs
         ctx.save_for_backward(d)
-        ctx.save_for_forward(d)
-
-    @staticmethod
-    def jvp(ctx, t_d, _t_p):  # forward mode (torch.func.jvp, jacfwd): the same slope times the tangent
-        (d,) = ctx.saved_tensors
-        return ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0) * t_d
 
     @staticmethod
     def backward(ctx, g):
@@ -600,6 +594,21 @@ class _AbsPow(torch.autograd.Function):
             gd = g * ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0)
         # once differentiable: a second derivative of sliced_wasserstein raises, never a silent 0
         return once_differentiable_grads("sliced_wasserstein", (gd,), (d,))[0], None
+
+
+class _AbsPowTransforms(_AbsPow):
+    """``_AbsPow`` with forward mode, for torch.func's wrapped tensors only: Dynamo refuses to trace
+    a Function that defines ``jvp`` (torch.compile(fullgraph=True) of sliced_wasserstein broke)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _AbsPow.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, t_d, _t_p):  # forward mode (torch.func.jvp, jacfwd): the same slope times the tangent
+        (d,) = ctx.saved_tensors
+        return ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0) * t_d
 
 
 # The directions on the device, so that a call does not copy them from the host each time (a
@@ -690,7 +699,8 @@ def sliced_wasserstein(
         # A non-finite or zero m scales by 1 (inf and NaN propagate as before; 0 is the SW = 0 case).
         m = delta.detach().abs().amax()
         m = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
-        cost = _AbsPow.apply(delta / m, p)
+        abs_pow = _AbsPow if torch.compiler.is_compiling() or has_storage(delta) else _AbsPowTransforms
+        cost = abs_pow.apply(delta / m, p)
         # (MET.14, MET.15); the grid's empty intervals (w = 0) add nothing, even where a cost overflows
         mean = torch.where(w[:, None] > 0, w[:, None] * cost, 0.0).sum(dim=0).mean()
         zero = mean == 0
