@@ -252,15 +252,9 @@ class _TraceSqrtTransforms(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_a, t_b):  # forward mode: <dt/dA, t_A> + <dt/dB, t_B> with MET.5's gradients
         a, b = ctx.saved_tensors
-        qa, ra, qb, rb, u, s, vh = _trace_sqrt_parts(a, b)
-        size = max(a.shape[0], b.shape[0], a.shape[1])
-        polar = (u * (s > size * torch.finfo(s.dtype).eps * s.max()).to(s.dtype)) @ vh
-        out = None
-        for t, g, q in ((t_a, polar @ rb, qa), (t_b, polar.T @ ra, qb)):
-            if t is not None:
-                term = (t * (g if q is None else q @ g)).sum()
-                out = term if out is None else out + term
-        return out
+        slopes = _trace_sqrt_slopes(a, b, _trace_sqrt_parts(a, b), (t_a is not None, t_b is not None))
+        terms = [(t * g).sum() for t, g in zip((t_a, t_b), slopes, strict=True) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
 
 
 def _trace_sqrt_parts(a: torch.Tensor, b: torch.Tensor) -> tuple:
@@ -271,21 +265,24 @@ def _trace_sqrt_parts(a: torch.Tensor, b: torch.Tensor) -> tuple:
     return qa, ra, qb, rb, u, s, vh
 
 
-def _trace_sqrt_grads(ctx, g, a, b, parts) -> tuple:
-    """MET.5: g Q_A U_r V_r^T R_B and g Q_B V_r U_r^T R_A, once differentiable."""
+def _trace_sqrt_slopes(a, b, parts, want: tuple) -> tuple:
+    """MET.5: dt/dA = Q_A U_r V_r^T R_B and dt/dB = Q_B V_r U_r^T R_A (None where ``want`` says not)."""
     qa, ra, qb, rb, u, s, vh = parts
     size = max(a.shape[0], b.shape[0], a.shape[1])
+    keep = (s > size * torch.finfo(s.dtype).eps * s.max()).to(s.dtype)
+    polar = (u * keep) @ vh  # U_r V_r^T in the reduced coordinates  (MET.5)
+    out = []
+    for w, g, q in zip(want, (polar @ rb, polar.T @ ra), (qa, qb), strict=True):
+        out.append(None if not w else g if q is None else q @ g)
+    return tuple(out)
+
+
+def _trace_sqrt_grads(ctx, g, a, b, parts) -> tuple:
+    """MET.5's slopes times the incoming gradient, once differentiable."""
     with torch.no_grad():
-        keep = (s > size * torch.finfo(s.dtype).eps * s.max()).to(s.dtype)
-        polar = (u * keep) @ vh  # U_r V_r^T in the reduced coordinates  (MET.5)
-        ga = gb = None
-        if ctx.needs_input_grad[0]:
-            ga = g * (polar @ rb)
-            ga = ga if qa is None else qa @ ga
-        if ctx.needs_input_grad[1]:
-            gb = g * (polar.T @ ra)
-            gb = gb if qb is None else qb @ gb
-    return once_differentiable_grads("frechet_distance", (ga, gb), (a, b))
+        slopes = _trace_sqrt_slopes(a, b, parts, tuple(ctx.needs_input_grad[:2]))
+        grads = tuple(None if d is None else g * d for d in slopes)
+    return once_differentiable_grads("frechet_distance", grads, (a, b))
 
 
 def _qr(a: torch.Tensor):
@@ -591,9 +588,14 @@ class _AbsPow(torch.autograd.Function):
     def backward(ctx, g):
         (d,) = ctx.saved_tensors
         with torch.no_grad():
-            gd = g * ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0)
+            gd = g * _abs_pow_slope(d, ctx.p)
         # once differentiable: a second derivative of sliced_wasserstein raises, never a silent 0
         return once_differentiable_grads("sliced_wasserstein", (gd,), (d,))[0], None
+
+
+def _abs_pow_slope(d: torch.Tensor, p: float) -> torch.Tensor:
+    """p |d|^(p-1) sign(d) (MET.16), NaN kept (``+ d * 0``: sign(NaN) is 0)."""
+    return p * d.abs() ** (p - 1.0) * (torch.sign(d) + d * 0.0)
 
 
 class _AbsPowTransforms(_AbsPow):
@@ -607,8 +609,7 @@ class _AbsPowTransforms(_AbsPow):
 
     @staticmethod
     def jvp(ctx, t_d, _t_p):  # forward mode (torch.func.jvp, jacfwd): the same slope times the tangent
-        (d,) = ctx.saved_tensors
-        return ctx.p * d.abs() ** (ctx.p - 1.0) * (torch.sign(d) + d * 0.0) * t_d
+        return _abs_pow_slope(ctx.saved_tensors[0], ctx.p) * t_d
 
 
 # The directions on the device, so that a call does not copy them from the host each time (a

@@ -323,11 +323,16 @@ def _fsq_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     ctx.save_for_backward(z)
 
 
-def _fsq_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+def _fsq_slope(ctx: Any) -> torch.Tensor:
+    """(QNT.10) straight-through: the round passes the gradient, which is the bound's derivative
+    (1 - tanh^2) h / w, in float64."""
     (z,) = ctx.saved_tensors
     t, scale = _fsq_bound_parts(z, ctx.levels)
-    # (QNT.10) straight-through: the round passes the gradient, which is the bound's derivative
-    return (grad.double() * (1.0 - t * t) * scale).to(z.dtype), None
+    return (1.0 - t * t) * scale
+
+
+def _fsq_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return (grad.double() * _fsq_slope(ctx)).to(ctx.saved_tensors[0].dtype), None
 
 
 lib.impl("fsq_quantize", _fsq_kernel, "CPU")
@@ -365,10 +370,8 @@ class _FsqTransforms(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, t_z: torch.Tensor, _t_levels: Any) -> torch.Tensor:
         """Forward mode: the straight-through slope of the backward (QNT.10) times the tangent."""
-        (z,) = ctx.saved_tensors
-        t, scale = _fsq_bound_parts(z, ctx.levels)
-        out_dtype = torch.float32 if z.dtype in _QLOW else z.dtype
-        return (t_z.double() * (1.0 - t * t) * scale).to(out_dtype)
+        z_dtype = ctx.saved_tensors[0].dtype
+        return (t_z.double() * _fsq_slope(ctx)).to(torch.float32 if z_dtype in _QLOW else z_dtype)
 
 
 def _fsq_level_list(op: str, levels: Any) -> list[int]:
